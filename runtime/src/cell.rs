@@ -26,14 +26,15 @@
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
-use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 use std::time::Instant;
 
-use actix::{Actor, ActorFutureExt, AsyncContext, Context, Handler, Message, WrapFuture};
+use actix::{
+    Actor, ActorContext, ActorFutureExt, AsyncContext, Context, Handler, Message, WrapFuture,
+};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
@@ -53,10 +54,16 @@ const HISTORY: usize = 16;
 enum Status {
     Activating,
     Active,
-    Restarting { reason: String },
-    Failed { reason: String },
+    Restarting {
+        reason: String,
+    },
+    Failed {
+        reason: String,
+    },
     /// The resource does not exist (`None`) or could not be loaded (`Some(reason)`).
-    Gone { unavailable: Option<String> },
+    Gone {
+        unavailable: Option<String>,
+    },
 }
 
 struct Pending<E: Entity> {
@@ -224,7 +231,9 @@ impl<E: Entity> ActorCell<E> {
     fn gone_error(&self, unavailable: &Option<String>) -> RuntimeError {
         match unavailable {
             None => RuntimeError::NotFound { actor: self.actor() },
-            Some(reason) => RuntimeError::Unavailable { actor: self.actor(), reason: reason.clone() },
+            Some(reason) => {
+                RuntimeError::Unavailable { actor: self.actor(), reason: reason.clone() }
+            }
         }
     }
 
@@ -260,7 +269,7 @@ impl<E: Entity> ActorCell<E> {
         self.kind.runtime().events().publish(ActorFailed { actor: self.actor(), reason });
     }
 
-    fn on_panic(&mut self, message: &str, ctx: &mut Context<Self>) {
+    fn on_panic(&mut self, message: &str) {
         let now = Instant::now();
         let budget = self.kind.config().restart_budget;
         let times = &mut self.history.restart_times;
@@ -268,16 +277,13 @@ impl<E: Entity> ActorCell<E> {
         while times.front().is_some_and(|t| now.duration_since(*t) > budget.within) {
             times.pop_front();
         }
+        let panics = times.len();
         let reason = format!("panic: {message}");
-        if times.len() > budget.max_restarts as usize {
-            self.fail(
-                format!(
-                    "{} panics within {:?} (budget {}): last {reason}",
-                    times.len(),
-                    budget.within,
-                    budget.max_restarts
-                ),
-            );
+        if panics > budget.max_restarts as usize {
+            self.fail(format!(
+                "{} panics within {:?} (budget {}): last {reason}",
+                panics, budget.within, budget.max_restarts
+            ));
         } else if matches!(self.status, Status::Active | Status::Restarting { .. }) {
             self.status = Status::Restarting { reason };
         }
@@ -286,7 +292,8 @@ impl<E: Entity> ActorCell<E> {
     fn submit(&mut self, envelope: Box<dyn Envelope<E>>, ctx: &mut Context<Self>) {
         match &self.status {
             Status::Failed { reason } => {
-                envelope.reject(RuntimeError::Failed { actor: self.actor(), reason: reason.clone() });
+                envelope
+                    .reject(RuntimeError::Failed { actor: self.actor(), reason: reason.clone() });
                 return;
             }
             Status::Gone { unavailable } => {
@@ -341,7 +348,11 @@ impl<E: Entity> ActorCell<E> {
                             queue: op.queue,
                             operation: op.name,
                         });
-                        self.record(op, pending.queued_at, OpResult::Refused("deadline passed before start".into()));
+                        self.record(
+                            op,
+                            pending.queued_at,
+                            OpResult::Refused("deadline passed before start".into()),
+                        );
                         continue;
                     }
                     self.start(index, pending, ctx);
@@ -371,17 +382,17 @@ impl<E: Entity> ActorCell<E> {
         // operation that waits is polled again by the actor's context with a real waker.
         let waker = futures::task::noop_waker_ref();
         match future.as_mut().poll(&mut TaskContext::from_waker(waker)) {
-            Poll::Ready(outcome) => self.finish(index, seq, outcome, ctx),
+            Poll::Ready(outcome) => self.finish(index, seq, outcome),
             Poll::Pending => {
                 ctx.spawn(future.into_actor(self).map(move |outcome, act, ctx| {
-                    act.finish(index, seq, outcome, ctx);
+                    act.finish(index, seq, outcome);
                     act.pump(ctx);
                 }));
             }
         }
     }
 
-    fn finish(&mut self, index: usize, seq: u64, outcome: Outcome, ctx: &mut Context<Self>) {
+    fn finish(&mut self, index: usize, seq: u64, outcome: Outcome) {
         let queue = &mut self.queues[index];
         let Some(at) = queue.running.iter().position(|r| r.seq == seq) else {
             return;
@@ -398,7 +409,7 @@ impl<E: Entity> ActorCell<E> {
             Outcome::Panicked(message) => {
                 tracing::error!(actor = %self.actor(), operation = running.op.name, %message, "operation panicked");
                 self.history.last_error = Some(format!("panic: {message}"));
-                self.on_panic(&message, ctx);
+                self.on_panic(&message);
                 OpResult::Panic(message)
             }
         };
@@ -486,10 +497,10 @@ impl<E: Entity> ActorCell<E> {
         for (op, queued_at) in expired {
             self.record(op, queued_at, OpResult::Refused("deadline passed before start".into()));
         }
-        if let Some(at) = next {
-            if self.expiry_timer_at.is_none_or(|t| at < t) {
-                self.arm_expiry(at, ctx);
-            }
+        if let Some(at) = next
+            && self.expiry_timer_at.is_none_or(|t| at < t)
+        {
+            self.arm_expiry(at, ctx);
         }
         self.after_progress(ctx);
     }
@@ -554,7 +565,8 @@ impl<E: Entity> ActorCell<E> {
                     name: at.op.name,
                     job_id: at.op.job_id,
                     ended_unix_ms: clock.unix_ms(at.ended_at),
-                    duration_us: at.ended_at.saturating_duration_since(at.started_at).as_micros() as u64,
+                    duration_us: at.ended_at.saturating_duration_since(at.started_at).as_micros()
+                        as u64,
                     result: result.clone(),
                 })
                 .collect(),

@@ -93,18 +93,15 @@ impl KindConfig {
 }
 
 /// Settings of the whole runtime.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RuntimeConfig {
     /// Arbiter threads actors are spread over (by UUID hash); 0 means one per core.
     pub arbiters: usize,
     /// Per-kind settings, by kind name; kinds not listed use the settings they register with.
     pub kinds: HashMap<String, KindConfig>,
-}
-
-impl Default for RuntimeConfig {
-    fn default() -> Self {
-        RuntimeConfig { arbiters: 0, kinds: HashMap::new() }
-    }
+    /// How the garbage collector retries.
+    #[serde(default)]
+    pub gc: crate::gc::GcPolicy,
 }
 
 impl RuntimeConfig {

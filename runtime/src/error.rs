@@ -6,6 +6,9 @@
 //! reply says where to look.
 
 use std::fmt;
+use std::sync::Arc;
+
+use strato_storage::StoreError;
 
 use uuid::Uuid;
 
@@ -29,7 +32,7 @@ impl fmt::Display for ActorId {
 }
 
 /// Why the runtime did not run an operation, or what happened to it.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum RuntimeError {
     /// No record exists for this UUID.
     #[error("{actor} not found")]
@@ -92,6 +95,44 @@ pub enum RuntimeError {
         /// The kind asked for.
         kind: String,
     },
+    /// The runtime's own records (flows, GC jobs) could not be read or written.
+    #[error("the runtime's store failed")]
+    Store(#[source] Arc<StoreError>),
+    /// A flow step failed; the completed steps were rolled back.
+    #[error("flow `{chain}` failed at step `{step}`: {message}{}", rollback_note(.rollback_failures))]
+    FlowFailed {
+        /// The chain's name.
+        chain: String,
+        /// The step that failed.
+        step: String,
+        /// The step's error, with its causes.
+        message: String,
+        /// Steps whose rollback failed too, with their errors (those steps may have left
+        /// something behind; the rest of the chain was still rolled back).
+        rollback_failures: Vec<String>,
+    },
+    /// No flow chain or GC job kind with this name is defined.
+    #[error("no {what} named `{name}` is defined")]
+    Undefined {
+        /// "flow chain", "flow step" or "GC job kind".
+        what: &'static str,
+        /// The name asked for.
+        name: String,
+    },
+}
+
+fn rollback_note(failures: &[String]) -> String {
+    if failures.is_empty() {
+        String::new()
+    } else {
+        format!(" (rollback also failed: {})", failures.join("; "))
+    }
+}
+
+impl From<StoreError> for RuntimeError {
+    fn from(error: StoreError) -> Self {
+        RuntimeError::Store(Arc::new(error))
+    }
 }
 
 impl RuntimeError {
@@ -106,8 +147,24 @@ impl RuntimeError {
             RuntimeError::Unavailable { .. } => "RUNTIME.UNAVAILABLE",
             RuntimeError::Shutdown => "RUNTIME.SHUTDOWN",
             RuntimeError::UnknownKind { .. } => "RUNTIME.UNKNOWN_KIND",
+            RuntimeError::Store(_) => "RUNTIME.STORE",
+            RuntimeError::FlowFailed { .. } => "RUNTIME.FLOW_FAILED",
+            RuntimeError::Undefined { .. } => "RUNTIME.UNDEFINED",
         }
     }
+}
+
+/// An error and its causes on one line (`outer: inner: innermost`), for messages kept in
+/// records and snapshots.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// The text of a panic payload.

@@ -89,6 +89,9 @@ struct Subscriber<T> {
     delivered: AtomicU64,
 }
 
+/// A subscriber to every event.
+type AnySubscriber = Subscriber<Arc<dyn DynEvent>>;
+
 /// A subscriber's queue: receive events with [`Subscription::recv`].
 #[derive(Debug)]
 pub struct Subscription<T> {
@@ -169,7 +172,7 @@ impl<T> Subscriber<T> {
 #[derive(Default)]
 struct BusInner {
     typed: RwLock<HashMap<TypeId, Vec<Arc<dyn Sink>>>>,
-    any: RwLock<Vec<Arc<Subscriber<Arc<dyn DynEvent>>>>>,
+    any: RwLock<Vec<Arc<AnySubscriber>>>,
     published: AtomicU64,
 }
 
@@ -317,7 +320,10 @@ mod tests {
         assert_eq!(hosts.try_recv(), None);
         assert_eq!(all.recv().await.unwrap().topic(), "other");
         let second = all.recv().await.unwrap();
-        assert_eq!(second.as_any().downcast_ref::<HostConnected>(), Some(&HostConnected { host: 7 }));
+        assert_eq!(
+            second.as_any().downcast_ref::<HostConnected>(),
+            Some(&HostConnected { host: 7 })
+        );
     }
 
     #[test]

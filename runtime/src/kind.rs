@@ -32,11 +32,14 @@ struct Slot<E: Entity> {
     sent: u64,
 }
 
+/// One shard of the registry.
+type Shard<E> = Mutex<HashMap<Uuid, Slot<E>>>;
+
 pub(crate) struct KindShared<E: Entity> {
     entity: E,
     runtime: Runtime,
     specs: QueueSpecs,
-    shards: Box<[Mutex<HashMap<Uuid, Slot<E>>>]>,
+    shards: Box<[Shard<E>]>,
     incarnations: AtomicU64,
     activations: AtomicU64,
     departures: AtomicU64,
@@ -109,7 +112,7 @@ impl<E: Entity> Kind<E> {
         self.queue_spec(queue)
     }
 
-    fn shard(&self, id: Uuid) -> &Mutex<HashMap<Uuid, Slot<E>>> {
+    fn shard(&self, id: Uuid) -> &Shard<E> {
         &self.shared.shards[(id.as_u64_pair().0 as usize) % SHARDS]
     }
 
@@ -126,9 +129,8 @@ impl<E: Entity> Kind<E> {
         let incarnation = self.shared.incarnations.fetch_add(1, Ordering::Relaxed);
         let kind = self.clone();
         let arbiter = self.shared.runtime.arbiter_for(id);
-        let addr = ActorCell::start_in_arbiter(&arbiter, move |_| {
-            ActorCell::new(id, incarnation, kind)
-        });
+        let addr =
+            ActorCell::start_in_arbiter(&arbiter, move |_| ActorCell::new(id, incarnation, kind));
         self.shared.activations.fetch_add(1, Ordering::Relaxed);
         shard.insert(id, Slot { addr: addr.clone(), incarnation, sent: 1 });
         Some(addr)

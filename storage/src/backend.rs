@@ -74,9 +74,7 @@ impl SledStore {
 
     /// Bytes the store occupies on disk.
     pub fn size_on_disk(&self) -> Result<u64, StoreError> {
-        self.db
-            .size_on_disk()
-            .map_err(|e| StoreError::backend(SLED, "size_on_disk", e))
+        self.db.size_on_disk().map_err(|e| StoreError::backend(SLED, "size_on_disk", e))
     }
 }
 
@@ -102,11 +100,7 @@ impl Store for SledStore {
             item.map(|(k, v)| (k.to_vec(), v.to_vec()))
                 .map_err(|e| StoreError::backend(SLED, "range", e))
         };
-        if reverse {
-            Box::new(iter.rev().map(map))
-        } else {
-            Box::new(iter.map(map))
-        }
+        if reverse { Box::new(iter.rev().map(map)) } else { Box::new(iter.map(map)) }
     }
 
     fn apply(&self, ops: Vec<RawOp>) -> Result<(), StoreError> {
@@ -117,16 +111,11 @@ impl Store for SledStore {
                 RawOp::Delete(k) => batch.remove(k),
             }
         }
-        self.db
-            .apply_batch(batch)
-            .map_err(|e| StoreError::backend(SLED, "apply", e))
+        self.db.apply_batch(batch).map_err(|e| StoreError::backend(SLED, "apply", e))
     }
 
     fn flush(&self) -> Result<(), StoreError> {
-        self.db
-            .flush()
-            .map(|_| ())
-            .map_err(|e| StoreError::backend(SLED, "flush", e))
+        self.db.flush().map(|_| ()).map_err(|e| StoreError::backend(SLED, "flush", e))
     }
 }
 
@@ -149,12 +138,7 @@ impl Store for MemStore {
     }
 
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self
-            .map
-            .read()
-            .expect("memory store lock")
-            .get(key)
-            .cloned())
+        Ok(self.map.read().expect("memory store lock").get(key).cloned())
     }
 
     fn range(&self, start: &[u8], end: Option<&[u8]>, reverse: bool) -> KvIter<'_> {
@@ -164,10 +148,8 @@ impl Store for MemStore {
             Bound::Included(start.to_vec()),
             end.map_or(Bound::Unbounded, |e| Bound::Excluded(e.to_vec())),
         );
-        let mut items: Vec<KeyValue> = map
-            .range(bounds)
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        let mut items: Vec<KeyValue> =
+            map.range(bounds).map(|(k, v)| (k.clone(), v.clone())).collect();
         if reverse {
             items.reverse();
         }

@@ -90,16 +90,10 @@ pub fn decode_payload<T: DeserializeOwned>(
 
 /// Reads an envelope's header without touching the payload.
 pub fn header(bytes: &[u8]) -> Result<Header<'_>, CodecError> {
-    let malformed = |reason: &str| CodecError::Malformed {
-        reason: reason.to_owned(),
-    };
-    let (&format, rest) = bytes
-        .split_first()
-        .ok_or_else(|| malformed("empty value"))?;
+    let malformed = |reason: &str| CodecError::Malformed { reason: reason.to_owned() };
+    let (&format, rest) = bytes.split_first().ok_or_else(|| malformed("empty value"))?;
     if format != FORMAT_V1 {
-        return Err(CodecError::Malformed {
-            reason: format!("unknown envelope format {format}"),
-        });
+        return Err(CodecError::Malformed { reason: format!("unknown envelope format {format}") });
     }
     let kind_len = u16::from_be_bytes(
         rest.get(..2)
@@ -107,9 +101,7 @@ pub fn header(bytes: &[u8]) -> Result<Header<'_>, CodecError> {
             .try_into()
             .expect("2 bytes"),
     ) as usize;
-    let kind_bytes = rest
-        .get(2..2 + kind_len)
-        .ok_or_else(|| malformed("truncated kind"))?;
+    let kind_bytes = rest.get(2..2 + kind_len).ok_or_else(|| malformed("truncated kind"))?;
     let kind = std::str::from_utf8(kind_bytes).map_err(|_| malformed("kind is not utf-8"))?;
     let at = 2 + kind_len;
     let version = u16::from_be_bytes(
@@ -124,12 +116,7 @@ pub fn header(bytes: &[u8]) -> Result<Header<'_>, CodecError> {
             .try_into()
             .expect("8 bytes"),
     );
-    Ok(Header {
-        kind,
-        version,
-        generation,
-        payload_offset: 1 + at + 10,
-    })
+    Ok(Header { kind, version, generation, payload_offset: 1 + at + 10 })
 }
 
 /// Decodes an envelope into a record of kind `kind`, upgrading older versions with `upgrade`.
@@ -141,21 +128,14 @@ pub fn decode<T: DeserializeOwned>(
 ) -> Result<(T, u64), CodecError> {
     let head = header(bytes)?;
     if head.kind != kind {
-        return Err(CodecError::KindMismatch {
-            expected: kind,
-            found: head.kind.to_owned(),
-        });
+        return Err(CodecError::KindMismatch { expected: kind, found: head.kind.to_owned() });
     }
     let payload = &bytes[head.payload_offset..];
     let value = match head.version {
         v if v == current_version => decode_payload(kind, payload)?,
         v if v < current_version => upgrade(v, payload)?,
         found => {
-            return Err(CodecError::UnknownVersion {
-                kind,
-                found,
-                supported: current_version,
-            });
+            return Err(CodecError::UnknownVersion { kind, found, supported: current_version });
         }
     };
     Ok((value, head.generation))
@@ -172,19 +152,12 @@ mod tests {
     }
 
     fn no_upgrade(v: u16, _: &[u8]) -> Result<Sample, CodecError> {
-        Err(CodecError::UnknownVersion {
-            kind: "sample",
-            found: v,
-            supported: 2,
-        })
+        Err(CodecError::UnknownVersion { kind: "sample", found: v, supported: 2 })
     }
 
     #[test]
     fn round_trip_keeps_value_and_generation() {
-        let value = Sample {
-            name: "vm-1".into(),
-            count: 7,
-        };
+        let value = Sample { name: "vm-1".into(), count: 7 };
         let bytes = encode("sample", 2, 41, &value).unwrap();
         let (back, generation) = decode("sample", 2, no_upgrade, &bytes).unwrap();
         assert_eq!(back, value);
@@ -194,28 +167,9 @@ mod tests {
 
     #[test]
     fn newer_version_is_a_clear_error() {
-        let bytes = encode(
-            "sample",
-            3,
-            1,
-            &Sample {
-                name: "x".into(),
-                count: 1,
-            },
-        )
-        .unwrap();
+        let bytes = encode("sample", 3, 1, &Sample { name: "x".into(), count: 1 }).unwrap();
         let err = decode::<Sample>("sample", 2, no_upgrade, &bytes).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                CodecError::UnknownVersion {
-                    found: 3,
-                    supported: 2,
-                    ..
-                }
-            ),
-            "{err}"
-        );
+        assert!(matches!(err, CodecError::UnknownVersion { found: 3, supported: 2, .. }), "{err}");
     }
 
     #[test]
@@ -235,46 +189,22 @@ mod tests {
                     name: String,
                 }
                 let old: V1 = decode_payload("sample", payload)?;
-                Ok(Sample {
-                    name: old.name,
-                    count: 0,
-                })
+                Ok(Sample { name: old.name, count: 0 })
             },
             &bytes,
         )
         .unwrap();
-        assert_eq!(
-            value,
-            Sample {
-                name: "old".into(),
-                count: 0
-            }
-        );
+        assert_eq!(value, Sample { name: "old".into(), count: 0 });
     }
 
     #[test]
     fn wrong_kind_and_garbage_are_errors_not_panics() {
-        let bytes = encode(
-            "other",
-            2,
-            1,
-            &Sample {
-                name: "x".into(),
-                count: 1,
-            },
-        )
-        .unwrap();
+        let bytes = encode("other", 2, 1, &Sample { name: "x".into(), count: 1 }).unwrap();
         assert!(matches!(
             decode::<Sample>("sample", 2, no_upgrade, &bytes),
             Err(CodecError::KindMismatch { .. })
         ));
-        for garbage in [
-            &b""[..],
-            &[1],
-            &[1, 0, 200],
-            &[9, 9, 9],
-            &bytes[..bytes.len() - 3],
-        ] {
+        for garbage in [&b""[..], &[1], &[1, 0, 200], &[9, 9, 9], &bytes[..bytes.len() - 3]] {
             assert!(decode::<Sample>("sample", 2, no_upgrade, garbage).is_err());
         }
     }

@@ -42,9 +42,7 @@ pub struct Index<R> {
 
 impl<R> std::fmt::Debug for Index<R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Index")
-            .field("name", &self.name)
-            .finish_non_exhaustive()
+        f.debug_struct("Index").field("name", &self.name).finish_non_exhaustive()
     }
 }
 
@@ -115,11 +113,7 @@ struct PendingWrite {
 fn index_entries<R: Record>(record: &R) -> IndexEntries {
     R::indexes()
         .iter()
-        .flat_map(|index| {
-            (index.values)(record)
-                .into_iter()
-                .map(move |v| (index.name, v))
-        })
+        .flat_map(|index| (index.values)(record).into_iter().map(move |v| (index.name, v)))
         .collect()
 }
 
@@ -156,12 +150,8 @@ impl Batch {
 
     /// Writes `record` if the stored generation matches `expect`.
     pub fn put<R: Record>(&mut self, record: &R, expect: Expect) -> Result<&mut Self, StoreError> {
-        let payload =
-            codec::encode_payload(R::KIND, record).map_err(|source| StoreError::Codec {
-                table: R::KIND,
-                id: record.id(),
-                source,
-            })?;
+        let payload = codec::encode_payload(R::KIND, record)
+            .map_err(|source| StoreError::Codec { table: R::KIND, id: record.id(), source })?;
         self.writes.push(PendingWrite {
             table: R::KIND,
             version: R::VERSION,
@@ -249,9 +239,7 @@ impl Commit {
         }
         match &state.failure {
             Some((after, through, message)) if seq > *after && seq <= *through => {
-                Some(Err(StoreError::NotDurable {
-                    source: message.clone().into(),
-                }))
+                Some(Err(StoreError::NotDurable { source: message.clone().into() }))
             }
             _ => None,
         }
@@ -341,12 +329,7 @@ impl Db {
 
     /// How many flushes the group committer has run (for benchmarks and tests).
     pub fn flush_count(&self) -> u64 {
-        self.inner
-            .commit
-            .state
-            .lock()
-            .expect("commit state")
-            .flushes
+        self.inner.commit.state.lock().expect("commit state").flushes
     }
 
     /// Reads one record.
@@ -361,14 +344,11 @@ impl Db {
     pub fn scan<R: Record>(&self) -> impl Iterator<Item = Result<Stored<R>, StoreError>> + '_ {
         let prefix = keys::table_prefix(R::KIND);
         let end = keys::prefix_end(&prefix);
-        self.inner
-            .store
-            .range(&prefix, end.as_deref(), false)
-            .map(|item| {
-                let (key, value) = item?;
-                let id = keys::id_from_record_key(&key).unwrap_or_default();
-                decode_stored::<R>(id, &value)
-            })
+        self.inner.store.range(&prefix, end.as_deref(), false).map(|item| {
+            let (key, value) = item?;
+            let id = keys::id_from_record_key(&key).unwrap_or_default();
+            decode_stored::<R>(id, &value)
+        })
     }
 
     /// Counts the records of `R`'s table (a key scan, no decoding).
@@ -467,11 +447,7 @@ impl Db {
                 Some(value) => value.clone(),
                 None => store.get(&key)?,
             };
-            let codec_err = |source| StoreError::Codec {
-                table: write.table,
-                id: write.id,
-                source,
-            };
+            let codec_err = |source| StoreError::Codec { table: write.table, id: write.id, source };
             let current_generation = match &current {
                 Some(bytes) => Some(codec::header(bytes).map_err(codec_err)?.generation),
                 None => None,
@@ -490,10 +466,7 @@ impl Db {
                 });
             }
             let old: BTreeSet<(&'static str, IndexValue)> = match &current {
-                Some(bytes) => (write.old_entries)(bytes)
-                    .map_err(codec_err)?
-                    .into_iter()
-                    .collect(),
+                Some(bytes) => (write.old_entries)(bytes).map_err(codec_err)?.into_iter().collect(),
                 None => BTreeSet::new(),
             };
             let (new, generation) = match write.new {
@@ -512,12 +485,7 @@ impl Db {
                 }
             };
             for (index, value) in old.difference(&new) {
-                ops.push(RawOp::Delete(keys::index_entry_key(
-                    write.table,
-                    index,
-                    value,
-                    write.id,
-                )));
+                ops.push(RawOp::Delete(keys::index_entry_key(write.table, index, value, write.id)));
             }
             for (index, value) in new.difference(&old) {
                 ops.push(RawOp::Put(
@@ -525,10 +493,7 @@ impl Db {
                     Vec::new(),
                 ));
             }
-            written.push(Written {
-                id: write.id,
-                generation,
-            });
+            written.push(Written { id: write.id, generation });
         }
         if ops.is_empty() {
             return Ok((written, 0));
@@ -662,20 +627,14 @@ pub struct Table<R> {
 
 impl<R> Clone for Table<R> {
     fn clone(&self) -> Self {
-        Table {
-            db: self.db.clone(),
-            _record: PhantomData,
-        }
+        Table { db: self.db.clone(), _record: PhantomData }
     }
 }
 
 impl<R: Record> Table<R> {
     /// The table of `R` in `db`.
     pub fn new(db: &Db) -> Self {
-        Table {
-            db: db.clone(),
-            _record: PhantomData,
-        }
+        Table { db: db.clone(), _record: PhantomData }
     }
 
     /// Reads one record.

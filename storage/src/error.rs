@@ -121,10 +121,6 @@ impl StoreError {
         operation: &'static str,
         source: impl std::error::Error + Send + Sync + 'static,
     ) -> Self {
-        StoreError::Backend {
-            backend,
-            operation,
-            source: Box::new(source),
-        }
+        StoreError::Backend { backend, operation, source: Box::new(source) }
     }
 }

@@ -115,9 +115,7 @@ pub(crate) fn record_key(table: &str, id: Uuid) -> Vec<u8> {
 }
 
 pub(crate) fn id_from_record_key(key: &[u8]) -> Option<Uuid> {
-    key.len()
-        .checked_sub(16)
-        .and_then(|at| Uuid::from_slice(&key[at..]).ok())
+    key.len().checked_sub(16).and_then(|at| Uuid::from_slice(&key[at..]).ok())
 }
 
 pub(crate) fn index_prefix(table: &str, index: &str) -> Vec<u8> {

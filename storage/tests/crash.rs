@@ -25,8 +25,5 @@ fn acknowledged_writes_survive_sigkill() {
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|n| n.parse().ok())
         .expect("acknowledged count in the summary");
-    assert!(
-        acked > 100,
-        "only {acked} acknowledged writes were checked:\n{stdout}"
-    );
+    assert!(acked > 100, "only {acked} acknowledged writes were checked:\n{stdout}");
 }

@@ -32,22 +32,10 @@ impl Record for Vm {
 
     fn indexes() -> &'static [Index<Self>] {
         &[
-            Index {
-                name: "name",
-                values: |vm| vec![vm.name.as_str().into()],
-            },
-            Index {
-                name: "state",
-                values: |vm| vec![vm.state.as_str().into()],
-            },
-            Index {
-                name: "ip",
-                values: |vm| vm.ips.iter().map(|ip| ip.as_str().into()).collect(),
-            },
-            Index {
-                name: "memory",
-                values: |vm| vec![vm.memory.into()],
-            },
+            Index { name: "name", values: |vm| vec![vm.name.as_str().into()] },
+            Index { name: "state", values: |vm| vec![vm.state.as_str().into()] },
+            Index { name: "ip", values: |vm| vm.ips.iter().map(|ip| ip.as_str().into()).collect() },
+            Index { name: "memory", values: |vm| vec![vm.memory.into()] },
         ]
     }
 
@@ -68,11 +56,7 @@ impl Record for Vm {
                     memory: 0,
                 })
             }
-            found => Err(CodecError::UnknownVersion {
-                kind: "vm",
-                found,
-                supported: 2,
-            }),
+            found => Err(CodecError::UnknownVersion { kind: "vm", found, supported: 2 }),
         }
     }
 }
@@ -135,38 +119,22 @@ fn compare_and_swap_refuses_stale_writers_and_writes_nothing() {
         put(&db, &a, Expect::Absent).unwrap();
         let err = put(&db, &a, Expect::Absent).unwrap_err();
         assert!(
-            matches!(
-                err,
-                StoreError::Conflict {
-                    found: Some(1),
-                    expected: Expect::Absent,
-                    ..
-                }
-            ),
+            matches!(err, StoreError::Conflict { found: Some(1), expected: Expect::Absent, .. }),
             "{err}"
         );
         let mut changed = a.clone();
         changed.state = "Stopped".into();
         let err = put(&db, &changed, Expect::Generation(7)).unwrap_err();
-        assert!(
-            matches!(err, StoreError::Conflict { found: Some(1), .. }),
-            "{err}"
-        );
+        assert!(matches!(err, StoreError::Conflict { found: Some(1), .. }), "{err}");
         assert_eq!(db.get::<Vm>(a.id).unwrap().unwrap().record.state, "Running");
-        assert_eq!(
-            db.find::<Vm>("state", &"Stopped".into()).unwrap(),
-            Vec::<Uuid>::new()
-        );
+        assert_eq!(db.find::<Vm>("state", &"Stopped".into()).unwrap(), Vec::<Uuid>::new());
     });
 }
 
 #[test]
 fn a_batch_across_tables_is_all_or_nothing() {
     on_both_backends(|db| {
-        let host = Host {
-            id: Uuid::new_v4(),
-            used_memory: 0,
-        };
+        let host = Host { id: Uuid::new_v4(), used_memory: 0 };
         let mut batch = Batch::new();
         batch.put(&host, Expect::Absent).unwrap();
         db.commit_blocking(batch).unwrap();
@@ -176,43 +144,18 @@ fn a_batch_across_tables_is_all_or_nothing() {
         let a = vm("a", "Running", &["10.0.0.9"], 256);
         let mut batch = Batch::new();
         batch.put(&a, Expect::Absent).unwrap();
-        batch
-            .put(
-                &Host {
-                    used_memory: 256,
-                    ..host.clone()
-                },
-                Expect::Generation(5),
-            )
-            .unwrap();
-        assert!(matches!(
-            db.commit_blocking(batch),
-            Err(StoreError::Conflict { .. })
-        ));
+        batch.put(&Host { used_memory: 256, ..host.clone() }, Expect::Generation(5)).unwrap();
+        assert!(matches!(db.commit_blocking(batch), Err(StoreError::Conflict { .. })));
         assert_eq!(db.get::<Vm>(a.id).unwrap(), None);
         assert!(db.find::<Vm>("ip", &"10.0.0.9".into()).unwrap().is_empty());
-        assert_eq!(
-            db.get::<Host>(host.id).unwrap().unwrap().record.used_memory,
-            0
-        );
+        assert_eq!(db.get::<Host>(host.id).unwrap().unwrap().record.used_memory, 0);
 
         let mut batch = Batch::new();
         batch.put(&a, Expect::Absent).unwrap();
-        batch
-            .put(
-                &Host {
-                    used_memory: 256,
-                    ..host.clone()
-                },
-                Expect::Generation(1),
-            )
-            .unwrap();
+        batch.put(&Host { used_memory: 256, ..host.clone() }, Expect::Generation(1)).unwrap();
         let written = db.commit_blocking(batch).unwrap();
         assert_eq!(written.len(), 2);
-        assert_eq!(
-            db.get::<Host>(host.id).unwrap().unwrap().record.used_memory,
-            256
-        );
+        assert_eq!(db.get::<Host>(host.id).unwrap().unwrap().record.used_memory, 256);
         assert_eq!(db.find::<Vm>("ip", &"10.0.0.9".into()).unwrap(), vec![a.id]);
     });
 }
@@ -224,36 +167,23 @@ fn indexes_follow_updates_and_deletes() {
         let b = vm("beta", "Running", &["10.0.0.2"], 2048);
         put(&db, &a, Expect::Absent).unwrap();
         put(&db, &b, Expect::Absent).unwrap();
-        let running: BTreeSet<Uuid> = db
-            .find::<Vm>("state", &"Running".into())
-            .unwrap()
-            .into_iter()
-            .collect();
+        let running: BTreeSet<Uuid> =
+            db.find::<Vm>("state", &"Running".into()).unwrap().into_iter().collect();
         assert_eq!(running, BTreeSet::from([a.id, b.id]));
         assert_eq!(db.find::<Vm>("ip", &"10.0.1.1".into()).unwrap(), vec![a.id]);
 
         a.state = "Stopped".into();
         a.ips = vec!["10.0.0.1".into()];
         put(&db, &a, Expect::Generation(1)).unwrap();
-        assert_eq!(
-            db.find::<Vm>("state", &"Running".into()).unwrap(),
-            vec![b.id]
-        );
-        assert_eq!(
-            db.find::<Vm>("state", &"Stopped".into()).unwrap(),
-            vec![a.id]
-        );
+        assert_eq!(db.find::<Vm>("state", &"Running".into()).unwrap(), vec![b.id]);
+        assert_eq!(db.find::<Vm>("state", &"Stopped".into()).unwrap(), vec![a.id]);
         assert!(db.find::<Vm>("ip", &"10.0.1.1".into()).unwrap().is_empty());
         assert_eq!(db.find::<Vm>("ip", &"10.0.0.1".into()).unwrap(), vec![a.id]);
 
         let mut batch = Batch::new();
         batch.delete::<Vm>(b.id, Expect::Generation(1));
         db.commit_blocking(batch).unwrap();
-        assert!(
-            db.find::<Vm>("state", &"Running".into())
-                .unwrap()
-                .is_empty()
-        );
+        assert!(db.find::<Vm>("state", &"Running".into()).unwrap().is_empty());
         assert!(db.verify_indexes::<Vm>().unwrap().is_consistent());
     });
 }
@@ -278,9 +208,8 @@ fn range_lookups_follow_value_order() {
             )
             .unwrap();
         assert_eq!(mid, vec![vms[1].id, vms[2].id]);
-        let top_two = db
-            .find_range::<Vm>("memory", Bound::Unbounded, Bound::Unbounded, true, 2)
-            .unwrap();
+        let top_two =
+            db.find_range::<Vm>("memory", Bound::Unbounded, Bound::Unbounded, true, 2).unwrap();
         assert_eq!(top_two, vec![vms[3].id, vms[2].id]);
         let above = db
             .find_range::<Vm>(
@@ -292,14 +221,9 @@ fn range_lookups_follow_value_order() {
             )
             .unwrap();
         assert_eq!(above, vec![vms[3].id]);
-        let names = db
-            .find_range::<Vm>("name", Bound::Unbounded, Bound::Unbounded, false, 3)
-            .unwrap();
-        assert_eq!(
-            names,
-            vec![vms[1].id, vms[2].id, vms[3].id],
-            "m1024 < m2048 < m4096 < m512"
-        );
+        let names =
+            db.find_range::<Vm>("name", Bound::Unbounded, Bound::Unbounded, false, 3).unwrap();
+        assert_eq!(names, vec![vms[1].id, vms[2].id, vms[3].id], "m1024 < m2048 < m4096 < m512");
     });
 }
 
@@ -315,41 +239,14 @@ fn old_versions_upgrade_and_unknown_versions_are_clear_errors() {
     let old_id = Uuid::new_v4();
     let new_id = Uuid::new_v4();
     let key = |id: Uuid| [b"r/vm/".as_slice(), id.as_bytes()].concat();
-    let v1 = strato_storage::codec::encode(
-        "vm",
-        1,
-        3,
-        &VmV1 {
-            id: old_id,
-            name: "old".into(),
-        },
-    )
-    .unwrap();
-    let v9 = strato_storage::codec::encode(
-        "vm",
-        9,
-        1,
-        &VmV1 {
-            id: new_id,
-            name: "new".into(),
-        },
-    )
-    .unwrap();
-    store
-        .apply(vec![
-            RawOp::Put(key(old_id), v1),
-            RawOp::Put(key(new_id), v9),
-        ])
+    let v1 = strato_storage::codec::encode("vm", 1, 3, &VmV1 { id: old_id, name: "old".into() })
         .unwrap();
+    let v9 = strato_storage::codec::encode("vm", 9, 1, &VmV1 { id: new_id, name: "new".into() })
+        .unwrap();
+    store.apply(vec![RawOp::Put(key(old_id), v1), RawOp::Put(key(new_id), v9)]).unwrap();
 
     let upgraded = db.get::<Vm>(old_id).unwrap().unwrap();
-    assert_eq!(
-        (
-            upgraded.record.name.as_str(),
-            upgraded.record.state.as_str()
-        ),
-        ("old", "Stopped")
-    );
+    assert_eq!((upgraded.record.name.as_str(), upgraded.record.state.as_str()), ("old", "Stopped"));
     assert_eq!(upgraded.generation, 3);
 
     let err = db.get::<Vm>(new_id).unwrap_err();
@@ -357,11 +254,7 @@ fn old_versions_upgrade_and_unknown_versions_are_clear_errors() {
         matches!(
             &err,
             StoreError::Codec {
-                source: CodecError::UnknownVersion {
-                    found: 9,
-                    supported: 2,
-                    ..
-                },
+                source: CodecError::UnknownVersion { found: 9, supported: 2, .. },
                 ..
             }
         ),
@@ -391,13 +284,10 @@ async fn concurrent_writers_share_flushes() {
     for task in tasks {
         task.await.unwrap();
     }
-    let writes = (writers * per_writer) as u64;
+    let writes = writers * per_writer;
     assert_eq!(db.count::<Vm>().unwrap() as u64, writes);
     let flushes = db.flush_count();
-    assert!(
-        flushes < writes,
-        "{flushes} flushes for {writes} writes: no flush was shared"
-    );
+    assert!(flushes < writes, "{flushes} flushes for {writes} writes: no flush was shared");
     drop(db);
     // Everything acknowledged is there after reopening.
     let db = Db::new(Arc::new(SledStore::open(dir.path()).unwrap()));
@@ -407,15 +297,8 @@ async fn concurrent_writers_share_flushes() {
 
 #[derive(Clone, Debug)]
 enum Op {
-    Put {
-        slot: usize,
-        state: u8,
-        ips: Vec<u8>,
-        memory: u64,
-    },
-    Delete {
-        slot: usize,
-    },
+    Put { slot: usize, state: u8, ips: Vec<u8>, memory: u64 },
+    Delete { slot: usize },
 }
 
 fn op() -> impl Strategy<Value = Op> {

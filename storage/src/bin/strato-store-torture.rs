@@ -37,14 +37,8 @@ impl Record for TortureRecord {
     }
     fn indexes() -> &'static [Index<Self>] {
         &[
-            Index {
-                name: "name",
-                values: |r| vec![r.name.as_str().into()],
-            },
-            Index {
-                name: "bucket",
-                values: |r| vec![r.bucket.into()],
-            },
+            Index { name: "name", values: |r| vec![r.name.as_str().into()] },
+            Index { name: "bucket", values: |r| vec![r.bucket.into()] },
         ]
     }
 }
@@ -72,10 +66,7 @@ impl TortureRecord {
 const SLOTS_PER_THREAD: usize = 16;
 
 fn slot_id(thread: usize, slot: usize) -> Uuid {
-    Uuid::new_v5(
-        &Uuid::NAMESPACE_OID,
-        format!("torture-{thread}-{slot}").as_bytes(),
-    )
+    Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("torture-{thread}-{slot}").as_bytes())
 }
 
 fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
@@ -135,9 +126,7 @@ fn writer(dir: &Path, threads: usize, seed: u64) -> ExitCode {
                         batch.delete::<TortureRecord>(id, expect);
                         format!("I {thread} D {id} {seq}")
                     } else {
-                        batch
-                            .put(&TortureRecord::new(id, seq), expect)
-                            .expect("encode");
+                        batch.put(&TortureRecord::new(id, seq), expect).expect("encode");
                         format!("I {thread} P {id} {seq}")
                     };
                     println!("{line}");
@@ -212,10 +201,7 @@ fn soak(args: &[String]) -> ExitCode {
     let mut expectations = Expectations::default();
     let mut total_acked = 0;
     let mut iteration = 0u64;
-    println!(
-        "soak: seed {seed}, {threads} writer threads, store {}",
-        dir.display()
-    );
+    println!("soak: seed {seed}, {threads} writer threads, store {}", dir.display());
     while (iterations > 0 && iteration < iterations)
         || (iterations == 0 && started.elapsed() < duration)
     {
@@ -254,12 +240,7 @@ fn one_iteration(
     let mut child = Command::new(exe)
         .args(["writer", "--dir"])
         .arg(dir)
-        .args([
-            "--threads",
-            &threads.to_string(),
-            "--seed",
-            &seed.to_string(),
-        ])
+        .args(["--threads", &threads.to_string(), "--seed", &seed.to_string()])
         .stdout(Stdio::piped())
         .spawn()
         .map_err(|e| format!("cannot start writer: {e}"))?;
@@ -276,19 +257,11 @@ fn one_iteration(
     });
     std::thread::sleep(run_for);
     // `Child::kill` sends SIGKILL: no destructor, no flush, no goodbye.
-    child
-        .kill()
-        .map_err(|e| format!("cannot kill writer: {e}"))?;
-    let status = child
-        .wait()
-        .map_err(|e| format!("cannot reap writer: {e}"))?;
-    let lines = reader
-        .join()
-        .map_err(|_| "stdout reader panicked".to_owned())?;
+    child.kill().map_err(|e| format!("cannot kill writer: {e}"))?;
+    let status = child.wait().map_err(|e| format!("cannot reap writer: {e}"))?;
+    let lines = reader.join().map_err(|_| "stdout reader panicked".to_owned())?;
     if status.code().is_some() {
-        return Err(format!(
-            "writer exited by itself ({status}) instead of being killed"
-        ));
+        return Err(format!("writer exited by itself ({status}) instead of being killed"));
     }
     let mut acked_writes = 0;
     for line in &lines {
@@ -315,11 +288,8 @@ fn one_iteration(
     for id in ids {
         let actual: State = seen.get(&id).copied();
         let acked: State = expectations.acked.get(&id).copied().flatten();
-        let in_flight: Option<State> = expectations
-            .in_flight
-            .values()
-            .find(|(i, _)| *i == id)
-            .map(|(_, s)| *s);
+        let in_flight: Option<State> =
+            expectations.in_flight.values().find(|(i, _)| *i == id).map(|(_, s)| *s);
         if actual != acked && Some(actual) != in_flight {
             return Err(format!(
                 "record {id}: store has {actual:?}, last acknowledged {acked:?}, in flight {in_flight:?}"
@@ -332,9 +302,8 @@ fn one_iteration(
         };
     }
     expectations.in_flight.clear();
-    let report = db
-        .verify_indexes::<TortureRecord>()
-        .map_err(|e| format!("index check failed: {e}"))?;
+    let report =
+        db.verify_indexes::<TortureRecord>().map_err(|e| format!("index check failed: {e}"))?;
     if !report.is_consistent() {
         return Err(format!(
             "indexes disagree with the table: {} missing, {} stale",
@@ -343,8 +312,5 @@ fn one_iteration(
         ));
     }
     std::io::stdout().flush().ok();
-    Ok(IterationReport {
-        acked_writes,
-        records: report.records,
-    })
+    Ok(IterationReport { acked_writes, records: report.records })
 }
