@@ -1,0 +1,289 @@
+//! The flow engine: reverse rollback, failing rollbacks, extension points, persisted
+//! progress, and recovery after SIGKILL of a real child process.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use strato_runtime::{BoxError, ChainSpec, FlowInfo, Runtime, RuntimeConfig, RuntimeError, Step};
+use strato_storage::Db;
+use tokio::sync::Notify;
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct Ctx {
+    visited: Vec<String>,
+}
+
+type Log = Arc<Mutex<Vec<String>>>;
+
+/// A step that logs `run:<name>` / `rollback:<name>` and can be told to fail either.
+struct Probe {
+    log: Log,
+    fail_run: bool,
+    fail_rollback: bool,
+    gate: Option<Arc<Notify>>,
+}
+
+impl Probe {
+    fn ok(log: &Log) -> Self {
+        Probe { log: log.clone(), fail_run: false, fail_rollback: false, gate: None }
+    }
+}
+
+#[async_trait]
+impl Step<Ctx> for Probe {
+    async fn run(&self, ctx: &mut Ctx, flow: &FlowInfo) -> Result<(), BoxError> {
+        self.log.lock().unwrap().push(format!("run:{}", flow.step));
+        ctx.visited.push(flow.step.clone());
+        if let Some(gate) = &self.gate {
+            gate.notified().await;
+        }
+        if self.fail_run {
+            return Err(format!("{} refused", flow.step).into());
+        }
+        Ok(())
+    }
+
+    async fn rollback(&self, _ctx: &mut Ctx, flow: &FlowInfo) -> Result<(), BoxError> {
+        self.log.lock().unwrap().push(format!("rollback:{}", flow.step));
+        if self.fail_rollback {
+            return Err(format!("{} cannot be undone", flow.step).into());
+        }
+        Ok(())
+    }
+}
+
+fn runtime() -> Runtime {
+    Runtime::start(RuntimeConfig { arbiters: 1, ..Default::default() }, Db::in_memory()).unwrap()
+}
+
+fn log_of(log: &Log) -> Vec<String> {
+    log.lock().unwrap().clone()
+}
+
+#[tokio::test]
+async fn a_chain_runs_every_step_in_order_and_leaves_no_record() {
+    let rt = runtime();
+    let log = Log::default();
+    rt.flows().define(
+        ChainSpec::new("ok")
+            .step("a", Probe::ok(&log))
+            .step("b", Probe::ok(&log))
+            .step("c", Probe::ok(&log)),
+    );
+    let ctx = rt.flows().run("ok", Ctx::default(), None).await.unwrap();
+    assert_eq!(ctx.visited, ["a", "b", "c"]);
+    assert_eq!(log_of(&log), ["run:a", "run:b", "run:c"]);
+    assert!(rt.flows().in_progress().unwrap().is_empty());
+    assert_eq!(rt.flows().recent().last().unwrap().phase, "done");
+    rt.shutdown();
+}
+
+#[tokio::test]
+async fn a_failing_step_rolls_back_itself_and_every_completed_step_in_reverse() {
+    let rt = runtime();
+    let log = Log::default();
+    rt.flows().define(
+        ChainSpec::new("fails")
+            .step("a", Probe::ok(&log))
+            .step("b", Probe::ok(&log))
+            .step("c", Probe { fail_run: true, ..Probe::ok(&log) })
+            .step("d", Probe::ok(&log)),
+    );
+    let error = rt.flows().run("fails", Ctx::default(), None).await.unwrap_err();
+    match &error {
+        RuntimeError::FlowFailed { chain, step, message, rollback_failures } => {
+            assert_eq!((chain.as_str(), step.as_str()), ("fails", "c"));
+            assert!(message.contains("c refused"));
+            assert!(rollback_failures.is_empty());
+        }
+        other => panic!("expected FlowFailed, got {other:?}"),
+    }
+    assert_eq!(log_of(&log), ["run:a", "run:b", "run:c", "rollback:c", "rollback:b", "rollback:a"]);
+    let recent = rt.flows().recent();
+    let last = recent.last().unwrap();
+    assert_eq!(last.phase, "rolled-back");
+    assert_eq!(last.failure.as_ref().unwrap().0, "c");
+    rt.shutdown();
+}
+
+#[tokio::test]
+async fn a_failing_rollback_is_recorded_and_the_rest_still_roll_back() {
+    let rt = runtime();
+    let log = Log::default();
+    rt.flows().define(
+        ChainSpec::new("messy")
+            .step("a", Probe::ok(&log))
+            .step("b", Probe { fail_rollback: true, ..Probe::ok(&log) })
+            .step("c", Probe { fail_run: true, ..Probe::ok(&log) }),
+    );
+    let error = rt.flows().run("messy", Ctx::default(), None).await.unwrap_err();
+    let RuntimeError::FlowFailed { rollback_failures, .. } = &error else { panic!("{error:?}") };
+    assert_eq!(rollback_failures.len(), 1);
+    assert!(rollback_failures[0].starts_with("b: b cannot be undone"));
+    assert!(error.to_string().contains("rollback also failed"));
+    assert_eq!(log_of(&log), ["run:a", "run:b", "run:c", "rollback:c", "rollback:b", "rollback:a"]);
+    rt.shutdown();
+}
+
+#[tokio::test]
+async fn other_modules_insert_steps_before_and_after_named_steps() {
+    let rt = runtime();
+    let log = Log::default();
+    rt.flows().define(ChainSpec::new("ext").step("a", Probe::ok(&log)).step("b", Probe::ok(&log)));
+    rt.flows().insert_before::<Ctx>("ext", "b", "before-b", Probe::ok(&log)).unwrap();
+    rt.flows().insert_after::<Ctx>("ext", "b", "after-b", Probe::ok(&log)).unwrap();
+    rt.flows().insert_before::<Ctx>("ext", "a", "first", Probe::ok(&log)).unwrap();
+    assert_eq!(
+        rt.flows().steps_of::<Ctx>("ext").unwrap(),
+        ["first", "a", "before-b", "b", "after-b"]
+    );
+    let ctx = rt.flows().run("ext", Ctx::default(), None).await.unwrap();
+    assert_eq!(ctx.visited, ["first", "a", "before-b", "b", "after-b"]);
+    assert!(matches!(
+        rt.flows().insert_after::<Ctx>("ext", "zzz", "x", Probe::ok(&log)),
+        Err(RuntimeError::Undefined { .. })
+    ));
+    assert!(matches!(
+        rt.flows().insert_after::<Ctx>("nope", "a", "x", Probe::ok(&log)),
+        Err(RuntimeError::Undefined { .. })
+    ));
+    rt.shutdown();
+}
+
+#[tokio::test]
+async fn progress_is_persisted_while_a_step_runs() {
+    let rt = runtime();
+    let log = Log::default();
+    let gate = Arc::new(Notify::new());
+    rt.flows().define(
+        ChainSpec::new("slow")
+            .step("a", Probe::ok(&log))
+            .step("b", Probe { gate: Some(gate.clone()), ..Probe::ok(&log) }),
+    );
+    let job = uuid::Uuid::new_v4();
+    let flows = rt.clone();
+    let task =
+        tokio::spawn(async move { flows.flows().run("slow", Ctx::default(), Some(job)).await });
+    let mut seen = None;
+    for _ in 0..200 {
+        let flows = rt.flows().in_progress().unwrap();
+        if let Some(flow) = flows.into_iter().find(|f| f.current_step.as_deref() == Some("b")) {
+            seen = Some(flow);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let flow = seen.expect("the flow is visible in the store while step b runs");
+    assert_eq!((flow.chain.as_str(), flow.phase, flow.job_id), ("slow", "running", Some(job)));
+    gate.notify_one();
+    task.await.unwrap().unwrap();
+    assert!(rt.flows().in_progress().unwrap().is_empty());
+    rt.shutdown();
+}
+
+#[derive(Deserialize, Debug)]
+struct Report {
+    resumed: usize,
+    rolled_back: usize,
+    unknown: usize,
+    flows_left: usize,
+    marks: Vec<(u64, String)>,
+}
+
+const BIN: &str = env!("CARGO_BIN_EXE_strato-flow-crash");
+
+fn recover(dir: &std::path::Path, resumable: bool) -> Report {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("recover").arg(dir);
+    if resumable {
+        cmd.arg("--resumable");
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "recover failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Starts `hang` mode, waits until the child is inside step c, and SIGKILLs it.
+fn kill_inside_step_c(dir: &std::path::Path, resumable: bool) {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("hang").arg(dir).stdout(Stdio::piped());
+    if resumable {
+        cmd.arg("--resumable");
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "in-step c");
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+}
+
+#[test]
+fn sigkill_mid_chain_then_recovery_rolls_everything_back() {
+    let dir = tempfile::tempdir().unwrap();
+    kill_inside_step_c(dir.path(), false);
+    let report = recover(dir.path(), false);
+    assert_eq!((report.rolled_back, report.resumed, report.unknown), (1, 0, 0));
+    assert!(report.marks.is_empty(), "step c's partial work and a, b were undone: {report:?}");
+    assert_eq!(report.flows_left, 0);
+    // A second recovery finds nothing to do.
+    let again = recover(dir.path(), false);
+    assert_eq!((again.rolled_back, again.resumed), (0, 0));
+}
+
+#[test]
+fn sigkill_mid_chain_then_recovery_resumes_a_resumable_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    kill_inside_step_c(dir.path(), true);
+    let report = recover(dir.path(), true);
+    assert_eq!((report.rolled_back, report.resumed), (0, 1));
+    let steps: Vec<&str> = report.marks.iter().map(|(_, s)| s.as_str()).collect();
+    assert_eq!(steps, ["a", "b", "c", "d"]);
+    assert_eq!(report.flows_left, 0);
+}
+
+#[test]
+fn sigkill_at_random_moments_leaves_every_flow_all_or_nothing() {
+    for round in 0..6u64 {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child =
+            Command::new(BIN).arg("loop").arg(dir.path()).stdout(Stdio::piped()).spawn().unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let reader = std::thread::spawn(move || {
+            stdout.lines().map_while(Result::ok).collect::<Vec<String>>()
+        });
+        std::thread::sleep(Duration::from_millis(150 + fastrand_like(round) % 250));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let lines = reader.join().unwrap();
+        let done: Vec<u64> = lines
+            .iter()
+            .filter_map(|l| l.strip_prefix("done "))
+            .map(|t| t.parse().unwrap())
+            .collect();
+        assert!(!done.is_empty(), "the child completed some flows before it was killed");
+
+        let report = recover(dir.path(), false);
+        assert_eq!(report.flows_left, 0);
+        let mut per_tag = std::collections::BTreeMap::<u64, usize>::new();
+        for (tag, _) in &report.marks {
+            *per_tag.entry(*tag).or_default() += 1;
+        }
+        for (tag, count) in &per_tag {
+            assert_eq!(*count, 4, "round {round}: flow {tag} is half done: {count} marks");
+            assert_ne!(tag % 3, 2, "flow {tag} failed its last step and must have no marks");
+        }
+        for tag in done {
+            assert_eq!(per_tag.get(&tag), Some(&4), "acknowledged flow {tag} lost its marks");
+        }
+    }
+}
+
+/// A small deterministic spread of kill times.
+fn fastrand_like(round: u64) -> u64 {
+    round.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40
+}
