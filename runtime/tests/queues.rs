@@ -56,13 +56,9 @@ fn run_workload(levels: [usize; 2], ops: Vec<(usize, u8)>) -> Result<(), TestCas
     for (seq, reply) in replies.into_iter().enumerate() {
         prop_assert_eq!(reply.unwrap(), seq);
     }
-    for queue in 0..2 {
+    for (queue, level) in levels.into_iter().enumerate() {
         let max = probe.max_running[queue].load(Ordering::SeqCst);
-        prop_assert!(
-            max <= levels[queue],
-            "queue {queue}: {max} ran at once, level {}",
-            levels[queue]
-        );
+        prop_assert!(max <= level, "queue {queue}: {max} ran at once, level {level}");
         let submitted: Vec<usize> =
             ops.iter().enumerate().filter(|(_, (q, _))| *q == queue).map(|(seq, _)| seq).collect();
         prop_assert_eq!(&*probe.starts[queue].lock().unwrap(), &submitted, "FIFO start order");
