@@ -48,4 +48,5 @@ pub use inspect::{
 pub use kind::{Kind, KindCounters};
 pub use runtime::{
     ActorFailed, ActorFilter, ActorRestarted, KindSnapshot, QueueSetting, Runtime, RuntimeSnapshot,
+    release_memory,
 };

@@ -8,23 +8,30 @@
 //!
 //! # Durability and group commit
 //!
-//! [`Db::commit`] returns only once the batch is durable. Writes are applied under one short
-//! write lock (which also makes compare-and-swap and index maintenance race-free), then the
-//! writer waits for a flush that covers its batch. One flusher thread runs flushes back to
-//! back: every batch applied while a flush is in progress is covered by the next one, so
-//! concurrent writers share flushes instead of paying one each. Under load the number of
-//! flushes per second stays bounded by the device while acknowledged writes grow with the
-//! number of writers.
+//! [`Db::commit`] returns only once the batch is durable. Writers hand their batches to one
+//! committer thread and wait. The committer takes every batch queued since its last round
+//! (a *group*), checks each batch's compare-and-swaps against the store plus the batches
+//! before it in the group, applies the accepted ones in a single backend batch, flushes once,
+//! and answers every writer of the group. A batch whose compare-and-swap fails is answered
+//! with the conflict and contributes nothing; the others are unaffected.
+//!
+//! Combining matters more than sharing the flush alone: measured on sled, a flush running
+//! beside concurrent writers slows every write, while one backend batch of 64 writes and one
+//! flush costs little more than one write. Under load the group grows with the number of
+//! writers, so durable writes per second grow while flushes per second stay bounded by the
+//! device. Because one thread applies every write, compare-and-swap and index maintenance
+//! need no other lock.
 
 use std::collections::{BTreeSet, HashMap};
 use std::marker::PhantomData;
 use std::ops::Bound;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::sync::watch;
+use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use crate::backend::{RawOp, Store};
@@ -209,56 +216,57 @@ impl IndexReport {
     }
 }
 
-#[derive(Debug, Default)]
-struct CommitState {
-    applied: u64,
-    flushed: u64,
-    /// The newest sequence number the flusher has tried to flush.
-    attempted: u64,
-    /// The newest flush failure: sequence numbers in `(after, through]` were not made durable.
-    failure: Option<(u64, u64, String)>,
-    flushes: u64,
+/// The largest group the committer applies at once.
+const MAX_GROUP: usize = 1024;
+
+type CommitResult = Result<Vec<Written>, StoreError>;
+
+/// Where the committer sends a writer's answer.
+enum Reply {
+    Blocking(std::sync::mpsc::SyncSender<CommitResult>),
+    Async(oneshot::Sender<CommitResult>),
+}
+
+impl Reply {
+    fn send(self, result: CommitResult) {
+        // A writer that stopped waiting (a dropped future) no longer needs the answer.
+        let _ = match self {
+            Reply::Blocking(tx) => tx.send(result).map_err(|_| ()),
+            Reply::Async(tx) => tx.send(result).map_err(|_| ()),
+        };
+    }
+}
+
+struct Request {
+    batch: Batch,
+    reply: Reply,
+}
+
+#[derive(Default)]
+struct CommitQueue {
+    requests: Vec<Request>,
     shutdown: bool,
 }
 
-#[derive(Debug)]
-struct Commit {
-    state: Mutex<CommitState>,
-    /// Wakes the flusher when something was applied.
+struct Committer {
+    queue: Mutex<CommitQueue>,
     work: Condvar,
-    /// Wakes blocking waiters after a flush.
-    done: Condvar,
-    /// Wakes async waiters after a flush (the value is a flush counter).
-    done_async: watch::Sender<u64>,
-}
-
-impl Commit {
-    fn outcome(state: &CommitState, seq: u64) -> Option<Result<(), StoreError>> {
-        if state.flushed >= seq {
-            return Some(Ok(()));
-        }
-        match &state.failure {
-            Some((after, through, message)) if seq > *after && seq <= *through => {
-                Some(Err(StoreError::NotDurable { source: message.clone().into() }))
-            }
-            _ => None,
-        }
-    }
+    flushes: AtomicU64,
+    groups: AtomicU64,
 }
 
 struct DbInner {
     store: Arc<dyn Store>,
-    write_lock: Mutex<()>,
     durability: Durability,
-    commit: Arc<Commit>,
-    flusher: Mutex<Option<JoinHandle<()>>>,
+    committer: Arc<Committer>,
+    thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Drop for DbInner {
     fn drop(&mut self) {
-        self.commit.state.lock().expect("commit state").shutdown = true;
-        self.commit.work.notify_all();
-        if let Some(handle) = self.flusher.lock().expect("flusher handle").take() {
+        self.committer.queue.lock().expect("commit queue").shutdown = true;
+        self.committer.work.notify_all();
+        if let Some(handle) = self.thread.lock().expect("committer handle").take() {
             let _ = handle.join();
         }
     }
@@ -297,27 +305,29 @@ impl Db {
 
     /// Wraps `store` with the given durability mode.
     pub fn with_durability(store: Arc<dyn Store>, durability: Durability) -> Self {
-        let (done_async, _) = watch::channel(0);
-        let commit = Arc::new(Commit {
-            state: Mutex::new(CommitState::default()),
+        let committer = Arc::new(Committer {
+            queue: Mutex::new(CommitQueue::default()),
             work: Condvar::new(),
-            done: Condvar::new(),
-            done_async,
+            flushes: AtomicU64::new(0),
+            groups: AtomicU64::new(0),
         });
-        let flusher = (durability == Durability::GroupCommit).then(|| {
-            let (store, commit) = (store.clone(), commit.clone());
+        let group_limit = match durability {
+            Durability::GroupCommit => MAX_GROUP,
+            Durability::FlushEach => 1,
+        };
+        let thread = {
+            let (store, committer) = (store.clone(), committer.clone());
             std::thread::Builder::new()
-                .name("strato-store-flush".into())
-                .spawn(move || run_flusher(&*store, &commit))
-                .expect("spawn the store flusher thread")
-        });
+                .name("strato-store-commit".into())
+                .spawn(move || run_committer(&*store, &committer, group_limit))
+                .expect("spawn the store committer thread")
+        };
         Db {
             inner: Arc::new(DbInner {
                 store,
-                write_lock: Mutex::new(()),
                 durability,
-                commit,
-                flusher: Mutex::new(flusher),
+                committer,
+                thread: Mutex::new(Some(thread)),
             }),
         }
     }
@@ -327,9 +337,14 @@ impl Db {
         self.inner.store.backend_name()
     }
 
-    /// How many flushes the group committer has run (for benchmarks and tests).
+    /// How many flushes the committer has run (for benchmarks and tests).
     pub fn flush_count(&self) -> u64 {
-        self.inner.commit.state.lock().expect("commit state").flushes
+        self.inner.committer.flushes.load(Ordering::Relaxed)
+    }
+
+    /// How many groups the committer has applied (for benchmarks and tests).
+    pub fn group_count(&self) -> u64 {
+        self.inner.committer.groups.load(Ordering::Relaxed)
     }
 
     /// Reads one record.
@@ -420,127 +435,34 @@ impl Db {
     /// Applies `batch` atomically and returns once it is durable.
     ///
     /// Nothing is written when any compare-and-swap fails. Cancel safety: the batch is
-    /// applied before the first await, so dropping the future after that point leaves the
-    /// write in place (and durable at the next flush) without telling the caller.
+    /// queued on the first poll, so dropping the future after that leaves the write to
+    /// happen (durably) without telling the caller.
     pub async fn commit(&self, batch: Batch) -> Result<Vec<Written>, StoreError> {
-        let (written, seq) = self.apply(batch)?;
-        self.wait_durable(seq).await?;
-        Ok(written)
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (tx, rx) = oneshot::channel();
+        self.enqueue(Request { batch, reply: Reply::Async(tx) });
+        rx.await.unwrap_or_else(|_| Err(self.committer_gone()))
     }
 
     /// [`Db::commit`] for threads that may block.
     pub fn commit_blocking(&self, batch: Batch) -> Result<Vec<Written>, StoreError> {
-        let (written, seq) = self.apply(batch)?;
-        self.wait_durable_blocking(seq)?;
-        Ok(written)
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.enqueue(Request { batch, reply: Reply::Blocking(tx) });
+        rx.recv().unwrap_or_else(|_| Err(self.committer_gone()))
     }
 
-    fn apply(&self, batch: Batch) -> Result<(Vec<Written>, u64), StoreError> {
-        let store = &*self.inner.store;
-        let _guard = self.inner.write_lock.lock().expect("store write lock");
-        let mut overlay: HashMap<Vec<u8>, Option<Vec<u8>>> = HashMap::new();
-        let mut ops = Vec::new();
-        let mut written = Vec::with_capacity(batch.writes.len());
-        for write in batch.writes {
-            let key = keys::record_key(write.table, write.id);
-            let current = match overlay.get(&key) {
-                Some(value) => value.clone(),
-                None => store.get(&key)?,
-            };
-            let codec_err = |source| StoreError::Codec { table: write.table, id: write.id, source };
-            let current_generation = match &current {
-                Some(bytes) => Some(codec::header(bytes).map_err(codec_err)?.generation),
-                None => None,
-            };
-            let matches = match write.expect {
-                Expect::Any => true,
-                Expect::Absent => current_generation.is_none(),
-                Expect::Generation(g) => current_generation == Some(g),
-            };
-            if !matches {
-                return Err(StoreError::Conflict {
-                    table: write.table,
-                    id: write.id,
-                    expected: write.expect,
-                    found: current_generation,
-                });
-            }
-            let old: BTreeSet<(&'static str, IndexValue)> = match &current {
-                Some(bytes) => (write.old_entries)(bytes).map_err(codec_err)?.into_iter().collect(),
-                None => BTreeSet::new(),
-            };
-            let (new, generation) = match write.new {
-                Some((payload, entries)) => {
-                    let generation = current_generation.unwrap_or(0) + 1;
-                    let value = codec::wrap(write.table, write.version, generation, &payload)
-                        .map_err(codec_err)?;
-                    ops.push(RawOp::Put(key.clone(), value.clone()));
-                    overlay.insert(key, Some(value));
-                    (entries.into_iter().collect(), Some(generation))
-                }
-                None => {
-                    ops.push(RawOp::Delete(key.clone()));
-                    overlay.insert(key, None);
-                    (BTreeSet::new(), None)
-                }
-            };
-            for (index, value) in old.difference(&new) {
-                ops.push(RawOp::Delete(keys::index_entry_key(write.table, index, value, write.id)));
-            }
-            for (index, value) in new.difference(&old) {
-                ops.push(RawOp::Put(
-                    keys::index_entry_key(write.table, index, value, write.id),
-                    Vec::new(),
-                ));
-            }
-            written.push(Written { id: write.id, generation });
-        }
-        if ops.is_empty() {
-            return Ok((written, 0));
-        }
-        store.apply(ops)?;
-        let seq = {
-            let mut state = self.inner.commit.state.lock().expect("commit state");
-            state.applied += 1;
-            state.applied
-        };
-        self.inner.commit.work.notify_one();
-        Ok((written, seq))
+    fn enqueue(&self, request: Request) {
+        self.inner.committer.queue.lock().expect("commit queue").requests.push(request);
+        self.inner.committer.work.notify_one();
     }
 
-    async fn wait_durable(&self, seq: u64) -> Result<(), StoreError> {
-        if seq == 0 {
-            return Ok(());
-        }
-        if self.inner.durability == Durability::FlushEach {
-            return self.inner.store.flush();
-        }
-        let mut rx = self.inner.commit.done_async.subscribe();
-        loop {
-            if let Some(outcome) =
-                Commit::outcome(&self.inner.commit.state.lock().expect("commit state"), seq)
-            {
-                return outcome;
-            }
-            // The sender lives as long as `self`, so `changed` cannot fail here.
-            let _ = rx.changed().await;
-        }
-    }
-
-    fn wait_durable_blocking(&self, seq: u64) -> Result<(), StoreError> {
-        if seq == 0 {
-            return Ok(());
-        }
-        if self.inner.durability == Durability::FlushEach {
-            return self.inner.store.flush();
-        }
-        let mut state = self.inner.commit.state.lock().expect("commit state");
-        loop {
-            if let Some(outcome) = Commit::outcome(&state, seq) {
-                return outcome;
-            }
-            state = self.inner.commit.done.wait(state).expect("commit state");
-        }
+    fn committer_gone(&self) -> StoreError {
+        StoreError::NotDurable { source: "the store's committer thread stopped".into() }
     }
 
     /// Checks that every index of `R`'s table agrees with the table.
@@ -586,36 +508,159 @@ fn decode_stored<R: Record>(id: Uuid, bytes: &[u8]) -> Result<Stored<R>, StoreEr
     Ok(Stored { record, generation })
 }
 
-fn run_flusher(store: &dyn Store, commit: &Commit) {
+/// The committer thread: applies queued batches group by group, one flush per group.
+fn run_committer(store: &dyn Store, committer: &Committer, group_limit: usize) {
     loop {
-        let target = {
-            let mut state = commit.state.lock().expect("commit state");
-            while state.applied == state.attempted && !state.shutdown {
-                state = commit.work.wait(state).expect("commit state");
+        let group: Vec<Request> = {
+            let mut queue = committer.queue.lock().expect("commit queue");
+            while queue.requests.is_empty() && !queue.shutdown {
+                queue = committer.work.wait(queue).expect("commit queue");
             }
-            if state.applied == state.attempted {
+            if queue.requests.is_empty() {
                 return;
             }
-            state.applied
+            let take = queue.requests.len().min(group_limit);
+            queue.requests.drain(..take).collect()
         };
-        let result = store.flush();
-        {
-            let mut state = commit.state.lock().expect("commit state");
-            state.flushes += 1;
-            state.attempted = target;
-            match result {
-                Ok(()) => state.flushed = target,
-                Err(err) => {
-                    tracing::error!(error = &err as &dyn std::error::Error, "store flush failed");
-                    // Writers in (flushed, target] hear that their write is not durable; a
-                    // later successful flush still covers it, so the range stays open.
-                    state.failure = Some((state.flushed, target, err.to_string()));
-                }
+        commit_group(store, committer, group);
+    }
+}
+
+fn commit_group(store: &dyn Store, committer: &Committer, group: Vec<Request>) {
+    let mut overlay: HashMap<Vec<u8>, Option<Vec<u8>>> = HashMap::new();
+    let mut ops = Vec::new();
+    let mut accepted = Vec::with_capacity(group.len());
+    for request in group {
+        match prepare(store, &overlay, request.batch) {
+            Ok(prepared) => {
+                ops.extend(prepared.ops);
+                overlay.extend(prepared.changes);
+                accepted.push((request.reply, prepared.written));
+            }
+            Err(error) => request.reply.send(Err(error)),
+        }
+    }
+    if accepted.is_empty() {
+        return;
+    }
+    committer.groups.fetch_add(1, Ordering::Relaxed);
+    let failure = store.apply(ops).map_err(|error| ("apply", error)).and_then(|()| {
+        committer.flushes.fetch_add(1, Ordering::Relaxed);
+        store.flush().map_err(|error| ("flush", error))
+    });
+    match failure {
+        Ok(()) => {
+            for (reply, written) in accepted {
+                reply.send(Ok(written));
             }
         }
-        commit.done.notify_all();
-        commit.done_async.send_modify(|n| *n += 1);
+        Err((stage, error)) => {
+            tracing::error!(
+                error = &error as &dyn std::error::Error,
+                stage,
+                writes = accepted.len(),
+                "store commit failed"
+            );
+            // Every writer of the group hears of it; the error is shared as text.
+            let message = error_text(&error);
+            for (reply, _) in accepted {
+                reply.send(Err(match stage {
+                    "apply" => StoreError::Backend {
+                        backend: store.backend_name(),
+                        operation: "apply",
+                        source: message.clone().into(),
+                    },
+                    _ => StoreError::NotDurable { source: message.clone().into() },
+                }));
+            }
+        }
     }
+}
+
+fn error_text(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// One batch checked and turned into backend operations.
+struct Prepared {
+    ops: Vec<RawOp>,
+    /// Record keys this batch writes, with their new values (`None`: deleted).
+    changes: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    written: Vec<Written>,
+}
+
+/// Checks `batch`'s compare-and-swaps against the store as the earlier batches of the group
+/// (`overlay`) leave it, and computes its record and index operations.
+fn prepare(
+    store: &dyn Store,
+    overlay: &HashMap<Vec<u8>, Option<Vec<u8>>>,
+    batch: Batch,
+) -> Result<Prepared, StoreError> {
+    let mut changes: HashMap<Vec<u8>, Option<Vec<u8>>> = HashMap::new();
+    let mut ops = Vec::new();
+    let mut written = Vec::with_capacity(batch.writes.len());
+    for write in batch.writes {
+        let key = keys::record_key(write.table, write.id);
+        let current = match changes.get(&key).or_else(|| overlay.get(&key)) {
+            Some(value) => value.clone(),
+            None => store.get(&key)?,
+        };
+        let codec_err = |source| StoreError::Codec { table: write.table, id: write.id, source };
+        let current_generation = match &current {
+            Some(bytes) => Some(codec::header(bytes).map_err(codec_err)?.generation),
+            None => None,
+        };
+        let matches = match write.expect {
+            Expect::Any => true,
+            Expect::Absent => current_generation.is_none(),
+            Expect::Generation(g) => current_generation == Some(g),
+        };
+        if !matches {
+            return Err(StoreError::Conflict {
+                table: write.table,
+                id: write.id,
+                expected: write.expect,
+                found: current_generation,
+            });
+        }
+        let old: BTreeSet<(&'static str, IndexValue)> = match &current {
+            Some(bytes) => (write.old_entries)(bytes).map_err(codec_err)?.into_iter().collect(),
+            None => BTreeSet::new(),
+        };
+        let (new, generation) = match write.new {
+            Some((payload, entries)) => {
+                let generation = current_generation.unwrap_or(0) + 1;
+                let value = codec::wrap(write.table, write.version, generation, &payload)
+                    .map_err(codec_err)?;
+                ops.push(RawOp::Put(key.clone(), value.clone()));
+                changes.insert(key, Some(value));
+                (entries.into_iter().collect(), Some(generation))
+            }
+            None => {
+                ops.push(RawOp::Delete(key.clone()));
+                changes.insert(key, None);
+                (BTreeSet::new(), None)
+            }
+        };
+        for (index, value) in old.difference(&new) {
+            ops.push(RawOp::Delete(keys::index_entry_key(write.table, index, value, write.id)));
+        }
+        for (index, value) in new.difference(&old) {
+            ops.push(RawOp::Put(
+                keys::index_entry_key(write.table, index, value, write.id),
+                Vec::new(),
+            ));
+        }
+        written.push(Written { id: write.id, generation });
+    }
+    Ok(Prepared { ops, changes, written })
 }
 
 /// A typed view of one table, for code that works with a single record type.
