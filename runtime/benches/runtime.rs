@@ -12,7 +12,7 @@
 use std::time::{Duration, Instant};
 
 use actix::{Actor, Context, Handler, Message};
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use strato_runtime::{
     BoxError, Entity, Kind, KindConfig, Op, Runtime, RuntimeConfig, RuntimeError, release_memory,
@@ -106,8 +106,11 @@ where
     let (tx, rx) = oneshot::channel();
     runtime.spawn_near(near, async move {
         let started = Instant::now();
-        let done =
-            futures::stream::iter(0..total).map(|_| make()).buffer_unordered(window).count().await;
+        let done = futures::stream::iter(0..total)
+            .map(move |_| make())
+            .buffer_unordered(window)
+            .count()
+            .await;
         assert_eq!(done as u64, total, "every operation answered");
         let _ = tx.send(started.elapsed().as_secs_f64());
     });
@@ -150,10 +153,15 @@ fn bench_queues() {
             for (queue, id) in [("l1", ids[0]), ("l8", ids[1])] {
                 let kind = kind.clone();
                 keyed.push(drive(&runtime, ids[0], total, window, move || {
-                    kind.call(id, Op::new(queue, "increment", deadline), |ctx| async move {
-                        Ok::<_, RuntimeError>(ctx.with_state(|c| c.value += 1))
-                    })
-                    .map(|r| r.expect("increment"))
+                    let kind = kind.clone();
+                    async move {
+                        kind.call(id, Op::new(queue, "increment", deadline), |ctx| async move {
+                            ctx.with_state(|c| c.value += 1);
+                            Ok::<_, RuntimeError>(())
+                        })
+                        .await
+                        .expect("increment");
+                    }
                 }));
             }
             results.push((raw, keyed[0], keyed[1]));
