@@ -1,1 +1,12 @@
-//! placeholder
+//! The IaaS domain, built on the runtime: what Strato manages and the rules it keeps.
+//!
+//! This crate will hold the resource records (zones, clusters, hosts, primary and backup
+//! storage, images, instance offerings, L2 and L3 networks, VMs with their NICs and volumes),
+//! one actor kind per resource with its state machine and queues, the flows that span
+//! resources (creating a VM: allocate a host, an IP, a root volume, then define and start the
+//! domain, each step with its rollback), the host allocator, IPAM, cascading deletes, tags
+//! and the garbage-collector jobs that finish clean-ups the agents could not do at once.
+//!
+//! It depends on `strato-runtime` (actors, flows, GC, events), `strato-storage` (records
+//! and indexes) and `strato-proto` (commands to host agents); it serves no HTTP and names no
+//! storage engine. It is empty until the vertical-slice issue.

@@ -98,18 +98,17 @@ struct History {
     restart_times: VecDeque<Instant>,
     restart_log: VecDeque<RestartRecord>,
     last_error: Option<String>,
-    recent: VecDeque<(FinishedOpAt, OpResult)>,
+    recent: VecDeque<FinishedOp>,
 }
 
-struct FinishedOpAt {
-    op: crate::entity::Op,
-    started_at: Instant,
-    ended_at: Instant,
-}
-
+/// Appends to a ring of at most [`HISTORY`] items, growing it one slot at a time: most actors
+/// record a few operations and then sit idle, and a million of them should not each hold a
+/// full ring.
 fn push_bounded<T>(ring: &mut VecDeque<T>, item: T) {
     if ring.len() == HISTORY {
         ring.pop_front();
+    } else if ring.len() == ring.capacity() {
+        ring.reserve_exact(1);
     }
     ring.push_back(item);
 }
@@ -164,6 +163,8 @@ impl<E: Entity> ActorCell<E> {
         if let Some(i) = self.queues.iter().position(|q| q.name == name) {
             return i;
         }
+        // Most kinds use one or two queues per actor: grow by one, not by four.
+        self.queues.reserve_exact(1);
         self.queues.push(Queue {
             name,
             spec: self.kind.queue_spec(name),
@@ -375,7 +376,12 @@ impl<E: Entity> ActorCell<E> {
         };
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.queues[index].running.push(Running { seq, op, started_at: Instant::now() });
+        let running = &mut self.queues[index].running;
+        // Grow by one: a queue's running list never exceeds its level, usually 1.
+        if running.len() == running.capacity() {
+            running.reserve_exact(1);
+        }
+        running.push(Running { seq, op, started_at: Instant::now() });
         let mut future = pending.envelope.start(op_ctx);
         // Poll once right here: most operations that touch only the actor's state finish
         // without waiting, and finishing them inline saves a spawn and a wake-up. An
@@ -419,7 +425,14 @@ impl<E: Entity> ActorCell<E> {
     fn record(&mut self, op: crate::entity::Op, started_at: Instant, result: OpResult) {
         push_bounded(
             &mut self.history.recent,
-            (FinishedOpAt { op, started_at, ended_at: Instant::now() }, result),
+            FinishedOp {
+                queue: op.queue,
+                name: op.name,
+                job_id: op.job_id,
+                ended_unix_ms: unix_ms_now(),
+                duration_us: started_at.elapsed().as_micros() as u64,
+                result,
+            },
         );
     }
 
@@ -432,6 +445,12 @@ impl<E: Entity> ActorCell<E> {
         }
         if !matches!(self.status, Status::Active) || !self.is_idle() {
             return;
+        }
+        // An idle actor keeps no queue buffers: with a million live actors, the few hundred
+        // bytes each would hold add up to gigabytes.
+        for queue in &mut self.queues {
+            queue.running.shrink_to_fit();
+            queue.pending.shrink_to_fit();
         }
         if self.passivate_hint.get() {
             self.try_leave(ctx);
@@ -556,20 +575,7 @@ impl<E: Entity> ActorCell<E> {
             restarts: self.history.restarts,
             restart_log: self.history.restart_log.iter().cloned().collect(),
             last_error: self.history.last_error.clone(),
-            recent: self
-                .history
-                .recent
-                .iter()
-                .map(|(at, result)| FinishedOp {
-                    queue: at.op.queue,
-                    name: at.op.name,
-                    job_id: at.op.job_id,
-                    ended_unix_ms: clock.unix_ms(at.ended_at),
-                    duration_us: at.ended_at.saturating_duration_since(at.started_at).as_micros()
-                        as u64,
-                    result: result.clone(),
-                })
-                .collect(),
+            recent: self.history.recent.iter().cloned().collect(),
         }
     }
 }

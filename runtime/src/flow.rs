@@ -506,6 +506,11 @@ impl FlowEngine {
         Ok(views)
     }
 
+    /// Forgets every chain definition (at shutdown).
+    pub(crate) fn clear(&self) {
+        self.chains.write().expect("chains lock").clear();
+    }
+
     /// Flows that finished recently, oldest first.
     pub fn recent(&self) -> Vec<FlowView> {
         self.recent.lock().expect("recent lock").iter().cloned().collect()

@@ -223,6 +223,11 @@ impl GcShared {
         })
     }
 
+    /// Forgets every handler (at shutdown).
+    pub(crate) fn clear_handlers(&self) {
+        self.handlers.write().expect("handlers lock").clear();
+    }
+
     fn notify(&self, msg: SchedulerMsg) {
         if let Some(tx) = self.scheduler.lock().expect("scheduler lock").as_ref() {
             let _ = tx.send(msg);

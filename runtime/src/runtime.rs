@@ -488,9 +488,13 @@ impl Runtime {
         if system.thread.join().is_err() {
             tracing::error!("the actix system thread panicked");
         }
-        // Kinds hold the runtime and the runtime holds the kinds: break the cycle.
+        // Kinds hold the runtime, and flow steps and GC handlers usually hold kinds, while the
+        // runtime holds all three: break the cycles so the store closes once the last handle
+        // is dropped.
         self.inner.kinds.write().expect("kinds lock").clear();
         self.inner.by_type.write().expect("kinds lock").clear();
+        self.flows().clear();
+        self.inner.gc.clear_handlers();
         tracing::info!("runtime stopped");
     }
 }

@@ -287,3 +287,38 @@ fn sigkill_at_random_moments_leaves_every_flow_all_or_nothing() {
 fn fastrand_like(round: u64) -> u64 {
     round.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40
 }
+
+/// A step that holds the runtime, as real steps hold kinds.
+struct HoldsRuntime {
+    _runtime: Runtime,
+}
+
+#[async_trait]
+impl Step<Ctx> for HoldsRuntime {
+    async fn run(&self, _: &mut Ctx, _: &FlowInfo) -> Result<(), BoxError> {
+        Ok(())
+    }
+
+    async fn rollback(&self, _: &mut Ctx, _: &FlowInfo) -> Result<(), BoxError> {
+        Ok(())
+    }
+}
+
+#[test]
+fn shutdown_releases_the_store_even_when_steps_hold_the_runtime() {
+    let dir = tempfile::tempdir().unwrap();
+    for _ in 0..2 {
+        // The second open fails ("could not acquire lock") if the first store is still open.
+        let db = Db::open_sled(dir.path()).unwrap();
+        let rt = Runtime::start(RuntimeConfig { arbiters: 1, ..Default::default() }, db).unwrap();
+        rt.flows().define(ChainSpec::new("c").step("a", HoldsRuntime { _runtime: rt.clone() }));
+        rt.gc().register_handler("k", {
+            let held = rt.clone();
+            move |_: ()| {
+                let _ = &held;
+                async { Ok::<(), BoxError>(()) }
+            }
+        });
+        rt.shutdown();
+    }
+}
