@@ -44,7 +44,27 @@ async fn snapshot_shows_queues_running_and_pending_operations_and_history() {
     });
     tokio::time::sleep(Duration::from_millis(50)).await;
 
+    // A flow in progress and a GC job appear in the same snapshot.
+    let gate = std::sync::Arc::new(tokio::sync::Notify::new());
+    h.runtime
+        .flows()
+        .define(strato_runtime::ChainSpec::new("held").step("wait", Held(gate.clone())));
+    let flows = h.runtime.clone();
+    let flow = tokio::spawn(async move { flows.flows().run("held", (), None).await });
+    h.runtime
+        .gc()
+        .submit("inspect-me", "nobody", &(), strato_runtime::Trigger::default())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+
     let snapshot = h.runtime.snapshot(&ActorFilter::default()).await.unwrap();
+    assert_eq!(snapshot.flows_in_progress.len(), 1);
+    assert_eq!(snapshot.flows_in_progress[0].current_step.as_deref(), Some("wait"));
+    assert_eq!(snapshot.gc_jobs.len(), 1);
+    assert_eq!(snapshot.gc_jobs[0].name, "inspect-me");
+    gate.notify_one();
+    flow.await.unwrap().unwrap();
     let kind = snapshot.kinds.iter().find(|k| k.kind == "counter").unwrap();
     assert_eq!(kind.counters.live, 2);
     assert_eq!(kind.supervisor, "counter-supervisor");
@@ -92,4 +112,27 @@ async fn inspecting_never_activates() {
     assert!(h.runtime.inspect("counter", id).await.unwrap().is_none());
     assert_eq!(h.kind.live_count(), 0);
     assert!(matches!(h.runtime.inspect("nope", id).await, Err(RuntimeError::UnknownKind { .. })));
+}
+
+/// A flow step that waits until told to go on.
+struct Held(std::sync::Arc<tokio::sync::Notify>);
+
+#[async_trait::async_trait]
+impl strato_runtime::Step<()> for Held {
+    async fn run(
+        &self,
+        _: &mut (),
+        _: &strato_runtime::FlowInfo,
+    ) -> Result<(), strato_runtime::BoxError> {
+        self.0.notified().await;
+        Ok(())
+    }
+
+    async fn rollback(
+        &self,
+        _: &mut (),
+        _: &strato_runtime::FlowInfo,
+    ) -> Result<(), strato_runtime::BoxError> {
+        Ok(())
+    }
 }

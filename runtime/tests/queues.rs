@@ -224,3 +224,19 @@ async fn per_actor_level_override() {
     a.await.unwrap().unwrap();
     b.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn queue_levels_come_from_the_runtime_config_by_kind_name() {
+    use strato_runtime::{Runtime, RuntimeConfig};
+    let db = strato_storage::Db::in_memory();
+    let mut config = RuntimeConfig { arbiters: 1, ..Default::default() };
+    config.kinds.insert("counter".into(), KindConfig::default().queue("q", 3, 7));
+    let runtime = Runtime::start(config, db.clone()).unwrap();
+    let kind = runtime.register(
+        common::Counters { db, loads: Default::default(), load_delay: Duration::ZERO },
+        // The registration's defaults lose to the operator's config.
+        KindConfig::default().queue("q", 1, 100),
+    );
+    assert_eq!((kind.queue("q").level(), kind.queue("q").max_pending()), (3, 7));
+    runtime.shutdown();
+}
