@@ -9,6 +9,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use strato_storage::StoreError;
+pub use strato_storage::error_chain;
 
 use uuid::Uuid;
 
@@ -152,19 +153,6 @@ impl RuntimeError {
             RuntimeError::Undefined { .. } => "RUNTIME.UNDEFINED",
         }
     }
-}
-
-/// An error and its causes on one line (`outer: inner: innermost`), for messages kept in
-/// records and snapshots.
-pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// The text of a panic payload.

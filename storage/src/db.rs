@@ -562,7 +562,7 @@ fn commit_group(store: &dyn Store, committer: &Committer, group: Vec<Request>) {
                 "store commit failed"
             );
             // Every writer of the group hears of it; the error is shared as text.
-            let message = error_text(&error);
+            let message = crate::error::error_chain(&error);
             for (reply, _) in accepted {
                 reply.send(Err(match stage {
                     "apply" => StoreError::Backend {
@@ -575,17 +575,6 @@ fn commit_group(store: &dyn Store, committer: &Committer, group: Vec<Request>) {
             }
         }
     }
-}
-
-fn error_text(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// One batch checked and turned into backend operations.

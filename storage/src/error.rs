@@ -124,3 +124,16 @@ impl StoreError {
         StoreError::Backend { backend, operation, source: Box::new(source) }
     }
 }
+
+/// An error and its causes on one line (`outer: inner: innermost`), for messages that must
+/// outlive the error itself (shared by several waiters, kept in records and snapshots).
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

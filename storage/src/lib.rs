@@ -22,5 +22,5 @@ mod keys;
 
 pub use backend::{KeyValue, KvIter, MemStore, RawOp, SledStore, Store};
 pub use db::{Batch, Db, Durability, Index, IndexReport, Record, Stored, Table, Written};
-pub use error::{CodecError, Expect, StoreError};
+pub use error::{CodecError, Expect, StoreError, error_chain};
 pub use keys::IndexValue;
