@@ -1,12 +1,16 @@
 //! The host agent, `strato-agent`: the process on every KVM host that the management node
 //! commands.
 //!
-//! It will serve one persistent link to the management node (framed by `strato-proto`),
-//! run each command at most once per command id and never past its deadline, drive the
-//! hypervisor through a driver trait (libvirt through the `virt` crate, and `sim`, a pure-Rust
-//! hypervisor with configurable latency and failures for tests and large simulated clusters),
-//! manage root volumes with qemu-img, and push domain lifecycle events as they happen.
+//! - [`server`]: the link's agent end: the handshake (protocol version and token), commands
+//!   run at most once per id and never past their deadline, heartbeats, pushed events.
+//! - [`driver`]: the hypervisor behind one trait: [`driver::libvirt`] through the `virt`
+//!   crate, and [`driver::sim`], a pure-Rust hypervisor with latency and injected failures,
+//!   for tests and for simulating many hosts from one process.
+//! - [`volumes`]: the image cache and qcow2 root volumes, with qemu-img.
 //!
 //! It depends only on `strato-proto`: never on the runtime, the store or the domain, so an
-//! agent can be upgraded and reasoned about on its own. It is empty until the vertical-slice
-//! issue.
+//! agent can be upgraded and reasoned about on its own.
+
+pub mod driver;
+pub mod server;
+pub mod volumes;

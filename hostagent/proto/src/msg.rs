@@ -1,0 +1,321 @@
+//! What the MN and an agent say to each other.
+//!
+//! A link starts with a handshake: the MN sends [`Hello`] (protocol version and token), the
+//! agent answers [`Welcome`] with its facts and every domain it knows, or [`Refused`] with
+//! a reason both sides log. After that the MN sends [`ToAgent`] frames (requests and pings)
+//! and the agent sends [`FromAgent`] frames (responses, pushed events and pongs), multiplexed
+//! by request id.
+//!
+//! Every request carries an id and an absolute deadline. The agent refuses a request whose
+//! deadline has passed, and answers a repeated id with the first result without acting twice,
+//! so the MN can resend after a reconnect without fear.
+//!
+//! [`Hello`]: ClientHello
+//! [`Welcome`]: ServerHello::Welcome
+//! [`Refused`]: ServerHello::Refused
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// The protocol version this build speaks. A handshake with another version is refused.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The MN's first frame.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientHello {
+    /// [`PROTOCOL_VERSION`] of the MN.
+    pub protocol: u32,
+    /// The token the agent was started with.
+    pub token: String,
+    /// The host UUID the MN knows this agent as.
+    pub host_uuid: Uuid,
+}
+
+/// The agent's answer to [`ClientHello`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ServerHello {
+    /// The link is up.
+    Welcome {
+        /// The agent's protocol version.
+        protocol: u32,
+        /// What the host is.
+        facts: HostFacts,
+        /// Every domain the hypervisor has, for reconciliation.
+        domains: Vec<DomainInfo>,
+    },
+    /// The link is refused; the agent closes it.
+    Refused {
+        /// Why (wrong token, protocol mismatch), for both sides' logs and the API.
+        reason: String,
+    },
+}
+
+/// What the agent reports about its host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostFacts {
+    /// The host's name.
+    pub hostname: String,
+    /// The hypervisor and driver (`libvirt test:///default`, `sim`).
+    pub hypervisor: String,
+    /// Logical CPUs.
+    pub cpus: u32,
+    /// Memory in MiB.
+    pub memory_mib: u64,
+    /// The agent's version.
+    pub agent_version: String,
+}
+
+/// A frame from the MN after the handshake.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ToAgent {
+    /// A command to run.
+    Request(Request),
+    /// A heartbeat; the agent answers [`FromAgent::Pong`] with the same sequence number.
+    Ping {
+        /// Echoed back.
+        seq: u64,
+    },
+}
+
+/// A frame from the agent after the handshake.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum FromAgent {
+    /// The answer to a request.
+    Response(Response),
+    /// Something happened on the host.
+    Event(AgentEvent),
+    /// The answer to a ping.
+    Pong {
+        /// The ping's sequence number.
+        seq: u64,
+    },
+}
+
+/// A command with its id and deadline.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Request {
+    /// Unique per command; a repeat gets the first result.
+    pub id: Uuid,
+    /// After this (ms since the Unix epoch) the agent refuses the command.
+    pub deadline_unix_ms: u64,
+    /// The job the command serves, for the agent's logs.
+    pub job_id: Option<Uuid>,
+    /// What to do.
+    pub command: Command,
+}
+
+/// The answer to a [`Request`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    /// The request's id.
+    pub id: Uuid,
+    /// What happened.
+    pub result: Result<Reply, AgentError>,
+}
+
+/// A domain to define.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DomainSpec {
+    /// The VM's UUID (the domain's UUID).
+    pub uuid: Uuid,
+    /// The domain's name.
+    pub name: String,
+    /// Virtual CPUs.
+    pub vcpus: u32,
+    /// Memory in MiB.
+    pub memory_mib: u64,
+    /// The root volume's path on the host, if any.
+    pub root_volume: Option<String>,
+    /// Network interfaces.
+    pub nics: Vec<NicSpec>,
+}
+
+/// A network interface of a domain.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NicSpec {
+    /// Its MAC address.
+    pub mac: String,
+    /// The host bridge it plugs into (none: a user-mode NIC).
+    pub bridge: Option<String>,
+}
+
+/// What the agent can be asked to do.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Report the host's facts.
+    HostFacts,
+    /// List every domain with its state.
+    ListDomains,
+    /// Define (or redefine, when stopped) a domain.
+    DefineDomain(DomainSpec),
+    /// Start a defined domain.
+    StartDomain {
+        /// The domain.
+        uuid: Uuid,
+    },
+    /// Ask the guest to power off (ACPI).
+    ShutdownDomain {
+        /// The domain.
+        uuid: Uuid,
+    },
+    /// Power the domain off at once.
+    DestroyDomain {
+        /// The domain.
+        uuid: Uuid,
+    },
+    /// Reboot the guest.
+    RebootDomain {
+        /// The domain.
+        uuid: Uuid,
+    },
+    /// Pause the domain.
+    SuspendDomain {
+        /// The domain.
+        uuid: Uuid,
+    },
+    /// Unpause the domain.
+    ResumeDomain {
+        /// The domain.
+        uuid: Uuid,
+    },
+    /// Remove the domain's definition (it must be off).
+    UndefineDomain {
+        /// The domain.
+        uuid: Uuid,
+    },
+    /// Make sure `image` is in the host's image cache under `cache_dir`, copying it from
+    /// `source` (a path on the host, such as the backup storage's) if it is missing.
+    CacheImage {
+        /// The image's UUID (the cache file's name).
+        image: Uuid,
+        /// Where the image is.
+        source: String,
+        /// The primary storage's image cache directory.
+        cache_dir: String,
+    },
+    /// Create a qcow2 root volume backed by a cached image.
+    CreateRootVolume {
+        /// The volume's UUID (its file's name).
+        volume: Uuid,
+        /// The cached image it is backed by.
+        backing: String,
+        /// The directory to create it in.
+        dir: String,
+    },
+    /// Delete a volume file (succeeds if it is already gone).
+    DeleteVolume {
+        /// The volume's path.
+        path: String,
+    },
+}
+
+impl Command {
+    /// A short name for logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::HostFacts => "host-facts",
+            Command::ListDomains => "list-domains",
+            Command::DefineDomain(_) => "define-domain",
+            Command::StartDomain { .. } => "start-domain",
+            Command::ShutdownDomain { .. } => "shutdown-domain",
+            Command::DestroyDomain { .. } => "destroy-domain",
+            Command::RebootDomain { .. } => "reboot-domain",
+            Command::SuspendDomain { .. } => "suspend-domain",
+            Command::ResumeDomain { .. } => "resume-domain",
+            Command::UndefineDomain { .. } => "undefine-domain",
+            Command::CacheImage { .. } => "cache-image",
+            Command::CreateRootVolume { .. } => "create-root-volume",
+            Command::DeleteVolume { .. } => "delete-volume",
+        }
+    }
+}
+
+/// A successful answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    /// Done; nothing to report.
+    Done,
+    /// The host's facts.
+    Facts(HostFacts),
+    /// The domains and their states.
+    Domains(Vec<DomainInfo>),
+    /// A file the agent made: its path and size in bytes.
+    File {
+        /// Where it is.
+        path: String,
+        /// Its size.
+        size: u64,
+    },
+}
+
+/// A domain as the hypervisor sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DomainInfo {
+    /// The domain's UUID.
+    pub uuid: Uuid,
+    /// Its name.
+    pub name: String,
+    /// Its state.
+    pub state: DomainState,
+}
+
+/// A domain's state, as libvirt reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum DomainState {
+    /// Running.
+    Running,
+    /// Paused.
+    Paused,
+    /// Shutting down.
+    ShuttingDown,
+    /// Off (defined, not running).
+    Shutoff,
+    /// Crashed.
+    Crashed,
+    /// Anything else.
+    Other,
+}
+
+/// Something the agent pushes without being asked.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AgentEvent {
+    /// A domain changed state (including behind the MN's back).
+    DomainStateChanged {
+        /// The domain.
+        uuid: Uuid,
+        /// Its new state; `None` when it no longer exists.
+        state: Option<DomainState>,
+    },
+}
+
+/// Why the agent did not do what it was asked.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{code:?}: {message}")]
+pub struct AgentError {
+    /// What kind of failure.
+    pub code: AgentErrorCode,
+    /// What happened, for a user.
+    pub message: String,
+}
+
+/// Kinds of agent failure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AgentErrorCode {
+    /// The request arrived after its deadline; nothing was done.
+    DeadlineExceeded,
+    /// No such domain or file.
+    NotFound,
+    /// The domain is in a state that does not allow this.
+    InvalidState,
+    /// The hypervisor or a tool failed.
+    Driver,
+    /// The request itself is wrong.
+    BadRequest,
+}
+
+impl AgentError {
+    /// An error of `code` with `message`.
+    pub fn new(code: AgentErrorCode, message: impl Into<String>) -> Self {
+        AgentError { code, message: message.into() }
+    }
+}

@@ -1,0 +1,265 @@
+//! `libvirt`: the real driver, through the `virt` crate.
+//!
+//! One connection serves every call (libvirt connections are thread-safe). With
+//! `test:///default` the connection *is* the hypervisor: its domains live in this process and
+//! die with it, so restarting an agent on the test driver is a host reboot. With
+//! `qemu:///system` domains outlive the agent, as on a real host; a lost connection to
+//! libvirtd is reopened on the next call.
+//!
+//! State changes reach the MN by fast polling (every 200 ms, on its own thread, on the same
+//! connection) rather than libvirt's event callbacks, which `virt` 0.5 exposes only as raw
+//! FFI: polling needs no unsafe code, survives libvirtd restarts without re-registration, and
+//! costs one list call per tick.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use strato_proto::{
+    AgentError, AgentErrorCode, AgentEvent, DomainInfo, DomainSpec, DomainState, HostFacts,
+};
+use tokio::sync::broadcast;
+use uuid::Uuid;
+use virt::connect::Connect;
+use virt::domain::Domain;
+use virt::error::ErrorNumber;
+
+use super::{Driver, not_found};
+
+/// The libvirt driver.
+#[derive(Debug, Clone)]
+pub struct Libvirt {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    uri: String,
+    conn: Mutex<Connect>,
+}
+
+fn driver_error(what: &str, error: &virt::error::Error) -> AgentError {
+    AgentError::new(AgentErrorCode::Driver, format!("libvirt {what} failed: {}", error.message()))
+}
+
+fn map_state(state: virt::domain::DomainState) -> DomainState {
+    use virt::domain::DomainState as V;
+    match state {
+        V::Running | V::Blocked => DomainState::Running,
+        V::Paused | V::PMSuspended => DomainState::Paused,
+        V::Shutdown => DomainState::ShuttingDown,
+        V::Shutoff => DomainState::Shutoff,
+        V::Crashed => DomainState::Crashed,
+        V::NoState => DomainState::Other,
+    }
+}
+
+/// Escapes text for an XML attribute or element.
+fn xml_escape(text: &str) -> String {
+    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+impl Libvirt {
+    /// Connects to libvirt at `uri`.
+    pub fn open(uri: &str) -> Result<Self, AgentError> {
+        let conn = Connect::open(Some(uri)).map_err(|e| driver_error("connect", &e))?;
+        Ok(Libvirt { shared: Arc::new(Shared { uri: uri.to_owned(), conn: Mutex::new(conn) }) })
+    }
+
+    /// The connection, reopened first if libvirtd went away.
+    fn conn(&self) -> Result<Connect, AgentError> {
+        let mut conn = self.shared.conn.lock().expect("libvirt lock");
+        if !conn.is_alive().unwrap_or(false) {
+            tracing::warn!(uri = %self.shared.uri, "libvirt connection lost; reconnecting");
+            *conn =
+                Connect::open(Some(&self.shared.uri)).map_err(|e| driver_error("reconnect", &e))?;
+        }
+        Ok(conn.clone())
+    }
+
+    fn domain(&self, uuid: Uuid) -> Result<Option<Domain>, AgentError> {
+        match self.conn()?.lookup_domain_by_uuid(uuid) {
+            Ok(domain) => Ok(Some(domain)),
+            Err(e) if e.code().is(ErrorNumber::NoDomain) => Ok(None),
+            Err(e) => Err(driver_error("lookup", &e)),
+        }
+    }
+
+    fn existing(&self, uuid: Uuid) -> Result<Domain, AgentError> {
+        self.domain(uuid)?.ok_or_else(|| not_found(uuid))
+    }
+
+    fn state(domain: &Domain) -> Result<DomainState, AgentError> {
+        let (state, _) = domain.state().map_err(|e| driver_error("state", &e))?;
+        Ok(state.known().map_or(DomainState::Other, map_state))
+    }
+
+    /// The domain XML for `spec`: TCG guests on qemu (KVM is not assumed), `test` domains on
+    /// the test driver.
+    fn domain_xml(&self, spec: &DomainSpec) -> String {
+        let test = self.shared.uri.starts_with("test:");
+        let mut devices = String::new();
+        if let Some(path) = &spec.root_volume {
+            devices.push_str(&format!(
+                "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{}'/><target dev='vda' bus='virtio'/></disk>",
+                xml_escape(path)
+            ));
+        }
+        for nic in &spec.nics {
+            match &nic.bridge {
+                Some(bridge) => devices.push_str(&format!(
+                    "<interface type='bridge'><mac address='{}'/><source bridge='{}'/><model type='virtio'/></interface>",
+                    xml_escape(&nic.mac),
+                    xml_escape(bridge)
+                )),
+                None => devices.push_str(&format!(
+                    "<interface type='user'><mac address='{}'/><model type='virtio'/></interface>",
+                    xml_escape(&nic.mac)
+                )),
+            }
+        }
+        if !test {
+            devices.push_str("<serial type='pty'/><console type='pty'/>");
+        }
+        format!(
+            "<domain type='{kind}'><name>{name}</name><uuid>{uuid}</uuid>\
+             <memory unit='MiB'>{mem}</memory><vcpu>{vcpus}</vcpu>\
+             <os><type arch='x86_64'>hvm</type><boot dev='hd'/></os>\
+             <features><acpi/><apic/></features>\
+             <on_poweroff>destroy</on_poweroff><on_reboot>restart</on_reboot><on_crash>destroy</on_crash>\
+             <devices>{devices}</devices></domain>",
+            kind = if test { "test" } else { "qemu" },
+            name = xml_escape(&spec.name),
+            uuid = spec.uuid,
+            mem = spec.memory_mib,
+            vcpus = spec.vcpus,
+        )
+    }
+}
+
+impl Driver for Libvirt {
+    fn facts(&self) -> Result<HostFacts, AgentError> {
+        let conn = self.conn()?;
+        let info = conn.node_info().map_err(|e| driver_error("node info", &e))?;
+        Ok(HostFacts {
+            hostname: conn.hostname().map_err(|e| driver_error("hostname", &e))?,
+            hypervisor: format!("libvirt {}", self.shared.uri),
+            cpus: info.cpus,
+            memory_mib: info.memory / 1024,
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+        })
+    }
+
+    fn list(&self) -> Result<Vec<DomainInfo>, AgentError> {
+        let domains = self.conn()?.list_all_domains(0).map_err(|e| driver_error("list", &e))?;
+        let mut infos = Vec::with_capacity(domains.len());
+        for domain in domains {
+            let uuid = domain.uuid().map_err(|e| driver_error("uuid", &e))?;
+            let name = domain.name().map_err(|e| driver_error("name", &e))?;
+            infos.push(DomainInfo { uuid, name, state: Self::state(&domain)? });
+        }
+        Ok(infos)
+    }
+
+    fn define(&self, spec: &DomainSpec) -> Result<(), AgentError> {
+        if let Some(domain) = self.domain(spec.uuid)?
+            && Self::state(&domain)? != DomainState::Shutoff
+        {
+            // Already defined and running: defining again would only stage a new config.
+            return Ok(());
+        }
+        self.conn()?
+            .define_domain_xml(&self.domain_xml(spec))
+            .map(|_| ())
+            .map_err(|e| driver_error("define", &e))
+    }
+
+    fn start(&self, uuid: Uuid) -> Result<(), AgentError> {
+        let domain = self.existing(uuid)?;
+        match Self::state(&domain)? {
+            DomainState::Running => Ok(()),
+            DomainState::Paused => {
+                domain.resume().map(|_| ()).map_err(|e| driver_error("resume", &e))
+            }
+            _ => domain.create().map(|_| ()).map_err(|e| driver_error("start", &e)),
+        }
+    }
+
+    fn shutdown(&self, uuid: Uuid) -> Result<(), AgentError> {
+        let domain = self.existing(uuid)?;
+        if Self::state(&domain)? == DomainState::Shutoff {
+            return Ok(());
+        }
+        domain.shutdown().map(|_| ()).map_err(|e| driver_error("shutdown", &e))
+    }
+
+    fn destroy(&self, uuid: Uuid) -> Result<(), AgentError> {
+        let Some(domain) = self.domain(uuid)? else { return Ok(()) };
+        if Self::state(&domain)? == DomainState::Shutoff {
+            return Ok(());
+        }
+        domain.destroy().map(|_| ()).map_err(|e| driver_error("destroy", &e))
+    }
+
+    fn reboot(&self, uuid: Uuid) -> Result<(), AgentError> {
+        let domain = self.existing(uuid)?;
+        domain.reboot(0).map(|_| ()).map_err(|e| driver_error("reboot", &e))
+    }
+
+    fn suspend(&self, uuid: Uuid) -> Result<(), AgentError> {
+        let domain = self.existing(uuid)?;
+        if Self::state(&domain)? == DomainState::Paused {
+            return Ok(());
+        }
+        domain.suspend().map(|_| ()).map_err(|e| driver_error("suspend", &e))
+    }
+
+    fn resume(&self, uuid: Uuid) -> Result<(), AgentError> {
+        let domain = self.existing(uuid)?;
+        if Self::state(&domain)? == DomainState::Running {
+            return Ok(());
+        }
+        domain.resume().map(|_| ()).map_err(|e| driver_error("resume", &e))
+    }
+
+    fn undefine(&self, uuid: Uuid) -> Result<(), AgentError> {
+        let Some(domain) = self.domain(uuid)? else { return Ok(()) };
+        domain.undefine().map(|_| ()).map_err(|e| driver_error("undefine", &e))
+    }
+
+    fn watch(&self, events: broadcast::Sender<AgentEvent>) {
+        let driver = self.clone();
+        let spawned = std::thread::Builder::new().name("libvirt-watch".into()).spawn(move || {
+            let mut known: HashMap<Uuid, DomainState> = HashMap::new();
+            loop {
+                std::thread::sleep(Duration::from_millis(200));
+                let Ok(domains) = driver.conn().and_then(|conn| {
+                    conn.list_all_domains(0).map_err(|e| driver_error("list", &e))
+                }) else {
+                    tracing::warn!(uri = %driver.shared.uri, "libvirt watch: listing domains failed");
+                    continue;
+                };
+                let mut now = HashMap::with_capacity(domains.len());
+                for domain in domains {
+                    if let (Ok(uuid), Ok(state)) = (domain.uuid(), Libvirt::state(&domain)) {
+                        now.insert(uuid, state);
+                    }
+                }
+                for (uuid, state) in &now {
+                    if known.get(uuid) != Some(state) {
+                        let _ = events.send(AgentEvent::DomainStateChanged { uuid: *uuid, state: Some(*state) });
+                    }
+                }
+                for uuid in known.keys() {
+                    if !now.contains_key(uuid) {
+                        let _ = events.send(AgentEvent::DomainStateChanged { uuid: *uuid, state: None });
+                    }
+                }
+                known = now;
+            }
+        });
+        if let Err(error) = spawned {
+            tracing::error!(%error, "cannot start the libvirt watch thread");
+        }
+    }
+}

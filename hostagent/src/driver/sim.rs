@@ -1,0 +1,244 @@
+//! `sim`: a hypervisor in pure Rust, for tests and for simulating many hosts.
+//!
+//! It keeps its domains in a JSON file in its data directory, as libvirtd keeps its state
+//! beyond the agent's life on a real host: restarting a sim agent is not a host reboot
+//! (`--sim-reset` makes it one: every domain is powered off). Every call can be slowed by a
+//! configurable latency and made to fail with a configurable probability per command, which
+//! is how tests and chaos runs inject driver faults.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use strato_proto::{
+    AgentError, AgentErrorCode, AgentEvent, DomainInfo, DomainSpec, DomainState, HostFacts,
+};
+use tokio::sync::broadcast;
+use uuid::Uuid;
+
+use super::{Driver, not_found};
+
+/// How a simulated host behaves.
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    /// The host's name.
+    pub hostname: String,
+    /// Its CPUs.
+    pub cpus: u32,
+    /// Its memory.
+    pub memory_mib: u64,
+    /// Added to every call.
+    pub latency: Duration,
+    /// Probability (0-1) that a call of this command name fails (`start-domain`, ...).
+    pub failures: HashMap<String, f64>,
+    /// Where the domains are kept.
+    pub state_file: PathBuf,
+    /// Power every domain off at start (a host reboot).
+    pub reset: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct SimDomain {
+    spec: DomainSpec,
+    state: DomainState,
+}
+
+/// The simulated hypervisor.
+#[derive(Debug)]
+pub struct Sim {
+    config: SimConfig,
+    domains: Mutex<BTreeMap<Uuid, SimDomain>>,
+    events: Mutex<Option<broadcast::Sender<AgentEvent>>>,
+}
+
+impl Sim {
+    /// Opens (or creates) the simulated host's state.
+    pub fn open(config: SimConfig) -> Result<Self, std::io::Error> {
+        let mut domains: BTreeMap<Uuid, SimDomain> = match std::fs::read(&config.state_file) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(std::io::Error::other)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(e) => return Err(e),
+        };
+        if config.reset {
+            for domain in domains.values_mut() {
+                domain.state = DomainState::Shutoff;
+            }
+        }
+        let sim = Sim { config, domains: Mutex::new(domains), events: Mutex::new(None) };
+        sim.save(&sim.domains.lock().expect("sim lock"))?;
+        Ok(sim)
+    }
+
+    fn save(&self, domains: &BTreeMap<Uuid, SimDomain>) -> Result<(), std::io::Error> {
+        let tmp = self.config.state_file.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec(domains).map_err(std::io::Error::other)?)?;
+        std::fs::rename(&tmp, &self.config.state_file)
+    }
+
+    /// Applies latency and injected failures for `command`.
+    fn call(&self, command: &str) -> Result<(), AgentError> {
+        if !self.config.latency.is_zero() {
+            std::thread::sleep(self.config.latency);
+        }
+        if let Some(p) = self.config.failures.get(command)
+            && fastrand::f64() < *p
+        {
+            return Err(AgentError::new(
+                AgentErrorCode::Driver,
+                format!("injected failure in {command}"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Changes one domain under the lock, saves, and reports the new state.
+    fn change(
+        &self,
+        command: &str,
+        uuid: Uuid,
+        f: impl FnOnce(&mut SimDomain) -> Result<(), AgentError>,
+    ) -> Result<(), AgentError> {
+        self.call(command)?;
+        let mut domains = self.domains.lock().expect("sim lock");
+        let domain = domains.get_mut(&uuid).ok_or_else(|| not_found(uuid))?;
+        let before = domain.state;
+        f(domain)?;
+        let after = domain.state;
+        self.save(&domains).map_err(|e| AgentError::new(AgentErrorCode::Driver, e.to_string()))?;
+        drop(domains);
+        if before != after {
+            self.emit(AgentEvent::DomainStateChanged { uuid, state: Some(after) });
+        }
+        Ok(())
+    }
+
+    fn emit(&self, event: AgentEvent) {
+        if let Some(tx) = self.events.lock().expect("sim lock").as_ref() {
+            let _ = tx.send(event);
+        }
+    }
+}
+
+fn invalid(uuid: Uuid, state: DomainState, what: &str) -> AgentError {
+    AgentError::new(
+        AgentErrorCode::InvalidState,
+        format!("domain {uuid} is {state:?}; cannot {what}"),
+    )
+}
+
+impl Driver for Sim {
+    fn facts(&self) -> Result<HostFacts, AgentError> {
+        Ok(HostFacts {
+            hostname: self.config.hostname.clone(),
+            hypervisor: "sim".into(),
+            cpus: self.config.cpus,
+            memory_mib: self.config.memory_mib,
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+        })
+    }
+
+    fn list(&self) -> Result<Vec<DomainInfo>, AgentError> {
+        self.call("list-domains")?;
+        Ok(self
+            .domains
+            .lock()
+            .expect("sim lock")
+            .iter()
+            .map(|(uuid, d)| DomainInfo { uuid: *uuid, name: d.spec.name.clone(), state: d.state })
+            .collect())
+    }
+
+    fn define(&self, spec: &DomainSpec) -> Result<(), AgentError> {
+        self.call("define-domain")?;
+        let mut domains = self.domains.lock().expect("sim lock");
+        match domains.get_mut(&spec.uuid) {
+            Some(existing) if existing.state != DomainState::Shutoff && existing.spec != *spec => {
+                return Err(invalid(spec.uuid, existing.state, "redefine it"));
+            }
+            Some(existing) => existing.spec = spec.clone(),
+            None => {
+                domains.insert(
+                    spec.uuid,
+                    SimDomain { spec: spec.clone(), state: DomainState::Shutoff },
+                );
+            }
+        }
+        self.save(&domains).map_err(|e| AgentError::new(AgentErrorCode::Driver, e.to_string()))
+    }
+
+    fn start(&self, uuid: Uuid) -> Result<(), AgentError> {
+        self.change("start-domain", uuid, |d| match d.state {
+            DomainState::Running => Ok(()),
+            DomainState::Shutoff | DomainState::Crashed => {
+                d.state = DomainState::Running;
+                Ok(())
+            }
+            other => Err(invalid(uuid, other, "start it")),
+        })
+    }
+
+    fn shutdown(&self, uuid: Uuid) -> Result<(), AgentError> {
+        // A simulated guest obeys the power button at once.
+        self.change("shutdown-domain", uuid, |d| {
+            d.state = DomainState::Shutoff;
+            Ok(())
+        })
+    }
+
+    fn destroy(&self, uuid: Uuid) -> Result<(), AgentError> {
+        self.change("destroy-domain", uuid, |d| {
+            d.state = DomainState::Shutoff;
+            Ok(())
+        })
+    }
+
+    fn reboot(&self, uuid: Uuid) -> Result<(), AgentError> {
+        self.change("reboot-domain", uuid, |d| match d.state {
+            DomainState::Running => Ok(()),
+            other => Err(invalid(uuid, other, "reboot it")),
+        })
+    }
+
+    fn suspend(&self, uuid: Uuid) -> Result<(), AgentError> {
+        self.change("suspend-domain", uuid, |d| match d.state {
+            DomainState::Running | DomainState::Paused => {
+                d.state = DomainState::Paused;
+                Ok(())
+            }
+            other => Err(invalid(uuid, other, "pause it")),
+        })
+    }
+
+    fn resume(&self, uuid: Uuid) -> Result<(), AgentError> {
+        self.change("resume-domain", uuid, |d| match d.state {
+            DomainState::Running | DomainState::Paused => {
+                d.state = DomainState::Running;
+                Ok(())
+            }
+            other => Err(invalid(uuid, other, "resume it")),
+        })
+    }
+
+    fn undefine(&self, uuid: Uuid) -> Result<(), AgentError> {
+        self.call("undefine-domain")?;
+        let mut domains = self.domains.lock().expect("sim lock");
+        match domains.get(&uuid) {
+            None => return Ok(()),
+            Some(d) if d.state != DomainState::Shutoff => {
+                return Err(invalid(uuid, d.state, "undefine it while it runs"));
+            }
+            Some(_) => {}
+        }
+        domains.remove(&uuid);
+        self.save(&domains).map_err(|e| AgentError::new(AgentErrorCode::Driver, e.to_string()))?;
+        drop(domains);
+        self.emit(AgentEvent::DomainStateChanged { uuid, state: None });
+        Ok(())
+    }
+
+    fn watch(&self, events: broadcast::Sender<AgentEvent>) {
+        *self.events.lock().expect("sim lock") = Some(events);
+    }
+}

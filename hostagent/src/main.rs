@@ -1,0 +1,169 @@
+//! `strato-agent`: serves one host (libvirt) or many simulated hosts (sim) to the MN.
+//!
+//! ```text
+//! strato-agent --listen 127.0.0.1:7070 --driver libvirt --libvirt-uri test:///default \
+//!              --token TOKEN --data-dir DIR
+//! strato-agent --driver sim --sim-hosts 1000 --listen-base 127.0.0.1:20000 \
+//!              --token-file FILE --data-dir DIR
+//! ```
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use strato_agent::driver::Driver;
+use strato_agent::driver::libvirt::Libvirt;
+use strato_agent::driver::sim::{Sim, SimConfig};
+use strato_agent::server::Agent;
+use tokio::net::TcpListener;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum DriverKind {
+    Libvirt,
+    Sim,
+}
+
+/// The Strato host agent.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Where to listen for the MN (one host).
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    listen: SocketAddr,
+    /// The hypervisor driver.
+    #[arg(long, value_enum, default_value = "libvirt")]
+    driver: DriverKind,
+    /// libvirt's URI (`qemu:///system` on a real host, `test:///default` for tests).
+    #[arg(long, default_value = "qemu:///system")]
+    libvirt_uri: String,
+    /// The token the MN must present (see `strato agent-token`).
+    #[arg(long, env = "STRATO_AGENT_TOKEN", conflicts_with = "token_file")]
+    token: Option<String>,
+    /// A file holding the token.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Where the agent keeps its state.
+    #[arg(long, default_value = "strato-agent-data")]
+    data_dir: PathBuf,
+    /// Simulated hosts served by this process (sim driver).
+    #[arg(long, default_value_t = 1)]
+    sim_hosts: u32,
+    /// With several simulated hosts: host i listens on this port + i.
+    #[arg(long)]
+    listen_base: Option<SocketAddr>,
+    /// Latency added to every simulated driver call, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    sim_latency_ms: u64,
+    /// Make a simulated command fail with a probability: `start-domain=0.5` (repeatable).
+    #[arg(long, value_parser = parse_failure)]
+    sim_fail: Vec<(String, f64)>,
+    /// Treat this start as a host reboot: power every simulated domain off.
+    #[arg(long)]
+    sim_reset: bool,
+    /// CPUs of each simulated host.
+    #[arg(long, default_value_t = 32)]
+    sim_cpus: u32,
+    /// Memory of each simulated host, in MiB.
+    #[arg(long, default_value_t = 131_072)]
+    sim_memory_mib: u64,
+}
+
+fn parse_failure(text: &str) -> Result<(String, f64), String> {
+    let (command, p) = text.split_once('=').ok_or("expected COMMAND=PROBABILITY")?;
+    let p: f64 = p.parse().map_err(|_| format!("`{p}` is not a probability"))?;
+    if !(0.0..=1.0).contains(&p) {
+        return Err(format!("{p} is not between 0 and 1"));
+    }
+    Ok((command.to_owned(), p))
+}
+
+fn token(args: &Args) -> Result<String, String> {
+    match (&args.token, &args.token_file) {
+        (Some(token), _) => Ok(token.clone()),
+        (None, Some(file)) => std::fs::read_to_string(file)
+            .map(|t| t.trim().to_owned())
+            .map_err(|e| format!("cannot read the token file {}: {e}", file.display())),
+        (None, None) => Err("no token: pass --token, --token-file or STRATO_AGENT_TOKEN".into()),
+    }
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    match run(args).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("strato-agent: {error}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let token = token(&args)?;
+    std::fs::create_dir_all(&args.data_dir)
+        .map_err(|e| format!("cannot create {}: {e}", args.data_dir.display()))?;
+    let mut tasks = Vec::new();
+    match args.driver {
+        DriverKind::Libvirt => {
+            let driver: Arc<dyn Driver> =
+                Arc::new(Libvirt::open(&args.libvirt_uri).map_err(|e| e.to_string())?);
+            let listener = TcpListener::bind(args.listen)
+                .await
+                .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+            tracing::info!(listen = %args.listen, uri = %args.libvirt_uri, "agent ready");
+            println!("strato-agent: listening on {} (libvirt {})", args.listen, args.libvirt_uri);
+            tasks.push(tokio::spawn(Agent::new("libvirt", token, driver).serve(listener)));
+        }
+        DriverKind::Sim => {
+            let base = if args.sim_hosts > 1 {
+                args.listen_base.unwrap_or(args.listen)
+            } else {
+                args.listen
+            };
+            let failures: HashMap<String, f64> = args.sim_fail.iter().cloned().collect();
+            for i in 0..args.sim_hosts {
+                let addr = SocketAddr::new(base.ip(), base.port() + i as u16);
+                let dir = if args.sim_hosts > 1 {
+                    args.data_dir.join(format!("host-{i}"))
+                } else {
+                    args.data_dir.clone()
+                };
+                std::fs::create_dir_all(&dir)
+                    .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+                let sim = Sim::open(SimConfig {
+                    hostname: format!("sim-{i}"),
+                    cpus: args.sim_cpus,
+                    memory_mib: args.sim_memory_mib,
+                    latency: Duration::from_millis(args.sim_latency_ms),
+                    failures: failures.clone(),
+                    state_file: dir.join("sim-domains.json"),
+                    reset: args.sim_reset,
+                })
+                .map_err(|e| format!("cannot open simulated host {i}: {e}"))?;
+                let listener = TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+                tasks.push(tokio::spawn(
+                    Agent::new(&format!("sim-{i}"), token.clone(), Arc::new(sim)).serve(listener),
+                ));
+            }
+            tracing::info!(hosts = args.sim_hosts, base = %base, "simulated agent ready");
+            println!("strato-agent: {} simulated host(s) from {base}", args.sim_hosts);
+        }
+    }
+    tokio::signal::ctrl_c().await.map_err(|e| e.to_string())?;
+    for task in tasks {
+        task.abort();
+    }
+    Ok(())
+}

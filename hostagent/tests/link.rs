@@ -1,0 +1,273 @@
+//! The real `strato-agent` binary, driven over a real link: handshake checks, commands on
+//! libvirt's test driver and on sim, at-most-once by id, deadlines, events, heartbeats.
+
+use std::net::{SocketAddr, TcpListener};
+use std::process::{Child, Command as Process, Stdio};
+use std::time::{Duration, SystemTime};
+
+use strato_proto::{
+    AgentErrorCode, AgentEvent, Command, DomainSpec, DomainState, Link, LinkConfig, LinkError,
+    Reply,
+};
+use uuid::Uuid;
+
+const TOKEN: &str = "test-token";
+
+struct AgentProcess {
+    child: Child,
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+fn start_agent(driver_args: &[&str]) -> AgentProcess {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_port();
+    let child = Process::new(env!("CARGO_BIN_EXE_strato-agent"))
+        .args(["--listen", &addr.to_string(), "--token", TOKEN, "--data-dir"])
+        .arg(dir.path())
+        .args(driver_args)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until it accepts connections.
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return AgentProcess { child, addr, _dir: dir };
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!("the agent did not start listening on {addr}");
+}
+
+fn config(addr: SocketAddr, token: &str) -> LinkConfig {
+    LinkConfig {
+        addr,
+        token: token.into(),
+        host_uuid: Uuid::new_v4(),
+        connect_timeout: Duration::from_secs(5),
+        ping_interval: Duration::from_millis(100),
+        ping_timeout: Duration::from_millis(500),
+        ping_failures: 3,
+    }
+}
+
+fn soon() -> SystemTime {
+    SystemTime::now() + Duration::from_secs(10)
+}
+
+fn spec(name: &str) -> DomainSpec {
+    DomainSpec {
+        uuid: Uuid::new_v4(),
+        name: name.into(),
+        vcpus: 1,
+        memory_mib: 64,
+        root_volume: None,
+        nics: vec![],
+    }
+}
+
+async fn state_of(link: &Link, uuid: Uuid) -> Option<DomainState> {
+    match link.request(Command::ListDomains, soon(), None).await.unwrap() {
+        Reply::Domains(domains) => domains.into_iter().find(|d| d.uuid == uuid).map(|d| d.state),
+        other => panic!("unexpected reply {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_wrong_token_is_refused_with_a_reason() {
+    let agent = start_agent(&["--driver", "sim"]);
+    match Link::connect(&config(agent.addr, "wrong")).await {
+        Err(LinkError::Refused { reason }) => assert!(reason.contains("wrong token"), "{reason}"),
+        other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
+    }
+}
+
+#[tokio::test]
+async fn a_protocol_mismatch_is_refused_with_a_reason() {
+    use strato_proto::codec::{read_frame, write_frame};
+    let agent = start_agent(&["--driver", "sim"]);
+    let mut stream = tokio::net::TcpStream::connect(agent.addr).await.unwrap();
+    let hello =
+        strato_proto::ClientHello { protocol: 999, token: TOKEN.into(), host_uuid: Uuid::nil() };
+    write_frame(&mut stream, &hello).await.unwrap();
+    match read_frame::<_, strato_proto::ServerHello>(&mut stream).await.unwrap() {
+        Some(strato_proto::ServerHello::Refused { reason }) => {
+            assert!(reason.contains("protocol"), "{reason}")
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+async fn lifecycle(driver_args: &[&str]) {
+    let agent = start_agent(driver_args);
+    let (link, welcome, mut events) = Link::connect(&config(agent.addr, TOKEN)).await.unwrap();
+    assert!(welcome.facts.cpus > 0);
+    let vm = spec("vm-1");
+    let uuid = vm.uuid;
+    assert_eq!(
+        link.request(Command::DefineDomain(vm.clone()), soon(), None).await.unwrap(),
+        Reply::Done
+    );
+    // Defining again is harmless.
+    link.request(Command::DefineDomain(vm), soon(), None).await.unwrap();
+    assert_eq!(state_of(&link, uuid).await, Some(DomainState::Shutoff));
+    link.request(Command::StartDomain { uuid }, soon(), None).await.unwrap();
+    assert_eq!(state_of(&link, uuid).await, Some(DomainState::Running));
+    // The change is pushed as an event.
+    let event = tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            if let Some(AgentEvent::DomainStateChanged {
+                uuid: u,
+                state: Some(DomainState::Running),
+            }) = events.recv().await
+                && u == uuid
+            {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(event.is_ok(), "no Running event");
+    link.request(Command::SuspendDomain { uuid }, soon(), None).await.unwrap();
+    assert_eq!(state_of(&link, uuid).await, Some(DomainState::Paused));
+    link.request(Command::ResumeDomain { uuid }, soon(), None).await.unwrap();
+
+    // At most once per id: a repeated destroy after a new start does not act again.
+    let destroy_id = Uuid::new_v4();
+    link.request_with_id(destroy_id, Command::DestroyDomain { uuid }, soon(), None).await.unwrap();
+    assert_eq!(state_of(&link, uuid).await, Some(DomainState::Shutoff));
+    link.request(Command::StartDomain { uuid }, soon(), None).await.unwrap();
+    link.request_with_id(destroy_id, Command::DestroyDomain { uuid }, soon(), None).await.unwrap();
+    assert_eq!(
+        state_of(&link, uuid).await,
+        Some(DomainState::Running),
+        "the repeat did not act twice"
+    );
+
+    // A command past its deadline is refused and does nothing.
+    let late = SystemTime::now() - Duration::from_secs(1);
+    match link.request(Command::DestroyDomain { uuid }, late, None).await {
+        Err(LinkError::Agent { error, .. }) => {
+            assert_eq!(error.code, AgentErrorCode::DeadlineExceeded)
+        }
+        Err(LinkError::Timeout { .. }) => {} // our own deadline may fire first; either way:
+        other => panic!("expected a deadline refusal, got {other:?}"),
+    }
+    assert_eq!(state_of(&link, uuid).await, Some(DomainState::Running));
+
+    link.request(Command::DestroyDomain { uuid }, soon(), None).await.unwrap();
+    link.request(Command::UndefineDomain { uuid }, soon(), None).await.unwrap();
+    link.request(Command::UndefineDomain { uuid }, soon(), None).await.unwrap();
+    assert_eq!(state_of(&link, uuid).await, None);
+    match link.request(Command::StartDomain { uuid }, soon(), None).await {
+        Err(LinkError::Agent { error, .. }) => assert_eq!(error.code, AgentErrorCode::NotFound),
+        other => panic!("expected NotFound, got {other:?}"),
+    }
+    // Heartbeats flow.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(link.rtt() > Duration::ZERO);
+}
+
+#[tokio::test]
+async fn lifecycle_on_libvirt_test_driver() {
+    lifecycle(&["--driver", "libvirt", "--libvirt-uri", "test:///default"]).await;
+}
+
+#[tokio::test]
+async fn lifecycle_on_sim() {
+    lifecycle(&["--driver", "sim"]).await;
+}
+
+#[tokio::test]
+async fn a_killed_agent_closes_the_link_and_sim_state_survives_a_restart() {
+    let mut agent = start_agent(&["--driver", "sim"]);
+    let (link, _, _) = Link::connect(&config(agent.addr, TOKEN)).await.unwrap();
+    let vm = spec("survivor");
+    link.request(Command::DefineDomain(vm.clone()), soon(), None).await.unwrap();
+    link.request(Command::StartDomain { uuid: vm.uuid }, soon(), None).await.unwrap();
+    agent.child.kill().unwrap(); // SIGKILL
+    agent.child.wait().unwrap();
+    tokio::time::timeout(Duration::from_secs(3), link.closed()).await.expect("link closed");
+    assert!(matches!(
+        link.request(Command::ListDomains, soon(), None).await,
+        Err(LinkError::Closed)
+    ));
+    // A sim agent restarted on the same data is not a host reboot: the domain still runs.
+    let dir = agent._dir.path().to_path_buf();
+    let child = Process::new(env!("CARGO_BIN_EXE_strato-agent"))
+        .args([
+            "--listen",
+            &agent.addr.to_string(),
+            "--token",
+            TOKEN,
+            "--driver",
+            "sim",
+            "--data-dir",
+        ])
+        .arg(&dir)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    agent.child = child;
+    let mut welcome = None;
+    for _ in 0..100 {
+        if let Ok((_, w, _)) = Link::connect(&config(agent.addr, TOKEN)).await {
+            welcome = Some(w);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let welcome = welcome.expect("reconnected");
+    let domain =
+        welcome.domains.iter().find(|d| d.uuid == vm.uuid).expect("domain reported in the welcome");
+    assert_eq!(domain.state, DomainState::Running);
+}
+
+#[tokio::test]
+async fn injected_sim_failures_and_many_hosts_in_one_process() {
+    let base = free_port();
+    let agent = start_agent(&[
+        "--driver",
+        "sim",
+        "--sim-hosts",
+        "3",
+        "--listen-base",
+        &base.to_string(),
+        "--sim-fail",
+        "start-domain=1.0",
+    ]);
+    drop(agent.addr);
+    let mut hostnames = Vec::new();
+    for i in 0..3u16 {
+        let addr = SocketAddr::new(base.ip(), base.port() + i);
+        let mut linked = None;
+        for _ in 0..100 {
+            if let Ok(l) = Link::connect(&config(addr, TOKEN)).await {
+                linked = Some(l);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        let (link, welcome, _) = linked.expect("each simulated host has its own port");
+        hostnames.push(welcome.facts.hostname);
+        let vm = spec("doomed");
+        link.request(Command::DefineDomain(vm.clone()), soon(), None).await.unwrap();
+        match link.request(Command::StartDomain { uuid: vm.uuid }, soon(), None).await {
+            Err(LinkError::Agent { error, .. }) => assert!(error.message.contains("injected")),
+            other => panic!("expected the injected failure, got {other:?}"),
+        }
+    }
+    hostnames.sort();
+    assert_eq!(hostnames, ["sim-0", "sim-1", "sim-2"]);
+}
