@@ -31,8 +31,17 @@ fn free_port() -> SocketAddr {
 }
 
 fn start_agent(driver_args: &[&str]) -> AgentProcess {
+    start_agent_on(free_port(), driver_args, None)
+}
+
+/// Starts the agent listening on `addr` (or, with several simulated hosts, from
+/// `listen_base`), and waits until the first host accepts connections.
+fn start_agent_on(
+    addr: SocketAddr,
+    driver_args: &[&str],
+    listen_base: Option<SocketAddr>,
+) -> AgentProcess {
     let dir = tempfile::tempdir().unwrap();
-    let addr = free_port();
     let child = Process::new(env!("CARGO_BIN_EXE_strato-agent"))
         .args(["--listen", &addr.to_string(), "--token", TOKEN, "--data-dir"])
         .arg(dir.path())
@@ -41,8 +50,9 @@ fn start_agent(driver_args: &[&str]) -> AgentProcess {
         .spawn()
         .unwrap();
     // Wait until it accepts connections.
+    let probe = listen_base.unwrap_or(addr);
     for _ in 0..200 {
-        if std::net::TcpStream::connect(addr).is_ok() {
+        if std::net::TcpStream::connect(probe).is_ok() {
             return AgentProcess { child, addr, _dir: dir };
         }
         std::thread::sleep(Duration::from_millis(25));
@@ -237,17 +247,18 @@ async fn a_killed_agent_closes_the_link_and_sim_state_survives_a_restart() {
 #[tokio::test]
 async fn injected_sim_failures_and_many_hosts_in_one_process() {
     let base = free_port();
-    let agent = start_agent(&[
+    let base_text = base.to_string();
+    let args = [
         "--driver",
         "sim",
         "--sim-hosts",
         "3",
         "--listen-base",
-        &base.to_string(),
+        &base_text,
         "--sim-fail",
         "start-domain=1.0",
-    ]);
-    drop(agent.addr);
+    ];
+    let _agent = start_agent_on(free_port(), &args, Some(base));
     let mut hostnames = Vec::new();
     for i in 0..3u16 {
         let addr = SocketAddr::new(base.ip(), base.port() + i);

@@ -131,6 +131,8 @@ pub(crate) struct ActorCell<E: Entity> {
     idle_timer_armed: bool,
     expiry_timer_at: Option<Instant>,
     pumping: bool,
+    /// A leave was deferred because a message was in flight.
+    leave_pending: bool,
 }
 
 impl<E: Entity> ActorCell<E> {
@@ -152,6 +154,7 @@ impl<E: Entity> ActorCell<E> {
             idle_timer_armed: false,
             expiry_timer_at: None,
             pumping: false,
+            leave_pending: false,
         }
     }
 
@@ -255,7 +258,33 @@ impl<E: Entity> ActorCell<E> {
     fn try_leave(&mut self, ctx: &mut Context<Self>) {
         if self.kind.try_remove(self.id, self.incarnation, self.received) {
             ctx.stop();
+        } else {
+            self.leave_pending = true;
         }
+    }
+
+    /// After every message: a leave deferred because this message was in flight is retried
+    /// now, or the actor could stay in the registry for good.
+    fn retry_leave(&mut self, ctx: &mut Context<Self>) {
+        if !self.leave_pending {
+            return;
+        }
+        self.leave_pending = false;
+        let idle_active = matches!(self.status, Status::Active) && self.is_idle();
+        if matches!(self.status, Status::Gone { .. }) || (idle_active && self.wants_to_leave()) {
+            self.try_leave(ctx);
+        }
+    }
+
+    /// Whether an idle, active actor should leave now: it was asked to, or it has been idle
+    /// for its kind's idle timeout.
+    fn wants_to_leave(&self) -> bool {
+        self.passivate_hint.get()
+            || self
+                .kind
+                .config()
+                .idle_timeout
+                .is_some_and(|idle| self.last_activity.elapsed() >= idle)
     }
 
     fn fail(&mut self, reason: String) {
@@ -297,10 +326,16 @@ impl<E: Entity> ActorCell<E> {
                     .reject(RuntimeError::Failed { actor: self.actor(), reason: reason.clone() });
                 return;
             }
-            Status::Gone { unavailable } => {
-                envelope.reject(self.gone_error(unavailable));
-                self.try_leave(ctx);
-                return;
+            Status::Gone { .. } => {
+                // This message was sent after the actor found nothing to load; the resource
+                // may exist by now (created after a lookup raced ahead of it). Look again.
+                self.status = Status::Activating;
+                self.load(ctx);
+                if let Status::Gone { unavailable } = &self.status {
+                    envelope.reject(self.gone_error(unavailable));
+                    self.try_leave(ctx);
+                    return;
+                }
             }
             _ => {}
         }
@@ -602,6 +637,7 @@ impl<E: Entity> Handler<Submit<E>> for ActorCell<E> {
         self.received += 1;
         self.last_activity = Instant::now();
         self.submit(msg.0, ctx);
+        self.retry_leave(ctx);
     }
 }
 
@@ -651,5 +687,6 @@ impl<E: Entity> Handler<Control> for ActorCell<E> {
         if matches!(self.status, Status::Gone { .. }) {
             self.try_leave(ctx);
         }
+        self.retry_leave(ctx);
     }
 }

@@ -179,6 +179,9 @@ pub struct RecoveryReport {
     pub rolled_back: Vec<Uuid>,
     /// Flows whose chain this build does not define; left in the store.
     pub unknown_chain: Vec<(Uuid, String)>,
+    /// Flows that could not be recovered (an unreadable context, say), with why; left in
+    /// the store.
+    pub failed: Vec<(Uuid, String)>,
 }
 
 struct ChainDef<C> {
@@ -352,8 +355,8 @@ impl FlowEngine {
             recovered: false,
         };
         let mut ctx = ctx;
-        self.drive(&def, &mut record, &mut ctx).await?;
-        self.conclude(&record).await?;
+        self.drive(&def, &mut record, &mut ctx).await;
+        self.conclude_logged(&record).await;
         match record.failure {
             None => Ok(ctx),
             Some((step, message)) => Err(RuntimeError::FlowFailed {
@@ -382,12 +385,7 @@ impl FlowEngine {
 
     /// Moves `record` forward from its phase until it is `Done` or `RolledBack`, persisting
     /// before and after every step.
-    async fn drive<C: FlowContext>(
-        &self,
-        def: &ChainDef<C>,
-        record: &mut FlowRecord,
-        ctx: &mut C,
-    ) -> Result<(), RuntimeError> {
+    async fn drive<C: FlowContext>(&self, def: &ChainDef<C>, record: &mut FlowRecord, ctx: &mut C) {
         let step_by_name =
             |name: &str| def.steps.iter().find(|(n, _)| n == name).map(|(_, s)| s.clone());
         let info = |record: &FlowRecord, step: &str| FlowInfo {
@@ -400,12 +398,26 @@ impl FlowEngine {
             match record.phase.clone() {
                 FlowPhase::Running { next, .. } if next >= record.steps.len() => {
                     record.phase = FlowPhase::Done;
-                    return Ok(());
+                    return;
                 }
                 FlowPhase::Running { next, .. } => {
                     let name = record.steps[next].clone();
                     record.phase = FlowPhase::Running { next, in_step: true };
-                    self.save(record, ctx).await?;
+                    if let Err(error) = self.save(record, ctx).await {
+                        // Without a durable record a crash could leave this step's work
+                        // behind unnoticed: do not start it; undo what is done.
+                        let message = format!(
+                            "the flow's progress could not be saved: {}",
+                            error_chain(&error)
+                        );
+                        tracing::error!(flow = %record.id, chain = %record.chain, step = %name, error = %message, "flow stopped; rolling back");
+                        record.failure = Some((name, message));
+                        record.phase = match next.checked_sub(1) {
+                            Some(last_done) => FlowPhase::RollingBack { next: last_done },
+                            None => FlowPhase::RolledBack,
+                        };
+                        continue;
+                    }
                     let outcome = match step_by_name(&name) {
                         Some(step) => {
                             step.run(ctx, &info(record, &name)).await.map_err(|e| error_chain(&*e))
@@ -423,7 +435,7 @@ impl FlowEngine {
                             record.phase = FlowPhase::RollingBack { next };
                         }
                     }
-                    self.save(record, ctx).await?;
+                    self.save_logged(record, ctx).await;
                 }
                 FlowPhase::RollingBack { next } => {
                     let name = record.steps[next].clone();
@@ -444,12 +456,29 @@ impl FlowEngine {
                         FlowPhase::RollingBack { next: next - 1 }
                     };
                     if next == 0 {
-                        return Ok(());
+                        return;
                     }
-                    self.save(record, ctx).await?;
+                    self.save_logged(record, ctx).await;
                 }
-                FlowPhase::Done | FlowPhase::RolledBack => return Ok(()),
+                FlowPhase::Done | FlowPhase::RolledBack => return,
             }
+        }
+    }
+
+    /// Saves progress once a step has ended. A failure is logged and the flow goes on: the
+    /// record still says where it was before, and recovery from there repeats at most a step
+    /// or a rollback, which are safe to repeat.
+    async fn save_logged<C: FlowContext>(&self, record: &mut FlowRecord, ctx: &C) {
+        if let Err(error) = self.save(record, ctx).await {
+            tracing::error!(flow = %record.id, chain = %record.chain, error = %error_chain(&error), "saving flow progress failed");
+        }
+    }
+
+    /// [`FlowEngine::conclude`], logging a failure: the flow itself has ended either way, and
+    /// recovery removes a leftover record of a finished flow.
+    async fn conclude_logged(&self, record: &FlowRecord) {
+        if let Err(error) = self.conclude(record).await {
+            tracing::error!(flow = %record.id, chain = %record.chain, error = %error_chain(&error), "removing a finished flow's record failed");
         }
     }
 
@@ -488,10 +517,14 @@ impl FlowEngine {
             record.recovered = true;
             let id = record.id;
             tracing::info!(flow = %id, chain = %record.chain, phase = ?record.phase, "recovering unfinished flow");
-            if chain.recover(self, record).await? {
-                report.resumed.push(id);
-            } else {
-                report.rolled_back.push(id);
+            match chain.recover(self, record).await {
+                Ok(true) => report.resumed.push(id),
+                Ok(false) => report.rolled_back.push(id),
+                // One unreadable flow must not keep the others from recovering.
+                Err(error) => {
+                    tracing::error!(flow = %id, error = %error_chain(&error), "recovering a flow failed; left in the store");
+                    report.failed.push((id, error_chain(&error)));
+                }
             }
         }
         Ok(report)
@@ -534,6 +567,10 @@ impl<C: FlowContext> ErasedChain for Chain<C> {
         let mut ctx: C = codec::decode_payload(FlowRecord::KIND, &record.context)
             .map_err(|source| StoreError::Codec { table: FlowRecord::KIND, id, source })?;
         match record.phase {
+            // Every step ran; only the final bookkeeping was lost.
+            FlowPhase::Running { next, .. } if next >= record.steps.len() => {
+                record.phase = FlowPhase::Done;
+            }
             FlowPhase::Running { next, in_step } if !def.resumable => {
                 let failure = "the process stopped while this flow was running".to_owned();
                 record.failure =
@@ -552,7 +589,7 @@ impl<C: FlowContext> ErasedChain for Chain<C> {
             }
             _ => {}
         }
-        engine.drive(&def, &mut record, &mut ctx).await?;
+        engine.drive(&def, &mut record, &mut ctx).await;
         engine.conclude(&record).await?;
         Ok(record.phase == FlowPhase::Done)
     }

@@ -199,8 +199,18 @@ type HandlerFuture = Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send>>;
 type Handler = Arc<dyn Fn(&[u8]) -> Result<HandlerFuture, BoxError> + Send + Sync>;
 
 enum SchedulerMsg {
-    Upsert { id: Uuid, next_run_unix_ms: u64, on_event: Option<EventMatcher> },
-    Finished { id: Uuid, result: Result<GcRunResult, RuntimeError> },
+    Upsert {
+        id: Uuid,
+        next_run_unix_ms: u64,
+        on_event: Option<EventMatcher>,
+    },
+    /// A run ended; `epoch` is the entry's epoch when the scheduler launched it (`None` for a
+    /// run started by hand).
+    Finished {
+        id: Uuid,
+        epoch: Option<u64>,
+        result: Result<GcRunResult, RuntimeError>,
+    },
     Remove(Uuid),
     Stop,
 }
@@ -369,7 +379,7 @@ impl Gc {
     /// Runs job `id` now, whatever its schedule, and returns what the run did.
     pub async fn run_now(&self, id: Uuid) -> Result<GcRunResult, RuntimeError> {
         let result = run_job(&self.kind()?, id).await;
-        self.shared().notify(SchedulerMsg::Finished { id, result: result.clone() });
+        self.shared().notify(SchedulerMsg::Finished { id, epoch: None, result: result.clone() });
         result
     }
 
@@ -389,6 +399,7 @@ impl Gc {
     /// the handlers first. Calling it again does nothing.
     pub fn start(&self) -> Result<(), RuntimeError> {
         let shared = self.shared();
+        let kind = self.kind()?;
         let mut slot = shared.scheduler.lock().expect("scheduler lock");
         if slot.is_some() {
             return Ok(());
@@ -397,16 +408,12 @@ impl Gc {
         let mut table = HashMap::new();
         for stored in shared.db.scan::<GcJobRecord>() {
             let job = stored?.record;
-            table.insert(
-                job.id,
-                Entry { next_run_unix_ms: now, on_event: job.trigger.on_event, running: false },
-            );
+            table.insert(job.id, Entry::new(now, job.trigger.on_event));
         }
         tracing::info!(jobs = table.len(), "gc scheduler starting");
         let (tx, rx) = mpsc::unbounded_channel();
         *slot = Some(tx.clone());
         let events = self.runtime.events().subscribe_all("gc-scheduler", 4096);
-        let kind = self.kind()?;
         self.runtime.service_arbiter().spawn(schedule(kind, table, tx, rx, events));
         Ok(())
     }
@@ -474,13 +481,21 @@ async fn finish_run(
             let Some(stored) = shared.db.get::<GcJobRecord>(id)? else {
                 return Ok(GcRunResult::Gone);
             };
+            if stored.generation != generation {
+                // A submission merged into the job while it ran: its new context has not run
+                // yet, so this failure is not charged to it; run it again now.
+                return Ok(GcRunResult::Retry {
+                    error: format!("{error} (merged with a new submission during the run)"),
+                    next_run_unix_ms: now,
+                });
+            }
             let mut job = stored.record;
             job.attempts += 1;
             job.last_error = Some(error.clone());
             job.last_run_unix_ms = Some(now);
             let delay = shared.policy.backoff(job.attempts, job.trigger.every);
             job.next_run_unix_ms = now + delay.as_millis() as u64;
-            batch.put(&job, Expect::Generation(stored.generation))?;
+            batch.put(&job, Expect::Generation(generation))?;
             tracing::warn!(job = %job.name, attempts = job.attempts, retry_in = ?delay, %error, "gc job failed");
             GcRunResult::Retry { error, next_run_unix_ms: job.next_run_unix_ms }
         }
@@ -505,6 +520,19 @@ struct Entry {
     next_run_unix_ms: u64,
     on_event: Option<EventMatcher>,
     running: bool,
+    /// Bumped by every submission, so a run that ends can tell whether the job changed
+    /// while it ran (and must run again rather than be dropped or pushed back).
+    epoch: u64,
+    /// A matching event arrived while it ran: run again as soon as it ends.
+    rerun: bool,
+    /// Runs in a row that the runtime refused (a panic, a failed actor): backs off.
+    refused: u32,
+}
+
+impl Entry {
+    fn new(next_run_unix_ms: u64, on_event: Option<EventMatcher>) -> Self {
+        Entry { next_run_unix_ms, on_event, running: false, epoch: 0, rerun: false, refused: 0 }
+    }
 }
 
 async fn schedule(
@@ -514,16 +542,20 @@ async fn schedule(
     mut rx: mpsc::UnboundedReceiver<SchedulerMsg>,
     mut events: crate::event::Subscription<Arc<dyn crate::event::DynEvent>>,
 ) {
+    let policy = kind.entity().shared.policy;
     let launch = |table: &mut HashMap<Uuid, Entry>, id: Uuid| {
         let Some(entry) = table.get_mut(&id) else { return };
         if entry.running {
+            entry.rerun = true;
             return;
         }
         entry.running = true;
+        entry.rerun = false;
+        let epoch = entry.epoch;
         let (kind, tx) = (kind.clone(), tx.clone());
         actix_rt::spawn(async move {
             let result = run_job(&kind, id).await;
-            let _ = tx.send(SchedulerMsg::Finished { id, result });
+            let _ = tx.send(SchedulerMsg::Finished { id, epoch: Some(epoch), result });
         });
     };
     loop {
@@ -547,32 +579,50 @@ async fn schedule(
             msg = rx.recv() => match msg {
                 None | Some(SchedulerMsg::Stop) => return,
                 Some(SchedulerMsg::Upsert { id, next_run_unix_ms, on_event }) => {
-                    let entry = table.entry(id).or_insert(Entry { next_run_unix_ms, on_event: None, running: false });
+                    let entry =
+                        table.entry(id).or_insert_with(|| Entry::new(next_run_unix_ms, None));
                     entry.next_run_unix_ms = entry.next_run_unix_ms.min(next_run_unix_ms);
                     entry.on_event = on_event;
+                    entry.epoch += 1;
                 }
                 Some(SchedulerMsg::Remove(id)) => {
                     table.remove(&id);
                 }
-                Some(SchedulerMsg::Finished { id, result }) => match result {
-                    Ok(GcRunResult::Done | GcRunResult::Gone) => {
-                        table.remove(&id);
+                Some(SchedulerMsg::Finished { id, epoch, result }) => {
+                    let Some(entry) = table.get_mut(&id) else { continue };
+                    if epoch.is_some() {
+                        entry.running = false;
                     }
-                    Ok(GcRunResult::Retry { next_run_unix_ms, .. }) => {
-                        if let Some(entry) = table.get_mut(&id) {
-                            entry.running = false;
+                    let changed = epoch.is_some_and(|e| e != entry.epoch) || entry.rerun;
+                    match result {
+                        _ if changed => {
+                            // Resubmitted or triggered during the run: run it again now.
+                            entry.rerun = false;
+                            entry.next_run_unix_ms = unix_ms_now();
+                        }
+                        Ok(GcRunResult::Done | GcRunResult::Gone) => {
+                            table.remove(&id);
+                        }
+                        Ok(GcRunResult::Retry { next_run_unix_ms, .. }) => {
+                            entry.refused = 0;
                             entry.next_run_unix_ms = next_run_unix_ms;
                         }
-                    }
-                    Err(error) => {
-                        // The actor refused (busy, failed, shutting down): try again later.
-                        tracing::warn!(job = %id, %error, "gc job could not run");
-                        if let Some(entry) = table.get_mut(&id) {
-                            entry.running = false;
-                            entry.next_run_unix_ms = unix_ms_now() + kind.entity().shared.policy.base_backoff.as_millis() as u64;
+                        Err(error) => {
+                            // The runtime refused or the handler panicked: back off as for a
+                            // failure, and give a failed job actor a fresh start next time.
+                            entry.refused += 1;
+                            let delay = policy.backoff(entry.refused, None);
+                            tracing::warn!(job = %id, %error, retry_in = ?delay, "gc job could not run");
+                            entry.next_run_unix_ms = unix_ms_now() + delay.as_millis() as u64;
+                            if matches!(error, RuntimeError::Failed { .. }) {
+                                let kind = kind.clone();
+                                actix_rt::spawn(async move {
+                                    let _ = kind.restart(id).await;
+                                });
+                            }
                         }
                     }
-                },
+                }
             },
             event = events.recv() => {
                 let Some(event) = event else { return };

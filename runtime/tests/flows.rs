@@ -322,3 +322,34 @@ fn shutdown_releases_the_store_even_when_steps_hold_the_runtime() {
         rt.shutdown();
     }
 }
+
+#[tokio::test]
+async fn a_flow_whose_steps_all_ran_is_not_rolled_back_by_recovery() {
+    use strato_runtime::{FlowPhase, FlowRecord};
+    use strato_storage::{Batch, Expect};
+    let rt = runtime();
+    let log = Log::default();
+    rt.flows().define(ChainSpec::new("done").step("a", Probe::ok(&log)).step("b", Probe::ok(&log)));
+    // What a crash between the last step's save and the record's removal leaves behind.
+    let record = FlowRecord {
+        id: uuid::Uuid::new_v4(),
+        chain: "done".into(),
+        job_id: None,
+        steps: vec!["a".into(), "b".into()],
+        context: strato_storage::codec::encode_payload("flow", &Ctx::default()).unwrap(),
+        phase: FlowPhase::Running { next: 2, in_step: false },
+        failure: None,
+        rollback_failures: vec![],
+        started_unix_ms: 0,
+        updated_unix_ms: 0,
+        recovered: false,
+    };
+    let mut batch = Batch::new();
+    batch.put(&record, Expect::Absent).unwrap();
+    rt.db().commit(batch).await.unwrap();
+    let report = rt.flows().recover().await.unwrap();
+    assert_eq!((report.resumed.len(), report.rolled_back.len()), (1, 0));
+    assert!(log_of(&log).is_empty(), "nothing ran or rolled back: {:?}", log_of(&log));
+    assert!(rt.flows().in_progress().unwrap().is_empty());
+    rt.shutdown();
+}

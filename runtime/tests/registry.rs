@@ -197,3 +197,27 @@ async fn a_running_operation_reads_its_deadline_and_hands_it_to_children() {
     assert_eq!(child_deadline, deadline);
     assert_eq!(child_job, Some(job));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_actor_inspected_while_it_goes_idle_still_passivates() {
+    // The console inspects every live actor; a leave deferred by an inspection in flight
+    // must be retried, or idle actors would pile up in the registry.
+    let h = harness(
+        KindConfig::default().queue("q", 1, 100).idle_timeout(Some(Duration::from_millis(20))),
+    );
+    let ids: Vec<Uuid> = (0..20).map(|i| h.create(i)).collect();
+    for id in &ids {
+        read(&h, *id).await.unwrap();
+    }
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(300) {
+        for id in &ids {
+            let _ = h.kind.inspect(*id).await;
+        }
+    }
+    let started = Instant::now();
+    while h.kind.live_count() > 0 && started.elapsed() < Duration::from_secs(3) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(h.kind.live_count(), 0, "every idle actor left the registry");
+}

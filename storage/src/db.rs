@@ -623,9 +623,26 @@ fn prepare(
             Some(bytes) => (write.old_entries)(bytes).map_err(codec_err)?.into_iter().collect(),
             None => BTreeSet::new(),
         };
+        let tombstone = keys::tombstone_key(write.table, write.id);
         let (new, generation) = match write.new {
             Some((payload, entries)) => {
-                let generation = current_generation.unwrap_or(0) + 1;
+                let previous = match current_generation {
+                    Some(generation) => generation,
+                    None => {
+                        // Created (again): continue after the generation it had when deleted.
+                        let stone =
+                            match changes.get(&tombstone).or_else(|| overlay.get(&tombstone)) {
+                                Some(value) => value.clone(),
+                                None => store.get(&tombstone)?,
+                            };
+                        if stone.is_some() {
+                            ops.push(RawOp::Delete(tombstone.clone()));
+                            changes.insert(tombstone.clone(), None);
+                        }
+                        stone.and_then(|b| b.try_into().ok()).map_or(0, u64::from_be_bytes)
+                    }
+                };
+                let generation = previous + 1;
                 let value = codec::wrap(write.table, write.version, generation, &payload)
                     .map_err(codec_err)?;
                 ops.push(RawOp::Put(key.clone(), value.clone()));
@@ -635,6 +652,11 @@ fn prepare(
             None => {
                 ops.push(RawOp::Delete(key.clone()));
                 changes.insert(key, None);
+                if let Some(generation) = current_generation {
+                    let stone = generation.to_be_bytes().to_vec();
+                    ops.push(RawOp::Put(tombstone.clone(), stone.clone()));
+                    changes.insert(tombstone, Some(stone));
+                }
                 (BTreeSet::new(), None)
             }
         };

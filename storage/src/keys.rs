@@ -114,6 +114,18 @@ pub(crate) fn record_key(table: &str, id: Uuid) -> Vec<u8> {
     key
 }
 
+/// Where a deleted record's last generation is kept (`g/<table>/<uuid>`), so a record
+/// created again under the same UUID continues the count instead of restarting at 1: a
+/// compare-and-swap on an old generation can then never match a new incarnation.
+pub(crate) fn tombstone_key(table: &str, id: Uuid) -> Vec<u8> {
+    let mut key = Vec::with_capacity(19 + table.len());
+    key.extend_from_slice(b"g/");
+    key.extend_from_slice(table.as_bytes());
+    key.push(b'/');
+    key.extend_from_slice(id.as_bytes());
+    key
+}
+
 pub(crate) fn id_from_record_key(key: &[u8]) -> Option<Uuid> {
     key.len().checked_sub(16).and_then(|at| Uuid::from_slice(&key[at..]).ok())
 }

@@ -132,6 +132,28 @@ fn compare_and_swap_refuses_stale_writers_and_writes_nothing() {
 }
 
 #[test]
+fn a_record_created_again_continues_its_generation() {
+    on_both_backends(|db| {
+        let a = vm("a", "Running", &[], 1);
+        put(&db, &a, Expect::Absent).unwrap();
+        put(&db, &a, Expect::Generation(1)).unwrap();
+        let mut batch = Batch::new();
+        batch.delete::<Vm>(a.id, Expect::Generation(2));
+        db.commit_blocking(batch).unwrap();
+        // Created again: generation 3, so a writer still holding generation 1 or 2 of the
+        // old incarnation cannot overwrite or delete the new one.
+        assert_eq!(put(&db, &a, Expect::Absent).unwrap(), 3);
+        let mut stale = Batch::new();
+        stale.delete::<Vm>(a.id, Expect::Generation(1));
+        assert!(matches!(
+            db.commit_blocking(stale),
+            Err(StoreError::Conflict { found: Some(3), .. })
+        ));
+        assert_eq!(db.count::<Vm>().unwrap(), 1);
+    });
+}
+
+#[test]
 fn a_batch_across_tables_is_all_or_nothing() {
     on_both_backends(|db| {
         let host = Host { id: Uuid::new_v4(), used_memory: 0 };
