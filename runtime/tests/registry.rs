@@ -209,11 +209,20 @@ async fn an_actor_inspected_while_it_goes_idle_still_passivates() {
     for id in &ids {
         read(&h, *id).await.unwrap();
     }
-    let started = Instant::now();
-    while started.elapsed() < Duration::from_millis(300) {
-        for id in &ids {
-            let _ = h.kind.inspect(*id).await;
-        }
+    // Several inspectors at once keep inspections in flight nearly all the time.
+    let inspectors: Vec<_> = (0..4)
+        .map(|_| {
+            let (kind, ids) = (h.kind.clone(), ids.clone());
+            tokio::spawn(async move {
+                let started = Instant::now();
+                while started.elapsed() < Duration::from_millis(400) {
+                    futures::future::join_all(ids.iter().map(|id| kind.inspect(*id))).await;
+                }
+            })
+        })
+        .collect();
+    for inspector in inspectors {
+        inspector.await.unwrap();
     }
     let started = Instant::now();
     while h.kind.live_count() > 0 && started.elapsed() < Duration::from_secs(3) {
