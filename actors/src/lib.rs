@@ -9,4 +9,10 @@
 //!
 //! It depends on `strato-runtime` (actors, flows, GC, events), `strato-storage` (records
 //! and indexes) and `strato-proto` (commands to host agents); it serves no HTTP and names no
-//! storage engine. It is empty until the vertical-slice issue.
+//! storage engine.
+//!
+//! What exists so far: the VM state machine ([`vm::state`]) and IPAM ([`ipam`]); the actors,
+//! records and flows that use them come next.
+
+pub mod ipam;
+pub mod vm;

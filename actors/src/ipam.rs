@@ -1,0 +1,301 @@
+//! IP address management for L3 networks: validated IP ranges and allocation.
+//!
+//! The L3 network's actor owns its allocations and runs them in its `ip-alloc` queue at
+//! level 1, so this module can be plain functions over the set of used addresses: it never
+//! sees two allocations at once, and "never one IP twice" reduces to "never return a used
+//! address", which the property tests check. `ipnet` does the subnet arithmetic.
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+/// Why a range or an allocation was refused. `field` names the request field at fault.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum IpamError {
+    /// A field of an IP range is wrong.
+    #[error("`{field}`: {reason}")]
+    Invalid {
+        /// The field (`startIp`, `endIp`, `netmask`, `gateway`).
+        field: &'static str,
+        /// What is wrong, for the user.
+        reason: String,
+    },
+    /// The new range overlaps an existing one.
+    #[error("the range {start}-{end} overlaps the existing range {other_start}-{other_end}")]
+    Overlap {
+        /// The new range's start.
+        start: Ipv4Addr,
+        /// The new range's end.
+        end: Ipv4Addr,
+        /// The existing range's start.
+        other_start: Ipv4Addr,
+        /// The existing range's end.
+        other_end: Ipv4Addr,
+    },
+    /// Every address is taken.
+    #[error("no free IP address is left in the L3 network's ranges")]
+    Exhausted,
+    /// A requested address cannot be had.
+    #[error("the IP address {ip} {reason}")]
+    Unavailable {
+        /// The address asked for.
+        ip: Ipv4Addr,
+        /// Why not.
+        reason: &'static str,
+    },
+}
+
+/// A range of addresses of an L3 network, with its subnet and gateway.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IpRange {
+    /// The first address handed out.
+    pub start: Ipv4Addr,
+    /// The last address handed out.
+    pub end: Ipv4Addr,
+    /// The subnet's mask.
+    pub netmask: Ipv4Addr,
+    /// The gateway (never handed out).
+    pub gateway: Ipv4Addr,
+}
+
+impl IpRange {
+    /// A range, if its fields are consistent: a contiguous netmask; start, end and gateway in
+    /// one subnet; start not after end; neither the network nor the broadcast address inside.
+    pub fn new(
+        start: Ipv4Addr,
+        end: Ipv4Addr,
+        netmask: Ipv4Addr,
+        gateway: Ipv4Addr,
+    ) -> Result<Self, IpamError> {
+        let prefix = ipnet::ipv4_mask_to_prefix(netmask).map_err(|_| IpamError::Invalid {
+            field: "netmask",
+            reason: format!("{netmask} is not a valid netmask (its ones must be contiguous)"),
+        })?;
+        if prefix > 30 {
+            return Err(IpamError::Invalid {
+                field: "netmask",
+                reason: format!("a /{prefix} subnet has no room for hosts and a gateway"),
+            });
+        }
+        let net = Ipv4Net::new(start, prefix).expect("prefix checked").trunc();
+        if start > end {
+            return Err(IpamError::Invalid {
+                field: "endIp",
+                reason: format!("{end} comes before the start {start}"),
+            });
+        }
+        for (field, ip) in [("endIp", end), ("gateway", gateway)] {
+            if !net.contains(&ip) {
+                return Err(IpamError::Invalid {
+                    field,
+                    reason: format!("{ip} is outside the subnet {net} of the start address"),
+                });
+            }
+        }
+        if start == net.network() {
+            return Err(IpamError::Invalid {
+                field: "startIp",
+                reason: format!("{start} is the network address of {net}"),
+            });
+        }
+        if end == net.broadcast() {
+            return Err(IpamError::Invalid {
+                field: "endIp",
+                reason: format!("{end} is the broadcast address of {net}"),
+            });
+        }
+        Ok(IpRange { start, end, netmask, gateway })
+    }
+
+    /// Whether `ip` is in the range.
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        self.start <= ip && ip <= self.end
+    }
+
+    /// Whether two ranges share an address.
+    pub fn overlaps(&self, other: &IpRange) -> bool {
+        self.start <= other.end && other.start <= self.end
+    }
+
+    /// How many addresses it can hand out.
+    pub fn capacity(&self) -> u64 {
+        let span = u64::from(u32::from(self.end)) - u64::from(u32::from(self.start)) + 1;
+        span - u64::from(self.contains(self.gateway))
+    }
+}
+
+/// Checks that `new` overlaps none of `existing`.
+pub fn check_no_overlap(existing: &[IpRange], new: &IpRange) -> Result<(), IpamError> {
+    match existing.iter().find(|r| r.overlaps(new)) {
+        Some(other) => Err(IpamError::Overlap {
+            start: new.start,
+            end: new.end,
+            other_start: other.start,
+            other_end: other.end,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Picks an address: `requested` if it is free and in a range, otherwise the lowest free
+/// address of the first range that has one. Never returns a used address or a gateway.
+pub fn allocate(
+    ranges: &[IpRange],
+    used: &BTreeSet<Ipv4Addr>,
+    requested: Option<Ipv4Addr>,
+) -> Result<Ipv4Addr, IpamError> {
+    if let Some(ip) = requested {
+        let Some(range) = ranges.iter().find(|r| r.contains(ip)) else {
+            return Err(IpamError::Unavailable {
+                ip,
+                reason: "is not in any IP range of the network",
+            });
+        };
+        if ip == range.gateway {
+            return Err(IpamError::Unavailable { ip, reason: "is the gateway" });
+        }
+        if used.contains(&ip) {
+            return Err(IpamError::Unavailable { ip, reason: "is already in use" });
+        }
+        return Ok(ip);
+    }
+    for range in ranges {
+        // Walk the used addresses of this range in order; the first gap is free.
+        let mut candidate = u32::from(range.start);
+        let end = u32::from(range.end);
+        let skip = |c: u32| used.contains(&Ipv4Addr::from(c)) || Ipv4Addr::from(c) == range.gateway;
+        for taken in used.range(range.start..=range.end) {
+            let taken = u32::from(*taken);
+            while candidate < taken {
+                if !skip(candidate) {
+                    return Ok(Ipv4Addr::from(candidate));
+                }
+                candidate += 1;
+            }
+            if candidate == taken {
+                candidate = taken.saturating_add(1);
+            }
+        }
+        while candidate <= end {
+            if !skip(candidate) {
+                return Ok(Ipv4Addr::from(candidate));
+            }
+            candidate += 1;
+        }
+    }
+    Err(IpamError::Exhausted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    fn range(start: &str, end: &str) -> IpRange {
+        IpRange::new(ip(start), ip(end), ip("255.255.255.0"), ip("10.0.0.1")).unwrap()
+    }
+
+    #[test]
+    fn ranges_are_validated_field_by_field() {
+        let mask = ip("255.255.255.0");
+        let bad = |s, e, m, g| IpRange::new(ip(s), ip(e), ip(m), ip(g)).unwrap_err();
+        assert!(matches!(
+            bad("10.0.0.2", "10.0.0.9", "255.0.255.0", "10.0.0.1"),
+            IpamError::Invalid { field: "netmask", .. }
+        ));
+        assert!(matches!(
+            bad("10.0.0.9", "10.0.0.2", "255.255.255.0", "10.0.0.1"),
+            IpamError::Invalid { field: "endIp", .. }
+        ));
+        assert!(matches!(
+            bad("10.0.0.2", "10.0.1.9", "255.255.255.0", "10.0.0.1"),
+            IpamError::Invalid { field: "endIp", .. }
+        ));
+        assert!(matches!(
+            bad("10.0.0.2", "10.0.0.9", "255.255.255.0", "10.9.0.1"),
+            IpamError::Invalid { field: "gateway", .. }
+        ));
+        assert!(matches!(
+            bad("10.0.0.0", "10.0.0.9", "255.255.255.0", "10.0.0.1"),
+            IpamError::Invalid { field: "startIp", .. }
+        ));
+        assert!(matches!(
+            bad("10.0.0.2", "10.0.0.255", "255.255.255.0", "10.0.0.1"),
+            IpamError::Invalid { field: "endIp", .. }
+        ));
+        let ok = IpRange::new(ip("10.0.0.1"), ip("10.0.0.254"), mask, ip("10.0.0.1")).unwrap();
+        assert_eq!(ok.capacity(), 253);
+        assert!(
+            check_no_overlap(&[range("10.0.0.10", "10.0.0.20")], &range("10.0.0.20", "10.0.0.30"))
+                .is_err()
+        );
+        assert!(
+            check_no_overlap(&[range("10.0.0.10", "10.0.0.20")], &range("10.0.0.21", "10.0.0.30"))
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn allocation_skips_the_gateway_and_used_addresses_and_honours_requests() {
+        let ranges =
+            [IpRange::new(ip("10.0.0.1"), ip("10.0.0.4"), ip("255.255.255.0"), ip("10.0.0.1"))
+                .unwrap()];
+        let mut used = BTreeSet::new();
+        for expected in ["10.0.0.2", "10.0.0.3", "10.0.0.4"] {
+            let got = allocate(&ranges, &used, None).unwrap();
+            assert_eq!(got, ip(expected));
+            used.insert(got);
+        }
+        assert_eq!(allocate(&ranges, &used, None), Err(IpamError::Exhausted));
+        used.remove(&ip("10.0.0.3"));
+        assert_eq!(allocate(&ranges, &used, None).unwrap(), ip("10.0.0.3"));
+        assert!(matches!(
+            allocate(&ranges, &used, Some(ip("10.0.0.2"))),
+            Err(IpamError::Unavailable { .. })
+        ));
+        assert!(matches!(
+            allocate(&ranges, &used, Some(ip("10.0.0.1"))),
+            Err(IpamError::Unavailable { .. })
+        ));
+        assert!(matches!(
+            allocate(&ranges, &used, Some(ip("10.0.9.9"))),
+            Err(IpamError::Unavailable { .. })
+        ));
+        assert_eq!(allocate(&ranges, &used, Some(ip("10.0.0.3"))).unwrap(), ip("10.0.0.3"));
+    }
+
+    proptest! {
+        #[test]
+        fn never_hands_out_an_address_twice(
+            ops in proptest::collection::vec((any::<bool>(), 0u8..40), 1..200),
+        ) {
+            let ranges = [
+                IpRange::new(ip("10.0.0.5"), ip("10.0.0.20"), ip("255.255.255.0"), ip("10.0.0.9")).unwrap(),
+                IpRange::new(ip("10.0.0.30"), ip("10.0.0.35"), ip("255.255.255.0"), ip("10.0.0.1")).unwrap(),
+            ];
+            let capacity: u64 = ranges.iter().map(IpRange::capacity).sum();
+            let mut used = BTreeSet::new();
+            for (allocate_one, which) in ops {
+                if allocate_one {
+                    match allocate(&ranges, &used, None) {
+                        Ok(got) => {
+                            prop_assert!(ranges.iter().any(|r| r.contains(got)));
+                            prop_assert!(ranges.iter().all(|r| r.gateway != got));
+                            prop_assert!(used.insert(got), "{got} handed out twice");
+                        }
+                        Err(IpamError::Exhausted) => prop_assert_eq!(used.len() as u64, capacity),
+                        Err(other) => prop_assert!(false, "unexpected {other}"),
+                    }
+                } else if let Some(ip) = used.iter().nth(which as usize % used.len().max(1)).copied() {
+                    used.remove(&ip);
+                }
+            }
+        }
+    }
+}
