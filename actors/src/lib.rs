@@ -11,8 +11,12 @@
 //! and indexes) and `strato-proto` (commands to host agents); it serves no HTTP and names no
 //! storage engine.
 //!
-//! What exists so far: the VM state machine ([`vm::state`]) and IPAM ([`ipam`]); the actors,
-//! records and flows that use them come next.
+//! What exists so far: the VM state machine ([`vm::state`]), IPAM ([`ipam`]), the records
+//! ([`records`]), the host actor with its agent link, reconciliation and redial
+//! ([`host`]), and the VM actor as far as it applies what hosts observe ([`vm`]). The user's
+//! VM operations, the create flow, the allocator and the other resources come next.
 
+pub mod host;
 pub mod ipam;
+pub mod records;
 pub mod vm;

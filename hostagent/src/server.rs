@@ -43,6 +43,8 @@ pub struct Agent {
     events: broadcast::Sender<AgentEvent>,
     memory: Mutex<Memory>,
     label: String,
+    /// Set to stop serving: the listener and every link close.
+    stop: tokio::sync::watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -56,13 +58,31 @@ impl Agent {
     pub fn new(label: &str, token: String, driver: Arc<dyn Driver>) -> Arc<Self> {
         let (events, _) = broadcast::channel(4096);
         driver.watch(events.clone());
-        Arc::new(Agent { token, driver, events, memory: Mutex::default(), label: label.to_owned() })
+        let (stop, _) = tokio::sync::watch::channel(false);
+        Arc::new(Agent {
+            token,
+            driver,
+            events,
+            memory: Mutex::default(),
+            label: label.to_owned(),
+            stop,
+        })
     }
 
-    /// Accepts links on `listener` until the process ends.
+    /// Stops serving: the listener closes and every link is cut, as if the agent died.
+    pub fn shutdown(&self) {
+        self.stop.send_replace(true);
+    }
+
+    /// Accepts links on `listener` until [`Agent::shutdown`] or the end of the process.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        let mut stop = self.stop.subscribe();
         loop {
-            match listener.accept().await {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            match accepted {
                 Ok((stream, peer)) => {
                     let agent = self.clone();
                     tokio::spawn(async move { agent.link(stream, peer).await });
@@ -149,8 +169,10 @@ impl Agent {
                 }
             }
         });
+        let mut stop = self.stop.subscribe();
         loop {
             tokio::select! {
+                _ = stop.wait_for(|s| *s) => break,
                 frame = read_frame::<_, ToAgent>(&mut reader) => match frame {
                     Ok(Some(ToAgent::Ping { seq })) => {
                         let _ = out.send(FromAgent::Pong { seq });

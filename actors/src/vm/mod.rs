@@ -1,3 +1,128 @@
-//! The VM: its state machine today; its actor, records and flows as the slice grows.
+//! The VM actor: one per VM, with the `lifecycle` queue at level 1 (ZStack's), so a VM's
+//! operations and the hypervisor's reports about it never overlap.
+//!
+//! Today it applies what the hypervisor observes ([`observe`]); the user's operations,
+//! through [`state::plan`], come with the HTTP API.
 
 pub mod state;
+
+use std::time::Duration;
+
+use strato_runtime::{BoxError, Entity, Event, Kind, KindConfig, Op, RuntimeError};
+use strato_storage::{Batch, Db, Expect};
+use uuid::Uuid;
+
+use crate::records::VmRecord;
+use state::{Observation, VmState, observed};
+
+/// The VM actor's state: its record and the record's generation.
+#[derive(Debug)]
+pub struct VmActor {
+    record: VmRecord,
+    generation: u64,
+}
+
+/// The VM actor kind.
+#[derive(Debug)]
+pub struct Vms {
+    db: Db,
+}
+
+impl Vms {
+    /// The kind, on `db`.
+    pub fn new(db: Db) -> Self {
+        Vms { db }
+    }
+
+    /// The kind's default queues.
+    pub fn kind_config() -> KindConfig {
+        KindConfig::default()
+            .queue("lifecycle", 1, 1_000)
+            .idle_timeout(Some(Duration::from_secs(300)))
+    }
+}
+
+impl Entity for Vms {
+    const KIND: &'static str = "vm";
+    type State = VmActor;
+
+    fn load(&self, id: Uuid) -> Result<Option<VmActor>, BoxError> {
+        Ok(self
+            .db
+            .get::<VmRecord>(id)?
+            .map(|s| VmActor { record: s.record, generation: s.generation }))
+    }
+}
+
+/// Published when a VM's state changes (`vmUuid`, `state` fields).
+#[derive(Clone, Debug)]
+pub struct VmStateChanged {
+    /// The VM.
+    pub vm: Uuid,
+    /// Its previous state.
+    pub from: VmState,
+    /// Its new state.
+    pub to: VmState,
+}
+
+impl Event for VmStateChanged {
+    fn topic(&self) -> &'static str {
+        "vm.state-changed"
+    }
+
+    fn field(&self, name: &str) -> Option<String> {
+        match name {
+            "vmUuid" => Some(self.vm.to_string()),
+            "state" => Some(format!("{:?}", self.to)),
+            _ => None,
+        }
+    }
+}
+
+/// Why a VM operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// The runtime did not run it.
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    /// The store failed.
+    #[error("the store failed")]
+    Store(#[from] strato_storage::StoreError),
+}
+
+/// Applies what host `host` observed of VM `vm`'s domain. Reports from a host the VM is not
+/// on are ignored; failures are logged (the next report or reconnect repeats the news).
+pub async fn observe(vms: &Kind<Vms>, vm: Uuid, host: Uuid, observation: Observation) {
+    let result = vms
+        .call(vm, Op::within("lifecycle", "observe", Duration::from_secs(30)), move |ctx| async move {
+            let (record, generation) = ctx.with_state(|s| (s.record.clone(), s.generation));
+            if record.host_uuid != Some(host) {
+                return Ok::<_, VmError>(());
+            }
+            let Some(to) = observed(record.state, observation) else { return Ok(()) };
+            let mut updated = record.clone();
+            updated.state = to;
+            let mut batch = Batch::new();
+            batch.put(&updated, Expect::Generation(generation))?;
+            let written = ctx.entity().db.commit(batch).await?;
+            ctx.with_state(|s| {
+                s.record = updated;
+                s.generation = written[0].generation.unwrap_or(generation);
+            });
+            tracing::info!(vm = %vm, from = ?record.state, to = ?to, ?observation, "VM state reconciled");
+            ctx.runtime().events().publish(VmStateChanged { vm, from: record.state, to });
+            Ok(())
+        })
+        .await;
+    if let Err(error) = result {
+        tracing::warn!(vm = %vm, %error, "could not apply an observation");
+    }
+}
+
+/// The VM's record as its actor holds it.
+pub async fn record(vms: &Kind<Vms>, id: Uuid) -> Result<VmRecord, VmError> {
+    vms.call(id, Op::within("lifecycle", "read", Duration::from_secs(10)), |ctx| async move {
+        Ok(ctx.with_state(|s| s.record.clone()))
+    })
+    .await
+}

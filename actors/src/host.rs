@@ -1,0 +1,452 @@
+//! The host actor: one per KVM host, holding the link to its agent.
+//!
+//! Connecting dials the agent, handshakes, records the host's facts and reconciles: every VM
+//! the store places on the host is told what the hypervisor says of its domain, and a domain
+//! no VM claims is reported as a *stranger* (an event and a list on the host), never adopted
+//! or killed. The link's heartbeat (defaults 2 s interval, 2 s timeout, 3 misses: about 8 s,
+//! well under ZStack's 60 s ping) closes a dead link; the host then turns Disconnected, its
+//! VMs Unknown, and it redials with capped exponential backoff until the agent answers, when
+//! it reconciles again. Agent events (a domain started or destroyed behind the MN's back)
+//! reach the VMs at once.
+//!
+//! Queues: `link` (level 1) serializes connecting and losing the link; `command` (level 64)
+//! carries commands to the agent, which run concurrently on the one link.
+
+use std::collections::HashSet;
+use std::time::{Duration, SystemTime};
+
+use strato_proto::{
+    AgentEvent, Command, DomainInfo, DomainState, Link, LinkConfig, LinkError, Reply,
+};
+use strato_runtime::{BoxError, Entity, Event, Kind, KindConfig, Op, OpCtx, RuntimeError};
+use strato_storage::{Batch, Db, Expect};
+use uuid::Uuid;
+
+use crate::records::{HostRecord, HostStatus, VmRecord};
+use crate::vm::state::Observation;
+use crate::vm::{Vms, observe};
+
+/// How hosts are watched and redialed.
+#[derive(Clone, Debug)]
+pub struct HostConfig {
+    /// The token agents expect.
+    pub agent_token: String,
+    /// How long dialing and the handshake may take.
+    pub connect_timeout: Duration,
+    /// Heartbeat interval.
+    pub ping_interval: Duration,
+    /// How long a heartbeat may go unanswered.
+    pub ping_timeout: Duration,
+    /// Missed heartbeats in a row that make the host Disconnected.
+    pub ping_failures: u32,
+    /// First redial delay; doubles up to `reconnect_max`.
+    pub reconnect_base: Duration,
+    /// Longest redial delay.
+    pub reconnect_max: Duration,
+}
+
+impl HostConfig {
+    /// Defaults well under ZStack's: 2 s pings, 2 s timeout, 3 misses.
+    pub fn with_token(agent_token: String) -> Self {
+        HostConfig {
+            agent_token,
+            connect_timeout: Duration::from_secs(5),
+            ping_interval: Duration::from_secs(2),
+            ping_timeout: Duration::from_secs(2),
+            ping_failures: 3,
+            reconnect_base: Duration::from_millis(500),
+            reconnect_max: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Published when a host's link status changes (`hostUuid`, `status` fields).
+#[derive(Clone, Debug)]
+pub struct HostStatusChanged {
+    /// The host.
+    pub host: Uuid,
+    /// Its new status.
+    pub status: HostStatus,
+}
+
+impl Event for HostStatusChanged {
+    fn topic(&self) -> &'static str {
+        "host.status-changed"
+    }
+
+    fn field(&self, name: &str) -> Option<String> {
+        match name {
+            "hostUuid" => Some(self.host.to_string()),
+            "status" => Some(self.status.as_str().to_owned()),
+            _ => None,
+        }
+    }
+}
+
+/// Published when a host runs a domain that no VM claims.
+#[derive(Clone, Debug)]
+pub struct StrangerFound {
+    /// The host.
+    pub host: Uuid,
+    /// The domain.
+    pub domain: DomainInfo,
+}
+
+impl Event for StrangerFound {
+    fn topic(&self) -> &'static str {
+        "host.stranger-found"
+    }
+
+    fn field(&self, name: &str) -> Option<String> {
+        match name {
+            "hostUuid" => Some(self.host.to_string()),
+            "domainUuid" => Some(self.domain.uuid.to_string()),
+            _ => None,
+        }
+    }
+}
+
+/// Why a host operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    /// The runtime did not run it.
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    /// The store failed.
+    #[error("the store failed")]
+    Store(#[from] strato_storage::StoreError),
+    /// The host's agent is not connected.
+    #[error("host {0} is disconnected; the command was not sent")]
+    Disconnected(Uuid),
+    /// The link or the agent failed the command.
+    #[error(transparent)]
+    Link(#[from] LinkError),
+}
+
+/// The host actor's state: its record and its live link.
+#[derive(Debug)]
+pub struct HostActor {
+    record: HostRecord,
+    generation: u64,
+    link: Option<Link>,
+    /// Bumped on every new link, so news of an old link's death is ignored.
+    epoch: u64,
+    redial_attempts: u32,
+    redial_scheduled: bool,
+}
+
+/// The host actor kind.
+#[derive(Debug)]
+pub struct Hosts {
+    db: Db,
+    config: HostConfig,
+}
+
+impl Hosts {
+    /// The kind, on `db`.
+    pub fn new(db: Db, config: HostConfig) -> Self {
+        Hosts { db, config }
+    }
+
+    /// The kind's default queues.
+    pub fn kind_config() -> KindConfig {
+        // Hosts hold links: they never passivate.
+        KindConfig::default()
+            .queue("link", 1, 1_000)
+            .queue("command", 64, 10_000)
+            .idle_timeout(None)
+    }
+}
+
+impl Entity for Hosts {
+    const KIND: &'static str = "host";
+    type State = HostActor;
+
+    fn load(&self, id: Uuid) -> Result<Option<HostActor>, BoxError> {
+        Ok(self.db.get::<HostRecord>(id)?.map(|stored| HostActor {
+            record: stored.record,
+            generation: stored.generation,
+            link: None,
+            epoch: 0,
+            redial_attempts: 0,
+            redial_scheduled: false,
+        }))
+    }
+}
+
+fn link_op(name: &'static str) -> Op {
+    Op::within("link", name, Duration::from_secs(60))
+}
+
+/// Writes the host's record with `change` applied, on the actor.
+async fn save(ctx: &OpCtx<Hosts>, change: impl FnOnce(&mut HostRecord)) -> Result<(), HostError> {
+    let (mut record, generation) = ctx.with_state(|s| (s.record.clone(), s.generation));
+    change(&mut record);
+    let mut batch = Batch::new();
+    batch.put(&record, Expect::Generation(generation))?;
+    let written = ctx.entity().db.commit(batch).await?;
+    let generation = written[0].generation.unwrap_or(generation);
+    ctx.with_state(|s| {
+        s.record = record;
+        s.generation = generation;
+    });
+    Ok(())
+}
+
+async fn set_status(
+    ctx: &OpCtx<Hosts>,
+    status: HostStatus,
+    error: Option<String>,
+) -> Result<(), HostError> {
+    let changed = ctx.with_state(|s| s.record.status != status);
+    save(ctx, |r| {
+        r.status = status;
+        r.last_error = error;
+    })
+    .await?;
+    if changed {
+        tracing::info!(host = %ctx.id(), status = status.as_str(), "host status changed");
+        ctx.runtime().events().publish(HostStatusChanged { host: ctx.id(), status });
+    }
+    Ok(())
+}
+
+/// Connects host `id` if it is not connected. Returns once connected, or with why not (a
+/// redial is then scheduled).
+pub async fn connect(hosts: &Kind<Hosts>, id: Uuid) -> Result<(), HostError> {
+    hosts.call(id, link_op("connect"), move |ctx| async move { connect_op(ctx).await }).await
+}
+
+/// Drops the link (if any) and connects again: `ReconnectHost`.
+pub async fn reconnect(hosts: &Kind<Hosts>, id: Uuid) -> Result<(), HostError> {
+    hosts
+        .call(id, link_op("reconnect"), move |ctx| async move {
+            if let Some(link) = ctx.with_state(|s| s.link.take()) {
+                link.close();
+            }
+            connect_op(ctx).await
+        })
+        .await
+}
+
+async fn connect_op(ctx: OpCtx<Hosts>) -> Result<(), HostError> {
+    if ctx.with_state(|s| s.link.as_ref().is_some_and(|l| !l.is_closed())) {
+        return Ok(());
+    }
+    let id = ctx.id();
+    let config = &ctx.entity().config;
+    let (ip, port) = ctx.with_state(|s| (s.record.management_ip.clone(), s.record.agent_port));
+    let addr = match format!("{ip}:{port}").parse() {
+        Ok(addr) => addr,
+        Err(_) => {
+            let error = format!("`{ip}:{port}` is not a socket address");
+            set_status(&ctx, HostStatus::Disconnected, Some(error.clone())).await?;
+            return Err(HostError::Link(LinkError::Refused { reason: error }));
+        }
+    };
+    let link_config = LinkConfig {
+        addr,
+        token: config.agent_token.clone(),
+        host_uuid: id,
+        connect_timeout: config.connect_timeout,
+        ping_interval: config.ping_interval,
+        ping_timeout: config.ping_timeout,
+        ping_failures: config.ping_failures,
+    };
+    if ctx.with_state(|s| s.record.status != HostStatus::Disconnected) {
+        set_status(&ctx, HostStatus::Connecting, None).await?;
+    }
+    let (link, welcome, mut events) = match Link::connect(&link_config).await {
+        Ok(linked) => linked,
+        Err(error) => {
+            let message = strato_runtime::error_chain(&error);
+            tracing::warn!(host = %id, %addr, error = %message, "cannot connect to the agent");
+            set_status(&ctx, HostStatus::Disconnected, Some(message)).await?;
+            schedule_redial(&ctx);
+            return Err(error.into());
+        }
+    };
+    let epoch = ctx.with_state(|s| {
+        s.epoch += 1;
+        s.link = Some(link.clone());
+        s.redial_attempts = 0;
+        s.epoch
+    });
+    save(&ctx, |r| r.facts = Some(welcome.facts.clone())).await?;
+    set_status(&ctx, HostStatus::Connected, None).await?;
+    reconcile(&ctx, &welcome.domains).await?;
+
+    // Watch the link: its death and the agent's events.
+    let (hosts, vms) = (ctx.kind().clone(), vms_kind(&ctx)?);
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = link.closed() => break,
+                event = events.recv() => match event {
+                    Some(AgentEvent::DomainStateChanged { uuid, state }) => {
+                        on_domain_event(&hosts, &vms, id, uuid, state).await;
+                    }
+                    None => break,
+                },
+            }
+        }
+        let _ = hosts
+            .call(id, link_op("link-lost"), move |ctx| async move { link_lost(ctx, epoch).await })
+            .await;
+    });
+    Ok(())
+}
+
+fn vms_kind(ctx: &OpCtx<Hosts>) -> Result<Kind<Vms>, HostError> {
+    ctx.runtime()
+        .kind::<Vms>()
+        .ok_or_else(|| HostError::Runtime(RuntimeError::UnknownKind { kind: "vm".into() }))
+}
+
+fn observation(state: Option<DomainState>) -> Observation {
+    match state {
+        Some(DomainState::Running | DomainState::ShuttingDown) => Observation::Running,
+        Some(DomainState::Paused) => Observation::Paused,
+        _ => Observation::Off,
+    }
+}
+
+/// Tells every VM on the host what the hypervisor says, and reports strangers.
+async fn reconcile(ctx: &OpCtx<Hosts>, domains: &[DomainInfo]) -> Result<(), HostError> {
+    let id = ctx.id();
+    let db = &ctx.entity().db;
+    let vms = vms_kind(ctx)?;
+    let on_host = db.find::<VmRecord>("host", &id.into())?;
+    let claimed: HashSet<Uuid> = on_host.iter().copied().collect();
+    for vm in &on_host {
+        let state = domains.iter().find(|d| d.uuid == *vm).map(|d| d.state);
+        observe(&vms, *vm, id, observation(state)).await;
+    }
+    let mut strangers = Vec::new();
+    for domain in domains {
+        if claimed.contains(&domain.uuid) {
+            continue;
+        }
+        // A VM recorded on another host (a migration's leftover) is no stranger to the MN,
+        // but this copy is: report it all the same.
+        tracing::warn!(host = %id, domain = %domain.uuid, name = %domain.name, "stranger domain on host");
+        ctx.runtime().events().publish(StrangerFound { host: id, domain: domain.clone() });
+        strangers.push(domain.uuid);
+    }
+    save(ctx, |r| r.strangers = strangers).await
+}
+
+async fn on_domain_event(
+    hosts: &Kind<Hosts>,
+    vms: &Kind<Vms>,
+    host: Uuid,
+    domain: Uuid,
+    state: Option<DomainState>,
+) {
+    let claimed = hosts
+        .entity()
+        .db
+        .get::<VmRecord>(domain)
+        .ok()
+        .flatten()
+        .is_some_and(|vm| vm.record.host_uuid == Some(host));
+    if claimed {
+        observe(vms, domain, host, observation(state)).await;
+    } else if state.is_some() {
+        let _ = hosts
+            .call(
+                host,
+                Op::within("link", "stranger", Duration::from_secs(30)),
+                move |ctx| async move {
+                    if ctx.with_state(|s| s.record.strangers.contains(&domain)) {
+                        return Ok::<_, HostError>(());
+                    }
+                    tracing::warn!(host = %host, %domain, "stranger domain appeared on host");
+                    ctx.runtime().events().publish(StrangerFound {
+                        host,
+                        domain: DomainInfo {
+                            uuid: domain,
+                            name: String::new(),
+                            state: state.unwrap_or(DomainState::Other),
+                        },
+                    });
+                    save(&ctx, |r| r.strangers.push(domain)).await
+                },
+            )
+            .await;
+    }
+}
+
+async fn link_lost(ctx: OpCtx<Hosts>, epoch: u64) -> Result<(), HostError> {
+    if ctx.with_state(|s| s.epoch != epoch) {
+        return Ok(()); // an old link; a newer one is up
+    }
+    ctx.with_state(|s| s.link = None);
+    let id = ctx.id();
+    tracing::warn!(host = %id, "lost the link to the agent");
+    set_status(&ctx, HostStatus::Disconnected, Some("the link to the agent was lost".into()))
+        .await?;
+    let vms = vms_kind(&ctx)?;
+    for vm in ctx.entity().db.find::<VmRecord>("host", &id.into())? {
+        observe(&vms, vm, id, Observation::HostUnreachable).await;
+    }
+    schedule_redial(&ctx);
+    Ok(())
+}
+
+/// Redials after a capped exponential backoff (once at a time).
+fn schedule_redial(ctx: &OpCtx<Hosts>) {
+    let config = &ctx.entity().config;
+    let Some(delay) = ctx.with_state(|s| {
+        if s.redial_scheduled {
+            return None;
+        }
+        s.redial_scheduled = true;
+        s.redial_attempts += 1;
+        let exp =
+            config.reconnect_base.saturating_mul(1 << s.redial_attempts.min(16).saturating_sub(1));
+        Some(exp.min(config.reconnect_max))
+    }) else {
+        return;
+    };
+    let (hosts, id) = (ctx.kind().clone(), ctx.id());
+    tokio::spawn(async move {
+        tokio::time::sleep(delay).await;
+        let _ = hosts
+            .call(id, link_op("redial"), move |ctx| async move {
+                ctx.with_state(|s| s.redial_scheduled = false);
+                connect_op(ctx).await
+            })
+            .await;
+    });
+}
+
+/// Sends `command` to host `id`'s agent and waits until `deadline`.
+pub async fn command(
+    hosts: &Kind<Hosts>,
+    id: Uuid,
+    command: Command,
+    deadline: SystemTime,
+    job_id: Option<Uuid>,
+) -> Result<Reply, HostError> {
+    hosts
+        .call(
+            id,
+            Op::within("command", command.name(), Duration::from_secs(600)).job(job_id),
+            move |ctx| async move {
+                let link = ctx.with_state(|s| s.link.clone()).filter(|l| !l.is_closed());
+                let Some(link) = link else { return Err(HostError::Disconnected(ctx.id())) };
+                Ok(link.request(command, deadline, job_id).await?)
+            },
+        )
+        .await
+}
+
+/// The host's record as the actor holds it (activating it).
+pub async fn record(hosts: &Kind<Hosts>, id: Uuid) -> Result<HostRecord, HostError> {
+    hosts
+        .call(id, Op::within("command", "read", Duration::from_secs(10)), |ctx| async move {
+            Ok(ctx.with_state(|s| s.record.clone()))
+        })
+        .await
+}

@@ -1,0 +1,249 @@
+//! The host actor against a real agent server (the sim driver, in this process, over TCP on
+//! loopback): connect and reconcile, strangers, events behind the MN's back, a lost link,
+//! automatic redial and reconciliation again, a refused token.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use strato_actors::host::{self, HostConfig, HostError, Hosts, StrangerFound};
+use strato_actors::records::{HostRecord, HostState, HostStatus, VmRecord};
+use strato_actors::vm::state::VmState;
+use strato_actors::vm::{self, Vms};
+use strato_agent::driver::Driver;
+use strato_agent::driver::sim::{Sim, SimConfig};
+use strato_agent::server::Agent;
+use strato_proto::{Command, DomainSpec};
+use strato_runtime::{Kind, Runtime, RuntimeConfig};
+use strato_storage::{Batch, Db, Expect};
+use uuid::Uuid;
+
+const TOKEN: &str = "secret";
+
+struct Cluster {
+    runtime: Runtime,
+    db: Db,
+    hosts: Kind<Hosts>,
+    vms: Kind<Vms>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.runtime.shutdown();
+    }
+}
+
+fn mn(token: &str) -> Cluster {
+    let db = Db::in_memory();
+    let runtime =
+        Runtime::start(RuntimeConfig { arbiters: 2, ..Default::default() }, db.clone()).unwrap();
+    let vms = runtime.register(Vms::new(db.clone()), Vms::kind_config());
+    let mut config = HostConfig::with_token(token.into());
+    config.ping_interval = Duration::from_millis(100);
+    config.ping_timeout = Duration::from_millis(200);
+    config.ping_failures = 2;
+    config.reconnect_base = Duration::from_millis(50);
+    config.reconnect_max = Duration::from_millis(400);
+    let hosts = runtime.register(Hosts::new(db.clone(), config), Hosts::kind_config());
+    Cluster { runtime, db, hosts, vms }
+}
+
+fn sim(dir: &std::path::Path) -> Arc<Sim> {
+    Arc::new(
+        Sim::open(SimConfig {
+            hostname: "sim-test".into(),
+            cpus: 8,
+            memory_mib: 16_384,
+            latency: Duration::ZERO,
+            failures: Default::default(),
+            state_file: dir.join("sim.json"),
+            reset: false,
+        })
+        .unwrap(),
+    )
+}
+
+async fn serve(driver: Arc<Sim>, addr: SocketAddr) -> (Arc<Agent>, SocketAddr) {
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let agent = Agent::new("sim-test", TOKEN.into(), driver as Arc<dyn Driver>);
+    tokio::spawn(agent.clone().serve(listener));
+    (agent, addr)
+}
+
+fn put<R: strato_storage::Record>(db: &Db, record: &R) {
+    let mut batch = Batch::new();
+    batch.put(record, Expect::Any).unwrap();
+    db.commit_blocking(batch).unwrap();
+}
+
+fn host_record(addr: SocketAddr) -> HostRecord {
+    HostRecord {
+        uuid: Uuid::new_v4(),
+        name: "h1".into(),
+        cluster_uuid: Uuid::new_v4(),
+        management_ip: addr.ip().to_string(),
+        agent_port: addr.port(),
+        state: HostState::Enabled,
+        status: HostStatus::Connecting,
+        facts: None,
+        last_error: None,
+        strangers: vec![],
+    }
+}
+
+fn vm_record(host: Uuid, state: VmState) -> VmRecord {
+    VmRecord {
+        uuid: Uuid::new_v4(),
+        name: "vm".into(),
+        state,
+        host_uuid: Some(host),
+        last_host_uuid: None,
+        cpu_num: 1,
+        memory_size: 1 << 30,
+    }
+}
+
+fn domain(uuid: Uuid) -> DomainSpec {
+    DomainSpec {
+        uuid,
+        name: uuid.to_string(),
+        vcpus: 1,
+        memory_mib: 64,
+        root_volume: None,
+        nics: vec![],
+    }
+}
+
+async fn eventually<F: std::future::Future<Output = bool>>(
+    what: &str,
+    mut check: impl FnMut() -> F,
+) {
+    let started = Instant::now();
+    while !check().await {
+        assert!(started.elapsed() < Duration::from_secs(10), "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_reconciles_and_reports_strangers() {
+    let dir = tempfile::tempdir().unwrap();
+    let driver = sim(dir.path());
+    let (_agent, addr) = serve(driver.clone(), "127.0.0.1:0".parse().unwrap()).await;
+    let c = mn(TOKEN);
+    let host = host_record(addr);
+    put(&c.db, &host);
+    // A: the store says Stopped, the hypervisor runs it. B: the store says Running, no domain.
+    let a = vm_record(host.uuid, VmState::Stopped);
+    let b = vm_record(host.uuid, VmState::Running);
+    put(&c.db, &a);
+    put(&c.db, &b);
+    driver.define(&domain(a.uuid)).unwrap();
+    driver.start(a.uuid).unwrap();
+    let stranger = Uuid::new_v4();
+    driver.define(&domain(stranger)).unwrap();
+    driver.start(stranger).unwrap();
+    let mut strangers = c.runtime.events().subscribe::<StrangerFound>("test", 8);
+
+    host::connect(&c.hosts, host.uuid).await.unwrap();
+    let record = host::record(&c.hosts, host.uuid).await.unwrap();
+    assert_eq!(record.status, HostStatus::Connected);
+    assert_eq!(record.facts.unwrap().hostname, "sim-test");
+    assert_eq!(record.strangers, vec![stranger], "reported, not adopted");
+    assert_eq!(strangers.recv().await.unwrap().domain.uuid, stranger);
+    assert_eq!(vm::record(&c.vms, a.uuid).await.unwrap().state, VmState::Running);
+    assert_eq!(vm::record(&c.vms, b.uuid).await.unwrap().state, VmState::Stopped);
+    // The stranger still runs: never killed.
+    let running = driver.list().unwrap().into_iter().any(|d| d.uuid == stranger);
+    assert!(running);
+
+    // Behind the MN's back: A is destroyed on the host; the VM follows at once.
+    driver.destroy(a.uuid).unwrap();
+    eventually("A reconciled to Stopped", || async {
+        vm::record(&c.vms, a.uuid).await.unwrap().state == VmState::Stopped
+    })
+    .await;
+    // And started again.
+    driver.start(a.uuid).unwrap();
+    eventually("A reconciled to Running", || async {
+        vm::record(&c.vms, a.uuid).await.unwrap().state == VmState::Running
+    })
+    .await;
+
+    // Commands travel the link.
+    let reply = host::command(
+        &c.hosts,
+        host.uuid,
+        Command::ListDomains,
+        SystemTime::now() + Duration::from_secs(5),
+        None,
+    )
+    .await
+    .unwrap();
+    assert!(matches!(reply, strato_proto::Reply::Domains(d) if d.len() == 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_agent_makes_the_host_disconnected_and_it_comes_back_by_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let driver = sim(dir.path());
+    let (agent, addr) = serve(driver.clone(), "127.0.0.1:0".parse().unwrap()).await;
+    let c = mn(TOKEN);
+    let host = host_record(addr);
+    put(&c.db, &host);
+    let a = vm_record(host.uuid, VmState::Running);
+    put(&c.db, &a);
+    driver.define(&domain(a.uuid)).unwrap();
+    driver.start(a.uuid).unwrap();
+    host::connect(&c.hosts, host.uuid).await.unwrap();
+
+    // The agent dies: within the heartbeat bound the host is Disconnected and its VMs Unknown.
+    agent.shutdown();
+    let died = Instant::now();
+    eventually("host Disconnected", || async {
+        host::record(&c.hosts, host.uuid).await.unwrap().status == HostStatus::Disconnected
+    })
+    .await;
+    assert!(died.elapsed() < Duration::from_secs(3));
+    eventually("VM Unknown", || async {
+        vm::record(&c.vms, a.uuid).await.unwrap().state == VmState::Unknown
+    })
+    .await;
+    let refused = host::command(
+        &c.hosts,
+        host.uuid,
+        Command::ListDomains,
+        SystemTime::now() + Duration::from_secs(1),
+        None,
+    )
+    .await;
+    assert!(matches!(refused, Err(HostError::Disconnected(_))));
+
+    // While it was away, the domain stopped (as after a host reboot).
+    driver.destroy(a.uuid).unwrap();
+    // The agent comes back on the same address: the host redials on its own and reconciles.
+    let (_agent, _) = serve(driver.clone(), addr).await;
+    eventually("host Connected again", || async {
+        host::record(&c.hosts, host.uuid).await.unwrap().status == HostStatus::Connected
+    })
+    .await;
+    eventually("VM back to its true state", || async {
+        vm::record(&c.vms, a.uuid).await.unwrap().state == VmState::Stopped
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_token_leaves_the_host_disconnected_with_the_agents_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_agent, addr) = serve(sim(dir.path()), "127.0.0.1:0".parse().unwrap()).await;
+    let c = mn("not-the-token");
+    let host = host_record(addr);
+    put(&c.db, &host);
+    let error = host::connect(&c.hosts, host.uuid).await.unwrap_err();
+    assert!(error.to_string().contains("wrong token"), "{error}");
+    let record = host::record(&c.hosts, host.uuid).await.unwrap();
+    assert_eq!(record.status, HostStatus::Disconnected);
+    assert!(record.last_error.unwrap().contains("wrong token"));
+}
