@@ -57,7 +57,10 @@ fn start_agent_on(
         }
         std::thread::sleep(Duration::from_millis(25));
     }
-    panic!("the agent did not start listening on {addr}");
+    let mut child = child;
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("the agent did not start listening on {probe}");
 }
 
 fn config(addr: SocketAddr, token: &str) -> LinkConfig {
