@@ -105,6 +105,44 @@ pub struct VmRecord {
     pub cpu_num: u32,
     /// Memory in bytes.
     pub memory_size: u64,
+    /// The root volume's path on its host, once created.
+    pub root_volume_path: Option<String>,
+    /// Network interfaces.
+    pub vm_nics: Vec<VmNic>,
+}
+
+/// A VM's network interface.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VmNic {
+    /// Its UUID.
+    pub uuid: Uuid,
+    /// The L3 network it is on.
+    pub l3_network_uuid: Uuid,
+    /// Its address.
+    pub ip: String,
+    /// Its MAC address.
+    pub mac: String,
+    /// The host bridge it plugs into.
+    pub bridge: Option<String>,
+}
+
+impl VmRecord {
+    /// The domain this VM is on its host.
+    pub fn domain_spec(&self) -> strato_proto::DomainSpec {
+        strato_proto::DomainSpec {
+            uuid: self.uuid,
+            name: format!("{}-{}", self.name, &self.uuid.simple().to_string()[..8]),
+            vcpus: self.cpu_num,
+            memory_mib: self.memory_size >> 20,
+            root_volume: self.root_volume_path.clone(),
+            nics: self
+                .vm_nics
+                .iter()
+                .map(|n| strato_proto::NicSpec { mac: n.mac.clone(), bridge: n.bridge.clone() })
+                .collect(),
+        }
+    }
 }
 
 impl Record for VmRecord {
@@ -122,6 +160,10 @@ impl Record for VmRecord {
                 values: |v| v.host_uuid.map(IndexValue::Uuid).into_iter().collect(),
             },
             Index { name: "name", values: |v| vec![v.name.as_str().into()] },
+            Index {
+                name: "ip",
+                values: |v| v.vm_nics.iter().map(|n| n.ip.as_str().into()).collect(),
+            },
         ]
     }
 }

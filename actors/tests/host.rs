@@ -2,129 +2,19 @@
 //! loopback): connect and reconcile, strangers, events behind the MN's back, a lost link,
 //! automatic redial and reconciliation again, a refused token.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use strato_actors::host::{self, HostConfig, HostError, Hosts, StrangerFound};
-use strato_actors::records::{HostRecord, HostState, HostStatus, VmRecord};
+use strato_actors::host::{self, HostError, StrangerFound};
+use strato_actors::records::HostStatus;
+use strato_actors::vm;
 use strato_actors::vm::state::VmState;
-use strato_actors::vm::{self, Vms};
 use strato_agent::driver::Driver;
-use strato_agent::driver::sim::{Sim, SimConfig};
-use strato_agent::server::Agent;
-use strato_proto::{Command, DomainSpec};
-use strato_runtime::{Kind, Runtime, RuntimeConfig};
-use strato_storage::{Batch, Db, Expect};
+use strato_proto::Command;
 use uuid::Uuid;
 
-const TOKEN: &str = "secret";
+mod common;
 
-struct Cluster {
-    runtime: Runtime,
-    db: Db,
-    hosts: Kind<Hosts>,
-    vms: Kind<Vms>,
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        self.runtime.shutdown();
-    }
-}
-
-fn mn(token: &str) -> Cluster {
-    let db = Db::in_memory();
-    let runtime =
-        Runtime::start(RuntimeConfig { arbiters: 2, ..Default::default() }, db.clone()).unwrap();
-    let vms = runtime.register(Vms::new(db.clone()), Vms::kind_config());
-    let mut config = HostConfig::with_token(token.into());
-    config.ping_interval = Duration::from_millis(100);
-    config.ping_timeout = Duration::from_millis(200);
-    config.ping_failures = 2;
-    config.reconnect_base = Duration::from_millis(50);
-    config.reconnect_max = Duration::from_millis(400);
-    let hosts = runtime.register(Hosts::new(db.clone(), config), Hosts::kind_config());
-    Cluster { runtime, db, hosts, vms }
-}
-
-fn sim(dir: &std::path::Path) -> Arc<Sim> {
-    Arc::new(
-        Sim::open(SimConfig {
-            hostname: "sim-test".into(),
-            cpus: 8,
-            memory_mib: 16_384,
-            latency: Duration::ZERO,
-            failures: Default::default(),
-            state_file: dir.join("sim.json"),
-            reset: false,
-        })
-        .unwrap(),
-    )
-}
-
-async fn serve(driver: Arc<Sim>, addr: SocketAddr) -> (Arc<Agent>, SocketAddr) {
-    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let agent = Agent::new("sim-test", TOKEN.into(), driver as Arc<dyn Driver>);
-    tokio::spawn(agent.clone().serve(listener));
-    (agent, addr)
-}
-
-fn put<R: strato_storage::Record>(db: &Db, record: &R) {
-    let mut batch = Batch::new();
-    batch.put(record, Expect::Any).unwrap();
-    db.commit_blocking(batch).unwrap();
-}
-
-fn host_record(addr: SocketAddr) -> HostRecord {
-    HostRecord {
-        uuid: Uuid::new_v4(),
-        name: "h1".into(),
-        cluster_uuid: Uuid::new_v4(),
-        management_ip: addr.ip().to_string(),
-        agent_port: addr.port(),
-        state: HostState::Enabled,
-        status: HostStatus::Connecting,
-        facts: None,
-        last_error: None,
-        strangers: vec![],
-    }
-}
-
-fn vm_record(host: Uuid, state: VmState) -> VmRecord {
-    VmRecord {
-        uuid: Uuid::new_v4(),
-        name: "vm".into(),
-        state,
-        host_uuid: Some(host),
-        last_host_uuid: None,
-        cpu_num: 1,
-        memory_size: 1 << 30,
-    }
-}
-
-fn domain(uuid: Uuid) -> DomainSpec {
-    DomainSpec {
-        uuid,
-        name: uuid.to_string(),
-        vcpus: 1,
-        memory_mib: 64,
-        root_volume: None,
-        nics: vec![],
-    }
-}
-
-async fn eventually<F: std::future::Future<Output = bool>>(
-    what: &str,
-    mut check: impl FnMut() -> F,
-) {
-    let started = Instant::now();
-    while !check().await {
-        assert!(started.elapsed() < Duration::from_secs(10), "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+use common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_reconciles_and_reports_strangers() {

@@ -1,9 +1,10 @@
 //! The VM actor: one per VM, with the `lifecycle` queue at level 1 (ZStack's), so a VM's
 //! operations and the hypervisor's reports about it never overlap.
 //!
-//! Today it applies what the hypervisor observes ([`observe`]); the user's operations,
-//! through [`state::plan`], come with the HTTP API.
+//! It applies what the hypervisor observes ([`observe`]) and runs the user's operations
+//! ([`ops::operate`]) through the state table ([`state::plan`]).
 
+pub mod ops;
 pub mod state;
 
 use std::time::Duration;
@@ -26,12 +27,18 @@ pub struct VmActor {
 #[derive(Debug)]
 pub struct Vms {
     db: Db,
+    policy: ops::VmPolicy,
 }
 
 impl Vms {
-    /// The kind, on `db`.
+    /// The kind, on `db`, with the default policy.
     pub fn new(db: Db) -> Self {
-        Vms { db }
+        Vms { db, policy: ops::VmPolicy::default() }
+    }
+
+    /// The kind, on `db`, with `policy`.
+    pub fn with_policy(db: Db, policy: ops::VmPolicy) -> Self {
+        Vms { db, policy }
     }
 
     /// The kind's default queues.
@@ -88,6 +95,15 @@ pub enum VmError {
     /// The store failed.
     #[error("the store failed")]
     Store(#[from] strato_storage::StoreError),
+    /// The VM's state does not allow the operation.
+    #[error(transparent)]
+    InvalidState(#[from] state::InvalidState),
+    /// The VM has no host to run on.
+    #[error("VM {0} has no host")]
+    NoHost(Uuid),
+    /// The host or its agent failed the operation.
+    #[error(transparent)]
+    Host(#[from] crate::host::HostError),
 }
 
 /// Applies what host `host` observed of VM `vm`'s domain. Reports from a host the VM is not

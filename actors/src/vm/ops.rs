@@ -1,0 +1,308 @@
+//! The user's VM operations: start, stop, reboot, pause, resume, destroy, recover, expunge.
+//!
+//! Each runs on the VM's actor in its `lifecycle` queue (level 1), looks itself up in the
+//! state table, records the transitional state, commands the host's agent through the host
+//! actor, and records where it landed: the table's success or failure state. Every agent
+//! command is safe to repeat, so an operation interrupted by a crash can simply be run again.
+//!
+//! Destroying a VM whose host is unreachable succeeds for the user: the VM is Destroyed and a
+//! persisted GC job destroys the domain once the host reconnects (or on a timer).
+
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use strato_proto::{Command, DomainState, Reply};
+use strato_runtime::{EventMatcher, Kind, Op, OpCtx, Runtime, Trigger};
+use strato_storage::{Batch, Expect};
+use uuid::Uuid;
+
+use super::state::{VmOp, VmState, plan};
+use super::{VmError, VmStateChanged, Vms};
+use crate::host::{self, HostError, Hosts};
+use crate::records::VmRecord;
+
+/// What to do with a destroyed VM.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeletionPolicy {
+    /// Expunge at once.
+    Direct,
+    /// Keep it Destroyed (recoverable) until expunged (ZStack's default).
+    #[default]
+    Delay,
+}
+
+/// How VM operations behave.
+#[derive(Clone, Copy, Debug)]
+pub struct VmPolicy {
+    /// How long a graceful stop may take before the domain is powered off.
+    pub graceful_stop: Duration,
+    /// What destroying does.
+    pub deletion: DeletionPolicy,
+}
+
+impl Default for VmPolicy {
+    fn default() -> Self {
+        VmPolicy { graceful_stop: Duration::from_secs(60), deletion: DeletionPolicy::Delay }
+    }
+}
+
+/// The GC job kind that destroys a domain left on a host that was unreachable.
+pub const DESTROY_DOMAIN_JOB: &str = "vm.destroy-domain";
+
+/// The context of a [`DESTROY_DOMAIN_JOB`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DestroyDomainJob {
+    /// The host.
+    pub host: Uuid,
+    /// The domain (the VM's UUID).
+    pub vm: Uuid,
+}
+
+/// Registers the VM kind's GC handlers. Call once at startup, before `gc().start()`.
+pub fn register_gc(runtime: &Runtime, hosts: Kind<Hosts>) {
+    runtime.gc().register_handler(DESTROY_DOMAIN_JOB, move |job: DestroyDomainJob| {
+        let hosts = hosts.clone();
+        async move {
+            let deadline = SystemTime::now() + Duration::from_secs(60);
+            host::command(
+                &hosts,
+                job.host,
+                Command::DestroyDomain { uuid: job.vm },
+                deadline,
+                None,
+            )
+            .await?;
+            host::command(
+                &hosts,
+                job.host,
+                Command::UndefineDomain { uuid: job.vm },
+                deadline,
+                None,
+            )
+            .await?;
+            tracing::info!(vm = %job.vm, host = %job.host, "leftover domain destroyed");
+            Ok(())
+        }
+    });
+}
+
+fn deadline_of(ctx: &OpCtx<Vms>) -> SystemTime {
+    SystemTime::now() + ctx.remaining()
+}
+
+async fn save(ctx: &OpCtx<Vms>, change: impl FnOnce(&mut VmRecord)) -> Result<VmRecord, VmError> {
+    let (mut record, generation) = ctx.with_state(|s| (s.record.clone(), s.generation));
+    let from = record.state;
+    change(&mut record);
+    let mut batch = Batch::new();
+    batch.put(&record, Expect::Generation(generation))?;
+    let written = ctx.entity().db.commit(batch).await?;
+    let generation = written[0].generation.unwrap_or(generation);
+    ctx.with_state(|s| {
+        s.record = record.clone();
+        s.generation = generation;
+    });
+    if from != record.state {
+        ctx.runtime().events().publish(VmStateChanged { vm: record.uuid, from, to: record.state });
+    }
+    Ok(record)
+}
+
+fn hosts_of(ctx: &OpCtx<Vms>) -> Result<Kind<Hosts>, VmError> {
+    ctx.runtime()
+        .kind::<Hosts>()
+        .ok_or(VmError::Runtime(strato_runtime::RuntimeError::UnknownKind { kind: "host".into() }))
+}
+
+/// An operation [`operate`] runs. Migration and offering changes take arguments and have
+/// their own entry points.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Lifecycle {
+    /// Start.
+    Start,
+    /// Stop: graceful, then forced after the policy's timeout.
+    Stop,
+    /// Reboot.
+    Reboot,
+    /// Pause.
+    Pause,
+    /// Resume.
+    Resume,
+    /// Destroy (per the deletion policy).
+    Destroy,
+    /// Recover a destroyed VM.
+    Recover,
+    /// Expunge a destroyed VM.
+    Expunge,
+}
+
+impl Lifecycle {
+    fn op(self) -> VmOp {
+        match self {
+            Lifecycle::Start => VmOp::Start,
+            Lifecycle::Stop => VmOp::Stop,
+            Lifecycle::Reboot => VmOp::Reboot,
+            Lifecycle::Pause => VmOp::Pause,
+            Lifecycle::Resume => VmOp::Resume,
+            Lifecycle::Destroy => VmOp::Destroy,
+            Lifecycle::Recover => VmOp::Recover,
+            Lifecycle::Expunge => VmOp::Expunge,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Lifecycle::Start => "start",
+            Lifecycle::Stop => "stop",
+            Lifecycle::Reboot => "reboot",
+            Lifecycle::Pause => "pause",
+            Lifecycle::Resume => "resume",
+            Lifecycle::Destroy => "destroy",
+            Lifecycle::Recover => "recover",
+            Lifecycle::Expunge => "expunge",
+        }
+    }
+}
+
+/// Runs `op` on VM `id` and returns its record afterwards.
+pub async fn operate(
+    vms: &Kind<Vms>,
+    id: Uuid,
+    op: Lifecycle,
+    timeout: Duration,
+    job_id: Option<Uuid>,
+) -> Result<VmRecord, VmError> {
+    vms.call(id, Op::within("lifecycle", op.name(), timeout).job(job_id), move |ctx| async move {
+        run(ctx, op).await
+    })
+    .await
+}
+
+async fn run(ctx: OpCtx<Vms>, op: Lifecycle) -> Result<VmRecord, VmError> {
+    let record = ctx.with_state(|s| s.record.clone());
+    let transition = plan(record.state, op.op())?;
+    if op == Lifecycle::Recover {
+        return save(&ctx, |r| r.state = transition.on_success).await;
+    }
+    save(&ctx, |r| r.state = transition.during).await?;
+    let outcome = drive(&ctx, op, &record).await;
+    match outcome {
+        Ok(Landing::Table) => save(&ctx, |r| r.state = transition.on_success).await,
+        Ok(Landing::Expunged) => {
+            let mut batch = Batch::new();
+            batch.delete::<VmRecord>(record.uuid, Expect::Any);
+            ctx.entity().db.commit(batch).await?;
+            ctx.passivate_when_idle();
+            tracing::info!(vm = %record.uuid, "VM expunged");
+            Ok(VmRecord { state: VmState::Expunging, ..record })
+        }
+        Err(error) => {
+            tracing::warn!(vm = %record.uuid, ?op, %error, "VM operation failed");
+            save(&ctx, |r| r.state = transition.on_failure).await?;
+            Err(error)
+        }
+    }
+}
+
+enum Landing {
+    /// Where the state table says.
+    Table,
+    /// The VM is gone.
+    Expunged,
+}
+
+async fn drive(ctx: &OpCtx<Vms>, op: Lifecycle, record: &VmRecord) -> Result<Landing, VmError> {
+    let hosts = hosts_of(ctx)?;
+    let host = record.host_uuid.or(record.last_host_uuid).ok_or(VmError::NoHost(record.uuid))?;
+    let deadline = deadline_of(ctx);
+    let job = ctx.job_id();
+    let uuid = record.uuid;
+    let send = |command: Command| host::command(&hosts, host, command, deadline, job);
+    match op {
+        Lifecycle::Start => {
+            send(Command::DefineDomain(record.domain_spec())).await?;
+            send(Command::StartDomain { uuid }).await?;
+        }
+        Lifecycle::Stop => {
+            if record.state != VmState::Unknown {
+                send(Command::ShutdownDomain { uuid }).await?;
+                let graceful = ctx.entity().policy.graceful_stop.min(ctx.remaining());
+                let started = std::time::Instant::now();
+                while started.elapsed() < graceful {
+                    if domain_state(&send(Command::ListDomains).await?, uuid)
+                        != Some(DomainState::Running)
+                    {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+            // Forced: harmless if the guest already powered off.
+            send(Command::DestroyDomain { uuid }).await?;
+        }
+        Lifecycle::Reboot => {
+            send(Command::RebootDomain { uuid }).await?;
+        }
+        Lifecycle::Pause => {
+            send(Command::SuspendDomain { uuid }).await?;
+        }
+        Lifecycle::Resume => {
+            send(Command::ResumeDomain { uuid }).await?;
+        }
+        Lifecycle::Destroy => {
+            let destroyed = async {
+                send(Command::DestroyDomain { uuid }).await?;
+                send(Command::UndefineDomain { uuid }).await
+            }
+            .await;
+            match destroyed {
+                Ok(_) => {}
+                Err(HostError::Disconnected(_)) | Err(HostError::Link(_)) => {
+                    // The user's destroy succeeds; the domain goes when the host is back.
+                    let job = DestroyDomainJob { host, vm: uuid };
+                    let trigger = Trigger::every(Duration::from_secs(60)).and_on_event(
+                        EventMatcher::topic("host.status-changed")
+                            .field("hostUuid", host)
+                            .field("status", "Connected"),
+                    );
+                    ctx.runtime()
+                        .gc()
+                        .submit(
+                            &format!("{DESTROY_DOMAIN_JOB}/{uuid}"),
+                            DESTROY_DOMAIN_JOB,
+                            &job,
+                            trigger,
+                        )
+                        .await?;
+                    tracing::warn!(vm = %uuid, host = %host, "host unreachable: the domain will be destroyed by the GC");
+                }
+                Err(error) => return Err(error.into()),
+            }
+            if ctx.entity().policy.deletion == DeletionPolicy::Direct {
+                return expunge_volume(record, &send).await;
+            }
+        }
+        Lifecycle::Expunge => return expunge_volume(record, &send).await,
+        // Recovering only changes the record (handled in `run`).
+        Lifecycle::Recover => {}
+    }
+    Ok(Landing::Table)
+}
+
+async fn expunge_volume<F, Fut>(record: &VmRecord, send: &F) -> Result<Landing, VmError>
+where
+    F: Fn(Command) -> Fut,
+    Fut: std::future::Future<Output = Result<Reply, HostError>>,
+{
+    if let Some(path) = &record.root_volume_path {
+        send(Command::DeleteVolume { path: path.clone() }).await?;
+    }
+    Ok(Landing::Expunged)
+}
+
+fn domain_state(reply: &Reply, uuid: Uuid) -> Option<DomainState> {
+    match reply {
+        Reply::Domains(domains) => domains.iter().find(|d| d.uuid == uuid).map(|d| d.state),
+        _ => None,
+    }
+}

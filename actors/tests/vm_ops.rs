@@ -1,0 +1,158 @@
+//! The user's VM operations against a real agent server: the lifecycle checked on the
+//! hypervisor as well as in the store, refused operations, failures landing per the state
+//! table, and destroy while the host is unreachable finished by the GC.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use strato_actors::host;
+use strato_actors::vm::ops::{self, DESTROY_DOMAIN_JOB, Lifecycle};
+use strato_actors::vm::state::VmState;
+use strato_actors::vm::{self, VmError};
+use strato_agent::driver::Driver;
+use strato_agent::driver::libvirt::Libvirt;
+use strato_agent::driver::sim::{Sim, SimConfig};
+use strato_proto::DomainState;
+use uuid::Uuid;
+
+const T: Duration = Duration::from_secs(20);
+
+fn hypervisor_state(driver: &dyn Driver, vm: Uuid) -> Option<DomainState> {
+    driver.list().unwrap().into_iter().find(|d| d.uuid == vm).map(|d| d.state)
+}
+
+async fn walk_the_lifecycle(
+    driver: Arc<dyn Driver>,
+    serve_it: impl std::future::Future<Output = std::net::SocketAddr>,
+) {
+    let addr = serve_it.await;
+    let c = mn(TOKEN);
+    let host = host_record(addr);
+    put(&c.db, &host);
+    let vm = vm_record(host.uuid, VmState::Stopped);
+    put(&c.db, &vm);
+    host::connect(&c.hosts, host.uuid).await.unwrap();
+    let id = vm.uuid;
+    let step = |op| ops::operate(&c.vms, id, op, T, None);
+
+    assert_eq!(step(Lifecycle::Start).await.unwrap().state, VmState::Running);
+    assert_eq!(hypervisor_state(&*driver, id), Some(DomainState::Running));
+    assert_eq!(step(Lifecycle::Pause).await.unwrap().state, VmState::Paused);
+    assert_eq!(hypervisor_state(&*driver, id), Some(DomainState::Paused));
+    assert_eq!(step(Lifecycle::Resume).await.unwrap().state, VmState::Running);
+    assert_eq!(hypervisor_state(&*driver, id), Some(DomainState::Running));
+    assert_eq!(step(Lifecycle::Reboot).await.unwrap().state, VmState::Running);
+    assert_eq!(step(Lifecycle::Stop).await.unwrap().state, VmState::Stopped);
+    assert_eq!(hypervisor_state(&*driver, id), Some(DomainState::Shutoff));
+
+    // A refused operation names the state and changes nothing.
+    match step(Lifecycle::Resume).await {
+        Err(VmError::InvalidState(e)) => assert!(e.to_string().contains("Stopped"), "{e}"),
+        other => panic!("expected InvalidState, got {other:?}"),
+    }
+    assert_eq!(vm::record(&c.vms, id).await.unwrap().state, VmState::Stopped);
+
+    assert_eq!(step(Lifecycle::Start).await.unwrap().state, VmState::Running);
+    assert_eq!(step(Lifecycle::Destroy).await.unwrap().state, VmState::Destroyed);
+    assert_eq!(hypervisor_state(&*driver, id), None, "domain destroyed and undefined");
+    assert_eq!(step(Lifecycle::Recover).await.unwrap().state, VmState::Stopped);
+    assert_eq!(step(Lifecycle::Start).await.unwrap().state, VmState::Running, "redefined on start");
+    assert_eq!(hypervisor_state(&*driver, id), Some(DomainState::Running));
+    step(Lifecycle::Destroy).await.unwrap();
+    step(Lifecycle::Expunge).await.unwrap();
+    assert!(c.db.get::<strato_actors::records::VmRecord>(id).unwrap().is_none(), "expunged");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_on_sim() {
+    let dir = tempfile::tempdir().unwrap();
+    let driver = sim(dir.path());
+    let served = driver.clone();
+    walk_the_lifecycle(
+        driver,
+        async move { serve(served, "127.0.0.1:0".parse().unwrap()).await.1 },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_on_libvirt_test_driver() {
+    let driver: Arc<dyn Driver> = Arc::new(Libvirt::open("test:///default").unwrap());
+    let served = driver.clone();
+    walk_the_lifecycle(driver, async move {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let agent = strato_agent::server::Agent::new("libvirt-test", TOKEN.into(), served);
+        tokio::spawn(agent.serve(listener));
+        addr
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_start_lands_where_the_table_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let driver = Arc::new(
+        Sim::open(SimConfig {
+            hostname: "flaky".into(),
+            cpus: 4,
+            memory_mib: 8192,
+            latency: Duration::ZERO,
+            failures: [("start-domain".to_owned(), 1.0)].into_iter().collect(),
+            state_file: dir.path().join("sim.json"),
+            reset: false,
+        })
+        .unwrap(),
+    );
+    let (_agent, addr) = serve(driver.clone(), "127.0.0.1:0".parse().unwrap()).await;
+    let c = mn(TOKEN);
+    let host = host_record(addr);
+    put(&c.db, &host);
+    let vm = vm_record(host.uuid, VmState::Stopped);
+    put(&c.db, &vm);
+    host::connect(&c.hosts, host.uuid).await.unwrap();
+    let error = ops::operate(&c.vms, vm.uuid, Lifecycle::Start, T, None).await.unwrap_err();
+    assert!(error.to_string().contains("injected"), "{error}");
+    assert_eq!(vm::record(&c.vms, vm.uuid).await.unwrap().state, VmState::Stopped);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destroying_on_a_disconnected_host_succeeds_and_the_gc_finishes_after_reconnect() {
+    let dir = tempfile::tempdir().unwrap();
+    let driver = sim(dir.path());
+    let (agent, addr) = serve(driver.clone(), "127.0.0.1:0".parse().unwrap()).await;
+    let c = mn(TOKEN);
+    ops::register_gc(&c.runtime, c.hosts.clone());
+    c.runtime.gc().start().unwrap();
+    let host = host_record(addr);
+    put(&c.db, &host);
+    let vm = vm_record(host.uuid, VmState::Stopped);
+    put(&c.db, &vm);
+    host::connect(&c.hosts, host.uuid).await.unwrap();
+    ops::operate(&c.vms, vm.uuid, Lifecycle::Start, T, None).await.unwrap();
+
+    agent.shutdown();
+    eventually("VM Unknown", || async {
+        vm::record(&c.vms, vm.uuid).await.unwrap().state == VmState::Unknown
+    })
+    .await;
+    // The user's destroy succeeds although the host is away.
+    let destroyed = ops::operate(&c.vms, vm.uuid, Lifecycle::Destroy, T, None).await.unwrap();
+    assert_eq!(destroyed.state, VmState::Destroyed);
+    let jobs = c.runtime.gc().list().unwrap();
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0].kind, DESTROY_DOMAIN_JOB);
+    assert_eq!(hypervisor_state(&*driver, vm.uuid), Some(DomainState::Running), "still there");
+
+    // The agent comes back; the host reconnects; the GC job runs on that event.
+    let (_agent, _) = serve(driver.clone(), addr).await;
+    eventually("leftover domain destroyed", || async {
+        hypervisor_state(&*driver, vm.uuid).is_none()
+    })
+    .await;
+    eventually("GC job done", || async { c.runtime.gc().list().unwrap().is_empty() }).await;
+    assert_eq!(vm::record(&c.vms, vm.uuid).await.unwrap().state, VmState::Destroyed);
+}
