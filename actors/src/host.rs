@@ -10,7 +10,8 @@
 //! reach the VMs at once.
 //!
 //! Queues: `link` (level 1) serializes connecting and losing the link; `command` (level 64)
-//! carries commands to the agent, which run concurrently on the one link.
+//! carries commands to the agent, which run concurrently on the one link; `capacity` (level
+//! 1) books CPU and memory for VMs, so two creations never take the same slot.
 
 use std::collections::HashSet;
 use std::time::{Duration, SystemTime};
@@ -448,5 +449,79 @@ pub async fn record(hosts: &Kind<Hosts>, id: Uuid) -> Result<HostRecord, HostErr
         .call(id, Op::within("command", "read", Duration::from_secs(10)), |ctx| async move {
             Ok(ctx.with_state(|s| s.record.clone()))
         })
+        .await
+}
+
+/// How far CPU and memory may be overcommitted (ZStack's defaults: CPU 10x, memory 1x).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Overcommit {
+    /// Virtual CPUs per physical CPU.
+    pub cpu: f64,
+    /// Memory booked per byte of memory.
+    pub memory: f64,
+}
+
+impl Default for Overcommit {
+    fn default() -> Self {
+        Overcommit { cpu: 10.0, memory: 1.0 }
+    }
+}
+
+/// Whether `record` has room for `cpu` CPUs and `memory` bytes more.
+pub fn fits(record: &HostRecord, cpu: u32, memory: u64, overcommit: Overcommit) -> bool {
+    let Some(facts) = &record.facts else { return false };
+    let cpu_total = (f64::from(facts.cpus) * overcommit.cpu) as u64;
+    let memory_total = ((facts.memory_mib << 20) as f64 * overcommit.memory) as u64;
+    record.reserved_cpu() + u64::from(cpu) <= cpu_total
+        && record.reserved_memory() + memory <= memory_total
+}
+
+/// Books `cpu` and `memory` on host `id` for VM `vm` if it still has room; returns whether
+/// it did. Booking again for the same VM is a no-op that answers true.
+pub async fn reserve(
+    hosts: &Kind<Hosts>,
+    id: Uuid,
+    vm: Uuid,
+    cpu: u32,
+    memory: u64,
+    overcommit: Overcommit,
+) -> Result<bool, HostError> {
+    hosts
+        .call(
+            id,
+            Op::within("capacity", "reserve", Duration::from_secs(30)),
+            move |ctx| async move {
+                if ctx.with_state(|s| s.record.reservations.contains_key(&vm)) {
+                    return Ok(true);
+                }
+                if !ctx.with_state(|s| fits(&s.record, cpu, memory, overcommit)) {
+                    return Ok(false);
+                }
+                save(&ctx, |r| {
+                    r.reservations.insert(vm, crate::records::Reservation { cpu, memory });
+                })
+                .await?;
+                Ok(true)
+            },
+        )
+        .await
+}
+
+/// Gives back what VM `vm` booked on host `id` (nothing if it booked nothing).
+pub async fn release(hosts: &Kind<Hosts>, id: Uuid, vm: Uuid) -> Result<(), HostError> {
+    hosts
+        .call(
+            id,
+            Op::within("capacity", "release", Duration::from_secs(30)),
+            move |ctx| async move {
+                if ctx.with_state(|s| !s.record.reservations.contains_key(&vm)) {
+                    return Ok(());
+                }
+                save(&ctx, |r| {
+                    r.reservations.remove(&vm);
+                })
+                .await
+            },
+        )
         .await
 }

@@ -16,7 +16,9 @@
 //! ([`host`]), and the VM actor as far as it applies what hosts observe ([`vm`]). The user's
 //! VM operations, the create flow, the allocator and the other resources come next.
 
+pub mod allocator;
 pub mod host;
 pub mod ipam;
+pub mod l3;
 pub mod records;
 pub mod vm;

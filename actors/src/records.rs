@@ -69,6 +69,31 @@ pub struct HostRecord {
     pub last_error: Option<String>,
     /// Domains the hypervisor runs that no VM record claims (reported, never adopted).
     pub strangers: Vec<Uuid>,
+    /// CPU and memory booked for each VM placed on it, by VM: booking and releasing are
+    /// keyed, so both are safe to repeat.
+    pub reservations: std::collections::BTreeMap<Uuid, Reservation>,
+}
+
+/// What one VM booked on its host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Reservation {
+    /// CPUs.
+    pub cpu: u32,
+    /// Memory in bytes.
+    pub memory: u64,
+}
+
+impl HostRecord {
+    /// CPUs booked in all.
+    pub fn reserved_cpu(&self) -> u64 {
+        self.reservations.values().map(|r| u64::from(r.cpu)).sum()
+    }
+
+    /// Memory booked in all.
+    pub fn reserved_memory(&self) -> u64 {
+        self.reservations.values().map(|r| r.memory).sum()
+    }
 }
 
 impl Record for HostRecord {
@@ -164,6 +189,73 @@ impl Record for VmRecord {
                 name: "ip",
                 values: |v| v.vm_nics.iter().map(|n| n.ip.as_str().into()).collect(),
             },
+        ]
+    }
+}
+
+/// An L3 network: its IP ranges and the addresses handed out from them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct L3NetworkRecord {
+    /// Its UUID.
+    pub uuid: Uuid,
+    /// Its name.
+    pub name: String,
+    /// Its IP ranges.
+    pub ip_ranges: Vec<crate::ipam::IpRange>,
+    /// DNS servers handed to guests.
+    pub dns: Vec<String>,
+    /// The host bridge its NICs plug into (none: user-mode networking).
+    pub bridge: Option<String>,
+}
+
+impl Record for L3NetworkRecord {
+    const KIND: &'static str = "l3";
+    const VERSION: u16 = 1;
+
+    fn id(&self) -> Uuid {
+        self.uuid
+    }
+
+    fn indexes() -> &'static [Index<Self>] {
+        &[Index { name: "name", values: |l| vec![l.name.as_str().into()] }]
+    }
+}
+
+/// An address handed out: its UUID derives from (L3, IP), so writing it with
+/// `Expect::Absent` can succeed only once per address, whatever else goes wrong.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UsedIpRecord {
+    /// `v5(l3, ip)`.
+    pub uuid: Uuid,
+    /// The network.
+    pub l3_network_uuid: Uuid,
+    /// The address.
+    pub ip: String,
+    /// Who holds it (a VM NIC).
+    pub owner: Uuid,
+}
+
+impl UsedIpRecord {
+    /// The record UUID of `ip` on `l3`.
+    pub fn id_of(l3: Uuid, ip: std::net::Ipv4Addr) -> Uuid {
+        Uuid::new_v5(&l3, ip.to_string().as_bytes())
+    }
+}
+
+impl Record for UsedIpRecord {
+    const KIND: &'static str = "used-ip";
+    const VERSION: u16 = 1;
+
+    fn id(&self) -> Uuid {
+        self.uuid
+    }
+
+    fn indexes() -> &'static [Index<Self>] {
+        &[
+            Index { name: "l3", values: |u| vec![IndexValue::Uuid(u.l3_network_uuid)] },
+            Index { name: "ip", values: |u| vec![u.ip.as_str().into()] },
         ]
     }
 }

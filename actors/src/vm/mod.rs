@@ -4,6 +4,7 @@
 //! It applies what the hypervisor observes ([`observe`]) and runs the user's operations
 //! ([`ops::operate`]) through the state table ([`state::plan`]).
 
+pub mod create;
 pub mod ops;
 pub mod state;
 

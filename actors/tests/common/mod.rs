@@ -7,7 +7,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use strato_actors::host::{HostConfig, Hosts};
+use strato_actors::host::{HostConfig, Hosts, Overcommit};
+use strato_actors::l3::L3s;
 use strato_actors::records::{HostRecord, HostState, HostStatus, VmRecord};
 use strato_actors::vm::Vms;
 use strato_actors::vm::state::VmState;
@@ -26,6 +27,7 @@ pub struct Cluster {
     pub db: Db,
     pub hosts: Kind<Hosts>,
     pub vms: Kind<Vms>,
+    pub l3s: Kind<L3s>,
 }
 
 impl Drop for Cluster {
@@ -46,7 +48,9 @@ pub fn mn(token: &str) -> Cluster {
     config.reconnect_base = Duration::from_millis(50);
     config.reconnect_max = Duration::from_millis(400);
     let hosts = runtime.register(Hosts::new(db.clone(), config), Hosts::kind_config());
-    Cluster { runtime, db, hosts, vms }
+    let l3s = runtime.register(L3s::new(db.clone()), L3s::kind_config());
+    strato_actors::vm::create::define(&runtime, hosts.clone(), l3s.clone(), Overcommit::default());
+    Cluster { runtime, db, hosts, vms, l3s }
 }
 
 pub fn sim(dir: &std::path::Path) -> Arc<Sim> {
@@ -90,6 +94,7 @@ pub fn host_record(addr: SocketAddr) -> HostRecord {
         facts: None,
         last_error: None,
         strangers: vec![],
+        reservations: Default::default(),
     }
 }
 

@@ -1,0 +1,142 @@
+//! The L3 network actor: owns its IP ranges and hands out addresses in its `ip-alloc`
+//! queue at level 1 (ZStack's), so two allocations never race.
+//!
+//! Each address handed out is a [`UsedIpRecord`] whose UUID derives from (network, address)
+//! and which is written with `Expect::Absent`: even a bug that let two allocations race
+//! could not record one address twice.
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use strato_runtime::{BoxError, Entity, Kind, KindConfig, Op, OpCtx, RuntimeError};
+use strato_storage::{Batch, Db, Expect};
+use uuid::Uuid;
+
+use crate::ipam::{self, IpRange, IpamError};
+use crate::records::{L3NetworkRecord, UsedIpRecord};
+
+/// The L3 actor's state.
+#[derive(Debug)]
+pub struct L3Actor {
+    record: L3NetworkRecord,
+    generation: u64,
+    used: BTreeSet<Ipv4Addr>,
+}
+
+/// The L3 network actor kind.
+#[derive(Debug)]
+pub struct L3s {
+    db: Db,
+}
+
+impl L3s {
+    /// The kind, on `db`.
+    pub fn new(db: Db) -> Self {
+        L3s { db }
+    }
+
+    /// The kind's default queues.
+    pub fn kind_config() -> KindConfig {
+        KindConfig::default()
+            .queue("ip-alloc", 1, 10_000)
+            .idle_timeout(Some(Duration::from_secs(600)))
+    }
+}
+
+impl Entity for L3s {
+    const KIND: &'static str = "l3";
+    type State = L3Actor;
+
+    fn load(&self, id: Uuid) -> Result<Option<L3Actor>, BoxError> {
+        let Some(stored) = self.db.get::<L3NetworkRecord>(id)? else { return Ok(None) };
+        let mut used = BTreeSet::new();
+        for ip_id in self.db.find::<UsedIpRecord>("l3", &id.into())? {
+            if let Some(ip) = self.db.get::<UsedIpRecord>(ip_id)? {
+                used.insert(ip.record.ip.parse()?);
+            }
+        }
+        Ok(Some(L3Actor { record: stored.record, generation: stored.generation, used }))
+    }
+}
+
+/// Why an L3 operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum L3Error {
+    /// The runtime did not run it.
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    /// The store failed.
+    #[error("the store failed")]
+    Store(#[from] strato_storage::StoreError),
+    /// The addresses said no.
+    #[error(transparent)]
+    Ipam(#[from] IpamError),
+}
+
+fn op(name: &'static str) -> Op {
+    Op::within("ip-alloc", name, Duration::from_secs(30))
+}
+
+/// Hands out an address of L3 `l3` to `owner` (`requested`, if given and free).
+pub async fn allocate_ip(
+    l3s: &Kind<L3s>,
+    l3: Uuid,
+    owner: Uuid,
+    requested: Option<Ipv4Addr>,
+) -> Result<Ipv4Addr, L3Error> {
+    l3s.call(l3, op("allocate-ip"), move |ctx| async move {
+        let ip = ctx.with_state(|s| ipam::allocate(&s.record.ip_ranges, &s.used, requested))?;
+        let record = UsedIpRecord {
+            uuid: UsedIpRecord::id_of(l3, ip),
+            l3_network_uuid: l3,
+            ip: ip.to_string(),
+            owner,
+        };
+        let mut batch = Batch::new();
+        batch.put(&record, Expect::Absent)?;
+        ctx.entity().db.commit(batch).await?;
+        ctx.with_state(|s| s.used.insert(ip));
+        Ok(ip)
+    })
+    .await
+}
+
+/// Gives address `ip` back (succeeds if it was not held).
+pub async fn release_ip(l3s: &Kind<L3s>, l3: Uuid, ip: Ipv4Addr) -> Result<(), L3Error> {
+    l3s.call(l3, op("release-ip"), move |ctx| async move {
+        let mut batch = Batch::new();
+        batch.delete::<UsedIpRecord>(UsedIpRecord::id_of(l3, ip), Expect::Any);
+        ctx.entity().db.commit(batch).await?;
+        ctx.with_state(|s| s.used.remove(&ip));
+        Ok(())
+    })
+    .await
+}
+
+/// Adds an IP range to L3 `l3`, refusing one that overlaps another.
+pub async fn add_ip_range(
+    l3s: &Kind<L3s>,
+    l3: Uuid,
+    range: IpRange,
+) -> Result<L3NetworkRecord, L3Error> {
+    l3s.call(l3, op("add-ip-range"), move |ctx: OpCtx<L3s>| async move {
+        let (mut record, generation) = ctx.with_state(|s| (s.record.clone(), s.generation));
+        ipam::check_no_overlap(&record.ip_ranges, &range)?;
+        record.ip_ranges.push(range);
+        let mut batch = Batch::new();
+        batch.put(&record, Expect::Generation(generation))?;
+        let written = ctx.entity().db.commit(batch).await?;
+        ctx.with_state(|s| {
+            s.record = record.clone();
+            s.generation = written[0].generation.unwrap_or(generation);
+        });
+        Ok(record)
+    })
+    .await
+}
+
+/// The addresses in use on L3 `l3`.
+pub async fn used_ips(l3s: &Kind<L3s>, l3: Uuid) -> Result<BTreeSet<Ipv4Addr>, L3Error> {
+    l3s.call(l3, op("used-ips"), |ctx| async move { Ok(ctx.with_state(|s| s.used.clone())) }).await
+}

@@ -1,0 +1,276 @@
+//! Creating a VM: a flow (chain `vm.create`) whose every step has an undo.
+//!
+//! 1. `record`: write the VM record, state Created (undo: delete it);
+//! 2. `allocate-host`: pick a host and book its capacity (undo: give back what this VM booked
+//!    on any host; bookings are keyed by VM, so the undo needs no memory of the choice);
+//! 3. `allocate-nics`: an address on each L3 network (undo: give back every address this
+//!    VM's NICs hold; NIC UUIDs derive from the VM and the network);
+//! 4. `start-domain`: define and start the domain on the host (undo: destroy and undefine it).
+//!
+//! A failure at any step rolls back everything before it, and the flow engine persists
+//! progress, so a crash of the MN mid-creation is rolled back at the next start: no record,
+//! booking, address or domain is left behind. Other modules can add steps (a root volume,
+//! say) with the flow engine's `insert_before`/`insert_after`.
+
+use std::net::Ipv4Addr;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use strato_proto::Command;
+use strato_runtime::{BoxError, ChainSpec, FlowInfo, Kind, Runtime, Step};
+use strato_storage::{Batch, Db, Expect};
+use uuid::Uuid;
+
+use super::state::VmState;
+use crate::allocator::{self, Need};
+use crate::host::{self, Hosts, Overcommit};
+use crate::l3::{self, L3s};
+use crate::records::{HostRecord, L3NetworkRecord, UsedIpRecord, VmNic, VmRecord};
+
+/// The chain's name.
+pub const CREATE_CHAIN: &str = "vm.create";
+
+/// What a creation asks for, and what its steps found.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateVm {
+    /// The new VM's UUID.
+    pub vm: Uuid,
+    /// Its name.
+    pub name: String,
+    /// CPUs.
+    pub cpu_num: u32,
+    /// Memory in bytes.
+    pub memory_size: u64,
+    /// One NIC on each of these L3 networks.
+    pub l3_networks: Vec<Uuid>,
+    /// Only hosts of these clusters.
+    pub clusters: Option<Vec<Uuid>>,
+    /// Only this host.
+    pub pinned_host: Option<Uuid>,
+    /// The host chosen (set by `allocate-host`).
+    pub host: Option<Uuid>,
+    /// The NICs made (set by `allocate-nics`).
+    pub nics: Vec<VmNic>,
+}
+
+/// The UUID of VM `vm`'s NIC on L3 `l3`.
+pub fn nic_id(vm: Uuid, l3: Uuid) -> Uuid {
+    Uuid::new_v5(&vm, l3.as_bytes())
+}
+
+/// A MAC address derived from the NIC's UUID, in QEMU's locally administered range.
+fn mac_of(nic: Uuid) -> String {
+    let b = nic.as_bytes();
+    format!("52:54:00:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2])
+}
+
+async fn write_vm(db: &Db, vm: Uuid, change: impl FnOnce(&mut VmRecord)) -> Result<(), BoxError> {
+    let stored =
+        db.get::<VmRecord>(vm)?.ok_or_else(|| format!("VM {vm} vanished during creation"))?;
+    let mut record = stored.record;
+    change(&mut record);
+    let mut batch = Batch::new();
+    batch.put(&record, Expect::Generation(stored.generation))?;
+    db.commit(batch).await?;
+    Ok(())
+}
+
+struct RecordStep {
+    db: Db,
+}
+
+#[async_trait]
+impl Step<CreateVm> for RecordStep {
+    async fn run(&self, c: &mut CreateVm, _: &FlowInfo) -> Result<(), BoxError> {
+        if self.db.get::<VmRecord>(c.vm)?.is_some() {
+            return Ok(()); // a repeat after a crash
+        }
+        let record = VmRecord {
+            uuid: c.vm,
+            name: c.name.clone(),
+            state: VmState::Created,
+            host_uuid: None,
+            last_host_uuid: None,
+            cpu_num: c.cpu_num,
+            memory_size: c.memory_size,
+            root_volume_path: None,
+            vm_nics: Vec::new(),
+        };
+        let mut batch = Batch::new();
+        batch.put(&record, Expect::Absent)?;
+        self.db.commit(batch).await?;
+        Ok(())
+    }
+
+    async fn rollback(&self, c: &mut CreateVm, _: &FlowInfo) -> Result<(), BoxError> {
+        let mut batch = Batch::new();
+        batch.delete::<VmRecord>(c.vm, Expect::Any);
+        self.db.commit(batch).await?;
+        Ok(())
+    }
+}
+
+struct AllocateHost {
+    db: Db,
+    hosts: Kind<Hosts>,
+    overcommit: Overcommit,
+}
+
+#[async_trait]
+impl Step<CreateVm> for AllocateHost {
+    async fn run(&self, c: &mut CreateVm, _: &FlowInfo) -> Result<(), BoxError> {
+        let need = Need {
+            cpu: c.cpu_num,
+            memory: c.memory_size,
+            clusters: c.clusters.clone(),
+            pinned: c.pinned_host,
+        };
+        let host = allocator::place(&self.db, &self.hosts, c.vm, &need, self.overcommit).await?;
+        c.host = Some(host);
+        write_vm(&self.db, c.vm, |r| r.host_uuid = Some(host)).await
+    }
+
+    async fn rollback(&self, c: &mut CreateVm, _: &FlowInfo) -> Result<(), BoxError> {
+        // Wherever this VM booked capacity (the choice may not have been saved), give it back.
+        for stored in self.db.scan::<HostRecord>() {
+            let record = stored?.record;
+            if record.reservations.contains_key(&c.vm) {
+                host::release(&self.hosts, record.uuid, c.vm).await?;
+            }
+        }
+        c.host = None;
+        Ok(())
+    }
+}
+
+struct AllocateNics {
+    db: Db,
+    l3s: Kind<L3s>,
+}
+
+#[async_trait]
+impl Step<CreateVm> for AllocateNics {
+    async fn run(&self, c: &mut CreateVm, _: &FlowInfo) -> Result<(), BoxError> {
+        for l3 in c.l3_networks.clone() {
+            let nic = nic_id(c.vm, l3);
+            if c.nics.iter().any(|n| n.uuid == nic) {
+                continue;
+            }
+            let ip = l3::allocate_ip(&self.l3s, l3, nic, None).await?;
+            let bridge = self.db.get::<L3NetworkRecord>(l3)?.and_then(|s| s.record.bridge);
+            c.nics.push(VmNic {
+                uuid: nic,
+                l3_network_uuid: l3,
+                ip: ip.to_string(),
+                mac: mac_of(nic),
+                bridge,
+            });
+        }
+        let nics = c.nics.clone();
+        write_vm(&self.db, c.vm, |r| r.vm_nics = nics).await
+    }
+
+    async fn rollback(&self, c: &mut CreateVm, _: &FlowInfo) -> Result<(), BoxError> {
+        // Every address a NIC of this VM holds, whether or not the step saved it.
+        for l3 in c.l3_networks.clone() {
+            let nic = nic_id(c.vm, l3);
+            for id in self.db.find::<UsedIpRecord>("l3", &l3.into())? {
+                if let Some(used) = self.db.get::<UsedIpRecord>(id)?
+                    && used.record.owner == nic
+                {
+                    let ip: Ipv4Addr = used.record.ip.parse()?;
+                    l3::release_ip(&self.l3s, l3, ip).await?;
+                }
+            }
+        }
+        c.nics.clear();
+        Ok(())
+    }
+}
+
+struct StartDomain {
+    db: Db,
+    hosts: Kind<Hosts>,
+}
+
+fn deadline() -> SystemTime {
+    SystemTime::now() + Duration::from_secs(120)
+}
+
+#[async_trait]
+impl Step<CreateVm> for StartDomain {
+    async fn run(&self, c: &mut CreateVm, flow: &FlowInfo) -> Result<(), BoxError> {
+        let host = c.host.ok_or("no host was allocated")?;
+        write_vm(&self.db, c.vm, |r| r.state = VmState::Starting).await?;
+        let record = self.db.get::<VmRecord>(c.vm)?.ok_or("VM record vanished")?.record;
+        host::command(
+            &self.hosts,
+            host,
+            Command::DefineDomain(record.domain_spec()),
+            deadline(),
+            flow.job_id,
+        )
+        .await?;
+        host::command(
+            &self.hosts,
+            host,
+            Command::StartDomain { uuid: c.vm },
+            deadline(),
+            flow.job_id,
+        )
+        .await?;
+        write_vm(&self.db, c.vm, |r| r.state = VmState::Running).await
+    }
+
+    async fn rollback(&self, c: &mut CreateVm, flow: &FlowInfo) -> Result<(), BoxError> {
+        let Some(host) = c.host else { return Ok(()) };
+        host::command(
+            &self.hosts,
+            host,
+            Command::DestroyDomain { uuid: c.vm },
+            deadline(),
+            flow.job_id,
+        )
+        .await?;
+        host::command(
+            &self.hosts,
+            host,
+            Command::UndefineDomain { uuid: c.vm },
+            deadline(),
+            flow.job_id,
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+/// Declares the `vm.create` chain. Call once at startup, before the flow recovery pass.
+pub fn define(runtime: &Runtime, hosts: Kind<Hosts>, l3s: Kind<L3s>, overcommit: Overcommit) {
+    let db = runtime.db().clone();
+    runtime.flows().define(
+        ChainSpec::new(CREATE_CHAIN)
+            .step("record", RecordStep { db: db.clone() })
+            .step(
+                "allocate-host",
+                AllocateHost { db: db.clone(), hosts: hosts.clone(), overcommit },
+            )
+            .step("allocate-nics", AllocateNics { db: db.clone(), l3s })
+            .step("start-domain", StartDomain { db, hosts }),
+    );
+}
+
+/// Creates a VM and returns its record once it runs.
+pub async fn create(
+    runtime: &Runtime,
+    request: CreateVm,
+    job_id: Option<Uuid>,
+) -> Result<VmRecord, strato_runtime::RuntimeError> {
+    let vm = request.vm;
+    runtime.flows().run(CREATE_CHAIN, request, job_id).await?;
+    runtime
+        .db()
+        .get::<VmRecord>(vm)?
+        .map(|s| s.record)
+        .ok_or_else(|| strato_runtime::RuntimeError::Undefined { what: "VM", name: vm.to_string() })
+}

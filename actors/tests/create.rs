@@ -1,0 +1,198 @@
+//! Creating VMs through the `vm.create` flow against a real agent server: success, then a
+//! failure at each step (and after the last) leaving nothing behind, the placement trace,
+//! and a burst of creations for one free address.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use strato_actors::host;
+use strato_actors::ipam::IpRange;
+use strato_actors::records::{HostRecord, L3NetworkRecord, UsedIpRecord, VmRecord};
+use strato_actors::vm::create::{self, CREATE_CHAIN, CreateVm};
+use strato_actors::vm::state::VmState;
+use strato_agent::driver::Driver;
+use strato_agent::driver::sim::{Sim, SimConfig};
+use strato_proto::DomainState;
+use strato_runtime::{BoxError, FlowInfo, RuntimeError, Step};
+use uuid::Uuid;
+
+struct Setup {
+    c: Cluster,
+    driver: Arc<Sim>,
+    host: Uuid,
+    l3: Uuid,
+    _agent: Arc<strato_agent::server::Agent>,
+    _dir: tempfile::TempDir,
+}
+
+/// One sim host (8 CPUs, 16 GiB), connected, and an L3 with `ips` addresses.
+async fn setup(failures: &[(&str, f64)], ips: u8) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let driver = Arc::new(
+        Sim::open(SimConfig {
+            hostname: "h".into(),
+            cpus: 8,
+            memory_mib: 16_384,
+            latency: Duration::ZERO,
+            failures: failures.iter().map(|(k, p)| ((*k).to_owned(), *p)).collect(),
+            state_file: dir.path().join("sim.json"),
+            reset: false,
+        })
+        .unwrap(),
+    );
+    let (agent, addr) = serve(driver.clone(), "127.0.0.1:0".parse().unwrap()).await;
+    let c = mn(TOKEN);
+    let host = host_record(addr);
+    put(&c.db, &host);
+    host::connect(&c.hosts, host.uuid).await.unwrap();
+    let l3 = L3NetworkRecord {
+        uuid: Uuid::new_v4(),
+        name: "pub".into(),
+        ip_ranges: vec![],
+        dns: vec![],
+        bridge: None,
+    };
+    put(&c.db, &l3);
+    let range = IpRange::new(
+        "10.0.0.10".parse().unwrap(),
+        format!("10.0.0.{}", 9 + ips).parse().unwrap(),
+        "255.255.255.0".parse().unwrap(),
+        "10.0.0.1".parse().unwrap(),
+    )
+    .unwrap();
+    strato_actors::l3::add_ip_range(&c.l3s, l3.uuid, range).await.unwrap();
+    Setup { c, driver, host: host.uuid, l3: l3.uuid, _agent: agent, _dir: dir }
+}
+
+fn request(s: &Setup, memory_gib: u64) -> CreateVm {
+    CreateVm {
+        vm: Uuid::new_v4(),
+        name: "vm".into(),
+        cpu_num: 2,
+        memory_size: memory_gib << 30,
+        l3_networks: vec![s.l3],
+        clusters: None,
+        pinned_host: None,
+        host: None,
+        nics: vec![],
+    }
+}
+
+/// Nothing of VM `vm` is left: no record, booking, address or domain.
+fn assert_nothing_left(s: &Setup, vm: Uuid) {
+    assert!(s.c.db.get::<VmRecord>(vm).unwrap().is_none(), "VM record left");
+    let host = s.c.db.get::<HostRecord>(s.host).unwrap().unwrap().record;
+    assert!(!host.reservations.contains_key(&vm), "capacity left booked");
+    let nic = create::nic_id(vm, s.l3);
+    let leaked = s.c.db.scan::<UsedIpRecord>().map(|r| r.unwrap().record).any(|u| u.owner == nic);
+    assert!(!leaked, "address left allocated");
+    assert!(s.driver.list().unwrap().iter().all(|d| d.uuid != vm), "domain left on the host");
+    assert!(s.c.runtime.flows().in_progress().unwrap().is_empty(), "flow record left");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_is_created_running_with_its_ip_booking_and_domain() {
+    let s = setup(&[], 5).await;
+    let vm = create::create(&s.c.runtime, request(&s, 1), None).await.unwrap();
+    assert_eq!(vm.state, VmState::Running);
+    assert_eq!(vm.host_uuid, Some(s.host));
+    assert_eq!(vm.vm_nics.len(), 1);
+    assert_eq!(vm.vm_nics[0].ip, "10.0.0.10");
+    let domain = s.driver.list().unwrap().into_iter().find(|d| d.uuid == vm.uuid).unwrap();
+    assert_eq!(domain.state, DomainState::Running);
+    let host = s.c.db.get::<HostRecord>(s.host).unwrap().unwrap().record;
+    assert_eq!(host.reservations[&vm.uuid].cpu, 2);
+    assert_eq!(s.c.db.find::<VmRecord>("ip", &"10.0.0.10".into()).unwrap(), vec![vm.uuid]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_host_rolls_back_and_carries_the_placement_trace() {
+    let s = setup(&[], 5).await;
+    let mut big = request(&s, 64); // 64 GiB on a 16 GiB host
+    big.name = "big".into();
+    let error = create::create(&s.c.runtime, big.clone(), None).await.unwrap_err();
+    let text = error.to_string();
+    assert!(text.contains("allocate-host"), "{text}");
+    assert!(
+        text.contains("status Connected -> 1")
+            && text.contains("free capacity for 2 CPU and 65536 MiB -> 0"),
+        "{text}"
+    );
+    assert_nothing_left(&s, big.vm);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_address_rolls_back_the_booking_and_the_record() {
+    let s = setup(&[], 1).await;
+    create::create(&s.c.runtime, request(&s, 1), None).await.unwrap();
+    let second = request(&s, 1);
+    let error = create::create(&s.c.runtime, second.clone(), None).await.unwrap_err();
+    assert!(
+        error.to_string().contains("allocate-nics") && error.to_string().contains("no free IP"),
+        "{error}"
+    );
+    assert_nothing_left(&s, second.vm);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_start_rolls_back_the_domain_address_booking_and_record() {
+    let s = setup(&[("start-domain", 1.0)], 5).await;
+    let vm = request(&s, 1);
+    let error = create::create(&s.c.runtime, vm.clone(), None).await.unwrap_err();
+    assert!(error.to_string().contains("start-domain"), "{error}");
+    assert_nothing_left(&s, vm.vm);
+}
+
+/// A step another module adds after the last one, failing: everything before rolls back,
+/// including a domain that was already running.
+struct Refuse;
+
+#[async_trait::async_trait]
+impl Step<CreateVm> for Refuse {
+    async fn run(&self, _: &mut CreateVm, _: &FlowInfo) -> Result<(), BoxError> {
+        Err("refused by an extension".into())
+    }
+
+    async fn rollback(&self, _: &mut CreateVm, _: &FlowInfo) -> Result<(), BoxError> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_after_the_last_step_undoes_a_running_vm() {
+    let s = setup(&[], 5).await;
+    s.c.runtime
+        .flows()
+        .insert_after::<CreateVm>(CREATE_CHAIN, "start-domain", "extension", Refuse)
+        .unwrap();
+    let vm = request(&s, 1);
+    let error = create::create(&s.c.runtime, vm.clone(), None).await.unwrap_err();
+    assert!(
+        matches!(error, RuntimeError::FlowFailed { ref step, .. } if step == "extension"),
+        "{error}"
+    );
+    assert_nothing_left(&s, vm.vm);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_for_one_free_address_creates_exactly_one_vm() {
+    let s = setup(&[], 1).await;
+    let requests: Vec<CreateVm> = (0..6).map(|_| request(&s, 1)).collect();
+    let results = futures::future::join_all(
+        requests.iter().cloned().map(|r| create::create(&s.c.runtime, r, None)),
+    )
+    .await;
+    let created: Vec<&VmRecord> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+    assert_eq!(created.len(), 1, "one address, one VM");
+    for (request, result) in requests.iter().zip(&results) {
+        if result.is_err() {
+            assert_nothing_left(&s, request.vm);
+        }
+    }
+    assert_eq!(s.c.db.count::<UsedIpRecord>().unwrap(), 1);
+    let host = s.c.db.get::<HostRecord>(s.host).unwrap().unwrap().record;
+    assert_eq!(host.reservations.len(), 1, "only the created VM holds capacity");
+}
