@@ -525,3 +525,21 @@ pub async fn release(hosts: &Kind<Hosts>, id: Uuid, vm: Uuid) -> Result<(), Host
         )
         .await
 }
+
+/// Sets a host's administrative state (`changeHostState`).
+pub async fn set_state(
+    hosts: &Kind<Hosts>,
+    id: Uuid,
+    state: crate::records::HostState,
+) -> Result<HostRecord, HostError> {
+    hosts
+        .call(
+            id,
+            Op::within("capacity", "change-state", Duration::from_secs(30)),
+            move |ctx| async move {
+                save(&ctx, |r| r.state = state).await?;
+                Ok(ctx.with_state(|s| s.record.clone()))
+            },
+        )
+        .await
+}

@@ -259,3 +259,78 @@ impl Record for UsedIpRecord {
         ]
     }
 }
+
+/// A zone.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ZoneRecord {
+    /// Its UUID.
+    pub uuid: Uuid,
+    /// Its name.
+    pub name: String,
+    /// A description.
+    pub description: Option<String>,
+}
+
+impl Record for ZoneRecord {
+    const KIND: &'static str = "zone";
+    const VERSION: u16 = 1;
+
+    fn id(&self) -> Uuid {
+        self.uuid
+    }
+
+    fn indexes() -> &'static [Index<Self>] {
+        &[Index { name: "name", values: |z| vec![z.name.as_str().into()] }]
+    }
+}
+
+/// A cluster of KVM hosts in a zone.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterRecord {
+    /// Its UUID.
+    pub uuid: Uuid,
+    /// Its name.
+    pub name: String,
+    /// Its zone.
+    pub zone_uuid: Uuid,
+    /// Always `KVM` for now.
+    pub hypervisor_type: String,
+}
+
+impl Record for ClusterRecord {
+    const KIND: &'static str = "cluster";
+    const VERSION: u16 = 1;
+
+    fn id(&self) -> Uuid {
+        self.uuid
+    }
+
+    fn indexes() -> &'static [Index<Self>] {
+        &[Index { name: "zone", values: |c| vec![IndexValue::Uuid(c.zone_uuid)] }]
+    }
+}
+
+/// An instance offering: the CPU and memory of a VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InstanceOfferingRecord {
+    /// Its UUID.
+    pub uuid: Uuid,
+    /// Its name.
+    pub name: String,
+    /// CPUs.
+    pub cpu_num: u32,
+    /// Memory in bytes.
+    pub memory_size: u64,
+}
+
+impl Record for InstanceOfferingRecord {
+    const KIND: &'static str = "instance-offering";
+    const VERSION: u16 = 1;
+
+    fn id(&self) -> Uuid {
+        self.uuid
+    }
+}

@@ -1,12 +1,17 @@
 //! The management node's front: the HTTP API and the `strato` binary.
 //!
-//! This crate will serve the versioned HTTP API with axum (resource endpoints generated from
-//! one declaration per resource kind, the query engine, sessions and accounts, async jobs),
-//! the OpenAPI document, `/metrics`, the debug console and its `/debug` JSON, and the `strato`
-//! command-line client. It is the only crate that speaks HTTP, and the one place where
-//! errors of every layer are mapped to HTTP statuses and stable error codes.
+//! It serves the versioned HTTP API with axum in ZStack's v1 shape ([`routes`]), with async
+//! jobs persisted before they are acknowledged ([`jobs`]), on a management node assembled in
+//! [`mn`]. It is the only crate that speaks HTTP, and [`error`] is the one place where errors
+//! of every layer are mapped to HTTP statuses and stable error codes. Still to come here: the
+//! query engine, accounts, OpenAPI, `/metrics`, the debug console and the CLI.
 //!
-//! Until the management node exists, the `strato` binary runs a demonstration of the
-//! runtime ([`demo`]): the README's main command starts it.
+//! The `strato` binary runs the server (`strato server`), prints the agents' token
+//! (`strato agent-token`), and keeps the runtime demonstration ([`demo`]).
 
 pub mod demo;
+pub mod error;
+pub mod jobs;
+pub mod mn;
+pub mod routes;
+pub mod server;

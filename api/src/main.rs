@@ -1,7 +1,43 @@
-//! The `strato` binary. Until the management node lands it runs the runtime demonstration
-//! (see [`strato_api::demo`]).
+//! The `strato` binary: the management node server, the agents' token, and the runtime
+//! demonstration.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// Strato, an IaaS control plane.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Runs the management node: the HTTP API on its embedded store.
+    Server {
+        /// Where the store and the agents' token live.
+        #[arg(long, default_value = "strato-data")]
+        data_dir: PathBuf,
+        /// Where the API listens.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+    },
+    /// Prints the token agents must be started with (made on first use).
+    AgentToken {
+        /// The management node's data directory.
+        #[arg(long, default_value = "strato-data")]
+        data_dir: PathBuf,
+    },
+    /// Runs the demonstration of the runtime on the embedded store.
+    Demo {
+        /// Where its store lives.
+        #[arg(long, default_value = "strato-data/demo")]
+        data_dir: PathBuf,
+    },
+}
 
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
@@ -14,19 +50,33 @@ fn main() -> std::process::ExitCode {
     // A panic is logged once, on one line, through tracing (the runtime contains panics in
     // operations and reports them itself; this covers every other thread too).
     std::panic::set_hook(Box::new(|info| tracing::error!(panic = %info, "panic")));
-    let mut args = std::env::args().skip(1);
-    let mut data_dir = PathBuf::from("strato-data");
-    while let Some(arg) = args.next() {
-        match (arg.as_str(), args.next()) {
-            ("--data-dir", Some(dir)) => data_dir = PathBuf::from(dir),
-            _ => {
-                eprintln!("usage: strato [--data-dir DIR]");
-                return std::process::ExitCode::from(2);
-            }
-        }
-    }
+    let args = Args::parse();
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-    match runtime.block_on(strato_api::demo::run(&data_dir)) {
+    let result: Result<(), strato_runtime::BoxError> = runtime.block_on(async {
+        match args.command {
+            Cmd::Server { data_dir, listen } => {
+                let listener = strato_api::server::bind(listen).await?;
+                let mn = strato_api::mn::Mn::start(&data_dir, None).await?;
+                println!("strato: API on http://{listen}/v1 (data in {})", data_dir.display());
+                println!(
+                    "strato: agents need the token from `strato agent-token --data-dir {}`",
+                    data_dir.display()
+                );
+                tokio::select! {
+                    served = strato_api::server::serve(mn.clone(), listener) => served?,
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+                mn.shutdown();
+                Ok(())
+            }
+            Cmd::AgentToken { data_dir } => {
+                println!("{}", strato_api::mn::agent_token(&data_dir)?);
+                Ok(())
+            }
+            Cmd::Demo { data_dir } => strato_api::demo::run(&data_dir).await,
+        }
+    });
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("strato: {}", strato_runtime::error_chain(&*error));

@@ -1,0 +1,181 @@
+//! The API's one error type and its one mapping to HTTP.
+//!
+//! Every failure a client can see is an [`ApiError`]: an HTTP status, a stable code
+//! (`SYS.INVALID_ARGUMENT`, `VM.INVALID_STATE`, ...), a message a user can act on, and details
+//! (the field at fault, the placement trace). Errors from the layers below are mapped here
+//! and nowhere else; server-side failures log their whole cause chain.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use strato_actors::host::HostError;
+use strato_actors::l3::L3Error;
+use strato_actors::vm::VmError;
+use strato_runtime::{RuntimeError, error_chain};
+
+/// An error as the API reports it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ApiError {
+    /// The HTTP status.
+    #[serde(skip, default = "internal_status")]
+    pub status: StatusCode,
+    /// A stable code.
+    pub code: String,
+    /// What happened, for a user.
+    pub description: String,
+    /// More: the field at fault, the placement trace, ...
+    pub details: Value,
+}
+
+fn internal_status() -> StatusCode {
+    StatusCode::INTERNAL_SERVER_ERROR
+}
+
+impl ApiError {
+    /// An error with everything given.
+    pub fn new(
+        status: StatusCode,
+        code: &str,
+        description: impl Into<String>,
+        details: Value,
+    ) -> Self {
+        ApiError { status, code: code.to_owned(), description: description.into(), details }
+    }
+
+    /// 400: `field` is missing or wrong.
+    pub fn invalid(field: &str, description: impl Into<String>) -> Self {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "SYS.INVALID_ARGUMENT",
+            description,
+            json!({ "field": field }),
+        )
+    }
+
+    /// 404: no `kind` with this UUID.
+    pub fn not_found(kind: &str, uuid: impl std::fmt::Display) -> Self {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "SYS.RESOURCE_NOT_FOUND",
+            format!("no {kind} with UUID {uuid}"),
+            json!({ "resourceType": kind, "uuid": uuid.to_string() }),
+        )
+    }
+
+    /// 500, logging the cause chain.
+    pub fn internal(error: &(dyn std::error::Error + 'static)) -> Self {
+        let chain = error_chain(error);
+        tracing::error!(error = %chain, "internal error");
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "SYS.INTERNAL", chain, Value::Null)
+    }
+
+    /// The JSON body: `{"error": {...}}`.
+    pub fn body(&self) -> Value {
+        json!({ "error": { "code": self.code, "description": self.description, "details": self.details } })
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(self.body())).into_response()
+    }
+}
+
+impl From<RuntimeError> for ApiError {
+    fn from(error: RuntimeError) -> Self {
+        match &error {
+            RuntimeError::NotFound { actor } => ApiError::not_found(actor.kind, actor.id),
+            RuntimeError::Busy { .. } => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "SYS.BUSY",
+                error.to_string(),
+                Value::Null,
+            ),
+            RuntimeError::Timeout { .. } => ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "SYS.TIMEOUT",
+                error.to_string(),
+                Value::Null,
+            ),
+            RuntimeError::FlowFailed { chain, step, message, rollback_failures } => {
+                let (code, details) = match message.strip_prefix("no host can take the VM: ") {
+                    Some(trace) => (
+                        "HOST_ALLOCATION.NO_HOST",
+                        json!({ "step": step, "placementTrace": trace.split(", ").collect::<Vec<_>>() }),
+                    ),
+                    None => (
+                        "SYS.OPERATION_FAILED",
+                        json!({ "step": step, "rollbackFailures": rollback_failures }),
+                    ),
+                };
+                ApiError::new(
+                    StatusCode::CONFLICT,
+                    code,
+                    format!("{chain} failed at {step}: {message}"),
+                    details,
+                )
+            }
+            _ => ApiError::internal(&error),
+        }
+    }
+}
+
+impl From<VmError> for ApiError {
+    fn from(error: VmError) -> Self {
+        match error {
+            VmError::Runtime(e) => e.into(),
+            VmError::InvalidState(e) => ApiError::new(
+                StatusCode::CONFLICT,
+                "VM.INVALID_STATE",
+                e.to_string(),
+                json!({ "state": format!("{:?}", e.state), "allowed": e.allowed.iter().map(|o| format!("{o:?}")).collect::<Vec<_>>() }),
+            ),
+            VmError::Host(e) => e.into(),
+            other => ApiError::internal(&other),
+        }
+    }
+}
+
+impl From<HostError> for ApiError {
+    fn from(error: HostError) -> Self {
+        match error {
+            HostError::Runtime(e) => e.into(),
+            HostError::Disconnected(_) | HostError::Link(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "HOST.UNAVAILABLE",
+                error_chain(&error),
+                Value::Null,
+            ),
+            other => ApiError::internal(&other),
+        }
+    }
+}
+
+impl From<L3Error> for ApiError {
+    fn from(error: L3Error) -> Self {
+        match error {
+            L3Error::Runtime(e) => e.into(),
+            L3Error::Ipam(e) => {
+                let field = match &e {
+                    strato_actors::ipam::IpamError::Invalid { field, .. } => *field,
+                    _ => "ipRange",
+                };
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "L3.INVALID_IP_RANGE",
+                    e.to_string(),
+                    json!({ "field": field }),
+                )
+            }
+            other => ApiError::internal(&other),
+        }
+    }
+}
+
+impl From<strato_storage::StoreError> for ApiError {
+    fn from(error: strato_storage::StoreError) -> Self {
+        ApiError::internal(&error)
+    }
+}

@@ -1,0 +1,156 @@
+//! API jobs: every mutation is a job, persisted before the client hears `202`.
+//!
+//! A job has a UUID (the client's `X-Job-UUID`, or a new one), the API name and a hash of the
+//! request body. Submitting the same UUID with the same body returns the same job; with a
+//! different body it is a `409`. The job runs on a task; its record ends `Succeeded` with the
+//! inventory or `Failed` with the error. At startup, jobs left `Running` by a previous process
+//! end `Failed` (their flows having been rolled back by the flow recovery pass), so every
+//! accepted job reaches a terminal state.
+
+use std::future::Future;
+use std::hash::{Hash, Hasher};
+
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use strato_storage::{Batch, Db, Expect, Record, StoreError};
+use uuid::Uuid;
+
+use crate::error::ApiError;
+
+/// Where a job stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobState {
+    /// Running.
+    Running,
+    /// Done; `result` holds the inventory.
+    Succeeded,
+    /// Failed; `error` holds the error.
+    Failed,
+}
+
+/// A persisted job.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobRecord {
+    /// Its UUID.
+    pub uuid: Uuid,
+    /// The API call (`CreateVmInstance`, ...).
+    pub api: String,
+    /// A hash of the request body, to tell a repeat from a different request.
+    pub body_hash: u64,
+    /// Where it stands.
+    pub state: JobState,
+    /// The inventory, as JSON text.
+    pub result: Option<String>,
+    /// The error, as JSON text (with its HTTP status).
+    pub error: Option<(u16, String)>,
+}
+
+impl Record for JobRecord {
+    const KIND: &'static str = "api-job";
+    const VERSION: u16 = 1;
+
+    fn id(&self) -> Uuid {
+        self.uuid
+    }
+}
+
+fn hash_of(api: &str, body: &Value) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    api.hash(&mut hasher);
+    body.to_string().hash(&mut hasher);
+    hasher.finish()
+}
+
+/// Accepts a job: persists it and starts `work` on a task, or finds the earlier job with the
+/// same UUID. Returns the job's UUID.
+pub async fn submit<W, Fut>(
+    db: &Db,
+    job_id: Option<Uuid>,
+    api: &str,
+    body: &Value,
+    work: W,
+) -> Result<Uuid, ApiError>
+where
+    W: FnOnce(Uuid) -> Fut,
+    Fut: Future<Output = Result<Value, ApiError>> + Send + 'static,
+{
+    let uuid = job_id.unwrap_or_else(Uuid::new_v4);
+    let body_hash = hash_of(api, body);
+    let record = JobRecord {
+        uuid,
+        api: api.to_owned(),
+        body_hash,
+        state: JobState::Running,
+        result: None,
+        error: None,
+    };
+    let mut batch = Batch::new();
+    batch.put(&record, Expect::Absent)?;
+    match db.commit(batch).await {
+        Ok(_) => {}
+        Err(StoreError::Conflict { .. }) => {
+            let existing =
+                db.get::<JobRecord>(uuid)?.ok_or_else(|| ApiError::not_found("job", uuid))?.record;
+            if existing.api == api && existing.body_hash == body_hash {
+                return Ok(uuid);
+            }
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "SYS.JOB_UUID_REUSED",
+                format!("job {uuid} already exists for a different request; use a new X-Job-UUID"),
+                json!({ "jobUuid": uuid }),
+            ));
+        }
+        Err(error) => return Err(error.into()),
+    }
+    tracing::info!(job = %uuid, api, "job accepted");
+    let work = work(uuid);
+    let db = db.clone();
+    let api = api.to_owned();
+    tokio::spawn(async move {
+        let outcome = work.await;
+        let (state, result, error) = match outcome {
+            Ok(inventory) => (JobState::Succeeded, Some(inventory.to_string()), None),
+            Err(error) => {
+                tracing::warn!(job = %uuid, %api, code = %error.code, description = %error.description, "job failed");
+                (JobState::Failed, None, Some((error.status.as_u16(), error.body().to_string())))
+            }
+        };
+        let done = JobRecord { uuid, api: api.clone(), body_hash, state, result, error };
+        let mut batch = Batch::new();
+        if batch.put(&done, Expect::Any).is_ok()
+            && let Err(error) = db.commit(batch).await
+        {
+            tracing::error!(job = %uuid, error = %strato_runtime::error_chain(&error), "could not record the job's end");
+        }
+        tracing::info!(job = %uuid, %api, ?state, "job finished");
+    });
+    Ok(uuid)
+}
+
+/// Ends every job a previous process left running.
+pub async fn recover(db: &Db) -> Result<usize, StoreError> {
+    let mut ended = 0;
+    let running: Vec<JobRecord> = db
+        .scan::<JobRecord>()
+        .filter_map(|r| r.ok())
+        .map(|s| s.record)
+        .filter(|j| j.state == JobState::Running)
+        .collect();
+    for mut job in running {
+        let error = ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "SYS.JOB_INTERRUPTED",
+            "the management node restarted while this job ran; its changes were rolled back",
+            Value::Null,
+        );
+        job.state = JobState::Failed;
+        job.error = Some((error.status.as_u16(), error.body().to_string()));
+        let mut batch = Batch::new();
+        batch.put(&job, Expect::Any)?;
+        db.commit(batch).await?;
+        ended += 1;
+    }
+    Ok(ended)
+}

@@ -1,0 +1,93 @@
+//! The management node assembled: the store, the runtime, the actor kinds, the flows and the
+//! GC, recovered and started in the right order.
+//!
+//! Order matters at startup: kinds and chains are declared before the flow recovery pass (it
+//! needs the chains), jobs are ended after it (their flows are rolled back by then), GC
+//! handlers are registered before the GC starts, and hosts are dialed last.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use strato_actors::host::{self, HostConfig, Hosts, Overcommit};
+use strato_actors::l3::L3s;
+use strato_actors::records::HostRecord;
+use strato_actors::vm::{self, Vms};
+use strato_runtime::{BoxError, Kind, Runtime, RuntimeConfig};
+use strato_storage::Db;
+
+/// The running management node.
+#[derive(Debug)]
+pub struct Mn {
+    /// The runtime.
+    pub runtime: Runtime,
+    /// The store.
+    pub db: Db,
+    /// VM actors.
+    pub vms: Kind<Vms>,
+    /// Host actors.
+    pub hosts: Kind<Hosts>,
+    /// L3 network actors.
+    pub l3s: Kind<L3s>,
+}
+
+/// The token agents must be started with, kept in the data directory (made on first use).
+pub fn agent_token(data_dir: &Path) -> Result<String, std::io::Error> {
+    let path = data_dir.join("agent-token");
+    match std::fs::read_to_string(&path) {
+        Ok(token) => Ok(token.trim().to_owned()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(data_dir)?;
+            let token =
+                format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
+            std::fs::write(&path, &token)?;
+            Ok(token)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+impl Mn {
+    /// Opens the store in `data_dir` and starts everything.
+    pub async fn start(
+        data_dir: &Path,
+        host_config: Option<HostConfig>,
+    ) -> Result<Arc<Mn>, BoxError> {
+        std::fs::create_dir_all(data_dir)?;
+        let token = agent_token(data_dir)?;
+        let db = Db::open_sled(&data_dir.join("store"))?;
+        let runtime = Runtime::start(RuntimeConfig::default(), db.clone())?;
+        let vms = runtime.register(Vms::new(db.clone()), Vms::kind_config());
+        let hosts = runtime.register(
+            Hosts::new(db.clone(), host_config.unwrap_or_else(|| HostConfig::with_token(token))),
+            Hosts::kind_config(),
+        );
+        let l3s = runtime.register(L3s::new(db.clone()), L3s::kind_config());
+        vm::create::define(&runtime, hosts.clone(), l3s.clone(), Overcommit::default());
+        vm::ops::register_gc(&runtime, hosts.clone());
+
+        let recovered = runtime.flows().recover().await?;
+        let ended = crate::jobs::recover(&db).await?;
+        tracing::info!(
+            rolled_back = recovered.rolled_back.len(),
+            resumed = recovered.resumed.len(),
+            jobs_ended = ended,
+            "recovered from the previous run"
+        );
+        runtime.gc().start()?;
+        for stored in db.scan::<HostRecord>() {
+            let id = stored?.record.uuid;
+            let hosts = hosts.clone();
+            tokio::spawn(async move {
+                if let Err(error) = host::connect(&hosts, id).await {
+                    tracing::warn!(host = %id, %error, "host not connected at startup; redialing");
+                }
+            });
+        }
+        Ok(Arc::new(Mn { runtime, db, vms, hosts, l3s }))
+    }
+
+    /// Stops the runtime.
+    pub fn shutdown(&self) {
+        self.runtime.shutdown();
+    }
+}

@@ -1,0 +1,639 @@
+//! The HTTP API in ZStack's v1 shape.
+//!
+//! Creations take `{"params": {...}, "systemTags": [], "userTags": []}`; actions take
+//! `{"<actionName>": {...}}`; reads answer `{"inventories": [...]}`. Every mutation answers
+//! `202` with `{"location": ".../v1/api-jobs/{uuid}"}` and a `Location` header; the job's
+//! URL answers `202` while it runs and `200` with `{"inventory": ...}` or `{"error": ...}`.
+//! Input is checked before a job is accepted: a malformed body is a `400` naming the field,
+//! an unknown UUID a `404`, an operation the VM's state refuses a `409`; nothing changes.
+
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use strato_actors::host;
+use strato_actors::ipam::IpRange;
+use strato_actors::records::{
+    ClusterRecord, HostRecord, HostState, HostStatus, InstanceOfferingRecord, L3NetworkRecord,
+    VmRecord, ZoneRecord,
+};
+use strato_actors::vm::create::{self, CreateVm};
+use strato_actors::vm::ops::{self, Lifecycle};
+use strato_actors::vm::state;
+use strato_storage::{Batch, Expect, Record};
+use uuid::Uuid;
+
+use crate::error::ApiError;
+use crate::jobs::{self, JobRecord, JobState};
+use crate::mn::Mn;
+
+type Shared = State<Arc<Mn>>;
+
+/// How long a VM operation may wait for its turn and run.
+const OP_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The API's routes.
+pub fn router(mn: Arc<Mn>) -> Router {
+    Router::new()
+        .route("/v1/zones", get(list::<ZoneRecord>).post(create_zone))
+        .route("/v1/zones/{uuid}", get(one::<ZoneRecord>))
+        .route("/v1/clusters", get(list::<ClusterRecord>).post(create_cluster))
+        .route("/v1/clusters/{uuid}", get(one::<ClusterRecord>))
+        .route("/v1/hosts", get(list::<HostRecord>))
+        .route("/v1/hosts/kvm", post(add_host))
+        .route("/v1/hosts/{uuid}", get(one::<HostRecord>))
+        .route("/v1/hosts/{uuid}/actions", put(host_action))
+        .route("/v1/instance-offerings", get(list::<InstanceOfferingRecord>).post(create_offering))
+        .route("/v1/instance-offerings/{uuid}", get(one::<InstanceOfferingRecord>))
+        .route("/v1/l3-networks", get(list::<L3NetworkRecord>).post(create_l3))
+        .route("/v1/l3-networks/{uuid}", get(one::<L3NetworkRecord>))
+        .route("/v1/l3-networks/{uuid}/ip-ranges", post(add_ip_range))
+        .route("/v1/vm-instances", get(list::<VmRecord>).post(create_vm))
+        .route("/v1/vm-instances/{uuid}", get(one::<VmRecord>).delete(destroy_vm))
+        .route("/v1/vm-instances/{uuid}/actions", put(vm_action))
+        .route("/v1/api-jobs/{uuid}", get(job))
+        .with_state(mn)
+}
+
+/// A creation's envelope.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Create {
+    params: Value,
+    #[serde(default)]
+    #[allow(dead_code)]
+    system_tags: Vec<String>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    user_tags: Vec<String>,
+}
+
+/// The request body as JSON, or a 400 that says why not.
+fn json_body(bytes: &Bytes) -> Result<Value, ApiError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::invalid("body", format!("the request body is not valid JSON: {e}")))
+}
+
+/// Parses a JSON body, naming the field at fault.
+fn parse<T: DeserializeOwned>(value: Value, what: &str) -> Result<T, ApiError> {
+    serde_json::from_value(value).map_err(|e| {
+        let text = e.to_string();
+        let field = text.split('`').nth(1).map(str::to_owned).unwrap_or_else(|| what.to_owned());
+        ApiError::invalid(&field, format!("invalid {what}: {text}"))
+    })
+}
+
+fn params<T: DeserializeOwned>(body: Value) -> Result<(T, Value), ApiError> {
+    let envelope: Create = parse(body, "request body")?;
+    let params = envelope.params.clone();
+    Ok((parse(envelope.params, "params")?, params))
+}
+
+fn job_header(headers: &HeaderMap) -> Result<Option<Uuid>, ApiError> {
+    match headers.get("x-job-uuid") {
+        None => Ok(None),
+        Some(value) => {
+            value.to_str().ok().and_then(|v| Uuid::parse_str(v).ok()).map(Some).ok_or_else(|| {
+                ApiError::invalid("X-Job-UUID", "the X-Job-UUID header is not a UUID")
+            })
+        }
+    }
+}
+
+fn accepted(headers: &HeaderMap, job: Uuid) -> Response {
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost");
+    let location = format!("http://{host}/v1/api-jobs/{job}");
+    let mut response =
+        (StatusCode::ACCEPTED, Json(json!({ "location": location }))).into_response();
+    if let Ok(value) = HeaderValue::from_str(&location) {
+        response.headers_mut().insert(header::LOCATION, value);
+    }
+    response
+}
+
+fn inventory<T: serde::Serialize>(record: &T) -> Result<Value, ApiError> {
+    serde_json::to_value(record).map_err(|e| ApiError::internal(&e))
+}
+
+fn get_record<R: Record>(mn: &Mn, uuid: Uuid, kind: &str) -> Result<R, ApiError> {
+    mn.db.get::<R>(uuid)?.map(|s| s.record).ok_or_else(|| ApiError::not_found(kind, uuid))
+}
+
+fn uuid_param(text: &str, field: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(text).map_err(|_| ApiError::invalid(field, format!("`{text}` is not a UUID")))
+}
+
+async fn write<R: Record>(mn: &Mn, record: &R) -> Result<(), ApiError> {
+    let mut batch = Batch::new();
+    batch.put(record, Expect::Absent)?;
+    mn.db.commit(batch).await?;
+    Ok(())
+}
+
+fn non_empty(name: &str, field: &str) -> Result<(), ApiError> {
+    if name.trim().is_empty() {
+        return Err(ApiError::invalid(field, format!("`{field}` must not be empty")));
+    }
+    Ok(())
+}
+
+async fn list<R: Record>(State(mn): Shared) -> Result<Json<Value>, ApiError> {
+    let mut inventories = Vec::new();
+    for stored in mn.db.scan::<R>() {
+        inventories.push(inventory(&stored?.record)?);
+    }
+    Ok(Json(json!({ "inventories": inventories })))
+}
+
+async fn one<R: Record>(
+    State(mn): Shared,
+    Path(uuid): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let uuid = uuid_param(&uuid, "uuid")?;
+    let record: R = get_record(&mn, uuid, R::KIND)?;
+    Ok(Json(json!({ "inventories": [inventory(&record)?] })))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct ZoneParams {
+    name: String,
+    description: Option<String>,
+}
+
+async fn create_zone(
+    State(mn): Shared,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let (p, raw): (ZoneParams, _) = params(json_body(&body)?)?;
+    non_empty(&p.name, "name")?;
+    let db_mn = mn.clone();
+    let job =
+        jobs::submit(&mn.db, job_header(&headers)?, "CreateZone", &raw, move |_| async move {
+            let zone =
+                ZoneRecord { uuid: Uuid::new_v4(), name: p.name, description: p.description };
+            write(&db_mn, &zone).await?;
+            inventory(&zone)
+        })
+        .await?;
+    Ok(accepted(&headers, job))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct ClusterParams {
+    name: String,
+    zone_uuid: Uuid,
+    #[serde(default = "kvm")]
+    hypervisor_type: String,
+}
+
+fn kvm() -> String {
+    "KVM".into()
+}
+
+async fn create_cluster(
+    State(mn): Shared,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let (p, raw): (ClusterParams, _) = params(json_body(&body)?)?;
+    non_empty(&p.name, "name")?;
+    get_record::<ZoneRecord>(&mn, p.zone_uuid, "zone")?;
+    if p.hypervisor_type != "KVM" {
+        return Err(ApiError::invalid("hypervisorType", "only KVM clusters are supported"));
+    }
+    let m = mn.clone();
+    let job =
+        jobs::submit(&mn.db, job_header(&headers)?, "CreateCluster", &raw, move |_| async move {
+            let cluster = ClusterRecord {
+                uuid: Uuid::new_v4(),
+                name: p.name,
+                zone_uuid: p.zone_uuid,
+                hypervisor_type: p.hypervisor_type,
+            };
+            write(&m, &cluster).await?;
+            inventory(&cluster)
+        })
+        .await?;
+    Ok(accepted(&headers, job))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct HostParams {
+    name: String,
+    management_ip: String,
+    #[serde(default = "agent_port")]
+    agent_port: u16,
+    cluster_uuid: Uuid,
+}
+
+fn agent_port() -> u16 {
+    7070
+}
+
+async fn add_host(
+    State(mn): Shared,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let (p, raw): (HostParams, _) = params(json_body(&body)?)?;
+    non_empty(&p.name, "name")?;
+    if p.management_ip.parse::<std::net::IpAddr>().is_err() {
+        return Err(ApiError::invalid(
+            "managementIp",
+            format!("`{}` is not an IP address", p.management_ip),
+        ));
+    }
+    get_record::<ClusterRecord>(&mn, p.cluster_uuid, "cluster")?;
+    let m = mn.clone();
+    let job =
+        jobs::submit(&mn.db, job_header(&headers)?, "AddKVMHost", &raw, move |_| async move {
+            let record = HostRecord {
+                uuid: Uuid::new_v4(),
+                name: p.name,
+                cluster_uuid: p.cluster_uuid,
+                management_ip: p.management_ip,
+                agent_port: p.agent_port,
+                state: HostState::Enabled,
+                status: HostStatus::Connecting,
+                facts: None,
+                last_error: None,
+                strangers: vec![],
+                reservations: Default::default(),
+            };
+            write(&m, &record).await?;
+            if let Err(error) = host::connect(&m.hosts, record.uuid).await {
+                // As in ZStack: a host that cannot be reached on adding is not added.
+                let _ = m.hosts.restart(record.uuid).await;
+                let mut batch = Batch::new();
+                batch.delete::<HostRecord>(record.uuid, Expect::Any);
+                m.db.commit(batch).await?;
+                return Err(error.into());
+            }
+            inventory(&host::record(&m.hosts, record.uuid).await?)
+        })
+        .await?;
+    Ok(accepted(&headers, job))
+}
+
+async fn host_action(
+    State(mn): Shared,
+    Path(uuid): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let uuid = uuid_param(&uuid, "uuid")?;
+    get_record::<HostRecord>(&mn, uuid, "host")?;
+    let body = json_body(&body)?;
+    let (name, args) = single_action(&body)?;
+    let m = mn.clone();
+    let job = match name.as_str() {
+        "reconnectHost" => {
+            jobs::submit(
+                &mn.db,
+                job_header(&headers)?,
+                "ReconnectHost",
+                &body,
+                move |_| async move {
+                    host::reconnect(&m.hosts, uuid).await?;
+                    inventory(&host::record(&m.hosts, uuid).await?)
+                },
+            )
+            .await?
+        }
+        "changeHostState" => {
+            let event = args.get("stateEvent").and_then(Value::as_str).unwrap_or_default();
+            let state = match event {
+                "enable" => HostState::Enabled,
+                "disable" => HostState::Disabled,
+                other => {
+                    return Err(ApiError::invalid(
+                        "stateEvent",
+                        format!("`{other}` is not one of enable, disable"),
+                    ));
+                }
+            };
+            jobs::submit(
+                &mn.db,
+                job_header(&headers)?,
+                "ChangeHostState",
+                &body,
+                move |_| async move { inventory(&host::set_state(&m.hosts, uuid, state).await?) },
+            )
+            .await?
+        }
+        other => {
+            return Err(ApiError::invalid("action", format!("`{other}` is not a host action")));
+        }
+    };
+    Ok(accepted(&headers, job))
+}
+
+fn single_action(body: &Value) -> Result<(String, Value), ApiError> {
+    match body.as_object() {
+        Some(map) if map.len() == 1 => {
+            let (name, args) = map.iter().next().expect("one entry");
+            Ok((name.clone(), args.clone()))
+        }
+        _ => Err(ApiError::invalid(
+            "action",
+            "the body must be one action, such as {\"startVmInstance\": {}}",
+        )),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct OfferingParams {
+    name: String,
+    cpu_num: u32,
+    memory_size: u64,
+}
+
+async fn create_offering(
+    State(mn): Shared,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let (p, raw): (OfferingParams, _) = params(json_body(&body)?)?;
+    non_empty(&p.name, "name")?;
+    if p.cpu_num == 0 {
+        return Err(ApiError::invalid("cpuNum", "`cpuNum` must be at least 1"));
+    }
+    if p.memory_size < 16 << 20 {
+        return Err(ApiError::invalid(
+            "memorySize",
+            "`memorySize` is in bytes and must be at least 16 MiB",
+        ));
+    }
+    let m = mn.clone();
+    let job = jobs::submit(
+        &mn.db,
+        job_header(&headers)?,
+        "CreateInstanceOffering",
+        &raw,
+        move |_| async move {
+            let offering = InstanceOfferingRecord {
+                uuid: Uuid::new_v4(),
+                name: p.name,
+                cpu_num: p.cpu_num,
+                memory_size: p.memory_size,
+            };
+            write(&m, &offering).await?;
+            inventory(&offering)
+        },
+    )
+    .await?;
+    Ok(accepted(&headers, job))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct L3Params {
+    name: String,
+    #[serde(default)]
+    dns: Vec<String>,
+    bridge: Option<String>,
+}
+
+async fn create_l3(
+    State(mn): Shared,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let (p, raw): (L3Params, _) = params(json_body(&body)?)?;
+    non_empty(&p.name, "name")?;
+    let m = mn.clone();
+    let job =
+        jobs::submit(&mn.db, job_header(&headers)?, "CreateL3Network", &raw, move |_| async move {
+            let l3 = L3NetworkRecord {
+                uuid: Uuid::new_v4(),
+                name: p.name,
+                ip_ranges: vec![],
+                dns: p.dns,
+                bridge: p.bridge,
+            };
+            write(&m, &l3).await?;
+            inventory(&l3)
+        })
+        .await?;
+    Ok(accepted(&headers, job))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RangeParams {
+    start_ip: Ipv4Addr,
+    end_ip: Ipv4Addr,
+    netmask: Ipv4Addr,
+    gateway: Ipv4Addr,
+    #[allow(dead_code)]
+    name: Option<String>,
+}
+
+async fn add_ip_range(
+    State(mn): Shared,
+    Path(uuid): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let uuid = uuid_param(&uuid, "uuid")?;
+    let l3: L3NetworkRecord = get_record(&mn, uuid, "l3-network")?;
+    let (p, raw): (RangeParams, _) = params(json_body(&body)?)?;
+    let range = IpRange::new(p.start_ip, p.end_ip, p.netmask, p.gateway)
+        .map_err(|e| ApiError::from(strato_actors::l3::L3Error::Ipam(e)))?;
+    strato_actors::ipam::check_no_overlap(&l3.ip_ranges, &range)
+        .map_err(|e| ApiError::from(strato_actors::l3::L3Error::Ipam(e)))?;
+    let m = mn.clone();
+    let job =
+        jobs::submit(&mn.db, job_header(&headers)?, "AddIpRange", &raw, move |_| async move {
+            inventory(&strato_actors::l3::add_ip_range(&m.l3s, uuid, range).await?)
+        })
+        .await?;
+    Ok(accepted(&headers, job))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct VmParams {
+    name: String,
+    instance_offering_uuid: Uuid,
+    l3_network_uuids: Vec<Uuid>,
+    host_uuid: Option<Uuid>,
+    cluster_uuid: Option<Uuid>,
+    #[allow(dead_code)]
+    image_uuid: Option<Uuid>,
+}
+
+async fn create_vm(
+    State(mn): Shared,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let (p, raw): (VmParams, _) = params(json_body(&body)?)?;
+    non_empty(&p.name, "name")?;
+    let offering: InstanceOfferingRecord =
+        get_record(&mn, p.instance_offering_uuid, "instance-offering")?;
+    if p.l3_network_uuids.is_empty() {
+        return Err(ApiError::invalid("l3NetworkUuids", "a VM needs at least one L3 network"));
+    }
+    for l3 in &p.l3_network_uuids {
+        get_record::<L3NetworkRecord>(&mn, *l3, "l3-network")?;
+    }
+    if let Some(host) = p.host_uuid {
+        get_record::<HostRecord>(&mn, host, "host")?;
+    }
+    if let Some(cluster) = p.cluster_uuid {
+        get_record::<ClusterRecord>(&mn, cluster, "cluster")?;
+    }
+    let m = mn.clone();
+    let job = jobs::submit(
+        &mn.db,
+        job_header(&headers)?,
+        "CreateVmInstance",
+        &raw,
+        move |job| async move {
+            let request = CreateVm {
+                vm: Uuid::new_v4(),
+                name: p.name,
+                cpu_num: offering.cpu_num,
+                memory_size: offering.memory_size,
+                l3_networks: p.l3_network_uuids,
+                clusters: p.cluster_uuid.map(|c| vec![c]),
+                pinned_host: p.host_uuid,
+                host: None,
+                nics: vec![],
+            };
+            inventory(&create::create(&m.runtime, request, Some(job)).await?)
+        },
+    )
+    .await?;
+    Ok(accepted(&headers, job))
+}
+
+fn lifecycle(action: &str) -> Option<(Lifecycle, &'static str)> {
+    Some(match action {
+        "startVmInstance" => (Lifecycle::Start, "StartVmInstance"),
+        "stopVmInstance" => (Lifecycle::Stop, "StopVmInstance"),
+        "rebootVmInstance" => (Lifecycle::Reboot, "RebootVmInstance"),
+        "pauseVmInstance" => (Lifecycle::Pause, "PauseVmInstance"),
+        "resumeVmInstance" => (Lifecycle::Resume, "ResumeVmInstance"),
+        "recoverVmInstance" => (Lifecycle::Recover, "RecoverVmInstance"),
+        "expungeVmInstance" => (Lifecycle::Expunge, "ExpungeVmInstance"),
+        _ => return None,
+    })
+}
+
+fn state_op(op: Lifecycle) -> state::VmOp {
+    match op {
+        Lifecycle::Start => state::VmOp::Start,
+        Lifecycle::Stop => state::VmOp::Stop,
+        Lifecycle::Reboot => state::VmOp::Reboot,
+        Lifecycle::Pause => state::VmOp::Pause,
+        Lifecycle::Resume => state::VmOp::Resume,
+        Lifecycle::Destroy => state::VmOp::Destroy,
+        Lifecycle::Recover => state::VmOp::Recover,
+        Lifecycle::Expunge => state::VmOp::Expunge,
+    }
+}
+
+/// Checks now what the VM actor will check again: a refused operation is a 409 at once.
+fn precheck(mn: &Mn, uuid: Uuid, op: Lifecycle) -> Result<(), ApiError> {
+    let vm: VmRecord = get_record(mn, uuid, "vm-instance")?;
+    state::plan(vm.state, state_op(op))
+        .map_err(|e| ApiError::from(strato_actors::vm::VmError::InvalidState(e)))?;
+    Ok(())
+}
+
+async fn run_lifecycle(
+    mn: Arc<Mn>,
+    headers: &HeaderMap,
+    uuid: Uuid,
+    op: Lifecycle,
+    api: &str,
+    body: &Value,
+) -> Result<Response, ApiError> {
+    precheck(&mn, uuid, op)?;
+    let m = mn.clone();
+    let job = jobs::submit(&mn.db, job_header(headers)?, api, body, move |job| async move {
+        let record = ops::operate(&m.vms, uuid, op, OP_TIMEOUT, Some(job)).await?;
+        inventory(&record)
+    })
+    .await?;
+    Ok(accepted(headers, job))
+}
+
+async fn vm_action(
+    State(mn): Shared,
+    Path(uuid): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let uuid = uuid_param(&uuid, "uuid")?;
+    let body = json_body(&body)?;
+    let (name, _) = single_action(&body)?;
+    let Some((op, api)) = lifecycle(&name) else {
+        return Err(ApiError::invalid(
+            "action",
+            format!("`{name}` is not a VM action this node offers"),
+        ));
+    };
+    let mut keyed = body.clone();
+    keyed["uuid"] = json!(uuid);
+    run_lifecycle(mn, &headers, uuid, op, api, &keyed).await
+}
+
+async fn destroy_vm(
+    State(mn): Shared,
+    Path(uuid): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let uuid = uuid_param(&uuid, "uuid")?;
+    run_lifecycle(
+        mn,
+        &headers,
+        uuid,
+        Lifecycle::Destroy,
+        "DestroyVmInstance",
+        &json!({ "uuid": uuid }),
+    )
+    .await
+}
+
+async fn job(State(mn): Shared, Path(uuid): Path<String>) -> Result<Response, ApiError> {
+    let uuid = uuid_param(&uuid, "uuid")?;
+    let job: JobRecord = get_record(&mn, uuid, "api-job")?;
+    Ok(match job.state {
+        JobState::Running => {
+            (StatusCode::ACCEPTED, Json(json!({ "state": "Running" }))).into_response()
+        }
+        JobState::Succeeded => {
+            let inventory: Value = job
+                .result
+                .as_deref()
+                .and_then(|r| serde_json::from_str(r).ok())
+                .unwrap_or(Value::Null);
+            (StatusCode::OK, Json(json!({ "inventory": inventory }))).into_response()
+        }
+        JobState::Failed => {
+            let error: Value = job
+                .error
+                .as_ref()
+                .and_then(|(_, e)| serde_json::from_str(e).ok())
+                .unwrap_or_else(|| json!({ "error": { "code": "SYS.INTERNAL" } }));
+            (StatusCode::OK, Json(error)).into_response()
+        }
+    })
+}
