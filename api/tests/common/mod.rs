@@ -1,0 +1,172 @@
+//! Real processes for API tests: the `strato` server and the `strato-agent` binary on
+//! libvirt's test driver, on loopback ports, and a small HTTP client (curl's part).
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub fn free_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+pub struct Proc {
+    pub child: Child,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_listening(addr: SocketAddr, child: &mut Child) {
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(20) {
+        if TcpStream::connect(addr).is_ok() {
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("process exited early: {status}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("nothing listens on {addr}");
+}
+
+/// The `strato-agent` binary beside `strato` (built on demand when only this package's tests
+/// were built).
+pub fn agent_binary() -> PathBuf {
+    let path = Path::new(env!("CARGO_BIN_EXE_strato")).with_file_name("strato-agent");
+    if !path.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-p", "strato-agent", "--bin", "strato-agent"])
+            .status()
+            .unwrap();
+        assert!(status.success(), "building strato-agent failed");
+    }
+    path
+}
+
+pub fn token(data_dir: &Path) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_strato"))
+        .arg("agent-token")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+pub fn start_agent(token: &str, dir: &Path) -> (Proc, SocketAddr) {
+    let addr = free_port();
+    let mut child = Command::new(agent_binary())
+        .args([
+            "--listen",
+            &addr.to_string(),
+            "--driver",
+            "libvirt",
+            "--libvirt-uri",
+            "test:///default",
+            "--token",
+            token,
+            "--data-dir",
+        ])
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_listening(addr, &mut child);
+    (Proc { child }, addr)
+}
+
+pub fn start_server(data_dir: &Path, addr: SocketAddr) -> Proc {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_strato"))
+        .args(["server", "--listen", &addr.to_string(), "--data-dir"])
+        .arg(data_dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_listening(addr, &mut child);
+    Proc { child }
+}
+
+/// One HTTP/1.1 request; returns the status, the headers and the JSON body.
+pub fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    headers: &[(&str, &str)],
+) -> (u16, Vec<(String, String)>, Value) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let body = body.unwrap_or("");
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        request.push_str(&format!("{k}: {v}\r\n"));
+    }
+    request.push_str("\r\n");
+    request.push_str(body);
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).unwrap();
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.lines();
+    let status: u16 = lines.next().unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let json = if body.trim().is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(body).unwrap_or(Value::String(body.to_owned()))
+    };
+    (status, headers, json)
+}
+
+/// Waits for a job to end; returns its final body (`{"inventory": ...}` or `{"error": ...}`).
+pub fn wait_job(addr: SocketAddr, location: &str) -> Value {
+    let path = location.split_once("/v1/").map(|(_, p)| format!("/v1/{p}")).unwrap();
+    let started = Instant::now();
+    loop {
+        let (status, _, body) = http(addr, "GET", &path, None, &[]);
+        if status == 200 {
+            return body;
+        }
+        assert_eq!(status, 202, "{body}");
+        assert!(started.elapsed() < Duration::from_secs(60), "job {path} did not end");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// POSTs/PUTs/DELETEs, expects 202, and waits for the job's end.
+pub fn call(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> Value {
+    let (status, headers, reply) = http(addr, method, path, body, &[]);
+    assert_eq!(status, 202, "{method} {path}: {reply}");
+    let location = reply["location"].as_str().unwrap().to_owned();
+    assert!(headers.iter().any(|(k, v)| k == "location" && *v == location));
+    wait_job(addr, &location)
+}
+
+/// Like [`call`], but expects success and returns the inventory.
+pub fn ok(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> Value {
+    let done = call(addr, method, path, body);
+    assert!(done.get("error").is_none(), "{method} {path} failed: {done}");
+    done["inventory"].clone()
+}

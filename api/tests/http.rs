@@ -1,0 +1,221 @@
+//! The HTTP API end to end, with real processes: `strato server` and `strato-agent` on
+//! libvirt's test driver. The VM lifecycle is checked in the API and on the agent's
+//! hypervisor (through a link of our own); bad input, unknown UUIDs, refused states and job
+//! idempotency answer as documented.
+
+mod common;
+
+use std::time::{Duration, SystemTime};
+
+use common::*;
+use serde_json::{Value, json};
+use strato_proto::{Command, DomainState, Link, LinkConfig, Reply};
+use uuid::Uuid;
+
+struct Env {
+    api: std::net::SocketAddr,
+    agent: std::net::SocketAddr,
+    token: String,
+    _server: Proc,
+    _agent: Proc,
+    _dir: tempfile::TempDir,
+}
+
+fn env() -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("mn");
+    let token = token(&data);
+    let (agent_proc, agent) = start_agent(&token, &dir.path().join("agent"));
+    let api = free_port();
+    let server = start_server(&data, api);
+    Env { api, agent, token, _server: server, _agent: agent_proc, _dir: dir }
+}
+
+fn create(env: &Env, path: &str, params: Value) -> Value {
+    ok(
+        env.api,
+        "POST",
+        path,
+        Some(&json!({ "params": params, "systemTags": [], "userTags": [] }).to_string()),
+    )
+}
+
+/// Zone, cluster, host, offering, L3 with a range: what a VM needs.
+fn infrastructure(env: &Env) -> (Value, Value, Value) {
+    let zone = create(env, "/v1/zones", json!({ "name": "z1" }));
+    let cluster = create(env, "/v1/clusters", json!({ "name": "c1", "zoneUuid": zone["uuid"] }));
+    let host = create(
+        env,
+        "/v1/hosts/kvm",
+        json!({ "name": "h1", "managementIp": "127.0.0.1", "agentPort": env.agent.port(), "clusterUuid": cluster["uuid"] }),
+    );
+    assert_eq!(host["status"], "Connected");
+    let offering = create(
+        env,
+        "/v1/instance-offerings",
+        json!({ "name": "small", "cpuNum": 1, "memorySize": 268435456u64 }),
+    );
+    let l3 = create(env, "/v1/l3-networks", json!({ "name": "pub" }));
+    let path = format!("/v1/l3-networks/{}/ip-ranges", l3["uuid"].as_str().unwrap());
+    create(
+        env,
+        &path,
+        json!({ "startIp": "10.0.0.10", "endIp": "10.0.0.20", "netmask": "255.255.255.0", "gateway": "10.0.0.1" }),
+    );
+    (host, offering, l3)
+}
+
+async fn domain_state(env: &Env, vm: &str) -> Option<DomainState> {
+    let config = LinkConfig {
+        addr: env.agent,
+        token: env.token.clone(),
+        host_uuid: Uuid::nil(),
+        connect_timeout: Duration::from_secs(5),
+        ping_interval: Duration::from_secs(5),
+        ping_timeout: Duration::from_secs(5),
+        ping_failures: 3,
+    };
+    let (link, _, _) = Link::connect(&config).await.unwrap();
+    let reply = link
+        .request(Command::ListDomains, SystemTime::now() + Duration::from_secs(5), None)
+        .await
+        .unwrap();
+    link.close();
+    let Reply::Domains(domains) = reply else { panic!("{reply:?}") };
+    let vm: Uuid = vm.parse().unwrap();
+    domains.into_iter().find(|d| d.uuid == vm).map(|d| d.state)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_vm_lifecycle_through_the_api_and_on_the_hypervisor() {
+    let env = tokio::task::spawn_blocking(env).await.unwrap();
+    let (host, offering, l3) = infrastructure(&env);
+    let body = json!({ "params": { "name": "vm1", "instanceOfferingUuid": offering["uuid"], "l3NetworkUuids": [l3["uuid"]] } });
+    let vm = ok(env.api, "POST", "/v1/vm-instances", Some(&body.to_string()));
+    assert_eq!(vm["state"], "Running");
+    assert_eq!(vm["hostUuid"], host["uuid"]);
+    assert_eq!(vm["vmNics"][0]["ip"], "10.0.0.10");
+    let uuid = vm["uuid"].as_str().unwrap().to_owned();
+    assert_eq!(domain_state(&env, &uuid).await, Some(DomainState::Running));
+
+    let action = |name: &str| {
+        ok(
+            env.api,
+            "PUT",
+            &format!("/v1/vm-instances/{uuid}/actions"),
+            Some(&json!({ name: {} }).to_string()),
+        )
+    };
+    assert_eq!(action("stopVmInstance")["state"], "Stopped");
+    assert_eq!(domain_state(&env, &uuid).await, Some(DomainState::Shutoff));
+    assert_eq!(action("startVmInstance")["state"], "Running");
+    assert_eq!(action("pauseVmInstance")["state"], "Paused");
+    assert_eq!(domain_state(&env, &uuid).await, Some(DomainState::Paused));
+    assert_eq!(action("resumeVmInstance")["state"], "Running");
+    assert_eq!(action("rebootVmInstance")["state"], "Running");
+
+    let (_, _, listed) = http(env.api, "GET", &format!("/v1/vm-instances/{uuid}"), None, &[]);
+    assert_eq!(listed["inventories"][0]["state"], "Running");
+
+    assert_eq!(
+        ok(env.api, "DELETE", &format!("/v1/vm-instances/{uuid}"), None)["state"],
+        "Destroyed"
+    );
+    assert_eq!(domain_state(&env, &uuid).await, None);
+    let (_, _, listed) = http(env.api, "GET", "/v1/vm-instances", None, &[]);
+    assert_eq!(listed["inventories"][0]["state"], "Destroyed", "Delay policy: still listed");
+    assert_eq!(action("recoverVmInstance")["state"], "Stopped");
+    assert_eq!(action("startVmInstance")["state"], "Running");
+    assert_eq!(domain_state(&env, &uuid).await, Some(DomainState::Running));
+    ok(env.api, "DELETE", &format!("/v1/vm-instances/{uuid}"), None);
+    action("expungeVmInstance");
+    let (status, _, _) = http(env.api, "GET", &format!("/v1/vm-instances/{uuid}"), None, &[]);
+    assert_eq!(status, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_unknown_uuids_refused_states_and_job_ids() {
+    let env = tokio::task::spawn_blocking(env).await.unwrap();
+    let (_, offering, l3) = infrastructure(&env);
+
+    // Malformed JSON, a missing field, a wrong type: 400 naming the field; nothing created.
+    let (status, _, body) = http(env.api, "POST", "/v1/zones", Some("{not json"), &[]);
+    assert_eq!((status, body["error"]["details"]["field"].as_str()), (400, Some("body")));
+    let (status, _, body) = http(env.api, "POST", "/v1/zones", Some(r#"{"params": {}}"#), &[]);
+    assert_eq!((status, body["error"]["details"]["field"].as_str()), (400, Some("name")), "{body}");
+    let (status, _, body) = http(
+        env.api,
+        "POST",
+        "/v1/instance-offerings",
+        Some(r#"{"params": {"name": "x", "cpuNum": "two", "memorySize": 1}}"#),
+        &[],
+    );
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["code"], "SYS.INVALID_ARGUMENT");
+    let (_, _, zones) = http(env.api, "GET", "/v1/zones", None, &[]);
+    assert_eq!(zones["inventories"].as_array().unwrap().len(), 1, "nothing was created");
+
+    // Unknown UUIDs: 404.
+    let missing = Uuid::new_v4();
+    let (status, _, body) = http(env.api, "GET", &format!("/v1/vm-instances/{missing}"), None, &[]);
+    assert_eq!((status, body["error"]["code"].as_str()), (404, Some("SYS.RESOURCE_NOT_FOUND")));
+    let bad_vm = json!({ "params": { "name": "v", "instanceOfferingUuid": missing, "l3NetworkUuids": [l3["uuid"]] } });
+    let (status, _, _) = http(env.api, "POST", "/v1/vm-instances", Some(&bad_vm.to_string()), &[]);
+    assert_eq!(status, 404);
+
+    // A wrong state: 409 naming the state.
+    let body = json!({ "params": { "name": "vm1", "instanceOfferingUuid": offering["uuid"], "l3NetworkUuids": [l3["uuid"]] } });
+    let vm = ok(env.api, "POST", "/v1/vm-instances", Some(&body.to_string()));
+    let path = format!("/v1/vm-instances/{}/actions", vm["uuid"].as_str().unwrap());
+    let (status, _, reply) = http(env.api, "PUT", &path, Some(r#"{"resumeVmInstance": {}}"#), &[]);
+    assert_eq!(
+        (status, reply["error"]["code"].as_str()),
+        (409, Some("VM.INVALID_STATE")),
+        "{reply}"
+    );
+    assert!(reply["error"]["description"].as_str().unwrap().contains("Running"));
+    let (status, _, _) = http(env.api, "PUT", &path, Some(r#"{"flyToTheMoon": {}}"#), &[]);
+    assert_eq!(status, 400);
+
+    // X-Job-UUID: the same id and body is the same job; another body is a 409.
+    let job = Uuid::new_v4().to_string();
+    let zone = r#"{"params": {"name": "z-idem"}}"#;
+    let (s1, _, first) = http(env.api, "POST", "/v1/zones", Some(zone), &[("X-Job-UUID", &job)]);
+    let (s2, _, second) = http(env.api, "POST", "/v1/zones", Some(zone), &[("X-Job-UUID", &job)]);
+    assert_eq!((s1, s2), (202, 202));
+    assert_eq!(first["location"], second["location"]);
+    wait_job(env.api, first["location"].as_str().unwrap());
+    let (status, _, _) = http(
+        env.api,
+        "POST",
+        "/v1/zones",
+        Some(r#"{"params": {"name": "other"}}"#),
+        &[("X-Job-UUID", &job)],
+    );
+    assert_eq!(status, 409);
+    let (_, _, zones) = http(env.api, "GET", "/v1/zones", None, &[]);
+    let named: Vec<&str> = zones["inventories"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|z| z["name"].as_str())
+        .collect();
+    assert_eq!(
+        named.iter().filter(|n| **n == "z-idem").count(),
+        1,
+        "the repeat did not create twice"
+    );
+
+    // No host can take a huge VM: the error carries the placement trace; nothing leaks.
+    let huge = create(
+        &env,
+        "/v1/instance-offerings",
+        json!({ "name": "huge", "cpuNum": 1, "memorySize": 1u64 << 50 }),
+    );
+    let body = json!({ "params": { "name": "big", "instanceOfferingUuid": huge["uuid"], "l3NetworkUuids": [l3["uuid"]] } });
+    let failed = call(env.api, "POST", "/v1/vm-instances", Some(&body.to_string()));
+    assert_eq!(failed["error"]["code"], "HOST_ALLOCATION.NO_HOST", "{failed}");
+    assert!(failed["error"]["details"]["placementTrace"].as_array().unwrap().len() >= 4);
+    let (_, _, vms) = http(env.api, "GET", "/v1/vm-instances", None, &[]);
+    assert_eq!(vms["inventories"].as_array().unwrap().len(), 1, "the failed VM left no record");
+}
