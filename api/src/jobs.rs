@@ -44,6 +44,9 @@ pub struct JobRecord {
     pub result: Option<String>,
     /// The error, as JSON text (with its HTTP status).
     pub error: Option<(u16, String)>,
+    /// The resource the job creates, when known up front: after a crash, recovery looks at
+    /// it to tell a creation that completed from one that was rolled back.
+    pub resource: Option<Uuid>,
 }
 
 impl Record for JobRecord {
@@ -75,6 +78,22 @@ where
     W: FnOnce(Uuid) -> Fut,
     Fut: Future<Output = Result<Value, ApiError>> + Send + 'static,
 {
+    submit_for(db, job_id, api, body, None, work).await
+}
+
+/// [`submit`] for a job that creates `resource`.
+pub async fn submit_for<W, Fut>(
+    db: &Db,
+    job_id: Option<Uuid>,
+    api: &str,
+    body: &Value,
+    resource: Option<Uuid>,
+    work: W,
+) -> Result<Uuid, ApiError>
+where
+    W: FnOnce(Uuid) -> Fut,
+    Fut: Future<Output = Result<Value, ApiError>> + Send + 'static,
+{
     let uuid = job_id.unwrap_or_else(Uuid::new_v4);
     let body_hash = hash_of(api, body);
     let record = JobRecord {
@@ -84,6 +103,7 @@ where
         state: JobState::Running,
         result: None,
         error: None,
+        resource,
     };
     let mut batch = Batch::new();
     batch.put(&record, Expect::Absent)?;
@@ -117,7 +137,7 @@ where
                 (JobState::Failed, None, Some((error.status.as_u16(), error.body().to_string())))
             }
         };
-        let done = JobRecord { uuid, api: api.clone(), body_hash, state, result, error };
+        let done = JobRecord { uuid, api: api.clone(), body_hash, state, result, error, resource };
         let mut batch = Batch::new();
         if batch.put(&done, Expect::Any).is_ok()
             && let Err(error) = db.commit(batch).await
@@ -129,8 +149,12 @@ where
     Ok(uuid)
 }
 
-/// Ends every job a previous process left running.
-pub async fn recover(db: &Db) -> Result<usize, StoreError> {
+/// Ends every job a previous process left running: `Succeeded` when `completed` finds the
+/// resource it created (its flow had finished), `Failed` otherwise (its flow was rolled back).
+pub async fn recover(
+    db: &Db,
+    completed: impl Fn(&JobRecord) -> Option<Value>,
+) -> Result<usize, StoreError> {
     let mut ended = 0;
     let running: Vec<JobRecord> = db
         .scan::<JobRecord>()
@@ -139,6 +163,15 @@ pub async fn recover(db: &Db) -> Result<usize, StoreError> {
         .filter(|j| j.state == JobState::Running)
         .collect();
     for mut job in running {
+        if let Some(inventory) = completed(&job) {
+            job.state = JobState::Succeeded;
+            job.result = Some(inventory.to_string());
+            let mut batch = Batch::new();
+            batch.put(&job, Expect::Any)?;
+            db.commit(batch).await?;
+            ended += 1;
+            continue;
+        }
         let error = ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "SYS.JOB_INTERRUPTED",

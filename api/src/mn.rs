@@ -1,9 +1,10 @@
 //! The management node assembled: the store, the runtime, the actor kinds, the flows and the
 //! GC, recovered and started in the right order.
 //!
-//! Order matters at startup: kinds and chains are declared before the flow recovery pass (it
-//! needs the chains), jobs are ended after it (their flows are rolled back by then), GC
-//! handlers are registered before the GC starts, and hosts are dialed last.
+//! Order matters at startup: kinds and chains are declared and hosts dialed before the flow
+//! recovery pass (it needs the chains, and rolling back a creation needs its host), jobs are
+//! ended after it (their flows are rolled back by then), and GC handlers are registered
+//! before the GC starts.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -65,8 +66,27 @@ impl Mn {
         vm::create::define(&runtime, hosts.clone(), l3s.clone(), Overcommit::default());
         vm::ops::register_gc(&runtime, hosts.clone());
 
+        // Dial the hosts first: rolling back an interrupted creation may need its host.
+        let mut dials = Vec::new();
+        for stored in db.scan::<HostRecord>() {
+            let id = stored?.record.uuid;
+            let hosts = hosts.clone();
+            dials.push(async move {
+                if let Err(error) = host::connect(&hosts, id).await {
+                    tracing::warn!(host = %id, %error, "host not connected at startup; redialing");
+                }
+            });
+        }
+        futures::future::join_all(dials).await;
         let recovered = runtime.flows().recover().await?;
-        let ended = crate::jobs::recover(&db).await?;
+        let ended = crate::jobs::recover(&db, |job| {
+            // A creation whose flow finished before the crash: its VM runs.
+            let vm = db.get::<strato_actors::records::VmRecord>(job.resource?).ok()??.record;
+            (vm.state == strato_actors::vm::state::VmState::Running)
+                .then(|| serde_json::to_value(&vm).ok())
+                .flatten()
+        })
+        .await?;
         tracing::info!(
             rolled_back = recovered.rolled_back.len(),
             resumed = recovered.resumed.len(),
@@ -74,15 +94,6 @@ impl Mn {
             "recovered from the previous run"
         );
         runtime.gc().start()?;
-        for stored in db.scan::<HostRecord>() {
-            let id = stored?.record.uuid;
-            let hosts = hosts.clone();
-            tokio::spawn(async move {
-                if let Err(error) = host::connect(&hosts, id).await {
-                    tracing::warn!(host = %id, %error, "host not connected at startup; redialing");
-                }
-            });
-        }
         Ok(Arc::new(Mn { runtime, db, vms, hosts, l3s }))
     }
 

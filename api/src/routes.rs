@@ -499,14 +499,16 @@ async fn create_vm(
         get_record::<ClusterRecord>(&mn, cluster, "cluster")?;
     }
     let m = mn.clone();
-    let job = jobs::submit(
+    let vm = Uuid::new_v4();
+    let job = jobs::submit_for(
         &mn.db,
         job_header(&headers)?,
         "CreateVmInstance",
         &raw,
+        Some(vm),
         move |job| async move {
             let request = CreateVm {
-                vm: Uuid::new_v4(),
+                vm,
                 name: p.name,
                 cpu_num: offering.cpu_num,
                 memory_size: offering.memory_size,

@@ -24,7 +24,7 @@ use uuid::Uuid;
 
 use super::state::VmState;
 use crate::allocator::{self, Need};
-use crate::host::{self, Hosts, Overcommit};
+use crate::host::{self, HostError, Hosts, Overcommit};
 use crate::l3::{self, L3s};
 use crate::records::{HostRecord, L3NetworkRecord, UsedIpRecord, VmNic, VmRecord};
 
@@ -225,23 +225,23 @@ impl Step<CreateVm> for StartDomain {
 
     async fn rollback(&self, c: &mut CreateVm, flow: &FlowInfo) -> Result<(), BoxError> {
         let Some(host) = c.host else { return Ok(()) };
-        host::command(
-            &self.hosts,
-            host,
-            Command::DestroyDomain { uuid: c.vm },
-            deadline(),
-            flow.job_id,
-        )
-        .await?;
-        host::command(
-            &self.hosts,
-            host,
-            Command::UndefineDomain { uuid: c.vm },
-            deadline(),
-            flow.job_id,
-        )
-        .await?;
-        Ok(())
+        let (vm, job) = (c.vm, flow.job_id);
+        let removed = async {
+            host::command(&self.hosts, host, Command::DestroyDomain { uuid: vm }, deadline(), job)
+                .await?;
+            host::command(&self.hosts, host, Command::UndefineDomain { uuid: vm }, deadline(), job)
+                .await
+        }
+        .await;
+        match removed {
+            Ok(_) => Ok(()),
+            // The host is away: the domain goes when it is back (the GC's job).
+            Err(HostError::Disconnected(_)) | Err(HostError::Link(_)) => {
+                super::ops::submit_destroy_domain(self.hosts.runtime(), host, vm).await?;
+                Ok(())
+            }
+            Err(error) => Err(error.into()),
+        }
     }
 }
 

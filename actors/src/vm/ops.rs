@@ -86,6 +86,27 @@ pub fn register_gc(runtime: &Runtime, hosts: Kind<Hosts>) {
     });
 }
 
+/// Leaves a GC job that destroys VM `vm`'s domain on `host` once the host is back (on its
+/// reconnection event, or every minute).
+pub async fn submit_destroy_domain(
+    runtime: &Runtime,
+    host: Uuid,
+    vm: Uuid,
+) -> Result<(), strato_runtime::RuntimeError> {
+    let job = DestroyDomainJob { host, vm };
+    let trigger = Trigger::every(Duration::from_secs(60)).and_on_event(
+        EventMatcher::topic("host.status-changed")
+            .field("hostUuid", host)
+            .field("status", "Connected"),
+    );
+    runtime
+        .gc()
+        .submit(&format!("{DESTROY_DOMAIN_JOB}/{vm}"), DESTROY_DOMAIN_JOB, &job, trigger)
+        .await?;
+    tracing::warn!(%vm, %host, "host unreachable: the domain will be destroyed by the GC");
+    Ok(())
+}
+
 fn deadline_of(ctx: &OpCtx<Vms>) -> SystemTime {
     SystemTime::now() + ctx.remaining()
 }
@@ -259,22 +280,7 @@ async fn drive(ctx: &OpCtx<Vms>, op: Lifecycle, record: &VmRecord) -> Result<Lan
                 Ok(_) => {}
                 Err(HostError::Disconnected(_)) | Err(HostError::Link(_)) => {
                     // The user's destroy succeeds; the domain goes when the host is back.
-                    let job = DestroyDomainJob { host, vm: uuid };
-                    let trigger = Trigger::every(Duration::from_secs(60)).and_on_event(
-                        EventMatcher::topic("host.status-changed")
-                            .field("hostUuid", host)
-                            .field("status", "Connected"),
-                    );
-                    ctx.runtime()
-                        .gc()
-                        .submit(
-                            &format!("{DESTROY_DOMAIN_JOB}/{uuid}"),
-                            DESTROY_DOMAIN_JOB,
-                            &job,
-                            trigger,
-                        )
-                        .await?;
-                    tracing::warn!(vm = %uuid, host = %host, "host unreachable: the domain will be destroyed by the GC");
+                    submit_destroy_domain(ctx.runtime(), host, uuid).await?;
                 }
                 Err(error) => return Err(error.into()),
             }

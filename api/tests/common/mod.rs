@@ -67,19 +67,14 @@ pub fn token(data_dir: &Path) -> String {
 }
 
 pub fn start_agent(token: &str, dir: &Path) -> (Proc, SocketAddr) {
+    start_agent_with(token, dir, &["--driver", "libvirt", "--libvirt-uri", "test:///default"])
+}
+
+pub fn start_agent_with(token: &str, dir: &Path, driver_args: &[&str]) -> (Proc, SocketAddr) {
     let addr = free_port();
     let mut child = Command::new(agent_binary())
-        .args([
-            "--listen",
-            &addr.to_string(),
-            "--driver",
-            "libvirt",
-            "--libvirt-uri",
-            "test:///default",
-            "--token",
-            token,
-            "--data-dir",
-        ])
+        .args(driver_args)
+        .args(["--listen", &addr.to_string(), "--token", token, "--data-dir"])
         .arg(dir)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
