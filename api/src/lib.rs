@@ -6,12 +6,15 @@
 //! of every layer are mapped to HTTP statuses and stable error codes. Still to come here: the
 //! query engine, accounts, OpenAPI, `/metrics`, the debug console and the CLI.
 //!
-//! The `strato` binary runs the server (`strato server`), prints the agents' token
-//! (`strato agent-token`), and keeps the runtime demonstration ([`demo`]).
+//! The `strato` binary runs the main job (`strato up`: the server, a local agent and the
+//! resources a first VM needs, [`up`]), the server alone (`strato server`), prints the
+//! agents' token (`strato agent-token`), and keeps the runtime demonstration ([`demo`]).
 
+pub mod client;
 pub mod demo;
 pub mod error;
 pub mod jobs;
 pub mod mn;
 pub mod routes;
 pub mod server;
+pub mod up;

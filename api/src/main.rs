@@ -16,6 +16,19 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
+    /// The main job: the management node, a local agent on libvirt's test driver, and the
+    /// resources a first VM needs; prints the API's address and a curl line that creates a VM.
+    Up {
+        /// Where the store, the token and the agent's data live.
+        #[arg(long, default_value = "strato-data")]
+        data_dir: PathBuf,
+        /// Where the API listens.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Where the local agent listens.
+        #[arg(long, default_value = "127.0.0.1:7070")]
+        agent_listen: SocketAddr,
+    },
     /// Runs the management node: the HTTP API on its embedded store.
     Server {
         /// Where the store and the agents' token live.
@@ -68,6 +81,9 @@ fn main() -> std::process::ExitCode {
                 }
                 mn.shutdown();
                 Ok(())
+            }
+            Cmd::Up { data_dir, listen, agent_listen } => {
+                strato_api::up::run(&data_dir, listen, agent_listen).await
             }
             Cmd::AgentToken { data_dir } => {
                 println!("{}", strato_api::mn::agent_token(&data_dir)?);

@@ -52,6 +52,7 @@ pub enum ServerHello {
 
 /// What the agent reports about its host.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct HostFacts {
     /// The host's name.
     pub hostname: String,

@@ -1,0 +1,114 @@
+//! A minimal HTTP/1.1 client for talking to a Strato API on the local network: enough for
+//! `strato up` to register resources through the real API (and for the CLI to come),
+//! without a second HTTP stack in the build.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Why a call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The connection failed.
+    #[error("cannot reach the API at {addr}")]
+    Io {
+        /// Where.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The reply was not HTTP or not JSON.
+    #[error("the API at {addr} answered something that is not JSON over HTTP: {reply}")]
+    Malformed {
+        /// Where.
+        addr: SocketAddr,
+        /// The start of the reply.
+        reply: String,
+    },
+    /// The API answered with an error.
+    #[error("{method} {path} failed ({status}): {body}")]
+    Api {
+        /// The method.
+        method: String,
+        /// The path.
+        path: String,
+        /// The status.
+        status: u16,
+        /// The error body.
+        body: Value,
+    },
+}
+
+/// One request; returns the status and the JSON body.
+pub fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> Result<(u16, Value), ClientError> {
+    let io = |source| ClientError::Io { addr, source };
+    let mut stream = TcpStream::connect(addr).map_err(io)?;
+    stream.set_read_timeout(Some(Duration::from_secs(60))).map_err(io)?;
+    let body = body.map(Value::to_string).unwrap_or_default();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).map_err(io)?;
+    stream.write_all(body.as_bytes()).map_err(io)?;
+    let mut reply = Vec::new();
+    stream.read_to_end(&mut reply).map_err(io)?;
+    let text = String::from_utf8_lossy(&reply);
+    let malformed = || ClientError::Malformed { addr, reply: text.chars().take(200).collect() };
+    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(malformed)?;
+    let status: u16 =
+        head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or_else(malformed)?;
+    let json = if body.trim().is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(body).map_err(|_| malformed())?
+    };
+    Ok((status, json))
+}
+
+/// Sends a mutation, waits for its job, and returns the inventory (or the job's error).
+pub fn mutate(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &Value,
+) -> Result<Value, ClientError> {
+    let (status, reply) = request(addr, method, path, Some(body))?;
+    let api_error =
+        |status, body| ClientError::Api { method: method.into(), path: path.into(), status, body };
+    if status != 202 {
+        return Err(api_error(status, reply));
+    }
+    let location = reply["location"].as_str().unwrap_or_default();
+    let job_path = location.find("/v1/").map(|at| location[at..].to_owned()).unwrap_or_default();
+    let started = Instant::now();
+    loop {
+        let (status, done) = request(addr, "GET", &job_path, None)?;
+        match status {
+            200 if done.get("error").is_some() => return Err(api_error(200, done)),
+            200 => return Ok(done["inventory"].clone()),
+            202 if started.elapsed() < Duration::from_secs(600) => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            _ => return Err(api_error(status, done)),
+        }
+    }
+}
+
+/// The inventories of `kind` (`/v1/<kind>`).
+pub fn list(addr: SocketAddr, kind: &str) -> Result<Vec<Value>, ClientError> {
+    let path = format!("/v1/{kind}");
+    let (status, reply) = request(addr, "GET", &path, None)?;
+    if status != 200 {
+        return Err(ClientError::Api { method: "GET".into(), path, status, body: reply });
+    }
+    Ok(reply["inventories"].as_array().cloned().unwrap_or_default())
+}

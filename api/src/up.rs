@@ -1,0 +1,137 @@
+//! `strato up`: the README's main job. Starts the management node and a local agent on
+//! libvirt's test driver, registers a zone, a cluster, the host, an instance offering and an
+//! L3 network with an IP range through the real HTTP API, and prints the API's address and a
+//! curl line that creates a VM.
+//!
+//! Running it again on the same data directory reuses what it registered (found by name).
+//! The agent is a child process and stops with `strato up`; on the test driver that is a
+//! host reboot, so VMs from an earlier run come back Stopped.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use strato_runtime::BoxError;
+
+use crate::client::{self, ClientError};
+use crate::mn::{Mn, agent_token};
+use crate::server;
+
+/// Kills the agent when `strato up` ends, however it ends.
+struct AgentChild(Child);
+
+impl Drop for AgentChild {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn agent_binary() -> Result<PathBuf, BoxError> {
+    let me = std::env::current_exe()?;
+    let agent = me.with_file_name("strato-agent");
+    if agent.exists() {
+        Ok(agent)
+    } else {
+        Err(format!("`strato-agent` is not beside `strato` ({}); build it with `cargo build -p strato-agent`", agent.display()).into())
+    }
+}
+
+fn find_or_create(
+    api: SocketAddr,
+    kind: &str,
+    create_path: &str,
+    name: &str,
+    params: Value,
+) -> Result<Value, ClientError> {
+    if let Some(found) = client::list(api, kind)?.into_iter().find(|i| i["name"] == name) {
+        return Ok(found);
+    }
+    let mut params = params;
+    params["name"] = json!(name);
+    let made = client::mutate(api, "POST", create_path, &json!({ "params": params }))?;
+    println!("  registered {kind} {name}: {}", made["uuid"].as_str().unwrap_or("?"));
+    Ok(made)
+}
+
+/// Runs the main job until Ctrl-C.
+pub async fn run(
+    data_dir: &Path,
+    listen: SocketAddr,
+    agent_listen: SocketAddr,
+) -> Result<(), BoxError> {
+    let token = agent_token(data_dir)?;
+    let agent_dir = data_dir.join("agent");
+    std::fs::create_dir_all(&agent_dir)?;
+    let child = Command::new(agent_binary()?)
+        .args([
+            "--listen",
+            &agent_listen.to_string(),
+            "--driver",
+            "libvirt",
+            "--libvirt-uri",
+            "test:///default",
+            "--token",
+            &token,
+            "--data-dir",
+        ])
+        .arg(&agent_dir)
+        .stdout(Stdio::null())
+        .spawn()?;
+    let _agent = AgentChild(child);
+    let started = Instant::now();
+    while std::net::TcpStream::connect(agent_listen).is_err() {
+        if started.elapsed() > Duration::from_secs(20) {
+            return Err(format!("the agent did not start listening on {agent_listen}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("strato up: agent on {agent_listen} (libvirt test:///default)");
+
+    let listener = server::bind(listen).await?;
+    let mn = Mn::start(data_dir, None).await?;
+    let serving = tokio::spawn(server::serve(mn.clone(), listener));
+
+    let registered = tokio::task::spawn_blocking(move || -> Result<(Value, Value), ClientError> {
+        let zone = find_or_create(listen, "zones", "/v1/zones", "zone-1", json!({}))?;
+        let cluster = find_or_create(listen, "clusters", "/v1/clusters", "cluster-1", json!({ "zoneUuid": zone["uuid"] }))?;
+        find_or_create(
+            listen,
+            "hosts",
+            "/v1/hosts/kvm",
+            "host-1",
+            json!({ "managementIp": agent_listen.ip().to_string(), "agentPort": agent_listen.port(), "clusterUuid": cluster["uuid"] }),
+        )?;
+        let offering = find_or_create(listen, "instance-offerings", "/v1/instance-offerings", "small", json!({ "cpuNum": 1, "memorySize": 536_870_912u64 }))?;
+        let l3 = find_or_create(listen, "l3-networks", "/v1/l3-networks", "l3-1", json!({}))?;
+        if l3["ipRanges"].as_array().is_none_or(Vec::is_empty) {
+            let path = format!("/v1/l3-networks/{}/ip-ranges", l3["uuid"].as_str().unwrap_or_default());
+            let range = json!({ "params": { "startIp": "192.168.100.10", "endIp": "192.168.100.250", "netmask": "255.255.255.0", "gateway": "192.168.100.1" } });
+            client::mutate(listen, "POST", &path, &range)?;
+            println!("  registered IP range 192.168.100.10-250 on l3-1");
+        }
+        Ok((offering, l3))
+    })
+    .await??;
+    let (offering, l3) = registered;
+    println!();
+    println!("Strato is up. The API: http://{listen}/v1");
+    println!("Create a VM:");
+    println!(
+        "  curl -s -X POST http://{listen}/v1/vm-instances -d '{{\"params\": {{\"name\": \"vm1\", \"instanceOfferingUuid\": \"{}\", \"l3NetworkUuids\": [\"{}\"]}}}}'",
+        offering["uuid"].as_str().unwrap_or_default(),
+        l3["uuid"].as_str().unwrap_or_default()
+    );
+    println!(
+        "then follow the job:  curl -s <location>    and list VMs:  curl -s http://{listen}/v1/vm-instances"
+    );
+    println!("Ctrl-C stops the node and its agent.");
+    tokio::select! {
+        served = serving => { served??; }
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    mn.shutdown();
+    Ok(())
+}
