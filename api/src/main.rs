@@ -1,6 +1,7 @@
 //! The `strato` binary: the management node server, the agents' token, and the runtime
 //! demonstration.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -70,7 +71,12 @@ fn main() -> std::process::ExitCode {
             Cmd::Server { data_dir, listen } => {
                 let listener = strato_api::server::bind(listen).await?;
                 let mn = strato_api::mn::Mn::start(&data_dir, None).await?;
-                println!("strato: API on http://{listen}/v1 (data in {})", data_dir.display());
+                let mut out = std::io::stdout();
+                let _ = writeln!(
+                    out,
+                    "strato: API on http://{listen}/v1 (data in {})",
+                    data_dir.display()
+                );
                 println!(
                     "strato: agents need the token from `strato agent-token --data-dir {}`",
                     data_dir.display()

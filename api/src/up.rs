@@ -7,6 +7,7 @@
 //! The agent is a child process and stops with `strato up`; on the test driver that is a
 //! host reboot, so VMs from an earlier run come back Stopped.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -18,6 +19,14 @@ use strato_runtime::BoxError;
 use crate::client::{self, ClientError};
 use crate::mn::{Mn, agent_token};
 use crate::server;
+
+/// Prints a line to stdout, ignoring a closed stdout: a user piping `strato up` into `head`
+/// must not take the node down with the pipe.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
 
 /// Kills the agent when `strato up` ends, however it ends.
 struct AgentChild(Child);
@@ -52,7 +61,7 @@ fn find_or_create(
     let mut params = params;
     params["name"] = json!(name);
     let made = client::mutate(api, "POST", create_path, &json!({ "params": params }))?;
-    println!("  registered {kind} {name}: {}", made["uuid"].as_str().unwrap_or("?"));
+    say!("  registered {kind} {name}: {}", made["uuid"].as_str().unwrap_or("?"));
     Ok(made)
 }
 
@@ -88,7 +97,7 @@ pub async fn run(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    println!("strato up: agent on {agent_listen} (libvirt test:///default)");
+    say!("strato up: agent on {agent_listen} (libvirt test:///default)");
 
     let listener = server::bind(listen).await?;
     let mn = Mn::start(data_dir, None).await?;
@@ -110,24 +119,24 @@ pub async fn run(
             let path = format!("/v1/l3-networks/{}/ip-ranges", l3["uuid"].as_str().unwrap_or_default());
             let range = json!({ "params": { "startIp": "192.168.100.10", "endIp": "192.168.100.250", "netmask": "255.255.255.0", "gateway": "192.168.100.1" } });
             client::mutate(listen, "POST", &path, &range)?;
-            println!("  registered IP range 192.168.100.10-250 on l3-1");
+            say!("  registered IP range 192.168.100.10-250 on l3-1");
         }
         Ok((offering, l3))
     })
     .await??;
     let (offering, l3) = registered;
-    println!();
-    println!("Strato is up. The API: http://{listen}/v1");
-    println!("Create a VM:");
-    println!(
+    say!();
+    say!("Strato is up. The API: http://{listen}/v1");
+    say!("Create a VM:");
+    say!(
         "  curl -s -X POST http://{listen}/v1/vm-instances -d '{{\"params\": {{\"name\": \"vm1\", \"instanceOfferingUuid\": \"{}\", \"l3NetworkUuids\": [\"{}\"]}}}}'",
         offering["uuid"].as_str().unwrap_or_default(),
         l3["uuid"].as_str().unwrap_or_default()
     );
-    println!(
+    say!(
         "then follow the job:  curl -s <location>    and list VMs:  curl -s http://{listen}/v1/vm-instances"
     );
-    println!("Ctrl-C stops the node and its agent.");
+    say!("Ctrl-C stops the node and its agent.");
     tokio::select! {
         served = serving => { served??; }
         _ = tokio::signal::ctrl_c() => {}

@@ -28,15 +28,17 @@ fn strato_up_prints_a_curl_line_that_creates_a_running_vm() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut curl_line = None;
-    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
-        let line = line.unwrap();
-        if line.trim_start().starts_with("curl -s -X POST") {
-            curl_line = Some(line);
-            break;
+    // Read its output to the end on a thread, handing over the curl line.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line.trim_start().starts_with("curl -s -X POST") {
+                let _ = tx.send(line);
+            }
         }
-    }
-    let line = curl_line.expect("strato up printed a curl line");
+    });
+    let line = rx.recv_timeout(Duration::from_secs(60)).expect("strato up printed a curl line");
     let body = line.split_once("-d '").unwrap().1.trim_end_matches('\'');
     let vm = ok(api, "POST", "/v1/vm-instances", Some(body));
     assert_eq!(vm["state"], "Running");
