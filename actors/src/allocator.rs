@@ -67,11 +67,41 @@ pub async fn place(
     need: &Need,
     overcommit: Overcommit,
 ) -> Result<Uuid, AllocError> {
+    place_filtered(db, hosts, vm, need, None, overcommit).await
+}
+
+/// [`place`] on any host but `excluded` (a migration's source).
+pub async fn place_excluding(
+    db: &Db,
+    hosts: &Kind<Hosts>,
+    vm: Uuid,
+    need: &Need,
+    excluded: Uuid,
+    overcommit: Overcommit,
+) -> Result<Uuid, AllocError> {
+    place_filtered(db, hosts, vm, need, Some(excluded), overcommit).await
+}
+
+async fn place_filtered(
+    db: &Db,
+    hosts: &Kind<Hosts>,
+    vm: Uuid,
+    need: &Need,
+    excluded: Option<Uuid>,
+    overcommit: Overcommit,
+) -> Result<Uuid, AllocError> {
     let mut candidates: Vec<HostRecord> = Vec::new();
     for stored in db.scan::<HostRecord>() {
         candidates.push(stored?.record);
     }
     let mut trace = vec![FilterStep { filter: "all hosts".into(), hosts_left: candidates.len() }];
+    if let Some(excluded) = excluded {
+        candidates.retain(|h| h.uuid != excluded);
+        trace.push(FilterStep {
+            filter: format!("not host {excluded}"),
+            hosts_left: candidates.len(),
+        });
+    }
     let mut filter =
         |name: String, keep: &dyn Fn(&HostRecord) -> bool, candidates: &mut Vec<HostRecord>| {
             candidates.retain(|h| keep(h));

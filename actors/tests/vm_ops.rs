@@ -156,3 +156,66 @@ async fn destroying_on_a_disconnected_host_succeeds_and_the_gc_finishes_after_re
     eventually("GC job done", || async { c.runtime.gc().list().unwrap().is_empty() }).await;
     assert_eq!(vm::record(&c.vms, vm.uuid).await.unwrap().state, VmState::Destroyed);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cold_migration_within_the_cluster_and_offering_changes() {
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (driver_a, driver_b) = (sim(dir_a.path()), sim(dir_b.path()));
+    let (_agent_a, addr_a) = serve(driver_a.clone(), "127.0.0.1:0".parse().unwrap()).await;
+    let (_agent_b, addr_b) = serve(driver_b.clone(), "127.0.0.1:0".parse().unwrap()).await;
+    let c = mn(TOKEN);
+    let a = host_record(addr_a);
+    let b =
+        strato_actors::records::HostRecord { cluster_uuid: a.cluster_uuid, ..host_record(addr_b) };
+    put(&c.db, &a);
+    put(&c.db, &b);
+    host::connect(&c.hosts, a.uuid).await.unwrap();
+    host::connect(&c.hosts, b.uuid).await.unwrap();
+    let vm = vm_record(a.uuid, VmState::Stopped);
+    put(&c.db, &vm);
+    let overcommit = host::Overcommit::default();
+    assert!(host::reserve(&c.hosts, a.uuid, vm.uuid, 1, 1 << 30, overcommit).await.unwrap());
+    ops::operate(&c.vms, vm.uuid, Lifecycle::Start, T, None).await.unwrap();
+
+    // Running VMs are stopped first: migration is cold.
+    assert!(matches!(
+        ops::migrate(&c.vms, vm.uuid, None, T, None).await,
+        Err(VmError::InvalidState(_))
+    ));
+    ops::operate(&c.vms, vm.uuid, Lifecycle::Stop, T, None).await.unwrap();
+    let moved = ops::migrate(&c.vms, vm.uuid, None, T, None).await.unwrap();
+    assert_eq!(
+        (moved.host_uuid, moved.last_host_uuid, moved.state),
+        (Some(b.uuid), Some(a.uuid), VmState::Stopped)
+    );
+    let booked = |h: Uuid| {
+        c.db.get::<strato_actors::records::HostRecord>(h)
+            .unwrap()
+            .unwrap()
+            .record
+            .reservations
+            .contains_key(&vm.uuid)
+    };
+    assert!(!booked(a.uuid) && booked(b.uuid), "capacity moved with the VM");
+    assert_eq!(hypervisor_state(&*driver_a, vm.uuid), None, "undefined on the old host");
+    ops::operate(&c.vms, vm.uuid, Lifecycle::Start, T, None).await.unwrap();
+    assert_eq!(hypervisor_state(&*driver_b, vm.uuid), Some(DomainState::Running));
+    ops::operate(&c.vms, vm.uuid, Lifecycle::Stop, T, None).await.unwrap();
+
+    // Only another host of the cluster will do: asking for the VM's own host has no answer.
+    let error = ops::migrate(&c.vms, vm.uuid, Some(b.uuid), T, None).await.unwrap_err();
+    assert!(error.to_string().contains("no host can take the VM"), "{error}");
+    assert_eq!(vm::record(&c.vms, vm.uuid).await.unwrap().state, VmState::Stopped);
+
+    // Offering changes re-book the host; one that does not fit keeps the old size.
+    let changed = ops::change_offering(&c.vms, vm.uuid, 4, 2 << 30, T, None).await.unwrap();
+    assert_eq!((changed.cpu_num, changed.memory_size), (4, 2 << 30));
+    let reservation = |h: Uuid| {
+        c.db.get::<strato_actors::records::HostRecord>(h).unwrap().unwrap().record.reservations
+            [&vm.uuid]
+    };
+    assert_eq!(reservation(b.uuid).memory, 2 << 30);
+    assert!(ops::change_offering(&c.vms, vm.uuid, 4, 64 << 30, T, None).await.is_err());
+    assert_eq!(reservation(b.uuid).memory, 2 << 30, "the old booking stands");
+    assert_eq!(vm::record(&c.vms, vm.uuid).await.unwrap().memory_size, 2 << 30);
+}

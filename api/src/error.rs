@@ -133,6 +133,14 @@ impl From<VmError> for ApiError {
                 json!({ "state": format!("{:?}", e.state), "allowed": e.allowed.iter().map(|o| format!("{o:?}")).collect::<Vec<_>>() }),
             ),
             VmError::Host(e) => e.into(),
+            VmError::Alloc(strato_actors::allocator::AllocError::NoHost { trace }) => {
+                ApiError::new(
+                    StatusCode::CONFLICT,
+                    "HOST_ALLOCATION.NO_HOST",
+                    "no host can take the VM",
+                    json!({ "placementTrace": trace.iter().map(|s| format!("{} -> {}", s.filter, s.hosts_left)).collect::<Vec<_>>() }),
+                )
+            }
             other => ApiError::internal(&other),
         }
     }

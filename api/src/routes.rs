@@ -553,8 +553,12 @@ fn state_op(op: Lifecycle) -> state::VmOp {
 
 /// Checks now what the VM actor will check again: a refused operation is a 409 at once.
 fn precheck(mn: &Mn, uuid: Uuid, op: Lifecycle) -> Result<(), ApiError> {
+    precheck_op(mn, uuid, state_op(op))
+}
+
+fn precheck_op(mn: &Mn, uuid: Uuid, op: state::VmOp) -> Result<(), ApiError> {
     let vm: VmRecord = get_record(mn, uuid, "vm-instance")?;
-    state::plan(vm.state, state_op(op))
+    state::plan(vm.state, op)
         .map_err(|e| ApiError::from(strato_actors::vm::VmError::InvalidState(e)))?;
     Ok(())
 }
@@ -585,15 +589,65 @@ async fn vm_action(
 ) -> Result<Response, ApiError> {
     let uuid = uuid_param(&uuid, "uuid")?;
     let body = json_body(&body)?;
-    let (name, _) = single_action(&body)?;
+    let (name, args) = single_action(&body)?;
+    let mut keyed = body.clone();
+    keyed["uuid"] = json!(uuid);
+    match name.as_str() {
+        "migrateVm" => {
+            let target = match args.get("hostUuid").and_then(Value::as_str) {
+                Some(text) => Some(uuid_param(text, "hostUuid")?),
+                None => None,
+            };
+            if let Some(host) = target {
+                get_record::<HostRecord>(&mn, host, "host")?;
+            }
+            precheck_op(&mn, uuid, state::VmOp::Migrate)?;
+            let m = mn.clone();
+            let job = jobs::submit(
+                &mn.db,
+                job_header(&headers)?,
+                "MigrateVm",
+                &keyed,
+                move |job| async move {
+                    inventory(&ops::migrate(&m.vms, uuid, target, OP_TIMEOUT, Some(job)).await?)
+                },
+            )
+            .await?;
+            return Ok(accepted(&headers, job));
+        }
+        "changeInstanceOffering" => {
+            let text =
+                args.get("instanceOfferingUuid").and_then(Value::as_str).ok_or_else(|| {
+                    ApiError::invalid("instanceOfferingUuid", "`instanceOfferingUuid` is required")
+                })?;
+            let offering: InstanceOfferingRecord =
+                get_record(&mn, uuid_param(text, "instanceOfferingUuid")?, "instance-offering")?;
+            precheck_op(&mn, uuid, state::VmOp::ChangeOffering)?;
+            let m = mn.clone();
+            let job = jobs::submit(
+                &mn.db,
+                job_header(&headers)?,
+                "ChangeInstanceOffering",
+                &keyed,
+                move |job| async move {
+                    let (cpu, memory) = (offering.cpu_num, offering.memory_size);
+                    inventory(
+                        &ops::change_offering(&m.vms, uuid, cpu, memory, OP_TIMEOUT, Some(job))
+                            .await?,
+                    )
+                },
+            )
+            .await?;
+            return Ok(accepted(&headers, job));
+        }
+        _ => {}
+    }
     let Some((op, api)) = lifecycle(&name) else {
         return Err(ApiError::invalid(
             "action",
             format!("`{name}` is not a VM action this node offers"),
         ));
     };
-    let mut keyed = body.clone();
-    keyed["uuid"] = json!(uuid);
     run_lifecycle(mn, &headers, uuid, op, api, &keyed).await
 }
 

@@ -108,6 +108,32 @@ async fn the_vm_lifecycle_through_the_api_and_on_the_hypervisor() {
     };
     assert_eq!(action("stopVmInstance")["state"], "Stopped");
     assert_eq!(domain_state(&env, &uuid).await, Some(DomainState::Shutoff));
+    // While stopped: a bigger offering; a migration with no other host in the cluster.
+    let bigger = create(
+        &env,
+        "/v1/instance-offerings",
+        json!({ "name": "medium", "cpuNum": 2, "memorySize": 536870912u64 }),
+    );
+    let changed = ok(
+        env.api,
+        "PUT",
+        &format!("/v1/vm-instances/{uuid}/actions"),
+        Some(
+            &json!({ "changeInstanceOffering": { "instanceOfferingUuid": bigger["uuid"] } })
+                .to_string(),
+        ),
+    );
+    assert_eq!(
+        (changed["cpuNum"].as_u64(), changed["memorySize"].as_u64()),
+        (Some(2), Some(536870912))
+    );
+    let failed = call(
+        env.api,
+        "PUT",
+        &format!("/v1/vm-instances/{uuid}/actions"),
+        Some(r#"{"migrateVm": {}}"#),
+    );
+    assert_eq!(failed["error"]["code"], "HOST_ALLOCATION.NO_HOST", "{failed}");
     assert_eq!(action("startVmInstance")["state"], "Running");
     assert_eq!(action("pauseVmInstance")["state"], "Paused");
     assert_eq!(domain_state(&env, &uuid).await, Some(DomainState::Paused));

@@ -105,6 +105,9 @@ pub enum VmError {
     /// The host or its agent failed the operation.
     #[error(transparent)]
     Host(#[from] crate::host::HostError),
+    /// No host can take the VM.
+    #[error(transparent)]
+    Alloc(#[from] crate::allocator::AllocError),
 }
 
 /// Applies what host `host` observed of VM `vm`'s domain. Reports from a host the VM is not

@@ -312,3 +312,126 @@ fn domain_state(reply: &Reply, uuid: Uuid) -> Option<DomainState> {
         _ => None,
     }
 }
+
+/// Moves a stopped VM to another host of its cluster (`target`, or the allocator's choice),
+/// booking capacity there before giving it back on the old host. Cold: the domain is
+/// undefined on the old host and defined again when the VM starts.
+pub async fn migrate(
+    vms: &Kind<Vms>,
+    id: Uuid,
+    target: Option<Uuid>,
+    timeout: Duration,
+    job_id: Option<Uuid>,
+) -> Result<VmRecord, VmError> {
+    vms.call(id, Op::within("lifecycle", "migrate", timeout).job(job_id), move |ctx| async move {
+        let record = ctx.with_state(|s| s.record.clone());
+        let transition = plan(record.state, VmOp::Migrate)?;
+        let source = record.host_uuid.ok_or(VmError::NoHost(id))?;
+        let hosts = hosts_of(&ctx)?;
+        let db = ctx.entity().db.clone();
+        let cluster = db
+            .get::<crate::records::HostRecord>(source)?
+            .map(|h| h.record.cluster_uuid)
+            .ok_or(VmError::NoHost(id))?;
+        save(&ctx, |r| r.state = transition.during).await?;
+        let moved = async {
+            // Book the target first (a different host of the same cluster).
+            let need = crate::allocator::Need {
+                cpu: record.cpu_num,
+                memory: record.memory_size,
+                clusters: Some(vec![cluster]),
+                pinned: target,
+            };
+            let destination = crate::allocator::place_excluding(
+                &db,
+                &hosts,
+                id,
+                &need,
+                source,
+                host::Overcommit::default(),
+            )
+            .await?;
+            let deadline = deadline_of(&ctx);
+            host::command(
+                &hosts,
+                source,
+                Command::UndefineDomain { uuid: id },
+                deadline,
+                ctx.job_id(),
+            )
+            .await?;
+            host::release(&hosts, source, id).await?;
+            Ok::<_, VmError>(destination)
+        }
+        .await;
+        match moved {
+            Ok(destination) => {
+                tracing::info!(vm = %id, from = %source, to = %destination, "VM migrated");
+                save(&ctx, |r| {
+                    r.state = transition.on_success;
+                    r.last_host_uuid = Some(source);
+                    r.host_uuid = Some(destination);
+                })
+                .await
+            }
+            Err(error) => {
+                save(&ctx, |r| r.state = transition.on_failure).await?;
+                Err(error)
+            }
+        }
+    })
+    .await
+}
+
+/// Changes a stopped VM's CPUs and memory, re-booking its host's capacity (the old booking
+/// stays if the new size does not fit).
+pub async fn change_offering(
+    vms: &Kind<Vms>,
+    id: Uuid,
+    cpu: u32,
+    memory: u64,
+    timeout: Duration,
+    job_id: Option<Uuid>,
+) -> Result<VmRecord, VmError> {
+    vms.call(
+        id,
+        Op::within("lifecycle", "change-offering", timeout).job(job_id),
+        move |ctx| async move {
+            let record = ctx.with_state(|s| s.record.clone());
+            plan(record.state, VmOp::ChangeOffering)?;
+            if let Some(host) = record.host_uuid {
+                let hosts = hosts_of(&ctx)?;
+                host::release(&hosts, host, id).await?;
+                if !host::reserve(&hosts, host, id, cpu, memory, host::Overcommit::default())
+                    .await?
+                {
+                    // Put the old booking back; refuse the change.
+                    host::reserve(
+                        &hosts,
+                        host,
+                        id,
+                        record.cpu_num,
+                        record.memory_size,
+                        host::Overcommit::default(),
+                    )
+                    .await?;
+                    return Err(VmError::Alloc(crate::allocator::AllocError::NoHost {
+                        trace: vec![crate::allocator::FilterStep {
+                            filter: format!(
+                                "host {host} has room for {cpu} CPU and {} MiB",
+                                memory >> 20
+                            ),
+                            hosts_left: 0,
+                        }],
+                    }));
+                }
+            }
+            save(&ctx, |r| {
+                r.cpu_num = cpu;
+                r.memory_size = memory;
+            })
+            .await
+        },
+    )
+    .await
+}

@@ -150,7 +150,8 @@ pub fn allowed(state: VmState) -> &'static [VmOp] {
     match state {
         VmState::Created => &[Destroy],
         VmState::Stopped => &[Start, Migrate, Destroy, ChangeOffering],
-        VmState::Running => &[Stop, Reboot, Pause, Migrate, Destroy],
+        // Migration is cold (within the cluster): a running VM is stopped first.
+        VmState::Running => &[Stop, Reboot, Pause, Destroy],
         VmState::Paused => &[Stop, Resume, Destroy],
         VmState::Destroyed => &[Recover, Expunge],
         // The truth is unknown: stopping (forced) and destroying are safe either way.
@@ -179,7 +180,7 @@ pub fn plan(state: VmState, op: VmOp) -> Result<Transition, InvalidState> {
         VmOp::Reboot => t(VmState::Rebooting, VmState::Running, VmState::Running),
         VmOp::Pause => t(VmState::Pausing, VmState::Paused, VmState::Running),
         VmOp::Resume => t(VmState::Resuming, VmState::Running, VmState::Paused),
-        // Migration keeps the VM's state: a running VM arrives running, a stopped one stopped.
+        // A cold migration leaves the VM stopped on its new host.
         VmOp::Migrate => t(VmState::Migrating, state, state),
         VmOp::Destroy => t(VmState::Destroying, VmState::Destroyed, VmState::Error),
         VmOp::Recover => t(VmState::Destroyed, VmState::Stopped, VmState::Destroyed),
