@@ -543,3 +543,24 @@ pub async fn set_state(
         )
         .await
 }
+
+/// Removes host `id`: closes its link, deletes its record, and lets its actor go. The caller
+/// has dealt with its VMs (see [`crate::cascade`]).
+pub async fn remove(hosts: &Kind<Hosts>, id: Uuid) -> Result<(), HostError> {
+    hosts
+        .call(id, link_op("remove"), move |ctx| async move {
+            if let Some(link) = ctx.with_state(|s| {
+                s.epoch += 1; // the watcher's news of this link's end is now stale
+                s.link.take()
+            }) {
+                link.close();
+            }
+            let mut batch = Batch::new();
+            batch.delete::<HostRecord>(id, Expect::Any);
+            ctx.entity().db.commit(batch).await?;
+            ctx.passivate_when_idle();
+            tracing::info!(host = %id, "host removed");
+            Ok(())
+        })
+        .await
+}

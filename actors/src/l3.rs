@@ -140,3 +140,19 @@ pub async fn add_ip_range(
 pub async fn used_ips(l3s: &Kind<L3s>, l3: Uuid) -> Result<BTreeSet<Ipv4Addr>, L3Error> {
     l3s.call(l3, op("used-ips"), |ctx| async move { Ok(ctx.with_state(|s| s.used.clone())) }).await
 }
+
+/// Deletes L3 `l3` (it must hold no addresses) and lets its actor go.
+pub async fn delete(l3s: &Kind<L3s>, l3: Uuid) -> Result<(), L3Error> {
+    l3s.call(l3, op("delete"), move |ctx| async move {
+        let mut batch = Batch::new();
+        for ip in ctx.with_state(|s| s.used.iter().copied().collect::<Vec<_>>()) {
+            batch.delete::<UsedIpRecord>(UsedIpRecord::id_of(l3, ip), Expect::Any);
+        }
+        batch.delete::<L3NetworkRecord>(l3, Expect::Any);
+        ctx.entity().db.commit(batch).await?;
+        ctx.with_state(|s| s.used.clear());
+        ctx.passivate_when_idle();
+        Ok(())
+    })
+    .await
+}

@@ -17,6 +17,7 @@
 //! VM operations, the create flow, the allocator and the other resources come next.
 
 pub mod allocator;
+pub mod cascade;
 pub mod host;
 pub mod ipam;
 pub mod l3;

@@ -189,6 +189,10 @@ impl Record for VmRecord {
                 name: "ip",
                 values: |v| v.vm_nics.iter().map(|n| n.ip.as_str().into()).collect(),
             },
+            Index {
+                name: "l3",
+                values: |v| v.vm_nics.iter().map(|n| IndexValue::Uuid(n.l3_network_uuid)).collect(),
+            },
         ]
     }
 }

@@ -182,6 +182,26 @@ impl From<L3Error> for ApiError {
     }
 }
 
+impl From<strato_actors::cascade::CascadeError> for ApiError {
+    fn from(error: strato_actors::cascade::CascadeError) -> Self {
+        use strato_actors::cascade::CascadeError;
+        match error {
+            CascadeError::HasDependents { resource, ref dependents } => ApiError::new(
+                StatusCode::CONFLICT,
+                "SYS.RESOURCE_IN_USE",
+                error.to_string(),
+                json!({ "resource": resource, "dependents": dependents }),
+            ),
+            CascadeError::NotFound(r) => ApiError::not_found(&format!("{:?}", r.kind), r.uuid),
+            CascadeError::Vm(e) => e.into(),
+            CascadeError::Host(e) => e.into(),
+            CascadeError::L3(e) => e.into(),
+            CascadeError::Runtime(e) => e.into(),
+            other => ApiError::internal(&other),
+        }
+    }
+}
+
 impl From<strato_storage::StoreError> for ApiError {
     fn from(error: strato_storage::StoreError) -> Self {
         ApiError::internal(&error)

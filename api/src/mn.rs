@@ -31,6 +31,18 @@ pub struct Mn {
     pub l3s: Kind<L3s>,
 }
 
+impl Mn {
+    /// What deletions with cascade need.
+    pub fn deleter(&self) -> strato_actors::cascade::Deleter {
+        strato_actors::cascade::Deleter {
+            db: self.db.clone(),
+            hosts: self.hosts.clone(),
+            vms: self.vms.clone(),
+            l3s: self.l3s.clone(),
+        }
+    }
+}
+
 /// The token agents must be started with, kept in the data directory (made on first use).
 pub fn agent_token(data_dir: &Path) -> Result<String, std::io::Error> {
     let path = data_dir.join("agent-token");

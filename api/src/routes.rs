@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -20,6 +20,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
+use strato_actors::cascade::{CascadeError, DeleteMode, Resource, ResourceKind};
 use strato_actors::host;
 use strato_actors::ipam::IpRange;
 use strato_actors::records::{
@@ -45,17 +46,20 @@ const OP_TIMEOUT: Duration = Duration::from_secs(300);
 pub fn router(mn: Arc<Mn>) -> Router {
     Router::new()
         .route("/v1/zones", get(list::<ZoneRecord>).post(create_zone))
-        .route("/v1/zones/{uuid}", get(one::<ZoneRecord>))
+        .route("/v1/zones/{uuid}", get(one::<ZoneRecord>).delete(delete_zone))
         .route("/v1/clusters", get(list::<ClusterRecord>).post(create_cluster))
-        .route("/v1/clusters/{uuid}", get(one::<ClusterRecord>))
+        .route("/v1/clusters/{uuid}", get(one::<ClusterRecord>).delete(delete_cluster))
         .route("/v1/hosts", get(list::<HostRecord>))
         .route("/v1/hosts/kvm", post(add_host))
-        .route("/v1/hosts/{uuid}", get(one::<HostRecord>))
+        .route("/v1/hosts/{uuid}", get(one::<HostRecord>).delete(delete_host))
         .route("/v1/hosts/{uuid}/actions", put(host_action))
         .route("/v1/instance-offerings", get(list::<InstanceOfferingRecord>).post(create_offering))
-        .route("/v1/instance-offerings/{uuid}", get(one::<InstanceOfferingRecord>))
+        .route(
+            "/v1/instance-offerings/{uuid}",
+            get(one::<InstanceOfferingRecord>).delete(delete_offering),
+        )
         .route("/v1/l3-networks", get(list::<L3NetworkRecord>).post(create_l3))
-        .route("/v1/l3-networks/{uuid}", get(one::<L3NetworkRecord>))
+        .route("/v1/l3-networks/{uuid}", get(one::<L3NetworkRecord>).delete(delete_l3))
         .route("/v1/l3-networks/{uuid}/ip-ranges", post(add_ip_range))
         .route("/v1/vm-instances", get(list::<VmRecord>).post(create_vm))
         .route("/v1/vm-instances/{uuid}", get(one::<VmRecord>).delete(destroy_vm))
@@ -692,4 +696,106 @@ async fn job(State(mn): Shared, Path(uuid): Path<String>) -> Result<Response, Ap
             (StatusCode::OK, Json(error)).into_response()
         }
     })
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct DeleteQuery {
+    delete_mode: Option<String>,
+}
+
+fn delete_mode(query: &DeleteQuery) -> Result<DeleteMode, ApiError> {
+    match query.delete_mode.as_deref() {
+        None | Some("Permissive") => Ok(DeleteMode::Permissive),
+        Some("Enforcing") => Ok(DeleteMode::Enforcing),
+        Some(other) => Err(ApiError::invalid(
+            "deleteMode",
+            format!("`{other}` is not Permissive or Enforcing"),
+        )),
+    }
+}
+
+/// A deletion with cascade: checked now (a 409 names what depends on the resource), run as a
+/// job that answers with what was deleted.
+async fn delete_resource(
+    mn: Arc<Mn>,
+    headers: &HeaderMap,
+    kind: ResourceKind,
+    uuid: &str,
+    query: &DeleteQuery,
+    api: &str,
+) -> Result<Response, ApiError> {
+    let uuid = uuid_param(uuid, "uuid")?;
+    let mode = delete_mode(query)?;
+    let resource = Resource { kind, uuid };
+    let deleter = mn.deleter();
+    let dependents = deleter.dependents(resource).map_err(ApiError::from)?;
+    if mode == DeleteMode::Permissive && !dependents.is_empty() {
+        return Err(CascadeError::HasDependents { resource, dependents }.into());
+    }
+    let body = json!({ "uuid": uuid, "deleteMode": format!("{mode:?}") });
+    let job = jobs::submit(&mn.db, job_header(headers)?, api, &body, move |_| async move {
+        let deleted = deleter.delete(resource, mode).await?;
+        Ok(json!({ "deleted": deleted }))
+    })
+    .await?;
+    Ok(accepted(headers, job))
+}
+
+async fn delete_zone(
+    State(mn): Shared,
+    Path(uuid): Path<String>,
+    Query(q): Query<DeleteQuery>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    get_record::<ZoneRecord>(&mn, uuid_param(&uuid, "uuid")?, "zone")?;
+    delete_resource(mn, &headers, ResourceKind::Zone, &uuid, &q, "DeleteZone").await
+}
+
+async fn delete_cluster(
+    State(mn): Shared,
+    Path(uuid): Path<String>,
+    Query(q): Query<DeleteQuery>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    get_record::<ClusterRecord>(&mn, uuid_param(&uuid, "uuid")?, "cluster")?;
+    delete_resource(mn, &headers, ResourceKind::Cluster, &uuid, &q, "DeleteCluster").await
+}
+
+async fn delete_host(
+    State(mn): Shared,
+    Path(uuid): Path<String>,
+    Query(q): Query<DeleteQuery>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    get_record::<HostRecord>(&mn, uuid_param(&uuid, "uuid")?, "host")?;
+    delete_resource(mn, &headers, ResourceKind::Host, &uuid, &q, "DeleteHost").await
+}
+
+async fn delete_l3(
+    State(mn): Shared,
+    Path(uuid): Path<String>,
+    Query(q): Query<DeleteQuery>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    get_record::<L3NetworkRecord>(&mn, uuid_param(&uuid, "uuid")?, "l3-network")?;
+    delete_resource(mn, &headers, ResourceKind::L3Network, &uuid, &q, "DeleteL3Network").await
+}
+
+async fn delete_offering(
+    State(mn): Shared,
+    Path(uuid): Path<String>,
+    Query(q): Query<DeleteQuery>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    get_record::<InstanceOfferingRecord>(&mn, uuid_param(&uuid, "uuid")?, "instance-offering")?;
+    delete_resource(
+        mn,
+        &headers,
+        ResourceKind::InstanceOffering,
+        &uuid,
+        &q,
+        "DeleteInstanceOffering",
+    )
+    .await
 }

@@ -245,3 +245,54 @@ async fn bad_input_unknown_uuids_refused_states_and_job_ids() {
     let (_, _, vms) = http(env.api, "GET", "/v1/vm-instances", None, &[]);
     assert_eq!(vms["inventories"].as_array().unwrap().len(), 1, "the failed VM left no record");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletes_are_checked_then_cascade_when_enforced() {
+    let env = tokio::task::spawn_blocking(env).await.unwrap();
+    let (host, offering, l3) = infrastructure(&env);
+    let body = json!({ "params": { "name": "vm1", "instanceOfferingUuid": offering["uuid"], "l3NetworkUuids": [l3["uuid"]] } });
+    let vm = ok(env.api, "POST", "/v1/vm-instances", Some(&body.to_string()));
+    let vm_uuid = vm["uuid"].as_str().unwrap().to_owned();
+    let (_, _, zones) = http(env.api, "GET", "/v1/zones", None, &[]);
+    let zone = zones["inventories"][0]["uuid"].as_str().unwrap().to_owned();
+    let l3_uuid = l3["uuid"].as_str().unwrap().to_owned();
+
+    // Permissive (the default): refused while something depends on it; nothing changes.
+    let (status, _, reply) = http(env.api, "DELETE", &format!("/v1/zones/{zone}"), None, &[]);
+    assert_eq!(
+        (status, reply["error"]["code"].as_str()),
+        (409, Some("SYS.RESOURCE_IN_USE")),
+        "{reply}"
+    );
+    let (status, _, _) = http(env.api, "DELETE", &format!("/v1/l3-networks/{l3_uuid}"), None, &[]);
+    assert_eq!(status, 409, "a VM has a NIC on it");
+    let (status, _, _) =
+        http(env.api, "DELETE", &format!("/v1/zones/{zone}?deleteMode=Sometimes"), None, &[]);
+    assert_eq!(status, 400);
+    assert_eq!(domain_state(&env, &vm_uuid).await, Some(DomainState::Running));
+
+    // Nothing depends on an offering (VMs keep their own size).
+    ok(
+        env.api,
+        "DELETE",
+        &format!("/v1/instance-offerings/{}", offering["uuid"].as_str().unwrap()),
+        None,
+    );
+
+    // Enforcing: the zone takes its cluster, host and VM with it.
+    let done = ok(env.api, "DELETE", &format!("/v1/zones/{zone}?deleteMode=Enforcing"), None);
+    let kinds: Vec<&str> =
+        done["deleted"].as_array().unwrap().iter().map(|r| r["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["Vm", "Host", "Cluster", "Zone"]);
+    for path in [
+        format!("/v1/vm-instances/{vm_uuid}"),
+        format!("/v1/hosts/{}", host["uuid"].as_str().unwrap()),
+        format!("/v1/zones/{zone}"),
+    ] {
+        let (status, _, _) = http(env.api, "GET", &path, None, &[]);
+        assert_eq!(status, 404, "{path}");
+    }
+    assert_eq!(domain_state(&env, &vm_uuid).await, None, "the domain went with the VM");
+    // The VM's address went back: the L3 network now has no dependents.
+    ok(env.api, "DELETE", &format!("/v1/l3-networks/{l3_uuid}"), None);
+}

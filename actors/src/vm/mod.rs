@@ -108,6 +108,9 @@ pub enum VmError {
     /// No host can take the VM.
     #[error(transparent)]
     Alloc(#[from] crate::allocator::AllocError),
+    /// An L3 network failed (giving back an address).
+    #[error(transparent)]
+    L3(#[from] crate::l3::L3Error),
 }
 
 /// Applies what host `host` observed of VM `vm`'s domain. Reports from a host the VM is not

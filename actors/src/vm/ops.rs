@@ -285,23 +285,39 @@ async fn drive(ctx: &OpCtx<Vms>, op: Lifecycle, record: &VmRecord) -> Result<Lan
                 Err(error) => return Err(error.into()),
             }
             if ctx.entity().policy.deletion == DeletionPolicy::Direct {
-                return expunge_volume(record, &send).await;
+                return expunge_volume(ctx, record, &send).await;
             }
         }
-        Lifecycle::Expunge => return expunge_volume(record, &send).await,
+        Lifecycle::Expunge => return expunge_volume(ctx, record, &send).await,
         // Recovering only changes the record (handled in `run`).
         Lifecycle::Recover => {}
     }
     Ok(Landing::Table)
 }
 
-async fn expunge_volume<F, Fut>(record: &VmRecord, send: &F) -> Result<Landing, VmError>
+/// Expunging gives everything back: the root volume, the NICs' addresses and the host's
+/// capacity booking (a destroyed VM keeps them, so that it can be recovered as it was).
+async fn expunge_volume<F, Fut>(
+    ctx: &OpCtx<Vms>,
+    record: &VmRecord,
+    send: &F,
+) -> Result<Landing, VmError>
 where
     F: Fn(Command) -> Fut,
     Fut: std::future::Future<Output = Result<Reply, HostError>>,
 {
     if let Some(path) = &record.root_volume_path {
         send(Command::DeleteVolume { path: path.clone() }).await?;
+    }
+    if let Some(l3s) = ctx.runtime().kind::<crate::l3::L3s>() {
+        for nic in &record.vm_nics {
+            if let Ok(ip) = nic.ip.parse() {
+                crate::l3::release_ip(&l3s, nic.l3_network_uuid, ip).await?;
+            }
+        }
+    }
+    if let Some(host) = record.host_uuid {
+        host::release(&hosts_of(ctx)?, host, record.uuid).await?;
     }
     Ok(Landing::Expunged)
 }
