@@ -1,7 +1,10 @@
-//! The chaos harness, `strato-chaos`: proves Strato under faults.
+//! The chaos harness, `strato-chaos`: proves Strato under load and faults, with real
+//! processes driven through the HTTP API.
 //!
-//! It will start a real management node and agent processes (in network namespaces when it
-//! can), drive a seeded model-based random workload through the HTTP API, inject faults on a
-//! seeded schedule (kill -9, partitions, dropped and delayed frames, slow and failing drivers,
-//! panics, store write errors) and check the invariants of DESIGN section 8 against a recorded
-//! history. Nothing depends on it. It is empty until the chaos issue.
+//! Today it has the load run ([`load`]): a real management node and one agent process
+//! simulating many hosts, many VMs created through the API, and the figures. The chaos run of
+//! its own issue will add a seeded model-based workload, faults on a seeded schedule (kill -9,
+//! partitions, dropped and delayed frames, slow and failing drivers, panics, store write
+//! errors) and the invariant checks of DESIGN section 8. Nothing depends on this crate.
+
+pub mod load;

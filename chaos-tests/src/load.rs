@@ -1,0 +1,279 @@
+//! `strato-chaos load`: how fast a real management node brings many VMs to Running.
+//!
+//! It starts the `strato` server and one `strato-agent` process simulating `--sim-hosts`
+//! hosts, registers them through the HTTP API, then creates `--vms` VMs through the API with
+//! `--concurrency` clients, each creation followed to its end through its job. It prints VMs/s,
+//! the latency of the create call and of creation to Running (p50/p99), the time until all
+//! run, the latency of a single VM from POST to Running on an idle node, and the MN's peak
+//! RSS.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use strato_api::client;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct LoadConfig {
+    /// Simulated hosts.
+    pub sim_hosts: u32,
+    /// VMs to create.
+    pub vms: u32,
+    /// Concurrent clients.
+    pub concurrency: u32,
+    /// Latency of every simulated driver call.
+    pub sim_latency_ms: u64,
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+fn free_port() -> Result<SocketAddr, Error> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+fn sibling(name: &str) -> Result<PathBuf, Error> {
+    let path = std::env::current_exe()?.with_file_name(name);
+    if !path.exists() {
+        return Err(format!(
+            "{} is missing: build it with `cargo build --release -p strato-api -p strato-agent`",
+            path.display()
+        )
+        .into());
+    }
+    Ok(path)
+}
+
+fn wait_listening(addr: SocketAddr) -> Result<(), Error> {
+    let started = Instant::now();
+    while std::net::TcpStream::connect(addr).is_err() {
+        if started.elapsed() > Duration::from_secs(60) {
+            return Err(format!("nothing listens on {addr}").into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+fn peak_rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Runs `work(i)` for `0..count` on `concurrency` threads, with progress on stderr.
+fn run_parallel<T: Send + 'static>(
+    what: &'static str,
+    count: u32,
+    concurrency: u32,
+    work: impl Fn(u32) -> Result<T, Error> + Send + Sync + 'static,
+) -> Result<Vec<T>, Error> {
+    let work = Arc::new(work);
+    let next = Arc::new(Mutex::new(0u32));
+    let results = Arc::new(Mutex::new(Vec::with_capacity(count as usize)));
+    let started = Instant::now();
+    let threads: Vec<_> = (0..concurrency.min(count).max(1))
+        .map(|_| {
+            let (work, next, results) = (work.clone(), next.clone(), results.clone());
+            std::thread::spawn(move || -> Result<(), String> {
+                loop {
+                    let i = {
+                        let mut n = next.lock().expect("counter");
+                        if *n >= count {
+                            return Ok(());
+                        }
+                        *n += 1;
+                        *n - 1
+                    };
+                    let value = work(i).map_err(|e| e.to_string())?;
+                    let mut results = results.lock().expect("results");
+                    results.push(value);
+                    let done = results.len() as u32;
+                    if done.is_multiple_of((count / 10).max(1)) {
+                        eprintln!(
+                            "  {what}: {done}/{count} after {:.1}s",
+                            started.elapsed().as_secs_f64()
+                        );
+                    }
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().map_err(|_| "a client thread panicked")??;
+    }
+    let results = std::mem::take(&mut *results.lock().expect("results"));
+    Ok(results)
+}
+
+/// Runs the load and prints its figures.
+pub fn run(config: &LoadConfig, work_dir: &Path) -> Result<(), Error> {
+    let data = work_dir.join("mn");
+    let token = {
+        let out = Command::new(sibling("strato")?)
+            .arg("agent-token")
+            .arg("--data-dir")
+            .arg(&data)
+            .output()?;
+        String::from_utf8(out.stdout)?.trim().to_owned()
+    };
+    // One agent process simulating every host, on consecutive ports.
+    let base = {
+        let mut base = 20_000 + (std::process::id() % 20_000) as u16;
+        loop {
+            let free = (0..config.sim_hosts)
+                .all(|i| TcpListener::bind(("127.0.0.1", base + i as u16)).is_ok());
+            if free {
+                break SocketAddr::from(([127, 0, 0, 1], base));
+            }
+            base = base.wrapping_add(config.sim_hosts as u16 + 7).max(20_000);
+        }
+    };
+    let _agent = Proc(
+        Command::new(sibling("strato-agent")?)
+            .args([
+                "--driver",
+                "sim",
+                "--sim-hosts",
+                &config.sim_hosts.to_string(),
+                "--listen-base",
+                &base.to_string(),
+            ])
+            .args([
+                "--sim-latency-ms",
+                &config.sim_latency_ms.to_string(),
+                "--token",
+                &token,
+                "--data-dir",
+            ])
+            .arg(work_dir.join("agent"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    wait_listening(SocketAddr::new(base.ip(), base.port() + config.sim_hosts as u16 - 1))?;
+    let api = free_port()?;
+    let server = Proc(
+        Command::new(sibling("strato")?)
+            .args(["server", "--listen", &api.to_string(), "--data-dir"])
+            .arg(&data)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    wait_listening(api)?;
+    let server_pid = server.0.id();
+
+    eprintln!("registering {} simulated hosts", config.sim_hosts);
+    let zone = client::mutate(api, "POST", "/v1/zones", &json!({ "params": { "name": "load" } }))?;
+    let cluster = client::mutate(
+        api,
+        "POST",
+        "/v1/clusters",
+        &json!({ "params": { "name": "load", "zoneUuid": zone["uuid"] } }),
+    )?;
+    let cluster_uuid = cluster["uuid"].clone();
+    run_parallel("hosts", config.sim_hosts, config.concurrency.min(64), move |i| {
+        let params = json!({ "params": { "name": format!("sim-{i}"), "managementIp": "127.0.0.1", "agentPort": base.port() + i as u16, "clusterUuid": cluster_uuid } });
+        client::mutate(api, "POST", "/v1/hosts/kvm", &params)?;
+        Ok(())
+    })?;
+    let offering = client::mutate(
+        api,
+        "POST",
+        "/v1/instance-offerings",
+        &json!({ "params": { "name": "tiny", "cpuNum": 1, "memorySize": 134217728u64 } }),
+    )?;
+    let l3 =
+        client::mutate(api, "POST", "/v1/l3-networks", &json!({ "params": { "name": "load" } }))?;
+    let ranges = format!("/v1/l3-networks/{}/ip-ranges", l3["uuid"].as_str().unwrap_or_default());
+    client::mutate(
+        api,
+        "POST",
+        &ranges,
+        &json!({ "params": { "startIp": "10.64.0.2", "endIp": "10.127.255.254", "netmask": "255.192.0.0", "gateway": "10.64.0.1" } }),
+    )?;
+    let body = json!({ "params": { "name": "vm", "instanceOfferingUuid": offering["uuid"], "l3NetworkUuids": [l3["uuid"]] } });
+
+    // A single VM on the idle node: POST to Running.
+    let single = {
+        let started = Instant::now();
+        let vm = client::mutate(api, "POST", "/v1/vm-instances", &body)?;
+        if vm["state"] != "Running" {
+            return Err(format!("the first VM is {}", vm["state"]).into());
+        }
+        started.elapsed()
+    };
+
+    eprintln!("creating {} VMs with {} clients", config.vms, config.concurrency);
+    let started = Instant::now();
+    let body = Arc::new(body);
+    let timings = run_parallel("VMs", config.vms, config.concurrency, move |_| {
+        let t0 = Instant::now();
+        let (status, reply) = client::request(api, "POST", "/v1/vm-instances", Some(&body))?;
+        let accepted = t0.elapsed();
+        if status != 202 {
+            return Err(format!("create answered {status}: {reply}").into());
+        }
+        let location = reply["location"].as_str().unwrap_or_default();
+        let path = location.find("/v1/").map(|at| location[at..].to_owned()).unwrap_or_default();
+        loop {
+            let (status, done) = client::request(api, "GET", &path, None)?;
+            if status == 200 {
+                if done["inventory"]["state"] != "Running" {
+                    return Err(format!("a VM did not reach Running: {done}").into());
+                }
+                return Ok((accepted, t0.elapsed()));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    })?;
+    let all_running = started.elapsed();
+    let mut accepted: Vec<Duration> = timings.iter().map(|t| t.0).collect();
+    let mut running: Vec<Duration> = timings.iter().map(|t| t.1).collect();
+    accepted.sort();
+    running.sort();
+    let listed = client::list(api, "vm-instances")?;
+    let running_count = listed.iter().filter(|v| v["state"] == "Running").count();
+    let rss = peak_rss_mib(server_pid);
+    println!(
+        "load sim_hosts={} vms={} concurrency={} sim_latency_ms={} all_running_s={:.2} vms_per_s={:.0} create_call_p50_ms={:.1} create_call_p99_ms={:.1} to_running_p50_ms={:.1} to_running_p99_ms={:.1} single_vm_to_running_ms={:.1} running_listed={} mn_peak_rss_mib={:.0}",
+        config.sim_hosts,
+        config.vms,
+        config.concurrency,
+        config.sim_latency_ms,
+        all_running.as_secs_f64(),
+        f64::from(config.vms) / all_running.as_secs_f64(),
+        percentile(&accepted, 0.5).as_secs_f64() * 1e3,
+        percentile(&accepted, 0.99).as_secs_f64() * 1e3,
+        percentile(&running, 0.5).as_secs_f64() * 1e3,
+        percentile(&running, 0.99).as_secs_f64() * 1e3,
+        single.as_secs_f64() * 1e3,
+        running_count,
+        rss,
+    );
+    Ok(())
+}
