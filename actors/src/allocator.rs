@@ -1,7 +1,7 @@
 //! The host allocator: filters the hosts, ranks the survivors, and books capacity through
 //! the chosen host's actor.
 //!
-//! Filtering reads the store (cheap, possibly a moment stale); the booking is authoritative,
+//! Filtering reads the host actors' in-memory directory (cheap, possibly a moment stale); the booking is authoritative,
 //! because it runs in the host actor's `capacity` queue at level 1 and checks again there. A
 //! host that filled up meanwhile says no and the next candidate is tried. When no host is
 //! left, the error carries the placement trace: each filter and how many hosts it left, so a
@@ -9,11 +9,10 @@
 
 use serde::Serialize;
 use strato_runtime::Kind;
-use strato_storage::Db;
 use uuid::Uuid;
 
-use crate::host::{self, HostError, Hosts, Overcommit, fits};
-use crate::records::{HostRecord, HostState, HostStatus};
+use crate::host::{self, HostError, HostSummary, Hosts, Overcommit};
+use crate::records::{HostState, HostStatus};
 
 /// What a VM needs.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -61,52 +60,42 @@ fn render(trace: &[FilterStep]) -> String {
 
 /// Picks a host for VM `vm`'s `need` and books its capacity there. Returns the host.
 pub async fn place(
-    db: &Db,
     hosts: &Kind<Hosts>,
     vm: Uuid,
     need: &Need,
     overcommit: Overcommit,
 ) -> Result<Uuid, AllocError> {
-    place_filtered(db, hosts, vm, need, None, overcommit).await
+    place_filtered(hosts, vm, need, None, overcommit).await
 }
 
 /// [`place`] on any host but `excluded` (a migration's source).
 pub async fn place_excluding(
-    db: &Db,
     hosts: &Kind<Hosts>,
     vm: Uuid,
     need: &Need,
     excluded: Uuid,
     overcommit: Overcommit,
 ) -> Result<Uuid, AllocError> {
-    place_filtered(db, hosts, vm, need, Some(excluded), overcommit).await
+    place_filtered(hosts, vm, need, Some(excluded), overcommit).await
 }
 
 async fn place_filtered(
-    db: &Db,
     hosts: &Kind<Hosts>,
     vm: Uuid,
     need: &Need,
     excluded: Option<Uuid>,
     overcommit: Overcommit,
 ) -> Result<Uuid, AllocError> {
-    let mut candidates: Vec<HostRecord> = Vec::new();
-    for stored in db.scan::<HostRecord>() {
-        candidates.push(stored?.record);
-    }
+    let mut candidates: Vec<HostSummary> = hosts.entity().directory();
     let mut trace = vec![FilterStep { filter: "all hosts".into(), hosts_left: candidates.len() }];
-    if let Some(excluded) = excluded {
-        candidates.retain(|h| h.uuid != excluded);
-        trace.push(FilterStep {
-            filter: format!("not host {excluded}"),
-            hosts_left: candidates.len(),
-        });
-    }
     let mut filter =
-        |name: String, keep: &dyn Fn(&HostRecord) -> bool, candidates: &mut Vec<HostRecord>| {
+        |name: String, keep: &dyn Fn(&HostSummary) -> bool, candidates: &mut Vec<HostSummary>| {
             candidates.retain(|h| keep(h));
             trace.push(FilterStep { filter: name, hosts_left: candidates.len() });
         };
+    if let Some(excluded) = excluded {
+        filter(format!("not host {excluded}"), &|h| h.uuid != excluded, &mut candidates);
+    }
     if let Some(clusters) = &need.clusters {
         filter(
             "in the VM's clusters".into(),
@@ -121,14 +110,11 @@ async fn place_filtered(
     filter("status Connected".into(), &|h| h.status == HostStatus::Connected, &mut candidates);
     filter(
         format!("free capacity for {} CPU and {} MiB", need.cpu, need.memory >> 20),
-        &|h| fits(h, need.cpu, need.memory, overcommit),
+        &|h| h.fits(need.cpu, need.memory, overcommit),
         &mut candidates,
     );
     // Rank: the most free memory first, which spreads VMs over hosts.
-    candidates.sort_by_key(|h| {
-        let total = h.facts.as_ref().map_or(0, |f| f.memory_mib << 20);
-        std::cmp::Reverse(total.saturating_sub(h.reserved_memory()))
-    });
+    candidates.sort_by_key(|h| std::cmp::Reverse(h.memory.saturating_sub(h.reserved_memory)));
     for candidate in &candidates {
         if host::reserve(hosts, candidate.uuid, vm, need.cpu, need.memory, overcommit).await? {
             return Ok(candidate.uuid);

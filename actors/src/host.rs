@@ -141,12 +141,75 @@ pub struct HostActor {
 pub struct Hosts {
     db: Db,
     config: HostConfig,
+    directory: std::sync::RwLock<std::collections::HashMap<Uuid, HostSummary>>,
+}
+
+/// What the allocator needs to know of a host, kept in memory for every host: placing one
+/// VM must not read a thousand host records.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostSummary {
+    /// The host.
+    pub uuid: Uuid,
+    /// Its cluster.
+    pub cluster_uuid: Uuid,
+    /// Administrative state.
+    pub state: crate::records::HostState,
+    /// Link status.
+    pub status: HostStatus,
+    /// CPUs (0 until the first handshake).
+    pub cpus: u32,
+    /// Memory in bytes (0 until the first handshake).
+    pub memory: u64,
+    /// CPUs booked.
+    pub reserved_cpu: u64,
+    /// Memory booked.
+    pub reserved_memory: u64,
+}
+
+impl HostSummary {
+    fn of(record: &HostRecord) -> Self {
+        HostSummary {
+            uuid: record.uuid,
+            cluster_uuid: record.cluster_uuid,
+            state: record.state,
+            status: record.status,
+            cpus: record.facts.as_ref().map_or(0, |f| f.cpus),
+            memory: record.facts.as_ref().map_or(0, |f| f.memory_mib << 20),
+            reserved_cpu: record.reserved_cpu(),
+            reserved_memory: record.reserved_memory(),
+        }
+    }
+
+    /// Whether it has room for `cpu` CPUs and `memory` bytes more.
+    pub fn fits(&self, cpu: u32, memory: u64, overcommit: Overcommit) -> bool {
+        let cpu_total = (f64::from(self.cpus) * overcommit.cpu) as u64;
+        let memory_total = (self.memory as f64 * overcommit.memory) as u64;
+        self.reserved_cpu + u64::from(cpu) <= cpu_total
+            && self.reserved_memory + memory <= memory_total
+    }
 }
 
 impl Hosts {
-    /// The kind, on `db`.
+    /// The kind, on `db` (every host in the store enters the directory).
     pub fn new(db: Db, config: HostConfig) -> Self {
-        Hosts { db, config }
+        let directory = db
+            .scan::<HostRecord>()
+            .filter_map(Result::ok)
+            .map(|s| (s.record.uuid, HostSummary::of(&s.record)))
+            .collect();
+        Hosts { db, config, directory: std::sync::RwLock::new(directory) }
+    }
+
+    /// Every host as the allocator sees it.
+    pub fn directory(&self) -> Vec<HostSummary> {
+        self.directory.read().expect("directory lock").values().cloned().collect()
+    }
+
+    fn publish(&self, record: &HostRecord) {
+        self.directory
+            .write()
+            .expect("directory lock")
+            .insert(record.uuid, HostSummary::of(record));
     }
 
     /// The kind's default queues.
@@ -164,7 +227,11 @@ impl Entity for Hosts {
     type State = HostActor;
 
     fn load(&self, id: Uuid) -> Result<Option<HostActor>, BoxError> {
-        Ok(self.db.get::<HostRecord>(id)?.map(|stored| HostActor {
+        let stored = self.db.get::<HostRecord>(id)?;
+        if let Some(stored) = &stored {
+            self.publish(&stored.record);
+        }
+        Ok(stored.map(|stored| HostActor {
             record: stored.record,
             generation: stored.generation,
             link: None,
@@ -187,6 +254,7 @@ async fn save(ctx: &OpCtx<Hosts>, change: impl FnOnce(&mut HostRecord)) -> Resul
     batch.put(&record, Expect::Generation(generation))?;
     let written = ctx.entity().db.commit(batch).await?;
     let generation = written[0].generation.unwrap_or(generation);
+    ctx.entity().publish(&record);
     ctx.with_state(|s| {
         s.record = record;
         s.generation = generation;
@@ -558,6 +626,7 @@ pub async fn remove(hosts: &Kind<Hosts>, id: Uuid) -> Result<(), HostError> {
             let mut batch = Batch::new();
             batch.delete::<HostRecord>(id, Expect::Any);
             ctx.entity().db.commit(batch).await?;
+            ctx.entity().directory.write().expect("directory lock").remove(&id);
             ctx.passivate_when_idle();
             tracing::info!(host = %id, "host removed");
             Ok(())

@@ -221,11 +221,22 @@ pub fn run(config: &LoadConfig, work_dir: &Path) -> Result<(), Error> {
     // A single VM on the idle node: POST to Running.
     let single = {
         let started = Instant::now();
-        let vm = client::mutate(api, "POST", "/v1/vm-instances", &body)?;
-        if vm["state"] != "Running" {
-            return Err(format!("the first VM is {}", vm["state"]).into());
+        let (status, reply) = client::request(api, "POST", "/v1/vm-instances", Some(&body))?;
+        if status != 202 {
+            return Err(format!("create answered {status}: {reply}").into());
         }
-        started.elapsed()
+        let location = reply["location"].as_str().unwrap_or_default();
+        let path = location.find("/v1/").map(|at| location[at..].to_owned()).unwrap_or_default();
+        loop {
+            let (status, done) = client::request(api, "GET", &path, None)?;
+            if status == 200 {
+                if done["inventory"]["state"] != "Running" {
+                    return Err(format!("the first VM did not reach Running: {done}").into());
+                }
+                break started.elapsed();
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
     };
 
     eprintln!("creating {} VMs with {} clients", config.vms, config.concurrency);

@@ -126,7 +126,7 @@ impl Step<CreateVm> for AllocateHost {
             clusters: c.clusters.clone(),
             pinned: c.pinned_host,
         };
-        let host = allocator::place(&self.db, &self.hosts, c.vm, &need, self.overcommit).await?;
+        let host = allocator::place(&self.hosts, c.vm, &need, self.overcommit).await?;
         c.host = Some(host);
         write_vm(&self.db, c.vm, |r| r.host_uuid = Some(host)).await
     }

@@ -359,7 +359,6 @@ pub async fn migrate(
                 pinned: target,
             };
             let destination = crate::allocator::place_excluding(
-                &db,
                 &hosts,
                 id,
                 &need,
