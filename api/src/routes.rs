@@ -65,6 +65,7 @@ pub fn router(mn: Arc<Mn>) -> Router {
         .route("/v1/vm-instances/{uuid}", get(one::<VmRecord>).delete(destroy_vm))
         .route("/v1/vm-instances/{uuid}/actions", put(vm_action))
         .route("/v1/api-jobs/{uuid}", get(job))
+        .route("/v1/gc-jobs", get(gc_jobs))
         .with_state(mn)
 }
 
@@ -798,4 +799,11 @@ async fn delete_offering(
         "DeleteInstanceOffering",
     )
     .await
+}
+
+/// The garbage collector's jobs: what is left to clean up, with attempts, next run and
+/// last error.
+async fn gc_jobs(State(mn): Shared) -> Result<Json<Value>, ApiError> {
+    let jobs = mn.runtime.gc().list()?;
+    Ok(Json(json!({ "inventories": jobs })))
 }

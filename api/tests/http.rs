@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::process::Command as Process;
 use std::time::{Duration, SystemTime};
 
 use common::*;
@@ -295,4 +296,76 @@ async fn deletes_are_checked_then_cascade_when_enforced() {
     assert_eq!(domain_state(&env, &vm_uuid).await, None, "the domain went with the VM");
     // The VM's address went back: the L3 network now has no dependents.
     ok(env.api, "DELETE", &format!("/v1/l3-networks/{l3_uuid}"), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destroy_on_a_lost_host_is_finished_by_a_listed_gc_job() {
+    let mut env = tokio::task::spawn_blocking(env).await.unwrap();
+    let (host, offering, l3) = infrastructure(&env);
+    let body = json!({ "params": { "name": "vm1", "instanceOfferingUuid": offering["uuid"], "l3NetworkUuids": [l3["uuid"]] } });
+    let vm = ok(env.api, "POST", "/v1/vm-instances", Some(&body.to_string()));
+    let uuid = vm["uuid"].as_str().unwrap().to_owned();
+    let host_path = format!("/v1/hosts/{}", host["uuid"].as_str().unwrap());
+
+    // The agent dies (SIGKILL): the host turns Disconnected, its VM Unknown.
+    env._agent.child.kill().unwrap();
+    env._agent.child.wait().unwrap();
+    let api = env.api;
+    let wait_for = |path: String, field: &'static str, value: &'static str| {
+        let started = std::time::Instant::now();
+        loop {
+            let (_, _, reply) = http(api, "GET", &path, None, &[]);
+            if reply["inventories"][0][field] == value {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "{path} never had {field}={value}: {reply}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait_for(host_path.clone(), "status", "Disconnected");
+    wait_for(format!("/v1/vm-instances/{uuid}"), "state", "Unknown");
+
+    // Destroying succeeds for the user and leaves a GC job, listed by the API.
+    assert_eq!(
+        ok(env.api, "DELETE", &format!("/v1/vm-instances/{uuid}"), None)["state"],
+        "Destroyed"
+    );
+    let (_, _, jobs) = http(env.api, "GET", "/v1/gc-jobs", None, &[]);
+    let jobs = jobs["inventories"].as_array().unwrap().clone();
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    assert_eq!(jobs[0]["kind"], "vm.destroy-domain");
+
+    // The agent comes back on its address: the host reconnects by itself, the job runs.
+    let agent_dir = env._dir.path().join("agent");
+    let restarted = Process::new(agent_binary())
+        .args([
+            "--driver",
+            "libvirt",
+            "--libvirt-uri",
+            "test:///default",
+            "--listen",
+            &env.agent.to_string(),
+            "--token",
+            &env.token,
+            "--data-dir",
+        ])
+        .arg(agent_dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    env._agent = Proc { child: restarted };
+    wait_for(host_path, "status", "Connected");
+    let started = std::time::Instant::now();
+    loop {
+        let (_, _, jobs) = http(env.api, "GET", "/v1/gc-jobs", None, &[]);
+        if jobs["inventories"].as_array().unwrap().is_empty() {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "the GC job did not finish: {jobs}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
