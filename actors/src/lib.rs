@@ -19,6 +19,7 @@
 pub mod allocator;
 pub mod cascade;
 pub mod host;
+pub mod images;
 pub mod ipam;
 pub mod l3;
 pub mod records;

@@ -338,3 +338,87 @@ impl Record for InstanceOfferingRecord {
         self.uuid
     }
 }
+
+/// A backup storage of type ImageStore: a directory holding images, attached to zones.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupStorageRecord {
+    /// Its UUID.
+    pub uuid: Uuid,
+    /// Its name.
+    pub name: String,
+    /// The directory (reachable by the MN and the hosts).
+    pub url: String,
+    /// Always `ImageStoreBackupStorage`.
+    pub r#type: String,
+    /// The zones it serves.
+    pub attached_zone_uuids: Vec<Uuid>,
+}
+
+impl Record for BackupStorageRecord {
+    const KIND: &'static str = "backup-storage";
+    const VERSION: u16 = 1;
+
+    fn id(&self) -> Uuid {
+        self.uuid
+    }
+}
+
+/// A primary storage of type LocalStorage: a directory on each host of the clusters it is
+/// attached to, holding the image cache and the VMs' volumes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PrimaryStorageRecord {
+    /// Its UUID.
+    pub uuid: Uuid,
+    /// Its name.
+    pub name: String,
+    /// The directory on each host.
+    pub url: String,
+    /// Its zone.
+    pub zone_uuid: Uuid,
+    /// Always `LocalStorage`.
+    pub r#type: String,
+    /// The clusters whose hosts use it.
+    pub attached_cluster_uuids: Vec<Uuid>,
+}
+
+impl Record for PrimaryStorageRecord {
+    const KIND: &'static str = "primary-storage";
+    const VERSION: u16 = 1;
+
+    fn id(&self) -> Uuid {
+        self.uuid
+    }
+}
+
+/// An image, downloaded into a backup storage.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageRecord {
+    /// Its UUID.
+    pub uuid: Uuid,
+    /// Its name.
+    pub name: String,
+    /// Where it came from (`file://...` or `http://...`).
+    pub url: String,
+    /// `qcow2` or `raw`.
+    pub format: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// `sha256:<hex>` of its bytes.
+    pub checksum: String,
+    /// Where it is: backup storage UUID and path there.
+    pub backup_storage_refs: Vec<(Uuid, String)>,
+    /// `Ready` once downloaded.
+    pub status: String,
+}
+
+impl Record for ImageRecord {
+    const KIND: &'static str = "image";
+    const VERSION: u16 = 1;
+
+    fn id(&self) -> Uuid {
+        self.uuid
+    }
+}

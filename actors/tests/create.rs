@@ -78,6 +78,7 @@ fn request(s: &Setup, memory_gib: u64) -> CreateVm {
         pinned_host: None,
         host: None,
         nics: vec![],
+        image: None,
     }
 }
 

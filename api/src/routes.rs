@@ -24,8 +24,8 @@ use strato_actors::cascade::{CascadeError, DeleteMode, Resource, ResourceKind};
 use strato_actors::host;
 use strato_actors::ipam::IpRange;
 use strato_actors::records::{
-    ClusterRecord, HostRecord, HostState, HostStatus, InstanceOfferingRecord, L3NetworkRecord,
-    VmRecord, ZoneRecord,
+    BackupStorageRecord, ClusterRecord, HostRecord, HostState, HostStatus, ImageRecord,
+    InstanceOfferingRecord, L3NetworkRecord, PrimaryStorageRecord, VmRecord, ZoneRecord,
 };
 use strato_actors::vm::create::{self, CreateVm};
 use strato_actors::vm::ops::{self, Lifecycle};
@@ -64,6 +64,14 @@ pub fn router(mn: Arc<Mn>) -> Router {
         .route("/v1/vm-instances", get(list::<VmRecord>).post(create_vm))
         .route("/v1/vm-instances/{uuid}", get(one::<VmRecord>).delete(destroy_vm))
         .route("/v1/vm-instances/{uuid}/actions", put(vm_action))
+        .route("/v1/backup-storage", get(list::<BackupStorageRecord>))
+        .route("/v1/backup-storage/image-store", post(create_backup_storage))
+        .route("/v1/zones/{zone}/backup-storage/{bs}", post(attach_backup_storage))
+        .route("/v1/primary-storage", get(list::<PrimaryStorageRecord>))
+        .route("/v1/primary-storage/local-storage", post(create_primary_storage))
+        .route("/v1/clusters/{cluster}/primary-storage/{ps}", post(attach_primary_storage))
+        .route("/v1/images", get(list::<ImageRecord>).post(add_image))
+        .route("/v1/images/{uuid}", get(one::<ImageRecord>))
         .route("/v1/api-jobs/{uuid}", get(job))
         .route("/v1/gc-jobs", get(gc_jobs))
         .with_state(mn)
@@ -478,7 +486,6 @@ struct VmParams {
     l3_network_uuids: Vec<Uuid>,
     host_uuid: Option<Uuid>,
     cluster_uuid: Option<Uuid>,
-    #[allow(dead_code)]
     image_uuid: Option<Uuid>,
 }
 
@@ -499,6 +506,15 @@ async fn create_vm(
     }
     if let Some(host) = p.host_uuid {
         get_record::<HostRecord>(&mn, host, "host")?;
+    }
+    if let Some(image) = p.image_uuid {
+        let image: ImageRecord = get_record(&mn, image, "image")?;
+        if image.status != "Ready" {
+            return Err(ApiError::invalid(
+                "imageUuid",
+                format!("image {} is {}, not Ready", image.uuid, image.status),
+            ));
+        }
     }
     if let Some(cluster) = p.cluster_uuid {
         get_record::<ClusterRecord>(&mn, cluster, "cluster")?;
@@ -522,6 +538,7 @@ async fn create_vm(
                 pinned_host: p.host_uuid,
                 host: None,
                 nics: vec![],
+                image: p.image_uuid,
             };
             inventory(&create::create(&m.runtime, request, Some(job)).await?)
         },
@@ -806,4 +823,207 @@ async fn delete_offering(
 async fn gc_jobs(State(mn): Shared) -> Result<Json<Value>, ApiError> {
     let jobs = mn.runtime.gc().list()?;
     Ok(Json(json!({ "inventories": jobs })))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct StorageParams {
+    name: String,
+    url: String,
+    zone_uuid: Option<Uuid>,
+}
+
+fn directory_url(url: &str) -> Result<String, ApiError> {
+    if !url.starts_with('/') {
+        return Err(ApiError::invalid("url", format!("`{url}` is not an absolute directory path")));
+    }
+    Ok(url.trim_end_matches('/').to_owned())
+}
+
+async fn create_backup_storage(
+    State(mn): Shared,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let (p, raw): (StorageParams, _) = params(json_body(&body)?)?;
+    non_empty(&p.name, "name")?;
+    let url = directory_url(&p.url)?;
+    let m = mn.clone();
+    let job = jobs::submit(
+        &mn.db,
+        job_header(&headers)?,
+        "AddImageStoreBackupStorage",
+        &raw,
+        move |_| async move {
+            std::fs::create_dir_all(&url)
+                .map_err(|e| ApiError::invalid("url", format!("cannot use {url}: {e}")))?;
+            let bs = BackupStorageRecord {
+                uuid: Uuid::new_v4(),
+                name: p.name,
+                url,
+                r#type: "ImageStoreBackupStorage".into(),
+                attached_zone_uuids: vec![],
+            };
+            write(&m, &bs).await?;
+            inventory(&bs)
+        },
+    )
+    .await?;
+    Ok(accepted(&headers, job))
+}
+
+async fn attach_backup_storage(
+    State(mn): Shared,
+    Path((zone, bs)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let zone = uuid_param(&zone, "zoneUuid")?;
+    let bs = uuid_param(&bs, "backupStorageUuid")?;
+    get_record::<ZoneRecord>(&mn, zone, "zone")?;
+    get_record::<BackupStorageRecord>(&mn, bs, "backup-storage")?;
+    let m = mn.clone();
+    let job = jobs::submit(
+        &mn.db,
+        job_header(&headers)?,
+        "AttachBackupStorageToZone",
+        &json!({ "zone": zone, "bs": bs }),
+        move |_| async move {
+            let mut record: BackupStorageRecord = get_record(&m, bs, "backup-storage")?;
+            if !record.attached_zone_uuids.contains(&zone) {
+                record.attached_zone_uuids.push(zone);
+            }
+            let mut batch = Batch::new();
+            batch.put(&record, Expect::Any)?;
+            m.db.commit(batch).await?;
+            inventory(&record)
+        },
+    )
+    .await?;
+    Ok(accepted(&headers, job))
+}
+
+async fn create_primary_storage(
+    State(mn): Shared,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let (p, raw): (StorageParams, _) = params(json_body(&body)?)?;
+    non_empty(&p.name, "name")?;
+    let url = directory_url(&p.url)?;
+    let zone =
+        p.zone_uuid.ok_or_else(|| ApiError::invalid("zoneUuid", "`zoneUuid` is required"))?;
+    get_record::<ZoneRecord>(&mn, zone, "zone")?;
+    let m = mn.clone();
+    let job = jobs::submit(
+        &mn.db,
+        job_header(&headers)?,
+        "AddLocalPrimaryStorage",
+        &raw,
+        move |_| async move {
+            let ps = PrimaryStorageRecord {
+                uuid: Uuid::new_v4(),
+                name: p.name,
+                url,
+                zone_uuid: zone,
+                r#type: "LocalStorage".into(),
+                attached_cluster_uuids: vec![],
+            };
+            write(&m, &ps).await?;
+            inventory(&ps)
+        },
+    )
+    .await?;
+    Ok(accepted(&headers, job))
+}
+
+async fn attach_primary_storage(
+    State(mn): Shared,
+    Path((cluster, ps)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let cluster = uuid_param(&cluster, "clusterUuid")?;
+    let ps = uuid_param(&ps, "primaryStorageUuid")?;
+    get_record::<ClusterRecord>(&mn, cluster, "cluster")?;
+    get_record::<PrimaryStorageRecord>(&mn, ps, "primary-storage")?;
+    let m = mn.clone();
+    let job = jobs::submit(
+        &mn.db,
+        job_header(&headers)?,
+        "AttachPrimaryStorageToCluster",
+        &json!({ "cluster": cluster, "ps": ps }),
+        move |_| async move {
+            let mut record: PrimaryStorageRecord = get_record(&m, ps, "primary-storage")?;
+            if !record.attached_cluster_uuids.contains(&cluster) {
+                record.attached_cluster_uuids.push(cluster);
+            }
+            let mut batch = Batch::new();
+            batch.put(&record, Expect::Any)?;
+            m.db.commit(batch).await?;
+            inventory(&record)
+        },
+    )
+    .await?;
+    Ok(accepted(&headers, job))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct ImageParams {
+    name: String,
+    url: String,
+    #[serde(default = "qcow2")]
+    format: String,
+    backup_storage_uuids: Vec<Uuid>,
+}
+
+fn qcow2() -> String {
+    "qcow2".into()
+}
+
+async fn add_image(
+    State(mn): Shared,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let (p, raw): (ImageParams, _) = params(json_body(&body)?)?;
+    non_empty(&p.name, "name")?;
+    strato_actors::images::check_url(&p.url)
+        .map_err(|e| ApiError::invalid("url", e.to_string()))?;
+    if p.format != "qcow2" && p.format != "raw" {
+        return Err(ApiError::invalid("format", format!("`{}` is not qcow2 or raw", p.format)));
+    }
+    let bs_uuid = *p
+        .backup_storage_uuids
+        .first()
+        .ok_or_else(|| ApiError::invalid("backupStorageUuids", "name one backup storage"))?;
+    let bs: BackupStorageRecord = get_record(&mn, bs_uuid, "backup-storage")?;
+    let m = mn.clone();
+    let job = jobs::submit(&mn.db, job_header(&headers)?, "AddImage", &raw, move |_| async move {
+        let uuid = Uuid::new_v4();
+        let fetched =
+            strato_actors::images::fetch(&p.url, std::path::Path::new(&bs.url), uuid, &p.format)
+                .await
+                .map_err(|e| {
+                    ApiError::new(
+                        StatusCode::BAD_GATEWAY,
+                        "IMAGE.DOWNLOAD_FAILED",
+                        e.to_string(),
+                        json!({ "url": p.url }),
+                    )
+                })?;
+        let image = ImageRecord {
+            uuid,
+            name: p.name,
+            url: p.url,
+            format: p.format,
+            size: fetched.size,
+            checksum: fetched.checksum,
+            backup_storage_refs: vec![(bs.uuid, fetched.path.display().to_string())],
+            status: "Ready".into(),
+        };
+        write(&m, &image).await?;
+        inventory(&image)
+    })
+    .await?;
+    Ok(accepted(&headers, job))
 }

@@ -369,3 +369,77 @@ async fn destroy_on_a_lost_host_is_finished_by_a_listed_gc_job() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_from_an_image_gets_a_qcow2_root_volume_on_primary_storage() {
+    let env = tokio::task::spawn_blocking(env).await.unwrap();
+    let (host, offering, l3) = infrastructure(&env);
+    let storage = tempfile::tempdir().unwrap();
+    let (_, _, clusters) = http(env.api, "GET", "/v1/clusters", None, &[]);
+    let cluster = clusters["inventories"][0]["uuid"].as_str().unwrap().to_owned();
+    let zone = clusters["inventories"][0]["zoneUuid"].as_str().unwrap().to_owned();
+
+    let bs = create(
+        &env,
+        "/v1/backup-storage/image-store",
+        json!({ "name": "bs", "url": storage.path().join("bs").display().to_string() }),
+    );
+    ok(
+        env.api,
+        "POST",
+        &format!("/v1/zones/{zone}/backup-storage/{}", bs["uuid"].as_str().unwrap()),
+        None,
+    );
+    let source = storage.path().join("tiny.raw");
+    std::fs::write(&source, vec![0u8; 1 << 20]).unwrap();
+    let image = create(
+        &env,
+        "/v1/images",
+        json!({ "name": "tiny", "url": format!("file://{}", source.display()), "format": "raw", "backupStorageUuids": [bs["uuid"]] }),
+    );
+    assert_eq!((image["status"].as_str(), image["size"].as_u64()), (Some("Ready"), Some(1 << 20)));
+    assert!(image["checksum"].as_str().unwrap().starts_with("sha256:"));
+
+    // Without primary storage on the cluster, the creation fails at its volume step and
+    // leaves nothing behind.
+    let body = json!({ "params": { "name": "vm1", "instanceOfferingUuid": offering["uuid"], "l3NetworkUuids": [l3["uuid"]], "imageUuid": image["uuid"] } }).to_string();
+    let failed = call(env.api, "POST", "/v1/vm-instances", Some(&body));
+    assert!(
+        failed["error"]["description"].as_str().unwrap().contains("create-root-volume"),
+        "{failed}"
+    );
+    let (_, _, vms) = http(env.api, "GET", "/v1/vm-instances", None, &[]);
+    assert!(vms["inventories"].as_array().unwrap().is_empty());
+
+    let ps_dir = storage.path().join("ps");
+    let ps = create(
+        &env,
+        "/v1/primary-storage/local-storage",
+        json!({ "name": "ps", "url": ps_dir.display().to_string(), "zoneUuid": zone }),
+    );
+    ok(
+        env.api,
+        "POST",
+        &format!("/v1/clusters/{cluster}/primary-storage/{}", ps["uuid"].as_str().unwrap()),
+        None,
+    );
+    let vm = ok(env.api, "POST", "/v1/vm-instances", Some(&body));
+    assert_eq!(vm["state"], "Running");
+    assert_eq!(vm["hostUuid"], host["uuid"]);
+    let volume = vm["rootVolumePath"].as_str().unwrap().to_owned();
+    assert!(volume.starts_with(&ps_dir.display().to_string()), "{volume}");
+    let info = std::process::Command::new("qemu-img").args(["info", &volume]).output().unwrap();
+    let info = String::from_utf8_lossy(&info.stdout);
+    assert!(info.contains("file format: qcow2") && info.contains("imagecache"), "{info}");
+
+    // Expunging deletes the volume.
+    let uuid = vm["uuid"].as_str().unwrap();
+    ok(env.api, "DELETE", &format!("/v1/vm-instances/{uuid}"), None);
+    ok(
+        env.api,
+        "PUT",
+        &format!("/v1/vm-instances/{uuid}/actions"),
+        Some(r#"{"expungeVmInstance": {}}"#),
+    );
+    assert!(!std::path::Path::new(&volume).exists(), "the root volume was removed");
+}

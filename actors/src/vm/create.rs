@@ -5,19 +5,21 @@
 //!    on any host; bookings are keyed by VM, so the undo needs no memory of the choice);
 //! 3. `allocate-nics`: an address on each L3 network (undo: give back every address this
 //!    VM's NICs hold; NIC UUIDs derive from the VM and the network);
-//! 4. `start-domain`: define and start the domain on the host (undo: destroy and undefine it).
+//! 4. `create-root-volume`: when the VM has an image, cache it on the host's primary storage
+//!    and make a qcow2 root volume backed by it (undo: delete the volume);
+//! 5. `start-domain`: define and start the domain on the host (undo: destroy and undefine it).
 //!
 //! A failure at any step rolls back everything before it, and the flow engine persists
 //! progress, so a crash of the MN mid-creation is rolled back at the next start: no record,
-//! booking, address or domain is left behind. Other modules can add steps (a root volume,
-//! say) with the flow engine's `insert_before`/`insert_after`.
+//! booking, address, volume or domain is left behind. Other modules can add steps with the
+//! flow engine's `insert_before`/`insert_after`.
 
 use std::net::Ipv4Addr;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use strato_proto::Command;
+use strato_proto::{Command, Reply};
 use strato_runtime::{BoxError, ChainSpec, FlowInfo, Kind, Runtime, Step};
 use strato_storage::{Batch, Db, Expect};
 use uuid::Uuid;
@@ -26,7 +28,9 @@ use super::state::VmState;
 use crate::allocator::{self, Need};
 use crate::host::{self, HostError, Hosts, Overcommit};
 use crate::l3::{self, L3s};
-use crate::records::{HostRecord, L3NetworkRecord, UsedIpRecord, VmNic, VmRecord};
+use crate::records::{
+    HostRecord, ImageRecord, L3NetworkRecord, PrimaryStorageRecord, UsedIpRecord, VmNic, VmRecord,
+};
 
 /// The chain's name.
 pub const CREATE_CHAIN: &str = "vm.create";
@@ -52,6 +56,9 @@ pub struct CreateVm {
     pub host: Option<Uuid>,
     /// The NICs made (set by `allocate-nics`).
     pub nics: Vec<VmNic>,
+    /// The image of its root volume (none: a diskless VM).
+    #[serde(default)]
+    pub image: Option<Uuid>,
 }
 
 /// The UUID of VM `vm`'s NIC on L3 `l3`.
@@ -189,6 +196,81 @@ impl Step<CreateVm> for AllocateNics {
     }
 }
 
+struct CreateRootVolume {
+    db: Db,
+    hosts: Kind<Hosts>,
+}
+
+/// The primary storage serving host `host`'s cluster.
+fn primary_storage_of(db: &Db, host: Uuid) -> Result<PrimaryStorageRecord, BoxError> {
+    let cluster =
+        db.get::<HostRecord>(host)?.ok_or("the chosen host vanished")?.record.cluster_uuid;
+    for stored in db.scan::<PrimaryStorageRecord>() {
+        let ps = stored?.record;
+        if ps.attached_cluster_uuids.contains(&cluster) {
+            return Ok(ps);
+        }
+    }
+    Err(format!("no primary storage is attached to cluster {cluster}").into())
+}
+
+fn volumes_dir(ps: &PrimaryStorageRecord) -> String {
+    format!("{}/rootvolumes", ps.url.trim_end_matches('/'))
+}
+
+#[async_trait]
+impl Step<CreateVm> for CreateRootVolume {
+    async fn run(&self, c: &mut CreateVm, flow: &FlowInfo) -> Result<(), BoxError> {
+        let Some(image) = c.image else { return Ok(()) };
+        let host = c.host.ok_or("no host was allocated")?;
+        let ps = primary_storage_of(&self.db, host)?;
+        let record = self
+            .db
+            .get::<ImageRecord>(image)?
+            .ok_or_else(|| format!("image {image} vanished"))?
+            .record;
+        let source = record
+            .backup_storage_refs
+            .first()
+            .map(|(_, path)| path.clone())
+            .ok_or("the image is in no backup storage")?;
+        let cache_dir = format!("{}/imagecache", ps.url.trim_end_matches('/'));
+        let cached = host::command(
+            &self.hosts,
+            host,
+            Command::CacheImage { image, source, cache_dir },
+            deadline(),
+            flow.job_id,
+        )
+        .await?;
+        let Reply::File { path: backing, .. } = cached else {
+            return Err("the agent did not cache the image".into());
+        };
+        let made = host::command(
+            &self.hosts,
+            host,
+            Command::CreateRootVolume { volume: c.vm, backing, dir: volumes_dir(&ps) },
+            deadline(),
+            flow.job_id,
+        )
+        .await?;
+        let Reply::File { path, .. } = made else {
+            return Err("the agent did not create the volume".into());
+        };
+        write_vm(&self.db, c.vm, |r| r.root_volume_path = Some(path)).await
+    }
+
+    async fn rollback(&self, c: &mut CreateVm, flow: &FlowInfo) -> Result<(), BoxError> {
+        let (Some(_), Some(host)) = (c.image, c.host) else { return Ok(()) };
+        let ps = primary_storage_of(&self.db, host)?;
+        // The agent names a volume after its UUID: the path needs no memory of the step.
+        let path = format!("{}/{}.qcow2", volumes_dir(&ps), c.vm);
+        host::command(&self.hosts, host, Command::DeleteVolume { path }, deadline(), flow.job_id)
+            .await?;
+        Ok(())
+    }
+}
+
 struct StartDomain {
     db: Db,
     hosts: Kind<Hosts>,
@@ -256,6 +338,7 @@ pub fn define(runtime: &Runtime, hosts: Kind<Hosts>, l3s: Kind<L3s>, overcommit:
                 AllocateHost { db: db.clone(), hosts: hosts.clone(), overcommit },
             )
             .step("allocate-nics", AllocateNics { db: db.clone(), l3s })
+            .step("create-root-volume", CreateRootVolume { db: db.clone(), hosts: hosts.clone() })
             .step("start-domain", StartDomain { db, hosts }),
     );
 }
