@@ -1,7 +1,7 @@
 //! `strato up`: the README's main job. Starts the management node and a local agent on
-//! libvirt's test driver, registers a zone, a cluster, the host, an instance offering and an
-//! L3 network with an IP range through the real HTTP API, and prints the API's address and a
-//! curl line that creates a VM.
+//! libvirt's test driver, registers a zone, a cluster, the host, backup and primary storage,
+//! an image, an instance offering and an L3 network with an IP range through the real HTTP
+//! API, and prints the API's address and a curl line that creates a VM.
 //!
 //! Running it again on the same data directory reuses what it registered (found by name).
 //! The agent is a child process and stops with `strato up`; on the test driver that is a
@@ -103,7 +103,13 @@ pub async fn run(
     let mn = Mn::start(data_dir, None).await?;
     let serving = tokio::spawn(server::serve(mn.clone(), listener));
 
-    let registered = tokio::task::spawn_blocking(move || -> Result<(Value, Value), ClientError> {
+    let storage_dir = std::fs::canonicalize(data_dir)?;
+    let tryout = storage_dir.join("tryout.raw");
+    if !tryout.exists() {
+        // A tiny blank disk to build root volumes from (the test driver boots nothing).
+        std::fs::write(&tryout, vec![0u8; 1 << 20])?;
+    }
+    let registered = tokio::task::spawn_blocking(move || -> Result<(Value, Value, Value), ClientError> {
         let zone = find_or_create(listen, "zones", "/v1/zones", "zone-1", json!({}))?;
         let cluster = find_or_create(listen, "clusters", "/v1/clusters", "cluster-1", json!({ "zoneUuid": zone["uuid"] }))?;
         find_or_create(
@@ -113,6 +119,35 @@ pub async fn run(
             "host-1",
             json!({ "managementIp": agent_listen.ip().to_string(), "agentPort": agent_listen.port(), "clusterUuid": cluster["uuid"] }),
         )?;
+        let bs = find_or_create(
+            listen,
+            "backup-storage",
+            "/v1/backup-storage/image-store",
+            "bs-1",
+            json!({ "url": storage_dir.join("backup-storage").display().to_string() }),
+        )?;
+        if bs["attachedZoneUuids"].as_array().is_none_or(Vec::is_empty) {
+            let path = format!("/v1/zones/{}/backup-storage/{}", zone["uuid"].as_str().unwrap_or_default(), bs["uuid"].as_str().unwrap_or_default());
+            client::mutate(listen, "POST", &path, &json!({}))?;
+        }
+        let ps = find_or_create(
+            listen,
+            "primary-storage",
+            "/v1/primary-storage/local-storage",
+            "ps-1",
+            json!({ "url": storage_dir.join("primary-storage").display().to_string(), "zoneUuid": zone["uuid"] }),
+        )?;
+        if ps["attachedClusterUuids"].as_array().is_none_or(Vec::is_empty) {
+            let path = format!("/v1/clusters/{}/primary-storage/{}", cluster["uuid"].as_str().unwrap_or_default(), ps["uuid"].as_str().unwrap_or_default());
+            client::mutate(listen, "POST", &path, &json!({}))?;
+        }
+        let image = find_or_create(
+            listen,
+            "images",
+            "/v1/images",
+            "tryout",
+            json!({ "url": format!("file://{}", tryout.display()), "format": "raw", "backupStorageUuids": [bs["uuid"]] }),
+        )?;
         let offering = find_or_create(listen, "instance-offerings", "/v1/instance-offerings", "small", json!({ "cpuNum": 1, "memorySize": 536_870_912u64 }))?;
         let l3 = find_or_create(listen, "l3-networks", "/v1/l3-networks", "l3-1", json!({}))?;
         if l3["ipRanges"].as_array().is_none_or(Vec::is_empty) {
@@ -121,16 +156,17 @@ pub async fn run(
             client::mutate(listen, "POST", &path, &range)?;
             say!("  registered IP range 192.168.100.10-250 on l3-1");
         }
-        Ok((offering, l3))
+        Ok((offering, l3, image))
     })
     .await??;
-    let (offering, l3) = registered;
+    let (offering, l3, image) = registered;
     say!();
     say!("Strato is up. The API: http://{listen}/v1");
     say!("Create a VM:");
     say!(
-        "  curl -s -X POST http://{listen}/v1/vm-instances -d '{{\"params\": {{\"name\": \"vm1\", \"instanceOfferingUuid\": \"{}\", \"l3NetworkUuids\": [\"{}\"]}}}}'",
+        "  curl -s -X POST http://{listen}/v1/vm-instances -d '{{\"params\": {{\"name\": \"vm1\", \"instanceOfferingUuid\": \"{}\", \"imageUuid\": \"{}\", \"l3NetworkUuids\": [\"{}\"]}}}}'",
         offering["uuid"].as_str().unwrap_or_default(),
+        image["uuid"].as_str().unwrap_or_default(),
         l3["uuid"].as_str().unwrap_or_default()
     );
     say!(

@@ -42,6 +42,8 @@ fn strato_up_prints_a_curl_line_that_creates_a_running_vm() {
     let body = line.split_once("-d '").unwrap().1.trim_end_matches('\'');
     let vm = ok(api, "POST", "/v1/vm-instances", Some(body));
     assert_eq!(vm["state"], "Running");
+    let volume = vm["rootVolumePath"].as_str().expect("a root volume from the registered image");
+    assert!(std::path::Path::new(volume).exists(), "{volume}");
     let (_, _, hosts) = http(api, "GET", "/v1/hosts", None, &[]);
     assert_eq!(hosts["inventories"][0]["status"], "Connected");
     // Ctrl-C stops the node and its agent.
