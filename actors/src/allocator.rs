@@ -25,6 +25,9 @@ pub struct Need {
     pub clusters: Option<Vec<Uuid>>,
     /// Only this host.
     pub pinned: Option<Uuid>,
+    /// Only hosts of these clusters: those every L2 network of the VM is attached to (none:
+    /// the VM's networks ask nothing).
+    pub l2_clusters: Option<Vec<Uuid>>,
 }
 
 /// One filter of a placement and how many hosts it left.
@@ -100,6 +103,13 @@ async fn place_filtered(
         filter(
             "in the VM's clusters".into(),
             &|h| clusters.contains(&h.cluster_uuid),
+            &mut candidates,
+        );
+    }
+    if let Some(l2_clusters) = &need.l2_clusters {
+        filter(
+            "clusters with the VM's L2 networks".into(),
+            &|h| l2_clusters.contains(&h.cluster_uuid),
             &mut candidates,
         );
     }

@@ -1,8 +1,8 @@
 //! Deleting resources with what depends on them, by declared relations.
 //!
 //! [`RELATIONS`] says which kinds depend on which, and through which index: a zone's
-//! clusters, a cluster's hosts, a host's VMs, an L3 network's VMs (through their NICs). A
-//! deletion first finds the dependents. In `Permissive` mode (the default, ZStack's
+//! clusters and L2 networks, a cluster's hosts, a host's VMs, an L2 network's L3 networks,
+//! an L3 network's VMs (through their NICs). A deletion first finds the dependents. In `Permissive` mode (the default, ZStack's
 //! check-then-delete) any dependent refuses the deletion and nothing changes. In `Enforcing`
 //! mode the dependents are deleted first, deepest first, then the resource. Adding a kind
 //! means adding a relation and a way to delete it, not touching the walk.
@@ -17,7 +17,8 @@ use uuid::Uuid;
 use crate::host::{self, Hosts};
 use crate::l3::{self, L3s};
 use crate::records::{
-    ClusterRecord, HostRecord, InstanceOfferingRecord, L3NetworkRecord, VmRecord, ZoneRecord,
+    ClusterRecord, HostRecord, InstanceOfferingRecord, L2NetworkRecord, L3NetworkRecord, VmRecord,
+    ZoneRecord,
 };
 use crate::vm::ops::{self, Lifecycle};
 use crate::vm::state::VmState;
@@ -32,6 +33,8 @@ pub enum ResourceKind {
     Cluster,
     /// A host.
     Host,
+    /// An L2 network.
+    L2Network,
     /// An L3 network.
     L3Network,
     /// An instance offering.
@@ -66,6 +69,8 @@ pub const RELATIONS: &[Relation] = &[
     Relation { parent: ResourceKind::Cluster, child: ResourceKind::Host, index: "cluster" },
     Relation { parent: ResourceKind::Host, child: ResourceKind::Vm, index: "host" },
     Relation { parent: ResourceKind::L3Network, child: ResourceKind::Vm, index: "l3" },
+    Relation { parent: ResourceKind::Zone, child: ResourceKind::L2Network, index: "zone" },
+    Relation { parent: ResourceKind::L2Network, child: ResourceKind::L3Network, index: "l2" },
 ];
 
 /// How a deletion treats dependents.
@@ -130,6 +135,7 @@ impl Deleter {
             ResourceKind::Zone => self.db.get::<ZoneRecord>(r.uuid)?.is_some(),
             ResourceKind::Cluster => self.db.get::<ClusterRecord>(r.uuid)?.is_some(),
             ResourceKind::Host => self.db.get::<HostRecord>(r.uuid)?.is_some(),
+            ResourceKind::L2Network => self.db.get::<L2NetworkRecord>(r.uuid)?.is_some(),
             ResourceKind::L3Network => self.db.get::<L3NetworkRecord>(r.uuid)?.is_some(),
             ResourceKind::InstanceOffering => {
                 self.db.get::<InstanceOfferingRecord>(r.uuid)?.is_some()
@@ -147,9 +153,9 @@ impl Deleter {
                 ResourceKind::Cluster => self.db.find::<ClusterRecord>(relation.index, &key)?,
                 ResourceKind::Host => self.db.find::<HostRecord>(relation.index, &key)?,
                 ResourceKind::Vm => self.db.find::<VmRecord>(relation.index, &key)?,
-                ResourceKind::Zone | ResourceKind::L3Network | ResourceKind::InstanceOffering => {
-                    Vec::new()
-                }
+                ResourceKind::L2Network => self.db.find::<L2NetworkRecord>(relation.index, &key)?,
+                ResourceKind::L3Network => self.db.find::<L3NetworkRecord>(relation.index, &key)?,
+                ResourceKind::Zone | ResourceKind::InstanceOffering => Vec::new(),
             };
             found.extend(ids.into_iter().map(|uuid| Resource { kind: relation.child, uuid }));
         }
@@ -206,6 +212,7 @@ impl Deleter {
             ResourceKind::Host => host::remove(&self.hosts, r.uuid).await?,
             ResourceKind::L3Network => l3::delete(&self.l3s, r.uuid).await?,
             ResourceKind::Zone => self.delete_record::<ZoneRecord>(r.uuid).await?,
+            ResourceKind::L2Network => self.delete_record::<L2NetworkRecord>(r.uuid).await?,
             ResourceKind::Cluster => self.delete_record::<ClusterRecord>(r.uuid).await?,
             ResourceKind::InstanceOffering => {
                 self.delete_record::<InstanceOfferingRecord>(r.uuid).await?;

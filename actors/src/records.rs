@@ -205,6 +205,8 @@ pub struct L3NetworkRecord {
     pub uuid: Uuid,
     /// Its name.
     pub name: String,
+    /// The L2 network it runs on (none: not tied to one).
+    pub l2_network_uuid: Option<Uuid>,
     /// Its IP ranges.
     pub ip_ranges: Vec<crate::ipam::IpRange>,
     /// DNS servers handed to guests.
@@ -213,8 +215,79 @@ pub struct L3NetworkRecord {
     pub bridge: Option<String>,
 }
 
+/// Version 1 of [`L3NetworkRecord`], before L3 networks named their L2 network.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct L3NetworkRecordV1 {
+    uuid: Uuid,
+    name: String,
+    ip_ranges: Vec<crate::ipam::IpRange>,
+    dns: Vec<String>,
+    bridge: Option<String>,
+}
+
 impl Record for L3NetworkRecord {
     const KIND: &'static str = "l3";
+    const VERSION: u16 = 2;
+
+    fn id(&self) -> Uuid {
+        self.uuid
+    }
+
+    fn indexes() -> &'static [Index<Self>] {
+        &[
+            Index { name: "name", values: |l| vec![l.name.as_str().into()] },
+            Index {
+                name: "l2",
+                values: |l| l.l2_network_uuid.map(IndexValue::Uuid).into_iter().collect(),
+            },
+        ]
+    }
+
+    fn upgrade(from_version: u16, payload: &[u8]) -> Result<Self, strato_storage::CodecError> {
+        match from_version {
+            1 => {
+                let v1: L3NetworkRecordV1 =
+                    strato_storage::codec::decode_payload(Self::KIND, payload)?;
+                Ok(L3NetworkRecord {
+                    uuid: v1.uuid,
+                    name: v1.name,
+                    l2_network_uuid: None,
+                    ip_ranges: v1.ip_ranges,
+                    dns: v1.dns,
+                    bridge: v1.bridge,
+                })
+            }
+            found => Err(strato_storage::CodecError::UnknownVersion {
+                kind: Self::KIND,
+                found,
+                supported: Self::VERSION,
+            }),
+        }
+    }
+}
+
+/// An L2 network of type NoVlan: a physical interface on the hosts of the clusters it is
+/// attached to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct L2NetworkRecord {
+    /// Its UUID.
+    pub uuid: Uuid,
+    /// Its name.
+    pub name: String,
+    /// Its zone.
+    pub zone_uuid: Uuid,
+    /// The hosts' interface (`eth0`).
+    pub physical_interface: String,
+    /// Always `L2NoVlanNetwork`.
+    pub r#type: String,
+    /// The clusters whose hosts have it.
+    pub attached_cluster_uuids: Vec<Uuid>,
+}
+
+impl Record for L2NetworkRecord {
+    const KIND: &'static str = "l2";
     const VERSION: u16 = 1;
 
     fn id(&self) -> Uuid {
@@ -222,7 +295,7 @@ impl Record for L3NetworkRecord {
     }
 
     fn indexes() -> &'static [Index<Self>] {
-        &[Index { name: "name", values: |l| vec![l.name.as_str().into()] }]
+        &[Index { name: "zone", values: |l| vec![IndexValue::Uuid(l.zone_uuid)] }]
     }
 }
 
@@ -420,5 +493,28 @@ impl Record for ImageRecord {
 
     fn id(&self) -> Uuid {
         self.uuid
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_1_l3_networks_upgrade_without_an_l2() {
+        let v1 = L3NetworkRecordV1 {
+            uuid: Uuid::new_v4(),
+            name: "old".into(),
+            ip_ranges: vec![],
+            dns: vec!["8.8.8.8".into()],
+            bridge: None,
+        };
+        let payload = strato_storage::codec::encode_payload(L3NetworkRecord::KIND, &v1).unwrap();
+        let upgraded = L3NetworkRecord::upgrade(1, &payload).unwrap();
+        assert_eq!(
+            (upgraded.uuid, upgraded.name.as_str(), upgraded.l2_network_uuid),
+            (v1.uuid, "old", None)
+        );
+        assert!(L3NetworkRecord::upgrade(7, &payload).is_err());
     }
 }

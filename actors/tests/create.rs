@@ -51,6 +51,7 @@ async fn setup(failures: &[(&str, f64)], ips: u8) -> Setup {
     let l3 = L3NetworkRecord {
         uuid: Uuid::new_v4(),
         name: "pub".into(),
+        l2_network_uuid: None,
         ip_ranges: vec![],
         dns: vec![],
         bridge: None,

@@ -25,7 +25,8 @@ use strato_actors::host;
 use strato_actors::ipam::IpRange;
 use strato_actors::records::{
     BackupStorageRecord, ClusterRecord, HostRecord, HostState, HostStatus, ImageRecord,
-    InstanceOfferingRecord, L3NetworkRecord, PrimaryStorageRecord, VmRecord, ZoneRecord,
+    InstanceOfferingRecord, L2NetworkRecord, L3NetworkRecord, PrimaryStorageRecord, VmRecord,
+    ZoneRecord,
 };
 use strato_actors::vm::create::{self, CreateVm};
 use strato_actors::vm::ops::{self, Lifecycle};
@@ -58,6 +59,10 @@ pub fn router(mn: Arc<Mn>) -> Router {
             "/v1/instance-offerings/{uuid}",
             get(one::<InstanceOfferingRecord>).delete(delete_offering),
         )
+        .route("/v1/l2-networks", get(list::<L2NetworkRecord>))
+        .route("/v1/l2-networks/no-vlan", post(create_l2))
+        .route("/v1/l2-networks/{uuid}", get(one::<L2NetworkRecord>).delete(delete_l2))
+        .route("/v1/l2-networks/{l2}/clusters/{cluster}", post(attach_l2))
         .route("/v1/l3-networks", get(list::<L3NetworkRecord>).post(create_l3))
         .route("/v1/l3-networks/{uuid}", get(one::<L3NetworkRecord>).delete(delete_l3))
         .route("/v1/l3-networks/{uuid}/ip-ranges", post(add_ip_range))
@@ -416,6 +421,7 @@ async fn create_offering(
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct L3Params {
     name: String,
+    l2_network_uuid: Option<Uuid>,
     #[serde(default)]
     dns: Vec<String>,
     bridge: Option<String>,
@@ -428,12 +434,16 @@ async fn create_l3(
 ) -> Result<Response, ApiError> {
     let (p, raw): (L3Params, _) = params(json_body(&body)?)?;
     non_empty(&p.name, "name")?;
+    if let Some(l2) = p.l2_network_uuid {
+        get_record::<L2NetworkRecord>(&mn, l2, "l2-network")?;
+    }
     let m = mn.clone();
     let job =
         jobs::submit(&mn.db, job_header(&headers)?, "CreateL3Network", &raw, move |_| async move {
             let l3 = L3NetworkRecord {
                 uuid: Uuid::new_v4(),
                 name: p.name,
+                l2_network_uuid: p.l2_network_uuid,
                 ip_ranges: vec![],
                 dns: p.dns,
                 bridge: p.bridge,
@@ -1026,4 +1036,84 @@ async fn add_image(
     })
     .await?;
     Ok(accepted(&headers, job))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct L2Params {
+    name: String,
+    zone_uuid: Uuid,
+    physical_interface: String,
+}
+
+async fn create_l2(
+    State(mn): Shared,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let (p, raw): (L2Params, _) = params(json_body(&body)?)?;
+    non_empty(&p.name, "name")?;
+    non_empty(&p.physical_interface, "physicalInterface")?;
+    get_record::<ZoneRecord>(&mn, p.zone_uuid, "zone")?;
+    let m = mn.clone();
+    let job = jobs::submit(
+        &mn.db,
+        job_header(&headers)?,
+        "CreateL2NoVlanNetwork",
+        &raw,
+        move |_| async move {
+            let l2 = L2NetworkRecord {
+                uuid: Uuid::new_v4(),
+                name: p.name,
+                zone_uuid: p.zone_uuid,
+                physical_interface: p.physical_interface,
+                r#type: "L2NoVlanNetwork".into(),
+                attached_cluster_uuids: vec![],
+            };
+            write(&m, &l2).await?;
+            inventory(&l2)
+        },
+    )
+    .await?;
+    Ok(accepted(&headers, job))
+}
+
+async fn attach_l2(
+    State(mn): Shared,
+    Path((l2, cluster)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let l2 = uuid_param(&l2, "l2NetworkUuid")?;
+    let cluster = uuid_param(&cluster, "clusterUuid")?;
+    get_record::<L2NetworkRecord>(&mn, l2, "l2-network")?;
+    get_record::<ClusterRecord>(&mn, cluster, "cluster")?;
+    let m = mn.clone();
+    let job = jobs::submit(
+        &mn.db,
+        job_header(&headers)?,
+        "AttachL2NetworkToCluster",
+        &json!({ "l2": l2, "cluster": cluster }),
+        move |_| async move {
+            let mut record: L2NetworkRecord = get_record(&m, l2, "l2-network")?;
+            if !record.attached_cluster_uuids.contains(&cluster) {
+                record.attached_cluster_uuids.push(cluster);
+            }
+            let mut batch = Batch::new();
+            batch.put(&record, Expect::Any)?;
+            m.db.commit(batch).await?;
+            inventory(&record)
+        },
+    )
+    .await?;
+    Ok(accepted(&headers, job))
+}
+
+async fn delete_l2(
+    State(mn): Shared,
+    Path(uuid): Path<String>,
+    Query(q): Query<DeleteQuery>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    get_record::<L2NetworkRecord>(&mn, uuid_param(&uuid, "uuid")?, "l2-network")?;
+    delete_resource(mn, &headers, ResourceKind::L2Network, &uuid, &q, "DeleteL2Network").await
 }

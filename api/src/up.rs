@@ -1,7 +1,7 @@
 //! `strato up`: the README's main job. Starts the management node and a local agent on
 //! libvirt's test driver, registers a zone, a cluster, the host, backup and primary storage,
-//! an image, an instance offering and an L3 network with an IP range through the real HTTP
-//! API, and prints the API's address and a curl line that creates a VM.
+//! an image, an instance offering, an L2 network and an L3 network with an IP range through
+//! the real HTTP API, and prints the API's address and a curl line that creates a VM.
 //!
 //! Running it again on the same data directory reuses what it registered (found by name).
 //! The agent is a child process and stops with `strato up`; on the test driver that is a
@@ -149,7 +149,18 @@ pub async fn run(
             json!({ "url": format!("file://{}", tryout.display()), "format": "raw", "backupStorageUuids": [bs["uuid"]] }),
         )?;
         let offering = find_or_create(listen, "instance-offerings", "/v1/instance-offerings", "small", json!({ "cpuNum": 1, "memorySize": 536_870_912u64 }))?;
-        let l3 = find_or_create(listen, "l3-networks", "/v1/l3-networks", "l3-1", json!({}))?;
+        let l2 = find_or_create(
+            listen,
+            "l2-networks",
+            "/v1/l2-networks/no-vlan",
+            "l2-1",
+            json!({ "zoneUuid": zone["uuid"], "physicalInterface": "eth0" }),
+        )?;
+        if l2["attachedClusterUuids"].as_array().is_none_or(Vec::is_empty) {
+            let path = format!("/v1/l2-networks/{}/clusters/{}", l2["uuid"].as_str().unwrap_or_default(), cluster["uuid"].as_str().unwrap_or_default());
+            client::mutate(listen, "POST", &path, &json!({}))?;
+        }
+        let l3 = find_or_create(listen, "l3-networks", "/v1/l3-networks", "l3-1", json!({ "l2NetworkUuid": l2["uuid"] }))?;
         if l3["ipRanges"].as_array().is_none_or(Vec::is_empty) {
             let path = format!("/v1/l3-networks/{}/ip-ranges", l3["uuid"].as_str().unwrap_or_default());
             let range = json!({ "params": { "startIp": "192.168.100.10", "endIp": "192.168.100.250", "netmask": "255.255.255.0", "gateway": "192.168.100.1" } });

@@ -56,7 +56,22 @@ fn infrastructure(env: &Env) -> (Value, Value, Value) {
         "/v1/instance-offerings",
         json!({ "name": "small", "cpuNum": 1, "memorySize": 268435456u64 }),
     );
-    let l3 = create(env, "/v1/l3-networks", json!({ "name": "pub" }));
+    let l2 = create(
+        env,
+        "/v1/l2-networks/no-vlan",
+        json!({ "name": "l2", "zoneUuid": zone["uuid"], "physicalInterface": "eth0" }),
+    );
+    ok(
+        env.api,
+        "POST",
+        &format!(
+            "/v1/l2-networks/{}/clusters/{}",
+            l2["uuid"].as_str().unwrap(),
+            cluster["uuid"].as_str().unwrap()
+        ),
+        None,
+    );
+    let l3 = create(env, "/v1/l3-networks", json!({ "name": "pub", "l2NetworkUuid": l2["uuid"] }));
     let path = format!("/v1/l3-networks/{}/ip-ranges", l3["uuid"].as_str().unwrap());
     create(
         env,
@@ -233,6 +248,26 @@ async fn bad_input_unknown_uuids_refused_states_and_job_ids() {
         "the repeat did not create twice"
     );
 
+    // An L2 network attached to no cluster: no host has it, and the trace says so.
+    let (_, _, zones) = http(env.api, "GET", "/v1/zones", None, &[]);
+    let zone = zones["inventories"][0]["uuid"].clone();
+    let lonely = create(
+        &env,
+        "/v1/l2-networks/no-vlan",
+        json!({ "name": "lonely", "zoneUuid": zone, "physicalInterface": "eth1" }),
+    );
+    let l3b =
+        create(&env, "/v1/l3-networks", json!({ "name": "b", "l2NetworkUuid": lonely["uuid"] }));
+    create(
+        &env,
+        &format!("/v1/l3-networks/{}/ip-ranges", l3b["uuid"].as_str().unwrap()),
+        json!({ "startIp": "10.9.0.10", "endIp": "10.9.0.20", "netmask": "255.255.255.0", "gateway": "10.9.0.1" }),
+    );
+    let body = json!({ "params": { "name": "nowhere", "instanceOfferingUuid": offering["uuid"], "l3NetworkUuids": [l3b["uuid"]] } });
+    let failed = call(env.api, "POST", "/v1/vm-instances", Some(&body.to_string()));
+    let trace = failed["error"]["details"]["placementTrace"].to_string();
+    assert!(trace.contains("clusters with the VM's L2 networks -> 0"), "{failed}");
+
     // No host can take a huge VM: the error carries the placement trace; nothing leaks.
     let huge = create(
         &env,
@@ -284,7 +319,7 @@ async fn deletes_are_checked_then_cascade_when_enforced() {
     let done = ok(env.api, "DELETE", &format!("/v1/zones/{zone}?deleteMode=Enforcing"), None);
     let kinds: Vec<&str> =
         done["deleted"].as_array().unwrap().iter().map(|r| r["kind"].as_str().unwrap()).collect();
-    assert_eq!(kinds, ["Vm", "Host", "Cluster", "Zone"]);
+    assert_eq!(kinds, ["Vm", "Host", "Cluster", "L3Network", "L2Network", "Zone"]);
     for path in [
         format!("/v1/vm-instances/{vm_uuid}"),
         format!("/v1/hosts/{}", host["uuid"].as_str().unwrap()),
@@ -294,8 +329,8 @@ async fn deletes_are_checked_then_cascade_when_enforced() {
         assert_eq!(status, 404, "{path}");
     }
     assert_eq!(domain_state(&env, &vm_uuid).await, None, "the domain went with the VM");
-    // The VM's address went back: the L3 network now has no dependents.
-    ok(env.api, "DELETE", &format!("/v1/l3-networks/{l3_uuid}"), None);
+    let (status, _, _) = http(env.api, "GET", &format!("/v1/l3-networks/{l3_uuid}"), None, &[]);
+    assert_eq!(status, 404, "the L3 network went with its L2 network and zone");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -29,7 +29,8 @@ use crate::allocator::{self, Need};
 use crate::host::{self, HostError, Hosts, Overcommit};
 use crate::l3::{self, L3s};
 use crate::records::{
-    HostRecord, ImageRecord, L3NetworkRecord, PrimaryStorageRecord, UsedIpRecord, VmNic, VmRecord,
+    HostRecord, ImageRecord, L2NetworkRecord, L3NetworkRecord, PrimaryStorageRecord, UsedIpRecord,
+    VmNic, VmRecord,
 };
 
 /// The chain's name.
@@ -132,6 +133,7 @@ impl Step<CreateVm> for AllocateHost {
             memory: c.memory_size,
             clusters: c.clusters.clone(),
             pinned: c.pinned_host,
+            l2_clusters: l2_clusters(&self.db, &c.l3_networks)?,
         };
         let host = allocator::place(&self.hosts, c.vm, &need, self.overcommit).await?;
         c.host = Some(host);
@@ -149,6 +151,26 @@ impl Step<CreateVm> for AllocateHost {
         c.host = None;
         Ok(())
     }
+}
+
+/// The clusters every L2 network under `l3s` is attached to (`None` when no L3 names an L2).
+fn l2_clusters(db: &Db, l3s: &[Uuid]) -> Result<Option<Vec<Uuid>>, BoxError> {
+    let mut allowed: Option<Vec<Uuid>> = None;
+    for l3 in l3s {
+        let Some(l2) = db.get::<L3NetworkRecord>(*l3)?.and_then(|s| s.record.l2_network_uuid)
+        else {
+            continue;
+        };
+        let attached = db
+            .get::<L2NetworkRecord>(l2)?
+            .map(|s| s.record.attached_cluster_uuids)
+            .unwrap_or_default();
+        allowed = Some(match allowed {
+            None => attached,
+            Some(so_far) => so_far.into_iter().filter(|c| attached.contains(c)).collect(),
+        });
+    }
+    Ok(allowed)
 }
 
 struct AllocateNics {

@@ -357,6 +357,7 @@ pub async fn migrate(
                 memory: record.memory_size,
                 clusters: Some(vec![cluster]),
                 pinned: target,
+                l2_clusters: None,
             };
             let destination = crate::allocator::place_excluding(
                 &hosts,
