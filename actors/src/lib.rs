@@ -22,5 +22,6 @@ pub mod host;
 pub mod images;
 pub mod ipam;
 pub mod l3;
+pub mod maintenance;
 pub mod records;
 pub mod vm;

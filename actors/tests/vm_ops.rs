@@ -219,3 +219,51 @@ async fn cold_migration_within_the_cluster_and_offering_changes() {
     assert_eq!(reservation(b.uuid).memory, 2 << 30, "the old booking stands");
     assert_eq!(vm::record(&c.vms, vm.uuid).await.unwrap().memory_size, 2 << 30);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maintenance_moves_vms_away_or_stops_them() {
+    use strato_actors::maintenance;
+    use strato_actors::records::{HostRecord, HostState};
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (driver_a, driver_b) = (sim(dir_a.path()), sim(dir_b.path()));
+    let (_agent_a, addr_a) = serve(driver_a.clone(), "127.0.0.1:0".parse().unwrap()).await;
+    let (_agent_b, addr_b) = serve(driver_b.clone(), "127.0.0.1:0".parse().unwrap()).await;
+    let c = mn(TOKEN);
+    let a = host_record(addr_a);
+    let b = HostRecord { cluster_uuid: a.cluster_uuid, ..host_record(addr_b) };
+    put(&c.db, &a);
+    put(&c.db, &b);
+    host::connect(&c.hosts, a.uuid).await.unwrap();
+    host::connect(&c.hosts, b.uuid).await.unwrap();
+    let running = vm_record(a.uuid, VmState::Stopped);
+    let stopped = vm_record(a.uuid, VmState::Stopped);
+    for vm in [&running, &stopped] {
+        put(&c.db, vm);
+        assert!(
+            host::reserve(&c.hosts, a.uuid, vm.uuid, 1, 1 << 30, host::Overcommit::default())
+                .await
+                .unwrap()
+        );
+    }
+    ops::operate(&c.vms, running.uuid, Lifecycle::Start, T, None).await.unwrap();
+
+    let (record, report) = maintenance::maintain(&c.db, &c.hosts, &c.vms, a.uuid).await.unwrap();
+    assert_eq!(record.state, HostState::Maintenance);
+    assert_eq!(report.migrated.len(), 2);
+    let moved = vm::record(&c.vms, running.uuid).await.unwrap();
+    assert_eq!(
+        (moved.host_uuid, moved.state),
+        (Some(b.uuid), VmState::Running),
+        "running again on the other host"
+    );
+    assert_eq!(hypervisor_state(&*driver_b, running.uuid), Some(DomainState::Running));
+    assert_eq!(hypervisor_state(&*driver_a, running.uuid), None);
+    assert_eq!(vm::record(&c.vms, stopped.uuid).await.unwrap().host_uuid, Some(b.uuid));
+
+    // With no other host left, maintenance stops what it cannot move.
+    let (record, report) = maintenance::maintain(&c.db, &c.hosts, &c.vms, b.uuid).await.unwrap();
+    assert_eq!(record.state, HostState::Maintenance);
+    assert_eq!(report.stopped.len(), 2);
+    assert_eq!(vm::record(&c.vms, running.uuid).await.unwrap().state, VmState::Stopped);
+    assert_eq!(hypervisor_state(&*driver_b, running.uuid), Some(DomainState::Shutoff));
+}

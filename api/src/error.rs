@@ -202,6 +202,17 @@ impl From<strato_actors::cascade::CascadeError> for ApiError {
     }
 }
 
+impl From<strato_actors::maintenance::MaintenanceError> for ApiError {
+    fn from(error: strato_actors::maintenance::MaintenanceError) -> Self {
+        use strato_actors::maintenance::MaintenanceError;
+        match error {
+            MaintenanceError::Host(e) => e.into(),
+            MaintenanceError::Vm(e) => e.into(),
+            MaintenanceError::Store(e) => e.into(),
+        }
+    }
+}
+
 impl From<strato_storage::StoreError> for ApiError {
     fn from(error: strato_storage::StoreError) -> Self {
         ApiError::internal(&error)

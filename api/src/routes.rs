@@ -336,10 +336,11 @@ async fn host_action(
             let state = match event {
                 "enable" => HostState::Enabled,
                 "disable" => HostState::Disabled,
+                "maintain" => HostState::Maintenance,
                 other => {
                     return Err(ApiError::invalid(
                         "stateEvent",
-                        format!("`{other}` is not one of enable, disable"),
+                        format!("`{other}` is not one of enable, disable, maintain"),
                     ));
                 }
             };
@@ -348,7 +349,18 @@ async fn host_action(
                 job_header(&headers)?,
                 "ChangeHostState",
                 &body,
-                move |_| async move { inventory(&host::set_state(&m.hosts, uuid, state).await?) },
+                move |_| async move {
+                    if state == HostState::Maintenance {
+                        let (record, report) =
+                            strato_actors::maintenance::maintain(&m.db, &m.hosts, &m.vms, uuid)
+                                .await?;
+                        let mut inventory = inventory(&record)?;
+                        inventory["maintenance"] =
+                            serde_json::to_value(&report).map_err(|e| ApiError::internal(&e))?;
+                        return Ok(inventory);
+                    }
+                    inventory(&host::set_state(&m.hosts, uuid, state).await?)
+                },
             )
             .await?
         }

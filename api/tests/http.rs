@@ -478,3 +478,41 @@ async fn a_vm_from_an_image_gets_a_qcow2_root_volume_on_primary_storage() {
     );
     assert!(!std::path::Path::new(&volume).exists(), "the root volume was removed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maintenance_stops_what_it_cannot_move_and_enable_brings_the_host_back() {
+    let env = tokio::task::spawn_blocking(env).await.unwrap();
+    let (host, offering, l3) = infrastructure(&env);
+    let body = json!({ "params": { "name": "vm1", "instanceOfferingUuid": offering["uuid"], "l3NetworkUuids": [l3["uuid"]] } });
+    let vm = ok(env.api, "POST", "/v1/vm-instances", Some(&body.to_string()));
+    let uuid = vm["uuid"].as_str().unwrap().to_owned();
+    let host_actions = format!("/v1/hosts/{}/actions", host["uuid"].as_str().unwrap());
+    let maintained = ok(
+        env.api,
+        "PUT",
+        &host_actions,
+        Some(r#"{"changeHostState": {"stateEvent": "maintain"}}"#),
+    );
+    assert_eq!(maintained["state"], "Maintenance");
+    assert_eq!(maintained["maintenance"]["stopped"][0], uuid.as_str(), "{maintained}");
+    let (_, _, vms) = http(env.api, "GET", &format!("/v1/vm-instances/{uuid}"), None, &[]);
+    assert_eq!(vms["inventories"][0]["state"], "Stopped");
+    // A host in maintenance takes no VM.
+    let failed = call(env.api, "POST", "/v1/vm-instances", Some(&body.to_string()));
+    assert!(
+        failed["error"]["details"]["placementTrace"].to_string().contains("state Enabled -> 0"),
+        "{failed}"
+    );
+    assert_eq!(
+        ok(env.api, "PUT", &host_actions, Some(r#"{"changeHostState": {"stateEvent": "enable"}}"#))
+            ["state"],
+        "Enabled"
+    );
+    let started = ok(
+        env.api,
+        "PUT",
+        &format!("/v1/vm-instances/{uuid}/actions"),
+        Some(r#"{"startVmInstance": {}}"#),
+    );
+    assert_eq!(started["state"], "Running");
+}
