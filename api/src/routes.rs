@@ -637,6 +637,32 @@ async fn vm_action(
     let mut keyed = body.clone();
     keyed["uuid"] = json!(uuid);
     match name.as_str() {
+        // Starting on a given host other than the VM's own is a cold migration, then a start.
+        "startVmInstance" if args.get("hostUuid").is_some_and(|h| !h.is_null()) => {
+            let text = args["hostUuid"].as_str().unwrap_or_default();
+            let target = uuid_param(text, "hostUuid")?;
+            get_record::<HostRecord>(&mn, target, "host")?;
+            let vm: VmRecord = get_record(&mn, uuid, "vm-instance")?;
+            precheck_op(&mn, uuid, state::VmOp::Start)?;
+            let m = mn.clone();
+            let job = jobs::submit(
+                &mn.db,
+                job_header(&headers)?,
+                "StartVmInstance",
+                &keyed,
+                move |job| async move {
+                    if vm.host_uuid != Some(target) {
+                        ops::migrate(&m.vms, uuid, Some(target), OP_TIMEOUT, Some(job)).await?;
+                    }
+                    inventory(
+                        &ops::operate(&m.vms, uuid, Lifecycle::Start, OP_TIMEOUT, Some(job))
+                            .await?,
+                    )
+                },
+            )
+            .await?;
+            return Ok(accepted(&headers, job));
+        }
         "migrateVm" => {
             let target = match args.get("hostUuid").and_then(Value::as_str) {
                 Some(text) => Some(uuid_param(text, "hostUuid")?),

@@ -516,3 +516,36 @@ async fn maintenance_stops_what_it_cannot_move_and_enable_brings_the_host_back()
     );
     assert_eq!(started["state"], "Running");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_vm_starts_on_a_host_of_the_users_choice() {
+    let env = tokio::task::spawn_blocking(env).await.unwrap();
+    let (host, offering, l3) = infrastructure(&env);
+    let second_dir = tempfile::tempdir().unwrap();
+    let (_second, second_addr) = start_agent(&env.token, second_dir.path());
+    let h2 = create(
+        &env,
+        "/v1/hosts/kvm",
+        json!({ "name": "h2", "managementIp": "127.0.0.1", "agentPort": second_addr.port(), "clusterUuid": host["clusterUuid"] }),
+    );
+    let body = json!({ "params": { "name": "vm1", "instanceOfferingUuid": offering["uuid"], "l3NetworkUuids": [l3["uuid"]], "hostUuid": host["uuid"] } });
+    let vm = ok(env.api, "POST", "/v1/vm-instances", Some(&body.to_string()));
+    assert_eq!(vm["hostUuid"], host["uuid"], "placed where it was pinned");
+    let path = format!("/v1/vm-instances/{}/actions", vm["uuid"].as_str().unwrap());
+    ok(env.api, "PUT", &path, Some(r#"{"stopVmInstance": {}}"#));
+    let started = ok(
+        env.api,
+        "PUT",
+        &path,
+        Some(&json!({ "startVmInstance": { "hostUuid": h2["uuid"] } }).to_string()),
+    );
+    assert_eq!(
+        (started["state"].as_str(), &started["hostUuid"], &started["lastHostUuid"]),
+        (Some("Running"), &h2["uuid"], &host["uuid"])
+    );
+    assert_eq!(
+        domain_state(&env, vm["uuid"].as_str().unwrap()).await,
+        None,
+        "gone from the first host"
+    );
+}
