@@ -124,6 +124,19 @@ pub enum HostError {
     Link(#[from] LinkError),
 }
 
+impl HostError {
+    /// Whether the host could not be reached (as opposed to the agent answering with an
+    /// error): what is left to do there can wait for the host's return.
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            HostError::Disconnected(_) => true,
+            HostError::Link(LinkError::Agent { .. }) => false,
+            HostError::Link(_) => true,
+            HostError::Runtime(_) | HostError::Store(_) => false,
+        }
+    }
+}
+
 /// The host actor's state: its record and its live link.
 #[derive(Debug)]
 pub struct HostActor {

@@ -142,9 +142,10 @@ async fn destroying_on_a_disconnected_host_succeeds_and_the_gc_finishes_after_re
     // The user's destroy succeeds although the host is away.
     let destroyed = ops::operate(&c.vms, vm.uuid, Lifecycle::Destroy, T, None).await.unwrap();
     assert_eq!(destroyed.state, VmState::Destroyed);
-    let jobs = c.runtime.gc().list().unwrap();
-    assert_eq!(jobs.len(), 1);
-    assert_eq!(jobs[0].kind, DESTROY_DOMAIN_JOB);
+    let destroy_jobs = || {
+        c.runtime.gc().list().unwrap().into_iter().filter(|j| j.kind == DESTROY_DOMAIN_JOB).count()
+    };
+    assert_eq!(destroy_jobs(), 1);
     assert_eq!(hypervisor_state(&*driver, vm.uuid), Some(DomainState::Running), "still there");
 
     // The agent comes back; the host reconnects; the GC job runs on that event.
@@ -153,7 +154,7 @@ async fn destroying_on_a_disconnected_host_succeeds_and_the_gc_finishes_after_re
         hypervisor_state(&*driver, vm.uuid).is_none()
     })
     .await;
-    eventually("GC job done", || async { c.runtime.gc().list().unwrap().is_empty() }).await;
+    eventually("GC job done", || async { destroy_jobs() == 0 }).await;
     assert_eq!(vm::record(&c.vms, vm.uuid).await.unwrap().state, VmState::Destroyed);
 }
 
@@ -266,4 +267,38 @@ async fn maintenance_moves_vms_away_or_stops_them() {
     assert_eq!(report.stopped.len(), 2);
     assert_eq!(vm::record(&c.vms, running.uuid).await.unwrap().state, VmState::Stopped);
     assert_eq!(hypervisor_state(&*driver_b, running.uuid), Some(DomainState::Shutoff));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destroyed_vms_are_expunged_after_their_grace_period_unless_recovered() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_agent, addr) = serve(sim(dir.path()), "127.0.0.1:0".parse().unwrap()).await;
+    let policy =
+        ops::VmPolicy { expunge_after: Some(Duration::from_millis(300)), ..Default::default() };
+    let c = mn_with(TOKEN, policy);
+    ops::register_gc(&c.runtime, c.hosts.clone());
+    c.runtime.gc().start().unwrap();
+    let host = host_record(addr);
+    put(&c.db, &host);
+    host::connect(&c.hosts, host.uuid).await.unwrap();
+    let (doomed, saved) =
+        (vm_record(host.uuid, VmState::Stopped), vm_record(host.uuid, VmState::Stopped));
+    put(&c.db, &doomed);
+    put(&c.db, &saved);
+    ops::operate(&c.vms, doomed.uuid, Lifecycle::Destroy, T, None).await.unwrap();
+    ops::operate(&c.vms, saved.uuid, Lifecycle::Destroy, T, None).await.unwrap();
+    assert_eq!(c.runtime.gc().list().unwrap().len(), 2, "one expunge job per destroyed VM");
+    // Still recoverable within the grace period.
+    assert!(c.db.get::<strato_actors::records::VmRecord>(doomed.uuid).unwrap().is_some());
+    ops::operate(&c.vms, saved.uuid, Lifecycle::Recover, T, None).await.unwrap();
+    eventually("the doomed VM expunged", || async {
+        c.db.get::<strato_actors::records::VmRecord>(doomed.uuid).unwrap().is_none()
+    })
+    .await;
+    assert_eq!(
+        vm::record(&c.vms, saved.uuid).await.unwrap().state,
+        VmState::Stopped,
+        "recovered, kept"
+    );
+    eventually("no job left", || async { c.runtime.gc().list().unwrap().is_empty() }).await;
 }

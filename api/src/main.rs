@@ -15,6 +15,12 @@ struct Args {
     command: Cmd,
 }
 
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum Deletion {
+    Delay,
+    Direct,
+}
+
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// The main job: the management node, a local agent on libvirt's test driver, and the
@@ -38,6 +44,13 @@ enum Cmd {
         /// Where the API listens.
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
+        /// What destroying a VM does: `delay` keeps it recoverable, `direct` expunges it.
+        #[arg(long, value_enum, default_value = "delay")]
+        vm_deletion_policy: Deletion,
+        /// How long a destroyed VM stays recoverable before it is expunged (0: until expunged
+        /// by hand).
+        #[arg(long, default_value_t = 86_400)]
+        vm_expunge_period_secs: u64,
     },
     /// Prints the token agents must be started with (made on first use).
     AgentToken {
@@ -68,9 +81,18 @@ fn main() -> std::process::ExitCode {
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     let result: Result<(), strato_runtime::BoxError> = runtime.block_on(async {
         match args.command {
-            Cmd::Server { data_dir, listen } => {
+            Cmd::Server { data_dir, listen, vm_deletion_policy, vm_expunge_period_secs } => {
                 let listener = strato_api::server::bind(listen).await?;
-                let mn = strato_api::mn::Mn::start(&data_dir, None).await?;
+                let policy = strato_actors::vm::ops::VmPolicy {
+                    deletion: match vm_deletion_policy {
+                        Deletion::Delay => strato_actors::vm::ops::DeletionPolicy::Delay,
+                        Deletion::Direct => strato_actors::vm::ops::DeletionPolicy::Direct,
+                    },
+                    expunge_after: (vm_expunge_period_secs > 0)
+                        .then(|| std::time::Duration::from_secs(vm_expunge_period_secs)),
+                    ..Default::default()
+                };
+                let mn = strato_api::mn::Mn::start(&data_dir, None, policy).await?;
                 let mut out = std::io::stdout();
                 let _ = writeln!(
                     out,

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use strato_actors::host::{self, HostConfig, Hosts, Overcommit};
 use strato_actors::l3::L3s;
 use strato_actors::records::HostRecord;
+use strato_actors::vm::ops::VmPolicy;
 use strato_actors::vm::{self, Vms};
 use strato_runtime::{BoxError, Kind, Runtime, RuntimeConfig};
 use strato_storage::Db;
@@ -64,12 +65,13 @@ impl Mn {
     pub async fn start(
         data_dir: &Path,
         host_config: Option<HostConfig>,
+        vm_policy: VmPolicy,
     ) -> Result<Arc<Mn>, BoxError> {
         std::fs::create_dir_all(data_dir)?;
         let token = agent_token(data_dir)?;
         let db = Db::open_sled(&data_dir.join("store"))?;
         let runtime = Runtime::start(RuntimeConfig::default(), db.clone())?;
-        let vms = runtime.register(Vms::new(db.clone()), Vms::kind_config());
+        let vms = runtime.register(Vms::with_policy(db.clone(), vm_policy), Vms::kind_config());
         let hosts = runtime.register(
             Hosts::new(db.clone(), host_config.unwrap_or_else(|| HostConfig::with_token(token))),
             Hosts::kind_config(),

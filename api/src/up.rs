@@ -100,7 +100,7 @@ pub async fn run(
     say!("strato up: agent on {agent_listen} (libvirt test:///default)");
 
     let listener = server::bind(listen).await?;
-    let mn = Mn::start(data_dir, None).await?;
+    let mn = Mn::start(data_dir, None, Default::default()).await?;
     let serving = tokio::spawn(server::serve(mn.clone(), listener));
 
     let storage_dir = std::fs::canonicalize(data_dir)?;

@@ -6,7 +6,8 @@
 //! context and a [`Trigger`]. Submitting a job with a name that exists merges the two: the
 //! job keeps its history (attempts, last error), takes the newer context and trigger, and
 //! runs at the earlier of the two times. Jobs are records in the store, so they survive
-//! restarts; every job runs once after [`Gc::start`], then on its trigger.
+//! restarts; every job that has run before runs once after [`Gc::start`], then on its
+//! trigger; a deferred job ([`Gc::submit_after`]) that never ran keeps its time.
 //!
 //! Each job is an actor of kind `gc-job` (its UUID derives from its name), so a job runs
 //! under supervision like any resource: one run at a time, a panic in a handler is caught and
@@ -314,11 +315,25 @@ impl Gc {
         context: &C,
         trigger: Trigger,
     ) -> Result<Uuid, RuntimeError> {
+        self.submit_after(name, kind, context, trigger, Duration::ZERO).await
+    }
+
+    /// Submits (or merges into) the job `name`, to run first after `delay` (a deferred
+    /// clean-up, such as expunging a destroyed VM after its grace period). A restart keeps a
+    /// job that has never run waiting until its time.
+    pub async fn submit_after<C: Serialize>(
+        &self,
+        name: &str,
+        kind: &str,
+        context: &C,
+        trigger: Trigger,
+        delay: Duration,
+    ) -> Result<Uuid, RuntimeError> {
         let shared = self.shared();
         let id = Gc::job_id(name);
         let encoded = codec::encode_payload(GcJobRecord::KIND, context)
             .map_err(|source| StoreError::Codec { table: GcJobRecord::KIND, id, source })?;
-        let now = unix_ms_now();
+        let now = unix_ms_now() + delay.as_millis() as u64;
         loop {
             let existing = shared.db.get::<GcJobRecord>(id)?;
             let (job, expect) = match existing {
@@ -408,7 +423,10 @@ impl Gc {
         let mut table = HashMap::new();
         for stored in shared.db.scan::<GcJobRecord>() {
             let job = stored?.record;
-            table.insert(job.id, Entry::new(now, job.trigger.on_event));
+            // Every job that has run before runs once now; one that never ran keeps its time
+            // (a deferred job must not run early because the node restarted).
+            let at = if job.attempts == 0 { job.next_run_unix_ms.max(now) } else { now };
+            table.insert(job.id, Entry::new(at, job.trigger.on_event));
         }
         tracing::info!(jobs = table.len(), "gc scheduler starting");
         let (tx, rx) = mpsc::unbounded_channel();

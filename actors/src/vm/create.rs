@@ -26,7 +26,7 @@ use uuid::Uuid;
 
 use super::state::VmState;
 use crate::allocator::{self, Need};
-use crate::host::{self, HostError, Hosts, Overcommit};
+use crate::host::{self, Hosts, Overcommit};
 use crate::l3::{self, L3s};
 use crate::records::{
     HostRecord, ImageRecord, L2NetworkRecord, L3NetworkRecord, PrimaryStorageRecord, UsedIpRecord,
@@ -340,7 +340,7 @@ impl Step<CreateVm> for StartDomain {
         match removed {
             Ok(_) => Ok(()),
             // The host is away: the domain goes when it is back (the GC's job).
-            Err(HostError::Disconnected(_)) | Err(HostError::Link(_)) => {
+            Err(error) if error.is_unreachable() => {
                 super::ops::submit_destroy_domain(self.hosts.runtime(), host, vm).await?;
                 Ok(())
             }

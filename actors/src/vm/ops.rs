@@ -38,12 +38,33 @@ pub struct VmPolicy {
     pub graceful_stop: Duration,
     /// What destroying does.
     pub deletion: DeletionPolicy,
+    /// With the Delay policy, how long a destroyed VM can be recovered before the GC expunges
+    /// it (`None`: only by hand).
+    pub expunge_after: Option<Duration>,
 }
 
 impl Default for VmPolicy {
     fn default() -> Self {
-        VmPolicy { graceful_stop: Duration::from_secs(60), deletion: DeletionPolicy::Delay }
+        VmPolicy {
+            graceful_stop: Duration::from_secs(60),
+            deletion: DeletionPolicy::Delay,
+            expunge_after: Some(Duration::from_secs(24 * 3600)),
+        }
     }
+}
+
+/// The GC job kind that expunges a destroyed VM once its grace period is over.
+pub const EXPUNGE_JOB: &str = "vm.expunge";
+
+/// The context of an [`EXPUNGE_JOB`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ExpungeJob {
+    /// The VM.
+    pub vm: Uuid,
+}
+
+fn expunge_job_name(vm: Uuid) -> String {
+    format!("{EXPUNGE_JOB}/{vm}")
 }
 
 /// The GC job kind that destroys a domain left on a host that was unreachable.
@@ -60,6 +81,22 @@ pub struct DestroyDomainJob {
 
 /// Registers the VM kind's GC handlers. Call once at startup, before `gc().start()`.
 pub fn register_gc(runtime: &Runtime, hosts: Kind<Hosts>) {
+    let expunging = runtime.clone();
+    runtime.gc().register_handler(EXPUNGE_JOB, move |job: ExpungeJob| {
+        let runtime = expunging.clone();
+        async move {
+            let Some(vms) = runtime.kind::<Vms>() else {
+                return Err("the VM kind is not registered".into());
+            };
+            let state = runtime.db().get::<VmRecord>(job.vm)?.map(|s| s.record.state);
+            // Recovered or already gone: nothing to do.
+            if state == Some(VmState::Destroyed) {
+                operate(&vms, job.vm, Lifecycle::Expunge, Duration::from_secs(300), None).await?;
+                tracing::info!(vm = %job.vm, "destroyed VM expunged after its grace period");
+            }
+            Ok(())
+        }
+    });
     runtime.gc().register_handler(DESTROY_DOMAIN_JOB, move |job: DestroyDomainJob| {
         let hosts = hosts.clone();
         async move {
@@ -203,12 +240,34 @@ async fn run(ctx: OpCtx<Vms>, op: Lifecycle) -> Result<VmRecord, VmError> {
     let record = ctx.with_state(|s| s.record.clone());
     let transition = plan(record.state, op.op())?;
     if op == Lifecycle::Recover {
-        return save(&ctx, |r| r.state = transition.on_success).await;
+        let recovered = save(&ctx, |r| r.state = transition.on_success).await?;
+        ctx.runtime()
+            .gc()
+            .cancel(strato_runtime::Gc::job_id(&expunge_job_name(recovered.uuid)))
+            .await?;
+        return Ok(recovered);
     }
     save(&ctx, |r| r.state = transition.during).await?;
     let outcome = drive(&ctx, op, &record).await;
     match outcome {
-        Ok(Landing::Table) => save(&ctx, |r| r.state = transition.on_success).await,
+        Ok(Landing::Table) => {
+            let landed = save(&ctx, |r| r.state = transition.on_success).await?;
+            // A destroyed VM can be recovered until the GC expunges it after its grace period.
+            if let (Lifecycle::Destroy, Some(grace)) = (op, ctx.entity().policy.expunge_after) {
+                let job = ExpungeJob { vm: landed.uuid };
+                ctx.runtime()
+                    .gc()
+                    .submit_after(
+                        &expunge_job_name(landed.uuid),
+                        EXPUNGE_JOB,
+                        &job,
+                        Trigger::default(),
+                        grace,
+                    )
+                    .await?;
+            }
+            Ok(landed)
+        }
         Ok(Landing::Expunged) => {
             let mut batch = Batch::new();
             batch.delete::<VmRecord>(record.uuid, Expect::Any);
@@ -278,7 +337,7 @@ async fn drive(ctx: &OpCtx<Vms>, op: Lifecycle, record: &VmRecord) -> Result<Lan
             .await;
             match destroyed {
                 Ok(_) => {}
-                Err(HostError::Disconnected(_)) | Err(HostError::Link(_)) => {
+                Err(error) if error.is_unreachable() => {
                     // The user's destroy succeeds; the domain goes when the host is back.
                     submit_destroy_domain(ctx.runtime(), host, uuid).await?;
                 }

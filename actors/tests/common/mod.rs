@@ -37,10 +37,14 @@ impl Drop for Cluster {
 }
 
 pub fn mn(token: &str) -> Cluster {
+    mn_with(token, strato_actors::vm::ops::VmPolicy::default())
+}
+
+pub fn mn_with(token: &str, policy: strato_actors::vm::ops::VmPolicy) -> Cluster {
     let db = Db::in_memory();
     let runtime =
         Runtime::start(RuntimeConfig { arbiters: 2, ..Default::default() }, db.clone()).unwrap();
-    let vms = runtime.register(Vms::new(db.clone()), Vms::kind_config());
+    let vms = runtime.register(Vms::with_policy(db.clone(), policy), Vms::kind_config());
     let mut config = HostConfig::with_token(token.into());
     config.ping_interval = Duration::from_millis(100);
     config.ping_timeout = Duration::from_millis(200);

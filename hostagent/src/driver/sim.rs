@@ -188,6 +188,10 @@ impl Driver for Sim {
     }
 
     fn destroy(&self, uuid: Uuid) -> Result<(), AgentError> {
+        if !self.domains.lock().expect("sim lock").contains_key(&uuid) {
+            // Like libvirt's driver: a domain that is not there is as destroyed as it gets.
+            return self.call("destroy-domain");
+        }
         self.change("destroy-domain", uuid, |d| {
             d.state = DomainState::Shutoff;
             Ok(())
