@@ -433,7 +433,8 @@ async fn on_domain_event(
         .flatten()
         .is_some_and(|vm| vm.record.host_uuid == Some(host));
     if claimed {
-        observe(vms, domain, host, observation(state)).await;
+        // The event may be older than the VM's last operation: let the VM look now.
+        crate::vm::observe_now(vms, domain, host).await;
     } else if state.is_some() {
         let _ = hosts
             .call(

@@ -117,29 +117,78 @@ pub enum VmError {
 /// on are ignored; failures are logged (the next report or reconnect repeats the news).
 pub async fn observe(vms: &Kind<Vms>, vm: Uuid, host: Uuid, observation: Observation) {
     let result = vms
-        .call(vm, Op::within("lifecycle", "observe", Duration::from_secs(30)), move |ctx| async move {
-            let (record, generation) = ctx.with_state(|s| (s.record.clone(), s.generation));
-            if record.host_uuid != Some(host) {
-                return Ok::<_, VmError>(());
-            }
-            let Some(to) = observed(record.state, observation) else { return Ok(()) };
-            let mut updated = record.clone();
-            updated.state = to;
-            let mut batch = Batch::new();
-            batch.put(&updated, Expect::Generation(generation))?;
-            let written = ctx.entity().db.commit(batch).await?;
-            ctx.with_state(|s| {
-                s.record = updated;
-                s.generation = written[0].generation.unwrap_or(generation);
-            });
-            tracing::info!(vm = %vm, from = ?record.state, to = ?to, ?observation, "VM state reconciled");
-            ctx.runtime().events().publish(VmStateChanged { vm, from: record.state, to });
-            Ok(())
-        })
+        .call(
+            vm,
+            Op::within("lifecycle", "observe", Duration::from_secs(30)),
+            move |ctx| async move { apply(&ctx, host, observation).await },
+        )
         .await;
     if let Err(error) = result {
         tracing::warn!(vm = %vm, %error, "could not apply an observation");
     }
+}
+
+/// Asks host `host` what VM `vm`'s domain is doing now and applies that. Used for agent
+/// events: an event is news that something changed, but it may be older than the VM's last
+/// operation (it raced the operation's reply), so the VM looks at the present instead of
+/// trusting the event's state.
+pub async fn observe_now(vms: &Kind<Vms>, vm: Uuid, host: Uuid) {
+    let result = vms
+        .call(
+            vm,
+            Op::within("lifecycle", "observe", Duration::from_secs(30)),
+            move |ctx| async move {
+                let Some(hosts) = ctx.runtime().kind::<crate::host::Hosts>() else { return Ok(()) };
+                let deadline = std::time::SystemTime::now() + Duration::from_secs(10);
+                let reply = crate::host::command(
+                    &hosts,
+                    host,
+                    strato_proto::Command::ListDomains,
+                    deadline,
+                    None,
+                )
+                .await?;
+                let strato_proto::Reply::Domains(domains) = reply else { return Ok(()) };
+                let observation = match domains.iter().find(|d| d.uuid == vm).map(|d| d.state) {
+                    Some(
+                        strato_proto::DomainState::Running
+                        | strato_proto::DomainState::ShuttingDown,
+                    ) => Observation::Running,
+                    Some(strato_proto::DomainState::Paused) => Observation::Paused,
+                    _ => Observation::Off,
+                };
+                apply(&ctx, host, observation).await
+            },
+        )
+        .await;
+    if let Err(error) = result {
+        tracing::warn!(vm = %vm, %error, "could not check the VM's domain after an event");
+    }
+}
+
+async fn apply(
+    ctx: &strato_runtime::OpCtx<Vms>,
+    host: Uuid,
+    observation: Observation,
+) -> Result<(), VmError> {
+    let vm = ctx.id();
+    let (record, generation) = ctx.with_state(|s| (s.record.clone(), s.generation));
+    if record.host_uuid != Some(host) {
+        return Ok(());
+    }
+    let Some(to) = observed(record.state, observation) else { return Ok(()) };
+    let mut updated = record.clone();
+    updated.state = to;
+    let mut batch = Batch::new();
+    batch.put(&updated, Expect::Generation(generation))?;
+    let written = ctx.entity().db.commit(batch).await?;
+    ctx.with_state(|s| {
+        s.record = updated;
+        s.generation = written[0].generation.unwrap_or(generation);
+    });
+    tracing::info!(vm = %vm, from = ?record.state, to = ?to, ?observation, "VM state reconciled");
+    ctx.runtime().events().publish(VmStateChanged { vm, from: record.state, to });
+    Ok(())
 }
 
 /// The VM's record as its actor holds it.
