@@ -385,14 +385,6 @@ fn vms_kind(ctx: &OpCtx<Hosts>) -> Result<Kind<Vms>, HostError> {
         .ok_or_else(|| HostError::Runtime(RuntimeError::UnknownKind { kind: "vm".into() }))
 }
 
-fn observation(state: Option<DomainState>) -> Observation {
-    match state {
-        Some(DomainState::Running | DomainState::ShuttingDown) => Observation::Running,
-        Some(DomainState::Paused) => Observation::Paused,
-        _ => Observation::Off,
-    }
-}
-
 /// Tells every VM on the host what the hypervisor says, and reports strangers.
 async fn reconcile(ctx: &OpCtx<Hosts>, domains: &[DomainInfo]) -> Result<(), HostError> {
     let id = ctx.id();
@@ -402,7 +394,7 @@ async fn reconcile(ctx: &OpCtx<Hosts>, domains: &[DomainInfo]) -> Result<(), Hos
     let claimed: HashSet<Uuid> = on_host.iter().copied().collect();
     for vm in &on_host {
         let state = domains.iter().find(|d| d.uuid == *vm).map(|d| d.state);
-        observe(&vms, *vm, id, observation(state)).await;
+        observe(&vms, *vm, id, crate::vm::observation_of(state)).await;
     }
     let mut strangers = Vec::new();
     for domain in domains {
@@ -551,11 +543,7 @@ impl Default for Overcommit {
 
 /// Whether `record` has room for `cpu` CPUs and `memory` bytes more.
 pub fn fits(record: &HostRecord, cpu: u32, memory: u64, overcommit: Overcommit) -> bool {
-    let Some(facts) = &record.facts else { return false };
-    let cpu_total = (f64::from(facts.cpus) * overcommit.cpu) as u64;
-    let memory_total = ((facts.memory_mib << 20) as f64 * overcommit.memory) as u64;
-    record.reserved_cpu() + u64::from(cpu) <= cpu_total
-        && record.reserved_memory() + memory <= memory_total
+    HostSummary::of(record).fits(cpu, memory, overcommit)
 }
 
 /// Books `cpu` and `memory` on host `id` for VM `vm` if it still has room; returns whether

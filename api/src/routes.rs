@@ -157,6 +157,51 @@ async fn write<R: Record>(mn: &Mn, record: &R) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// Accepts a job that writes the new record `make` builds, answering with its inventory.
+async fn submit_record<R: Record>(
+    mn: &Arc<Mn>,
+    headers: &HeaderMap,
+    api: &str,
+    raw: &Value,
+    make: impl FnOnce() -> Result<R, ApiError> + Send + 'static,
+) -> Result<Response, ApiError> {
+    let m = mn.clone();
+    let job = jobs::submit(&mn.db, job_header(headers)?, api, raw, move |_| async move {
+        let record = make()?;
+        write(&m, &record).await?;
+        inventory(&record)
+    })
+    .await?;
+    Ok(accepted(headers, job))
+}
+
+/// Accepts a job that adds `parent` to the list `list` picks in the record `target` of
+/// `kind` (an attachment: storage to a zone or cluster, an L2 network to a cluster).
+async fn attach<R: Record>(
+    mn: &Arc<Mn>,
+    headers: &HeaderMap,
+    api: &str,
+    target: Uuid,
+    kind: &'static str,
+    parent: Uuid,
+    list: fn(&mut R) -> &mut Vec<Uuid>,
+) -> Result<Response, ApiError> {
+    let m = mn.clone();
+    let body = json!({ "target": target, "parent": parent });
+    let job = jobs::submit(&mn.db, job_header(headers)?, api, &body, move |_| async move {
+        let mut record: R = get_record(&m, target, kind)?;
+        if !list(&mut record).contains(&parent) {
+            list(&mut record).push(parent);
+        }
+        let mut batch = Batch::new();
+        batch.put(&record, Expect::Any)?;
+        m.db.commit(batch).await?;
+        inventory(&record)
+    })
+    .await?;
+    Ok(accepted(headers, job))
+}
+
 fn non_empty(name: &str, field: &str) -> Result<(), ApiError> {
     if name.trim().is_empty() {
         return Err(ApiError::invalid(field, format!("`{field}` must not be empty")));
@@ -195,16 +240,10 @@ async fn create_zone(
 ) -> Result<Response, ApiError> {
     let (p, raw): (ZoneParams, _) = params(json_body(&body)?)?;
     non_empty(&p.name, "name")?;
-    let db_mn = mn.clone();
-    let job =
-        jobs::submit(&mn.db, job_header(&headers)?, "CreateZone", &raw, move |_| async move {
-            let zone =
-                ZoneRecord { uuid: Uuid::new_v4(), name: p.name, description: p.description };
-            write(&db_mn, &zone).await?;
-            inventory(&zone)
-        })
-        .await?;
-    Ok(accepted(&headers, job))
+    submit_record(&mn, &headers, "CreateZone", &raw, move || {
+        Ok(ZoneRecord { uuid: Uuid::new_v4(), name: p.name, description: p.description })
+    })
+    .await
 }
 
 #[derive(Deserialize)]
@@ -231,20 +270,15 @@ async fn create_cluster(
     if p.hypervisor_type != "KVM" {
         return Err(ApiError::invalid("hypervisorType", "only KVM clusters are supported"));
     }
-    let m = mn.clone();
-    let job =
-        jobs::submit(&mn.db, job_header(&headers)?, "CreateCluster", &raw, move |_| async move {
-            let cluster = ClusterRecord {
-                uuid: Uuid::new_v4(),
-                name: p.name,
-                zone_uuid: p.zone_uuid,
-                hypervisor_type: p.hypervisor_type,
-            };
-            write(&m, &cluster).await?;
-            inventory(&cluster)
+    submit_record(&mn, &headers, "CreateCluster", &raw, move || {
+        Ok(ClusterRecord {
+            uuid: Uuid::new_v4(),
+            name: p.name,
+            zone_uuid: p.zone_uuid,
+            hypervisor_type: p.hypervisor_type,
         })
-        .await?;
-    Ok(accepted(&headers, job))
+    })
+    .await
 }
 
 #[derive(Deserialize)]
@@ -408,25 +442,15 @@ async fn create_offering(
             "`memorySize` is in bytes and must be at least 16 MiB",
         ));
     }
-    let m = mn.clone();
-    let job = jobs::submit(
-        &mn.db,
-        job_header(&headers)?,
-        "CreateInstanceOffering",
-        &raw,
-        move |_| async move {
-            let offering = InstanceOfferingRecord {
-                uuid: Uuid::new_v4(),
-                name: p.name,
-                cpu_num: p.cpu_num,
-                memory_size: p.memory_size,
-            };
-            write(&m, &offering).await?;
-            inventory(&offering)
-        },
-    )
-    .await?;
-    Ok(accepted(&headers, job))
+    submit_record(&mn, &headers, "CreateInstanceOffering", &raw, move || {
+        Ok(InstanceOfferingRecord {
+            uuid: Uuid::new_v4(),
+            name: p.name,
+            cpu_num: p.cpu_num,
+            memory_size: p.memory_size,
+        })
+    })
+    .await
 }
 
 #[derive(Deserialize)]
@@ -449,22 +473,17 @@ async fn create_l3(
     if let Some(l2) = p.l2_network_uuid {
         get_record::<L2NetworkRecord>(&mn, l2, "l2-network")?;
     }
-    let m = mn.clone();
-    let job =
-        jobs::submit(&mn.db, job_header(&headers)?, "CreateL3Network", &raw, move |_| async move {
-            let l3 = L3NetworkRecord {
-                uuid: Uuid::new_v4(),
-                name: p.name,
-                l2_network_uuid: p.l2_network_uuid,
-                ip_ranges: vec![],
-                dns: p.dns,
-                bridge: p.bridge,
-            };
-            write(&m, &l3).await?;
-            inventory(&l3)
+    submit_record(&mn, &headers, "CreateL3Network", &raw, move || {
+        Ok(L3NetworkRecord {
+            uuid: Uuid::new_v4(),
+            name: p.name,
+            l2_network_uuid: p.l2_network_uuid,
+            ip_ranges: vec![],
+            dns: p.dns,
+            bridge: p.bridge,
         })
-        .await?;
-    Ok(accepted(&headers, job))
+    })
+    .await
 }
 
 #[derive(Deserialize)]
@@ -582,22 +601,9 @@ fn lifecycle(action: &str) -> Option<(Lifecycle, &'static str)> {
     })
 }
 
-fn state_op(op: Lifecycle) -> state::VmOp {
-    match op {
-        Lifecycle::Start => state::VmOp::Start,
-        Lifecycle::Stop => state::VmOp::Stop,
-        Lifecycle::Reboot => state::VmOp::Reboot,
-        Lifecycle::Pause => state::VmOp::Pause,
-        Lifecycle::Resume => state::VmOp::Resume,
-        Lifecycle::Destroy => state::VmOp::Destroy,
-        Lifecycle::Recover => state::VmOp::Recover,
-        Lifecycle::Expunge => state::VmOp::Expunge,
-    }
-}
-
 /// Checks now what the VM actor will check again: a refused operation is a 409 at once.
 fn precheck(mn: &Mn, uuid: Uuid, op: Lifecycle) -> Result<(), ApiError> {
-    precheck_op(mn, uuid, state_op(op))
+    precheck_op(mn, uuid, op.op())
 }
 
 fn precheck_op(mn: &Mn, uuid: Uuid, op: state::VmOp) -> Result<(), ApiError> {
@@ -896,28 +902,18 @@ async fn create_backup_storage(
     let (p, raw): (StorageParams, _) = params(json_body(&body)?)?;
     non_empty(&p.name, "name")?;
     let url = directory_url(&p.url)?;
-    let m = mn.clone();
-    let job = jobs::submit(
-        &mn.db,
-        job_header(&headers)?,
-        "AddImageStoreBackupStorage",
-        &raw,
-        move |_| async move {
-            std::fs::create_dir_all(&url)
-                .map_err(|e| ApiError::invalid("url", format!("cannot use {url}: {e}")))?;
-            let bs = BackupStorageRecord {
-                uuid: Uuid::new_v4(),
-                name: p.name,
-                url,
-                r#type: "ImageStoreBackupStorage".into(),
-                attached_zone_uuids: vec![],
-            };
-            write(&m, &bs).await?;
-            inventory(&bs)
-        },
-    )
-    .await?;
-    Ok(accepted(&headers, job))
+    submit_record(&mn, &headers, "AddImageStoreBackupStorage", &raw, move || {
+        std::fs::create_dir_all(&url)
+            .map_err(|e| ApiError::invalid("url", format!("cannot use {url}: {e}")))?;
+        Ok(BackupStorageRecord {
+            uuid: Uuid::new_v4(),
+            name: p.name,
+            url,
+            r#type: "ImageStoreBackupStorage".into(),
+            attached_zone_uuids: vec![],
+        })
+    })
+    .await
 }
 
 async fn attach_backup_storage(
@@ -929,25 +925,16 @@ async fn attach_backup_storage(
     let bs = uuid_param(&bs, "backupStorageUuid")?;
     get_record::<ZoneRecord>(&mn, zone, "zone")?;
     get_record::<BackupStorageRecord>(&mn, bs, "backup-storage")?;
-    let m = mn.clone();
-    let job = jobs::submit(
-        &mn.db,
-        job_header(&headers)?,
+    attach(
+        &mn,
+        &headers,
         "AttachBackupStorageToZone",
-        &json!({ "zone": zone, "bs": bs }),
-        move |_| async move {
-            let mut record: BackupStorageRecord = get_record(&m, bs, "backup-storage")?;
-            if !record.attached_zone_uuids.contains(&zone) {
-                record.attached_zone_uuids.push(zone);
-            }
-            let mut batch = Batch::new();
-            batch.put(&record, Expect::Any)?;
-            m.db.commit(batch).await?;
-            inventory(&record)
-        },
+        bs,
+        "backup-storage",
+        zone,
+        |r: &mut BackupStorageRecord| &mut r.attached_zone_uuids,
     )
-    .await?;
-    Ok(accepted(&headers, job))
+    .await
 }
 
 async fn create_primary_storage(
@@ -961,27 +948,17 @@ async fn create_primary_storage(
     let zone =
         p.zone_uuid.ok_or_else(|| ApiError::invalid("zoneUuid", "`zoneUuid` is required"))?;
     get_record::<ZoneRecord>(&mn, zone, "zone")?;
-    let m = mn.clone();
-    let job = jobs::submit(
-        &mn.db,
-        job_header(&headers)?,
-        "AddLocalPrimaryStorage",
-        &raw,
-        move |_| async move {
-            let ps = PrimaryStorageRecord {
-                uuid: Uuid::new_v4(),
-                name: p.name,
-                url,
-                zone_uuid: zone,
-                r#type: "LocalStorage".into(),
-                attached_cluster_uuids: vec![],
-            };
-            write(&m, &ps).await?;
-            inventory(&ps)
-        },
-    )
-    .await?;
-    Ok(accepted(&headers, job))
+    submit_record(&mn, &headers, "AddLocalPrimaryStorage", &raw, move || {
+        Ok(PrimaryStorageRecord {
+            uuid: Uuid::new_v4(),
+            name: p.name,
+            url,
+            zone_uuid: zone,
+            r#type: "LocalStorage".into(),
+            attached_cluster_uuids: vec![],
+        })
+    })
+    .await
 }
 
 async fn attach_primary_storage(
@@ -993,25 +970,16 @@ async fn attach_primary_storage(
     let ps = uuid_param(&ps, "primaryStorageUuid")?;
     get_record::<ClusterRecord>(&mn, cluster, "cluster")?;
     get_record::<PrimaryStorageRecord>(&mn, ps, "primary-storage")?;
-    let m = mn.clone();
-    let job = jobs::submit(
-        &mn.db,
-        job_header(&headers)?,
+    attach(
+        &mn,
+        &headers,
         "AttachPrimaryStorageToCluster",
-        &json!({ "cluster": cluster, "ps": ps }),
-        move |_| async move {
-            let mut record: PrimaryStorageRecord = get_record(&m, ps, "primary-storage")?;
-            if !record.attached_cluster_uuids.contains(&cluster) {
-                record.attached_cluster_uuids.push(cluster);
-            }
-            let mut batch = Batch::new();
-            batch.put(&record, Expect::Any)?;
-            m.db.commit(batch).await?;
-            inventory(&record)
-        },
+        ps,
+        "primary-storage",
+        cluster,
+        |r: &mut PrimaryStorageRecord| &mut r.attached_cluster_uuids,
     )
-    .await?;
-    Ok(accepted(&headers, job))
+    .await
 }
 
 #[derive(Deserialize)]
@@ -1093,27 +1061,17 @@ async fn create_l2(
     non_empty(&p.name, "name")?;
     non_empty(&p.physical_interface, "physicalInterface")?;
     get_record::<ZoneRecord>(&mn, p.zone_uuid, "zone")?;
-    let m = mn.clone();
-    let job = jobs::submit(
-        &mn.db,
-        job_header(&headers)?,
-        "CreateL2NoVlanNetwork",
-        &raw,
-        move |_| async move {
-            let l2 = L2NetworkRecord {
-                uuid: Uuid::new_v4(),
-                name: p.name,
-                zone_uuid: p.zone_uuid,
-                physical_interface: p.physical_interface,
-                r#type: "L2NoVlanNetwork".into(),
-                attached_cluster_uuids: vec![],
-            };
-            write(&m, &l2).await?;
-            inventory(&l2)
-        },
-    )
-    .await?;
-    Ok(accepted(&headers, job))
+    submit_record(&mn, &headers, "CreateL2NoVlanNetwork", &raw, move || {
+        Ok(L2NetworkRecord {
+            uuid: Uuid::new_v4(),
+            name: p.name,
+            zone_uuid: p.zone_uuid,
+            physical_interface: p.physical_interface,
+            r#type: "L2NoVlanNetwork".into(),
+            attached_cluster_uuids: vec![],
+        })
+    })
+    .await
 }
 
 async fn attach_l2(
@@ -1125,25 +1083,16 @@ async fn attach_l2(
     let cluster = uuid_param(&cluster, "clusterUuid")?;
     get_record::<L2NetworkRecord>(&mn, l2, "l2-network")?;
     get_record::<ClusterRecord>(&mn, cluster, "cluster")?;
-    let m = mn.clone();
-    let job = jobs::submit(
-        &mn.db,
-        job_header(&headers)?,
+    attach(
+        &mn,
+        &headers,
         "AttachL2NetworkToCluster",
-        &json!({ "l2": l2, "cluster": cluster }),
-        move |_| async move {
-            let mut record: L2NetworkRecord = get_record(&m, l2, "l2-network")?;
-            if !record.attached_cluster_uuids.contains(&cluster) {
-                record.attached_cluster_uuids.push(cluster);
-            }
-            let mut batch = Batch::new();
-            batch.put(&record, Expect::Any)?;
-            m.db.commit(batch).await?;
-            inventory(&record)
-        },
+        l2,
+        "l2-network",
+        cluster,
+        |r: &mut L2NetworkRecord| &mut r.attached_cluster_uuids,
     )
-    .await?;
-    Ok(accepted(&headers, job))
+    .await
 }
 
 async fn delete_l2(

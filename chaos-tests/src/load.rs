@@ -128,6 +128,33 @@ fn run_parallel<T: Send + 'static>(
     Ok(results)
 }
 
+/// Creates one VM through the API and follows its job, polling every `poll`. Returns how
+/// long the create call took to answer and how long until the VM ran.
+fn create_vm(
+    api: SocketAddr,
+    body: &serde_json::Value,
+    poll: Duration,
+) -> Result<(Duration, Duration), Error> {
+    let started = Instant::now();
+    let (status, reply) = client::request(api, "POST", "/v1/vm-instances", Some(body))?;
+    let accepted = started.elapsed();
+    if status != 202 {
+        return Err(format!("create answered {status}: {reply}").into());
+    }
+    let location = reply["location"].as_str().unwrap_or_default();
+    let path = location.find("/v1/").map(|at| location[at..].to_owned()).unwrap_or_default();
+    loop {
+        let (status, done) = client::request(api, "GET", &path, None)?;
+        if status == 200 {
+            if done["inventory"]["state"] != "Running" {
+                return Err(format!("a VM did not reach Running: {done}").into());
+            }
+            return Ok((accepted, started.elapsed()));
+        }
+        std::thread::sleep(poll);
+    }
+}
+
 /// Runs the load and prints its figures.
 pub fn run(config: &LoadConfig, work_dir: &Path) -> Result<(), Error> {
     let data = work_dir.join("mn");
@@ -219,48 +246,13 @@ pub fn run(config: &LoadConfig, work_dir: &Path) -> Result<(), Error> {
     let body = json!({ "params": { "name": "vm", "instanceOfferingUuid": offering["uuid"], "l3NetworkUuids": [l3["uuid"]] } });
 
     // A single VM on the idle node: POST to Running.
-    let single = {
-        let started = Instant::now();
-        let (status, reply) = client::request(api, "POST", "/v1/vm-instances", Some(&body))?;
-        if status != 202 {
-            return Err(format!("create answered {status}: {reply}").into());
-        }
-        let location = reply["location"].as_str().unwrap_or_default();
-        let path = location.find("/v1/").map(|at| location[at..].to_owned()).unwrap_or_default();
-        loop {
-            let (status, done) = client::request(api, "GET", &path, None)?;
-            if status == 200 {
-                if done["inventory"]["state"] != "Running" {
-                    return Err(format!("the first VM did not reach Running: {done}").into());
-                }
-                break started.elapsed();
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    };
+    let (_, single) = create_vm(api, &body, Duration::from_millis(1))?;
 
     eprintln!("creating {} VMs with {} clients", config.vms, config.concurrency);
     let started = Instant::now();
     let body = Arc::new(body);
     let timings = run_parallel("VMs", config.vms, config.concurrency, move |_| {
-        let t0 = Instant::now();
-        let (status, reply) = client::request(api, "POST", "/v1/vm-instances", Some(&body))?;
-        let accepted = t0.elapsed();
-        if status != 202 {
-            return Err(format!("create answered {status}: {reply}").into());
-        }
-        let location = reply["location"].as_str().unwrap_or_default();
-        let path = location.find("/v1/").map(|at| location[at..].to_owned()).unwrap_or_default();
-        loop {
-            let (status, done) = client::request(api, "GET", &path, None)?;
-            if status == 200 {
-                if done["inventory"]["state"] != "Running" {
-                    return Err(format!("a VM did not reach Running: {done}").into());
-                }
-                return Ok((accepted, t0.elapsed()));
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        create_vm(api, &body, Duration::from_millis(10))
     })?;
     let all_running = started.elapsed();
     let mut accepted: Vec<Duration> = timings.iter().map(|t| t.0).collect();

@@ -149,20 +149,25 @@ pub async fn observe_now(vms: &Kind<Vms>, vm: Uuid, host: Uuid) {
                 )
                 .await?;
                 let strato_proto::Reply::Domains(domains) = reply else { return Ok(()) };
-                let observation = match domains.iter().find(|d| d.uuid == vm).map(|d| d.state) {
-                    Some(
-                        strato_proto::DomainState::Running
-                        | strato_proto::DomainState::ShuttingDown,
-                    ) => Observation::Running,
-                    Some(strato_proto::DomainState::Paused) => Observation::Paused,
-                    _ => Observation::Off,
-                };
+                let observation =
+                    observation_of(domains.iter().find(|d| d.uuid == vm).map(|d| d.state));
                 apply(&ctx, host, observation).await
             },
         )
         .await;
     if let Err(error) = result {
         tracing::warn!(vm = %vm, %error, "could not check the VM's domain after an event");
+    }
+}
+
+/// What a domain's state (or its absence) says about its VM.
+pub fn observation_of(state: Option<strato_proto::DomainState>) -> Observation {
+    match state {
+        Some(strato_proto::DomainState::Running | strato_proto::DomainState::ShuttingDown) => {
+            Observation::Running
+        }
+        Some(strato_proto::DomainState::Paused) => Observation::Paused,
+        _ => Observation::Off,
     }
 }
 

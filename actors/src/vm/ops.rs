@@ -195,7 +195,8 @@ pub enum Lifecycle {
 }
 
 impl Lifecycle {
-    fn op(self) -> VmOp {
+    /// The state table's operation.
+    pub fn op(self) -> VmOp {
         match self {
             Lifecycle::Start => VmOp::Start,
             Lifecycle::Stop => VmOp::Stop,
