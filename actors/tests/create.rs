@@ -198,3 +198,42 @@ async fn a_burst_for_one_free_address_creates_exactly_one_vm() {
     let host = s.c.db.get::<HostRecord>(s.host).unwrap().unwrap().record;
     assert_eq!(host.reservations.len(), 1, "only the created VM holds capacity");
 }
+
+/// A step that wakes the VM's actor while its creation is still running, as an early
+/// hypervisor report does.
+struct WakeTheVm(strato_runtime::Kind<strato_actors::vm::Vms>);
+
+#[async_trait::async_trait]
+impl Step<CreateVm> for WakeTheVm {
+    async fn run(&self, c: &mut CreateVm, _: &FlowInfo) -> Result<(), BoxError> {
+        strato_actors::vm::record(&self.0, c.vm).await?;
+        Ok(())
+    }
+
+    async fn rollback(&self, _: &mut CreateVm, _: &FlowInfo) -> Result<(), BoxError> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_actor_woken_during_its_creation_sees_the_created_vm() {
+    let s = setup(&[], 5).await;
+    s.c.runtime
+        .flows()
+        .insert_before::<CreateVm>(CREATE_CHAIN, "start-domain", "wake", WakeTheVm(s.c.vms.clone()))
+        .unwrap();
+    let vm = create::create(&s.c.runtime, request(&s, 1), None).await.unwrap();
+    assert_eq!(vm.state, VmState::Running);
+    // The actor's first operation after the creation starts from the created VM, not from
+    // the copy it loaded while the flow ran.
+    let stopped = strato_actors::vm::ops::operate(
+        &s.c.vms,
+        vm.uuid,
+        strato_actors::vm::ops::Lifecycle::Stop,
+        Duration::from_secs(10),
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(stopped.state, VmState::Stopped);
+}

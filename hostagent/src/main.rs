@@ -115,8 +115,16 @@ async fn run(args: Args) -> Result<(), String> {
     let mut tasks = Vec::new();
     match args.driver {
         DriverKind::Libvirt => {
-            let driver: Arc<dyn Driver> =
-                Arc::new(Libvirt::open(&args.libvirt_uri).map_err(|e| e.to_string())?);
+            // Guests' serial consoles are logged beside the agent's other state; libvirt
+            // wants an absolute path.
+            let serial_logs = std::path::absolute(args.data_dir.join("serial"))
+                .map_err(|e| format!("cannot resolve {}: {e}", args.data_dir.display()))?;
+            std::fs::create_dir_all(&serial_logs)
+                .map_err(|e| format!("cannot create {}: {e}", serial_logs.display()))?;
+            let driver: Arc<dyn Driver> = Arc::new(
+                Libvirt::open_with_serial_logs(&args.libvirt_uri, serial_logs)
+                    .map_err(|e| e.to_string())?,
+            );
             let listener = TcpListener::bind(args.listen)
                 .await
                 .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;

@@ -171,13 +171,32 @@ pub fn observation_of(state: Option<strato_proto::DomainState>) -> Observation {
     }
 }
 
+/// The VM's record as the store holds it now, refreshed into the actor's state.
+///
+/// The creation flow's steps write the record outside the actor (the VM has no operations
+/// yet), so an actor activated early, by a hypervisor report during its own creation, holds
+/// a copy older than those writes. Every operation therefore starts from the store: one point
+/// read, inside the level-1 queue, so nothing the operation does is based on a stale state.
+fn current(ctx: &strato_runtime::OpCtx<Vms>) -> Result<(VmRecord, u64), VmError> {
+    let stored = ctx
+        .entity()
+        .db
+        .get::<VmRecord>(ctx.id())?
+        .ok_or(RuntimeError::NotFound { actor: ctx.actor() })?;
+    ctx.with_state(|s| {
+        s.record = stored.record.clone();
+        s.generation = stored.generation;
+    });
+    Ok((stored.record, stored.generation))
+}
+
 async fn apply(
     ctx: &strato_runtime::OpCtx<Vms>,
     host: Uuid,
     observation: Observation,
 ) -> Result<(), VmError> {
     let vm = ctx.id();
-    let (record, generation) = ctx.with_state(|s| (s.record.clone(), s.generation));
+    let (record, generation) = current(ctx)?;
     if record.host_uuid != Some(host) {
         return Ok(());
     }
@@ -196,10 +215,10 @@ async fn apply(
     Ok(())
 }
 
-/// The VM's record as its actor holds it.
+/// The VM's record, read through its actor's queue.
 pub async fn record(vms: &Kind<Vms>, id: Uuid) -> Result<VmRecord, VmError> {
     vms.call(id, Op::within("lifecycle", "read", Duration::from_secs(10)), |ctx| async move {
-        Ok(ctx.with_state(|s| s.record.clone()))
+        Ok(current(&ctx)?.0)
     })
     .await
 }

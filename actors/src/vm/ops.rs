@@ -149,7 +149,7 @@ fn deadline_of(ctx: &OpCtx<Vms>) -> SystemTime {
 }
 
 async fn save(ctx: &OpCtx<Vms>, change: impl FnOnce(&mut VmRecord)) -> Result<VmRecord, VmError> {
-    let (mut record, generation) = ctx.with_state(|s| (s.record.clone(), s.generation));
+    let (mut record, generation) = super::current(ctx)?;
     let from = record.state;
     change(&mut record);
     let mut batch = Batch::new();
@@ -238,7 +238,7 @@ pub async fn operate(
 }
 
 async fn run(ctx: OpCtx<Vms>, op: Lifecycle) -> Result<VmRecord, VmError> {
-    let record = ctx.with_state(|s| s.record.clone());
+    let (record, _) = super::current(&ctx)?;
     let transition = plan(record.state, op.op())?;
     if op == Lifecycle::Recover {
         let recovered = save(&ctx, |r| r.state = transition.on_success).await?;
@@ -400,7 +400,7 @@ pub async fn migrate(
     job_id: Option<Uuid>,
 ) -> Result<VmRecord, VmError> {
     vms.call(id, Op::within("lifecycle", "migrate", timeout).job(job_id), move |ctx| async move {
-        let record = ctx.with_state(|s| s.record.clone());
+        let (record, _) = super::current(&ctx)?;
         let transition = plan(record.state, VmOp::Migrate)?;
         let source = record.host_uuid.ok_or(VmError::NoHost(id))?;
         let hosts = hosts_of(&ctx)?;
@@ -473,7 +473,7 @@ pub async fn change_offering(
         id,
         Op::within("lifecycle", "change-offering", timeout).job(job_id),
         move |ctx| async move {
-            let record = ctx.with_state(|s| s.record.clone());
+            let (record, _) = super::current(&ctx)?;
             plan(record.state, VmOp::ChangeOffering)?;
             if let Some(host) = record.host_uuid {
                 let hosts = hosts_of(&ctx)?;

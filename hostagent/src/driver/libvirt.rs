@@ -12,6 +12,7 @@
 //! costs one list call per tick.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -36,6 +37,8 @@ pub struct Libvirt {
 struct Shared {
     uri: String,
     conn: Mutex<Connect>,
+    /// Where each guest's serial console is logged (`<uuid>.log`), when set.
+    serial_logs: Option<PathBuf>,
 }
 
 fn driver_error(what: &str, error: &virt::error::Error) -> AgentError {
@@ -62,8 +65,21 @@ fn xml_escape(text: &str) -> String {
 impl Libvirt {
     /// Connects to libvirt at `uri`.
     pub fn open(uri: &str) -> Result<Self, AgentError> {
+        Self::connect(uri, None)
+    }
+
+    /// Connects to libvirt at `uri` and logs every guest's serial console to
+    /// `dir/<vm uuid>.log` (written by libvirt's virtlogd), so an operator can read what a
+    /// guest printed while it booted. `dir` must be absolute.
+    pub fn open_with_serial_logs(uri: &str, dir: PathBuf) -> Result<Self, AgentError> {
+        Self::connect(uri, Some(dir))
+    }
+
+    fn connect(uri: &str, serial_logs: Option<PathBuf>) -> Result<Self, AgentError> {
         let conn = Connect::open(Some(uri)).map_err(|e| driver_error("connect", &e))?;
-        Ok(Libvirt { shared: Arc::new(Shared { uri: uri.to_owned(), conn: Mutex::new(conn) }) })
+        Ok(Libvirt {
+            shared: Arc::new(Shared { uri: uri.to_owned(), conn: Mutex::new(conn), serial_logs }),
+        })
     }
 
     /// The connection, reopened first if libvirtd went away.
@@ -119,7 +135,13 @@ impl Libvirt {
             }
         }
         if !test {
-            devices.push_str("<serial type='pty'/><console type='pty'/>");
+            match &self.shared.serial_logs {
+                Some(dir) => devices.push_str(&format!(
+                    "<serial type='pty'><log file='{}' append='on'/></serial><console type='pty'/>",
+                    xml_escape(&dir.join(format!("{}.log", spec.uuid)).display().to_string())
+                )),
+                None => devices.push_str("<serial type='pty'/><console type='pty'/>"),
+            }
         }
         format!(
             "<domain type='{kind}'><name>{name}</name><uuid>{uuid}</uuid>\
