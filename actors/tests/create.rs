@@ -10,8 +10,12 @@ use std::time::Duration;
 use common::*;
 use strato_actors::host;
 use strato_actors::ipam::IpRange;
-use strato_actors::records::{HostRecord, L3NetworkRecord, UsedIpRecord, VmRecord};
+use strato_actors::records::{
+    HostRecord, HostStatus, ImageRecord, L3NetworkRecord, PrimaryStorageRecord, UsedIpRecord,
+    VmRecord,
+};
 use strato_actors::vm::create::{self, CREATE_CHAIN, CreateVm};
+use strato_actors::vm::ops::DELETE_VOLUME_JOB;
 use strato_actors::vm::state::VmState;
 use strato_agent::driver::Driver;
 use strato_agent::driver::sim::{Sim, SimConfig};
@@ -24,7 +28,7 @@ struct Setup {
     driver: Arc<Sim>,
     host: Uuid,
     l3: Uuid,
-    _agent: Arc<strato_agent::server::Agent>,
+    agent: Arc<strato_agent::server::Agent>,
     _dir: tempfile::TempDir,
 }
 
@@ -65,7 +69,7 @@ async fn setup(failures: &[(&str, f64)], ips: u8) -> Setup {
     )
     .unwrap();
     strato_actors::l3::add_ip_range(&c.l3s, l3.uuid, range).await.unwrap();
-    Setup { c, driver, host: host.uuid, l3: l3.uuid, _agent: agent, _dir: dir }
+    Setup { c, driver, host: host.uuid, l3: l3.uuid, agent, _dir: dir }
 }
 
 fn request(s: &Setup, memory_gib: u64) -> CreateVm {
@@ -236,4 +240,92 @@ async fn a_vm_actor_woken_during_its_creation_sees_the_created_vm() {
     .await
     .unwrap();
     assert_eq!(stopped.state, VmState::Stopped);
+}
+
+/// A step that takes the host away and fails, after the root volume exists.
+struct LoseTheHost(Arc<strato_agent::server::Agent>, strato_runtime::Kind<host::Hosts>);
+
+#[async_trait::async_trait]
+impl Step<CreateVm> for LoseTheHost {
+    async fn run(&self, c: &mut CreateVm, _: &FlowInfo) -> Result<(), BoxError> {
+        self.0.shutdown();
+        let host = c.host.unwrap();
+        let started = std::time::Instant::now();
+        while host::record(&self.1, host).await?.status != HostStatus::Disconnected {
+            assert!(started.elapsed() < Duration::from_secs(10), "the host stays connected");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Err("the host went away".into())
+    }
+
+    async fn rollback(&self, _: &mut CreateVm, _: &FlowInfo) -> Result<(), BoxError> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_left_on_a_lost_host_is_deleted_by_the_gc_when_it_is_back() {
+    let s = setup(&[], 5).await;
+    strato_actors::vm::ops::register_gc(&s.c.runtime, s.c.hosts.clone());
+    s.c.runtime.gc().start().unwrap();
+    let storage = tempfile::tempdir().unwrap();
+    let source = storage.path().join("image.qcow2");
+    let made = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&source)
+        .arg("1M")
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let cluster = s.c.db.get::<HostRecord>(s.host).unwrap().unwrap().record.cluster_uuid;
+    put(
+        &s.c.db,
+        &PrimaryStorageRecord {
+            uuid: Uuid::new_v4(),
+            name: "ps".into(),
+            url: storage.path().join("ps").display().to_string(),
+            zone_uuid: Uuid::new_v4(),
+            r#type: "LocalStorage".into(),
+            attached_cluster_uuids: vec![cluster],
+        },
+    );
+    let image = ImageRecord {
+        uuid: Uuid::new_v4(),
+        name: "image".into(),
+        url: format!("file://{}", source.display()),
+        format: "qcow2".into(),
+        size: 0,
+        checksum: String::new(),
+        backup_storage_refs: vec![(Uuid::new_v4(), source.display().to_string())],
+        status: "Ready".into(),
+    };
+    put(&s.c.db, &image);
+    s.c.runtime
+        .flows()
+        .insert_after::<CreateVm>(
+            CREATE_CHAIN,
+            "create-root-volume",
+            "lose-the-host",
+            LoseTheHost(s.agent.clone(), s.c.hosts.clone()),
+        )
+        .unwrap();
+    let mut vm = request(&s, 1);
+    vm.image = Some(image.uuid);
+    let error = create::create(&s.c.runtime, vm.clone(), None).await.unwrap_err();
+    assert!(error.to_string().contains("lose-the-host"), "{error}");
+    let volume = storage.path().join("ps/rootvolumes").join(format!("{}.qcow2", vm.vm));
+    assert!(volume.exists(), "the host was away: the volume is still there");
+    let jobs = || {
+        s.c.runtime.gc().list().unwrap().into_iter().filter(|j| j.kind == DELETE_VOLUME_JOB).count()
+    };
+    assert_eq!(jobs(), 1, "a GC job will delete it");
+
+    // The agent comes back on its address; the host reconnects; the GC job runs.
+    let addr = {
+        let h = s.c.db.get::<HostRecord>(s.host).unwrap().unwrap().record;
+        format!("{}:{}", h.management_ip, h.agent_port).parse().unwrap()
+    };
+    let (_agent, _) = serve(s.driver.clone(), addr).await;
+    eventually("leftover volume deleted", || async { !volume.exists() }).await;
+    eventually("GC job done", || async { jobs() == 0 }).await;
 }

@@ -287,9 +287,16 @@ impl Step<CreateVm> for CreateRootVolume {
         let ps = primary_storage_of(&self.db, host)?;
         // The agent names a volume after its UUID: the path needs no memory of the step.
         let path = format!("{}/{}.qcow2", volumes_dir(&ps), c.vm);
-        host::command(&self.hosts, host, Command::DeleteVolume { path }, deadline(), flow.job_id)
-            .await?;
-        Ok(())
+        let command = Command::DeleteVolume { path: path.clone() };
+        match host::command(&self.hosts, host, command, deadline(), flow.job_id).await {
+            Ok(_) => Ok(()),
+            // The host is away: the volume goes when it is back (the GC's job).
+            Err(error) if error.is_unreachable() => {
+                super::ops::submit_delete_volume(self.hosts.runtime(), host, path).await?;
+                Ok(())
+            }
+            Err(error) => Err(error.into()),
+        }
     }
 }
 

@@ -79,6 +79,19 @@ pub struct DestroyDomainJob {
     pub vm: Uuid,
 }
 
+/// The GC job kind that deletes a root volume left on a host that was unreachable when a
+/// failed creation rolled back.
+pub const DELETE_VOLUME_JOB: &str = "vm.delete-volume";
+
+/// The context of a [`DELETE_VOLUME_JOB`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DeleteVolumeJob {
+    /// The host.
+    pub host: Uuid,
+    /// The volume's path on the host.
+    pub path: String,
+}
+
 /// Registers the VM kind's GC handlers. Call once at startup, before `gc().start()`.
 pub fn register_gc(runtime: &Runtime, hosts: Kind<Hosts>) {
     let expunging = runtime.clone();
@@ -121,6 +134,42 @@ pub fn register_gc(runtime: &Runtime, hosts: Kind<Hosts>) {
             Ok(())
         }
     });
+    let deleting = runtime.clone();
+    runtime.gc().register_handler(DELETE_VOLUME_JOB, move |job: DeleteVolumeJob| {
+        let runtime = deleting.clone();
+        async move {
+            let Some(hosts) = runtime.kind::<Hosts>() else {
+                return Err("the host kind is not registered".into());
+            };
+            let deadline = SystemTime::now() + Duration::from_secs(60);
+            let command = Command::DeleteVolume { path: job.path.clone() };
+            host::command(&hosts, job.host, command, deadline, None).await?;
+            tracing::info!(path = %job.path, host = %job.host, "leftover volume deleted");
+            Ok(())
+        }
+    });
+}
+
+/// Fires when host `host` is Connected again, and every minute in case the event was missed.
+fn when_host_is_back(host: Uuid) -> Trigger {
+    Trigger::every(Duration::from_secs(60)).and_on_event(
+        EventMatcher::topic("host.status-changed")
+            .field("hostUuid", host)
+            .field("status", "Connected"),
+    )
+}
+
+/// Leaves a GC job that deletes the volume at `path` on `host` once the host is back.
+pub async fn submit_delete_volume(
+    runtime: &Runtime,
+    host: Uuid,
+    path: String,
+) -> Result<(), strato_runtime::RuntimeError> {
+    let name = format!("{DELETE_VOLUME_JOB}/{host}/{path}");
+    let job = DeleteVolumeJob { host, path };
+    runtime.gc().submit(&name, DELETE_VOLUME_JOB, &job, when_host_is_back(host)).await?;
+    tracing::warn!(%host, path = %job.path, "host unreachable: the volume will be deleted by the GC");
+    Ok(())
 }
 
 /// Leaves a GC job that destroys VM `vm`'s domain on `host` once the host is back (on its
@@ -131,14 +180,14 @@ pub async fn submit_destroy_domain(
     vm: Uuid,
 ) -> Result<(), strato_runtime::RuntimeError> {
     let job = DestroyDomainJob { host, vm };
-    let trigger = Trigger::every(Duration::from_secs(60)).and_on_event(
-        EventMatcher::topic("host.status-changed")
-            .field("hostUuid", host)
-            .field("status", "Connected"),
-    );
     runtime
         .gc()
-        .submit(&format!("{DESTROY_DOMAIN_JOB}/{vm}"), DESTROY_DOMAIN_JOB, &job, trigger)
+        .submit(
+            &format!("{DESTROY_DOMAIN_JOB}/{vm}"),
+            DESTROY_DOMAIN_JOB,
+            &job,
+            when_host_is_back(host),
+        )
         .await?;
     tracing::warn!(%vm, %host, "host unreachable: the domain will be destroyed by the GC");
     Ok(())
