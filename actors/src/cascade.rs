@@ -112,6 +112,9 @@ pub enum CascadeError {
     /// The runtime failed.
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
+    /// VMs kept booking the host's capacity (creations in flight) for too long.
+    #[error("{0:?} still has VMs being placed on it after {1:?}; try again")]
+    Busy(Resource, std::time::Duration),
 }
 
 /// What deletion needs.
@@ -128,6 +131,9 @@ pub struct Deleter {
 }
 
 const VM_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// How long deleting a host waits for creations that booked it before its fence.
+const HOST_DRAIN_LIMIT: Duration = Duration::from_secs(60);
 
 impl Deleter {
     fn exists(&self, r: Resource) -> Result<bool, CascadeError> {
@@ -172,6 +178,24 @@ impl Deleter {
         if !self.exists(r)? {
             return Err(CascadeError::NotFound(r));
         }
+        if r.kind != ResourceKind::Host {
+            return self.delete_unfenced(r, mode).await;
+        }
+        // A host is fenced first, so no creation places a VM on it while its VMs are
+        // deleted; the fence is lifted if the deletion does not happen.
+        host::fence(&self.hosts, r.uuid, true).await?;
+        let deleted = self.delete_unfenced(r, mode).await;
+        if deleted.is_err() {
+            let _ = host::fence(&self.hosts, r.uuid, false).await;
+        }
+        deleted
+    }
+
+    async fn delete_unfenced(
+        &self,
+        r: Resource,
+        mode: DeleteMode,
+    ) -> Result<Vec<Resource>, CascadeError> {
         let dependents = self.dependents(r)?;
         if !dependents.is_empty() && mode == DeleteMode::Permissive {
             return Err(CascadeError::HasDependents { resource: r, dependents });
@@ -180,6 +204,26 @@ impl Deleter {
         for dependent in dependents {
             if self.exists(dependent)? {
                 deleted.extend(Box::pin(self.delete(dependent, mode)).await?);
+            }
+        }
+        if r.kind == ResourceKind::Host {
+            // Creations that booked the host before the fence end one way or the other:
+            // their VM appears as a dependent (and goes), or they give the booking back.
+            let waited = std::time::Instant::now();
+            while host::fence(&self.hosts, r.uuid, true).await? > 0 {
+                let late = self.dependents(r)?;
+                if !late.is_empty() && mode == DeleteMode::Permissive {
+                    return Err(CascadeError::HasDependents { resource: r, dependents: late });
+                }
+                for dependent in late {
+                    if self.exists(dependent)? {
+                        deleted.extend(Box::pin(self.delete(dependent, mode)).await?);
+                    }
+                }
+                if waited.elapsed() > HOST_DRAIN_LIMIT {
+                    return Err(CascadeError::Busy(r, HOST_DRAIN_LIMIT));
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             }
         }
         self.delete_one(r).await?;

@@ -147,6 +147,8 @@ pub struct HostActor {
     epoch: u64,
     redial_attempts: u32,
     redial_scheduled: bool,
+    /// Set while the host is being deleted: it books nothing more.
+    deleting: bool,
 }
 
 /// The host actor kind.
@@ -251,6 +253,7 @@ impl Entity for Hosts {
             epoch: 0,
             redial_attempts: 0,
             redial_scheduled: false,
+            deleting: false,
         }))
     }
 }
@@ -564,7 +567,15 @@ pub async fn reserve(
                 if ctx.with_state(|s| s.record.reservations.contains_key(&vm)) {
                     return Ok(true);
                 }
-                if !ctx.with_state(|s| fits(&s.record, cpu, memory, overcommit)) {
+                // The allocator chose from the directory, which may be a moment old: the host
+                // checks again, in its queue, that it still takes VMs.
+                let takes_vms = ctx.with_state(|s| {
+                    !s.deleting
+                        && s.record.state == crate::records::HostState::Enabled
+                        && s.record.status == HostStatus::Connected
+                        && fits(&s.record, cpu, memory, overcommit)
+                });
+                if !takes_vms {
                     return Ok(false);
                 }
                 save(&ctx, |r| {
@@ -574,6 +585,20 @@ pub async fn reserve(
                 Ok(true)
             },
         )
+        .await
+}
+
+/// Stops (`deleting`) or lets again host `id` book capacity, in its capacity queue, so no
+/// booking starts after the fence. Returns how many VMs still hold bookings: a deletion waits
+/// for them to be deleted, or for creations that booked before the fence to end.
+pub async fn fence(hosts: &Kind<Hosts>, id: Uuid, deleting: bool) -> Result<usize, HostError> {
+    hosts
+        .call(id, Op::within("capacity", "fence", Duration::from_secs(30)), move |ctx| async move {
+            Ok(ctx.with_state(|s| {
+                s.deleting = deleting;
+                s.record.reservations.len()
+            }))
+        })
         .await
 }
 

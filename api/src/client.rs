@@ -49,14 +49,30 @@ pub fn request(
     path: &str,
     body: Option<&Value>,
 ) -> Result<(u16, Value), ClientError> {
+    request_with_headers(addr, method, path, body, &[])
+}
+
+/// One request with extra headers (such as `X-Job-UUID`); returns the status and the JSON
+/// body.
+pub fn request_with_headers(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+    headers: &[(&str, &str)],
+) -> Result<(u16, Value), ClientError> {
     let io = |source| ClientError::Io { addr, source };
     let mut stream = TcpStream::connect(addr).map_err(io)?;
     stream.set_read_timeout(Some(Duration::from_secs(60))).map_err(io)?;
     let body = body.map(Value::to_string).unwrap_or_default();
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
         body.len()
     );
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
     stream.write_all(head.as_bytes()).map_err(io)?;
     stream.write_all(body.as_bytes()).map_err(io)?;
     let mut reply = Vec::new();

@@ -193,6 +193,12 @@ impl From<strato_actors::cascade::CascadeError> for ApiError {
                 json!({ "resource": resource, "dependents": dependents }),
             ),
             CascadeError::NotFound(r) => ApiError::not_found(&format!("{:?}", r.kind), r.uuid),
+            CascadeError::Busy(resource, _) => ApiError::new(
+                StatusCode::CONFLICT,
+                "SYS.RESOURCE_BUSY",
+                error.to_string(),
+                json!({ "resource": resource }),
+            ),
             CascadeError::Vm(e) => e.into(),
             CascadeError::Host(e) => e.into(),
             CascadeError::L3(e) => e.into(),

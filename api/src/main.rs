@@ -78,6 +78,11 @@ fn main() -> std::process::ExitCode {
     // operations and reports them itself; this covers every other thread too).
     std::panic::set_hook(Box::new(|info| tracing::error!(panic = %info, "panic")));
     let args = Args::parse();
+    #[cfg(feature = "failpoints")]
+    if let Err(error) = configure_failpoints() {
+        eprintln!("strato: {error}");
+        return std::process::ExitCode::FAILURE;
+    }
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     let result: Result<(), strato_runtime::BoxError> = runtime.block_on(async {
         match args.command {
@@ -127,4 +132,22 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// Arms the injection points named in `STRATO_FAILPOINTS` (`name=action;...`, in the `fail`
+/// crate's action syntax, e.g. `actor-op=2%panic;store-apply=1%return`). Only binaries built
+/// with the `failpoints` feature (test builds, for the chaos runs) have this; the others have
+/// no injection points at all.
+#[cfg(feature = "failpoints")]
+fn configure_failpoints() -> Result<(), String> {
+    let Ok(spec) = std::env::var("STRATO_FAILPOINTS") else { return Ok(()) };
+    for entry in spec.split(';').map(str::trim).filter(|e| !e.is_empty()) {
+        let (name, action) = entry
+            .split_once('=')
+            .ok_or_else(|| format!("STRATO_FAILPOINTS: `{entry}` is not name=action"))?;
+        fail::cfg(name.trim(), action.trim())
+            .map_err(|e| format!("STRATO_FAILPOINTS: `{entry}`: {e}"))?;
+        tracing::warn!(failpoint = name.trim(), action = action.trim(), "failpoint armed");
+    }
+    Ok(())
 }

@@ -1,10 +1,31 @@
 //! The chaos harness, `strato-chaos`: proves Strato under load and faults, with real
 //! processes driven through the HTTP API.
 //!
-//! Today it has the load run ([`load`]): a real management node and one agent process
-//! simulating many hosts, many VMs created through the API, and the figures. The chaos run of
-//! its own issue will add a seeded model-based workload, faults on a seeded schedule (kill -9,
-//! partitions, dropped and delayed frames, slow and failing drivers, panics, store write
-//! errors) and the invariant checks of DESIGN section 8. Nothing depends on this crate.
+//! - [`load`]: a real management node and one agent process simulating many hosts; many VMs
+//!   created through the API; the figures.
+//! - [`run`]: a seeded chaos run: the real MN and one agent process per host, each behind a
+//!   fault proxy ([`proxy`], [`cluster`]); a model-based random workload ([`workload`]); faults
+//!   on a seeded schedule ([`faults`]); the invariants of DESIGN section 8 ([`checks`]).
+//!
+//! Nothing depends on this crate.
 
+pub mod checks;
+pub mod cluster;
+pub mod faults;
 pub mod load;
+pub mod proxy;
+pub mod run;
+pub mod workload;
+
+/// The harness's errors: anything that stops a run from being made (not a violation, which is
+/// a finding).
+pub type Error = Box<dyn std::error::Error + Send + Sync>;
+
+/// Unix milliseconds at `instant` (the agents' journals are in Unix time).
+pub fn unix_ms_at(instant: std::time::Instant) -> u64 {
+    let now = std::time::SystemTime::now();
+    let since = instant.elapsed();
+    now.checked_sub(since)
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_millis() as u64)
+}

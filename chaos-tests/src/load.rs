@@ -8,7 +8,7 @@
 //! RSS.
 
 use std::net::{SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -38,22 +38,11 @@ impl Drop for Proc {
     }
 }
 
-type Error = Box<dyn std::error::Error + Send + Sync>;
+use crate::Error;
+use crate::cluster::sibling;
 
 fn free_port() -> Result<SocketAddr, Error> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
-}
-
-fn sibling(name: &str) -> Result<PathBuf, Error> {
-    let path = std::env::current_exe()?.with_file_name(name);
-    if !path.exists() {
-        return Err(format!(
-            "{} is missing: build it with `cargo build --release -p strato-api -p strato-agent`",
-            path.display()
-        )
-        .into());
-    }
-    Ok(path)
 }
 
 fn wait_listening(addr: SocketAddr) -> Result<(), Error> {

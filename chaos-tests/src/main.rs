@@ -1,7 +1,11 @@
-//! `strato-chaos`: load runs (and, with its own issue, chaos runs) against real processes.
+//! `strato-chaos`: load runs and seeded chaos runs against real processes.
+
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use strato_chaos::load::{self, LoadConfig};
+use strato_chaos::run::{self, RunConfig};
+use strato_chaos::workload::Strategy;
 
 /// Strato's load and chaos runs.
 #[derive(Debug, Parser)]
@@ -28,6 +32,43 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         sim_latency_ms: u64,
     },
+    /// A seeded chaos run: workload, faults, invariant checks; exits 1 on a violation.
+    Run {
+        /// The seed (random when not given; the report prints it).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// How long the workload and faults run: `90s`, `30m`, `2h`.
+        #[arg(long, default_value = "60s", value_parser = parse_duration)]
+        duration: Duration,
+        /// Simulated hosts, one agent process each.
+        #[arg(long, default_value_t = 3)]
+        hosts: usize,
+        /// Concurrent API clients.
+        #[arg(long, default_value_t = 4)]
+        clients: usize,
+        /// How clients choose among legal actions.
+        #[arg(long, value_enum, default_value = "weighted")]
+        strategy: Strategy,
+        /// Run the workload without faults.
+        #[arg(long)]
+        no_faults: bool,
+        /// Keep the run's directory (logs, stores, journals) instead of deleting it.
+        #[arg(long)]
+        keep: bool,
+    },
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let (number, unit) =
+        text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
+    let n: u64 =
+        number.parse().map_err(|_| format!("`{text}` is not a duration like 90s or 30m"))?;
+    match unit {
+        "" | "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!("`{text}`: the unit must be s, m or h")),
+    }
 }
 
 fn main() -> std::process::ExitCode {
@@ -39,6 +80,23 @@ fn main() -> std::process::ExitCode {
             let result = load::run(&config, &dir);
             let _ = std::fs::remove_dir_all(&dir);
             result
+        }
+        Cmd::Run { seed, duration, hosts, clients, strategy, no_faults, keep } => {
+            let seed = seed.unwrap_or_else(|| fastrand::u64(..1_000_000));
+            let dir =
+                std::env::temp_dir().join(format!("strato-chaos-{seed}-{}", std::process::id()));
+            let config = RunConfig { seed, duration, hosts, clients, strategy, faults: !no_faults };
+            let result = run::run(&config, &dir);
+            if keep {
+                eprintln!("strato-chaos: the run's files are in {}", dir.display());
+            } else {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+            match result {
+                Ok(true) => Ok(()),
+                Ok(false) => return std::process::ExitCode::FAILURE,
+                Err(error) => Err(error),
+            }
         }
     };
     match result {

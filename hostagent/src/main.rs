@@ -69,6 +69,27 @@ struct Args {
     /// Memory of each simulated host, in MiB.
     #[arg(long, default_value_t = 131_072)]
     sim_memory_mib: u64,
+    /// Append every executed command to `journal.jsonl` in each host's data directory (for
+    /// the chaos runs' checks).
+    #[arg(long)]
+    journal: bool,
+}
+
+/// An agent for one host, journaled into `dir` when asked.
+fn agent(
+    args: &Args,
+    label: &str,
+    token: String,
+    driver: Arc<dyn Driver>,
+    dir: &std::path::Path,
+) -> Result<Arc<Agent>, String> {
+    if args.journal {
+        let path = dir.join("journal.jsonl");
+        Agent::journaled(label, token, driver, &path)
+            .map_err(|e| format!("cannot open {}: {e}", path.display()))
+    } else {
+        Ok(Agent::new(label, token, driver))
+    }
 }
 
 fn parse_failure(text: &str) -> Result<(String, f64), String> {
@@ -130,7 +151,8 @@ async fn run(args: Args) -> Result<(), String> {
                 .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
             tracing::info!(listen = %args.listen, uri = %args.libvirt_uri, "agent ready");
             println!("strato-agent: listening on {} (libvirt {})", args.listen, args.libvirt_uri);
-            tasks.push(tokio::spawn(Agent::new("libvirt", token, driver).serve(listener)));
+            let agent = agent(&args, "libvirt", token, driver, &args.data_dir)?;
+            tasks.push(tokio::spawn(agent.serve(listener)));
         }
         DriverKind::Sim => {
             let base = if args.sim_hosts > 1 {
@@ -161,9 +183,8 @@ async fn run(args: Args) -> Result<(), String> {
                 let listener = TcpListener::bind(addr)
                     .await
                     .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-                tasks.push(tokio::spawn(
-                    Agent::new(&format!("sim-{i}"), token.clone(), Arc::new(sim)).serve(listener),
-                ));
+                let agent = agent(&args, &format!("sim-{i}"), token.clone(), Arc::new(sim), &dir)?;
+                tasks.push(tokio::spawn(agent.serve(listener)));
             }
             tracing::info!(hosts = args.sim_hosts, base = %base, "simulated agent ready");
             println!("strato-agent: {} simulated host(s) from {base}", args.sim_hosts);

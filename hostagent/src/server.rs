@@ -7,6 +7,7 @@
 //! result and the driver is not called again.
 
 use std::collections::{HashMap, VecDeque};
+use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -45,6 +46,8 @@ pub struct Agent {
     label: String,
     /// Set to stop serving: the listener and every link close.
     stop: tokio::sync::watch::Sender<bool>,
+    /// Where every executed command is appended, one JSON line each, when set.
+    journal: Option<Mutex<std::fs::File>>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -56,6 +59,29 @@ impl std::fmt::Debug for Agent {
 impl Agent {
     /// An agent for `driver`, accepting MNs that present `token`.
     pub fn new(label: &str, token: String, driver: Arc<dyn Driver>) -> Arc<Self> {
+        Self::build(label, token, driver, None)
+    }
+
+    /// Like [`Agent::new`], and appends every command it executes to the file at `journal`:
+    /// one JSON line with the command id, job, name, domain, start and end (Unix ms) and
+    /// whether it succeeded. The chaos runs read it to check that no id ran twice and that
+    /// no two jobs changed one domain at once.
+    pub fn journaled(
+        label: &str,
+        token: String,
+        driver: Arc<dyn Driver>,
+        journal: &std::path::Path,
+    ) -> std::io::Result<Arc<Self>> {
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(journal)?;
+        Ok(Self::build(label, token, driver, Some(Mutex::new(file))))
+    }
+
+    fn build(
+        label: &str,
+        token: String,
+        driver: Arc<dyn Driver>,
+        journal: Option<Mutex<std::fs::File>>,
+    ) -> Arc<Self> {
         let (events, _) = broadcast::channel(4096);
         driver.watch(events.clone());
         let (stop, _) = tokio::sync::watch::channel(false);
@@ -66,6 +92,7 @@ impl Agent {
             memory: Mutex::default(),
             label: label.to_owned(),
             stop,
+            journal,
         })
     }
 
@@ -242,6 +269,8 @@ impl Agent {
             ));
         }
         let started = std::time::Instant::now();
+        let started_ms = unix_ms(SystemTime::now());
+        let domain = request.command.domain();
         let result = match request.command {
             Command::CacheImage { image, source, cache_dir } => {
                 volumes::cache_image(image, &source, &cache_dir).await
@@ -262,6 +291,21 @@ impl Agent {
                 )
             }
         };
+        if let Some(journal) = &self.journal {
+            let line = serde_json::json!({
+                "id": request.id,
+                "job": request.job_id,
+                "command": name,
+                "domain": domain,
+                "startMs": started_ms,
+                "endMs": unix_ms(SystemTime::now()),
+                "ok": result.is_ok(),
+            });
+            let mut file = journal.lock().expect("journal lock");
+            if let Err(error) = writeln!(file, "{line}") {
+                tracing::error!(host = %self.label, %error, "cannot write the command journal");
+            }
+        }
         match &result {
             Ok(_) => {
                 tracing::info!(host = %self.label, command = name, id = %request.id, job = ?request.job_id, ms = started.elapsed().as_millis() as u64, "command done")

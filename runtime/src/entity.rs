@@ -213,8 +213,13 @@ where
         let reply = self.reply.take().expect("an envelope replies once");
         let (actor, op) = (self.actor, self.op);
         Box::pin(async move {
-            // Building the future may panic as well as polling it.
-            let result = match std::panic::catch_unwind(AssertUnwindSafe(|| f(ctx))) {
+            // Building the future may panic as well as polling it. The chaos runs inject
+            // panics here (failpoint `actor-op`), inside the guard, as a bug in an
+            // operation would panic.
+            let result = match std::panic::catch_unwind(AssertUnwindSafe(|| {
+                fail::fail_point!("actor-op");
+                f(ctx)
+            })) {
                 Ok(fut) => AssertUnwindSafe(fut).catch_unwind().await,
                 Err(payload) => Err(payload),
             };

@@ -526,6 +526,18 @@ fn run_committer(store: &dyn Store, committer: &Committer, group_limit: usize) {
     }
 }
 
+/// The chaos runs' store write errors (failpoint `store-apply`): the group fails as if the
+/// backend had refused the write, and nothing of it is applied.
+fn injected_apply_failure(store: &dyn Store) -> Result<(), StoreError> {
+    fail::fail_point!("store-apply", |_| Err(StoreError::Backend {
+        backend: store.backend_name(),
+        operation: "apply",
+        source: "write error injected by the store-apply failpoint".into(),
+    }));
+    let _ = store;
+    Ok(())
+}
+
 fn commit_group(store: &dyn Store, committer: &Committer, group: Vec<Request>) {
     let mut overlay: HashMap<Vec<u8>, Option<Vec<u8>>> = HashMap::new();
     let mut ops = Vec::new();
@@ -544,10 +556,13 @@ fn commit_group(store: &dyn Store, committer: &Committer, group: Vec<Request>) {
         return;
     }
     committer.groups.fetch_add(1, Ordering::Relaxed);
-    let failure = store.apply(ops).map_err(|error| ("apply", error)).and_then(|()| {
-        committer.flushes.fetch_add(1, Ordering::Relaxed);
-        store.flush().map_err(|error| ("flush", error))
-    });
+    let failure = injected_apply_failure(store)
+        .and_then(|()| store.apply(ops))
+        .map_err(|error| ("apply", error))
+        .and_then(|()| {
+            committer.flushes.fetch_add(1, Ordering::Relaxed);
+            store.flush().map_err(|error| ("flush", error))
+        });
     match failure {
         Ok(()) => {
             for (reply, written) in accepted {

@@ -351,6 +351,8 @@ async fn drive(ctx: &OpCtx<Vms>, op: Lifecycle, record: &VmRecord) -> Result<Lan
     match op {
         Lifecycle::Start => {
             send(Command::DefineDomain(record.domain_spec())).await?;
+            // The chaos runs panic here: an operation dying between two agent commands.
+            fail::fail_point!("vm-start-after-define");
             send(Command::StartDomain { uuid }).await?;
         }
         Lifecycle::Stop => {

@@ -229,6 +229,25 @@ impl Command {
             Command::DeleteVolume { .. } => "delete-volume",
         }
     }
+
+    /// The domain a command changes, if it changes one.
+    pub fn domain(&self) -> Option<Uuid> {
+        match self {
+            Command::DefineDomain(spec) => Some(spec.uuid),
+            Command::StartDomain { uuid }
+            | Command::ShutdownDomain { uuid }
+            | Command::DestroyDomain { uuid }
+            | Command::RebootDomain { uuid }
+            | Command::SuspendDomain { uuid }
+            | Command::ResumeDomain { uuid }
+            | Command::UndefineDomain { uuid } => Some(*uuid),
+            Command::HostFacts
+            | Command::ListDomains
+            | Command::CacheImage { .. }
+            | Command::CreateRootVolume { .. }
+            | Command::DeleteVolume { .. } => None,
+        }
+    }
 }
 
 /// A successful answer.

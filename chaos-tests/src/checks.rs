@@ -1,0 +1,548 @@
+//! The invariants of DESIGN section 8, checked against what a run recorded and what it can
+//! see: the API's view of the store, each agent's hypervisor (asked directly), and each
+//! agent's command journal.
+//!
+//! Some are sampled while the faults run ([`sample`]: no address twice, no capacity twice,
+//! at most one running copy, expunged VMs stay gone); the rest are checked once the faults
+//! have healed ([`after_healing`]: every accepted job ended, nothing acknowledged was lost,
+//! only legal landings, the store and the hypervisors agree, no orphans and the GC backlog
+//! drains, repeats had no extra effect, no two jobs changed one domain at once).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::cluster::Cluster;
+use crate::workload::{Action, Entry, JOB_LIMIT, Outcome, Shared, follow, list};
+
+/// One broken invariant.
+#[derive(Clone, Debug)]
+pub struct Violation {
+    /// Which (DESIGN section 8's wording).
+    pub invariant: &'static str,
+    /// When it was seen (ms since the run started).
+    pub at_ms: u64,
+    /// The resource concerned.
+    pub resource: Option<String>,
+    /// What was seen.
+    pub detail: String,
+}
+
+/// The CPU overcommit ratio the MN applies by default (memory is not overcommitted).
+const CPU_OVERCOMMIT: f64 = 10.0;
+
+fn violation(
+    invariant: &'static str,
+    at_ms: u64,
+    resource: Option<&str>,
+    detail: String,
+) -> Violation {
+    Violation { invariant, at_ms, resource: resource.map(str::to_owned), detail }
+}
+
+fn s(v: &Value) -> &str {
+    v.as_str().unwrap_or_default()
+}
+
+/// VMs the history says were expunged, with when.
+fn expunged(entries: &[Entry]) -> HashMap<String, u64> {
+    entries
+        .iter()
+        .filter(|e| e.action == Action::ExpungeVm && matches!(e.outcome, Outcome::Succeeded(_)))
+        .filter_map(|e| Some((e.target.clone()?, e.ended_ms?)))
+        .collect()
+}
+
+/// The checks that hold at every instant; run repeatedly while the faults are active.
+pub fn sample(shared: &Shared, cluster: &std::sync::Mutex<Cluster>) -> Vec<Violation> {
+    let mut found = Vec::new();
+    let now = shared.now();
+    let patience = Duration::from_millis(500);
+    let Some(vms) = list(shared.api, "vm-instances", patience) else { return found };
+    let Some(hosts) = list(shared.api, "hosts", patience) else { return found };
+
+    // No IP twice.
+    let mut ips: HashMap<(String, String), String> = HashMap::new();
+    for vm in &vms {
+        for nic in vm["vmNics"].as_array().into_iter().flatten() {
+            let key = (s(&nic["l3NetworkUuid"]).to_owned(), s(&nic["ip"]).to_owned());
+            if let Some(other) = ips.insert(key.clone(), s(&vm["uuid"]).to_owned()) {
+                found.push(violation(
+                    "no IP twice",
+                    now,
+                    Some(s(&vm["uuid"])),
+                    format!("{} on L3 {} is held by VM {other} too", key.1, key.0),
+                ));
+            }
+        }
+    }
+    // No capacity twice.
+    let mut booked: HashMap<String, String> = HashMap::new();
+    for host in &hosts {
+        let (mut cpu, mut memory) = (0.0, 0u64);
+        for (vm, booking) in host["reservations"].as_object().into_iter().flatten() {
+            cpu += booking["cpu"].as_f64().unwrap_or(0.0);
+            memory += booking["memory"].as_u64().unwrap_or(0);
+            if let Some(other) = booked.insert(vm.clone(), s(&host["uuid"]).to_owned()) {
+                found.push(violation(
+                    "no capacity twice",
+                    now,
+                    Some(vm),
+                    format!("booked on host {other} and host {}", s(&host["uuid"])),
+                ));
+            }
+        }
+        let cpus = host["facts"]["cpus"].as_f64().unwrap_or(f64::MAX);
+        let memory_cap = host["facts"]["memoryMib"].as_u64().map_or(u64::MAX, |mib| mib << 20);
+        if cpu > cpus * CPU_OVERCOMMIT || memory > memory_cap {
+            found.push(violation(
+                "no capacity twice",
+                now,
+                Some(s(&host["uuid"])),
+                format!("bookings of {cpu} CPU and {memory} B exceed the host's capacity"),
+            ));
+        }
+    }
+    // Expunged VMs stay gone.
+    let gone = expunged(&shared.history.entries());
+    for vm in &vms {
+        if let Some(at) = gone.get(s(&vm["uuid"]))
+            && *at + 200 < now
+        {
+            found.push(violation(
+                "only legal transitions",
+                now,
+                Some(s(&vm["uuid"])),
+                format!("expunged at {at} ms, listed again as {}", s(&vm["state"])),
+            ));
+        }
+    }
+    // At most one running copy.
+    let hypervisors = hypervisors(cluster);
+    let mut running: HashMap<String, Vec<usize>> = HashMap::new();
+    for (host, domains) in hypervisors.iter().enumerate() {
+        for domain in domains.iter().flatten() {
+            if domain.1 == "Running" {
+                running.entry(domain.0.clone()).or_default().push(host);
+            }
+        }
+    }
+    for (vm, on) in running {
+        if on.len() > 1 {
+            found.push(violation(
+                "at most one running copy of a VM",
+                now,
+                Some(&vm),
+                format!("running on hosts {on:?}"),
+            ));
+        }
+    }
+    found
+}
+
+/// What each host's hypervisor runs: (VM UUID, state) per host; `None` when its agent is down.
+fn hypervisors(cluster: &std::sync::Mutex<Cluster>) -> Vec<Option<Vec<(String, String)>>> {
+    let hosts = cluster.lock().expect("cluster").hosts();
+    (0..hosts)
+        .map(|i| {
+            // Dial without holding the lock through the handshake of every host.
+            let domains = cluster.lock().expect("cluster").domains(i).ok()?;
+            Some(
+                domains
+                    .into_iter()
+                    .map(|d| (d.uuid.to_string(), format!("{:?}", d.state)))
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+/// The checks once every fault has healed and the workload stopped.
+pub fn after_healing(shared: &Shared, cluster: &std::sync::Mutex<Cluster>) -> Vec<Violation> {
+    let mut found = Vec::new();
+    let entries = shared.history.entries();
+    let api = shared.api;
+
+    // Every accepted operation ends, and nothing acknowledged is lost. Clients follow their
+    // jobs for the API's timeout; what is still pending now is followed to the same limit.
+    for entry in &entries {
+        let Some(job) = &entry.job else { continue };
+        let outcome = match &entry.outcome {
+            Outcome::Pending => follow(api, &format!("/v1/api-jobs/{job}"), JOB_LIMIT),
+            other => other.clone(),
+        };
+        match outcome {
+            Outcome::Pending => found.push(violation(
+                "every accepted operation ends by its deadline",
+                entry.sent_ms,
+                entry.target.as_deref(),
+                format!("job {job} ({:?}) did not end within {JOB_LIMIT:?}", entry.action),
+            )),
+            Outcome::Lost => found.push(violation(
+                "nothing acknowledged is lost across kill -9",
+                entry.sent_ms,
+                entry.target.as_deref(),
+                format!("job {job} ({:?}) was accepted, then not found", entry.action),
+            )),
+            _ => {}
+        }
+    }
+
+    // Only legal transitions: a successful operation lands where the state table says.
+    for entry in &entries {
+        let Outcome::Succeeded(inventory) = &entry.outcome else { continue };
+        if let Some(Some(expected)) = entry.action.lands_in()
+            && s(&inventory["state"]) != expected
+        {
+            found.push(violation(
+                "only legal transitions",
+                entry.ended_ms.unwrap_or(entry.sent_ms),
+                Some(s(&inventory["uuid"])),
+                format!("{:?} succeeded but left the VM {}", entry.action, s(&inventory["state"])),
+            ));
+        }
+    }
+
+    // Repeats have no extra effect: one X-Job-UUID, one job.
+    for (job, locations) in shared.history.repeats.lock().expect("repeats").iter() {
+        if locations.windows(2).any(|w| w[0] != w[1]) || locations.iter().any(|l| !l.ends_with(job))
+        {
+            found.push(violation(
+                "repeats have no extra effect",
+                0,
+                None,
+                format!("X-Job-UUID {job} answered {locations:?}"),
+            ));
+        }
+    }
+
+    // The GC backlog of leftovers drains (expunge jobs of destroyed VMs wait for their grace
+    // period by design).
+    let started = Instant::now();
+    let backlog = loop {
+        let jobs = list(api, "gc-jobs", Duration::from_secs(10)).unwrap_or_default();
+        let leftovers: Vec<Value> =
+            jobs.into_iter().filter(|j| s(&j["kind"]) != "vm.expunge").collect();
+        if leftovers.is_empty() || started.elapsed() > Duration::from_secs(90) {
+            break leftovers;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    for job in backlog {
+        found.push(violation(
+            "no orphans after failed flows and the GC backlog drains",
+            shared.now(),
+            None,
+            format!("GC job still pending 90 s after healing: {job}"),
+        ));
+    }
+
+    // The store and the hypervisors agree within a bound after healing.
+    let started = Instant::now();
+    let disagreements = loop {
+        let problems = disagreements(shared, cluster);
+        if problems.is_empty() || started.elapsed() > Duration::from_secs(60) {
+            break problems;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    found.extend(disagreements);
+
+    // Nothing acknowledged is lost: every VM whose creation succeeded is still there, unless
+    // the workload expunged it or deleted its host or network with its dependents.
+    let vms = list(api, "vm-instances", Duration::from_secs(10)).unwrap_or_default();
+    let present: HashSet<&str> = vms.iter().map(|v| s(&v["uuid"])).collect();
+    let removed_parents: HashSet<String> = entries
+        .iter()
+        .filter(|e| {
+            matches!(e.action, Action::DeleteHost | Action::DeleteL3)
+                && matches!(e.outcome, Outcome::Succeeded(_))
+        })
+        .filter_map(|e| e.target.clone())
+        .collect();
+    let gone = expunged(&entries);
+    let mut last_seen: HashMap<String, Value> = HashMap::new();
+    for entry in &entries {
+        if let Outcome::Succeeded(inventory) = &entry.outcome
+            && inventory["vmNics"].is_array()
+        {
+            last_seen.insert(s(&inventory["uuid"]).to_owned(), inventory.clone());
+        }
+    }
+    for entry in &entries {
+        let created =
+            matches!(entry.action, Action::CreateVm | Action::RepeatCreate | Action::CreateBurst);
+        let Outcome::Succeeded(inventory) = &entry.outcome else { continue };
+        let uuid = s(&inventory["uuid"]);
+        if !created || present.contains(uuid) || gone.contains_key(uuid) {
+            continue;
+        }
+        let seen = last_seen.get(uuid).unwrap_or(inventory);
+        let parents = [s(&seen["hostUuid"]), s(&seen["lastHostUuid"])]
+            .into_iter()
+            .chain(seen["vmNics"].as_array().into_iter().flatten().map(|n| s(&n["l3NetworkUuid"])))
+            .any(|p| removed_parents.contains(p));
+        if !parents {
+            found.push(violation(
+                "nothing acknowledged is lost across kill -9",
+                entry.ended_ms.unwrap_or(0),
+                Some(uuid),
+                "the VM's creation succeeded; the VM is gone and nobody deleted it".into(),
+            ));
+        }
+    }
+
+    // No address leaked: when no VM holds the single address of the tight network, a new VM
+    // gets it.
+    let tight = &shared.infra.tight_l3;
+    let held = vms.iter().any(|v| {
+        v["vmNics"].as_array().into_iter().flatten().any(|n| s(&n["l3NetworkUuid"]) == tight)
+    });
+    if !held {
+        let body = json!({ "params": {
+            "name": "leak-probe", "instanceOfferingUuid": shared.infra.offering,
+            "l3NetworkUuids": [tight],
+        }});
+        if let Ok((202, reply)) =
+            strato_api::client::request(api, "POST", "/v1/vm-instances", Some(&body))
+            && let Outcome::Failed(code) = follow(api, s(&reply["location"]), JOB_LIMIT)
+            && code.contains("IP")
+        {
+            found.push(violation(
+                "no orphans after failed flows and the GC backlog drains",
+                shared.now(),
+                Some(tight),
+                format!(
+                    "no VM holds the tight network's address, yet a new VM cannot get it ({code})"
+                ),
+            ));
+        }
+    }
+
+    // The agents' journals: each command id ran once; no two jobs changed one domain at once.
+    let hosts = cluster.lock().expect("cluster").hosts();
+    for host in 0..hosts {
+        let path = cluster.lock().expect("cluster").agent_dir(host).join("journal.jsonl");
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        found.extend(journal_violations(host, &text, shared.started));
+    }
+    found
+}
+
+/// Compares the store (through the API) with every hypervisor.
+fn disagreements(shared: &Shared, cluster: &std::sync::Mutex<Cluster>) -> Vec<Violation> {
+    let mut found = Vec::new();
+    let now = shared.now();
+    let Some(vms) = list(shared.api, "vm-instances", Duration::from_secs(10)) else {
+        return vec![violation(
+            "database and hypervisors agree",
+            now,
+            None,
+            "the API is down".into(),
+        )];
+    };
+    let Some(hosts) = list(shared.api, "hosts", Duration::from_secs(10)) else { return found };
+    let index_of: HashMap<String, usize> = hosts
+        .iter()
+        .filter_map(|h| {
+            let port = h["agentPort"].as_u64()? as u16;
+            let index = shared.infra.host_addrs.iter().position(|a| a.port() == port)?;
+            Some((s(&h["uuid"]).to_owned(), index))
+        })
+        .collect();
+    for host in &hosts {
+        if s(&host["status"]) != "Connected" {
+            found.push(violation(
+                "database and hypervisors agree",
+                now,
+                Some(s(&host["uuid"])),
+                format!("host is {} after healing", s(&host["status"])),
+            ));
+        }
+    }
+    let hypervisors = hypervisors(cluster);
+    let mut domains: BTreeMap<String, Vec<(usize, String)>> = BTreeMap::new();
+    for (host, listed) in hypervisors.iter().enumerate() {
+        for (uuid, state) in listed.iter().flatten() {
+            domains.entry(uuid.clone()).or_default().push((host, state.clone()));
+        }
+    }
+    let known: HashSet<&str> = vms.iter().map(|v| s(&v["uuid"])).collect();
+    for vm in &vms {
+        let uuid = s(&vm["uuid"]);
+        let state = s(&vm["state"]);
+        let on = domains.get(uuid).cloned().unwrap_or_default();
+        let running: Vec<&(usize, String)> = on.iter().filter(|(_, st)| st != "Shutoff").collect();
+        let host = index_of.get(s(&vm["hostUuid"])).copied();
+        let expected = match state {
+            "Running" => Some("Running"),
+            "Paused" => Some("Paused"),
+            "Stopped" | "Destroyed" | "Created" => None,
+            other => {
+                found.push(violation(
+                    "database and hypervisors agree",
+                    now,
+                    Some(uuid),
+                    format!("VM still {other} after healing"),
+                ));
+                continue;
+            }
+        };
+        let agrees = match expected {
+            Some(want) => running.len() == 1 && Some(running[0].0) == host && running[0].1 == want,
+            None => running.is_empty(),
+        };
+        if !agrees {
+            found.push(violation(
+                "database and hypervisors agree",
+                now,
+                Some(uuid),
+                format!("the store says {state} on host {host:?}; the hypervisors have {on:?}"),
+            ));
+        }
+        if state == "Destroyed" && !on.is_empty() {
+            found.push(violation(
+                "no orphans after failed flows and the GC backlog drains",
+                now,
+                Some(uuid),
+                format!("destroyed VM still has domains {on:?}"),
+            ));
+        }
+    }
+    for (uuid, on) in &domains {
+        if !known.contains(uuid.as_str()) {
+            found.push(violation(
+                "no orphans after failed flows and the GC backlog drains",
+                now,
+                Some(uuid),
+                format!("domain of no VM on hosts {on:?}"),
+            ));
+        }
+    }
+    for host in &hosts {
+        for vm in host["reservations"].as_object().into_iter().flatten().map(|(vm, _)| vm) {
+            if !known.contains(vm.as_str()) {
+                found.push(violation(
+                    "no orphans after failed flows and the GC backlog drains",
+                    now,
+                    Some(vm),
+                    format!(
+                        "capacity still booked on host {} for a VM that is gone",
+                        s(&host["uuid"])
+                    ),
+                ));
+            }
+        }
+    }
+    found
+}
+
+/// Commands that change a domain.
+const MUTATING: [&str; 8] = [
+    "define-domain",
+    "start-domain",
+    "shutdown-domain",
+    "destroy-domain",
+    "reboot-domain",
+    "suspend-domain",
+    "resume-domain",
+    "undefine-domain",
+];
+
+/// Checks one agent's journal: at-most-once ids, and no overlapping changes of one domain by
+/// two different jobs (or by a job and a job-less command, such as the GC's).
+pub fn journal_violations(host: usize, journal: &str, started: Instant) -> Vec<Violation> {
+    let run_start_ms = crate::unix_ms_at(started);
+    let mut found = Vec::new();
+    let lines: Vec<Value> = journal.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let mut ids: HashMap<&str, usize> = HashMap::new();
+    for line in &lines {
+        *ids.entry(s(&line["id"])).or_default() += 1;
+    }
+    for (id, count) in ids {
+        if count > 1 {
+            found.push(violation(
+                "repeats have no extra effect",
+                0,
+                None,
+                format!("host {host} executed command {id} {count} times"),
+            ));
+        }
+    }
+    let mut by_domain: HashMap<&str, Vec<&Value>> = HashMap::new();
+    for line in &lines {
+        if MUTATING.contains(&s(&line["command"])) {
+            by_domain.entry(s(&line["domain"])).or_default().push(line);
+        }
+    }
+    for (domain, mut commands) in by_domain {
+        commands.sort_by_key(|c| c["startMs"].as_u64());
+        for (i, a) in commands.iter().enumerate() {
+            for b in &commands[i + 1..] {
+                let (a_end, b_start) = (a["endMs"].as_u64(), b["startMs"].as_u64());
+                if b_start >= a_end {
+                    break;
+                }
+                let job = |c: &Value| {
+                    c["job"].as_str().map_or_else(|| s(&c["id"]).to_owned(), str::to_owned)
+                };
+                if job(a) != job(b) {
+                    found.push(violation(
+                        "no overlapping mutations of one resource",
+                        a["startMs"].as_u64().unwrap_or(0).saturating_sub(run_start_ms),
+                        Some(domain),
+                        format!(
+                            "host {host}: {} (job {}) and {} (job {}) ran at once",
+                            s(&a["command"]),
+                            job(a),
+                            s(&b["command"]),
+                            job(b)
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_journal_check_finds_repeats_and_overlaps_and_nothing_else() {
+        let started = Instant::now();
+        let base = crate::unix_ms_at(started);
+        let line = |id: &str, job: Option<&str>, command: &str, start: u64, end: u64| {
+            json!({ "id": id, "job": job, "command": command, "domain": "d1",
+                    "startMs": base + start, "endMs": base + end, "ok": true })
+            .to_string()
+        };
+        let clean = [
+            line("a", Some("j1"), "define-domain", 0, 10),
+            line("b", Some("j1"), "start-domain", 10, 20),
+            line("c", Some("j2"), "destroy-domain", 20, 30),
+            line("l", None, "list-domains", 0, 30),
+        ]
+        .join("\n");
+        assert!(journal_violations(0, &clean, started).is_empty());
+        let repeated = [
+            line("a", Some("j1"), "start-domain", 0, 10),
+            line("a", Some("j1"), "start-domain", 10, 20),
+        ]
+        .join("\n");
+        let found = journal_violations(0, &repeated, started);
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].invariant, "repeats have no extra effect");
+        let overlapping = [
+            line("a", Some("j1"), "start-domain", 0, 10),
+            line("b", None, "destroy-domain", 5, 15),
+        ]
+        .join("\n");
+        let found = journal_violations(0, &overlapping, started);
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].invariant, "no overlapping mutations of one resource");
+    }
+}

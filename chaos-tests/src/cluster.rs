@@ -1,0 +1,226 @@
+//! The cluster under test: the real `strato` server and one real `strato-agent` process per
+//! host (sim driver), each with its own data directory, each behind a [`FaultProxy`].
+//!
+//! It can kill any of them with SIGKILL and start them again, with injected faults switched
+//! on (failpoints in the MN, slow or failing driver calls in an agent) or off. It also reads
+//! what each agent's hypervisor runs by dialing the agent directly, past its proxy, as an
+//! operator would look at the host.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use strato_proto::{DomainInfo, Link, LinkConfig};
+use uuid::Uuid;
+
+use crate::Error;
+use crate::proxy::FaultProxy;
+
+/// One agent process and its proxy.
+#[derive(Debug)]
+struct AgentSlot {
+    addr: SocketAddr,
+    dir: PathBuf,
+    child: Option<Child>,
+    proxy: FaultProxy,
+}
+
+/// The processes of one run.
+#[derive(Debug)]
+pub struct Cluster {
+    dir: PathBuf,
+    strato: PathBuf,
+    agent_binary: PathBuf,
+    token: String,
+    api: SocketAddr,
+    mn: Option<Child>,
+    agents: Vec<AgentSlot>,
+    runtime: tokio::runtime::Runtime,
+}
+
+/// Each simulated host's size: small, so capacity runs out under the workload.
+const HOST_CPUS: &str = "4";
+const HOST_MEMORY_MIB: &str = "4096";
+
+fn free_port() -> Result<SocketAddr, Error> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+/// A binary beside this one.
+pub fn sibling(name: &str) -> Result<PathBuf, Error> {
+    let path = std::env::current_exe()?.with_file_name(name);
+    if !path.exists() {
+        return Err(format!(
+            "{} is missing: build the workspace's binaries (`cargo build --workspace --bins`)",
+            path.display()
+        )
+        .into());
+    }
+    Ok(path)
+}
+
+fn wait_listening(addr: SocketAddr, child: &mut Child) -> Result<(), Error> {
+    let started = Instant::now();
+    while std::net::TcpStream::connect(addr).is_err() {
+        if let Some(status) = child.try_wait()? {
+            return Err(format!("a process meant to listen on {addr} exited: {status}").into());
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            return Err(format!("nothing listens on {addr}").into());
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    Ok(())
+}
+
+fn log_file(path: &Path) -> Result<Stdio, Error> {
+    Ok(Stdio::from(std::fs::OpenOptions::new().create(true).append(true).open(path)?))
+}
+
+fn kill(child: &mut Option<Child>) {
+    if let Some(mut child) = child.take() {
+        let _ = child.kill(); // SIGKILL
+        let _ = child.wait();
+    }
+}
+
+impl Cluster {
+    /// Starts the MN and `hosts` agents in `dir`; `seed` seeds the proxies.
+    pub fn start(dir: &Path, hosts: usize, seed: u64) -> Result<Self, Error> {
+        std::fs::create_dir_all(dir)?;
+        let strato = sibling("strato")?;
+        let agent_binary = sibling("strato-agent")?;
+        let out = Command::new(&strato)
+            .arg("agent-token")
+            .arg("--data-dir")
+            .arg(dir.join("mn"))
+            .output()?;
+        let token = String::from_utf8(out.stdout)?.trim().to_owned();
+        let runtime =
+            tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+        let mut agents = Vec::with_capacity(hosts);
+        for i in 0..hosts {
+            let addr = free_port()?;
+            let proxy = runtime.block_on(FaultProxy::start(addr, seed ^ (i as u64 + 1)))?;
+            let dir = dir.join(format!("agent-{i}"));
+            std::fs::create_dir_all(&dir)?;
+            agents.push(AgentSlot { addr, dir, child: None, proxy });
+        }
+        let mut cluster = Cluster {
+            dir: dir.to_owned(),
+            strato,
+            agent_binary,
+            token,
+            api: free_port()?,
+            mn: None,
+            agents,
+            runtime,
+        };
+        for i in 0..hosts {
+            cluster.start_agent(i, &[])?;
+        }
+        cluster.start_mn(None)?;
+        Ok(cluster)
+    }
+
+    /// The API's address.
+    pub fn api(&self) -> SocketAddr {
+        self.api
+    }
+
+    /// How many hosts.
+    pub fn hosts(&self) -> usize {
+        self.agents.len()
+    }
+
+    /// The address the MN dials for host `i` (its proxy).
+    pub fn host_addr(&self, i: usize) -> SocketAddr {
+        self.agents[i].proxy.addr()
+    }
+
+    /// Host `i`'s proxy.
+    pub fn proxy(&self, i: usize) -> &FaultProxy {
+        &self.agents[i].proxy
+    }
+
+    /// Host `i`'s data directory (its command journal is `journal.jsonl` there).
+    pub fn agent_dir(&self, i: usize) -> &Path {
+        &self.agents[i].dir
+    }
+
+    /// Starts the MN, with `failpoints` armed (`STRATO_FAILPOINTS`) if given.
+    pub fn start_mn(&mut self, failpoints: Option<&str>) -> Result<(), Error> {
+        kill(&mut self.mn);
+        let mut command = Command::new(&self.strato);
+        command
+            .args(["server", "--listen", &self.api.to_string(), "--data-dir"])
+            .arg(self.dir.join("mn"))
+            .env("RUST_LOG", "info,sled=warn")
+            .env_remove("STRATO_FAILPOINTS")
+            .stdout(Stdio::null())
+            .stderr(log_file(&self.dir.join("mn.log"))?);
+        if let Some(spec) = failpoints {
+            command.env("STRATO_FAILPOINTS", spec);
+        }
+        let mut child = command.spawn()?;
+        wait_listening(self.api, &mut child)?;
+        self.mn = Some(child);
+        Ok(())
+    }
+
+    /// Kills the MN with SIGKILL.
+    pub fn kill_mn(&mut self) {
+        kill(&mut self.mn);
+    }
+
+    /// Starts agent `i` with `extra` arguments (`--sim-latency-ms`, `--sim-fail`).
+    pub fn start_agent(&mut self, i: usize, extra: &[String]) -> Result<(), Error> {
+        let slot = &mut self.agents[i];
+        kill(&mut slot.child);
+        let mut child = Command::new(&self.agent_binary)
+            .args(["--driver", "sim", "--listen", &slot.addr.to_string(), "--token", &self.token])
+            .args(["--sim-cpus", HOST_CPUS, "--sim-memory-mib", HOST_MEMORY_MIB, "--journal"])
+            .arg("--data-dir")
+            .arg(&slot.dir)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(log_file(&slot.dir.join("agent.log"))?)
+            .spawn()?;
+        wait_listening(slot.addr, &mut child)?;
+        slot.child = Some(child);
+        Ok(())
+    }
+
+    /// Kills agent `i` with SIGKILL.
+    pub fn kill_agent(&mut self, i: usize) {
+        kill(&mut self.agents[i].child);
+    }
+
+    /// What host `i`'s hypervisor runs, asked of its agent directly.
+    pub fn domains(&self, i: usize) -> Result<Vec<DomainInfo>, Error> {
+        let config = LinkConfig {
+            addr: self.agents[i].addr,
+            token: self.token.clone(),
+            host_uuid: Uuid::nil(),
+            connect_timeout: Duration::from_secs(5),
+            ping_interval: Duration::from_secs(5),
+            ping_timeout: Duration::from_secs(5),
+            ping_failures: 3,
+        };
+        self.runtime.block_on(async {
+            let (link, welcome, _) = Link::connect(&config).await?;
+            link.close();
+            Ok(welcome.domains)
+        })
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        kill(&mut self.mn);
+        for slot in &mut self.agents {
+            kill(&mut slot.child);
+        }
+    }
+}

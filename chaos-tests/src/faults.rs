@@ -1,0 +1,212 @@
+//! Faults on a seeded schedule.
+//!
+//! The whole schedule is drawn from the seed before the run starts, so the same seed gives
+//! the same faults at the same times. Faults live on lanes (the MN, and each host) and never
+//! overlap on one lane: one host is not killed while it is partitioned, for instance. The
+//! MN's host ping bound is about 8 s (2 s interval, 2 s timeout, 3 misses), so partitions are
+//! drawn below it (the link must survive) and above it (the host must go Disconnected and
+//! come back).
+
+use std::time::Duration;
+
+use crate::cluster::Cluster;
+use crate::proxy::FrameFaults;
+
+/// The failpoints a faulty MN runs with: panics inside actor operations (at their start, and
+/// between two agent commands of a VM start) and store write errors.
+pub const MN_FAILPOINTS: &str =
+    "actor-op=1%panic;vm-start-after-define=15%panic;store-apply=1%return";
+
+/// One fault.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Fault {
+    /// kill -9 the MN, restart it after `down`.
+    KillMn { down: Duration },
+    /// Restart the MN with [`MN_FAILPOINTS`] armed for `length`, then restart it clean (each
+    /// restart is a kill -9).
+    FaultyMn { length: Duration },
+    /// kill -9 an agent, restart it after `down`.
+    KillAgent { host: usize, down: Duration },
+    /// Cut a host's link for `length`.
+    Partition { host: usize, length: Duration },
+    /// Cut and heal a host's link `cycles` times.
+    Flap { host: usize, cycles: u32, cut: Duration, healed: Duration },
+    /// Drop, duplicate and delay frames on a host's link for `length`.
+    Frames { host: usize, faults: FrameFaults, length: Duration },
+    /// Restart an agent with every driver call slowed by `latency`, for `length`.
+    SlowDriver { host: usize, latency: Duration, length: Duration },
+    /// Restart an agent whose driver fails calls with probability `p`, for `length`.
+    DriverErrors { host: usize, p: f64, length: Duration },
+}
+
+impl Fault {
+    /// The lane: `None` for the MN, the host's index otherwise.
+    fn lane(&self) -> Option<usize> {
+        match self {
+            Fault::KillMn { .. } | Fault::FaultyMn { .. } => None,
+            Fault::KillAgent { host, .. }
+            | Fault::Partition { host, .. }
+            | Fault::Flap { host, .. }
+            | Fault::Frames { host, .. }
+            | Fault::SlowDriver { host, .. }
+            | Fault::DriverErrors { host, .. } => Some(*host),
+        }
+    }
+
+    /// How long it lasts.
+    pub fn length(&self) -> Duration {
+        match self {
+            Fault::KillMn { down } | Fault::KillAgent { down, .. } => *down,
+            Fault::FaultyMn { length }
+            | Fault::Partition { length, .. }
+            | Fault::Frames { length, .. }
+            | Fault::SlowDriver { length, .. }
+            | Fault::DriverErrors { length, .. } => *length,
+            Fault::Flap { cycles, cut, healed, .. } => (*cut + *healed) * *cycles,
+        }
+    }
+}
+
+/// A fault and when it starts (from the start of the workload).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Scheduled {
+    /// When.
+    pub at: Duration,
+    /// What.
+    pub fault: Fault,
+}
+
+fn secs(rng: &mut fastrand::Rng, low: f64, high: f64) -> Duration {
+    Duration::from_secs_f64(low + rng.f64() * (high - low))
+}
+
+/// Draws the schedule for a run of `duration` on `hosts` hosts. Faults end at least 5 s
+/// before the run does, so the checks see the cluster heal.
+pub fn schedule(seed: u64, duration: Duration, hosts: usize) -> Vec<Scheduled> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut busy_until: Vec<Duration> = vec![Duration::ZERO; hosts + 1];
+    let mut faults = Vec::new();
+    let end = duration.saturating_sub(Duration::from_secs(5));
+    let mut at = secs(&mut rng, 2.0, 4.0);
+    while at < end {
+        let host = rng.usize(..hosts.max(1));
+        let fault = match rng.u32(..100) {
+            0..=11 => Fault::KillMn { down: secs(&mut rng, 0.2, 2.0) },
+            12..=19 => Fault::FaultyMn { length: secs(&mut rng, 5.0, 12.0) },
+            20..=34 => Fault::KillAgent { host, down: secs(&mut rng, 0.2, 3.0) },
+            35..=44 => Fault::Partition { host, length: secs(&mut rng, 1.0, 4.0) },
+            45..=54 => Fault::Partition { host, length: secs(&mut rng, 10.0, 16.0) },
+            55..=62 => Fault::Flap {
+                host,
+                cycles: rng.u32(3..6),
+                cut: secs(&mut rng, 0.5, 3.0),
+                healed: secs(&mut rng, 0.5, 3.0),
+            },
+            63..=79 => Fault::Frames {
+                host,
+                faults: FrameFaults {
+                    drop: rng.f64() * 0.1,
+                    duplicate: rng.f64() * 0.3,
+                    delay: secs(&mut rng, 0.0, 0.3),
+                },
+                length: secs(&mut rng, 3.0, 10.0),
+            },
+            80..=89 => Fault::SlowDriver {
+                host,
+                latency: secs(&mut rng, 1.0, 4.0),
+                length: secs(&mut rng, 5.0, 12.0),
+            },
+            _ => Fault::DriverErrors {
+                host,
+                p: 0.2 + rng.f64() * 0.3,
+                length: secs(&mut rng, 5.0, 12.0),
+            },
+        };
+        let lane = fault.lane().map_or(hosts, |h| h);
+        if busy_until[lane] <= at && at + fault.length() < end {
+            busy_until[lane] = at + fault.length() + Duration::from_secs(1);
+            faults.push(Scheduled { at, fault });
+        }
+        at += secs(&mut rng, 1.5, 5.0);
+    }
+    faults
+}
+
+/// Applies one fault, blocking for its length, and heals it.
+pub fn apply(cluster: &std::sync::Mutex<Cluster>, fault: &Fault) -> Result<(), crate::Error> {
+    let lock = || cluster.lock().expect("cluster lock");
+    match fault {
+        Fault::KillMn { down } => {
+            lock().kill_mn();
+            std::thread::sleep(*down);
+            lock().start_mn(None)?;
+        }
+        Fault::FaultyMn { length } => {
+            lock().start_mn(Some(MN_FAILPOINTS))?;
+            std::thread::sleep(*length);
+            lock().start_mn(None)?;
+        }
+        Fault::KillAgent { host, down } => {
+            lock().kill_agent(*host);
+            std::thread::sleep(*down);
+            lock().start_agent(*host, &[])?;
+        }
+        Fault::Partition { host, length } => {
+            lock().proxy(*host).partition(true);
+            std::thread::sleep(*length);
+            lock().proxy(*host).partition(false);
+        }
+        Fault::Flap { host, cycles, cut, healed } => {
+            for _ in 0..*cycles {
+                lock().proxy(*host).partition(true);
+                std::thread::sleep(*cut);
+                lock().proxy(*host).partition(false);
+                std::thread::sleep(*healed);
+            }
+        }
+        Fault::Frames { host, faults, length } => {
+            lock().proxy(*host).set_faults(*faults);
+            std::thread::sleep(*length);
+            lock().proxy(*host).set_faults(FrameFaults::default());
+        }
+        Fault::SlowDriver { host, latency, length } => {
+            let extra = vec!["--sim-latency-ms".to_owned(), latency.as_millis().to_string()];
+            lock().start_agent(*host, &extra)?;
+            std::thread::sleep(*length);
+            lock().start_agent(*host, &[])?;
+        }
+        Fault::DriverErrors { host, p, length } => {
+            let mut extra = Vec::new();
+            for command in ["define-domain", "start-domain", "shutdown-domain", "destroy-domain"] {
+                extra.push("--sim-fail".to_owned());
+                extra.push(format!("{command}={p:.2}"));
+            }
+            lock().start_agent(*host, &extra)?;
+            std::thread::sleep(*length);
+            lock().start_agent(*host, &[])?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_seed_one_schedule_and_lanes_never_overlap() {
+        let a = schedule(7, Duration::from_secs(120), 3);
+        assert_eq!(a, schedule(7, Duration::from_secs(120), 3));
+        assert_ne!(a, schedule(8, Duration::from_secs(120), 3));
+        assert!(a.len() > 5, "{a:?}");
+        for lane in [None, Some(0), Some(1), Some(2)] {
+            let mut on_lane: Vec<&Scheduled> =
+                a.iter().filter(|s| s.fault.lane() == lane).collect();
+            on_lane.sort_by_key(|s| s.at);
+            for pair in on_lane.windows(2) {
+                assert!(pair[0].at + pair[0].fault.length() <= pair[1].at, "{pair:?}");
+            }
+        }
+        assert!(a.iter().all(|s| s.at + s.fault.length() <= Duration::from_secs(115)));
+    }
+}

@@ -1,0 +1,266 @@
+//! `strato-chaos run`: one seeded chaos run, from an empty cluster to a verdict.
+//!
+//! It starts the cluster, registers the infrastructure, then runs the workload's clients, the
+//! fault schedule and the sampled checks together for `--duration`. Then it heals every fault
+//! (links whole, every process up without injected faults), waits for the cluster to settle,
+//! runs the final checks, and prints the report: the seed, the faults injected, operations by
+//! result, and each violation with the history around it. The exit code is the verdict.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use strato_api::client;
+
+use crate::Error;
+use crate::checks::{self, Violation};
+use crate::cluster::Cluster;
+use crate::faults::{self, Scheduled};
+use crate::workload::{self, Entry, Infra, Outcome, Shared, Strategy};
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    /// The seed of the workload and of the fault schedule.
+    pub seed: u64,
+    /// How long the workload and the faults run.
+    pub duration: Duration,
+    /// Simulated hosts (one agent process each).
+    pub hosts: usize,
+    /// Concurrent API clients.
+    pub clients: usize,
+    /// How clients choose actions.
+    pub strategy: Strategy,
+    /// Whether faults are injected (without, the run checks the workload alone).
+    pub faults: bool,
+}
+
+fn ok(api: std::net::SocketAddr, method: &str, path: &str, body: Value) -> Result<Value, Error> {
+    let (status, reply) = client::request(api, method, path, Some(&body))?;
+    if status != 202 {
+        return Err(format!("{method} {path} answered {status}: {reply}").into());
+    }
+    match workload::follow(api, reply["location"].as_str().unwrap_or_default(), workload::JOB_LIMIT)
+    {
+        Outcome::Succeeded(inventory) => Ok(inventory),
+        other => Err(format!("{method} {path} ended {other:?}").into()),
+    }
+}
+
+fn uuid(v: &Value) -> String {
+    v["uuid"].as_str().unwrap_or_default().to_owned()
+}
+
+/// Registers a zone, a cluster, every host, an offering, an L2 network, the main L3 network
+/// and the one-address L3 network.
+fn register(cluster: &Cluster) -> Result<Infra, Error> {
+    let api = cluster.api();
+    let create = |path: &str, params: Value| ok(api, "POST", path, json!({ "params": params }));
+    let zone = uuid(&create("/v1/zones", json!({ "name": "z1" }))?);
+    let cl = uuid(&create("/v1/clusters", json!({ "name": "c1", "zoneUuid": zone }))?);
+    let mut host_addrs = Vec::new();
+    for i in 0..cluster.hosts() {
+        let addr = cluster.host_addr(i);
+        create(
+            "/v1/hosts/kvm",
+            json!({ "name": format!("host-{i}"), "managementIp": addr.ip().to_string(),
+                    "agentPort": addr.port(), "clusterUuid": cl }),
+        )?;
+        host_addrs.push(addr);
+    }
+    let offering = uuid(&create(
+        "/v1/instance-offerings",
+        json!({ "name": "small", "cpuNum": 1, "memorySize": 512u64 << 20 }),
+    )?);
+    let l2 = uuid(&create(
+        "/v1/l2-networks/no-vlan",
+        json!({ "name": "l2", "zoneUuid": zone, "physicalInterface": "eth0" }),
+    )?);
+    ok(api, "POST", &format!("/v1/l2-networks/{l2}/clusters/{cl}"), json!({}))?;
+    let l3_with = |name: &str, net: &str, last: u8| -> Result<String, Error> {
+        let l3 = uuid(&create("/v1/l3-networks", json!({ "name": name, "l2NetworkUuid": l2 }))?);
+        create(
+            &format!("/v1/l3-networks/{l3}/ip-ranges"),
+            json!({ "startIp": format!("{net}.10"), "endIp": format!("{net}.{last}"),
+                    "netmask": "255.255.255.0", "gateway": format!("{net}.1") }),
+        )?;
+        Ok(l3)
+    };
+    let l3 = l3_with("pub", "192.168.0", 250)?;
+    let tight_l3 = l3_with("tight", "192.168.1", 10)?;
+    Ok(Infra { cluster: cl, zone, offering, l2, l3, tight_l3, host_addrs })
+}
+
+/// Runs one chaos run in `dir`; returns whether every check passed.
+pub fn run(config: &RunConfig, dir: &Path) -> Result<bool, Error> {
+    println!(
+        "strato-chaos run --seed {} --duration {}s --hosts {} --clients {} --strategy {:?}{}",
+        config.seed,
+        config.duration.as_secs(),
+        config.hosts,
+        config.clients,
+        config.strategy,
+        if config.faults { "" } else { " --no-faults" }
+    );
+    let cluster = Cluster::start(dir, config.hosts, config.seed)?;
+    let infra = register(&cluster)?;
+    let api = cluster.api();
+    let cluster = Arc::new(Mutex::new(cluster));
+    let schedule = if config.faults {
+        faults::schedule(config.seed, config.duration, config.hosts)
+    } else {
+        vec![]
+    };
+    println!("faults scheduled: {}", schedule.len());
+
+    let shared = Arc::new(Shared::new(api, infra));
+    let clients: Vec<_> = (0..config.clients)
+        .map(|i| {
+            let shared = shared.clone();
+            let (seed, strategy) = (config.seed.wrapping_mul(1000) + i as u64, config.strategy);
+            std::thread::spawn(move || workload::client(shared, i, seed, strategy))
+        })
+        .collect();
+    let fault_log: Arc<Mutex<Vec<String>>> = Arc::default();
+    let injectors: Vec<_> = schedule
+        .iter()
+        .cloned()
+        .map(|Scheduled { at, fault }| {
+            let (cluster, shared, log) = (cluster.clone(), shared.clone(), fault_log.clone());
+            std::thread::spawn(move || {
+                std::thread::sleep(at.saturating_sub(shared.started.elapsed()));
+                let start = shared.now();
+                let result = faults::apply(&cluster, &fault);
+                let line = format!(
+                    "  {:>7.1}s  {:>5.1}s  {fault:?}{}",
+                    start as f64 / 1000.0,
+                    (shared.now() - start) as f64 / 1000.0,
+                    result.err().map(|e| format!("  (failed: {e})")).unwrap_or_default()
+                );
+                eprintln!("chaos: fault {line}");
+                log.lock().expect("fault log").push(line);
+            })
+        })
+        .collect();
+
+    let mut violations: Vec<Violation> = Vec::new();
+    let deadline = Instant::now() + config.duration;
+    let mut last_progress = Instant::now();
+    while Instant::now() < deadline {
+        violations.extend(checks::sample(&shared, &cluster));
+        if last_progress.elapsed() > Duration::from_secs(10) {
+            last_progress = Instant::now();
+            eprintln!(
+                "chaos: {:>4}s  {} calls, {} violations so far",
+                shared.started.elapsed().as_secs(),
+                shared.history.entries().len(),
+                violations.len()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    shared.stop.store(true, Ordering::SeqCst);
+    eprintln!("chaos: workload stopped; waiting for the last calls and faults to end");
+    for injector in injectors {
+        let _ = injector.join();
+    }
+    for client in clients {
+        let _ = client.join();
+    }
+    // Heal: every link whole and every process up without injected faults.
+    {
+        let mut c = cluster.lock().expect("cluster");
+        for i in 0..c.hosts() {
+            c.proxy(i).partition(false);
+            c.proxy(i).set_faults(Default::default());
+        }
+        c.start_mn(None)?;
+        for i in 0..c.hosts() {
+            c.start_agent(i, &[])?;
+        }
+    }
+    eprintln!("chaos: healed; checking");
+    violations.extend(checks::after_healing(&shared, &cluster));
+
+    let entries = shared.history.entries();
+    report(config, &fault_log.lock().expect("fault log"), &entries, &violations);
+    Ok(violations.is_empty())
+}
+
+fn outcome_name(outcome: &Outcome) -> String {
+    match outcome {
+        Outcome::Pending => "pending".into(),
+        Outcome::Succeeded(_) => "succeeded".into(),
+        Outcome::Failed(code) => format!("failed {code}"),
+        Outcome::Refused(status, code) => format!("refused {status} {code}"),
+        Outcome::Unreachable => "MN unreachable".into(),
+        Outcome::Lost => "lost".into(),
+    }
+}
+
+fn report(config: &RunConfig, faults: &[String], entries: &[Entry], violations: &[Violation]) {
+    println!("\n== seed {}", config.seed);
+    println!("faults injected ({}):", faults.len());
+    println!("  {:>8}  {:>6}  fault", "at", "length");
+    for line in faults {
+        println!("{line}");
+    }
+    let mut by_result: BTreeMap<(String, String), u64> = BTreeMap::new();
+    for entry in entries {
+        let result = match &entry.outcome {
+            Outcome::Failed(_) | Outcome::Refused(..) => outcome_name(&entry.outcome),
+            other => outcome_name(other),
+        };
+        *by_result.entry((format!("{:?}", entry.action), result)).or_default() += 1;
+    }
+    println!("operations by result ({} calls):", entries.len());
+    for ((action, result), count) in &by_result {
+        println!("  {action:<14} {result:<40} {count:>6}");
+    }
+    println!("tenant isolation: not checked (accounts do not exist yet)");
+    if violations.is_empty() {
+        println!("PASS: no invariant violated (seed {})", config.seed);
+        return;
+    }
+    println!("FAIL: {} violations (seed {})", violations.len(), config.seed);
+    let mut seen = std::collections::HashSet::new();
+    for v in violations {
+        // One report per (invariant, resource, detail): samples repeat what persists.
+        if !seen.insert((v.invariant, v.resource.clone(), v.detail.clone())) {
+            continue;
+        }
+        println!(
+            "\n-- {} at {:.1}s: {}\n   resource {}",
+            v.invariant,
+            v.at_ms as f64 / 1000.0,
+            v.detail,
+            v.resource.as_deref().unwrap_or("-")
+        );
+        let around: Vec<&Entry> = entries
+            .iter()
+            .filter(|e| {
+                let near = e.sent_ms + 10_000 >= v.at_ms && e.sent_ms <= v.at_ms + 2_000;
+                let same = v.resource.is_some() && e.target == v.resource;
+                let made = v.resource.as_deref().is_some_and(
+                    |r| matches!(&e.outcome, Outcome::Succeeded(inv) if inv["uuid"] == r),
+                );
+                same || made || (v.resource.is_none() && near)
+            })
+            .collect();
+        for e in around.iter().rev().take(12).rev() {
+            println!(
+                "   #{:<5} {:>7.1}s..{:<7} client {} {:?} {} -> {}",
+                e.seq,
+                e.sent_ms as f64 / 1000.0,
+                e.ended_ms.map(|m| format!("{:.1}s", m as f64 / 1000.0)).unwrap_or_default(),
+                e.client,
+                e.action,
+                e.target.as_deref().unwrap_or(""),
+                outcome_name(&e.outcome)
+            );
+        }
+    }
+}

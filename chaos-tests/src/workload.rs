@@ -1,0 +1,627 @@
+//! The workload: several seeded clients walking the API at random, ZStack woodpecker style.
+//!
+//! At each step a client reads the current resources through the API (its model of the
+//! world) and picks an action that is legal for them: a VM operation its state allows, a
+//! host action, an L3 network change, or a burst of creations on the network with one free
+//! address. The strategy decides among the legal actions: `random` (uniform), `weighted`
+//! (the mix a user produces: mostly creations and power operations), or `fair` (the action
+//! used least so far). One VM is "hot": clients often pick it, so calls on it conflict.
+//!
+//! Every call and its outcome goes into the [`History`] the checks read. A client follows
+//! each accepted job to its end, through MN restarts, as a user would.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde_json::{Value, json};
+use strato_api::client;
+
+/// How a client chooses among legal actions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Strategy {
+    /// Uniformly.
+    Random,
+    /// By the weights a user's mix has.
+    Weighted,
+    /// The action used least so far.
+    Fair,
+}
+
+/// What a client can do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Action {
+    CreateVm,
+    StartVm,
+    StopVm,
+    RebootVm,
+    PauseVm,
+    ResumeVm,
+    MigrateVm,
+    DestroyVm,
+    RecoverVm,
+    ExpungeVm,
+    /// A creation sent twice with one `X-Job-UUID`.
+    RepeatCreate,
+    /// Several creations at once on the network with one address.
+    CreateBurst,
+    AddHost,
+    ReconnectHost,
+    DisableHost,
+    EnableHost,
+    DeleteHost,
+    CreateL3,
+    DeleteL3,
+}
+
+impl Action {
+    /// Every action.
+    pub const ALL: [Action; 19] = [
+        Action::CreateVm,
+        Action::StartVm,
+        Action::StopVm,
+        Action::RebootVm,
+        Action::PauseVm,
+        Action::ResumeVm,
+        Action::MigrateVm,
+        Action::DestroyVm,
+        Action::RecoverVm,
+        Action::ExpungeVm,
+        Action::RepeatCreate,
+        Action::CreateBurst,
+        Action::AddHost,
+        Action::ReconnectHost,
+        Action::DisableHost,
+        Action::EnableHost,
+        Action::DeleteHost,
+        Action::CreateL3,
+        Action::DeleteL3,
+    ];
+
+    fn weight(self) -> f64 {
+        match self {
+            Action::CreateVm => 6.0,
+            Action::StartVm | Action::StopVm => 5.0,
+            Action::DestroyVm => 3.0,
+            Action::RebootVm | Action::PauseVm | Action::ResumeVm | Action::MigrateVm => 2.0,
+            Action::ExpungeVm => 2.0,
+            Action::RecoverVm | Action::RepeatCreate | Action::ReconnectHost => 1.0,
+            Action::DisableHost | Action::EnableHost | Action::AddHost => 0.7,
+            Action::CreateL3 | Action::DeleteL3 | Action::CreateBurst => 0.4,
+            Action::DeleteHost => 0.2,
+        }
+    }
+
+    /// The VM operations a VM in `state` allows (the state table of DESIGN section 5, as a
+    /// user reads it in the documentation).
+    fn allowed_from(state: &str) -> &'static [Action] {
+        use Action::*;
+        match state {
+            "Created" => &[DestroyVm],
+            "Stopped" => &[StartVm, MigrateVm, DestroyVm],
+            "Running" => &[StopVm, RebootVm, PauseVm, DestroyVm],
+            "Paused" => &[StopVm, ResumeVm, DestroyVm],
+            "Destroyed" => &[RecoverVm, ExpungeVm],
+            "Unknown" | "Error" => &[StopVm, DestroyVm],
+            "Destroying" | "Expunging" => &[],
+            _ => &[DestroyVm],
+        }
+    }
+
+    /// The state a successful operation leaves the VM in (`None`: it is gone).
+    pub fn lands_in(self) -> Option<Option<&'static str>> {
+        Some(match self {
+            Action::CreateVm | Action::RepeatCreate | Action::CreateBurst => Some("Running"),
+            Action::StartVm | Action::RebootVm | Action::ResumeVm => Some("Running"),
+            Action::StopVm | Action::MigrateVm | Action::RecoverVm => Some("Stopped"),
+            Action::PauseVm => Some("Paused"),
+            Action::DestroyVm => Some("Destroyed"),
+            Action::ExpungeVm => None,
+            _ => return None,
+        })
+    }
+}
+
+/// How a call ended.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    /// Not answered yet.
+    Pending,
+    /// The job succeeded with this inventory.
+    Succeeded(Value),
+    /// The job failed with this error code.
+    Failed(String),
+    /// Refused before a job existed (4xx) with this code.
+    Refused(u16, String),
+    /// The MN did not answer the submission (it was down).
+    Unreachable,
+    /// The job was accepted, then never found again.
+    Lost,
+}
+
+/// One recorded call.
+#[derive(Clone, Debug)]
+pub struct Entry {
+    /// Its index in the history.
+    pub seq: usize,
+    /// The client that made it.
+    pub client: usize,
+    /// What it was.
+    pub action: Action,
+    /// The resource it addressed, if any.
+    pub target: Option<String>,
+    /// When it was sent (ms since the run started).
+    pub sent_ms: u64,
+    /// The job, when one was accepted.
+    pub job: Option<String>,
+    /// When it ended (ms since the run started).
+    pub ended_ms: Option<u64>,
+    /// How it ended.
+    pub outcome: Outcome,
+}
+
+/// Everything the clients did, in order of sending.
+#[derive(Debug, Default)]
+pub struct History {
+    entries: Mutex<Vec<Entry>>,
+    /// Every job a repeated creation must map to: (job id, the location both calls got).
+    pub repeats: Mutex<Vec<(String, Vec<String>)>>,
+}
+
+impl History {
+    fn open(&self, client: usize, action: Action, target: Option<String>, now: u64) -> usize {
+        let mut entries = self.entries.lock().expect("history");
+        let seq = entries.len();
+        entries.push(Entry {
+            seq,
+            client,
+            action,
+            target,
+            sent_ms: now,
+            job: None,
+            ended_ms: None,
+            outcome: Outcome::Pending,
+        });
+        seq
+    }
+
+    fn set_job(&self, seq: usize, job: String) {
+        self.entries.lock().expect("history")[seq].job = Some(job);
+    }
+
+    fn close(&self, seq: usize, outcome: Outcome, now: u64) {
+        let mut entries = self.entries.lock().expect("history");
+        entries[seq].outcome = outcome;
+        entries[seq].ended_ms = Some(now);
+    }
+
+    /// A copy of every entry.
+    pub fn entries(&self) -> Vec<Entry> {
+        self.entries.lock().expect("history").clone()
+    }
+}
+
+/// What the clients share.
+#[derive(Debug)]
+pub struct Shared {
+    /// The API.
+    pub api: SocketAddr,
+    /// The recorded history.
+    pub history: History,
+    /// Set to end the workload.
+    pub stop: AtomicBool,
+    /// When the run started.
+    pub started: Instant,
+    /// What the infrastructure is: the IDs the workload needs.
+    pub infra: Infra,
+    /// How often each action was chosen (for `fair`).
+    used: Mutex<HashMap<Action, u64>>,
+    /// Hosts deleted by the workload: (index, old UUID), to add again.
+    deleted_hosts: Mutex<Vec<usize>>,
+    /// L3 networks the workload made and has not deleted.
+    extra_l3s: Mutex<Vec<String>>,
+}
+
+/// The infrastructure the run registers first.
+#[derive(Clone, Debug)]
+pub struct Infra {
+    /// The cluster.
+    pub cluster: String,
+    /// The zone.
+    pub zone: String,
+    /// The offering (1 CPU, 512 MiB).
+    pub offering: String,
+    /// The L2 network.
+    pub l2: String,
+    /// The main L3 network (addresses for every VM).
+    pub l3: String,
+    /// An L3 network with a single address, for bursts.
+    pub tight_l3: String,
+    /// Where the MN dials each host (its proxy).
+    pub host_addrs: Vec<SocketAddr>,
+}
+
+impl Shared {
+    /// The clients' shared state.
+    pub fn new(api: SocketAddr, infra: Infra) -> Self {
+        Shared {
+            api,
+            history: History::default(),
+            stop: AtomicBool::new(false),
+            started: Instant::now(),
+            infra,
+            used: Mutex::default(),
+            deleted_hosts: Mutex::default(),
+            extra_l3s: Mutex::default(),
+        }
+    }
+
+    /// Milliseconds since the run started.
+    pub fn now(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+}
+
+/// A GET that waits out an MN restart; `None` once the run is stopping and the MN stays away.
+pub fn get(api: SocketAddr, path: &str, patience: Duration) -> Option<Value> {
+    let started = Instant::now();
+    loop {
+        if let Ok((200, body)) = client::request(api, "GET", path, None) {
+            return Some(body);
+        }
+        if started.elapsed() > patience {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The inventories of a kind.
+pub fn list(api: SocketAddr, kind: &str, patience: Duration) -> Option<Vec<Value>> {
+    get(api, &format!("/v1/{kind}"), patience)
+        .and_then(|body| body["inventories"].as_array().cloned())
+}
+
+fn path_of(location: &str) -> String {
+    location.find("/v1/").map(|at| location[at..].to_owned()).unwrap_or_default()
+}
+
+/// Follows a job to its end (through MN restarts) within `limit`.
+pub fn follow(api: SocketAddr, location: &str, limit: Duration) -> Outcome {
+    let path = path_of(location);
+    let started = Instant::now();
+    let mut missing = 0;
+    loop {
+        match client::request(api, "GET", &path, None) {
+            Ok((200, body)) => {
+                return match body.get("error") {
+                    Some(error) => Outcome::Failed(error["code"].as_str().unwrap_or("").to_owned()),
+                    None => Outcome::Succeeded(body["inventory"].clone()),
+                };
+            }
+            // A job the MN accepted must be there; give a restart a few tries.
+            Ok((404, _)) => {
+                missing += 1;
+                if missing > 50 {
+                    return Outcome::Lost;
+                }
+            }
+            _ => {}
+        }
+        if started.elapsed() > limit {
+            return Outcome::Pending;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// How long a client follows one job: the API's operation timeout, plus an MN restart.
+pub const JOB_LIMIT: Duration = Duration::from_secs(330);
+
+fn submit(
+    shared: &Shared,
+    client_id: usize,
+    action: Action,
+    target: Option<String>,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> Outcome {
+    let seq = shared.history.open(client_id, action, target, shared.now());
+    let outcome = match client::request(shared.api, method, path, body) {
+        Ok((202, reply)) => {
+            let location = reply["location"].as_str().unwrap_or_default().to_owned();
+            shared.history.set_job(seq, location.rsplit('/').next().unwrap_or("").to_owned());
+            follow(shared.api, &location, JOB_LIMIT)
+        }
+        Ok((status, reply)) => {
+            Outcome::Refused(status, reply["error"]["code"].as_str().unwrap_or("").to_owned())
+        }
+        Err(_) => Outcome::Unreachable,
+    };
+    shared.history.close(seq, outcome.clone(), shared.now());
+    outcome
+}
+
+fn create_body(shared: &Shared, name: &str, l3: &str) -> Value {
+    json!({ "params": {
+        "name": name,
+        "instanceOfferingUuid": shared.infra.offering,
+        "l3NetworkUuids": [l3],
+    }})
+}
+
+/// One client: steps until the run stops.
+pub fn client(shared: Arc<Shared>, id: usize, seed: u64, strategy: Strategy) {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut step = 0u64;
+    while !shared.stop.load(Ordering::SeqCst) {
+        step += 1;
+        let Some(vms) = list(shared.api, "vm-instances", Duration::from_secs(2)) else {
+            continue;
+        };
+        let Some(hosts) = list(shared.api, "hosts", Duration::from_secs(2)) else { continue };
+        // The hot VM: the oldest-named one; clients pick it half the time, so they collide.
+        let mut vms = vms;
+        vms.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+        let vm = if !vms.is_empty() && rng.bool() {
+            Some(vms[0].clone())
+        } else if vms.is_empty() {
+            None
+        } else {
+            Some(vms[rng.usize(..vms.len())].clone())
+        };
+        let legal = legal_actions(&shared, vm.as_ref(), &hosts);
+        let Some(action) = choose(&shared, &mut rng, strategy, &legal) else {
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        };
+        *shared.used.lock().expect("used").entry(action).or_default() += 1;
+        act(&shared, id, &mut rng, step, action, vm.as_ref(), &hosts);
+    }
+}
+
+fn legal_actions(shared: &Shared, vm: Option<&Value>, hosts: &[Value]) -> Vec<Action> {
+    let mut legal = vec![Action::CreateVm, Action::RepeatCreate, Action::CreateBurst];
+    if let Some(vm) = vm {
+        legal.extend_from_slice(Action::allowed_from(vm["state"].as_str().unwrap_or("")));
+    }
+    if !hosts.is_empty() {
+        legal.extend_from_slice(&[Action::ReconnectHost, Action::DisableHost, Action::EnableHost]);
+    }
+    // Keep at least two hosts: deleting is for one at a time.
+    if hosts.len() > 2 && shared.deleted_hosts.lock().expect("deleted").is_empty() {
+        legal.push(Action::DeleteHost);
+    }
+    if !shared.deleted_hosts.lock().expect("deleted").is_empty() {
+        legal.push(Action::AddHost);
+    }
+    legal.push(Action::CreateL3);
+    if !shared.extra_l3s.lock().expect("l3s").is_empty() {
+        legal.push(Action::DeleteL3);
+    }
+    legal
+}
+
+fn choose(
+    shared: &Shared,
+    rng: &mut fastrand::Rng,
+    strategy: Strategy,
+    legal: &[Action],
+) -> Option<Action> {
+    if legal.is_empty() {
+        return None;
+    }
+    Some(match strategy {
+        Strategy::Random => legal[rng.usize(..legal.len())],
+        Strategy::Weighted => {
+            let total: f64 = legal.iter().map(|a| a.weight()).sum();
+            let mut pick = rng.f64() * total;
+            *legal
+                .iter()
+                .find(|a| {
+                    pick -= a.weight();
+                    pick <= 0.0
+                })
+                .unwrap_or(&legal[legal.len() - 1])
+        }
+        Strategy::Fair => {
+            let used = shared.used.lock().expect("used");
+            *legal.iter().min_by_key(|a| used.get(a).copied().unwrap_or(0)).expect("non-empty")
+        }
+    })
+}
+
+fn vm_action(
+    shared: &Shared,
+    client_id: usize,
+    action: Action,
+    uuid: &str,
+    verb: &str,
+    params: Value,
+) {
+    let path = format!("/v1/vm-instances/{uuid}/actions");
+    let body = json!({ verb: params });
+    submit(shared, client_id, action, Some(uuid.to_owned()), "PUT", &path, Some(&body));
+}
+
+fn act(
+    shared: &Arc<Shared>,
+    client_id: usize,
+    rng: &mut fastrand::Rng,
+    step: u64,
+    action: Action,
+    vm: Option<&Value>,
+    hosts: &[Value],
+) {
+    let uuid = vm.and_then(|v| v["uuid"].as_str()).unwrap_or_default().to_owned();
+    let name = format!("c{client_id}-s{step}");
+    match action {
+        Action::CreateVm => {
+            let body = create_body(shared, &name, &shared.infra.l3);
+            submit(shared, client_id, action, None, "POST", "/v1/vm-instances", Some(&body));
+        }
+        Action::RepeatCreate => repeat_create(shared, client_id, &name),
+        Action::CreateBurst => {
+            let threads: Vec<_> = (0..4)
+                .map(|i| {
+                    let shared = shared.clone();
+                    let name = format!("{name}-burst{i}");
+                    std::thread::spawn(move || {
+                        let body = create_body(&shared, &name, &shared.infra.tight_l3);
+                        submit(
+                            &shared,
+                            client_id,
+                            Action::CreateBurst,
+                            None,
+                            "POST",
+                            "/v1/vm-instances",
+                            Some(&body),
+                        );
+                    })
+                })
+                .collect();
+            for thread in threads {
+                let _ = thread.join();
+            }
+        }
+        Action::StartVm => {
+            vm_action(shared, client_id, action, &uuid, "startVmInstance", json!({}))
+        }
+        Action::StopVm => vm_action(shared, client_id, action, &uuid, "stopVmInstance", json!({})),
+        Action::RebootVm => {
+            vm_action(shared, client_id, action, &uuid, "rebootVmInstance", json!({}))
+        }
+        Action::PauseVm => {
+            vm_action(shared, client_id, action, &uuid, "pauseVmInstance", json!({}))
+        }
+        Action::ResumeVm => {
+            vm_action(shared, client_id, action, &uuid, "resumeVmInstance", json!({}))
+        }
+        Action::MigrateVm => vm_action(shared, client_id, action, &uuid, "migrateVm", json!({})),
+        Action::RecoverVm => {
+            vm_action(shared, client_id, action, &uuid, "recoverVmInstance", json!({}))
+        }
+        Action::ExpungeVm => {
+            vm_action(shared, client_id, action, &uuid, "expungeVmInstance", json!({}))
+        }
+        Action::DestroyVm => {
+            let path = format!("/v1/vm-instances/{uuid}");
+            submit(shared, client_id, action, Some(uuid), "DELETE", &path, None);
+        }
+        Action::ReconnectHost | Action::DisableHost | Action::EnableHost | Action::DeleteHost => {
+            let host = &hosts[rng.usize(..hosts.len())];
+            let host_uuid = host["uuid"].as_str().unwrap_or_default().to_owned();
+            let path = format!("/v1/hosts/{host_uuid}/actions");
+            let target = Some(host_uuid.clone());
+            match action {
+                Action::ReconnectHost => {
+                    let body = json!({ "reconnectHost": {} });
+                    submit(shared, client_id, action, target, "PUT", &path, Some(&body));
+                }
+                Action::DisableHost | Action::EnableHost => {
+                    let event = if action == Action::DisableHost { "disable" } else { "enable" };
+                    let body = json!({ "changeHostState": { "stateEvent": event } });
+                    submit(shared, client_id, action, target, "PUT", &path, Some(&body));
+                }
+                _ => {
+                    let index = shared
+                        .infra
+                        .host_addrs
+                        .iter()
+                        .position(|a| Some(a.port() as u64) == host["agentPort"].as_u64());
+                    let path = format!("/v1/hosts/{host_uuid}?deleteMode=Enforcing");
+                    let outcome = submit(shared, client_id, action, target, "DELETE", &path, None);
+                    if let (Outcome::Succeeded(_), Some(index)) = (outcome, index) {
+                        shared.deleted_hosts.lock().expect("deleted").push(index);
+                    }
+                }
+            }
+        }
+        Action::AddHost => {
+            let Some(index) = shared.deleted_hosts.lock().expect("deleted").pop() else { return };
+            let addr = shared.infra.host_addrs[index];
+            let body = json!({ "params": {
+                "name": format!("host-{index}"),
+                "managementIp": addr.ip().to_string(),
+                "agentPort": addr.port(),
+                "clusterUuid": shared.infra.cluster,
+            }});
+            let outcome =
+                submit(shared, client_id, action, None, "POST", "/v1/hosts/kvm", Some(&body));
+            if !matches!(outcome, Outcome::Succeeded(_)) {
+                shared.deleted_hosts.lock().expect("deleted").push(index);
+            }
+        }
+        Action::CreateL3 => {
+            let body = json!({ "params": { "name": name, "l2NetworkUuid": shared.infra.l2 } });
+            if let Outcome::Succeeded(l3) =
+                submit(shared, client_id, action, None, "POST", "/v1/l3-networks", Some(&body))
+            {
+                let l3 = l3["uuid"].as_str().unwrap_or_default().to_owned();
+                let third = 100 + (step % 100);
+                let range = json!({ "params": {
+                    "startIp": format!("10.{client_id}.{third}.10"),
+                    "endIp": format!("10.{client_id}.{third}.20"),
+                    "netmask": "255.255.255.0",
+                    "gateway": format!("10.{client_id}.{third}.1"),
+                }});
+                let path = format!("/v1/l3-networks/{l3}/ip-ranges");
+                submit(shared, client_id, action, Some(l3.clone()), "POST", &path, Some(&range));
+                shared.extra_l3s.lock().expect("l3s").push(l3);
+            }
+        }
+        Action::DeleteL3 => {
+            let l3 = {
+                let mut l3s = shared.extra_l3s.lock().expect("l3s");
+                if l3s.is_empty() {
+                    return;
+                }
+                let at = rng.usize(..l3s.len());
+                l3s.remove(at)
+            };
+            let mode = if rng.bool() { "Permissive" } else { "Enforcing" };
+            let path = format!("/v1/l3-networks/{l3}?deleteMode={mode}");
+            let outcome =
+                submit(shared, client_id, action, Some(l3.clone()), "DELETE", &path, None);
+            if !matches!(outcome, Outcome::Succeeded(_)) {
+                shared.extra_l3s.lock().expect("l3s").push(l3);
+            }
+        }
+    }
+}
+
+/// A creation sent twice with the same `X-Job-UUID` and body: both answers must name one job.
+fn repeat_create(shared: &Shared, client_id: usize, name: &str) {
+    let job = uuid::Uuid::new_v4().to_string();
+    let body = create_body(shared, name, &shared.infra.l3);
+    let seq = shared.history.open(client_id, Action::RepeatCreate, None, shared.now());
+    let mut locations = Vec::new();
+    for _ in 0..2 {
+        if let Ok((202, reply)) = client::request_with_headers(
+            shared.api,
+            "POST",
+            "/v1/vm-instances",
+            Some(&body),
+            &[("X-Job-UUID", &job)],
+        ) {
+            locations.push(reply["location"].as_str().unwrap_or_default().to_owned());
+        }
+    }
+    let outcome = match locations.first() {
+        Some(location) => {
+            shared.history.set_job(seq, job.clone());
+            follow(shared.api, location, JOB_LIMIT)
+        }
+        None => Outcome::Unreachable,
+    };
+    shared.history.repeats.lock().expect("repeats").push((job, locations));
+    shared.history.close(seq, outcome, shared.now());
+}
+
+/// Seconds since the epoch, for logs.
+pub fn unix_now() -> u64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
