@@ -132,7 +132,8 @@ pub struct Deleter {
 
 const VM_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// How long deleting a host waits for creations that booked it before its fence.
+/// How long deleting a host waits for creations that booked it before its fence (and a
+/// deletion waits for a VM being created).
 const HOST_DRAIN_LIMIT: Duration = Duration::from_secs(60);
 
 impl Deleter {
@@ -245,6 +246,20 @@ impl Deleter {
     async fn delete_one(&self, r: Resource) -> Result<(), CascadeError> {
         match r.kind {
             ResourceKind::Vm => {
+                // A VM being created cannot be destroyed beside its creation flow: wait for
+                // the flow to end (it rolls back when the host goes away under it).
+                let waited = std::time::Instant::now();
+                while self.db.get::<VmRecord>(r.uuid)?.map(|s| s.record.state)
+                    == Some(VmState::Created)
+                {
+                    if waited.elapsed() > HOST_DRAIN_LIMIT {
+                        return Err(CascadeError::Busy(r, HOST_DRAIN_LIMIT));
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                if self.db.get::<VmRecord>(r.uuid)?.is_none() {
+                    return Ok(());
+                }
                 let state = self.db.get::<VmRecord>(r.uuid)?.map(|s| s.record.state);
                 if state != Some(VmState::Destroyed) {
                     ops::operate(&self.vms, r.uuid, Lifecycle::Destroy, VM_TIMEOUT, None).await?;

@@ -399,6 +399,32 @@ async fn reconcile(ctx: &OpCtx<Hosts>, domains: &[DomainInfo]) -> Result<(), Hos
         let state = domains.iter().find(|d| d.uuid == *vm).map(|d| d.state);
         observe(&vms, *vm, id, crate::vm::observation_of(state)).await;
     }
+    // Bookings of VMs that are gone, or that live on another host, were left by an operation
+    // the MN died in (or whose undo failed): give them back. A VM being created or migrated
+    // books before its record names the host, so it keeps its booking.
+    let stale: Vec<Uuid> = ctx.with_state(|s| s.record.reservations.keys().copied().collect());
+    let mut released = Vec::new();
+    for vm in stale {
+        let keep = db.get::<VmRecord>(vm)?.is_some_and(|v| {
+            v.record.host_uuid == Some(id)
+                || matches!(
+                    v.record.state,
+                    crate::vm::state::VmState::Created | crate::vm::state::VmState::Migrating
+                )
+        });
+        if !keep {
+            released.push(vm);
+        }
+    }
+    if !released.is_empty() {
+        tracing::warn!(host = %id, vms = ?released, "bookings of VMs no longer on this host given back");
+        // Through the capacity queue, which owns the bookings.
+        if let Some(hosts) = ctx.runtime().kind::<Hosts>() {
+            for vm in released {
+                release(&hosts, id, vm).await?;
+            }
+        }
+    }
     let mut strangers = Vec::new();
     for domain in domains {
         if claimed.contains(&domain.uuid) {

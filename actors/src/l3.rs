@@ -102,9 +102,20 @@ pub async fn allocate_ip(
     .await
 }
 
-/// Gives address `ip` back (succeeds if it was not held).
-pub async fn release_ip(l3s: &Kind<L3s>, l3: Uuid, ip: Ipv4Addr) -> Result<(), L3Error> {
+/// Gives address `ip` back if `owner` (a NIC) holds it; succeeds without acting otherwise.
+pub async fn release_ip(
+    l3s: &Kind<L3s>,
+    l3: Uuid,
+    ip: Ipv4Addr,
+    owner: Uuid,
+) -> Result<(), L3Error> {
     l3s.call(l3, op("release-ip"), move |ctx| async move {
+        // Only the owner's booking goes: a repeated release (after a crash, or by the GC)
+        // must not free the address once someone else holds it.
+        let held = ctx.entity().db.get::<UsedIpRecord>(UsedIpRecord::id_of(l3, ip))?;
+        if held.is_none_or(|used| used.record.owner != owner) {
+            return Ok(());
+        }
         let mut batch = Batch::new();
         batch.delete::<UsedIpRecord>(UsedIpRecord::id_of(l3, ip), Expect::Any);
         ctx.entity().db.commit(batch).await?;

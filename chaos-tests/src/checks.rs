@@ -55,7 +55,14 @@ fn expunged(entries: &[Entry]) -> HashMap<String, u64> {
 }
 
 /// The checks that hold at every instant; run repeatedly while the faults are active.
-pub fn sample(shared: &Shared, cluster: &std::sync::Mutex<Cluster>) -> Vec<Violation> {
+/// `double_booked` carries the VMs seen booked on two hosts by the previous sample: the
+/// listings of VMs and hosts are two reads, so a migration can end between them, and only a
+/// double booking seen twice in a row, with the VM not migrating, is reported.
+pub fn sample(
+    shared: &Shared,
+    cluster: &std::sync::Mutex<Cluster>,
+    double_booked: &mut HashSet<String>,
+) -> Vec<Violation> {
     let mut found = Vec::new();
     let now = shared.now();
     let patience = Duration::from_millis(500);
@@ -77,14 +84,24 @@ pub fn sample(shared: &Shared, cluster: &std::sync::Mutex<Cluster>) -> Vec<Viola
             }
         }
     }
-    // No capacity twice.
+    // No capacity twice. A VM being migrated holds its target's booking before it gives back
+    // its source's, by design; any other VM is booked on one host at most.
+    let migrating: HashSet<&str> =
+        vms.iter().filter(|v| v["state"] == "Migrating").map(|v| s(&v["uuid"])).collect();
     let mut booked: HashMap<String, String> = HashMap::new();
+    let mut seen_twice = HashSet::new();
     for host in &hosts {
         let (mut cpu, mut memory) = (0.0, 0u64);
         for (vm, booking) in host["reservations"].as_object().into_iter().flatten() {
             cpu += booking["cpu"].as_f64().unwrap_or(0.0);
             memory += booking["memory"].as_u64().unwrap_or(0);
-            if let Some(other) = booked.insert(vm.clone(), s(&host["uuid"]).to_owned()) {
+            if let Some(other) = booked.insert(vm.clone(), s(&host["uuid"]).to_owned())
+                && !migrating.contains(vm.as_str())
+                && {
+                    seen_twice.insert(vm.clone());
+                    double_booked.contains(vm)
+                }
+            {
                 found.push(violation(
                     "no capacity twice",
                     now,
@@ -104,6 +121,7 @@ pub fn sample(shared: &Shared, cluster: &std::sync::Mutex<Cluster>) -> Vec<Viola
             ));
         }
     }
+    *double_booked = seen_twice;
     // Expunged VMs stay gone.
     let gone = expunged(&shared.history.entries());
     for vm in &vms {
@@ -253,12 +271,10 @@ pub fn after_healing(shared: &Shared, cluster: &std::sync::Mutex<Cluster>) -> Ve
     // the workload expunged it or deleted its host or network with its dependents.
     let vms = list(api, "vm-instances", Duration::from_secs(10)).unwrap_or_default();
     let present: HashSet<&str> = vms.iter().map(|v| s(&v["uuid"])).collect();
+    // A cascade that was accepted may have deleted dependents even if it failed later.
     let removed_parents: HashSet<String> = entries
         .iter()
-        .filter(|e| {
-            matches!(e.action, Action::DeleteHost | Action::DeleteL3)
-                && matches!(e.outcome, Outcome::Succeeded(_))
-        })
+        .filter(|e| matches!(e.action, Action::DeleteHost | Action::DeleteL3) && e.job.is_some())
         .filter_map(|e| e.target.clone())
         .collect();
     let gone = expunged(&entries);
@@ -369,6 +385,10 @@ fn disagreements(shared: &Shared, cluster: &std::sync::Mutex<Cluster>) -> Vec<Vi
         }
     }
     let known: HashSet<&str> = vms.iter().map(|v| s(&v["uuid"])).collect();
+    // Domains the MN reports as strangers are known to the operator (left on a machine that
+    // was deleted as a host while it was away, then added again), not orphans.
+    let strangers: HashSet<&str> =
+        hosts.iter().flat_map(|h| h["strangers"].as_array().into_iter().flatten().map(s)).collect();
     for vm in &vms {
         let uuid = s(&vm["uuid"]);
         let state = s(&vm["state"]);
@@ -410,8 +430,15 @@ fn disagreements(shared: &Shared, cluster: &std::sync::Mutex<Cluster>) -> Vec<Vi
             ));
         }
     }
+    // Machines whose host was deleted (and not added again) are outside management.
+    let managed: HashSet<usize> = index_of.values().copied().collect();
     for (uuid, on) in &domains {
-        if !known.contains(uuid.as_str()) {
+        let on_managed: Vec<&(usize, String)> =
+            on.iter().filter(|(h, _)| managed.contains(h)).collect();
+        if !on_managed.is_empty()
+            && !known.contains(uuid.as_str())
+            && !strangers.contains(uuid.as_str())
+        {
             found.push(violation(
                 "no orphans after failed flows and the GC backlog drains",
                 now,

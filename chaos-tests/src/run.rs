@@ -149,8 +149,9 @@ pub fn run(config: &RunConfig, dir: &Path) -> Result<bool, Error> {
     let mut violations: Vec<Violation> = Vec::new();
     let deadline = Instant::now() + config.duration;
     let mut last_progress = Instant::now();
+    let mut double_booked = Default::default();
     while Instant::now() < deadline {
-        violations.extend(checks::sample(&shared, &cluster));
+        violations.extend(checks::sample(&shared, &cluster, &mut double_booked));
         if last_progress.elapsed() > Duration::from_secs(10) {
             last_progress = Instant::now();
             eprintln!(

@@ -99,7 +99,7 @@ impl Action {
     fn allowed_from(state: &str) -> &'static [Action] {
         use Action::*;
         match state {
-            "Created" => &[DestroyVm],
+            "Created" => &[],
             "Stopped" => &[StartVm, MigrateVm, DestroyVm],
             "Running" => &[StopVm, RebootVm, PauseVm, DestroyVm],
             "Paused" => &[StopVm, ResumeVm, DestroyVm],

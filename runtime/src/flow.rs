@@ -37,6 +37,12 @@ use uuid::Uuid;
 use crate::error::{BoxError, RuntimeError, error_chain};
 use crate::inspect::unix_ms_now;
 
+/// How many times a failing rollback step is tried before the flow gives up on it.
+const ROLLBACK_ATTEMPTS: u32 = 6;
+
+/// The first retry's delay; it doubles each time (about 6 s in all).
+const ROLLBACK_RETRY_BASE: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// How many finished flows the engine remembers for inspection.
 const RECENT: usize = 64;
 
@@ -439,12 +445,26 @@ impl FlowEngine {
                 }
                 FlowPhase::RollingBack { next } => {
                     let name = record.steps[next].clone();
-                    let outcome = match step_by_name(&name) {
-                        Some(step) => step
-                            .rollback(ctx, &info(record, &name))
-                            .await
-                            .map_err(|e| error_chain(&*e)),
-                        None => Err("step is not defined by this build".to_owned()),
+                    // Rollbacks are safe to repeat, and what makes one fail (a panic, a store
+                    // write error, an actor restarting) is often gone a moment later: a
+                    // rollback given up leaves something behind, so it is tried again first.
+                    let mut attempt = 0;
+                    let outcome = loop {
+                        let outcome = match step_by_name(&name) {
+                            Some(step) => step
+                                .rollback(ctx, &info(record, &name))
+                                .await
+                                .map_err(|e| error_chain(&*e)),
+                            None => break Err("step is not defined by this build".to_owned()),
+                        };
+                        attempt += 1;
+                        match outcome {
+                            Err(message) if attempt < ROLLBACK_ATTEMPTS => {
+                                tracing::warn!(flow = %record.id, chain = %record.chain, step = %name, attempt, error = %message, "flow rollback failed; trying again");
+                                tokio::time::sleep(ROLLBACK_RETRY_BASE * (1 << attempt)).await;
+                            }
+                            outcome => break outcome,
+                        }
                     };
                     if let Err(message) = outcome {
                         tracing::error!(flow = %record.id, chain = %record.chain, step = %name, error = %message, "flow rollback failed; continuing with the other steps");

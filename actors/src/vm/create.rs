@@ -209,7 +209,7 @@ impl Step<CreateVm> for AllocateNics {
                     && used.record.owner == nic
                 {
                     let ip: Ipv4Addr = used.record.ip.parse()?;
-                    l3::release_ip(&self.l3s, l3, ip).await?;
+                    l3::release_ip(&self.l3s, l3, ip, nic).await?;
                 }
             }
         }
@@ -313,7 +313,9 @@ fn deadline() -> SystemTime {
 impl Step<CreateVm> for StartDomain {
     async fn run(&self, c: &mut CreateVm, flow: &FlowInfo) -> Result<(), BoxError> {
         let host = c.host.ok_or("no host was allocated")?;
-        write_vm(&self.db, c.vm, |r| r.state = VmState::Starting).await?;
+        // The VM stays Created until its domain runs: `Starting` belongs to the VM actor's
+        // own start operation, so a VM found Starting with no operation running is known to
+        // be left over by a crash (see `vm::begin`).
         let record = self.db.get::<VmRecord>(c.vm)?.ok_or("VM record vanished")?.record;
         host::command(
             &self.hosts,

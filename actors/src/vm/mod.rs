@@ -190,13 +190,32 @@ fn current(ctx: &strato_runtime::OpCtx<Vms>) -> Result<(VmRecord, u64), VmError>
     Ok((stored.record, stored.generation))
 }
 
+/// The record at the start of an operation (or observation) in the lifecycle queue, with a
+/// state left over by an interrupted operation repaired first.
+///
+/// The queue runs one operation at a time and the creation flow never writes a transitional
+/// state, so a transitional state seen here was left by an operation that did not finish: the
+/// MN was killed in its middle, or its store write failed. The truth is then unknown: the VM
+/// becomes Unknown (from which the next observation of its host, or a stop or destroy,
+/// recovers it), and an interrupted expunge goes back to Destroyed, to be expunged again.
+async fn begin(ctx: &strato_runtime::OpCtx<Vms>) -> Result<(VmRecord, u64), VmError> {
+    let (record, generation) = current(ctx)?;
+    if !record.state.is_transitional() {
+        return Ok((record, generation));
+    }
+    let to = if record.state == VmState::Expunging { VmState::Destroyed } else { VmState::Unknown };
+    tracing::warn!(vm = %record.uuid, from = ?record.state, ?to, "an interrupted operation left the VM in a transitional state");
+    let repaired = ops::save(ctx, |r| r.state = to).await?;
+    Ok((repaired, ctx.with_state(|s| s.generation)))
+}
+
 async fn apply(
     ctx: &strato_runtime::OpCtx<Vms>,
     host: Uuid,
     observation: Observation,
 ) -> Result<(), VmError> {
     let vm = ctx.id();
-    let (record, generation) = current(ctx)?;
+    let (record, generation) = begin(ctx).await?;
     if record.host_uuid != Some(host) {
         return Ok(());
     }

@@ -10,6 +10,7 @@
 
 use std::time::{Duration, SystemTime};
 
+use futures::FutureExt;
 use serde::{Deserialize, Serialize};
 use strato_proto::{Command, DomainState, Reply};
 use strato_runtime::{EventMatcher, Kind, Op, OpCtx, Runtime, Trigger};
@@ -92,6 +93,23 @@ pub struct DeleteVolumeJob {
     pub path: String,
 }
 
+/// The GC job kind that gives back the addresses of a VM whose expunge was interrupted
+/// between deleting its record and releasing them.
+pub const RELEASE_IPS_JOB: &str = "vm.release-ips";
+
+/// How long after an expunge its address job runs (the expunge itself releases them at once
+/// and cancels the job; the job is for an MN that died in between).
+const RELEASE_IPS_DELAY: Duration = Duration::from_secs(30);
+
+/// The context of a [`RELEASE_IPS_JOB`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ReleaseIpsJob {
+    /// The VM.
+    pub vm: Uuid,
+    /// Its NICs: (L3 network, address, NIC).
+    pub nics: Vec<(Uuid, String, Uuid)>,
+}
+
 /// Registers the VM kind's GC handlers. Call once at startup, before `gc().start()`.
 pub fn register_gc(runtime: &Runtime, hosts: Kind<Hosts>) {
     let expunging = runtime.clone();
@@ -110,9 +128,13 @@ pub fn register_gc(runtime: &Runtime, hosts: Kind<Hosts>) {
             Ok(())
         }
     });
+    let destroying = runtime.clone();
     runtime.gc().register_handler(DESTROY_DOMAIN_JOB, move |job: DestroyDomainJob| {
-        let hosts = hosts.clone();
+        let (hosts, runtime) = (hosts.clone(), destroying.clone());
         async move {
+            if host_was_deleted(&runtime, job.host)? {
+                return Ok(());
+            }
             let deadline = SystemTime::now() + Duration::from_secs(60);
             host::command(
                 &hosts,
@@ -134,6 +156,18 @@ pub fn register_gc(runtime: &Runtime, hosts: Kind<Hosts>) {
             Ok(())
         }
     });
+    let releasing = runtime.clone();
+    runtime.gc().register_handler(RELEASE_IPS_JOB, move |job: ReleaseIpsJob| {
+        let runtime = releasing.clone();
+        async move {
+            // Still recorded: the VM holds its addresses (its expunge failed before the end).
+            if runtime.db().get::<VmRecord>(job.vm)?.is_none() {
+                release_ips(&runtime, &job).await?;
+                tracing::info!(vm = %job.vm, "addresses of an expunged VM given back");
+            }
+            Ok(())
+        }
+    });
     let deleting = runtime.clone();
     runtime.gc().register_handler(DELETE_VOLUME_JOB, move |job: DeleteVolumeJob| {
         let runtime = deleting.clone();
@@ -141,6 +175,9 @@ pub fn register_gc(runtime: &Runtime, hosts: Kind<Hosts>) {
             let Some(hosts) = runtime.kind::<Hosts>() else {
                 return Err("the host kind is not registered".into());
             };
+            if host_was_deleted(&runtime, job.host)? {
+                return Ok(());
+            }
             let deadline = SystemTime::now() + Duration::from_secs(60);
             let command = Command::DeleteVolume { path: job.path.clone() };
             host::command(&hosts, job.host, command, deadline, None).await?;
@@ -148,6 +185,16 @@ pub fn register_gc(runtime: &Runtime, hosts: Kind<Hosts>) {
             Ok(())
         }
     });
+}
+
+/// Whether `host` was deleted: its leftovers are then no longer the MN's to clean (the machine
+/// left management; if it is added again, what runs there is reported as strangers).
+fn host_was_deleted(runtime: &Runtime, host: Uuid) -> Result<bool, strato_storage::StoreError> {
+    let deleted = runtime.db().get::<crate::records::HostRecord>(host)?.is_none();
+    if deleted {
+        tracing::info!(%host, "leftover on a deleted host: nothing to clean");
+    }
+    Ok(deleted)
 }
 
 /// Fires when host `host` is Connected again, and every minute in case the event was missed.
@@ -197,7 +244,10 @@ fn deadline_of(ctx: &OpCtx<Vms>) -> SystemTime {
     SystemTime::now() + ctx.remaining()
 }
 
-async fn save(ctx: &OpCtx<Vms>, change: impl FnOnce(&mut VmRecord)) -> Result<VmRecord, VmError> {
+pub(super) async fn save(
+    ctx: &OpCtx<Vms>,
+    change: impl FnOnce(&mut VmRecord),
+) -> Result<VmRecord, VmError> {
     let (mut record, generation) = super::current(ctx)?;
     let from = record.state;
     change(&mut record);
@@ -287,7 +337,7 @@ pub async fn operate(
 }
 
 async fn run(ctx: OpCtx<Vms>, op: Lifecycle) -> Result<VmRecord, VmError> {
-    let (record, _) = super::current(&ctx)?;
+    let (record, _) = super::begin(&ctx).await?;
     let transition = plan(record.state, op.op())?;
     if op == Lifecycle::Recover {
         let recovered = save(&ctx, |r| r.state = transition.on_success).await?;
@@ -298,7 +348,16 @@ async fn run(ctx: OpCtx<Vms>, op: Lifecycle) -> Result<VmRecord, VmError> {
         return Ok(recovered);
     }
     save(&ctx, |r| r.state = transition.during).await?;
-    let outcome = drive(&ctx, op, &record).await;
+    let outcome = match std::panic::AssertUnwindSafe(drive(&ctx, op, &record)).catch_unwind().await
+    {
+        Ok(outcome) => outcome,
+        Err(panic) => {
+            // A bug in the operation: it lands where a failure lands, not in its
+            // transitional state, and the runtime still sees (and reports) the panic.
+            let _ = save(&ctx, |r| r.state = transition.on_failure).await;
+            std::panic::resume_unwind(panic);
+        }
+    };
     match outcome {
         Ok(Landing::Table) => {
             let landed = save(&ctx, |r| r.state = transition.on_success).await?;
@@ -319,9 +378,7 @@ async fn run(ctx: OpCtx<Vms>, op: Lifecycle) -> Result<VmRecord, VmError> {
             Ok(landed)
         }
         Ok(Landing::Expunged) => {
-            let mut batch = Batch::new();
-            batch.delete::<VmRecord>(record.uuid, Expect::Any);
-            ctx.entity().db.commit(batch).await?;
+            forget(&ctx, &record).await?;
             ctx.passivate_when_idle();
             tracing::info!(vm = %record.uuid, "VM expunged");
             Ok(VmRecord { state: VmState::Expunging, ..record })
@@ -420,17 +477,48 @@ where
     if let Some(path) = &record.root_volume_path {
         send(Command::DeleteVolume { path: path.clone() }).await?;
     }
-    if let Some(l3s) = ctx.runtime().kind::<crate::l3::L3s>() {
-        for nic in &record.vm_nics {
-            if let Ok(ip) = nic.ip.parse() {
-                crate::l3::release_ip(&l3s, nic.l3_network_uuid, ip).await?;
-            }
-        }
-    }
     if let Some(host) = record.host_uuid {
         host::release(&hosts_of(ctx)?, host, record.uuid).await?;
     }
+    // The addresses go last, after the record (see `forget`): while the record exists, it
+    // lists them, so they must stay booked.
     Ok(Landing::Expunged)
+}
+
+/// Deletes an expunged VM's record, then gives its addresses back. A GC job, submitted
+/// first, gives them back if the MN dies between the two; it does nothing if the record is
+/// still there, since the VM then still holds its addresses.
+async fn forget(ctx: &OpCtx<Vms>, record: &VmRecord) -> Result<(), VmError> {
+    let job = ReleaseIpsJob {
+        vm: record.uuid,
+        nics: record.vm_nics.iter().map(|n| (n.l3_network_uuid, n.ip.clone(), n.uuid)).collect(),
+    };
+    let name = format!("{RELEASE_IPS_JOB}/{}", record.uuid);
+    if !job.nics.is_empty() {
+        let gc = ctx.runtime().gc();
+        gc.submit_after(&name, RELEASE_IPS_JOB, &job, Trigger::default(), RELEASE_IPS_DELAY)
+            .await?;
+    }
+    let mut batch = Batch::new();
+    batch.delete::<VmRecord>(record.uuid, Expect::Any);
+    ctx.entity().db.commit(batch).await?;
+    if !job.nics.is_empty() && release_ips(ctx.runtime(), &job).await.is_ok() {
+        ctx.runtime().gc().cancel(strato_runtime::Gc::job_id(&name)).await?;
+    }
+    Ok(())
+}
+
+async fn release_ips(runtime: &Runtime, job: &ReleaseIpsJob) -> Result<(), VmError> {
+    let Some(l3s) = runtime.kind::<crate::l3::L3s>() else { return Ok(()) };
+    for (l3, ip, nic) in &job.nics {
+        let Ok(ip) = ip.parse() else { continue };
+        match crate::l3::release_ip(&l3s, *l3, ip, *nic).await {
+            // A network deleted since holds no addresses.
+            Err(crate::l3::L3Error::Runtime(strato_runtime::RuntimeError::NotFound { .. })) => {}
+            other => other?,
+        }
+    }
+    Ok(())
 }
 
 fn domain_state(reply: &Reply, uuid: Uuid) -> Option<DomainState> {
@@ -451,7 +539,7 @@ pub async fn migrate(
     job_id: Option<Uuid>,
 ) -> Result<VmRecord, VmError> {
     vms.call(id, Op::within("lifecycle", "migrate", timeout).job(job_id), move |ctx| async move {
-        let (record, _) = super::current(&ctx)?;
+        let (record, _) = super::begin(&ctx).await?;
         let transition = plan(record.state, VmOp::Migrate)?;
         let source = record.host_uuid.ok_or(VmError::NoHost(id))?;
         let hosts = hosts_of(&ctx)?;
@@ -479,14 +567,19 @@ pub async fn migrate(
             )
             .await?;
             let deadline = deadline_of(&ctx);
-            host::command(
+            let left = host::command(
                 &hosts,
                 source,
                 Command::UndefineDomain { uuid: id },
                 deadline,
                 ctx.job_id(),
             )
-            .await?;
+            .await;
+            if let Err(error) = left {
+                // The VM stays where it was: the target's booking is undone.
+                host::release(&hosts, destination, id).await?;
+                return Err(error.into());
+            }
             host::release(&hosts, source, id).await?;
             Ok::<_, VmError>(destination)
         }
@@ -524,7 +617,7 @@ pub async fn change_offering(
         id,
         Op::within("lifecycle", "change-offering", timeout).job(job_id),
         move |ctx| async move {
-            let (record, _) = super::current(&ctx)?;
+            let (record, _) = super::begin(&ctx).await?;
             plan(record.state, VmOp::ChangeOffering)?;
             if let Some(host) = record.host_uuid {
                 let hosts = hosts_of(&ctx)?;

@@ -148,7 +148,9 @@ pub struct InvalidState {
 pub fn allowed(state: VmState) -> &'static [VmOp] {
     use VmOp::*;
     match state {
-        VmState::Created => &[Destroy],
+        // Its creation flow is running: it rolls back on failure, and a destroy beside it
+        // would race its steps on the host. The creation's job ends either way.
+        VmState::Created => &[],
         VmState::Stopped => &[Start, Migrate, Destroy, ChangeOffering],
         // Migration is cold (within the cluster): a running VM is stopped first.
         VmState::Running => &[Stop, Reboot, Pause, Destroy],
@@ -182,7 +184,13 @@ pub fn plan(state: VmState, op: VmOp) -> Result<Transition, InvalidState> {
         VmOp::Resume => t(VmState::Resuming, VmState::Running, VmState::Paused),
         // A cold migration leaves the VM stopped on its new host.
         VmOp::Migrate => t(VmState::Migrating, state, state),
-        VmOp::Destroy => t(VmState::Destroying, VmState::Destroyed, VmState::Error),
+        // A failed destroy leaves the VM as it was (the domain is still there), or Unknown
+        // if it was between two states; the user can try again.
+        VmOp::Destroy => t(
+            VmState::Destroying,
+            VmState::Destroyed,
+            if state.is_transitional() { VmState::Unknown } else { state },
+        ),
         VmOp::Recover => t(VmState::Destroyed, VmState::Stopped, VmState::Destroyed),
         VmOp::Expunge => t(VmState::Expunging, VmState::Expunging, VmState::Destroyed),
         VmOp::ChangeOffering => t(VmState::Stopped, VmState::Stopped, VmState::Stopped),
