@@ -329,3 +329,15 @@ async fn a_volume_left_on_a_lost_host_is_deleted_by_the_gc_when_it_is_back() {
     eventually("leftover volume deleted", || async { !volume.exists() }).await;
     eventually("GC job done", || async { jobs() == 0 }).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_is_given_back_only_by_its_owner() {
+    let s = setup(&[], 1).await;
+    let (first, second) = (Uuid::new_v4(), Uuid::new_v4());
+    let ip = strato_actors::l3::allocate_ip(&s.c.l3s, s.l3, first, None).await.unwrap();
+    // A late repeat of someone else's release (after a crash, or by the GC) changes nothing.
+    strato_actors::l3::release_ip(&s.c.l3s, s.l3, ip, second).await.unwrap();
+    assert!(strato_actors::l3::allocate_ip(&s.c.l3s, s.l3, second, None).await.is_err());
+    strato_actors::l3::release_ip(&s.c.l3s, s.l3, ip, first).await.unwrap();
+    assert_eq!(strato_actors::l3::allocate_ip(&s.c.l3s, s.l3, second, None).await.unwrap(), ip);
+}

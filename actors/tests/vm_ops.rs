@@ -302,3 +302,48 @@ async fn destroyed_vms_are_expunged_after_their_grace_period_unless_recovered() 
     );
     eventually("no job left", || async { c.runtime.gc().list().unwrap().is_empty() }).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_left_by_an_interrupted_operation_is_repaired_by_the_next_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let driver = sim(dir.path());
+    let (_agent, addr) = serve(driver.clone(), "127.0.0.1:0".parse().unwrap()).await;
+    let c = mn(TOKEN);
+    let host = host_record(addr);
+    put(&c.db, &host);
+    // An MN killed in the middle of a stop left the VM Stopping, its domain still running.
+    let vm = vm_record(host.uuid, VmState::Stopping);
+    put(&c.db, &vm);
+    driver.define(&domain(vm.uuid)).unwrap();
+    driver.start(vm.uuid).unwrap();
+    // The host's reconnection observes every VM on it: the VM is no longer stuck.
+    host::connect(&c.hosts, host.uuid).await.unwrap();
+    eventually("VM reconciled", || async {
+        vm::record(&c.vms, vm.uuid).await.unwrap().state == VmState::Running
+    })
+    .await;
+    // An interrupted expunge goes back to Destroyed, from which it can be expunged again.
+    let mut expunging = vm_record(host.uuid, VmState::Expunging);
+    expunging.name = "expunging".into();
+    put(&c.db, &expunging);
+    let expunged = ops::operate(&c.vms, expunging.uuid, Lifecycle::Expunge, T, None).await.unwrap();
+    assert_eq!(expunged.state, VmState::Expunging);
+    assert!(c.db.get::<strato_actors::records::VmRecord>(expunging.uuid).unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_being_deleted_books_nothing_more() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_agent, addr) = serve(sim(dir.path()), "127.0.0.1:0".parse().unwrap()).await;
+    let c = mn(TOKEN);
+    let host = host_record(addr);
+    put(&c.db, &host);
+    host::connect(&c.hosts, host.uuid).await.unwrap();
+    let overcommit = host::Overcommit::default();
+    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+    assert!(host::reserve(&c.hosts, host.uuid, a, 1, 1 << 30, overcommit).await.unwrap());
+    assert_eq!(host::fence(&c.hosts, host.uuid, true).await.unwrap(), 1, "one booking held");
+    assert!(!host::reserve(&c.hosts, host.uuid, b, 1, 1 << 30, overcommit).await.unwrap());
+    host::fence(&c.hosts, host.uuid, false).await.unwrap();
+    assert!(host::reserve(&c.hosts, host.uuid, b, 1, 1 << 30, overcommit).await.unwrap());
+}
