@@ -1,6 +1,12 @@
 //! The cluster under test: the real `strato` server and one real `strato-agent` process per
 //! host (sim driver), each with its own data directory, each behind a [`FaultProxy`].
 //!
+//! Run as root with iproute2, each agent lives in its own network namespace with its own
+//! address (10.213.i.2, reached over a veth pair from 10.213.i.1), so a partition is real:
+//! the host's link goes down, and TCP stalls as it would on a cut cable. Otherwise the agents
+//! listen on loopback and the proxy holds frames back to play the partition. The proxy also
+//! drops, duplicates and delays frames, which the kernel cannot do here (no `sch_netem`).
+//!
 //! It can kill any of them with SIGKILL and start them again, with injected faults switched
 //! on (failpoints in the MN, slow or failing driver calls in an agent) or off. It also reads
 //! what each agent's hypervisor runs by dialing the agent directly, past its proxy, as an
@@ -24,6 +30,68 @@ struct AgentSlot {
     dir: PathBuf,
     child: Option<Child>,
     proxy: FaultProxy,
+    netns: Option<Netns>,
+}
+
+/// An agent's own network namespace, with a veth pair to the root namespace.
+#[derive(Debug)]
+struct Netns {
+    name: String,
+    /// The root namespace's end of the veth pair: down is a partition.
+    veth: String,
+}
+
+fn ip(args: &[&str]) -> Result<(), Error> {
+    let out = Command::new("ip").args(args).output()?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim())
+            .into())
+    }
+}
+
+impl Netns {
+    /// Namespace `i` of this process, with the agent's address 10.213.`i`.2.
+    fn create(i: usize) -> Result<(Netns, SocketAddr), Error> {
+        let tag = std::process::id() % 100_000;
+        let name = format!("strato-chaos-{tag}-{i}");
+        let veth = format!("sc{tag}h{i}");
+        let inner = format!("sc{tag}n{i}");
+        let (outer_ip, inner_ip) = (format!("10.213.{i}.1"), format!("10.213.{i}.2"));
+        let _ = ip(&["netns", "del", &name]);
+        ip(&["netns", "add", &name])?;
+        let made = Netns { name: name.clone(), veth: veth.clone() };
+        ip(&["link", "add", &veth, "type", "veth", "peer", "name", &inner])?;
+        ip(&["link", "set", &inner, "netns", &name])?;
+        ip(&["addr", "add", &format!("{outer_ip}/30"), "dev", &veth])?;
+        ip(&["link", "set", &veth, "up"])?;
+        ip(&["-n", &name, "addr", "add", &format!("{inner_ip}/30"), "dev", &inner])?;
+        ip(&["-n", &name, "link", "set", &inner, "up"])?;
+        ip(&["-n", &name, "link", "set", "lo", "up"])?;
+        Ok((made, format!("{inner_ip}:7070").parse()?))
+    }
+
+    fn cut(&self, cut: bool) -> Result<(), Error> {
+        ip(&["link", "set", &self.veth, if cut { "down" } else { "up" }])
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Deleting the namespace deletes the veth pair with it.
+        let _ = ip(&["netns", "del", &self.name]);
+    }
+}
+
+/// Whether agents can get namespaces of their own here: root, with iproute2.
+fn namespaces_available() -> bool {
+    let tag = format!("strato-chaos-probe-{}", std::process::id());
+    let made = ip(&["netns", "add", &tag]).is_ok();
+    if made {
+        let _ = ip(&["netns", "del", &tag]);
+    }
+    made
 }
 
 /// The processes of one run.
@@ -86,8 +154,9 @@ fn kill(child: &mut Option<Child>) {
 }
 
 impl Cluster {
-    /// Starts the MN and `hosts` agents in `dir`; `seed` seeds the proxies.
-    pub fn start(dir: &Path, hosts: usize, seed: u64) -> Result<Self, Error> {
+    /// Starts the MN and `hosts` agents in `dir`; `seed` seeds the proxies. With
+    /// `namespaces`, each agent gets its own network namespace when this machine allows it.
+    pub fn start(dir: &Path, hosts: usize, seed: u64, namespaces: bool) -> Result<Self, Error> {
         std::fs::create_dir_all(dir)?;
         let strato = sibling("strato")?;
         let agent_binary = sibling("strato-agent")?;
@@ -99,13 +168,19 @@ impl Cluster {
         let token = String::from_utf8(out.stdout)?.trim().to_owned();
         let runtime =
             tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+        let isolated = namespaces && namespaces_available();
         let mut agents = Vec::with_capacity(hosts);
         for i in 0..hosts {
-            let addr = free_port()?;
+            let (netns, addr) = if isolated {
+                let (netns, addr) = Netns::create(i)?;
+                (Some(netns), addr)
+            } else {
+                (None, free_port()?)
+            };
             let proxy = runtime.block_on(FaultProxy::start(addr, seed ^ (i as u64 + 1)))?;
             let dir = dir.join(format!("agent-{i}"));
             std::fs::create_dir_all(&dir)?;
-            agents.push(AgentSlot { addr, dir, child: None, proxy });
+            agents.push(AgentSlot { addr, dir, child: None, proxy, netns });
         }
         let mut cluster = Cluster {
             dir: dir.to_owned(),
@@ -144,6 +219,23 @@ impl Cluster {
         &self.agents[i].proxy
     }
 
+    /// Whether the agents live in network namespaces of their own.
+    pub fn isolated(&self) -> bool {
+        self.agents.iter().all(|a| a.netns.is_some())
+    }
+
+    /// Cuts (`true`) or heals host `i`'s network: its link goes down in its namespace, or,
+    /// without namespaces, its proxy holds every frame back.
+    pub fn partition(&self, i: usize, cut: bool) -> Result<(), Error> {
+        match &self.agents[i].netns {
+            Some(netns) => netns.cut(cut),
+            None => {
+                self.agents[i].proxy.partition(cut);
+                Ok(())
+            }
+        }
+    }
+
     /// Host `i`'s data directory (its command journal is `journal.jsonl` there).
     pub fn agent_dir(&self, i: usize) -> &Path {
         &self.agents[i].dir
@@ -178,7 +270,17 @@ impl Cluster {
     pub fn start_agent(&mut self, i: usize, extra: &[String]) -> Result<(), Error> {
         let slot = &mut self.agents[i];
         kill(&mut slot.child);
-        let mut child = Command::new(&self.agent_binary)
+        let mut command = match &slot.netns {
+            // `ip netns exec` enters the namespace and executes the agent in place (same
+            // process, so SIGKILL reaches the agent itself).
+            Some(netns) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", &netns.name]).arg(&self.agent_binary);
+                command
+            }
+            None => Command::new(&self.agent_binary),
+        };
+        let mut child = command
             .args(["--driver", "sim", "--listen", &slot.addr.to_string(), "--token", &self.token])
             .args(["--sim-cpus", HOST_CPUS, "--sim-memory-mib", HOST_MEMORY_MIB, "--journal"])
             .arg("--data-dir")

@@ -152,15 +152,15 @@ pub fn apply(cluster: &std::sync::Mutex<Cluster>, fault: &Fault) -> Result<(), c
             lock().start_agent(*host, &[])?;
         }
         Fault::Partition { host, length } => {
-            lock().proxy(*host).partition(true);
+            lock().partition(*host, true)?;
             std::thread::sleep(*length);
-            lock().proxy(*host).partition(false);
+            lock().partition(*host, false)?;
         }
         Fault::Flap { host, cycles, cut, healed } => {
             for _ in 0..*cycles {
-                lock().proxy(*host).partition(true);
+                lock().partition(*host, true)?;
                 std::thread::sleep(*cut);
-                lock().proxy(*host).partition(false);
+                lock().partition(*host, false)?;
                 std::thread::sleep(*healed);
             }
         }

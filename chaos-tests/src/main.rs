@@ -52,6 +52,9 @@ enum Cmd {
         /// Run the workload without faults.
         #[arg(long)]
         no_faults: bool,
+        /// Keep every agent on loopback even where network namespaces are available.
+        #[arg(long)]
+        no_netns: bool,
         /// Keep the run's directory (logs, stores, journals) instead of deleting it.
         #[arg(long)]
         keep: bool,
@@ -81,11 +84,19 @@ fn main() -> std::process::ExitCode {
             let _ = std::fs::remove_dir_all(&dir);
             result
         }
-        Cmd::Run { seed, duration, hosts, clients, strategy, no_faults, keep } => {
+        Cmd::Run { seed, duration, hosts, clients, strategy, no_faults, no_netns, keep } => {
             let seed = seed.unwrap_or_else(|| fastrand::u64(..1_000_000));
             let dir =
                 std::env::temp_dir().join(format!("strato-chaos-{seed}-{}", std::process::id()));
-            let config = RunConfig { seed, duration, hosts, clients, strategy, faults: !no_faults };
+            let config = RunConfig {
+                seed,
+                duration,
+                hosts,
+                clients,
+                strategy,
+                faults: !no_faults,
+                namespaces: !no_netns,
+            };
             let result = run::run(&config, &dir);
             if keep {
                 eprintln!("strato-chaos: the run's files are in {}", dir.display());

@@ -36,6 +36,8 @@ pub struct RunConfig {
     pub strategy: Strategy,
     /// Whether faults are injected (without, the run checks the workload alone).
     pub faults: bool,
+    /// Whether agents get network namespaces of their own (when the machine allows it).
+    pub namespaces: bool,
 }
 
 fn ok(api: std::net::SocketAddr, method: &str, path: &str, body: Value) -> Result<Value, Error> {
@@ -105,7 +107,15 @@ pub fn run(config: &RunConfig, dir: &Path) -> Result<bool, Error> {
         config.strategy,
         if config.faults { "" } else { " --no-faults" }
     );
-    let cluster = Cluster::start(dir, config.hosts, config.seed)?;
+    let cluster = Cluster::start(dir, config.hosts, config.seed, config.namespaces)?;
+    println!(
+        "network: {}",
+        if cluster.isolated() {
+            "each agent in its own network namespace (partitions cut its link)"
+        } else {
+            "loopback (partitions are played by the fault proxies)"
+        }
+    );
     let infra = register(&cluster)?;
     let api = cluster.api();
     let cluster = Arc::new(Mutex::new(cluster));
@@ -175,6 +185,7 @@ pub fn run(config: &RunConfig, dir: &Path) -> Result<bool, Error> {
     {
         let mut c = cluster.lock().expect("cluster");
         for i in 0..c.hosts() {
+            c.partition(i, false)?;
             c.proxy(i).partition(false);
             c.proxy(i).set_faults(Default::default());
         }
