@@ -2,7 +2,7 @@
 //! host (sim driver), each with its own data directory, each behind a [`FaultProxy`].
 //!
 //! Run as root with iproute2, each agent lives in its own network namespace with its own
-//! address (10.213.i.2, reached over a veth pair from 10.213.i.1), so a partition is real:
+//! address (10.N.i.2, reached over a veth pair from 10.N.i.1), so a partition is real:
 //! the host's link goes down, and TCP stalls as it would on a cut cable. Otherwise the agents
 //! listen on loopback and the proxy holds frames back to play the partition. The proxy also
 //! drops, duplicates and delays frames, which the kernel cannot do here (no `sch_netem`).
@@ -52,13 +52,16 @@ fn ip(args: &[&str]) -> Result<(), Error> {
 }
 
 impl Netns {
-    /// Namespace `i` of this process, with the agent's address 10.213.`i`.2.
+    /// Namespace `i` of this process, with the agent's address 10.N.`i`.2 (N from the
+    /// process id).
     fn create(i: usize) -> Result<(Netns, SocketAddr), Error> {
         let tag = std::process::id() % 100_000;
         let name = format!("strato-chaos-{tag}-{i}");
         let veth = format!("sc{tag}h{i}");
         let inner = format!("sc{tag}n{i}");
-        let (outer_ip, inner_ip) = (format!("10.213.{i}.1"), format!("10.213.{i}.2"));
+        // A subnet per run, so runs side by side do not share addresses.
+        let net = 100 + tag % 100;
+        let (outer_ip, inner_ip) = (format!("10.{net}.{i}.1"), format!("10.{net}.{i}.2"));
         let _ = ip(&["netns", "del", &name]);
         ip(&["netns", "add", &name])?;
         let made = Netns { name: name.clone(), veth: veth.clone() };
