@@ -111,9 +111,11 @@ pub fn schedule(seed: u64, duration: Duration, hosts: usize) -> Vec<Scheduled> {
                 },
                 length: secs(&mut rng, 3.0, 10.0),
             },
+            // Up to 12 s a call: beyond the 10 s deadline of the MN's state checks, so the MN
+            // gives up on some calls while the agent still runs them.
             80..=89 => Fault::SlowDriver {
                 host,
-                latency: secs(&mut rng, 1.0, 4.0),
+                latency: secs(&mut rng, 2.0, 12.0),
                 length: secs(&mut rng, 5.0, 12.0),
             },
             _ => Fault::DriverErrors {
