@@ -3,8 +3,9 @@
 //! It serves the versioned HTTP API with axum in ZStack's v1 shape ([`routes`]), with async
 //! jobs persisted before they are acknowledged ([`jobs`]), on a management node assembled in
 //! [`mn`]. It is the only crate that speaks HTTP, and [`error`] is the one place where errors
-//! of every layer are mapped to HTTP statuses and stable error codes. Still to come here: the
-//! query engine, accounts, OpenAPI, `/metrics`, the debug console and the CLI.
+//! of every layer are mapped to HTTP statuses and stable error codes. Every list answers ZStack's
+//! queries ([`query`]). Still to come here: accounts, OpenAPI, `/metrics`, the debug console
+//! and the CLI.
 //!
 //! The `strato` binary runs the main job (`strato up`: the server, a local agent and the
 //! resources a first VM needs, [`up`]), the server alone (`strato server`), prints the
@@ -15,6 +16,7 @@ pub mod demo;
 pub mod error;
 pub mod jobs;
 pub mod mn;
+pub mod query;
 pub mod routes;
 pub mod server;
 pub mod up;

@@ -37,6 +37,7 @@ use uuid::Uuid;
 use crate::error::ApiError;
 use crate::jobs::{self, JobRecord, JobState};
 use crate::mn::Mn;
+use crate::query;
 
 type Shared = State<Arc<Mn>>;
 
@@ -46,36 +47,36 @@ const OP_TIMEOUT: Duration = Duration::from_secs(300);
 /// The API's routes.
 pub fn router(mn: Arc<Mn>) -> Router {
     Router::new()
-        .route("/v1/zones", get(list::<ZoneRecord>).post(create_zone))
+        .route("/v1/zones", list("zones").post(create_zone))
         .route("/v1/zones/{uuid}", get(one::<ZoneRecord>).delete(delete_zone))
-        .route("/v1/clusters", get(list::<ClusterRecord>).post(create_cluster))
+        .route("/v1/clusters", list("clusters").post(create_cluster))
         .route("/v1/clusters/{uuid}", get(one::<ClusterRecord>).delete(delete_cluster))
-        .route("/v1/hosts", get(list::<HostRecord>))
+        .route("/v1/hosts", list("hosts"))
         .route("/v1/hosts/kvm", post(add_host))
         .route("/v1/hosts/{uuid}", get(one::<HostRecord>).delete(delete_host))
         .route("/v1/hosts/{uuid}/actions", put(host_action))
-        .route("/v1/instance-offerings", get(list::<InstanceOfferingRecord>).post(create_offering))
+        .route("/v1/instance-offerings", list("instance-offerings").post(create_offering))
         .route(
             "/v1/instance-offerings/{uuid}",
             get(one::<InstanceOfferingRecord>).delete(delete_offering),
         )
-        .route("/v1/l2-networks", get(list::<L2NetworkRecord>))
+        .route("/v1/l2-networks", list("l2-networks"))
         .route("/v1/l2-networks/no-vlan", post(create_l2))
         .route("/v1/l2-networks/{uuid}", get(one::<L2NetworkRecord>).delete(delete_l2))
         .route("/v1/l2-networks/{l2}/clusters/{cluster}", post(attach_l2))
-        .route("/v1/l3-networks", get(list::<L3NetworkRecord>).post(create_l3))
+        .route("/v1/l3-networks", list("l3-networks").post(create_l3))
         .route("/v1/l3-networks/{uuid}", get(one::<L3NetworkRecord>).delete(delete_l3))
         .route("/v1/l3-networks/{uuid}/ip-ranges", post(add_ip_range))
-        .route("/v1/vm-instances", get(list::<VmRecord>).post(create_vm))
+        .route("/v1/vm-instances", list("vm-instances").post(create_vm))
         .route("/v1/vm-instances/{uuid}", get(one::<VmRecord>).delete(destroy_vm))
         .route("/v1/vm-instances/{uuid}/actions", put(vm_action))
-        .route("/v1/backup-storage", get(list::<BackupStorageRecord>))
+        .route("/v1/backup-storage", list("backup-storage"))
         .route("/v1/backup-storage/image-store", post(create_backup_storage))
         .route("/v1/zones/{zone}/backup-storage/{bs}", post(attach_backup_storage))
-        .route("/v1/primary-storage", get(list::<PrimaryStorageRecord>))
+        .route("/v1/primary-storage", list("primary-storage"))
         .route("/v1/primary-storage/local-storage", post(create_primary_storage))
         .route("/v1/clusters/{cluster}/primary-storage/{ps}", post(attach_primary_storage))
-        .route("/v1/images", get(list::<ImageRecord>).post(add_image))
+        .route("/v1/images", list("images").post(add_image))
         .route("/v1/images/{uuid}", get(one::<ImageRecord>))
         .route("/v1/api-jobs/{uuid}", get(job))
         .route("/v1/gc-jobs", get(gc_jobs))
@@ -209,12 +210,39 @@ fn non_empty(name: &str, field: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-async fn list<R: Record>(State(mn): Shared) -> Result<Json<Value>, ApiError> {
+fn inventories<R: Record>(mn: &Mn) -> Result<Vec<Value>, ApiError> {
     let mut inventories = Vec::new();
     for stored in mn.db.scan::<R>() {
         inventories.push(inventory(&stored?.record)?);
     }
-    Ok(Json(json!({ "inventories": inventories })))
+    Ok(inventories)
+}
+
+/// The inventories of a queryable kind, by its name in URLs.
+fn inventories_of(mn: &Mn, kind: &str) -> Result<Vec<Value>, ApiError> {
+    match kind {
+        "zones" => inventories::<ZoneRecord>(mn),
+        "clusters" => inventories::<ClusterRecord>(mn),
+        "hosts" => inventories::<HostRecord>(mn),
+        "instance-offerings" => inventories::<InstanceOfferingRecord>(mn),
+        "l2-networks" => inventories::<L2NetworkRecord>(mn),
+        "l3-networks" => inventories::<L3NetworkRecord>(mn),
+        "vm-instances" => inventories::<VmRecord>(mn),
+        "images" => inventories::<ImageRecord>(mn),
+        "backup-storage" => inventories::<BackupStorageRecord>(mn),
+        "primary-storage" => inventories::<PrimaryStorageRecord>(mn),
+        _ => Ok(Vec::new()),
+    }
+}
+
+/// `GET /v1/<kind>`: every inventory of the kind, or those a query selects.
+fn list(kind: &'static str) -> axum::routing::MethodRouter<Arc<Mn>> {
+    get(move |State(mn): Shared, Query(pairs): Query<Vec<(String, String)>>| async move {
+        let schema = query::schema(kind).expect("every listed kind is declared");
+        let query = query::Query::parse(schema, &pairs)?;
+        let mut catalog = query::Catalog::new(|kind| inventories_of(&mn, kind));
+        Ok::<_, ApiError>(Json(query.run(schema, &mut catalog)?))
+    })
 }
 
 async fn one<R: Record>(

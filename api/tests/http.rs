@@ -562,3 +562,31 @@ async fn a_stopped_vm_starts_on_a_host_of_the_users_choice() {
         "gone from the first host"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_answer_queries_and_refuse_unknown_fields() {
+    let env = tokio::task::spawn_blocking(env).await.unwrap();
+    let (host, offering, l3) = infrastructure(&env);
+    let body = json!({ "params": { "name": "vm1", "instanceOfferingUuid": offering["uuid"], "l3NetworkUuids": [l3["uuid"]] } }).to_string();
+    let vm = ok(env.api, "POST", "/v1/vm-instances", Some(&body));
+    let ip = vm["vmNics"][0]["ip"].as_str().unwrap();
+    let query = |q: &str| http(env.api, "GET", &format!("/v1/{q}"), None, &[]);
+
+    let (status, _, found) = query(&format!("vm-instances?q=vmNics.ip={ip}&q=state=Running"));
+    assert_eq!(status, 200);
+    assert_eq!(found["inventories"][0]["uuid"], vm["uuid"]);
+    let (_, _, found) = query("vm-instances?q=host.cluster.zone.name=z1&fields=uuid,name");
+    assert_eq!(found["inventories"], json!([{ "uuid": vm["uuid"], "name": "vm1" }]));
+    let (_, _, found) = query("hosts?q=vmInstance.state=Running&count=true");
+    assert_eq!(found, json!({ "total": 1 }));
+    let (_, _, found) =
+        query(&format!("hosts?q=uuid!={}&replyWithCount=true", host["uuid"].as_str().unwrap()));
+    assert_eq!(found["total"], 0);
+
+    let (status, _, refused) = query("vm-instances?q=colour=red");
+    assert_eq!(status, 400, "{refused}");
+    assert_eq!(refused["error"]["details"]["field"], "colour");
+    assert!(refused["error"]["description"].as_str().unwrap().contains("vmNics"), "{refused}");
+    let (status, _, _) = query("vm-instances?q=cpuNum>many");
+    assert_eq!(status, 400);
+}

@@ -1,0 +1,751 @@
+//! The query API: `GET /v1/<kind>?q=...`, ZStack's hallmark, for every resource kind.
+//!
+//! Every kind is declared once ([`SCHEMAS`]): its fields with their types, and its relations
+//! to other kinds (a field holding another resource's UUID, the resources pointing back at
+//! this one, or a list of nested objects such as a VM's NICs). The engine knows nothing of
+//! any kind beyond that declaration, so a later network service adds a join field (ZStack's
+//! `vmNics.eip.vipIp`) by declaring a relation, without touching the engine. The same
+//! declaration checks every condition: an unknown field or a value of the wrong type is a
+//! 400 naming it and listing the valid fields.
+//!
+//! Conditions (`q=` repeated, AND-ed): `=`, `!=`, `>`, `>=`, `<`, `<=`, `?=` (in a comma
+//! list), `!?=` (not in), `~=` (like, `%` as wildcard), `!~=`, and `field=null` /
+//! `field!=null`. A path may cross relations to any depth (`vmNics.l3Network.name=pub`,
+//! `host.cluster.zone.name=z1`); a condition on a list holds when one element satisfies it
+//! (and a negative one when none satisfies its positive form). Then `sort=+field|-field`,
+//! `start`, `limit` (default 1000), `count=true` (only the total), `replyWithCount=true`
+//! (adds `total`) and `fields=a,b` (only those fields).
+//!
+//! Queries read the kinds' inventories as the API shows them. Each kind a query touches is
+//! read once per request; indexed plans (for selective queries on very large stores) are
+//! not there yet.
+
+use std::collections::HashMap;
+
+use serde_json::{Map, Value};
+
+use crate::error::ApiError;
+
+/// A field's type, for checking the values conditions compare it with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FieldType {
+    /// A UUID (compared as text).
+    Uuid,
+    /// Text.
+    Text,
+    /// A whole number.
+    Int,
+}
+
+/// A field of a kind's inventory.
+#[derive(Debug)]
+pub struct Field {
+    /// Its name in the inventory (camelCase).
+    pub name: &'static str,
+    /// Its type.
+    pub ty: FieldType,
+}
+
+/// How a kind reaches another.
+#[derive(Debug)]
+pub enum Relation {
+    /// `field` holds the UUID of a resource of `kind` (a VM's `host`).
+    Ref { name: &'static str, field: &'static str, kind: &'static str },
+    /// The resources of `kind` whose `field` holds this one's UUID (a host's `vmInstance`).
+    Back { name: &'static str, kind: &'static str, field: &'static str },
+    /// A list of nested objects in the inventory itself (a VM's `vmNics`).
+    Nested { name: &'static str, schema: &'static Schema },
+}
+
+impl Relation {
+    fn name(&self) -> &'static str {
+        match self {
+            Relation::Ref { name, .. }
+            | Relation::Back { name, .. }
+            | Relation::Nested { name, .. } => name,
+        }
+    }
+}
+
+/// One kind's declaration.
+#[derive(Debug)]
+pub struct Schema {
+    /// Its name in URLs (`vm-instances`).
+    pub kind: &'static str,
+    /// Its fields.
+    pub fields: &'static [Field],
+    /// Its relations.
+    pub relations: &'static [Relation],
+}
+
+impl Schema {
+    fn field(&self, name: &str) -> Option<&Field> {
+        self.fields.iter().find(|f| f.name == name)
+    }
+
+    fn relation(&self, name: &str) -> Option<&Relation> {
+        self.relations.iter().find(|r| r.name() == name)
+    }
+
+    /// Every name a condition may start with here, for error messages.
+    fn valid_names(&self) -> Vec<&'static str> {
+        self.fields
+            .iter()
+            .map(|f| f.name)
+            .chain(self.relations.iter().map(Relation::name))
+            .collect()
+    }
+}
+
+const fn f(name: &'static str, ty: FieldType) -> Field {
+    Field { name, ty }
+}
+
+use FieldType::{Int, Text, Uuid as Id};
+
+static VM_NIC: Schema = Schema {
+    kind: "vm-nics",
+    fields: &[
+        f("uuid", Id),
+        f("ip", Text),
+        f("mac", Text),
+        f("l3NetworkUuid", Id),
+        f("bridge", Text),
+    ],
+    relations: &[Relation::Ref { name: "l3Network", field: "l3NetworkUuid", kind: "l3-networks" }],
+};
+
+/// Every queryable kind.
+pub static SCHEMAS: &[Schema] = &[
+    Schema {
+        kind: "zones",
+        fields: &[f("uuid", Id), f("name", Text), f("description", Text)],
+        relations: &[
+            Relation::Back { name: "cluster", kind: "clusters", field: "zoneUuid" },
+            Relation::Back { name: "l2Network", kind: "l2-networks", field: "zoneUuid" },
+        ],
+    },
+    Schema {
+        kind: "clusters",
+        fields: &[f("uuid", Id), f("name", Text), f("zoneUuid", Id), f("hypervisorType", Text)],
+        relations: &[
+            Relation::Ref { name: "zone", field: "zoneUuid", kind: "zones" },
+            Relation::Back { name: "host", kind: "hosts", field: "clusterUuid" },
+        ],
+    },
+    Schema {
+        kind: "hosts",
+        fields: &[
+            f("uuid", Id),
+            f("name", Text),
+            f("clusterUuid", Id),
+            f("managementIp", Text),
+            f("agentPort", Int),
+            f("state", Text),
+            f("status", Text),
+            f("lastError", Text),
+        ],
+        relations: &[
+            Relation::Ref { name: "cluster", field: "clusterUuid", kind: "clusters" },
+            Relation::Back { name: "vmInstance", kind: "vm-instances", field: "hostUuid" },
+        ],
+    },
+    Schema {
+        kind: "instance-offerings",
+        fields: &[f("uuid", Id), f("name", Text), f("cpuNum", Int), f("memorySize", Int)],
+        relations: &[],
+    },
+    Schema {
+        kind: "l2-networks",
+        fields: &[
+            f("uuid", Id),
+            f("name", Text),
+            f("zoneUuid", Id),
+            f("physicalInterface", Text),
+            f("type", Text),
+        ],
+        relations: &[
+            Relation::Ref { name: "zone", field: "zoneUuid", kind: "zones" },
+            Relation::Back { name: "l3Network", kind: "l3-networks", field: "l2NetworkUuid" },
+        ],
+    },
+    Schema {
+        kind: "l3-networks",
+        fields: &[f("uuid", Id), f("name", Text), f("l2NetworkUuid", Id), f("bridge", Text)],
+        relations: &[Relation::Ref {
+            name: "l2Network",
+            field: "l2NetworkUuid",
+            kind: "l2-networks",
+        }],
+    },
+    Schema {
+        kind: "vm-instances",
+        fields: &[
+            f("uuid", Id),
+            f("name", Text),
+            f("state", Text),
+            f("hostUuid", Id),
+            f("lastHostUuid", Id),
+            f("cpuNum", Int),
+            f("memorySize", Int),
+            f("rootVolumePath", Text),
+        ],
+        relations: &[
+            Relation::Ref { name: "host", field: "hostUuid", kind: "hosts" },
+            Relation::Nested { name: "vmNics", schema: &VM_NIC },
+        ],
+    },
+    Schema {
+        kind: "images",
+        fields: &[
+            f("uuid", Id),
+            f("name", Text),
+            f("url", Text),
+            f("format", Text),
+            f("size", Int),
+            f("checksum", Text),
+            f("status", Text),
+        ],
+        relations: &[],
+    },
+    Schema {
+        kind: "backup-storage",
+        fields: &[f("uuid", Id), f("name", Text), f("url", Text), f("type", Text)],
+        relations: &[],
+    },
+    Schema {
+        kind: "primary-storage",
+        fields: &[
+            f("uuid", Id),
+            f("name", Text),
+            f("url", Text),
+            f("zoneUuid", Id),
+            f("type", Text),
+        ],
+        relations: &[Relation::Ref { name: "zone", field: "zoneUuid", kind: "zones" }],
+    },
+];
+
+/// The declaration of `kind`.
+pub fn schema(kind: &str) -> Option<&'static Schema> {
+    SCHEMAS.iter().find(|s| s.kind == kind)
+}
+
+/// A comparison.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    Eq,
+    Ne,
+    Gt,
+    Ge,
+    Lt,
+    Le,
+    In,
+    NotIn,
+    Like,
+    NotLike,
+}
+
+impl Op {
+    /// Longest first, so `!?=` is not read as `!` then `?=`.
+    const TOKENS: [(&'static str, Op); 10] = [
+        ("!?=", Op::NotIn),
+        ("!~=", Op::NotLike),
+        ("?=", Op::In),
+        ("~=", Op::Like),
+        ("!=", Op::Ne),
+        (">=", Op::Ge),
+        ("<=", Op::Le),
+        ("=", Op::Eq),
+        (">", Op::Gt),
+        ("<", Op::Lt),
+    ];
+
+    fn negative(self) -> bool {
+        matches!(self, Op::Ne | Op::NotIn | Op::NotLike)
+    }
+
+    fn positive(self) -> Op {
+        match self {
+            Op::Ne => Op::Eq,
+            Op::NotIn => Op::In,
+            Op::NotLike => Op::Like,
+            other => other,
+        }
+    }
+}
+
+/// One checked condition.
+#[derive(Clone, Debug)]
+pub struct Condition {
+    /// The path, split at dots.
+    pub path: Vec<String>,
+    /// The comparison.
+    pub op: Op,
+    /// The value (`None`: `null`).
+    pub value: Option<String>,
+    /// The type of the field the path ends at.
+    pub ty: FieldType,
+}
+
+fn bad(field: &str, message: String, valid: &[&str]) -> ApiError {
+    ApiError::invalid(field, format!("{message}; valid here: {}", valid.join(", ")))
+}
+
+/// Parses and checks `text` (`vmNics.ip=10.0.0.5`) against `schema`.
+pub fn parse_condition(schema: &'static Schema, text: &str) -> Result<Condition, ApiError> {
+    let at = text
+        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '.' || c == '_'))
+        .ok_or_else(|| ApiError::invalid("q", format!("`{text}` has no operator")))?;
+    let (path_text, rest) = text.split_at(at);
+    let (op, value) = Op::TOKENS
+        .iter()
+        .find_map(|(token, op)| rest.strip_prefix(token).map(|v| (*op, v)))
+        .ok_or_else(|| ApiError::invalid("q", format!("`{text}` has no operator")))?;
+    let path: Vec<String> = path_text.split('.').map(str::to_owned).collect();
+    // Walk the declarations to the field the path ends at.
+    let mut here = schema;
+    for (i, step) in path.iter().enumerate() {
+        let last = i + 1 == path.len();
+        if last && let Some(field) = here.field(step) {
+            let value = (value != "null").then(|| value.to_owned());
+            check_value(path_text, field.ty, op, value.as_deref())?;
+            return Ok(Condition { path, op, value, ty: field.ty });
+        }
+        match here.relation(step) {
+            Some(Relation::Ref { kind, .. } | Relation::Back { kind, .. }) if !last => {
+                here = crate::query::schema(kind).expect("relations name declared kinds");
+            }
+            Some(Relation::Nested { schema, .. }) if !last => here = schema,
+            _ => {
+                return Err(bad(
+                    path_text,
+                    format!("`{path_text}`: `{step}` is not a field of {}", here.kind),
+                    &here.valid_names(),
+                ));
+            }
+        }
+    }
+    Err(bad(path_text, format!("`{path_text}` names no field"), &here.valid_names()))
+}
+
+fn check_value(field: &str, ty: FieldType, op: Op, value: Option<&str>) -> Result<(), ApiError> {
+    let Some(value) = value else {
+        return match op {
+            Op::Eq | Op::Ne => Ok(()),
+            _ => Err(ApiError::invalid(field, format!("`{field}`: null takes only = or !="))),
+        };
+    };
+    let values: Vec<&str> =
+        if matches!(op, Op::In | Op::NotIn) { value.split(',').collect() } else { vec![value] };
+    if matches!(op, Op::Like | Op::NotLike) {
+        return Ok(());
+    }
+    for v in values {
+        let ok = match ty {
+            FieldType::Int => v.parse::<i64>().is_ok(),
+            FieldType::Uuid => {
+                matches!(op, Op::Gt | Op::Ge | Op::Lt | Op::Le) || uuid::Uuid::parse_str(v).is_ok()
+            }
+            FieldType::Text => true,
+        };
+        if !ok {
+            return Err(ApiError::invalid(field, format!("`{field}` is {ty:?}; `{v}` is not one")));
+        }
+    }
+    Ok(())
+}
+
+/// Reads every inventory of a kind.
+type Loader<'a> = Box<dyn Fn(&str) -> Result<Vec<Value>, ApiError> + 'a>;
+
+/// The inventories a request reads, each kind loaded once.
+pub struct Catalog<'a> {
+    load: Loader<'a>,
+    kinds: HashMap<&'static str, Vec<Value>>,
+}
+
+impl std::fmt::Debug for Catalog<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Catalog").field("loaded", &self.kinds.keys().collect::<Vec<_>>()).finish()
+    }
+}
+
+impl<'a> Catalog<'a> {
+    /// A catalog reading each kind's inventories with `load`.
+    pub fn new(load: impl Fn(&str) -> Result<Vec<Value>, ApiError> + 'a) -> Self {
+        Catalog { load: Box::new(load), kinds: HashMap::new() }
+    }
+
+    fn kind(&mut self, kind: &'static str) -> Result<&[Value], ApiError> {
+        if !self.kinds.contains_key(kind) {
+            let loaded = (self.load)(kind)?;
+            self.kinds.insert(kind, loaded);
+        }
+        Ok(&self.kinds[kind])
+    }
+
+    /// The inventories of `kind`.
+    pub fn all(&mut self, kind: &'static str) -> Result<Vec<Value>, ApiError> {
+        Ok(self.kind(kind)?.to_vec())
+    }
+}
+
+/// The values `path` reaches from `item` (of `schema`), across relations.
+fn reach(
+    catalog: &mut Catalog<'_>,
+    schema: &'static Schema,
+    item: &Value,
+    path: &[String],
+) -> Result<Vec<Value>, ApiError> {
+    let Some((step, rest)) = path.split_first() else { return Ok(vec![item.clone()]) };
+    if rest.is_empty() && schema.field(step).is_some() {
+        return Ok(match &item[step.as_str()] {
+            Value::Array(values) => values.clone(),
+            value => vec![value.clone()],
+        });
+    }
+    let mut found = Vec::new();
+    match schema.relation(step) {
+        Some(Relation::Ref { field, kind, .. }) => {
+            let target = schema_of(kind);
+            let wanted: Vec<Value> = match &item[*field] {
+                Value::Array(values) => values.clone(),
+                value => vec![value.clone()],
+            };
+            let related: Vec<Value> = catalog
+                .kind(target.kind)?
+                .iter()
+                .filter(|other| wanted.contains(&other["uuid"]))
+                .cloned()
+                .collect();
+            for other in related {
+                found.extend(reach(catalog, target, &other, rest)?);
+            }
+        }
+        Some(Relation::Back { kind, field, .. }) => {
+            let target = schema_of(kind);
+            let me = item["uuid"].clone();
+            let related: Vec<Value> =
+                catalog.kind(target.kind)?.iter().filter(|o| o[*field] == me).cloned().collect();
+            for other in related {
+                found.extend(reach(catalog, target, &other, rest)?);
+            }
+        }
+        Some(Relation::Nested { name, schema: nested }) => {
+            for element in item[*name].as_array().into_iter().flatten() {
+                found.extend(reach(catalog, nested, element, rest)?);
+            }
+        }
+        None => {}
+    }
+    Ok(found)
+}
+
+fn schema_of(kind: &str) -> &'static Schema {
+    schema(kind).expect("relations name declared kinds")
+}
+
+fn like(pattern: &str, text: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('%').collect();
+    if parts.len() == 1 {
+        return pattern == text;
+    }
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if !text.starts_with(first) || !text[first.len()..].ends_with(last) {
+        return false;
+    }
+    let mut rest = &text[first.len()..text.len() - last.len()];
+    for middle in &parts[1..parts.len() - 1] {
+        match rest.find(middle) {
+            Some(at) => rest = &rest[at + middle.len()..],
+            None => return false,
+        }
+    }
+    true
+}
+
+fn compare(ty: FieldType, value: &Value, with: &str) -> Option<std::cmp::Ordering> {
+    match ty {
+        FieldType::Int => value.as_i64().zip(with.parse::<i64>().ok()).map(|(a, b)| a.cmp(&b)),
+        FieldType::Text | FieldType::Uuid => value.as_str().map(|a| a.cmp(with)),
+    }
+}
+
+fn holds(op: Op, ty: FieldType, value: &Value, with: &str) -> bool {
+    use std::cmp::Ordering::*;
+    match op {
+        Op::Eq => compare(ty, value, with) == Some(Equal),
+        Op::Gt => compare(ty, value, with) == Some(Greater),
+        Op::Ge => matches!(compare(ty, value, with), Some(Greater | Equal)),
+        Op::Lt => compare(ty, value, with) == Some(Less),
+        Op::Le => matches!(compare(ty, value, with), Some(Less | Equal)),
+        Op::In => with.split(',').any(|w| compare(ty, value, w) == Some(Equal)),
+        Op::Like => match value {
+            Value::String(text) => like(with, text),
+            Value::Number(n) => like(with, &n.to_string()),
+            _ => false,
+        },
+        Op::Ne | Op::NotIn | Op::NotLike => !holds(op.positive(), ty, value, with),
+    }
+}
+
+/// Whether `item` (of `schema`) satisfies `condition`.
+pub fn matches(
+    catalog: &mut Catalog<'_>,
+    schema: &'static Schema,
+    item: &Value,
+    condition: &Condition,
+) -> Result<bool, ApiError> {
+    let values = reach(catalog, schema, item, &condition.path)?;
+    let present: Vec<&Value> = values.iter().filter(|v| !v.is_null()).collect();
+    Ok(match &condition.value {
+        None if condition.op == Op::Eq => present.is_empty(),
+        None => !present.is_empty(),
+        Some(with) if condition.op.negative() => {
+            !present.iter().any(|v| holds(condition.op.positive(), condition.ty, v, with))
+        }
+        Some(with) => present.iter().any(|v| holds(condition.op, condition.ty, v, with)),
+    })
+}
+
+/// A whole query: conditions and the shape of the answer.
+#[derive(Debug, Default)]
+pub struct Query {
+    conditions: Vec<Condition>,
+    sort: Option<(String, bool)>,
+    start: usize,
+    limit: usize,
+    count: bool,
+    reply_with_count: bool,
+    fields: Option<Vec<String>>,
+}
+
+/// The default page size.
+pub const DEFAULT_LIMIT: usize = 1000;
+
+impl Query {
+    /// Parses a query string's pairs (`q` repeated, and the paging and shaping options).
+    pub fn parse(schema: &'static Schema, pairs: &[(String, String)]) -> Result<Self, ApiError> {
+        let mut query = Query { limit: DEFAULT_LIMIT, ..Default::default() };
+        let number = |name: &str, v: &str| {
+            v.parse::<usize>().map_err(|_| {
+                ApiError::invalid(name, format!("`{name}` must be a number, not `{v}`"))
+            })
+        };
+        let flag = |name: &str, v: &str| match v {
+            "true" => Ok(true),
+            "false" => Ok(false),
+            _ => Err(ApiError::invalid(name, format!("`{name}` must be true or false"))),
+        };
+        for (name, value) in pairs {
+            match name.as_str() {
+                "q" => query.conditions.push(parse_condition(schema, value)?),
+                "limit" => query.limit = number("limit", value)?,
+                "start" => query.start = number("start", value)?,
+                "count" => query.count = flag("count", value)?,
+                "replyWithCount" => query.reply_with_count = flag("replyWithCount", value)?,
+                "sort" => {
+                    let (descending, field) = match value.split_at_checked(1) {
+                        Some(("-", field)) => (true, field),
+                        Some(("+", field)) => (false, field),
+                        _ => (false, value.as_str()),
+                    };
+                    if schema.field(field).is_none() {
+                        return Err(bad(
+                            "sort",
+                            format!("`{field}` is not a field of {}", schema.kind),
+                            &schema.fields.iter().map(|f| f.name).collect::<Vec<_>>(),
+                        ));
+                    }
+                    query.sort = Some((field.to_owned(), descending));
+                }
+                "fields" => {
+                    let fields: Vec<String> = value.split(',').map(str::to_owned).collect();
+                    if let Some(unknown) = fields
+                        .iter()
+                        .find(|f| schema.field(f).is_none() && schema.relation(f).is_none())
+                    {
+                        return Err(bad(
+                            "fields",
+                            format!("`{unknown}` is not a field of {}", schema.kind),
+                            &schema.valid_names(),
+                        ));
+                    }
+                    query.fields = Some(fields);
+                }
+                other => {
+                    return Err(ApiError::invalid(
+                        other,
+                        format!(
+                            "`{other}` is not a query option; use q, limit, start, sort, count, replyWithCount or fields"
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(query)
+    }
+
+    /// Runs the query over `catalog`; returns the answer's body.
+    pub fn run(
+        &self,
+        schema: &'static Schema,
+        catalog: &mut Catalog<'_>,
+    ) -> Result<Value, ApiError> {
+        let mut hits = Vec::new();
+        'items: for item in catalog.all(schema.kind)? {
+            for condition in &self.conditions {
+                if !matches(catalog, schema, &item, condition)? {
+                    continue 'items;
+                }
+            }
+            hits.push(item);
+        }
+        let total = hits.len();
+        if self.count {
+            return Ok(serde_json::json!({ "total": total }));
+        }
+        if let Some((field, descending)) = &self.sort {
+            let ty = schema.field(field).map_or(FieldType::Text, |f| f.ty);
+            hits.sort_by(|a, b| {
+                let order = match ty {
+                    FieldType::Int => a[field.as_str()].as_i64().cmp(&b[field.as_str()].as_i64()),
+                    _ => a[field.as_str()].to_string().cmp(&b[field.as_str()].to_string()),
+                };
+                if *descending { order.reverse() } else { order }
+            });
+        }
+        let page: Vec<Value> = hits
+            .into_iter()
+            .skip(self.start)
+            .take(self.limit)
+            .map(|item| match &self.fields {
+                Some(fields) => {
+                    let mut only = Map::new();
+                    for field in fields {
+                        only.insert(field.clone(), item[field.as_str()].clone());
+                    }
+                    Value::Object(only)
+                }
+                None => item,
+            })
+            .collect();
+        let mut body = serde_json::json!({ "inventories": page });
+        if self.reply_with_count {
+            body["total"] = total.into();
+        }
+        Ok(body)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn catalog() -> Catalog<'static> {
+        Catalog::new(|kind| {
+            Ok(match kind {
+                "zones" => {
+                    vec![json!({ "uuid": "00000000-0000-0000-0000-00000000000a", "name": "z1" })]
+                }
+                "clusters" => vec![json!({ "uuid": "00000000-0000-0000-0000-00000000000c",
+                    "name": "c1", "zoneUuid": "00000000-0000-0000-0000-00000000000a" })],
+                "hosts" => vec![
+                    json!({ "uuid": "00000000-0000-0000-0000-000000000001", "name": "h1",
+                        "clusterUuid": "00000000-0000-0000-0000-00000000000c", "agentPort": 7070 }),
+                    json!({ "uuid": "00000000-0000-0000-0000-000000000002", "name": "h2",
+                        "clusterUuid": "00000000-0000-0000-0000-00000000000d", "agentPort": 7071 }),
+                ],
+                "l3-networks" => {
+                    vec![json!({ "uuid": "00000000-0000-0000-0000-0000000000f1", "name": "pub" })]
+                }
+                "vm-instances" => vec![
+                    json!({ "uuid": "00000000-0000-0000-0000-000000000101", "name": "web-1",
+                        "state": "Running", "cpuNum": 2, "hostUuid": "00000000-0000-0000-0000-000000000001",
+                        "vmNics": [{ "ip": "10.0.0.5", "l3NetworkUuid": "00000000-0000-0000-0000-0000000000f1" }] }),
+                    json!({ "uuid": "00000000-0000-0000-0000-000000000102", "name": "db-1",
+                        "state": "Stopped", "cpuNum": 4, "hostUuid": "00000000-0000-0000-0000-000000000002",
+                        "vmNics": [] }),
+                    json!({ "uuid": "00000000-0000-0000-0000-000000000103", "name": "web-2",
+                        "state": "Running", "cpuNum": 1, "hostUuid": null, "vmNics": [] }),
+                ],
+                _ => vec![],
+            })
+        })
+    }
+
+    fn names(kind: &str, q: &[&str]) -> Vec<String> {
+        let schema = schema(kind).unwrap();
+        let pairs: Vec<(String, String)> = q
+            .iter()
+            .map(|p| p.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())).unwrap())
+            .collect();
+        let body = Query::parse(schema, &pairs).unwrap().run(schema, &mut catalog()).unwrap();
+        body["inventories"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["name"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    #[test]
+    fn every_operator_and_null_test() {
+        assert_eq!(names("vm-instances", &["q=state=Running"]), ["web-1", "web-2"]);
+        assert_eq!(names("vm-instances", &["q=state!=Running"]), ["db-1"]);
+        assert_eq!(names("vm-instances", &["q=cpuNum>1"]), ["web-1", "db-1"]);
+        assert_eq!(names("vm-instances", &["q=cpuNum>=2", "q=cpuNum<=2"]), ["web-1"]);
+        assert_eq!(names("vm-instances", &["q=cpuNum<2"]), ["web-2"]);
+        assert_eq!(names("vm-instances", &["q=name?=db-1,web-2"]), ["db-1", "web-2"]);
+        assert_eq!(names("vm-instances", &["q=name!?=db-1,web-2"]), ["web-1"]);
+        assert_eq!(names("vm-instances", &["q=name~=web%"]), ["web-1", "web-2"]);
+        assert_eq!(names("vm-instances", &["q=name!~=web%"]), ["db-1"]);
+        assert_eq!(names("vm-instances", &["q=hostUuid=null"]), ["web-2"]);
+        assert_eq!(names("vm-instances", &["q=hostUuid!=null"]), ["web-1", "db-1"]);
+    }
+
+    #[test]
+    fn joins_through_declared_relations_to_any_depth() {
+        assert_eq!(names("vm-instances", &["q=vmNics.ip=10.0.0.5"]), ["web-1"]);
+        assert_eq!(names("vm-instances", &["q=vmNics.l3Network.name=pub"]), ["web-1"]);
+        assert_eq!(names("vm-instances", &["q=host.cluster.zone.name=z1"]), ["web-1"]);
+        assert_eq!(names("hosts", &["q=vmInstance.state=Running"]), ["h1"]);
+        assert_eq!(names("hosts", &["q=vmInstance.state!=Running"]), ["h2"]);
+    }
+
+    #[test]
+    fn paging_sorting_counting_and_fields() {
+        assert_eq!(names("vm-instances", &["sort=-cpuNum"]), ["db-1", "web-1", "web-2"]);
+        assert_eq!(names("vm-instances", &["sort=+name", "start=1", "limit=1"]), ["web-1"]);
+        let schema = schema("vm-instances").unwrap();
+        let pairs = vec![("q".into(), "state=Running".into()), ("count".into(), "true".into())];
+        let body = Query::parse(schema, &pairs).unwrap().run(schema, &mut catalog()).unwrap();
+        assert_eq!(body, json!({ "total": 2 }));
+        let pairs = vec![
+            ("replyWithCount".into(), "true".into()),
+            ("limit".into(), "1".into()),
+            ("fields".into(), "uuid,name".into()),
+        ];
+        let body = Query::parse(schema, &pairs).unwrap().run(schema, &mut catalog()).unwrap();
+        assert_eq!(body["total"], 3);
+        assert_eq!(body["inventories"][0].as_object().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn unknown_fields_and_wrong_types_are_refused_with_the_valid_fields() {
+        let schema = schema("vm-instances").unwrap();
+        let error = parse_condition(schema, "colour=red").unwrap_err().description;
+        assert!(
+            error.contains("colour") && error.contains("hostUuid") && error.contains("vmNics"),
+            "{error}"
+        );
+        let error = parse_condition(schema, "vmNics.l3Network.colour=red").unwrap_err().description;
+        assert!(error.contains("l3-networks") && error.contains("l2NetworkUuid"), "{error}");
+        assert!(parse_condition(schema, "cpuNum=two").is_err());
+        assert!(parse_condition(schema, "hostUuid=not-a-uuid").is_err());
+        assert!(parse_condition(schema, "cpuNum>null").is_err());
+        assert!(parse_condition(schema, "state").is_err());
+    }
+}
