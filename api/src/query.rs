@@ -76,6 +76,9 @@ pub struct Schema {
     pub fields: &'static [Field],
     /// Its relations.
     pub relations: &'static [Relation],
+    /// Condition paths the store indexes, with the index's name: an equality (or `?=`) on
+    /// one of them reads only the records the index names, not the whole kind.
+    pub indexed: &'static [(&'static str, &'static str)],
 }
 
 impl Schema {
@@ -113,6 +116,7 @@ static VM_NIC: Schema = Schema {
         f("bridge", Text),
     ],
     relations: &[Relation::Ref { name: "l3Network", field: "l3NetworkUuid", kind: "l3-networks" }],
+    indexed: &[],
 };
 
 /// Every queryable kind.
@@ -124,6 +128,7 @@ pub static SCHEMAS: &[Schema] = &[
             Relation::Back { name: "cluster", kind: "clusters", field: "zoneUuid" },
             Relation::Back { name: "l2Network", kind: "l2-networks", field: "zoneUuid" },
         ],
+        indexed: &[("uuid", "#uuid")],
     },
     Schema {
         kind: "clusters",
@@ -132,6 +137,7 @@ pub static SCHEMAS: &[Schema] = &[
             Relation::Ref { name: "zone", field: "zoneUuid", kind: "zones" },
             Relation::Back { name: "host", kind: "hosts", field: "clusterUuid" },
         ],
+        indexed: &[("uuid", "#uuid")],
     },
     Schema {
         kind: "hosts",
@@ -149,11 +155,19 @@ pub static SCHEMAS: &[Schema] = &[
             Relation::Ref { name: "cluster", field: "clusterUuid", kind: "clusters" },
             Relation::Back { name: "vmInstance", kind: "vm-instances", field: "hostUuid" },
         ],
+        indexed: &[
+            ("uuid", "#uuid"),
+            ("name", "name"),
+            ("hostUuid", "host"),
+            ("vmNics.ip", "ip"),
+            ("vmNics.l3NetworkUuid", "l3"),
+        ],
     },
     Schema {
         kind: "instance-offerings",
         fields: &[f("uuid", Id), f("name", Text), f("cpuNum", Int), f("memorySize", Int)],
         relations: &[],
+        indexed: &[("uuid", "#uuid")],
     },
     Schema {
         kind: "l2-networks",
@@ -168,6 +182,7 @@ pub static SCHEMAS: &[Schema] = &[
             Relation::Ref { name: "zone", field: "zoneUuid", kind: "zones" },
             Relation::Back { name: "l3Network", kind: "l3-networks", field: "l2NetworkUuid" },
         ],
+        indexed: &[("uuid", "#uuid")],
     },
     Schema {
         kind: "l3-networks",
@@ -177,6 +192,7 @@ pub static SCHEMAS: &[Schema] = &[
             field: "l2NetworkUuid",
             kind: "l2-networks",
         }],
+        indexed: &[("uuid", "#uuid")],
     },
     Schema {
         kind: "vm-instances",
@@ -194,6 +210,13 @@ pub static SCHEMAS: &[Schema] = &[
             Relation::Ref { name: "host", field: "hostUuid", kind: "hosts" },
             Relation::Nested { name: "vmNics", schema: &VM_NIC },
         ],
+        indexed: &[
+            ("uuid", "#uuid"),
+            ("name", "name"),
+            ("hostUuid", "host"),
+            ("vmNics.ip", "ip"),
+            ("vmNics.l3NetworkUuid", "l3"),
+        ],
     },
     Schema {
         kind: "images",
@@ -207,11 +230,13 @@ pub static SCHEMAS: &[Schema] = &[
             f("status", Text),
         ],
         relations: &[],
+        indexed: &[("uuid", "#uuid")],
     },
     Schema {
         kind: "backup-storage",
         fields: &[f("uuid", Id), f("name", Text), f("url", Text), f("type", Text)],
         relations: &[],
+        indexed: &[("uuid", "#uuid")],
     },
     Schema {
         kind: "primary-storage",
@@ -223,6 +248,7 @@ pub static SCHEMAS: &[Schema] = &[
             f("type", Text),
         ],
         relations: &[Relation::Ref { name: "zone", field: "zoneUuid", kind: "zones" }],
+        indexed: &[("uuid", "#uuid")],
     },
 ];
 
@@ -359,9 +385,14 @@ fn check_value(field: &str, ty: FieldType, op: Op, value: Option<&str>) -> Resul
 /// Reads every inventory of a kind.
 type Loader<'a> = Box<dyn Fn(&str) -> Result<Vec<Value>, ApiError> + 'a>;
 
+/// Reads the inventories of a kind that an index names for a value: (kind, index, value,
+/// the value's type).
+type Finder<'a> = Box<dyn Fn(&str, &str, &str, FieldType) -> Result<Vec<Value>, ApiError> + 'a>;
+
 /// The inventories a request reads, each kind loaded once.
 pub struct Catalog<'a> {
     load: Loader<'a>,
+    find: Finder<'a>,
     kinds: HashMap<&'static str, Vec<Value>>,
 }
 
@@ -372,9 +403,14 @@ impl std::fmt::Debug for Catalog<'_> {
 }
 
 impl<'a> Catalog<'a> {
-    /// A catalog reading each kind's inventories with `load`.
-    pub fn new(load: impl Fn(&str) -> Result<Vec<Value>, ApiError> + 'a) -> Self {
-        Catalog { load: Box::new(load), kinds: HashMap::new() }
+    /// A catalog reading each kind's inventories with `load`, and those an index names with
+    /// `find` (kind, index, value, the value's type; the index `#uuid` is the record's own
+    /// UUID).
+    pub fn new(
+        load: impl Fn(&str) -> Result<Vec<Value>, ApiError> + 'a,
+        find: impl Fn(&str, &str, &str, FieldType) -> Result<Vec<Value>, ApiError> + 'a,
+    ) -> Self {
+        Catalog { load: Box::new(load), find: Box::new(find), kinds: HashMap::new() }
     }
 
     fn kind(&mut self, kind: &'static str) -> Result<&[Value], ApiError> {
@@ -587,6 +623,38 @@ impl Query {
         Ok(query)
     }
 
+    /// The records to evaluate: those an index names for the first indexed equality, or
+    /// every record of the kind.
+    fn candidates(
+        &self,
+        schema: &'static Schema,
+        catalog: &mut Catalog<'_>,
+    ) -> Result<Vec<Value>, ApiError> {
+        let indexed = self.conditions.iter().find_map(|c| {
+            let path = c.path.join(".");
+            let index = schema.indexed.iter().find(|(p, _)| *p == path)?.1;
+            match (c.op, &c.value) {
+                (Op::Eq, Some(value)) => Some((index, c.ty, vec![value.clone()])),
+                (Op::In, Some(values)) => {
+                    Some((index, c.ty, values.split(',').map(str::to_owned).collect()))
+                }
+                _ => None,
+            }
+        });
+        let Some((index, ty, values)) = indexed else { return catalog.all(schema.kind) };
+        let mut found: Vec<Value> = Vec::new();
+        for value in values {
+            for item in (catalog.find)(schema.kind, index, &value, ty)? {
+                if !found.iter().any(|f| f["uuid"] == item["uuid"]) {
+                    found.push(item);
+                }
+            }
+        }
+        // The order of a whole-kind read (the store's, by UUID), whichever plan ran.
+        found.sort_by(|a, b| a["uuid"].as_str().cmp(&b["uuid"].as_str()));
+        Ok(found)
+    }
+
     /// Runs the query over `catalog`; returns the answer's body.
     pub fn run(
         &self,
@@ -594,7 +662,8 @@ impl Query {
         catalog: &mut Catalog<'_>,
     ) -> Result<Value, ApiError> {
         let mut hits = Vec::new();
-        'items: for item in catalog.all(schema.kind)? {
+        // Every condition is still evaluated on the candidates: the index only narrows.
+        'items: for item in self.candidates(schema, catalog)? {
             for condition in &self.conditions {
                 if !matches(catalog, schema, &item, condition)? {
                     continue 'items;
@@ -644,36 +713,62 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn catalog() -> Catalog<'static> {
-        Catalog::new(|kind| {
-            Ok(match kind {
-                "zones" => {
-                    vec![json!({ "uuid": "00000000-0000-0000-0000-00000000000a", "name": "z1" })]
-                }
-                "clusters" => vec![json!({ "uuid": "00000000-0000-0000-0000-00000000000c",
-                    "name": "c1", "zoneUuid": "00000000-0000-0000-0000-00000000000a" })],
-                "hosts" => vec![
-                    json!({ "uuid": "00000000-0000-0000-0000-000000000001", "name": "h1",
-                        "clusterUuid": "00000000-0000-0000-0000-00000000000c", "agentPort": 7070 }),
-                    json!({ "uuid": "00000000-0000-0000-0000-000000000002", "name": "h2",
-                        "clusterUuid": "00000000-0000-0000-0000-00000000000d", "agentPort": 7071 }),
-                ],
-                "l3-networks" => {
-                    vec![json!({ "uuid": "00000000-0000-0000-0000-0000000000f1", "name": "pub" })]
-                }
-                "vm-instances" => vec![
-                    json!({ "uuid": "00000000-0000-0000-0000-000000000101", "name": "web-1",
-                        "state": "Running", "cpuNum": 2, "hostUuid": "00000000-0000-0000-0000-000000000001",
-                        "vmNics": [{ "ip": "10.0.0.5", "l3NetworkUuid": "00000000-0000-0000-0000-0000000000f1" }] }),
-                    json!({ "uuid": "00000000-0000-0000-0000-000000000102", "name": "db-1",
-                        "state": "Stopped", "cpuNum": 4, "hostUuid": "00000000-0000-0000-0000-000000000002",
-                        "vmNics": [] }),
-                    json!({ "uuid": "00000000-0000-0000-0000-000000000103", "name": "web-2",
-                        "state": "Running", "cpuNum": 1, "hostUuid": null, "vmNics": [] }),
-                ],
-                _ => vec![],
+    /// What the store's indexes would name: the items of a kind whose indexed path holds
+    /// `value` (the index names of the vm-instances declaration, and `#uuid`).
+    fn by_index(items: Vec<Value>, index: &str, value: &str) -> Vec<Value> {
+        let nics = |v: &Value| v["vmNics"].as_array().cloned().unwrap_or_default();
+        items
+            .into_iter()
+            .filter(|v| match index {
+                "#uuid" => v["uuid"] == value,
+                "name" => v["name"] == value,
+                "host" => v["hostUuid"] == value,
+                "ip" => nics(v).iter().any(|n| n["ip"] == value),
+                "l3" => nics(v).iter().any(|n| n["l3NetworkUuid"] == value),
+                other => panic!("no index {other}"),
             })
-        })
+            .collect()
+    }
+
+    fn catalog_of(data: &dyn Fn(&str) -> Vec<Value>) -> Catalog<'_> {
+        Catalog::new(
+            move |kind| Ok(data(kind)),
+            move |kind, index, value, _| Ok(by_index(data(kind), index, value)),
+        )
+    }
+
+    fn fixture(kind: &str) -> Vec<Value> {
+        match kind {
+            "zones" => {
+                vec![json!({ "uuid": "00000000-0000-0000-0000-00000000000a", "name": "z1" })]
+            }
+            "clusters" => vec![json!({ "uuid": "00000000-0000-0000-0000-00000000000c",
+                "name": "c1", "zoneUuid": "00000000-0000-0000-0000-00000000000a" })],
+            "hosts" => vec![
+                json!({ "uuid": "00000000-0000-0000-0000-000000000001", "name": "h1",
+                    "clusterUuid": "00000000-0000-0000-0000-00000000000c", "agentPort": 7070 }),
+                json!({ "uuid": "00000000-0000-0000-0000-000000000002", "name": "h2",
+                    "clusterUuid": "00000000-0000-0000-0000-00000000000d", "agentPort": 7071 }),
+            ],
+            "l3-networks" => {
+                vec![json!({ "uuid": "00000000-0000-0000-0000-0000000000f1", "name": "pub" })]
+            }
+            "vm-instances" => vec![
+                json!({ "uuid": "00000000-0000-0000-0000-000000000101", "name": "web-1",
+                    "state": "Running", "cpuNum": 2, "hostUuid": "00000000-0000-0000-0000-000000000001",
+                    "vmNics": [{ "ip": "10.0.0.5", "l3NetworkUuid": "00000000-0000-0000-0000-0000000000f1" }] }),
+                json!({ "uuid": "00000000-0000-0000-0000-000000000102", "name": "db-1",
+                    "state": "Stopped", "cpuNum": 4, "hostUuid": "00000000-0000-0000-0000-000000000002",
+                    "vmNics": [] }),
+                json!({ "uuid": "00000000-0000-0000-0000-000000000103", "name": "web-2",
+                    "state": "Running", "cpuNum": 1, "hostUuid": null, "vmNics": [] }),
+            ],
+            _ => vec![],
+        }
+    }
+
+    fn catalog() -> Catalog<'static> {
+        catalog_of(&fixture)
     }
 
     fn names(kind: &str, q: &[&str]) -> Vec<String> {
@@ -747,5 +842,97 @@ mod tests {
         assert!(parse_condition(schema, "hostUuid=not-a-uuid").is_err());
         assert!(parse_condition(schema, "cpuNum>null").is_err());
         assert!(parse_condition(schema, "state").is_err());
+    }
+
+    const HOSTS: [&str; 2] =
+        ["00000000-0000-0000-0000-000000000001", "00000000-0000-0000-0000-000000000002"];
+
+    /// A random VM: (name, state, NIC address, host, CPUs), as indexes into small value sets
+    /// so conditions often match.
+    fn vm_strategy()
+    -> impl proptest::strategy::Strategy<Value = (usize, usize, Option<usize>, Option<usize>, i64)>
+    {
+        (
+            0..3usize,
+            0..2usize,
+            proptest::option::of(0..4usize),
+            proptest::option::of(0..2usize),
+            1..5i64,
+        )
+    }
+
+    /// The plain evaluator the engine is compared with: one condition, on one VM.
+    fn plainly(vm: &Value, field: &str, op: &str, value: &str) -> bool {
+        let values: Vec<Value> = match field {
+            "vmNics.ip" => {
+                vm["vmNics"].as_array().unwrap().iter().map(|n| n["ip"].clone()).collect()
+            }
+            other => vec![vm[other].clone()].into_iter().filter(|v| !v.is_null()).collect(),
+        };
+        let eq = |v: &Value, w: &str| match v {
+            Value::Number(n) => n.to_string() == w,
+            Value::String(s) => s == w,
+            _ => false,
+        };
+        let num = |v: &Value| v.as_i64().unwrap_or(0);
+        match op {
+            "=" => values.iter().any(|v| eq(v, value)),
+            "!=" => !values.iter().any(|v| eq(v, value)),
+            "?=" => values.iter().any(|v| value.split(',').any(|w| eq(v, w))),
+            ">" => values.iter().any(|v| num(v) > value.parse::<i64>().unwrap()),
+            "<" => values.iter().any(|v| num(v) < value.parse::<i64>().unwrap()),
+            _ => unreachable!(),
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_engine_with_its_indexes_agrees_with_a_plain_evaluator(
+            vms in proptest::collection::vec(vm_strategy(), 0..25),
+            conditions in proptest::collection::vec((0..5usize, 0..5usize, 0..4usize), 1..4),
+        ) {
+            let names = ["a", "b", "c"];
+            let states = ["Running", "Stopped"];
+            let items: Vec<Value> = vms
+                .iter()
+                .enumerate()
+                .map(|(i, (name, state, ip, host, cpu))| json!({
+                    "uuid": format!("00000000-0000-0000-0000-{i:012}"),
+                    "name": names[*name],
+                    "state": states[*state],
+                    "cpuNum": cpu,
+                    "hostUuid": host.map(|h| HOSTS[h]),
+                    "vmNics": ip.map(|ip| vec![json!({ "ip": format!("10.0.0.{ip}") })]).unwrap_or_default(),
+                }))
+                .collect();
+            let fields = ["name", "state", "vmNics.ip", "hostUuid", "cpuNum"];
+            let mut pairs = Vec::new();
+            let mut plain = Vec::new();
+            for (field, op, value) in conditions {
+                let field = fields[field];
+                let value = match field {
+                    "name" => names[value % 3].to_owned(),
+                    "state" => states[value % 2].to_owned(),
+                    "vmNics.ip" => format!("10.0.0.{value}"),
+                    "hostUuid" => HOSTS[value % 2].to_owned(),
+                    _ => (value + 1).to_string(),
+                };
+                let ops: &[&str] = if field == "cpuNum" { &["=", "!=", ">", "<", "?="] } else { &["=", "!=", "?=", "=", "!="] };
+                let op = ops[op];
+                let value = if op == "?=" { format!("{value},{}", if field == "cpuNum" { "3".into() } else { value.clone() }) } else { value };
+                pairs.push(("q".to_owned(), format!("{field}{op}{value}")));
+                plain.push((field, op, value));
+            }
+            let schema = schema("vm-instances").unwrap();
+            let data = |kind: &str| if kind == "vm-instances" { items.clone() } else { vec![] };
+            let body = Query::parse(schema, &pairs).unwrap().run(schema, &mut catalog_of(&data)).unwrap();
+            let found: Vec<&Value> = body["inventories"].as_array().unwrap().iter().map(|v| &v["uuid"]).collect();
+            let expected: Vec<&Value> = items
+                .iter()
+                .filter(|vm| plain.iter().all(|(f, o, v)| plainly(vm, f, o, v)))
+                .map(|v| &v["uuid"])
+                .collect();
+            proptest::prop_assert_eq!(found, expected);
+        }
     }
 }

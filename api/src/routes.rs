@@ -31,7 +31,7 @@ use strato_actors::records::{
 use strato_actors::vm::create::{self, CreateVm};
 use strato_actors::vm::ops::{self, Lifecycle};
 use strato_actors::vm::state;
-use strato_storage::{Batch, Expect, Record};
+use strato_storage::{Batch, Expect, IndexValue, Record};
 use uuid::Uuid;
 
 use crate::error::ApiError;
@@ -218,21 +218,48 @@ fn inventories<R: Record>(mn: &Mn) -> Result<Vec<Value>, ApiError> {
     Ok(inventories)
 }
 
-/// The inventories of a queryable kind, by its name in URLs.
-fn inventories_of(mn: &Mn, kind: &str) -> Result<Vec<Value>, ApiError> {
-    match kind {
-        "zones" => inventories::<ZoneRecord>(mn),
-        "clusters" => inventories::<ClusterRecord>(mn),
-        "hosts" => inventories::<HostRecord>(mn),
-        "instance-offerings" => inventories::<InstanceOfferingRecord>(mn),
-        "l2-networks" => inventories::<L2NetworkRecord>(mn),
-        "l3-networks" => inventories::<L3NetworkRecord>(mn),
-        "vm-instances" => inventories::<VmRecord>(mn),
-        "images" => inventories::<ImageRecord>(mn),
-        "backup-storage" => inventories::<BackupStorageRecord>(mn),
-        "primary-storage" => inventories::<PrimaryStorageRecord>(mn),
-        _ => Ok(Vec::new()),
+/// The inventories of `R` that `index` names for `value` (`#uuid`: the record's own UUID).
+fn indexed<R: Record>(
+    mn: &Mn,
+    index: &str,
+    value: &str,
+    ty: query::FieldType,
+) -> Result<Vec<Value>, ApiError> {
+    let ids = match (index, ty) {
+        ("#uuid", _) => Uuid::parse_str(value).ok().into_iter().collect(),
+        (_, query::FieldType::Uuid) => match Uuid::parse_str(value) {
+            Ok(uuid) => mn.db.find::<R>(index, &IndexValue::Uuid(uuid))?,
+            Err(_) => Vec::new(),
+        },
+        _ => mn.db.find::<R>(index, &IndexValue::from(value))?,
+    };
+    let mut inventories = Vec::with_capacity(ids.len());
+    for id in ids {
+        if let Some(stored) = mn.db.get::<R>(id)? {
+            inventories.push(inventory(&stored.record)?);
+        }
     }
+    Ok(inventories)
+}
+
+/// Calls `$f::<R>(args)` with `R` the record type of the queryable kind `$kind` (its name in
+/// URLs): the one table from URL kinds to record types.
+macro_rules! for_kind {
+    ($kind:expr, $f:ident($($arg:expr),*)) => {
+        match $kind {
+            "zones" => $f::<ZoneRecord>($($arg),*),
+            "clusters" => $f::<ClusterRecord>($($arg),*),
+            "hosts" => $f::<HostRecord>($($arg),*),
+            "instance-offerings" => $f::<InstanceOfferingRecord>($($arg),*),
+            "l2-networks" => $f::<L2NetworkRecord>($($arg),*),
+            "l3-networks" => $f::<L3NetworkRecord>($($arg),*),
+            "vm-instances" => $f::<VmRecord>($($arg),*),
+            "images" => $f::<ImageRecord>($($arg),*),
+            "backup-storage" => $f::<BackupStorageRecord>($($arg),*),
+            "primary-storage" => $f::<PrimaryStorageRecord>($($arg),*),
+            _ => Ok(Vec::new()),
+        }
+    };
 }
 
 /// `GET /v1/<kind>`: every inventory of the kind, or those a query selects.
@@ -240,7 +267,10 @@ fn list(kind: &'static str) -> axum::routing::MethodRouter<Arc<Mn>> {
     get(move |State(mn): Shared, Query(pairs): Query<Vec<(String, String)>>| async move {
         let schema = query::schema(kind).expect("every listed kind is declared");
         let query = query::Query::parse(schema, &pairs)?;
-        let mut catalog = query::Catalog::new(|kind| inventories_of(&mn, kind));
+        let mut catalog = query::Catalog::new(
+            |kind| for_kind!(kind, inventories(&mn)),
+            |kind, index, value, ty| for_kind!(kind, indexed(&mn, index, value, ty)),
+        );
         Ok::<_, ApiError>(Json(query.run(schema, &mut catalog)?))
     })
 }
