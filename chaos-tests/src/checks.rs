@@ -164,8 +164,9 @@ fn hypervisors(cluster: &std::sync::Mutex<Cluster>) -> Vec<Option<Vec<(String, S
     let hosts = cluster.lock().expect("cluster").hosts();
     (0..hosts)
         .map(|i| {
-            // Dial without holding the lock through the handshake of every host.
-            let domains = cluster.lock().expect("cluster").domains(i).ok()?;
+            // Dial without holding the cluster: faults must not wait for a slow handshake.
+            let view = cluster.lock().expect("cluster").hypervisor(i);
+            let domains = view.domains().ok()?;
             Some(
                 domains
                     .into_iter()

@@ -107,7 +107,26 @@ pub struct Cluster {
     api: SocketAddr,
     mn: Option<Child>,
     agents: Vec<AgentSlot>,
-    runtime: tokio::runtime::Runtime,
+    runtime: std::sync::Arc<tokio::runtime::Runtime>,
+}
+
+/// How to ask one agent what its hypervisor runs, without holding the cluster (dialing a
+/// partitioned agent takes seconds, and faults must not wait for it).
+#[derive(Debug)]
+pub struct HypervisorView {
+    config: LinkConfig,
+    runtime: std::sync::Arc<tokio::runtime::Runtime>,
+}
+
+impl HypervisorView {
+    /// What the hypervisor runs, asked of the agent directly.
+    pub fn domains(&self) -> Result<Vec<DomainInfo>, Error> {
+        self.runtime.block_on(async {
+            let (link, welcome, _) = Link::connect(&self.config).await?;
+            link.close();
+            Ok(welcome.domains)
+        })
+    }
 }
 
 /// Each simulated host's size: small, so capacity runs out under the workload.
@@ -169,8 +188,9 @@ impl Cluster {
             .arg(dir.join("mn"))
             .output()?;
         let token = String::from_utf8(out.stdout)?.trim().to_owned();
-        let runtime =
-            tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+        let runtime = std::sync::Arc::new(
+            tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?,
+        );
         let isolated = namespaces && namespaces_available();
         let mut agents = Vec::with_capacity(hosts);
         for i in 0..hosts {
@@ -302,22 +322,18 @@ impl Cluster {
         kill(&mut self.agents[i].child);
     }
 
-    /// What host `i`'s hypervisor runs, asked of its agent directly.
-    pub fn domains(&self, i: usize) -> Result<Vec<DomainInfo>, Error> {
+    /// How to ask host `i`'s agent what its hypervisor runs.
+    pub fn hypervisor(&self, i: usize) -> HypervisorView {
         let config = LinkConfig {
             addr: self.agents[i].addr,
             token: self.token.clone(),
             host_uuid: Uuid::nil(),
-            connect_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(3),
             ping_interval: Duration::from_secs(5),
             ping_timeout: Duration::from_secs(5),
             ping_failures: 3,
         };
-        self.runtime.block_on(async {
-            let (link, welcome, _) = Link::connect(&config).await?;
-            link.close();
-            Ok(welcome.domains)
-        })
+        HypervisorView { config, runtime: self.runtime.clone() }
     }
 }
 
