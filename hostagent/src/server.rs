@@ -48,6 +48,10 @@ pub struct Agent {
     stop: tokio::sync::watch::Sender<bool>,
     /// Where every executed command is appended, one JSON line each, when set.
     journal: Option<Mutex<std::fs::File>>,
+    /// One lock per domain: commands that change a domain run one at a time, in arrival
+    /// order, even when the MN gave up waiting on an earlier one (a lost link, a deadline)
+    /// and sent the next while the driver still runs the first.
+    domain_locks: Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -93,6 +97,7 @@ impl Agent {
             label: label.to_owned(),
             stop,
             journal,
+            domain_locks: Mutex::default(),
         })
     }
 
@@ -261,6 +266,15 @@ impl Agent {
 
     async fn run(self: Arc<Self>, request: Request) -> Outcome {
         let name = request.command.name();
+        // Wait for this domain's earlier commands first; the deadline is checked after.
+        let domain = request.command.domain();
+        let domain_lock = domain.map(|uuid| {
+            self.domain_locks.lock().expect("domain locks").entry(uuid).or_default().clone()
+        });
+        let _turn = match &domain_lock {
+            Some(lock) => Some(lock.lock().await),
+            None => None,
+        };
         if unix_ms(SystemTime::now()) > request.deadline_unix_ms {
             tracing::warn!(host = %self.label, command = name, id = %request.id, job = ?request.job_id, "refused: past its deadline");
             return Err(AgentError::new(
@@ -270,7 +284,6 @@ impl Agent {
         }
         let started = std::time::Instant::now();
         let started_ms = unix_ms(SystemTime::now());
-        let domain = request.command.domain();
         let result = match request.command {
             Command::CacheImage { image, source, cache_dir } => {
                 volumes::cache_image(image, &source, &cache_dir).await
@@ -291,6 +304,15 @@ impl Agent {
                 )
             }
         };
+        if let (Some(uuid), "undefine-domain", Ok(_)) = (domain, name, &result) {
+            // The domain is gone: so is its lock, unless a command waits on it (the map and
+            // this command hold the only handles; new commands need the map's lock to take
+            // one, so the count cannot grow while it is checked).
+            let mut locks = self.domain_locks.lock().expect("domain locks");
+            if locks.get(&uuid).is_some_and(|lock| Arc::strong_count(lock) == 2) {
+                locks.remove(&uuid);
+            }
+        }
         if let Some(journal) = &self.journal {
             let line = serde_json::json!({
                 "id": request.id,

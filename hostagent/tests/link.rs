@@ -16,7 +16,7 @@ const TOKEN: &str = "test-token";
 struct AgentProcess {
     child: Child,
     addr: SocketAddr,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Drop for AgentProcess {
@@ -53,7 +53,7 @@ fn start_agent_on(
     let probe = listen_base.unwrap_or(addr);
     for _ in 0..200 {
         if std::net::TcpStream::connect(probe).is_ok() {
-            return AgentProcess { child, addr, _dir: dir };
+            return AgentProcess { child, addr, dir };
         }
         std::thread::sleep(Duration::from_millis(25));
     }
@@ -217,7 +217,7 @@ async fn a_killed_agent_closes_the_link_and_sim_state_survives_a_restart() {
         Err(LinkError::Closed)
     ));
     // A sim agent restarted on the same data is not a host reboot: the domain still runs.
-    let dir = agent._dir.path().to_path_buf();
+    let dir = agent.dir.path().to_path_buf();
     let child = Process::new(env!("CARGO_BIN_EXE_strato-agent"))
         .args([
             "--listen",
@@ -284,4 +284,31 @@ async fn injected_sim_failures_and_many_hosts_in_one_process() {
     }
     hostnames.sort();
     assert_eq!(hostnames, ["sim-0", "sim-1", "sim-2"]);
+}
+
+#[tokio::test]
+async fn commands_on_one_domain_run_one_at_a_time_and_are_journaled() {
+    // Each driver call takes 200 ms: a start and a destroy sent together would overlap.
+    let agent = start_agent(&["--driver", "sim", "--sim-latency-ms", "200", "--journal"]);
+    let (link, _, _) = Link::connect(&config(agent.addr, TOKEN)).await.unwrap();
+    let domain = spec("serial");
+    link.request(Command::DefineDomain(domain.clone()), soon(), None).await.unwrap();
+    let (started, destroyed) = tokio::join!(
+        link.request(Command::StartDomain { uuid: domain.uuid }, soon(), Some(Uuid::new_v4())),
+        link.request(Command::DestroyDomain { uuid: domain.uuid }, soon(), Some(Uuid::new_v4())),
+    );
+    started.unwrap();
+    destroyed.unwrap();
+    let journal = std::fs::read_to_string(agent.dir.path().join("journal.jsonl")).unwrap();
+    let mut spans: Vec<(u64, u64)> = journal
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|l| l["domain"] == domain.uuid.to_string())
+        .map(|l| (l["startMs"].as_u64().unwrap(), l["endMs"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(spans.len(), 3, "{journal}");
+    spans.sort();
+    for pair in spans.windows(2) {
+        assert!(pair[0].1 <= pair[1].0, "overlapping commands on one domain: {journal}");
+    }
 }

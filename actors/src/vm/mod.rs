@@ -205,6 +205,15 @@ async fn begin(ctx: &strato_runtime::OpCtx<Vms>) -> Result<(VmRecord, u64), VmEr
     }
     let to = if record.state == VmState::Expunging { VmState::Destroyed } else { VmState::Unknown };
     tracing::warn!(vm = %record.uuid, from = ?record.state, ?to, "an interrupted operation left the VM in a transitional state");
+    // An interrupted migration may have booked its target: only the VM's host keeps one.
+    if let Some(hosts) = ctx.runtime().kind::<crate::host::Hosts>() {
+        for stored in ctx.entity().db.scan::<crate::records::HostRecord>() {
+            let host = stored?.record;
+            if Some(host.uuid) != record.host_uuid && host.reservations.contains_key(&record.uuid) {
+                crate::host::release(&hosts, host.uuid, record.uuid).await?;
+            }
+        }
+    }
     let repaired = ops::save(ctx, |r| r.state = to).await?;
     Ok((repaired, ctx.with_state(|s| s.generation)))
 }
