@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use strato_api::client;
@@ -218,7 +218,7 @@ pub struct Shared {
     pub infra: Infra,
     /// How often each action was chosen (for `fair`).
     used: Mutex<HashMap<Action, u64>>,
-    /// Hosts deleted by the workload: (index, old UUID), to add again.
+    /// Hosts deleted by the workload (their index among the cluster's agents), to add again.
     deleted_hosts: Mutex<Vec<usize>>,
     /// L3 networks the workload made and has not deleted.
     extra_l3s: Mutex<Vec<String>>,
@@ -619,9 +619,4 @@ fn repeat_create(shared: &Shared, client_id: usize, name: &str) {
     };
     shared.history.repeats.lock().expect("repeats").push((job, locations));
     shared.history.close(seq, outcome, shared.now());
-}
-
-/// Seconds since the epoch, for logs.
-pub fn unix_now() -> u64 {
-    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
