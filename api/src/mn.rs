@@ -70,6 +70,8 @@ impl Mn {
         std::fs::create_dir_all(data_dir)?;
         let token = agent_token(data_dir)?;
         let db = Db::open_sled(&data_dir.join("store"))?;
+        // A store written by an older build may lack entries of indexes added since.
+        strato_actors::records::ensure_indexes(&db)?;
         let runtime = Runtime::start(RuntimeConfig::default(), db.clone())?;
         let vms = runtime.register(Vms::with_policy(db.clone(), vm_policy), Vms::kind_config());
         let hosts = runtime.register(

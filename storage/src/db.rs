@@ -465,6 +465,35 @@ impl Db {
         StoreError::NotDurable { source: "the store's committer thread stopped".into() }
     }
 
+    /// Builds the index entries `R` declares but the store lacks: a store written before an
+    /// index was declared has none for it. A marker per table names the indexes as last
+    /// built, so a store already up to date costs one read, not a scan. Call at startup,
+    /// before anything writes `R`. Returns how many entries were added.
+    pub fn ensure_indexes<R: Record>(&self) -> Result<usize, StoreError> {
+        let marker = keys::index_marker_key(R::KIND);
+        let declared: Vec<&str> = R::indexes().iter().map(|i| i.name).collect();
+        let wanted = declared.join(",").into_bytes();
+        if self.inner.store.get(&marker)?.as_deref() == Some(&wanted[..]) {
+            return Ok(0);
+        }
+        let report = self.verify_indexes::<R>()?;
+        let added = report.missing.len();
+        let mut ops: Vec<RawOp> = report
+            .missing
+            .into_iter()
+            .map(|(index, value, id)| {
+                RawOp::Put(keys::index_entry_key(R::KIND, &index, &value, id), Vec::new())
+            })
+            .collect();
+        ops.push(RawOp::Put(marker, wanted));
+        self.inner.store.apply(ops)?;
+        self.inner.store.flush()?;
+        if added > 0 {
+            tracing::info!(table = R::KIND, added, "index entries backfilled");
+        }
+        Ok(added)
+    }
+
     /// Checks that every index of `R`'s table agrees with the table.
     pub fn verify_indexes<R: Record>(&self) -> Result<IndexReport, StoreError> {
         let mut report = IndexReport::default();

@@ -126,6 +126,16 @@ pub(crate) fn tombstone_key(table: &str, id: Uuid) -> Vec<u8> {
     key
 }
 
+/// Where the names of a table's indexes, as last built, are kept (`m/<table>/indexes`): a
+/// store opened by code declaring other indexes backfills them (see `Db::ensure_indexes`).
+pub(crate) fn index_marker_key(table: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(10 + table.len());
+    key.extend_from_slice(b"m/");
+    key.extend_from_slice(table.as_bytes());
+    key.extend_from_slice(b"/indexes");
+    key
+}
+
 pub(crate) fn id_from_record_key(key: &[u8]) -> Option<Uuid> {
     key.len().checked_sub(16).and_then(|at| Uuid::from_slice(&key[at..]).ok())
 }

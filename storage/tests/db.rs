@@ -387,3 +387,62 @@ proptest! {
         prop_assert_eq!(by_memory, want.into_iter().map(|(_, id)| id).collect::<Vec<_>>());
     }
 }
+
+/// The same table as [`Vm`], as a later build declares it: with one index more.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct VmWithHost {
+    id: Uuid,
+    name: String,
+    state: String,
+    ips: Vec<String>,
+    memory: u64,
+}
+
+impl Record for VmWithHost {
+    const KIND: &'static str = "vm";
+    const VERSION: u16 = 2;
+
+    fn id(&self) -> Uuid {
+        self.id
+    }
+
+    fn indexes() -> &'static [Index<Self>] {
+        &[
+            Index { name: "name", values: |vm| vec![vm.name.as_str().into()] },
+            Index { name: "state", values: |vm| vec![vm.state.as_str().into()] },
+            Index { name: "ip", values: |vm| vm.ips.iter().map(|ip| ip.as_str().into()).collect() },
+            Index { name: "memory", values: |vm| vec![vm.memory.into()] },
+            Index {
+                name: "first-ip",
+                values: |vm| vm.ips.first().map(|ip| ip.as_str().into()).into_iter().collect(),
+            },
+        ]
+    }
+}
+
+#[test]
+fn an_index_declared_after_the_records_were_written_is_backfilled_once() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let db = Db::open_sled(dir.path()).unwrap();
+        let mut batch = Batch::new();
+        for i in 0..50 {
+            batch
+                .put(
+                    &vm(&format!("vm{i}"), "Running", &[&format!("10.0.0.{i}")], 1),
+                    Expect::Absent,
+                )
+                .unwrap();
+        }
+        db.commit_blocking(batch).unwrap();
+        assert_eq!(db.ensure_indexes::<Vm>().unwrap(), 0, "up to date: nothing to add");
+    }
+    let db = Db::open_sled(dir.path()).unwrap();
+    assert!(db.find::<VmWithHost>("first-ip", &"10.0.0.7".into()).unwrap().is_empty());
+    assert!(!db.verify_indexes::<VmWithHost>().unwrap().is_consistent());
+    assert_eq!(db.ensure_indexes::<VmWithHost>().unwrap(), 50);
+    assert_eq!(db.find::<VmWithHost>("first-ip", &"10.0.0.7".into()).unwrap().len(), 1);
+    assert!(db.verify_indexes::<VmWithHost>().unwrap().is_consistent());
+    // The marker makes the next start a single read.
+    assert_eq!(db.ensure_indexes::<VmWithHost>().unwrap(), 0);
+}
