@@ -133,7 +133,8 @@ impl HypervisorView {
 const HOST_CPUS: &str = "4";
 const HOST_MEMORY_MIB: &str = "4096";
 
-fn free_port() -> Result<SocketAddr, Error> {
+/// A free port on loopback.
+pub(crate) fn free_port() -> Result<SocketAddr, Error> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
@@ -150,7 +151,8 @@ pub fn sibling(name: &str) -> Result<PathBuf, Error> {
     Ok(path)
 }
 
-fn wait_listening(addr: SocketAddr, child: &mut Child) -> Result<(), Error> {
+/// Waits until something listens on `addr`, failing if `child` (meant to listen) exits.
+pub(crate) fn wait_listening(addr: SocketAddr, child: &mut Child) -> Result<(), Error> {
     let started = Instant::now();
     while std::net::TcpStream::connect(addr).is_err() {
         if let Some(status) = child.try_wait()? {

@@ -39,22 +39,7 @@ impl Drop for Proc {
 }
 
 use crate::Error;
-use crate::cluster::sibling;
-
-fn free_port() -> Result<SocketAddr, Error> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
-}
-
-fn wait_listening(addr: SocketAddr) -> Result<(), Error> {
-    let started = Instant::now();
-    while std::net::TcpStream::connect(addr).is_err() {
-        if started.elapsed() > Duration::from_secs(60) {
-            return Err(format!("nothing listens on {addr}").into());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
-}
+use crate::cluster::{free_port, sibling, wait_listening};
 
 fn peak_rss_mib(pid: u32) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -167,7 +152,7 @@ pub fn run(config: &LoadConfig, work_dir: &Path) -> Result<(), Error> {
             base = base.wrapping_add(config.sim_hosts as u16 + 7).max(20_000);
         }
     };
-    let _agent = Proc(
+    let mut agent = Proc(
         Command::new(sibling("strato-agent")?)
             .args([
                 "--driver",
@@ -189,9 +174,10 @@ pub fn run(config: &LoadConfig, work_dir: &Path) -> Result<(), Error> {
             .stderr(Stdio::null())
             .spawn()?,
     );
-    wait_listening(SocketAddr::new(base.ip(), base.port() + config.sim_hosts as u16 - 1))?;
+    let last = SocketAddr::new(base.ip(), base.port() + config.sim_hosts as u16 - 1);
+    wait_listening(last, &mut agent.0)?;
     let api = free_port()?;
-    let server = Proc(
+    let mut server = Proc(
         Command::new(sibling("strato")?)
             .args(["server", "--listen", &api.to_string(), "--data-dir"])
             .arg(&data)
@@ -200,7 +186,7 @@ pub fn run(config: &LoadConfig, work_dir: &Path) -> Result<(), Error> {
             .stderr(Stdio::null())
             .spawn()?,
     );
-    wait_listening(api)?;
+    wait_listening(api, &mut server.0)?;
     let server_pid = server.0.id();
 
     eprintln!("registering {} simulated hosts", config.sim_hosts);

@@ -434,17 +434,19 @@ fn choose(
     })
 }
 
-fn vm_action(
-    shared: &Shared,
-    client_id: usize,
-    action: Action,
-    uuid: &str,
-    verb: &str,
-    params: Value,
-) {
-    let path = format!("/v1/vm-instances/{uuid}/actions");
-    let body = json!({ verb: params });
-    submit(shared, client_id, action, Some(uuid.to_owned()), "PUT", &path, Some(&body));
+/// The API action name of a VM operation sent as `PUT /v1/vm-instances/{uuid}/actions`.
+fn vm_verb(action: Action) -> Option<&'static str> {
+    Some(match action {
+        Action::StartVm => "startVmInstance",
+        Action::StopVm => "stopVmInstance",
+        Action::RebootVm => "rebootVmInstance",
+        Action::PauseVm => "pauseVmInstance",
+        Action::ResumeVm => "resumeVmInstance",
+        Action::MigrateVm => "migrateVm",
+        Action::RecoverVm => "recoverVmInstance",
+        Action::ExpungeVm => "expungeVmInstance",
+        _ => return None,
+    })
 }
 
 fn act(
@@ -487,25 +489,18 @@ fn act(
                 let _ = thread.join();
             }
         }
-        Action::StartVm => {
-            vm_action(shared, client_id, action, &uuid, "startVmInstance", json!({}))
-        }
-        Action::StopVm => vm_action(shared, client_id, action, &uuid, "stopVmInstance", json!({})),
-        Action::RebootVm => {
-            vm_action(shared, client_id, action, &uuid, "rebootVmInstance", json!({}))
-        }
-        Action::PauseVm => {
-            vm_action(shared, client_id, action, &uuid, "pauseVmInstance", json!({}))
-        }
-        Action::ResumeVm => {
-            vm_action(shared, client_id, action, &uuid, "resumeVmInstance", json!({}))
-        }
-        Action::MigrateVm => vm_action(shared, client_id, action, &uuid, "migrateVm", json!({})),
-        Action::RecoverVm => {
-            vm_action(shared, client_id, action, &uuid, "recoverVmInstance", json!({}))
-        }
-        Action::ExpungeVm => {
-            vm_action(shared, client_id, action, &uuid, "expungeVmInstance", json!({}))
+        Action::StartVm
+        | Action::StopVm
+        | Action::RebootVm
+        | Action::PauseVm
+        | Action::ResumeVm
+        | Action::MigrateVm
+        | Action::RecoverVm
+        | Action::ExpungeVm => {
+            let verb = vm_verb(action).expect("a VM operation");
+            let path = format!("/v1/vm-instances/{uuid}/actions");
+            let body = json!({ verb: {} });
+            submit(shared, client_id, action, Some(uuid), "PUT", &path, Some(&body));
         }
         Action::DestroyVm => {
             let path = format!("/v1/vm-instances/{uuid}");
