@@ -185,6 +185,7 @@ impl Record for VmRecord {
                 values: |v| v.host_uuid.map(IndexValue::Uuid).into_iter().collect(),
             },
             Index { name: "name", values: |v| vec![v.name.as_str().into()] },
+            Index { name: "state", values: |v| vec![v.state.as_str().into()] },
             Index {
                 name: "ip",
                 values: |v| v.vm_nics.iter().map(|n| n.ip.as_str().into()).collect(),
@@ -194,6 +195,10 @@ impl Record for VmRecord {
                 values: |v| v.vm_nics.iter().map(|n| IndexValue::Uuid(n.l3_network_uuid)).collect(),
             },
         ]
+    }
+
+    fn counted_indexes() -> &'static [&'static str] {
+        &["state"]
     }
 }
 

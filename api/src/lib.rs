@@ -19,4 +19,5 @@ pub mod mn;
 pub mod query;
 pub mod routes;
 pub mod server;
+pub mod store_source;
 pub mod up;

@@ -16,9 +16,13 @@
 //! `start`, `limit` (default 1000), `count=true` (only the total), `replyWithCount=true`
 //! (adds `total`) and `fields=a,b` (only those fields).
 //!
-//! Queries read the kinds' inventories as the API shows them. Each kind a query touches is
-//! read once per request; indexed plans (for selective queries on very large stores) are
-//! not there yet.
+//! Queries read the kinds' inventories as the API shows them, from a [`Source`] (the store,
+//! through [`crate::store_source`]). The declarations also name the store's indexes, which
+//! pick the plan (see [`Query::run`]): an equality on an indexed path reads only what the
+//! index names; a sort on an indexed field walks the index and stops at a full page; a count
+//! of one equality on a counted index is one read. That is what keeps queries over a million
+//! VMs in milliseconds (BENCHMARKS.md). A join reads each related resource once per request,
+//! by UUID or through the index of the field pointing back.
 
 use std::collections::HashMap;
 
@@ -79,6 +83,9 @@ pub struct Schema {
     /// Condition paths the store indexes, with the index's name: an equality (or `?=`) on
     /// one of them reads only the records the index names, not the whole kind.
     pub indexed: &'static [(&'static str, &'static str)],
+    /// Fields whose index names every record exactly once, with the index's name: a sort on
+    /// one walks the index in order, and a count of one equality counts its entries.
+    pub sorted: &'static [(&'static str, &'static str)],
 }
 
 impl Schema {
@@ -117,6 +124,7 @@ static VM_NIC: Schema = Schema {
     ],
     relations: &[Relation::Ref { name: "l3Network", field: "l3NetworkUuid", kind: "l3-networks" }],
     indexed: &[],
+    sorted: &[],
 };
 
 /// Every queryable kind.
@@ -128,7 +136,8 @@ pub static SCHEMAS: &[Schema] = &[
             Relation::Back { name: "cluster", kind: "clusters", field: "zoneUuid" },
             Relation::Back { name: "l2Network", kind: "l2-networks", field: "zoneUuid" },
         ],
-        indexed: &[("uuid", "#uuid")],
+        indexed: &[("uuid", "#uuid"), ("name", "name")],
+        sorted: &[("name", "name")],
     },
     Schema {
         kind: "clusters",
@@ -137,7 +146,8 @@ pub static SCHEMAS: &[Schema] = &[
             Relation::Ref { name: "zone", field: "zoneUuid", kind: "zones" },
             Relation::Back { name: "host", kind: "hosts", field: "clusterUuid" },
         ],
-        indexed: &[("uuid", "#uuid")],
+        indexed: &[("uuid", "#uuid"), ("zoneUuid", "zone")],
+        sorted: &[],
     },
     Schema {
         kind: "hosts",
@@ -155,19 +165,15 @@ pub static SCHEMAS: &[Schema] = &[
             Relation::Ref { name: "cluster", field: "clusterUuid", kind: "clusters" },
             Relation::Back { name: "vmInstance", kind: "vm-instances", field: "hostUuid" },
         ],
-        indexed: &[
-            ("uuid", "#uuid"),
-            ("name", "name"),
-            ("hostUuid", "host"),
-            ("vmNics.ip", "ip"),
-            ("vmNics.l3NetworkUuid", "l3"),
-        ],
+        indexed: &[("uuid", "#uuid"), ("clusterUuid", "cluster"), ("status", "status")],
+        sorted: &[("status", "status")],
     },
     Schema {
         kind: "instance-offerings",
         fields: &[f("uuid", Id), f("name", Text), f("cpuNum", Int), f("memorySize", Int)],
         relations: &[],
         indexed: &[("uuid", "#uuid")],
+        sorted: &[],
     },
     Schema {
         kind: "l2-networks",
@@ -182,7 +188,8 @@ pub static SCHEMAS: &[Schema] = &[
             Relation::Ref { name: "zone", field: "zoneUuid", kind: "zones" },
             Relation::Back { name: "l3Network", kind: "l3-networks", field: "l2NetworkUuid" },
         ],
-        indexed: &[("uuid", "#uuid")],
+        indexed: &[("uuid", "#uuid"), ("zoneUuid", "zone")],
+        sorted: &[],
     },
     Schema {
         kind: "l3-networks",
@@ -192,7 +199,8 @@ pub static SCHEMAS: &[Schema] = &[
             field: "l2NetworkUuid",
             kind: "l2-networks",
         }],
-        indexed: &[("uuid", "#uuid")],
+        indexed: &[("uuid", "#uuid"), ("name", "name"), ("l2NetworkUuid", "l2")],
+        sorted: &[("name", "name")],
     },
     Schema {
         kind: "vm-instances",
@@ -213,10 +221,12 @@ pub static SCHEMAS: &[Schema] = &[
         indexed: &[
             ("uuid", "#uuid"),
             ("name", "name"),
+            ("state", "state"),
             ("hostUuid", "host"),
             ("vmNics.ip", "ip"),
             ("vmNics.l3NetworkUuid", "l3"),
         ],
+        sorted: &[("name", "name"), ("state", "state")],
     },
     Schema {
         kind: "images",
@@ -231,12 +241,14 @@ pub static SCHEMAS: &[Schema] = &[
         ],
         relations: &[],
         indexed: &[("uuid", "#uuid")],
+        sorted: &[],
     },
     Schema {
         kind: "backup-storage",
         fields: &[f("uuid", Id), f("name", Text), f("url", Text), f("type", Text)],
         relations: &[],
         indexed: &[("uuid", "#uuid")],
+        sorted: &[],
     },
     Schema {
         kind: "primary-storage",
@@ -249,6 +261,7 @@ pub static SCHEMAS: &[Schema] = &[
         ],
         relations: &[Relation::Ref { name: "zone", field: "zoneUuid", kind: "zones" }],
         indexed: &[("uuid", "#uuid")],
+        sorted: &[],
     },
 ];
 
@@ -382,48 +395,95 @@ fn check_value(field: &str, ty: FieldType, op: Op, value: Option<&str>) -> Resul
     Ok(())
 }
 
-/// Reads every inventory of a kind.
-type Loader<'a> = Box<dyn Fn(&str) -> Result<Vec<Value>, ApiError> + 'a>;
+/// A stream of inventories, read as it is consumed.
+pub type Inventories<'a> = Box<dyn Iterator<Item = Result<Value, ApiError>> + 'a>;
 
-/// Reads the inventories of a kind that an index names for a value: (kind, index, value,
-/// the value's type).
-type Finder<'a> = Box<dyn Fn(&str, &str, &str, FieldType) -> Result<Vec<Value>, ApiError> + 'a>;
+/// Where queries read inventories: the store behind the API, or test data. Index names are
+/// those of the kinds' declarations (`indexed`, `sorted`); `#uuid` is a record's own UUID.
+pub trait Source {
+    /// Every inventory of `kind`, in UUID order.
+    fn scan(&self, kind: &str) -> Inventories<'_>;
+    /// The inventories of `kind` that `index` names for `value` (of type `ty`), in any order.
+    fn find(
+        &self,
+        kind: &str,
+        index: &str,
+        value: &str,
+        ty: FieldType,
+    ) -> Result<Vec<Value>, ApiError>;
+    /// Every inventory of `kind` in the order of `index` (one that names each record exactly
+    /// once), then by UUID; the whole order reversed when `descending`. The first `skip` are
+    /// passed over without being read.
+    fn ordered(&self, kind: &str, index: &str, descending: bool, skip: usize) -> Inventories<'_>;
+    /// How many records `index` names for `value`, without reading them, counting no further
+    /// than `at_most`.
+    fn count(
+        &self,
+        kind: &str,
+        index: &str,
+        value: &str,
+        ty: FieldType,
+        at_most: usize,
+    ) -> Result<usize, ApiError>;
+}
 
-/// The inventories a request reads, each kind loaded once.
+/// What one request has read, so a join reads each related resource once.
 pub struct Catalog<'a> {
-    load: Loader<'a>,
-    find: Finder<'a>,
+    source: &'a dyn Source,
+    /// Resources read by UUID (`None`: not there).
+    by_uuid: HashMap<(&'static str, String), Option<Value>>,
+    /// Back references read through an index, by (kind, field, UUID).
+    pointing: HashMap<(&'static str, &'static str, String), Vec<Value>>,
+    /// Whole kinds read for back references no index covers.
     kinds: HashMap<&'static str, Vec<Value>>,
 }
 
 impl std::fmt::Debug for Catalog<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Catalog").field("loaded", &self.kinds.keys().collect::<Vec<_>>()).finish()
+        f.debug_struct("Catalog").field("read", &self.by_uuid.len()).finish_non_exhaustive()
     }
 }
 
 impl<'a> Catalog<'a> {
-    /// A catalog reading each kind's inventories with `load`, and those an index names with
-    /// `find` (kind, index, value, the value's type; the index `#uuid` is the record's own
-    /// UUID).
-    pub fn new(
-        load: impl Fn(&str) -> Result<Vec<Value>, ApiError> + 'a,
-        find: impl Fn(&str, &str, &str, FieldType) -> Result<Vec<Value>, ApiError> + 'a,
-    ) -> Self {
-        Catalog { load: Box::new(load), find: Box::new(find), kinds: HashMap::new() }
+    /// A catalog reading from `source`.
+    pub fn new(source: &'a dyn Source) -> Self {
+        Catalog { source, by_uuid: HashMap::new(), pointing: HashMap::new(), kinds: HashMap::new() }
     }
 
-    fn kind(&mut self, kind: &'static str) -> Result<&[Value], ApiError> {
-        if !self.kinds.contains_key(kind) {
-            let loaded = (self.load)(kind)?;
-            self.kinds.insert(kind, loaded);
+    /// The resource of `kind` with `uuid`.
+    fn get(&mut self, kind: &'static str, uuid: &str) -> Result<Option<Value>, ApiError> {
+        let key = (kind, uuid.to_owned());
+        if let Some(found) = self.by_uuid.get(&key) {
+            return Ok(found.clone());
         }
-        Ok(&self.kinds[kind])
+        let found = self.source.find(kind, "#uuid", uuid, FieldType::Uuid)?.into_iter().next();
+        self.by_uuid.insert(key, found.clone());
+        Ok(found)
     }
 
-    /// The inventories of `kind`.
-    pub fn all(&mut self, kind: &'static str) -> Result<Vec<Value>, ApiError> {
-        Ok(self.kind(kind)?.to_vec())
+    /// The resources of `kind` whose `field` holds `uuid`.
+    fn pointing_at(
+        &mut self,
+        kind: &'static str,
+        field: &'static str,
+        uuid: &str,
+    ) -> Result<Vec<Value>, ApiError> {
+        let key = (kind, field, uuid.to_owned());
+        if let Some(found) = self.pointing.get(&key) {
+            return Ok(found.clone());
+        }
+        let found = match schema_of(kind).indexed.iter().find(|(path, _)| *path == field) {
+            Some((_, index)) => self.source.find(kind, index, uuid, FieldType::Uuid)?,
+            None => {
+                if !self.kinds.contains_key(kind) {
+                    let all = self.source.scan(kind).collect::<Result<Vec<_>, _>>()?;
+                    self.kinds.insert(kind, all);
+                }
+                self.kinds[kind].iter().filter(|other| other[field] == uuid).cloned().collect()
+            }
+        };
+        self.pointing.insert(key, found.clone());
+        Ok(found)
     }
 }
 
@@ -449,23 +509,18 @@ fn reach(
                 Value::Array(values) => values.clone(),
                 value => vec![value.clone()],
             };
-            let related: Vec<Value> = catalog
-                .kind(target.kind)?
-                .iter()
-                .filter(|other| wanted.contains(&other["uuid"]))
-                .cloned()
-                .collect();
-            for other in related {
-                found.extend(reach(catalog, target, &other, rest)?);
+            for uuid in wanted.iter().filter_map(Value::as_str) {
+                if let Some(other) = catalog.get(target.kind, uuid)? {
+                    found.extend(reach(catalog, target, &other, rest)?);
+                }
             }
         }
         Some(Relation::Back { kind, field, .. }) => {
             let target = schema_of(kind);
-            let me = item["uuid"].clone();
-            let related: Vec<Value> =
-                catalog.kind(target.kind)?.iter().filter(|o| o[*field] == me).cloned().collect();
-            for other in related {
-                found.extend(reach(catalog, target, &other, rest)?);
+            if let Some(me) = item["uuid"].as_str() {
+                for other in catalog.pointing_at(target.kind, field, me)? {
+                    found.extend(reach(catalog, target, &other, rest)?);
+                }
             }
         }
         Some(Relation::Nested { name, schema: nested }) => {
@@ -623,16 +678,13 @@ impl Query {
         Ok(query)
     }
 
-    /// The records to evaluate: those an index names for the first indexed equality, or
-    /// every record of the kind.
-    fn candidates(
+    /// The single index an equality (or `?=`) on an indexed path reads, with its values.
+    fn index_plan(
         &self,
         schema: &'static Schema,
-        catalog: &mut Catalog<'_>,
-    ) -> Result<Vec<Value>, ApiError> {
-        let indexed = self.conditions.iter().find_map(|c| {
-            let path = c.path.join(".");
-            let index = schema.indexed.iter().find(|(p, _)| *p == path)?.1;
+    ) -> Option<(&'static str, FieldType, Vec<String>)> {
+        self.conditions.iter().find_map(|c| {
+            let index = lookup(schema.indexed, &c.path.join("."))?;
             match (c.op, &c.value) {
                 (Op::Eq, Some(value)) => Some((index, c.ty, vec![value.clone()])),
                 (Op::In, Some(values)) => {
@@ -640,55 +692,105 @@ impl Query {
                 }
                 _ => None,
             }
-        });
-        let Some((index, ty, values)) = indexed else { return catalog.all(schema.kind) };
-        let mut found: Vec<Value> = Vec::new();
-        for value in values {
-            for item in (catalog.find)(schema.kind, index, &value, ty)? {
-                if !found.iter().any(|f| f["uuid"] == item["uuid"]) {
-                    found.push(item);
-                }
-            }
-        }
-        // The order of a whole-kind read (the store's, by UUID), whichever plan ran.
-        found.sort_by(|a, b| a["uuid"].as_str().cmp(&b["uuid"].as_str()));
-        Ok(found)
+        })
     }
 
     /// Runs the query over `catalog`; returns the answer's body.
+    ///
+    /// The plan, cheapest first: a count of one equality on a `sorted` path counts index
+    /// entries; an equality on an `indexed` path reads only what the index names; a sort on
+    /// a `sorted` field walks that index in order and stops when the page is full (unless a
+    /// total is wanted); anything else reads the kind in UUID order, and stops early too
+    /// when there is no sort. Every condition is still evaluated on what is read: an index
+    /// only narrows.
     pub fn run(
         &self,
         schema: &'static Schema,
         catalog: &mut Catalog<'_>,
     ) -> Result<Value, ApiError> {
-        let mut hits = Vec::new();
-        // Every condition is still evaluated on the candidates: the index only narrows.
-        'items: for item in self.candidates(schema, catalog)? {
+        let source = catalog.source;
+        if self.count
+            && let [only] = self.conditions.as_slice()
+            && let (Op::Eq, Some(value)) = (only.op, &only.value)
+            && let Some(index) = lookup(schema.sorted, &only.path.join("."))
+        {
+            let total = source.count(schema.kind, index, value, only.ty, usize::MAX)?;
+            return Ok(serde_json::json!({ "total": total }));
+        }
+        let sorted_index = self.sort.as_ref().and_then(|(field, _)| lookup(schema.sorted, field));
+        let wants_total = self.count || self.reply_with_count;
+        // How many matches to pass over before the page starts (less what the source skips).
+        let mut start = self.start;
+        let mut equality = self.index_plan(schema);
+        // An unselective equality (`state=Running` over a million VMs) beside a sort on an
+        // indexed field: walking the sort's index and stopping at a full page reads less
+        // than reading every match and sorting them.
+        if let (Some((index, ty, values)), Some(_), false) = (&equality, sorted_index, wants_total)
+        {
+            let mut estimate = 0;
+            for value in values {
+                estimate += source.count(schema.kind, index, value, *ty, UNSELECTIVE)?;
+            }
+            if estimate >= UNSELECTIVE {
+                equality = None;
+            }
+        }
+        let (candidates, in_order): (Inventories<'_>, bool) = match equality {
+            Some((index, ty, values)) => {
+                let mut found: Vec<Value> = Vec::new();
+                let mut seen = std::collections::HashSet::new();
+                for value in values {
+                    for item in source.find(schema.kind, index, &value, ty)? {
+                        if seen.insert(item["uuid"].as_str().unwrap_or_default().to_owned()) {
+                            found.push(item);
+                        }
+                    }
+                }
+                found.sort_by(|a, b| a["uuid"].as_str().cmp(&b["uuid"].as_str()));
+                (Box::new(found.into_iter().map(Ok)), self.sort.is_none())
+            }
+            None => match (&self.sort, sorted_index) {
+                (Some((_, descending)), Some(index)) => {
+                    // With nothing to evaluate, the entries before the page need not be read.
+                    let skip = if self.conditions.is_empty() && !wants_total { start } else { 0 };
+                    start -= skip;
+                    (source.ordered(schema.kind, index, *descending, skip), true)
+                }
+                _ => (source.scan(schema.kind), self.sort.is_none()),
+            },
+        };
+        let mut page = Vec::new();
+        let mut total = 0;
+        'items: for item in candidates {
+            if in_order && !wants_total && page.len() >= self.limit {
+                break;
+            }
+            let item = item?;
             for condition in &self.conditions {
                 if !matches(catalog, schema, &item, condition)? {
                     continue 'items;
                 }
             }
-            hits.push(item);
+            total += 1;
+            if !in_order || (total > start && page.len() < self.limit && !self.count) {
+                page.push(item);
+            }
         }
-        let total = hits.len();
         if self.count {
             return Ok(serde_json::json!({ "total": total }));
         }
-        if let Some((field, descending)) = &self.sort {
-            let ty = schema.field(field).map_or(FieldType::Text, |f| f.ty);
-            hits.sort_by(|a, b| {
-                let order = match ty {
-                    FieldType::Int => a[field.as_str()].as_i64().cmp(&b[field.as_str()].as_i64()),
-                    _ => a[field.as_str()].to_string().cmp(&b[field.as_str()].to_string()),
-                };
-                if *descending { order.reverse() } else { order }
-            });
+        if !in_order {
+            if let Some((field, descending)) = &self.sort {
+                let ty = schema.field(field).map_or(FieldType::Text, |f| f.ty);
+                page.sort_by(|a, b| {
+                    let order = sort_key(ty, a, field).cmp(&sort_key(ty, b, field));
+                    if *descending { order.reverse() } else { order }
+                });
+            }
+            page = page.into_iter().skip(self.start).take(self.limit).collect();
         }
-        let page: Vec<Value> = hits
+        let page: Vec<Value> = page
             .into_iter()
-            .skip(self.start)
-            .take(self.limit)
             .map(|item| match &self.fields {
                 Some(fields) => {
                     let mut only = Map::new();
@@ -708,33 +810,117 @@ impl Query {
     }
 }
 
+/// How many matches of an equality make it not worth reading them all when a sorted index
+/// could be walked instead.
+const UNSELECTIVE: usize = 2000;
+
+/// The index a declaration names for `path`.
+fn lookup(declared: &[(&'static str, &'static str)], path: &str) -> Option<&'static str> {
+    declared.iter().find(|(p, _)| *p == path).map(|(_, index)| *index)
+}
+
+/// What a sort orders by: the field's value (missing ones first), then the UUID, which is
+/// also the order of a `sorted` index's entries.
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum SortKey<'a> {
+    /// A field with no value.
+    Missing(&'a str),
+    /// A whole number, then the UUID.
+    Int(i64, &'a str),
+    /// Text, then the UUID.
+    Text(&'a str, &'a str),
+}
+
+/// The sort key of `item` for `field` of type `ty`.
+pub fn sort_key<'a>(ty: FieldType, item: &'a Value, field: &str) -> SortKey<'a> {
+    let uuid = item["uuid"].as_str().unwrap_or_default();
+    let value = &item[field];
+    match (ty, value.as_i64(), value.as_str()) {
+        (FieldType::Int, Some(n), _) => SortKey::Int(n, uuid),
+        (FieldType::Text | FieldType::Uuid, _, Some(text)) => SortKey::Text(text, uuid),
+        _ => SortKey::Missing(uuid),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
 
-    /// What the store's indexes would name: the items of a kind whose indexed path holds
-    /// `value` (the index names of the vm-instances declaration, and `#uuid`).
-    fn by_index(items: Vec<Value>, index: &str, value: &str) -> Vec<Value> {
-        let nics = |v: &Value| v["vmNics"].as_array().cloned().unwrap_or_default();
-        items
-            .into_iter()
-            .filter(|v| match index {
-                "#uuid" => v["uuid"] == value,
-                "name" => v["name"] == value,
-                "host" => v["hostUuid"] == value,
-                "ip" => nics(v).iter().any(|n| n["ip"] == value),
-                "l3" => nics(v).iter().any(|n| n["l3NetworkUuid"] == value),
-                other => panic!("no index {other}"),
-            })
-            .collect()
+    /// Test data as the engine reads it: `data` gives each kind's inventories; indexes are
+    /// computed from them as the store's would be (the names of the declarations).
+    struct Data<'a>(&'a dyn Fn(&str) -> Vec<Value>);
+
+    fn index_values(item: &Value, index: &str) -> Vec<Value> {
+        let nics = item["vmNics"].as_array().cloned().unwrap_or_default();
+        let field = |name: &str| vec![item[name].clone()];
+        match index {
+            "#uuid" => field("uuid"),
+            "name" | "state" | "status" => field(index),
+            "host" => field("hostUuid"),
+            "ip" => nics.iter().map(|n| n["ip"].clone()).collect(),
+            "l3" => nics.iter().map(|n| n["l3NetworkUuid"].clone()).collect(),
+            "cluster" => field("clusterUuid"),
+            "zone" => field("zoneUuid"),
+            "l2" => field("l2NetworkUuid"),
+            other => panic!("no index {other}"),
+        }
     }
 
-    fn catalog_of(data: &dyn Fn(&str) -> Vec<Value>) -> Catalog<'_> {
-        Catalog::new(
-            move |kind| Ok(data(kind)),
-            move |kind, index, value, _| Ok(by_index(data(kind), index, value)),
-        )
+    impl Source for Data<'_> {
+        fn scan(&self, kind: &str) -> Inventories<'_> {
+            let mut all = (self.0)(kind);
+            all.sort_by(|a, b| a["uuid"].as_str().cmp(&b["uuid"].as_str()));
+            Box::new(all.into_iter().map(Ok))
+        }
+
+        fn find(
+            &self,
+            kind: &str,
+            index: &str,
+            value: &str,
+            _: FieldType,
+        ) -> Result<Vec<Value>, ApiError> {
+            let mut found: Vec<Value> = (self.0)(kind)
+                .into_iter()
+                .filter(|item| index_values(item, index).iter().any(|v| v == value))
+                .collect();
+            // The store's order for one value is by UUID; the engine must not rely on it.
+            found.reverse();
+            Ok(found)
+        }
+
+        fn ordered(
+            &self,
+            kind: &str,
+            index: &str,
+            descending: bool,
+            skip: usize,
+        ) -> Inventories<'_> {
+            let mut all = (self.0)(kind);
+            let key = |v: &Value| {
+                (
+                    index_values(v, index)[0].as_str().map(str::to_owned),
+                    v["uuid"].as_str().map(str::to_owned),
+                )
+            };
+            all.sort_by_key(key);
+            if descending {
+                all.reverse();
+            }
+            Box::new(all.into_iter().skip(skip).map(Ok))
+        }
+
+        fn count(
+            &self,
+            kind: &str,
+            index: &str,
+            value: &str,
+            ty: FieldType,
+            at_most: usize,
+        ) -> Result<usize, ApiError> {
+            Ok(self.find(kind, index, value, ty)?.len().min(at_most))
+        }
     }
 
     fn fixture(kind: &str) -> Vec<Value> {
@@ -767,17 +953,16 @@ mod tests {
         }
     }
 
-    fn catalog() -> Catalog<'static> {
-        catalog_of(&fixture)
-    }
-
     fn names(kind: &str, q: &[&str]) -> Vec<String> {
         let schema = schema(kind).unwrap();
         let pairs: Vec<(String, String)> = q
             .iter()
             .map(|p| p.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())).unwrap())
             .collect();
-        let body = Query::parse(schema, &pairs).unwrap().run(schema, &mut catalog()).unwrap();
+        let body = Query::parse(schema, &pairs)
+            .unwrap()
+            .run(schema, &mut Catalog::new(&Data(&fixture)))
+            .unwrap();
         body["inventories"]
             .as_array()
             .unwrap()
@@ -816,14 +1001,20 @@ mod tests {
         assert_eq!(names("vm-instances", &["sort=+name", "start=1", "limit=1"]), ["web-1"]);
         let schema = schema("vm-instances").unwrap();
         let pairs = vec![("q".into(), "state=Running".into()), ("count".into(), "true".into())];
-        let body = Query::parse(schema, &pairs).unwrap().run(schema, &mut catalog()).unwrap();
+        let body = Query::parse(schema, &pairs)
+            .unwrap()
+            .run(schema, &mut Catalog::new(&Data(&fixture)))
+            .unwrap();
         assert_eq!(body, json!({ "total": 2 }));
         let pairs = vec![
             ("replyWithCount".into(), "true".into()),
             ("limit".into(), "1".into()),
             ("fields".into(), "uuid,name".into()),
         ];
-        let body = Query::parse(schema, &pairs).unwrap().run(schema, &mut catalog()).unwrap();
+        let body = Query::parse(schema, &pairs)
+            .unwrap()
+            .run(schema, &mut Catalog::new(&Data(&fixture)))
+            .unwrap();
         assert_eq!(body["total"], 3);
         assert_eq!(body["inventories"][0].as_object().unwrap().len(), 2);
     }
@@ -867,6 +1058,12 @@ mod tests {
             "vmNics.ip" => {
                 vm["vmNics"].as_array().unwrap().iter().map(|n| n["ip"].clone()).collect()
             }
+            "host.name" => HOSTS
+                .iter()
+                .position(|h| vm["hostUuid"] == *h)
+                .map(|i| json!(HOST_NAMES[i]))
+                .into_iter()
+                .collect(),
             other => vec![vm[other].clone()].into_iter().filter(|v| !v.is_null()).collect(),
         };
         let eq = |v: &Value, w: &str| match v {
@@ -885,11 +1082,35 @@ mod tests {
         }
     }
 
+    const HOST_NAMES: [&str; 2] = ["h1", "h2"];
+
+    fn hosts() -> Vec<Value> {
+        HOSTS
+            .iter()
+            .zip(HOST_NAMES)
+            .map(|(uuid, name)| json!({ "uuid": uuid, "name": name }))
+            .collect()
+    }
+
+    /// The plain order: by the field (missing values first), then by UUID.
+    fn plain_order(field: &str, a: &Value, b: &Value) -> std::cmp::Ordering {
+        let key = |v: &Value| {
+            let text = v[field].as_str().map(str::to_owned);
+            let number = v[field].as_i64();
+            (number, text, v["uuid"].as_str().unwrap().to_owned())
+        };
+        key(a).cmp(&key(b))
+    }
+
     proptest::proptest! {
         #[test]
         fn the_engine_with_its_indexes_agrees_with_a_plain_evaluator(
             vms in proptest::collection::vec(vm_strategy(), 0..25),
-            conditions in proptest::collection::vec((0..5usize, 0..5usize, 0..4usize), 1..4),
+            conditions in proptest::collection::vec((0..6usize, 0..5usize, 0..4usize), 0..4),
+            sort in proptest::option::of((0..4usize, proptest::bool::ANY)),
+            start in 0..4usize,
+            limit in 0..12usize,
+            count in proptest::bool::ANY,
         ) {
             let names = ["a", "b", "c"];
             let states = ["Running", "Stopped"];
@@ -905,7 +1126,7 @@ mod tests {
                     "vmNics": ip.map(|ip| vec![json!({ "ip": format!("10.0.0.{ip}") })]).unwrap_or_default(),
                 }))
                 .collect();
-            let fields = ["name", "state", "vmNics.ip", "hostUuid", "cpuNum"];
+            let fields = ["name", "state", "vmNics.ip", "hostUuid", "cpuNum", "host.name"];
             let mut pairs = Vec::new();
             let mut plain = Vec::new();
             for (field, op, value) in conditions {
@@ -915,6 +1136,7 @@ mod tests {
                     "state" => states[value % 2].to_owned(),
                     "vmNics.ip" => format!("10.0.0.{value}"),
                     "hostUuid" => HOSTS[value % 2].to_owned(),
+                    "host.name" => HOST_NAMES[value % 2].to_owned(),
                     _ => (value + 1).to_string(),
                 };
                 let ops: &[&str] = if field == "cpuNum" { &["=", "!=", ">", "<", "?="] } else { &["=", "!=", "?=", "=", "!="] };
@@ -923,16 +1145,39 @@ mod tests {
                 pairs.push(("q".to_owned(), format!("{field}{op}{value}")));
                 plain.push((field, op, value));
             }
-            let schema = schema("vm-instances").unwrap();
-            let data = |kind: &str| if kind == "vm-instances" { items.clone() } else { vec![] };
-            let body = Query::parse(schema, &pairs).unwrap().run(schema, &mut catalog_of(&data)).unwrap();
-            let found: Vec<&Value> = body["inventories"].as_array().unwrap().iter().map(|v| &v["uuid"]).collect();
-            let expected: Vec<&Value> = items
+            let mut expected: Vec<&Value> = items
                 .iter()
                 .filter(|vm| plain.iter().all(|(f, o, v)| plainly(vm, f, o, v)))
-                .map(|v| &v["uuid"])
                 .collect();
+            if let Some((field, descending)) = sort {
+                let field = ["name", "state", "cpuNum", "hostUuid"][field];
+                pairs.push(("sort".to_owned(), format!("{}{field}", if descending { "-" } else { "+" })));
+                expected.sort_by(|a, b| plain_order(field, a, b));
+                if descending {
+                    expected.reverse();
+                }
+            }
+            let total = expected.len();
+            let expected: Vec<&Value> =
+                expected.into_iter().skip(start).take(limit).map(|v| &v["uuid"]).collect();
+            pairs.push(("start".to_owned(), start.to_string()));
+            pairs.push(("limit".to_owned(), limit.to_string()));
+            pairs.push(("replyWithCount".to_owned(), "true".to_owned()));
+            let schema = schema("vm-instances").unwrap();
+            let data = |kind: &str| match kind {
+                "vm-instances" => items.clone(),
+                "hosts" => hosts(),
+                _ => vec![],
+            };
+            let body = Query::parse(schema, &pairs).unwrap().run(schema, &mut Catalog::new(&Data(&data))).unwrap();
+            let found: Vec<&Value> = body["inventories"].as_array().unwrap().iter().map(|v| &v["uuid"]).collect();
             proptest::prop_assert_eq!(found, expected);
+            proptest::prop_assert_eq!(&body["total"], &json!(total));
+            if count {
+                pairs.push(("count".to_owned(), "true".to_owned()));
+                let body = Query::parse(schema, &pairs).unwrap().run(schema, &mut Catalog::new(&Data(&data))).unwrap();
+                proptest::prop_assert_eq!(body, json!({ "total": total }));
+            }
         }
     }
 }

@@ -31,13 +31,14 @@ use strato_actors::records::{
 use strato_actors::vm::create::{self, CreateVm};
 use strato_actors::vm::ops::{self, Lifecycle};
 use strato_actors::vm::state;
-use strato_storage::{Batch, Expect, IndexValue, Record};
+use strato_storage::{Batch, Expect, Record};
 use uuid::Uuid;
 
 use crate::error::ApiError;
 use crate::jobs::{self, JobRecord, JobState};
 use crate::mn::Mn;
 use crate::query;
+use crate::store_source::{StoreSource, inventory};
 
 type Shared = State<Arc<Mn>>;
 
@@ -139,10 +140,6 @@ fn accepted(headers: &HeaderMap, job: Uuid) -> Response {
     response
 }
 
-fn inventory<T: serde::Serialize>(record: &T) -> Result<Value, ApiError> {
-    serde_json::to_value(record).map_err(|e| ApiError::internal(&e))
-}
-
 fn get_record<R: Record>(mn: &Mn, uuid: Uuid, kind: &str) -> Result<R, ApiError> {
     mn.db.get::<R>(uuid)?.map(|s| s.record).ok_or_else(|| ApiError::not_found(kind, uuid))
 }
@@ -210,67 +207,13 @@ fn non_empty(name: &str, field: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn inventories<R: Record>(mn: &Mn) -> Result<Vec<Value>, ApiError> {
-    let mut inventories = Vec::new();
-    for stored in mn.db.scan::<R>() {
-        inventories.push(inventory(&stored?.record)?);
-    }
-    Ok(inventories)
-}
-
-/// The inventories of `R` that `index` names for `value` (`#uuid`: the record's own UUID).
-fn indexed<R: Record>(
-    mn: &Mn,
-    index: &str,
-    value: &str,
-    ty: query::FieldType,
-) -> Result<Vec<Value>, ApiError> {
-    let ids = match (index, ty) {
-        ("#uuid", _) => Uuid::parse_str(value).ok().into_iter().collect(),
-        (_, query::FieldType::Uuid) => match Uuid::parse_str(value) {
-            Ok(uuid) => mn.db.find::<R>(index, &IndexValue::Uuid(uuid))?,
-            Err(_) => Vec::new(),
-        },
-        _ => mn.db.find::<R>(index, &IndexValue::from(value))?,
-    };
-    let mut inventories = Vec::with_capacity(ids.len());
-    for id in ids {
-        if let Some(stored) = mn.db.get::<R>(id)? {
-            inventories.push(inventory(&stored.record)?);
-        }
-    }
-    Ok(inventories)
-}
-
-/// Calls `$f::<R>(args)` with `R` the record type of the queryable kind `$kind` (its name in
-/// URLs): the one table from URL kinds to record types.
-macro_rules! for_kind {
-    ($kind:expr, $f:ident($($arg:expr),*)) => {
-        match $kind {
-            "zones" => $f::<ZoneRecord>($($arg),*),
-            "clusters" => $f::<ClusterRecord>($($arg),*),
-            "hosts" => $f::<HostRecord>($($arg),*),
-            "instance-offerings" => $f::<InstanceOfferingRecord>($($arg),*),
-            "l2-networks" => $f::<L2NetworkRecord>($($arg),*),
-            "l3-networks" => $f::<L3NetworkRecord>($($arg),*),
-            "vm-instances" => $f::<VmRecord>($($arg),*),
-            "images" => $f::<ImageRecord>($($arg),*),
-            "backup-storage" => $f::<BackupStorageRecord>($($arg),*),
-            "primary-storage" => $f::<PrimaryStorageRecord>($($arg),*),
-            _ => Ok(Vec::new()),
-        }
-    };
-}
-
 /// `GET /v1/<kind>`: every inventory of the kind, or those a query selects.
 fn list(kind: &'static str) -> axum::routing::MethodRouter<Arc<Mn>> {
     get(move |State(mn): Shared, Query(pairs): Query<Vec<(String, String)>>| async move {
         let schema = query::schema(kind).expect("every listed kind is declared");
         let query = query::Query::parse(schema, &pairs)?;
-        let mut catalog = query::Catalog::new(
-            |kind| for_kind!(kind, inventories(&mn)),
-            |kind, index, value, ty| for_kind!(kind, indexed(&mn, index, value, ty)),
-        );
+        let source = StoreSource::new(&mn.db);
+        let mut catalog = query::Catalog::new(&source);
         Ok::<_, ApiError>(Json(query.run(schema, &mut catalog)?))
     })
 }

@@ -39,6 +39,21 @@ pub trait Store: Send + Sync + 'static {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
     /// Iterates `[start, end)` (an unbounded end when `None`), forwards or backwards.
     fn range(&self, start: &[u8], end: Option<&[u8]>, reverse: bool) -> KvIter<'_>;
+    /// Counts the keys in `[start, end)`, at most `at_most` of them. Backends override it
+    /// when they can count without copying keys and values out.
+    fn count_range(
+        &self,
+        start: &[u8],
+        end: Option<&[u8]>,
+        at_most: usize,
+    ) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for item in self.range(start, end, false).take(at_most) {
+            item?;
+            n += 1;
+        }
+        Ok(n)
+    }
     /// Applies every op atomically.
     fn apply(&self, ops: Vec<RawOp>) -> Result<(), StoreError>;
     /// Makes everything applied so far durable.
@@ -101,6 +116,25 @@ impl Store for SledStore {
                 .map_err(|e| StoreError::backend(SLED, "range", e))
         };
         if reverse { Box::new(iter.rev().map(map)) } else { Box::new(iter.map(map)) }
+    }
+
+    fn count_range(
+        &self,
+        start: &[u8],
+        end: Option<&[u8]>,
+        at_most: usize,
+    ) -> Result<usize, StoreError> {
+        let bounds = (
+            Bound::Included(start.to_vec()),
+            end.map_or(Bound::Unbounded, |e| Bound::Excluded(e.to_vec())),
+        );
+        let mut n = 0;
+        // Keys only: sled hands out reference-counted views, so nothing is copied.
+        for item in self.db.range::<Vec<u8>, _>(bounds).keys().take(at_most) {
+            item.map_err(|e| StoreError::backend(SLED, "count", e))?;
+            n += 1;
+        }
+        Ok(n)
     }
 
     fn apply(&self, ops: Vec<RawOp>) -> Result<(), StoreError> {

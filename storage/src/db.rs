@@ -22,7 +22,7 @@
 //! device. Because one thread applies every write, compare-and-swap and index maintenance
 //! need no other lock.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::marker::PhantomData;
 use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -65,6 +65,16 @@ pub trait Record: Serialize + DeserializeOwned + Send + Sync + 'static {
 
     /// The secondary indexes of this table.
     fn indexes() -> &'static [Index<Self>]
+    where
+        Self: Sized,
+    {
+        &[]
+    }
+
+    /// The indexes whose entries are also counted per value, in the same atomic write, so
+    /// that [`Db::count_index`] on them is one read however many records match (a VM's
+    /// state). Each counted index must be one of [`Record::indexes`].
+    fn counted_indexes() -> &'static [&'static str]
     where
         Self: Sized,
     {
@@ -115,6 +125,8 @@ struct PendingWrite {
     new: Option<(Vec<u8>, IndexEntries)>,
     /// Decodes a stored value of this table into its index entries.
     old_entries: fn(&[u8]) -> Result<IndexEntries, CodecError>,
+    /// The table's counted indexes.
+    counted: &'static [&'static str],
 }
 
 fn index_entries<R: Record>(record: &R) -> IndexEntries {
@@ -166,6 +178,7 @@ impl Batch {
             expect,
             new: Some((payload, index_entries(record))),
             old_entries: stored_index_entries::<R>,
+            counted: R::counted_indexes(),
         });
         Ok(self)
     }
@@ -179,6 +192,7 @@ impl Batch {
             expect,
             new: None,
             old_entries: stored_index_entries::<R>,
+            counted: R::counted_indexes(),
         });
         self
     }
@@ -207,12 +221,15 @@ pub struct IndexReport {
     pub missing: Vec<(String, IndexValue, Uuid)>,
     /// Index entries that exist and should not (their record is gone or says otherwise).
     pub stale: Vec<(String, Uuid)>,
+    /// Counters of counted indexes that disagree with the table: (index, value, stored,
+    /// expected).
+    pub wrong_counts: Vec<(String, IndexValue, u64, u64)>,
 }
 
 impl IndexReport {
     /// Whether every index agrees with its table.
     pub fn is_consistent(&self) -> bool {
-        self.missing.is_empty() && self.stale.is_empty()
+        self.missing.is_empty() && self.stale.is_empty() && self.wrong_counts.is_empty()
     }
 }
 
@@ -415,6 +432,39 @@ impl Db {
         self.index_ids(&start, end.as_deref(), reverse, limit)
     }
 
+    /// Every id `index` names, in value order (reversed when `reverse`), read lazily: a page
+    /// sorted by an indexed field reads only as far as the page needs.
+    pub fn scan_index<'s, R: Record>(
+        &'s self,
+        index: &str,
+        reverse: bool,
+    ) -> impl Iterator<Item = Result<Uuid, StoreError>> + use<'s, R> {
+        let prefix = keys::index_prefix(R::KIND, index);
+        let end = keys::prefix_end(&prefix);
+        self.inner.store.range(&prefix, end.as_deref(), reverse).filter_map(|item| match item {
+            Ok((key, _)) => keys::id_from_record_key(&key).map(Ok),
+            Err(e) => Some(Err(e)),
+        })
+    }
+
+    /// How many entries `index` holds for exactly `value`, counting no further than
+    /// `at_most`: one read for a counted index, otherwise a key scan (no record is read; the
+    /// cap makes it a cheap estimate).
+    pub fn count_index<R: Record>(
+        &self,
+        index: &str,
+        value: &IndexValue,
+        at_most: usize,
+    ) -> Result<usize, StoreError> {
+        if R::counted_indexes().contains(&index) {
+            let counter = self.inner.store.get(&keys::counter_key(R::KIND, index, value))?;
+            return Ok((decode_counter(counter.as_deref()) as usize).min(at_most));
+        }
+        let prefix = keys::index_value_prefix(R::KIND, index, value);
+        let end = keys::prefix_end(&prefix);
+        self.inner.store.count_range(&prefix, end.as_deref(), at_most)
+    }
+
     fn index_ids(
         &self,
         start: &[u8],
@@ -472,7 +522,8 @@ impl Db {
     pub fn ensure_indexes<R: Record>(&self) -> Result<usize, StoreError> {
         let marker = keys::index_marker_key(R::KIND);
         let declared: Vec<&str> = R::indexes().iter().map(|i| i.name).collect();
-        let wanted = declared.join(",").into_bytes();
+        let wanted = format!("{}|{}", declared.join(","), R::counted_indexes().join(","));
+        let wanted = wanted.into_bytes();
         if self.inner.store.get(&marker)?.as_deref() == Some(&wanted[..]) {
             return Ok(0);
         }
@@ -485,6 +536,15 @@ impl Db {
                 RawOp::Put(keys::index_entry_key(R::KIND, &index, &value, id), Vec::new())
             })
             .collect();
+        // Counters are rebuilt whole: those of indexes no longer counted go too.
+        let prefix = keys::counter_prefix(R::KIND);
+        let end = keys::prefix_end(&prefix);
+        for item in self.inner.store.range(&prefix, end.as_deref(), false) {
+            ops.push(RawOp::Delete(item?.0));
+        }
+        for ((index, value), n) in self.expected_counts::<R>()? {
+            ops.push(RawOp::Put(keys::counter_key(R::KIND, index, &value), encode_counter(n)));
+        }
         ops.push(RawOp::Put(marker, wanted));
         self.inner.store.apply(ops)?;
         self.inner.store.flush()?;
@@ -524,8 +584,57 @@ impl Db {
             let (index, value, id) = expected_values.remove(&key).expect("expected entry");
             report.missing.push((index.to_owned(), value, id));
         }
+        let mut counts = self.expected_counts::<R>()?;
+        let prefix = keys::counter_prefix(R::KIND);
+        let end = keys::prefix_end(&prefix);
+        let mut stored_counters = HashMap::new();
+        for item in self.inner.store.range(&prefix, end.as_deref(), false) {
+            let (key, value) = item?;
+            stored_counters.insert(key, decode_counter(Some(&value)));
+        }
+        for ((index, value), n) in counts.drain() {
+            let key = keys::counter_key(R::KIND, index, &value);
+            let found = stored_counters.remove(&key).unwrap_or(0);
+            if found != n {
+                report.wrong_counts.push((index.to_owned(), value, found, n));
+            }
+        }
+        report.wrong_counts.extend(
+            stored_counters
+                .into_values()
+                .filter(|n| *n != 0)
+                .map(|n| (String::from("?"), IndexValue::Bool(false), n, 0)),
+        );
         Ok(report)
     }
+
+    /// What the counters of `R`'s counted indexes should hold, from a scan of the table.
+    fn expected_counts<R: Record>(
+        &self,
+    ) -> Result<HashMap<(&'static str, IndexValue), u64>, StoreError> {
+        let mut counts = HashMap::new();
+        if R::counted_indexes().is_empty() {
+            return Ok(counts);
+        }
+        for stored in self.scan::<R>() {
+            let record = stored?.record;
+            let entries: BTreeSet<_> = index_entries(&record).into_iter().collect();
+            for (index, value) in entries {
+                if R::counted_indexes().contains(&index) {
+                    *counts.entry((index, value)).or_insert(0) += 1;
+                }
+            }
+        }
+        Ok(counts)
+    }
+}
+
+fn encode_counter(n: u64) -> Vec<u8> {
+    n.to_be_bytes().to_vec()
+}
+
+fn decode_counter(bytes: Option<&[u8]>) -> u64 {
+    bytes.and_then(|b| b.try_into().ok()).map_or(0, u64::from_be_bytes)
 }
 
 fn decode_stored<R: Record>(id: Uuid, bytes: &[u8]) -> Result<Stored<R>, StoreError> {
@@ -639,6 +748,8 @@ fn prepare(
     let mut changes: HashMap<Vec<u8>, Option<Vec<u8>>> = HashMap::new();
     let mut ops = Vec::new();
     let mut written = Vec::with_capacity(batch.writes.len());
+    // Changes to counted indexes' counters, by counter key.
+    let mut deltas: BTreeMap<Vec<u8>, i64> = BTreeMap::new();
     for write in batch.writes {
         let key = keys::record_key(write.table, write.id);
         let current = match changes.get(&key).or_else(|| overlay.get(&key)) {
@@ -706,14 +817,33 @@ fn prepare(
         };
         for (index, value) in old.difference(&new) {
             ops.push(RawOp::Delete(keys::index_entry_key(write.table, index, value, write.id)));
+            if write.counted.contains(index) {
+                *deltas.entry(keys::counter_key(write.table, index, value)).or_insert(0) -= 1;
+            }
         }
         for (index, value) in new.difference(&old) {
             ops.push(RawOp::Put(
                 keys::index_entry_key(write.table, index, value, write.id),
                 Vec::new(),
             ));
+            if write.counted.contains(index) {
+                *deltas.entry(keys::counter_key(write.table, index, value)).or_insert(0) += 1;
+            }
         }
         written.push(Written { id: write.id, generation });
+    }
+    for (key, delta) in deltas.into_iter().filter(|(_, delta)| *delta != 0) {
+        let current = match changes.get(&key).or_else(|| overlay.get(&key)) {
+            Some(value) => value.clone(),
+            None => store.get(&key)?,
+        };
+        let n = decode_counter(current.as_deref()).saturating_add_signed(delta);
+        let value = (n > 0).then(|| encode_counter(n));
+        ops.push(match &value {
+            Some(bytes) => RawOp::Put(key.clone(), bytes.clone()),
+            None => RawOp::Delete(key.clone()),
+        });
+        changes.insert(key, value);
     }
     Ok(Prepared { ops, changes, written })
 }

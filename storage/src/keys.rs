@@ -6,6 +6,7 @@
 //! ```text
 //! r/<table>/<uuid: 16 bytes>                          -> envelope (see `codec`)
 //! i/<table>/<index>/<encoded value><uuid: 16 bytes>   -> empty
+//! c/<table>/<index>/<encoded value>                   -> entries for the value (counted indexes)
 //! ```
 //!
 //! Index values are encoded so that byte order equals value order, which makes equality a
@@ -133,6 +134,25 @@ pub(crate) fn index_marker_key(table: &str) -> Vec<u8> {
     key.extend_from_slice(b"m/");
     key.extend_from_slice(table.as_bytes());
     key.extend_from_slice(b"/indexes");
+    key
+}
+
+/// Where a counted index keeps how many entries it holds for one value
+/// (`c/<table>/<index>/<encoded value>` -> u64, big-endian), so a count is one read.
+pub(crate) fn counter_key(table: &str, index: &str, value: &IndexValue) -> Vec<u8> {
+    let mut key = counter_prefix(table);
+    key.extend_from_slice(index.as_bytes());
+    key.push(b'/');
+    value.encode_into(&mut key);
+    key
+}
+
+/// The prefix of every counter of a table's indexes.
+pub(crate) fn counter_prefix(table: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(3 + table.len());
+    key.extend_from_slice(b"c/");
+    key.extend_from_slice(table.as_bytes());
+    key.push(b'/');
     key
 }
 

@@ -39,6 +39,10 @@ impl Record for Vm {
         ]
     }
 
+    fn counted_indexes() -> &'static [&'static str] {
+        &["state", "ip"]
+    }
+
     fn upgrade(from_version: u16, payload: &[u8]) -> Result<Self, CodecError> {
         #[derive(Deserialize)]
         struct VmV1 {
@@ -250,6 +254,32 @@ fn range_lookups_follow_value_order() {
 }
 
 #[test]
+fn an_index_is_walked_in_order_and_counted_without_reading_records() {
+    on_both_backends(|db| {
+        let vms: Vec<Vm> = [("b", "Running"), ("a", "Stopped"), ("c", "Running"), ("a", "Running")]
+            .iter()
+            .map(|(name, state)| vm(name, state, &[], 1))
+            .collect();
+        for v in &vms {
+            put(&db, v, Expect::Absent).unwrap();
+        }
+        let (mut a0, mut a1) = (vms[1].id, vms[3].id);
+        if a1 < a0 {
+            std::mem::swap(&mut a0, &mut a1);
+        }
+        let walked: Vec<Uuid> = db.scan_index::<Vm>("name", false).map(Result::unwrap).collect();
+        assert_eq!(walked, vec![a0, a1, vms[0].id, vms[2].id], "by name, then by id");
+        let back: Vec<Uuid> =
+            db.scan_index::<Vm>("name", true).take(2).map(Result::unwrap).collect();
+        assert_eq!(back, vec![vms[2].id, vms[0].id]);
+        let running = IndexValue::from("Running");
+        assert_eq!(db.count_index::<Vm>("state", &running, usize::MAX).unwrap(), 3);
+        assert_eq!(db.count_index::<Vm>("state", &running, 2).unwrap(), 2, "capped");
+        assert_eq!(db.count_index::<Vm>("state", &IndexValue::from("Paused"), 9).unwrap(), 0);
+    });
+}
+
+#[test]
 fn old_versions_upgrade_and_unknown_versions_are_clear_errors() {
     let store = Arc::new(MemStore::new());
     let db = Db::new(store.clone());
@@ -369,6 +399,7 @@ proptest! {
             let want: Vec<Uuid> = model.values().filter(|v| v.state == state).map(|v| v.id).collect();
             let mut got = db.find::<Vm>("state", &state.into()).unwrap();
             got.sort();
+            prop_assert_eq!(db.count_index::<Vm>("state", &state.into(), usize::MAX).unwrap(), want.len());
             prop_assert_eq!(got, want);
         }
         for i in 0..6 {
@@ -377,6 +408,7 @@ proptest! {
                 model.values().filter(|v| v.ips.contains(&ip)).map(|v| v.id).collect();
             let mut got = db.find::<Vm>("ip", &ip.as_str().into()).unwrap();
             got.sort();
+            prop_assert_eq!(db.count_index::<Vm>("ip", &ip.as_str().into(), usize::MAX).unwrap(), want.len());
             prop_assert_eq!(got, want);
         }
         let by_memory = db
@@ -418,6 +450,10 @@ impl Record for VmWithHost {
             },
         ]
     }
+
+    fn counted_indexes() -> &'static [&'static str] {
+        &["state", "first-ip"]
+    }
 }
 
 #[test]
@@ -443,6 +479,9 @@ fn an_index_declared_after_the_records_were_written_is_backfilled_once() {
     assert_eq!(db.ensure_indexes::<VmWithHost>().unwrap(), 50);
     assert_eq!(db.find::<VmWithHost>("first-ip", &"10.0.0.7".into()).unwrap().len(), 1);
     assert!(db.verify_indexes::<VmWithHost>().unwrap().is_consistent());
+    // Counters are rebuilt too, including for an index that was not counted before.
+    assert_eq!(db.count_index::<VmWithHost>("first-ip", &"10.0.0.7".into(), 9).unwrap(), 1);
+    assert_eq!(db.count_index::<VmWithHost>("state", &"Running".into(), 99).unwrap(), 50);
     // The marker makes the next start a single read.
     assert_eq!(db.ensure_indexes::<VmWithHost>().unwrap(), 0);
 }

@@ -105,6 +105,27 @@ impl VmState {
         VmState::Error,
     ];
 
+    /// The state's name, as the API shows it and the `state` index keys it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmState::Created => "Created",
+            VmState::Starting => "Starting",
+            VmState::Running => "Running",
+            VmState::Stopping => "Stopping",
+            VmState::Stopped => "Stopped",
+            VmState::Rebooting => "Rebooting",
+            VmState::Pausing => "Pausing",
+            VmState::Paused => "Paused",
+            VmState::Resuming => "Resuming",
+            VmState::Migrating => "Migrating",
+            VmState::Destroying => "Destroying",
+            VmState::Destroyed => "Destroyed",
+            VmState::Expunging => "Expunging",
+            VmState::Unknown => "Unknown",
+            VmState::Error => "Error",
+        }
+    }
+
     /// Whether an operation is in progress on the VM.
     pub fn is_transitional(self) -> bool {
         matches!(
@@ -232,6 +253,13 @@ pub fn observed(state: VmState, observation: Observation) -> Option<VmState> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_state_is_named_as_the_api_shows_it() {
+        for state in VmState::ALL {
+            assert_eq!(serde_json::to_value(state).unwrap(), state.as_str());
+        }
+    }
 
     #[test]
     fn transitional_states_accept_only_destroy() {

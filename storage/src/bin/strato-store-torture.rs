@@ -41,6 +41,9 @@ impl Record for TortureRecord {
             Index { name: "bucket", values: |r| vec![r.bucket.into()] },
         ]
     }
+    fn counted_indexes() -> &'static [&'static str] {
+        &["bucket"]
+    }
 }
 
 impl TortureRecord {
