@@ -157,6 +157,8 @@ pub struct Hosts {
     db: Db,
     config: HostConfig,
     directory: std::sync::RwLock<std::collections::HashMap<Uuid, HostSummary>>,
+    /// Memory each host keeps for itself (its `reservedMemory` system tag), in bytes.
+    kept_for_host: std::sync::RwLock<std::collections::HashMap<Uuid, u64>>,
 }
 
 /// What the allocator needs to know of a host, kept in memory for every host: placing one
@@ -179,10 +181,12 @@ pub struct HostSummary {
     pub reserved_cpu: u64,
     /// Memory booked.
     pub reserved_memory: u64,
+    /// Memory the host keeps for itself (its `reservedMemory` system tag).
+    pub kept_for_host: u64,
 }
 
 impl HostSummary {
-    fn of(record: &HostRecord) -> Self {
+    fn of(record: &HostRecord, kept_for_host: u64) -> Self {
         HostSummary {
             uuid: record.uuid,
             cluster_uuid: record.cluster_uuid,
@@ -192,13 +196,15 @@ impl HostSummary {
             memory: record.facts.as_ref().map_or(0, |f| f.memory_mib << 20),
             reserved_cpu: record.reserved_cpu(),
             reserved_memory: record.reserved_memory(),
+            kept_for_host,
         }
     }
 
     /// Whether it has room for `cpu` CPUs and `memory` bytes more.
     pub fn fits(&self, cpu: u32, memory: u64, overcommit: Overcommit) -> bool {
         let cpu_total = (f64::from(self.cpus) * overcommit.cpu) as u64;
-        let memory_total = (self.memory as f64 * overcommit.memory) as u64;
+        let memory_total =
+            ((self.memory as f64 * overcommit.memory) as u64).saturating_sub(self.kept_for_host);
         self.reserved_cpu + u64::from(cpu) <= cpu_total
             && self.reserved_memory + memory <= memory_total
     }
@@ -207,12 +213,43 @@ impl HostSummary {
 impl Hosts {
     /// The kind, on `db` (every host in the store enters the directory).
     pub fn new(db: Db, config: HostConfig) -> Self {
+        let kept_for_host: std::collections::HashMap<Uuid, u64> = db
+            .scan::<crate::tags::SystemTag>()
+            .filter_map(Result::ok)
+            .filter_map(|t| {
+                let size = t.record.tag.strip_prefix("reservedMemory::")?;
+                Some((t.record.resource_uuid, crate::tags::parse_size(size).ok()?))
+            })
+            .collect();
         let directory = db
             .scan::<HostRecord>()
             .filter_map(Result::ok)
-            .map(|s| (s.record.uuid, HostSummary::of(&s.record)))
+            .map(|s| {
+                let kept = kept_for_host.get(&s.record.uuid).copied().unwrap_or(0);
+                (s.record.uuid, HostSummary::of(&s.record, kept))
+            })
             .collect();
-        Hosts { db, config, directory: std::sync::RwLock::new(directory) }
+        Hosts {
+            db,
+            config,
+            directory: std::sync::RwLock::new(directory),
+            kept_for_host: std::sync::RwLock::new(kept_for_host),
+        }
+    }
+
+    /// Host `id` as the allocator sees it, from its record.
+    fn summary(&self, record: &HostRecord) -> HostSummary {
+        let kept = self.kept_for_host.read().expect("kept lock").get(&record.uuid).copied();
+        HostSummary::of(record, kept.unwrap_or(0))
+    }
+
+    /// Sets the memory host `id` keeps for itself (its `reservedMemory` tag; 0 when the tag
+    /// goes): bookings from now on leave it free.
+    pub fn keep_for_host(&self, id: Uuid, memory: u64) {
+        self.kept_for_host.write().expect("kept lock").insert(id, memory);
+        if let Some(summary) = self.directory.write().expect("directory lock").get_mut(&id) {
+            summary.kept_for_host = memory;
+        }
     }
 
     /// Every host as the allocator sees it.
@@ -221,10 +258,7 @@ impl Hosts {
     }
 
     fn publish(&self, record: &HostRecord) {
-        self.directory
-            .write()
-            .expect("directory lock")
-            .insert(record.uuid, HostSummary::of(record));
+        self.directory.write().expect("directory lock").insert(record.uuid, self.summary(record));
     }
 
     /// The kind's default queues.
@@ -571,8 +605,8 @@ impl Default for Overcommit {
 }
 
 /// Whether `record` has room for `cpu` CPUs and `memory` bytes more.
-pub fn fits(record: &HostRecord, cpu: u32, memory: u64, overcommit: Overcommit) -> bool {
-    HostSummary::of(record).fits(cpu, memory, overcommit)
+fn fits(hosts: &Hosts, record: &HostRecord, cpu: u32, memory: u64, overcommit: Overcommit) -> bool {
+    hosts.summary(record).fits(cpu, memory, overcommit)
 }
 
 /// Books `cpu` and `memory` on host `id` for VM `vm` if it still has room; returns whether
@@ -599,7 +633,7 @@ pub async fn reserve(
                     !s.deleting
                         && s.record.state == crate::records::HostState::Enabled
                         && s.record.status == HostStatus::Connected
-                        && fits(&s.record, cpu, memory, overcommit)
+                        && fits(ctx.entity(), &s.record, cpu, memory, overcommit)
                 });
                 if !takes_vms {
                     return Ok(false);
@@ -678,6 +712,7 @@ pub async fn remove(hosts: &Kind<Hosts>, id: Uuid) -> Result<(), HostError> {
             }
             let mut batch = Batch::new();
             batch.delete::<HostRecord>(id, Expect::Any);
+            crate::tags::delete_with(&ctx.entity().db, &mut batch, id)?;
             ctx.entity().db.commit(batch).await?;
             ctx.entity().directory.write().expect("directory lock").remove(&id);
             ctx.passivate_when_idle();

@@ -24,4 +24,5 @@ pub mod ipam;
 pub mod l3;
 pub mod maintenance;
 pub mod records;
+pub mod tags;
 pub mod vm;

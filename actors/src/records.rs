@@ -516,7 +516,9 @@ pub fn ensure_indexes(db: &strato_storage::Db) -> Result<usize, strato_storage::
         + db.ensure_indexes::<InstanceOfferingRecord>()?
         + db.ensure_indexes::<BackupStorageRecord>()?
         + db.ensure_indexes::<PrimaryStorageRecord>()?
-        + db.ensure_indexes::<ImageRecord>()?)
+        + db.ensure_indexes::<ImageRecord>()?
+        + db.ensure_indexes::<crate::tags::UserTag>()?
+        + db.ensure_indexes::<crate::tags::SystemTag>()?)
 }
 
 #[cfg(test)]

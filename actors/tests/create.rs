@@ -84,6 +84,9 @@ fn request(s: &Setup, memory_gib: u64) -> CreateVm {
         host: None,
         nics: vec![],
         image: None,
+        static_ips: vec![],
+        system_tags: vec![],
+        user_tags: vec![],
     }
 }
 
@@ -340,4 +343,56 @@ async fn an_address_is_given_back_only_by_its_owner() {
     assert!(strato_actors::l3::allocate_ip(&s.c.l3s, s.l3, second, None).await.is_err());
     strato_actors::l3::release_ip(&s.c.l3s, s.l3, ip, first).await.unwrap();
     assert_eq!(strato_actors::l3::allocate_ip(&s.c.l3s, s.l3, second, None).await.unwrap(), ip);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_static_ip_tag_is_the_address_ipam_hands_out_or_the_creation_fails() {
+    let s = setup(&[], 5).await;
+    let mut pinned = request(&s, 1);
+    pinned.static_ips = vec![(s.l3, "10.0.0.13".parse().unwrap())];
+    let vm = create::create(&s.c.runtime, pinned, None).await.unwrap();
+    assert_eq!(vm.vm_nics[0].ip, "10.0.0.13", "not the lowest free address: the tag's");
+    // The same address again is taken: that creation fails and leaves nothing.
+    let mut again = request(&s, 1);
+    again.static_ips = vec![(s.l3, "10.0.0.13".parse().unwrap())];
+    let error = create::create(&s.c.runtime, again.clone(), None).await.unwrap_err();
+    assert!(error.to_string().contains("10.0.0.13 is already in use"), "{error}");
+    assert_nothing_left(&s, again.vm);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hosts_reserved_memory_tag_keeps_that_memory_from_vms() {
+    let s = setup(&[], 5).await;
+    // 16 GiB host: 12 GiB kept for the host leaves 4 GiB (the test overcommit is 1.0).
+    let tag = strato_actors::tags::SystemTag::new(s.host, "HostVO", "reservedMemory::12G");
+    put(&s.c.db, &tag);
+    s.c.hosts.entity().keep_for_host(s.host, 12 << 30);
+    let error = create::create(&s.c.runtime, request(&s, 5), None).await.unwrap_err();
+    assert!(error.to_string().contains("free capacity for 2 CPU and 5120 MiB -> 0"), "{error}");
+    create::create(&s.c.runtime, request(&s, 4), None).await.unwrap();
+    s.c.hosts.entity().keep_for_host(s.host, 0);
+    create::create(&s.c.runtime, request(&s, 5), None).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vms_tags_go_with_its_record() {
+    let s = setup(&[("start-domain", 1.0)], 5).await;
+    let mut req = request(&s, 1);
+    req.user_tags = vec!["web".into()];
+    req.system_tags = vec!["hostname::web-1".into()];
+    create::create(&s.c.runtime, req.clone(), None).await.unwrap_err();
+    assert_nothing_left(&s, req.vm);
+    assert!(
+        strato_actors::tags::of::<strato_actors::tags::User>(&s.c.db, req.vm).unwrap().is_empty()
+    );
+    assert!(
+        strato_actors::tags::of::<strato_actors::tags::System>(&s.c.db, req.vm).unwrap().is_empty()
+    );
+    // And a created VM keeps them.
+    let s = setup(&[], 5).await;
+    let mut req = request(&s, 1);
+    req.user_tags = vec!["web".into()];
+    let vm = create::create(&s.c.runtime, req, None).await.unwrap();
+    let tags = strato_actors::tags::of::<strato_actors::tags::User>(&s.c.db, vm.uuid).unwrap();
+    assert_eq!(tags.iter().map(|t| t.tag.as_str()).collect::<Vec<_>>(), ["web"]);
 }

@@ -54,6 +54,11 @@ impl ApiError {
         )
     }
 
+    /// 409: the request contradicts what exists (`code` says how).
+    pub fn conflict(code: &str, description: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::CONFLICT, code, description, Value::Null)
+    }
+
     /// 404: no `kind` with this UUID.
     pub fn not_found(kind: &str, uuid: impl std::fmt::Display) -> Self {
         ApiError::new(

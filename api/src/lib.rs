@@ -20,4 +20,5 @@ pub mod query;
 pub mod routes;
 pub mod server;
 pub mod store_source;
+pub mod tagging;
 pub mod up;

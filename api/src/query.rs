@@ -94,16 +94,19 @@ impl Schema {
     }
 
     fn relation(&self, name: &str) -> Option<&Relation> {
-        self.relations.iter().find(|r| r.name() == name)
+        self.all_relations().find(|r| r.name() == name)
+    }
+
+    /// The declared relations, and the tags for a kind that can be tagged.
+    fn all_relations(&self) -> impl Iterator<Item = &Relation> {
+        let taggable =
+            SCHEMAS.iter().any(|s| s.kind == self.kind) && !TAG_KINDS.contains(&self.kind);
+        self.relations.iter().chain(TAG_RELATIONS.iter().filter(move |_| taggable))
     }
 
     /// Every name a condition may start with here, for error messages.
     fn valid_names(&self) -> Vec<&'static str> {
-        self.fields
-            .iter()
-            .map(|f| f.name)
-            .chain(self.relations.iter().map(Relation::name))
-            .collect()
+        self.fields.iter().map(|f| f.name).chain(self.all_relations().map(Relation::name)).collect()
     }
 }
 
@@ -251,6 +254,20 @@ pub static SCHEMAS: &[Schema] = &[
         sorted: &[],
     },
     Schema {
+        kind: "user-tags",
+        fields: TAG_FIELDS,
+        relations: &[],
+        indexed: &[("uuid", "#uuid"), ("resourceUuid", "resource"), ("tag", "tag")],
+        sorted: &[("tag", "tag")],
+    },
+    Schema {
+        kind: "system-tags",
+        fields: TAG_FIELDS,
+        relations: &[],
+        indexed: &[("uuid", "#uuid"), ("resourceUuid", "resource"), ("tag", "tag")],
+        sorted: &[("tag", "tag")],
+    },
+    Schema {
         kind: "primary-storage",
         fields: &[
             f("uuid", Id),
@@ -264,6 +281,28 @@ pub static SCHEMAS: &[Schema] = &[
         sorted: &[],
     },
 ];
+
+/// The tag kinds (their resources are any other kind's).
+const TAG_KINDS: [&str; 2] = ["user-tags", "system-tags"];
+
+static TAG_FIELDS: &[Field] = &[
+    f("uuid", Id),
+    f("resourceUuid", Id),
+    f("resourceType", Text),
+    f("tag", Text),
+    f("createDate", Int),
+];
+
+/// The tags of every resource: any kind but the tags themselves can be queried by them
+/// (`userTags.tag=web`, or ZStack's `__userTag__=web`).
+static TAG_RELATIONS: &[Relation] = &[
+    Relation::Back { name: "userTags", kind: "user-tags", field: "resourceUuid" },
+    Relation::Back { name: "systemTags", kind: "system-tags", field: "resourceUuid" },
+];
+
+/// ZStack's shorthands for conditions on tags.
+const TAG_ALIASES: [(&str, &str); 2] =
+    [("__userTag__", "userTags.tag"), ("__systemTag__", "systemTags.tag")];
 
 /// The declaration of `kind`.
 pub fn schema(kind: &str) -> Option<&'static Schema> {
@@ -337,6 +376,8 @@ pub fn parse_condition(schema: &'static Schema, text: &str) -> Result<Condition,
         .find(|c: char| !(c.is_ascii_alphanumeric() || c == '.' || c == '_'))
         .ok_or_else(|| ApiError::invalid("q", format!("`{text}` has no operator")))?;
     let (path_text, rest) = text.split_at(at);
+    let path_text =
+        TAG_ALIASES.iter().find(|(alias, _)| *alias == path_text).map_or(path_text, |(_, p)| p);
     let (op, value) = Op::TOKENS
         .iter()
         .find_map(|(token, op)| rest.strip_prefix(token).map(|v| (*op, v)))
@@ -639,7 +680,8 @@ impl Query {
                 "sort" => {
                     let (descending, field) = match value.split_at_checked(1) {
                         Some(("-", field)) => (true, field),
-                        Some(("+", field)) => (false, field),
+                        // An unencoded `+` in a URL arrives as a space.
+                        Some(("+" | " ", field)) => (false, field),
                         _ => (false, value.as_str()),
                     };
                     if schema.field(field).is_none() {

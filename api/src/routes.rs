@@ -39,6 +39,7 @@ use crate::jobs::{self, JobRecord, JobState};
 use crate::mn::Mn;
 use crate::query;
 use crate::store_source::{StoreSource, inventory};
+use crate::tagging::{self, CreationTags};
 
 type Shared = State<Arc<Mn>>;
 
@@ -79,26 +80,22 @@ pub fn router(mn: Arc<Mn>) -> Router {
         .route("/v1/clusters/{cluster}/primary-storage/{ps}", post(attach_primary_storage))
         .route("/v1/images", list("images").post(add_image))
         .route("/v1/images/{uuid}", get(one::<ImageRecord>))
+        .route("/v1/user-tags", list("user-tags").post(tagging::create_user_tag))
+        .route("/v1/system-tags", list("system-tags").post(tagging::create_system_tag))
+        .route("/v1/tags/{uuid}", axum::routing::delete(tagging::delete_tag))
         .route("/v1/api-jobs/{uuid}", get(job))
         .route("/v1/gc-jobs", get(gc_jobs))
         .with_state(mn)
 }
 
-/// A creation's envelope.
+/// A creation's envelope (its `systemTags` and `userTags` are read by [`creation`]).
 #[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
 struct Create {
     params: Value,
-    #[serde(default)]
-    #[allow(dead_code)]
-    system_tags: Vec<String>,
-    #[serde(default)]
-    #[allow(dead_code)]
-    user_tags: Vec<String>,
 }
 
 /// The request body as JSON, or a 400 that says why not.
-fn json_body(bytes: &Bytes) -> Result<Value, ApiError> {
+pub(crate) fn json_body(bytes: &Bytes) -> Result<Value, ApiError> {
     serde_json::from_slice(bytes)
         .map_err(|e| ApiError::invalid("body", format!("the request body is not valid JSON: {e}")))
 }
@@ -112,13 +109,25 @@ fn parse<T: DeserializeOwned>(value: Value, what: &str) -> Result<T, ApiError> {
     })
 }
 
-fn params<T: DeserializeOwned>(body: Value) -> Result<(T, Value), ApiError> {
+/// A creation's parameters, their JSON (for the job), and its tags checked for a new
+/// resource of `resource_type`.
+fn creation<T: DeserializeOwned>(
+    body: &Bytes,
+    resource_type: &str,
+) -> Result<(T, Value, CreationTags), ApiError> {
+    let body = json_body(body)?;
+    let tags = CreationTags::of(&body, resource_type)?;
+    let (params, raw) = params(body)?;
+    Ok((params, raw, tags))
+}
+
+pub(crate) fn params<T: DeserializeOwned>(body: Value) -> Result<(T, Value), ApiError> {
     let envelope: Create = parse(body, "request body")?;
     let params = envelope.params.clone();
     Ok((parse(envelope.params, "params")?, params))
 }
 
-fn job_header(headers: &HeaderMap) -> Result<Option<Uuid>, ApiError> {
+pub(crate) fn job_header(headers: &HeaderMap) -> Result<Option<Uuid>, ApiError> {
     match headers.get("x-job-uuid") {
         None => Ok(None),
         Some(value) => {
@@ -129,7 +138,7 @@ fn job_header(headers: &HeaderMap) -> Result<Option<Uuid>, ApiError> {
     }
 }
 
-fn accepted(headers: &HeaderMap, job: Uuid) -> Response {
+pub(crate) fn accepted(headers: &HeaderMap, job: Uuid) -> Response {
     let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost");
     let location = format!("http://{host}/v1/api-jobs/{job}");
     let mut response =
@@ -148,9 +157,13 @@ fn uuid_param(text: &str, field: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(text).map_err(|_| ApiError::invalid(field, format!("`{text}` is not a UUID")))
 }
 
-async fn write<R: Record>(mn: &Mn, record: &R) -> Result<(), ApiError> {
+/// Writes new record `record` with the tags of its creation, in one atomic write.
+async fn write<R: Record>(mn: &Mn, record: &R, tags: &CreationTags) -> Result<(), ApiError> {
     let mut batch = Batch::new();
     batch.put(record, Expect::Absent)?;
+    if let Some(resource_type) = tagging::resource_type_of_table(R::KIND) {
+        tags.write(&mut batch, record.id(), resource_type)?;
+    }
     mn.db.commit(batch).await?;
     Ok(())
 }
@@ -161,12 +174,13 @@ async fn submit_record<R: Record>(
     headers: &HeaderMap,
     api: &str,
     raw: &Value,
+    tags: CreationTags,
     make: impl FnOnce() -> Result<R, ApiError> + Send + 'static,
 ) -> Result<Response, ApiError> {
     let m = mn.clone();
     let job = jobs::submit(&mn.db, job_header(headers)?, api, raw, move |_| async move {
         let record = make()?;
-        write(&m, &record).await?;
+        write(&m, &record, &tags).await?;
         inventory(&record)
     })
     .await?;
@@ -239,9 +253,9 @@ async fn create_zone(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let (p, raw): (ZoneParams, _) = params(json_body(&body)?)?;
+    let (p, raw, tags): (ZoneParams, _, _) = creation(&body, "ZoneVO")?;
     non_empty(&p.name, "name")?;
-    submit_record(&mn, &headers, "CreateZone", &raw, move || {
+    submit_record(&mn, &headers, "CreateZone", &raw, tags, move || {
         Ok(ZoneRecord { uuid: Uuid::new_v4(), name: p.name, description: p.description })
     })
     .await
@@ -265,13 +279,13 @@ async fn create_cluster(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let (p, raw): (ClusterParams, _) = params(json_body(&body)?)?;
+    let (p, raw, tags): (ClusterParams, _, _) = creation(&body, "ClusterVO")?;
     non_empty(&p.name, "name")?;
     get_record::<ZoneRecord>(&mn, p.zone_uuid, "zone")?;
     if p.hypervisor_type != "KVM" {
         return Err(ApiError::invalid("hypervisorType", "only KVM clusters are supported"));
     }
-    submit_record(&mn, &headers, "CreateCluster", &raw, move || {
+    submit_record(&mn, &headers, "CreateCluster", &raw, tags, move || {
         Ok(ClusterRecord {
             uuid: Uuid::new_v4(),
             name: p.name,
@@ -301,7 +315,7 @@ async fn add_host(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let (p, raw): (HostParams, _) = params(json_body(&body)?)?;
+    let (p, raw, tags): (HostParams, _, _) = creation(&body, "HostVO")?;
     non_empty(&p.name, "name")?;
     if p.management_ip.parse::<std::net::IpAddr>().is_err() {
         return Err(ApiError::invalid(
@@ -326,12 +340,17 @@ async fn add_host(
                 strangers: vec![],
                 reservations: Default::default(),
             };
-            write(&m, &record).await?;
+            // The memory a reservedMemory tag keeps is kept before the host takes any VM.
+            if let Some(memory) = tags.reserved_memory() {
+                m.hosts.entity().keep_for_host(record.uuid, memory);
+            }
+            write(&m, &record, &tags).await?;
             if let Err(error) = host::connect(&m.hosts, record.uuid).await {
                 // As in ZStack: a host that cannot be reached on adding is not added.
                 let _ = m.hosts.restart(record.uuid).await;
                 let mut batch = Batch::new();
                 batch.delete::<HostRecord>(record.uuid, Expect::Any);
+                strato_actors::tags::delete_with(&m.db, &mut batch, record.uuid)?;
                 m.db.commit(batch).await?;
                 return Err(error.into());
             }
@@ -432,7 +451,7 @@ async fn create_offering(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let (p, raw): (OfferingParams, _) = params(json_body(&body)?)?;
+    let (p, raw, tags): (OfferingParams, _, _) = creation(&body, "InstanceOfferingVO")?;
     non_empty(&p.name, "name")?;
     if p.cpu_num == 0 {
         return Err(ApiError::invalid("cpuNum", "`cpuNum` must be at least 1"));
@@ -443,7 +462,7 @@ async fn create_offering(
             "`memorySize` is in bytes and must be at least 16 MiB",
         ));
     }
-    submit_record(&mn, &headers, "CreateInstanceOffering", &raw, move || {
+    submit_record(&mn, &headers, "CreateInstanceOffering", &raw, tags, move || {
         Ok(InstanceOfferingRecord {
             uuid: Uuid::new_v4(),
             name: p.name,
@@ -469,12 +488,12 @@ async fn create_l3(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let (p, raw): (L3Params, _) = params(json_body(&body)?)?;
+    let (p, raw, tags): (L3Params, _, _) = creation(&body, "L3NetworkVO")?;
     non_empty(&p.name, "name")?;
     if let Some(l2) = p.l2_network_uuid {
         get_record::<L2NetworkRecord>(&mn, l2, "l2-network")?;
     }
-    submit_record(&mn, &headers, "CreateL3Network", &raw, move || {
+    submit_record(&mn, &headers, "CreateL3Network", &raw, tags, move || {
         Ok(L3NetworkRecord {
             uuid: Uuid::new_v4(),
             name: p.name,
@@ -536,7 +555,7 @@ async fn create_vm(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let (p, raw): (VmParams, _) = params(json_body(&body)?)?;
+    let (p, raw, tags): (VmParams, _, _) = creation(&body, "VmInstanceVO")?;
     non_empty(&p.name, "name")?;
     let offering: InstanceOfferingRecord =
         get_record(&mn, p.instance_offering_uuid, "instance-offering")?;
@@ -561,6 +580,7 @@ async fn create_vm(
     if let Some(cluster) = p.cluster_uuid {
         get_record::<ClusterRecord>(&mn, cluster, "cluster")?;
     }
+    let static_ips = tagging::check_static_ips(&mn, &tags.system_tags, &p.l3_network_uuids)?;
     let m = mn.clone();
     let vm = Uuid::new_v4();
     let job = jobs::submit_for(
@@ -581,6 +601,9 @@ async fn create_vm(
                 host: None,
                 nics: vec![],
                 image: p.image_uuid,
+                static_ips,
+                system_tags: tags.system_tags,
+                user_tags: tags.user_tags,
             };
             inventory(&create::create(&m.runtime, request, Some(job)).await?)
         },
@@ -900,10 +923,10 @@ async fn create_backup_storage(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let (p, raw): (StorageParams, _) = params(json_body(&body)?)?;
+    let (p, raw, tags): (StorageParams, _, _) = creation(&body, "BackupStorageVO")?;
     non_empty(&p.name, "name")?;
     let url = directory_url(&p.url)?;
-    submit_record(&mn, &headers, "AddImageStoreBackupStorage", &raw, move || {
+    submit_record(&mn, &headers, "AddImageStoreBackupStorage", &raw, tags, move || {
         std::fs::create_dir_all(&url)
             .map_err(|e| ApiError::invalid("url", format!("cannot use {url}: {e}")))?;
         Ok(BackupStorageRecord {
@@ -943,13 +966,13 @@ async fn create_primary_storage(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let (p, raw): (StorageParams, _) = params(json_body(&body)?)?;
+    let (p, raw, tags): (StorageParams, _, _) = creation(&body, "PrimaryStorageVO")?;
     non_empty(&p.name, "name")?;
     let url = directory_url(&p.url)?;
     let zone =
         p.zone_uuid.ok_or_else(|| ApiError::invalid("zoneUuid", "`zoneUuid` is required"))?;
     get_record::<ZoneRecord>(&mn, zone, "zone")?;
-    submit_record(&mn, &headers, "AddLocalPrimaryStorage", &raw, move || {
+    submit_record(&mn, &headers, "AddLocalPrimaryStorage", &raw, tags, move || {
         Ok(PrimaryStorageRecord {
             uuid: Uuid::new_v4(),
             name: p.name,
@@ -1002,7 +1025,7 @@ async fn add_image(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let (p, raw): (ImageParams, _) = params(json_body(&body)?)?;
+    let (p, raw, tags): (ImageParams, _, _) = creation(&body, "ImageVO")?;
     non_empty(&p.name, "name")?;
     strato_actors::images::check_url(&p.url)
         .map_err(|e| ApiError::invalid("url", e.to_string()))?;
@@ -1038,7 +1061,7 @@ async fn add_image(
             backup_storage_refs: vec![(bs.uuid, fetched.path.display().to_string())],
             status: "Ready".into(),
         };
-        write(&m, &image).await?;
+        write(&m, &image, &tags).await?;
         inventory(&image)
     })
     .await?;
@@ -1058,11 +1081,11 @@ async fn create_l2(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let (p, raw): (L2Params, _) = params(json_body(&body)?)?;
+    let (p, raw, tags): (L2Params, _, _) = creation(&body, "L2NetworkVO")?;
     non_empty(&p.name, "name")?;
     non_empty(&p.physical_interface, "physicalInterface")?;
     get_record::<ZoneRecord>(&mn, p.zone_uuid, "zone")?;
-    submit_record(&mn, &headers, "CreateL2NoVlanNetwork", &raw, move || {
+    submit_record(&mn, &headers, "CreateL2NoVlanNetwork", &raw, tags, move || {
         Ok(L2NetworkRecord {
             uuid: Uuid::new_v4(),
             name: p.name,

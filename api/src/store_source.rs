@@ -11,6 +11,7 @@ use strato_actors::records::{
     BackupStorageRecord, ClusterRecord, HostRecord, ImageRecord, InstanceOfferingRecord,
     L2NetworkRecord, L3NetworkRecord, PrimaryStorageRecord, VmRecord, ZoneRecord,
 };
+use strato_actors::tags::{SystemTag, UserTag};
 use strato_storage::{Db, IndexValue, Record};
 use uuid::Uuid;
 
@@ -32,6 +33,8 @@ macro_rules! for_kind {
             "images" => $f::<ImageRecord>($($arg),*),
             "backup-storage" => $f::<BackupStorageRecord>($($arg),*),
             "primary-storage" => $f::<PrimaryStorageRecord>($($arg),*),
+            "user-tags" => $f::<UserTag>($($arg),*),
+            "system-tags" => $f::<SystemTag>($($arg),*),
             _ => $otherwise,
         }
     };

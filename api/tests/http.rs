@@ -590,3 +590,86 @@ async fn lists_answer_queries_and_refuse_unknown_fields() {
     let (status, _, _) = query("vm-instances?q=cpuNum>many");
     assert_eq!(status, 400);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tags_are_checked_queried_honoured_and_go_with_their_resource() {
+    let env = tokio::task::spawn_blocking(env).await.unwrap();
+    let (host, offering, l3) = infrastructure(&env);
+    let l3_uuid = l3["uuid"].as_str().unwrap();
+    let host_uuid = host["uuid"].as_str().unwrap();
+    let query = |q: &str| http(env.api, "GET", &format!("/v1/{q}"), None, &[]);
+    let vm_body = |name: &str, system: Value| {
+        json!({ "params": { "name": name, "instanceOfferingUuid": offering["uuid"], "l3NetworkUuids": [l3["uuid"]] },
+                "systemTags": system, "userTags": ["web", "team=a"] })
+        .to_string()
+    };
+
+    // A system tag that matches no pattern, or with a bad token, is refused before anything.
+    for bad in [
+        json!(["colour::red"]),
+        json!(["hostname::-x-"]),
+        json!([format!("staticIp::{l3_uuid}::10.0.9.9")]),
+    ] {
+        let (status, _, refused) =
+            http(env.api, "POST", "/v1/vm-instances", Some(&vm_body("bad", bad)), &[]);
+        assert_eq!(status, 400, "{refused}");
+        assert_eq!(refused["error"]["details"]["field"], "systemTags");
+    }
+    assert_eq!(query("vm-instances?count=true").2, json!({ "total": 0 }));
+
+    // staticIp is the address IPAM hands out; the tags are queryable with the VM.
+    let tags = json!([format!("staticIp::{l3_uuid}::10.0.0.17"), "hostname::web-1"]);
+    let vm = ok(env.api, "POST", "/v1/vm-instances", Some(&vm_body("vm1", tags)));
+    let vm_uuid = vm["uuid"].as_str().unwrap();
+    assert_eq!(vm["vmNics"][0]["ip"], "10.0.0.17");
+    let (_, _, found) = query("vm-instances?q=__userTag__=web&fields=uuid");
+    assert_eq!(found["inventories"], json!([{ "uuid": vm_uuid }]));
+    let (_, _, found) = query("vm-instances?q=systemTags.tag~=hostname::%25&count=true");
+    assert_eq!(found, json!({ "total": 1 }));
+    let (_, _, found) = query(&format!("user-tags?q=resourceUuid={vm_uuid}&sort=+tag"));
+    let user_tags: Vec<&str> = found["inventories"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["tag"].as_str().unwrap())
+        .collect();
+    assert_eq!(user_tags, ["team=a", "web"]);
+
+    // Tags through their own API: a duplicate is a conflict; a second hostname too.
+    let tag = |path: &str, resource: &str, kind: &str, tag: &str| {
+        let body =
+            json!({ "params": { "resourceUuid": resource, "resourceType": kind, "tag": tag } });
+        http(env.api, "POST", path, Some(&body.to_string()), &[])
+    };
+    assert_eq!(tag("/v1/user-tags", vm_uuid, "VmInstanceVO", "web").0, 409);
+    assert_eq!(tag("/v1/system-tags", vm_uuid, "VmInstanceVO", "hostname::other").0, 409);
+    assert_eq!(tag("/v1/system-tags", vm_uuid, "HostVO", "hostname::x").0, 404);
+    assert_eq!(tag("/v1/system-tags", host_uuid, "HostVO", "reservedMemory::lots").0, 400);
+    assert_eq!(tag("/v1/user-tags", vm_uuid, "TeapotVO", "x").0, 400);
+
+    // reservedMemory keeps a host's memory from VMs: with all of it kept, nothing fits.
+    let (status, _, accepted) = tag("/v1/system-tags", host_uuid, "HostVO", "reservedMemory::1T");
+    assert_eq!(status, 202, "{accepted}");
+    let reserved = wait_job(env.api, accepted["location"].as_str().unwrap())["inventory"].clone();
+    let (status, _, accepted) =
+        http(env.api, "POST", "/v1/vm-instances", Some(&vm_body("vm2", json!([]))), &[]);
+    assert_eq!(status, 202);
+    let failed = wait_job(env.api, accepted["location"].as_str().unwrap());
+    assert!(failed["error"]["description"].as_str().unwrap().contains("free capacity"), "{failed}");
+    ok(env.api, "DELETE", &format!("/v1/tags/{}", reserved["uuid"].as_str().unwrap()), None);
+    ok(env.api, "POST", "/v1/vm-instances", Some(&vm_body("vm2", json!([]))));
+    assert_eq!(query("system-tags?q=tag~=reservedMemory%25&count=true").2, json!({ "total": 0 }));
+
+    // The VM's tags go with it.
+    ok(env.api, "DELETE", &format!("/v1/vm-instances/{vm_uuid}?deleteMode=Enforcing"), None);
+    let expunge = json!({ "expungeVmInstance": {} }).to_string();
+    ok(env.api, "PUT", &format!("/v1/vm-instances/{vm_uuid}/actions"), Some(&expunge));
+    assert_eq!(
+        query(&format!("user-tags?q=resourceUuid={vm_uuid}&count=true")).2,
+        json!({ "total": 0 })
+    );
+    assert_eq!(
+        query(&format!("system-tags?q=resourceUuid={vm_uuid}&count=true")).2,
+        json!({ "total": 0 })
+    );
+}

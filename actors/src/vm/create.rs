@@ -1,6 +1,6 @@
 //! Creating a VM: a flow (chain `vm.create`) whose every step has an undo.
 //!
-//! 1. `record`: write the VM record, state Created (undo: delete it);
+//! 1. `record`: write the VM record, state Created, with its tags (undo: delete them);
 //! 2. `allocate-host`: pick a host and book its capacity (undo: give back what this VM booked
 //!    on any host; bookings are keyed by VM, so the undo needs no memory of the choice);
 //! 3. `allocate-nics`: an address on each L3 network (undo: give back every address this
@@ -32,6 +32,7 @@ use crate::records::{
     HostRecord, ImageRecord, L2NetworkRecord, L3NetworkRecord, PrimaryStorageRecord, UsedIpRecord,
     VmNic, VmRecord,
 };
+use crate::tags::{SystemTag, UserTag, VM_RESOURCE_TYPE};
 
 /// The chain's name.
 pub const CREATE_CHAIN: &str = "vm.create";
@@ -60,6 +61,16 @@ pub struct CreateVm {
     /// The image of its root volume (none: a diskless VM).
     #[serde(default)]
     pub image: Option<Uuid>,
+    /// Addresses asked for by `staticIp` system tags, by L3 network: IPAM hands out exactly
+    /// these or the creation fails.
+    #[serde(default)]
+    pub static_ips: Vec<(Uuid, Ipv4Addr)>,
+    /// System tags to hang on the VM (checked by the caller), written with its record.
+    #[serde(default)]
+    pub system_tags: Vec<String>,
+    /// User tags to hang on the VM, written with its record.
+    #[serde(default)]
+    pub user_tags: Vec<String>,
 }
 
 /// The UUID of VM `vm`'s NIC on L3 `l3`.
@@ -107,6 +118,12 @@ impl Step<CreateVm> for RecordStep {
         };
         let mut batch = Batch::new();
         batch.put(&record, Expect::Absent)?;
+        for tag in &c.system_tags {
+            batch.put(&SystemTag::new(c.vm, VM_RESOURCE_TYPE, tag), Expect::Absent)?;
+        }
+        for tag in &c.user_tags {
+            batch.put(&UserTag::new(c.vm, VM_RESOURCE_TYPE, tag), Expect::Absent)?;
+        }
         self.db.commit(batch).await?;
         Ok(())
     }
@@ -114,6 +131,7 @@ impl Step<CreateVm> for RecordStep {
     async fn rollback(&self, c: &mut CreateVm, _: &FlowInfo) -> Result<(), BoxError> {
         let mut batch = Batch::new();
         batch.delete::<VmRecord>(c.vm, Expect::Any);
+        crate::tags::delete_with(&self.db, &mut batch, c.vm)?;
         self.db.commit(batch).await?;
         Ok(())
     }
@@ -186,7 +204,8 @@ impl Step<CreateVm> for AllocateNics {
             if c.nics.iter().any(|n| n.uuid == nic) {
                 continue;
             }
-            let ip = l3::allocate_ip(&self.l3s, l3, nic, None).await?;
+            let requested = c.static_ips.iter().find(|(on, _)| *on == l3).map(|(_, ip)| *ip);
+            let ip = l3::allocate_ip(&self.l3s, l3, nic, requested).await?;
             let bridge = self.db.get::<L3NetworkRecord>(l3)?.and_then(|s| s.record.bridge);
             c.nics.push(VmNic {
                 uuid: nic,
