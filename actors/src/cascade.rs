@@ -239,7 +239,7 @@ impl Deleter {
     ) -> Result<(), CascadeError> {
         let mut batch = Batch::new();
         batch.delete::<R>(uuid, Expect::Any);
-        crate::tags::delete_with(&self.db, &mut batch, uuid)?;
+        crate::records::delete_refs(&self.db, &mut batch, uuid)?;
         self.db.commit(batch).await?;
         Ok(())
     }

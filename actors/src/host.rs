@@ -712,7 +712,7 @@ pub async fn remove(hosts: &Kind<Hosts>, id: Uuid) -> Result<(), HostError> {
             }
             let mut batch = Batch::new();
             batch.delete::<HostRecord>(id, Expect::Any);
-            crate::tags::delete_with(&ctx.entity().db, &mut batch, id)?;
+            crate::records::delete_refs(&ctx.entity().db, &mut batch, id)?;
             ctx.entity().db.commit(batch).await?;
             ctx.entity().directory.write().expect("directory lock").remove(&id);
             ctx.passivate_when_idle();

@@ -160,7 +160,7 @@ pub async fn delete(l3s: &Kind<L3s>, l3: Uuid) -> Result<(), L3Error> {
             batch.delete::<UsedIpRecord>(UsedIpRecord::id_of(l3, ip), Expect::Any);
         }
         batch.delete::<L3NetworkRecord>(l3, Expect::Any);
-        crate::tags::delete_with(&ctx.entity().db, &mut batch, l3)?;
+        crate::records::delete_refs(&ctx.entity().db, &mut batch, l3)?;
         ctx.entity().db.commit(batch).await?;
         ctx.with_state(|s| s.used.clear());
         ctx.passivate_when_idle();

@@ -23,6 +23,7 @@ pub mod images;
 pub mod ipam;
 pub mod l3;
 pub mod maintenance;
+pub mod owners;
 pub mod records;
 pub mod tags;
 pub mod vm;

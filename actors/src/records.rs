@@ -501,6 +501,26 @@ impl Record for ImageRecord {
     }
 }
 
+/// Adds to `batch` the deletion of everything that hangs on `resource`: its user and system
+/// tags and its ownership record. Every deletion of a resource calls it, so they go in the
+/// same atomic write as the resource.
+pub fn delete_refs(
+    db: &strato_storage::Db,
+    batch: &mut strato_storage::Batch,
+    resource: Uuid,
+) -> Result<(), strato_storage::StoreError> {
+    use crate::tags::{SystemTag, UserTag};
+    use strato_storage::Expect;
+    for id in db.find::<UserTag>("resource", &IndexValue::Uuid(resource))? {
+        batch.delete::<UserTag>(id, Expect::Any);
+    }
+    for id in db.find::<SystemTag>("resource", &IndexValue::Uuid(resource))? {
+        batch.delete::<SystemTag>(id, Expect::Any);
+    }
+    batch.delete::<crate::owners::OwnerRecord>(resource, Expect::Any);
+    Ok(())
+}
+
 /// Backfills the index entries every record kind here declares (see
 /// `strato_storage::Db::ensure_indexes`): a store written by an older build lacks the
 /// entries of indexes added since. Call at startup, before anything writes. Returns how
@@ -518,7 +538,8 @@ pub fn ensure_indexes(db: &strato_storage::Db) -> Result<usize, strato_storage::
         + db.ensure_indexes::<PrimaryStorageRecord>()?
         + db.ensure_indexes::<ImageRecord>()?
         + db.ensure_indexes::<crate::tags::UserTag>()?
-        + db.ensure_indexes::<crate::tags::SystemTag>()?)
+        + db.ensure_indexes::<crate::tags::SystemTag>()?
+        + db.ensure_indexes::<crate::owners::OwnerRecord>()?)
 }
 
 #[cfg(test)]

@@ -13,13 +13,13 @@
 //!   (`512M`, `2G`, or bytes); the host's booking checks honour it.
 //!
 //! Tags live in their own tables (`user-tag`, `system-tag`) indexed by resource, and are
-//! deleted in the same atomic write as their resource ([`delete_with`]).
+//! deleted in the same atomic write as their resource ([`crate::records::delete_refs`]).
 
 use std::marker::PhantomData;
 use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
-use strato_storage::{Batch, Db, Expect, Index, IndexValue, Record, StoreError};
+use strato_storage::{Db, Index, IndexValue, Record, StoreError};
 use uuid::Uuid;
 
 /// Which of the two tag tables a tag lives in.
@@ -288,18 +288,6 @@ pub fn static_ips(tags: &[String]) -> Vec<(Uuid, Ipv4Addr)> {
             Some((parsed.tokens[0].parse().ok()?, parsed.tokens[1].parse().ok()?))
         })
         .collect()
-}
-
-/// Adds to `batch` the deletion of every tag on `resource`: a resource and its tags go in
-/// one atomic write.
-pub fn delete_with(db: &Db, batch: &mut Batch, resource: Uuid) -> Result<(), StoreError> {
-    for id in db.find::<UserTag>("resource", &IndexValue::Uuid(resource))? {
-        batch.delete::<UserTag>(id, Expect::Any);
-    }
-    for id in db.find::<SystemTag>("resource", &IndexValue::Uuid(resource))? {
-        batch.delete::<SystemTag>(id, Expect::Any);
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -1,6 +1,9 @@
 //! A minimal HTTP/1.1 client for talking to a Strato API on the local network: enough for
 //! `strato up` to register resources through the real API (and for the CLI to come),
 //! without a second HTTP stack in the build.
+//!
+//! A process logs in once per API ([`log_in`]); every request to that API then carries the
+//! session, as a person's shell would after `LogInByAccount`.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -42,6 +45,34 @@ pub enum ClientError {
     },
 }
 
+/// The session this process holds with each API it logged in to.
+static SESSIONS: std::sync::Mutex<Vec<(SocketAddr, String)>> = std::sync::Mutex::new(Vec::new());
+
+/// Logs in to the API at `addr` and keeps the session for every later request to it.
+/// Returns the session's UUID.
+pub fn log_in(addr: SocketAddr, account: &str, password: &str) -> Result<String, ClientError> {
+    let body =
+        serde_json::json!({ "logInByAccount": { "accountName": account, "password": password } });
+    let (status, reply) = request(addr, "PUT", "/v1/accounts/login", Some(&body))?;
+    let session =
+        reply["inventory"]["uuid"].as_str().filter(|_| status == 200).ok_or_else(|| {
+            ClientError::Api {
+                method: "PUT".into(),
+                path: "/v1/accounts/login".into(),
+                status,
+                body: reply.clone(),
+            }
+        })?;
+    let mut sessions = SESSIONS.lock().expect("sessions");
+    sessions.retain(|(a, _)| *a != addr);
+    sessions.push((addr, session.to_owned()));
+    Ok(session.to_owned())
+}
+
+fn session_of(addr: SocketAddr) -> Option<String> {
+    SESSIONS.lock().expect("sessions").iter().find(|(a, _)| *a == addr).map(|(_, s)| s.clone())
+}
+
 /// One request; returns the status and the JSON body.
 pub fn request(
     addr: SocketAddr,
@@ -71,6 +102,11 @@ pub fn request_with_headers(
     );
     for (name, value) in headers {
         head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    if !headers.iter().any(|(name, _)| name.eq_ignore_ascii_case("authorization"))
+        && let Some(session) = session_of(addr)
+    {
+        head.push_str(&format!("Authorization: OAuth {session}\r\n"));
     }
     head.push_str("\r\n");
     stream.write_all(head.as_bytes()).map_err(io)?;

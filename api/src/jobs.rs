@@ -16,6 +16,8 @@ use serde_json::{Value, json};
 use strato_storage::{Batch, Db, Expect, Record, StoreError};
 use uuid::Uuid;
 
+use strato_actors::owners::{Charge, OwnerRecord};
+
 use crate::error::ApiError;
 
 /// Where a job stands.
@@ -78,16 +80,18 @@ where
     W: FnOnce(Uuid) -> Fut,
     Fut: Future<Output = Result<Value, ApiError>> + Send + 'static,
 {
-    submit_for(db, job_id, api, body, None, work).await
+    submit_for(db, job_id, api, body, None, None, work).await
 }
 
-/// [`submit`] for a job that creates `resource`.
+/// [`submit`] for a job that creates `resource`, owned as `owner` says (written with the
+/// job, so what a tenant's quota counts is never behind what was accepted).
 pub async fn submit_for<W, Fut>(
     db: &Db,
     job_id: Option<Uuid>,
     api: &str,
     body: &Value,
     resource: Option<Uuid>,
+    owner: Option<OwnerRecord>,
     work: W,
 ) -> Result<Uuid, ApiError>
 where
@@ -107,6 +111,13 @@ where
     };
     let mut batch = Batch::new();
     batch.put(&record, Expect::Absent)?;
+    // A tenant's job is its own: another account asking for it hears "not found".
+    if let Some(job_owner) = crate::auth::owner_for(uuid, "Job", Charge::default()) {
+        batch.put(&job_owner, Expect::Absent)?;
+    }
+    if let Some(owner) = &owner {
+        batch.put(owner, Expect::Absent)?;
+    }
     match db.commit(batch).await {
         Ok(_) => {}
         Err(StoreError::Conflict { .. }) => {
@@ -182,6 +193,10 @@ pub async fn recover(
         job.error = Some((error.status.as_u16(), error.body().to_string()));
         let mut batch = Batch::new();
         batch.put(&job, Expect::Any)?;
+        // The resource was never made or was rolled back: nothing is left to charge.
+        if let Some(resource) = job.resource {
+            batch.delete::<OwnerRecord>(resource, Expect::Any);
+        }
         db.commit(batch).await?;
         ended += 1;
     }

@@ -11,6 +11,7 @@
 //! resources a first VM needs, [`up`]), the server alone (`strato server`), prints the
 //! agents' token (`strato agent-token`), and keeps the runtime demonstration ([`demo`]).
 
+pub mod auth;
 pub mod client;
 pub mod demo;
 pub mod error;

@@ -108,6 +108,12 @@ fn main() -> std::process::ExitCode {
                     "strato: agents need the token from `strato agent-token --data-dir {}`",
                     data_dir.display()
                 );
+                if let Some(password) = &mn.generated_admin_password {
+                    println!(
+                        "strato: the admin account's password (generated; shown once, kept in {}): {password}",
+                        data_dir.join(strato_api::mn::INITIAL_ADMIN_PASSWORD).display()
+                    );
+                }
                 tokio::select! {
                     served = strato_api::server::serve(mn.clone(), listener) => served?,
                     _ = tokio::signal::ctrl_c() => {}

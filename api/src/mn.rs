@@ -30,6 +30,12 @@ pub struct Mn {
     pub hosts: Kind<Hosts>,
     /// L3 network actors.
     pub l3s: Kind<L3s>,
+    /// How long a session lives (`STRATO_SESSION_TIMEOUT_SECS`, default two hours).
+    pub session_timeout: std::time::Duration,
+    /// The admin's password when this start generated it, to print once.
+    pub generated_admin_password: Option<String>,
+    /// Per-account locks around quota checks.
+    pub quota_locks: crate::auth::QuotaLocks,
 }
 
 impl Mn {
@@ -42,6 +48,38 @@ impl Mn {
             l3s: self.l3s.clone(),
         }
     }
+}
+
+/// The file, in the data directory, that keeps a generated admin password.
+pub const INITIAL_ADMIN_PASSWORD: &str = "initial-admin-password";
+
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    std::io::Write::write_all(&mut file, text.as_bytes())
+}
+
+/// The admin password `strato up` logs in with: `STRATO_ADMIN_PASSWORD`, or the one the
+/// first start generated into the data directory.
+pub fn admin_password(data_dir: &Path) -> Result<String, BoxError> {
+    if let Ok(password) = std::env::var("STRATO_ADMIN_PASSWORD")
+        && !password.is_empty()
+    {
+        return Ok(password);
+    }
+    let path = data_dir.join(INITIAL_ADMIN_PASSWORD);
+    std::fs::read_to_string(&path).map(|p| p.trim().to_owned()).map_err(|e| {
+        format!(
+            "the admin password is neither in STRATO_ADMIN_PASSWORD nor in {} ({e})",
+            path.display()
+        )
+        .into()
+    })
 }
 
 /// The token agents must be started with, kept in the data directory (made on first use).
@@ -72,6 +110,17 @@ impl Mn {
         let db = Db::open_sled(&data_dir.join("store"))?;
         // A store written by an older build may lack entries of indexes added since.
         strato_actors::records::ensure_indexes(&db)?;
+        let generated_admin_password = crate::auth::bootstrap(&db).map_err(|e| e.description)?;
+        if let Some(password) = &generated_admin_password {
+            // As Jenkins keeps its initial admin password: readable by whoever runs the node.
+            write_private(&data_dir.join(INITIAL_ADMIN_PASSWORD), password)?;
+        }
+        let session_timeout = match std::env::var("STRATO_SESSION_TIMEOUT_SECS") {
+            Ok(secs) => std::time::Duration::from_secs(secs.parse().map_err(|_| {
+                format!("STRATO_SESSION_TIMEOUT_SECS=`{secs}` is not a number of seconds")
+            })?),
+            Err(_) => crate::auth::DEFAULT_SESSION_TIMEOUT,
+        };
         let runtime = Runtime::start(RuntimeConfig::default(), db.clone())?;
         let vms = runtime.register(Vms::with_policy(db.clone(), vm_policy), Vms::kind_config());
         let hosts = runtime.register(
@@ -110,7 +159,16 @@ impl Mn {
             "recovered from the previous run"
         );
         runtime.gc().start()?;
-        Ok(Arc::new(Mn { runtime, db, vms, hosts, l3s }))
+        Ok(Arc::new(Mn {
+            runtime,
+            db,
+            vms,
+            hosts,
+            l3s,
+            session_timeout,
+            generated_admin_password,
+            quota_locks: Default::default(),
+        }))
     }
 
     /// Stops the runtime.

@@ -254,6 +254,13 @@ pub static SCHEMAS: &[Schema] = &[
         sorted: &[],
     },
     Schema {
+        kind: "accounts",
+        fields: &[f("uuid", Id), f("name", Text), f("type", Text), f("createDate", Int)],
+        relations: &[],
+        indexed: &[("uuid", "#uuid"), ("name", "name")],
+        sorted: &[("name", "name")],
+    },
+    Schema {
         kind: "user-tags",
         fields: TAG_FIELDS,
         relations: &[],
@@ -282,8 +289,8 @@ pub static SCHEMAS: &[Schema] = &[
     },
 ];
 
-/// The tag kinds (their resources are any other kind's).
-const TAG_KINDS: [&str; 2] = ["user-tags", "system-tags"];
+/// The kinds that carry no tags: the tags themselves, and accounts.
+const TAG_KINDS: [&str; 3] = ["user-tags", "system-tags", "accounts"];
 
 static TAG_FIELDS: &[Field] = &[
     f("uuid", Id),

@@ -34,6 +34,7 @@ use strato_actors::vm::state;
 use strato_storage::{Batch, Expect, Record};
 use uuid::Uuid;
 
+use crate::auth;
 use crate::error::ApiError;
 use crate::jobs::{self, JobRecord, JobState};
 use crate::mn::Mn;
@@ -84,7 +85,15 @@ pub fn router(mn: Arc<Mn>) -> Router {
         .route("/v1/system-tags", list("system-tags").post(tagging::create_system_tag))
         .route("/v1/tags/{uuid}", axum::routing::delete(tagging::delete_tag))
         .route("/v1/api-jobs/{uuid}", get(job))
+        .route("/v1/accounts", list("accounts").post(auth::create_account))
+        .route("/v1/accounts/login", put(auth::log_in))
+        .route("/v1/accounts/sessions/{uuid}", axum::routing::delete(auth::log_out))
+        .route("/v1/accounts/api-keys", post(auth::create_api_key))
+        .route("/v1/accounts/api-keys/{uuid}", axum::routing::delete(auth::delete_api_key))
+        .route("/v1/accounts/{uuid}", get(one::<auth::AccountRecord>).delete(auth::delete_account))
+        .route("/v1/accounts/{uuid}/actions", put(auth::account_action))
         .route("/v1/gc-jobs", get(gc_jobs))
+        .layer(axum::middleware::from_fn_with_state(mn.clone(), auth::authenticate))
         .with_state(mn)
 }
 
@@ -226,8 +235,16 @@ fn list(kind: &'static str) -> axum::routing::MethodRouter<Arc<Mn>> {
     get(move |State(mn): Shared, Query(pairs): Query<Vec<(String, String)>>| async move {
         let schema = query::schema(kind).expect("every listed kind is declared");
         let query = query::Query::parse(schema, &pairs)?;
-        let source = StoreSource::new(&mn.db);
-        let mut catalog = query::Catalog::new(&source);
+        let store = StoreSource::new(&mn.db);
+        let tenant_view;
+        let source: &dyn query::Source = match auth::tenant() {
+            Some(tenant) => {
+                tenant_view = auth::TenantSource { inner: store, db: &mn.db, tenant };
+                &tenant_view
+            }
+            None => &store,
+        };
+        let mut catalog = query::Catalog::new(source);
         Ok::<_, ApiError>(Json(query.run(schema, &mut catalog)?))
     })
 }
@@ -350,7 +367,7 @@ async fn add_host(
                 let _ = m.hosts.restart(record.uuid).await;
                 let mut batch = Batch::new();
                 batch.delete::<HostRecord>(record.uuid, Expect::Any);
-                strato_actors::tags::delete_with(&m.db, &mut batch, record.uuid)?;
+                strato_actors::records::delete_refs(&m.db, &mut batch, record.uuid)?;
                 m.db.commit(batch).await?;
                 return Err(error.into());
             }
@@ -559,16 +576,20 @@ async fn create_vm(
     non_empty(&p.name, "name")?;
     let offering: InstanceOfferingRecord =
         get_record(&mn, p.instance_offering_uuid, "instance-offering")?;
+    auth::may_use(&mn.db, "instance-offerings", p.instance_offering_uuid)?;
     if p.l3_network_uuids.is_empty() {
         return Err(ApiError::invalid("l3NetworkUuids", "a VM needs at least one L3 network"));
     }
     for l3 in &p.l3_network_uuids {
         get_record::<L3NetworkRecord>(&mn, *l3, "l3-network")?;
+        auth::may_use(&mn.db, "l3-networks", *l3)?;
     }
     if let Some(host) = p.host_uuid {
+        auth::admin_only("placing a VM on a chosen host")?;
         get_record::<HostRecord>(&mn, host, "host")?;
     }
     if let Some(image) = p.image_uuid {
+        auth::may_use(&mn.db, "images", image)?;
         let image: ImageRecord = get_record(&mn, image, "image")?;
         if image.status != "Ready" {
             return Err(ApiError::invalid(
@@ -578,17 +599,36 @@ async fn create_vm(
         }
     }
     if let Some(cluster) = p.cluster_uuid {
+        auth::admin_only("placing a VM in a chosen cluster")?;
         get_record::<ClusterRecord>(&mn, cluster, "cluster")?;
     }
     let static_ips = tagging::check_static_ips(&mn, &tags.system_tags, &p.l3_network_uuids)?;
     let m = mn.clone();
     let vm = Uuid::new_v4();
+    let charge = strato_actors::owners::Charge {
+        vm_num: 1,
+        cpu_num: u64::from(offering.cpu_num),
+        memory_size: offering.memory_size,
+    };
+    // A tenant's quota is checked, and the new VM's charge written with its job, under the
+    // account's lock: two creations at once cannot both fit in the last slot.
+    let quota_lock = auth::tenant().map(|tenant| (tenant, mn.quota_locks.of(tenant)));
+    let _quota_guard = match &quota_lock {
+        Some((tenant, lock)) => {
+            let guard = lock.lock().await;
+            auth::check_quota(&mn.db, *tenant, charge)?;
+            Some(guard)
+        }
+        None => None,
+    };
+    let owner = auth::owner_for(vm, "VmInstanceVO", charge);
     let job = jobs::submit_for(
         &mn.db,
         job_header(&headers)?,
         "CreateVmInstance",
         &raw,
         Some(vm),
+        owner,
         move |job| async move {
             let request = CreateVm {
                 vm,
@@ -605,7 +645,19 @@ async fn create_vm(
                 system_tags: tags.system_tags,
                 user_tags: tags.user_tags,
             };
-            inventory(&create::create(&m.runtime, request, Some(job)).await?)
+            match create::create(&m.runtime, request, Some(job)).await {
+                Ok(created) => inventory(&created),
+                Err(error) => {
+                    // A creation that failed before its flow wrote anything leaves the
+                    // charge; a rolled-back flow took it with the record.
+                    if m.db.get::<VmRecord>(vm)?.is_none() {
+                        let mut batch = Batch::new();
+                        batch.delete::<strato_actors::owners::OwnerRecord>(vm, Expect::Any);
+                        m.db.commit(batch).await?;
+                    }
+                    Err(error.into())
+                }
+            }
         },
     )
     .await?;
@@ -669,6 +721,7 @@ async fn vm_action(
     match name.as_str() {
         // Starting on a given host other than the VM's own is a cold migration, then a start.
         "startVmInstance" if args.get("hostUuid").is_some_and(|h| !h.is_null()) => {
+            auth::admin_only("starting a VM on a chosen host")?;
             let text = args["hostUuid"].as_str().unwrap_or_default();
             let target = uuid_param(text, "hostUuid")?;
             get_record::<HostRecord>(&mn, target, "host")?;
@@ -694,6 +747,7 @@ async fn vm_action(
             return Ok(accepted(&headers, job));
         }
         "migrateVm" => {
+            auth::admin_only("migrating a VM")?;
             let target = match args.get("hostUuid").and_then(Value::as_str) {
                 Some(text) => Some(uuid_param(text, "hostUuid")?),
                 None => None,

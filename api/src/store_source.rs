@@ -15,6 +15,7 @@ use strato_actors::tags::{SystemTag, UserTag};
 use strato_storage::{Db, IndexValue, Record};
 use uuid::Uuid;
 
+use crate::auth::AccountRecord;
 use crate::error::ApiError;
 use crate::query::{FieldType, Inventories, Source};
 
@@ -35,6 +36,7 @@ macro_rules! for_kind {
             "primary-storage" => $f::<PrimaryStorageRecord>($($arg),*),
             "user-tags" => $f::<UserTag>($($arg),*),
             "system-tags" => $f::<SystemTag>($($arg),*),
+            "accounts" => $f::<AccountRecord>($($arg),*),
             _ => $otherwise,
         }
     };

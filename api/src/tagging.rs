@@ -229,6 +229,7 @@ async fn create_tag<K: TagKind>(
             ),
         ));
     };
+    crate::auth::may_change(&mn.db, kind, p.resource_uuid)?;
     let source = StoreSource::new(&mn.db);
     let resource = source
         .find(kind, "#uuid", &p.resource_uuid.to_string(), FieldType::Uuid)?

@@ -103,6 +103,17 @@ pub async fn run(
     let mn = Mn::start(data_dir, None, Default::default()).await?;
     let serving = tokio::spawn(server::serve(mn.clone(), listener));
 
+    if let Some(password) = &mn.generated_admin_password {
+        say!(
+            "strato up: the admin account's password (generated; shown once, kept in {}): {password}",
+            data_dir.join(crate::mn::INITIAL_ADMIN_PASSWORD).display()
+        );
+    }
+    let password = crate::mn::admin_password(data_dir)?;
+    let session = {
+        let password = password.clone();
+        tokio::task::spawn_blocking(move || client::log_in(listen, "admin", &password)).await??
+    };
     let storage_dir = std::fs::canonicalize(data_dir)?;
     let tryout = storage_dir.join("tryout.raw");
     if !tryout.exists() {
@@ -173,15 +184,20 @@ pub async fn run(
     let (offering, l3, image) = registered;
     say!();
     say!("Strato is up. The API: http://{listen}/v1");
+    say!("Logged in as admin; requests carry the session (it lasts two hours; log in again with");
+    say!(
+        "  curl -s -X PUT http://{listen}/v1/accounts/login -d '{{\"logInByAccount\": {{\"accountName\": \"admin\", \"password\": \"...\"}}}}')"
+    );
+    say!("  export AUTH='Authorization: OAuth {session}'");
     say!("Create a VM:");
     say!(
-        "  curl -s -X POST http://{listen}/v1/vm-instances -d '{{\"params\": {{\"name\": \"vm1\", \"instanceOfferingUuid\": \"{}\", \"imageUuid\": \"{}\", \"l3NetworkUuids\": [\"{}\"]}}}}'",
+        "  curl -s -H \"$AUTH\" -X POST http://{listen}/v1/vm-instances -d '{{\"params\": {{\"name\": \"vm1\", \"instanceOfferingUuid\": \"{}\", \"imageUuid\": \"{}\", \"l3NetworkUuids\": [\"{}\"]}}}}'",
         offering["uuid"].as_str().unwrap_or_default(),
         image["uuid"].as_str().unwrap_or_default(),
         l3["uuid"].as_str().unwrap_or_default()
     );
     say!(
-        "then follow the job:  curl -s <location>    and list VMs:  curl -s http://{listen}/v1/vm-instances"
+        "then follow the job:  curl -s -H \"$AUTH\" <location>    and list VMs:  curl -s -H \"$AUTH\" http://{listen}/v1/vm-instances"
     );
     say!("Ctrl-C stops the node and its agent.");
     tokio::select! {

@@ -28,23 +28,45 @@ fn strato_up_prints_a_curl_line_that_creates_a_running_vm() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    // Read its output to the end on a thread, handing over the curl line.
+    // Read its output to the end on a thread, handing over the password, the session's
+    // header and the curl line.
     let (tx, rx) = std::sync::mpsc::channel();
     let stdout = child.stdout.take().unwrap();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if line.trim_start().starts_with("curl -s -X POST") {
-                let _ = tx.send(line);
+            let line = line.trim_start();
+            if line.contains("password (generated; shown once")
+                || line.starts_with("export AUTH=")
+                || line.starts_with("curl -s -H \"$AUTH\" -X POST")
+            {
+                let _ = tx.send(line.to_owned());
             }
         }
     });
-    let line = rx.recv_timeout(Duration::from_secs(60)).expect("strato up printed a curl line");
+    let next = || rx.recv_timeout(Duration::from_secs(60)).expect("strato up printed it");
+    let password_line = next();
+    let password = password_line.rsplit(": ").next().unwrap();
+    let stored = std::fs::read_to_string(dir.path().join("initial-admin-password")).unwrap();
+    assert_eq!(stored, password, "the generated password is kept for the next start");
+    let auth_line = next();
+    let auth = auth_line.trim_start_matches("export AUTH='").trim_end_matches('\'').to_owned();
+    let (name, value) = auth.split_once(": ").unwrap();
+    let line = next();
     let body = line.split_once("-d '").unwrap().1.trim_end_matches('\'');
-    let vm = ok(api, "POST", "/v1/vm-instances", Some(body));
+    // As the user runs the printed line: with the printed session.
+    let (status, _, accepted) =
+        raw_http(api, "POST", "/v1/vm-instances", Some(body), &[(name, value)]);
+    assert_eq!(status, 202, "{accepted}");
+    let vm = wait_job_as(api, accepted["location"].as_str().unwrap(), (name, value))["inventory"]
+        .clone();
     assert_eq!(vm["state"], "Running");
     let volume = vm["rootVolumePath"].as_str().expect("a root volume from the registered image");
     assert!(std::path::Path::new(volume).exists(), "{volume}");
-    let (_, _, hosts) = http(api, "GET", "/v1/hosts", None, &[]);
+    // Without the session, the API answers 401.
+    assert_eq!(raw_http(api, "GET", "/v1/hosts", None, &[]).0, 401);
+    let session = log_in(api, "admin", password);
+    let auth = format!("OAuth {session}");
+    let (_, _, hosts) = raw_http(api, "GET", "/v1/hosts", None, &[("Authorization", &auth)]);
     assert_eq!(hosts["inventories"][0]["status"], "Connected");
     // Ctrl-C stops the node and its agent.
     Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();

@@ -130,6 +130,9 @@ impl HypervisorView {
 }
 
 /// Each simulated host's size: small, so capacity runs out under the workload.
+/// The admin password the chaos runs' MN starts with.
+pub(crate) const ADMIN_PASSWORD: &str = "chaos-admin-password";
+
 const HOST_CPUS: &str = "4";
 const HOST_MEMORY_MIB: &str = "4096";
 
@@ -274,6 +277,7 @@ impl Cluster {
             .args(["server", "--listen", &self.api.to_string(), "--data-dir"])
             .arg(self.dir.join("mn"))
             .env("RUST_LOG", "info,sled=warn")
+            .env("STRATO_ADMIN_PASSWORD", ADMIN_PASSWORD)
             .env_remove("STRATO_FAILPOINTS")
             .stdout(Stdio::null())
             .stderr(log_file(&self.dir.join("mn.log"))?);
@@ -283,6 +287,8 @@ impl Cluster {
         let mut child = command.spawn()?;
         wait_listening(self.api, &mut child)?;
         self.mn = Some(child);
+        // Every request of this process to the API carries the admin's session from here on.
+        strato_api::client::log_in(self.api, "admin", ADMIN_PASSWORD)?;
         Ok(())
     }
 

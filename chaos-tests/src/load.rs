@@ -182,11 +182,13 @@ pub fn run(config: &LoadConfig, work_dir: &Path) -> Result<(), Error> {
             .args(["server", "--listen", &api.to_string(), "--data-dir"])
             .arg(&data)
             .env("RUST_LOG", "warn")
+            .env("STRATO_ADMIN_PASSWORD", crate::cluster::ADMIN_PASSWORD)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?,
     );
     wait_listening(api, &mut server.0)?;
+    client::log_in(api, "admin", crate::cluster::ADMIN_PASSWORD)?;
     let server_pid = server.0.id();
 
     eprintln!("registering {} simulated hosts", config.sim_hosts);

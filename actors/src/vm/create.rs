@@ -131,7 +131,7 @@ impl Step<CreateVm> for RecordStep {
     async fn rollback(&self, c: &mut CreateVm, _: &FlowInfo) -> Result<(), BoxError> {
         let mut batch = Batch::new();
         batch.delete::<VmRecord>(c.vm, Expect::Any);
-        crate::tags::delete_with(&self.db, &mut batch, c.vm)?;
+        crate::records::delete_refs(&self.db, &mut batch, c.vm)?;
         self.db.commit(batch).await?;
         Ok(())
     }

@@ -501,7 +501,7 @@ async fn forget(ctx: &OpCtx<Vms>, record: &VmRecord) -> Result<(), VmError> {
     }
     let mut batch = Batch::new();
     batch.delete::<VmRecord>(record.uuid, Expect::Any);
-    crate::tags::delete_with(&ctx.entity().db, &mut batch, record.uuid)?;
+    crate::records::delete_refs(&ctx.entity().db, &mut batch, record.uuid)?;
     ctx.entity().db.commit(batch).await?;
     if !job.nics.is_empty() && release_ips(ctx.runtime(), &job).await.is_ok() {
         ctx.runtime().gc().cancel(strato_runtime::Gc::job_id(&name)).await?;

@@ -84,8 +84,18 @@ pub fn start_agent_with(token: &str, dir: &Path, driver_args: &[&str]) -> (Proc,
     (Proc { child }, addr)
 }
 
+/// The admin password every test server starts with.
+pub const ADMIN_PASSWORD: &str = "test-admin-password";
+
 pub fn start_server(data_dir: &Path, addr: SocketAddr) -> Proc {
+    start_server_with(data_dir, addr, &[])
+}
+
+/// [`start_server`] with extra environment (`STRATO_SESSION_TIMEOUT_SECS`).
+pub fn start_server_with(data_dir: &Path, addr: SocketAddr, env: &[(&str, &str)]) -> Proc {
     let mut child = Command::new(env!("CARGO_BIN_EXE_strato"))
+        .envs(env.iter().copied())
+        .env("STRATO_ADMIN_PASSWORD", ADMIN_PASSWORD)
         .args(["server", "--listen", &addr.to_string(), "--data-dir"])
         .arg(data_dir)
         .stdout(Stdio::null())
@@ -96,8 +106,49 @@ pub fn start_server(data_dir: &Path, addr: SocketAddr) -> Proc {
     Proc { child }
 }
 
-/// One HTTP/1.1 request; returns the status, the headers and the JSON body.
+/// The admin sessions the tests hold, by server.
+static SESSIONS: std::sync::Mutex<Vec<(SocketAddr, String)>> = std::sync::Mutex::new(Vec::new());
+
+/// An admin session on the server at `addr` (logged in once per server).
+pub fn admin_session(addr: SocketAddr) -> String {
+    if let Some((_, session)) = SESSIONS.lock().unwrap().iter().find(|(a, _)| *a == addr) {
+        return session.clone();
+    }
+    let session = log_in(addr, "admin", ADMIN_PASSWORD);
+    SESSIONS.lock().unwrap().push((addr, session.clone()));
+    session
+}
+
+/// Logs in; returns the session's UUID.
+pub fn log_in(addr: SocketAddr, account: &str, password: &str) -> String {
+    let body =
+        serde_json::json!({ "logInByAccount": { "accountName": account, "password": password } });
+    let (status, _, reply) =
+        raw_http(addr, "PUT", "/v1/accounts/login", Some(&body.to_string()), &[]);
+    assert_eq!(status, 200, "log in as {account}: {reply}");
+    reply["inventory"]["uuid"].as_str().unwrap().to_owned()
+}
+
+/// One HTTP/1.1 request as the admin (unless `headers` carry an `Authorization`); returns the
+/// status, the headers and the JSON body.
 pub fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    headers: &[(&str, &str)],
+) -> (u16, Vec<(String, String)>, Value) {
+    if headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("authorization")) {
+        return raw_http(addr, method, path, body, headers);
+    }
+    let auth = format!("OAuth {}", admin_session(addr));
+    let mut with_auth = headers.to_vec();
+    with_auth.push(("Authorization", &auth));
+    raw_http(addr, method, path, body, &with_auth)
+}
+
+/// One HTTP/1.1 request with exactly `headers`.
+pub fn raw_http(
     addr: SocketAddr,
     method: &str,
     path: &str,
@@ -137,10 +188,16 @@ pub fn http(
 
 /// Waits for a job to end; returns its final body (`{"inventory": ...}` or `{"error": ...}`).
 pub fn wait_job(addr: SocketAddr, location: &str) -> Value {
+    let auth = format!("OAuth {}", admin_session(addr));
+    wait_job_as(addr, location, ("Authorization", &auth))
+}
+
+/// [`wait_job`] with the given `Authorization` header.
+pub fn wait_job_as(addr: SocketAddr, location: &str, auth: (&str, &str)) -> Value {
     let path = location.split_once("/v1/").map(|(_, p)| format!("/v1/{p}")).unwrap();
     let started = Instant::now();
     loop {
-        let (status, _, body) = http(addr, "GET", &path, None, &[]);
+        let (status, _, body) = raw_http(addr, "GET", &path, None, &[auth]);
         if status == 200 {
             return body;
         }

@@ -1,0 +1,892 @@
+//! Accounts, sessions, API keys, and who may see and change what.
+//!
+//! There is one admin account (ZStack's UUID for it), made at the first start with the
+//! password in `STRATO_ADMIN_PASSWORD`, or a generated one printed once. The admin creates
+//! normal accounts. Passwords are stored as argon2 hashes in their own table
+//! (`credential`), so an account's record is safe to hand out as its inventory. Logging in
+//! (`PUT /v1/accounts/login`) makes a session that expires; every other request carries
+//! `Authorization: OAuth <session uuid>`, or `Authorization: OAuth <key uuid>:<secret>` for an
+//! API key (the secret is random, 256 bits, and stored as its SHA-256: argon2 on every request
+//! would cost tens of milliseconds and buys nothing for a secret nobody chose). Without a
+//! valid one the answer is 401.
+//!
+//! Who sees what, for a normal account ([`Access`]): the infrastructure (zones, clusters,
+//! hosts, storage, L2 networks, GC jobs, other accounts) is the admin's alone (403);
+//! instance offerings, images and L3 networks the admin made are shared, readable by every
+//! account and changed only by the admin (403); VMs and jobs belong to whoever made them, and
+//! another account's answer as not found (404). A tag is seen and changed with its resource.
+//! Ownership lives in `strato_actors::owners`. Quotas (VMs, CPUs, memory) are checked when a
+//! VM is accepted, under a per-account lock, against what the account's resources count
+//! (the new VM's charge is written with its job, so two creations cannot both pass).
+//!
+//! The caller of the request being served is kept in a task-local ([`caller`]), set by the
+//! middleware ([`authenticate`]), so handlers and the job machinery reach it without each
+//! route passing it along.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use argon2::Argon2;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use strato_actors::owners::{self, ADMIN, Charge, OwnerRecord};
+use strato_actors::tags::{SystemTag, UserTag};
+use strato_storage::{Batch, Db, Expect, Index, IndexValue, Record};
+use uuid::Uuid;
+
+use crate::error::ApiError;
+use crate::mn::Mn;
+
+/// Who is calling.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Caller {
+    /// The account.
+    pub account: Uuid,
+    /// Whether it is the admin.
+    pub admin: bool,
+    /// The session or API key the request carried.
+    pub credential: Uuid,
+}
+
+tokio::task_local! {
+    static CALLER: Caller;
+}
+
+/// The caller of the request being served (`None` outside a request: the MN itself).
+pub fn caller() -> Option<Caller> {
+    CALLER.try_with(|c| *c).ok()
+}
+
+/// The caller when it is a normal account (`None` for the admin and the MN itself).
+pub fn tenant() -> Option<Uuid> {
+    caller().filter(|c| !c.admin).map(|c| c.account)
+}
+
+/// An account's type, in ZStack's naming.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AccountType {
+    /// The admin.
+    SystemAdmin,
+    /// A tenant.
+    Normal,
+}
+
+/// What a normal account may use at most.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Quota {
+    /// VMs.
+    pub vm_num: u64,
+    /// Virtual CPUs over all VMs.
+    pub cpu_num: u64,
+    /// Memory over all VMs, in bytes.
+    pub memory_size: u64,
+}
+
+impl Default for Quota {
+    /// ZStack's defaults.
+    fn default() -> Self {
+        Quota { vm_num: 20, cpu_num: 80, memory_size: 80 << 30 }
+    }
+}
+
+/// An account.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AccountRecord {
+    /// Its UUID.
+    pub uuid: Uuid,
+    /// Its name, unique.
+    pub name: String,
+    /// Admin or normal.
+    #[serde(rename = "type")]
+    pub account_type: AccountType,
+    /// Its quota (ignored for the admin).
+    pub quota: Quota,
+    /// When it was made (seconds since the Unix epoch).
+    pub create_date: u64,
+}
+
+impl Record for AccountRecord {
+    const KIND: &'static str = "account";
+    const VERSION: u16 = 1;
+    fn id(&self) -> Uuid {
+        self.uuid
+    }
+    fn indexes() -> &'static [Index<Self>] {
+        &[Index { name: "name", values: |a| vec![a.name.as_str().into()] }]
+    }
+}
+
+/// An account's password hash, apart from the account so it is never handed out.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CredentialRecord {
+    /// The account.
+    pub account_uuid: Uuid,
+    /// The argon2 hash, in PHC string form.
+    pub password_hash: String,
+}
+
+impl Record for CredentialRecord {
+    const KIND: &'static str = "credential";
+    const VERSION: u16 = 1;
+    fn id(&self) -> Uuid {
+        self.account_uuid
+    }
+}
+
+/// A session or an API key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionRecord {
+    /// Its UUID (what `Authorization: OAuth` carries).
+    pub uuid: Uuid,
+    /// The account.
+    pub account_uuid: Uuid,
+    /// When it expires (seconds since the Unix epoch; `None` for an API key).
+    pub expired_date: Option<u64>,
+    /// An API key's secret, as SHA-256 (`None` for a session).
+    pub secret_sha256: Option<[u8; 32]>,
+    /// What an API key is for.
+    pub description: String,
+}
+
+impl Record for SessionRecord {
+    const KIND: &'static str = "session";
+    const VERSION: u16 = 1;
+    fn id(&self) -> Uuid {
+        self.uuid
+    }
+    fn indexes() -> &'static [Index<Self>] {
+        &[Index { name: "account", values: |s| vec![IndexValue::Uuid(s.account_uuid)] }]
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn hash_password(password: &str) -> Result<String, ApiError> {
+    let salt = SaltString::generate(&mut argon2::password_hash::rand_core::OsRng);
+    Argon2::default().hash_password(password.as_bytes(), &salt).map(|h| h.to_string()).map_err(
+        |e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "SYS.INTERNAL",
+                e.to_string(),
+                Value::Null,
+            )
+        },
+    )
+}
+
+fn password_matches(hash: &str, password: &str) -> bool {
+    PasswordHash::new(hash)
+        .is_ok_and(|h| Argon2::default().verify_password(password.as_bytes(), &h).is_ok())
+}
+
+fn check_password(password: &str) -> Result<(), ApiError> {
+    if password.chars().count() < 8 {
+        return Err(ApiError::invalid("password", "a password has at least 8 characters"));
+    }
+    Ok(())
+}
+
+/// Makes the admin account at the first start. Returns the password when it was generated
+/// (the caller prints it, once).
+pub fn bootstrap(db: &Db) -> Result<Option<String>, ApiError> {
+    db.ensure_indexes::<AccountRecord>()?;
+    db.ensure_indexes::<SessionRecord>()?;
+    if db.get::<AccountRecord>(ADMIN)?.is_some() {
+        return Ok(None);
+    }
+    let (password, generated) = match std::env::var("STRATO_ADMIN_PASSWORD") {
+        Ok(password) if !password.is_empty() => (password, false),
+        _ => (format!("{}", Uuid::new_v4().simple()), true),
+    };
+    let account = AccountRecord {
+        uuid: ADMIN,
+        name: "admin".into(),
+        account_type: AccountType::SystemAdmin,
+        quota: Quota::default(),
+        create_date: now(),
+    };
+    let credential =
+        CredentialRecord { account_uuid: ADMIN, password_hash: hash_password(&password)? };
+    let mut batch = Batch::new();
+    batch.put(&account, Expect::Absent)?;
+    batch.put(&credential, Expect::Absent)?;
+    db.commit_blocking(batch)?;
+    tracing::info!("admin account created");
+    Ok(generated.then_some(password))
+}
+
+fn unauthenticated(description: &str) -> ApiError {
+    ApiError::new(StatusCode::UNAUTHORIZED, "ID.NOT_AUTHENTICATED", description, Value::Null)
+}
+
+fn forbidden(description: String) -> ApiError {
+    ApiError::new(StatusCode::FORBIDDEN, "ID.PERMISSION_DENIED", description, Value::Null)
+}
+
+/// Who `headers` say is calling, from their `Authorization: OAuth ...`.
+fn identify(mn: &Mn, headers: &HeaderMap) -> Result<Caller, ApiError> {
+    let header = headers.get("authorization").and_then(|v| v.to_str().ok()).ok_or_else(|| {
+        unauthenticated(
+            "log in first (PUT /v1/accounts/login) and send Authorization: OAuth <session uuid>",
+        )
+    })?;
+    let token = header
+        .strip_prefix("OAuth ")
+        .ok_or_else(|| unauthenticated("the Authorization header must be `OAuth <session uuid>`"))?
+        .trim();
+    let (id, secret) = match token.split_once(':') {
+        Some((id, secret)) => (id, Some(secret)),
+        None => (token, None),
+    };
+    let id = Uuid::parse_str(id).map_err(|_| unauthenticated("the session UUID is not a UUID"))?;
+    let session = mn
+        .db
+        .get::<SessionRecord>(id)?
+        .ok_or_else(|| unauthenticated("the session does not exist or has ended; log in again"))?
+        .record;
+    match (&session.secret_sha256, secret) {
+        (Some(stored), Some(secret)) if Sha256::digest(secret.as_bytes()).as_slice() == stored => {}
+        (Some(_), _) => return Err(unauthenticated("the API key's secret is wrong")),
+        (None, Some(_)) => return Err(unauthenticated("a session carries no secret")),
+        (None, None) => {}
+    }
+    if session.expired_date.is_some_and(|at| at <= now()) {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "ID.SESSION_EXPIRED",
+            "the session has expired; log in again",
+            Value::Null,
+        ));
+    }
+    let admin = session.account_uuid == ADMIN;
+    Ok(Caller { account: session.account_uuid, admin, credential: session.uuid })
+}
+
+/// The middleware: every request but logging in must name a live session or API key; a
+/// normal account's request is checked against [`Access`] before it reaches its handler.
+pub async fn authenticate(State(mn): State<Arc<Mn>>, request: Request, next: Next) -> Response {
+    let path = request.uri().path().to_owned();
+    if !path.starts_with("/v1/")
+        || (request.method() == Method::PUT && path == "/v1/accounts/login")
+    {
+        return next.run(request).await;
+    }
+    let caller = match identify(&mn, request.headers()) {
+        Ok(caller) => caller,
+        Err(error) => return error.into_response(),
+    };
+    if !caller.admin
+        && let Err(error) = Access::check(&mn, caller.account, request.method(), &path)
+    {
+        return error.into_response();
+    }
+    CALLER.scope(caller, next.run(request)).await
+}
+
+/// What a normal account may reach, by the kind a URL names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// The admin's alone.
+    AdminOnly,
+    /// Readable by all when the admin owns it; changed only by its owner.
+    Shared,
+    /// Its owner's alone.
+    Owned,
+}
+
+impl Access {
+    /// How a normal account may reach `kind` (a URL's first segment after `/v1/`).
+    pub fn of(kind: &str) -> Access {
+        match kind {
+            "instance-offerings" | "images" | "l3-networks" => Access::Shared,
+            "vm-instances" | "user-tags" | "system-tags" | "tags" | "api-jobs" | "accounts" => {
+                Access::Owned
+            }
+            _ => Access::AdminOnly,
+        }
+    }
+
+    /// Checks a normal account's request by its method and path.
+    fn check(mn: &Mn, account: Uuid, method: &Method, path: &str) -> Result<(), ApiError> {
+        let segments: Vec<&str> = path.trim_start_matches("/v1/").split('/').collect();
+        let kind = segments[0];
+        let read = method == Method::GET;
+        if kind == "accounts" {
+            return Self::check_account_path(account, method, &segments);
+        }
+        match Access::of(kind) {
+            Access::AdminOnly => {
+                return Err(forbidden(format!("{kind} are managed by the admin account")));
+            }
+            Access::Shared if !read && segments.len() == 1 => {
+                return Err(forbidden(format!("{kind} are created by the admin account")));
+            }
+            _ => {}
+        }
+        let Some(uuid) = segments.get(1).and_then(|s| Uuid::parse_str(s).ok()) else {
+            return Ok(());
+        };
+        // Nested admin routes under an owned kind do not exist; a resource's own paths
+        // (`/{uuid}`, `/{uuid}/actions`, `/{uuid}/ip-ranges`) are judged by its owner.
+        let owner = match kind {
+            "tags" => {
+                tag_resource(&mn.db, uuid)?.map_or(Ok(ADMIN), |r| owners::owner_of(&mn.db, r))?
+            }
+            _ => owners::owner_of(&mn.db, uuid)?,
+        };
+        if owner == account {
+            return Ok(());
+        }
+        if Access::of(kind) == Access::Shared && owner == ADMIN {
+            return if read {
+                Ok(())
+            } else {
+                Err(forbidden(format!("{uuid} is shared by the admin account; only it changes it")))
+            };
+        }
+        Err(ApiError::not_found(kind.trim_end_matches('s'), uuid))
+    }
+
+    fn check_account_path(
+        account: Uuid,
+        method: &Method,
+        segments: &[&str],
+    ) -> Result<(), ApiError> {
+        let mine = segments.get(1).and_then(|s| Uuid::parse_str(s).ok()) == Some(account);
+        match (method.clone(), segments) {
+            (Method::GET, [_]) => Ok(()),
+            (Method::GET, [_, _]) if mine => Ok(()),
+            (_, [_, "sessions", _] | [_, "api-keys"] | [_, "api-keys", _]) => Ok(()),
+            (_, [_]) => Err(forbidden("only the admin account creates accounts".into())),
+            (_, [_, id, ..]) if Uuid::parse_str(id).is_ok() && !mine => {
+                Err(ApiError::not_found("account", id))
+            }
+            _ => Err(forbidden("only the admin account manages accounts".into())),
+        }
+    }
+}
+
+/// The resource tag `uuid` is on, if the tag exists.
+fn tag_resource(db: &Db, uuid: Uuid) -> Result<Option<Uuid>, ApiError> {
+    if let Some(tag) = db.get::<UserTag>(uuid)? {
+        return Ok(Some(tag.record.resource_uuid));
+    }
+    Ok(db.get::<SystemTag>(uuid)?.map(|t| t.record.resource_uuid))
+}
+
+/// Whether `tenant` may see `item` of `kind` (a query's inventory).
+pub fn visible(db: &Db, tenant: Uuid, kind: &str, item: &Value) -> Result<bool, ApiError> {
+    let field = match kind {
+        "user-tags" | "system-tags" => "resourceUuid",
+        _ => "uuid",
+    };
+    let Some(uuid) = item[field].as_str().and_then(|u| Uuid::parse_str(u).ok()) else {
+        return Ok(false);
+    };
+    if kind == "accounts" {
+        return Ok(uuid == tenant);
+    }
+    let resource_kind = match kind {
+        "user-tags" | "system-tags" => "vm-instances",
+        other => other,
+    };
+    let owner = owners::owner_of(db, uuid)?;
+    Ok(match Access::of(resource_kind) {
+        Access::AdminOnly => false,
+        Access::Shared => owner == tenant || owner == ADMIN,
+        Access::Owned => owner == tenant,
+    })
+}
+
+/// Checks that the caller may use resource `uuid` of `kind` in a request (an offering, an
+/// image or a network a new VM names): a normal account must own it or, for a shared kind,
+/// the admin must. Answers as not found otherwise.
+pub fn may_use(db: &Db, kind: &str, uuid: Uuid) -> Result<(), ApiError> {
+    let Some(tenant) = tenant() else { return Ok(()) };
+    let owner = owners::owner_of(db, uuid)?;
+    let ok = owner == tenant || (Access::of(kind) == Access::Shared && owner == ADMIN);
+    if ok { Ok(()) } else { Err(ApiError::not_found(kind.trim_end_matches('s'), uuid)) }
+}
+
+/// Checks that the caller may change resource `uuid` of `kind` (tag it): a normal account
+/// must own it.
+pub fn may_change(db: &Db, kind: &str, uuid: Uuid) -> Result<(), ApiError> {
+    let Some(tenant) = tenant() else { return Ok(()) };
+    let owner = owners::owner_of(db, uuid)?;
+    if owner == tenant {
+        Ok(())
+    } else if Access::of(kind) == Access::Shared && owner == ADMIN {
+        Err(forbidden(format!("{uuid} is shared by the admin account; only it changes it")))
+    } else {
+        Err(ApiError::not_found(kind.trim_end_matches('s'), uuid))
+    }
+}
+
+/// Refuses, for a normal account, a request naming a resource only the admin manages (a
+/// host to place or move a VM on).
+pub fn admin_only(what: &str) -> Result<(), ApiError> {
+    match tenant() {
+        Some(_) => Err(forbidden(format!("{what} is for the admin account"))),
+        None => Ok(()),
+    }
+}
+
+/// Per-account locks: a quota check and the write of what it admits happen under the lock.
+#[derive(Debug, Default)]
+pub struct QuotaLocks(std::sync::Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>);
+
+impl QuotaLocks {
+    /// The lock of `account`.
+    pub fn of(&self, account: Uuid) -> Arc<tokio::sync::Mutex<()>> {
+        self.0.lock().expect("quota locks").entry(account).or_default().clone()
+    }
+}
+
+/// Checks that `charge` more fits `account`'s quota.
+pub fn check_quota(db: &Db, account: Uuid, charge: Charge) -> Result<(), ApiError> {
+    let quota = db
+        .get::<AccountRecord>(account)?
+        .map(|a| a.record.quota)
+        .ok_or_else(|| unauthenticated("the account no longer exists"))?;
+    let used = owners::usage(db, account)?;
+    let over = [
+        ("vmNum", used.vm_num, charge.vm_num, quota.vm_num),
+        ("cpuNum", used.cpu_num, charge.cpu_num, quota.cpu_num),
+        ("memorySize", used.memory_size, charge.memory_size, quota.memory_size),
+    ]
+    .into_iter()
+    .find(|(_, used, more, limit)| used + more > *limit);
+    match over {
+        Some((name, used, more, limit)) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "ID.QUOTA_EXCEEDED",
+            format!(
+                "quota {name} exceeded: the account uses {used}, this asks {more} more, the quota is {limit}; delete resources or ask the admin for more"
+            ),
+            json!({ "quota": name, "used": used, "requested": more, "limit": limit }),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// An ownership record for a new resource of the caller's, if the caller is a normal
+/// account.
+pub fn owner_for(resource: Uuid, resource_type: &str, charge: Charge) -> Option<OwnerRecord> {
+    tenant().map(|account| OwnerRecord {
+        resource_uuid: resource,
+        resource_type: resource_type.to_owned(),
+        account_uuid: account,
+        charge,
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct LogIn {
+    log_in_by_account: LogInByAccount,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct LogInByAccount {
+    account_name: String,
+    password: String,
+}
+
+fn session_inventory(session: &SessionRecord) -> Value {
+    json!({ "inventory": {
+        "uuid": session.uuid,
+        "accountUuid": session.account_uuid,
+        "expiredDate": session.expired_date,
+    }})
+}
+
+/// `PUT /v1/accounts/login`: a new session for an account's name and password.
+pub async fn log_in(State(mn): State<Arc<Mn>>, body: Bytes) -> Result<Json<Value>, ApiError> {
+    let body: LogIn = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::invalid(
+            "logInByAccount",
+            format!(
+                "expected {{\"logInByAccount\": {{\"accountName\": ..., \"password\": ...}}}}: {e}"
+            ),
+        )
+    })?;
+    let LogInByAccount { account_name, password } = body.log_in_by_account;
+    let wrong = || unauthenticated("wrong account name or password");
+    let id = mn.db.find::<AccountRecord>("name", &account_name.as_str().into())?;
+    let account = id.first().copied().ok_or_else(wrong)?;
+    let credential = mn.db.get::<CredentialRecord>(account)?.ok_or_else(wrong)?.record;
+    let matches =
+        tokio::task::spawn_blocking(move || password_matches(&credential.password_hash, &password))
+            .await
+            .unwrap_or(false);
+    if !matches {
+        tracing::warn!(account = %account_name, "failed login");
+        return Err(wrong());
+    }
+    let session = SessionRecord {
+        uuid: Uuid::new_v4(),
+        account_uuid: account,
+        expired_date: Some(now() + mn.session_timeout.as_secs()),
+        secret_sha256: None,
+        description: String::new(),
+    };
+    let mut batch = Batch::new();
+    batch.put(&session, Expect::Absent)?;
+    mn.db.commit(batch).await?;
+    tracing::info!(account = %account_name, session = %session.uuid, "logged in");
+    Ok(Json(session_inventory(&session)))
+}
+
+/// `DELETE /v1/accounts/sessions/{uuid}`: logs a session out (one's own; the admin's any).
+pub async fn log_out(
+    State(mn): State<Arc<Mn>>,
+    Path(uuid): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let uuid = Uuid::parse_str(&uuid)
+        .map_err(|_| ApiError::invalid("uuid", format!("`{uuid}` is not a UUID")))?;
+    let caller = caller().ok_or_else(|| unauthenticated("log in first"))?;
+    let session = mn.db.get::<SessionRecord>(uuid)?.map(|s| s.record);
+    match session {
+        Some(s) if s.account_uuid == caller.account || caller.admin => {
+            let mut batch = Batch::new();
+            batch.delete::<SessionRecord>(uuid, Expect::Any);
+            mn.db.commit(batch).await?;
+            tracing::info!(session = %uuid, "logged out");
+            Ok(Json(json!({})))
+        }
+        _ => Err(ApiError::not_found("session", uuid)),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct AccountParams {
+    name: String,
+    password: String,
+    #[serde(default)]
+    quota: Option<Quota>,
+}
+
+/// `POST /v1/accounts` (admin): a normal account.
+pub async fn create_account(
+    State(mn): State<Arc<Mn>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let (p, _): (AccountParams, _) = crate::routes::params(crate::routes::json_body(&body)?)?;
+    if p.name.trim().is_empty() || p.name.contains(char::is_whitespace) {
+        return Err(ApiError::invalid("name", "an account name is one word, not blank"));
+    }
+    check_password(&p.password)?;
+    if !mn.db.find::<AccountRecord>("name", &p.name.as_str().into())?.is_empty() {
+        return Err(ApiError::conflict(
+            "ID.ACCOUNT_EXISTS",
+            format!("an account named `{}` exists", p.name),
+        ));
+    }
+    // The job's body leaves the password out.
+    let raw = json!({ "name": p.name, "quota": p.quota });
+    let m = mn.clone();
+    let job =
+        crate::jobs::submit(&mn.db, crate::routes::job_header(&headers)?, "CreateAccount", &raw, {
+            move |_| async move {
+                let password = p.password;
+                let hash = tokio::task::spawn_blocking(move || hash_password(&password))
+                    .await
+                    .map_err(|e| ApiError::internal(&e))??;
+                let account = AccountRecord {
+                    uuid: Uuid::new_v4(),
+                    name: p.name,
+                    account_type: AccountType::Normal,
+                    quota: p.quota.unwrap_or_default(),
+                    create_date: now(),
+                };
+                let mut batch = Batch::new();
+                batch.put(&account, Expect::Absent)?;
+                batch.put(
+                    &CredentialRecord { account_uuid: account.uuid, password_hash: hash },
+                    Expect::Absent,
+                )?;
+                m.db.commit(batch).await?;
+                crate::store_source::inventory(&account)
+            }
+        })
+        .await?;
+    Ok(crate::routes::accepted(&headers, job))
+}
+
+/// `PUT /v1/accounts/{uuid}/actions` (admin): `{"updateQuota": {...}}` or
+/// `{"updateAccount": {"password": ...}}` (an account may change its own password).
+pub async fn account_action(
+    State(mn): State<Arc<Mn>>,
+    headers: HeaderMap,
+    Path(uuid): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let uuid = Uuid::parse_str(&uuid)
+        .map_err(|_| ApiError::invalid("uuid", format!("`{uuid}` is not a UUID")))?;
+    let account =
+        mn.db.get::<AccountRecord>(uuid)?.ok_or_else(|| ApiError::not_found("account", uuid))?;
+    let body = crate::routes::json_body(&body)?;
+    let (action, params) = body
+        .as_object()
+        .and_then(|o| o.iter().next())
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .ok_or_else(|| ApiError::invalid("body", "expected {\"<action>\": {...}}"))?;
+    let m = mn.clone();
+    let mut record = account.record;
+    let generation = account.generation;
+    match action.as_str() {
+        "updateQuota" => {
+            if tenant().is_some() {
+                return Err(forbidden("only the admin account changes quotas".into()));
+            }
+            let quota: Quota = serde_json::from_value(params.clone()).map_err(|e| {
+                ApiError::invalid(
+                    "updateQuota",
+                    format!("vmNum, cpuNum and memorySize are numbers: {e}"),
+                )
+            })?;
+            let job = crate::jobs::submit(
+                &mn.db,
+                crate::routes::job_header(&headers)?,
+                "UpdateQuota",
+                &body,
+                move |_| async move {
+                    record.quota = quota;
+                    let mut batch = Batch::new();
+                    batch.put(&record, Expect::Generation(generation))?;
+                    m.db.commit(batch).await?;
+                    crate::store_source::inventory(&record)
+                },
+            )
+            .await?;
+            Ok(crate::routes::accepted(&headers, job))
+        }
+        "updateAccount" => {
+            let password = params["password"].as_str().unwrap_or_default().to_owned();
+            check_password(&password)?;
+            let raw = json!({ "updateAccount": { "uuid": uuid } });
+            let job = crate::jobs::submit(
+                &mn.db,
+                crate::routes::job_header(&headers)?,
+                "UpdateAccount",
+                &raw,
+                move |_| async move {
+                    let hash = tokio::task::spawn_blocking(move || hash_password(&password))
+                        .await
+                        .map_err(|e| ApiError::internal(&e))??;
+                    let mut batch = Batch::new();
+                    batch.put(
+                        &CredentialRecord { account_uuid: uuid, password_hash: hash },
+                        Expect::Any,
+                    )?;
+                    m.db.commit(batch).await?;
+                    crate::store_source::inventory(&record)
+                },
+            )
+            .await?;
+            Ok(crate::routes::accepted(&headers, job))
+        }
+        other => Err(ApiError::invalid(
+            other,
+            format!("`{other}` is not an account action; use updateQuota or updateAccount"),
+        )),
+    }
+}
+
+/// `DELETE /v1/accounts/{uuid}` (admin): an account that owns nothing, with its sessions.
+pub async fn delete_account(
+    State(mn): State<Arc<Mn>>,
+    headers: HeaderMap,
+    Path(uuid): Path<String>,
+) -> Result<Response, ApiError> {
+    let uuid = Uuid::parse_str(&uuid)
+        .map_err(|_| ApiError::invalid("uuid", format!("`{uuid}` is not a UUID")))?;
+    if uuid == ADMIN {
+        return Err(forbidden("the admin account cannot be deleted".into()));
+    }
+    mn.db.get::<AccountRecord>(uuid)?.ok_or_else(|| ApiError::not_found("account", uuid))?;
+    let owned: Vec<OwnerRecord> =
+        owners::owned_by(&mn.db, uuid)?.into_iter().filter(|o| o.resource_type != "Job").collect();
+    if let Some(first) = owned.first() {
+        return Err(ApiError::conflict(
+            "ID.ACCOUNT_IN_USE",
+            format!(
+                "the account owns {} resources ({} {} first); delete them first",
+                owned.len(),
+                first.resource_type,
+                first.resource_uuid
+            ),
+        ));
+    }
+    let m = mn.clone();
+    let raw = json!({ "uuid": uuid });
+    let job = crate::jobs::submit(
+        &mn.db,
+        crate::routes::job_header(&headers)?,
+        "DeleteAccount",
+        &raw,
+        move |_| async move {
+            let mut batch = Batch::new();
+            batch.delete::<AccountRecord>(uuid, Expect::Any);
+            batch.delete::<CredentialRecord>(uuid, Expect::Any);
+            for session in m.db.find::<SessionRecord>("account", &IndexValue::Uuid(uuid))? {
+                batch.delete::<SessionRecord>(session, Expect::Any);
+            }
+            for owned in owners::owned_by(&m.db, uuid)? {
+                batch.delete::<OwnerRecord>(owned.resource_uuid, Expect::Any);
+            }
+            m.db.commit(batch).await?;
+            Ok(json!({}))
+        },
+    )
+    .await?;
+    Ok(crate::routes::accepted(&headers, job))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct ApiKeyParams {
+    #[serde(default)]
+    description: String,
+}
+
+/// `POST /v1/accounts/api-keys`: an API key for the caller's account, answered at once with
+/// its secret (shown this one time).
+pub async fn create_api_key(
+    State(mn): State<Arc<Mn>>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let caller = caller().ok_or_else(|| unauthenticated("log in first"))?;
+    let params: ApiKeyParams = if body.is_empty() {
+        ApiKeyParams::default()
+    } else {
+        crate::routes::params(crate::routes::json_body(&body)?)?.0
+    };
+    let secret = format!("{}{}", Uuid::new_v4().simple(), Uuid::new_v4().simple());
+    let key = SessionRecord {
+        uuid: Uuid::new_v4(),
+        account_uuid: caller.account,
+        expired_date: None,
+        secret_sha256: Some(Sha256::digest(secret.as_bytes()).into()),
+        description: params.description,
+    };
+    let mut batch = Batch::new();
+    batch.put(&key, Expect::Absent)?;
+    mn.db.commit(batch).await?;
+    tracing::info!(key = %key.uuid, account = %caller.account, "API key created");
+    Ok(Json(json!({ "inventory": {
+        "uuid": key.uuid,
+        "accountUuid": key.account_uuid,
+        "secret": secret,
+        "description": key.description,
+        "authorization": format!("OAuth {}:{secret}", key.uuid),
+    }})))
+}
+
+/// `DELETE /v1/accounts/api-keys/{uuid}`.
+pub async fn delete_api_key(
+    State(mn): State<Arc<Mn>>,
+    path: Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    log_out(State(mn), path).await
+}
+
+/// How long a session lives unless configured (ZStack's default).
+pub const DEFAULT_SESSION_TIMEOUT: Duration = Duration::from_secs(7200);
+
+/// The store as a normal account's queries read it: only what [`visible`] lets it see, so
+/// lists, counts and joins never reveal another account's resources.
+pub struct TenantSource<'a> {
+    /// The store's own view.
+    pub inner: crate::store_source::StoreSource<'a>,
+    /// The store, for ownership.
+    pub db: &'a Db,
+    /// The account asking.
+    pub tenant: Uuid,
+}
+
+impl std::fmt::Debug for TenantSource<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TenantSource").field("tenant", &self.tenant).finish_non_exhaustive()
+    }
+}
+
+impl TenantSource<'_> {
+    fn only_visible<'s>(
+        &'s self,
+        kind: &str,
+        items: crate::query::Inventories<'s>,
+    ) -> crate::query::Inventories<'s> {
+        let kind = kind.to_owned();
+        Box::new(items.filter_map(move |item| match item {
+            Ok(item) => match visible(self.db, self.tenant, &kind, &item) {
+                Ok(true) => Some(Ok(item)),
+                Ok(false) => None,
+                Err(e) => Some(Err(e)),
+            },
+            Err(e) => Some(Err(e)),
+        }))
+    }
+}
+
+impl crate::query::Source for TenantSource<'_> {
+    fn scan(&self, kind: &str) -> crate::query::Inventories<'_> {
+        self.only_visible(kind, self.inner.scan(kind))
+    }
+
+    fn find(
+        &self,
+        kind: &str,
+        index: &str,
+        value: &str,
+        ty: crate::query::FieldType,
+    ) -> Result<Vec<Value>, ApiError> {
+        let mut found = Vec::new();
+        for item in self.inner.find(kind, index, value, ty)? {
+            if visible(self.db, self.tenant, kind, &item)? {
+                found.push(item);
+            }
+        }
+        Ok(found)
+    }
+
+    fn ordered(
+        &self,
+        kind: &str,
+        index: &str,
+        descending: bool,
+        skip: usize,
+    ) -> crate::query::Inventories<'_> {
+        // What is skipped must be counted among the visible ones.
+        Box::new(self.only_visible(kind, self.inner.ordered(kind, index, descending, 0)).skip(skip))
+    }
+
+    fn count(
+        &self,
+        kind: &str,
+        index: &str,
+        value: &str,
+        ty: crate::query::FieldType,
+        at_most: usize,
+    ) -> Result<usize, ApiError> {
+        // The store's counters count every account's; a tenant's count reads what it sees.
+        Ok(self.find(kind, index, value, ty)?.len().min(at_most))
+    }
+}
