@@ -159,6 +159,8 @@ pub struct Hosts {
     directory: std::sync::RwLock<std::collections::HashMap<Uuid, HostSummary>>,
     /// Memory each host keeps for itself (its `reservedMemory` system tag), in bytes.
     kept_for_host: std::sync::RwLock<std::collections::HashMap<Uuid, u64>>,
+    /// The open links, for their heartbeat round-trip times (metrics, the console).
+    links: std::sync::RwLock<std::collections::HashMap<Uuid, strato_proto::Link>>,
 }
 
 /// What the allocator needs to know of a host, kept in memory for every host: placing one
@@ -234,7 +236,17 @@ impl Hosts {
             config,
             directory: std::sync::RwLock::new(directory),
             kept_for_host: std::sync::RwLock::new(kept_for_host),
+            links: Default::default(),
         }
+    }
+
+    /// The last heartbeat round-trip time of every connected host's link.
+    pub fn link_rtts(&self) -> Vec<(Uuid, Duration)> {
+        self.links.read().expect("links lock").iter().map(|(id, link)| (*id, link.rtt())).collect()
+    }
+
+    fn forget_link(&self, id: Uuid) {
+        self.links.write().expect("links lock").remove(&id);
     }
 
     /// Host `id` as the allocator sees it, from its record.
@@ -341,6 +353,7 @@ pub async fn reconnect(hosts: &Kind<Hosts>, id: Uuid) -> Result<(), HostError> {
     hosts
         .call(id, link_op("reconnect"), move |ctx| async move {
             if let Some(link) = ctx.with_state(|s| s.link.take()) {
+                ctx.entity().forget_link(ctx.id());
                 link.close();
             }
             connect_op(ctx).await
@@ -385,6 +398,7 @@ async fn connect_op(ctx: OpCtx<Hosts>) -> Result<(), HostError> {
             return Err(error.into());
         }
     };
+    ctx.entity().links.write().expect("links lock").insert(ctx.id(), link.clone());
     let epoch = ctx.with_state(|s| {
         s.epoch += 1;
         s.link = Some(link.clone());
@@ -520,6 +534,7 @@ async fn link_lost(ctx: OpCtx<Hosts>, epoch: u64) -> Result<(), HostError> {
         return Ok(()); // an old link; a newer one is up
     }
     ctx.with_state(|s| s.link = None);
+    ctx.entity().forget_link(ctx.id());
     let id = ctx.id();
     tracing::warn!(host = %id, "lost the link to the agent");
     set_status(&ctx, HostStatus::Disconnected, Some("the link to the agent was lost".into()))
@@ -708,6 +723,7 @@ pub async fn remove(hosts: &Kind<Hosts>, id: Uuid) -> Result<(), HostError> {
                 s.epoch += 1; // the watcher's news of this link's end is now stale
                 s.link.take()
             }) {
+                ctx.entity().forget_link(id);
                 link.close();
             }
             let mut batch = Batch::new();

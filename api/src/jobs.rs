@@ -139,7 +139,10 @@ where
     let work = work(uuid);
     let db = db.clone();
     let api = api.to_owned();
-    tokio::spawn(async move {
+    // One span per job: what the job's task logs, and the actor operations it starts (which
+    // carry the job id to the agents), name it.
+    let span = tracing::info_span!("job", job = %uuid, api = %api);
+    let task = async move {
         let outcome = work.await;
         let (state, result, error) = match outcome {
             Ok(inventory) => (JobState::Succeeded, Some(inventory.to_string()), None),
@@ -155,8 +158,10 @@ where
         {
             tracing::error!(job = %uuid, error = %strato_runtime::error_chain(&error), "could not record the job's end");
         }
+        crate::metrics::job_finished(&api, state);
         tracing::info!(job = %uuid, %api, ?state, "job finished");
-    });
+    };
+    tokio::spawn(tracing::Instrument::instrument(task, span));
     Ok(uuid)
 }
 

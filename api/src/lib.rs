@@ -16,6 +16,7 @@ pub mod client;
 pub mod demo;
 pub mod error;
 pub mod jobs;
+pub mod metrics;
 pub mod mn;
 pub mod query;
 pub mod routes;

@@ -73,6 +73,8 @@ fn main() -> std::process::ExitCode {
                 .unwrap_or_else(|_| "info,sled=warn".into()),
         )
         .with_writer(std::io::stderr)
+        // Colours for a person at a terminal; plain text for a log file.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     // A panic is logged once, on one line, through tracing (the runtime contains panics in
     // operations and reports them itself; this covers every other thread too).

@@ -93,7 +93,11 @@ pub fn router(mn: Arc<Mn>) -> Router {
         .route("/v1/accounts/{uuid}", get(one::<auth::AccountRecord>).delete(auth::delete_account))
         .route("/v1/accounts/{uuid}/actions", put(auth::account_action))
         .route("/v1/gc-jobs", get(gc_jobs))
-        .layer(axum::middleware::from_fn_with_state(mn.clone(), auth::authenticate))
+        // Route layers run after routing, so both see the route's template; the last added
+        // runs first: metrics count what authentication refuses too.
+        .route_layer(axum::middleware::from_fn_with_state(mn.clone(), auth::authenticate))
+        .route_layer(axum::middleware::from_fn(crate::metrics::track))
+        .route("/metrics", get(crate::metrics::scrape))
         .with_state(mn)
 }
 

@@ -673,3 +673,48 @@ async fn tags_are_checked_queried_honoured_and_go_with_their_resource() {
         json!({ "total": 0 })
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_requests_and_jobs_and_a_job_is_followed_into_the_agent() {
+    let env = tokio::task::spawn_blocking(env).await.unwrap();
+    let (host, offering, l3) = infrastructure(&env);
+    let body = json!({ "params": { "name": "vm1", "instanceOfferingUuid": offering["uuid"], "l3NetworkUuids": [l3["uuid"]] } }).to_string();
+    let (status, _, accepted) = http(env.api, "POST", "/v1/vm-instances", Some(&body), &[]);
+    assert_eq!(status, 202);
+    let location = accepted["location"].as_str().unwrap().to_owned();
+    let job = location.rsplit('/').next().unwrap().to_owned();
+    wait_job(env.api, &location);
+    let _ = raw_http(env.api, "GET", "/v1/zones", None, &[]); // a 401
+
+    // Prometheus' text, without a session.
+    let (status, _, text) = raw_http(env.api, "GET", "/metrics", None, &[]);
+    assert_eq!(status, 200);
+    let text = text.as_str().unwrap().to_owned();
+    for expected in [
+        r#"strato_http_requests_total{route="/v1/vm-instances",method="POST",status="202"} 1"#,
+        r#"strato_http_requests_total{route="/v1/zones",method="GET",status="401"} 1"#,
+        r#"strato_http_request_duration_seconds_count{route="/v1/vm-instances",method="POST"} 1"#,
+        r#"strato_jobs_total{api="CreateVmInstance",result="succeeded"} 1"#,
+        r#"strato_queue_pending{kind="l3",queue="ip-alloc"} 0"#,
+        r#"strato_actors_live{kind="host"} 1"#,
+        &format!(r#"strato_agent_link_rtt_seconds{{host="{}"}}"#, host["uuid"].as_str().unwrap()),
+        "strato_gc_backlog ",
+    ] {
+        assert!(text.contains(expected), "no `{expected}` in\n{text}");
+    }
+
+    // The job's span names it in what the MN logs of it, and the agent logs the job id with
+    // the commands it ran for it.
+    let mn_log = std::fs::read_to_string(log_path(&env._dir.path().join("mn"))).unwrap();
+    assert!(
+        mn_log.lines().any(|l| l.contains(&format!("job{{job={job} api=CreateVmInstance}}"))
+            && l.contains("job finished")),
+        "no job span in the MN's log:\n{}",
+        mn_log.lines().filter(|l| l.contains("job finished")).collect::<Vec<_>>().join("\n")
+    );
+    let agent_log = std::fs::read_to_string(log_path(&env._dir.path().join("agent"))).unwrap();
+    assert!(
+        agent_log.lines().any(|l| l.contains(&job) && l.contains("command done")),
+        "the agent did not log job {job}:\n{agent_log}"
+    );
+}

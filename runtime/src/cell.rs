@@ -83,11 +83,28 @@ struct Queue<E: Entity> {
     level_override: Option<usize>,
     running: Vec<Running>,
     pending: VecDeque<Pending<E>>,
+    /// (running, pending) as last added to the kind-wide depth of the queue.
+    reported: (usize, usize),
 }
 
 impl<E: Entity> Queue<E> {
     fn level(&self) -> usize {
         self.level_override.unwrap_or_else(|| self.spec.level())
+    }
+
+    /// Brings the kind-wide depth (what `/metrics` and the console show) up to this queue's.
+    fn report(&mut self) {
+        let now = (self.running.len(), self.pending.len());
+        if now != self.reported {
+            self.spec.report(self.reported, now);
+            self.reported = now;
+        }
+    }
+}
+
+impl<E: Entity> Drop for Queue<E> {
+    fn drop(&mut self) {
+        self.spec.report(self.reported, (0, 0));
     }
 }
 
@@ -174,6 +191,7 @@ impl<E: Entity> ActorCell<E> {
             level_override: None,
             running: Vec::new(),
             pending: VecDeque::new(),
+            reported: (0, 0),
         });
         self.queues.len() - 1
     }
@@ -241,6 +259,13 @@ impl<E: Entity> ActorCell<E> {
         }
     }
 
+    /// Reports every queue's depth to its kind.
+    fn report_depths(&mut self) {
+        for queue in &mut self.queues {
+            queue.report();
+        }
+    }
+
     fn leave_as_gone(&mut self, unavailable: Option<String>, ctx: &mut Context<Self>) {
         let error = self.gone_error(&unavailable);
         self.status = Status::Gone { unavailable };
@@ -250,6 +275,7 @@ impl<E: Entity> ActorCell<E> {
                 pending.envelope.reject(error.clone());
             }
         }
+        self.report_depths();
         self.try_leave(ctx);
     }
 
@@ -295,6 +321,7 @@ impl<E: Entity> ActorCell<E> {
                 pending.envelope.reject(error.clone());
             }
         }
+        self.report_depths();
         self.status = Status::Failed { reason: reason.clone() };
         self.kind.runtime().events().publish(ActorFailed { actor: self.actor(), reason });
     }
@@ -417,14 +444,24 @@ impl<E: Entity> ActorCell<E> {
             running.reserve_exact(1);
         }
         running.push(Running { seq, op, started_at: Instant::now() });
+        // An operation a job asked for runs in a span naming the job, so everything it logs
+        // (and the agent commands it sends, which carry the job id) ties back to the job.
+        let span = match op.job_id {
+            Some(job) => {
+                tracing::info_span!("op", kind = E::KIND, actor = %self.id, op = op.name, %job)
+            }
+            None => tracing::Span::none(),
+        };
         let mut future = pending.envelope.start(op_ctx);
         // Poll once right here: most operations that touch only the actor's state finish
         // without waiting, and finishing them inline saves a spawn and a wake-up. An
         // operation that waits is polled again by the actor's context with a real waker.
         let waker = futures::task::noop_waker_ref();
-        match future.as_mut().poll(&mut TaskContext::from_waker(waker)) {
+        let first = span.in_scope(|| future.as_mut().poll(&mut TaskContext::from_waker(waker)));
+        match first {
             Poll::Ready(outcome) => self.finish(index, seq, outcome),
             Poll::Pending => {
+                let future = tracing::Instrument::instrument(future, span);
                 ctx.spawn(future.into_actor(self).map(move |outcome, act, ctx| {
                     act.finish(index, seq, outcome);
                     act.pump(ctx);
@@ -473,6 +510,7 @@ impl<E: Entity> ActorCell<E> {
 
     /// Restarts a drained actor, or lets an idle one passivate.
     fn after_progress(&mut self, ctx: &mut Context<Self>) {
+        self.report_depths();
         if matches!(self.status, Status::Restarting { .. }) && self.running_total() == 0 {
             self.state = None;
             self.load(ctx);

@@ -119,6 +119,10 @@ impl RuntimeConfig {
 pub struct QueueSpec {
     level: AtomicUsize,
     max_pending: AtomicUsize,
+    /// Operations running in this queue over every actor of the kind.
+    running: AtomicUsize,
+    /// Operations waiting in this queue over every actor of the kind.
+    pending: AtomicUsize,
 }
 
 impl QueueSpec {
@@ -126,7 +130,27 @@ impl QueueSpec {
         QueueSpec {
             level: AtomicUsize::new(config.level.max(1)),
             max_pending: AtomicUsize::new(config.max_pending),
+            running: AtomicUsize::new(0),
+            pending: AtomicUsize::new(0),
         }
+    }
+
+    /// (running, pending) over every actor of the kind, as the actors last reported them.
+    pub fn depth(&self) -> (usize, usize) {
+        (self.running.load(Ordering::Relaxed), self.pending.load(Ordering::Relaxed))
+    }
+
+    /// Moves the kind-wide depth from what one actor reported before to what it reports now.
+    pub(crate) fn report(&self, before: (usize, usize), now: (usize, usize)) {
+        let apply = |counter: &AtomicUsize, before: usize, now: usize| {
+            if now > before {
+                counter.fetch_add(now - before, Ordering::Relaxed);
+            } else if before > now {
+                counter.fetch_sub(before - now, Ordering::Relaxed);
+            }
+        };
+        apply(&self.running, before.0, now.0);
+        apply(&self.pending, before.1, now.1);
     }
 
     /// Operations running at once.
@@ -179,16 +203,16 @@ impl QueueSpecs {
         &self.config
     }
 
-    /// (queue, level, max pending) of every queue used so far, by name.
-    pub(crate) fn snapshot(&self) -> Vec<(&'static str, usize, usize)> {
+    /// (queue, spec) of every queue used so far, by name.
+    pub(crate) fn snapshot(&self) -> Vec<(&'static str, Arc<QueueSpec>)> {
         let mut out: Vec<_> = self
             .specs
             .lock()
             .expect("queue specs")
             .iter()
-            .map(|(name, spec)| (*name, spec.level(), spec.max_pending()))
+            .map(|(name, spec)| (*name, spec.clone()))
             .collect();
-        out.sort();
+        out.sort_by_key(|(name, _)| *name);
         out
     }
 }

@@ -236,7 +236,7 @@ impl<E: Entity> Kind<E> {
         }
     }
 
-    pub(crate) fn queue_settings(&self) -> Vec<(&'static str, usize, usize)> {
+    pub(crate) fn queue_settings(&self) -> Vec<(&'static str, Arc<crate::config::QueueSpec>)> {
         self.shared.specs.snapshot()
     }
 }

@@ -105,16 +105,22 @@ impl<E: Entity> ErasedKind for Kind<E> {
     }
 
     fn queue(&self, name: &str) -> Option<Arc<QueueSpec>> {
-        self.queue_settings()
-            .into_iter()
-            .find(|(queue, _, _)| *queue == name)
-            .map(|(queue, _, _)| self.queue_spec(queue))
+        Kind::queue_settings(self).into_iter().find(|(queue, _)| *queue == name).map(|(_, s)| s)
     }
 
     fn queue_settings(&self) -> Vec<QueueSetting> {
         Kind::queue_settings(self)
             .into_iter()
-            .map(|(name, level, max_pending)| QueueSetting { name, level, max_pending })
+            .map(|(name, spec)| {
+                let (running, pending) = spec.depth();
+                QueueSetting {
+                    name,
+                    level: spec.level(),
+                    max_pending: spec.max_pending(),
+                    running,
+                    pending,
+                }
+            })
             .collect()
     }
 
@@ -140,6 +146,10 @@ pub struct QueueSetting {
     pub level: usize,
     /// Pending operations it accepts before answering `Busy`.
     pub max_pending: usize,
+    /// Operations running in it now, over every actor of the kind.
+    pub running: usize,
+    /// Operations waiting in it now, over every actor of the kind.
+    pub pending: usize,
 }
 
 /// One kind in a [`RuntimeSnapshot`].
@@ -422,6 +432,23 @@ impl Runtime {
         level: Option<usize>,
     ) -> Result<bool, RuntimeError> {
         Ok(self.erased(kind)?.set_actor_queue_level(id, queue, level).await)
+    }
+
+    /// Every kind with its counters and its queues' settings and depths, without asking any
+    /// actor (cheap enough for every metrics scrape).
+    pub fn kinds(&self) -> Vec<KindSnapshot> {
+        self.inner
+            .kinds
+            .read()
+            .expect("kinds lock")
+            .iter()
+            .map(|k| KindSnapshot {
+                kind: k.name,
+                supervisor: format!("{}-supervisor", k.name),
+                counters: k.erased.counters(),
+                queues: k.erased.queue_settings(),
+            })
+            .collect()
     }
 
     /// A snapshot of the runtime: kinds, the live actors matching `filter`, flows, GC jobs

@@ -161,11 +161,14 @@ async fn full_queue_answers_busy_with_actor_queue_and_depth() {
         other => panic!("expected Busy, got {other:?}"),
     }
     assert!(refused_message_names_everything(id));
+    // The kind-wide depth (what /metrics shows) counts them too, and drains with them.
+    assert_eq!(h.kind.queue("q").depth(), (1, 2));
     open.send(()).unwrap();
     blocked.await.unwrap().unwrap();
     for task in pending {
         task.await.unwrap().unwrap();
     }
+    wait_until(async || h.kind.queue("q").depth() == (0, 0)).await;
 }
 
 fn refused_message_names_everything(id: uuid::Uuid) -> bool {

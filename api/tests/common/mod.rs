@@ -11,6 +11,19 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+/// Where a process whose data is in `dir` logs: `<dir>.log` beside it (appended to, so a
+/// restarted process adds to the same file).
+pub fn log_path(dir: &Path) -> PathBuf {
+    dir.with_extension("log")
+}
+
+fn log_file(dir: &Path) -> std::fs::File {
+    if let Some(parent) = dir.parent() {
+        std::fs::create_dir_all(parent).unwrap();
+    }
+    std::fs::OpenOptions::new().create(true).append(true).open(log_path(dir)).unwrap()
+}
+
 pub fn free_port() -> SocketAddr {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
 }
@@ -77,7 +90,7 @@ pub fn start_agent_with(token: &str, dir: &Path, driver_args: &[&str]) -> (Proc,
         .args(["--listen", &addr.to_string(), "--token", token, "--data-dir"])
         .arg(dir)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(log_file(dir))
         .spawn()
         .unwrap();
     wait_listening(addr, &mut child);
@@ -99,7 +112,7 @@ pub fn start_server_with(data_dir: &Path, addr: SocketAddr, env: &[(&str, &str)]
         .args(["server", "--listen", &addr.to_string(), "--data-dir"])
         .arg(data_dir)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(log_file(data_dir))
         .spawn()
         .unwrap();
     wait_listening(addr, &mut child);
