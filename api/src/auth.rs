@@ -81,7 +81,7 @@ pub enum AccountType {
 }
 
 /// What a normal account may use at most.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Quota {
     /// VMs.
@@ -494,15 +494,15 @@ pub fn owner_for(resource: Uuid, resource_type: &str, charge: Charge) -> Option<
     })
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct LogIn {
+pub(crate) struct LogIn {
     log_in_by_account: LogInByAccount,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct LogInByAccount {
+pub(crate) struct LogInByAccount {
     account_name: String,
     password: String,
 }
@@ -573,9 +573,9 @@ pub async fn log_out(
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct AccountParams {
+pub(crate) struct AccountParams {
     name: String,
     password: String,
     #[serde(default)]
@@ -760,9 +760,9 @@ pub async fn delete_account(
     Ok(crate::routes::accepted(&headers, job))
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct ApiKeyParams {
+pub(crate) struct ApiKeyParams {
     #[serde(default)]
     description: String,
 }

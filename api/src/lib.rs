@@ -12,12 +12,14 @@
 //! agents' token (`strato agent-token`), and keeps the runtime demonstration ([`demo`]).
 
 pub mod auth;
+pub mod catalog;
 pub mod client;
 pub mod demo;
 pub mod error;
 pub mod jobs;
 pub mod metrics;
 pub mod mn;
+pub mod openapi;
 pub mod query;
 pub mod routes;
 pub mod server;

@@ -58,6 +58,8 @@ enum Cmd {
         #[arg(long, default_value = "strato-data")]
         data_dir: PathBuf,
     },
+    /// Prints the API's OpenAPI document (the committed copy is `api/openapi.json`).
+    Openapi,
     /// Runs the demonstration of the runtime on the embedded store.
     Demo {
         /// Where its store lives.
@@ -128,6 +130,10 @@ fn main() -> std::process::ExitCode {
             }
             Cmd::AgentToken { data_dir } => {
                 println!("{}", strato_api::mn::agent_token(&data_dir)?);
+                Ok(())
+            }
+            Cmd::Openapi => {
+                print!("{}", strato_api::openapi::pretty());
                 Ok(())
             }
             Cmd::Demo { data_dir } => strato_api::demo::run(&data_dir).await,

@@ -76,6 +76,10 @@ impl Relation {
 pub struct Schema {
     /// Its name in URLs (`vm-instances`).
     pub kind: &'static str,
+    /// Its query API's name, as in ZStack (`QueryVmInstance`).
+    pub query_api: &'static str,
+    /// Where it is listed (`/v1/vm-instances`).
+    pub path: &'static str,
     /// Its fields.
     pub fields: &'static [Field],
     /// Its relations.
@@ -104,6 +108,20 @@ impl Schema {
         self.relations.iter().chain(TAG_RELATIONS.iter().filter(move |_| taggable))
     }
 
+    /// The condition paths this kind offers one relation deep (`name`, `vmNics.ip`,
+    /// `host.name`), for documentation and the CLI's completion.
+    pub fn queryable_paths(&self) -> Vec<String> {
+        let mut paths: Vec<String> = self.fields.iter().map(|f| f.name.to_owned()).collect();
+        for relation in self.all_relations() {
+            let target = match relation {
+                Relation::Ref { kind, .. } | Relation::Back { kind, .. } => schema_of(kind),
+                Relation::Nested { schema, .. } => schema,
+            };
+            paths.extend(target.fields.iter().map(|f| format!("{}.{}", relation.name(), f.name)));
+        }
+        paths
+    }
+
     /// Every name a condition may start with here, for error messages.
     fn valid_names(&self) -> Vec<&'static str> {
         self.fields.iter().map(|f| f.name).chain(self.all_relations().map(Relation::name)).collect()
@@ -118,6 +136,8 @@ use FieldType::{Int, Text, Uuid as Id};
 
 static VM_NIC: Schema = Schema {
     kind: "vm-nics",
+    query_api: "",
+    path: "",
     fields: &[
         f("uuid", Id),
         f("ip", Text),
@@ -134,6 +154,8 @@ static VM_NIC: Schema = Schema {
 pub static SCHEMAS: &[Schema] = &[
     Schema {
         kind: "zones",
+        query_api: "QueryZone",
+        path: "/v1/zones",
         fields: &[f("uuid", Id), f("name", Text), f("description", Text)],
         relations: &[
             Relation::Back { name: "cluster", kind: "clusters", field: "zoneUuid" },
@@ -144,6 +166,8 @@ pub static SCHEMAS: &[Schema] = &[
     },
     Schema {
         kind: "clusters",
+        query_api: "QueryCluster",
+        path: "/v1/clusters",
         fields: &[f("uuid", Id), f("name", Text), f("zoneUuid", Id), f("hypervisorType", Text)],
         relations: &[
             Relation::Ref { name: "zone", field: "zoneUuid", kind: "zones" },
@@ -154,6 +178,8 @@ pub static SCHEMAS: &[Schema] = &[
     },
     Schema {
         kind: "hosts",
+        query_api: "QueryHost",
+        path: "/v1/hosts",
         fields: &[
             f("uuid", Id),
             f("name", Text),
@@ -173,6 +199,8 @@ pub static SCHEMAS: &[Schema] = &[
     },
     Schema {
         kind: "instance-offerings",
+        query_api: "QueryInstanceOffering",
+        path: "/v1/instance-offerings",
         fields: &[f("uuid", Id), f("name", Text), f("cpuNum", Int), f("memorySize", Int)],
         relations: &[],
         indexed: &[("uuid", "#uuid")],
@@ -180,6 +208,8 @@ pub static SCHEMAS: &[Schema] = &[
     },
     Schema {
         kind: "l2-networks",
+        query_api: "QueryL2Network",
+        path: "/v1/l2-networks",
         fields: &[
             f("uuid", Id),
             f("name", Text),
@@ -196,6 +226,8 @@ pub static SCHEMAS: &[Schema] = &[
     },
     Schema {
         kind: "l3-networks",
+        query_api: "QueryL3Network",
+        path: "/v1/l3-networks",
         fields: &[f("uuid", Id), f("name", Text), f("l2NetworkUuid", Id), f("bridge", Text)],
         relations: &[Relation::Ref {
             name: "l2Network",
@@ -207,6 +239,8 @@ pub static SCHEMAS: &[Schema] = &[
     },
     Schema {
         kind: "vm-instances",
+        query_api: "QueryVmInstance",
+        path: "/v1/vm-instances",
         fields: &[
             f("uuid", Id),
             f("name", Text),
@@ -233,6 +267,8 @@ pub static SCHEMAS: &[Schema] = &[
     },
     Schema {
         kind: "images",
+        query_api: "QueryImage",
+        path: "/v1/images",
         fields: &[
             f("uuid", Id),
             f("name", Text),
@@ -248,6 +284,8 @@ pub static SCHEMAS: &[Schema] = &[
     },
     Schema {
         kind: "backup-storage",
+        query_api: "QueryBackupStorage",
+        path: "/v1/backup-storage",
         fields: &[f("uuid", Id), f("name", Text), f("url", Text), f("type", Text)],
         relations: &[],
         indexed: &[("uuid", "#uuid")],
@@ -255,6 +293,8 @@ pub static SCHEMAS: &[Schema] = &[
     },
     Schema {
         kind: "accounts",
+        query_api: "QueryAccount",
+        path: "/v1/accounts",
         fields: &[f("uuid", Id), f("name", Text), f("type", Text), f("createDate", Int)],
         relations: &[],
         indexed: &[("uuid", "#uuid"), ("name", "name")],
@@ -262,6 +302,8 @@ pub static SCHEMAS: &[Schema] = &[
     },
     Schema {
         kind: "user-tags",
+        query_api: "QueryUserTag",
+        path: "/v1/user-tags",
         fields: TAG_FIELDS,
         relations: &[],
         indexed: &[("uuid", "#uuid"), ("resourceUuid", "resource"), ("tag", "tag")],
@@ -269,6 +311,8 @@ pub static SCHEMAS: &[Schema] = &[
     },
     Schema {
         kind: "system-tags",
+        query_api: "QuerySystemTag",
+        path: "/v1/system-tags",
         fields: TAG_FIELDS,
         relations: &[],
         indexed: &[("uuid", "#uuid"), ("resourceUuid", "resource"), ("tag", "tag")],
@@ -276,6 +320,8 @@ pub static SCHEMAS: &[Schema] = &[
     },
     Schema {
         kind: "primary-storage",
+        query_api: "QueryPrimaryStorage",
+        path: "/v1/primary-storage",
         fields: &[
             f("uuid", Id),
             f("name", Text),

@@ -15,7 +15,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::get;
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -49,55 +49,13 @@ const OP_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// The API's routes.
 pub fn router(mn: Arc<Mn>) -> Router {
-    Router::new()
-        .route("/v1/zones", list("zones").post(create_zone))
-        .route("/v1/zones/{uuid}", get(one::<ZoneRecord>).delete(delete_zone))
-        .route("/v1/clusters", list("clusters").post(create_cluster))
-        .route("/v1/clusters/{uuid}", get(one::<ClusterRecord>).delete(delete_cluster))
-        .route("/v1/hosts", list("hosts"))
-        .route("/v1/hosts/kvm", post(add_host))
-        .route("/v1/hosts/{uuid}", get(one::<HostRecord>).delete(delete_host))
-        .route("/v1/hosts/{uuid}/actions", put(host_action))
-        .route("/v1/instance-offerings", list("instance-offerings").post(create_offering))
-        .route(
-            "/v1/instance-offerings/{uuid}",
-            get(one::<InstanceOfferingRecord>).delete(delete_offering),
-        )
-        .route("/v1/l2-networks", list("l2-networks"))
-        .route("/v1/l2-networks/no-vlan", post(create_l2))
-        .route("/v1/l2-networks/{uuid}", get(one::<L2NetworkRecord>).delete(delete_l2))
-        .route("/v1/l2-networks/{l2}/clusters/{cluster}", post(attach_l2))
-        .route("/v1/l3-networks", list("l3-networks").post(create_l3))
-        .route("/v1/l3-networks/{uuid}", get(one::<L3NetworkRecord>).delete(delete_l3))
-        .route("/v1/l3-networks/{uuid}/ip-ranges", post(add_ip_range))
-        .route("/v1/vm-instances", list("vm-instances").post(create_vm))
-        .route("/v1/vm-instances/{uuid}", get(one::<VmRecord>).delete(destroy_vm))
-        .route("/v1/vm-instances/{uuid}/actions", put(vm_action))
-        .route("/v1/backup-storage", list("backup-storage"))
-        .route("/v1/backup-storage/image-store", post(create_backup_storage))
-        .route("/v1/zones/{zone}/backup-storage/{bs}", post(attach_backup_storage))
-        .route("/v1/primary-storage", list("primary-storage"))
-        .route("/v1/primary-storage/local-storage", post(create_primary_storage))
-        .route("/v1/clusters/{cluster}/primary-storage/{ps}", post(attach_primary_storage))
-        .route("/v1/images", list("images").post(add_image))
-        .route("/v1/images/{uuid}", get(one::<ImageRecord>))
-        .route("/v1/user-tags", list("user-tags").post(tagging::create_user_tag))
-        .route("/v1/system-tags", list("system-tags").post(tagging::create_system_tag))
-        .route("/v1/tags/{uuid}", axum::routing::delete(tagging::delete_tag))
-        .route("/v1/api-jobs/{uuid}", get(job))
-        .route("/v1/accounts", list("accounts").post(auth::create_account))
-        .route("/v1/accounts/login", put(auth::log_in))
-        .route("/v1/accounts/sessions/{uuid}", axum::routing::delete(auth::log_out))
-        .route("/v1/accounts/api-keys", post(auth::create_api_key))
-        .route("/v1/accounts/api-keys/{uuid}", axum::routing::delete(auth::delete_api_key))
-        .route("/v1/accounts/{uuid}", get(one::<auth::AccountRecord>).delete(auth::delete_account))
-        .route("/v1/accounts/{uuid}/actions", put(auth::account_action))
-        .route("/v1/gc-jobs", get(gc_jobs))
+    crate::catalog::router()
         // Route layers run after routing, so both see the route's template; the last added
         // runs first: metrics count what authentication refuses too.
         .route_layer(axum::middleware::from_fn_with_state(mn.clone(), auth::authenticate))
         .route_layer(axum::middleware::from_fn(crate::metrics::track))
         .route("/metrics", get(crate::metrics::scrape))
+        .route("/v1/openapi.json", get(|| async { Json(crate::openapi::document()) }))
         .with_state(mn)
 }
 
@@ -235,7 +193,7 @@ fn non_empty(name: &str, field: &str) -> Result<(), ApiError> {
 }
 
 /// `GET /v1/<kind>`: every inventory of the kind, or those a query selects.
-fn list(kind: &'static str) -> axum::routing::MethodRouter<Arc<Mn>> {
+pub(crate) fn list(kind: &'static str) -> axum::routing::MethodRouter<Arc<Mn>> {
     get(move |State(mn): Shared, Query(pairs): Query<Vec<(String, String)>>| async move {
         let schema = query::schema(kind).expect("every listed kind is declared");
         let query = query::Query::parse(schema, &pairs)?;
@@ -253,7 +211,7 @@ fn list(kind: &'static str) -> axum::routing::MethodRouter<Arc<Mn>> {
     })
 }
 
-async fn one<R: Record>(
+pub(crate) async fn one<R: Record>(
     State(mn): Shared,
     Path(uuid): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
@@ -262,14 +220,14 @@ async fn one<R: Record>(
     Ok(Json(json!({ "inventories": [inventory(&record)?] })))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct ZoneParams {
+pub(crate) struct ZoneParams {
     name: String,
     description: Option<String>,
 }
 
-async fn create_zone(
+pub(crate) async fn create_zone(
     State(mn): Shared,
     headers: HeaderMap,
     body: Bytes,
@@ -282,9 +240,9 @@ async fn create_zone(
     .await
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct ClusterParams {
+pub(crate) struct ClusterParams {
     name: String,
     zone_uuid: Uuid,
     #[serde(default = "kvm")]
@@ -295,7 +253,7 @@ fn kvm() -> String {
     "KVM".into()
 }
 
-async fn create_cluster(
+pub(crate) async fn create_cluster(
     State(mn): Shared,
     headers: HeaderMap,
     body: Bytes,
@@ -317,9 +275,9 @@ async fn create_cluster(
     .await
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct HostParams {
+pub(crate) struct HostParams {
     name: String,
     management_ip: String,
     #[serde(default = "agent_port")]
@@ -331,7 +289,7 @@ fn agent_port() -> u16 {
     7070
 }
 
-async fn add_host(
+pub(crate) async fn add_host(
     State(mn): Shared,
     headers: HeaderMap,
     body: Bytes,
@@ -381,7 +339,7 @@ async fn add_host(
     Ok(accepted(&headers, job))
 }
 
-async fn host_action(
+pub(crate) async fn host_action(
     State(mn): Shared,
     Path(uuid): Path<String>,
     headers: HeaderMap,
@@ -459,15 +417,15 @@ fn single_action(body: &Value) -> Result<(String, Value), ApiError> {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct OfferingParams {
+pub(crate) struct OfferingParams {
     name: String,
     cpu_num: u32,
     memory_size: u64,
 }
 
-async fn create_offering(
+pub(crate) async fn create_offering(
     State(mn): Shared,
     headers: HeaderMap,
     body: Bytes,
@@ -494,9 +452,9 @@ async fn create_offering(
     .await
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct L3Params {
+pub(crate) struct L3Params {
     name: String,
     l2_network_uuid: Option<Uuid>,
     #[serde(default)]
@@ -504,7 +462,7 @@ struct L3Params {
     bridge: Option<String>,
 }
 
-async fn create_l3(
+pub(crate) async fn create_l3(
     State(mn): Shared,
     headers: HeaderMap,
     body: Bytes,
@@ -527,18 +485,22 @@ async fn create_l3(
     .await
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct RangeParams {
+pub(crate) struct RangeParams {
+    #[schema(value_type = String, format = Ipv4)]
     start_ip: Ipv4Addr,
+    #[schema(value_type = String, format = Ipv4)]
     end_ip: Ipv4Addr,
+    #[schema(value_type = String, format = Ipv4)]
     netmask: Ipv4Addr,
+    #[schema(value_type = String, format = Ipv4)]
     gateway: Ipv4Addr,
     #[allow(dead_code)]
     name: Option<String>,
 }
 
-async fn add_ip_range(
+pub(crate) async fn add_ip_range(
     State(mn): Shared,
     Path(uuid): Path<String>,
     headers: HeaderMap,
@@ -560,9 +522,9 @@ async fn add_ip_range(
     Ok(accepted(&headers, job))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct VmParams {
+pub(crate) struct VmParams {
     name: String,
     instance_offering_uuid: Uuid,
     l3_network_uuids: Vec<Uuid>,
@@ -571,7 +533,7 @@ struct VmParams {
     image_uuid: Option<Uuid>,
 }
 
-async fn create_vm(
+pub(crate) async fn create_vm(
     State(mn): Shared,
     headers: HeaderMap,
     body: Bytes,
@@ -711,7 +673,7 @@ async fn run_lifecycle(
     Ok(accepted(headers, job))
 }
 
-async fn vm_action(
+pub(crate) async fn vm_action(
     State(mn): Shared,
     Path(uuid): Path<String>,
     headers: HeaderMap,
@@ -809,7 +771,7 @@ async fn vm_action(
     run_lifecycle(mn, &headers, uuid, op, api, &keyed).await
 }
 
-async fn destroy_vm(
+pub(crate) async fn destroy_vm(
     State(mn): Shared,
     Path(uuid): Path<String>,
     headers: HeaderMap,
@@ -826,7 +788,7 @@ async fn destroy_vm(
     .await
 }
 
-async fn job(State(mn): Shared, Path(uuid): Path<String>) -> Result<Response, ApiError> {
+pub(crate) async fn job(State(mn): Shared, Path(uuid): Path<String>) -> Result<Response, ApiError> {
     let uuid = uuid_param(&uuid, "uuid")?;
     let job: JobRecord = get_record(&mn, uuid, "api-job")?;
     Ok(match job.state {
@@ -854,7 +816,7 @@ async fn job(State(mn): Shared, Path(uuid): Path<String>) -> Result<Response, Ap
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct DeleteQuery {
+pub(crate) struct DeleteQuery {
     delete_mode: Option<String>,
 }
 
@@ -896,7 +858,7 @@ async fn delete_resource(
     Ok(accepted(headers, job))
 }
 
-async fn delete_zone(
+pub(crate) async fn delete_zone(
     State(mn): Shared,
     Path(uuid): Path<String>,
     Query(q): Query<DeleteQuery>,
@@ -906,7 +868,7 @@ async fn delete_zone(
     delete_resource(mn, &headers, ResourceKind::Zone, &uuid, &q, "DeleteZone").await
 }
 
-async fn delete_cluster(
+pub(crate) async fn delete_cluster(
     State(mn): Shared,
     Path(uuid): Path<String>,
     Query(q): Query<DeleteQuery>,
@@ -916,7 +878,7 @@ async fn delete_cluster(
     delete_resource(mn, &headers, ResourceKind::Cluster, &uuid, &q, "DeleteCluster").await
 }
 
-async fn delete_host(
+pub(crate) async fn delete_host(
     State(mn): Shared,
     Path(uuid): Path<String>,
     Query(q): Query<DeleteQuery>,
@@ -926,7 +888,7 @@ async fn delete_host(
     delete_resource(mn, &headers, ResourceKind::Host, &uuid, &q, "DeleteHost").await
 }
 
-async fn delete_l3(
+pub(crate) async fn delete_l3(
     State(mn): Shared,
     Path(uuid): Path<String>,
     Query(q): Query<DeleteQuery>,
@@ -936,7 +898,7 @@ async fn delete_l3(
     delete_resource(mn, &headers, ResourceKind::L3Network, &uuid, &q, "DeleteL3Network").await
 }
 
-async fn delete_offering(
+pub(crate) async fn delete_offering(
     State(mn): Shared,
     Path(uuid): Path<String>,
     Query(q): Query<DeleteQuery>,
@@ -956,14 +918,14 @@ async fn delete_offering(
 
 /// The garbage collector's jobs: what is left to clean up, with attempts, next run and
 /// last error.
-async fn gc_jobs(State(mn): Shared) -> Result<Json<Value>, ApiError> {
+pub(crate) async fn gc_jobs(State(mn): Shared) -> Result<Json<Value>, ApiError> {
     let jobs = mn.runtime.gc().list()?;
     Ok(Json(json!({ "inventories": jobs })))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct StorageParams {
+pub(crate) struct StorageParams {
     name: String,
     url: String,
     zone_uuid: Option<Uuid>,
@@ -976,7 +938,7 @@ fn directory_url(url: &str) -> Result<String, ApiError> {
     Ok(url.trim_end_matches('/').to_owned())
 }
 
-async fn create_backup_storage(
+pub(crate) async fn create_backup_storage(
     State(mn): Shared,
     headers: HeaderMap,
     body: Bytes,
@@ -998,7 +960,7 @@ async fn create_backup_storage(
     .await
 }
 
-async fn attach_backup_storage(
+pub(crate) async fn attach_backup_storage(
     State(mn): Shared,
     Path((zone, bs)): Path<(String, String)>,
     headers: HeaderMap,
@@ -1019,7 +981,7 @@ async fn attach_backup_storage(
     .await
 }
 
-async fn create_primary_storage(
+pub(crate) async fn create_primary_storage(
     State(mn): Shared,
     headers: HeaderMap,
     body: Bytes,
@@ -1043,7 +1005,7 @@ async fn create_primary_storage(
     .await
 }
 
-async fn attach_primary_storage(
+pub(crate) async fn attach_primary_storage(
     State(mn): Shared,
     Path((cluster, ps)): Path<(String, String)>,
     headers: HeaderMap,
@@ -1064,9 +1026,9 @@ async fn attach_primary_storage(
     .await
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct ImageParams {
+pub(crate) struct ImageParams {
     name: String,
     url: String,
     #[serde(default = "qcow2")]
@@ -1078,7 +1040,7 @@ fn qcow2() -> String {
     "qcow2".into()
 }
 
-async fn add_image(
+pub(crate) async fn add_image(
     State(mn): Shared,
     headers: HeaderMap,
     body: Bytes,
@@ -1126,15 +1088,15 @@ async fn add_image(
     Ok(accepted(&headers, job))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct L2Params {
+pub(crate) struct L2Params {
     name: String,
     zone_uuid: Uuid,
     physical_interface: String,
 }
 
-async fn create_l2(
+pub(crate) async fn create_l2(
     State(mn): Shared,
     headers: HeaderMap,
     body: Bytes,
@@ -1156,7 +1118,7 @@ async fn create_l2(
     .await
 }
 
-async fn attach_l2(
+pub(crate) async fn attach_l2(
     State(mn): Shared,
     Path((l2, cluster)): Path<(String, String)>,
     headers: HeaderMap,
@@ -1177,7 +1139,7 @@ async fn attach_l2(
     .await
 }
 
-async fn delete_l2(
+pub(crate) async fn delete_l2(
     State(mn): Shared,
     Path(uuid): Path<String>,
     Query(q): Query<DeleteQuery>,

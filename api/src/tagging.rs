@@ -183,9 +183,9 @@ fn check_address(mn: &Mn, l3: Uuid, ip: Ipv4Addr) -> Result<(), ApiError> {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct TagParams {
+pub(crate) struct TagParams {
     resource_uuid: Uuid,
     resource_type: String,
     tag: String,
