@@ -494,9 +494,9 @@ pub fn owner_for(resource: Uuid, resource_type: &str, charge: Charge) -> Option<
     })
 }
 
-#[derive(Deserialize, utoipa::ToSchema)]
+#[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub(crate) struct LogIn {
+struct LogIn {
     log_in_by_account: LogInByAccount,
 }
 

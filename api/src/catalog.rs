@@ -52,10 +52,9 @@ pub enum Body {
     None,
     /// A creation: `{"params": {...}, "systemTags": [...], "userTags": [...]}`.
     Create(fn() -> Described),
-    /// An action: `{"<action>": {...}}`.
+    /// An action, or a body in the same shape: `{"<action>": {...}}` (logging in is
+    /// `{"logInByAccount": {...}}`).
     Action(&'static str, fn() -> Described),
-    /// The schema itself (logging in).
-    Plain(fn() -> Described),
 }
 
 /// How an API answers.
@@ -170,7 +169,7 @@ impl Api {
     pub fn params(&self) -> Vec<Param> {
         let described = match self.body {
             Body::None => return Vec::new(),
-            Body::Create(f) | Body::Action(_, f) | Body::Plain(f) => f(),
+            Body::Create(f) | Body::Action(_, f) => f(),
         };
         let mut schema = described.schema;
         // Follow a reference to a named schema.
@@ -232,7 +231,7 @@ static APIS: &[Api] = &[
         "LogInByAccount",
         Put,
         "/v1/accounts/login",
-        Body::Plain(schema::<auth::LogIn>),
+        Body::Action("logInByAccount", schema::<auth::LogInByAccount>),
         Immediate,
         "Logs in; answers the session",
     ),

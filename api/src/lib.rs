@@ -13,6 +13,7 @@
 
 pub mod auth;
 pub mod catalog;
+pub mod cli;
 pub mod client;
 pub mod demo;
 pub mod error;

@@ -1,5 +1,6 @@
-//! The `strato` binary: the management node server, the agents' token, and the runtime
-//! demonstration.
+//! The `strato` binary: the management node server, the main job, the agents' token, the
+//! OpenAPI document, the runtime demonstration, and the client commands (`strato
+//! <ApiName> key=value ...`, `strato shell`; see `strato_api::cli`).
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -11,8 +12,34 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
+    /// The API a client command talks to (also $STRATO_SERVER; default: the logged-in one).
+    #[arg(long)]
+    server: Option<String>,
+    /// How a client command prints answers: table or json.
+    #[arg(long, short = 'o')]
+    output: Option<String>,
+    /// A client command that starts a job prints its location instead of following it.
+    #[arg(long)]
+    no_wait: bool,
     #[command(subcommand)]
     command: Cmd,
+}
+
+impl Args {
+    /// The client options given before the command, as the client reads them.
+    fn client_options(&self) -> Vec<String> {
+        let mut options = Vec::new();
+        if let Some(server) = &self.server {
+            options.extend(["--server".to_owned(), server.clone()]);
+        }
+        if let Some(output) = &self.output {
+            options.extend(["--output".to_owned(), output.clone()]);
+        }
+        if self.no_wait {
+            options.push("--no-wait".to_owned());
+        }
+        options
+    }
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -60,6 +87,12 @@ enum Cmd {
     },
     /// Prints the API's OpenAPI document (the committed copy is `api/openapi.json`).
     Openapi,
+    /// An interactive client: API commands with history and Tab completion.
+    Shell,
+    /// A client command: `strato <ApiName> key=value ...` (`strato QueryVmInstance
+    /// state=Running`, `strato LogInByAccount accountName=admin password=...`).
+    #[command(external_subcommand)]
+    Api(Vec<String>),
     /// Runs the demonstration of the runtime on the embedded store.
     Demo {
         /// Where its store lives.
@@ -82,6 +115,21 @@ fn main() -> std::process::ExitCode {
     // operations and reports them itself; this covers every other thread too).
     std::panic::set_hook(Box::new(|info| tracing::error!(panic = %info, "panic")));
     let args = Args::parse();
+    // Client commands need neither the runtime nor the server's logging.
+    match &args.command {
+        Cmd::Api(command) => {
+            // The options may also follow the API's name: the client splits them out.
+            let mut argv = args.client_options();
+            argv.extend(command.iter().cloned());
+            return std::process::ExitCode::from(strato_api::cli::run(&argv) as u8);
+        }
+        Cmd::Shell => {
+            return std::process::ExitCode::from(
+                strato_api::cli::shell(&args.client_options()) as u8
+            );
+        }
+        _ => {}
+    }
     #[cfg(feature = "failpoints")]
     if let Err(error) = configure_failpoints() {
         eprintln!("strato: {error}");
@@ -132,6 +180,7 @@ fn main() -> std::process::ExitCode {
                 println!("{}", strato_api::mn::agent_token(&data_dir)?);
                 Ok(())
             }
+            Cmd::Api(_) | Cmd::Shell => unreachable!("client commands returned above"),
             Cmd::Openapi => {
                 print!("{}", strato_api::openapi::pretty());
                 Ok(())

@@ -87,11 +87,6 @@ fn operation(apis: &[&Api], components: &mut BTreeMap<String, Value>) -> Value {
                 components.extend(d.components.clone());
                 action_body(action, &d)
             }
-            Body::Plain(f) => {
-                let d = f();
-                components.extend(d.components.clone());
-                d.schema
-            }
         };
         bodies.push(body);
     }

@@ -1,0 +1,171 @@
+//! The client commands end to end against a running server, as a person types them: log in
+//! (the session kept in the config directory), create a VM with its progress display, query,
+//! and errors with their code and details.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::*;
+use serde_json::{Value, json};
+
+struct Cli {
+    server: String,
+    config: tempfile::TempDir,
+}
+
+impl Cli {
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_strato"))
+            .env("STRATO_CONFIG_DIR", self.config.path())
+            .env_remove("STRATO_SERVER")
+            .arg("--server")
+            .arg(&self.server)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> (String, String) {
+        let out = self.run(args);
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        );
+        assert!(out.status.success(), "strato {args:?} failed:\n{stdout}\n{stderr}");
+        (stdout, stderr)
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let mut with = vec!["--output", "json"];
+        with.extend_from_slice(args);
+        serde_json::from_str(&self.ok(&with).0).unwrap()
+    }
+}
+
+#[test]
+fn the_cli_logs_in_creates_with_progress_queries_and_reports_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("mn");
+    let token = token(&data);
+    let (_agent, agent) = start_agent(&token, &dir.path().join("agent"));
+    let api = free_port();
+    let _server = start_server(&data, api);
+    let cli = Cli { server: format!("http://{api}"), config: tempfile::tempdir().unwrap() };
+
+    // Without a session, the API's 401 is printed with its code.
+    let refused = cli.run(&["QueryZone"]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("error (401) ID.NOT_AUTHENTICATED"));
+
+    cli.ok(&["LogInByAccount", "accountName=admin", &format!("password={ADMIN_PASSWORD}")]);
+    assert!(cli.config.path().join("session.json").exists(), "the session is kept");
+
+    let zone = cli.json(&["CreateZone", "name=z1"]);
+    let zone = zone["uuid"].as_str().unwrap();
+    let cluster = cli.json(&["CreateCluster", "name=c1", &format!("zoneUuid={zone}")]);
+    let cluster = cluster["uuid"].as_str().unwrap();
+    cli.json(&[
+        "AddKVMHost",
+        "name=h1",
+        "managementIp=127.0.0.1",
+        &format!("agentPort={}", agent.port()),
+        &format!("clusterUuid={cluster}"),
+    ]);
+    let offering =
+        cli.json(&["CreateInstanceOffering", "name=small", "cpuNum=1", "memorySize=268435456"]);
+    let offering = offering["uuid"].as_str().unwrap();
+    let l3 = cli.json(&["CreateL3Network", "name=pub"]);
+    let l3 = l3["uuid"].as_str().unwrap();
+    cli.json(&[
+        "AddIpRange",
+        &format!("uuid={l3}"),
+        "startIp=10.0.0.10",
+        "endIp=10.0.0.20",
+        "netmask=255.255.255.0",
+        "gateway=10.0.0.1",
+    ]);
+
+    // A creation follows its job with a progress display and prints the VM.
+    let (table, progress) = cli.ok(&[
+        "CreateVmInstance",
+        "name=vm1",
+        &format!("instanceOfferingUuid={offering}"),
+        &format!("l3NetworkUuids={l3}"),
+        "userTags=web",
+    ]);
+    assert!(
+        progress.contains("CreateVmInstance: job ")
+            && progress.contains("CreateVmInstance: done in"),
+        "{progress}"
+    );
+    assert!(table.lines().any(|l| l.starts_with("state") && l.contains("Running")), "{table}");
+
+    // Queries: conditions, fields, limit; as a table and as JSON.
+    let (table, _) = cli.ok(&["QueryVmInstance", "state=Running", "fields=uuid,name", "limit=10"]);
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines[0].split_whitespace().collect::<Vec<_>>(), ["name", "uuid"], "{table}");
+    assert!(lines[1].starts_with("vm1"), "{table}");
+    let found = cli.json(&["QueryVmInstance", "__userTag__=web", "cpuNum>0", "count=true"]);
+    assert_eq!(found, json!({ "total": 1 }));
+
+    // --no-wait answers with the job's location at once.
+    let accepted = cli.json(&["--no-wait", "CreateZone", "name=z2"]);
+    assert!(accepted["location"].as_str().unwrap().contains("/v1/api-jobs/"));
+
+    // Errors: refused before a job (400 naming the field), and a job that fails with its
+    // placement trace.
+    let bad = cli.run(&[
+        "CreateVmInstance",
+        "name=vm2",
+        "instanceOfferingUuid=nope",
+        &format!("l3NetworkUuids={l3}"),
+    ]);
+    let text = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && text.contains("error (400) SYS.INVALID_ARGUMENT"), "{text}");
+    let big = cli.json(&[
+        "CreateInstanceOffering",
+        "name=huge",
+        "cpuNum=512",
+        "memorySize=1099511627776",
+    ]);
+    let huge = big["uuid"].as_str().unwrap();
+    let failed = cli.run(&[
+        "CreateVmInstance",
+        "name=vm3",
+        &format!("instanceOfferingUuid={huge}"),
+        &format!("l3NetworkUuids={l3}"),
+    ]);
+    let text = String::from_utf8_lossy(&failed.stderr);
+    assert!(!failed.status.success(), "{text}");
+    assert!(
+        text.contains("CreateVmInstance: failed in")
+            && text.contains("details:")
+            && text.contains("free capacity"),
+        "{text}"
+    );
+    let unknown = cli.run(&["CreateVmInstance", "colour=red"]);
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("takes no `colour`"));
+
+    // The shell runs the same commands, line by line, and keeps their history.
+    let mut shell = Command::new(env!("CARGO_BIN_EXE_strato"))
+        .env("STRATO_CONFIG_DIR", cli.config.path())
+        .args(["--server", &cli.server, "shell"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    shell
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"QueryVmInstance 'name~=vm%' fields=name\nexit\n")
+        .unwrap();
+    let out = shell.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.lines().any(|l| l.trim() == "vm1"), "{stdout}");
+    let history = std::fs::read_to_string(cli.config.path().join("history")).unwrap();
+    assert!(history.contains("QueryVmInstance 'name~=vm%' fields=name"), "{history}");
+}
