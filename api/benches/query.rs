@@ -1,6 +1,7 @@
 //! Query benchmarks over 1,000,000 VMs written straight into a sled store: a VM by its NIC's
-//! address, a page of 100 sorted by name, and a count of the running ones. The engine runs
-//! as the API runs it (parsing, the plan, reading the store, inventories), without HTTP.
+//! address, a page of 100 sorted by name, and a count of the running ones. First the engine
+//! as the API runs it (parsing, the plan, reading the store, inventories), without HTTP;
+//! then the same queries through the real management node and its HTTP API, on loopback.
 //!
 //! ```text
 //! cargo bench -p strato-api --bench query
@@ -58,16 +59,21 @@ fn vm(i: u32) -> VmRecord {
     }
 }
 
+/// The bench's data directory for `count` VMs (the store is its `store`, as the MN's is).
+fn data_dir(count: u32) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/bench-data")
+        .join(format!("query-vms-{count}"))
+}
+
 /// Opens the bench store with `count` VMs, writing them the first time.
 fn store(count: u32) -> Db {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/bench-data")
-        .join(format!("query-vms-{count}"));
+    let dir = data_dir(count);
     let complete = dir.join("complete");
     if !complete.exists() {
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("bench dir");
-        let db = Db::open_sled(&dir).expect("open store");
+        std::fs::create_dir_all(dir.join("store")).expect("bench dir");
+        let db = Db::open_sled(&dir.join("store")).expect("open store");
         let started = Instant::now();
         for chunk in (0..count).collect::<Vec<_>>().chunks(2000) {
             let mut batch = Batch::new();
@@ -84,7 +90,7 @@ fn store(count: u32) -> Db {
         drop(db);
         std::fs::write(&complete, b"").expect("marker");
     }
-    let db = Db::open_sled(&dir).expect("open store");
+    let db = Db::open_sled(&dir.join("store")).expect("open store");
     // As the MN does at startup: a store written by older code gets its indexes and
     // counters (once; a marker makes later opens one read).
     let started = Instant::now();
@@ -168,4 +174,46 @@ fn main() {
         let body = run(&db, &[("q", "state=Running".into()), ("count", "true".into())]);
         body["total"].as_u64().unwrap_or(0) as usize
     });
+    drop(db);
+    over_http(count, &mut rng);
+}
+
+/// The same queries through the management node's HTTP API (a real `Mn` on the bench's data
+/// directory, axum on loopback, an admin session), as a client sees them.
+fn over_http(count: u32, rng: &mut fastrand::Rng) {
+    let runtime = tokio::runtime::Runtime::new().expect("tokio");
+    let dir = data_dir(count);
+    let api: std::net::SocketAddr = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+        probe.local_addr().expect("its address")
+    };
+    let mn = runtime.block_on(async {
+        let listener = strato_api::server::bind(api).await.expect("bind");
+        let mn =
+            strato_api::mn::Mn::start(&dir, None, Default::default()).await.expect("MN starts");
+        tokio::spawn(strato_api::server::serve(mn.clone(), listener));
+        mn
+    });
+    let password = strato_api::mn::admin_password(&dir).expect("the admin password");
+    strato_api::client::log_in(api, "admin", &password).expect("log in");
+    let get = |path: String| {
+        let (status, body) = strato_api::client::request(api, "GET", &path, None).expect("answer");
+        assert_eq!(status, 200, "{path}: {body}");
+        body
+    };
+    let page = |body: &Value| body["inventories"].as_array().map_or(0, Vec::len);
+    for _ in 0..500 {
+        get(format!("/v1/vm-instances?q=vmNics.ip={}", ip(rng.u32(0..count))));
+    }
+    measure("http-vm-by-nic-ip", 2000, |_| {
+        page(&get(format!("/v1/vm-instances?q=vmNics.ip={}", ip(rng.u32(0..count)))))
+    });
+    measure("http-page-100-sorted-by-name", 200, |_| {
+        page(&get("/v1/vm-instances?sort=%2Bname&limit=100".into()))
+    });
+    measure("http-count-running", 200, |_| {
+        get("/v1/vm-instances?q=state=Running&count=true".into())["total"].as_u64().unwrap_or(0)
+            as usize
+    });
+    mn.shutdown();
 }

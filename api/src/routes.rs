@@ -740,9 +740,34 @@ pub(crate) async fn vm_action(
                 args.get("instanceOfferingUuid").and_then(Value::as_str).ok_or_else(|| {
                     ApiError::invalid("instanceOfferingUuid", "`instanceOfferingUuid` is required")
                 })?;
+            let offering_uuid = uuid_param(text, "instanceOfferingUuid")?;
             let offering: InstanceOfferingRecord =
-                get_record(&mn, uuid_param(text, "instanceOfferingUuid")?, "instance-offering")?;
+                get_record(&mn, offering_uuid, "instance-offering")?;
+            auth::may_use(&mn.db, "instance-offerings", offering_uuid)?;
             precheck_op(&mn, uuid, state::VmOp::ChangeOffering)?;
+            // A tenant's VM is charged its new size: the growth must fit the quota, and the
+            // charge changes with the offering (under the account's lock, as creations).
+            let owner = mn.db.get::<strato_actors::owners::OwnerRecord>(uuid)?.map(|s| s.record);
+            let quota_lock = owner.as_ref().map(|o| mn.quota_locks.of(o.account_uuid));
+            let _quota_guard = match (&quota_lock, &owner) {
+                (Some(lock), Some(owner)) => {
+                    let guard = lock.lock().await;
+                    let grown = strato_actors::owners::Charge {
+                        vm_num: 0,
+                        cpu_num: u64::from(offering.cpu_num).saturating_sub(owner.charge.cpu_num),
+                        memory_size: offering.memory_size.saturating_sub(owner.charge.memory_size),
+                    };
+                    auth::check_quota(&mn.db, owner.account_uuid, grown)?;
+                    let mut recharged = owner.clone();
+                    recharged.charge.cpu_num = u64::from(offering.cpu_num);
+                    recharged.charge.memory_size = offering.memory_size;
+                    let mut batch = Batch::new();
+                    batch.put(&recharged, Expect::Any)?;
+                    mn.db.commit(batch).await?;
+                    Some(guard)
+                }
+                _ => None,
+            };
             let m = mn.clone();
             let job = jobs::submit(
                 &mn.db,
@@ -751,10 +776,20 @@ pub(crate) async fn vm_action(
                 &keyed,
                 move |job| async move {
                     let (cpu, memory) = (offering.cpu_num, offering.memory_size);
-                    inventory(
-                        &ops::change_offering(&m.vms, uuid, cpu, memory, OP_TIMEOUT, Some(job))
-                            .await?,
-                    )
+                    match ops::change_offering(&m.vms, uuid, cpu, memory, OP_TIMEOUT, Some(job))
+                        .await
+                    {
+                        Ok(vm) => inventory(&vm),
+                        Err(error) => {
+                            // The VM kept its size: so does its charge.
+                            if let Some(previous) = owner {
+                                let mut batch = Batch::new();
+                                batch.put(&previous, Expect::Any)?;
+                                m.db.commit(batch).await?;
+                            }
+                            Err(error.into())
+                        }
+                    }
                 },
             )
             .await?;

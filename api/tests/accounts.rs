@@ -154,6 +154,36 @@ fn quotas_refuse_creations_beyond_them_with_a_clear_error() {
     ok(env.api, "PUT", &format!("/v1/accounts/{alice_uuid}/actions"), Some(&raise.to_string()));
     let second = done_as(&env, &a, "POST", "/v1/vm-instances", vm_body(&offering, &l3, "a2"));
     assert_eq!(second["inventory"]["state"], "Running", "{second}");
+
+    // Growing a VM past the quota is refused too; within it, the charge follows the size.
+    let vm = second["inventory"]["uuid"].as_str().unwrap().to_owned();
+    let actions = format!("/v1/vm-instances/{vm}/actions");
+    done_as(&env, &a, "PUT", &actions, json!({ "stopVmInstance": {} }));
+    let big = create(
+        &env,
+        "/v1/instance-offerings",
+        json!({ "name": "big", "cpuNum": 8, "memorySize": 268435456u64 }),
+    );
+    let grow = json!({ "changeInstanceOffering": { "instanceOfferingUuid": big["uuid"] } });
+    let (status, refused) = as_(&env, &a, "PUT", &actions, Some(grow));
+    assert_eq!(
+        (status, refused["error"]["code"].as_str()),
+        (409, Some("ID.QUOTA_EXCEEDED")),
+        "{refused}"
+    );
+    assert!(refused["error"]["description"].as_str().unwrap().contains("cpuNum"), "{refused}");
+    let fits = create(
+        &env,
+        "/v1/instance-offerings",
+        json!({ "name": "mid", "cpuNum": 7, "memorySize": 268435456u64 }),
+    );
+    let grow = json!({ "changeInstanceOffering": { "instanceOfferingUuid": fits["uuid"] } });
+    let changed = done_as(&env, &a, "PUT", &actions, grow);
+    assert_eq!(changed["inventory"]["cpuNum"], 7, "{changed}");
+    // Now 1 + 7 CPUs are charged of 8: even one more CPU does not fit.
+    let (status, _) =
+        as_(&env, &a, "POST", "/v1/vm-instances", Some(vm_body(&offering, &l3, "a3")));
+    assert_eq!(status, 409);
 }
 
 #[test]
