@@ -1,15 +1,20 @@
 //! The management node's front: the HTTP API and the `strato` binary.
 //!
-//! It serves the versioned HTTP API with axum in ZStack's v1 shape ([`routes`]), with async
-//! jobs persisted before they are acknowledged ([`jobs`]), on a management node assembled in
-//! [`mn`]. It is the only crate that speaks HTTP, and [`error`] is the one place where errors
-//! of every layer are mapped to HTTP statuses and stable error codes. Every list answers ZStack's
-//! queries ([`query`]). Still to come here: accounts, OpenAPI, `/metrics`, the debug console
-//! and the CLI.
+//! It serves the versioned HTTP API with axum in ZStack's v1 shape ([`routes`]), every API
+//! declared once in [`catalog`] (which builds the router, the OpenAPI document in
+//! [`openapi`] and the CLI's commands in [`cli`]), with async jobs persisted before they are
+//! acknowledged ([`jobs`]), on a management node assembled in [`mn`]. Accounts, sessions
+//! and who may reach what are in [`auth`]; tags in [`tagging`]; Prometheus metrics in
+//! [`metrics`]. It is the only crate that speaks HTTP, and [`error`] is the one place where
+//! errors of every layer are mapped to HTTP statuses and stable error codes. Every list
+//! answers ZStack's queries ([`query`], over the store through [`store_source`]). Still to
+//! come here: the debug console.
 //!
 //! The `strato` binary runs the main job (`strato up`: the server, a local agent and the
 //! resources a first VM needs, [`up`]), the server alone (`strato server`), prints the
-//! agents' token (`strato agent-token`), and keeps the runtime demonstration ([`demo`]).
+//! agents' token (`strato agent-token`) and the OpenAPI document (`strato openapi`), is the
+//! client (`strato <ApiName> ...`, `strato shell`), and keeps the runtime demonstration
+//! ([`demo`]).
 
 pub mod auth;
 pub mod catalog;
