@@ -161,6 +161,24 @@ pub struct Hosts {
     kept_for_host: std::sync::RwLock<std::collections::HashMap<Uuid, u64>>,
     /// The open links, for their heartbeat round-trip times (metrics, the console).
     links: std::sync::RwLock<std::collections::HashMap<Uuid, strato_proto::Link>>,
+    /// How many times each host's link came up since the MN started.
+    connects: std::sync::RwLock<std::collections::HashMap<Uuid, u64>>,
+}
+
+/// A host's link as the console shows it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LinkStats {
+    /// The host.
+    pub host: Uuid,
+    /// Whether the link is up.
+    pub connected: bool,
+    /// The last heartbeat's round-trip time, in microseconds.
+    pub rtt_us: Option<u64>,
+    /// When the agent last answered a heartbeat (Unix ms).
+    pub last_heartbeat_unix_ms: Option<u64>,
+    /// Times the link came up since the MN started (more than one: reconnects).
+    pub connects: u64,
 }
 
 /// What the allocator needs to know of a host, kept in memory for every host: placing one
@@ -237,7 +255,30 @@ impl Hosts {
             directory: std::sync::RwLock::new(directory),
             kept_for_host: std::sync::RwLock::new(kept_for_host),
             links: Default::default(),
+            connects: Default::default(),
         }
+    }
+
+    /// Every host's link, by host (hosts whose link never came up have `connects` 0).
+    pub fn link_stats(&self) -> Vec<LinkStats> {
+        let links = self.links.read().expect("links lock");
+        let connects = self.connects.read().expect("connects lock");
+        let mut hosts: Vec<Uuid> =
+            self.directory.read().expect("directory lock").keys().copied().collect();
+        hosts.sort();
+        hosts
+            .into_iter()
+            .map(|host| {
+                let link = links.get(&host);
+                LinkStats {
+                    host,
+                    connected: link.is_some(),
+                    rtt_us: link.map(|l| l.rtt().as_micros() as u64),
+                    last_heartbeat_unix_ms: link.map(strato_proto::Link::last_heartbeat_unix_ms),
+                    connects: connects.get(&host).copied().unwrap_or(0),
+                }
+            })
+            .collect()
     }
 
     /// The last heartbeat round-trip time of every connected host's link.
@@ -399,6 +440,7 @@ async fn connect_op(ctx: OpCtx<Hosts>) -> Result<(), HostError> {
         }
     };
     ctx.entity().links.write().expect("links lock").insert(ctx.id(), link.clone());
+    *ctx.entity().connects.write().expect("connects lock").entry(ctx.id()).or_insert(0) += 1;
     let epoch = ctx.with_state(|s| {
         s.epoch += 1;
         s.link = Some(link.clone());

@@ -237,17 +237,69 @@ fn forbidden(description: String) -> ApiError {
     ApiError::new(StatusCode::FORBIDDEN, "ID.PERMISSION_DENIED", description, Value::Null)
 }
 
-/// Who `headers` say is calling, from their `Authorization: OAuth ...`.
+/// The cookie the console keeps its session in.
+pub const SESSION_COOKIE: &str = "strato_session";
+
+/// Logs `account_name` in with `password`: a new session, or why not. The API's login and
+/// the console's both use it.
+pub async fn new_session(
+    mn: &Mn,
+    account_name: &str,
+    password: String,
+) -> Result<SessionRecord, ApiError> {
+    let wrong = || unauthenticated("wrong account name or password");
+    let id = mn.db.find::<AccountRecord>("name", &account_name.into())?;
+    let account = id.first().copied().ok_or_else(wrong)?;
+    let credential = mn.db.get::<CredentialRecord>(account)?.ok_or_else(wrong)?.record;
+    let matches =
+        tokio::task::spawn_blocking(move || password_matches(&credential.password_hash, &password))
+            .await
+            .unwrap_or(false);
+    if !matches {
+        tracing::warn!(account = %account_name, "failed login");
+        return Err(wrong());
+    }
+    let session = SessionRecord {
+        uuid: Uuid::new_v4(),
+        account_uuid: account,
+        expired_date: Some(now() + mn.session_timeout.as_secs()),
+        secret_sha256: None,
+        description: String::new(),
+    };
+    let mut batch = Batch::new();
+    batch.put(&session, Expect::Absent)?;
+    mn.db.commit(batch).await?;
+    tracing::info!(account = %account_name, session = %session.uuid, "logged in");
+    Ok(session)
+}
+
+/// Who `headers` say is calling, from their `Authorization: OAuth ...` (or the console's
+/// cookie).
 fn identify(mn: &Mn, headers: &HeaderMap) -> Result<Caller, ApiError> {
-    let header = headers.get("authorization").and_then(|v| v.to_str().ok()).ok_or_else(|| {
-        unauthenticated(
-            "log in first (PUT /v1/accounts/login) and send Authorization: OAuth <session uuid>",
-        )
-    })?;
-    let token = header
-        .strip_prefix("OAuth ")
-        .ok_or_else(|| unauthenticated("the Authorization header must be `OAuth <session uuid>`"))?
-        .trim();
+    // The console's pages carry the session in a cookie (a browser's EventSource sends no
+    // headers); everything else in `Authorization`.
+    let cookie = headers
+        .get_all("cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|c| c.trim().strip_prefix(SESSION_COOKIE).and_then(|c| c.strip_prefix('=')))
+        .map(str::to_owned);
+    let header = headers.get("authorization").and_then(|v| v.to_str().ok());
+    let token = match (header, &cookie) {
+        (Some(header), _) => header
+            .strip_prefix("OAuth ")
+            .ok_or_else(|| {
+                unauthenticated("the Authorization header must be `OAuth <session uuid>`")
+            })?
+            .trim(),
+        (None, Some(cookie)) => cookie.as_str(),
+        (None, None) => {
+            return Err(unauthenticated(
+                "log in first (PUT /v1/accounts/login) and send Authorization: OAuth <session uuid>",
+            ));
+        }
+    };
     let (id, secret) = match token.split_once(':') {
         Some((id, secret)) => (id, Some(secret)),
         None => (token, None),
@@ -280,7 +332,8 @@ fn identify(mn: &Mn, headers: &HeaderMap) -> Result<Caller, ApiError> {
 /// normal account's request is checked against [`Access`] before it reaches its handler.
 pub async fn authenticate(State(mn): State<Arc<Mn>>, request: Request, next: Next) -> Response {
     let path = request.uri().path().to_owned();
-    if !path.starts_with("/v1/")
+    let debug = path.starts_with("/debug/");
+    if !(path.starts_with("/v1/") || debug)
         || (request.method() == Method::PUT && path == "/v1/accounts/login")
     {
         return next.run(request).await;
@@ -289,6 +342,10 @@ pub async fn authenticate(State(mn): State<Arc<Mn>>, request: Request, next: Nex
         Ok(caller) => caller,
         Err(error) => return error.into_response(),
     };
+    if debug && !caller.admin {
+        return forbidden("the debug console and /debug are for the admin account".into())
+            .into_response();
+    }
     if !caller.admin
         && let Err(error) = Access::check(&mn, caller.account, request.method(), &path)
     {
@@ -526,29 +583,7 @@ pub async fn log_in(State(mn): State<Arc<Mn>>, body: Bytes) -> Result<Json<Value
         )
     })?;
     let LogInByAccount { account_name, password } = body.log_in_by_account;
-    let wrong = || unauthenticated("wrong account name or password");
-    let id = mn.db.find::<AccountRecord>("name", &account_name.as_str().into())?;
-    let account = id.first().copied().ok_or_else(wrong)?;
-    let credential = mn.db.get::<CredentialRecord>(account)?.ok_or_else(wrong)?.record;
-    let matches =
-        tokio::task::spawn_blocking(move || password_matches(&credential.password_hash, &password))
-            .await
-            .unwrap_or(false);
-    if !matches {
-        tracing::warn!(account = %account_name, "failed login");
-        return Err(wrong());
-    }
-    let session = SessionRecord {
-        uuid: Uuid::new_v4(),
-        account_uuid: account,
-        expired_date: Some(now() + mn.session_timeout.as_secs()),
-        secret_sha256: None,
-        description: String::new(),
-    };
-    let mut batch = Batch::new();
-    batch.put(&session, Expect::Absent)?;
-    mn.db.commit(batch).await?;
-    tracing::info!(account = %account_name, session = %session.uuid, "logged in");
+    let session = new_session(&mn, &account_name, password).await?;
     Ok(Json(session_inventory(&session)))
 }
 

@@ -480,6 +480,85 @@ fn columns(rows: &[&Map<String, Value>]) -> String {
     out.join("\n")
 }
 
+/// `strato debug actors|queues|flows|gc|hosts [kind=vm status=Failed filter=web]`: the
+/// console's views as tables (or JSON), from `/debug/...` with the saved admin session.
+pub fn debug(args: &[String]) -> i32 {
+    let result = split_options(args).and_then(|(options, rest)| {
+        let Some((view, rest)) = rest.split_first() else {
+            return Err(Failure("name a view: actors, queues, flows, gc or hosts".into()));
+        };
+        let url = server_url(&options);
+        let addr = address(&url)?;
+        let session = saved_session()
+            .filter(|(server, _)| *server == url)
+            .map(|(_, session)| format!("OAuth {session}"))
+            .ok_or_else(|| Failure(format!("log in to {url} first (strato LogInByAccount ...)")))?;
+        let path = match view.as_str() {
+            "actors" => {
+                let mut query = vec!["kind=vm".to_owned()];
+                for arg in rest {
+                    let (key, value) = arg.split_once('=').ok_or_else(|| Failure(format!("`{arg}` is not key=value")))?;
+                    if key == "kind" {
+                        query[0] = format!("kind={}", encode(value));
+                    } else {
+                        query.push(format!("{key}={}", encode(value)));
+                    }
+                }
+                format!("/debug/actors?{}", query.join("&"))
+            }
+            "queues" => "/debug/tree".to_owned(),
+            "flows" => "/debug/flows".to_owned(),
+            "gc" => "/debug/gc".to_owned(),
+            "hosts" => "/debug/hosts".to_owned(),
+            other => return Err(Failure(format!("`{other}` is not actors, queues, flows, gc or hosts"))),
+        };
+        let (status, reply) =
+            client::request_with_headers(addr, "GET", &path, None, &[("Authorization", &session)])?;
+        if status != 200 {
+            return Err(Failure(render_error(status, &reply)));
+        }
+        let rows = match view.as_str() {
+            "actors" => reply["actors"].clone(),
+            "queues" => json!(reply["kinds"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|k| {
+                    k["queues"].as_array().cloned().unwrap_or_default().into_iter().map(move |q| {
+                        json!({ "kind": k["kind"], "queue": q["name"], "level": q["level"],
+                                "running": q["running"], "pending": q["pending"], "maxPending": q["max_pending"] })
+                    })
+                })
+                .collect::<Vec<_>>()),
+            "flows" => json!(reply["inProgress"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .chain(reply["recent"].as_array().into_iter().flatten())
+                .map(|f| json!({ "chain": f["chain"], "phase": f["phase"], "step": f["current_step"],
+                                 "failure": f["failure"], "job": f["job_id"], "ageMs": f["age_ms"] }))
+                .collect::<Vec<_>>()),
+            "gc" => json!(reply["jobs"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|j| json!({ "name": j["name"], "kind": j["kind"], "attempts": j["attempts"],
+                                 "nextRunUnixMs": j["next_run_unix_ms"], "lastError": j["last_error"] }))
+                .collect::<Vec<_>>()),
+            _ => reply["hosts"].clone(),
+        };
+        print(options.output, &json!({ "inventories": rows }));
+        Ok(())
+    });
+    match result {
+        Ok(()) => 0,
+        Err(Failure(message)) => {
+            eprintln!("{message}");
+            1
+        }
+    }
+}
+
 /// What the shell completes: API names first, then the API's parameters (or, for a query,
 /// its options and the fields it can be queried by).
 pub fn completions(line: &str) -> (usize, Vec<String>) {

@@ -20,6 +20,8 @@ pub mod auth;
 pub mod catalog;
 pub mod cli;
 pub mod client;
+pub mod console;
+pub mod debug;
 pub mod demo;
 pub mod error;
 pub mod jobs;

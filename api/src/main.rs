@@ -89,6 +89,13 @@ enum Cmd {
     Openapi,
     /// An interactive client: API commands with history and Tab completion.
     Shell,
+    /// The debug console's views as tables: `strato debug actors|queues|flows|gc|hosts
+    /// [kind=vm status=Failed filter=web]` (admin).
+    Debug {
+        /// actors, queues, flows, gc or hosts, then key=value filters.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// A client command: `strato <ApiName> key=value ...` (`strato QueryVmInstance
     /// state=Running`, `strato LogInByAccount accountName=admin password=...`).
     #[command(external_subcommand)]
@@ -122,6 +129,11 @@ fn main() -> std::process::ExitCode {
             let mut argv = args.client_options();
             argv.extend(command.iter().cloned());
             return std::process::ExitCode::from(strato_api::cli::run(&argv) as u8);
+        }
+        Cmd::Debug { args: debug_args } => {
+            let mut argv = args.client_options();
+            argv.extend(debug_args.iter().cloned());
+            return std::process::ExitCode::from(strato_api::cli::debug(&argv) as u8);
         }
         Cmd::Shell => {
             return std::process::ExitCode::from(
@@ -180,7 +192,9 @@ fn main() -> std::process::ExitCode {
                 println!("{}", strato_api::mn::agent_token(&data_dir)?);
                 Ok(())
             }
-            Cmd::Api(_) | Cmd::Shell => unreachable!("client commands returned above"),
+            Cmd::Api(_) | Cmd::Shell | Cmd::Debug { .. } => {
+                unreachable!("client commands returned above")
+            }
             Cmd::Openapi => {
                 print!("{}", strato_api::openapi::pretty());
                 Ok(())

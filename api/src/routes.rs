@@ -49,13 +49,28 @@ const OP_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// The API's routes.
 pub fn router(mn: Arc<Mn>) -> Router {
+    use crate::debug;
     crate::catalog::router()
+        .route("/debug/tree", get(debug::tree))
+        .route("/debug/actors", get(debug::actors))
+        .route("/debug/actors/{kind}/{uuid}", get(debug::actor))
+        .route("/debug/flows", get(debug::flows))
+        .route("/debug/gc", get(debug::gc))
+        .route("/debug/hosts", get(debug::hosts))
+        .route(
+            "/debug/summary",
+            get(|State(mn): Shared| async move { debug::summary(&mn).await.map(Json) }),
+        )
+        .route("/debug/events", get(debug::events))
+        .route("/debug/actions/{action}", axum::routing::post(debug::action))
         // Route layers run after routing, so both see the route's template; the last added
         // runs first: metrics count what authentication refuses too.
         .route_layer(axum::middleware::from_fn_with_state(mn.clone(), auth::authenticate))
         .route_layer(axum::middleware::from_fn(crate::metrics::track))
         .route("/metrics", get(crate::metrics::scrape))
         .route("/v1/openapi.json", get(|| async { Json(crate::openapi::document()) }))
+        .route("/console", get(crate::console::page))
+        .route("/console/login", axum::routing::post(crate::console::log_in))
         .with_state(mn)
 }
 

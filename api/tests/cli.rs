@@ -168,4 +168,16 @@ fn the_cli_logs_in_creates_with_progress_queries_and_reports_errors() {
     assert!(stdout.lines().any(|l| l.trim() == "vm1"), "{stdout}");
     let history = std::fs::read_to_string(cli.config.path().join("history")).unwrap();
     assert!(history.contains("QueryVmInstance 'name~=vm%' fields=name"), "{history}");
+
+    // The debug console's views.
+    let (actors, _) = cli.ok(&["debug", "actors", "kind=vm", "filter=vm1"]);
+    assert!(actors.lines().nth(1).is_some_and(|l| l.contains("vm1")), "{actors}");
+    let (queues, _) = cli.ok(&["debug", "queues"]);
+    assert!(queues.lines().any(|l| l.contains("l3") && l.contains("ip-alloc")), "{queues}");
+    let flows = cli.json(&["debug", "flows"]);
+    assert!(
+        flows["inventories"].as_array().unwrap().iter().any(|f| f["chain"] == "vm.create"),
+        "{flows}"
+    );
+    cli.ok(&["debug", "gc"]);
 }

@@ -103,6 +103,8 @@ pub struct Link {
     closed: watch::Receiver<bool>,
     close: Arc<watch::Sender<bool>>,
     rtt_us: Arc<AtomicU64>,
+    /// When the last heartbeat was answered (Unix ms; 0: none yet).
+    last_pong_ms: Arc<AtomicU64>,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -164,6 +166,7 @@ impl Link {
         let close = Arc::new(close);
         let pending: Pending = Arc::default();
         let rtt_us = Arc::new(AtomicU64::new(0));
+        let last_pong_ms = Arc::new(AtomicU64::new(unix_ms(SystemTime::now())));
         let (pong_tx, mut pong_rx) = mpsc::unbounded_channel::<u64>();
 
         // Writer: everything the MN sends goes through one task, in order.
@@ -222,6 +225,7 @@ impl Link {
 
         // Heartbeat.
         let (out_h, close_h, rtt_h) = (out.clone(), close.clone(), rtt_us.clone());
+        let pong_h = last_pong_ms.clone();
         let mut closed_h = closed.clone();
         let (interval, timeout, failures) =
             (config.ping_interval, config.ping_timeout, config.ping_failures.max(1));
@@ -248,6 +252,7 @@ impl Link {
                 if answered {
                     missed = 0;
                     rtt_h.store(sent.elapsed().as_micros() as u64, Ordering::Relaxed);
+                    pong_h.store(unix_ms(SystemTime::now()), Ordering::Relaxed);
                 } else {
                     missed += 1;
                     tracing::warn!(%addr, missed, "agent missed a heartbeat");
@@ -265,7 +270,7 @@ impl Link {
             }
         });
 
-        Ok((Link { out, pending, closed, close, rtt_us }, welcome, events))
+        Ok((Link { out, pending, closed, close, rtt_us, last_pong_ms }, welcome, events))
     }
 
     /// Sends `command` and waits for the answer until `deadline`.
@@ -324,6 +329,11 @@ impl Link {
     /// Closes the link.
     pub fn close(&self) {
         self.close.send_replace(true);
+    }
+
+    /// When the agent last answered a heartbeat (or the link opened), in Unix ms.
+    pub fn last_heartbeat_unix_ms(&self) -> u64 {
+        self.last_pong_ms.load(Ordering::Relaxed)
     }
 
     /// The last heartbeat's round-trip time.
