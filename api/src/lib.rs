@@ -7,8 +7,8 @@
 //! and who may reach what are in [`auth`]; tags in [`tagging`]; Prometheus metrics in
 //! [`metrics`]. It is the only crate that speaks HTTP, and [`error`] is the one place where
 //! errors of every layer are mapped to HTTP statuses and stable error codes. Every list
-//! answers ZStack's queries ([`query`], over the store through [`store_source`]). Still to
-//! come here: the debug console.
+//! answers ZStack's queries ([`query`], over the store through [`store_source`]). The debug
+//! console is [`console`] (the page) over [`debug`] (`/debug/...` JSON and operator actions).
 //!
 //! The `strato` binary runs the main job (`strato up`: the server, a local agent and the
 //! resources a first VM needs, [`up`]), the server alone (`strato server`), prints the
