@@ -44,37 +44,16 @@ fn done_as(env: &Env, session: &str, method: &str, path: &str, body: Value) -> V
     wait_job_as(env.api, accepted["location"].as_str().unwrap(), ("Authorization", &auth))
 }
 
-fn create(env: &Env, path: &str, params: Value) -> Value {
-    ok(env.api, "POST", path, Some(&json!({ "params": params }).to_string()))
-}
-
 /// Admin's infrastructure: returns (offering, l3).
 fn infrastructure(env: &Env) -> (Value, Value) {
-    let zone = create(env, "/v1/zones", json!({ "name": "z1" }));
-    let cluster = create(env, "/v1/clusters", json!({ "name": "c1", "zoneUuid": zone["uuid"] }));
-    create(
-        env,
-        "/v1/hosts/kvm",
-        json!({ "name": "h1", "managementIp": "127.0.0.1", "agentPort": env.agent.port(), "clusterUuid": cluster["uuid"] }),
-    );
-    let offering = create(
-        env,
-        "/v1/instance-offerings",
-        json!({ "name": "small", "cpuNum": 1, "memorySize": 268435456u64 }),
-    );
-    let l3 = create(env, "/v1/l3-networks", json!({ "name": "pub" }));
-    let path = format!("/v1/l3-networks/{}/ip-ranges", l3["uuid"].as_str().unwrap());
-    create(
-        env,
-        &path,
-        json!({ "startIp": "10.0.0.10", "endIp": "10.0.0.20", "netmask": "255.255.255.0", "gateway": "10.0.0.1" }),
-    );
+    let Infrastructure { offering, l3, .. } =
+        vm_infrastructure(env.api, env.agent, "10.0.0.10", "10.0.0.20");
     (offering, l3)
 }
 
 fn account(env: &Env, name: &str, quota: Value) -> String {
     let made = create(
-        env,
+        env.api,
         "/v1/accounts",
         json!({ "name": name, "password": format!("{name}-password"), "quota": quota }),
     );
@@ -160,7 +139,7 @@ fn quotas_refuse_creations_beyond_them_with_a_clear_error() {
     let actions = format!("/v1/vm-instances/{vm}/actions");
     done_as(&env, &a, "PUT", &actions, json!({ "stopVmInstance": {} }));
     let big = create(
-        &env,
+        env.api,
         "/v1/instance-offerings",
         json!({ "name": "big", "cpuNum": 8, "memorySize": 268435456u64 }),
     );
@@ -173,7 +152,7 @@ fn quotas_refuse_creations_beyond_them_with_a_clear_error() {
     );
     assert!(refused["error"]["description"].as_str().unwrap().contains("cpuNum"), "{refused}");
     let fits = create(
-        &env,
+        env.api,
         "/v1/instance-offerings",
         json!({ "name": "mid", "cpuNum": 7, "memorySize": 268435456u64 }),
     );

@@ -19,11 +19,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use fantoccini::{Client, ClientBuilder, Locator};
-use serde_json::{Value, json};
-
-fn create(api: std::net::SocketAddr, path: &str, params: Value) -> Value {
-    ok(api, "POST", path, Some(&json!({ "params": params }).to_string()))
-}
+use serde_json::json;
 
 async fn browser(chromedriver: std::net::SocketAddr) -> Client {
     let mut capabilities = serde_json::Map::new();
@@ -85,25 +81,8 @@ async fn the_console_in_a_real_browser() {
     let _server =
         start_server_with(&data, api, &[("STRATO_FAILPOINTS", "vm-start-after-define=1*panic")]);
     let setup = tokio::task::spawn_blocking(move || {
-        let zone = create(api, "/v1/zones", json!({ "name": "z1" }));
-        let cluster =
-            create(api, "/v1/clusters", json!({ "name": "c1", "zoneUuid": zone["uuid"] }));
-        create(
-            api,
-            "/v1/hosts/kvm",
-            json!({ "name": "h1", "managementIp": "127.0.0.1", "agentPort": agent.port(), "clusterUuid": cluster["uuid"] }),
-        );
-        let offering = create(
-            api,
-            "/v1/instance-offerings",
-            json!({ "name": "s", "cpuNum": 1, "memorySize": 268435456u64 }),
-        );
-        let l3 = create(api, "/v1/l3-networks", json!({ "name": "pub" }));
-        create(
-            api,
-            &format!("/v1/l3-networks/{}/ip-ranges", l3["uuid"].as_str().unwrap()),
-            json!({ "startIp": "10.0.0.10", "endIp": "10.0.0.20", "netmask": "255.255.255.0", "gateway": "10.0.0.1" }),
-        );
+        let Infrastructure { offering, l3, .. } =
+            vm_infrastructure(api, agent, "10.0.0.10", "10.0.0.20");
         let vm = create(
             api,
             "/v1/vm-instances",

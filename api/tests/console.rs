@@ -10,10 +10,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::{Value, json};
 
-fn create(api: std::net::SocketAddr, path: &str, params: Value) -> Value {
-    ok(api, "POST", path, Some(&json!({ "params": params }).to_string()))
-}
-
 fn get(api: std::net::SocketAddr, path: &str) -> Value {
     let (status, _, body) = http(api, "GET", path, None, &[]);
     assert_eq!(status, 200, "{path}: {body}");
@@ -33,24 +29,8 @@ fn the_console_shows_actors_queues_flows_and_links_and_acts_with_audit() {
     );
     let api = free_port();
     let _server = start_server(&data, api);
-    let zone = create(api, "/v1/zones", json!({ "name": "z1" }));
-    let cluster = create(api, "/v1/clusters", json!({ "name": "c1", "zoneUuid": zone["uuid"] }));
-    let host = create(
-        api,
-        "/v1/hosts/kvm",
-        json!({ "name": "h1", "managementIp": "127.0.0.1", "agentPort": agent.port(), "clusterUuid": cluster["uuid"] }),
-    );
-    let offering = create(
-        api,
-        "/v1/instance-offerings",
-        json!({ "name": "s", "cpuNum": 1, "memorySize": 268435456u64 }),
-    );
-    let l3 = create(api, "/v1/l3-networks", json!({ "name": "pub" }));
-    create(
-        api,
-        &format!("/v1/l3-networks/{}/ip-ranges", l3["uuid"].as_str().unwrap()),
-        json!({ "startIp": "10.0.0.10", "endIp": "10.0.0.20", "netmask": "255.255.255.0", "gateway": "10.0.0.1" }),
-    );
+    let Infrastructure { host, offering, l3 } =
+        vm_infrastructure(api, agent, "10.0.0.10", "10.0.0.20");
     let vm = create(
         api,
         "/v1/vm-instances",

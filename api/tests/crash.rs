@@ -8,11 +8,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use serde_json::{Value, json};
-
-fn create(api: std::net::SocketAddr, path: &str, params: Value) -> Value {
-    ok(api, "POST", path, Some(&json!({ "params": params }).to_string()))
-}
+use serde_json::json;
 
 #[test]
 fn sigkill_of_the_mn_mid_creation_leaves_every_job_terminal_and_nothing_behind() {
@@ -27,24 +23,8 @@ fn sigkill_of_the_mn_mid_creation_leaves_every_job_terminal_and_nothing_behind()
     let api = free_port();
     let mut server = start_server(&data, api);
 
-    let zone = create(api, "/v1/zones", json!({ "name": "z" }));
-    let cluster = create(api, "/v1/clusters", json!({ "name": "c", "zoneUuid": zone["uuid"] }));
-    let host = create(
-        api,
-        "/v1/hosts/kvm",
-        json!({ "name": "h", "managementIp": "127.0.0.1", "agentPort": agent.port(), "clusterUuid": cluster["uuid"] }),
-    );
-    let offering = create(
-        api,
-        "/v1/instance-offerings",
-        json!({ "name": "o", "cpuNum": 1, "memorySize": 268435456u64 }),
-    );
-    let l3 = create(api, "/v1/l3-networks", json!({ "name": "n" }));
-    create(
-        api,
-        &format!("/v1/l3-networks/{}/ip-ranges", l3["uuid"].as_str().unwrap()),
-        json!({ "startIp": "10.1.0.10", "endIp": "10.1.0.13", "netmask": "255.255.255.0", "gateway": "10.1.0.1" }),
-    );
+    let Infrastructure { host, offering, l3 } =
+        vm_infrastructure(api, agent, "10.1.0.10", "10.1.0.13");
 
     // Four creations, one per free address; the MN dies while they run.
     let body = json!({ "params": { "name": "vm", "instanceOfferingUuid": offering["uuid"], "l3NetworkUuids": [l3["uuid"]] } }).to_string();

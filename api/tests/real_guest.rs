@@ -15,7 +15,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
-use serde_json::{Value, json};
+use serde_json::json;
 
 const URI: &str = "qemu:///system";
 
@@ -37,10 +37,6 @@ fn virsh(args: &[&str]) -> Result<String, String> {
     } else {
         Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
     }
-}
-
-fn create(api: std::net::SocketAddr, path: &str, params: Value) -> Value {
-    ok(api, "POST", path, Some(&json!({ "params": params }).to_string()))
 }
 
 /// Waits until the serial log holds `line`; returns the log.

@@ -220,6 +220,14 @@ impl Step<CreateVm> for AllocateNics {
     }
 
     async fn rollback(&self, c: &mut CreateVm, _: &FlowInfo) -> Result<(), BoxError> {
+        // The record lets go of its NICs before their addresses are given back: an address
+        // free while a record still shows it could be handed to another VM, and two records
+        // would show it (found by chaos seed 12, under injected store errors).
+        if let Some(stored) = self.db.get::<VmRecord>(c.vm)?
+            && !stored.record.vm_nics.is_empty()
+        {
+            write_vm(&self.db, c.vm, |r| r.vm_nics.clear()).await?;
+        }
         // Every address a NIC of this VM holds, whether or not the step saved it.
         for l3 in c.l3_networks.clone() {
             let nic = nic_id(c.vm, l3);

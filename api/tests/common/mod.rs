@@ -235,3 +235,49 @@ pub fn ok(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> Val
     assert!(done.get("error").is_none(), "{method} {path} failed: {done}");
     done["inventory"].clone()
 }
+
+/// A creation as the admin, followed to its end; returns the inventory.
+pub fn create(addr: SocketAddr, path: &str, params: Value) -> Value {
+    ok(addr, "POST", path, Some(&serde_json::json!({ "params": params }).to_string()))
+}
+
+/// What a VM needs, made by the admin.
+pub struct Infrastructure {
+    /// The host whose agent the caller started.
+    pub host: Value,
+    /// 1 CPU, 256 MiB.
+    pub offering: Value,
+    /// An L3 network with the addresses asked for.
+    pub l3: Value,
+}
+
+/// A zone, a cluster, the host whose agent listens at `agent`, an offering and an L3
+/// network with the range `start`-`end` (a /24 whose gateway is `.1`).
+pub fn vm_infrastructure(
+    addr: SocketAddr,
+    agent: SocketAddr,
+    start: &str,
+    end: &str,
+) -> Infrastructure {
+    use serde_json::json;
+    let zone = create(addr, "/v1/zones", json!({ "name": "z1" }));
+    let cluster = create(addr, "/v1/clusters", json!({ "name": "c1", "zoneUuid": zone["uuid"] }));
+    let host = create(
+        addr,
+        "/v1/hosts/kvm",
+        json!({ "name": "h1", "managementIp": "127.0.0.1", "agentPort": agent.port(), "clusterUuid": cluster["uuid"] }),
+    );
+    let offering = create(
+        addr,
+        "/v1/instance-offerings",
+        json!({ "name": "small", "cpuNum": 1, "memorySize": 268435456u64 }),
+    );
+    let l3 = create(addr, "/v1/l3-networks", json!({ "name": "pub" }));
+    let gateway = format!("{}.1", start.rsplit_once('.').unwrap().0);
+    create(
+        addr,
+        &format!("/v1/l3-networks/{}/ip-ranges", l3["uuid"].as_str().unwrap()),
+        json!({ "startIp": start, "endIp": end, "netmask": "255.255.255.0", "gateway": gateway }),
+    );
+    Infrastructure { host, offering, l3 }
+}
