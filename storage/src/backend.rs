@@ -76,15 +76,32 @@ const SLED: &str = "sled";
 impl SledStore {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let db = sled::Config::new()
-            .path(dir)
-            .mode(sled::Mode::HighThroughput)
-            // Durability is ours to decide: `Db` flushes after every acknowledged batch, so
-            // sled's own periodic flush would only add I/O.
-            .flush_every_ms(None)
-            .open()
-            .map_err(|e| StoreError::backend(SLED, "open", e))?;
-        Ok(SledStore { db })
+        let open = || {
+            sled::Config::new()
+                .path(dir)
+                .mode(sled::Mode::HighThroughput)
+                // Durability is ours to decide: `Db` flushes after every acknowledged batch,
+                // so sled's own periodic flush would only add I/O.
+                .flush_every_ms(None)
+                .open()
+        };
+        // A store closed a moment ago in this process may still be locked while sled's
+        // background threads let go of it: wait for that (up to 2 s), not for another
+        // process, which holds the lock for as long as it runs.
+        let started = std::time::Instant::now();
+        loop {
+            match open() {
+                Ok(db) => return Ok(SledStore { db }),
+                // sled reports it as an `Other` error with this text (sled 0.34's config.rs).
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock")
+                        && started.elapsed() < std::time::Duration::from_secs(2) =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => return Err(StoreError::backend(SLED, "open", e)),
+            }
+        }
     }
 
     /// Bytes the store occupies on disk.
