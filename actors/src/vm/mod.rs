@@ -198,14 +198,12 @@ fn current(ctx: &strato_runtime::OpCtx<Vms>) -> Result<(VmRecord, u64), VmError>
 /// MN was killed in its middle, or its store write failed. The truth is then unknown: the VM
 /// becomes Unknown (from which the next observation of its host, or a stop or destroy,
 /// recovers it), and an interrupted expunge goes back to Destroyed, to be expunged again.
-async fn begin(ctx: &strato_runtime::OpCtx<Vms>) -> Result<(VmRecord, u64), VmError> {
-    let (record, generation) = current(ctx)?;
-    if !record.state.is_transitional() {
-        return Ok((record, generation));
-    }
-    let to = if record.state == VmState::Expunging { VmState::Destroyed } else { VmState::Unknown };
-    tracing::warn!(vm = %record.uuid, from = ?record.state, ?to, "an interrupted operation left the VM in a transitional state");
-    // An interrupted migration may have booked its target: only the VM's host keeps one.
+/// Gives back every booking of `record`'s VM on a host other than its own (a migration's
+/// target, after the migration failed or was interrupted).
+async fn release_bookings_elsewhere(
+    ctx: &strato_runtime::OpCtx<Vms>,
+    record: &VmRecord,
+) -> Result<(), VmError> {
     if let Some(hosts) = ctx.runtime().kind::<crate::host::Hosts>() {
         for stored in ctx.entity().db.scan::<crate::records::HostRecord>() {
             let host = stored?.record;
@@ -214,6 +212,18 @@ async fn begin(ctx: &strato_runtime::OpCtx<Vms>) -> Result<(VmRecord, u64), VmEr
             }
         }
     }
+    Ok(())
+}
+
+async fn begin(ctx: &strato_runtime::OpCtx<Vms>) -> Result<(VmRecord, u64), VmError> {
+    let (record, generation) = current(ctx)?;
+    if !record.state.is_transitional() {
+        return Ok((record, generation));
+    }
+    let to = if record.state == VmState::Expunging { VmState::Destroyed } else { VmState::Unknown };
+    tracing::warn!(vm = %record.uuid, from = ?record.state, ?to, "an interrupted operation left the VM in a transitional state");
+    // An interrupted migration may have booked its target: only the VM's host keeps one.
+    release_bookings_elsewhere(ctx, &record).await?;
     let repaired = ops::save(ctx, |r| r.state = to).await?;
     Ok((repaired, ctx.with_state(|s| s.generation)))
 }

@@ -596,6 +596,10 @@ pub async fn migrate(
                 .await
             }
             Err(error) => {
+                // Whatever step failed (booking, undefining, giving a booking back), the VM
+                // stays on its host and only that host keeps a booking. Should that fail too,
+                // the VM stays Migrating and the next operation repairs it (`begin`).
+                super::release_bookings_elsewhere(&ctx, &record).await?;
                 save(&ctx, |r| r.state = transition.on_failure).await?;
                 Err(error)
             }
