@@ -592,8 +592,7 @@ pub async fn log_out(
     State(mn): State<Arc<Mn>>,
     Path(uuid): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let uuid = Uuid::parse_str(&uuid)
-        .map_err(|_| ApiError::invalid("uuid", format!("`{uuid}` is not a UUID")))?;
+    let uuid = crate::routes::uuid_param(&uuid, "uuid")?;
     let caller = caller().ok_or_else(|| unauthenticated("log in first"))?;
     let session = mn.db.get::<SessionRecord>(uuid)?.map(|s| s.record);
     match session {
@@ -673,8 +672,7 @@ pub async fn account_action(
     Path(uuid): Path<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let uuid = Uuid::parse_str(&uuid)
-        .map_err(|_| ApiError::invalid("uuid", format!("`{uuid}` is not a UUID")))?;
+    let uuid = crate::routes::uuid_param(&uuid, "uuid")?;
     let account =
         mn.db.get::<AccountRecord>(uuid)?.ok_or_else(|| ApiError::not_found("account", uuid))?;
     let body = crate::routes::json_body(&body)?;
@@ -751,8 +749,7 @@ pub async fn delete_account(
     headers: HeaderMap,
     Path(uuid): Path<String>,
 ) -> Result<Response, ApiError> {
-    let uuid = Uuid::parse_str(&uuid)
-        .map_err(|_| ApiError::invalid("uuid", format!("`{uuid}` is not a UUID")))?;
+    let uuid = crate::routes::uuid_param(&uuid, "uuid")?;
     if uuid == ADMIN {
         return Err(forbidden("the admin account cannot be deleted".into()));
     }

@@ -584,7 +584,8 @@ static QUERIES: std::sync::LazyLock<Vec<Api>> = std::sync::LazyLock::new(|| {
         .map(|s| Api {
             name: s.query_api,
             method: Get,
-            path: s.path,
+            // Built once per kind, for the life of the process.
+            path: Box::leak(format!("/v1/{}", s.kind).into_boxed_str()),
             body: Body::None,
             answer: Answer::Query,
             summary: "Queries with conditions (q=field<op>value), sort, start, limit, count, replyWithCount and fields",

@@ -424,7 +424,7 @@ fn cell(value: &Value) -> String {
 fn table(value: &Value) -> String {
     let rows: Vec<&Map<String, Value>> = match value {
         Value::Object(o) if o.contains_key("inventories") => {
-            let mut rows: Vec<&Map<String, Value>> = o["inventories"]
+            let rows: Vec<&Map<String, Value>> = o["inventories"]
                 .as_array()
                 .map(|items| items.iter().filter_map(Value::as_object).collect())
                 .unwrap_or_default();
@@ -432,7 +432,6 @@ fn table(value: &Value) -> String {
                 let total = o.get("total").map(|t| format!(" (total {t})")).unwrap_or_default();
                 return format!("(none){total}");
             }
-            rows.retain(|_| true);
             let mut out = columns(&rows);
             if let Some(total) = o.get("total") {
                 out.push_str(&format!("\ntotal: {total}"));

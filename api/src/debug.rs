@@ -251,8 +251,7 @@ pub async fn actor(
     State(mn): Shared,
     Path((kind, uuid)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    let uuid = Uuid::parse_str(&uuid)
-        .map_err(|_| ApiError::invalid("uuid", format!("`{uuid}` is not a UUID")))?;
+    let uuid = crate::routes::uuid_param(&uuid, "uuid")?;
     let snapshot = mn.runtime.inspect(&kind, uuid).await.map_err(|_| {
         ApiError::invalid(
             "kind",

@@ -76,10 +76,8 @@ impl Relation {
 pub struct Schema {
     /// Its name in URLs (`vm-instances`).
     pub kind: &'static str,
-    /// Its query API's name, as in ZStack (`QueryVmInstance`).
+    /// Its query API's name, as in ZStack (`QueryVmInstance`); it answers at `/v1/<kind>`.
     pub query_api: &'static str,
-    /// Where it is listed (`/v1/vm-instances`).
-    pub path: &'static str,
     /// Its fields.
     pub fields: &'static [Field],
     /// Its relations.
@@ -137,7 +135,6 @@ use FieldType::{Int, Text, Uuid as Id};
 static VM_NIC: Schema = Schema {
     kind: "vm-nics",
     query_api: "",
-    path: "",
     fields: &[
         f("uuid", Id),
         f("ip", Text),
@@ -155,7 +152,6 @@ pub static SCHEMAS: &[Schema] = &[
     Schema {
         kind: "zones",
         query_api: "QueryZone",
-        path: "/v1/zones",
         fields: &[f("uuid", Id), f("name", Text), f("description", Text)],
         relations: &[
             Relation::Back { name: "cluster", kind: "clusters", field: "zoneUuid" },
@@ -167,7 +163,6 @@ pub static SCHEMAS: &[Schema] = &[
     Schema {
         kind: "clusters",
         query_api: "QueryCluster",
-        path: "/v1/clusters",
         fields: &[f("uuid", Id), f("name", Text), f("zoneUuid", Id), f("hypervisorType", Text)],
         relations: &[
             Relation::Ref { name: "zone", field: "zoneUuid", kind: "zones" },
@@ -179,7 +174,6 @@ pub static SCHEMAS: &[Schema] = &[
     Schema {
         kind: "hosts",
         query_api: "QueryHost",
-        path: "/v1/hosts",
         fields: &[
             f("uuid", Id),
             f("name", Text),
@@ -200,7 +194,6 @@ pub static SCHEMAS: &[Schema] = &[
     Schema {
         kind: "instance-offerings",
         query_api: "QueryInstanceOffering",
-        path: "/v1/instance-offerings",
         fields: &[f("uuid", Id), f("name", Text), f("cpuNum", Int), f("memorySize", Int)],
         relations: &[],
         indexed: &[("uuid", "#uuid")],
@@ -209,7 +202,6 @@ pub static SCHEMAS: &[Schema] = &[
     Schema {
         kind: "l2-networks",
         query_api: "QueryL2Network",
-        path: "/v1/l2-networks",
         fields: &[
             f("uuid", Id),
             f("name", Text),
@@ -227,7 +219,6 @@ pub static SCHEMAS: &[Schema] = &[
     Schema {
         kind: "l3-networks",
         query_api: "QueryL3Network",
-        path: "/v1/l3-networks",
         fields: &[f("uuid", Id), f("name", Text), f("l2NetworkUuid", Id), f("bridge", Text)],
         relations: &[Relation::Ref {
             name: "l2Network",
@@ -240,7 +231,6 @@ pub static SCHEMAS: &[Schema] = &[
     Schema {
         kind: "vm-instances",
         query_api: "QueryVmInstance",
-        path: "/v1/vm-instances",
         fields: &[
             f("uuid", Id),
             f("name", Text),
@@ -268,7 +258,6 @@ pub static SCHEMAS: &[Schema] = &[
     Schema {
         kind: "images",
         query_api: "QueryImage",
-        path: "/v1/images",
         fields: &[
             f("uuid", Id),
             f("name", Text),
@@ -285,7 +274,6 @@ pub static SCHEMAS: &[Schema] = &[
     Schema {
         kind: "backup-storage",
         query_api: "QueryBackupStorage",
-        path: "/v1/backup-storage",
         fields: &[f("uuid", Id), f("name", Text), f("url", Text), f("type", Text)],
         relations: &[],
         indexed: &[("uuid", "#uuid")],
@@ -294,7 +282,6 @@ pub static SCHEMAS: &[Schema] = &[
     Schema {
         kind: "accounts",
         query_api: "QueryAccount",
-        path: "/v1/accounts",
         fields: &[f("uuid", Id), f("name", Text), f("type", Text), f("createDate", Int)],
         relations: &[],
         indexed: &[("uuid", "#uuid"), ("name", "name")],
@@ -303,7 +290,6 @@ pub static SCHEMAS: &[Schema] = &[
     Schema {
         kind: "user-tags",
         query_api: "QueryUserTag",
-        path: "/v1/user-tags",
         fields: TAG_FIELDS,
         relations: &[],
         indexed: &[("uuid", "#uuid"), ("resourceUuid", "resource"), ("tag", "tag")],
@@ -312,7 +298,6 @@ pub static SCHEMAS: &[Schema] = &[
     Schema {
         kind: "system-tags",
         query_api: "QuerySystemTag",
-        path: "/v1/system-tags",
         fields: TAG_FIELDS,
         relations: &[],
         indexed: &[("uuid", "#uuid"), ("resourceUuid", "resource"), ("tag", "tag")],
@@ -321,7 +306,6 @@ pub static SCHEMAS: &[Schema] = &[
     Schema {
         kind: "primary-storage",
         query_api: "QueryPrimaryStorage",
-        path: "/v1/primary-storage",
         fields: &[
             f("uuid", Id),
             f("name", Text),

@@ -139,7 +139,7 @@ fn get_record<R: Record>(mn: &Mn, uuid: Uuid, kind: &str) -> Result<R, ApiError>
     mn.db.get::<R>(uuid)?.map(|s| s.record).ok_or_else(|| ApiError::not_found(kind, uuid))
 }
 
-fn uuid_param(text: &str, field: &str) -> Result<Uuid, ApiError> {
+pub(crate) fn uuid_param(text: &str, field: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(text).map_err(|_| ApiError::invalid(field, format!("`{text}` is not a UUID")))
 }
 

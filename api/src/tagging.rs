@@ -306,8 +306,7 @@ pub async fn delete_tag(
     headers: HeaderMap,
     Path(uuid): Path<String>,
 ) -> Result<Response, ApiError> {
-    let uuid = Uuid::parse_str(&uuid)
-        .map_err(|_| ApiError::invalid("uuid", format!("`{uuid}` is not a UUID")))?;
+    let uuid = crate::routes::uuid_param(&uuid, "uuid")?;
     let user = mn.db.get::<UserTag>(uuid)?.is_some();
     let system = mn.db.get::<SystemTag>(uuid)?.map(|s| s.record);
     if !user && system.is_none() {
