@@ -225,9 +225,14 @@ impl HostSummary {
         let cpu_total = (f64::from(self.cpus) * overcommit.cpu) as u64;
         let memory_total =
             ((self.memory as f64 * overcommit.memory) as u64).saturating_sub(self.kept_for_host);
-        self.reserved_cpu + u64::from(cpu) <= cpu_total
-            && self.reserved_memory + memory <= memory_total
+        fits_within(self.reserved_cpu, u64::from(cpu), cpu_total)
+            && fits_within(self.reserved_memory, memory, memory_total)
     }
+}
+
+/// Whether `more` on top of `used` stays within `limit`; a sum that overflows never does.
+pub fn fits_within(used: u64, more: u64, limit: u64) -> bool {
+    used.checked_add(more).is_some_and(|total| total <= limit)
 }
 
 impl Hosts {

@@ -28,11 +28,12 @@ pub struct Charge {
 
 impl std::ops::Add for Charge {
     type Output = Charge;
+    /// Saturating: a charge past `u64::MAX` is over every quota, never a small number.
     fn add(self, other: Charge) -> Charge {
         Charge {
-            vm_num: self.vm_num + other.vm_num,
-            cpu_num: self.cpu_num + other.cpu_num,
-            memory_size: self.memory_size + other.memory_size,
+            vm_num: self.vm_num.saturating_add(other.vm_num),
+            cpu_num: self.cpu_num.saturating_add(other.cpu_num),
+            memory_size: self.memory_size.saturating_add(other.memory_size),
         }
     }
 }

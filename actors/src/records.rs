@@ -87,12 +87,13 @@ pub struct Reservation {
 impl HostRecord {
     /// CPUs booked in all.
     pub fn reserved_cpu(&self) -> u64 {
-        self.reservations.values().map(|r| u64::from(r.cpu)).sum()
+        // Saturating: a sum past u64::MAX books everything, so nothing more fits.
+        self.reservations.values().fold(0u64, |sum, r| sum.saturating_add(u64::from(r.cpu)))
     }
 
     /// Memory booked in all.
     pub fn reserved_memory(&self) -> u64 {
-        self.reservations.values().map(|r| r.memory).sum()
+        self.reservations.values().fold(0u64, |sum, r| sum.saturating_add(r.memory))
     }
 }
 

@@ -31,7 +31,7 @@ use argon2::Argon2;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{Path, Request, State};
+use axum::extract::{FromRequestParts, Request, State};
 use axum::http::{HeaderMap, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -330,6 +330,11 @@ fn identify(mn: &Mn, headers: &HeaderMap) -> Result<Caller, ApiError> {
 
 /// The middleware: every request but logging in must name a live session or API key; a
 /// normal account's request is checked against [`Access`] before it reaches its handler.
+///
+/// It runs after routing, on the route's template and its decoded path parameters: every
+/// `/v1` parameter is parsed by [`crate::routes::uuid_param`], the one function the handlers'
+/// [`crate::routes::Id`] extractor uses, so the UUID access is decided on is the UUID the
+/// handler acts on, and a spelling that is not canonical is a 400 before anything is read.
 pub async fn authenticate(State(mn): State<Arc<Mn>>, request: Request, next: Next) -> Response {
     let path = request.uri().path().to_owned();
     let debug = path.starts_with("/debug/");
@@ -346,12 +351,82 @@ pub async fn authenticate(State(mn): State<Arc<Mn>>, request: Request, next: Nex
         return forbidden("the debug console and /debug are for the admin account".into())
             .into_response();
     }
-    if !caller.admin
-        && let Err(error) = Access::check(&mn, caller.account, request.method(), &path)
-    {
-        return error.into_response();
+    if !debug {
+        let (mut parts, body) = request.into_parts();
+        let template = parts
+            .extensions
+            .get::<axum::extract::MatchedPath>()
+            .map(|m| m.as_str().to_owned())
+            .unwrap_or_else(|| path.clone());
+        let params = match axum::extract::RawPathParams::from_request_parts(&mut parts, &()).await {
+            Ok(raw) => raw.iter().map(|(k, v)| (k.to_owned(), v.to_owned())).collect(),
+            Err(_) => Vec::new(),
+        };
+        let checked = PathIds::parse(&template, &path, &params).and_then(|ids| {
+            if caller.admin { Ok(()) } else { Access::check(&mn, &caller, &parts.method, &ids) }
+        });
+        if let Err(error) = checked {
+            return error.into_response();
+        }
+        let request = Request::from_parts(parts, body);
+        return CALLER.scope(caller, next.run(request)).await;
     }
     CALLER.scope(caller, next.run(request)).await
+}
+
+/// A `/v1` route's template split into segments, with its UUID parameters parsed.
+#[derive(Debug)]
+struct PathIds {
+    /// The template's segments after `/v1/` (`["vm-instances", "{uuid}", "actions"]`).
+    segments: Vec<String>,
+    /// The parsed value of each `{parameter}` segment, by position.
+    ids: Vec<Option<Uuid>>,
+}
+
+impl PathIds {
+    /// `template` is the route's, `raw` the request's path as sent, `params` the decoded
+    /// parameters. A UUID is never percent-encoded: a parameter sent encoded is refused even
+    /// when it decodes to a canonical UUID, so one resource has one spelling on the wire too.
+    fn parse(template: &str, raw: &str, params: &[(String, String)]) -> Result<PathIds, ApiError> {
+        let segments: Vec<String> =
+            template.trim_start_matches("/v1/").split('/').map(str::to_owned).collect();
+        let raw: Vec<&str> = raw.trim_start_matches("/v1/").split('/').collect();
+        let mut ids = Vec::with_capacity(segments.len());
+        for (position, segment) in segments.iter().enumerate() {
+            let id = match segment.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+                Some(name) => {
+                    let value = params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+                    let sent = raw.get(position).copied().unwrap_or_default();
+                    if sent.contains('%') {
+                        return Err(ApiError::invalid(
+                            name,
+                            format!(
+                                "`{}` is percent-encoded; send the UUID in its canonical form",
+                                crate::validate::printable(sent)
+                            ),
+                        ));
+                    }
+                    Some(crate::routes::uuid_param(value.unwrap_or_default(), name)?)
+                }
+                None => None,
+            };
+            ids.push(id);
+        }
+        Ok(PathIds { segments, ids })
+    }
+
+    fn kind(&self) -> &str {
+        &self.segments[0]
+    }
+
+    /// The resource the path names: the parameter right after the kind.
+    fn resource(&self) -> Option<Uuid> {
+        self.ids.get(1).copied().flatten()
+    }
+
+    fn shape(&self) -> Vec<&str> {
+        self.segments.iter().map(|s| if s.starts_with('{') { "{}" } else { s.as_str() }).collect()
+    }
 }
 
 /// What a normal account may reach, by the kind a URL names.
@@ -377,24 +452,26 @@ impl Access {
         }
     }
 
-    /// Checks a normal account's request by its method and path.
-    fn check(mn: &Mn, account: Uuid, method: &Method, path: &str) -> Result<(), ApiError> {
-        let segments: Vec<&str> = path.trim_start_matches("/v1/").split('/').collect();
-        let kind = segments[0];
+    /// Checks a normal account's request by its method and route, on the parsed UUIDs.
+    fn check(mn: &Mn, caller: &Caller, method: &Method, path: &PathIds) -> Result<(), ApiError> {
+        let kind = path.kind();
         let read = method == Method::GET;
-        if kind == "accounts" {
-            return Self::check_account_path(account, method, &segments);
+        match kind {
+            "accounts" => return Self::check_account_path(caller.account, method, path),
+            // A job is looked up under the caller's own account: another's is not found.
+            "api-jobs" => return Ok(()),
+            _ => {}
         }
         match Access::of(kind) {
             Access::AdminOnly => {
                 return Err(forbidden(format!("{kind} are managed by the admin account")));
             }
-            Access::Shared if !read && segments.len() == 1 => {
+            Access::Shared if !read && path.segments.len() == 1 => {
                 return Err(forbidden(format!("{kind} are created by the admin account")));
             }
             _ => {}
         }
-        let Some(uuid) = segments.get(1).and_then(|s| Uuid::parse_str(s).ok()) else {
+        let Some(uuid) = path.resource() else {
             return Ok(());
         };
         // Nested admin routes under an owned kind do not exist; a resource's own paths
@@ -405,7 +482,7 @@ impl Access {
             }
             _ => owners::owner_of(&mn.db, uuid)?,
         };
-        if owner == account {
+        if owner == caller.account {
             return Ok(());
         }
         if Access::of(kind) == Access::Shared && owner == ADMIN {
@@ -418,20 +495,19 @@ impl Access {
         Err(ApiError::not_found(kind.trim_end_matches('s'), uuid))
     }
 
-    fn check_account_path(
-        account: Uuid,
-        method: &Method,
-        segments: &[&str],
-    ) -> Result<(), ApiError> {
-        let mine = segments.get(1).and_then(|s| Uuid::parse_str(s).ok()) == Some(account);
-        match (method.clone(), segments) {
-            (Method::GET, [_]) => Ok(()),
-            (Method::GET, [_, _]) if mine => Ok(()),
-            (_, [_, "sessions", _] | [_, "api-keys"] | [_, "api-keys", _]) => Ok(()),
-            (_, [_]) => Err(forbidden("only the admin account creates accounts".into())),
-            (_, [_, id, ..]) if Uuid::parse_str(id).is_ok() && !mine => {
-                Err(ApiError::not_found("account", id))
+    fn check_account_path(account: Uuid, method: &Method, path: &PathIds) -> Result<(), ApiError> {
+        let mine = path.resource() == Some(account);
+        match (method.clone(), path.shape().as_slice()) {
+            (Method::GET, ["accounts"]) => Ok(()),
+            // Sessions and API keys: the handlers act only on the caller's own.
+            (_, ["accounts", "sessions", "{}"] | ["accounts", "api-keys", ..]) => Ok(()),
+            (_, ["accounts"]) => Err(forbidden("only the admin account creates accounts".into())),
+            (_, ["accounts", "{}", ..]) if !mine => {
+                Err(ApiError::not_found("account", path.resource().unwrap_or_default()))
             }
+            (Method::GET, ["accounts", "{}"]) => Ok(()),
+            // Its own actions: the handler lets a tenant change its password, not its quota.
+            (Method::PUT, ["accounts", "{}", "actions"]) => Ok(()),
             _ => Err(forbidden("only the admin account manages accounts".into())),
         }
     }
@@ -526,7 +602,7 @@ pub fn check_quota(db: &Db, account: Uuid, charge: Charge) -> Result<(), ApiErro
         ("memorySize", used.memory_size, charge.memory_size, quota.memory_size),
     ]
     .into_iter()
-    .find(|(_, used, more, limit)| used + more > *limit);
+    .find(|(_, used, more, limit)| !strato_actors::host::fits_within(*used, *more, *limit));
     match over {
         Some((name, used, more, limit)) => Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -590,9 +666,8 @@ pub async fn log_in(State(mn): State<Arc<Mn>>, body: Bytes) -> Result<Json<Value
 /// `DELETE /v1/accounts/sessions/{uuid}`: logs a session out (one's own; the admin's any).
 pub async fn log_out(
     State(mn): State<Arc<Mn>>,
-    Path(uuid): Path<String>,
+    crate::routes::Id(uuid): crate::routes::Id,
 ) -> Result<Json<Value>, ApiError> {
-    let uuid = crate::routes::uuid_param(&uuid, "uuid")?;
     let caller = caller().ok_or_else(|| unauthenticated("log in first"))?;
     let session = mn.db.get::<SessionRecord>(uuid)?.map(|s| s.record);
     match session {
@@ -669,10 +744,9 @@ pub async fn create_account(
 pub async fn account_action(
     State(mn): State<Arc<Mn>>,
     headers: HeaderMap,
-    Path(uuid): Path<String>,
+    crate::routes::Id(uuid): crate::routes::Id,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let uuid = crate::routes::uuid_param(&uuid, "uuid")?;
     let account =
         mn.db.get::<AccountRecord>(uuid)?.ok_or_else(|| ApiError::not_found("account", uuid))?;
     let body = crate::routes::json_body(&body)?;
@@ -747,15 +821,13 @@ pub async fn account_action(
 pub async fn delete_account(
     State(mn): State<Arc<Mn>>,
     headers: HeaderMap,
-    Path(uuid): Path<String>,
+    crate::routes::Id(uuid): crate::routes::Id,
 ) -> Result<Response, ApiError> {
-    let uuid = crate::routes::uuid_param(&uuid, "uuid")?;
     if uuid == ADMIN {
         return Err(forbidden("the admin account cannot be deleted".into()));
     }
     mn.db.get::<AccountRecord>(uuid)?.ok_or_else(|| ApiError::not_found("account", uuid))?;
-    let owned: Vec<OwnerRecord> =
-        owners::owned_by(&mn.db, uuid)?.into_iter().filter(|o| o.resource_type != "Job").collect();
+    let owned: Vec<OwnerRecord> = owners::owned_by(&mn.db, uuid)?;
     if let Some(first) = owned.first() {
         return Err(ApiError::conflict(
             "ID.ACCOUNT_IN_USE",
@@ -835,9 +907,9 @@ pub async fn create_api_key(
 /// `DELETE /v1/accounts/api-keys/{uuid}`.
 pub async fn delete_api_key(
     State(mn): State<Arc<Mn>>,
-    path: Path<String>,
+    id: crate::routes::Id,
 ) -> Result<Json<Value>, ApiError> {
-    log_out(State(mn), path).await
+    log_out(State(mn), id).await
 }
 
 /// How long a session lives unless configured (ZStack's default).

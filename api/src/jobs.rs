@@ -1,8 +1,14 @@
 //! API jobs: every mutation is a job, persisted before the client hears `202`.
 //!
-//! A job has a UUID (the client's `X-Job-UUID`, or a new one), the API name and a hash of the
-//! request body. Submitting the same UUID with the same body returns the same job; with a
-//! different body it is a `409`. The job runs on a task; its record ends `Succeeded` with the
+//! A job has a UUID (the client's `X-Job-UUID`, or a new one), the account that submitted
+//! it, the API name and a hash of the request body. Submitting the same UUID with the same
+//! body returns the same job; with a different body it is a `409`.
+//!
+//! A job UUID is an idempotency key, and the client chooses it, so it is the caller's own:
+//! the record is stored under a key derived from the account and the UUID ([`key`]), in the
+//! jobs' own table, and nothing else (no owner record, no resource) is ever keyed by it. Two
+//! accounts using the same UUID have two jobs, neither sees the other's, and naming another
+//! resource's UUID as a job UUID touches nothing but a job. The job runs on a task; its record ends `Succeeded` with the
 //! inventory or `Failed` with the error. At startup, jobs left `Running` by a previous process
 //! end `Failed` (their flows having been rolled back by the flow recovery pass), so every
 //! accepted job reaches a terminal state.
@@ -16,7 +22,7 @@ use serde_json::{Value, json};
 use strato_storage::{Batch, Db, Expect, Record, StoreError};
 use uuid::Uuid;
 
-use strato_actors::owners::{Charge, OwnerRecord};
+use strato_actors::owners::OwnerRecord;
 
 use crate::error::ApiError;
 
@@ -34,8 +40,10 @@ pub enum JobState {
 /// A persisted job.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobRecord {
-    /// Its UUID.
+    /// Its UUID, as the client knows it.
     pub uuid: Uuid,
+    /// The account that submitted it.
+    pub account: Uuid,
     /// The API call (`CreateVmInstance`, ...).
     pub api: String,
     /// A hash of the request body, to tell a repeat from a different request.
@@ -53,11 +61,29 @@ pub struct JobRecord {
 
 impl Record for JobRecord {
     const KIND: &'static str = "api-job";
-    const VERSION: u16 = 1;
+    const VERSION: u16 = 2;
 
     fn id(&self) -> Uuid {
-        self.uuid
+        key(self.account, self.uuid)
     }
+}
+
+/// The namespace of job keys (a fixed random UUID).
+const JOB_KEYS: Uuid = Uuid::from_u128(0x8f0e_63a4_5d2c_4f8e_9b71_2c3d_4e5f_6a7b);
+
+/// Where `account`'s job `job` is stored.
+pub fn key(account: Uuid, job: Uuid) -> Uuid {
+    Uuid::new_v5(&JOB_KEYS, &[*account.as_bytes(), *job.as_bytes()].concat())
+}
+
+/// The account whose request is being served (the admin's for the MN's own work).
+fn submitter() -> Uuid {
+    crate::auth::caller().map_or(strato_actors::owners::ADMIN, |c| c.account)
+}
+
+/// `account`'s job `job`, if it has one.
+pub fn find(db: &Db, account: Uuid, job: Uuid) -> Result<Option<JobRecord>, StoreError> {
+    Ok(db.get::<JobRecord>(key(account, job))?.map(|s| s.record))
 }
 
 fn hash_of(api: &str, body: &Value) -> u64 {
@@ -99,9 +125,11 @@ where
     Fut: Future<Output = Result<Value, ApiError>> + Send + 'static,
 {
     let uuid = job_id.unwrap_or_else(Uuid::new_v4);
+    let account = submitter();
     let body_hash = hash_of(api, body);
     let record = JobRecord {
         uuid,
+        account,
         api: api.to_owned(),
         body_hash,
         state: JobState::Running,
@@ -111,18 +139,19 @@ where
     };
     let mut batch = Batch::new();
     batch.put(&record, Expect::Absent)?;
-    // A tenant's job is its own: another account asking for it hears "not found".
-    if let Some(job_owner) = crate::auth::owner_for(uuid, "Job", Charge::default()) {
-        batch.put(&job_owner, Expect::Absent)?;
-    }
     if let Some(owner) = &owner {
         batch.put(owner, Expect::Absent)?;
     }
     match db.commit(batch).await {
         Ok(_) => {}
         Err(StoreError::Conflict { .. }) => {
-            let existing =
-                db.get::<JobRecord>(uuid)?.ok_or_else(|| ApiError::not_found("job", uuid))?.record;
+            let Some(existing) = find(db, account, uuid)? else {
+                // The job is new: what conflicted is the resource it creates.
+                return Err(ApiError::conflict(
+                    "SYS.RESOURCE_EXISTS",
+                    "the resource this request creates exists already; send the request again",
+                ));
+            };
             if existing.api == api && existing.body_hash == body_hash {
                 return Ok(uuid);
             }
@@ -151,7 +180,16 @@ where
                 (JobState::Failed, None, Some((error.status.as_u16(), error.body().to_string())))
             }
         };
-        let done = JobRecord { uuid, api: api.clone(), body_hash, state, result, error, resource };
+        let done = JobRecord {
+            uuid,
+            account,
+            api: api.clone(),
+            body_hash,
+            state,
+            result,
+            error,
+            resource,
+        };
         let mut batch = Batch::new();
         if batch.put(&done, Expect::Any).is_ok()
             && let Err(error) = db.commit(batch).await

@@ -34,3 +34,4 @@ pub mod server;
 pub mod store_source;
 pub mod tagging;
 pub mod up;
+pub mod validate;

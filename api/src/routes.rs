@@ -117,9 +117,10 @@ pub(crate) fn job_header(headers: &HeaderMap) -> Result<Option<Uuid>, ApiError> 
     match headers.get("x-job-uuid") {
         None => Ok(None),
         Some(value) => {
-            value.to_str().ok().and_then(|v| Uuid::parse_str(v).ok()).map(Some).ok_or_else(|| {
+            let text = value.to_str().map_err(|_| {
                 ApiError::invalid("X-Job-UUID", "the X-Job-UUID header is not a UUID")
-            })
+            })?;
+            uuid_param(text, "X-Job-UUID").map(Some)
         }
     }
 }
@@ -139,8 +140,52 @@ fn get_record<R: Record>(mn: &Mn, uuid: Uuid, kind: &str) -> Result<R, ApiError>
     mn.db.get::<R>(uuid)?.map(|s| s.record).ok_or_else(|| ApiError::not_found(kind, uuid))
 }
 
+/// Parses a UUID the way every route and the access check do: only the canonical spelling
+/// (36 lowercase hexadecimal digits and hyphens, as the API writes UUIDs) is accepted, so
+/// one resource has one name and access is decided on the value the handler uses. Braces,
+/// `urn:uuid:`, upper case, the simple form and anything else are a 400 naming `field`.
 pub(crate) fn uuid_param(text: &str, field: &str) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(text).map_err(|_| ApiError::invalid(field, format!("`{text}` is not a UUID")))
+    Uuid::try_parse(text)
+        .ok()
+        .filter(|uuid| uuid.hyphenated().encode_lower(&mut Uuid::encode_buffer()) == text)
+        .ok_or_else(|| {
+            ApiError::invalid(
+                field,
+                format!(
+                    "`{}` is not a UUID in its canonical form (like 3f1c1e0e-8d5b-4c4a-9f6e-0a2b3c4d5e6f)",
+                    crate::validate::printable(text)
+                ),
+            )
+        })
+}
+
+/// A route's one path UUID, parsed by [`uuid_param`] and named after the route's parameter.
+/// The access check in [`auth::authenticate`] parses the same decoded parameter with the same
+/// function, so both decide on one value.
+#[derive(Debug, Clone, Copy)]
+pub struct Id(pub Uuid);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Id {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        let params = axum::extract::RawPathParams::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::invalid("path", e.body_text()))?;
+        let mut params = params.iter();
+        match (params.next(), params.next()) {
+            (Some((name, value)), None) => uuid_param(value, name).map(Id),
+            _ => Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "SYS.INTERNAL",
+                "this route declares more than one path parameter",
+                Value::Null,
+            )),
+        }
+    }
 }
 
 /// Writes new record `record` with the tags of its creation, in one atomic write.
@@ -200,13 +245,6 @@ async fn attach<R: Record>(
     Ok(accepted(headers, job))
 }
 
-fn non_empty(name: &str, field: &str) -> Result<(), ApiError> {
-    if name.trim().is_empty() {
-        return Err(ApiError::invalid(field, format!("`{field}` must not be empty")));
-    }
-    Ok(())
-}
-
 /// `GET /v1/<kind>`: every inventory of the kind, or those a query selects.
 pub(crate) fn list(kind: &'static str) -> axum::routing::MethodRouter<Arc<Mn>> {
     get(move |State(mn): Shared, Query(pairs): Query<Vec<(String, String)>>| async move {
@@ -228,9 +266,8 @@ pub(crate) fn list(kind: &'static str) -> axum::routing::MethodRouter<Arc<Mn>> {
 
 pub(crate) async fn one<R: Record>(
     State(mn): Shared,
-    Path(uuid): Path<String>,
+    Id(uuid): Id,
 ) -> Result<Json<Value>, ApiError> {
-    let uuid = uuid_param(&uuid, "uuid")?;
     let record: R = get_record(&mn, uuid, R::KIND)?;
     Ok(Json(json!({ "inventories": [inventory(&record)?] })))
 }
@@ -248,7 +285,10 @@ pub(crate) async fn create_zone(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let (p, raw, tags): (ZoneParams, _, _) = creation(&body, "ZoneVO")?;
-    non_empty(&p.name, "name")?;
+    crate::validate::name("name", &p.name)?;
+    if let Some(description) = &p.description {
+        crate::validate::text("description", description, crate::validate::MAX_DESCRIPTION_CHARS)?;
+    }
     submit_record(&mn, &headers, "CreateZone", &raw, tags, move || {
         Ok(ZoneRecord { uuid: Uuid::new_v4(), name: p.name, description: p.description })
     })
@@ -274,7 +314,7 @@ pub(crate) async fn create_cluster(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let (p, raw, tags): (ClusterParams, _, _) = creation(&body, "ClusterVO")?;
-    non_empty(&p.name, "name")?;
+    crate::validate::name("name", &p.name)?;
     get_record::<ZoneRecord>(&mn, p.zone_uuid, "zone")?;
     if p.hypervisor_type != "KVM" {
         return Err(ApiError::invalid("hypervisorType", "only KVM clusters are supported"));
@@ -310,7 +350,7 @@ pub(crate) async fn add_host(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let (p, raw, tags): (HostParams, _, _) = creation(&body, "HostVO")?;
-    non_empty(&p.name, "name")?;
+    crate::validate::name("name", &p.name)?;
     if p.management_ip.parse::<std::net::IpAddr>().is_err() {
         return Err(ApiError::invalid(
             "managementIp",
@@ -356,11 +396,10 @@ pub(crate) async fn add_host(
 
 pub(crate) async fn host_action(
     State(mn): Shared,
-    Path(uuid): Path<String>,
+    Id(uuid): Id,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let uuid = uuid_param(&uuid, "uuid")?;
     get_record::<HostRecord>(&mn, uuid, "host")?;
     let body = json_body(&body)?;
     let (name, args) = single_action(&body)?;
@@ -440,20 +479,30 @@ pub(crate) struct OfferingParams {
     memory_size: u64,
 }
 
+/// The most virtual CPUs an offering gives (KVM's limit per guest).
+const MAX_CPU_NUM: u32 = 4096;
+/// The least memory an offering gives.
+const MIN_MEMORY_SIZE: u64 = 16 << 20;
+/// The most memory an offering gives (64 TiB: more than any host has, far from overflow).
+const MAX_MEMORY_SIZE: u64 = 64 << 40;
+
 pub(crate) async fn create_offering(
     State(mn): Shared,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let (p, raw, tags): (OfferingParams, _, _) = creation(&body, "InstanceOfferingVO")?;
-    non_empty(&p.name, "name")?;
-    if p.cpu_num == 0 {
-        return Err(ApiError::invalid("cpuNum", "`cpuNum` must be at least 1"));
+    crate::validate::name("name", &p.name)?;
+    if !(1..=MAX_CPU_NUM).contains(&p.cpu_num) {
+        return Err(ApiError::invalid(
+            "cpuNum",
+            format!("`cpuNum` is from 1 to {MAX_CPU_NUM} (KVM's limit of virtual CPUs)"),
+        ));
     }
-    if p.memory_size < 16 << 20 {
+    if !(MIN_MEMORY_SIZE..=MAX_MEMORY_SIZE).contains(&p.memory_size) {
         return Err(ApiError::invalid(
             "memorySize",
-            "`memorySize` is in bytes and must be at least 16 MiB",
+            format!("`memorySize` is in bytes, from 16 MiB to {} TiB", MAX_MEMORY_SIZE >> 40),
         ));
     }
     submit_record(&mn, &headers, "CreateInstanceOffering", &raw, tags, move || {
@@ -483,7 +532,7 @@ pub(crate) async fn create_l3(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let (p, raw, tags): (L3Params, _, _) = creation(&body, "L3NetworkVO")?;
-    non_empty(&p.name, "name")?;
+    crate::validate::name("name", &p.name)?;
     if let Some(l2) = p.l2_network_uuid {
         get_record::<L2NetworkRecord>(&mn, l2, "l2-network")?;
     }
@@ -517,11 +566,10 @@ pub(crate) struct RangeParams {
 
 pub(crate) async fn add_ip_range(
     State(mn): Shared,
-    Path(uuid): Path<String>,
+    Id(uuid): Id,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let uuid = uuid_param(&uuid, "uuid")?;
     let l3: L3NetworkRecord = get_record(&mn, uuid, "l3-network")?;
     let (p, raw): (RangeParams, _) = params(json_body(&body)?)?;
     let range = IpRange::new(p.start_ip, p.end_ip, p.netmask, p.gateway)
@@ -554,7 +602,7 @@ pub(crate) async fn create_vm(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let (p, raw, tags): (VmParams, _, _) = creation(&body, "VmInstanceVO")?;
-    non_empty(&p.name, "name")?;
+    crate::validate::name("name", &p.name)?;
     let offering: InstanceOfferingRecord =
         get_record(&mn, p.instance_offering_uuid, "instance-offering")?;
     auth::may_use(&mn.db, "instance-offerings", p.instance_offering_uuid)?;
@@ -690,11 +738,10 @@ async fn run_lifecycle(
 
 pub(crate) async fn vm_action(
     State(mn): Shared,
-    Path(uuid): Path<String>,
+    Id(uuid): Id,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let uuid = uuid_param(&uuid, "uuid")?;
     let body = json_body(&body)?;
     let (name, args) = single_action(&body)?;
     let mut keyed = body.clone();
@@ -823,10 +870,9 @@ pub(crate) async fn vm_action(
 
 pub(crate) async fn destroy_vm(
     State(mn): Shared,
-    Path(uuid): Path<String>,
+    Id(uuid): Id,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let uuid = uuid_param(&uuid, "uuid")?;
     run_lifecycle(
         mn,
         &headers,
@@ -838,9 +884,10 @@ pub(crate) async fn destroy_vm(
     .await
 }
 
-pub(crate) async fn job(State(mn): Shared, Path(uuid): Path<String>) -> Result<Response, ApiError> {
-    let uuid = uuid_param(&uuid, "uuid")?;
-    let job: JobRecord = get_record(&mn, uuid, "api-job")?;
+pub(crate) async fn job(State(mn): Shared, Id(uuid): Id) -> Result<Response, ApiError> {
+    let account = auth::caller().map_or(strato_actors::owners::ADMIN, |c| c.account);
+    let job: JobRecord =
+        jobs::find(&mn.db, account, uuid)?.ok_or_else(|| ApiError::not_found("api-job", uuid))?;
     Ok(match job.state {
         JobState::Running => {
             (StatusCode::ACCEPTED, Json(json!({ "state": "Running" }))).into_response()
@@ -887,11 +934,10 @@ async fn delete_resource(
     mn: Arc<Mn>,
     headers: &HeaderMap,
     kind: ResourceKind,
-    uuid: &str,
+    uuid: Uuid,
     query: &DeleteQuery,
     api: &str,
 ) -> Result<Response, ApiError> {
-    let uuid = uuid_param(uuid, "uuid")?;
     let mode = delete_mode(query)?;
     let resource = Resource { kind, uuid };
     let deleter = mn.deleter();
@@ -910,56 +956,56 @@ async fn delete_resource(
 
 pub(crate) async fn delete_zone(
     State(mn): Shared,
-    Path(uuid): Path<String>,
+    Id(uuid): Id,
     Query(q): Query<DeleteQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    get_record::<ZoneRecord>(&mn, uuid_param(&uuid, "uuid")?, "zone")?;
-    delete_resource(mn, &headers, ResourceKind::Zone, &uuid, &q, "DeleteZone").await
+    get_record::<ZoneRecord>(&mn, uuid, "zone")?;
+    delete_resource(mn, &headers, ResourceKind::Zone, uuid, &q, "DeleteZone").await
 }
 
 pub(crate) async fn delete_cluster(
     State(mn): Shared,
-    Path(uuid): Path<String>,
+    Id(uuid): Id,
     Query(q): Query<DeleteQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    get_record::<ClusterRecord>(&mn, uuid_param(&uuid, "uuid")?, "cluster")?;
-    delete_resource(mn, &headers, ResourceKind::Cluster, &uuid, &q, "DeleteCluster").await
+    get_record::<ClusterRecord>(&mn, uuid, "cluster")?;
+    delete_resource(mn, &headers, ResourceKind::Cluster, uuid, &q, "DeleteCluster").await
 }
 
 pub(crate) async fn delete_host(
     State(mn): Shared,
-    Path(uuid): Path<String>,
+    Id(uuid): Id,
     Query(q): Query<DeleteQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    get_record::<HostRecord>(&mn, uuid_param(&uuid, "uuid")?, "host")?;
-    delete_resource(mn, &headers, ResourceKind::Host, &uuid, &q, "DeleteHost").await
+    get_record::<HostRecord>(&mn, uuid, "host")?;
+    delete_resource(mn, &headers, ResourceKind::Host, uuid, &q, "DeleteHost").await
 }
 
 pub(crate) async fn delete_l3(
     State(mn): Shared,
-    Path(uuid): Path<String>,
+    Id(uuid): Id,
     Query(q): Query<DeleteQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    get_record::<L3NetworkRecord>(&mn, uuid_param(&uuid, "uuid")?, "l3-network")?;
-    delete_resource(mn, &headers, ResourceKind::L3Network, &uuid, &q, "DeleteL3Network").await
+    get_record::<L3NetworkRecord>(&mn, uuid, "l3-network")?;
+    delete_resource(mn, &headers, ResourceKind::L3Network, uuid, &q, "DeleteL3Network").await
 }
 
 pub(crate) async fn delete_offering(
     State(mn): Shared,
-    Path(uuid): Path<String>,
+    Id(uuid): Id,
     Query(q): Query<DeleteQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    get_record::<InstanceOfferingRecord>(&mn, uuid_param(&uuid, "uuid")?, "instance-offering")?;
+    get_record::<InstanceOfferingRecord>(&mn, uuid, "instance-offering")?;
     delete_resource(
         mn,
         &headers,
         ResourceKind::InstanceOffering,
-        &uuid,
+        uuid,
         &q,
         "DeleteInstanceOffering",
     )
@@ -994,7 +1040,7 @@ pub(crate) async fn create_backup_storage(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let (p, raw, tags): (StorageParams, _, _) = creation(&body, "BackupStorageVO")?;
-    non_empty(&p.name, "name")?;
+    crate::validate::name("name", &p.name)?;
     let url = directory_url(&p.url)?;
     submit_record(&mn, &headers, "AddImageStoreBackupStorage", &raw, tags, move || {
         std::fs::create_dir_all(&url)
@@ -1037,7 +1083,7 @@ pub(crate) async fn create_primary_storage(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let (p, raw, tags): (StorageParams, _, _) = creation(&body, "PrimaryStorageVO")?;
-    non_empty(&p.name, "name")?;
+    crate::validate::name("name", &p.name)?;
     let url = directory_url(&p.url)?;
     let zone =
         p.zone_uuid.ok_or_else(|| ApiError::invalid("zoneUuid", "`zoneUuid` is required"))?;
@@ -1096,7 +1142,7 @@ pub(crate) async fn add_image(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let (p, raw, tags): (ImageParams, _, _) = creation(&body, "ImageVO")?;
-    non_empty(&p.name, "name")?;
+    crate::validate::name("name", &p.name)?;
     strato_actors::images::check_url(&p.url)
         .map_err(|e| ApiError::invalid("url", e.to_string()))?;
     if p.format != "qcow2" && p.format != "raw" {
@@ -1152,8 +1198,8 @@ pub(crate) async fn create_l2(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let (p, raw, tags): (L2Params, _, _) = creation(&body, "L2NetworkVO")?;
-    non_empty(&p.name, "name")?;
-    non_empty(&p.physical_interface, "physicalInterface")?;
+    crate::validate::name("name", &p.name)?;
+    crate::validate::name("physicalInterface", &p.physical_interface)?;
     get_record::<ZoneRecord>(&mn, p.zone_uuid, "zone")?;
     submit_record(&mn, &headers, "CreateL2NoVlanNetwork", &raw, tags, move || {
         Ok(L2NetworkRecord {
@@ -1191,10 +1237,10 @@ pub(crate) async fn attach_l2(
 
 pub(crate) async fn delete_l2(
     State(mn): Shared,
-    Path(uuid): Path<String>,
+    Id(uuid): Id,
     Query(q): Query<DeleteQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    get_record::<L2NetworkRecord>(&mn, uuid_param(&uuid, "uuid")?, "l2-network")?;
-    delete_resource(mn, &headers, ResourceKind::L2Network, &uuid, &q, "DeleteL2Network").await
+    get_record::<L2NetworkRecord>(&mn, uuid, "l2-network")?;
+    delete_resource(mn, &headers, ResourceKind::L2Network, uuid, &q, "DeleteL2Network").await
 }

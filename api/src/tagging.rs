@@ -11,7 +11,7 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::Response;
 use serde::Deserialize;
@@ -304,9 +304,8 @@ async fn create_tag<K: TagKind>(
 pub async fn delete_tag(
     State(mn): State<Arc<Mn>>,
     headers: HeaderMap,
-    Path(uuid): Path<String>,
+    crate::routes::Id(uuid): crate::routes::Id,
 ) -> Result<Response, ApiError> {
-    let uuid = crate::routes::uuid_param(&uuid, "uuid")?;
     let user = mn.db.get::<UserTag>(uuid)?.is_some();
     let system = mn.db.get::<SystemTag>(uuid)?.map(|s| s.record);
     if !user && system.is_none() {

@@ -272,7 +272,7 @@ async fn bad_input_unknown_uuids_refused_states_and_job_ids() {
     let huge = create(
         &env,
         "/v1/instance-offerings",
-        json!({ "name": "huge", "cpuNum": 1, "memorySize": 1u64 << 50 }),
+        json!({ "name": "huge", "cpuNum": 1, "memorySize": 1u64 << 45 }),
     );
     let body = json!({ "params": { "name": "big", "instanceOfferingUuid": huge["uuid"], "l3NetworkUuids": [l3["uuid"]] } });
     let failed = call(env.api, "POST", "/v1/vm-instances", Some(&body.to_string()));
