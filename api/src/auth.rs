@@ -145,13 +145,18 @@ impl Record for CredentialRecord {
 }
 
 /// A session or an API key.
+///
+/// The store never holds a token that works. A session's token is a random UUID handed to
+/// the client once; its record is kept under [`session_key`] of it, a SHA-256 derived id, so
+/// reading the store (or a backup of it) yields no live session. An API key's id is public
+/// (it names the key in the API) and its 256-bit secret is kept as SHA-256.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionRecord {
-    /// Its UUID (what `Authorization: OAuth` carries).
+    /// Its id: [`session_key`] of a session's token, or an API key's UUID.
     pub uuid: Uuid,
     /// The account.
     pub account_uuid: Uuid,
-    /// When it expires (seconds since the Unix epoch; `None` for an API key).
+    /// When it expires (seconds since the Unix epoch; `None` for an API key without expiry).
     pub expired_date: Option<u64>,
     /// An API key's secret, as SHA-256 (`None` for a session).
     pub secret_sha256: Option<[u8; 32]>,
@@ -168,6 +173,16 @@ impl Record for SessionRecord {
     fn indexes() -> &'static [Index<Self>] {
         &[Index { name: "account", values: |s| vec![IndexValue::Uuid(s.account_uuid)] }]
     }
+}
+
+/// The id a session's record is kept under: the first 128 bits of SHA-256 over a domain
+/// label and the token, so the id does not give the token back.
+pub fn session_key(token: Uuid) -> Uuid {
+    let digest =
+        Sha256::new().chain_update(b"strato-session\0").chain_update(token.as_bytes()).finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_random_bytes(bytes).into_uuid()
 }
 
 fn now() -> u64 {
@@ -188,6 +203,12 @@ fn hash_password(password: &str) -> Result<String, ApiError> {
     )
 }
 
+/// A hash no password matches, checked against when the account does not exist so that an
+/// unknown name costs the same argon2 work as a wrong password (no timing oracle).
+static DUMMY_HASH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    hash_password(&Uuid::new_v4().simple().to_string()).unwrap_or_default()
+});
+
 fn password_matches(hash: &str, password: &str) -> bool {
     PasswordHash::new(hash)
         .is_ok_and(|h| Argon2::default().verify_password(password.as_bytes(), &h).is_ok())
@@ -205,6 +226,7 @@ fn check_password(password: &str) -> Result<(), ApiError> {
 pub fn bootstrap(db: &Db) -> Result<Option<String>, ApiError> {
     db.ensure_indexes::<AccountRecord>()?;
     db.ensure_indexes::<SessionRecord>()?;
+    std::sync::LazyLock::force(&DUMMY_HASH);
     if db.get::<AccountRecord>(ADMIN)?.is_some() {
         return Ok(None);
     }
@@ -240,74 +262,173 @@ fn forbidden(description: String) -> ApiError {
 /// The cookie the console keeps its session in.
 pub const SESSION_COOKIE: &str = "strato_session";
 
-/// Logs `account_name` in with `password`: a new session, or why not. The API's login and
-/// the console's both use it.
-pub async fn new_session(
+/// Checks `account_name` and `password` for a login from `source`: the account, or why not.
+/// The API's login and the console's both use it; neither makes a session before the caller
+/// is known to be allowed one.
+///
+/// A guess is throttled ([`crate::login`]) before any work is done; an unknown account is
+/// checked against [`DUMMY_HASH`] so that it answers as slowly as a wrong password; a failure
+/// is logged with the name (escaped) and the source, never the password.
+pub async fn check_login(
     mn: &Mn,
     account_name: &str,
     password: String,
-) -> Result<SessionRecord, ApiError> {
-    let wrong = || unauthenticated("wrong account name or password");
-    let id = mn.db.find::<AccountRecord>("name", &account_name.into())?;
-    let account = id.first().copied().ok_or_else(wrong)?;
-    let credential = mn.db.get::<CredentialRecord>(account)?.ok_or_else(wrong)?.record;
-    let matches =
-        tokio::task::spawn_blocking(move || password_matches(&credential.password_hash, &password))
-            .await
-            .unwrap_or(false);
-    if !matches {
-        tracing::warn!(account = %account_name, "failed login");
-        return Err(wrong());
+    source: Option<std::net::IpAddr>,
+) -> Result<AccountRecord, ApiError> {
+    if let Err(refusal) = mn.logins.check(account_name, source) {
+        tracing::warn!(account = ?account_name, source = ?source, ?refusal, "login refused by the throttle");
+        return Err(throttled(refusal));
     }
+    let wrong = || unauthenticated("wrong account name or password");
+    let id = mn.db.find::<AccountRecord>("name", &account_name.into())?.first().copied();
+    let account = match id {
+        Some(id) => mn.db.get::<AccountRecord>(id)?.map(|a| a.record),
+        None => None,
+    };
+    let hash = match &account {
+        Some(account) => {
+            mn.db.get::<CredentialRecord>(account.uuid)?.map(|c| c.record.password_hash)
+        }
+        None => None,
+    };
+    let known = hash.is_some();
+    let hash = hash.unwrap_or_else(|| DUMMY_HASH.clone());
+    let matches = tokio::task::spawn_blocking(move || password_matches(&hash, &password))
+        .await
+        .unwrap_or(false);
+    match account {
+        Some(account) if matches && known => {
+            mn.logins.succeeded(account_name);
+            Ok(account)
+        }
+        _ => {
+            mn.logins.failed(account_name, source);
+            tracing::warn!(account = ?account_name, source = ?source, "failed login");
+            Err(wrong())
+        }
+    }
+}
+
+fn throttled(refusal: crate::login::Refusal) -> ApiError {
+    let (code, wait, what) = match refusal {
+        crate::login::Refusal::Throttled(wait) => {
+            ("ID.LOGIN_THROTTLED", wait, "too soon after a failed login")
+        }
+        crate::login::Refusal::Locked(wait) => {
+            ("ID.LOGIN_LOCKED", wait, "locked after too many failed logins")
+        }
+    };
+    let ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
+    ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        code,
+        format!("{what}; try again in {} s", ms.div_ceil(1000)),
+        json!({ "retryAfterMs": ms }),
+    )
+}
+
+/// A new session for `account`: its token (handed to the client once) and its record.
+pub async fn new_session(mn: &Mn, account: Uuid) -> Result<(Uuid, SessionRecord), ApiError> {
+    let token = Uuid::new_v4();
     let session = SessionRecord {
-        uuid: Uuid::new_v4(),
+        uuid: session_key(token),
         account_uuid: account,
-        expired_date: Some(now() + mn.session_timeout.as_secs()),
+        expired_date: Some(now().saturating_add(mn.session_timeout.as_secs())),
         secret_sha256: None,
         description: String::new(),
     };
     let mut batch = Batch::new();
     batch.put(&session, Expect::Absent)?;
     mn.db.commit(batch).await?;
-    tracing::info!(account = %account_name, session = %session.uuid, "logged in");
-    Ok(session)
+    tracing::info!(account = %account, "logged in");
+    Ok((token, session))
 }
 
-/// Who `headers` say is calling, from their `Authorization: OAuth ...` (or the console's
-/// cookie).
-fn identify(mn: &Mn, headers: &HeaderMap) -> Result<Caller, ApiError> {
-    // The console's pages carry the session in a cookie (a browser's EventSource sends no
-    // headers); everything else in `Authorization`.
-    let cookie = headers
+/// The header the console's page sends with every change it makes: a page on another
+/// origin cannot send it without a CORS preflight, which this server never grants.
+pub const CONSOLE_HEADER: &str = "x-strato-console";
+
+/// Where a request's session comes from, which decides what it may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Carrier {
+    /// `Authorization`: a browser never sends it on its own, so it needs no CSRF defence.
+    Header,
+    /// The console's cookie: a browser sends it on any request to this server, so it is
+    /// honoured only where the console needs it (its `/debug` reads and actions), and a
+    /// change must come from the console's own origin with [`CONSOLE_HEADER`].
+    Cookie,
+}
+
+fn session_cookie(headers: &HeaderMap) -> Option<&str> {
+    headers
         .get_all("cookie")
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .find_map(|c| c.trim().strip_prefix(SESSION_COOKIE).and_then(|c| c.strip_prefix('=')))
-        .map(str::to_owned);
+}
+
+/// Whether a cookie-carried request to `path` with `method` came from the console itself.
+fn console_request(method: &Method, path: &str, headers: &HeaderMap) -> Result<(), ApiError> {
+    if !path.starts_with("/debug/") {
+        return Err(unauthenticated(
+            "the console's cookie is accepted only by /debug; send Authorization: OAuth <session uuid>",
+        ));
+    }
+    if matches!(*method, Method::GET | Method::HEAD) {
+        return Ok(());
+    }
+    let host = headers.get(axum::http::header::HOST).and_then(|h| h.to_str().ok());
+    let origin = headers.get(axum::http::header::ORIGIN).and_then(|h| h.to_str().ok());
+    let same_origin = match (origin, host) {
+        (Some(origin), Some(host)) => {
+            origin.strip_prefix("http://").or_else(|| origin.strip_prefix("https://")) == Some(host)
+        }
+        _ => false,
+    };
+    if !same_origin || !headers.contains_key(CONSOLE_HEADER) {
+        return Err(forbidden(format!(
+            "a change made with the console's cookie must come from the console's page (same Origin, with {CONSOLE_HEADER})"
+        )));
+    }
+    Ok(())
+}
+
+/// Who the request says is calling, from its `Authorization: OAuth ...` (or, for the
+/// console's requests, its cookie).
+fn identify(mn: &Mn, method: &Method, path: &str, headers: &HeaderMap) -> Result<Caller, ApiError> {
     let header = headers.get("authorization").and_then(|v| v.to_str().ok());
-    let token = match (header, &cookie) {
-        (Some(header), _) => header
-            .strip_prefix("OAuth ")
-            .ok_or_else(|| {
-                unauthenticated("the Authorization header must be `OAuth <session uuid>`")
-            })?
-            .trim(),
-        (None, Some(cookie)) => cookie.as_str(),
+    let (token, carrier) = match (header, session_cookie(headers)) {
+        (Some(header), _) => (
+            header
+                .strip_prefix("OAuth ")
+                .ok_or_else(|| {
+                    unauthenticated("the Authorization header must be `OAuth <session uuid>`")
+                })?
+                .trim(),
+            Carrier::Header,
+        ),
+        (None, Some(cookie)) => (cookie, Carrier::Cookie),
         (None, None) => {
             return Err(unauthenticated(
                 "log in first (PUT /v1/accounts/login) and send Authorization: OAuth <session uuid>",
             ));
         }
     };
+    if carrier == Carrier::Cookie {
+        console_request(method, path, headers)?;
+    }
     let (id, secret) = match token.split_once(':') {
         Some((id, secret)) => (id, Some(secret)),
         None => (token, None),
     };
     let id = Uuid::parse_str(id).map_err(|_| unauthenticated("the session UUID is not a UUID"))?;
+    // A session is found by the hash of its token; an API key by its (public) id, then its
+    // secret's hash is compared.
+    let key = if secret.is_some() { id } else { session_key(id) };
     let session = mn
         .db
-        .get::<SessionRecord>(id)?
+        .get::<SessionRecord>(key)?
         .ok_or_else(|| unauthenticated("the session does not exist or has ended; log in again"))?
         .record;
     match (&session.secret_sha256, secret) {
@@ -320,7 +441,7 @@ fn identify(mn: &Mn, headers: &HeaderMap) -> Result<Caller, ApiError> {
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "ID.SESSION_EXPIRED",
-            "the session has expired; log in again",
+            "the session or API key has expired; log in again or make a new key",
             Value::Null,
         ));
     }
@@ -343,7 +464,7 @@ pub async fn authenticate(State(mn): State<Arc<Mn>>, request: Request, next: Nex
     {
         return next.run(request).await;
     }
-    let caller = match identify(&mn, request.headers()) {
+    let caller = match identify(&mn, request.method(), &path, request.headers()) {
         Ok(caller) => caller,
         Err(error) => return error.into_response(),
     };
@@ -640,16 +761,23 @@ pub(crate) struct LogInByAccount {
     password: String,
 }
 
-fn session_inventory(session: &SessionRecord) -> Value {
+fn session_inventory(token: Uuid, session: &SessionRecord) -> Value {
     json!({ "inventory": {
-        "uuid": session.uuid,
+        "uuid": token,
         "accountUuid": session.account_uuid,
         "expiredDate": session.expired_date,
     }})
 }
 
+/// The address a request came from, when the server knows it.
+pub(crate) type Peer = Option<axum::Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>;
+
 /// `PUT /v1/accounts/login`: a new session for an account's name and password.
-pub async fn log_in(State(mn): State<Arc<Mn>>, body: Bytes) -> Result<Json<Value>, ApiError> {
+pub async fn log_in(
+    State(mn): State<Arc<Mn>>,
+    peer: Peer,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
     let body: LogIn = serde_json::from_slice(&body).map_err(|e| {
         ApiError::invalid(
             "logInByAccount",
@@ -659,27 +787,52 @@ pub async fn log_in(State(mn): State<Arc<Mn>>, body: Bytes) -> Result<Json<Value
         )
     })?;
     let LogInByAccount { account_name, password } = body.log_in_by_account;
-    let session = new_session(&mn, &account_name, password).await?;
-    Ok(Json(session_inventory(&session)))
+    let source = peer.map(|p| p.0.0.ip());
+    let account = check_login(&mn, &account_name, password, source).await?;
+    let (token, session) = new_session(&mn, account.uuid).await?;
+    Ok(Json(session_inventory(token, &session)))
 }
 
-/// `DELETE /v1/accounts/sessions/{uuid}`: logs a session out (one's own; the admin's any).
+/// `DELETE /v1/accounts/sessions/{uuid}`: logs a session out (one's own; the admin's any),
+/// named by its token.
 pub async fn log_out(
     State(mn): State<Arc<Mn>>,
-    crate::routes::Id(uuid): crate::routes::Id,
+    crate::routes::Id(token): crate::routes::Id,
+) -> Result<Json<Value>, ApiError> {
+    end_credential(&mn, session_key(token), "session", token).await
+}
+
+async fn end_credential(
+    mn: &Mn,
+    id: Uuid,
+    kind: &str,
+    named: Uuid,
 ) -> Result<Json<Value>, ApiError> {
     let caller = caller().ok_or_else(|| unauthenticated("log in first"))?;
-    let session = mn.db.get::<SessionRecord>(uuid)?.map(|s| s.record);
+    let session = mn.db.get::<SessionRecord>(id)?.map(|s| s.record);
     match session {
-        Some(s) if s.account_uuid == caller.account || caller.admin => {
+        Some(s)
+            if (s.account_uuid == caller.account || caller.admin)
+                && (s.secret_sha256.is_some() == (kind == "API key")) =>
+        {
             let mut batch = Batch::new();
-            batch.delete::<SessionRecord>(uuid, Expect::Any);
+            batch.delete::<SessionRecord>(id, Expect::Any);
             mn.db.commit(batch).await?;
-            tracing::info!(session = %uuid, "logged out");
+            tracing::info!(account = %s.account_uuid, "{kind} ended");
             Ok(Json(json!({})))
         }
-        _ => Err(ApiError::not_found("session", uuid)),
+        _ => Err(ApiError::not_found(kind, named)),
     }
+}
+
+/// `updateAccount`'s parameters.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct PasswordChange {
+    password: String,
+    /// Required when an account changes its own password.
+    #[serde(default)]
+    old_password: Option<String>,
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -736,7 +889,7 @@ pub async fn create_account(
             }
         })
         .await?;
-    Ok(crate::routes::accepted(&headers, job))
+    Ok(crate::routes::accepted(&mn, job))
 }
 
 /// `PUT /v1/accounts/{uuid}/actions` (admin): `{"updateQuota": {...}}` or
@@ -783,12 +936,43 @@ pub async fn account_action(
                 },
             )
             .await?;
-            Ok(crate::routes::accepted(&headers, job))
+            Ok(crate::routes::accepted(&mn, job))
         }
         "updateAccount" => {
-            let password = params["password"].as_str().unwrap_or_default().to_owned();
-            check_password(&password)?;
+            let change: PasswordChange = serde_json::from_value(params).map_err(|e| {
+                ApiError::invalid("updateAccount", format!("expected {{\"password\": ...}}: {e}"))
+            })?;
+            check_password(&change.password)?;
+            let caller = caller().ok_or_else(|| unauthenticated("log in first"))?;
+            // A tenant proves it knows the password it replaces: a stolen session alone must
+            // not be enough to take the account over.
+            if !caller.admin {
+                let old = change.old_password.clone().ok_or_else(|| {
+                    ApiError::invalid(
+                        "updateAccount.oldPassword",
+                        "give the current password as oldPassword",
+                    )
+                })?;
+                let hash = mn
+                    .db
+                    .get::<CredentialRecord>(uuid)?
+                    .map(|c| c.record.password_hash)
+                    .unwrap_or_else(|| DUMMY_HASH.clone());
+                let matches = tokio::task::spawn_blocking(move || password_matches(&hash, &old))
+                    .await
+                    .unwrap_or(false);
+                if !matches {
+                    tracing::warn!(account = %uuid, "password change with a wrong oldPassword");
+                    return Err(ApiError::new(
+                        StatusCode::FORBIDDEN,
+                        "ID.WRONG_PASSWORD",
+                        "oldPassword is not the account's current password",
+                        json!({ "field": "updateAccount.oldPassword" }),
+                    ));
+                }
+            }
             let raw = json!({ "updateAccount": { "uuid": uuid } });
+            let password = change.password;
             let job = crate::jobs::submit(
                 &mn.db,
                 crate::routes::job_header(&headers)?,
@@ -798,17 +982,27 @@ pub async fn account_action(
                     let hash = tokio::task::spawn_blocking(move || hash_password(&password))
                         .await
                         .map_err(|e| ApiError::internal(&e))??;
+                    // Every session and API key of the account ends with its old password,
+                    // but the one making the change, so the caller can follow its job.
                     let mut batch = Batch::new();
                     batch.put(
                         &CredentialRecord { account_uuid: uuid, password_hash: hash },
                         Expect::Any,
                     )?;
+                    let mut revoked = 0usize;
+                    for id in m.db.find::<SessionRecord>("account", &IndexValue::Uuid(uuid))? {
+                        if id != caller.credential {
+                            batch.delete::<SessionRecord>(id, Expect::Any);
+                            revoked += 1;
+                        }
+                    }
                     m.db.commit(batch).await?;
+                    tracing::info!(account = %uuid, revoked, "password changed; other sessions and API keys ended");
                     crate::store_source::inventory(&record)
                 },
             )
             .await?;
-            Ok(crate::routes::accepted(&headers, job))
+            Ok(crate::routes::accepted(&mn, job))
         }
         other => Err(ApiError::invalid(
             other,
@@ -861,7 +1055,7 @@ pub async fn delete_account(
         },
     )
     .await?;
-    Ok(crate::routes::accepted(&headers, job))
+    Ok(crate::routes::accepted(&mn, job))
 }
 
 #[derive(Deserialize, Default, utoipa::ToSchema)]
@@ -869,6 +1063,9 @@ pub async fn delete_account(
 pub(crate) struct ApiKeyParams {
     #[serde(default)]
     description: String,
+    /// How long the key works, in seconds (it works until deleted when absent).
+    #[serde(default)]
+    expires_in_seconds: Option<u64>,
 }
 
 /// `POST /v1/accounts/api-keys`: an API key for the caller's account, answered at once with
@@ -883,11 +1080,31 @@ pub async fn create_api_key(
     } else {
         crate::routes::params(crate::routes::json_body(&body)?)?.0
     };
+    crate::validate::text(
+        "description",
+        &params.description,
+        crate::validate::MAX_DESCRIPTION_CHARS,
+    )?;
+    let expired_date = match params.expires_in_seconds {
+        None => None,
+        Some(0) => {
+            return Err(ApiError::invalid(
+                "expiresInSeconds",
+                "an API key's lifetime is at least 1 second",
+            ));
+        }
+        Some(secs) => Some(now().checked_add(secs).ok_or_else(|| {
+            ApiError::invalid(
+                "expiresInSeconds",
+                "the lifetime is too long; leave it out for a key that does not expire",
+            )
+        })?),
+    };
     let secret = format!("{}{}", Uuid::new_v4().simple(), Uuid::new_v4().simple());
     let key = SessionRecord {
         uuid: Uuid::new_v4(),
         account_uuid: caller.account,
-        expired_date: None,
+        expired_date,
         secret_sha256: Some(Sha256::digest(secret.as_bytes()).into()),
         description: params.description,
     };
@@ -900,6 +1117,7 @@ pub async fn create_api_key(
         "accountUuid": key.account_uuid,
         "secret": secret,
         "description": key.description,
+        "expiredDate": key.expired_date,
         "authorization": format!("OAuth {}:{secret}", key.uuid),
     }})))
 }
@@ -907,9 +1125,9 @@ pub async fn create_api_key(
 /// `DELETE /v1/accounts/api-keys/{uuid}`.
 pub async fn delete_api_key(
     State(mn): State<Arc<Mn>>,
-    id: crate::routes::Id,
+    crate::routes::Id(uuid): crate::routes::Id,
 ) -> Result<Json<Value>, ApiError> {
-    log_out(State(mn), id).await
+    end_credential(&mn, uuid, "API key", uuid).await
 }
 
 /// How long a session lives unless configured (ZStack's default).

@@ -25,6 +25,7 @@ pub mod debug;
 pub mod demo;
 pub mod error;
 pub mod jobs;
+pub mod login;
 pub mod metrics;
 pub mod mn;
 pub mod openapi;

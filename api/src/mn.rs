@@ -36,6 +36,11 @@ pub struct Mn {
     pub generated_admin_password: Option<String>,
     /// Per-account locks around quota checks.
     pub quota_locks: crate::auth::QuotaLocks,
+    /// Failed logins, throttled per account name and per source address.
+    pub logins: crate::login::LoginThrottle,
+    /// The URL clients reach the API at (`STRATO_EXTERNAL_URL`), for the `Location` of a
+    /// job; without it a `Location` is a path, never built from the request's `Host`.
+    pub external_url: Option<String>,
 }
 
 impl Mn {
@@ -121,6 +126,11 @@ impl Mn {
             })?),
             Err(_) => crate::auth::DEFAULT_SESSION_TIMEOUT,
         };
+        let login_policy = login_policy()?;
+        let external_url = match std::env::var("STRATO_EXTERNAL_URL") {
+            Ok(url) if !url.is_empty() => Some(external_url(&url)?),
+            _ => None,
+        };
         let runtime = Runtime::start(RuntimeConfig::default(), db.clone())?;
         let vms = runtime.register(Vms::with_policy(db.clone(), vm_policy), Vms::kind_config());
         let hosts = runtime.register(
@@ -168,6 +178,8 @@ impl Mn {
             session_timeout,
             generated_admin_password,
             quota_locks: Default::default(),
+            logins: crate::login::LoginThrottle::new(login_policy),
+            external_url,
         }))
     }
 
@@ -175,4 +187,45 @@ impl Mn {
     pub fn shutdown(&self) {
         self.runtime.shutdown();
     }
+}
+
+/// The login throttle's policy: the defaults, or `STRATO_LOGIN_LOCKOUT_ATTEMPTS`,
+/// `STRATO_LOGIN_LOCKOUT_SECS` and `STRATO_LOGIN_DELAY_MS`.
+fn login_policy() -> Result<crate::login::LoginPolicy, BoxError> {
+    fn number(name: &str) -> Result<Option<u64>, BoxError> {
+        match std::env::var(name) {
+            Ok(v) => Ok(Some(v.parse().map_err(|_| format!("{name}=`{v}` is not a number"))?)),
+            Err(_) => Ok(None),
+        }
+    }
+    let mut policy = crate::login::LoginPolicy::default();
+    if let Some(n) = number("STRATO_LOGIN_LOCKOUT_ATTEMPTS")? {
+        policy.lockout_failure_attempts = u32::try_from(n.max(1)).unwrap_or(u32::MAX);
+        policy.source_failure_attempts =
+            policy.source_failure_attempts.max(policy.lockout_failure_attempts);
+    }
+    if let Some(secs) = number("STRATO_LOGIN_LOCKOUT_SECS")? {
+        policy.lockout_duration = std::time::Duration::from_secs(secs);
+    }
+    if let Some(ms) = number("STRATO_LOGIN_DELAY_MS")? {
+        policy.base_delay = std::time::Duration::from_millis(ms);
+    }
+    Ok(policy)
+}
+
+/// `url` without a trailing slash, if it is an http(s) URL with a host and nothing after it.
+fn external_url(url: &str) -> Result<String, BoxError> {
+    let trimmed = url.trim_end_matches('/');
+    let rest =
+        trimmed.strip_prefix("https://").or_else(|| trimmed.strip_prefix("http://")).ok_or_else(
+            || format!("STRATO_EXTERNAL_URL=`{url}` must start with http:// or https://"),
+        )?;
+    if rest.is_empty() || rest.contains(['/', '?', '#', '@']) || rest.chars().any(char::is_control)
+    {
+        return Err(format!(
+            "STRATO_EXTERNAL_URL=`{url}` must be a scheme and a host (with an optional port), like https://strato.example.com"
+        )
+        .into());
+    }
+    Ok(trimmed.to_owned())
 }

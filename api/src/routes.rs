@@ -70,6 +70,8 @@ pub fn router(mn: Arc<Mn>) -> Router {
         .route("/metrics", get(crate::metrics::scrape))
         .route("/v1/openapi.json", get(|| async { Json(crate::openapi::document()) }))
         .route("/console", get(crate::console::page))
+        .route("/console/console.js", get(crate::console::script))
+        .route("/console/console.css", get(crate::console::style))
         .route("/console/login", axum::routing::post(crate::console::log_in))
         .with_state(mn)
 }
@@ -125,9 +127,10 @@ pub(crate) fn job_header(headers: &HeaderMap) -> Result<Option<Uuid>, ApiError> 
     }
 }
 
-pub(crate) fn accepted(headers: &HeaderMap, job: Uuid) -> Response {
-    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost");
-    let location = format!("http://{host}/v1/api-jobs/{job}");
+/// `202` with the job's location: under the configured external URL, or as a path (never
+/// built from the request's `Host`, which the client chooses).
+pub(crate) fn accepted(mn: &Mn, job: Uuid) -> Response {
+    let location = format!("{}/v1/api-jobs/{job}", mn.external_url.as_deref().unwrap_or(""));
     let mut response =
         (StatusCode::ACCEPTED, Json(json!({ "location": location }))).into_response();
     if let Ok(value) = HeaderValue::from_str(&location) {
@@ -215,7 +218,7 @@ async fn submit_record<R: Record>(
         inventory(&record)
     })
     .await?;
-    Ok(accepted(headers, job))
+    Ok(accepted(mn, job))
 }
 
 /// Accepts a job that adds `parent` to the list `list` picks in the record `target` of
@@ -242,7 +245,7 @@ async fn attach<R: Record>(
         inventory(&record)
     })
     .await?;
-    Ok(accepted(headers, job))
+    Ok(accepted(mn, job))
 }
 
 /// `GET /v1/<kind>`: every inventory of the kind, or those a query selects.
@@ -391,7 +394,7 @@ pub(crate) async fn add_host(
             inventory(&host::record(&m.hosts, record.uuid).await?)
         })
         .await?;
-    Ok(accepted(&headers, job))
+    Ok(accepted(&mn, job))
 }
 
 pub(crate) async fn host_action(
@@ -455,7 +458,7 @@ pub(crate) async fn host_action(
             return Err(ApiError::invalid("action", format!("`{other}` is not a host action")));
         }
     };
-    Ok(accepted(&headers, job))
+    Ok(accepted(&mn, job))
 }
 
 fn single_action(body: &Value) -> Result<(String, Value), ApiError> {
@@ -582,7 +585,7 @@ pub(crate) async fn add_ip_range(
             inventory(&strato_actors::l3::add_ip_range(&m.l3s, uuid, range).await?)
         })
         .await?;
-    Ok(accepted(&headers, job))
+    Ok(accepted(&mn, job))
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -690,7 +693,7 @@ pub(crate) async fn create_vm(
         },
     )
     .await?;
-    Ok(accepted(&headers, job))
+    Ok(accepted(&mn, job))
 }
 
 fn lifecycle(action: &str) -> Option<(Lifecycle, &'static str)> {
@@ -733,7 +736,7 @@ async fn run_lifecycle(
         inventory(&record)
     })
     .await?;
-    Ok(accepted(headers, job))
+    Ok(accepted(&mn, job))
 }
 
 pub(crate) async fn vm_action(
@@ -772,7 +775,7 @@ pub(crate) async fn vm_action(
                 },
             )
             .await?;
-            return Ok(accepted(&headers, job));
+            return Ok(accepted(&mn, job));
         }
         "migrateVm" => {
             auth::admin_only("migrating a VM")?;
@@ -795,7 +798,7 @@ pub(crate) async fn vm_action(
                 },
             )
             .await?;
-            return Ok(accepted(&headers, job));
+            return Ok(accepted(&mn, job));
         }
         "changeInstanceOffering" => {
             let text =
@@ -855,7 +858,7 @@ pub(crate) async fn vm_action(
                 },
             )
             .await?;
-            return Ok(accepted(&headers, job));
+            return Ok(accepted(&mn, job));
         }
         _ => {}
     }
@@ -951,7 +954,7 @@ async fn delete_resource(
         Ok(json!({ "deleted": deleted }))
     })
     .await?;
-    Ok(accepted(headers, job))
+    Ok(accepted(&mn, job))
 }
 
 pub(crate) async fn delete_zone(
@@ -1181,7 +1184,7 @@ pub(crate) async fn add_image(
         inventory(&image)
     })
     .await?;
-    Ok(accepted(&headers, job))
+    Ok(accepted(&mn, job))
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]

@@ -297,7 +297,7 @@ async fn create_tag<K: TagKind>(
         }
     })
     .await?;
-    Ok(crate::routes::accepted(&headers, job))
+    Ok(crate::routes::accepted(&mn, job))
 }
 
 /// `DELETE /v1/tags/{uuid}`: a user or a system tag.
@@ -329,5 +329,5 @@ pub async fn delete_tag(
             }
         })
         .await?;
-    Ok(crate::routes::accepted(&headers, job))
+    Ok(crate::routes::accepted(&mn, job))
 }
