@@ -784,3 +784,26 @@ pub async fn remove(hosts: &Kind<Hosts>, id: Uuid) -> Result<(), HostError> {
         })
         .await
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::fits_within;
+
+    proptest! {
+        /// The check agrees with exact arithmetic for every pair, the largest included: a
+        /// sum past `u64::MAX` never fits (it used to wrap and pass).
+        #[test]
+        fn fits_within_is_exact_arithmetic(used: u64, more: u64, limit: u64) {
+            let exact = u128::from(used) + u128::from(more) <= u128::from(limit);
+            prop_assert_eq!(fits_within(used, more, limit), exact);
+        }
+
+        #[test]
+        fn near_the_top_nothing_wraps(used in (u64::MAX - 1024)..=u64::MAX, more in 1u64..=u64::MAX) {
+            prop_assert!(!fits_within(used, more, u64::MAX - 1025));
+            prop_assert_eq!(fits_within(used, more, u64::MAX), used.checked_add(more).is_some());
+        }
+    }
+}

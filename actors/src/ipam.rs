@@ -60,6 +60,30 @@ pub struct IpRange {
     pub gateway: Ipv4Addr,
 }
 
+/// The widest subnet a range may be in.
+pub const MIN_PREFIX: u8 = 8;
+
+/// What `ip` is reserved for, if it is not an ordinary unicast address (RFC 6890's
+/// special-purpose blocks that can never be a VM's: "this network", loopback, link-local,
+/// multicast, reserved and the limited broadcast).
+fn special_purpose(ip: Ipv4Addr) -> Option<&'static str> {
+    if ip.octets()[0] == 0 {
+        Some("in 0.0.0.0/8 (\"this network\")")
+    } else if ip.is_loopback() {
+        Some("a loopback address")
+    } else if ip.is_link_local() {
+        Some("a link-local address")
+    } else if ip.is_multicast() {
+        Some("a multicast address")
+    } else if ip.is_broadcast() {
+        Some("the limited broadcast address")
+    } else if ip.octets()[0] >= 240 {
+        Some("in the reserved block 240.0.0.0/4")
+    } else {
+        None
+    }
+}
+
 impl IpRange {
     /// A range, if its fields are consistent: a contiguous netmask; start, end and gateway in
     /// one subnet; start not after end; neither the network nor the broadcast address inside.
@@ -78,6 +102,22 @@ impl IpRange {
                 field: "netmask",
                 reason: format!("a /{prefix} subnet has no room for hosts and a gateway"),
             });
+        }
+        if prefix < MIN_PREFIX {
+            return Err(IpamError::Invalid {
+                field: "netmask",
+                reason: format!(
+                    "a /{prefix} subnet is wider than any network a VM is on (at most /{MIN_PREFIX})"
+                ),
+            });
+        }
+        for (field, ip) in [("startIp", start), ("endIp", end), ("gateway", gateway)] {
+            if let Some(what) = special_purpose(ip) {
+                return Err(IpamError::Invalid {
+                    field,
+                    reason: format!("{ip} is {what}, not an address to give a VM"),
+                });
+            }
         }
         let net = Ipv4Net::new(start, prefix).expect("prefix checked").trunc();
         if start > end {
@@ -229,6 +269,25 @@ mod tests {
             bad("10.0.0.2", "10.0.0.255", "255.255.255.0", "10.0.0.1"),
             IpamError::Invalid { field: "endIp", .. }
         ));
+        assert!(matches!(
+            bad("10.0.0.2", "10.0.0.9", "0.0.0.0", "10.0.0.1"),
+            IpamError::Invalid { field: "netmask", .. }
+        ));
+        for (start, end, gateway) in [
+            ("127.0.0.2", "127.0.0.9", "127.0.0.1"),
+            ("224.0.0.2", "224.0.0.9", "224.0.0.1"),
+            ("169.254.0.2", "169.254.0.9", "169.254.0.1"),
+            ("0.0.0.2", "0.0.0.9", "0.0.0.1"),
+            ("240.0.0.2", "240.0.0.9", "240.0.0.1"),
+        ] {
+            assert!(
+                matches!(
+                    bad(start, end, "255.255.255.0", gateway),
+                    IpamError::Invalid { field: "startIp", .. }
+                ),
+                "{start}"
+            );
+        }
         let ok = IpRange::new(ip("10.0.0.1"), ip("10.0.0.254"), mask, ip("10.0.0.1")).unwrap();
         assert_eq!(ok.capacity(), 253);
         assert!(

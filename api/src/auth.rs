@@ -82,7 +82,7 @@ pub enum AccountType {
 
 /// What a normal account may use at most.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Quota {
     /// VMs.
     pub vm_num: u64,
@@ -458,7 +458,8 @@ fn identify(mn: &Mn, method: &Method, path: &str, headers: &HeaderMap) -> Result
 /// handler acts on, and a spelling that is not canonical is a 400 before anything is read.
 pub async fn authenticate(State(mn): State<Arc<Mn>>, request: Request, next: Next) -> Response {
     let path = request.uri().path().to_owned();
-    let debug = path.starts_with("/debug/");
+    // `/debug` and `/metrics` describe the whole cloud: the admin's alone.
+    let debug = path.starts_with("/debug/") || path == "/metrics";
     if !(path.starts_with("/v1/") || debug)
         || (request.method() == Method::PUT && path == "/v1/accounts/login")
     {
@@ -469,8 +470,10 @@ pub async fn authenticate(State(mn): State<Arc<Mn>>, request: Request, next: Nex
         Err(error) => return error.into_response(),
     };
     if debug && !caller.admin {
-        return forbidden("the debug console and /debug are for the admin account".into())
-            .into_response();
+        return forbidden(
+            "the debug console, /debug and /metrics are for the admin account".into(),
+        )
+        .into_response();
     }
     if !debug {
         let (mut parts, body) = request.into_parts();
@@ -916,12 +919,7 @@ pub async fn account_action(
             if tenant().is_some() {
                 return Err(forbidden("only the admin account changes quotas".into()));
             }
-            let quota: Quota = serde_json::from_value(params.clone()).map_err(|e| {
-                ApiError::invalid(
-                    "updateQuota",
-                    format!("vmNum, cpuNum and memorySize are numbers: {e}"),
-                )
-            })?;
+            let quota: Quota = crate::routes::parse(params.clone(), "updateQuota")?;
             let job = crate::jobs::submit(
                 &mn.db,
                 crate::routes::job_header(&headers)?,
@@ -939,9 +937,7 @@ pub async fn account_action(
             Ok(crate::routes::accepted(&mn, job))
         }
         "updateAccount" => {
-            let change: PasswordChange = serde_json::from_value(params).map_err(|e| {
-                ApiError::invalid("updateAccount", format!("expected {{\"password\": ...}}: {e}"))
-            })?;
+            let change: PasswordChange = crate::routes::parse(params, "updateAccount")?;
             check_password(&change.password)?;
             let caller = caller().ok_or_else(|| unauthenticated("log in first"))?;
             // A tenant proves it knows the password it replaces: a stolen session alone must

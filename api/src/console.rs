@@ -73,10 +73,12 @@ pub async fn log_in(
     headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let json = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(';').next().is_some_and(|t| t.trim() == "application/json"));
+    let mut types = headers.get_all(header::CONTENT_TYPE).iter().peekable();
+    let json = types.peek().is_some()
+        && types.all(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.split(';').next().is_some_and(|t| t.trim() == "application/json"))
+        });
     if !json {
         return Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,

@@ -69,11 +69,20 @@ impl ApiError {
         )
     }
 
-    /// 500, logging the cause chain.
+    /// 500, logging the cause chain under a reference the answer gives: the chain names the
+    /// code's types and the layers' messages, which are for the operator, not the caller.
     pub fn internal(error: &(dyn std::error::Error + 'static)) -> Self {
         let chain = error_chain(error);
-        tracing::error!(error = %chain, "internal error");
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "SYS.INTERNAL", chain, Value::Null)
+        let reference = uuid::Uuid::new_v4();
+        tracing::error!(error = %chain, %reference, "internal error");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "SYS.INTERNAL",
+            format!(
+                "the management node failed to serve the request; its log has the cause under reference {reference}"
+            ),
+            json!({ "reference": reference }),
+        )
     }
 
     /// The JSON body: `{"error": {...}}`.
@@ -105,22 +114,34 @@ impl From<RuntimeError> for ApiError {
                 Value::Null,
             ),
             RuntimeError::FlowFailed { chain, step, message, rollback_failures } => {
-                let (code, details) = match message.strip_prefix("no host can take the VM: ") {
+                // What failed inside (an agent's or libvirt's message, the placement's
+                // filters) goes in the details, which `crate::exposure` keeps from tenants.
+                let (code, description, details) = match message
+                    .strip_prefix("no host can take the VM: ")
+                {
                     Some(trace) => (
                         "HOST_ALLOCATION.NO_HOST",
+                        "no host can take the VM".to_owned(),
                         json!({ "step": step, "placementTrace": trace.split(", ").collect::<Vec<_>>() }),
                     ),
                     None => (
                         "SYS.OPERATION_FAILED",
-                        json!({ "step": step, "rollbackFailures": rollback_failures }),
+                        if rollback_failures.is_empty() {
+                            format!(
+                                "{chain} failed at its step {step}; what it had done was undone"
+                            )
+                        } else {
+                            format!(
+                                "{chain} failed at its step {step}, and undoing it did not finish"
+                            )
+                        },
+                        json!({ "step": step, "cause": message, "rollbackFailures": rollback_failures }),
                     ),
                 };
-                ApiError::new(
-                    StatusCode::CONFLICT,
-                    code,
-                    format!("{chain} failed at {step}: {message}"),
-                    details,
-                )
+                if !rollback_failures.is_empty() {
+                    tracing::warn!(%chain, %step, %message, ?rollback_failures, "a flow failed and its undo did not finish");
+                }
+                ApiError::new(StatusCode::CONFLICT, code, description, details)
             }
             _ => ApiError::internal(&error),
         }
@@ -158,8 +179,8 @@ impl From<HostError> for ApiError {
             HostError::Disconnected(_) | HostError::Link(_) => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "HOST.UNAVAILABLE",
-                error_chain(&error),
-                Value::Null,
+                "the host is not reachable now; try again once it reconnects",
+                json!({ "cause": error_chain(&error) }),
             ),
             other => ApiError::internal(&other),
         }

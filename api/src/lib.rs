@@ -24,6 +24,7 @@ pub mod console;
 pub mod debug;
 pub mod demo;
 pub mod error;
+pub mod exposure;
 pub mod jobs;
 pub mod login;
 pub mod metrics;

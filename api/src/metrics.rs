@@ -5,8 +5,9 @@
 //! its own task far from any handler. Gauges that describe the present (queue depths and
 //! live actors by kind, each host link's round-trip time, the GC's backlog) are read when
 //! Prometheus scrapes, from the runtime's counters, which cost no message to any actor. The
-//! page needs no session, as scrapers expect; it names kinds, queues, routes and host UUIDs,
-//! nothing of a tenant's.
+//! page names kinds, queues, routes and host UUIDs, the cloud's shape, so it is the admin's
+//! alone: a scraper sends an admin API key (Prometheus' `authorization` with `type: OAuth`
+//! and `credentials: <key uuid>:<secret>`).
 
 use std::sync::{Arc, LazyLock};
 use std::time::Instant;

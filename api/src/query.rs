@@ -757,6 +757,14 @@ impl Query {
         Ok(query)
     }
 
+    /// Every field path the query names, with the option naming it (`q`, `sort`, `fields`).
+    pub fn named_paths(&self) -> Vec<(&'static str, String)> {
+        let conditions = self.conditions.iter().map(|c| ("q", c.path.join(".")));
+        let sort = self.sort.iter().map(|(field, _)| ("sort", field.clone()));
+        let fields = self.fields.iter().flatten().map(|f| ("fields", f.clone()));
+        conditions.chain(sort).chain(fields).collect()
+    }
+
     /// The single index an equality (or `?=`) on an indexed path reads, with its values.
     fn index_plan(
         &self,

@@ -63,11 +63,13 @@ pub fn router(mn: Arc<Mn>) -> Router {
         )
         .route("/debug/events", get(debug::events))
         .route("/debug/actions/{action}", axum::routing::post(debug::action))
-        // Route layers run after routing, so both see the route's template; the last added
-        // runs first: metrics count what authentication refuses too.
+        .route("/metrics", get(crate::metrics::scrape))
+        // Route layers run after routing, so all see the route's template; the last added
+        // runs first: metrics count what authentication refuses too, and a tenant's answers
+        // are redacted inside authentication's scope, where the caller is known.
+        .route_layer(axum::middleware::from_fn(crate::exposure::redact_for_tenants))
         .route_layer(axum::middleware::from_fn_with_state(mn.clone(), auth::authenticate))
         .route_layer(axum::middleware::from_fn(crate::metrics::track))
-        .route("/metrics", get(crate::metrics::scrape))
         .route("/v1/openapi.json", get(|| async { Json(crate::openapi::document()) }))
         .route("/console", get(crate::console::page))
         .route("/console/console.js", get(crate::console::script))
@@ -76,10 +78,16 @@ pub fn router(mn: Arc<Mn>) -> Router {
         .with_state(mn)
 }
 
-/// A creation's envelope (its `systemTags` and `userTags` are read by [`creation`]).
+/// A request's envelope: its parameters, and a creation's tags (read by [`creation`]).
+/// Any other key is refused, as a misspelt one would otherwise be ignored.
 #[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct Create {
     params: Value,
+    #[serde(default, rename = "systemTags")]
+    _system_tags: Value,
+    #[serde(default, rename = "userTags")]
+    _user_tags: Value,
 }
 
 /// The request body as JSON, or a 400 that says why not.
@@ -88,12 +96,22 @@ pub(crate) fn json_body(bytes: &Bytes) -> Result<Value, ApiError> {
         .map_err(|e| ApiError::invalid("body", format!("the request body is not valid JSON: {e}")))
 }
 
-/// Parses a JSON body, naming the field at fault.
-fn parse<T: DeserializeOwned>(value: Value, what: &str) -> Result<T, ApiError> {
-    serde_json::from_value(value).map_err(|e| {
-        let text = e.to_string();
-        let field = text.split('`').nth(1).map(str::to_owned).unwrap_or_else(|| what.to_owned());
-        ApiError::invalid(&field, format!("invalid {what}: {text}"))
+/// Parses a JSON value, naming the field at fault by its JSON path inside `value`
+/// (`cpuNum`, `l3NetworkUuids[1]`, `quota.vmNum`): where serde stopped, and for a missing
+/// key, that key under it.
+pub(crate) fn parse<T: DeserializeOwned>(value: Value, what: &str) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let at = e.path().to_string();
+        let text = e.inner().to_string();
+        // An unknown key is already the path's last step; a missing one is not.
+        let key = text.strip_prefix("missing field `").and_then(|rest| rest.split('`').next());
+        let field = match (at.as_str(), key) {
+            (".", Some(key)) => key.to_owned(),
+            (".", None) => what.to_owned(),
+            (at, Some(key)) => format!("{at}.{key}"),
+            (at, None) => at.to_owned(),
+        };
+        ApiError::invalid(&field, format!("invalid {what}: `{field}`: {text}"))
     })
 }
 
@@ -253,6 +271,11 @@ pub(crate) fn list(kind: &'static str) -> axum::routing::MethodRouter<Arc<Mn>> {
     get(move |State(mn): Shared, Query(pairs): Query<Vec<(String, String)>>| async move {
         let schema = query::schema(kind).expect("every listed kind is declared");
         let query = query::Query::parse(schema, &pairs)?;
+        if auth::tenant().is_some() {
+            for (option, path) in query.named_paths() {
+                crate::exposure::refuse_hidden(option, &path)?;
+            }
+        }
         let store = StoreSource::new(&mn.db);
         let tenant_view;
         let source: &dyn query::Source = match auth::tenant() {

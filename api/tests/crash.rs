@@ -90,5 +90,8 @@ fn sigkill_of_the_mn_mid_creation_leaves_every_job_terminal_and_nothing_behind()
         assert_eq!(vm["state"], "Running");
     }
     let failed = call(api, "POST", "/v1/vm-instances", Some(&body));
-    assert!(failed["error"]["description"].as_str().unwrap().contains("no free IP"), "{failed}");
+    assert!(
+        failed["error"]["details"]["cause"].as_str().unwrap().contains("no free IP"),
+        "{failed}"
+    );
 }

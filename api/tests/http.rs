@@ -655,7 +655,10 @@ async fn tags_are_checked_queried_honoured_and_go_with_their_resource() {
         http(env.api, "POST", "/v1/vm-instances", Some(&vm_body("vm2", json!([]))), &[]);
     assert_eq!(status, 202);
     let failed = wait_job(env.api, accepted["location"].as_str().unwrap());
-    assert!(failed["error"]["description"].as_str().unwrap().contains("free capacity"), "{failed}");
+    assert!(
+        failed["error"]["details"]["placementTrace"].to_string().contains("free capacity"),
+        "{failed}"
+    );
     ok(env.api, "DELETE", &format!("/v1/tags/{}", reserved["uuid"].as_str().unwrap()), None);
     ok(env.api, "POST", "/v1/vm-instances", Some(&vm_body("vm2", json!([]))));
     assert_eq!(query("system-tags?q=tag~=reservedMemory%25&count=true").2, json!({ "total": 0 }));
@@ -686,8 +689,9 @@ async fn metrics_count_requests_and_jobs_and_a_job_is_followed_into_the_agent() 
     wait_job(env.api, &location);
     let _ = raw_http(env.api, "GET", "/v1/zones", None, &[]); // a 401
 
-    // Prometheus' text, without a session.
-    let (status, _, text) = raw_http(env.api, "GET", "/metrics", None, &[]);
+    // Prometheus' text, for the admin only.
+    assert_eq!(raw_http(env.api, "GET", "/metrics", None, &[]).0, 401);
+    let (status, _, text) = http(env.api, "GET", "/metrics", None, &[]);
     assert_eq!(status, 200);
     let text = text.as_str().unwrap().to_owned();
     for expected in [
