@@ -41,6 +41,8 @@ pub struct Mn {
     /// The URL clients reach the API at (`STRATO_EXTERNAL_URL`), for the `Location` of a
     /// job; without it a `Location` is a path, never built from the request's `Host`.
     pub external_url: Option<String>,
+    /// What an image import may read.
+    pub image_policy: strato_actors::images::ImportPolicy,
 }
 
 impl Mn {
@@ -127,6 +129,7 @@ impl Mn {
             Err(_) => crate::auth::DEFAULT_SESSION_TIMEOUT,
         };
         let login_policy = login_policy()?;
+        let image_policy = image_policy(data_dir)?;
         let external_url = match std::env::var("STRATO_EXTERNAL_URL") {
             Ok(url) if !url.is_empty() => Some(external_url(&url)?),
             _ => None,
@@ -180,6 +183,7 @@ impl Mn {
             quota_locks: Default::default(),
             logins: crate::login::LoginThrottle::new(login_policy),
             external_url,
+            image_policy,
         }))
     }
 
@@ -228,4 +232,41 @@ fn external_url(url: &str) -> Result<String, BoxError> {
         .into());
     }
     Ok(trimmed.to_owned())
+}
+
+/// The directory under the data directory that `file://` images may always be imported
+/// from.
+pub const IMAGE_IMPORTS: &str = "image-imports";
+
+/// What an image import may read: `file://` under `<data dir>/image-imports` and the
+/// directories in `STRATO_IMAGE_FILE_DIRS` (`:`-separated); `http://` from the hosts in
+/// `STRATO_IMAGE_ALLOWED_HOSTS` (`,`-separated; any when unset), never local addresses
+/// unless `STRATO_IMAGE_ALLOW_LOCAL=1`; at most `STRATO_IMAGE_MAX_BYTES` (64 GiB) within
+/// `STRATO_IMAGE_TIMEOUT_SECS` (an hour).
+pub fn image_policy(data_dir: &Path) -> Result<strato_actors::images::ImportPolicy, BoxError> {
+    let mut policy = strato_actors::images::ImportPolicy {
+        file_dirs: vec![data_dir.join(IMAGE_IMPORTS)],
+        ..Default::default()
+    };
+    if let Ok(dirs) = std::env::var("STRATO_IMAGE_FILE_DIRS") {
+        policy.file_dirs.extend(dirs.split(':').filter(|d| !d.is_empty()).map(Into::into));
+    }
+    if let Ok(hosts) = std::env::var("STRATO_IMAGE_ALLOWED_HOSTS") {
+        policy.allowed_hosts =
+            hosts.split(',').map(str::trim).filter(|h| !h.is_empty()).map(str::to_owned).collect();
+    }
+    policy.allow_local = std::env::var("STRATO_IMAGE_ALLOW_LOCAL").is_ok_and(|v| v == "1");
+    let number = |name: &str| -> Result<Option<u64>, BoxError> {
+        match std::env::var(name) {
+            Ok(v) => Ok(Some(v.parse().map_err(|_| format!("{name}=`{v}` is not a number"))?)),
+            Err(_) => Ok(None),
+        }
+    };
+    if let Some(bytes) = number("STRATO_IMAGE_MAX_BYTES")? {
+        policy.max_bytes = bytes;
+    }
+    if let Some(secs) = number("STRATO_IMAGE_TIMEOUT_SECS")? {
+        policy.timeout = std::time::Duration::from_secs(secs);
+    }
+    Ok(policy)
 }

@@ -1169,8 +1169,10 @@ pub(crate) async fn add_image(
 ) -> Result<Response, ApiError> {
     let (p, raw, tags): (ImageParams, _, _) = creation(&body, "ImageVO")?;
     crate::validate::name("name", &p.name)?;
-    strato_actors::images::check_url(&p.url)
-        .map_err(|e| ApiError::invalid("url", e.to_string()))?;
+    strato_actors::images::check(&p.url, &mn.image_policy).await.map_err(|e| match e {
+        strato_actors::images::ImageError::BadUrl(reason) => ApiError::invalid("url", reason),
+        e => ApiError::invalid("url", e.to_string()),
+    })?;
     if p.format != "qcow2" && p.format != "raw" {
         return Err(ApiError::invalid("format", format!("`{}` is not qcow2 or raw", p.format)));
     }
@@ -1182,17 +1184,24 @@ pub(crate) async fn add_image(
     let m = mn.clone();
     let job = jobs::submit(&mn.db, job_header(&headers)?, "AddImage", &raw, move |_| async move {
         let uuid = Uuid::new_v4();
-        let fetched =
-            strato_actors::images::fetch(&p.url, std::path::Path::new(&bs.url), uuid, &p.format)
-                .await
-                .map_err(|e| {
-                    ApiError::new(
-                        StatusCode::BAD_GATEWAY,
-                        "IMAGE.DOWNLOAD_FAILED",
-                        e.to_string(),
-                        json!({ "url": p.url }),
-                    )
-                })?;
+        let fetched = strato_actors::images::fetch(
+            &p.url,
+            std::path::Path::new(&bs.url),
+            uuid,
+            &p.format,
+            &m.image_policy,
+        )
+        .await
+        .map_err(|e| match e {
+            // Refused by the policy: the caller's URL is at fault.
+            strato_actors::images::ImageError::BadUrl(reason) => ApiError::invalid("url", reason),
+            e => ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "IMAGE.DOWNLOAD_FAILED",
+                "the image could not be imported from its URL",
+                json!({ "cause": e.to_string() }),
+            ),
+        })?;
         let image = ImageRecord {
             uuid,
             name: p.name,

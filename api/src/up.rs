@@ -115,7 +115,10 @@ pub async fn run(
         tokio::task::spawn_blocking(move || client::log_in(listen, "admin", &password)).await??
     };
     let storage_dir = std::fs::canonicalize(data_dir)?;
-    let tryout = storage_dir.join("tryout.raw");
+    // The node imports files only from its import directory (see `crate::mn::image_policy`).
+    let imports = storage_dir.join(crate::mn::IMAGE_IMPORTS);
+    std::fs::create_dir_all(&imports)?;
+    let tryout = imports.join("tryout.raw");
     if !tryout.exists() {
         // A tiny blank disk to build root volumes from (the test driver boots nothing).
         std::fs::write(&tryout, vec![0u8; 1 << 20])?;

@@ -438,7 +438,10 @@ async fn a_vm_from_an_image_gets_a_qcow2_root_volume_on_primary_storage() {
         &format!("/v1/zones/{zone}/backup-storage/{}", bs["uuid"].as_str().unwrap()),
         None,
     );
-    let source = storage.path().join("tiny.raw");
+    // Files are imported only from the node's import directory.
+    let imports = env._dir.path().join("mn").join("image-imports");
+    std::fs::create_dir_all(&imports).unwrap();
+    let source = imports.join("tiny.raw");
     std::fs::write(&source, vec![0u8; 1 << 20]).unwrap();
     let image = create(
         &env,

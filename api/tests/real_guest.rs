@@ -70,7 +70,8 @@ fn a_real_guest_boots_and_powers_off_on_a_graceful_stop() {
     let (_agent, agent) =
         start_agent_with(&token, &agent_dir, &["--driver", "libvirt", "--libvirt-uri", URI]);
     let api = free_port();
-    let _server = start_server(&data, api);
+    let image_dir = std::path::Path::new(&image).parent().unwrap().display().to_string();
+    let _server = start_server_with(&data, api, &[("STRATO_IMAGE_FILE_DIRS", &image_dir)]);
 
     let zone = create(api, "/v1/zones", json!({ "name": "z1" }));
     let cluster = create(api, "/v1/clusters", json!({ "name": "c1", "zoneUuid": zone["uuid"] }));

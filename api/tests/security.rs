@@ -703,3 +703,69 @@ fn finding_10_input_is_validated_at_the_door() {
     let _ = slow.read_to_end(&mut rest);
     assert!(started.elapsed() < std::time::Duration::from_secs(25), "the connection stayed open");
 }
+
+/// Finding 5: an import read `file:///etc/shadow`, the API's own `/metrics` and
+/// `file:///dev/zero` without end, and tenants saw the URL. Now: files only under the
+/// import directories, no local addresses, a size cap, and no URL in a tenant's view.
+#[test]
+fn finding_5_imports_read_only_what_the_server_allows() {
+    let env =
+        env_with(&[("STRATO_IMAGE_FILE_DIRS", "/dev"), ("STRATO_IMAGE_MAX_BYTES", "1048576")]);
+    let dir = env._dir.path().join("bs");
+    let (_, _, zones) = http(env.api, "GET", "/v1/zones", None, &[]);
+    let zone = match zones["inventories"][0]["uuid"].as_str() {
+        Some(zone) => zone.to_owned(),
+        None => create(env.api, "/v1/zones", json!({ "name": "z" }))["uuid"]
+            .as_str()
+            .unwrap()
+            .to_owned(),
+    };
+    let bs = create(
+        env.api,
+        "/v1/backup-storage/image-store",
+        json!({ "name": "bs", "url": dir.display().to_string() }),
+    );
+    let bs = bs["uuid"].as_str().unwrap().to_owned();
+    ok(env.api, "POST", &format!("/v1/zones/{zone}/backup-storage/{bs}"), None);
+    let image = |url: &str| {
+        let body = json!({ "params": { "name": "i", "url": url, "format": "raw", "backupStorageUuids": [bs] } });
+        http(env.api, "POST", "/v1/images", Some(&body.to_string()), &[])
+    };
+    for url in [
+        "file:///etc/shadow".to_owned(),
+        "file:///dev/../etc/shadow".to_owned(),
+        format!("http://{}/metrics", env.api),
+        "http://169.254.169.254/latest/meta-data/".to_owned(),
+    ] {
+        let (status, _, reply) = image(&url);
+        assert_eq!(
+            (status, reply["error"]["details"]["field"].as_str()),
+            (400, Some("url")),
+            "{url}: {reply}"
+        );
+    }
+    // An endless file stops at the cap and leaves nothing behind.
+    let (status, _, accepted) = image("file:///dev/zero");
+    assert_eq!(status, 202, "{accepted}");
+    let failed = wait_job(env.api, accepted["location"].as_str().unwrap());
+    assert_eq!(failed["error"]["code"], "IMAGE.DOWNLOAD_FAILED", "{failed}");
+    let left: Vec<_> = std::fs::read_dir(&dir).map(|d| d.flatten().collect()).unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+
+    // A tenant sees an image without where it came from or where it is.
+    let source = env._dir.path().join("mn").join("image-imports");
+    std::fs::create_dir_all(&source).unwrap();
+    std::fs::write(source.join("ok.raw"), b"image").unwrap();
+    let (status, _, accepted) = image(&format!("file://{}", source.join("ok.raw").display()));
+    assert_eq!(status, 202);
+    let made = wait_job(env.api, accepted["location"].as_str().unwrap());
+    let uuid = made["inventory"]["uuid"].as_str().unwrap().to_owned();
+    let tenant = account(&env, "tenanta");
+    let (status, seen) = as_(&env, &tenant, "GET", &format!("/v1/images/{uuid}"), None);
+    assert_eq!(status, 200, "{seen}");
+    let text = seen.to_string();
+    assert!(
+        !text.contains("file://") && !text.contains("image-imports") && !text.contains("bs"),
+        "{text}"
+    );
+}
