@@ -906,11 +906,7 @@ pub async fn account_action(
     let account =
         mn.db.get::<AccountRecord>(uuid)?.ok_or_else(|| ApiError::not_found("account", uuid))?;
     let body = crate::routes::json_body(&body)?;
-    let (action, params) = body
-        .as_object()
-        .and_then(|o| o.iter().next())
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .ok_or_else(|| ApiError::invalid("body", "expected {\"<action>\": {...}}"))?;
+    let (action, params) = crate::routes::single_action(&body)?;
     let m = mn.clone();
     let mut record = account.record;
     let generation = account.generation;

@@ -112,9 +112,12 @@ struct StateEvent {
 }
 
 #[derive(Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
 #[allow(dead_code)]
 struct Password {
     password: String,
+    /// The current password (required when an account changes its own).
+    old_password: Option<String>,
 }
 
 #[derive(Deserialize, ToSchema)]

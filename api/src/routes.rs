@@ -484,10 +484,39 @@ pub(crate) async fn host_action(
     Ok(accepted(&mn, job))
 }
 
-fn single_action(body: &Value) -> Result<(String, Value), ApiError> {
+/// The arguments each action takes; any other key in its object is refused (a misspelt
+/// `hostUuid` would otherwise start the VM wherever the allocator likes).
+const ACTION_ARGUMENTS: &[(&str, &[&str])] = &[
+    ("startVmInstance", &["hostUuid"]),
+    ("migrateVm", &["hostUuid"]),
+    ("changeInstanceOffering", &["instanceOfferingUuid"]),
+    ("changeHostState", &["stateEvent"]),
+    ("updateQuota", &["vmNum", "cpuNum", "memorySize"]),
+    ("updateAccount", &["password", "oldPassword"]),
+];
+
+pub(crate) fn single_action(body: &Value) -> Result<(String, Value), ApiError> {
     match body.as_object() {
         Some(map) if map.len() == 1 => {
             let (name, args) = map.iter().next().expect("one entry");
+            let allowed = ACTION_ARGUMENTS
+                .iter()
+                .find(|(action, _)| action == name)
+                .map_or(&[][..], |(_, allowed)| *allowed);
+            match args {
+                Value::Null => {}
+                Value::Object(args) => {
+                    if let Some(key) = args.keys().find(|k| !allowed.contains(&k.as_str())) {
+                        return Err(ApiError::invalid(
+                            &format!("{name}.{key}"),
+                            format!("`{name}` takes no `{key}`; it takes: {}", allowed.join(", ")),
+                        ));
+                    }
+                }
+                _ => {
+                    return Err(ApiError::invalid(name, format!("`{name}` takes an object")));
+                }
+            }
             Ok((name.clone(), args.clone()))
         }
         _ => Err(ApiError::invalid(

@@ -692,6 +692,25 @@ fn finding_10_input_is_validated_at_the_door() {
     }
     let (_, _, zones) = http(env.api, "GET", "/v1/zones", None, &[]);
     assert_eq!(zones["inventories"].as_array().map(Vec::len), Some(0), "nothing was created");
+    // Inside an action's object too, and one action per request.
+    let admin = "00000000-0000-0000-0000-000000000000";
+    let (_, _, accounts) = http(env.api, "GET", "/v1/accounts", None, &[]);
+    let me = accounts["inventories"][0]["uuid"].as_str().unwrap_or(admin).to_owned();
+    let path = format!("/v1/accounts/{me}/actions");
+    for (body, field) in [
+        (
+            json!({ "updateQuota": { "vmNum": 1, "cpuNum": 1, "memorySize": 1, "gpus": 1 } }),
+            "updateQuota.gpus",
+        ),
+        (json!({ "updateAccount": { "password": "long-enough-1" }, "updateQuota": {} }), "action"),
+    ] {
+        let (status, _, reply) = http(env.api, "PUT", &path, Some(&body.to_string()), &[]);
+        assert_eq!(
+            (status, reply["error"]["details"]["field"].as_str()),
+            (400, Some(field)),
+            "{body}: {reply}"
+        );
+    }
 
     // A client that never finishes its headers is cut off.
     use std::io::{Read, Write};
