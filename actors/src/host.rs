@@ -853,7 +853,6 @@ pub async fn remove(hosts: &Kind<Hosts>, id: Uuid) -> Result<(), HostError> {
             }
             let mut batch = Batch::new();
             batch.delete::<HostRecord>(id, Expect::Any);
-            batch.delete::<AgentCertRecord>(id, Expect::Any);
             crate::records::delete_refs(&ctx.entity().db, &mut batch, id)?;
             ctx.entity().db.commit(batch).await?;
             ctx.entity().directory.write().expect("directory lock").remove(&id);

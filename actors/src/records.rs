@@ -530,7 +530,7 @@ impl Record for ImageRecord {
 }
 
 /// Adds to `batch` the deletion of everything that hangs on `resource`: its user and system
-/// tags and its ownership record. Every deletion of a resource calls it, so they go in the
+/// tags, its ownership record and, for a host, its agent's pinned certificate. Every deletion of a resource calls it, so they go in the
 /// same atomic write as the resource.
 pub fn delete_refs(
     db: &strato_storage::Db,
@@ -546,6 +546,8 @@ pub fn delete_refs(
         batch.delete::<SystemTag>(id, Expect::Any);
     }
     batch.delete::<crate::owners::OwnerRecord>(resource, Expect::Any);
+    // A host's pin goes with it, whichever path deletes it (an addition that failed, too).
+    batch.delete::<AgentCertRecord>(resource, Expect::Any);
     Ok(())
 }
 

@@ -2,8 +2,7 @@
 //! bootstrap secret.
 //!
 //! An agent starts enrolled when its data directory holds the certificate its MN issued
-//! earlier; a bootstrap file given then is not needed (its secret was spent by that
-//! enrollment). Otherwise it needs a bootstrap secret, and it serves TLS with a self-signed
+//! earlier; a bootstrap secret given then is not used (it was spent by that enrollment). Otherwise it needs a bootstrap secret, and it serves TLS with a self-signed
 //! certificate over its own key until the MN answers its enrollment with a certificate, which
 //! it stores and switches to for every later session (see [`strato_proto::pki`] for the
 //! flow). The switch happens under a lock, between sessions: a session accepted before it
@@ -40,12 +39,7 @@ impl Credentials {
     pub fn open(data_dir: &Path, bootstrap: Option<BootstrapSecret>) -> Result<Self, TlsError> {
         let identity = AgentIdentity::open(data_dir)?;
         let state = match (identity.enrolled_config()?, bootstrap) {
-            (Some(config), bootstrap) => {
-                if bootstrap.is_some() {
-                    tracing::info!(dir = %data_dir.display(), "enrolled already; the bootstrap file is not needed and can be deleted");
-                }
-                State::Enrolled(config)
-            }
+            (Some(config), _) => State::Enrolled(config),
             (None, Some(bootstrap)) => {
                 let config = identity.bootstrap_config(&bootstrap.ca_pem)?;
                 State::Waiting { bootstrap, config }

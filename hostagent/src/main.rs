@@ -24,7 +24,7 @@ use strato_agent::driver::Driver;
 use strato_agent::driver::libvirt::Libvirt;
 use strato_agent::driver::sim::{Sim, SimConfig};
 use strato_agent::server::Agent;
-use strato_proto::pki::Bootstrap;
+use strato_proto::pki::{Bootstrap, BootstrapSecret};
 use strato_proto::tls::{AgentIdentity, private_dir};
 use tokio::net::TcpListener;
 
@@ -81,23 +81,52 @@ struct Args {
     journal: bool,
 }
 
-/// An agent for host `index`, with its credentials in `dir` (or its bootstrap secret from
-/// `bootstrap`), journaled into `dir` when asked.
+/// The bootstrap file, read when a host first needs it: an enrolled agent needs none, and
+/// its spent file may be gone.
+struct BootstrapFile {
+    path: Option<PathBuf>,
+    read: Option<Bootstrap>,
+}
+
+impl BootstrapFile {
+    /// The secret for host `index`, if a file was given.
+    fn secret(&mut self, index: usize, hosts: u32) -> Result<Option<BootstrapSecret>, String> {
+        let Some(path) = &self.path else { return Ok(None) };
+        if self.read.is_none() {
+            self.read = Some(Bootstrap::read(path).map_err(|e| error_chain(&e))?);
+        }
+        let secret = self.read.as_ref().and_then(|b| b.secret(index));
+        match secret {
+            Some(secret) => Ok(Some(secret)),
+            None => Err(format!(
+                "{} holds no secret for host {index}: make one with `strato agent-bootstrap --hosts {hosts}`",
+                path.display()
+            )),
+        }
+    }
+}
+
+/// An agent for host `index`, with its credentials in `dir` (or, before it enrolled, its
+/// secret from `bootstrap`), journaled into `dir` when asked.
 fn agent(
     args: &Args,
     index: usize,
     label: &str,
-    bootstrap: Option<&Bootstrap>,
+    bootstrap: &mut BootstrapFile,
     driver: Arc<dyn Driver>,
     dir: &std::path::Path,
 ) -> Result<Arc<Agent>, String> {
-    let secret = bootstrap.and_then(|b| b.secret(index));
-    if bootstrap.is_some() && secret.is_none() && !AgentIdentity::is_enrolled(dir) {
-        return Err(format!(
-            "the bootstrap file holds no secret for host {index}: make one with `strato agent-bootstrap --hosts {}`",
-            args.sim_hosts
-        ));
-    }
+    let secret = if AgentIdentity::is_enrolled(dir) {
+        if bootstrap.path.is_some() {
+            tracing::info!(
+                host = label,
+                "enrolled already: --bootstrap-file is not needed (its secret is spent), and the file can be deleted"
+            );
+        }
+        None
+    } else {
+        bootstrap.secret(index, args.sim_hosts)?
+    };
     let credentials = Credentials::open(dir, secret).map_err(|e| error_chain(&e))?;
     if args.journal {
         let path = dir.join("journal.jsonl");
@@ -150,10 +179,7 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), String> {
-    let bootstrap = match &args.bootstrap_file {
-        Some(path) => Some(Bootstrap::read(path).map_err(|e| error_chain(&e))?),
-        None => None,
-    };
+    let mut bootstrap = BootstrapFile { path: args.bootstrap_file.clone(), read: None };
     // The data directory holds the agent's key: its owner alone reads it.
     private_dir(&args.data_dir).map_err(|e| error_chain(&e))?;
     let mut tasks = Vec::new();
@@ -174,7 +200,7 @@ async fn run(args: Args) -> Result<(), String> {
                 .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
             tracing::info!(listen = %args.listen, uri = %args.libvirt_uri, "agent ready");
             println!("strato-agent: listening on {} (libvirt {})", args.listen, args.libvirt_uri);
-            let agent = agent(&args, 0, "libvirt", bootstrap.as_ref(), driver, &args.data_dir)?;
+            let agent = agent(&args, 0, "libvirt", &mut bootstrap, driver, &args.data_dir)?;
             tasks.push(tokio::spawn(agent.serve(listener)));
         }
         DriverKind::Sim => {
@@ -206,8 +232,7 @@ async fn run(args: Args) -> Result<(), String> {
                     .await
                     .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
                 let label = format!("sim-{i}");
-                let agent =
-                    agent(&args, i as usize, &label, bootstrap.as_ref(), Arc::new(sim), &dir)?;
+                let agent = agent(&args, i as usize, &label, &mut bootstrap, Arc::new(sim), &dir)?;
                 tasks.push(tokio::spawn(agent.serve(listener)));
             }
             tracing::info!(hosts = args.sim_hosts, base = %base, "simulated agent ready");

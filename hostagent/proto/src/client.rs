@@ -151,22 +151,6 @@ pub enum Handshake {
     Enroll(Box<Enrollment>),
 }
 
-impl Handshake {
-    /// The link, its welcome and its events; an agent asking to enroll is refused.
-    pub async fn linked(
-        self,
-    ) -> Result<(Link, Welcome, mpsc::UnboundedReceiver<AgentEvent>), LinkError> {
-        match self {
-            Handshake::Linked { link, welcome, events, .. } => Ok((link, welcome, events)),
-            Handshake::Enroll(enrollment) => {
-                let reason = "this client enrolls no agent".to_owned();
-                enrollment.refuse(reason.clone()).await;
-                Err(LinkError::Refused { reason })
-            }
-        }
-    }
-}
-
 /// An agent waiting for its certificate, on the TLS session it asked in. Its public key is
 /// the key it proved it holds in the handshake.
 pub struct Enrollment {

@@ -130,11 +130,6 @@ impl Pki {
         &self.tls
     }
 
-    /// The CA's certificate, PEM.
-    pub fn ca_pem(&self) -> &str {
-        &self.ca_pem
-    }
-
     /// Writes a bootstrap file to `out` (mode 0600) with `hosts` fresh secrets (one per host
     /// the agent serves) and the CA's certificate, and records the secrets as unused.
     pub fn mint(&self, out: &Path, hosts: usize) -> Result<(), TlsError> {
@@ -320,7 +315,7 @@ mod tests {
         let again = Pki::open(&pki_dir).unwrap();
         assert_eq!(mode(&pki_dir.join("ca.key")), 0o600);
         assert_eq!(mode(&pki_dir), 0o700);
-        assert_eq!(first.ca_pem(), again.ca_pem());
+        assert_eq!(first.ca_pem, again.ca_pem);
     }
 
     #[test]
@@ -334,7 +329,7 @@ mod tests {
         let (a, b) = (bootstrap.secret(0).unwrap(), bootstrap.secret(1).unwrap());
         assert!(bootstrap.secret(2).is_none());
         assert_ne!(a.secret, b.secret);
-        assert_eq!(a.ca_pem, pki.ca_pem());
+        assert_eq!(a.ca_pem, pki.ca_pem);
         let key = KeyPair::generate().unwrap();
         let host = Uuid::new_v4();
         assert!(matches!(pki.enroll(&a.secret, b"not a key", host), Err(TlsError::BadPublicKey)));

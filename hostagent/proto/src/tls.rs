@@ -29,7 +29,7 @@
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
@@ -365,7 +365,7 @@ pub(crate) fn read(path: &Path) -> Result<String, TlsError> {
 /// Creates `path` (and its parents) if it is missing and makes it mode 0700: readable by
 /// its owner only. A looser mode found on an existing directory is repaired, with a warning.
 pub fn private_dir(path: &Path) -> Result<(), TlsError> {
-    std::fs::create_dir_all(path).map_err(io_error(path))?;
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(path).map_err(io_error(path))?;
     restrict(path, 0o700)
 }
 
