@@ -8,7 +8,8 @@
 //! - `mn.key` (0600) and `mn.crt`: the MN's client certificate, marked for client
 //!   authentication only, the one certificate agents accept from a client;
 //! - `bootstrap/`: one file (0600) per bootstrap secret not used yet, named by the secret's
-//!   SHA-256 and holding when it expires. The secret itself is kept nowhere on the MN.
+//!   SHA-256 and holding when it expires (an expired one is forgotten when the CA is next
+//!   opened). The secret itself is kept nowhere on the MN.
 //!
 //! Enrolling a host, the design in full:
 //!
@@ -108,13 +109,7 @@ impl Pki {
         for key in ["ca.key", "mn.key"] {
             private_file(&dir.join(key))?;
         }
-        let secrets = dir.join("bootstrap");
-        for entry in std::fs::read_dir(&secrets)
-            .map_err(|source| TlsError::Io { path: secrets.clone(), source })?
-        {
-            let entry = entry.map_err(|source| TlsError::Io { path: secrets.clone(), source })?;
-            private_file(&entry.path())?;
-        }
+        sweep(&dir.join("bootstrap"))?;
         let path = |name: &str| dir.join(name);
         let ca_key = key_from_pem(&read(&path("ca.key"))?, &path("ca.key"))?;
         let ca_pem = read(&path("ca.crt"))?;
@@ -133,8 +128,7 @@ impl Pki {
     /// Writes a bootstrap file to `out` (mode 0600) with `hosts` fresh secrets (one per host
     /// the agent serves) and the CA's certificate, and records the secrets as unused.
     pub fn mint(&self, out: &Path, hosts: usize) -> Result<(), TlsError> {
-        let expires = SystemTime::now() + BOOTSTRAP_VALIDITY;
-        let expires = expires.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+        let expires = unix_now() + BOOTSTRAP_VALIDITY.as_secs();
         let mut text = String::from(
             "# A Strato agent bootstrap file, made by `strato agent-bootstrap` on the management node.\n\
              # Start the agent with `--bootstrap-file` naming this file, and keep it private (0600).\n\
@@ -169,8 +163,7 @@ impl Pki {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(TlsError::SecretRefused),
             Err(source) => return Err(TlsError::Io { path, source }),
         }
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
-        if now > expires {
+        if unix_now() > expires {
             return Err(TlsError::SecretRefused);
         }
         Ok(())
@@ -192,6 +185,36 @@ impl Pki {
             fingerprint: Fingerprint::of(certificate.der()),
         })
     }
+}
+
+/// Makes the unused secrets in `secrets` private and forgets the expired ones. A secret
+/// spent by another process meanwhile is simply gone.
+fn sweep(secrets: &Path) -> Result<(), TlsError> {
+    let io = |source| TlsError::Io { path: secrets.to_owned(), source };
+    let now = unix_now();
+    for entry in std::fs::read_dir(secrets).map_err(io)? {
+        let path = entry.map_err(io)?.path();
+        let expires = match std::fs::read_to_string(&path) {
+            Ok(text) => text.trim().parse::<u64>().unwrap_or(0),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(source) => return Err(TlsError::Io { path, source }),
+        };
+        let kept = if now > expires {
+            std::fs::remove_file(&path).map_err(|source| TlsError::Io { path, source })
+        } else {
+            private_file(&path)
+        };
+        match kept {
+            Err(TlsError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {}
+            other => other?,
+        }
+    }
+    Ok(())
+}
+
+/// Seconds since the Unix epoch.
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
 }
 
 /// Makes the CA and the MN's certificate in a fresh directory beside `dir` and renames it to
@@ -361,5 +384,11 @@ mod tests {
             pki.enroll(&secret, key.public_key_raw(), Uuid::new_v4()),
             Err(TlsError::SecretRefused)
         ));
+        // One left unused past its time is forgotten when the CA is opened next.
+        pki.mint(&file, 1).unwrap();
+        let unused = Bootstrap::read(&file).unwrap().secret(0).unwrap().secret;
+        std::fs::write(pki.secret_path(&unused), "1").unwrap();
+        Pki::open(&dir.path().join("pki")).unwrap();
+        assert!(!pki.secret_path(&unused).exists());
     }
 }
