@@ -162,6 +162,10 @@ impl Agent {
         let acceptor = tokio_rustls::TlsAcceptor::from(self.credentials.config());
         let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
             Ok(Ok(stream)) => stream,
+            Ok(Err(error)) if error.kind() == std::io::ErrorKind::UnexpectedEof => {
+                tracing::info!(host = %self.label, %peer, "the client left during the TLS handshake");
+                return;
+            }
             Ok(Err(error)) => {
                 tracing::warn!(host = %self.label, %peer, %error, "TLS handshake refused: only the MN's certificate opens the link");
                 return;
