@@ -1,5 +1,14 @@
 //! The host actor: one per KVM host, holding the link to its agent.
 //!
+//! The link is TLS with a certificate on each end (see `strato_proto::tls`): the MN presents
+//! its client certificate, and the host's agent must present the certificate pinned for the
+//! host (an [`AgentCertRecord`] beside the host's record). An agent that has no certificate
+//! yet asks to enroll with its bootstrap secret: the actor spends the secret through the MN's
+//! CA (`strato_proto::pki`), pins the certificate it issues before the agent gets it (so an
+//! agent holding a certificate is always one the MN can recognise), sends it, and dials
+//! again. A host without a pin (added again after a deletion) trusts and pins a certificate
+//! this MN's CA issued.
+//!
 //! Connecting dials the agent, handshakes, records the host's facts and reconciles: every VM
 //! the store places on the host is told what the hypervisor says of its domain, and a domain
 //! no VM claims is reported as a *stranger* (an event and a list on the host), never adopted
@@ -14,24 +23,27 @@
 //! 1) books CPU and memory for VMs, so two creations never take the same slot.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use strato_proto::pki::Pki;
 use strato_proto::{
-    AgentEvent, Command, DomainInfo, DomainState, Link, LinkConfig, LinkError, Reply,
+    AgentEvent, Command, DomainInfo, DomainState, Enrollment, Fingerprint, Handshake, Link,
+    LinkConfig, LinkError, Reply, TlsError, Welcome,
 };
 use strato_runtime::{BoxError, Entity, Event, Kind, KindConfig, Op, OpCtx, RuntimeError};
 use strato_storage::{Batch, Db, Expect};
 use uuid::Uuid;
 
-use crate::records::{HostRecord, HostStatus, VmRecord};
+use crate::records::{AgentCertRecord, HostRecord, HostStatus, VmRecord};
 use crate::vm::state::Observation;
 use crate::vm::{Vms, observe};
 
 /// How hosts are watched and redialed.
 #[derive(Clone, Debug)]
 pub struct HostConfig {
-    /// The token agents expect.
-    pub agent_token: String,
+    /// The MN's CA: its client certificate for the links, and what enrolls agents.
+    pub pki: Arc<Pki>,
     /// How long dialing and the handshake may take.
     pub connect_timeout: Duration,
     /// Heartbeat interval.
@@ -48,9 +60,9 @@ pub struct HostConfig {
 
 impl HostConfig {
     /// Defaults well under ZStack's: 2 s pings, 2 s timeout, 3 misses.
-    pub fn with_token(agent_token: String) -> Self {
+    pub fn new(pki: Arc<Pki>) -> Self {
         HostConfig {
-            agent_token,
+            pki,
             connect_timeout: Duration::from_secs(5),
             ping_interval: Duration::from_secs(2),
             ping_timeout: Duration::from_secs(2),
@@ -122,6 +134,9 @@ pub enum HostError {
     /// The link or the agent failed the command.
     #[error(transparent)]
     Link(#[from] LinkError),
+    /// The agent asked to enroll and the MN refused (a spent secret, say).
+    #[error("the agent cannot enroll")]
+    Enroll(#[from] TlsError),
 }
 
 impl HostError {
@@ -129,7 +144,7 @@ impl HostError {
     /// error): what is left to do there can wait for the host's return.
     pub fn is_unreachable(&self) -> bool {
         match self {
-            HostError::Disconnected(_) => true,
+            HostError::Disconnected(_) | HostError::Enroll(_) => true,
             HostError::Link(LinkError::Agent { .. }) => false,
             HostError::Link(_) => true,
             HostError::Runtime(_) | HostError::Store(_) => false,
@@ -142,6 +157,8 @@ impl HostError {
 pub struct HostActor {
     record: HostRecord,
     generation: u64,
+    /// The certificate pinned for the host's agent.
+    pin: Option<Fingerprint>,
     link: Option<Link>,
     /// Bumped on every new link, so news of an old link's death is ignored.
     epoch: u64,
@@ -338,9 +355,11 @@ impl Entity for Hosts {
         if let Some(stored) = &stored {
             self.publish(&stored.record);
         }
+        let pin = self.db.get::<AgentCertRecord>(id)?.map(|s| s.record.fingerprint);
         Ok(stored.map(|stored| HostActor {
             record: stored.record,
             generation: stored.generation,
+            pin,
             link: None,
             epoch: 0,
             redial_attempts: 0,
@@ -412,7 +431,6 @@ async fn connect_op(ctx: OpCtx<Hosts>) -> Result<(), HostError> {
         return Ok(());
     }
     let id = ctx.id();
-    let config = &ctx.entity().config;
     let (ip, port) = ctx.with_state(|s| (s.record.management_ip.clone(), s.record.agent_port));
     let addr = match format!("{ip}:{port}").parse() {
         Ok(addr) => addr,
@@ -422,26 +440,17 @@ async fn connect_op(ctx: OpCtx<Hosts>) -> Result<(), HostError> {
             return Err(HostError::Link(LinkError::Refused { reason: error }));
         }
     };
-    let link_config = LinkConfig {
-        addr,
-        token: config.agent_token.clone(),
-        host_uuid: id,
-        connect_timeout: config.connect_timeout,
-        ping_interval: config.ping_interval,
-        ping_timeout: config.ping_timeout,
-        ping_failures: config.ping_failures,
-    };
     if ctx.with_state(|s| s.record.status != HostStatus::Disconnected) {
         set_status(&ctx, HostStatus::Connecting, None).await?;
     }
-    let (link, welcome, mut events) = match Link::connect(&link_config).await {
+    let (link, welcome, mut events) = match dial(&ctx, addr).await {
         Ok(linked) => linked,
         Err(error) => {
             let message = strato_runtime::error_chain(&error);
             tracing::warn!(host = %id, %addr, error = %message, "cannot connect to the agent");
             set_status(&ctx, HostStatus::Disconnected, Some(message)).await?;
             schedule_redial(&ctx);
-            return Err(error.into());
+            return Err(error);
         }
     };
     ctx.entity().links.write().expect("links lock").insert(ctx.id(), link.clone());
@@ -474,6 +483,75 @@ async fn connect_op(ctx: OpCtx<Hosts>) -> Result<(), HostError> {
             .call(id, link_op("link-lost"), move |ctx| async move { link_lost(ctx, epoch).await })
             .await;
     });
+    Ok(())
+}
+
+/// Dials the host's agent and checks its certificate; an agent asking to enroll is enrolled,
+/// then dialed again.
+async fn dial(
+    ctx: &OpCtx<Hosts>,
+    addr: std::net::SocketAddr,
+) -> Result<(Link, Welcome, tokio::sync::mpsc::UnboundedReceiver<AgentEvent>), HostError> {
+    let config = &ctx.entity().config;
+    let link_config = |pin| LinkConfig {
+        addr,
+        tls: config.pki.tls().clone(),
+        pin,
+        host_uuid: ctx.id(),
+        connect_timeout: config.connect_timeout,
+        ping_interval: config.ping_interval,
+        ping_timeout: config.ping_timeout,
+        ping_failures: config.ping_failures,
+    };
+    let mut enrolled = false;
+    loop {
+        let pin = ctx.with_state(|s| s.pin);
+        match Link::connect(&link_config(pin)).await? {
+            Handshake::Linked { link, welcome, events, certificate } => {
+                if pin != Some(certificate) {
+                    tracing::info!(host = %ctx.id(), %certificate, "pinned the certificate this MN issued to the agent");
+                    pin_certificate(ctx, certificate).await?;
+                }
+                return Ok((link, welcome, events));
+            }
+            // Once per connect: an agent that asks again did not keep its certificate.
+            Handshake::Enroll(enrollment) if !enrolled => {
+                enroll(ctx, *enrollment).await?;
+                enrolled = true;
+            }
+            Handshake::Enroll(enrollment) => {
+                let reason = "the agent asks to enroll again right after it enrolled; it did not keep its certificate (see its log)".to_owned();
+                enrollment.refuse(reason.clone()).await;
+                return Err(LinkError::Refused { reason }.into());
+            }
+        }
+    }
+}
+
+/// Spends the agent's bootstrap secret, pins the certificate the CA issues for its key, and
+/// sends it to the agent.
+async fn enroll(ctx: &OpCtx<Hosts>, enrollment: Enrollment) -> Result<(), HostError> {
+    let pki = &ctx.entity().config.pki;
+    let issued = match pki.enroll(enrollment.secret(), enrollment.public_key(), ctx.id()) {
+        Ok(issued) => issued,
+        Err(error) => {
+            enrollment.refuse(error.to_string()).await;
+            return Err(error.into());
+        }
+    };
+    // Pinned before the agent has it: an agent holding a certificate is one the MN knows.
+    pin_certificate(ctx, issued.fingerprint).await?;
+    enrollment.issue(issued.certificate).await?;
+    tracing::info!(host = %ctx.id(), certificate = %issued.fingerprint, "agent enrolled");
+    Ok(())
+}
+
+/// Records `fingerprint` as the host's pin.
+async fn pin_certificate(ctx: &OpCtx<Hosts>, fingerprint: Fingerprint) -> Result<(), HostError> {
+    let mut batch = Batch::new();
+    batch.put(&AgentCertRecord { host_uuid: ctx.id(), fingerprint }, Expect::Any)?;
+    ctx.entity().db.commit(batch).await?;
+    ctx.with_state(|s| s.pin = Some(fingerprint));
     Ok(())
 }
 

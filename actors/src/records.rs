@@ -113,6 +113,33 @@ impl Record for HostRecord {
     }
 }
 
+/// The certificate the MN pinned for a host's agent: the one it issued when the agent
+/// enrolled, or the one this MN's CA issued that the agent presented when the host (added
+/// again) had no pin yet. A link to an agent presenting another certificate is refused. It is
+/// kept beside the host's record, keyed by the host's UUID, so the host's inventory is
+/// unchanged, and deleted with the host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentCertRecord {
+    /// The host (the record's key).
+    pub host_uuid: Uuid,
+    /// The SHA-256 of the agent's certificate.
+    pub fingerprint: strato_proto::Fingerprint,
+}
+
+impl Record for AgentCertRecord {
+    const KIND: &'static str = "agent-cert";
+    const VERSION: u16 = 1;
+
+    fn id(&self) -> Uuid {
+        self.host_uuid
+    }
+
+    fn indexes() -> &'static [Index<Self>] {
+        &[]
+    }
+}
+
 /// A VM.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -503,7 +530,7 @@ impl Record for ImageRecord {
 }
 
 /// Adds to `batch` the deletion of everything that hangs on `resource`: its user and system
-/// tags and its ownership record. Every deletion of a resource calls it, so they go in the
+/// tags, its ownership record and, for a host, its agent's pinned certificate. Every deletion of a resource calls it, so they go in the
 /// same atomic write as the resource.
 pub fn delete_refs(
     db: &strato_storage::Db,
@@ -519,6 +546,8 @@ pub fn delete_refs(
         batch.delete::<SystemTag>(id, Expect::Any);
     }
     batch.delete::<crate::owners::OwnerRecord>(resource, Expect::Any);
+    // A host's pin goes with it, whichever path deletes it (an addition that failed, too).
+    batch.delete::<AgentCertRecord>(resource, Expect::Any);
     Ok(())
 }
 
@@ -528,6 +557,7 @@ pub fn delete_refs(
 /// many entries were added.
 pub fn ensure_indexes(db: &strato_storage::Db) -> Result<usize, strato_storage::StoreError> {
     Ok(db.ensure_indexes::<HostRecord>()?
+        + db.ensure_indexes::<AgentCertRecord>()?
         + db.ensure_indexes::<VmRecord>()?
         + db.ensure_indexes::<L3NetworkRecord>()?
         + db.ensure_indexes::<L2NetworkRecord>()?

@@ -48,7 +48,7 @@ async fn setup(failures: &[(&str, f64)], ips: u8) -> Setup {
         .unwrap(),
     );
     let (agent, addr) = serve(driver.clone(), "127.0.0.1:0".parse().unwrap()).await;
-    let c = mn(TOKEN);
+    let c = mn();
     let host = host_record(addr);
     put(&c.db, &host);
     host::connect(&c.hosts, host.uuid).await.unwrap();

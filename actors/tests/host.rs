@@ -1,11 +1,11 @@
 //! The host actor against a real agent server (the sim driver, in this process, over TCP on
 //! loopback): connect and reconcile, strangers, events behind the MN's back, a lost link,
-//! automatic redial and reconciliation again, a refused token.
+//! automatic redial and reconciliation again, enrollment and the pin, an agent of another MN.
 
 use std::time::{Duration, Instant, SystemTime};
 
 use strato_actors::host::{self, HostError, StrangerFound};
-use strato_actors::records::HostStatus;
+use strato_actors::records::{AgentCertRecord, HostStatus};
 use strato_actors::vm;
 use strato_actors::vm::state::VmState;
 use strato_agent::driver::Driver;
@@ -21,7 +21,7 @@ async fn connect_reconciles_and_reports_strangers() {
     let dir = tempfile::tempdir().unwrap();
     let driver = sim(dir.path());
     let (_agent, addr) = serve(driver.clone(), "127.0.0.1:0".parse().unwrap()).await;
-    let c = mn(TOKEN);
+    let c = mn();
     let host = host_record(addr);
     put(&c.db, &host);
     // A: the store says Stopped, the hypervisor runs it. B: the store says Running, no domain.
@@ -79,7 +79,7 @@ async fn a_lost_agent_makes_the_host_disconnected_and_it_comes_back_by_itself() 
     let dir = tempfile::tempdir().unwrap();
     let driver = sim(dir.path());
     let (agent, addr) = serve(driver.clone(), "127.0.0.1:0".parse().unwrap()).await;
-    let c = mn(TOKEN);
+    let c = mn();
     let host = host_record(addr);
     put(&c.db, &host);
     let a = vm_record(host.uuid, VmState::Running);
@@ -125,15 +125,41 @@ async fn a_lost_agent_makes_the_host_disconnected_and_it_comes_back_by_itself() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_wrong_token_leaves_the_host_disconnected_with_the_agents_reason() {
+async fn the_first_contact_enrolls_the_agent_and_pins_its_certificate() {
     let dir = tempfile::tempdir().unwrap();
     let (_agent, addr) = serve(sim(dir.path()), "127.0.0.1:0".parse().unwrap()).await;
-    let c = mn("not-the-token");
+    let c = mn();
+    let host = host_record(addr);
+    put(&c.db, &host);
+    host::connect(&c.hosts, host.uuid).await.unwrap();
+    let pin = c.db.get::<AgentCertRecord>(host.uuid).unwrap().expect("pinned").record;
+    // Reconnecting presents the same certificate, and deleting the host takes its pin.
+    host::reconnect(&c.hosts, host.uuid).await.unwrap();
+    assert_eq!(c.db.get::<AgentCertRecord>(host.uuid).unwrap().unwrap().record, pin);
+    host::remove(&c.hosts, host.uuid).await.unwrap();
+    assert!(c.db.get::<AgentCertRecord>(host.uuid).unwrap().is_none());
+    // The machine added again as a new host: its certificate is this MN's, so it is trusted
+    // and pinned for the new host.
+    let again = host_record(addr);
+    put(&c.db, &again);
+    host::connect(&c.hosts, again.uuid).await.unwrap();
+    let repinned = c.db.get::<AgentCertRecord>(again.uuid).unwrap().unwrap().record;
+    assert_eq!(repinned.fingerprint, pin.fingerprint);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_of_another_mn_leaves_the_host_disconnected_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let other = TestCa::new();
+    let (_agent, addr) =
+        serve_for(&other, "sim-test", sim(dir.path()), "127.0.0.1:0".parse().unwrap()).await;
+    let c = mn();
     let host = host_record(addr);
     put(&c.db, &host);
     let error = host::connect(&c.hosts, host.uuid).await.unwrap_err();
-    assert!(error.to_string().contains("wrong token"), "{error}");
+    assert!(error.to_string().contains("TLS handshake"), "{error}");
     let record = host::record(&c.hosts, host.uuid).await.unwrap();
     assert_eq!(record.status, HostStatus::Disconnected);
-    assert!(record.last_error.unwrap().contains("wrong token"));
+    assert!(record.last_error.unwrap().contains("TLS handshake"));
+    assert!(c.db.get::<AgentCertRecord>(host.uuid).unwrap().is_none(), "nothing pinned");
 }

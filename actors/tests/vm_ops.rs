@@ -29,7 +29,7 @@ async fn walk_the_lifecycle(
     serve_it: impl std::future::Future<Output = std::net::SocketAddr>,
 ) {
     let addr = serve_it.await;
-    let c = mn(TOKEN);
+    let c = mn();
     let host = host_record(addr);
     put(&c.db, &host);
     let vm = vm_record(host.uuid, VmState::Stopped);
@@ -83,11 +83,7 @@ async fn lifecycle_on_libvirt_test_driver() {
     let driver: Arc<dyn Driver> = Arc::new(Libvirt::open("test:///default").unwrap());
     let served = driver.clone();
     walk_the_lifecycle(driver, async move {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let agent = strato_agent::server::Agent::new("libvirt-test", TOKEN.into(), served);
-        tokio::spawn(agent.serve(listener));
-        addr
+        serve_for(ca(), "libvirt-test", served, "127.0.0.1:0".parse().unwrap()).await.1
     })
     .await;
 }
@@ -108,7 +104,7 @@ async fn a_failed_start_lands_where_the_table_says() {
         .unwrap(),
     );
     let (_agent, addr) = serve(driver.clone(), "127.0.0.1:0".parse().unwrap()).await;
-    let c = mn(TOKEN);
+    let c = mn();
     let host = host_record(addr);
     put(&c.db, &host);
     let vm = vm_record(host.uuid, VmState::Stopped);
@@ -124,7 +120,7 @@ async fn destroying_on_a_disconnected_host_succeeds_and_the_gc_finishes_after_re
     let dir = tempfile::tempdir().unwrap();
     let driver = sim(dir.path());
     let (agent, addr) = serve(driver.clone(), "127.0.0.1:0".parse().unwrap()).await;
-    let c = mn(TOKEN);
+    let c = mn();
     ops::register_gc(&c.runtime, c.hosts.clone());
     c.runtime.gc().start().unwrap();
     let host = host_record(addr);
@@ -164,7 +160,7 @@ async fn cold_migration_within_the_cluster_and_offering_changes() {
     let (driver_a, driver_b) = (sim(dir_a.path()), sim(dir_b.path()));
     let (_agent_a, addr_a) = serve(driver_a.clone(), "127.0.0.1:0".parse().unwrap()).await;
     let (_agent_b, addr_b) = serve(driver_b.clone(), "127.0.0.1:0".parse().unwrap()).await;
-    let c = mn(TOKEN);
+    let c = mn();
     let a = host_record(addr_a);
     let b =
         strato_actors::records::HostRecord { cluster_uuid: a.cluster_uuid, ..host_record(addr_b) };
@@ -229,7 +225,7 @@ async fn maintenance_moves_vms_away_or_stops_them() {
     let (driver_a, driver_b) = (sim(dir_a.path()), sim(dir_b.path()));
     let (_agent_a, addr_a) = serve(driver_a.clone(), "127.0.0.1:0".parse().unwrap()).await;
     let (_agent_b, addr_b) = serve(driver_b.clone(), "127.0.0.1:0".parse().unwrap()).await;
-    let c = mn(TOKEN);
+    let c = mn();
     let a = host_record(addr_a);
     let b = HostRecord { cluster_uuid: a.cluster_uuid, ..host_record(addr_b) };
     put(&c.db, &a);
@@ -275,7 +271,7 @@ async fn destroyed_vms_are_expunged_after_their_grace_period_unless_recovered() 
     let (_agent, addr) = serve(sim(dir.path()), "127.0.0.1:0".parse().unwrap()).await;
     let policy =
         ops::VmPolicy { expunge_after: Some(Duration::from_millis(300)), ..Default::default() };
-    let c = mn_with(TOKEN, policy);
+    let c = mn_with(policy);
     ops::register_gc(&c.runtime, c.hosts.clone());
     c.runtime.gc().start().unwrap();
     let host = host_record(addr);
@@ -308,7 +304,7 @@ async fn a_state_left_by_an_interrupted_operation_is_repaired_by_the_next_one() 
     let dir = tempfile::tempdir().unwrap();
     let driver = sim(dir.path());
     let (_agent, addr) = serve(driver.clone(), "127.0.0.1:0".parse().unwrap()).await;
-    let c = mn(TOKEN);
+    let c = mn();
     let host = host_record(addr);
     put(&c.db, &host);
     // An MN killed in the middle of a stop left the VM Stopping, its domain still running.
@@ -335,7 +331,7 @@ async fn a_state_left_by_an_interrupted_operation_is_repaired_by_the_next_one() 
 async fn a_host_being_deleted_books_nothing_more() {
     let dir = tempfile::tempdir().unwrap();
     let (_agent, addr) = serve(sim(dir.path()), "127.0.0.1:0".parse().unwrap()).await;
-    let c = mn(TOKEN);
+    let c = mn();
     let host = host_record(addr);
     put(&c.db, &host);
     host::connect(&c.hosts, host.uuid).await.unwrap();

@@ -11,10 +11,10 @@
 //! console is [`console`] (the page) over [`debug`] (`/debug/...` JSON and operator actions).
 //!
 //! The `strato` binary runs the main job (`strato up`: the server, a local agent and the
-//! resources a first VM needs, [`up`]), the server alone (`strato server`), prints the
-//! agents' token (`strato agent-token`) and the OpenAPI document (`strato openapi`), is the
-//! client (`strato <ApiName> ...`, `strato shell`), and keeps the runtime demonstration
-//! ([`demo`]).
+//! resources a first VM needs, [`up`]), the server alone (`strato server`), writes the
+//! bootstrap files that enroll agents (`strato agent-bootstrap`), prints the OpenAPI
+//! document (`strato openapi`), is the client (`strato <ApiName> ...`, `strato shell`), and
+//! keeps the runtime demonstration ([`demo`]).
 
 pub mod auth;
 pub mod catalog;

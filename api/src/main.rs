@@ -1,4 +1,4 @@
-//! The `strato` binary: the management node server, the main job, the agents' token, the
+//! The `strato` binary: the management node server, the main job, agents' bootstrap files, the
 //! OpenAPI document, the runtime demonstration, and the client commands (`strato
 //! <ApiName> key=value ...`, `strato shell`; see `strato_api::cli`).
 
@@ -53,7 +53,7 @@ enum Cmd {
     /// The main job: the management node, a local agent on libvirt's test driver, and the
     /// resources a first VM needs; prints the API's address and a curl line that creates a VM.
     Up {
-        /// Where the store, the token and the agent's data live.
+        /// Where the store, the CA and the agent's data live.
         #[arg(long, default_value = "strato-data")]
         data_dir: PathBuf,
         /// Where the API listens.
@@ -65,7 +65,7 @@ enum Cmd {
     },
     /// Runs the management node: the HTTP API on its embedded store.
     Server {
-        /// Where the store and the agents' token live.
+        /// Where the store and the CA live.
         #[arg(long, default_value = "strato-data")]
         data_dir: PathBuf,
         /// Where the API listens.
@@ -79,11 +79,19 @@ enum Cmd {
         #[arg(long, default_value_t = 86_400)]
         vm_expunge_period_secs: u64,
     },
-    /// Prints the token agents must be started with (made on first use).
-    AgentToken {
+    /// Writes a bootstrap file (mode 0600) that enrolls an agent with this node: the node's CA
+    /// certificate and a one-time secret per host, valid for 24 hours. Copy it to the host and
+    /// start the agent with `--bootstrap-file FILE`.
+    AgentBootstrap {
         /// The management node's data directory.
         #[arg(long, default_value = "strato-data")]
         data_dir: PathBuf,
+        /// Where to write the file.
+        #[arg(long)]
+        out: PathBuf,
+        /// Secrets in the file: one per host the agent serves (a simulated agent serves many).
+        #[arg(long, default_value_t = 1)]
+        hosts: usize,
     },
     /// Prints the API's OpenAPI document (the committed copy is `api/openapi.json`).
     Openapi,
@@ -169,7 +177,7 @@ fn main() -> std::process::ExitCode {
                     data_dir.display()
                 );
                 println!(
-                    "strato: agents need the token from `strato agent-token --data-dir {}`",
+                    "strato: agents enroll with a file from `strato agent-bootstrap --data-dir {} --out FILE`",
                     data_dir.display()
                 );
                 if let Some(password) = &mn.generated_admin_password {
@@ -188,8 +196,13 @@ fn main() -> std::process::ExitCode {
             Cmd::Up { data_dir, listen, agent_listen } => {
                 strato_api::up::run(&data_dir, listen, agent_listen).await
             }
-            Cmd::AgentToken { data_dir } => {
-                println!("{}", strato_api::mn::agent_token(&data_dir)?);
+            Cmd::AgentBootstrap { data_dir, out, hosts } => {
+                strato_proto::tls::private_dir(&data_dir)?;
+                strato_api::mn::pki(&data_dir)?.mint(&out, hosts)?;
+                println!(
+                    "strato: wrote {} ({hosts} one-time secret(s), valid for 24 hours); copy it to the host and start strato-agent with --bootstrap-file",
+                    out.display()
+                );
                 Ok(())
             }
             Cmd::Api(_) | Cmd::Shell | Cmd::Debug { .. } => {

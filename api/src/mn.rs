@@ -89,20 +89,28 @@ pub fn admin_password(data_dir: &Path) -> Result<String, BoxError> {
     })
 }
 
-/// The token agents must be started with, kept in the data directory (made on first use).
-pub fn agent_token(data_dir: &Path) -> Result<String, std::io::Error> {
-    let path = data_dir.join("agent-token");
-    match std::fs::read_to_string(&path) {
-        Ok(token) => Ok(token.trim().to_owned()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(data_dir)?;
-            let token =
-                format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
-            std::fs::write(&path, &token)?;
-            Ok(token)
-        }
-        Err(e) => Err(e),
+/// The MN's certificate authority, in `pki/` under the data directory (made on first use):
+/// what the agent links are authenticated with and what bootstrap files are minted from.
+pub fn pki(data_dir: &Path) -> Result<strato_proto::pki::Pki, strato_proto::TlsError> {
+    strato_proto::pki::Pki::open(&data_dir.join("pki"))
+}
+
+/// Makes the data directory private (0700) and its secrets 0600, repairing looser modes, and
+/// removes the agent token earlier versions kept there (mode 0644, so any local user could
+/// read it; the link is on certificates now).
+fn secure_data_dir(data_dir: &Path) -> Result<(), strato_proto::TlsError> {
+    strato_proto::tls::private_dir(data_dir)?;
+    let password = data_dir.join(INITIAL_ADMIN_PASSWORD);
+    if password.exists() {
+        strato_proto::tls::private_file(&password)?;
     }
+    let token = data_dir.join("agent-token");
+    if token.exists() {
+        std::fs::remove_file(&token)
+            .map_err(|source| strato_proto::TlsError::Io { path: token.clone(), source })?;
+        tracing::warn!(path = %token.display(), "removed the agent token of an earlier version: agents enroll with a bootstrap file now (`strato agent-bootstrap`)");
+    }
+    Ok(())
 }
 
 impl Mn {
@@ -112,8 +120,8 @@ impl Mn {
         host_config: Option<HostConfig>,
         vm_policy: VmPolicy,
     ) -> Result<Arc<Mn>, BoxError> {
-        std::fs::create_dir_all(data_dir)?;
-        let token = agent_token(data_dir)?;
+        secure_data_dir(data_dir)?;
+        let pki = std::sync::Arc::new(pki(data_dir)?);
         let db = Db::open_sled(&data_dir.join("store"))?;
         // A store written by an older build may lack entries of indexes added since.
         strato_actors::records::ensure_indexes(&db)?;
@@ -137,7 +145,7 @@ impl Mn {
         let runtime = Runtime::start(RuntimeConfig::default(), db.clone())?;
         let vms = runtime.register(Vms::with_policy(db.clone(), vm_policy), Vms::kind_config());
         let hosts = runtime.register(
-            Hosts::new(db.clone(), host_config.unwrap_or_else(|| HostConfig::with_token(token))),
+            Hosts::new(db.clone(), host_config.unwrap_or_else(|| HostConfig::new(pki))),
             Hosts::kind_config(),
         );
         let l3s = runtime.register(L3s::new(db.clone()), L3s::kind_config());

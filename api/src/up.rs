@@ -3,6 +3,12 @@
 //! an image, an instance offering, an L2 network and an L3 network with an IP range through
 //! the real HTTP API, and prints the API's address and a curl line that creates a VM.
 //!
+//! The agent enrolls as a real host's does: `strato up` writes a bootstrap file (the node's CA
+//! and a one-time secret) into the data directory and starts the agent with
+//! `--bootstrap-file`, and the agent gets its certificate when the host is registered; the
+//! spent file is removed then. An agent that enrolled on an earlier run starts with its
+//! certificate and needs no file.
+//!
 //! Running it again on the same data directory reuses what it registered (found by name).
 //! The agent is a child process and stops with `strato up`; on the test driver that is a
 //! host reboot, so VMs from an earlier run come back Stopped.
@@ -14,10 +20,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use strato_proto::tls::AgentIdentity;
 use strato_runtime::BoxError;
 
 use crate::client::{self, ClientError};
-use crate::mn::{Mn, agent_token};
+use crate::mn::Mn;
 use crate::server;
 
 /// Prints a line to stdout, ignoring a closed stdout: a user piping `strato up` into `head`
@@ -71,24 +78,18 @@ pub async fn run(
     listen: SocketAddr,
     agent_listen: SocketAddr,
 ) -> Result<(), BoxError> {
-    let token = agent_token(data_dir)?;
     let agent_dir = data_dir.join("agent");
-    std::fs::create_dir_all(&agent_dir)?;
-    let child = Command::new(agent_binary()?)
-        .args([
-            "--listen",
-            &agent_listen.to_string(),
-            "--driver",
-            "libvirt",
-            "--libvirt-uri",
-            "test:///default",
-            "--token",
-            &token,
-            "--data-dir",
-        ])
-        .arg(&agent_dir)
-        .stdout(Stdio::null())
-        .spawn()?;
+    let bootstrap = data_dir.join("agent-bootstrap");
+    let mut agent = Command::new(agent_binary()?);
+    agent
+        .args(["--listen", &agent_listen.to_string()])
+        .args(["--driver", "libvirt", "--libvirt-uri", "test:///default", "--data-dir"])
+        .arg(&agent_dir);
+    if !AgentIdentity::is_enrolled(&agent_dir) {
+        crate::mn::pki(data_dir)?.mint(&bootstrap, 1)?;
+        agent.arg("--bootstrap-file").arg(&bootstrap);
+    }
+    let child = agent.stdout(Stdio::null()).spawn()?;
     let _agent = AgentChild(child);
     let started = Instant::now();
     while std::net::TcpStream::connect(agent_listen).is_err() {
@@ -185,6 +186,10 @@ pub async fn run(
     })
     .await??;
     let (offering, l3, image) = registered;
+    if AgentIdentity::is_enrolled(&agent_dir) && bootstrap.exists() {
+        // Spent when the agent enrolled.
+        std::fs::remove_file(&bootstrap)?;
+    }
     say!();
     say!("Strato is up. The API: http://{listen}/v1");
     say!("Logged in as admin; requests carry the session (it lasts two hours; log in again with");

@@ -20,8 +20,8 @@ struct Env {
 fn env_with(server_env: &[(&str, &str)]) -> Env {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("mn");
-    let token = token(&data);
-    let (agent_proc, agent) = start_agent(&token, &dir.path().join("agent"));
+    let bootstrap = bootstrap(&data);
+    let (agent_proc, agent) = start_agent(&bootstrap, &dir.path().join("agent"));
     let api = free_port();
     let server = start_server_with(&data, api, server_env);
     Env { api, agent, _server: server, _agent: agent_proc, _dir: dir }

@@ -71,9 +71,9 @@ async fn wait_for_text(client: &Client, what: &str, check: impl Fn(&str) -> bool
 async fn the_console_in_a_real_browser() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("mn");
-    let token = token(&data);
+    let bootstrap = bootstrap(&data);
     let (_agent, agent) = start_agent_with(
-        &token,
+        &bootstrap,
         &dir.path().join("agent"),
         &["--driver", "sim", "--sim-latency-ms", "2000"],
     );

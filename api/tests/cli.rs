@@ -47,8 +47,8 @@ impl Cli {
 fn the_cli_logs_in_creates_with_progress_queries_and_reports_errors() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("mn");
-    let token = token(&data);
-    let (_agent, agent) = start_agent(&token, &dir.path().join("agent"));
+    let bootstrap = bootstrap(&data);
+    let (_agent, agent) = start_agent(&bootstrap, &dir.path().join("agent"));
     let api = free_port();
     let _server = start_server(&data, api);
     let cli = Cli { server: format!("http://{api}"), config: tempfile::tempdir().unwrap() };

@@ -20,10 +20,10 @@ fn get(api: std::net::SocketAddr, path: &str) -> Value {
 fn the_console_shows_actors_queues_flows_and_links_and_acts_with_audit() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("mn");
-    let token = token(&data);
+    let bootstrap = bootstrap(&data);
     // A slow simulated hypervisor: every command takes 1.5 s.
     let (_agent, agent) = start_agent_with(
-        &token,
+        &bootstrap,
         &dir.path().join("agent"),
         &["--driver", "sim", "--sim-latency-ms", "1500"],
     );

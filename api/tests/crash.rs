@@ -14,9 +14,9 @@ use serde_json::json;
 fn sigkill_of_the_mn_mid_creation_leaves_every_job_terminal_and_nothing_behind() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("mn");
-    let token = token(&data);
+    let bootstrap = bootstrap(&data);
     let (_agent, agent) = start_agent_with(
-        &token,
+        &bootstrap,
         &dir.path().join("agent"),
         &["--driver", "sim", "--sim-latency-ms", "600"],
     );
@@ -70,19 +70,9 @@ fn sigkill_of_the_mn_mid_creation_leaves_every_job_terminal_and_nothing_behind()
         std::thread::sleep(Duration::from_millis(100));
     }
     // The hypervisor runs exactly those VMs: interrupted creations left no domain.
-    let domains = tokio::runtime::Runtime::new().unwrap().block_on(async {
-        let config = strato_proto::LinkConfig {
-            addr: agent,
-            token: token.clone(),
-            host_uuid: uuid::Uuid::nil(),
-            connect_timeout: Duration::from_secs(5),
-            ping_interval: Duration::from_secs(5),
-            ping_timeout: Duration::from_secs(5),
-            ping_failures: 3,
-        };
-        let (_, welcome, _) = strato_proto::Link::connect(&config).await.unwrap();
-        welcome.domains
-    });
+    // Read on the host, as an operator would: the MN holds the agent's one session.
+    let state_file = dir.path().join("agent").join("sim-domains.json");
+    let domains = strato_agent::driver::sim::Sim::domains_in(&state_file).unwrap();
     assert_eq!(domains.len(), succeeded, "{domains:?}");
     // No address leaked: the free ones can all be taken again.
     for _ in succeeded..4 {

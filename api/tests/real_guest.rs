@@ -65,10 +65,10 @@ fn a_real_guest_boots_and_powers_off_on_a_graceful_stop() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let data = dir.path().join("mn");
-    let token = token(&data);
+    let bootstrap = bootstrap(&data);
     let agent_dir = dir.path().join("agent");
     let (_agent, agent) =
-        start_agent_with(&token, &agent_dir, &["--driver", "libvirt", "--libvirt-uri", URI]);
+        start_agent_with(&bootstrap, &agent_dir, &["--driver", "libvirt", "--libvirt-uri", URI]);
     let api = free_port();
     let image_dir = std::path::Path::new(&image).parent().unwrap().display().to_string();
     let _server = start_server_with(&data, api, &[("STRATO_IMAGE_FILE_DIRS", &image_dir)]);

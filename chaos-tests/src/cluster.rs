@@ -9,16 +9,22 @@
 //!
 //! It can kill any of them with SIGKILL and start them again, with injected faults switched
 //! on (failpoints in the MN, slow or failing driver calls in an agent) or off. It also reads
-//! what each agent's hypervisor runs by dialing the agent directly, past its proxy, as an
-//! operator would look at the host.
+//! what each agent's hypervisor runs from the sim driver's state on the host, as an operator
+//! would look at the host with `virsh list` (the agent admits one MN session at a time, so
+//! the harness cannot dial it beside the MN).
+//!
+//! Each agent enrolls with the MN as a real host's does: the cluster mints a bootstrap file
+//! for it (`strato agent-bootstrap`) before its first start; later starts use the certificate
+//! it enrolled with.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use strato_proto::{DomainInfo, Link, LinkConfig};
-use uuid::Uuid;
+use strato_agent::driver::sim::Sim;
+use strato_proto::DomainInfo;
+use strato_proto::tls::AgentIdentity;
 
 use crate::Error;
 use crate::proxy::FaultProxy;
@@ -103,30 +109,55 @@ pub struct Cluster {
     dir: PathBuf,
     strato: PathBuf,
     agent_binary: PathBuf,
-    token: String,
     api: SocketAddr,
     mn: Option<Child>,
     agents: Vec<AgentSlot>,
-    runtime: std::sync::Arc<tokio::runtime::Runtime>,
+    /// The runtime the fault proxies run on, alive as long as the cluster.
+    _proxies: tokio::runtime::Runtime,
 }
 
-/// How to ask one agent what its hypervisor runs, without holding the cluster (dialing a
-/// partitioned agent takes seconds, and faults must not wait for it).
+/// How to read what one host's hypervisor runs, without holding the cluster.
 #[derive(Debug)]
 pub struct HypervisorView {
-    config: LinkConfig,
-    runtime: std::sync::Arc<tokio::runtime::Runtime>,
+    state_file: PathBuf,
+    agent_up: bool,
 }
 
 impl HypervisorView {
-    /// What the hypervisor runs, asked of the agent directly.
+    /// What the hypervisor runs, from its state on the host; an error while its agent is
+    /// down (what the MN could learn of the host then is nothing).
     pub fn domains(&self) -> Result<Vec<DomainInfo>, Error> {
-        self.runtime.block_on(async {
-            let (link, welcome, _) = Link::connect(&self.config).await?;
-            link.close();
-            Ok(welcome.domains)
-        })
+        if !self.agent_up {
+            return Err("the host's agent is down".into());
+        }
+        Ok(Sim::domains_in(&self.state_file)?)
     }
+}
+
+/// Writes a bootstrap file with `hosts` secrets to `out`, minted by `strato` (the binary) in
+/// the MN's data directory `data_dir`.
+pub(crate) fn bootstrap(
+    strato: &Path,
+    data_dir: &Path,
+    out: &Path,
+    hosts: usize,
+) -> Result<(), Error> {
+    let made = Command::new(strato)
+        .arg("agent-bootstrap")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--out")
+        .arg(out)
+        .args(["--hosts", &hosts.to_string()])
+        .output()?;
+    if !made.status.success() {
+        return Err(format!(
+            "strato agent-bootstrap failed: {}",
+            String::from_utf8_lossy(&made.stderr).trim()
+        )
+        .into());
+    }
+    Ok(())
 }
 
 /// Each simulated host's size: small, so capacity runs out under the workload.
@@ -187,15 +218,8 @@ impl Cluster {
         std::fs::create_dir_all(dir)?;
         let strato = sibling("strato")?;
         let agent_binary = sibling("strato-agent")?;
-        let out = Command::new(&strato)
-            .arg("agent-token")
-            .arg("--data-dir")
-            .arg(dir.join("mn"))
-            .output()?;
-        let token = String::from_utf8(out.stdout)?.trim().to_owned();
-        let runtime = std::sync::Arc::new(
-            tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?,
-        );
+        let runtime =
+            tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
         let isolated = namespaces && namespaces_available();
         let mut agents = Vec::with_capacity(hosts);
         for i in 0..hosts {
@@ -206,19 +230,19 @@ impl Cluster {
                 (None, free_port()?)
             };
             let proxy = runtime.block_on(FaultProxy::start(addr, seed ^ (i as u64 + 1)))?;
-            let dir = dir.join(format!("agent-{i}"));
-            std::fs::create_dir_all(&dir)?;
-            agents.push(AgentSlot { addr, dir, child: None, proxy, netns });
+            let agent_dir = dir.join(format!("agent-{i}"));
+            std::fs::create_dir_all(&agent_dir)?;
+            bootstrap(&strato, &dir.join("mn"), &agent_dir.join("bootstrap"), 1)?;
+            agents.push(AgentSlot { addr, dir: agent_dir, child: None, proxy, netns });
         }
         let mut cluster = Cluster {
             dir: dir.to_owned(),
             strato,
             agent_binary,
-            token,
             api: free_port()?,
             mn: None,
             agents,
-            runtime,
+            _proxies: runtime,
         };
         for i in 0..hosts {
             cluster.start_agent(i, &[])?;
@@ -311,8 +335,11 @@ impl Cluster {
             }
             None => Command::new(&self.agent_binary),
         };
+        if !AgentIdentity::is_enrolled(&slot.dir) {
+            command.arg("--bootstrap-file").arg(slot.dir.join("bootstrap"));
+        }
         let mut child = command
-            .args(["--driver", "sim", "--listen", &slot.addr.to_string(), "--token", &self.token])
+            .args(["--driver", "sim", "--listen", &slot.addr.to_string()])
             .args(["--sim-cpus", HOST_CPUS, "--sim-memory-mib", HOST_MEMORY_MIB, "--journal"])
             .arg("--data-dir")
             .arg(&slot.dir)
@@ -330,18 +357,13 @@ impl Cluster {
         kill(&mut self.agents[i].child);
     }
 
-    /// How to ask host `i`'s agent what its hypervisor runs.
+    /// How to read what host `i`'s hypervisor runs.
     pub fn hypervisor(&self, i: usize) -> HypervisorView {
-        let config = LinkConfig {
-            addr: self.agents[i].addr,
-            token: self.token.clone(),
-            host_uuid: Uuid::nil(),
-            connect_timeout: Duration::from_secs(3),
-            ping_interval: Duration::from_secs(5),
-            ping_timeout: Duration::from_secs(5),
-            ping_failures: 3,
-        };
-        HypervisorView { config, runtime: self.runtime.clone() }
+        let slot = &self.agents[i];
+        HypervisorView {
+            state_file: slot.dir.join("sim-domains.json"),
+            agent_up: slot.child.is_some(),
+        }
     }
 }
 

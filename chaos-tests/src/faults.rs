@@ -31,7 +31,8 @@ pub enum Fault {
     Partition { host: usize, length: Duration },
     /// Cut and heal a host's link `cycles` times.
     Flap { host: usize, cycles: u32, cut: Duration, healed: Duration },
-    /// Drop, duplicate and delay frames on a host's link for `length`.
+    /// Drop, duplicate and delay TLS records on a host's link for `length` (a dropped or
+    /// duplicated record ends the connection: TLS detects it).
     Frames { host: usize, faults: FrameFaults, length: Duration },
     /// Restart an agent with every driver call slowed by `latency`, for `length`.
     SlowDriver { host: usize, latency: Duration, length: Duration },

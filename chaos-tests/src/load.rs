@@ -132,14 +132,9 @@ fn create_vm(
 /// Runs the load and prints its figures.
 pub fn run(config: &LoadConfig, work_dir: &Path) -> Result<(), Error> {
     let data = work_dir.join("mn");
-    let token = {
-        let out = Command::new(sibling("strato")?)
-            .arg("agent-token")
-            .arg("--data-dir")
-            .arg(&data)
-            .output()?;
-        String::from_utf8(out.stdout)?.trim().to_owned()
-    };
+    // One secret per simulated host: each enrolls when it is registered.
+    let bootstrap = work_dir.join("agent-bootstrap");
+    crate::cluster::bootstrap(&sibling("strato")?, &data, &bootstrap, config.sim_hosts as usize)?;
     // One agent process simulating every host, on consecutive ports.
     let base = {
         let mut base = 20_000 + (std::process::id() % 20_000) as u16;
@@ -162,14 +157,10 @@ pub fn run(config: &LoadConfig, work_dir: &Path) -> Result<(), Error> {
                 "--listen-base",
                 &base.to_string(),
             ])
-            .args([
-                "--sim-latency-ms",
-                &config.sim_latency_ms.to_string(),
-                "--token",
-                &token,
-                "--data-dir",
-            ])
+            .args(["--sim-latency-ms", &config.sim_latency_ms.to_string(), "--data-dir"])
             .arg(work_dir.join("agent"))
+            .arg("--bootstrap-file")
+            .arg(&bootstrap)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?,

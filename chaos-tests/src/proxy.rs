@@ -1,12 +1,14 @@
 //! The fault proxy: the MN reaches each agent through one, on loopback, so a run can cut,
 //! delay, drop and duplicate what travels on the link without touching the machine's network.
 //!
-//! It understands the link's framing (a 4-byte big-endian length, then the payload), so it
-//! drops and duplicates whole frames, as a lossy network under a message protocol would
-//! deliver them, never half a frame. A partition holds frames back (TCP would retransmit them
-//! after the cut heals) until the MN gives up on the link by its own heartbeats and closes it.
-//! The first frame in each direction (the handshake) is never dropped or duplicated: the
-//! faults are for the running link.
+//! The link is TLS end to end (the proxy holds no key and reads nothing), so the proxy works
+//! on TLS records (a 5-byte header whose last two bytes are the length, then the payload):
+//! it delays, drops and duplicates whole records, never half of one. A dropped or duplicated
+//! record is tampering that TLS detects, so it ends the connection at once, at whichever end
+//! reads it, as tampering on a real network would: the MN notices, reconnects and resends by
+//! command id. A partition holds records back (TCP would retransmit them after the cut heals)
+//! until the MN gives up on the link by its own heartbeats and closes it; the agent ends its
+//! side when the MN's close or its idle time reaches it.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,14 +19,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 
-/// What happens to the link's frames.
+/// What happens to the link's TLS records.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct FrameFaults {
-    /// The probability that a frame is dropped.
+    /// The probability that a record is dropped.
     pub drop: f64,
-    /// The probability that a frame is sent twice.
+    /// The probability that a record is sent twice.
     pub duplicate: f64,
-    /// How long each frame is held before it goes on.
+    /// How long each record is held before it goes on.
     pub delay: Duration,
 }
 
@@ -49,7 +51,7 @@ impl std::fmt::Debug for FaultProxy {
 
 impl FaultProxy {
     /// Listens on a free loopback port and forwards every connection to `target`; `seed` fixes
-    /// which frames the faults hit.
+    /// which records the faults hit.
     pub async fn start(target: SocketAddr, seed: u64) -> std::io::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
@@ -90,26 +92,26 @@ impl FaultProxy {
         self.shared.partitioned.store(cut, Ordering::SeqCst);
     }
 
-    /// Sets the frame faults (the default is none).
+    /// Sets the record faults (the default is none).
     pub fn set_faults(&self, faults: FrameFaults) {
         *self.shared.faults.lock().expect("faults lock") = faults;
     }
 }
 
-async fn read_frame(from: &mut OwnedReadHalf) -> Option<Vec<u8>> {
-    let mut len = [0u8; 4];
-    from.read_exact(&mut len).await.ok()?;
-    let size = u32::from_be_bytes(len) as usize;
-    let mut frame = Vec::with_capacity(4 + size);
-    frame.extend_from_slice(&len);
-    frame.resize(4 + size, 0);
-    from.read_exact(&mut frame[4..]).await.ok()?;
-    Some(frame)
+/// Reads one TLS record, header included.
+async fn read_record(from: &mut OwnedReadHalf) -> Option<Vec<u8>> {
+    let mut header = [0u8; 5];
+    from.read_exact(&mut header).await.ok()?;
+    let size = u16::from_be_bytes([header[3], header[4]]) as usize;
+    let mut record = Vec::with_capacity(5 + size);
+    record.extend_from_slice(&header);
+    record.resize(5 + size, 0);
+    from.read_exact(&mut record[5..]).await.ok()?;
+    Some(record)
 }
 
 async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, shared: Arc<Shared>) {
-    let mut first = true;
-    while let Some(frame) = read_frame(&mut from).await {
+    while let Some(record) = read_record(&mut from).await {
         while shared.partitioned.load(Ordering::SeqCst) {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -121,16 +123,15 @@ async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, shared: Arc<Share
         if !faults.delay.is_zero() {
             tokio::time::sleep(faults.delay).await;
         }
-        if !first && dropped {
+        if dropped {
             continue;
         }
-        if to.write_all(&frame).await.is_err() {
+        if to.write_all(&record).await.is_err() {
             return;
         }
-        if !first && duplicated && to.write_all(&frame).await.is_err() {
+        if duplicated && to.write_all(&record).await.is_err() {
             return;
         }
-        first = false;
     }
     let _ = to.shutdown().await;
 }

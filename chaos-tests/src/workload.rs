@@ -538,6 +538,11 @@ fn act(
         Action::AddHost => {
             let Some(index) = shared.deleted_hosts.lock().expect("deleted").pop() else { return };
             let addr = shared.infra.host_addrs[index];
+            // An addition the MN died in may have left the host registered after all. One
+            // machine is one host (its agent serves one MN session): not added twice.
+            if hosts.iter().any(|h| h["agentPort"].as_u64() == Some(u64::from(addr.port()))) {
+                return;
+            }
             let body = json!({ "params": {
                 "name": format!("host-{index}"),
                 "managementIp": addr.ip().to_string(),

@@ -1,8 +1,11 @@
 //! The host agent, `strato-agent`: the process on every KVM host that the management node
 //! commands.
 //!
-//! - [`server`]: the link's agent end: the handshake (protocol version and token), commands
-//!   run at most once per id and never past their deadline, heartbeats, pushed events.
+//! - [`server`]: the link's agent end: TLS that admits the MN's certificate alone, one live
+//!   MN session, the handshake, commands run at most once per id and never past their
+//!   deadline, heartbeats, pushed events.
+//! - [`credentials`]: the agent's certificate from its MN, or its bootstrap secret until it
+//!   enrolls.
 //! - [`driver`]: the hypervisor behind one trait: [`driver::libvirt`] through the `virt`
 //!   crate, and [`driver::sim`], a pure-Rust hypervisor with latency and injected failures,
 //!   for tests and for simulating many hosts from one process.
@@ -11,6 +14,7 @@
 //! It depends only on `strato-proto`: never on the runtime, the store or the domain, so an
 //! agent can be upgraded and reasoned about on its own.
 
+pub mod credentials;
 pub mod driver;
 pub mod server;
 pub mod volumes;

@@ -2,10 +2,15 @@
 //!
 //! ```text
 //! strato-agent --listen 127.0.0.1:7070 --driver libvirt --libvirt-uri test:///default \
-//!              --token TOKEN --data-dir DIR
+//!              --bootstrap-file FILE --data-dir DIR
 //! strato-agent --driver sim --sim-hosts 1000 --listen-base 127.0.0.1:20000 \
-//!              --token-file FILE --data-dir DIR
+//!              --bootstrap-file FILE --data-dir DIR
 //! ```
+//!
+//! The bootstrap file (from `strato agent-bootstrap` on the MN) is needed until the agent has
+//! enrolled; an agent of several simulated hosts needs a file with one secret per host
+//! (`--hosts N`). Secrets are read from the file only: never from the command line or the
+//! environment, where other local users could read them.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -14,10 +19,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
+use strato_agent::credentials::Credentials;
 use strato_agent::driver::Driver;
 use strato_agent::driver::libvirt::Libvirt;
 use strato_agent::driver::sim::{Sim, SimConfig};
 use strato_agent::server::Agent;
+use strato_proto::pki::{Bootstrap, BootstrapSecret};
+use strato_proto::tls::{AgentIdentity, private_dir};
 use tokio::net::TcpListener;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -39,13 +47,11 @@ struct Args {
     /// libvirt's URI (`qemu:///system` on a real host, `test:///default` for tests).
     #[arg(long, default_value = "qemu:///system")]
     libvirt_uri: String,
-    /// The token the MN must present (see `strato agent-token`).
-    #[arg(long, env = "STRATO_AGENT_TOKEN", conflicts_with = "token_file")]
-    token: Option<String>,
-    /// A file holding the token.
+    /// The bootstrap file from `strato agent-bootstrap` (needed until the agent enrolled):
+    /// the MN's CA and a one-time secret per host.
     #[arg(long)]
-    token_file: Option<PathBuf>,
-    /// Where the agent keeps its state.
+    bootstrap_file: Option<PathBuf>,
+    /// Where the agent keeps its state, its key and its certificate (made mode 0700).
     #[arg(long, default_value = "strato-agent-data")]
     data_dir: PathBuf,
     /// Simulated hosts served by this process (sim driver).
@@ -75,21 +81,72 @@ struct Args {
     journal: bool,
 }
 
-/// An agent for one host, journaled into `dir` when asked.
+/// The bootstrap file, read when a host first needs it: an enrolled agent needs none, and
+/// its spent file may be gone.
+struct BootstrapFile {
+    path: Option<PathBuf>,
+    read: Option<Bootstrap>,
+}
+
+impl BootstrapFile {
+    /// The secret for host `index`, if a file was given.
+    fn secret(&mut self, index: usize, hosts: u32) -> Result<Option<BootstrapSecret>, String> {
+        let Some(path) = &self.path else { return Ok(None) };
+        if self.read.is_none() {
+            self.read = Some(Bootstrap::read(path).map_err(|e| error_chain(&e))?);
+        }
+        let secret = self.read.as_ref().and_then(|b| b.secret(index));
+        match secret {
+            Some(secret) => Ok(Some(secret)),
+            None => Err(format!(
+                "{} holds no secret for host {index}: make one with `strato agent-bootstrap --hosts {hosts}`",
+                path.display()
+            )),
+        }
+    }
+}
+
+/// An agent for host `index`, with its credentials in `dir` (or, before it enrolled, its
+/// secret from `bootstrap`), journaled into `dir` when asked.
 fn agent(
     args: &Args,
+    index: usize,
     label: &str,
-    token: String,
+    bootstrap: &mut BootstrapFile,
     driver: Arc<dyn Driver>,
     dir: &std::path::Path,
 ) -> Result<Arc<Agent>, String> {
+    let secret = if AgentIdentity::is_enrolled(dir) {
+        if bootstrap.path.is_some() {
+            tracing::info!(
+                host = label,
+                "enrolled already: --bootstrap-file is not needed (its secret is spent), and the file can be deleted"
+            );
+        }
+        None
+    } else {
+        bootstrap.secret(index, args.sim_hosts)?
+    };
+    let credentials = Credentials::open(dir, secret).map_err(|e| error_chain(&e))?;
     if args.journal {
         let path = dir.join("journal.jsonl");
-        Agent::journaled(label, token, driver, &path)
+        Agent::journaled(label, credentials, driver, &path)
             .map_err(|e| format!("cannot open {}: {e}", path.display()))
     } else {
-        Ok(Agent::new(label, token, driver))
+        Ok(Agent::new(label, credentials, driver))
     }
+}
+
+/// An error with its causes, on one line.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 fn parse_failure(text: &str) -> Result<(String, f64), String> {
@@ -99,16 +156,6 @@ fn parse_failure(text: &str) -> Result<(String, f64), String> {
         return Err(format!("{p} is not between 0 and 1"));
     }
     Ok((command.to_owned(), p))
-}
-
-fn token(args: &Args) -> Result<String, String> {
-    match (&args.token, &args.token_file) {
-        (Some(token), _) => Ok(token.clone()),
-        (None, Some(file)) => std::fs::read_to_string(file)
-            .map(|t| t.trim().to_owned())
-            .map_err(|e| format!("cannot read the token file {}: {e}", file.display())),
-        (None, None) => Err("no token: pass --token, --token-file or STRATO_AGENT_TOKEN".into()),
-    }
 }
 
 #[tokio::main]
@@ -132,9 +179,9 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), String> {
-    let token = token(&args)?;
-    std::fs::create_dir_all(&args.data_dir)
-        .map_err(|e| format!("cannot create {}: {e}", args.data_dir.display()))?;
+    let mut bootstrap = BootstrapFile { path: args.bootstrap_file.clone(), read: None };
+    // The data directory holds the agent's key: its owner alone reads it.
+    private_dir(&args.data_dir).map_err(|e| error_chain(&e))?;
     let mut tasks = Vec::new();
     match args.driver {
         DriverKind::Libvirt => {
@@ -153,7 +200,7 @@ async fn run(args: Args) -> Result<(), String> {
                 .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
             tracing::info!(listen = %args.listen, uri = %args.libvirt_uri, "agent ready");
             println!("strato-agent: listening on {} (libvirt {})", args.listen, args.libvirt_uri);
-            let agent = agent(&args, "libvirt", token, driver, &args.data_dir)?;
+            let agent = agent(&args, 0, "libvirt", &mut bootstrap, driver, &args.data_dir)?;
             tasks.push(tokio::spawn(agent.serve(listener)));
         }
         DriverKind::Sim => {
@@ -170,8 +217,7 @@ async fn run(args: Args) -> Result<(), String> {
                 } else {
                     args.data_dir.clone()
                 };
-                std::fs::create_dir_all(&dir)
-                    .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+                private_dir(&dir).map_err(|e| error_chain(&e))?;
                 let sim = Sim::open(SimConfig {
                     hostname: format!("sim-{i}"),
                     cpus: args.sim_cpus,
@@ -185,7 +231,8 @@ async fn run(args: Args) -> Result<(), String> {
                 let listener = TcpListener::bind(addr)
                     .await
                     .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-                let agent = agent(&args, &format!("sim-{i}"), token.clone(), Arc::new(sim), &dir)?;
+                let label = format!("sim-{i}");
+                let agent = agent(&args, i as usize, &label, &mut bootstrap, Arc::new(sim), &dir)?;
                 tasks.push(tokio::spawn(agent.serve(listener)));
             }
             tracing::info!(hosts = args.sim_hosts, base = %base, "simulated agent ready");

@@ -1,10 +1,26 @@
-//! The agent's end of the link: accepts the MN, checks the handshake, runs commands at most
-//! once per id and never past their deadline, answers pings and pushes domain events.
+//! The agent's end of the link: accepts the MN over TLS, checks the handshake, enrolls when it
+//! has no certificate yet, runs commands at most once per id and never past their deadline,
+//! answers pings and pushes domain events.
+//!
+//! Only the MN gets in: the TLS handshake requires a client certificate from the MN's CA
+//! marked for client authentication (see [`strato_proto::tls`]), so neither a client without
+//! one (whatever secret it knows) nor a host's certificate nor another CA's opens a session.
+//!
+//! One live MN session at a time. A second client with a valid MN certificate, while a
+//! session is live, is refused with a reason (after a short grace, [`SESSION_GRACE`], for the
+//! MN's own reconnect, whose old session may end a moment after the new one arrives). It is
+//! refused rather than let in to take over, because one MN commands a host: a second MN
+//! process on a copy of the data directory must not drive the same guests, and a restarted MN
+//! needs no takeover, since its old session ends when its process does (the kernel closes
+//! the connection), or, when the MN vanished without closing it (a power cut, a partition),
+//! when the session has been silent for the idle time the MN set in its hello (longer than
+//! the MN itself waits for a silent agent).
 //!
 //! Commands run concurrently (each on its own task; driver calls on the blocking pool), so a
 //! slow `start` does not hold up a ping. Results are remembered by command id (the last
 //! [`REMEMBERED`] ids): a repeated id, even while the first is still running, gets the first
-//! result and the driver is not called again.
+//! result and the driver is not called again. Frames are read by a task of their own, so
+//! waiting for an event or the idle timer never cuts a frame in half.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::Write;
@@ -15,18 +31,26 @@ use std::time::{Duration, SystemTime};
 use strato_proto::client::unix_ms;
 use strato_proto::codec::{read_frame, write_frame};
 use strato_proto::{
-    AgentError, AgentErrorCode, AgentEvent, ClientHello, Command, FromAgent, PROTOCOL_VERSION,
-    Reply, Request, Response, ServerHello, ToAgent,
+    AgentError, AgentErrorCode, AgentEvent, ClientHello, Command, EnrollReply, FromAgent,
+    PROTOCOL_VERSION, Reply, Request, Response, ServerHello, ToAgent,
 };
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OnceCell, broadcast, mpsc};
+use tokio::sync::{OnceCell, Semaphore, broadcast, mpsc};
 use uuid::Uuid;
 
+use crate::credentials::Credentials;
 use crate::driver::Driver;
 use crate::volumes;
 
 /// How many command results the agent remembers for repeats.
 pub const REMEMBERED: usize = 65_536;
+
+/// How long a second MN session waits for the live one to end before it is refused.
+pub const SESSION_GRACE: Duration = Duration::from_secs(1);
+
+/// How long the TLS handshake and the MN's hello may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 type Outcome = Result<Reply, AgentError>;
 
@@ -39,7 +63,11 @@ struct Memory {
 
 /// One agent serving one host.
 pub struct Agent {
-    token: String,
+    credentials: Credentials,
+    /// One permit: the live MN session holds it.
+    session: Arc<Semaphore>,
+    /// Where the live session comes from, for the refusal of a second one.
+    live_peer: Mutex<Option<SocketAddr>>,
     driver: Arc<dyn Driver>,
     events: broadcast::Sender<AgentEvent>,
     memory: Mutex<Memory>,
@@ -61,9 +89,9 @@ impl std::fmt::Debug for Agent {
 }
 
 impl Agent {
-    /// An agent for `driver`, accepting MNs that present `token`.
-    pub fn new(label: &str, token: String, driver: Arc<dyn Driver>) -> Arc<Self> {
-        Self::build(label, token, driver, None)
+    /// An agent for `driver`, authenticating with `credentials`.
+    pub fn new(label: &str, credentials: Credentials, driver: Arc<dyn Driver>) -> Arc<Self> {
+        Self::build(label, credentials, driver, None)
     }
 
     /// Like [`Agent::new`], and appends every command it executes to the file at `journal`:
@@ -72,17 +100,17 @@ impl Agent {
     /// no two jobs changed one domain at once.
     pub fn journaled(
         label: &str,
-        token: String,
+        credentials: Credentials,
         driver: Arc<dyn Driver>,
         journal: &std::path::Path,
     ) -> std::io::Result<Arc<Self>> {
         let file = std::fs::OpenOptions::new().create(true).append(true).open(journal)?;
-        Ok(Self::build(label, token, driver, Some(Mutex::new(file))))
+        Ok(Self::build(label, credentials, driver, Some(Mutex::new(file))))
     }
 
     fn build(
         label: &str,
-        token: String,
+        credentials: Credentials,
         driver: Arc<dyn Driver>,
         journal: Option<Mutex<std::fs::File>>,
     ) -> Arc<Self> {
@@ -90,7 +118,9 @@ impl Agent {
         driver.watch(events.clone());
         let (stop, _) = tokio::sync::watch::channel(false);
         Arc::new(Agent {
-            token,
+            credentials,
+            session: Arc::new(Semaphore::new(1)),
+            live_peer: Mutex::default(),
             driver,
             events,
             memory: Mutex::default(),
@@ -127,11 +157,27 @@ impl Agent {
         }
     }
 
-    async fn link(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
-        let _ = stream.set_nodelay(true);
-        let (mut reader, mut writer) = stream.into_split();
+    async fn link(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
+        let _ = tcp.set_nodelay(true);
+        let acceptor = tokio_rustls::TlsAcceptor::from(self.credentials.config());
+        let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(error)) if error.kind() == std::io::ErrorKind::UnexpectedEof => {
+                tracing::info!(host = %self.label, %peer, "the client left during the TLS handshake");
+                return;
+            }
+            Ok(Err(error)) => {
+                tracing::warn!(host = %self.label, %peer, %error, "TLS handshake refused: only the MN's certificate opens the link");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(host = %self.label, %peer, "no TLS handshake within 10 s");
+                return;
+            }
+        };
+        let (mut reader, mut writer) = tokio::io::split(stream);
         let hello = match tokio::time::timeout(
-            Duration::from_secs(10),
+            HANDSHAKE_TIMEOUT,
             read_frame::<_, ClientHello>(&mut reader),
         )
         .await
@@ -147,24 +193,83 @@ impl Agent {
                 return;
             }
         };
-        let refusal = if hello.protocol != PROTOCOL_VERSION {
-            Some(format!(
+        if hello.protocol != PROTOCOL_VERSION {
+            let reason = format!(
                 "protocol mismatch: the MN speaks version {}, this agent speaks {PROTOCOL_VERSION}",
                 hello.protocol
-            ))
-        } else if hello.token != self.token {
-            Some(
-                "wrong token: start the agent with the token `strato agent-token` prints"
-                    .to_owned(),
-            )
-        } else {
-            None
-        };
-        if let Some(reason) = refusal {
-            tracing::warn!(host = %self.label, %peer, %reason, "link refused");
-            let _ = write_frame(&mut writer, &ServerHello::Refused { reason }).await;
+            );
+            refuse(&self.label, peer, &mut writer, reason).await;
             return;
         }
+        let permit = match tokio::time::timeout(SESSION_GRACE, self.session.clone().acquire_owned())
+            .await
+        {
+            Ok(Ok(permit)) => permit,
+            _ => {
+                let live = *self.live_peer.lock().expect("live peer lock");
+                let from = live.map_or_else(String::new, |p| format!(" (from {p})"));
+                let reason = format!(
+                    "another MN session is live on this agent{from}: one MN commands a host at a time"
+                );
+                refuse(&self.label, peer, &mut writer, reason).await;
+                return;
+            }
+        };
+        *self.live_peer.lock().expect("live peer lock") = Some(peer);
+        if let Some(secret) = self.credentials.waiting() {
+            self.enroll(&mut reader, &mut writer, secret, peer).await;
+        } else {
+            let idle = Duration::from_millis(hello.idle_timeout_ms);
+            self.serve_session(reader, writer, &hello, idle, peer).await;
+        }
+        *self.live_peer.lock().expect("live peer lock") = None;
+        drop(permit);
+    }
+
+    /// Asks the MN for a certificate with the bootstrap secret, and stores what it issues.
+    async fn enroll<R, W>(&self, reader: &mut R, writer: &mut W, secret: String, peer: SocketAddr)
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        tracing::info!(host = %self.label, %peer, "asking the MN for a certificate with the bootstrap secret");
+        let asked = ServerHello::Enroll { secret, public_key: self.credentials.public_key() };
+        if write_frame(writer, &asked).await.is_err() {
+            return;
+        }
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame::<_, EnrollReply>(reader)).await {
+            Ok(Ok(Some(EnrollReply::Issued { certificate }))) => {
+                match self.credentials.enroll(&certificate) {
+                    Ok(()) => {
+                        tracing::info!(host = %self.label, %peer, "enrolled: the MN's certificate is stored; the bootstrap file is spent and can be deleted")
+                    }
+                    Err(error) => {
+                        tracing::error!(host = %self.label, error = &error as &dyn std::error::Error, "cannot keep the certificate the MN issued")
+                    }
+                }
+            }
+            Ok(Ok(Some(EnrollReply::Refused { reason }))) => {
+                tracing::error!(host = %self.label, %peer, %reason, "the MN refused to enroll this agent");
+            }
+            Ok(Ok(None)) | Ok(Err(_)) | Err(_) => {
+                tracing::warn!(host = %self.label, %peer, "the MN did not answer the enrollment");
+            }
+        }
+        let _ = tokio::io::AsyncWriteExt::shutdown(writer).await;
+    }
+
+    /// Serves one MN session until it closes, falls silent for `idle`, or the agent stops.
+    async fn serve_session<R, W>(
+        self: &Arc<Self>,
+        mut reader: R,
+        mut writer: W,
+        hello: &ClientHello,
+        idle: Duration,
+        peer: SocketAddr,
+    ) where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
         // Subscribe before listing, so no change falls between the list and the events.
         let mut events = self.events.subscribe();
         let driver = self.driver.clone();
@@ -176,8 +281,7 @@ impl Agent {
             Ok(Ok(welcome)) => welcome,
             Ok(Err(error)) => {
                 let reason = format!("the agent cannot read its hypervisor: {error}");
-                tracing::error!(host = %self.label, %reason, "link refused");
-                let _ = write_frame(&mut writer, &ServerHello::Refused { reason }).await;
+                refuse(&self.label, peer, &mut writer, reason).await;
                 return;
             }
             Err(_) => return,
@@ -201,28 +305,46 @@ impl Agent {
                 }
             }
         });
+        let (frames_tx, mut frames) = mpsc::channel(64);
+        let reader_task = tokio::spawn(async move {
+            loop {
+                let frame = read_frame::<_, ToAgent>(&mut reader).await;
+                let end = !matches!(frame, Ok(Some(_)));
+                if frames_tx.send(frame).await.is_err() || end {
+                    break;
+                }
+            }
+        });
         let mut stop = self.stop.subscribe();
+        let mut heard = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 _ = stop.wait_for(|s| *s) => break,
-                frame = read_frame::<_, ToAgent>(&mut reader) => match frame {
-                    Ok(Some(ToAgent::Ping { seq })) => {
-                        let _ = out.send(FromAgent::Pong { seq });
+                () = tokio::time::sleep_until(heard + idle) => {
+                    tracing::warn!(host = %self.label, %peer, idle_ms = idle.as_millis() as u64, "nothing from the MN for its idle time; ending the session");
+                    break;
+                }
+                frame = frames.recv() => {
+                    heard = tokio::time::Instant::now();
+                    match frame {
+                        Some(Ok(Some(ToAgent::Ping { seq }))) => {
+                            let _ = out.send(FromAgent::Pong { seq });
+                        }
+                        Some(Ok(Some(ToAgent::Request(request)))) => {
+                            let (agent, out) = (self.clone(), out.clone());
+                            tokio::spawn(async move {
+                                let id = request.id;
+                                let result = agent.execute(request).await;
+                                let _ = out.send(FromAgent::Response(Response { id, result }));
+                            });
+                        }
+                        Some(Ok(None)) | None => break,
+                        Some(Err(error)) => {
+                            tracing::warn!(host = %self.label, %peer, error = &error as &dyn std::error::Error, "link read failed");
+                            break;
+                        }
                     }
-                    Ok(Some(ToAgent::Request(request))) => {
-                        let (agent, out) = (self.clone(), out.clone());
-                        tokio::spawn(async move {
-                            let id = request.id;
-                            let result = agent.execute(request).await;
-                            let _ = out.send(FromAgent::Response(Response { id, result }));
-                        });
-                    }
-                    Ok(None) => break,
-                    Err(error) => {
-                        tracing::warn!(host = %self.label, %peer, error = &error as &dyn std::error::Error, "link read failed");
-                        break;
-                    }
-                },
+                }
                 event = events.recv() => match event {
                     Ok(event) => {
                         let _ = out.send(FromAgent::Event(event));
@@ -237,6 +359,7 @@ impl Agent {
                 },
             }
         }
+        reader_task.abort();
         writer_task.abort();
         tracing::info!(host = %self.label, %peer, "MN link closed");
     }
@@ -338,6 +461,18 @@ impl Agent {
         }
         result
     }
+}
+
+/// Answers the handshake with a refusal, logged on both sides.
+async fn refuse<W: AsyncWrite + Unpin>(
+    label: &str,
+    peer: SocketAddr,
+    writer: &mut W,
+    reason: String,
+) {
+    tracing::warn!(host = %label, %peer, %reason, "link refused");
+    let _ = write_frame(writer, &ServerHello::Refused { reason }).await;
+    let _ = tokio::io::AsyncWriteExt::shutdown(writer).await;
 }
 
 fn drive(driver: &dyn Driver, command: Command) -> Outcome {

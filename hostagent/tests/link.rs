@@ -1,79 +1,18 @@
 //! The real `strato-agent` binary, driven over a real link: handshake checks, commands on
-//! libvirt's test driver and on sim, at-most-once by id, deadlines, events, heartbeats.
+//! libvirt's test driver and on sim, at-most-once by id, deadlines, events, heartbeats. Each
+//! agent enrolls with the test's MN on first contact (the TLS checks themselves are in
+//! `tls.rs`).
 
-use std::net::{SocketAddr, TcpListener};
-use std::process::{Child, Command as Process, Stdio};
+mod common;
+
+use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
 
+use common::*;
 use strato_proto::{
-    AgentErrorCode, AgentEvent, Command, DomainSpec, DomainState, Link, LinkConfig, LinkError,
-    Reply,
+    AgentErrorCode, AgentEvent, Command, DomainSpec, DomainState, Link, LinkError, Reply,
 };
 use uuid::Uuid;
-
-const TOKEN: &str = "test-token";
-
-struct AgentProcess {
-    child: Child,
-    addr: SocketAddr,
-    dir: tempfile::TempDir,
-}
-
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
-}
-
-fn start_agent(driver_args: &[&str]) -> AgentProcess {
-    start_agent_on(free_port(), driver_args, None)
-}
-
-/// Starts the agent listening on `addr` (or, with several simulated hosts, from
-/// `listen_base`), and waits until the first host accepts connections.
-fn start_agent_on(
-    addr: SocketAddr,
-    driver_args: &[&str],
-    listen_base: Option<SocketAddr>,
-) -> AgentProcess {
-    let dir = tempfile::tempdir().unwrap();
-    let child = Process::new(env!("CARGO_BIN_EXE_strato-agent"))
-        .args(["--listen", &addr.to_string(), "--token", TOKEN, "--data-dir"])
-        .arg(dir.path())
-        .args(driver_args)
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    // Wait until it accepts connections.
-    let probe = listen_base.unwrap_or(addr);
-    for _ in 0..200 {
-        if std::net::TcpStream::connect(probe).is_ok() {
-            return AgentProcess { child, addr, dir };
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    let mut child = child;
-    let _ = child.kill();
-    let _ = child.wait();
-    panic!("the agent did not start listening on {probe}");
-}
-
-fn config(addr: SocketAddr, token: &str) -> LinkConfig {
-    LinkConfig {
-        addr,
-        token: token.into(),
-        host_uuid: Uuid::new_v4(),
-        connect_timeout: Duration::from_secs(5),
-        ping_interval: Duration::from_millis(100),
-        ping_timeout: Duration::from_millis(500),
-        ping_failures: 3,
-    }
-}
 
 fn soon() -> SystemTime {
     SystemTime::now() + Duration::from_secs(10)
@@ -98,21 +37,13 @@ async fn state_of(link: &Link, uuid: Uuid) -> Option<DomainState> {
 }
 
 #[tokio::test]
-async fn a_wrong_token_is_refused_with_a_reason() {
-    let agent = start_agent(&["--driver", "sim"]);
-    match Link::connect(&config(agent.addr, "wrong")).await {
-        Err(LinkError::Refused { reason }) => assert!(reason.contains("wrong token"), "{reason}"),
-        other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
-    }
-}
-
-#[tokio::test]
 async fn a_protocol_mismatch_is_refused_with_a_reason() {
     use strato_proto::codec::{read_frame, write_frame};
-    let agent = start_agent(&["--driver", "sim"]);
-    let mut stream = tokio::net::TcpStream::connect(agent.addr).await.unwrap();
+    let mn = Mn::new();
+    let agent = start_agent(&mn, &["--driver", "sim"]);
+    let (mut stream, _) = mn.pki.tls().dial(agent.addr).await.unwrap();
     let hello =
-        strato_proto::ClientHello { protocol: 999, token: TOKEN.into(), host_uuid: Uuid::nil() };
+        strato_proto::ClientHello { protocol: 999, host_uuid: Uuid::nil(), idle_timeout_ms: 5000 };
     write_frame(&mut stream, &hello).await.unwrap();
     match read_frame::<_, strato_proto::ServerHello>(&mut stream).await.unwrap() {
         Some(strato_proto::ServerHello::Refused { reason }) => {
@@ -123,8 +54,9 @@ async fn a_protocol_mismatch_is_refused_with_a_reason() {
 }
 
 async fn lifecycle(driver_args: &[&str]) {
-    let agent = start_agent(driver_args);
-    let (link, welcome, mut events) = Link::connect(&config(agent.addr, TOKEN)).await.unwrap();
+    let mn = Mn::new();
+    let agent = start_agent(&mn, driver_args);
+    let (link, welcome, mut events) = agent.link(&mn).await.unwrap();
     assert!(welcome.facts.cpus > 0);
     let vm = spec("vm-1");
     let uuid = vm.uuid;
@@ -204,8 +136,9 @@ async fn lifecycle_on_sim() {
 
 #[tokio::test]
 async fn a_killed_agent_closes_the_link_and_sim_state_survives_a_restart() {
-    let mut agent = start_agent(&["--driver", "sim"]);
-    let (link, _, _) = Link::connect(&config(agent.addr, TOKEN)).await.unwrap();
+    let mn = Mn::new();
+    let mut agent = start_agent(&mn, &["--driver", "sim"]);
+    let (link, _, _) = agent.link(&mn).await.unwrap();
     let vm = spec("survivor");
     link.request(Command::DefineDomain(vm.clone()), soon(), None).await.unwrap();
     link.request(Command::StartDomain { uuid: vm.uuid }, soon(), None).await.unwrap();
@@ -216,32 +149,15 @@ async fn a_killed_agent_closes_the_link_and_sim_state_survives_a_restart() {
         link.request(Command::ListDomains, soon(), None).await,
         Err(LinkError::Closed)
     ));
-    // A sim agent restarted on the same data is not a host reboot: the domain still runs.
-    let dir = agent.dir.path().to_path_buf();
-    let child = Process::new(env!("CARGO_BIN_EXE_strato-agent"))
-        .args([
-            "--listen",
-            &agent.addr.to_string(),
-            "--token",
-            TOKEN,
-            "--driver",
-            "sim",
-            "--data-dir",
-        ])
-        .arg(&dir)
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    agent.child = child;
-    let mut welcome = None;
-    for _ in 0..100 {
-        if let Ok((_, w, _)) = Link::connect(&config(agent.addr, TOKEN)).await {
-            welcome = Some(w);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let welcome = welcome.expect("reconnected");
+    // A sim agent restarted on the same data is not a host reboot: the domain still runs. It
+    // needs no bootstrap file: it presents the certificate it enrolled with, still pinned.
+    let pin = agent.pin.lock().unwrap().take();
+    let (addr, dir) = (agent.addr, std::mem::replace(&mut agent.dir, tempfile::tempdir().unwrap()));
+    drop(agent);
+    let agent = start_agent_on(addr, None, dir, &["--driver", "sim"], None);
+    *agent.pin.lock().unwrap() = pin;
+    let (_, welcome, _) = agent.link(&mn).await.expect("reconnected with the pinned certificate");
+    assert_eq!(*agent.pin.lock().unwrap(), pin, "the same certificate");
     let domain =
         welcome.domains.iter().find(|d| d.uuid == vm.uuid).expect("domain reported in the welcome");
     assert_eq!(domain.state, DomainState::Running);
@@ -249,6 +165,8 @@ async fn a_killed_agent_closes_the_link_and_sim_state_survives_a_restart() {
 
 #[tokio::test]
 async fn injected_sim_failures_and_many_hosts_in_one_process() {
+    let mn = Mn::new();
+    let bootstrap = mn.bootstrap(3);
     let base = free_port();
     let base_text = base.to_string();
     let args = [
@@ -261,18 +179,21 @@ async fn injected_sim_failures_and_many_hosts_in_one_process() {
         "--sim-fail",
         "start-domain=1.0",
     ];
-    let _agent = start_agent_on(free_port(), &args, Some(base));
+    let dir = tempfile::tempdir().unwrap();
+    let _agent = start_agent_on(free_port(), Some(&bootstrap), dir, &args, Some(base));
     let mut hostnames = Vec::new();
     for i in 0..3u16 {
         let addr = SocketAddr::new(base.ip(), base.port() + i);
+        let pin = std::sync::Mutex::default();
         let mut linked = None;
         for _ in 0..100 {
-            if let Ok(l) = Link::connect(&config(addr, TOKEN)).await {
+            if let Ok(l) = mn.link(addr, &pin).await {
                 linked = Some(l);
                 break;
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
+        // Each host enrolled with a secret of its own.
         let (link, welcome, _) = linked.expect("each simulated host has its own port");
         hostnames.push(welcome.facts.hostname);
         let vm = spec("doomed");
@@ -289,8 +210,9 @@ async fn injected_sim_failures_and_many_hosts_in_one_process() {
 #[tokio::test]
 async fn commands_on_one_domain_run_one_at_a_time_and_are_journaled() {
     // Each driver call takes 200 ms: a start and a destroy sent together would overlap.
-    let agent = start_agent(&["--driver", "sim", "--sim-latency-ms", "200", "--journal"]);
-    let (link, _, _) = Link::connect(&config(agent.addr, TOKEN)).await.unwrap();
+    let mn = Mn::new();
+    let agent = start_agent(&mn, &["--driver", "sim", "--sim-latency-ms", "200", "--journal"]);
+    let (link, _, _) = agent.link(&mn).await.unwrap();
     let domain = spec("serial");
     link.request(Command::DefineDomain(domain.clone()), soon(), None).await.unwrap();
     let (started, destroyed) = tokio::join!(

@@ -1,10 +1,13 @@
 //! A management node's runtime with host and VM kinds, and in-process agents (the real
-//! agent server and sim driver, over TCP on loopback).
+//! agent server and sim driver, over TLS on loopback). The MNs of one test binary share one
+//! CA; an agent enrolls with it on first contact, as a real one does, and keeps its identity
+//! by address, so an agent served again on its address is the same machine.
 
 #![allow(dead_code, unreachable_pub)]
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use strato_actors::host::{HostConfig, Hosts, Overcommit};
@@ -12,15 +15,55 @@ use strato_actors::l3::L3s;
 use strato_actors::records::{HostRecord, HostState, HostStatus, VmRecord};
 use strato_actors::vm::Vms;
 use strato_actors::vm::state::VmState;
+use strato_agent::credentials::Credentials;
 use strato_agent::driver::Driver;
 use strato_agent::driver::sim::{Sim, SimConfig};
 use strato_agent::server::Agent;
 use strato_proto::DomainSpec;
+use strato_proto::pki::{Bootstrap, Pki};
+use strato_proto::tls::AgentIdentity;
 use strato_runtime::{Kind, Runtime, RuntimeConfig};
 use strato_storage::{Batch, Db, Expect};
 use uuid::Uuid;
 
-pub const TOKEN: &str = "secret";
+/// A CA in a directory of its own, with the agents it enrolls beside it.
+pub struct TestCa {
+    pub pki: Arc<Pki>,
+    dir: tempfile::TempDir,
+}
+
+impl TestCa {
+    pub fn new() -> TestCa {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Arc::new(Pki::open(&dir.path().join("pki")).unwrap());
+        TestCa { pki, dir }
+    }
+
+    /// The data directory of the agent at `addr`.
+    fn agent_dir(&self, addr: SocketAddr) -> PathBuf {
+        self.dir.path().join(format!("agent-{}", addr.port()))
+    }
+
+    /// Credentials for the agent at `addr`: those it enrolled with, or a fresh bootstrap
+    /// secret.
+    pub fn credentials(&self, addr: SocketAddr) -> Credentials {
+        let dir = self.agent_dir(addr);
+        if AgentIdentity::is_enrolled(&dir) {
+            return Credentials::open(&dir, None).unwrap();
+        }
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("bootstrap");
+        self.pki.mint(&file, 1).unwrap();
+        let secret = Bootstrap::read(&file).unwrap().secret(0);
+        Credentials::open(&dir, secret).unwrap()
+    }
+}
+
+/// The CA every MN of this test binary keeps.
+pub fn ca() -> &'static TestCa {
+    static CA: OnceLock<TestCa> = OnceLock::new();
+    CA.get_or_init(TestCa::new)
+}
 
 pub struct Cluster {
     pub runtime: Runtime,
@@ -36,16 +79,16 @@ impl Drop for Cluster {
     }
 }
 
-pub fn mn(token: &str) -> Cluster {
-    mn_with(token, strato_actors::vm::ops::VmPolicy::default())
+pub fn mn() -> Cluster {
+    mn_with(strato_actors::vm::ops::VmPolicy::default())
 }
 
-pub fn mn_with(token: &str, policy: strato_actors::vm::ops::VmPolicy) -> Cluster {
+pub fn mn_with(policy: strato_actors::vm::ops::VmPolicy) -> Cluster {
     let db = Db::in_memory();
     let runtime =
         Runtime::start(RuntimeConfig { arbiters: 2, ..Default::default() }, db.clone()).unwrap();
     let vms = runtime.register(Vms::with_policy(db.clone(), policy), Vms::kind_config());
-    let mut config = HostConfig::with_token(token.into());
+    let mut config = HostConfig::new(ca().pki.clone());
     config.ping_interval = Duration::from_millis(100);
     config.ping_timeout = Duration::from_millis(200);
     config.ping_failures = 2;
@@ -72,10 +115,21 @@ pub fn sim(dir: &std::path::Path) -> Arc<Sim> {
     )
 }
 
+/// Serves `driver` on `addr` (port 0: any) with an agent of the test binary's CA.
 pub async fn serve(driver: Arc<Sim>, addr: SocketAddr) -> (Arc<Agent>, SocketAddr) {
+    serve_for(ca(), "sim-test", driver, addr).await
+}
+
+/// Serves `driver` on `addr` with an agent enrolled by (or waiting to enroll with) `ca`.
+pub async fn serve_for(
+    ca: &TestCa,
+    label: &str,
+    driver: Arc<dyn Driver>,
+    addr: SocketAddr,
+) -> (Arc<Agent>, SocketAddr) {
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let agent = Agent::new("sim-test", TOKEN.into(), driver as Arc<dyn Driver>);
+    let agent = Agent::new(label, ca.credentials(addr), driver);
     tokio::spawn(agent.clone().serve(listener));
     (agent, addr)
 }

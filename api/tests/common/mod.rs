@@ -1,5 +1,7 @@
 //! Real processes for API tests: the `strato` server and the `strato-agent` binary on
-//! libvirt's test driver, on loopback ports, and a small HTTP client (curl's part).
+//! libvirt's test driver, on loopback ports, and a small HTTP client (curl's part). Each agent
+//! enrolls with its server as a real host's does, from a bootstrap file (`strato
+//! agent-bootstrap`) minted in the server's data directory before the server starts.
 
 #![allow(dead_code, unreachable_pub)]
 
@@ -68,27 +70,36 @@ pub fn agent_binary() -> PathBuf {
     path
 }
 
-pub fn token(data_dir: &Path) -> String {
+/// A fresh bootstrap file for one agent of the node whose data directory is `data_dir`
+/// (made, with its CA, if the node has not started yet), written beside that directory.
+pub fn bootstrap(data_dir: &Path) -> PathBuf {
+    let name = format!("bootstrap-{}", uuid::Uuid::new_v4().simple());
+    let out_path = data_dir.with_file_name(name);
     let out = Command::new(env!("CARGO_BIN_EXE_strato"))
-        .arg("agent-token")
+        .arg("agent-bootstrap")
         .arg("--data-dir")
         .arg(data_dir)
+        .arg("--out")
+        .arg(&out_path)
         .output()
         .unwrap();
-    assert!(out.status.success());
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    out_path
 }
 
-pub fn start_agent(token: &str, dir: &Path) -> (Proc, SocketAddr) {
-    start_agent_with(token, dir, &["--driver", "libvirt", "--libvirt-uri", "test:///default"])
+pub fn start_agent(bootstrap: &Path, dir: &Path) -> (Proc, SocketAddr) {
+    start_agent_with(bootstrap, dir, &["--driver", "libvirt", "--libvirt-uri", "test:///default"])
 }
 
-pub fn start_agent_with(token: &str, dir: &Path, driver_args: &[&str]) -> (Proc, SocketAddr) {
+/// An agent enrolling with the bootstrap file `bootstrap`, its data in `dir`.
+pub fn start_agent_with(bootstrap: &Path, dir: &Path, driver_args: &[&str]) -> (Proc, SocketAddr) {
     let addr = free_port();
     let mut child = Command::new(agent_binary())
         .args(driver_args)
-        .args(["--listen", &addr.to_string(), "--token", token, "--data-dir"])
+        .args(["--listen", &addr.to_string(), "--data-dir"])
         .arg(dir)
+        .arg("--bootstrap-file")
+        .arg(bootstrap)
         .stdout(Stdio::null())
         .stderr(log_file(dir))
         .spawn()

@@ -1,12 +1,16 @@
-//! The MN's end of a link: one TCP connection to an agent, requests multiplexed by id, pushed
-//! events, heartbeats.
+//! The MN's end of a link: one TLS connection to an agent, requests multiplexed by id, pushed
+//! events, heartbeats, and the enrollment of an agent that has no certificate yet.
 //!
-//! [`Link::connect`] dials, handshakes and starts two tasks: a reader that routes responses to
-//! their waiting callers and events to the event channel, and a heartbeat that pings every
-//! `interval` and closes the link after `failures` pings in a row go unanswered within
-//! `timeout` (TCP alone can take minutes to notice a cut cable). When the link closes for any
-//! reason, every waiting request fails with [`LinkError::Closed`] and [`Link::closed`]
-//! resolves; reconnecting is the caller's decision (the host actor's, with its backoff).
+//! [`Link::connect`] dials, runs the TLS handshake, decides whether to believe the agent
+//! (its certificate must be the host's pin, or, for a host without a pin, one this MN's CA
+//! issued; see [`crate::tls`]), handshakes and starts two tasks: a reader that routes
+//! responses to their waiting callers and events to the event channel, and a heartbeat that
+//! pings every `interval` and closes the link after `failures` pings in a row go unanswered
+//! within `timeout` (TCP alone can take minutes to notice a cut cable). When the link closes
+//! for any reason, every waiting request fails with [`LinkError::Closed`] and
+//! [`Link::closed`] resolves; reconnecting is the caller's decision (the host actor's, with
+//! its backoff). An agent waiting to enroll is handed back as an [`Enrollment`] instead: the
+//! caller spends its secret, pins the certificate it issues, and dials again.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -14,23 +18,28 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio_rustls::client::TlsStream;
 use uuid::Uuid;
 
 use crate::codec::{FrameError, read_frame, write_frame};
 use crate::msg::{
-    AgentError, AgentEvent, ClientHello, Command, DomainInfo, FromAgent, HostFacts,
+    AgentError, AgentEvent, ClientHello, Command, DomainInfo, EnrollReply, FromAgent, HostFacts,
     PROTOCOL_VERSION, Reply, Request, ServerHello, ToAgent,
 };
+use crate::tls::{Fingerprint, MnTls};
 
-/// How to reach and watch an agent.
+/// How to reach, trust and watch an agent.
 #[derive(Clone, Debug)]
 pub struct LinkConfig {
     /// The agent's address.
     pub addr: SocketAddr,
-    /// The token the agent expects.
-    pub token: String,
+    /// The MN's TLS: its client certificate and its CA.
+    pub tls: Arc<MnTls>,
+    /// The certificate pinned for this host; `None` trusts a certificate this MN's CA issued.
+    pub pin: Option<Fingerprint>,
     /// The host UUID the MN knows the agent as.
     pub host_uuid: Uuid,
     /// How long dialing and the handshake may take.
@@ -41,6 +50,14 @@ pub struct LinkConfig {
     pub ping_timeout: Duration,
     /// Unanswered pings in a row that close the link.
     pub ping_failures: u32,
+}
+
+impl LinkConfig {
+    /// How long the agent should wait for the MN's next frame: longer than the MN takes to
+    /// give up on a silent agent, so the agent never drops a healthy MN first.
+    pub fn idle_timeout(&self) -> Duration {
+        (self.ping_interval + self.ping_timeout).saturating_mul(self.ping_failures.max(1) + 1)
+    }
 }
 
 /// Why a link or a request failed.
@@ -54,6 +71,29 @@ pub enum LinkError {
         /// Why it failed.
         #[source]
         source: std::io::Error,
+    },
+    /// The TLS handshake failed: the agent refused the MN's certificate (it was enrolled by
+    /// another MN, or is not a Strato agent), or spoke no TLS.
+    #[error("the TLS handshake with the agent at {addr} failed")]
+    Handshake {
+        /// Where we dialed.
+        addr: SocketAddr,
+        /// Why it failed (rustls' alert).
+        #[source]
+        source: std::io::Error,
+    },
+    /// The agent's certificate is not the host's.
+    #[error(
+        "the agent at {addr} presented certificate {presented}, which is not {}",
+        match pinned { Some(pin) => format!("the one pinned for this host ({pin})"), None => "one this MN issued".to_owned() }
+    )]
+    Untrusted {
+        /// Where we dialed.
+        addr: SocketAddr,
+        /// What it presented.
+        presented: Fingerprint,
+        /// What the host's pin is.
+        pinned: Option<Fingerprint>,
     },
     /// The agent refused the handshake.
     #[error("the agent refused the link: {reason}")]
@@ -92,6 +132,73 @@ pub struct Welcome {
     pub domains: Vec<DomainInfo>,
 }
 
+/// How a handshake ended, when it did not fail.
+#[derive(Debug)]
+pub enum Handshake {
+    /// The link is up.
+    Linked {
+        /// The link.
+        link: Link,
+        /// The agent's welcome.
+        welcome: Welcome,
+        /// Events the agent pushes.
+        events: mpsc::UnboundedReceiver<AgentEvent>,
+        /// The agent's certificate: the host's pin, or, for a host without one, a
+        /// certificate this MN issued, which the caller pins now.
+        certificate: Fingerprint,
+    },
+    /// The agent holds no certificate yet and presented a bootstrap secret.
+    Enroll(Box<Enrollment>),
+}
+
+/// An agent waiting for its certificate, on the TLS session it asked in. Its public key is
+/// the key it proved it holds in the handshake.
+pub struct Enrollment {
+    stream: TlsStream<TcpStream>,
+    secret: String,
+    public_key: Vec<u8>,
+    addr: SocketAddr,
+}
+
+impl std::fmt::Debug for Enrollment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Enrollment").field("addr", &self.addr).finish_non_exhaustive()
+    }
+}
+
+impl Enrollment {
+    /// The bootstrap secret the agent presented.
+    pub fn secret(&self) -> &str {
+        &self.secret
+    }
+
+    /// The agent's raw public key.
+    pub fn public_key(&self) -> &[u8] {
+        &self.public_key
+    }
+
+    /// Sends the agent its certificate and waits (up to 10 s) for it to store it and close
+    /// the link, so the next dial finds it enrolled.
+    pub async fn issue(mut self, certificate: String) -> Result<(), LinkError> {
+        write_frame(&mut self.stream, &EnrollReply::Issued { certificate }).await?;
+        let stored = tokio::time::timeout(
+            Duration::from_secs(10),
+            read_frame::<_, FromAgent>(&mut self.stream),
+        )
+        .await;
+        match stored {
+            Ok(Ok(None)) | Ok(Err(_)) => Ok(()),
+            Ok(Ok(Some(_))) | Err(_) => Err(LinkError::Closed),
+        }
+    }
+
+    /// Tells the agent why it gets no certificate, and closes the link.
+    pub async fn refuse(mut self, reason: String) {
+        let _ = write_frame(&mut self.stream, &EnrollReply::Refused { reason }).await;
+        let _ = self.stream.shutdown().await;
+    }
+}
+
 type Pending = Arc<Mutex<HashMap<Uuid, oneshot::Sender<Result<Reply, AgentError>>>>>;
 
 /// An open link. Cheap to clone; the link closes when [`Link::close`] is called, the
@@ -119,39 +226,67 @@ async fn wait_closed(closed: &mut watch::Receiver<bool>) {
 }
 
 impl Link {
-    /// Dials the agent, handshakes, and starts the link's tasks on the current tokio runtime.
-    /// Returns the link, the agent's welcome, and the channel of pushed events.
-    pub async fn connect(
-        config: &LinkConfig,
-    ) -> Result<(Link, Welcome, mpsc::UnboundedReceiver<AgentEvent>), LinkError> {
+    /// Dials the agent, runs the TLS handshake, checks the agent's certificate, handshakes,
+    /// and starts the link's tasks on the current tokio runtime.
+    pub async fn connect(config: &LinkConfig) -> Result<Handshake, LinkError> {
+        let addr = config.addr;
         let connect = async {
-            let stream = TcpStream::connect(config.addr)
-                .await
-                .map_err(|source| LinkError::Connect { addr: config.addr, source })?;
-            stream
-                .set_nodelay(true)
-                .map_err(|source| LinkError::Connect { addr: config.addr, source })?;
-            let (mut reader, mut writer) = stream.into_split();
+            let (stream, agent) = config.tls.dial(addr).await?;
+            let (mut reader, mut writer) = tokio::io::split(stream);
             let hello = ClientHello {
                 protocol: PROTOCOL_VERSION,
-                token: config.token.clone(),
                 host_uuid: config.host_uuid,
+                idle_timeout_ms: config.idle_timeout().as_millis() as u64,
             };
-            write_frame(&mut writer, &hello).await?;
-            match read_frame::<_, ServerHello>(&mut reader).await? {
+            // In TLS 1.3 the agent's verdict on the MN's certificate (an alert) arrives with
+            // the first read: a failure here is the handshake's.
+            let in_handshake = |error: FrameError| match error {
+                FrameError::Io(source) => LinkError::Handshake { addr, source },
+                other => LinkError::Frame(other),
+            };
+            write_frame(&mut writer, &hello).await.map_err(in_handshake)?;
+            match read_frame::<_, ServerHello>(&mut reader).await.map_err(in_handshake)? {
                 Some(ServerHello::Welcome { facts, domains, .. }) => {
-                    Ok((reader, writer, Welcome { facts, domains }))
+                    let trusted = match config.pin {
+                        Some(pin) => pin == agent.fingerprint,
+                        None => agent.issued_here,
+                    };
+                    if !trusted {
+                        return Err(LinkError::Untrusted {
+                            addr,
+                            presented: agent.fingerprint,
+                            pinned: config.pin,
+                        });
+                    }
+                    Ok(Ok((reader, writer, Welcome { facts, domains }, agent.fingerprint)))
+                }
+                Some(ServerHello::Enroll { secret, public_key }) => {
+                    let mut stream = reader.unsplit(writer);
+                    if !agent.carries(&public_key) {
+                        let reason =
+                            "the public key to sign is not the one in the agent's certificate"
+                                .to_owned();
+                        let _ = write_frame(
+                            &mut stream,
+                            &EnrollReply::Refused { reason: reason.clone() },
+                        )
+                        .await;
+                        return Err(LinkError::Refused { reason });
+                    }
+                    Ok(Err(Enrollment { stream, secret, public_key, addr }))
                 }
                 Some(ServerHello::Refused { reason }) => Err(LinkError::Refused { reason }),
                 None => Err(LinkError::Closed),
             }
         };
-        let (mut reader, mut writer, welcome) =
+        let (mut reader, mut writer, welcome, certificate) =
             match tokio::time::timeout(config.connect_timeout, connect).await {
-                Ok(result) => result?,
+                Ok(Ok(Ok(linked))) => linked,
+                Ok(Ok(Err(enrollment))) => return Ok(Handshake::Enroll(Box::new(enrollment))),
+                Ok(Err(error)) => return Err(error),
                 Err(_) => {
                     return Err(LinkError::Connect {
-                        addr: config.addr,
+                        addr,
                         source: std::io::Error::new(
                             std::io::ErrorKind::TimedOut,
                             "handshake timed out",
@@ -183,12 +318,14 @@ impl Link {
                     () = wait_closed(&mut closed_w) => break,
                 }
             }
+            // Tell the agent the session is over (TLS close_notify), so it frees its one
+            // MN session at once.
+            let _ = writer.shutdown().await;
         });
 
         // Reader: routes responses, events and pongs; closes the link when the stream ends.
         let (pending_r, close_r) = (pending.clone(), close.clone());
         let mut closed_r = closed.clone();
-        let addr = config.addr;
         tokio::spawn(async move {
             loop {
                 let frame = tokio::select! {
@@ -270,7 +407,8 @@ impl Link {
             }
         });
 
-        Ok((Link { out, pending, closed, close, rtt_us, last_pong_ms }, welcome, events))
+        let link = Link { out, pending, closed, close, rtt_us, last_pong_ms };
+        Ok(Handshake::Linked { link, welcome, events, certificate })
     }
 
     /// Sends `command` and waits for the answer until `deadline`.

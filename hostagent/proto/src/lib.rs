@@ -1,17 +1,24 @@
 //! The link between the management node and its host agents: message types, framing and the
-//! codec, shared by both ends, and the MN's end of the link.
+//! codec, shared by both ends, the link's TLS and the MN's certificate authority, and the
+//! MN's end of the link.
 //!
-//! - [`msg`]: the handshake (protocol version and token), commands and their replies (each
+//! - [`msg`]: the handshake (protocol version, enrollment), commands and their replies (each
 //!   with an id and a deadline, so a repeat is answered from the first result), events the
 //!   agent pushes, heartbeats.
 //! - [`codec`]: length-prefixed frames of bincode, the link's one codec.
-//! - [`client`]: [`Link`], one TCP connection multiplexing requests by id, with heartbeats.
+//! - [`tls`]: TLS 1.3 with a certificate on each end; the MN pins each host's certificate,
+//!   the agent accepts only the MN's; the agent's key and certificates on disk.
+//! - [`pki`]: the MN's CA and the one-time bootstrap secrets that enroll agents.
+//! - [`client`]: [`Link`], one TLS connection multiplexing requests by id, with heartbeats.
 //!
 //! This crate knows nothing of the runtime or the store: the agent depends on it alone.
 
 pub mod client;
 pub mod codec;
 pub mod msg;
+pub mod pki;
+pub mod tls;
 
-pub use client::{Link, LinkConfig, LinkError, Welcome};
+pub use client::{Enrollment, Handshake, Link, LinkConfig, LinkError, Welcome};
 pub use msg::*;
+pub use tls::{Fingerprint, TlsError};

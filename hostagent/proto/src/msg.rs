@@ -1,10 +1,14 @@
-//! What the MN and an agent say to each other.
+//! What the MN and an agent say to each other, inside the link's TLS session (see
+//! [`crate::tls`]).
 //!
-//! A link starts with a handshake: the MN sends [`Hello`] (protocol version and token), the
-//! agent answers [`Welcome`] with its facts and every domain it knows, or [`Refused`] with
-//! a reason both sides log. After that the MN sends [`ToAgent`] frames (requests and pings)
-//! and the agent sends [`FromAgent`] frames (responses, pushed events and pongs), multiplexed
-//! by request id.
+//! A link starts with a handshake: the MN sends [`Hello`] (protocol version, the host it
+//! takes the agent for, and how long the agent may wait for its next frame), and the agent
+//! answers [`Welcome`] with its facts and every domain it knows, [`Enroll`] when it holds no
+//! certificate from the MN yet (its bootstrap secret and public key; the MN answers with an
+//! [`EnrollReply`] and the agent closes the link), or [`Refused`] with a reason both sides
+//! log. After a welcome the MN sends [`ToAgent`] frames (requests and pings) and the agent
+//! sends [`FromAgent`] frames (responses, pushed events and pongs), multiplexed by request
+//! id.
 //!
 //! Every request carries an id and an absolute deadline. The agent refuses a request whose
 //! deadline has passed, and answers a repeated id with the first result without acting twice,
@@ -12,23 +16,27 @@
 //!
 //! [`Hello`]: ClientHello
 //! [`Welcome`]: ServerHello::Welcome
+//! [`Enroll`]: ServerHello::Enroll
 //! [`Refused`]: ServerHello::Refused
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 /// The protocol version this build speaks. A handshake with another version is refused.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Version 2 is the link on TLS, with enrollment and without a token.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The MN's first frame.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClientHello {
     /// [`PROTOCOL_VERSION`] of the MN.
     pub protocol: u32,
-    /// The token the agent was started with.
-    pub token: String,
     /// The host UUID the MN knows this agent as.
     pub host_uuid: Uuid,
+    /// The agent ends the session when nothing (not even a ping) has come from the MN for
+    /// this long, in milliseconds, so an MN that vanished without closing the connection (a
+    /// power cut, a partition) does not hold the host's one session forever.
+    pub idle_timeout_ms: u64,
 }
 
 /// The agent's answer to [`ClientHello`].
@@ -43,9 +51,35 @@ pub enum ServerHello {
         /// Every domain the hypervisor has, for reconciliation.
         domains: Vec<DomainInfo>,
     },
+    /// The agent holds no certificate from the MN yet and asks for one. It says this only to
+    /// a client whose MN certificate it verified, so the secret goes to the MN alone.
+    Enroll {
+        /// The one-time secret from its bootstrap file.
+        secret: String,
+        /// Its raw ECDSA P-256 public key: the key of the certificate it presented in the
+        /// handshake, which the MN checks.
+        public_key: Vec<u8>,
+    },
     /// The link is refused; the agent closes it.
     Refused {
-        /// Why (wrong token, protocol mismatch), for both sides' logs and the API.
+        /// Why (protocol mismatch, another MN's session is live), for both sides' logs and the
+        /// API.
+        reason: String,
+    },
+}
+
+/// The MN's answer to [`ServerHello::Enroll`]. The agent closes the link after it; enrolled,
+/// it is dialed again.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EnrollReply {
+    /// The certificate the MN's CA issued for the agent's key, PEM.
+    Issued {
+        /// The certificate.
+        certificate: String,
+    },
+    /// The MN refused the secret or the key.
+    Refused {
+        /// Why, for the agent's log.
         reason: String,
     },
 }

@@ -7,7 +7,7 @@
 //! is how tests and chaos runs inject driver faults.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -69,6 +69,19 @@ impl Sim {
         let sim = Sim { config, domains: Mutex::new(domains), events: Mutex::new(None) };
         sim.save(&sim.domains.lock().expect("sim lock"))?;
         Ok(sim)
+    }
+
+    /// The domains a simulated host's state file holds, as the hypervisor lists them: how a
+    /// test or a chaos check looks at the host from outside, as an operator runs `virsh list`
+    /// (the agent admits one MN session at a time, so an observer cannot dial it while the
+    /// MN is linked). The file is replaced whole on every change, so a read sees one state.
+    pub fn domains_in(state_file: &Path) -> Result<Vec<DomainInfo>, std::io::Error> {
+        let domains: BTreeMap<Uuid, SimDomain> =
+            serde_json::from_slice(&std::fs::read(state_file)?).map_err(std::io::Error::other)?;
+        Ok(domains
+            .into_iter()
+            .map(|(uuid, d)| DomainInfo { uuid, name: d.spec.name, state: d.state })
+            .collect())
     }
 
     fn save(&self, domains: &BTreeMap<Uuid, SimDomain>) -> Result<(), std::io::Error> {
