@@ -285,19 +285,9 @@ pub async fn check_login(
         Some(id) => mn.db.get::<AccountRecord>(id)?.map(|a| a.record),
         None => None,
     };
-    let hash = match &account {
-        Some(account) => {
-            mn.db.get::<CredentialRecord>(account.uuid)?.map(|c| c.record.password_hash)
-        }
-        None => None,
-    };
-    let known = hash.is_some();
-    let hash = hash.unwrap_or_else(|| DUMMY_HASH.clone());
-    let matches = tokio::task::spawn_blocking(move || password_matches(&hash, &password))
-        .await
-        .unwrap_or(false);
+    let matches = verify_password(mn, account.as_ref().map(|a| a.uuid), password).await?;
     match account {
-        Some(account) if matches && known => {
+        Some(account) if matches => {
             mn.logins.succeeded(account_name);
             Ok(account)
         }
@@ -307,6 +297,25 @@ pub async fn check_login(
             Err(wrong())
         }
     }
+}
+
+/// Whether `password` is `account`'s, at the cost of one argon2 verification whether or not
+/// the account (or its credential) exists.
+async fn verify_password(
+    mn: &Mn,
+    account: Option<Uuid>,
+    password: String,
+) -> Result<bool, ApiError> {
+    let hash = match account {
+        Some(account) => mn.db.get::<CredentialRecord>(account)?.map(|c| c.record.password_hash),
+        None => None,
+    };
+    let known = hash.is_some();
+    let hash = hash.unwrap_or_else(|| DUMMY_HASH.clone());
+    let matches = tokio::task::spawn_blocking(move || password_matches(&hash, &password))
+        .await
+        .unwrap_or(false);
+    Ok(known && matches)
 }
 
 fn throttled(refusal: crate::login::Refusal) -> ApiError {
@@ -945,14 +954,7 @@ pub async fn account_action(
                         "give the current password as oldPassword",
                     )
                 })?;
-                let hash = mn
-                    .db
-                    .get::<CredentialRecord>(uuid)?
-                    .map(|c| c.record.password_hash)
-                    .unwrap_or_else(|| DUMMY_HASH.clone());
-                let matches = tokio::task::spawn_blocking(move || password_matches(&hash, &old))
-                    .await
-                    .unwrap_or(false);
+                let matches = verify_password(&mn, Some(uuid), old).await?;
                 if !matches {
                     tracing::warn!(account = %uuid, "password change with a wrong oldPassword");
                     return Err(ApiError::new(

@@ -201,15 +201,17 @@ impl Mn {
     }
 }
 
+/// The number in environment variable `name`, if it is set.
+fn number(name: &str) -> Result<Option<u64>, BoxError> {
+    match std::env::var(name) {
+        Ok(v) => Ok(Some(v.parse().map_err(|_| format!("{name}=`{v}` is not a number"))?)),
+        Err(_) => Ok(None),
+    }
+}
+
 /// The login throttle's policy: the defaults, or `STRATO_LOGIN_LOCKOUT_ATTEMPTS`,
 /// `STRATO_LOGIN_LOCKOUT_SECS` and `STRATO_LOGIN_DELAY_MS`.
 fn login_policy() -> Result<crate::login::LoginPolicy, BoxError> {
-    fn number(name: &str) -> Result<Option<u64>, BoxError> {
-        match std::env::var(name) {
-            Ok(v) => Ok(Some(v.parse().map_err(|_| format!("{name}=`{v}` is not a number"))?)),
-            Err(_) => Ok(None),
-        }
-    }
     let mut policy = crate::login::LoginPolicy::default();
     if let Some(n) = number("STRATO_LOGIN_LOCKOUT_ATTEMPTS")? {
         policy.lockout_failure_attempts = u32::try_from(n.max(1)).unwrap_or(u32::MAX);
@@ -264,12 +266,6 @@ pub fn image_policy(data_dir: &Path) -> Result<strato_actors::images::ImportPoli
             hosts.split(',').map(str::trim).filter(|h| !h.is_empty()).map(str::to_owned).collect();
     }
     policy.allow_local = std::env::var("STRATO_IMAGE_ALLOW_LOCAL").is_ok_and(|v| v == "1");
-    let number = |name: &str| -> Result<Option<u64>, BoxError> {
-        match std::env::var(name) {
-            Ok(v) => Ok(Some(v.parse().map_err(|_| format!("{name}=`{v}` is not a number"))?)),
-            Err(_) => Ok(None),
-        }
-    };
     if let Some(bytes) = number("STRATO_IMAGE_MAX_BYTES")? {
         policy.max_bytes = bytes;
     }
