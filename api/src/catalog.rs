@@ -571,6 +571,14 @@ static APIS: &[Api] = &[
         "A job: 202 while it runs, then its result",
     ),
     api(
+        "CancelApiJob",
+        Put,
+        "/v1/api-jobs/{uuid}/actions",
+        Body::Action("cancelApiJob", schema::<r::CancelApiJob>),
+        Job,
+        "Cancels a running job that can stop cleanly (AddImage); it ends SYS.JOB_CANCELLED",
+    ),
+    api(
         "QueryGCJob",
         Get,
         "/v1/gc-jobs",
@@ -658,6 +666,7 @@ fn handler(api: &Api) -> MethodRouter<Arc<Mn>> {
         (Post, "/v1/system-tags") => post(tagging::create_system_tag),
         (Delete, "/v1/tags/{uuid}") => delete(tagging::delete_tag),
         (Get, "/v1/api-jobs/{uuid}") => get(r::job),
+        (Put, "/v1/api-jobs/{uuid}/actions") => put(r::job_action),
         (Get, "/v1/gc-jobs") => get(r::gc_jobs),
         (method, path) => {
             panic!("the catalog names {} {path}, which has no handler", method.as_str())

@@ -12,14 +12,24 @@
 //! inventory or `Failed` with the error. At startup, jobs left `Running` by a previous process
 //! end `Failed` (their flows having been rolled back by the flow recovery pass), so every
 //! accepted job reaches a terminal state.
+//!
+//! A job whose work can stop cleanly at any moment (an image import) is submitted as
+//! cancellable: its work watches a [`CancellationToken`] that `CancelApiJob` fires, and it
+//! ends `Failed` with `SYS.JOB_CANCELLED` once it has undone what it began. Other jobs are
+//! not cancellable: a VM flow stopped half-way is what its rollback exists for, not something
+//! to start on a caller's whim. The tokens live in this process only ([`Cancellable`]); a job
+//! a previous process left running has already ended at recovery.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex};
 
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use strato_storage::{Batch, Db, Expect, Record, StoreError};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use strato_actors::owners::OwnerRecord;
@@ -86,6 +96,32 @@ pub fn find(db: &Db, account: Uuid, job: Uuid) -> Result<Option<JobRecord>, Stor
     Ok(db.get::<JobRecord>(key(account, job))?.map(|s| s.record))
 }
 
+/// The running jobs that can be cancelled, by job key ([`key`]): what `CancelApiJob` fires.
+#[derive(Debug, Default)]
+pub struct Cancellable(Mutex<HashMap<Uuid, CancellationToken>>);
+
+impl Cancellable {
+    /// The token of `account`'s running job `job`, if that job can be cancelled.
+    pub fn token(&self, account: Uuid, job: Uuid) -> Option<CancellationToken> {
+        self.lock().get(&key(account, job)).cloned()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, CancellationToken>> {
+        // The map holds no invariant a panicking holder could break.
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// The error a cancelled job ends with.
+pub fn cancelled() -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "SYS.JOB_CANCELLED",
+        "the job was cancelled (CancelApiJob); what it had begun was undone",
+        Value::Null,
+    )
+}
+
 fn hash_of(api: &str, body: &Value) -> u64 {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     api.hash(&mut hasher);
@@ -109,6 +145,24 @@ where
     submit_for(db, job_id, api, body, None, None, work).await
 }
 
+/// [`submit`] for a job that `CancelApiJob` may cancel: `work` gets the token it must watch,
+/// and must leave nothing behind when it fires.
+pub async fn submit_cancellable<W, Fut>(
+    db: &Db,
+    cancellable: &Arc<Cancellable>,
+    job_id: Option<Uuid>,
+    api: &str,
+    body: &Value,
+    work: W,
+) -> Result<Uuid, ApiError>
+where
+    W: FnOnce(CancellationToken) -> Fut,
+    Fut: Future<Output = Result<Value, ApiError>> + Send + 'static,
+{
+    let submission = Submission { job_id, api, body, resource: None, owner: None };
+    accept(db, submission, Some(cancellable), |_, token| work(token)).await
+}
+
 /// [`submit`] for a job that creates `resource`, owned as `owner` says (written with the
 /// job, so what a tenant's quota counts is never behind what was accepted).
 pub async fn submit_for<W, Fut>(
@@ -124,6 +178,31 @@ where
     W: FnOnce(Uuid) -> Fut,
     Fut: Future<Output = Result<Value, ApiError>> + Send + 'static,
 {
+    let submission = Submission { job_id, api, body, resource, owner };
+    accept(db, submission, None, |job, _| work(job)).await
+}
+
+/// What a caller submitted.
+struct Submission<'a> {
+    job_id: Option<Uuid>,
+    api: &'a str,
+    body: &'a Value,
+    resource: Option<Uuid>,
+    owner: Option<OwnerRecord>,
+}
+
+/// Persists a job and starts it; registers its token in `cancellable` when given.
+async fn accept<W, Fut>(
+    db: &Db,
+    submission: Submission<'_>,
+    cancellable: Option<&Arc<Cancellable>>,
+    work: W,
+) -> Result<Uuid, ApiError>
+where
+    W: FnOnce(Uuid, CancellationToken) -> Fut,
+    Fut: Future<Output = Result<Value, ApiError>> + Send + 'static,
+{
+    let Submission { job_id, api, body, resource, owner } = submission;
     let uuid = job_id.unwrap_or_else(Uuid::new_v4);
     let account = submitter();
     let body_hash = hash_of(api, body);
@@ -142,7 +221,24 @@ where
     if let Some(owner) = &owner {
         batch.put(owner, Expect::Absent)?;
     }
-    match db.commit(batch).await {
+    // Registered before the job is stored, so a cancel never finds it running and
+    // uncancellable; a repeat of a running job leaves that job's token alone.
+    let token = CancellationToken::new();
+    let registered = cancellable.filter(|c| {
+        let mut tokens = c.lock();
+        let vacant = !tokens.contains_key(&record.id());
+        if vacant {
+            tokens.insert(record.id(), token.clone());
+        }
+        vacant
+    });
+    let committed = db.commit(batch).await;
+    if committed.is_err()
+        && let Some(c) = registered
+    {
+        c.lock().remove(&record.id());
+    }
+    match committed {
         Ok(_) => {}
         Err(StoreError::Conflict { .. }) => {
             let Some(existing) = find(db, account, uuid)? else {
@@ -165,7 +261,8 @@ where
         Err(error) => return Err(error.into()),
     }
     tracing::info!(job = %uuid, api, "job accepted");
-    let work = work(uuid);
+    let work = work(uuid, token);
+    let registered = registered.cloned();
     let db = db.clone();
     let api = api.to_owned();
     // One span per job: what the job's task logs, and the actor operations it starts (which
@@ -195,6 +292,9 @@ where
             && let Err(error) = db.commit(batch).await
         {
             tracing::error!(job = %uuid, error = %strato_runtime::error_chain(&error), "could not record the job's end");
+        }
+        if let Some(c) = registered {
+            c.lock().remove(&key(account, uuid));
         }
         crate::metrics::job_finished(&api, state);
         tracing::info!(job = %uuid, %api, ?state, "job finished");

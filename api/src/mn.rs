@@ -43,6 +43,8 @@ pub struct Mn {
     pub external_url: Option<String>,
     /// What an image import may read.
     pub image_policy: strato_actors::images::ImportPolicy,
+    /// The running jobs `CancelApiJob` can cancel.
+    pub cancellable: Arc<crate::jobs::Cancellable>,
 }
 
 impl Mn {
@@ -173,8 +175,19 @@ impl Mn {
                 .flatten()
         })
         .await?;
+        let mut partial_imports = 0;
+        for stored in db.scan::<strato_actors::records::BackupStorageRecord>() {
+            let dir = stored?.record.url;
+            match strato_actors::images::remove_partial_imports(Path::new(&dir)) {
+                Ok(removed) => partial_imports += removed,
+                Err(error) => {
+                    tracing::warn!(%dir, %error, "could not remove interrupted image imports")
+                }
+            }
+        }
         tracing::info!(
             rolled_back = recovered.rolled_back.len(),
+            partial_imports,
             resumed = recovered.resumed.len(),
             jobs_ended = ended,
             "recovered from the previous run"
@@ -192,6 +205,7 @@ impl Mn {
             logins: crate::login::LoginThrottle::new(login_policy),
             external_url,
             image_policy,
+            cancellable: Default::default(),
         }))
     }
 
@@ -252,7 +266,8 @@ pub const IMAGE_IMPORTS: &str = "image-imports";
 /// directories in `STRATO_IMAGE_FILE_DIRS` (`:`-separated); `http://` from the hosts in
 /// `STRATO_IMAGE_ALLOWED_HOSTS` (`,`-separated; any when unset), never local addresses
 /// unless `STRATO_IMAGE_ALLOW_LOCAL=1`; at most `STRATO_IMAGE_MAX_BYTES` (64 GiB) within
-/// `STRATO_IMAGE_TIMEOUT_SECS` (an hour).
+/// `STRATO_IMAGE_TIMEOUT_SECS` (an hour); `https://` servers verified against the CAs in
+/// `STRATO_IMAGE_CA_FILE` (Debian's bundle, `/etc/ssl/certs/ca-certificates.crt`).
 pub fn image_policy(data_dir: &Path) -> Result<strato_actors::images::ImportPolicy, BoxError> {
     let mut policy = strato_actors::images::ImportPolicy {
         file_dirs: vec![data_dir.join(IMAGE_IMPORTS)],
@@ -271,6 +286,11 @@ pub fn image_policy(data_dir: &Path) -> Result<strato_actors::images::ImportPoli
     }
     if let Some(secs) = number("STRATO_IMAGE_TIMEOUT_SECS")? {
         policy.timeout = std::time::Duration::from_secs(secs);
+    }
+    if let Ok(file) = std::env::var("STRATO_IMAGE_CA_FILE")
+        && !file.is_empty()
+    {
+        policy.ca_file = file.into();
     }
     Ok(policy)
 }

@@ -493,6 +493,7 @@ const ACTION_ARGUMENTS: &[(&str, &[&str])] = &[
     ("changeHostState", &["stateEvent"]),
     ("updateQuota", &["vmNum", "cpuNum", "memorySize"]),
     ("updateAccount", &["password", "oldPassword"]),
+    ("cancelApiJob", &[]),
 ];
 
 pub(crate) fn single_action(body: &Value) -> Result<(String, Value), ApiError> {
@@ -966,6 +967,96 @@ pub(crate) async fn job(State(mn): Shared, Id(uuid): Id) -> Result<Response, Api
     })
 }
 
+/// `cancelApiJob` takes no arguments.
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CancelApiJob {}
+
+/// How long `CancelApiJob` waits for the job it cancels to end.
+const CANCEL_WAIT: Duration = Duration::from_secs(30);
+
+/// `PUT /v1/api-jobs/{uuid}/actions` `{"cancelApiJob": {}}`: cancels one of the caller's
+/// running jobs, when it is one that can stop cleanly (an image import). The cancel is a job
+/// of its own: it succeeds once the cancelled job has ended `SYS.JOB_CANCELLED`, and fails
+/// `SYS.JOB_NOT_CANCELLED` when that job finished first.
+pub(crate) async fn job_action(
+    State(mn): Shared,
+    Id(uuid): Id,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let body = json_body(&body)?;
+    let (name, _) = single_action(&body)?;
+    if name != "cancelApiJob" {
+        return Err(ApiError::invalid(
+            &name,
+            format!("`{name}` is not a job action; use cancelApiJob"),
+        ));
+    }
+    let account = auth::caller().map_or(strato_actors::owners::ADMIN, |c| c.account);
+    let job: JobRecord =
+        jobs::find(&mn.db, account, uuid)?.ok_or_else(|| ApiError::not_found("api-job", uuid))?;
+    if job.state != JobState::Running {
+        return Err(ApiError::conflict(
+            "SYS.JOB_NOT_RUNNING",
+            format!("job {uuid} ({}) has ended; there is nothing to cancel", job.api),
+        ));
+    }
+    let token = mn.cancellable.token(account, uuid).ok_or_else(|| {
+        ApiError::conflict(
+            "SYS.JOB_NOT_CANCELLABLE",
+            format!(
+                "job {uuid} is a {} job, which cannot be cancelled; AddImage jobs can",
+                job.api
+            ),
+        )
+    })?;
+    let mut keyed = body.clone();
+    keyed["uuid"] = json!(uuid);
+    let m = mn.clone();
+    let cancel =
+        jobs::submit(&mn.db, job_header(&headers)?, "CancelApiJob", &keyed, move |_| async move {
+            token.cancel();
+            let deadline = tokio::time::Instant::now() + CANCEL_WAIT;
+            loop {
+                let now = jobs::find(&m.db, account, uuid)?
+                    .ok_or_else(|| ApiError::not_found("api-job", uuid))?;
+                let code = now
+                    .error
+                    .as_ref()
+                    .and_then(|(_, e)| serde_json::from_str::<Value>(e).ok())
+                    .and_then(|e| e["error"]["code"].as_str().map(str::to_owned));
+                match now.state {
+                    JobState::Running if tokio::time::Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    JobState::Running => {
+                        return Err(ApiError::new(
+                            StatusCode::GATEWAY_TIMEOUT,
+                            "SYS.JOB_NOT_CANCELLED",
+                            format!(
+                                "job {uuid} was told to stop but still runs after {} s",
+                                CANCEL_WAIT.as_secs()
+                            ),
+                            Value::Null,
+                        ));
+                    }
+                    JobState::Failed if code.as_deref() == Some("SYS.JOB_CANCELLED") => {
+                        return Ok(json!({ "uuid": uuid, "api": now.api, "state": "Cancelled" }));
+                    }
+                    JobState::Succeeded | JobState::Failed => {
+                        return Err(ApiError::conflict(
+                            "SYS.JOB_NOT_CANCELLED",
+                            format!("job {uuid} ended before it could be cancelled; GET it for its result"),
+                        ));
+                    }
+                }
+            }
+        })
+        .await?;
+    Ok(accepted(&mn, cancel))
+}
+
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub(crate) struct DeleteQuery {
@@ -1211,39 +1302,50 @@ pub(crate) async fn add_image(
         .ok_or_else(|| ApiError::invalid("backupStorageUuids", "name one backup storage"))?;
     let bs: BackupStorageRecord = get_record(&mn, bs_uuid, "backup-storage")?;
     let m = mn.clone();
-    let job = jobs::submit(&mn.db, job_header(&headers)?, "AddImage", &raw, move |_| async move {
-        let uuid = Uuid::new_v4();
-        let fetched = strato_actors::images::fetch(
-            &p.url,
-            std::path::Path::new(&bs.url),
-            uuid,
-            &p.format,
-            &m.image_policy,
-        )
-        .await
-        .map_err(|e| match e {
-            // Refused by the policy: the caller's URL is at fault.
-            strato_actors::images::ImageError::BadUrl(reason) => ApiError::invalid("url", reason),
-            e => ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                "IMAGE.DOWNLOAD_FAILED",
-                "the image could not be imported from its URL",
-                json!({ "cause": e.to_string() }),
-            ),
-        })?;
-        let image = ImageRecord {
-            uuid,
-            name: p.name,
-            url: p.url,
-            format: p.format,
-            size: fetched.size,
-            checksum: fetched.checksum,
-            backup_storage_refs: vec![(bs.uuid, fetched.path.display().to_string())],
-            status: "Ready".into(),
-        };
-        write(&m, &image, &tags).await?;
-        inventory(&image)
-    })
+    let job = jobs::submit_cancellable(
+        &mn.db,
+        &mn.cancellable,
+        job_header(&headers)?,
+        "AddImage",
+        &raw,
+        move |cancel| async move {
+            let uuid = Uuid::new_v4();
+            let fetched = strato_actors::images::fetch(
+                &p.url,
+                std::path::Path::new(&bs.url),
+                uuid,
+                &p.format,
+                &m.image_policy,
+                cancel.cancelled(),
+            )
+            .await
+            .map_err(|e| match e {
+                // Refused by the policy: the caller's URL is at fault.
+                strato_actors::images::ImageError::BadUrl(reason) => {
+                    ApiError::invalid("url", reason)
+                }
+                strato_actors::images::ImageError::Cancelled => jobs::cancelled(),
+                e => ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "IMAGE.DOWNLOAD_FAILED",
+                    "the image could not be imported from its URL",
+                    json!({ "cause": e.to_string() }),
+                ),
+            })?;
+            let image = ImageRecord {
+                uuid,
+                name: p.name,
+                url: p.url,
+                format: p.format,
+                size: fetched.size,
+                checksum: fetched.checksum,
+                backup_storage_refs: vec![(bs.uuid, fetched.path.display().to_string())],
+                status: "Ready".into(),
+            };
+            write(&m, &image, &tags).await?;
+            inventory(&image)
+        },
+    )
     .await?;
     Ok(accepted(&mn, job))
 }

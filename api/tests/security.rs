@@ -278,6 +278,7 @@ fn routes(api: SocketAddr) -> Vec<(String, String)> {
 fn body_for(method: &str, template: &str) -> Option<Value> {
     match (method, template) {
         ("GET" | "DELETE", _) => None,
+        (_, "/v1/api-jobs/{uuid}/actions") => Some(json!({ "cancelApiJob": {} })),
         (_, t) if t.ends_with("/actions") => Some(json!({ "stopVmInstance": {} })),
         _ => Some(json!({ "params": { "name": "x" } })),
     }
@@ -723,13 +724,8 @@ fn finding_10_input_is_validated_at_the_door() {
     assert!(started.elapsed() < std::time::Duration::from_secs(25), "the connection stayed open");
 }
 
-/// Finding 5: an import read `file:///etc/shadow`, the API's own `/metrics` and
-/// `file:///dev/zero` without end, and tenants saw the URL. Now: files only under the
-/// import directories, no local addresses, a size cap, and no URL in a tenant's view.
-#[test]
-fn finding_5_imports_read_only_what_the_server_allows() {
-    let env =
-        env_with(&[("STRATO_IMAGE_FILE_DIRS", "/dev"), ("STRATO_IMAGE_MAX_BYTES", "1048576")]);
+/// A zone with a backup storage in `<env>/bs`: its UUID and directory.
+fn backup_storage(env: &Env) -> (String, std::path::PathBuf) {
     let dir = env._dir.path().join("bs");
     let (_, _, zones) = http(env.api, "GET", "/v1/zones", None, &[]);
     let zone = match zones["inventories"][0]["uuid"].as_str() {
@@ -746,6 +742,17 @@ fn finding_5_imports_read_only_what_the_server_allows() {
     );
     let bs = bs["uuid"].as_str().unwrap().to_owned();
     ok(env.api, "POST", &format!("/v1/zones/{zone}/backup-storage/{bs}"), None);
+    (bs, dir)
+}
+
+/// Finding 5: an import read `file:///etc/shadow`, the API's own `/metrics` and
+/// `file:///dev/zero` without end, and tenants saw the URL. Now: files only under the
+/// import directories, no local addresses, a size cap, and no URL in a tenant's view.
+#[test]
+fn finding_5_imports_read_only_what_the_server_allows() {
+    let env =
+        env_with(&[("STRATO_IMAGE_FILE_DIRS", "/dev"), ("STRATO_IMAGE_MAX_BYTES", "1048576")]);
+    let (bs, dir) = backup_storage(&env);
     let image = |url: &str| {
         let body = json!({ "params": { "name": "i", "url": url, "format": "raw", "backupStorageUuids": [bs] } });
         http(env.api, "POST", "/v1/images", Some(&body.to_string()), &[])
@@ -786,5 +793,81 @@ fn finding_5_imports_read_only_what_the_server_allows() {
     assert!(
         !text.contains("file://") && !text.contains("image-imports") && !text.contains("bs"),
         "{text}"
+    );
+}
+
+/// Finding 5, "no cancel": a running import is cancelled by its owner (`CancelApiJob`),
+/// ends `SYS.JOB_CANCELLED` and leaves no `.part`; another account cannot cancel it, and a
+/// finished job has nothing to cancel.
+#[test]
+fn finding_5_a_running_import_is_cancelled_by_its_owner_alone() {
+    let env = env_with(&[("STRATO_IMAGE_ALLOW_LOCAL", "1")]);
+    let (bs, dir) = backup_storage(&env);
+    // A mirror that promises a gigabyte and trickles it.
+    let mirror = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mirror_addr = mirror.local_addr().unwrap();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for mut socket in mirror.incoming().flatten() {
+            let mut request = [0u8; 4096];
+            let _ = socket.read(&mut request);
+            let _ = socket.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1073741824\r\n\r\n");
+            while socket.write_all(&[0u8; 4096]).is_ok() {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
+    });
+    let body = json!({ "params": { "name": "slow", "url": format!("http://{mirror_addr}/big.raw"),
+        "format": "raw", "backupStorageUuids": [bs] } });
+    let (status, _, accepted) = http(env.api, "POST", "/v1/images", Some(&body.to_string()), &[]);
+    assert_eq!(status, 202, "{accepted}");
+    let location = accepted["location"].as_str().unwrap().to_owned();
+    let job = location.rsplit('/').next().unwrap().to_owned();
+    let parts = || {
+        std::fs::read_dir(&dir)
+            .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_else(|_| Vec::<String>::new())
+    };
+    let started = std::time::Instant::now();
+    while !parts().iter().any(|p| p.ends_with(".part")) {
+        assert!(started.elapsed().as_secs() < 30, "the import never started: {:?}", parts());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let cancel = json!({ "cancelApiJob": {} });
+    let actions = format!("/v1/api-jobs/{job}/actions");
+    // Another account's cancel finds no such job, and the import goes on.
+    let tenant = account(&env, "tenantb");
+    let (status, reply) = as_(&env, &tenant, "PUT", &actions, Some(cancel.clone()));
+    assert_eq!(
+        (status, reply["error"]["code"].as_str()),
+        (404, Some("SYS.RESOURCE_NOT_FOUND")),
+        "{reply}"
+    );
+    let (status, _, running) = http(env.api, "GET", &format!("/v1/api-jobs/{job}"), None, &[]);
+    assert_eq!((status, running["state"].as_str()), (202, Some("Running")), "{running}");
+    // Only cancelApiJob is a job action.
+    let (status, _, reply) =
+        http(env.api, "PUT", &actions, Some(&json!({ "pauseApiJob": {} }).to_string()), &[]);
+    assert_eq!(
+        (status, reply["error"]["details"]["field"].as_str()),
+        (400, Some("pauseApiJob")),
+        "{reply}"
+    );
+    // The owner's cancel is a job that ends once the import has.
+    let (status, _, accepted) = http(env.api, "PUT", &actions, Some(&cancel.to_string()), &[]);
+    assert_eq!(status, 202, "{accepted}");
+    let cancelled = wait_job(env.api, accepted["location"].as_str().unwrap());
+    assert_eq!(cancelled["inventory"]["state"], "Cancelled", "{cancelled}");
+    let import = wait_job(env.api, &location);
+    assert_eq!(import["error"]["code"], "SYS.JOB_CANCELLED", "{import}");
+    assert!(parts().is_empty(), "the cancelled import left {:?}", parts());
+    let (_, _, images) = http(env.api, "GET", "/v1/images?q=name=slow", None, &[]);
+    assert_eq!(images["inventories"].as_array().map(Vec::len), Some(0), "{images}");
+    // A finished job has nothing left to cancel.
+    let (status, _, reply) = http(env.api, "PUT", &actions, Some(&cancel.to_string()), &[]);
+    assert_eq!(
+        (status, reply["error"]["code"].as_str()),
+        (409, Some("SYS.JOB_NOT_RUNNING")),
+        "{reply}"
     );
 }
