@@ -3,6 +3,8 @@
 //!
 //! - [`load`]: a real management node and one agent process simulating many hosts; many VMs
 //!   created through the API; the figures.
+//! - [`peer`]: the workload Rally runs on Nova's fake driver (boot, wait, list, delete), for
+//!   figures side by side with OpenStack's.
 //! - [`run`]: a seeded chaos run: the real MN and one agent process per host, each behind a
 //!   fault proxy ([`proxy`], [`cluster`]); a model-based random workload ([`workload`]); faults
 //!   on a seeded schedule ([`faults`]); the invariants of DESIGN section 8 ([`checks`]).
@@ -13,6 +15,7 @@ pub mod checks;
 pub mod cluster;
 pub mod faults;
 pub mod load;
+pub mod peer;
 pub mod proxy;
 pub mod run;
 pub mod workload;

@@ -29,7 +29,8 @@ pub struct LoadConfig {
     pub sim_latency_ms: u64,
 }
 
-struct Proc(Child);
+#[derive(Debug)]
+pub(crate) struct Proc(Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -41,7 +42,7 @@ impl Drop for Proc {
 use crate::Error;
 use crate::cluster::{free_port, sibling, wait_listening};
 
-fn peak_rss_mib(pid: u32) -> f64 {
+pub(crate) fn peak_rss_mib(pid: u32) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
@@ -50,7 +51,7 @@ fn peak_rss_mib(pid: u32) -> f64 {
         .map_or(0.0, |kib| kib / 1024.0)
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
+pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
     }
@@ -58,7 +59,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 }
 
 /// Runs `work(i)` for `0..count` on `concurrency` threads, with progress on stderr.
-fn run_parallel<T: Send + 'static>(
+pub(crate) fn run_parallel<T: Send + 'static>(
     what: &'static str,
     count: u32,
     concurrency: u32,
@@ -129,89 +130,123 @@ fn create_vm(
     }
 }
 
+/// A management node and one agent process simulating hosts, with the hosts registered and
+/// an offering and an L3 network to create VMs from: what the load and the peer workload
+/// run against.
+#[derive(Debug)]
+pub struct Testbed {
+    /// The API's address (the client's session is kept by [`client`]).
+    pub api: SocketAddr,
+    /// The MN's process id, for its CPU time and RSS.
+    pub server_pid: u32,
+    /// A `CreateVmInstance` body.
+    pub vm_body: serde_json::Value,
+    _server: Proc,
+    _agent: Proc,
+}
+
+impl Testbed {
+    /// Starts the node (`strato server` with `server_args`) and `sim_hosts` simulated hosts
+    /// answering after `sim_latency_ms`, registered with `concurrency` clients.
+    pub fn start(
+        work_dir: &Path,
+        sim_hosts: u32,
+        sim_latency_ms: u64,
+        concurrency: u32,
+        server_args: &[&str],
+    ) -> Result<Testbed, Error> {
+        let data = work_dir.join("mn");
+        // One secret per simulated host: each enrolls when it is registered.
+        let bootstrap = work_dir.join("agent-bootstrap");
+        crate::cluster::bootstrap(&sibling("strato")?, &data, &bootstrap, sim_hosts as usize)?;
+        // One agent process simulating every host, on consecutive ports.
+        let base = {
+            let mut base = 20_000 + (std::process::id() % 20_000) as u16;
+            loop {
+                let free = (0..sim_hosts)
+                    .all(|i| TcpListener::bind(("127.0.0.1", base + i as u16)).is_ok());
+                if free {
+                    break SocketAddr::from(([127, 0, 0, 1], base));
+                }
+                base = base.wrapping_add(sim_hosts as u16 + 7).max(20_000);
+            }
+        };
+        let mut agent = Proc(
+            Command::new(sibling("strato-agent")?)
+                .args(["--driver", "sim", "--sim-hosts", &sim_hosts.to_string()])
+                .args(["--listen-base", &base.to_string()])
+                .args(["--sim-latency-ms", &sim_latency_ms.to_string(), "--data-dir"])
+                .arg(work_dir.join("agent"))
+                .arg("--bootstrap-file")
+                .arg(&bootstrap)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?,
+        );
+        let last = SocketAddr::new(base.ip(), base.port() + sim_hosts as u16 - 1);
+        wait_listening(last, &mut agent.0)?;
+        let api = free_port()?;
+        let mut server = Proc(
+            Command::new(sibling("strato")?)
+                .args(["server", "--listen", &api.to_string()])
+                .args(server_args)
+                .arg("--data-dir")
+                .arg(&data)
+                .env("RUST_LOG", "warn")
+                .env("STRATO_ADMIN_PASSWORD", crate::cluster::ADMIN_PASSWORD)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?,
+        );
+        wait_listening(api, &mut server.0)?;
+        client::log_in(api, "admin", crate::cluster::ADMIN_PASSWORD)?;
+        let server_pid = server.0.id();
+
+        eprintln!("registering {sim_hosts} simulated hosts");
+        let zone =
+            client::mutate(api, "POST", "/v1/zones", &json!({ "params": { "name": "load" } }))?;
+        let cluster = client::mutate(
+            api,
+            "POST",
+            "/v1/clusters",
+            &json!({ "params": { "name": "load", "zoneUuid": zone["uuid"] } }),
+        )?;
+        let cluster_uuid = cluster["uuid"].clone();
+        run_parallel("hosts", sim_hosts, concurrency.min(64), move |i| {
+            let params = json!({ "params": { "name": format!("sim-{i}"), "managementIp": "127.0.0.1", "agentPort": base.port() + i as u16, "clusterUuid": cluster_uuid } });
+            client::mutate(api, "POST", "/v1/hosts/kvm", &params)?;
+            Ok(())
+        })?;
+        let offering = client::mutate(
+            api,
+            "POST",
+            "/v1/instance-offerings",
+            &json!({ "params": { "name": "tiny", "cpuNum": 1, "memorySize": 134217728u64 } }),
+        )?;
+        let l3 = client::mutate(
+            api,
+            "POST",
+            "/v1/l3-networks",
+            &json!({ "params": { "name": "load" } }),
+        )?;
+        let ranges =
+            format!("/v1/l3-networks/{}/ip-ranges", l3["uuid"].as_str().unwrap_or_default());
+        client::mutate(
+            api,
+            "POST",
+            &ranges,
+            &json!({ "params": { "startIp": "10.64.0.2", "endIp": "10.127.255.254", "netmask": "255.192.0.0", "gateway": "10.64.0.1" } }),
+        )?;
+        let vm_body = json!({ "params": { "name": "vm", "instanceOfferingUuid": offering["uuid"], "l3NetworkUuids": [l3["uuid"]] } });
+        Ok(Testbed { api, server_pid, vm_body, _server: server, _agent: agent })
+    }
+}
+
 /// Runs the load and prints its figures.
 pub fn run(config: &LoadConfig, work_dir: &Path) -> Result<(), Error> {
-    let data = work_dir.join("mn");
-    // One secret per simulated host: each enrolls when it is registered.
-    let bootstrap = work_dir.join("agent-bootstrap");
-    crate::cluster::bootstrap(&sibling("strato")?, &data, &bootstrap, config.sim_hosts as usize)?;
-    // One agent process simulating every host, on consecutive ports.
-    let base = {
-        let mut base = 20_000 + (std::process::id() % 20_000) as u16;
-        loop {
-            let free = (0..config.sim_hosts)
-                .all(|i| TcpListener::bind(("127.0.0.1", base + i as u16)).is_ok());
-            if free {
-                break SocketAddr::from(([127, 0, 0, 1], base));
-            }
-            base = base.wrapping_add(config.sim_hosts as u16 + 7).max(20_000);
-        }
-    };
-    let mut agent = Proc(
-        Command::new(sibling("strato-agent")?)
-            .args([
-                "--driver",
-                "sim",
-                "--sim-hosts",
-                &config.sim_hosts.to_string(),
-                "--listen-base",
-                &base.to_string(),
-            ])
-            .args(["--sim-latency-ms", &config.sim_latency_ms.to_string(), "--data-dir"])
-            .arg(work_dir.join("agent"))
-            .arg("--bootstrap-file")
-            .arg(&bootstrap)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?,
-    );
-    let last = SocketAddr::new(base.ip(), base.port() + config.sim_hosts as u16 - 1);
-    wait_listening(last, &mut agent.0)?;
-    let api = free_port()?;
-    let mut server = Proc(
-        Command::new(sibling("strato")?)
-            .args(["server", "--listen", &api.to_string(), "--data-dir"])
-            .arg(&data)
-            .env("RUST_LOG", "warn")
-            .env("STRATO_ADMIN_PASSWORD", crate::cluster::ADMIN_PASSWORD)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?,
-    );
-    wait_listening(api, &mut server.0)?;
-    client::log_in(api, "admin", crate::cluster::ADMIN_PASSWORD)?;
-    let server_pid = server.0.id();
-
-    eprintln!("registering {} simulated hosts", config.sim_hosts);
-    let zone = client::mutate(api, "POST", "/v1/zones", &json!({ "params": { "name": "load" } }))?;
-    let cluster = client::mutate(
-        api,
-        "POST",
-        "/v1/clusters",
-        &json!({ "params": { "name": "load", "zoneUuid": zone["uuid"] } }),
-    )?;
-    let cluster_uuid = cluster["uuid"].clone();
-    run_parallel("hosts", config.sim_hosts, config.concurrency.min(64), move |i| {
-        let params = json!({ "params": { "name": format!("sim-{i}"), "managementIp": "127.0.0.1", "agentPort": base.port() + i as u16, "clusterUuid": cluster_uuid } });
-        client::mutate(api, "POST", "/v1/hosts/kvm", &params)?;
-        Ok(())
-    })?;
-    let offering = client::mutate(
-        api,
-        "POST",
-        "/v1/instance-offerings",
-        &json!({ "params": { "name": "tiny", "cpuNum": 1, "memorySize": 134217728u64 } }),
-    )?;
-    let l3 =
-        client::mutate(api, "POST", "/v1/l3-networks", &json!({ "params": { "name": "load" } }))?;
-    let ranges = format!("/v1/l3-networks/{}/ip-ranges", l3["uuid"].as_str().unwrap_or_default());
-    client::mutate(
-        api,
-        "POST",
-        &ranges,
-        &json!({ "params": { "startIp": "10.64.0.2", "endIp": "10.127.255.254", "netmask": "255.192.0.0", "gateway": "10.64.0.1" } }),
-    )?;
-    let body = json!({ "params": { "name": "vm", "instanceOfferingUuid": offering["uuid"], "l3NetworkUuids": [l3["uuid"]] } });
+    let bed =
+        Testbed::start(work_dir, config.sim_hosts, config.sim_latency_ms, config.concurrency, &[])?;
+    let (api, server_pid, body) = (bed.api, bed.server_pid, bed.vm_body.clone());
 
     // A single VM on the idle node: POST to Running.
     let (_, single) = create_vm(api, &body, Duration::from_millis(1))?;

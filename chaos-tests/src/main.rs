@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use strato_chaos::load::{self, LoadConfig};
+use strato_chaos::peer::{self, PeerConfig};
 use strato_chaos::run::{self, RunConfig};
 use strato_chaos::workload::Strategy;
 
@@ -31,6 +32,19 @@ enum Cmd {
         /// Latency of every simulated driver call, in milliseconds.
         #[arg(long, default_value_t = 0)]
         sim_latency_ms: u64,
+    },
+    /// The workload Rally runs on Nova's fake driver: boot, wait, list, delete (direct);
+    /// exits 1 when any call failed.
+    PeerWorkload {
+        /// Simulated hosts.
+        #[arg(short = 'm', long, default_value_t = 10)]
+        hosts: u32,
+        /// VMs to boot.
+        #[arg(short = 'n', long, default_value_t = 100)]
+        vms: u32,
+        /// Concurrent clients.
+        #[arg(short = 'c', long, default_value_t = 10)]
+        concurrency: u32,
     },
     /// A seeded chaos run: workload, faults, invariant checks; exits 1 on a violation.
     Run {
@@ -83,6 +97,16 @@ fn main() -> std::process::ExitCode {
             let result = load::run(&config, &dir);
             let _ = std::fs::remove_dir_all(&dir);
             result
+        }
+        Cmd::PeerWorkload { hosts, vms, concurrency } => {
+            let dir = std::env::temp_dir().join(format!("strato-peer-{}", std::process::id()));
+            let result = peer::run(&PeerConfig { hosts, vms, concurrency }, &dir);
+            let _ = std::fs::remove_dir_all(&dir);
+            match result {
+                Ok(true) => Ok(()),
+                Ok(false) => return std::process::ExitCode::FAILURE,
+                Err(error) => Err(error),
+            }
         }
         Cmd::Run { seed, duration, hosts, clients, strategy, no_faults, no_netns, keep } => {
             let seed = seed.unwrap_or_else(|| fastrand::u64(..1_000_000));
