@@ -166,6 +166,11 @@ pub struct HostActor {
     redial_scheduled: bool,
     /// Set while the host is being deleted: it books nothing more.
     deleting: bool,
+    /// Held by [`save`] from reading the record to storing the change: the link and the
+    /// capacity queues run at once and both write the record, and without it one's
+    /// compare-and-swap fails on the other's write (concurrent deletes did, as
+    /// `SYS.INTERNAL`).
+    writes: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// The host actor kind.
@@ -365,6 +370,7 @@ impl Entity for Hosts {
             redial_attempts: 0,
             redial_scheduled: false,
             deleting: false,
+            writes: Default::default(),
         }))
     }
 }
@@ -373,8 +379,11 @@ fn link_op(name: &'static str) -> Op {
     Op::within("link", name, Duration::from_secs(60))
 }
 
-/// Writes the host's record with `change` applied, on the actor.
+/// Writes the host's record with `change` applied, on the actor: one write at a time, each
+/// applied to the record the previous one left.
 async fn save(ctx: &OpCtx<Hosts>, change: impl FnOnce(&mut HostRecord)) -> Result<(), HostError> {
+    let writes = ctx.with_state(|s| s.writes.clone());
+    let _one_at_a_time = writes.lock().await;
     let (mut record, generation) = ctx.with_state(|s| (s.record.clone(), s.generation));
     change(&mut record);
     let mut batch = Batch::new();
@@ -648,6 +657,21 @@ async fn on_domain_event(
                         },
                     });
                     save(&ctx, |r| r.strangers.push(domain)).await
+                },
+            )
+            .await;
+    } else {
+        // An undefined domain is nobody's stranger any more. (The domain of a VM destroyed
+        // and expunged at once reports its shut-off after its record went, then this.)
+        let _ = hosts
+            .call(
+                host,
+                Op::within("link", "stranger-gone", Duration::from_secs(30)),
+                move |ctx| async move {
+                    if ctx.with_state(|s| !s.record.strangers.contains(&domain)) {
+                        return Ok::<_, HostError>(());
+                    }
+                    save(&ctx, |r| r.strangers.retain(|d| *d != domain)).await
                 },
             )
             .await;
