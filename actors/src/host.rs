@@ -736,12 +736,42 @@ pub async fn command(
             id,
             Op::within("command", command.name(), Duration::from_secs(600)).job(job_id),
             move |ctx| async move {
-                let link = ctx.with_state(|s| s.link.clone()).filter(|l| !l.is_closed());
-                let Some(link) = link else { return Err(HostError::Disconnected(ctx.id())) };
-                Ok(link.request(command, deadline, job_id).await?)
+                // One id for the command: if the link closes before the answer (a
+                // `ReconnectHost`, a redial) it is sent once more on the new link, and the
+                // agent, which acts at most once per id, answers what the first one did.
+                let id = Uuid::new_v4();
+                let link = live_link(&ctx, deadline).await?;
+                match link.request_with_id(id, command.clone(), deadline, job_id).await {
+                    Err(LinkError::Closed) => {
+                        let link = live_link(&ctx, deadline).await?;
+                        Ok(link.request_with_id(id, command, deadline, job_id).await?)
+                    }
+                    answered => Ok(answered?),
+                }
             },
         )
         .await
+}
+
+/// How long a command waits for a link being made again (`ReconnectHost`, a redial).
+const RELINK_WAIT: Duration = Duration::from_secs(10);
+
+/// The host's live link. While the host is not known to be Disconnected, a missing link is
+/// one being made again (a reconnect drops the old link first), so the command waits for it
+/// rather than failing a user's operation on a host that is only reconnecting.
+async fn live_link(ctx: &OpCtx<Hosts>, deadline: SystemTime) -> Result<Link, HostError> {
+    let until = tokio::time::Instant::now()
+        + RELINK_WAIT.min(deadline.duration_since(SystemTime::now()).unwrap_or_default());
+    loop {
+        let (link, status) = ctx.with_state(|s| (s.link.clone(), s.record.status));
+        match link.filter(|l| !l.is_closed()) {
+            Some(link) => return Ok(link),
+            None if status != HostStatus::Disconnected && tokio::time::Instant::now() < until => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            None => return Err(HostError::Disconnected(ctx.id())),
+        }
+    }
 }
 
 /// The host's record as the actor holds it (activating it).
@@ -823,6 +853,40 @@ pub async fn fence(hosts: &Kind<Hosts>, id: Uuid, deleting: bool) -> Result<usiz
                 s.record.reservations.len()
             }))
         })
+        .await
+}
+
+/// Replaces VM `vm`'s booking on host `id` by `cpu` and `memory` if the host has room for
+/// them beside its other bookings; returns whether it did (the old booking stays if not). One
+/// capacity operation, so no other booking can come between giving back and booking again.
+pub async fn rebook(
+    hosts: &Kind<Hosts>,
+    id: Uuid,
+    vm: Uuid,
+    cpu: u32,
+    memory: u64,
+    overcommit: Overcommit,
+) -> Result<bool, HostError> {
+    hosts
+        .call(
+            id,
+            Op::within("capacity", "rebook", Duration::from_secs(30)),
+            move |ctx| async move {
+                let room = ctx.with_state(|s| {
+                    let mut others = s.record.clone();
+                    others.reservations.remove(&vm);
+                    !s.deleting && fits(ctx.entity(), &others, cpu, memory, overcommit)
+                });
+                if !room {
+                    return Ok(false);
+                }
+                save(&ctx, |r| {
+                    r.reservations.insert(vm, crate::records::Reservation { cpu, memory });
+                })
+                .await?;
+                Ok(true)
+            },
+        )
         .await
 }
 

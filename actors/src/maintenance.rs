@@ -69,7 +69,8 @@ pub async fn maintain(
                 }
                 report.migrated.push(vm);
             }
-            Err(VmError::Alloc(_)) => {
+            // Only "no host has room": a booking that failed for another reason is an error.
+            Err(VmError::Alloc(crate::allocator::AllocError::NoHost { .. })) => {
                 tracing::warn!(%vm, host = %id, "no host can take the VM; it stays stopped");
                 report.stopped.push(vm);
             }

@@ -917,8 +917,7 @@ pub async fn account_action(
     let body = crate::routes::json_body(&body)?;
     let (action, params) = crate::routes::single_action(&body)?;
     let m = mn.clone();
-    let mut record = account.record;
-    let generation = account.generation;
+    let record = account.record;
     match action.as_str() {
         "updateQuota" => {
             if tenant().is_some() {
@@ -931,10 +930,12 @@ pub async fn account_action(
                 "UpdateQuota",
                 &body,
                 move |_| async move {
-                    record.quota = quota;
-                    let mut batch = Batch::new();
-                    batch.put(&record, Expect::Generation(generation))?;
-                    m.db.commit(batch).await?;
+                    // Applied to the account as it is now: quotas set at once both succeed,
+                    // the last one staying, as a replacement does.
+                    let record =
+                        m.db.update::<AccountRecord>(uuid, |r| r.quota = quota.clone())
+                            .await?
+                            .ok_or_else(|| ApiError::not_found("account", uuid))?;
                     crate::store_source::inventory(&record)
                 },
             )

@@ -116,6 +116,7 @@ impl From<RuntimeError> for ApiError {
             RuntimeError::FlowFailed { chain, step, message, rollback_failures } => {
                 // What failed inside (an agent's or libvirt's message, the placement's
                 // filters) goes in the details, which `crate::exposure` keeps from tenants.
+                let exhausted = strato_actors::ipam::IpamError::Exhausted.to_string();
                 let (code, description, details) = match message
                     .strip_prefix("no host can take the VM: ")
                 {
@@ -123,6 +124,11 @@ impl From<RuntimeError> for ApiError {
                         "HOST_ALLOCATION.NO_HOST",
                         "no host can take the VM".to_owned(),
                         json!({ "step": step, "placementTrace": trace.split(", ").collect::<Vec<_>>() }),
+                    ),
+                    None if message.ends_with(&exhausted) => (
+                        "L3.IP_EXHAUSTED",
+                        format!("{exhausted}: add an IP range or free addresses"),
+                        json!({ "step": step }),
                     ),
                     None => (
                         "SYS.OPERATION_FAILED",
@@ -143,6 +149,33 @@ impl From<RuntimeError> for ApiError {
                 }
                 ApiError::new(StatusCode::CONFLICT, code, description, details)
             }
+            RuntimeError::Store(e) => store_error(e),
+            // An operation that panicked is a bug, but a user is told which failure it was:
+            // the actor was restarted and the next operation runs on a fresh state.
+            RuntimeError::Internal { .. } => {
+                tracing::error!(error = %error_chain(&error), "an operation panicked");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "SYS.OPERATION_PANICKED",
+                    "the operation stopped on a bug (it panicked); its actor was restarted, so the request may be sent again",
+                    Value::Null,
+                )
+            }
+            RuntimeError::Failed { .. } | RuntimeError::Unavailable { .. } => {
+                tracing::error!(error = %error_chain(&error), "an actor refuses operations");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "SYS.ACTOR_UNAVAILABLE",
+                    error.to_string(),
+                    Value::Null,
+                )
+            }
+            RuntimeError::Shutdown => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "SYS.SHUTTING_DOWN",
+                "the management node is shutting down; send the request again once it is back",
+                Value::Null,
+            ),
             _ => ApiError::internal(&error),
         }
     }
@@ -159,6 +192,9 @@ impl From<VmError> for ApiError {
                 json!({ "state": format!("{:?}", e.state), "allowed": e.allowed.iter().map(|o| format!("{o:?}")).collect::<Vec<_>>() }),
             ),
             VmError::Host(e) => e.into(),
+            VmError::Store(e) => e.into(),
+            VmError::Alloc(strato_actors::allocator::AllocError::Host(e)) => e.into(),
+            VmError::Alloc(strato_actors::allocator::AllocError::Store(e)) => e.into(),
             VmError::Alloc(strato_actors::allocator::AllocError::NoHost { trace }) => {
                 ApiError::new(
                     StatusCode::CONFLICT,
@@ -182,6 +218,7 @@ impl From<HostError> for ApiError {
                 "the host is not reachable now; try again once it reconnects",
                 json!({ "cause": error_chain(&error) }),
             ),
+            HostError::Store(e) => e.into(),
             other => ApiError::internal(&other),
         }
     }
@@ -203,7 +240,7 @@ impl From<L3Error> for ApiError {
                     json!({ "field": field }),
                 )
             }
-            other => ApiError::internal(&other),
+            L3Error::Store(e) => e.into(),
         }
     }
 }
@@ -229,7 +266,7 @@ impl From<strato_actors::cascade::CascadeError> for ApiError {
             CascadeError::Host(e) => e.into(),
             CascadeError::L3(e) => e.into(),
             CascadeError::Runtime(e) => e.into(),
-            other => ApiError::internal(&other),
+            CascadeError::Store(e) => e.into(),
         }
     }
 }
@@ -245,8 +282,37 @@ impl From<strato_actors::maintenance::MaintenanceError> for ApiError {
     }
 }
 
+/// A store failure, by what a user can do about it. A conflict should never get here (each
+/// record is written in its owner's queue, or by a compare-and-swap that retries); if one
+/// does, sending the request again is the remedy, and it is no internal error. A backend
+/// that failed (a full disk, an injected fault) wrote nothing durable: a 503 that names it.
 impl From<strato_storage::StoreError> for ApiError {
     fn from(error: strato_storage::StoreError) -> Self {
-        ApiError::internal(&error)
+        store_error(&error)
+    }
+}
+
+fn store_error(error: &strato_storage::StoreError) -> ApiError {
+    use strato_storage::StoreError;
+    match error {
+        StoreError::Conflict { .. } => {
+            tracing::warn!(error = %error_chain(error), "a store conflict reached the API");
+            ApiError::new(
+                StatusCode::CONFLICT,
+                "SYS.CONCURRENT_CHANGE",
+                "what this request changes was changed by another at the same moment; nothing was written: send it again",
+                Value::Null,
+            )
+        }
+        StoreError::Backend { .. } | StoreError::NotDurable { .. } => {
+            tracing::error!(error = %error_chain(error), "the store failed");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "SYS.STORE_FAILED",
+                "the management node's store failed, so nothing of this request was kept; try again, and tell the operator if it goes on",
+                Value::Null,
+            )
+        }
+        _ => ApiError::internal(error),
     }
 }

@@ -253,13 +253,16 @@ async fn attach<R: Record>(
     let m = mn.clone();
     let body = json!({ "target": target, "parent": parent });
     let job = jobs::submit(&mn.db, job_header(headers)?, api, &body, move |_| async move {
-        let mut record: R = get_record(&m, target, kind)?;
-        if !list(&mut record).contains(&parent) {
-            list(&mut record).push(parent);
-        }
-        let mut batch = Batch::new();
-        batch.put(&record, Expect::Any)?;
-        m.db.commit(batch).await?;
+        // A compare-and-swap, retried: two attachments at once both land, and an attachment
+        // never brings back a record deleted meanwhile.
+        let record =
+            m.db.update::<R>(target, |record| {
+                if !list(record).contains(&parent) {
+                    list(record).push(parent);
+                }
+            })
+            .await?
+            .ok_or_else(|| ApiError::not_found(kind, target))?;
         inventory(&record)
     })
     .await?;
@@ -865,26 +868,45 @@ pub(crate) async fn vm_action(
             precheck_op(&mn, uuid, state::VmOp::ChangeOffering)?;
             // A tenant's VM is charged its new size: the growth must fit the quota, and the
             // charge changes with the offering (under the account's lock, as creations).
-            let owner = mn.db.get::<strato_actors::owners::OwnerRecord>(uuid)?.map(|s| s.record);
-            let quota_lock = owner.as_ref().map(|o| mn.quota_locks.of(o.account_uuid));
-            let _quota_guard = match (&quota_lock, &owner) {
-                (Some(lock), Some(owner)) => {
+            let account = mn
+                .db
+                .get::<strato_actors::owners::OwnerRecord>(uuid)?
+                .map(|s| s.record.account_uuid);
+            let quota_lock = account.map(|a| mn.quota_locks.of(a));
+            let (_quota_guard, charged) = match &quota_lock {
+                Some(lock) => {
                     let guard = lock.lock().await;
+                    // Read again under the lock: the charge another change made is the one
+                    // this one grows from.
+                    let owner = mn
+                        .db
+                        .get::<strato_actors::owners::OwnerRecord>(uuid)?
+                        .ok_or_else(|| ApiError::not_found("vm-instance", uuid))?;
                     let grown = strato_actors::owners::Charge {
                         vm_num: 0,
-                        cpu_num: u64::from(offering.cpu_num).saturating_sub(owner.charge.cpu_num),
-                        memory_size: offering.memory_size.saturating_sub(owner.charge.memory_size),
+                        cpu_num: u64::from(offering.cpu_num)
+                            .saturating_sub(owner.record.charge.cpu_num),
+                        memory_size: offering
+                            .memory_size
+                            .saturating_sub(owner.record.charge.memory_size),
                     };
-                    auth::check_quota(&mn.db, owner.account_uuid, grown)?;
-                    let mut recharged = owner.clone();
+                    auth::check_quota(&mn.db, owner.record.account_uuid, grown)?;
+                    let mut recharged = owner.record.clone();
                     recharged.charge.cpu_num = u64::from(offering.cpu_num);
                     recharged.charge.memory_size = offering.memory_size;
                     let mut batch = Batch::new();
-                    batch.put(&recharged, Expect::Any)?;
-                    mn.db.commit(batch).await?;
-                    Some(guard)
+                    batch.put(&recharged, Expect::Generation(owner.generation))?;
+                    // Only a delete of the VM writes its owner record without the lock.
+                    let written = mn.db.commit(batch).await.map_err(|e| match e {
+                        strato_storage::StoreError::Conflict { .. } => {
+                            ApiError::not_found("vm-instance", uuid)
+                        }
+                        e => e.into(),
+                    })?;
+                    let generation = written[0].generation.unwrap_or(owner.generation);
+                    (Some(guard), Some((owner.record, generation)))
                 }
-                _ => None,
+                None => (None, None),
             };
             let m = mn.clone();
             let job = jobs::submit(
@@ -899,11 +921,17 @@ pub(crate) async fn vm_action(
                     {
                         Ok(vm) => inventory(&vm),
                         Err(error) => {
-                            // The VM kept its size: so does its charge.
-                            if let Some(previous) = owner {
+                            // The VM kept its size: so does its charge, if it is still the one
+                            // this change wrote (a VM deleted meanwhile is charged nothing).
+                            if let Some((previous, generation)) = charged {
+                                let lock = m.quota_locks.of(previous.account_uuid);
+                                let _guard = lock.lock().await;
                                 let mut batch = Batch::new();
-                                batch.put(&previous, Expect::Any)?;
-                                m.db.commit(batch).await?;
+                                batch.put(&previous, Expect::Generation(generation))?;
+                                match m.db.commit(batch).await {
+                                    Ok(_) | Err(strato_storage::StoreError::Conflict { .. }) => {}
+                                    Err(e) => return Err(e.into()),
+                                }
                             }
                             Err(error.into())
                         }

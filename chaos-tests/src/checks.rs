@@ -7,6 +7,10 @@
 //! have healed ([`after_healing`]: every accepted job ended, nothing acknowledged was lost,
 //! only legal landings, the store and the hypervisors agree, no orphans and the GC backlog
 //! drains, repeats had no extra effect, no two jobs changed one domain at once).
+//!
+//! [`failures_without_a_fault`] holds every call to account: no `SYS.INTERNAL` in any run,
+//! and, outside the faults' windows, no failure but the refusals the state it found
+//! explains (a VM in another state, no room, a resource in use or gone).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -572,5 +576,95 @@ mod tests {
         let found = journal_violations(0, &overlapping, started);
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].invariant, "no overlapping mutations of one resource");
+    }
+}
+
+/// How long after a fault ends its effects may still be felt: a partitioned host redials
+/// with backoff, an MN restarted reloads and reconnects its hosts.
+const FAULT_GRACE_MS: u64 = 15_000;
+
+/// The failures the state an operation found explains, with nothing faulty: another client
+/// changed the VM first, no host has room, the resource is in use or already gone, the quota
+/// is spent.
+const STATE_REFUSALS: &[&str] = &[
+    "VM.INVALID_STATE",
+    "HOST_ALLOCATION.NO_HOST",
+    "L3.IP_EXHAUSTED",
+    "SYS.RESOURCE_IN_USE",
+    "SYS.RESOURCE_BUSY",
+    "SYS.RESOURCE_NOT_FOUND",
+    "ID.QUOTA_EXCEEDED",
+];
+
+/// No operation fails without a fault: `SYS.INTERNAL` is a violation in any run (every real
+/// failure, an injected one included, has a code that names it), and outside every fault's
+/// window (`windows`: start and end, ms since the run started; plus [`FAULT_GRACE_MS`]) an
+/// operation fails only with a refusal the state it found explains.
+pub fn failures_without_a_fault(entries: &[Entry], windows: &[(u64, u64)]) -> Vec<Violation> {
+    let mut found = Vec::new();
+    for entry in entries {
+        let code = match &entry.outcome {
+            Outcome::Failed(code) | Outcome::Refused(_, code) => code,
+            _ => continue,
+        };
+        let ended = entry.ended_ms.unwrap_or(u64::MAX);
+        let during_a_fault = windows.iter().any(|(start, end)| {
+            entry.sent_ms <= end.saturating_add(FAULT_GRACE_MS) && ended >= *start
+        });
+        if code == "SYS.INTERNAL" {
+            found.push(violation(
+                "no internal errors: every failure has a code that names it",
+                entry.sent_ms,
+                entry.target.as_deref(),
+                format!("{:?} answered SYS.INTERNAL", entry.action),
+            ));
+        } else if !during_a_fault && !STATE_REFUSALS.contains(&code.as_str()) {
+            found.push(violation(
+                "no operation fails without a fault",
+                entry.sent_ms,
+                entry.target.as_deref(),
+                format!("{:?} failed {code} with no fault active", entry.action),
+            ));
+        }
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(sent_ms: u64, ended_ms: u64, outcome: Outcome) -> Entry {
+        Entry {
+            seq: 0,
+            client: 0,
+            action: Action::StopVm,
+            target: None,
+            sent_ms,
+            job: None,
+            ended_ms: Some(ended_ms),
+            outcome,
+        }
+    }
+
+    #[test]
+    fn only_faults_and_the_state_found_excuse_a_failure() {
+        let failed = |code: &str| Outcome::Failed(code.into());
+        let windows = [(10_000, 20_000)];
+        let judged = |e: Entry| failures_without_a_fault(&[e], &windows).len();
+        // Inside a fault's window, or its grace after: excused.
+        assert_eq!(judged(entry(12_000, 13_000, failed("HOST.UNAVAILABLE"))), 0);
+        assert_eq!(judged(entry(30_000, 31_000, failed("HOST.UNAVAILABLE"))), 0);
+        // Long after, or before it: a violation.
+        assert_eq!(judged(entry(40_000, 41_000, failed("HOST.UNAVAILABLE"))), 1);
+        assert_eq!(judged(entry(1_000, 2_000, failed("SYS.CONCURRENT_CHANGE"))), 1);
+        // What the state explains is never one; SYS.INTERNAL always is.
+        assert_eq!(judged(entry(1_000, 2_000, failed("VM.INVALID_STATE"))), 0);
+        assert_eq!(
+            judged(entry(1_000, 2_000, Outcome::Refused(409, "VM.INVALID_STATE".into()))),
+            0
+        );
+        assert_eq!(judged(entry(12_000, 13_000, failed("SYS.INTERNAL"))), 1);
+        assert_eq!(judged(entry(1_000, 2_000, Outcome::Succeeded(Value::Null))), 0);
     }
 }

@@ -135,15 +135,23 @@ pub fn run(config: &RunConfig, dir: &Path) -> Result<bool, Error> {
         })
         .collect();
     let fault_log: Arc<Mutex<Vec<String>>> = Arc::default();
+    let windows: Arc<Mutex<Vec<(u64, u64)>>> = Arc::default();
     let injectors: Vec<_> = schedule
         .iter()
         .cloned()
         .map(|Scheduled { at, fault }| {
             let (cluster, shared, log) = (cluster.clone(), shared.clone(), fault_log.clone());
+            let windows = windows.clone();
             std::thread::spawn(move || {
                 std::thread::sleep(at.saturating_sub(shared.started.elapsed()));
                 let start = shared.now();
+                // Open until it ends: what runs meanwhile may fail because of it.
+                windows.lock().expect("windows").push((start, u64::MAX));
                 let result = faults::apply(&cluster, &fault);
+                if let Some(w) = windows.lock().expect("windows").iter_mut().find(|w| w.0 == start)
+                {
+                    w.1 = shared.now();
+                }
                 let line = format!(
                     "  {:>7.1}s  {:>5.1}s  {fault:?}{}",
                     start as f64 / 1000.0,
@@ -196,6 +204,10 @@ pub fn run(config: &RunConfig, dir: &Path) -> Result<bool, Error> {
     }
     eprintln!("chaos: healed; checking");
     violations.extend(checks::after_healing(&shared, &cluster));
+    violations.extend(checks::failures_without_a_fault(
+        &shared.history.entries(),
+        &windows.lock().expect("windows"),
+    ));
 
     let entries = shared.history.entries();
     report(config, &fault_log.lock().expect("fault log"), &entries, &violations);

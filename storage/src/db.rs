@@ -496,6 +496,30 @@ impl Db {
         rx.await.unwrap_or_else(|_| Err(self.committer_gone()))
     }
 
+    /// Reads record `id`, applies `change` and writes it back with a compare-and-swap,
+    /// again on the fresh record for as long as other writers get there first: an update
+    /// for a record no actor owns, that loses no one's change and fails on no one's.
+    /// Returns the record as written, or `None` when there is no such record.
+    pub async fn update<R: Record>(
+        &self,
+        id: Uuid,
+        mut change: impl FnMut(&mut R),
+    ) -> Result<Option<R>, StoreError> {
+        loop {
+            let Some(stored) = self.get::<R>(id)? else { return Ok(None) };
+            let mut record = stored.record;
+            change(&mut record);
+            let mut batch = Batch::new();
+            batch.put(&record, Expect::Generation(stored.generation))?;
+            match self.commit(batch).await {
+                Ok(_) => return Ok(Some(record)),
+                // Another writer's change landed first; each lost round is another's success.
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(error) => return Err(error),
+            }
+        }
+    }
+
     /// [`Db::commit`] for threads that may block.
     pub fn commit_blocking(&self, batch: Batch) -> Result<Vec<Written>, StoreError> {
         if batch.is_empty() {

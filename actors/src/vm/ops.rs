@@ -626,20 +626,8 @@ pub async fn change_offering(
             plan(record.state, VmOp::ChangeOffering)?;
             if let Some(host) = record.host_uuid {
                 let hosts = hosts_of(&ctx)?;
-                host::release(&hosts, host, id).await?;
-                if !host::reserve(&hosts, host, id, cpu, memory, host::Overcommit::default())
-                    .await?
+                if !host::rebook(&hosts, host, id, cpu, memory, host::Overcommit::default()).await?
                 {
-                    // Put the old booking back; refuse the change.
-                    host::reserve(
-                        &hosts,
-                        host,
-                        id,
-                        record.cpu_num,
-                        record.memory_size,
-                        host::Overcommit::default(),
-                    )
-                    .await?;
                     return Err(VmError::Alloc(crate::allocator::AllocError::NoHost {
                         trace: vec![crate::allocator::FilterStep {
                             filter: format!(
