@@ -32,7 +32,7 @@ use strato_proto::{
     LinkConfig, LinkError, Reply, TlsError, Welcome,
 };
 use strato_runtime::{BoxError, Entity, Event, Kind, KindConfig, Op, OpCtx, RuntimeError};
-use strato_storage::{Batch, Db, Expect};
+use strato_storage::{Batch, Db, Expect, StoreError};
 use uuid::Uuid;
 
 use crate::records::{AgentCertRecord, HostRecord, HostStatus, VmRecord};
@@ -381,21 +381,43 @@ fn link_op(name: &'static str) -> Op {
 
 /// Writes the host's record with `change` applied, on the actor: one write at a time, each
 /// applied to the record the previous one left.
-async fn save(ctx: &OpCtx<Hosts>, change: impl FnOnce(&mut HostRecord)) -> Result<(), HostError> {
+async fn save(ctx: &OpCtx<Hosts>, change: impl Fn(&mut HostRecord)) -> Result<(), HostError> {
     let writes = ctx.with_state(|s| s.writes.clone());
     let _one_at_a_time = writes.lock().await;
-    let (mut record, generation) = ctx.with_state(|s| (s.record.clone(), s.generation));
-    change(&mut record);
-    let mut batch = Batch::new();
-    batch.put(&record, Expect::Generation(generation))?;
-    let written = ctx.entity().db.commit(batch).await?;
-    let generation = written[0].generation.unwrap_or(generation);
-    ctx.entity().publish(&record);
-    ctx.with_state(|s| {
-        s.record = record;
-        s.generation = generation;
-    });
-    Ok(())
+    let mut reloaded = false;
+    loop {
+        let (mut record, generation) = ctx.with_state(|s| (s.record.clone(), s.generation));
+        change(&mut record);
+        let mut batch = Batch::new();
+        batch.put(&record, Expect::Generation(generation))?;
+        match ctx.entity().db.commit(batch).await {
+            Ok(written) => {
+                let generation = written[0].generation.unwrap_or(generation);
+                ctx.entity().publish(&record);
+                ctx.with_state(|s| {
+                    s.record = record;
+                    s.generation = generation;
+                });
+                return Ok(());
+            }
+            // Nothing else writes the record while the lock is held, so the generation held
+            // is behind the store's: a commit reported failed was applied after all (the
+            // store failed making it durable, or a fault was injected). Take the stored
+            // record and apply the change to it, once.
+            Err(conflict @ StoreError::Conflict { .. }) if !reloaded => {
+                let Some(stored) = ctx.entity().db.get::<HostRecord>(ctx.id())? else {
+                    return Err(conflict.into());
+                };
+                tracing::warn!(host = %ctx.id(), held = generation, stored = stored.generation, "the host record held was behind the store's; reloaded");
+                ctx.with_state(|s| {
+                    s.record = stored.record;
+                    s.generation = stored.generation;
+                });
+                reloaded = true;
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
 }
 
 async fn set_status(
@@ -406,7 +428,7 @@ async fn set_status(
     let changed = ctx.with_state(|s| s.record.status != status);
     save(ctx, |r| {
         r.status = status;
-        r.last_error = error;
+        r.last_error.clone_from(&error);
     })
     .await?;
     if changed {
@@ -618,7 +640,7 @@ async fn reconcile(ctx: &OpCtx<Hosts>, domains: &[DomainInfo]) -> Result<(), Hos
         ctx.runtime().events().publish(StrangerFound { host: id, domain: domain.clone() });
         strangers.push(domain.uuid);
     }
-    save(ctx, |r| r.strangers = strangers).await
+    save(ctx, |r| r.strangers.clone_from(&strangers)).await
 }
 
 async fn on_domain_event(
