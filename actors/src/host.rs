@@ -404,9 +404,11 @@ async fn save(ctx: &OpCtx<Hosts>, change: impl Fn(&mut HostRecord)) -> Result<()
             // is behind the store's: a commit reported failed was applied after all (the
             // store failed making it durable, or a fault was injected). Take the stored
             // record and apply the change to it, once.
-            Err(conflict @ StoreError::Conflict { .. }) if !reloaded => {
+            Err(StoreError::Conflict { .. }) if !reloaded => {
                 let Some(stored) = ctx.entity().db.get::<HostRecord>(ctx.id())? else {
-                    return Err(conflict.into());
+                    // Deleted meanwhile: the host is gone, which is what the caller hears.
+                    let actor = strato_runtime::ActorId { kind: "host", id: ctx.id() };
+                    return Err(HostError::Runtime(RuntimeError::NotFound { actor }));
                 };
                 tracing::warn!(host = %ctx.id(), held = generation, stored = stored.generation, "the host record held was behind the store's; reloaded");
                 ctx.with_state(|s| {
@@ -778,21 +780,24 @@ pub async fn command(
 /// How long a command waits for a link being made again (`ReconnectHost`, a redial).
 const RELINK_WAIT: Duration = Duration::from_secs(10);
 
-/// The host's live link. While the host is not known to be Disconnected, a missing link is
-/// one being made again (a reconnect drops the old link first), so the command waits for it
-/// rather than failing a user's operation on a host that is only reconnecting.
+/// The host's live link. A link being made again (a reconnect takes the old link away
+/// first, and the host is Connecting until the new one is up) is waited for, rather than
+/// failing a user's operation on a host that is only reconnecting. A link that died (still
+/// held, but closed) or a Disconnected host fails at once.
 async fn live_link(ctx: &OpCtx<Hosts>, deadline: SystemTime) -> Result<Link, HostError> {
     let until = tokio::time::Instant::now()
         + RELINK_WAIT.min(deadline.duration_since(SystemTime::now()).unwrap_or_default());
     loop {
         let (link, status) = ctx.with_state(|s| (s.link.clone(), s.record.status));
-        match link.filter(|l| !l.is_closed()) {
-            Some(link) => return Ok(link),
-            None if status != HostStatus::Disconnected && tokio::time::Instant::now() < until => {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            None => return Err(HostError::Disconnected(ctx.id())),
+        let relinking = match &link {
+            Some(link) if !link.is_closed() => return Ok(link.clone()),
+            Some(_) => false,
+            None => status != HostStatus::Disconnected,
+        };
+        if !relinking || tokio::time::Instant::now() >= until {
+            return Err(HostError::Disconnected(ctx.id()));
         }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

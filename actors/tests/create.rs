@@ -87,6 +87,7 @@ fn request(s: &Setup, memory_gib: u64) -> CreateVm {
         static_ips: vec![],
         system_tags: vec![],
         user_tags: vec![],
+        created: None,
     }
 }
 

@@ -933,7 +933,7 @@ pub async fn account_action(
                     // Applied to the account as it is now: quotas set at once both succeed,
                     // the last one staying, as a replacement does.
                     let record =
-                        m.db.update::<AccountRecord>(uuid, |r| r.quota = quota.clone())
+                        m.db.update::<AccountRecord>(uuid, |r| r.quota = quota)
                             .await?
                             .ok_or_else(|| ApiError::not_found("account", uuid))?;
                     crate::store_source::inventory(&record)

@@ -732,6 +732,7 @@ pub(crate) async fn create_vm(
                 static_ips,
                 system_tags: tags.system_tags,
                 user_tags: tags.user_tags,
+                created: None,
             };
             match create::create(&m.runtime, request, Some(job)).await {
                 Ok(created) => inventory(&created),

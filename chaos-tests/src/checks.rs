@@ -539,46 +539,6 @@ pub fn journal_violations(host: usize, journal: &str, started: Instant) -> Vec<V
     found
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_journal_check_finds_repeats_and_overlaps_and_nothing_else() {
-        let started = Instant::now();
-        let base = crate::unix_ms_at(started);
-        let line = |id: &str, job: Option<&str>, command: &str, start: u64, end: u64| {
-            json!({ "id": id, "job": job, "command": command, "domain": "d1",
-                    "startMs": base + start, "endMs": base + end, "ok": true })
-            .to_string()
-        };
-        let clean = [
-            line("a", Some("j1"), "define-domain", 0, 10),
-            line("b", Some("j1"), "start-domain", 10, 20),
-            line("c", Some("j2"), "destroy-domain", 20, 30),
-            line("l", None, "list-domains", 0, 30),
-        ]
-        .join("\n");
-        assert!(journal_violations(0, &clean, started).is_empty());
-        let repeated = [
-            line("a", Some("j1"), "start-domain", 0, 10),
-            line("a", Some("j1"), "start-domain", 10, 20),
-        ]
-        .join("\n");
-        let found = journal_violations(0, &repeated, started);
-        assert_eq!(found.len(), 1);
-        assert_eq!(found[0].invariant, "repeats have no extra effect");
-        let overlapping = [
-            line("a", Some("j1"), "start-domain", 0, 10),
-            line("b", None, "destroy-domain", 5, 15),
-        ]
-        .join("\n");
-        let found = journal_violations(0, &overlapping, started);
-        assert_eq!(found.len(), 1);
-        assert_eq!(found[0].invariant, "no overlapping mutations of one resource");
-    }
-}
-
 /// How long after a fault ends its effects may still be felt: a partitioned host redials
 /// with backoff, an MN restarted reloads and reconnects its hosts.
 const FAULT_GRACE_MS: u64 = 15_000;
@@ -633,6 +593,41 @@ pub fn failures_without_a_fault(entries: &[Entry], windows: &[(u64, u64)]) -> Ve
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_journal_check_finds_repeats_and_overlaps_and_nothing_else() {
+        let started = Instant::now();
+        let base = crate::unix_ms_at(started);
+        let line = |id: &str, job: Option<&str>, command: &str, start: u64, end: u64| {
+            json!({ "id": id, "job": job, "command": command, "domain": "d1",
+                    "startMs": base + start, "endMs": base + end, "ok": true })
+            .to_string()
+        };
+        let clean = [
+            line("a", Some("j1"), "define-domain", 0, 10),
+            line("b", Some("j1"), "start-domain", 10, 20),
+            line("c", Some("j2"), "destroy-domain", 20, 30),
+            line("l", None, "list-domains", 0, 30),
+        ]
+        .join("\n");
+        assert!(journal_violations(0, &clean, started).is_empty());
+        let repeated = [
+            line("a", Some("j1"), "start-domain", 0, 10),
+            line("a", Some("j1"), "start-domain", 10, 20),
+        ]
+        .join("\n");
+        let found = journal_violations(0, &repeated, started);
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].invariant, "repeats have no extra effect");
+        let overlapping = [
+            line("a", Some("j1"), "start-domain", 0, 10),
+            line("b", None, "destroy-domain", 5, 15),
+        ]
+        .join("\n");
+        let found = journal_violations(0, &overlapping, started);
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].invariant, "no overlapping mutations of one resource");
+    }
 
     fn entry(sent_ms: u64, ended_ms: u64, outcome: Outcome) -> Entry {
         Entry {

@@ -66,6 +66,9 @@ enum Cmd {
         /// Run the workload without faults.
         #[arg(long)]
         no_faults: bool,
+        /// Fire storms: many conflicting and independent operations at once.
+        #[arg(long)]
+        storm: bool,
         /// Keep every agent on loopback even where network namespaces are available.
         #[arg(long)]
         no_netns: bool,
@@ -108,7 +111,7 @@ fn main() -> std::process::ExitCode {
                 Err(error) => Err(error),
             }
         }
-        Cmd::Run { seed, duration, hosts, clients, strategy, no_faults, no_netns, keep } => {
+        Cmd::Run { seed, duration, hosts, clients, strategy, no_faults, storm, no_netns, keep } => {
             let seed = seed.unwrap_or_else(|| fastrand::u64(..1_000_000));
             let dir =
                 std::env::temp_dir().join(format!("strato-chaos-{seed}-{}", std::process::id()));
@@ -120,6 +123,7 @@ fn main() -> std::process::ExitCode {
                 strategy,
                 faults: !no_faults,
                 namespaces: !no_netns,
+                storm,
             };
             let result = run::run(&config, &dir);
             if keep {

@@ -38,6 +38,8 @@ pub struct RunConfig {
     pub faults: bool,
     /// Whether agents get network namespaces of their own (when the machine allows it).
     pub namespaces: bool,
+    /// Whether clients fire storms of simultaneous operations (`--storm`).
+    pub storm: bool,
 }
 
 fn ok(api: std::net::SocketAddr, method: &str, path: &str, body: Value) -> Result<Value, Error> {
@@ -99,13 +101,14 @@ fn register(cluster: &Cluster) -> Result<Infra, Error> {
 /// Runs one chaos run in `dir`; returns whether every check passed.
 pub fn run(config: &RunConfig, dir: &Path) -> Result<bool, Error> {
     println!(
-        "strato-chaos run --seed {} --duration {}s --hosts {} --clients {} --strategy {:?}{}",
+        "strato-chaos run --seed {} --duration {}s --hosts {} --clients {} --strategy {:?}{}{}",
         config.seed,
         config.duration.as_secs(),
         config.hosts,
         config.clients,
         config.strategy,
-        if config.faults { "" } else { " --no-faults" }
+        if config.faults { "" } else { " --no-faults" },
+        if config.storm { " --storm" } else { "" }
     );
     let cluster = Cluster::start(dir, config.hosts, config.seed, config.namespaces)?;
     println!(
@@ -126,7 +129,7 @@ pub fn run(config: &RunConfig, dir: &Path) -> Result<bool, Error> {
     };
     println!("faults scheduled: {}", schedule.len());
 
-    let shared = Arc::new(Shared::new(api, infra));
+    let shared = Arc::new(Shared::new(api, infra, config.storm));
     let clients: Vec<_> = (0..config.clients)
         .map(|i| {
             let shared = shared.clone();

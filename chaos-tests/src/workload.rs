@@ -7,6 +7,10 @@
 //! (the mix a user produces: mostly creations and power operations), or `fair` (the action
 //! used least so far). One VM is "hot": clients often pick it, so calls on it conflict.
 //!
+//! With `--storm`, a client often fires a storm instead of one action: many creations and
+//! an operation on each of many VMs (some twice, so they collide) at the same instant, on
+//! few hosts and one L3 network, to hunt the races a sequence of single calls never meets.
+//!
 //! Every call and its outcome goes into the [`History`] the checks read. A client follows
 //! each accepted job to its end, through MN restarts, as a user would.
 
@@ -222,6 +226,8 @@ pub struct Shared {
     deleted_hosts: Mutex<Vec<usize>>,
     /// L3 networks the workload made and has not deleted.
     extra_l3s: Mutex<Vec<String>>,
+    /// Whether clients fire storms (`--storm`).
+    pub storm: bool,
 }
 
 /// The infrastructure the run registers first.
@@ -245,7 +251,7 @@ pub struct Infra {
 
 impl Shared {
     /// The clients' shared state.
-    pub fn new(api: SocketAddr, infra: Infra) -> Self {
+    pub fn new(api: SocketAddr, infra: Infra, storm: bool) -> Self {
         Shared {
             api,
             history: History::default(),
@@ -255,6 +261,7 @@ impl Shared {
             used: Mutex::default(),
             deleted_hosts: Mutex::default(),
             extra_l3s: Mutex::default(),
+            storm,
         }
     }
 
@@ -373,6 +380,10 @@ pub fn client(shared: Arc<Shared>, id: usize, seed: u64, strategy: Strategy) {
         } else {
             Some(vms[rng.usize(..vms.len())].clone())
         };
+        if shared.storm && rng.f64() < 0.3 {
+            storm(&shared, id, &mut rng, step, &vms, &hosts);
+            continue;
+        }
         let legal = legal_actions(&shared, vm.as_ref(), &hosts);
         let Some(action) = choose(&shared, &mut rng, strategy, &legal) else {
             std::thread::sleep(Duration::from_millis(50));
@@ -590,6 +601,51 @@ fn act(
                 shared.extra_l3s.lock().expect("l3s").push(l3);
             }
         }
+    }
+}
+
+/// VMs a storm acts on, and creations it sends, at most.
+const STORM_VMS: usize = 16;
+const STORM_CREATES: usize = 6;
+
+/// A storm: creations, and an operation each state allows on many VMs (a second one on
+/// some, so they collide on the VM, its host and the L3 network), all sent at once.
+fn storm(
+    shared: &Arc<Shared>,
+    client_id: usize,
+    rng: &mut fastrand::Rng,
+    step: u64,
+    vms: &[Value],
+    hosts: &[Value],
+) {
+    let mut calls: Vec<(Action, Option<Value>)> =
+        (0..STORM_CREATES).map(|_| (Action::CreateVm, None)).collect();
+    for vm in vms.iter().take(STORM_VMS) {
+        let allowed = Action::allowed_from(vm["state"].as_str().unwrap_or(""));
+        if allowed.is_empty() {
+            continue;
+        }
+        for _ in 0..if rng.bool() { 2 } else { 1 } {
+            calls.push((allowed[rng.usize(..allowed.len())], Some(vm.clone())));
+        }
+    }
+    let hosts = Arc::new(hosts.to_vec());
+    let threads: Vec<_> = calls
+        .into_iter()
+        .enumerate()
+        .map(|(i, (action, vm))| {
+            let (shared, hosts) = (shared.clone(), hosts.clone());
+            let seed = rng.u64(..);
+            // Each call a step of its own, so the names it makes are unique.
+            let step = step * 1000 + i as u64;
+            std::thread::spawn(move || {
+                let mut rng = fastrand::Rng::with_seed(seed);
+                act(&shared, client_id, &mut rng, step, action, vm.as_ref(), &hosts);
+            })
+        })
+        .collect();
+    for thread in threads {
+        let _ = thread.join();
     }
 }
 

@@ -71,6 +71,10 @@ pub struct CreateVm {
     /// User tags to hang on the VM, written with its record.
     #[serde(default)]
     pub user_tags: Vec<String>,
+    /// The VM as the creation left it (set by `start-domain`): what the creation answers,
+    /// even if another operation has changed or deleted it by the time the flow returns.
+    #[serde(default)]
+    pub created: Option<VmRecord>,
 }
 
 /// The UUID of VM `vm`'s NIC on L3 `l3`.
@@ -84,7 +88,11 @@ fn mac_of(nic: Uuid) -> String {
     format!("52:54:00:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2])
 }
 
-async fn write_vm(db: &Db, vm: Uuid, change: impl FnOnce(&mut VmRecord)) -> Result<(), BoxError> {
+async fn write_vm(
+    db: &Db,
+    vm: Uuid,
+    change: impl FnOnce(&mut VmRecord),
+) -> Result<VmRecord, BoxError> {
     let stored =
         db.get::<VmRecord>(vm)?.ok_or_else(|| format!("VM {vm} vanished during creation"))?;
     let mut record = stored.record;
@@ -92,7 +100,7 @@ async fn write_vm(db: &Db, vm: Uuid, change: impl FnOnce(&mut VmRecord)) -> Resu
     let mut batch = Batch::new();
     batch.put(&record, Expect::Generation(stored.generation))?;
     db.commit(batch).await?;
-    Ok(())
+    Ok(record)
 }
 
 struct RecordStep {
@@ -155,7 +163,7 @@ impl Step<CreateVm> for AllocateHost {
         };
         let host = allocator::place(&self.hosts, c.vm, &need, self.overcommit).await?;
         c.host = Some(host);
-        write_vm(&self.db, c.vm, |r| r.host_uuid = Some(host)).await
+        write_vm(&self.db, c.vm, |r| r.host_uuid = Some(host)).await.map(drop)
     }
 
     async fn rollback(&self, c: &mut CreateVm, _: &FlowInfo) -> Result<(), BoxError> {
@@ -216,7 +224,7 @@ impl Step<CreateVm> for AllocateNics {
             });
         }
         let nics = c.nics.clone();
-        write_vm(&self.db, c.vm, |r| r.vm_nics = nics).await
+        write_vm(&self.db, c.vm, |r| r.vm_nics = nics).await.map(drop)
     }
 
     async fn rollback(&self, c: &mut CreateVm, _: &FlowInfo) -> Result<(), BoxError> {
@@ -306,7 +314,7 @@ impl Step<CreateVm> for CreateRootVolume {
         let Reply::File { path, .. } = made else {
             return Err("the agent did not create the volume".into());
         };
-        write_vm(&self.db, c.vm, |r| r.root_volume_path = Some(path)).await
+        write_vm(&self.db, c.vm, |r| r.root_volume_path = Some(path)).await.map(drop)
     }
 
     async fn rollback(&self, c: &mut CreateVm, flow: &FlowInfo) -> Result<(), BoxError> {
@@ -360,7 +368,8 @@ impl Step<CreateVm> for StartDomain {
             flow.job_id,
         )
         .await?;
-        write_vm(&self.db, c.vm, |r| r.state = VmState::Running).await
+        c.created = Some(write_vm(&self.db, c.vm, |r| r.state = VmState::Running).await?);
+        Ok(())
     }
 
     async fn rollback(&self, c: &mut CreateVm, flow: &FlowInfo) -> Result<(), BoxError> {
@@ -408,10 +417,14 @@ pub async fn create(
     job_id: Option<Uuid>,
 ) -> Result<VmRecord, strato_runtime::RuntimeError> {
     let vm = request.vm;
-    runtime.flows().run(CREATE_CHAIN, request, job_id).await?;
-    runtime
-        .db()
-        .get::<VmRecord>(vm)?
-        .map(|s| s.record)
-        .ok_or_else(|| strato_runtime::RuntimeError::Undefined { what: "VM", name: vm.to_string() })
+    let done = runtime.flows().run(CREATE_CHAIN, request, job_id).await?;
+    match done.created {
+        Some(created) => Ok(created),
+        // A flow recorded before `created` existed, resumed: the record as it is now.
+        None => runtime.db().get::<VmRecord>(vm)?.map(|s| s.record).ok_or_else(|| {
+            strato_runtime::RuntimeError::NotFound {
+                actor: strato_runtime::ActorId { kind: "vm", id: vm },
+            }
+        }),
+    }
 }

@@ -120,12 +120,47 @@ pub async fn observe(vms: &Kind<Vms>, vm: Uuid, host: Uuid, observation: Observa
         .call(
             vm,
             Op::within("lifecycle", "observe", Duration::from_secs(30)),
-            move |ctx| async move { apply(&ctx, host, observation).await },
+            move |ctx| async move {
+                // A listing is a snapshot, perhaps older than the VM's last operation (a
+                // reconnect lists the domains, then an operation ends, then the listing is
+                // applied): a change it suggests is checked against the present first. A
+                // host that cannot be reached has no present to ask.
+                if observation == Observation::HostUnreachable {
+                    return apply(&ctx, host, observation).await;
+                }
+                let (record, _) = begin(&ctx).await?;
+                if record.host_uuid != Some(host) || observed(record.state, observation).is_none() {
+                    return Ok(());
+                }
+                let present = present(&ctx, host).await?;
+                apply(&ctx, host, present).await
+            },
         )
         .await;
     if let Err(error) = result {
         tracing::warn!(vm = %vm, %error, "could not apply an observation");
     }
+}
+
+/// What host `host` says VM `vm`'s domain is doing now.
+async fn present(ctx: &strato_runtime::OpCtx<Vms>, host: Uuid) -> Result<Observation, VmError> {
+    let Some(hosts) = ctx.runtime().kind::<crate::host::Hosts>() else {
+        return Err(VmError::Runtime(strato_runtime::RuntimeError::UnknownKind {
+            kind: "host".into(),
+        }));
+    };
+    let deadline = std::time::SystemTime::now() + Duration::from_secs(10);
+    let reply =
+        crate::host::command(&hosts, host, strato_proto::Command::ListDomains, deadline, None)
+            .await?;
+    let strato_proto::Reply::Domains(domains) = reply else {
+        return Err(VmError::Host(crate::host::HostError::Link(
+            strato_proto::LinkError::Refused {
+                reason: "ListDomains answered no domain list".into(),
+            },
+        )));
+    };
+    Ok(observation_of(domains.iter().find(|d| d.uuid == ctx.id()).map(|d| d.state)))
 }
 
 /// Asks host `host` what VM `vm`'s domain is doing now and applies that. Used for agent
@@ -138,20 +173,8 @@ pub async fn observe_now(vms: &Kind<Vms>, vm: Uuid, host: Uuid) {
             vm,
             Op::within("lifecycle", "observe", Duration::from_secs(30)),
             move |ctx| async move {
-                let Some(hosts) = ctx.runtime().kind::<crate::host::Hosts>() else { return Ok(()) };
-                let deadline = std::time::SystemTime::now() + Duration::from_secs(10);
-                let reply = crate::host::command(
-                    &hosts,
-                    host,
-                    strato_proto::Command::ListDomains,
-                    deadline,
-                    None,
-                )
-                .await?;
-                let strato_proto::Reply::Domains(domains) = reply else { return Ok(()) };
-                let observation =
-                    observation_of(domains.iter().find(|d| d.uuid == vm).map(|d| d.state));
-                apply(&ctx, host, observation).await
+                let present = present(&ctx, host).await?;
+                apply(&ctx, host, present).await
             },
         )
         .await;
