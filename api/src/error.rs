@@ -128,7 +128,7 @@ impl From<RuntimeError> for ApiError {
                     None if message.ends_with(&exhausted) => (
                         "L3.IP_EXHAUSTED",
                         format!("{exhausted}: add an IP range or free addresses"),
-                        json!({ "step": step }),
+                        json!({ "step": step, "cause": message }),
                     ),
                     None => (
                         "SYS.OPERATION_FAILED",

@@ -80,8 +80,5 @@ fn sigkill_of_the_mn_mid_creation_leaves_every_job_terminal_and_nothing_behind()
         assert_eq!(vm["state"], "Running");
     }
     let failed = call(api, "POST", "/v1/vm-instances", Some(&body));
-    assert!(
-        failed["error"]["details"]["cause"].as_str().unwrap().contains("no free IP"),
-        "{failed}"
-    );
+    assert_eq!(failed["error"]["code"], "L3.IP_EXHAUSTED", "{failed}");
 }
