@@ -883,6 +883,15 @@ pub async fn create_account(
                 let hash = tokio::task::spawn_blocking(move || hash_password(&password))
                     .await
                     .map_err(|e| ApiError::internal(&e))??;
+                // Checked again, one creation at a time: two creations of one name at once
+                // both passed the check at the door.
+                let _one_at_a_time = m.account_creation.lock().await;
+                if !m.db.find::<AccountRecord>("name", &p.name.as_str().into())?.is_empty() {
+                    return Err(ApiError::conflict(
+                        "ID.ACCOUNT_EXISTS",
+                        format!("an account named `{}` exists", p.name),
+                    ));
+                }
                 let account = AccountRecord {
                     uuid: Uuid::new_v4(),
                     name: p.name,

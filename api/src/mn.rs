@@ -36,6 +36,8 @@ pub struct Mn {
     pub generated_admin_password: Option<String>,
     /// Per-account locks around quota checks.
     pub quota_locks: crate::auth::QuotaLocks,
+    /// Held while an account is created: account names are unique.
+    pub account_creation: tokio::sync::Mutex<()>,
     /// Failed logins, throttled per account name and per source address.
     pub logins: crate::login::LoginThrottle,
     /// The URL clients reach the API at (`STRATO_EXTERNAL_URL`), for the `Location` of a
@@ -202,6 +204,7 @@ impl Mn {
             session_timeout,
             generated_admin_password,
             quota_locks: Default::default(),
+            account_creation: Default::default(),
             logins: crate::login::LoginThrottle::new(login_policy),
             external_url,
             image_policy,

@@ -295,3 +295,30 @@ fn tenant_b_reaches_nothing_of_tenant_a_and_changes_nothing() {
     let (_, _, all) = http(env.api, "GET", "/v1/vm-instances?count=true", None, &[]);
     assert_eq!(all, json!({ "total": 2 }));
 }
+
+/// Accounts created at once under one name: one is made, the others are told it exists
+/// (both passed the check at the door before it was made again inside the job).
+#[test]
+fn one_name_one_account_even_when_created_at_once() {
+    let env = env_with(&[]);
+    let api = env.api;
+    let tries: Vec<_> = (0..6)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let body = json!({ "params": { "name": "twin", "password": "twin-password" } });
+                let (status, _, reply) =
+                    http(api, "POST", "/v1/accounts", Some(&body.to_string()), &[]);
+                match status {
+                    202 => wait_job(api, reply["location"].as_str().unwrap()),
+                    _ => reply,
+                }
+            })
+        })
+        .collect();
+    let outcomes: Vec<Value> = tries.into_iter().map(|t| t.join().unwrap()).collect();
+    let made = outcomes.iter().filter(|o| o["inventory"]["name"] == "twin").count();
+    let refused = outcomes.iter().filter(|o| o["error"]["code"] == "ID.ACCOUNT_EXISTS").count();
+    assert_eq!((made, refused), (1, 5), "{outcomes:?}");
+    let (_, _, listed) = http(api, "GET", "/v1/accounts?q=name=twin", None, &[]);
+    assert_eq!(listed["inventories"].as_array().map(Vec::len), Some(1), "{listed}");
+}
