@@ -371,13 +371,11 @@ fn tls_connector(policy: &ImportPolicy) -> Result<tokio_rustls::TlsConnector, Im
     if roots.is_empty() {
         return Err(unreadable(&"it holds no usable certificate"));
     }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| ImageError::Tls(e.to_string()))?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let config = rustls::ClientConfig::builder_with_provider(strato_proto::tls::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ImageError::Tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
     Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
 

@@ -69,6 +69,13 @@ pub struct JobRecord {
     pub resource: Option<Uuid>,
 }
 
+impl JobRecord {
+    /// The error a failed job answers (`{"error": {...}}`), when it has one.
+    pub fn error_body(&self) -> Option<Value> {
+        self.error.as_ref().and_then(|(_, e)| serde_json::from_str(e).ok())
+    }
+}
+
 impl Record for JobRecord {
     const KIND: &'static str = "api-job";
     const VERSION: u16 = 2;

@@ -986,11 +986,8 @@ pub(crate) async fn job(State(mn): Shared, Id(uuid): Id) -> Result<Response, Api
             (StatusCode::OK, Json(json!({ "inventory": inventory }))).into_response()
         }
         JobState::Failed => {
-            let error: Value = job
-                .error
-                .as_ref()
-                .and_then(|(_, e)| serde_json::from_str(e).ok())
-                .unwrap_or_else(|| json!({ "error": { "code": "SYS.INTERNAL" } }));
+            let error =
+                job.error_body().unwrap_or_else(|| json!({ "error": { "code": "SYS.INTERNAL" } }));
             (StatusCode::OK, Json(error)).into_response()
         }
     })
@@ -1050,11 +1047,8 @@ pub(crate) async fn job_action(
             loop {
                 let now = jobs::find(&m.db, account, uuid)?
                     .ok_or_else(|| ApiError::not_found("api-job", uuid))?;
-                let code = now
-                    .error
-                    .as_ref()
-                    .and_then(|(_, e)| serde_json::from_str::<Value>(e).ok())
-                    .and_then(|e| e["error"]["code"].as_str().map(str::to_owned));
+                let code =
+                    now.error_body().and_then(|e| e["error"]["code"].as_str().map(str::to_owned));
                 match now.state {
                     JobState::Running if tokio::time::Instant::now() < deadline => {
                         tokio::time::sleep(Duration::from_millis(20)).await;

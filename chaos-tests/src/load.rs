@@ -42,11 +42,13 @@ impl Drop for Proc {
 use crate::Error;
 use crate::cluster::{free_port, sibling, wait_listening};
 
-pub(crate) fn peak_rss_mib(pid: u32) -> f64 {
+/// A memory figure of process `pid` in MiB: `field` of `/proc/<pid>/status` (`VmHWM:` is
+/// the peak RSS, `VmRSS:` the current one).
+pub(crate) fn status_mib(pid: u32, field: &str) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         .map_or(0.0, |kib| kib / 1024.0)
 }
@@ -264,7 +266,7 @@ pub fn run(config: &LoadConfig, work_dir: &Path) -> Result<(), Error> {
     running.sort();
     let listed = client::list(api, "vm-instances")?;
     let running_count = listed.iter().filter(|v| v["state"] == "Running").count();
-    let rss = peak_rss_mib(server_pid);
+    let rss = status_mib(server_pid, "VmHWM:");
     println!(
         "load sim_hosts={} vms={} concurrency={} sim_latency_ms={} all_running_s={:.2} vms_per_s={:.0} create_call_p50_ms={:.1} create_call_p99_ms={:.1} to_running_p50_ms={:.1} to_running_p99_ms={:.1} single_vm_to_running_ms={:.1} running_listed={} mn_peak_rss_mib={:.0}",
         config.sim_hosts,

@@ -19,7 +19,7 @@ use serde_json::Value;
 use strato_api::client;
 
 use crate::Error;
-use crate::load::{Testbed, peak_rss_mib, percentile, run_parallel};
+use crate::load::{Testbed, percentile, run_parallel, status_mib};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -42,15 +42,6 @@ fn cpu_seconds(pid: u32) -> f64 {
     // utime and stime are fields 14 and 15 of stat (11 and 12 after the state), in USER_HZ,
     // which Linux fixes at 100 for what /proc reports.
     (ticks(11) + ticks(12)) / 100.0
-}
-
-fn current_rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(0.0, |kib| kib / 1024.0)
 }
 
 /// One call's outcome: how long it took, and the error code when it failed.
@@ -151,7 +142,7 @@ fn phase<T: Clone + Send + Sync + 'static>(
         latencies: outcomes.iter().map(|(_, o)| o.latency).collect(),
         failures,
         cpu_s: cpu_seconds(bed.server_pid) - cpu_before,
-        rss_mib: current_rss_mib(bed.server_pid),
+        rss_mib: status_mib(bed.server_pid, "VmRSS:"),
     };
     Ok((phase, outcomes))
 }
@@ -248,7 +239,7 @@ pub fn run(config: &PeerConfig, work_dir: &Path) -> Result<bool, Error> {
         config.concurrency,
         all_running.as_secs_f64(),
         left,
-        peak_rss_mib(bed.server_pid),
+        status_mib(bed.server_pid, "VmHWM:"),
     );
     let failed = boot.failed() + wait.failed() + list.failed() + delete.failed();
     Ok(failed == 0 && left == 0)

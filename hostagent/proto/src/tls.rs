@@ -114,7 +114,7 @@ fn io_error(path: &Path) -> impl FnOnce(io::Error) -> TlsError + '_ {
 }
 
 /// The crypto provider every TLS configuration here uses: rustls' ring provider.
-pub(crate) fn provider() -> Arc<CryptoProvider> {
+pub fn provider() -> Arc<CryptoProvider> {
     static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
     PROVIDER.get_or_init(|| Arc::new(rustls::crypto::ring::default_provider())).clone()
 }
