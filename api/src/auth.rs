@@ -876,8 +876,9 @@ pub async fn create_account(
     // The job's body leaves the password out.
     let raw = json!({ "name": p.name, "quota": p.quota });
     let m = mn.clone();
-    let job =
-        crate::jobs::submit(&mn.db, crate::routes::job_header(&headers)?, "CreateAccount", &raw, {
+    let job = mn
+        .jobs
+        .submit(crate::routes::job_header(&headers)?, "CreateAccount", &raw, {
             move |_| async move {
                 let password = p.password;
                 let hash = tokio::task::spawn_blocking(move || hash_password(&password))
@@ -933,22 +934,23 @@ pub async fn account_action(
                 return Err(forbidden("only the admin account changes quotas".into()));
             }
             let quota: Quota = crate::routes::parse(params.clone(), "updateQuota")?;
-            let job = crate::jobs::submit(
-                &mn.db,
-                crate::routes::job_header(&headers)?,
-                "UpdateQuota",
-                &body,
-                move |_| async move {
-                    // Applied to the account as it is now: quotas set at once both succeed,
-                    // the last one staying, as a replacement does.
-                    let record =
-                        m.db.update::<AccountRecord>(uuid, |r| r.quota = quota)
-                            .await?
-                            .ok_or_else(|| ApiError::not_found("account", uuid))?;
-                    crate::store_source::inventory(&record)
-                },
-            )
-            .await?;
+            let job = mn
+                .jobs
+                .submit(
+                    crate::routes::job_header(&headers)?,
+                    "UpdateQuota",
+                    &body,
+                    move |_| async move {
+                        // Applied to the account as it is now: quotas set at once both succeed,
+                        // the last one staying, as a replacement does.
+                        let record =
+                            m.db.update::<AccountRecord>(uuid, |r| r.quota = quota)
+                                .await?
+                                .ok_or_else(|| ApiError::not_found("account", uuid))?;
+                        crate::store_source::inventory(&record)
+                    },
+                )
+                .await?;
             Ok(crate::routes::accepted(&mn, job))
         }
         "updateAccount" => {
@@ -977,9 +979,7 @@ pub async fn account_action(
             }
             let raw = json!({ "updateAccount": { "uuid": uuid } });
             let password = change.password;
-            let job = crate::jobs::submit(
-                &mn.db,
-                crate::routes::job_header(&headers)?,
+            let job = mn.jobs.submit(crate::routes::job_header(&headers)?,
                 "UpdateAccount",
                 &raw,
                 move |_| async move {
@@ -1039,12 +1039,9 @@ pub async fn delete_account(
     }
     let m = mn.clone();
     let raw = json!({ "uuid": uuid });
-    let job = crate::jobs::submit(
-        &mn.db,
-        crate::routes::job_header(&headers)?,
-        "DeleteAccount",
-        &raw,
-        move |_| async move {
+    let job = mn
+        .jobs
+        .submit(crate::routes::job_header(&headers)?, "DeleteAccount", &raw, move |_| async move {
             let mut batch = Batch::new();
             batch.delete::<AccountRecord>(uuid, Expect::Any);
             batch.delete::<CredentialRecord>(uuid, Expect::Any);
@@ -1056,9 +1053,8 @@ pub async fn delete_account(
             }
             m.db.commit(batch).await?;
             Ok(json!({}))
-        },
-    )
-    .await?;
+        })
+        .await?;
     Ok(crate::routes::accepted(&mn, job))
 }
 

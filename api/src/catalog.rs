@@ -568,7 +568,7 @@ static APIS: &[Api] = &[
         "/v1/api-jobs/{uuid}",
         Body::None,
         Immediate,
-        "A job: 202 while it runs, then its result",
+        "A job: 202 while it runs, then its result; waitSeconds=N waits for its end",
     ),
     api(
         "CancelApiJob",

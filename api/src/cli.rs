@@ -226,8 +226,10 @@ fn follow(
     location: &str,
     headers: &[(&str, &str)],
 ) -> Result<Value, Failure> {
-    let path = location.find("/v1/").map(|at| location[at..].to_owned()).unwrap_or_default();
-    let job = path.rsplit('/').next().unwrap_or_default().to_owned();
+    // Each GET waits up to a second for the job's end: the command returns the moment the job
+    // ends, and the progress line moves once a second.
+    let path = client::job_path(location, Duration::from_secs(1));
+    let job = location.rsplit('/').next().unwrap_or_default().to_owned();
     let started = Instant::now();
     let terminal = std::io::stderr().is_terminal();
     let spinner = ['|', '/', '-', '\\'];
@@ -257,7 +259,6 @@ fn follow(
             last_line = elapsed;
             eprintln!("{api}: running {:.0}s", elapsed.as_secs_f64());
         }
-        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

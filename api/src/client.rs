@@ -126,6 +126,14 @@ pub fn request_with_headers(
     Ok((status, json))
 }
 
+/// The path to `GET` the job at `location` (what a `202` answers), holding the answer until
+/// the job ends or `wait` (whole seconds) passes: a waiter wakes when the job ends, where a
+/// poller learns it a poll later and costs the node a request per poll.
+pub fn job_path(location: &str, wait: Duration) -> String {
+    let path = location.find("/v1/").map_or("", |at| &location[at..]);
+    format!("{path}?waitSeconds={}", wait.as_secs())
+}
+
 /// Sends a mutation, waits for its job, and returns the inventory (or the job's error).
 pub fn mutate(
     addr: SocketAddr,
@@ -139,17 +147,14 @@ pub fn mutate(
     if status != 202 {
         return Err(api_error(status, reply));
     }
-    let location = reply["location"].as_str().unwrap_or_default();
-    let job_path = location.find("/v1/").map(|at| location[at..].to_owned()).unwrap_or_default();
+    let job = job_path(reply["location"].as_str().unwrap_or_default(), Duration::from_secs(30));
     let started = Instant::now();
     loop {
-        let (status, done) = request(addr, "GET", &job_path, None)?;
+        let (status, done) = request(addr, "GET", &job, None)?;
         match status {
             200 if done.get("error").is_some() => return Err(api_error(200, done)),
             200 => return Ok(done["inventory"].clone()),
-            202 if started.elapsed() < Duration::from_secs(600) => {
-                std::thread::sleep(Duration::from_millis(50))
-            }
+            202 if started.elapsed() < Duration::from_secs(600) => {}
             _ => return Err(api_error(status, done)),
         }
     }

@@ -17,18 +17,24 @@
 //! cancellable: its work watches a [`CancellationToken`] that `CancelApiJob` fires, and it
 //! ends `Failed` with `SYS.JOB_CANCELLED` once it has undone what it began. Other jobs are
 //! not cancellable: a VM flow stopped half-way is what its rollback exists for, not something
-//! to start on a caller's whim. The tokens live in this process only ([`Cancellable`]); a job
-//! a previous process left running has already ended at recovery.
+//! to start on a caller's whim. The tokens live in this process only ([`Jobs`]); a job a
+//! previous process left running has already ended at recovery.
+//!
+//! A caller may wait for a job's end in its `GET` (`waitSeconds`, at most [`MAX_WAIT`]): the
+//! job's task wakes the waiters once its end is stored. Polling instead cost the load run
+//! most of its CPU (some sixty requests per VM on fresh connections, see BENCHMARKS.md).
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use strato_storage::{Batch, Db, Expect, Record, StoreError};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -98,24 +104,237 @@ fn submitter() -> Uuid {
     crate::auth::caller().map_or(strato_actors::owners::ADMIN, |c| c.account)
 }
 
-/// `account`'s job `job`, if it has one.
-pub fn find(db: &Db, account: Uuid, job: Uuid) -> Result<Option<JobRecord>, StoreError> {
-    Ok(db.get::<JobRecord>(key(account, job))?.map(|s| s.record))
+/// The longest a caller may wait for a job's end in one request ([`Jobs::wait`]).
+pub const MAX_WAIT: Duration = Duration::from_secs(60);
+
+/// This node's jobs: their records in the store, and the ones running in this process, so
+/// that `CancelApiJob` can fire a cancellable one's token and a caller waiting for a job's
+/// end (`GET /v1/api-jobs/{uuid}?waitSeconds=N`) wakes the moment it is recorded rather than
+/// polling for it.
+#[derive(Clone, Debug)]
+pub struct Jobs {
+    db: Db,
+    running: Arc<Mutex<HashMap<Uuid, Running>>>,
 }
 
-/// The running jobs that can be cancelled, by job key ([`key`]): what `CancelApiJob` fires.
-#[derive(Debug, Default)]
-pub struct Cancellable(Mutex<HashMap<Uuid, CancellationToken>>);
+/// A job running in this process, by job key ([`key`]).
+#[derive(Debug)]
+struct Running {
+    /// Fired by `CancelApiJob`; only jobs submitted as cancellable have one.
+    cancel: Option<CancellationToken>,
+    /// Set once the job's end is in the store.
+    ended: watch::Sender<bool>,
+}
 
-impl Cancellable {
-    /// The token of `account`'s running job `job`, if that job can be cancelled.
-    pub fn token(&self, account: Uuid, job: Uuid) -> Option<CancellationToken> {
-        self.lock().get(&key(account, job)).cloned()
+impl Jobs {
+    /// The jobs kept in `db`.
+    pub fn new(db: Db) -> Jobs {
+        Jobs { db, running: Default::default() }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, CancellationToken>> {
+    /// `account`'s job `job`, if it has one.
+    pub fn find(&self, account: Uuid, job: Uuid) -> Result<Option<JobRecord>, StoreError> {
+        Ok(self.db.get::<JobRecord>(key(account, job))?.map(|s| s.record))
+    }
+
+    /// `account`'s job `job` once it has ended, or as it stands after `timeout`.
+    pub async fn wait(
+        &self,
+        account: Uuid,
+        job: Uuid,
+        timeout: Duration,
+    ) -> Result<Option<JobRecord>, StoreError> {
+        // Subscribed before the record is read: a job that ends in between has set `ended`
+        // (it is set after the end is stored), so its end is never missed.
+        let ended = self.lock().get(&key(account, job)).map(|r| r.ended.subscribe());
+        let found = self.find(account, job)?;
+        let (Some(record), Some(mut ended)) = (&found, ended) else { return Ok(found) };
+        if record.state != JobState::Running || timeout.is_zero() {
+            return Ok(found);
+        }
+        // An error means the job's task is gone without an end (the process is stopping):
+        // the record read next says where it stands either way.
+        let _ = tokio::time::timeout(timeout, ended.wait_for(|ended| *ended)).await;
+        self.find(account, job)
+    }
+
+    /// The token of `account`'s running job `job`, if that job can be cancelled.
+    pub fn cancel_token(&self, account: Uuid, job: Uuid) -> Option<CancellationToken> {
+        self.lock().get(&key(account, job)).and_then(|r| r.cancel.clone())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Running>> {
         // The map holds no invariant a panicking holder could break.
-        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.running.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Accepts a job: persists it and starts `work` on a task, or finds the earlier job with
+    /// the same UUID. Returns the job's UUID.
+    pub async fn submit<W, Fut>(
+        &self,
+        job_id: Option<Uuid>,
+        api: &str,
+        body: &Value,
+        work: W,
+    ) -> Result<Uuid, ApiError>
+    where
+        W: FnOnce(Uuid) -> Fut,
+        Fut: Future<Output = Result<Value, ApiError>> + Send + 'static,
+    {
+        self.submit_for(job_id, api, body, None, None, work).await
+    }
+
+    /// [`Jobs::submit`] for a job that `CancelApiJob` may cancel: `work` gets the token it
+    /// must watch, and must leave nothing behind when it fires.
+    pub async fn submit_cancellable<W, Fut>(
+        &self,
+        job_id: Option<Uuid>,
+        api: &str,
+        body: &Value,
+        work: W,
+    ) -> Result<Uuid, ApiError>
+    where
+        W: FnOnce(CancellationToken) -> Fut,
+        Fut: Future<Output = Result<Value, ApiError>> + Send + 'static,
+    {
+        let submission = Submission { job_id, api, body, resource: None, owner: None };
+        self.accept(submission, true, |_, token| work(token)).await
+    }
+
+    /// [`Jobs::submit`] for a job that creates `resource`, owned as `owner` says (written
+    /// with the job, so what a tenant's quota counts is never behind what was accepted).
+    pub async fn submit_for<W, Fut>(
+        &self,
+        job_id: Option<Uuid>,
+        api: &str,
+        body: &Value,
+        resource: Option<Uuid>,
+        owner: Option<OwnerRecord>,
+        work: W,
+    ) -> Result<Uuid, ApiError>
+    where
+        W: FnOnce(Uuid) -> Fut,
+        Fut: Future<Output = Result<Value, ApiError>> + Send + 'static,
+    {
+        let submission = Submission { job_id, api, body, resource, owner };
+        self.accept(submission, false, |job, _| work(job)).await
+    }
+
+    /// Persists a job and starts it, with a token `CancelApiJob` can fire when `cancellable`.
+    async fn accept<W, Fut>(
+        &self,
+        submission: Submission<'_>,
+        cancellable: bool,
+        work: W,
+    ) -> Result<Uuid, ApiError>
+    where
+        W: FnOnce(Uuid, CancellationToken) -> Fut,
+        Fut: Future<Output = Result<Value, ApiError>> + Send + 'static,
+    {
+        let Submission { job_id, api, body, resource, owner } = submission;
+        let uuid = job_id.unwrap_or_else(Uuid::new_v4);
+        let account = submitter();
+        let job_key = key(account, uuid);
+        let body_hash = hash_of(api, body);
+        let record = JobRecord {
+            uuid,
+            account,
+            api: api.to_owned(),
+            body_hash,
+            state: JobState::Running,
+            result: None,
+            error: None,
+            resource,
+        };
+        let mut batch = Batch::new();
+        batch.put(&record, Expect::Absent)?;
+        if let Some(owner) = &owner {
+            batch.put(owner, Expect::Absent)?;
+        }
+        // Registered before the job is stored, so a cancel or a wait never finds it running
+        // and unknown; a repeat of a running job leaves that job's entry alone.
+        let token = CancellationToken::new();
+        let registered = {
+            let mut running = self.lock();
+            let vacant = !running.contains_key(&job_key);
+            if vacant {
+                let cancel = cancellable.then(|| token.clone());
+                running.insert(job_key, Running { cancel, ended: watch::channel(false).0 });
+            }
+            vacant
+        };
+        let committed = self.db.commit(batch).await;
+        if committed.is_err() && registered {
+            self.lock().remove(&job_key);
+        }
+        match committed {
+            Ok(_) => {}
+            Err(StoreError::Conflict { .. }) => {
+                let Some(existing) = self.find(account, uuid)? else {
+                    // The job is new: what conflicted is the resource it creates.
+                    return Err(ApiError::conflict(
+                        "SYS.RESOURCE_EXISTS",
+                        "the resource this request creates exists already; send the request again",
+                    ));
+                };
+                if existing.api == api && existing.body_hash == body_hash {
+                    return Ok(uuid);
+                }
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "SYS.JOB_UUID_REUSED",
+                    format!(
+                        "job {uuid} already exists for a different request; use a new X-Job-UUID"
+                    ),
+                    json!({ "jobUuid": uuid }),
+                ));
+            }
+            Err(error) => return Err(error.into()),
+        }
+        tracing::info!(job = %uuid, api, "job accepted");
+        let work = work(uuid, token);
+        let jobs = self.clone();
+        let api = api.to_owned();
+        // One span per job: what the job's task logs, and the actor operations it starts
+        // (which carry the job id to the agents), name it.
+        let span = tracing::info_span!("job", job = %uuid, api = %api);
+        let task = async move {
+            let outcome = work.await;
+            let (state, result, error) = match outcome {
+                Ok(inventory) => (JobState::Succeeded, Some(inventory.to_string()), None),
+                Err(error) => {
+                    tracing::warn!(job = %uuid, %api, code = %error.code, description = %error.description, "job failed");
+                    (
+                        JobState::Failed,
+                        None,
+                        Some((error.status.as_u16(), error.body().to_string())),
+                    )
+                }
+            };
+            let done = JobRecord {
+                uuid,
+                account,
+                api: api.clone(),
+                body_hash,
+                state,
+                result,
+                error,
+                resource,
+            };
+            let mut batch = Batch::new();
+            if batch.put(&done, Expect::Any).is_ok()
+                && let Err(error) = jobs.db.commit(batch).await
+            {
+                tracing::error!(job = %uuid, error = %strato_runtime::error_chain(&error), "could not record the job's end");
+            }
+            if registered && let Some(running) = jobs.lock().remove(&job_key) {
+                running.ended.send_replace(true);
+            }
+            crate::metrics::job_finished(&api, state);
+            tracing::info!(job = %uuid, %api, ?state, "job finished");
+        };
+        tokio::spawn(tracing::Instrument::instrument(task, span));
+        Ok(uuid)
     }
 }
 
@@ -136,59 +355,6 @@ fn hash_of(api: &str, body: &Value) -> u64 {
     hasher.finish()
 }
 
-/// Accepts a job: persists it and starts `work` on a task, or finds the earlier job with the
-/// same UUID. Returns the job's UUID.
-pub async fn submit<W, Fut>(
-    db: &Db,
-    job_id: Option<Uuid>,
-    api: &str,
-    body: &Value,
-    work: W,
-) -> Result<Uuid, ApiError>
-where
-    W: FnOnce(Uuid) -> Fut,
-    Fut: Future<Output = Result<Value, ApiError>> + Send + 'static,
-{
-    submit_for(db, job_id, api, body, None, None, work).await
-}
-
-/// [`submit`] for a job that `CancelApiJob` may cancel: `work` gets the token it must watch,
-/// and must leave nothing behind when it fires.
-pub async fn submit_cancellable<W, Fut>(
-    db: &Db,
-    cancellable: &Arc<Cancellable>,
-    job_id: Option<Uuid>,
-    api: &str,
-    body: &Value,
-    work: W,
-) -> Result<Uuid, ApiError>
-where
-    W: FnOnce(CancellationToken) -> Fut,
-    Fut: Future<Output = Result<Value, ApiError>> + Send + 'static,
-{
-    let submission = Submission { job_id, api, body, resource: None, owner: None };
-    accept(db, submission, Some(cancellable), |_, token| work(token)).await
-}
-
-/// [`submit`] for a job that creates `resource`, owned as `owner` says (written with the
-/// job, so what a tenant's quota counts is never behind what was accepted).
-pub async fn submit_for<W, Fut>(
-    db: &Db,
-    job_id: Option<Uuid>,
-    api: &str,
-    body: &Value,
-    resource: Option<Uuid>,
-    owner: Option<OwnerRecord>,
-    work: W,
-) -> Result<Uuid, ApiError>
-where
-    W: FnOnce(Uuid) -> Fut,
-    Fut: Future<Output = Result<Value, ApiError>> + Send + 'static,
-{
-    let submission = Submission { job_id, api, body, resource, owner };
-    accept(db, submission, None, |job, _| work(job)).await
-}
-
 /// What a caller submitted.
 struct Submission<'a> {
     job_id: Option<Uuid>,
@@ -196,118 +362,6 @@ struct Submission<'a> {
     body: &'a Value,
     resource: Option<Uuid>,
     owner: Option<OwnerRecord>,
-}
-
-/// Persists a job and starts it; registers its token in `cancellable` when given.
-async fn accept<W, Fut>(
-    db: &Db,
-    submission: Submission<'_>,
-    cancellable: Option<&Arc<Cancellable>>,
-    work: W,
-) -> Result<Uuid, ApiError>
-where
-    W: FnOnce(Uuid, CancellationToken) -> Fut,
-    Fut: Future<Output = Result<Value, ApiError>> + Send + 'static,
-{
-    let Submission { job_id, api, body, resource, owner } = submission;
-    let uuid = job_id.unwrap_or_else(Uuid::new_v4);
-    let account = submitter();
-    let body_hash = hash_of(api, body);
-    let record = JobRecord {
-        uuid,
-        account,
-        api: api.to_owned(),
-        body_hash,
-        state: JobState::Running,
-        result: None,
-        error: None,
-        resource,
-    };
-    let mut batch = Batch::new();
-    batch.put(&record, Expect::Absent)?;
-    if let Some(owner) = &owner {
-        batch.put(owner, Expect::Absent)?;
-    }
-    // Registered before the job is stored, so a cancel never finds it running and
-    // uncancellable; a repeat of a running job leaves that job's token alone.
-    let token = CancellationToken::new();
-    let registered = cancellable.filter(|c| {
-        let mut tokens = c.lock();
-        let vacant = !tokens.contains_key(&record.id());
-        if vacant {
-            tokens.insert(record.id(), token.clone());
-        }
-        vacant
-    });
-    let committed = db.commit(batch).await;
-    if committed.is_err()
-        && let Some(c) = registered
-    {
-        c.lock().remove(&record.id());
-    }
-    match committed {
-        Ok(_) => {}
-        Err(StoreError::Conflict { .. }) => {
-            let Some(existing) = find(db, account, uuid)? else {
-                // The job is new: what conflicted is the resource it creates.
-                return Err(ApiError::conflict(
-                    "SYS.RESOURCE_EXISTS",
-                    "the resource this request creates exists already; send the request again",
-                ));
-            };
-            if existing.api == api && existing.body_hash == body_hash {
-                return Ok(uuid);
-            }
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "SYS.JOB_UUID_REUSED",
-                format!("job {uuid} already exists for a different request; use a new X-Job-UUID"),
-                json!({ "jobUuid": uuid }),
-            ));
-        }
-        Err(error) => return Err(error.into()),
-    }
-    tracing::info!(job = %uuid, api, "job accepted");
-    let work = work(uuid, token);
-    let registered = registered.cloned();
-    let db = db.clone();
-    let api = api.to_owned();
-    // One span per job: what the job's task logs, and the actor operations it starts (which
-    // carry the job id to the agents), name it.
-    let span = tracing::info_span!("job", job = %uuid, api = %api);
-    let task = async move {
-        let outcome = work.await;
-        let (state, result, error) = match outcome {
-            Ok(inventory) => (JobState::Succeeded, Some(inventory.to_string()), None),
-            Err(error) => {
-                tracing::warn!(job = %uuid, %api, code = %error.code, description = %error.description, "job failed");
-                (JobState::Failed, None, Some((error.status.as_u16(), error.body().to_string())))
-            }
-        };
-        let done = JobRecord {
-            uuid,
-            account,
-            api: api.clone(),
-            body_hash,
-            state,
-            result,
-            error,
-            resource,
-        };
-        let mut batch = Batch::new();
-        if batch.put(&done, Expect::Any).is_ok()
-            && let Err(error) = db.commit(batch).await
-        {
-            tracing::error!(job = %uuid, error = %strato_runtime::error_chain(&error), "could not record the job's end");
-        }
-        if let Some(c) = registered {
-            c.lock().remove(&key(account, uuid));
-        }
-        crate::metrics::job_finished(&api, state);
-        tracing::info!(job = %uuid, %api, ?state, "job finished");
-    };
-    tokio::spawn(tracing::Instrument::instrument(task, span));
-    Ok(uuid)
 }
 
 /// Ends every job a previous process left running: `Succeeded` when `completed` finds the

@@ -45,8 +45,8 @@ pub struct Mn {
     pub external_url: Option<String>,
     /// What an image import may read.
     pub image_policy: strato_actors::images::ImportPolicy,
-    /// The running jobs `CancelApiJob` can cancel.
-    pub cancellable: Arc<crate::jobs::Cancellable>,
+    /// The jobs: submitted, waited for, cancelled.
+    pub jobs: crate::jobs::Jobs,
 }
 
 impl Mn {
@@ -195,6 +195,7 @@ impl Mn {
             "recovered from the previous run"
         );
         runtime.gc().start()?;
+        let jobs = crate::jobs::Jobs::new(db.clone());
         Ok(Arc::new(Mn {
             runtime,
             db,
@@ -208,7 +209,7 @@ impl Mn {
             logins: crate::login::LoginThrottle::new(login_policy),
             external_url,
             image_policy,
-            cancellable: Default::default(),
+            jobs,
         }))
     }
 

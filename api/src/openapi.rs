@@ -67,6 +67,11 @@ fn operation(apis: &[&Api], components: &mut BTreeMap<String, Value>) -> Value {
             "description": "Permissive refuses while something depends on the resource; Enforcing deletes dependents first",
             "schema": { "type": "string", "enum": ["Permissive", "Enforcing"] } }));
     }
+    if first.name == "GetJob" {
+        parameters.push(json!({ "name": "waitSeconds", "in": "query", "required": false,
+            "description": "Hold the answer until the job ends or this many seconds pass (202 then)",
+            "schema": { "type": "integer", "minimum": 0, "maximum": crate::jobs::MAX_WAIT.as_secs() } }));
+    }
     if !parameters.is_empty() {
         op.insert("parameters".into(), json!(parameters));
     }

@@ -230,12 +230,14 @@ async fn submit_record<R: Record>(
     make: impl FnOnce() -> Result<R, ApiError> + Send + 'static,
 ) -> Result<Response, ApiError> {
     let m = mn.clone();
-    let job = jobs::submit(&mn.db, job_header(headers)?, api, raw, move |_| async move {
-        let record = make()?;
-        write(&m, &record, &tags).await?;
-        inventory(&record)
-    })
-    .await?;
+    let job = mn
+        .jobs
+        .submit(job_header(headers)?, api, raw, move |_| async move {
+            let record = make()?;
+            write(&m, &record, &tags).await?;
+            inventory(&record)
+        })
+        .await?;
     Ok(accepted(mn, job))
 }
 
@@ -252,20 +254,22 @@ async fn attach<R: Record>(
 ) -> Result<Response, ApiError> {
     let m = mn.clone();
     let body = json!({ "target": target, "parent": parent });
-    let job = jobs::submit(&mn.db, job_header(headers)?, api, &body, move |_| async move {
-        // A compare-and-swap, retried: two attachments at once both land, and an attachment
-        // never brings back a record deleted meanwhile.
-        let record =
-            m.db.update::<R>(target, |record| {
-                if !list(record).contains(&parent) {
-                    list(record).push(parent);
-                }
-            })
-            .await?
-            .ok_or_else(|| ApiError::not_found(kind, target))?;
-        inventory(&record)
-    })
-    .await?;
+    let job = mn
+        .jobs
+        .submit(job_header(headers)?, api, &body, move |_| async move {
+            // A compare-and-swap, retried: two attachments at once both land, and an attachment
+            // never brings back a record deleted meanwhile.
+            let record =
+                m.db.update::<R>(target, |record| {
+                    if !list(record).contains(&parent) {
+                        list(record).push(parent);
+                    }
+                })
+                .await?
+                .ok_or_else(|| ApiError::not_found(kind, target))?;
+            inventory(&record)
+        })
+        .await?;
     Ok(accepted(mn, job))
 }
 
@@ -388,8 +392,9 @@ pub(crate) async fn add_host(
     }
     get_record::<ClusterRecord>(&mn, p.cluster_uuid, "cluster")?;
     let m = mn.clone();
-    let job =
-        jobs::submit(&mn.db, job_header(&headers)?, "AddKVMHost", &raw, move |_| async move {
+    let job = mn
+        .jobs
+        .submit(job_header(&headers)?, "AddKVMHost", &raw, move |_| async move {
             let record = HostRecord {
                 uuid: Uuid::new_v4(),
                 name: p.name,
@@ -435,17 +440,12 @@ pub(crate) async fn host_action(
     let m = mn.clone();
     let job = match name.as_str() {
         "reconnectHost" => {
-            jobs::submit(
-                &mn.db,
-                job_header(&headers)?,
-                "ReconnectHost",
-                &body,
-                move |_| async move {
+            mn.jobs
+                .submit(job_header(&headers)?, "ReconnectHost", &body, move |_| async move {
                     host::reconnect(&m.hosts, uuid).await?;
                     inventory(&host::record(&m.hosts, uuid).await?)
-                },
-            )
-            .await?
+                })
+                .await?
         }
         "changeHostState" => {
             let event = args.get("stateEvent").and_then(Value::as_str).unwrap_or_default();
@@ -460,12 +460,8 @@ pub(crate) async fn host_action(
                     ));
                 }
             };
-            jobs::submit(
-                &mn.db,
-                job_header(&headers)?,
-                "ChangeHostState",
-                &body,
-                move |_| async move {
+            mn.jobs
+                .submit(job_header(&headers)?, "ChangeHostState", &body, move |_| async move {
                     if state == HostState::Maintenance {
                         let (record, report) =
                             strato_actors::maintenance::maintain(&m.db, &m.hosts, &m.vms, uuid)
@@ -476,9 +472,8 @@ pub(crate) async fn host_action(
                         return Ok(inventory);
                     }
                     inventory(&host::set_state(&m.hosts, uuid, state).await?)
-                },
-            )
-            .await?
+                })
+                .await?
         }
         other => {
             return Err(ApiError::invalid("action", format!("`{other}` is not a host action")));
@@ -636,8 +631,9 @@ pub(crate) async fn add_ip_range(
     strato_actors::ipam::check_no_overlap(&l3.ip_ranges, &range)
         .map_err(|e| ApiError::from(strato_actors::l3::L3Error::Ipam(e)))?;
     let m = mn.clone();
-    let job =
-        jobs::submit(&mn.db, job_header(&headers)?, "AddIpRange", &raw, move |_| async move {
+    let job = mn
+        .jobs
+        .submit(job_header(&headers)?, "AddIpRange", &raw, move |_| async move {
             inventory(&strato_actors::l3::add_ip_range(&m.l3s, uuid, range).await?)
         })
         .await?;
@@ -710,46 +706,47 @@ pub(crate) async fn create_vm(
         None => None,
     };
     let owner = auth::owner_for(vm, "VmInstanceVO", charge);
-    let job = jobs::submit_for(
-        &mn.db,
-        job_header(&headers)?,
-        "CreateVmInstance",
-        &raw,
-        Some(vm),
-        owner,
-        move |job| async move {
-            let request = CreateVm {
-                vm,
-                name: p.name,
-                cpu_num: offering.cpu_num,
-                memory_size: offering.memory_size,
-                l3_networks: p.l3_network_uuids,
-                clusters: p.cluster_uuid.map(|c| vec![c]),
-                pinned_host: p.host_uuid,
-                host: None,
-                nics: vec![],
-                image: p.image_uuid,
-                static_ips,
-                system_tags: tags.system_tags,
-                user_tags: tags.user_tags,
-                created: None,
-            };
-            match create::create(&m.runtime, request, Some(job)).await {
-                Ok(created) => inventory(&created),
-                Err(error) => {
-                    // A creation that failed before its flow wrote anything leaves the
-                    // charge; a rolled-back flow took it with the record.
-                    if m.db.get::<VmRecord>(vm)?.is_none() {
-                        let mut batch = Batch::new();
-                        batch.delete::<strato_actors::owners::OwnerRecord>(vm, Expect::Any);
-                        m.db.commit(batch).await?;
+    let job = mn
+        .jobs
+        .submit_for(
+            job_header(&headers)?,
+            "CreateVmInstance",
+            &raw,
+            Some(vm),
+            owner,
+            move |job| async move {
+                let request = CreateVm {
+                    vm,
+                    name: p.name,
+                    cpu_num: offering.cpu_num,
+                    memory_size: offering.memory_size,
+                    l3_networks: p.l3_network_uuids,
+                    clusters: p.cluster_uuid.map(|c| vec![c]),
+                    pinned_host: p.host_uuid,
+                    host: None,
+                    nics: vec![],
+                    image: p.image_uuid,
+                    static_ips,
+                    system_tags: tags.system_tags,
+                    user_tags: tags.user_tags,
+                    created: None,
+                };
+                match create::create(&m.runtime, request, Some(job)).await {
+                    Ok(created) => inventory(&created),
+                    Err(error) => {
+                        // A creation that failed before its flow wrote anything leaves the
+                        // charge; a rolled-back flow took it with the record.
+                        if m.db.get::<VmRecord>(vm)?.is_none() {
+                            let mut batch = Batch::new();
+                            batch.delete::<strato_actors::owners::OwnerRecord>(vm, Expect::Any);
+                            m.db.commit(batch).await?;
+                        }
+                        Err(error.into())
                     }
-                    Err(error.into())
                 }
-            }
-        },
-    )
-    .await?;
+            },
+        )
+        .await?;
     Ok(accepted(&mn, job))
 }
 
@@ -788,11 +785,13 @@ async fn run_lifecycle(
 ) -> Result<Response, ApiError> {
     precheck(&mn, uuid, op)?;
     let m = mn.clone();
-    let job = jobs::submit(&mn.db, job_header(headers)?, api, body, move |job| async move {
-        let record = ops::operate(&m.vms, uuid, op, OP_TIMEOUT, Some(job)).await?;
-        inventory(&record)
-    })
-    .await?;
+    let job = mn
+        .jobs
+        .submit(job_header(headers)?, api, body, move |job| async move {
+            let record = ops::operate(&m.vms, uuid, op, OP_TIMEOUT, Some(job)).await?;
+            inventory(&record)
+        })
+        .await?;
     Ok(accepted(&mn, job))
 }
 
@@ -816,12 +815,9 @@ pub(crate) async fn vm_action(
             let vm: VmRecord = get_record(&mn, uuid, "vm-instance")?;
             precheck_op(&mn, uuid, state::VmOp::Start)?;
             let m = mn.clone();
-            let job = jobs::submit(
-                &mn.db,
-                job_header(&headers)?,
-                "StartVmInstance",
-                &keyed,
-                move |job| async move {
+            let job = mn
+                .jobs
+                .submit(job_header(&headers)?, "StartVmInstance", &keyed, move |job| async move {
                     if vm.host_uuid != Some(target) {
                         ops::migrate(&m.vms, uuid, Some(target), OP_TIMEOUT, Some(job)).await?;
                     }
@@ -829,9 +825,8 @@ pub(crate) async fn vm_action(
                         &ops::operate(&m.vms, uuid, Lifecycle::Start, OP_TIMEOUT, Some(job))
                             .await?,
                     )
-                },
-            )
-            .await?;
+                })
+                .await?;
             return Ok(accepted(&mn, job));
         }
         "migrateVm" => {
@@ -845,16 +840,12 @@ pub(crate) async fn vm_action(
             }
             precheck_op(&mn, uuid, state::VmOp::Migrate)?;
             let m = mn.clone();
-            let job = jobs::submit(
-                &mn.db,
-                job_header(&headers)?,
-                "MigrateVm",
-                &keyed,
-                move |job| async move {
+            let job = mn
+                .jobs
+                .submit(job_header(&headers)?, "MigrateVm", &keyed, move |job| async move {
                     inventory(&ops::migrate(&m.vms, uuid, target, OP_TIMEOUT, Some(job)).await?)
-                },
-            )
-            .await?;
+                })
+                .await?;
             return Ok(accepted(&mn, job));
         }
         "changeInstanceOffering" => {
@@ -910,36 +901,38 @@ pub(crate) async fn vm_action(
                 None => (None, None),
             };
             let m = mn.clone();
-            let job = jobs::submit(
-                &mn.db,
-                job_header(&headers)?,
-                "ChangeInstanceOffering",
-                &keyed,
-                move |job| async move {
-                    let (cpu, memory) = (offering.cpu_num, offering.memory_size);
-                    match ops::change_offering(&m.vms, uuid, cpu, memory, OP_TIMEOUT, Some(job))
-                        .await
-                    {
-                        Ok(vm) => inventory(&vm),
-                        Err(error) => {
-                            // The VM kept its size: so does its charge, if it is still the one
-                            // this change wrote (a VM deleted meanwhile is charged nothing).
-                            if let Some((previous, generation)) = charged {
-                                let lock = m.quota_locks.of(previous.account_uuid);
-                                let _guard = lock.lock().await;
-                                let mut batch = Batch::new();
-                                batch.put(&previous, Expect::Generation(generation))?;
-                                match m.db.commit(batch).await {
-                                    Ok(_) | Err(strato_storage::StoreError::Conflict { .. }) => {}
-                                    Err(e) => return Err(e.into()),
+            let job = mn
+                .jobs
+                .submit(
+                    job_header(&headers)?,
+                    "ChangeInstanceOffering",
+                    &keyed,
+                    move |job| async move {
+                        let (cpu, memory) = (offering.cpu_num, offering.memory_size);
+                        match ops::change_offering(&m.vms, uuid, cpu, memory, OP_TIMEOUT, Some(job))
+                            .await
+                        {
+                            Ok(vm) => inventory(&vm),
+                            Err(error) => {
+                                // The VM kept its size: so does its charge, if it is still the one
+                                // this change wrote (a VM deleted meanwhile is charged nothing).
+                                if let Some((previous, generation)) = charged {
+                                    let lock = m.quota_locks.of(previous.account_uuid);
+                                    let _guard = lock.lock().await;
+                                    let mut batch = Batch::new();
+                                    batch.put(&previous, Expect::Generation(generation))?;
+                                    match m.db.commit(batch).await {
+                                        Ok(_)
+                                        | Err(strato_storage::StoreError::Conflict { .. }) => {}
+                                        Err(e) => return Err(e.into()),
+                                    }
                                 }
+                                Err(error.into())
                             }
-                            Err(error.into())
                         }
-                    }
-                },
-            )
-            .await?;
+                    },
+                )
+                .await?;
             return Ok(accepted(&mn, job));
         }
         _ => {}
@@ -969,10 +962,38 @@ pub(crate) async fn destroy_vm(
     .await
 }
 
-pub(crate) async fn job(State(mn): Shared, Id(uuid): Id) -> Result<Response, ApiError> {
+/// `GET /v1/api-jobs/{uuid}`'s query: `waitSeconds` holds the answer until the job ends or
+/// that many seconds pass (at most [`jobs::MAX_WAIT`]).
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct JobQuery {
+    wait_seconds: Option<String>,
+}
+
+fn job_wait(query: &JobQuery) -> Result<Duration, ApiError> {
+    let Some(text) = &query.wait_seconds else { return Ok(Duration::ZERO) };
+    let max = jobs::MAX_WAIT.as_secs();
+    match text.parse::<u64>() {
+        Ok(seconds) if seconds <= max => Ok(Duration::from_secs(seconds)),
+        _ => Err(ApiError::invalid(
+            "waitSeconds",
+            format!("`{text}` is not a whole number of seconds from 0 to {max}"),
+        )),
+    }
+}
+
+pub(crate) async fn job(
+    State(mn): Shared,
+    Id(uuid): Id,
+    Query(query): Query<JobQuery>,
+) -> Result<Response, ApiError> {
+    let wait = job_wait(&query)?;
     let account = auth::caller().map_or(strato_actors::owners::ADMIN, |c| c.account);
-    let job: JobRecord =
-        jobs::find(&mn.db, account, uuid)?.ok_or_else(|| ApiError::not_found("api-job", uuid))?;
+    let job: JobRecord = mn
+        .jobs
+        .wait(account, uuid, wait)
+        .await?
+        .ok_or_else(|| ApiError::not_found("api-job", uuid))?;
     Ok(match job.state {
         JobState::Running => {
             (StatusCode::ACCEPTED, Json(json!({ "state": "Running" }))).into_response()
@@ -1021,14 +1042,14 @@ pub(crate) async fn job_action(
     }
     let account = auth::caller().map_or(strato_actors::owners::ADMIN, |c| c.account);
     let job: JobRecord =
-        jobs::find(&mn.db, account, uuid)?.ok_or_else(|| ApiError::not_found("api-job", uuid))?;
+        mn.jobs.find(account, uuid)?.ok_or_else(|| ApiError::not_found("api-job", uuid))?;
     if job.state != JobState::Running {
         return Err(ApiError::conflict(
             "SYS.JOB_NOT_RUNNING",
             format!("job {uuid} ({}) has ended; there is nothing to cancel", job.api),
         ));
     }
-    let token = mn.cancellable.token(account, uuid).ok_or_else(|| {
+    let token = mn.jobs.cancel_token(account, uuid).ok_or_else(|| {
         ApiError::conflict(
             "SYS.JOB_NOT_CANCELLABLE",
             format!(
@@ -1040,40 +1061,34 @@ pub(crate) async fn job_action(
     let mut keyed = body.clone();
     keyed["uuid"] = json!(uuid);
     let m = mn.clone();
-    let cancel =
-        jobs::submit(&mn.db, job_header(&headers)?, "CancelApiJob", &keyed, move |_| async move {
+    let cancel = mn
+        .jobs
+        .submit(job_header(&headers)?, "CancelApiJob", &keyed, move |_| async move {
             token.cancel();
-            let deadline = tokio::time::Instant::now() + CANCEL_WAIT;
-            loop {
-                let now = jobs::find(&m.db, account, uuid)?
-                    .ok_or_else(|| ApiError::not_found("api-job", uuid))?;
-                let code =
-                    now.error_body().and_then(|e| e["error"]["code"].as_str().map(str::to_owned));
-                match now.state {
-                    JobState::Running if tokio::time::Instant::now() < deadline => {
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                    JobState::Running => {
-                        return Err(ApiError::new(
-                            StatusCode::GATEWAY_TIMEOUT,
-                            "SYS.JOB_NOT_CANCELLED",
-                            format!(
-                                "job {uuid} was told to stop but still runs after {} s",
-                                CANCEL_WAIT.as_secs()
-                            ),
-                            Value::Null,
-                        ));
-                    }
-                    JobState::Failed if code.as_deref() == Some("SYS.JOB_CANCELLED") => {
-                        return Ok(json!({ "uuid": uuid, "api": now.api, "state": "Cancelled" }));
-                    }
-                    JobState::Succeeded | JobState::Failed => {
-                        return Err(ApiError::conflict(
-                            "SYS.JOB_NOT_CANCELLED",
-                            format!("job {uuid} ended before it could be cancelled; GET it for its result"),
-                        ));
-                    }
+            let now = m
+                .jobs
+                .wait(account, uuid, CANCEL_WAIT)
+                .await?
+                .ok_or_else(|| ApiError::not_found("api-job", uuid))?;
+            let code =
+                now.error_body().and_then(|e| e["error"]["code"].as_str().map(str::to_owned));
+            match now.state {
+                JobState::Running => Err(ApiError::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "SYS.JOB_NOT_CANCELLED",
+                    format!(
+                        "job {uuid} was told to stop but still runs after {} s",
+                        CANCEL_WAIT.as_secs()
+                    ),
+                    Value::Null,
+                )),
+                JobState::Failed if code.as_deref() == Some("SYS.JOB_CANCELLED") => {
+                    Ok(json!({ "uuid": uuid, "api": now.api, "state": "Cancelled" }))
                 }
+                JobState::Succeeded | JobState::Failed => Err(ApiError::conflict(
+                    "SYS.JOB_NOT_CANCELLED",
+                    format!("job {uuid} ended before it could be cancelled; GET it for its result"),
+                )),
             }
         })
         .await?;
@@ -1115,11 +1130,13 @@ async fn delete_resource(
         return Err(CascadeError::HasDependents { resource, dependents }.into());
     }
     let body = json!({ "uuid": uuid, "deleteMode": format!("{mode:?}") });
-    let job = jobs::submit(&mn.db, job_header(headers)?, api, &body, move |_| async move {
-        let deleted = deleter.delete(resource, mode).await?;
-        Ok(json!({ "deleted": deleted }))
-    })
-    .await?;
+    let job = mn
+        .jobs
+        .submit(job_header(headers)?, api, &body, move |_| async move {
+            let deleted = deleter.delete(resource, mode).await?;
+            Ok(json!({ "deleted": deleted }))
+        })
+        .await?;
     Ok(accepted(&mn, job))
 }
 
@@ -1325,13 +1342,9 @@ pub(crate) async fn add_image(
         .ok_or_else(|| ApiError::invalid("backupStorageUuids", "name one backup storage"))?;
     let bs: BackupStorageRecord = get_record(&mn, bs_uuid, "backup-storage")?;
     let m = mn.clone();
-    let job = jobs::submit_cancellable(
-        &mn.db,
-        &mn.cancellable,
-        job_header(&headers)?,
-        "AddImage",
-        &raw,
-        move |cancel| async move {
+    let job = mn
+        .jobs
+        .submit_cancellable(job_header(&headers)?, "AddImage", &raw, move |cancel| async move {
             let uuid = Uuid::new_v4();
             let fetched = strato_actors::images::fetch(
                 &p.url,
@@ -1367,9 +1380,8 @@ pub(crate) async fn add_image(
             };
             write(&m, &image, &tags).await?;
             inventory(&image)
-        },
-    )
-    .await?;
+        })
+        .await?;
     Ok(accepted(&mn, job))
 }
 

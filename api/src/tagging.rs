@@ -284,19 +284,21 @@ async fn create_tag<K: TagKind>(
         check_user_tags(std::slice::from_ref(&p.tag), "tag")?;
     }
     let m = mn.clone();
-    let job = crate::jobs::submit(&mn.db, crate::routes::job_header(&headers)?, api, &raw, {
-        move |_| async move {
-            let record = TagRecord::<K>::new(p.resource_uuid, resource_type, &p.tag);
-            let mut batch = Batch::new();
-            batch.put(&record, Expect::Absent)?;
-            m.db.commit(batch).await?;
-            if let Some(memory) = reserved_memory {
-                m.hosts.entity().keep_for_host(p.resource_uuid, memory);
+    let job = mn
+        .jobs
+        .submit(crate::routes::job_header(&headers)?, api, &raw, {
+            move |_| async move {
+                let record = TagRecord::<K>::new(p.resource_uuid, resource_type, &p.tag);
+                let mut batch = Batch::new();
+                batch.put(&record, Expect::Absent)?;
+                m.db.commit(batch).await?;
+                if let Some(memory) = reserved_memory {
+                    m.hosts.entity().keep_for_host(p.resource_uuid, memory);
+                }
+                inventory(&record)
             }
-            inventory(&record)
-        }
-    })
-    .await?;
+        })
+        .await?;
     Ok(crate::routes::accepted(&mn, job))
 }
 
@@ -313,8 +315,9 @@ pub async fn delete_tag(
     }
     let m = mn.clone();
     let raw = serde_json::json!({ "uuid": uuid });
-    let job =
-        crate::jobs::submit(&mn.db, crate::routes::job_header(&headers)?, "DeleteTag", &raw, {
+    let job = mn
+        .jobs
+        .submit(crate::routes::job_header(&headers)?, "DeleteTag", &raw, {
             move |_| async move {
                 let mut batch = Batch::new();
                 batch.delete::<UserTag>(uuid, Expect::Any);

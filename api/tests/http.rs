@@ -27,10 +27,15 @@ struct Env {
 const SIM: [&str; 2] = ["--driver", "sim"];
 
 fn env() -> Env {
+    env_with_driver(&SIM)
+}
+
+/// An [`env`] whose agent runs with `driver_args`.
+fn env_with_driver(driver_args: &[&str]) -> Env {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("mn");
     let bootstrap = bootstrap(&data);
-    let (agent_proc, agent) = start_agent_with(&bootstrap, &dir.path().join("agent"), &SIM);
+    let (agent_proc, agent) = start_agent_with(&bootstrap, &dir.path().join("agent"), driver_args);
     let api = free_port();
     let server = start_server(&data, api);
     Env { api, agent, _server: server, _agent: agent_proc, _dir: dir }
@@ -270,6 +275,38 @@ async fn bad_input_unknown_uuids_refused_states_and_job_ids() {
     assert!(failed["error"]["details"]["placementTrace"].as_array().unwrap().len() >= 4);
     let (_, _, vms) = http(env.api, "GET", "/v1/vm-instances", None, &[]);
     assert_eq!(vms["inventories"].as_array().unwrap().len(), 1, "the failed VM left no record");
+}
+
+/// `GET /v1/api-jobs/{uuid}?waitSeconds=N` holds its answer until the job ends: a creation
+/// that takes the sim driver's latency several times over is followed in one request. A bad
+/// `waitSeconds` is a 400 naming it. (That a wait which runs out answers `202`, and that
+/// another tenant's wait finds nothing, is in the security tests' running import.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_is_followed_to_its_end_in_one_waiting_request() {
+    let env = tokio::task::spawn_blocking(|| {
+        env_with_driver(&["--driver", "sim", "--sim-latency-ms", "300"])
+    })
+    .await
+    .unwrap();
+    let (_, offering, l3) = infrastructure(&env);
+    let body = json!({ "params": { "name": "waited", "instanceOfferingUuid": offering["uuid"], "l3NetworkUuids": [l3["uuid"]] } });
+    let (status, _, accepted) =
+        http(env.api, "POST", "/v1/vm-instances", Some(&body.to_string()), &[]);
+    assert_eq!(status, 202, "{accepted}");
+    let location = accepted["location"].as_str().unwrap();
+    let job = &location[location.find("/v1/").unwrap()..];
+    let (status, _, done) = http(env.api, "GET", &format!("{job}?waitSeconds=30"), None, &[]);
+    assert_eq!(status, 200, "one waiting GET sees the job's end: {done}");
+    assert_eq!(done["inventory"]["state"], "Running", "{done}");
+    for bad in ["61", "-1", "soon", "1.5"] {
+        let (status, _, reply) =
+            http(env.api, "GET", &format!("{job}?waitSeconds={bad}"), None, &[]);
+        assert_eq!(
+            (status, reply["error"]["details"]["field"].as_str()),
+            (400, Some("waitSeconds")),
+            "waitSeconds={bad}: {reply}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

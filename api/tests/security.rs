@@ -843,7 +843,13 @@ fn finding_5_a_running_import_is_cancelled_by_its_owner_alone() {
         (404, Some("SYS.RESOURCE_NOT_FOUND")),
         "{reply}"
     );
-    let (status, _, running) = http(env.api, "GET", &format!("/v1/api-jobs/{job}"), None, &[]);
+    // Nor does its wait for the job's end: it answers at once.
+    let waited = format!("/v1/api-jobs/{job}?waitSeconds=2");
+    let (status, reply) = as_(&env, &tenant, "GET", &waited, None);
+    assert_eq!(status, 404, "{reply}");
+    // The owner's wait runs out with the import still running.
+    let (status, _, running) =
+        http(env.api, "GET", &format!("/v1/api-jobs/{job}?waitSeconds=1"), None, &[]);
     assert_eq!((status, running["state"].as_str()), (202, Some("Running")), "{running}");
     // Only cancelApiJob is a job action.
     let (status, _, reply) =

@@ -105,21 +105,17 @@ pub(crate) fn run_parallel<T: Send + 'static>(
     Ok(results)
 }
 
-/// Creates one VM through the API and follows its job, polling every `poll`. Returns how
-/// long the create call took to answer and how long until the VM ran.
-fn create_vm(
-    api: SocketAddr,
-    body: &serde_json::Value,
-    poll: Duration,
-) -> Result<(Duration, Duration), Error> {
+/// Creates one VM through the API and follows its job (each `GET` waiting for its end).
+/// Returns how long the create call took to answer and how long until the VM ran.
+fn create_vm(api: SocketAddr, body: &serde_json::Value) -> Result<(Duration, Duration), Error> {
     let started = Instant::now();
     let (status, reply) = client::request(api, "POST", "/v1/vm-instances", Some(body))?;
     let accepted = started.elapsed();
     if status != 202 {
         return Err(format!("create answered {status}: {reply}").into());
     }
-    let location = reply["location"].as_str().unwrap_or_default();
-    let path = location.find("/v1/").map(|at| location[at..].to_owned()).unwrap_or_default();
+    let path =
+        client::job_path(reply["location"].as_str().unwrap_or_default(), Duration::from_secs(30));
     loop {
         let (status, done) = client::request(api, "GET", &path, None)?;
         if status == 200 {
@@ -128,7 +124,9 @@ fn create_vm(
             }
             return Ok((accepted, started.elapsed()));
         }
-        std::thread::sleep(poll);
+        if status != 202 {
+            return Err(format!("the create job answered {status}: {done}").into());
+        }
     }
 }
 
@@ -251,14 +249,13 @@ pub fn run(config: &LoadConfig, work_dir: &Path) -> Result<(), Error> {
     let (api, server_pid, body) = (bed.api, bed.server_pid, bed.vm_body.clone());
 
     // A single VM on the idle node: POST to Running.
-    let (_, single) = create_vm(api, &body, Duration::from_millis(1))?;
+    let (_, single) = create_vm(api, &body)?;
 
     eprintln!("creating {} VMs with {} clients", config.vms, config.concurrency);
     let started = Instant::now();
     let body = Arc::new(body);
-    let timings = run_parallel("VMs", config.vms, config.concurrency, move |_| {
-        create_vm(api, &body, Duration::from_millis(10))
-    })?;
+    let timings =
+        run_parallel("VMs", config.vms, config.concurrency, move |_| create_vm(api, &body))?;
     let all_running = started.elapsed();
     let mut accepted: Vec<Duration> = timings.iter().map(|t| t.0).collect();
     let mut running: Vec<Duration> = timings.iter().map(|t| t.1).collect();

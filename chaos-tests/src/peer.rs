@@ -50,10 +50,9 @@ struct Outcome {
     failure: Option<String>,
 }
 
-/// The path of a job's `Location`.
+/// The path to follow a job's `Location` by, each `GET` waiting for its end.
 fn job_path(reply: &Value) -> String {
-    let location = reply["location"].as_str().unwrap_or_default();
-    location.find("/v1/").map(|at| location[at..].to_owned()).unwrap_or_default()
+    client::job_path(reply["location"].as_str().unwrap_or_default(), Duration::from_secs(30))
 }
 
 fn code_of(reply: &Value, status: u16) -> String {
@@ -65,7 +64,7 @@ fn follow(api: SocketAddr, path: &str) -> Result<Option<String>, Error> {
     loop {
         let (status, done) = client::request(api, "GET", path, None)?;
         match status {
-            202 => std::thread::sleep(Duration::from_millis(10)),
+            202 => {}
             200 if done.get("error").is_some() => return Ok(Some(code_of(&done, status))),
             200 => return Ok(None),
             _ => return Ok(Some(code_of(&done, status))),

@@ -291,13 +291,11 @@ pub fn list(api: SocketAddr, kind: &str, patience: Duration) -> Option<Vec<Value
         .and_then(|body| body["inventories"].as_array().cloned())
 }
 
-fn path_of(location: &str) -> String {
-    location.find("/v1/").map(|at| location[at..].to_owned()).unwrap_or_default()
-}
-
 /// Follows a job to its end (through MN restarts) within `limit`.
 pub fn follow(api: SocketAddr, location: &str, limit: Duration) -> Outcome {
-    let path = path_of(location);
+    // Each GET waits up to a second for the job's end, so a restart's 404s and the limit
+    // are noticed as promptly as when this polled.
+    let path = client::job_path(location, Duration::from_secs(1));
     let started = Instant::now();
     let mut missing = 0;
     loop {
@@ -314,13 +312,16 @@ pub fn follow(api: SocketAddr, location: &str, limit: Duration) -> Outcome {
                 if missing > 50 {
                     return Outcome::Lost;
                 }
+                std::thread::sleep(Duration::from_millis(100));
             }
-            _ => {}
+            // Still running: the GET has waited already.
+            Ok((202, _)) => {}
+            // The MN is restarting, or refused for a moment.
+            _ => std::thread::sleep(Duration::from_millis(100)),
         }
         if started.elapsed() > limit {
             return Outcome::Pending;
         }
-        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
