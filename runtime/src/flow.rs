@@ -4,8 +4,9 @@
 //! A chain is declared once ([`FlowEngine::define`]) as an ordered list of named
 //! [`Step`]s sharing a serde context `C`. Other modules can add steps before or after a named
 //! step ([`FlowEngine::insert_before`], [`FlowEngine::insert_after`]), as ZStack's extension
-//! points do. Running a chain ([`FlowEngine::run`]) writes a [`FlowRecord`] before and after
-//! every step, holding the step list, the context and the phase:
+//! points do. Running a chain ([`FlowEngine::run`]) writes a [`FlowRecord`] before every step
+//! (which also records the end of the step before) and after every rollback step, holding
+//! the step list, the context and the phase:
 //!
 //! - `Running { next, in_step }`: steps `0..next` are done; `in_step` says step `next` has
 //!   started and may have done part of its work.
@@ -390,7 +391,7 @@ impl FlowEngine {
     }
 
     /// Moves `record` forward from its phase until it is `Done` or `RolledBack`, persisting
-    /// before and after every step.
+    /// before every step and after every rollback step.
     async fn drive<C: FlowContext>(&self, def: &ChainDef<C>, record: &mut FlowRecord, ctx: &mut C) {
         let step_by_name =
             |name: &str| def.steps.iter().find(|(n, _)| n == name).map(|(_, s)| s.clone());
@@ -406,10 +407,11 @@ impl FlowEngine {
                     record.phase = FlowPhase::Done;
                     return;
                 }
-                FlowPhase::Running { next, .. } => {
+                FlowPhase::Running { next, in_step } => {
                     let name = record.steps[next].clone();
-                    record.phase = FlowPhase::Running { next, in_step: true };
-                    if let Err(error) = self.save(record, ctx).await {
+                    // In memory, `in_step` is true only once it is saved: when the step
+                    // before ended, its checkpoint already said this one had started.
+                    if !in_step && let Err(error) = self.mark_started(record, ctx, next).await {
                         // Without a durable record a crash could leave this step's work
                         // behind unnoticed: do not start it; undo what is done.
                         let message = format!(
@@ -433,15 +435,19 @@ impl FlowEngine {
                     match outcome {
                         Ok(()) => {
                             tracing::debug!(flow = %record.id, chain = %record.chain, step = %name, "flow step done");
+                            // Not saved here: the next step's start checkpoint records this
+                            // end too. After the last step the record is removed instead; a
+                            // crash before that undoes (or, resumable, repeats) a step whose
+                            // end nobody has been told of.
                             record.phase = FlowPhase::Running { next: next + 1, in_step: false };
                         }
                         Err(message) => {
                             tracing::warn!(flow = %record.id, chain = %record.chain, step = %name, error = %message, job = ?record.job_id, "flow step failed; rolling back");
                             record.failure = Some((name, message));
                             record.phase = FlowPhase::RollingBack { next };
+                            self.save_logged(record, ctx).await;
                         }
                     }
-                    self.save_logged(record, ctx).await;
                 }
                 FlowPhase::RollingBack { next } => {
                     let name = record.steps[next].clone();
@@ -485,7 +491,25 @@ impl FlowEngine {
         }
     }
 
-    /// Saves progress once a step has ended. A failure is logged and the flow goes on: the
+    /// Saves that step `next` has started (so that a crash from here on undoes or repeats
+    /// it) with the context as the steps before it left it. This one checkpoint also records
+    /// the end of the step before: one durable write between two steps, not two.
+    async fn mark_started<C: FlowContext>(
+        &self,
+        record: &mut FlowRecord,
+        ctx: &C,
+        next: usize,
+    ) -> Result<(), RuntimeError> {
+        let before =
+            std::mem::replace(&mut record.phase, FlowPhase::Running { next, in_step: true });
+        let saved = self.save(record, ctx).await;
+        if saved.is_err() {
+            record.phase = before;
+        }
+        saved
+    }
+
+    /// Saves progress once a rollback step has ended. A failure is logged and the flow goes on: the
     /// record still says where it was before, and recovery from there repeats at most a step
     /// or a rollback, which are safe to repeat.
     async fn save_logged<C: FlowContext>(&self, record: &mut FlowRecord, ctx: &C) {

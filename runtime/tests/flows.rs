@@ -83,6 +83,24 @@ async fn a_chain_runs_every_step_in_order_and_leaves_no_record() {
 }
 
 #[tokio::test]
+async fn one_durable_write_between_two_steps() {
+    let rt = runtime();
+    let log = Log::default();
+    rt.flows().define(
+        ChainSpec::new("ok")
+            .step("a", Probe::ok(&log))
+            .step("b", Probe::ok(&log))
+            .step("c", Probe::ok(&log)),
+    );
+    let before = rt.db().group_count();
+    rt.flows().run("ok", Ctx::default(), None).await.unwrap();
+    // "a started", "a done and b started", "b done and c started", and the record's removal:
+    // a checkpoint per step ended and another per step started would be seven.
+    assert_eq!(rt.db().group_count() - before, 4);
+    rt.shutdown();
+}
+
+#[tokio::test]
 async fn a_failing_step_rolls_back_itself_and_every_completed_step_in_reverse() {
     let rt = runtime();
     let log = Log::default();
@@ -377,7 +395,8 @@ async fn a_flow_whose_steps_all_ran_is_not_rolled_back_by_recovery() {
     let rt = runtime();
     let log = Log::default();
     rt.flows().define(ChainSpec::new("done").step("a", Probe::ok(&log)).step("b", Probe::ok(&log)));
-    // What a crash between the last step's save and the record's removal leaves behind.
+    // What a crash between the last step's save and the record's removal left behind in
+    // builds that saved after every step.
     let record = FlowRecord {
         id: uuid::Uuid::new_v4(),
         chain: "done".into(),

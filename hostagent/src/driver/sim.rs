@@ -74,20 +74,48 @@ impl Sim {
     /// The domains a simulated host's state file holds, as the hypervisor lists them: how a
     /// test or a chaos check looks at the host from outside, as an operator runs `virsh list`
     /// (the agent admits one MN session at a time, so an observer cannot dial it while the
-    /// MN is linked). The file is replaced whole on every change, so a read sees one state.
+    /// MN is linked).
     pub fn domains_in(state_file: &Path) -> Result<Vec<DomainInfo>, std::io::Error> {
-        let domains: BTreeMap<Uuid, SimDomain> =
-            serde_json::from_slice(&std::fs::read(state_file)?).map_err(std::io::Error::other)?;
+        // A reader that opened the state file just before it was exchanged holds the spare,
+        // which the next save rewrites: a read torn that way does not parse, and is retried.
+        let mut attempts = 0;
+        let domains: BTreeMap<Uuid, SimDomain> = loop {
+            match serde_json::from_slice(&std::fs::read(state_file)?) {
+                Ok(domains) => break domains,
+                Err(_) if attempts < 10 => attempts += 1,
+                Err(e) => return Err(std::io::Error::other(e)),
+            }
+        };
         Ok(domains
             .into_iter()
             .map(|(uuid, d)| DomainInfo { uuid, name: d.spec.name, state: d.state })
             .collect())
     }
 
+    /// Replaces the state file whole, so that a reader sees one state or the next.
+    ///
+    /// The new state is written into a spare file which is then exchanged with the state
+    /// file in one `renameat2(RENAME_EXCHANGE)`; the old state becomes the next spare. A
+    /// temporary file renamed over the state file did the same, but allocated and freed an
+    /// inode on every change: with a thousand simulated hosts that was a tenth of the
+    /// machine's CPU in ext4's inode allocator (`recently_deleted`), measured by perf during
+    /// the 10,000-VM load run.
     fn save(&self, domains: &BTreeMap<Uuid, SimDomain>) -> Result<(), std::io::Error> {
-        let tmp = self.config.state_file.with_extension("tmp");
-        std::fs::write(&tmp, serde_json::to_vec(domains).map_err(std::io::Error::other)?)?;
-        std::fs::rename(&tmp, &self.config.state_file)
+        let state = &self.config.state_file;
+        let spare = state.with_extension("spare");
+        std::fs::write(&spare, serde_json::to_vec(domains).map_err(std::io::Error::other)?)?;
+        match rustix::fs::renameat_with(
+            rustix::fs::CWD,
+            &spare,
+            rustix::fs::CWD,
+            state,
+            rustix::fs::RenameFlags::EXCHANGE,
+        ) {
+            Ok(()) => Ok(()),
+            // The first save: there is no state file to exchange with yet.
+            Err(rustix::io::Errno::NOENT) => std::fs::rename(&spare, state),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Applies latency and injected failures for `command`.
