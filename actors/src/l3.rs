@@ -22,6 +22,8 @@ pub struct L3Actor {
     record: L3NetworkRecord,
     generation: u64,
     used: BTreeSet<Ipv4Addr>,
+    /// Where the next search for a free address begins.
+    cursor: ipam::Cursor,
 }
 
 /// The L3 network actor kind.
@@ -56,7 +58,12 @@ impl Entity for L3s {
                 used.insert(ip.record.ip.parse()?);
             }
         }
-        Ok(Some(L3Actor { record: stored.record, generation: stored.generation, used }))
+        Ok(Some(L3Actor {
+            record: stored.record,
+            generation: stored.generation,
+            used,
+            cursor: ipam::Cursor::default(),
+        }))
     }
 }
 
@@ -86,7 +93,9 @@ pub async fn allocate_ip(
     requested: Option<Ipv4Addr>,
 ) -> Result<Ipv4Addr, L3Error> {
     l3s.call(l3, op("allocate-ip"), move |ctx| async move {
-        let ip = ctx.with_state(|s| ipam::allocate(&s.record.ip_ranges, &s.used, requested))?;
+        let ip = ctx.with_state(|s| {
+            ipam::allocate_from(&s.record.ip_ranges, &s.used, requested, &mut s.cursor)
+        })?;
         let record = UsedIpRecord {
             uuid: UsedIpRecord::id_of(l3, ip),
             l3_network_uuid: l3,
@@ -119,7 +128,10 @@ pub async fn release_ip(
         let mut batch = Batch::new();
         batch.delete::<UsedIpRecord>(UsedIpRecord::id_of(l3, ip), Expect::Any);
         ctx.entity().db.commit(batch).await?;
-        ctx.with_state(|s| s.used.remove(&ip));
+        ctx.with_state(|s| {
+            s.used.remove(&ip);
+            s.cursor.released(&s.record.ip_ranges, ip);
+        });
         Ok(())
     })
     .await
@@ -141,6 +153,7 @@ pub async fn add_ip_range(
         ctx.with_state(|s| {
             s.record = record.clone();
             s.generation = written[0].generation.unwrap_or(generation);
+            s.cursor.reset();
         });
         Ok(record)
     })
@@ -162,7 +175,10 @@ pub async fn delete(l3s: &Kind<L3s>, l3: Uuid) -> Result<(), L3Error> {
         batch.delete::<L3NetworkRecord>(l3, Expect::Any);
         crate::records::delete_refs(&ctx.entity().db, &mut batch, l3)?;
         ctx.entity().db.commit(batch).await?;
-        ctx.with_state(|s| s.used.clear());
+        ctx.with_state(|s| {
+            s.used.clear();
+            s.cursor.reset();
+        });
         ctx.passivate_when_idle();
         Ok(())
     })

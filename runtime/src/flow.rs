@@ -69,6 +69,21 @@ pub struct FlowInfo {
     pub step: String,
     /// The job the flow serves, if any.
     pub job_id: Option<Uuid>,
+    /// Writes that end the step: see [`FlowInfo::write_at_end`].
+    at_end: Arc<Mutex<Batch>>,
+}
+
+impl FlowInfo {
+    /// Adds `batch` to the writes committed when the step ends, in one atomic batch with the
+    /// flow's checkpoint that records the end (the next step's start, or the flow record's
+    /// removal after the last step). A step that keeps its own records this way costs one
+    /// durable write less, and its records and its recorded end cannot disagree after a
+    /// crash. If that batch fails (a compare-and-swap conflict, a store error) the step
+    /// counts as failed and is rolled back. The writes are not visible until the step has
+    /// returned; a rollback's are committed when it returns, and their failure fails it.
+    pub fn write_at_end(&self, batch: Batch) {
+        self.at_end.lock().expect("flow writes lock").append(batch);
+    }
 }
 
 /// Where a flow stands.
@@ -362,8 +377,9 @@ impl FlowEngine {
             recovered: false,
         };
         let mut ctx = ctx;
-        self.drive(&def, &mut record, &mut ctx).await;
-        self.conclude_logged(&record).await;
+        if let Err(error) = self.finish(&def, &mut record, &mut ctx).await {
+            tracing::error!(flow = %record.id, chain = %record.chain, error = %error_chain(&error), "removing a finished flow's record failed");
+        }
         match record.failure {
             None => Ok(ctx),
             Some((step, message)) => Err(RuntimeError::FlowFailed {
@@ -375,24 +391,62 @@ impl FlowEngine {
         }
     }
 
+    /// Saves `record` with `ctx`, in one atomic batch with `writes` (a step's end writes).
     async fn save<C: FlowContext>(
         &self,
         record: &mut FlowRecord,
         ctx: &C,
+        mut writes: Batch,
     ) -> Result<(), RuntimeError> {
         let id = record.id;
         record.context = codec::encode_payload(FlowRecord::KIND, ctx)
             .map_err(|source| StoreError::Codec { table: FlowRecord::KIND, id, source })?;
         record.updated_unix_ms = unix_ms_now();
-        let mut batch = Batch::new();
-        batch.put(record, Expect::Any)?;
-        self.db.commit(batch).await?;
+        writes.put(record, Expect::Any)?;
+        self.db.commit(writes).await?;
         Ok(())
+    }
+
+    /// Drives `record` to its end and removes it with the last step's end writes; if those
+    /// fail, the flow rolls back after all. An error means only that the record of the ended
+    /// flow could not be removed (recovery removes it).
+    async fn finish<C: FlowContext>(
+        &self,
+        def: &ChainDef<C>,
+        record: &mut FlowRecord,
+        ctx: &mut C,
+    ) -> Result<(), RuntimeError> {
+        let at_end = Arc::new(Mutex::new(Batch::new()));
+        self.drive(def, record, ctx, &at_end).await;
+        let writes = std::mem::take(&mut *at_end.lock().expect("flow writes lock"));
+        let had_writes = !writes.is_empty();
+        let error = match self.conclude(record, writes).await {
+            Ok(()) => return Ok(()),
+            Err(error) => error,
+        };
+        let last = record.steps.len().checked_sub(1);
+        let (FlowPhase::Done, Some(last), true) = (&record.phase, last, had_writes) else {
+            return Err(error);
+        };
+        let step = record.steps[last].clone();
+        let message = format!("the step's end could not be saved: {}", error_chain(&error));
+        tracing::error!(flow = %record.id, chain = %record.chain, step = %step, error = %message, "flow stopped; rolling back");
+        record.failure = Some((step, message));
+        record.phase = FlowPhase::RollingBack { next: last };
+        self.drive(def, record, ctx, &at_end).await;
+        self.conclude(record, Batch::new()).await
     }
 
     /// Moves `record` forward from its phase until it is `Done` or `RolledBack`, persisting
     /// before every step and after every rollback step.
-    async fn drive<C: FlowContext>(&self, def: &ChainDef<C>, record: &mut FlowRecord, ctx: &mut C) {
+    /// The last step's end writes are left in `at_end` for the record's removal to commit.
+    async fn drive<C: FlowContext>(
+        &self,
+        def: &ChainDef<C>,
+        record: &mut FlowRecord,
+        ctx: &mut C,
+        at_end: &Arc<Mutex<Batch>>,
+    ) {
         let step_by_name =
             |name: &str| def.steps.iter().find(|(n, _)| n == name).map(|(_, s)| s.clone());
         let info = |record: &FlowRecord, step: &str| FlowInfo {
@@ -400,7 +454,9 @@ impl FlowEngine {
             chain: record.chain.clone(),
             step: step.to_owned(),
             job_id: record.job_id,
+            at_end: at_end.clone(),
         };
+        let take_writes = || std::mem::take(&mut *at_end.lock().expect("flow writes lock"));
         loop {
             match record.phase.clone() {
                 FlowPhase::Running { next, .. } if next >= record.steps.len() => {
@@ -411,15 +467,26 @@ impl FlowEngine {
                     let name = record.steps[next].clone();
                     // In memory, `in_step` is true only once it is saved: when the step
                     // before ended, its checkpoint already said this one had started.
-                    if !in_step && let Err(error) = self.mark_started(record, ctx, next).await {
+                    if !in_step
+                        && let Err(error) =
+                            self.mark_started(record, ctx, next, take_writes()).await
+                    {
                         // Without a durable record a crash could leave this step's work
-                        // behind unnoticed: do not start it; undo what is done.
-                        let message = format!(
-                            "the flow's progress could not be saved: {}",
-                            error_chain(&error)
-                        );
-                        tracing::error!(flow = %record.id, chain = %record.chain, step = %name, error = %message, "flow stopped; rolling back");
-                        record.failure = Some((name, message));
+                        // behind unnoticed: do not start it; undo what is done. The
+                        // checkpoint also held the end of the step before (and its writes):
+                        // that step is the one that failed.
+                        let cause = error_chain(&error);
+                        let (failed, message) = match next.checked_sub(1) {
+                            None => {
+                                (name, format!("the flow's progress could not be saved: {cause}"))
+                            }
+                            Some(last) => (
+                                record.steps[last].clone(),
+                                format!("the step's end could not be saved: {cause}"),
+                            ),
+                        };
+                        tracing::error!(flow = %record.id, chain = %record.chain, step = %failed, error = %message, "flow stopped; rolling back");
+                        record.failure = Some((failed, message));
                         record.phase = match next.checked_sub(1) {
                             Some(last_done) => FlowPhase::RollingBack { next: last_done },
                             None => FlowPhase::RolledBack,
@@ -443,6 +510,8 @@ impl FlowEngine {
                         }
                         Err(message) => {
                             tracing::warn!(flow = %record.id, chain = %record.chain, step = %name, error = %message, job = ?record.job_id, "flow step failed; rolling back");
+                            // A failed step's end writes describe an end it did not reach.
+                            drop(take_writes());
                             record.failure = Some((name, message));
                             record.phase = FlowPhase::RollingBack { next };
                             self.save_logged(record, ctx).await;
@@ -457,10 +526,21 @@ impl FlowEngine {
                     let mut attempt = 0;
                     let outcome = loop {
                         let outcome = match step_by_name(&name) {
-                            Some(step) => step
-                                .rollback(ctx, &info(record, &name))
-                                .await
-                                .map_err(|e| error_chain(&*e)),
+                            Some(step) => match step.rollback(ctx, &info(record, &name)).await {
+                                Ok(()) => match take_writes() {
+                                    writes if writes.is_empty() => Ok(()),
+                                    writes => self
+                                        .db
+                                        .commit(writes)
+                                        .await
+                                        .map(drop)
+                                        .map_err(|e| error_chain(&e)),
+                                },
+                                Err(e) => {
+                                    drop(take_writes());
+                                    Err(error_chain(&*e))
+                                }
+                            },
                             None => break Err("step is not defined by this build".to_owned()),
                         };
                         attempt += 1;
@@ -499,10 +579,11 @@ impl FlowEngine {
         record: &mut FlowRecord,
         ctx: &C,
         next: usize,
+        writes: Batch,
     ) -> Result<(), RuntimeError> {
         let before =
             std::mem::replace(&mut record.phase, FlowPhase::Running { next, in_step: true });
-        let saved = self.save(record, ctx).await;
+        let saved = self.save(record, ctx, writes).await;
         if saved.is_err() {
             record.phase = before;
         }
@@ -513,24 +594,15 @@ impl FlowEngine {
     /// record still says where it was before, and recovery from there repeats at most a step
     /// or a rollback, which are safe to repeat.
     async fn save_logged<C: FlowContext>(&self, record: &mut FlowRecord, ctx: &C) {
-        if let Err(error) = self.save(record, ctx).await {
+        if let Err(error) = self.save(record, ctx, Batch::new()).await {
             tracing::error!(flow = %record.id, chain = %record.chain, error = %error_chain(&error), "saving flow progress failed");
         }
     }
 
-    /// [`FlowEngine::conclude`], logging a failure: the flow itself has ended either way, and
-    /// recovery removes a leftover record of a finished flow.
-    async fn conclude_logged(&self, record: &FlowRecord) {
-        if let Err(error) = self.conclude(record).await {
-            tracing::error!(flow = %record.id, chain = %record.chain, error = %error_chain(&error), "removing a finished flow's record failed");
-        }
-    }
-
-    /// Removes a finished flow's record and remembers it for inspection.
-    async fn conclude(&self, record: &FlowRecord) -> Result<(), RuntimeError> {
-        let mut batch = Batch::new();
-        batch.delete::<FlowRecord>(record.id, Expect::Any);
-        self.db.commit(batch).await?;
+    /// Removes a finished flow's record, with `writes`, and remembers it for inspection.
+    async fn conclude(&self, record: &FlowRecord, mut writes: Batch) -> Result<(), RuntimeError> {
+        writes.delete::<FlowRecord>(record.id, Expect::Any);
+        self.db.commit(writes).await?;
         let mut finished = record.clone();
         finished.updated_unix_ms = unix_ms_now();
         let mut recent = self.recent.lock().expect("recent lock");
@@ -549,7 +621,7 @@ impl FlowEngine {
         let mut report = RecoveryReport::default();
         for mut record in records {
             if matches!(record.phase, FlowPhase::Done | FlowPhase::RolledBack) {
-                self.conclude(&record).await?;
+                self.conclude(&record, Batch::new()).await?;
                 continue;
             }
             let chain = self.chains.read().expect("chains lock").get(&record.chain).cloned();
@@ -633,8 +705,7 @@ impl<C: FlowContext> ErasedChain for Chain<C> {
             }
             _ => {}
         }
-        engine.drive(&def, &mut record, &mut ctx).await;
-        engine.conclude(&record).await?;
+        engine.finish(&def, &mut record, &mut ctx).await?;
         Ok(record.phase == FlowPhase::Done)
     }
 }

@@ -12,6 +12,9 @@ use strato_runtime::{BoxError, ChainSpec, FlowInfo, Runtime, RuntimeConfig, Runt
 use strato_storage::Db;
 use tokio::sync::Notify;
 
+mod common;
+use common::Counter;
+
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct Ctx {
     visited: Vec<String>,
@@ -97,6 +100,85 @@ async fn one_durable_write_between_two_steps() {
     // "a started", "a done and b started", "b done and c started", and the record's removal:
     // a checkpoint per step ended and another per step started would be seven.
     assert_eq!(rt.db().group_count() - before, 4);
+    rt.shutdown();
+}
+
+/// A step that writes counter `id` (which must not exist) with its end, and logs.
+struct EndWriter {
+    log: Log,
+    id: uuid::Uuid,
+}
+
+#[async_trait]
+impl Step<Ctx> for EndWriter {
+    async fn run(&self, _ctx: &mut Ctx, flow: &FlowInfo) -> Result<(), BoxError> {
+        self.log.lock().unwrap().push(format!("run:{}", flow.step));
+        let mut batch = strato_storage::Batch::new();
+        batch.put(&Counter { id: self.id, value: 1 }, strato_storage::Expect::Absent)?;
+        flow.write_at_end(batch);
+        Ok(())
+    }
+
+    async fn rollback(&self, _ctx: &mut Ctx, flow: &FlowInfo) -> Result<(), BoxError> {
+        self.log.lock().unwrap().push(format!("rollback:{}", flow.step));
+        Ok(())
+    }
+}
+
+async fn put_counter(rt: &Runtime, id: uuid::Uuid) {
+    let mut batch = strato_storage::Batch::new();
+    batch.put(&Counter { id, value: 7 }, strato_storage::Expect::Absent).unwrap();
+    rt.db().commit(batch).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_steps_end_writes_go_with_its_checkpoint_and_a_failed_one_rolls_it_back() {
+    let rt = runtime();
+    let log = Log::default();
+    let (a, b) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+    rt.flows().define(
+        ChainSpec::new("writes")
+            .step("a", EndWriter { log: log.clone(), id: a })
+            .step("b", EndWriter { log: log.clone(), id: b }),
+    );
+    let before = rt.db().group_count();
+    rt.flows().run("writes", Ctx::default(), None).await.unwrap();
+    // "a started"; "a's writes, a done, b started"; "b's writes and the record's removal".
+    assert_eq!(rt.db().group_count() - before, 3);
+    assert_eq!(rt.db().get::<Counter>(a).unwrap().unwrap().record.value, 1);
+    assert_eq!(rt.db().get::<Counter>(b).unwrap().unwrap().record.value, 1);
+
+    // The first step's end writes conflict: it is rolled back, and the second never runs.
+    for (conflicting, expected) in
+        [(0, vec!["run:a", "rollback:a"]), (1, vec!["run:a", "run:b", "rollback:b", "rollback:a"])]
+    {
+        log.lock().unwrap().clear();
+        let (a, b) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+        let name = format!("conflict-{conflicting}");
+        rt.flows().define(
+            ChainSpec::new(&name)
+                .step("a", EndWriter { log: log.clone(), id: a })
+                .step("b", EndWriter { log: log.clone(), id: b }),
+        );
+        put_counter(&rt, [a, b][conflicting]).await;
+        let error = rt.flows().run(&name, Ctx::default(), None).await.unwrap_err();
+        let RuntimeError::FlowFailed { step, message, .. } = error else {
+            panic!("not a flow failure: {error:?}")
+        };
+        assert_eq!(step, ["a", "b"][conflicting]);
+        assert!(message.contains("the step's end could not be saved"), "{message}");
+        assert_eq!(log_of(&log), expected);
+        // Nothing of the failed step's end was written; the other record is as it was.
+        let untouched = [b, a][conflicting];
+        assert_eq!(
+            rt.db().get::<Counter>(untouched).unwrap().map(|s| s.record.value),
+            match conflicting {
+                0 => None,
+                _ => Some(1),
+            }
+        );
+        assert!(rt.flows().in_progress().unwrap().is_empty());
+    }
     rt.shutdown();
 }
 

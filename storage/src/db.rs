@@ -197,6 +197,12 @@ impl Batch {
         self
     }
 
+    /// Moves every write of `other` to the end of this batch.
+    pub fn append(&mut self, mut other: Batch) -> &mut Self {
+        self.writes.append(&mut other.writes);
+        self
+    }
+
     /// Whether the batch has no writes.
     pub fn is_empty(&self) -> bool {
         self.writes.is_empty()

@@ -9,6 +9,10 @@
 //!    and make a qcow2 root volume backed by it (undo: delete the volume);
 //! 5. `start-domain`: define and start the domain on the host (undo: destroy and undefine it).
 //!
+//! A step's own changes to the VM record are written with the flow's checkpoint that
+//! records the step's end (`FlowInfo::write_at_end`), so a creation makes one durable write
+//! per step plus those of the host and L3 actors it asks for a booking and an address.
+//!
 //! A failure at any step rolls back everything before it, and the flow engine persists
 //! progress, so a crash of the MN mid-creation is rolled back at the next start: no record,
 //! booking, address, volume or domain is left behind. Other modules can add steps with the
@@ -88,18 +92,30 @@ fn mac_of(nic: Uuid) -> String {
     format!("52:54:00:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2])
 }
 
-async fn write_vm(
+/// The VM record changed by `change`, as a batch that writes it if nobody else has since.
+fn vm_write(
     db: &Db,
     vm: Uuid,
     change: impl FnOnce(&mut VmRecord),
-) -> Result<VmRecord, BoxError> {
+) -> Result<(VmRecord, Batch), BoxError> {
     let stored =
         db.get::<VmRecord>(vm)?.ok_or_else(|| format!("VM {vm} vanished during creation"))?;
     let mut record = stored.record;
     change(&mut record);
     let mut batch = Batch::new();
     batch.put(&record, Expect::Generation(stored.generation))?;
-    db.commit(batch).await?;
+    Ok((record, batch))
+}
+
+/// Changes the VM record with the step's end (one durable write for both).
+fn write_vm_at_end(
+    db: &Db,
+    flow: &FlowInfo,
+    vm: Uuid,
+    change: impl FnOnce(&mut VmRecord),
+) -> Result<VmRecord, BoxError> {
+    let (record, batch) = vm_write(db, vm, change)?;
+    flow.write_at_end(batch);
     Ok(record)
 }
 
@@ -109,7 +125,7 @@ struct RecordStep {
 
 #[async_trait]
 impl Step<CreateVm> for RecordStep {
-    async fn run(&self, c: &mut CreateVm, _: &FlowInfo) -> Result<(), BoxError> {
+    async fn run(&self, c: &mut CreateVm, flow: &FlowInfo) -> Result<(), BoxError> {
         if self.db.get::<VmRecord>(c.vm)?.is_some() {
             return Ok(()); // a repeat after a crash
         }
@@ -132,7 +148,7 @@ impl Step<CreateVm> for RecordStep {
         for tag in &c.user_tags {
             batch.put(&UserTag::new(c.vm, VM_RESOURCE_TYPE, tag), Expect::Absent)?;
         }
-        self.db.commit(batch).await?;
+        flow.write_at_end(batch);
         Ok(())
     }
 
@@ -153,7 +169,7 @@ struct AllocateHost {
 
 #[async_trait]
 impl Step<CreateVm> for AllocateHost {
-    async fn run(&self, c: &mut CreateVm, _: &FlowInfo) -> Result<(), BoxError> {
+    async fn run(&self, c: &mut CreateVm, flow: &FlowInfo) -> Result<(), BoxError> {
         let need = Need {
             cpu: c.cpu_num,
             memory: c.memory_size,
@@ -163,7 +179,7 @@ impl Step<CreateVm> for AllocateHost {
         };
         let host = allocator::place(&self.hosts, c.vm, &need, self.overcommit).await?;
         c.host = Some(host);
-        write_vm(&self.db, c.vm, |r| r.host_uuid = Some(host)).await.map(drop)
+        write_vm_at_end(&self.db, flow, c.vm, |r| r.host_uuid = Some(host)).map(drop)
     }
 
     async fn rollback(&self, c: &mut CreateVm, _: &FlowInfo) -> Result<(), BoxError> {
@@ -206,7 +222,7 @@ struct AllocateNics {
 
 #[async_trait]
 impl Step<CreateVm> for AllocateNics {
-    async fn run(&self, c: &mut CreateVm, _: &FlowInfo) -> Result<(), BoxError> {
+    async fn run(&self, c: &mut CreateVm, flow: &FlowInfo) -> Result<(), BoxError> {
         for l3 in c.l3_networks.clone() {
             let nic = nic_id(c.vm, l3);
             if c.nics.iter().any(|n| n.uuid == nic) {
@@ -224,7 +240,7 @@ impl Step<CreateVm> for AllocateNics {
             });
         }
         let nics = c.nics.clone();
-        write_vm(&self.db, c.vm, |r| r.vm_nics = nics).await.map(drop)
+        write_vm_at_end(&self.db, flow, c.vm, |r| r.vm_nics = nics).map(drop)
     }
 
     async fn rollback(&self, c: &mut CreateVm, _: &FlowInfo) -> Result<(), BoxError> {
@@ -234,7 +250,9 @@ impl Step<CreateVm> for AllocateNics {
         if let Some(stored) = self.db.get::<VmRecord>(c.vm)?
             && !stored.record.vm_nics.is_empty()
         {
-            write_vm(&self.db, c.vm, |r| r.vm_nics.clear()).await?;
+            // Now, not at the rollback's end: before the addresses below are given back.
+            let (_, batch) = vm_write(&self.db, c.vm, |r| r.vm_nics.clear())?;
+            self.db.commit(batch).await?;
         }
         // Every address a NIC of this VM holds, whether or not the step saved it.
         for l3 in c.l3_networks.clone() {
@@ -314,7 +332,7 @@ impl Step<CreateVm> for CreateRootVolume {
         let Reply::File { path, .. } = made else {
             return Err("the agent did not create the volume".into());
         };
-        write_vm(&self.db, c.vm, |r| r.root_volume_path = Some(path)).await.map(drop)
+        write_vm_at_end(&self.db, flow, c.vm, |r| r.root_volume_path = Some(path)).map(drop)
     }
 
     async fn rollback(&self, c: &mut CreateVm, flow: &FlowInfo) -> Result<(), BoxError> {
@@ -368,7 +386,7 @@ impl Step<CreateVm> for StartDomain {
             flow.job_id,
         )
         .await?;
-        c.created = Some(write_vm(&self.db, c.vm, |r| r.state = VmState::Running).await?);
+        c.created = Some(write_vm_at_end(&self.db, flow, c.vm, |r| r.state = VmState::Running)?);
         Ok(())
     }
 

@@ -67,7 +67,12 @@ impl Step<Ctx> for MarkStep {
         let mut batch = Batch::new();
         let mark = Mark { id: mark_id(ctx.tag, &flow.step), tag: ctx.tag, step: flow.step.clone() };
         batch.put(&mark, Expect::Any)?;
-        self.db.commit(batch).await?;
+        // Steps b and d leave their mark with their end (one write with the checkpoint);
+        // a and c write it at once: a kill must leave both kinds all or nothing.
+        match flow.step.as_str() {
+            "b" | "d" => flow.write_at_end(batch),
+            _ => drop(self.db.commit(batch).await?),
+        }
         if self.may_hang && ctx.hang_in.as_deref() == Some(flow.step.as_str()) {
             println!("in-step {}", flow.step);
             std::io::stdout().flush()?;
