@@ -332,6 +332,14 @@ impl Hosts {
         }
     }
 
+    /// Calls `f` on every host as the allocator sees it, under the directory's read lock
+    /// (so `f` must be quick and must not wait); returns how many there are.
+    pub fn for_each_host(&self, mut f: impl FnMut(&HostSummary)) -> usize {
+        let directory = self.directory.read().expect("directory lock");
+        directory.values().for_each(&mut f);
+        directory.len()
+    }
+
     /// Every host as the allocator sees it.
     pub fn directory(&self) -> Vec<HostSummary> {
         self.directory.read().expect("directory lock").values().cloned().collect()
