@@ -137,6 +137,7 @@ pub struct FlowRecord {
 impl Record for FlowRecord {
     const KIND: &'static str = "flow";
     const VERSION: u16 = 1;
+    const IDS_NEVER_REUSED: bool = true;
 
     fn id(&self) -> Uuid {
         self.id

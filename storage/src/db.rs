@@ -81,6 +81,12 @@ pub trait Record: Serialize + DeserializeOwned + Send + Sync + 'static {
         &[]
     }
 
+    /// Whether a UUID of this table is never used for a second record once the first is
+    /// deleted (random UUIDs minted by the one writer, as flows'). Such a table keeps no
+    /// tombstones: the generation of a deleted record is not kept for a successor that
+    /// cannot come, which saves a read and a write per record and the tombstones' growth.
+    const IDS_NEVER_REUSED: bool = false;
+
     /// Reads a payload written with an older schema version. The default refuses.
     fn upgrade(from_version: u16, payload: &[u8]) -> Result<Self, CodecError>
     where
@@ -127,6 +133,8 @@ struct PendingWrite {
     old_entries: fn(&[u8]) -> Result<IndexEntries, CodecError>,
     /// The table's counted indexes.
     counted: &'static [&'static str],
+    /// Whether a delete leaves a tombstone (see [`Record::IDS_NEVER_REUSED`]).
+    tombstones: bool,
 }
 
 fn index_entries<R: Record>(record: &R) -> IndexEntries {
@@ -179,6 +187,7 @@ impl Batch {
             new: Some((payload, index_entries(record))),
             old_entries: stored_index_entries::<R>,
             counted: R::counted_indexes(),
+            tombstones: !R::IDS_NEVER_REUSED,
         });
         Ok(self)
     }
@@ -193,6 +202,7 @@ impl Batch {
             new: None,
             old_entries: stored_index_entries::<R>,
             counted: R::counted_indexes(),
+            tombstones: !R::IDS_NEVER_REUSED,
         });
         self
     }
@@ -813,6 +823,7 @@ fn prepare(
             Some((payload, entries)) => {
                 let previous = match current_generation {
                     Some(generation) => generation,
+                    None if !write.tombstones => 0,
                     None => {
                         // Created (again): continue after the generation it had when deleted.
                         let stone =
@@ -837,7 +848,9 @@ fn prepare(
             None => {
                 ops.push(RawOp::Delete(key.clone()));
                 changes.insert(key, None);
-                if let Some(generation) = current_generation {
+                if let Some(generation) = current_generation
+                    && write.tombstones
+                {
                     let stone = generation.to_be_bytes().to_vec();
                     ops.push(RawOp::Put(tombstone.clone(), stone.clone()));
                     changes.insert(tombstone, Some(stone));
