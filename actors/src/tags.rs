@@ -28,6 +28,10 @@ pub trait TagKind: Send + Sync + 'static {
     const TABLE: &'static str;
     /// ZStack's name for the kind, as inventories show it (`type`).
     const NAME: &'static str;
+
+    /// What a resource holds at most one tag of: a user tag's text; a system tag's slot
+    /// (see [`slot`]).
+    fn slot(tag: &str, resource_type: &str) -> String;
 }
 
 /// User tags.
@@ -40,10 +44,31 @@ pub struct System;
 impl TagKind for User {
     const TABLE: &'static str = "user-tag";
     const NAME: &'static str = "User";
+
+    fn slot(tag: &str, _resource_type: &str) -> String {
+        tag.to_owned()
+    }
 }
 impl TagKind for System {
     const TABLE: &'static str = "system-tag";
     const NAME: &'static str = "System";
+
+    fn slot(tag: &str, resource_type: &str) -> String {
+        match parse_system_tag(tag, resource_type) {
+            Ok(parsed) => match slot(&parsed) {
+                (name, Some(first)) => format!("{name}::{first}"),
+                (name, None) => name.to_owned(),
+            },
+            // Not a tag this build can parse (checked before it is written): its own slot.
+            Err(_) => tag.to_owned(),
+        }
+    }
+}
+
+/// What makes two system tags on one resource the same slot: the pattern, and the first
+/// token for patterns that allow one per first token (`staticIp`, one per network).
+pub fn slot<'a>(parsed: &Parsed<'a>) -> (&'static str, Option<&'a str>) {
+    (parsed.pattern.name(), parsed.pattern.one_per_first_token.then(|| parsed.tokens[0]))
 }
 
 /// A tag on a resource.
@@ -89,13 +114,16 @@ impl<K: TagKind> std::fmt::Debug for TagRecord<K> {
 }
 
 impl<K: TagKind> TagRecord<K> {
-    /// A new tag on `resource_uuid` (of `resource_type`).
+    /// A new tag on `resource_uuid` (of `resource_type`). Its UUID derives from the resource
+    /// and the tag's slot, so that two tags of one slot, however concurrent their requests,
+    /// are one record written `Absent` twice: the store takes one and refuses the other.
     pub fn new(resource_uuid: Uuid, resource_type: &str, tag: &str) -> Self {
         let create_date = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
+        let slot = format!("{}/{}", K::TABLE, K::slot(tag, resource_type));
         TagRecord {
-            uuid: Uuid::new_v4(),
+            uuid: Uuid::new_v5(&resource_uuid, slot.as_bytes()),
             resource_uuid,
             resource_type: resource_type.to_owned(),
             tag: tag.to_owned(),

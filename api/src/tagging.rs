@@ -80,11 +80,16 @@ impl CreationTags {
             )
         })?;
         check_user_tags(&tags.user_tags, "userTags")?;
+        for (at, tag) in tags.user_tags.iter().enumerate() {
+            if tags.user_tags[..at].contains(tag) {
+                return Err(ApiError::invalid("userTags", format!("`{tag}` is given twice")));
+            }
+        }
         let mut seen: Vec<(&str, Option<&str>)> = Vec::new();
         for tag in &tags.system_tags {
             let parsed = tags::parse_system_tag(tag, resource_type)
                 .map_err(|e| ApiError::invalid("systemTags", e))?;
-            let key = slot(&parsed);
+            let key = tags::slot(&parsed);
             if seen.contains(&key) {
                 return Err(ApiError::invalid(
                     "systemTags",
@@ -120,14 +125,8 @@ impl CreationTags {
     }
 }
 
-/// What makes two system tags on one resource the same slot: the pattern, and the first
-/// token for patterns that allow one per first token (`staticIp`, one per network).
-fn slot<'a>(parsed: &tags::Parsed<'a>) -> (&'static str, Option<&'a str>) {
-    (parsed.pattern.name(), parsed.pattern.one_per_first_token.then(|| parsed.tokens[0]))
-}
-
 fn describe(parsed: &tags::Parsed<'_>) -> String {
-    match slot(parsed) {
+    match tags::slot(parsed) {
         (name, Some(first)) => format!("{name} tag for {first}"),
         (name, None) => format!("{name} tag"),
     }
@@ -249,7 +248,7 @@ async fn create_tag<K: TagKind>(
             .map_err(|e| ApiError::invalid("tag", e))?;
         for other in &existing {
             if let Ok(theirs) = tags::parse_system_tag(&other.tag, resource_type)
-                && slot(&theirs) == slot(&parsed)
+                && tags::slot(&theirs) == tags::slot(&parsed)
             {
                 return Err(ApiError::conflict(
                     "TAG.DUPLICATE",
@@ -291,7 +290,20 @@ async fn create_tag<K: TagKind>(
                 let record = TagRecord::<K>::new(p.resource_uuid, resource_type, &p.tag);
                 let mut batch = Batch::new();
                 batch.put(&record, Expect::Absent)?;
-                m.db.commit(batch).await?;
+                match m.db.commit(batch).await {
+                    Ok(_) => {}
+                    // A concurrent request took the slot after the check above.
+                    Err(strato_storage::StoreError::Conflict { .. }) => {
+                        return Err(ApiError::conflict(
+                            "TAG.DUPLICATE",
+                            format!(
+                                "{resource_type} {} already has a tag in the slot of `{}`; delete it first",
+                                p.resource_uuid, p.tag
+                            ),
+                        ));
+                    }
+                    Err(error) => return Err(error.into()),
+                }
                 if let Some(memory) = reserved_memory {
                     m.hosts.entity().keep_for_host(p.resource_uuid, memory);
                 }

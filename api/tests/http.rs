@@ -700,6 +700,67 @@ async fn tags_are_checked_queried_honoured_and_go_with_their_resource() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_tags_of_one_slot_leave_one_tag() {
+    let env = tokio::task::spawn_blocking(env).await.unwrap();
+    let (_, offering, l3) = infrastructure(&env);
+    let body = json!({ "params": { "name": "vm1", "instanceOfferingUuid": offering["uuid"], "l3NetworkUuids": [l3["uuid"]] },
+                       "userTags": ["web", "web"] }).to_string();
+    // The same user tag twice in one creation is refused before anything is made.
+    let (status, _, refused) = http(env.api, "POST", "/v1/vm-instances", Some(&body), &[]);
+    assert_eq!(status, 400, "{refused}");
+    assert_eq!(refused["error"]["details"]["field"], "userTags");
+    let body = json!({ "params": { "name": "vm1", "instanceOfferingUuid": offering["uuid"], "l3NetworkUuids": [l3["uuid"]] } }).to_string();
+    let vm = ok(env.api, "POST", "/v1/vm-instances", Some(&body));
+    let vm_uuid = vm["uuid"].as_str().unwrap().to_owned();
+
+    // Many hostnames (one slot) and one user tag many times, all at once: the check before
+    // the job sees none of the others, the store takes one of each slot.
+    let ends: Vec<(u16, Value)> = std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..24)
+            .map(|i| {
+                let (api, vm_uuid) = (env.api, vm_uuid.clone());
+                scope.spawn(move || {
+                    let (path, tag) = match i % 2 {
+                        0 => ("/v1/system-tags", format!("hostname::host-{i}")),
+                        _ => ("/v1/user-tags", "team=a".to_owned()),
+                    };
+                    let body = json!({ "params": { "resourceUuid": vm_uuid, "resourceType": "VmInstanceVO", "tag": tag } });
+                    let (status, _, reply) = http(api, "POST", path, Some(&body.to_string()), &[]);
+                    match status {
+                        202 => {
+                            let end = wait_job(api, reply["location"].as_str().unwrap());
+                            match end["error"]["code"].as_str() {
+                                Some(code) => (409, json!(code)),
+                                None => (200, end),
+                            }
+                        }
+                        _ => (status, reply["error"]["code"].clone()),
+                    }
+                })
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    let succeeded = ends.iter().filter(|(status, _)| *status == 200).count();
+    assert_eq!(succeeded, 2, "one hostname and one user tag: {ends:?}");
+    for (status, code) in &ends {
+        assert!(*status == 200 || (*status == 409 && code == "TAG.DUPLICATE"), "{status} {code}");
+    }
+    let count = |table: &str, q: &str| {
+        http(
+            env.api,
+            "GET",
+            &format!("/v1/{table}?q=resourceUuid={vm_uuid}&q={q}&count=true"),
+            None,
+            &[],
+        )
+        .2
+    };
+    assert_eq!(count("system-tags", "tag~=hostname::%25"), json!({ "total": 1 }));
+    assert_eq!(count("user-tags", "tag=team=a"), json!({ "total": 1 }));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_requests_and_jobs_and_a_job_is_followed_into_the_agent() {
     let env = tokio::task::spawn_blocking(env).await.unwrap();
     let (host, offering, l3) = infrastructure(&env);
