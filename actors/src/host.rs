@@ -352,8 +352,11 @@ impl Hosts {
     /// The kind's default queues.
     pub fn kind_config() -> KindConfig {
         // Hosts hold links: they never passivate.
+        // The capacity queue books and gives back capacity on the host's record one change
+        // at a time, as the allocator's check relies on.
         KindConfig::default()
-            .queue("link", 1, 1_000)
+            .serial_queue("link", 1_000)
+            .serial_queue("capacity", 1_024)
             .queue("command", 64, 10_000)
             .idle_timeout(None)
     }

@@ -41,7 +41,7 @@ impl L3s {
     /// The kind's default queues.
     pub fn kind_config() -> KindConfig {
         KindConfig::default()
-            .queue("ip-alloc", 1, 10_000)
+            .serial_queue("ip-alloc", 10_000)
             .idle_timeout(Some(Duration::from_secs(600)))
     }
 }

@@ -44,7 +44,7 @@ for (const a of document.querySelectorAll("#nav a")) a.addEventListener("click",
 async function loadTree() {
   const tree = await api("/debug/tree");
   fill("kinds", tree.kinds, (tr, k) => {
-    const a = cell(tr, k.kind); a.innerHTML = ""; const link = document.createElement("a"); link.className = "link"; link.textContent = k.kind;
+    const a = cell(tr, k.kind); a.innerHTML = ""; const link = document.createElement("a"); link.className = "link"; link.dataset.kind = k.kind; link.textContent = k.kind;
     link.addEventListener("click", () => { state.kind = k.kind; $("kind-select").value = k.kind; state.start = 0; loadActors(); }); a.appendChild(link);
     cell(tr, k.supervisor); cell(tr, k.resources); cell(tr, k.live);
     cell(tr, Object.entries(k.byStatus).map(([s, n]) => s + " " + n).join(", "));
@@ -103,7 +103,8 @@ async function loadActor() {
   fill("queues", actor.queues, (tr, q) => {
     cell(tr, q.name); cell(tr, q.level); cell(tr, q.running); cell(tr, q.pending); cell(tr, ms(q.oldest_pending_ms));
     // A prompt, not an input in the table: the live view redraws the table every second.
-    const td = cell(tr, "");
+    const td = cell(tr, q.serial ? "serial" : "");
+    if (q.serial) return;
     const set = document.createElement("button"); set.textContent = "Set level…"; set.className = "set-level"; set.dataset.queue = q.name;
     set.addEventListener("click", () => {
       const level = window.prompt("New level of queue " + q.name + " for every " + a.kind, String(q.level));

@@ -403,6 +403,16 @@ fn audit(action: &str, args: &Value) {
     tracing::warn!(target: "audit", ?by, action, %args, "operator action");
 }
 
+/// A refused level change as a 400 naming the field at fault: `level` for a serial queue,
+/// `otherwise` (the kind or the queue named) for the rest.
+fn level_refused(error: strato_runtime::RuntimeError, otherwise: &str) -> ApiError {
+    let field = match error {
+        strato_runtime::RuntimeError::SerialQueue { .. } => "level",
+        _ => otherwise,
+    };
+    ApiError::invalid(field, error.to_string())
+}
+
 /// `POST /debug/actions/{action}`: `queue-level`, `restart`, `gc-run`, `gc-cancel`.
 pub async fn action(
     State(mn): Shared,
@@ -425,7 +435,7 @@ pub async fn action(
                         .runtime
                         .set_actor_queue_level(&q.kind, uuid, &q.queue, Some(q.level))
                         .await
-                        .map_err(|e| ApiError::invalid("kind", e.to_string()))?;
+                        .map_err(|e| level_refused(e, "kind"))?;
                     if !set {
                         return Err(ApiError::not_found(
                             &format!("live {} actor with queue {}", q.kind, q.queue),
@@ -436,7 +446,7 @@ pub async fn action(
                 None => mn
                     .runtime
                     .set_queue_level(&q.kind, &q.queue, q.level)
-                    .map_err(|e| ApiError::invalid("queue", e.to_string()))?,
+                    .map_err(|e| level_refused(e, "queue"))?,
             }
             json!({ "kind": q.kind, "queue": q.queue, "level": q.level, "uuid": q.uuid })
         }

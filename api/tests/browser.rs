@@ -182,14 +182,25 @@ async fn the_console_in_a_real_browser() {
     wait_for_text(&client, "the restart after the panic", |t| t.contains("vm-start-after-define"))
         .await;
 
-    // Change the lifecycle queue's level for every VM: the level in a prompt, then confirm.
-    click(&client, "button.set-level[data-queue='lifecycle']").await;
+    // A VM's lifecycle queue is serial: the page says so and offers no level to set.
+    wait_for_text(&client, "the serial lifecycle queue", |t| t.contains("serial")).await;
+    assert!(
+        client.find(Locator::Css("button.set-level[data-queue='lifecycle']")).await.is_err(),
+        "a serial queue offered a level"
+    );
+
+    // A host's command queue is not: its level for every host, in a prompt, then confirmed.
+    client.find(Locator::Id("filter")).await.unwrap().clear().await.unwrap();
+    client.find(Locator::Id("search")).await.unwrap().click().await.unwrap();
+    click(&client, "#kinds a.link[data-kind='host']").await;
+    click(&client, &format!("#actors tr[data-uuid]:not([data-uuid='{vm}']) a")).await;
+    click(&client, "button.set-level[data-queue='command']").await;
     let started = Instant::now();
     while client.get_alert_text().await.is_err() {
         assert!(started.elapsed() < Duration::from_secs(10), "no prompt for the level");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    client.send_alert_text("3").await.unwrap();
+    client.send_alert_text("8").await.unwrap();
     client.accept_alert().await.unwrap();
     // Then the confirmation.
     let started = Instant::now();
@@ -197,21 +208,22 @@ async fn the_console_in_a_real_browser() {
         assert!(started.elapsed() < Duration::from_secs(10), "no confirmation asked");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(client.get_alert_text().await.unwrap().contains("to 3?"));
+    assert!(client.get_alert_text().await.unwrap().contains("to 8?"));
     client.accept_alert().await.unwrap();
-    wait_for_text(&client, "the new level in the tree", |t| t.contains("lifecycle 0/0 (3)")).await;
+    wait_for_text(&client, "the new level in the tree", |t| t.contains("command 0/0 (8)")).await;
     let (_, _, tree) =
         tokio::task::spawn_blocking(move || http(api, "GET", "/debug/tree", None, &[]))
             .await
             .unwrap();
-    let vms = tree["kinds"].as_array().unwrap().iter().find(|k| k["kind"] == "vm").unwrap().clone();
+    let hosts =
+        tree["kinds"].as_array().unwrap().iter().find(|k| k["kind"] == "host").unwrap().clone();
     assert!(
-        vms["queues"]
+        hosts["queues"]
             .as_array()
             .unwrap()
             .iter()
-            .any(|q| q["name"] == "lifecycle" && q["level"] == 3),
-        "{vms}"
+            .any(|q| q["name"] == "command" && q["level"] == 8),
+        "{hosts}"
     );
 
     // The screenshot, kept as an artifact.

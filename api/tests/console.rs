@@ -94,20 +94,33 @@ fn the_console_shows_actors_queues_flows_and_links_and_acts_with_audit() {
         api,
         "POST",
         "/debug/actions/queue-level",
-        Some(&json!({ "kind": "vm", "queue": "lifecycle", "level": 2 }).to_string()),
+        Some(&json!({ "kind": "host", "queue": "command", "level": 8 }).to_string()),
         &[],
     );
     assert_eq!(status, 200, "{done}");
     let tree = get(api, "/debug/tree");
-    let vms = tree["kinds"].as_array().unwrap().iter().find(|k| k["kind"] == "vm").unwrap();
-    assert!(
-        vms["queues"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|q| q["name"] == "lifecycle" && q["level"] == 2),
-        "{vms}"
-    );
+    let queues = |kind: &str| {
+        let kinds = tree["kinds"].as_array().unwrap();
+        kinds.iter().find(|k| k["kind"] == kind).unwrap()["queues"].as_array().unwrap().clone()
+    };
+    assert!(queues("host").iter().any(|q| q["name"] == "command" && q["level"] == 8), "{tree}");
+    // A serial queue (a VM's lifecycle, an L3 network's addresses) stays at 1, for the kind
+    // and for one actor: its operations read and write their actor's state one at a time.
+    assert!(queues("vm").iter().any(|q| q["name"] == "lifecycle" && q["serial"] == true));
+    for uuid in [Value::Null, json!(vm_uuid)] {
+        let (status, _, refused) = http(
+            api,
+            "POST",
+            "/debug/actions/queue-level",
+            Some(
+                &json!({ "kind": "vm", "queue": "lifecycle", "level": 2, "uuid": uuid })
+                    .to_string(),
+            ),
+            &[],
+        );
+        assert_eq!(status, 400, "{refused}");
+        assert_eq!(refused["error"]["details"]["field"], "level", "{refused}");
+    }
     let (status, _, refused) = http(
         api,
         "POST",

@@ -628,6 +628,7 @@ impl<E: Entity> ActorCell<E> {
                     name: q.name,
                     level: q.level(),
                     level_override: q.level_override,
+                    serial: q.spec.is_serial(),
                     max_pending: q.spec.max_pending(),
                     running: q.running.len(),
                     pending: q.pending.len(),

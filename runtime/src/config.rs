@@ -19,13 +19,18 @@ pub struct QueueConfig {
     pub level: usize,
     /// Operations that may wait; beyond this the sender gets `Busy`.
     pub max_pending: usize,
+    /// The queue's operations read and write its actor's state without a compare-and-swap
+    /// retry (an L3 network's used addresses, a VM's lifecycle): they must run one at a
+    /// time, and no setting, at start or at run time, raises the level above 1.
+    #[serde(default)]
+    pub serial: bool,
 }
 
 impl Default for QueueConfig {
     fn default() -> Self {
         // ZStack's chain queues default to level 1; the bound keeps a stuck actor from
         // collecting an unbounded pile (ZStack warns at 56 bytes a task, we refuse instead).
-        QueueConfig { level: 1, max_pending: 1024 }
+        QueueConfig { level: 1, max_pending: 1024, serial: false }
     }
 }
 
@@ -75,7 +80,33 @@ impl Default for KindConfig {
 impl KindConfig {
     /// Sets one queue's level and bound.
     pub fn queue(mut self, name: &str, level: usize, max_pending: usize) -> Self {
-        self.queues.insert(name.to_owned(), QueueConfig { level: level.max(1), max_pending });
+        self.queues.insert(
+            name.to_owned(),
+            QueueConfig { level: level.max(1), max_pending, serial: false },
+        );
+        self
+    }
+
+    /// Declares a serial queue: level 1, for good (see [`QueueConfig::serial`]).
+    pub fn serial_queue(mut self, name: &str, max_pending: usize) -> Self {
+        self.queues.insert(name.to_owned(), QueueConfig { level: 1, max_pending, serial: true });
+        self
+    }
+
+    /// `self` (an operator's settings for a kind) with the serial queues `declared` by the
+    /// kind kept serial: a level above 1 for one of them is ignored, with a warning.
+    pub(crate) fn keeping_serial(mut self, kind: &str, declared: &KindConfig) -> Self {
+        for (name, queue) in declared.queues.iter().filter(|(_, q)| q.serial) {
+            let max_pending = match self.queues.get(name) {
+                Some(set) if set.level > 1 => {
+                    tracing::warn!(kind, queue = %name, level = set.level, "a serial queue's level stays 1");
+                    set.max_pending
+                }
+                Some(set) => set.max_pending,
+                None => queue.max_pending,
+            };
+            self.queues.insert(name.clone(), QueueConfig { level: 1, max_pending, serial: true });
+        }
         self
     }
 
@@ -119,6 +150,7 @@ impl RuntimeConfig {
 pub struct QueueSpec {
     level: AtomicUsize,
     max_pending: AtomicUsize,
+    serial: bool,
     /// Operations running in this queue over every actor of the kind.
     running: AtomicUsize,
     /// Operations waiting in this queue over every actor of the kind.
@@ -130,6 +162,7 @@ impl QueueSpec {
         QueueSpec {
             level: AtomicUsize::new(config.level.max(1)),
             max_pending: AtomicUsize::new(config.max_pending),
+            serial: config.serial,
             running: AtomicUsize::new(0),
             pending: AtomicUsize::new(0),
         }
@@ -163,9 +196,17 @@ impl QueueSpec {
         self.max_pending.load(Ordering::Relaxed)
     }
 
-    /// Changes the level; it applies to the next operation that starts.
-    pub fn set_level(&self, level: usize) {
-        self.level.store(level.max(1), Ordering::Relaxed);
+    /// Whether the queue is serial (its level is 1 for good).
+    pub fn is_serial(&self) -> bool {
+        self.serial
+    }
+
+    /// Changes the level; it applies to the next operation that starts. A serial queue
+    /// keeps level 1 (callers refuse to ask: [`crate::Runtime::set_queue_level`]).
+    pub(crate) fn set_level(&self, level: usize) {
+        if !self.serial {
+            self.level.store(level.max(1), Ordering::Relaxed);
+        }
     }
 
     /// Changes the pending bound.

@@ -90,6 +90,16 @@ pub enum RuntimeError {
     /// The runtime is shutting down.
     #[error("the runtime is shutting down")]
     Shutdown,
+    /// A serial queue's level cannot be raised (see `QueueConfig::serial`).
+    #[error(
+        "queue `{queue}` of {kind} is serial: its operations must run one at a time, so its level stays 1"
+    )]
+    SerialQueue {
+        /// The actor kind.
+        kind: String,
+        /// The queue.
+        queue: String,
+    },
     /// No actor kind with this name is registered.
     #[error("no actor kind `{kind}` is registered")]
     UnknownKind {
@@ -151,6 +161,7 @@ impl RuntimeError {
             RuntimeError::Store(_) => "RUNTIME.STORE",
             RuntimeError::FlowFailed { .. } => "RUNTIME.FLOW_FAILED",
             RuntimeError::Undefined { .. } => "RUNTIME.UNDEFINED",
+            RuntimeError::SerialQueue { .. } => "RUNTIME.SERIAL_QUEUE",
         }
     }
 }

@@ -33,6 +33,8 @@ pub struct QueueSnapshot {
     pub level: usize,
     /// A level set on this actor alone, if any.
     pub level_override: Option<usize>,
+    /// Whether the queue is serial (its level is 1 for good).
+    pub serial: bool,
     /// Pending operations allowed.
     pub max_pending: usize,
     /// Operations running now.

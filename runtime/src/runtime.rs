@@ -117,6 +117,7 @@ impl<E: Entity> ErasedKind for Kind<E> {
                     name,
                     level: spec.level(),
                     max_pending: spec.max_pending(),
+                    serial: spec.is_serial(),
                     running,
                     pending,
                 }
@@ -146,6 +147,8 @@ pub struct QueueSetting {
     pub level: usize,
     /// Pending operations it accepts before answering `Busy`.
     pub max_pending: usize,
+    /// Whether it is serial (its level is 1 for good).
+    pub serial: bool,
     /// Operations running in it now, over every actor of the kind.
     pub running: usize,
     /// Operations waiting in it now, over every actor of the kind.
@@ -358,7 +361,10 @@ impl Runtime {
         if let Some(kind) = self.kind::<E>() {
             return kind;
         }
-        let config = self.inner.config.kinds.get(E::KIND).cloned().unwrap_or(defaults);
+        let config = match self.inner.config.kinds.get(E::KIND) {
+            Some(set) => set.clone().keeping_serial(E::KIND, &defaults),
+            None => defaults,
+        };
         let kind = Kind::new(entity, self.clone(), config);
         let mut kinds = self.inner.kinds.write().expect("kinds lock");
         self.inner.by_type.write().expect("kinds lock").insert(TypeId::of::<E>(), kinds.len());
@@ -418,6 +424,12 @@ impl Runtime {
             what: "queue",
             name: format!("{kind}/{queue}"),
         })?;
+        if spec.is_serial() && level != 1 {
+            return Err(RuntimeError::SerialQueue {
+                kind: kind.to_owned(),
+                queue: queue.to_owned(),
+            });
+        }
         tracing::info!(kind, queue, level, "queue level changed");
         spec.set_level(level);
         Ok(())
@@ -431,7 +443,14 @@ impl Runtime {
         queue: &str,
         level: Option<usize>,
     ) -> Result<bool, RuntimeError> {
-        Ok(self.erased(kind)?.set_actor_queue_level(id, queue, level).await)
+        let erased = self.erased(kind)?;
+        if level.is_some_and(|l| l != 1) && erased.queue(queue).is_some_and(|s| s.is_serial()) {
+            return Err(RuntimeError::SerialQueue {
+                kind: kind.to_owned(),
+                queue: queue.to_owned(),
+            });
+        }
+        Ok(erased.set_actor_queue_level(id, queue, level).await)
     }
 
     /// Every kind with its counters and its queues' settings and depths, without asking any

@@ -243,3 +243,28 @@ async fn queue_levels_come_from_the_runtime_config_by_kind_name() {
     assert_eq!((kind.queue("q").level(), kind.queue("q").max_pending()), (3, 7));
     runtime.shutdown();
 }
+
+#[tokio::test]
+async fn a_serial_queue_stays_at_level_1_whoever_asks() {
+    use strato_runtime::{Runtime, RuntimeConfig, RuntimeError};
+    let db = strato_storage::Db::in_memory();
+    let mut config = RuntimeConfig { arbiters: 1, ..Default::default() };
+    // The operator's config asks for 4; the kind declares the queue serial.
+    config.kinds.insert("counter".into(), KindConfig::default().queue("q", 4, 7));
+    let runtime = Runtime::start(config, db.clone()).unwrap();
+    let kind = runtime.register(
+        common::Counters { db, loads: Default::default(), load_delay: Duration::ZERO },
+        KindConfig::default().serial_queue("q", 100),
+    );
+    assert_eq!((kind.queue("q").level(), kind.queue("q").max_pending()), (1, 7));
+    assert!(kind.queue("q").is_serial());
+    let refused = runtime.set_queue_level("counter", "q", 2).unwrap_err();
+    assert!(matches!(refused, RuntimeError::SerialQueue { .. }), "{refused}");
+    let id = uuid::Uuid::new_v4();
+    let refused = runtime.set_actor_queue_level("counter", id, "q", Some(2)).await.unwrap_err();
+    assert!(matches!(refused, RuntimeError::SerialQueue { .. }), "{refused}");
+    // Level 1 is what it has: asking for it is no change, and not refused.
+    runtime.set_queue_level("counter", "q", 1).unwrap();
+    assert_eq!(kind.queue("q").level(), 1);
+    runtime.shutdown();
+}

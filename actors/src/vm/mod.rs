@@ -45,7 +45,7 @@ impl Vms {
     /// The kind's default queues.
     pub fn kind_config() -> KindConfig {
         KindConfig::default()
-            .queue("lifecycle", 1, 1_000)
+            .serial_queue("lifecycle", 1_000)
             .idle_timeout(Some(Duration::from_secs(300)))
     }
 }
