@@ -192,6 +192,10 @@ pub async fn run(
     }
     say!();
     say!("Strato is up. The API: http://{listen}/v1");
+    say!(
+        "The debug console: http://{listen}/console (log in as admin; the password is in {})",
+        data_dir.join(crate::mn::INITIAL_ADMIN_PASSWORD).display()
+    );
     say!("Logged in as admin; requests carry the session (it lasts two hours; log in again with");
     say!(
         "  curl -s -X PUT http://{listen}/v1/accounts/login -d '{{\"logInByAccount\": {{\"accountName\": \"admin\", \"password\": \"...\"}}}}')"
@@ -205,8 +209,9 @@ pub async fn run(
         l3["uuid"].as_str().unwrap_or_default()
     );
     say!(
-        "then follow the job:  curl -s -H \"$AUTH\" <location>    and list VMs:  curl -s -H \"$AUTH\" http://{listen}/v1/vm-instances"
+        "then follow the job (the answer comes when it ends):  curl -s -H \"$AUTH\" '<location>?waitSeconds=30'"
     );
+    say!("and list VMs:  curl -s -H \"$AUTH\" http://{listen}/v1/vm-instances");
     say!("Ctrl-C stops the node and its agent.");
     tokio::select! {
         served = serving => { served??; }

@@ -45,6 +45,7 @@ fn up(
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             let line = line.trim_start();
             if line.contains("password (generated; shown once")
+                || line.starts_with("The debug console: ")
                 || line.starts_with("export AUTH=")
                 || line.starts_with("curl -s -H \"$AUTH\" -X POST")
             {
@@ -69,6 +70,11 @@ fn strato_up_prints_a_curl_line_that_creates_a_running_vm() {
     let password = password_line.rsplit(": ").next().unwrap();
     let stored = std::fs::read_to_string(dir.path().join("initial-admin-password")).unwrap();
     assert_eq!(stored, password, "the generated password is kept for the next start");
+    // Where the console is: its page answers there.
+    let console_line = next();
+    let console = format!("http://{api}/console");
+    assert!(console_line.contains(&format!("{console} ")), "{console_line}");
+    assert_eq!(raw_http(api, "GET", "/console", None, &[]).0, 200, "{console_line}");
     let auth_line = next();
     let auth = auth_line.trim_start_matches("export AUTH='").trim_end_matches('\'').to_owned();
     let (name, value) = auth.split_once(": ").unwrap();
@@ -111,6 +117,8 @@ fn strato_up_prints_a_curl_line_that_creates_a_running_vm() {
 
     // Again on the same data: the agent links with the certificate it enrolled with.
     let (mut again, rx) = up(data, api, agent);
+    let line = rx.recv_timeout(Duration::from_secs(60)).expect("strato up printed it again");
+    assert!(line.starts_with("The debug console: "), "{line}");
     let line = rx.recv_timeout(Duration::from_secs(60)).expect("strato up printed it again");
     assert!(line.starts_with("export AUTH="), "{line}");
     let auth = format!("OAuth {}", log_in(api, "admin", password));
