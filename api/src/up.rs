@@ -209,7 +209,7 @@ pub async fn run(
         l3["uuid"].as_str().unwrap_or_default()
     );
     say!(
-        "then follow the job (the answer comes when it ends):  curl -s -H \"$AUTH\" '<location>?waitSeconds=30'"
+        "then follow the job (the answer comes when it ends):  curl -s -H \"$AUTH\" 'http://{listen}<location>?waitSeconds=30'"
     );
     say!("and list VMs:  curl -s -H \"$AUTH\" http://{listen}/v1/vm-instances");
     say!("Ctrl-C stops the node and its agent.");
