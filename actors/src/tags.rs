@@ -31,7 +31,7 @@ pub trait TagKind: Send + Sync + 'static {
 
     /// What a resource holds at most one tag of: a user tag's text; a system tag's slot
     /// (see [`slot`]).
-    fn slot(tag: &str, resource_type: &str) -> String;
+    fn slot_key(tag: &str, resource_type: &str) -> String;
 }
 
 /// User tags.
@@ -45,7 +45,7 @@ impl TagKind for User {
     const TABLE: &'static str = "user-tag";
     const NAME: &'static str = "User";
 
-    fn slot(tag: &str, _resource_type: &str) -> String {
+    fn slot_key(tag: &str, _resource_type: &str) -> String {
         tag.to_owned()
     }
 }
@@ -53,7 +53,7 @@ impl TagKind for System {
     const TABLE: &'static str = "system-tag";
     const NAME: &'static str = "System";
 
-    fn slot(tag: &str, resource_type: &str) -> String {
+    fn slot_key(tag: &str, resource_type: &str) -> String {
         match parse_system_tag(tag, resource_type) {
             Ok(parsed) => match slot(&parsed) {
                 (name, Some(first)) => format!("{name}::{first}"),
@@ -121,7 +121,7 @@ impl<K: TagKind> TagRecord<K> {
         let create_date = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        let slot = format!("{}/{}", K::TABLE, K::slot(tag, resource_type));
+        let slot = format!("{}/{}", K::TABLE, K::slot_key(tag, resource_type));
         TagRecord {
             uuid: Uuid::new_v5(&resource_uuid, slot.as_bytes()),
             resource_uuid,

@@ -201,12 +201,10 @@ impl QueueSpec {
         self.serial
     }
 
-    /// Changes the level; it applies to the next operation that starts. A serial queue
-    /// keeps level 1 (callers refuse to ask: [`crate::Runtime::set_queue_level`]).
+    /// Changes the level; it applies to the next operation that starts. The runtime
+    /// refuses a serial queue's change before it gets here ([`crate::Runtime::set_queue_level`]).
     pub(crate) fn set_level(&self, level: usize) {
-        if !self.serial {
-            self.level.store(level.max(1), Ordering::Relaxed);
-        }
+        self.level.store(level.max(1), Ordering::Relaxed);
     }
 
     /// Changes the pending bound.

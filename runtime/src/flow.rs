@@ -73,6 +73,11 @@ pub struct FlowInfo {
     at_end: Arc<Mutex<Batch>>,
 }
 
+/// The end writes staged so far, leaving none.
+fn take_writes(at_end: &Mutex<Batch>) -> Batch {
+    std::mem::take(&mut *at_end.lock().expect("flow writes lock"))
+}
+
 impl FlowInfo {
     /// Adds `batch` to the writes committed when the step ends, in one atomic batch with the
     /// flow's checkpoint that records the end (the next step's start, or the flow record's
@@ -419,7 +424,7 @@ impl FlowEngine {
     ) -> Result<(), RuntimeError> {
         let at_end = Arc::new(Mutex::new(Batch::new()));
         self.drive(def, record, ctx, &at_end).await;
-        let writes = std::mem::take(&mut *at_end.lock().expect("flow writes lock"));
+        let writes = take_writes(&at_end);
         let had_writes = !writes.is_empty();
         let error = match self.conclude(record, writes).await {
             Ok(()) => return Ok(()),
@@ -457,7 +462,7 @@ impl FlowEngine {
             job_id: record.job_id,
             at_end: at_end.clone(),
         };
-        let take_writes = || std::mem::take(&mut *at_end.lock().expect("flow writes lock"));
+        let take_writes = || take_writes(at_end);
         loop {
             match record.phase.clone() {
                 FlowPhase::Running { next, .. } if next >= record.steps.len() => {
@@ -477,21 +482,21 @@ impl FlowEngine {
                         // checkpoint also held the end of the step before (and its writes):
                         // that step is the one that failed.
                         let cause = error_chain(&error);
-                        let (failed, message) = match next.checked_sub(1) {
-                            None => {
-                                (name, format!("the flow's progress could not be saved: {cause}"))
-                            }
+                        let (failed, message, phase) = match next.checked_sub(1) {
+                            None => (
+                                name,
+                                format!("the flow's progress could not be saved: {cause}"),
+                                FlowPhase::RolledBack,
+                            ),
                             Some(last) => (
                                 record.steps[last].clone(),
                                 format!("the step's end could not be saved: {cause}"),
+                                FlowPhase::RollingBack { next: last },
                             ),
                         };
                         tracing::error!(flow = %record.id, chain = %record.chain, step = %failed, error = %message, "flow stopped; rolling back");
                         record.failure = Some((failed, message));
-                        record.phase = match next.checked_sub(1) {
-                            Some(last_done) => FlowPhase::RollingBack { next: last_done },
-                            None => FlowPhase::RolledBack,
-                        };
+                        record.phase = phase;
                         continue;
                     }
                     let outcome = match step_by_name(&name) {
@@ -574,7 +579,8 @@ impl FlowEngine {
 
     /// Saves that step `next` has started (so that a crash from here on undoes or repeats
     /// it) with the context as the steps before it left it. This one checkpoint also records
-    /// the end of the step before: one durable write between two steps, not two.
+    /// the end of the step before: one durable write between two steps, not two. On failure
+    /// the caller sets the phase the rollback starts from.
     async fn mark_started<C: FlowContext>(
         &self,
         record: &mut FlowRecord,
@@ -582,18 +588,13 @@ impl FlowEngine {
         next: usize,
         writes: Batch,
     ) -> Result<(), RuntimeError> {
-        let before =
-            std::mem::replace(&mut record.phase, FlowPhase::Running { next, in_step: true });
-        let saved = self.save(record, ctx, writes).await;
-        if saved.is_err() {
-            record.phase = before;
-        }
-        saved
+        record.phase = FlowPhase::Running { next, in_step: true };
+        self.save(record, ctx, writes).await
     }
 
-    /// Saves progress once a rollback step has ended. A failure is logged and the flow goes on: the
-    /// record still says where it was before, and recovery from there repeats at most a step
-    /// or a rollback, which are safe to repeat.
+    /// Saves progress once a step has failed or a rollback step has ended. A failure is
+    /// logged and the flow goes on: the record still says where it was before, and recovery
+    /// from there repeats at most a step or a rollback, which are safe to repeat.
     async fn save_logged<C: FlowContext>(&self, record: &mut FlowRecord, ctx: &C) {
         if let Err(error) = self.save(record, ctx, Batch::new()).await {
             tracing::error!(flow = %record.id, chain = %record.chain, error = %error_chain(&error), "saving flow progress failed");

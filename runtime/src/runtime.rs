@@ -424,12 +424,7 @@ impl Runtime {
             what: "queue",
             name: format!("{kind}/{queue}"),
         })?;
-        if spec.is_serial() && level != 1 {
-            return Err(RuntimeError::SerialQueue {
-                kind: kind.to_owned(),
-                queue: queue.to_owned(),
-            });
-        }
+        refuse_serial(kind, queue, &spec, Some(level))?;
         tracing::info!(kind, queue, level, "queue level changed");
         spec.set_level(level);
         Ok(())
@@ -444,11 +439,8 @@ impl Runtime {
         level: Option<usize>,
     ) -> Result<bool, RuntimeError> {
         let erased = self.erased(kind)?;
-        if level.is_some_and(|l| l != 1) && erased.queue(queue).is_some_and(|s| s.is_serial()) {
-            return Err(RuntimeError::SerialQueue {
-                kind: kind.to_owned(),
-                queue: queue.to_owned(),
-            });
+        if let Some(spec) = erased.queue(queue) {
+            refuse_serial(kind, queue, &spec, level)?;
         }
         Ok(erased.set_actor_queue_level(id, queue, level).await)
     }
@@ -558,5 +550,21 @@ pub fn release_memory() {
     // pointers from us and is safe to call from any thread at any time.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+/// Refuses a level other than 1 for a serial queue: the one check behind both ways of
+/// setting a level (the kind's and one actor's).
+fn refuse_serial(
+    kind: &str,
+    queue: &str,
+    spec: &QueueSpec,
+    level: Option<usize>,
+) -> Result<(), RuntimeError> {
+    match level {
+        Some(level) if level != 1 && spec.is_serial() => {
+            Err(RuntimeError::SerialQueue { kind: kind.to_owned(), queue: queue.to_owned() })
+        }
+        _ => Ok(()),
     }
 }

@@ -77,29 +77,16 @@ async fn a_chain_runs_every_step_in_order_and_leaves_no_record() {
             .step("b", Probe::ok(&log))
             .step("c", Probe::ok(&log)),
     );
+    let before = rt.db().group_count();
     let ctx = rt.flows().run("ok", Ctx::default(), None).await.unwrap();
     assert_eq!(ctx.visited, ["a", "b", "c"]);
     assert_eq!(log_of(&log), ["run:a", "run:b", "run:c"]);
+    // One durable write between two steps: "a started", "a done and b started", "b done and
+    // c started", and the record's removal (a checkpoint per step ended and another per step
+    // started would be seven).
+    assert_eq!(rt.db().group_count() - before, 4);
     assert!(rt.flows().in_progress().unwrap().is_empty());
     assert_eq!(rt.flows().recent().last().unwrap().phase, "done");
-    rt.shutdown();
-}
-
-#[tokio::test]
-async fn one_durable_write_between_two_steps() {
-    let rt = runtime();
-    let log = Log::default();
-    rt.flows().define(
-        ChainSpec::new("ok")
-            .step("a", Probe::ok(&log))
-            .step("b", Probe::ok(&log))
-            .step("c", Probe::ok(&log)),
-    );
-    let before = rt.db().group_count();
-    rt.flows().run("ok", Ctx::default(), None).await.unwrap();
-    // "a started", "a done and b started", "b done and c started", and the record's removal:
-    // a checkpoint per step ended and another per step started would be seven.
-    assert_eq!(rt.db().group_count() - before, 4);
     rt.shutdown();
 }
 
@@ -125,6 +112,15 @@ impl Step<Ctx> for EndWriter {
     }
 }
 
+/// Defines chain `name`: step a writes counter `a` at its end, then step b counter `b`.
+fn define_writers(rt: &Runtime, name: &str, log: &Log, a: uuid::Uuid, b: uuid::Uuid) {
+    rt.flows().define(
+        ChainSpec::new(name)
+            .step("a", EndWriter { log: log.clone(), id: a })
+            .step("b", EndWriter { log: log.clone(), id: b }),
+    );
+}
+
 async fn put_counter(rt: &Runtime, id: uuid::Uuid) {
     let mut batch = strato_storage::Batch::new();
     batch.put(&Counter { id, value: 7 }, strato_storage::Expect::Absent).unwrap();
@@ -136,11 +132,7 @@ async fn a_steps_end_writes_go_with_its_checkpoint_and_a_failed_one_rolls_it_bac
     let rt = runtime();
     let log = Log::default();
     let (a, b) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
-    rt.flows().define(
-        ChainSpec::new("writes")
-            .step("a", EndWriter { log: log.clone(), id: a })
-            .step("b", EndWriter { log: log.clone(), id: b }),
-    );
+    define_writers(&rt, "writes", &log, a, b);
     let before = rt.db().group_count();
     rt.flows().run("writes", Ctx::default(), None).await.unwrap();
     // "a started"; "a's writes, a done, b started"; "b's writes and the record's removal".
@@ -148,18 +140,15 @@ async fn a_steps_end_writes_go_with_its_checkpoint_and_a_failed_one_rolls_it_bac
     assert_eq!(rt.db().get::<Counter>(a).unwrap().unwrap().record.value, 1);
     assert_eq!(rt.db().get::<Counter>(b).unwrap().unwrap().record.value, 1);
 
-    // The first step's end writes conflict: it is rolled back, and the second never runs.
+    // One step's end writes conflict: that step is rolled back with those before it (and
+    // when it is the first, the second never runs).
     for (conflicting, expected) in
         [(0, vec!["run:a", "rollback:a"]), (1, vec!["run:a", "run:b", "rollback:b", "rollback:a"])]
     {
         log.lock().unwrap().clear();
         let (a, b) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
         let name = format!("conflict-{conflicting}");
-        rt.flows().define(
-            ChainSpec::new(&name)
-                .step("a", EndWriter { log: log.clone(), id: a })
-                .step("b", EndWriter { log: log.clone(), id: b }),
-        );
+        define_writers(&rt, &name, &log, a, b);
         put_counter(&rt, [a, b][conflicting]).await;
         let error = rt.flows().run(&name, Ctx::default(), None).await.unwrap_err();
         let RuntimeError::FlowFailed { step, message, .. } = error else {
