@@ -341,10 +341,12 @@ async fn run(ctx: OpCtx<Vms>, op: Lifecycle) -> Result<VmRecord, VmError> {
     let transition = plan(record.state, op.op())?;
     if op == Lifecycle::Recover {
         let recovered = save(&ctx, |r| r.state = transition.on_success).await?;
-        ctx.runtime()
-            .gc()
-            .cancel(strato_runtime::Gc::job_id(&expunge_job_name(recovered.uuid)))
-            .await?;
+        // The VM is recovered once its record says so. A job left behind by a failed cancel
+        // expunges only a VM that is Destroyed when it runs.
+        let expunge = strato_runtime::Gc::job_id(&expunge_job_name(recovered.uuid));
+        if let Err(error) = ctx.runtime().gc().cancel(expunge).await {
+            tracing::warn!(vm = %recovered.uuid, %error, "a recovered VM's expunge job stays; it will find the VM alive");
+        }
         return Ok(recovered);
     }
     save(&ctx, |r| r.state = transition.during).await?;
@@ -503,8 +505,13 @@ async fn forget(ctx: &OpCtx<Vms>, record: &VmRecord) -> Result<(), VmError> {
     batch.delete::<VmRecord>(record.uuid, Expect::Any);
     crate::records::delete_refs(&ctx.entity().db, &mut batch, record.uuid)?;
     ctx.entity().db.commit(batch).await?;
+    // The VM is gone: the expunge has happened, whatever befalls what follows. Giving the
+    // addresses back and cancelling the job are tidying the job does itself if they fail
+    // (a release names its owner, so the job's late repeat frees nothing someone else holds).
     if !job.nics.is_empty() && release_ips(ctx.runtime(), &job).await.is_ok() {
-        ctx.runtime().gc().cancel(strato_runtime::Gc::job_id(&name)).await?;
+        if let Err(error) = ctx.runtime().gc().cancel(strato_runtime::Gc::job_id(&name)).await {
+            tracing::warn!(vm = %record.uuid, %error, "an expunged VM's address job stays; it will find nothing to do");
+        }
     }
     Ok(())
 }
