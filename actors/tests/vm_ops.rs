@@ -1,6 +1,7 @@
 //! The user's VM operations against a real agent server: the lifecycle checked on the
 //! hypervisor as well as in the store, refused operations, failures landing per the state
-//! table, and destroy while the host is unreachable finished by the GC.
+//! table, destroy while the host is unreachable finished by the GC, and operations that
+//! succeed although the tidying after their effect fails.
 
 mod common;
 
@@ -342,4 +343,88 @@ async fn a_host_being_deleted_books_nothing_more() {
     assert!(!host::reserve(&c.hosts, host.uuid, b, 1, 1 << 30, overcommit).await.unwrap());
     host::fence(&c.hosts, host.uuid, false).await.unwrap();
     assert!(host::reserve(&c.hosts, host.uuid, b, 1, 1 << 30, overcommit).await.unwrap());
+}
+
+/// A store that, once armed, refuses every write that deletes a GC job: the tidying an
+/// expunge or a recover does after its effect is in the store.
+struct GcDeletesFail {
+    inner: strato_storage::MemStore,
+    armed: std::sync::atomic::AtomicBool,
+}
+
+impl strato_storage::Store for GcDeletesFail {
+    fn backend_name(&self) -> &'static str {
+        "gc-deletes-fail"
+    }
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, strato_storage::StoreError> {
+        self.inner.get(key)
+    }
+    fn range(&self, start: &[u8], end: Option<&[u8]>, reverse: bool) -> strato_storage::KvIter<'_> {
+        self.inner.range(start, end, reverse)
+    }
+    fn apply(&self, ops: Vec<strato_storage::RawOp>) -> Result<(), strato_storage::StoreError> {
+        let deletes_a_job = ops.iter().any(
+            |op| matches!(op, strato_storage::RawOp::Delete(key) if key.starts_with(b"r/gc-job/")),
+        );
+        if deletes_a_job && self.armed.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(strato_storage::StoreError::Backend {
+                backend: "gc-deletes-fail",
+                operation: "apply",
+                source: "a GC job's delete refused by the test".into(),
+            });
+        }
+        self.inner.apply(ops)
+    }
+    fn flush(&self) -> Result<(), strato_storage::StoreError> {
+        self.inner.flush()
+    }
+}
+
+/// CI's chaos seed 2 saw an expunge answer `SYS.STORE_FAILED` after it had deleted the VM:
+/// the cancel of its address job failed. An operation whose effect is in the store has
+/// succeeded; what tidies after it is the GC's to finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expunge_and_recover_succeed_when_only_their_tidying_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let driver = sim(dir.path());
+    let (_agent, addr) = serve(driver.clone(), "127.0.0.1:0".parse().unwrap()).await;
+    let store = Arc::new(GcDeletesFail {
+        inner: strato_storage::MemStore::new(),
+        armed: Default::default(),
+    });
+    let c = mn_on(strato_storage::Db::new(store.clone()), ops::VmPolicy::default());
+    ops::register_gc(&c.runtime, c.hosts.clone());
+    let host = host_record(addr);
+    put(&c.db, &host);
+    // A NIC on a network that no longer exists: its address goes back without an L3 actor.
+    let nic = strato_actors::records::VmNic {
+        uuid: Uuid::new_v4(),
+        l3_network_uuid: Uuid::new_v4(),
+        ip: "10.0.0.5".into(),
+        mac: "fa:16:3e:00:00:05".into(),
+        bridge: None,
+    };
+    let vm = strato_actors::records::VmRecord {
+        vm_nics: vec![nic],
+        ..vm_record(host.uuid, VmState::Stopped)
+    };
+    put(&c.db, &vm);
+    host::connect(&c.hosts, host.uuid).await.unwrap();
+    let step = |op| ops::operate(&c.vms, vm.uuid, op, T, None);
+    let arm = |on| store.armed.store(on, std::sync::atomic::Ordering::SeqCst);
+    let jobs = || c.runtime.gc().list().unwrap().len();
+
+    step(Lifecycle::Destroy).await.unwrap();
+    assert_eq!(jobs(), 1, "the expunge after the grace period");
+    arm(true);
+    let recovered = step(Lifecycle::Recover).await.expect("recovered although its job stays");
+    assert_eq!(recovered.state, VmState::Stopped);
+    assert_eq!(vm::record(&c.vms, vm.uuid).await.unwrap().state, VmState::Stopped);
+    assert_eq!(jobs(), 1, "the expunge job the cancel could not delete");
+
+    arm(false);
+    step(Lifecycle::Destroy).await.unwrap();
+    arm(true);
+    step(Lifecycle::Expunge).await.expect("expunged although its address job stays");
+    assert!(c.db.get::<strato_actors::records::VmRecord>(vm.uuid).unwrap().is_none());
 }

@@ -84,7 +84,11 @@ pub fn mn() -> Cluster {
 }
 
 pub fn mn_with(policy: strato_actors::vm::ops::VmPolicy) -> Cluster {
-    let db = Db::in_memory();
+    mn_on(Db::in_memory(), policy)
+}
+
+/// A node on `db`: a test that wants the store to fail gives its own.
+pub fn mn_on(db: Db, policy: strato_actors::vm::ops::VmPolicy) -> Cluster {
     let runtime =
         Runtime::start(RuntimeConfig { arbiters: 2, ..Default::default() }, db.clone()).unwrap();
     let vms = runtime.register(Vms::with_policy(db.clone(), policy), Vms::kind_config());
