@@ -508,10 +508,11 @@ async fn forget(ctx: &OpCtx<Vms>, record: &VmRecord) -> Result<(), VmError> {
     // The VM is gone: the expunge has happened, whatever befalls what follows. Giving the
     // addresses back and cancelling the job are tidying the job does itself if they fail
     // (a release names its owner, so the job's late repeat frees nothing someone else holds).
-    if !job.nics.is_empty() && release_ips(ctx.runtime(), &job).await.is_ok() {
-        if let Err(error) = ctx.runtime().gc().cancel(strato_runtime::Gc::job_id(&name)).await {
-            tracing::warn!(vm = %record.uuid, %error, "an expunged VM's address job stays; it will find nothing to do");
-        }
+    if !job.nics.is_empty()
+        && release_ips(ctx.runtime(), &job).await.is_ok()
+        && let Err(error) = ctx.runtime().gc().cancel(strato_runtime::Gc::job_id(&name)).await
+    {
+        tracing::warn!(vm = %record.uuid, %error, "an expunged VM's address job stays; it will find nothing to do");
     }
     Ok(())
 }
