@@ -1,77 +1,69 @@
 //! Deleting resources with what depends on them, by declared relations.
 //!
-//! [`RELATIONS`] says which kinds depend on which, and through which index: a zone's
+//! Which kinds depend on which is declared with the kinds ([`crate::kinds`]): a zone's
 //! clusters and L2 networks, a cluster's hosts, a host's VMs, an L2 network's L3 networks,
-//! an L3 network's VMs (through their NICs). A deletion first finds the dependents. In `Permissive` mode (the default, ZStack's
-//! check-then-delete) any dependent refuses the deletion and nothing changes. In `Enforcing`
-//! mode the dependents are deleted first, deepest first, then the resource. Adding a kind
-//! means adding a relation and a way to delete it, not touching the walk.
+//! an L3 network's VMs (through their NICs), each found through an index of the dependent.
+//! A deletion first finds the dependents. In `Permissive` mode (the default, ZStack's
+//! check-then-delete) any dependent refuses the deletion and nothing changes. In
+//! `Enforcing` mode the dependents are deleted first, deepest first, then the resource.
+//! Adding a kind means declaring its dependents and how one is removed (its
+//! [`Deletion`]), not touching the walk. A host is the one kind with a rule of its own: it
+//! is fenced before its VMs go, so no creation places a VM on it meanwhile.
 
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-use strato_runtime::{Kind, RuntimeError};
-use strato_storage::{Batch, Db, Expect, IndexValue};
+use serde::{Deserialize, Serialize, Serializer};
+use strato_runtime::{Kind as ActorKind, RuntimeError};
+use strato_storage::{Batch, Db, Expect, IndexValue, Record};
 use uuid::Uuid;
 
 use crate::host::{self, Hosts};
+use crate::kinds::{Deletion, Kind, RemoveFuture};
 use crate::l3::{self, L3s};
-use crate::records::{
-    ClusterRecord, HostRecord, InstanceOfferingRecord, L2NetworkRecord, L3NetworkRecord, VmRecord,
-    ZoneRecord,
-};
+use crate::records::{HostRecord, VmRecord};
 use crate::vm::ops::{self, Lifecycle};
 use crate::vm::state::VmState;
 use crate::vm::{VmError, Vms};
 
-/// The kinds of resources deletion knows.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum ResourceKind {
-    /// A zone.
-    Zone,
-    /// A cluster.
-    Cluster,
-    /// A host.
-    Host,
-    /// An L2 network.
-    L2Network,
-    /// An L3 network.
-    L3Network,
-    /// An instance offering.
-    InstanceOffering,
-    /// A VM.
-    Vm,
-}
-
 /// A resource: its kind and UUID.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy)]
 pub struct Resource {
     /// Its kind.
-    pub kind: ResourceKind,
+    pub kind: &'static Kind,
     /// Its UUID.
     pub uuid: Uuid,
 }
 
-/// `child` depends on `parent`, found through `child`'s index `index`.
-#[derive(Clone, Copy, Debug)]
-pub struct Relation {
-    /// The kind depended on.
-    pub parent: ResourceKind,
-    /// The dependent kind.
-    pub child: ResourceKind,
-    /// The child table's index holding the parent's UUID.
-    pub index: &'static str,
+impl std::fmt::Debug for Resource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.kind.api, self.uuid)
+    }
 }
 
-/// Every dependency between kinds.
-pub const RELATIONS: &[Relation] = &[
-    Relation { parent: ResourceKind::Zone, child: ResourceKind::Cluster, index: "zone" },
-    Relation { parent: ResourceKind::Cluster, child: ResourceKind::Host, index: "cluster" },
-    Relation { parent: ResourceKind::Host, child: ResourceKind::Vm, index: "host" },
-    Relation { parent: ResourceKind::L3Network, child: ResourceKind::Vm, index: "l3" },
-    Relation { parent: ResourceKind::Zone, child: ResourceKind::L2Network, index: "zone" },
-    Relation { parent: ResourceKind::L2Network, child: ResourceKind::L3Network, index: "l2" },
-];
+impl std::fmt::Display for Resource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.kind.api, self.uuid)
+    }
+}
+
+impl PartialEq for Resource {
+    fn eq(&self, other: &Self) -> bool {
+        std::ptr::eq(self.kind, other.kind) && self.uuid == other.uuid
+    }
+}
+
+impl Eq for Resource {}
+
+/// As the API shows it: `{"kind": "VmInstance", "uuid": "..."}`.
+impl Serialize for Resource {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut s = serializer.serialize_struct("Resource", 2)?;
+        s.serialize_field("kind", self.kind.api)?;
+        s.serialize_field("uuid", &self.uuid)?;
+        s.end()
+    }
+}
 
 /// How a deletion treats dependents.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -87,7 +79,7 @@ pub enum DeleteMode {
 #[derive(Debug, thiserror::Error)]
 pub enum CascadeError {
     /// Something depends on the resource (Permissive mode).
-    #[error("{resource:?} is used by {} resource(s), such as {:?}; delete them first or use deleteMode=Enforcing", .dependents.len(), .dependents.first())]
+    #[error("{resource} is used by {} resource(s), such as {}; delete them first or use deleteMode=Enforcing", .dependents.len(), .dependents.first().map(ToString::to_string).unwrap_or_default())]
     HasDependents {
         /// What was to be deleted.
         resource: Resource,
@@ -95,7 +87,7 @@ pub enum CascadeError {
         dependents: Vec<Resource>,
     },
     /// No such resource.
-    #[error("{0:?} does not exist")]
+    #[error("{0} does not exist")]
     NotFound(Resource),
     /// The store failed.
     #[error("the store failed")]
@@ -112,8 +104,11 @@ pub enum CascadeError {
     /// The runtime failed.
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
+    /// The kind is not deleted this way.
+    #[error("{} resources are not deleted with cascade", .0.kind.api)]
+    NotDeletable(Resource),
     /// VMs kept booking the host's capacity (creations in flight) for too long.
-    #[error("{0:?} still has VMs being placed on it after {1:?}; try again")]
+    #[error("{0} still has VMs being placed on it after {1:?}; try again")]
     Busy(Resource, std::time::Duration),
 }
 
@@ -123,11 +118,11 @@ pub struct Deleter {
     /// The store.
     pub db: Db,
     /// Host actors.
-    pub hosts: Kind<Hosts>,
+    pub hosts: ActorKind<Hosts>,
     /// VM actors.
-    pub vms: Kind<Vms>,
+    pub vms: ActorKind<Vms>,
     /// L3 actors.
-    pub l3s: Kind<L3s>,
+    pub l3s: ActorKind<L3s>,
 }
 
 const VM_TIMEOUT: Duration = Duration::from_secs(300);
@@ -136,35 +131,21 @@ const VM_TIMEOUT: Duration = Duration::from_secs(300);
 /// deletion waits for a VM being created).
 const HOST_DRAIN_LIMIT: Duration = Duration::from_secs(60);
 
+fn is_host(kind: &Kind) -> bool {
+    kind.table.name() == HostRecord::KIND
+}
+
 impl Deleter {
     fn exists(&self, r: Resource) -> Result<bool, CascadeError> {
-        Ok(match r.kind {
-            ResourceKind::Zone => self.db.get::<ZoneRecord>(r.uuid)?.is_some(),
-            ResourceKind::Cluster => self.db.get::<ClusterRecord>(r.uuid)?.is_some(),
-            ResourceKind::Host => self.db.get::<HostRecord>(r.uuid)?.is_some(),
-            ResourceKind::L2Network => self.db.get::<L2NetworkRecord>(r.uuid)?.is_some(),
-            ResourceKind::L3Network => self.db.get::<L3NetworkRecord>(r.uuid)?.is_some(),
-            ResourceKind::InstanceOffering => {
-                self.db.get::<InstanceOfferingRecord>(r.uuid)?.is_some()
-            }
-            ResourceKind::Vm => self.db.get::<VmRecord>(r.uuid)?.is_some(),
-        })
+        Ok(r.kind.table.exists(&self.db, r.uuid)?)
     }
 
     /// The direct dependents of `r`, by the declared relations.
     pub fn dependents(&self, r: Resource) -> Result<Vec<Resource>, CascadeError> {
         let mut found = Vec::new();
-        for relation in RELATIONS.iter().filter(|rel| rel.parent == r.kind) {
-            let key = IndexValue::Uuid(r.uuid);
-            let ids = match relation.child {
-                ResourceKind::Cluster => self.db.find::<ClusterRecord>(relation.index, &key)?,
-                ResourceKind::Host => self.db.find::<HostRecord>(relation.index, &key)?,
-                ResourceKind::Vm => self.db.find::<VmRecord>(relation.index, &key)?,
-                ResourceKind::L2Network => self.db.find::<L2NetworkRecord>(relation.index, &key)?,
-                ResourceKind::L3Network => self.db.find::<L3NetworkRecord>(relation.index, &key)?,
-                ResourceKind::Zone | ResourceKind::InstanceOffering => Vec::new(),
-            };
-            found.extend(ids.into_iter().map(|uuid| Resource { kind: relation.child, uuid }));
+        for (child, index) in r.kind.dependents() {
+            let ids = child.table.find(&self.db, index, &IndexValue::Uuid(r.uuid))?;
+            found.extend(ids.into_iter().map(|uuid| Resource { kind: child, uuid }));
         }
         found.dedup();
         Ok(found)
@@ -179,7 +160,7 @@ impl Deleter {
         if !self.exists(r)? {
             return Err(CascadeError::NotFound(r));
         }
-        if r.kind != ResourceKind::Host {
+        if !is_host(r.kind) {
             return self.delete_unfenced(r, mode).await;
         }
         // A host is fenced first, so no creation places a VM on it while its VMs are
@@ -207,7 +188,7 @@ impl Deleter {
                 deleted.extend(Box::pin(self.delete(dependent, mode)).await?);
             }
         }
-        if r.kind == ResourceKind::Host {
+        if is_host(r.kind) {
             // Creations that booked the host before the fence end one way or the other:
             // their VM appears as a dependent (and goes), or they give the booking back.
             let waited = std::time::Instant::now();
@@ -233,10 +214,8 @@ impl Deleter {
         Ok(deleted)
     }
 
-    async fn delete_record<R: strato_storage::Record>(
-        &self,
-        uuid: Uuid,
-    ) -> Result<(), CascadeError> {
+    /// Deletes record `uuid` of `R` with what hangs on it (tags, ownership).
+    pub(crate) async fn delete_record<R: Record>(&self, uuid: Uuid) -> Result<(), CascadeError> {
         let mut batch = Batch::new();
         batch.delete::<R>(uuid, Expect::Any);
         crate::records::delete_refs(&self.db, &mut batch, uuid)?;
@@ -245,39 +224,57 @@ impl Deleter {
     }
 
     async fn delete_one(&self, r: Resource) -> Result<(), CascadeError> {
-        match r.kind {
-            ResourceKind::Vm => {
-                // A VM being created cannot be destroyed beside its creation flow: wait for
-                // the flow to end (it rolls back when the host goes away under it).
-                let waited = std::time::Instant::now();
-                while self.db.get::<VmRecord>(r.uuid)?.map(|s| s.record.state)
-                    == Some(VmState::Created)
-                {
-                    if waited.elapsed() > HOST_DRAIN_LIMIT {
-                        return Err(CascadeError::Busy(r, HOST_DRAIN_LIMIT));
-                    }
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                }
-                if self.db.get::<VmRecord>(r.uuid)?.is_none() {
-                    return Ok(());
-                }
-                let state = self.db.get::<VmRecord>(r.uuid)?.map(|s| s.record.state);
-                if state != Some(VmState::Destroyed) {
-                    ops::operate(&self.vms, r.uuid, Lifecycle::Destroy, VM_TIMEOUT, None).await?;
-                }
-                if self.db.get::<VmRecord>(r.uuid)?.is_some() {
-                    ops::operate(&self.vms, r.uuid, Lifecycle::Expunge, VM_TIMEOUT, None).await?;
-                }
+        match r.kind.deletion {
+            Deletion::Cascade(remove) | Deletion::Own(Some(remove)) => remove(self, r.uuid).await,
+            Deletion::Own(None) | Deletion::Never => Err(CascadeError::NotDeletable(r)),
+        }
+    }
+
+    /// Destroys and expunges a VM, once a creation in progress has ended.
+    async fn remove_vm(&self, uuid: Uuid) -> Result<(), CascadeError> {
+        // A VM being created cannot be destroyed beside its creation flow: wait for the
+        // flow to end (it rolls back when the host goes away under it).
+        let waited = std::time::Instant::now();
+        let state =
+            || Ok::<_, CascadeError>(self.db.get::<VmRecord>(uuid)?.map(|s| s.record.state));
+        while state()? == Some(VmState::Created) {
+            if waited.elapsed() > HOST_DRAIN_LIMIT {
+                let vm = Resource { kind: crate::kinds::of::<VmRecord>(), uuid };
+                return Err(CascadeError::Busy(vm, HOST_DRAIN_LIMIT));
             }
-            ResourceKind::Host => host::remove(&self.hosts, r.uuid).await?,
-            ResourceKind::L3Network => l3::delete(&self.l3s, r.uuid).await?,
-            ResourceKind::Zone => self.delete_record::<ZoneRecord>(r.uuid).await?,
-            ResourceKind::L2Network => self.delete_record::<L2NetworkRecord>(r.uuid).await?,
-            ResourceKind::Cluster => self.delete_record::<ClusterRecord>(r.uuid).await?,
-            ResourceKind::InstanceOffering => {
-                self.delete_record::<InstanceOfferingRecord>(r.uuid).await?;
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        match state()? {
+            None => return Ok(()),
+            Some(VmState::Destroyed) => {}
+            Some(_) => {
+                ops::operate(&self.vms, uuid, Lifecycle::Destroy, VM_TIMEOUT, None).await?;
             }
+        }
+        if self.db.get::<VmRecord>(uuid)?.is_some() {
+            ops::operate(&self.vms, uuid, Lifecycle::Expunge, VM_TIMEOUT, None).await?;
         }
         Ok(())
     }
+}
+
+/// Removes a record with nothing to do beyond the store (zones, clusters, L2 networks,
+/// offerings).
+pub(crate) fn remove_record<R: Record>(deleter: &Deleter, id: Uuid) -> RemoveFuture<'_> {
+    Box::pin(deleter.delete_record::<R>(id))
+}
+
+/// Removes a host through its actor (its link closed, its record and pin deleted).
+pub(crate) fn remove_host(deleter: &Deleter, id: Uuid) -> RemoveFuture<'_> {
+    Box::pin(async move { Ok(host::remove(&deleter.hosts, id).await?) })
+}
+
+/// Removes an L3 network through its actor (its addresses with it).
+pub(crate) fn remove_l3(deleter: &Deleter, id: Uuid) -> RemoveFuture<'_> {
+    Box::pin(async move { Ok(l3::delete(&deleter.l3s, id).await?) })
+}
+
+/// Removes a VM as a dependent: destroyed, then expunged.
+pub(crate) fn remove_vm(deleter: &Deleter, id: Uuid) -> RemoveFuture<'_> {
+    Box::pin(deleter.remove_vm(id))
 }

@@ -16,11 +16,13 @@
 //! ([`host`]), and the VM actor as far as it applies what hosts observe ([`vm`]). The user's
 //! VM operations, the create flow, the allocator and the other resources come next.
 
+pub mod accounts;
 pub mod allocator;
 pub mod cascade;
 pub mod host;
 pub mod images;
 pub mod ipam;
+pub mod kinds;
 pub mod l3;
 pub mod maintenance;
 pub mod owners;

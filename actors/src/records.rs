@@ -551,28 +551,6 @@ pub fn delete_refs(
     Ok(())
 }
 
-/// Backfills the index entries every record kind here declares (see
-/// `strato_storage::Db::ensure_indexes`): a store written by an older build lacks the
-/// entries of indexes added since. Call at startup, before anything writes. Returns how
-/// many entries were added.
-pub fn ensure_indexes(db: &strato_storage::Db) -> Result<usize, strato_storage::StoreError> {
-    Ok(db.ensure_indexes::<HostRecord>()?
-        + db.ensure_indexes::<AgentCertRecord>()?
-        + db.ensure_indexes::<VmRecord>()?
-        + db.ensure_indexes::<L3NetworkRecord>()?
-        + db.ensure_indexes::<L2NetworkRecord>()?
-        + db.ensure_indexes::<UsedIpRecord>()?
-        + db.ensure_indexes::<ZoneRecord>()?
-        + db.ensure_indexes::<ClusterRecord>()?
-        + db.ensure_indexes::<InstanceOfferingRecord>()?
-        + db.ensure_indexes::<BackupStorageRecord>()?
-        + db.ensure_indexes::<PrimaryStorageRecord>()?
-        + db.ensure_indexes::<ImageRecord>()?
-        + db.ensure_indexes::<crate::tags::UserTag>()?
-        + db.ensure_indexes::<crate::tags::SystemTag>()?
-        + db.ensure_indexes::<crate::owners::OwnerRecord>()?)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -94,7 +94,7 @@ fn store(count: u32) -> Db {
     // As the MN does at startup: a store written by older code gets its indexes and
     // counters (once; a marker makes later opens one read).
     let started = Instant::now();
-    let added = strato_actors::records::ensure_indexes(&db).expect("indexes");
+    let added = strato_actors::kinds::ensure_indexes(&db).expect("indexes");
     if added > 0 || started.elapsed() > Duration::from_secs(1) {
         eprintln!("  indexes brought up to date in {:.1?}", started.elapsed());
     }

@@ -10,7 +10,7 @@
 //! would cost tens of milliseconds and buys nothing for a secret nobody chose). Without a
 //! valid one the answer is 401.
 //!
-//! Who sees what, for a normal account ([`Access`]): the infrastructure (zones, clusters,
+//! Who sees what, for a normal account (each kind's declared [`Access`]): the infrastructure (zones, clusters,
 //! hosts, storage, L2 networks, GC jobs, other accounts) is the admin's alone (403);
 //! instance offerings, images and L3 networks the admin made are shared, readable by every
 //! account and changed only by the admin (403); VMs and jobs belong to whoever made them, and
@@ -38,9 +38,9 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
+use strato_actors::kinds::Access;
 use strato_actors::owners::{self, ADMIN, Charge, OwnerRecord};
-use strato_actors::tags::{SystemTag, UserTag};
-use strato_storage::{Batch, Db, Expect, Index, IndexValue, Record};
+use strato_storage::{Batch, Db, Expect, IndexValue};
 use uuid::Uuid;
 
 use crate::error::ApiError;
@@ -71,19 +71,15 @@ pub fn tenant() -> Option<Uuid> {
     caller().filter(|c| !c.admin).map(|c| c.account)
 }
 
-/// An account's type, in ZStack's naming.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum AccountType {
-    /// The admin.
-    SystemAdmin,
-    /// A tenant.
-    Normal,
-}
+pub use strato_actors::accounts::{
+    AccountRecord, AccountType, CredentialRecord, Quota, SessionRecord,
+};
 
 /// What a normal account may use at most.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct Quota {
+#[schema(as = Quota)]
+pub struct QuotaParams {
     /// VMs.
     pub vm_num: u64,
     /// Virtual CPUs over all VMs.
@@ -92,86 +88,9 @@ pub struct Quota {
     pub memory_size: u64,
 }
 
-impl Default for Quota {
-    /// ZStack's defaults.
-    fn default() -> Self {
-        Quota { vm_num: 20, cpu_num: 80, memory_size: 80 << 30 }
-    }
-}
-
-/// An account.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct AccountRecord {
-    /// Its UUID.
-    pub uuid: Uuid,
-    /// Its name, unique.
-    pub name: String,
-    /// Admin or normal.
-    #[serde(rename = "type")]
-    pub account_type: AccountType,
-    /// Its quota (ignored for the admin).
-    pub quota: Quota,
-    /// When it was made (seconds since the Unix epoch).
-    pub create_date: u64,
-}
-
-impl Record for AccountRecord {
-    const KIND: &'static str = "account";
-    const VERSION: u16 = 1;
-    fn id(&self) -> Uuid {
-        self.uuid
-    }
-    fn indexes() -> &'static [Index<Self>] {
-        &[Index { name: "name", values: |a| vec![a.name.as_str().into()] }]
-    }
-}
-
-/// An account's password hash, apart from the account so it is never handed out.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CredentialRecord {
-    /// The account.
-    pub account_uuid: Uuid,
-    /// The argon2 hash, in PHC string form.
-    pub password_hash: String,
-}
-
-impl Record for CredentialRecord {
-    const KIND: &'static str = "credential";
-    const VERSION: u16 = 1;
-    fn id(&self) -> Uuid {
-        self.account_uuid
-    }
-}
-
-/// A session or an API key.
-///
-/// The store never holds a token that works. A session's token is a random UUID handed to
-/// the client once; its record is kept under [`session_key`] of it, a SHA-256 derived id, so
-/// reading the store (or a backup of it) yields no live session. An API key's id is public
-/// (it names the key in the API) and its 256-bit secret is kept as SHA-256.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SessionRecord {
-    /// Its id: [`session_key`] of a session's token, or an API key's UUID.
-    pub uuid: Uuid,
-    /// The account.
-    pub account_uuid: Uuid,
-    /// When it expires (seconds since the Unix epoch; `None` for an API key without expiry).
-    pub expired_date: Option<u64>,
-    /// An API key's secret, as SHA-256 (`None` for a session).
-    pub secret_sha256: Option<[u8; 32]>,
-    /// What an API key is for.
-    pub description: String,
-}
-
-impl Record for SessionRecord {
-    const KIND: &'static str = "session";
-    const VERSION: u16 = 1;
-    fn id(&self) -> Uuid {
-        self.uuid
-    }
-    fn indexes() -> &'static [Index<Self>] {
-        &[Index { name: "account", values: |s| vec![IndexValue::Uuid(s.account_uuid)] }]
+impl From<QuotaParams> for Quota {
+    fn from(q: QuotaParams) -> Quota {
+        Quota { vm_num: q.vm_num, cpu_num: q.cpu_num, memory_size: q.memory_size }
     }
 }
 
@@ -224,8 +143,6 @@ fn check_password(password: &str) -> Result<(), ApiError> {
 /// Makes the admin account at the first start. Returns the password when it was generated
 /// (the caller prints it, once).
 pub fn bootstrap(db: &Db) -> Result<Option<String>, ApiError> {
-    db.ensure_indexes::<AccountRecord>()?;
-    db.ensure_indexes::<SessionRecord>()?;
     std::sync::LazyLock::force(&DUMMY_HASH);
     if db.get::<AccountRecord>(ADMIN)?.is_some() {
         return Ok(None);
@@ -459,7 +376,8 @@ fn identify(mn: &Mn, method: &Method, path: &str, headers: &HeaderMap) -> Result
 }
 
 /// The middleware: every request but logging in must name a live session or API key; a
-/// normal account's request is checked against [`Access`] before it reaches its handler.
+/// normal account's request is checked against its kind's [`Access`] before it reaches its
+/// handler.
 ///
 /// It runs after routing, on the route's template and its decoded path parameters: every
 /// `/v1` parameter is parsed by [`crate::routes::uuid_param`], the one function the handlers'
@@ -496,7 +414,7 @@ pub async fn authenticate(State(mn): State<Arc<Mn>>, request: Request, next: Nex
             Err(_) => Vec::new(),
         };
         let checked = PathIds::parse(&template, &path, &params).and_then(|ids| {
-            if caller.admin { Ok(()) } else { Access::check(&mn, &caller, &parts.method, &ids) }
+            if caller.admin { Ok(()) } else { Route::check(&mn, &caller, &parts.method, &ids) }
         });
         if let Err(error) = checked {
             return error.into_response();
@@ -562,70 +480,67 @@ impl PathIds {
     }
 }
 
-/// What a normal account may reach, by the kind a URL names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Access {
-    /// The admin's alone.
-    AdminOnly,
-    /// Readable by all when the admin owns it; changed only by its owner.
-    Shared,
-    /// Its owner's alone.
-    Owned,
+/// How a normal account may reach what the URL segment `segment` names: a kind's declared
+/// access ([`strato_actors::kinds`]), or for the routes that are not a kind's: a tag by its
+/// resource, a job its submitter's (looked up under the caller's account), the garbage
+/// collector the admin's.
+pub fn access_of(segment: &str) -> Access {
+    match strato_actors::kinds::by_url(segment) {
+        Some(kind) => kind.access,
+        None => match segment {
+            "tags" => Access::With("resourceUuid"),
+            "api-jobs" => Access::Owned,
+            _ => Access::AdminOnly,
+        },
+    }
 }
 
-impl Access {
-    /// How a normal account may reach `kind` (a URL's first segment after `/v1/`).
-    pub fn of(kind: &str) -> Access {
-        match kind {
-            "instance-offerings" | "images" | "l3-networks" => Access::Shared,
-            "vm-instances" | "user-tags" | "system-tags" | "tags" | "api-jobs" | "accounts" => {
-                Access::Owned
-            }
-            _ => Access::AdminOnly,
-        }
-    }
+/// The checks of a normal account's request against its route.
+struct Route;
 
+impl Route {
     /// Checks a normal account's request by its method and route, on the parsed UUIDs.
     fn check(mn: &Mn, caller: &Caller, method: &Method, path: &PathIds) -> Result<(), ApiError> {
-        let kind = path.kind();
+        let segment = path.kind();
         let read = method == Method::GET;
-        match kind {
-            "accounts" => return Self::check_account_path(caller.account, method, path),
-            // A job is looked up under the caller's own account: another's is not found.
-            "api-jobs" => return Ok(()),
-            _ => {}
-        }
-        match Access::of(kind) {
+        let access = access_of(segment);
+        match access {
+            Access::Itself => return Self::check_account_path(caller.account, method, path),
             Access::AdminOnly => {
-                return Err(forbidden(format!("{kind} are managed by the admin account")));
+                return Err(forbidden(format!("{segment} are managed by the admin account")));
             }
             Access::Shared if !read && path.segments.len() == 1 => {
-                return Err(forbidden(format!("{kind} are created by the admin account")));
+                return Err(forbidden(format!("{segment} are created by the admin account")));
             }
             _ => {}
+        }
+        // A job is looked up under the caller's own account: another's is not found.
+        if segment == "api-jobs" {
+            return Ok(());
         }
         let Some(uuid) = path.resource() else {
             return Ok(());
         };
         // Nested admin routes under an owned kind do not exist; a resource's own paths
         // (`/{uuid}`, `/{uuid}/actions`, `/{uuid}/ip-ranges`) are judged by its owner.
-        let owner = match kind {
-            "tags" => {
-                tag_resource(&mn.db, uuid)?.map_or(Ok(ADMIN), |r| owners::owner_of(&mn.db, r))?
-            }
+        let owner = match access {
+            Access::With(field) => match owning_resource(&mn.db, segment, field, uuid)? {
+                Some(resource) => owners::owner_of(&mn.db, resource)?,
+                None => ADMIN,
+            },
             _ => owners::owner_of(&mn.db, uuid)?,
         };
         if owner == caller.account {
             return Ok(());
         }
-        if Access::of(kind) == Access::Shared && owner == ADMIN {
+        if access == Access::Shared && owner == ADMIN {
             return if read {
                 Ok(())
             } else {
                 Err(forbidden(format!("{uuid} is shared by the admin account; only it changes it")))
             };
         }
-        Err(ApiError::not_found(kind.trim_end_matches('s'), uuid))
+        Err(not_found_at(segment, uuid))
     }
 
     fn check_account_path(account: Uuid, method: &Method, path: &PathIds) -> Result<(), ApiError> {
@@ -636,7 +551,7 @@ impl Access {
             (_, ["accounts", "sessions", "{}"] | ["accounts", "api-keys", ..]) => Ok(()),
             (_, ["accounts"]) => Err(forbidden("only the admin account creates accounts".into())),
             (_, ["accounts", "{}", ..]) if !mine => {
-                Err(ApiError::not_found("account", path.resource().unwrap_or_default()))
+                Err(ApiError::no::<AccountRecord>(path.resource().unwrap_or_default()))
             }
             (Method::GET, ["accounts", "{}"]) => Ok(()),
             // Its own actions: the handler lets a tenant change its password, not its quota.
@@ -646,35 +561,54 @@ impl Access {
     }
 }
 
-/// The resource tag `uuid` is on, if the tag exists.
-fn tag_resource(db: &Db, uuid: Uuid) -> Result<Option<Uuid>, ApiError> {
-    if let Some(tag) = db.get::<UserTag>(uuid)? {
-        return Ok(Some(tag.record.resource_uuid));
+/// The resource that `uuid` (at URL segment `segment`) is seen with: the UUID its `field`
+/// holds. `tags` (a route for both tag kinds) looks in both.
+fn owning_resource(
+    db: &Db,
+    segment: &str,
+    field: &'static str,
+    uuid: Uuid,
+) -> Result<Option<Uuid>, ApiError> {
+    let kinds: Vec<&strato_actors::kinds::Kind> = match strato_actors::kinds::by_url(segment) {
+        Some(kind) => vec![kind],
+        None => {
+            strato_actors::kinds::KINDS.iter().filter(|k| k.access == Access::With(field)).collect()
+        }
+    };
+    for kind in kinds {
+        if let Some(inventory) = kind.table.inventory(db, uuid)? {
+            return Ok(inventory[field].as_str().and_then(|u| Uuid::parse_str(u).ok()));
+        }
     }
-    Ok(db.get::<SystemTag>(uuid)?.map(|t| t.record.resource_uuid))
+    Ok(None)
+}
+
+/// "Not found", naming what the URL segment `segment` holds.
+fn not_found_at(segment: &str, uuid: Uuid) -> ApiError {
+    match strato_actors::kinds::by_url(segment) {
+        Some(kind) => ApiError::not_found(kind.api, uuid),
+        None => ApiError::not_found(segment, uuid),
+    }
 }
 
 /// Whether `tenant` may see `item` of `kind` (a query's inventory).
 pub fn visible(db: &Db, tenant: Uuid, kind: &str, item: &Value) -> Result<bool, ApiError> {
-    let field = match kind {
-        "user-tags" | "system-tags" => "resourceUuid",
+    let access = access_of(kind);
+    let field = match access {
+        Access::With(field) => field,
         _ => "uuid",
     };
     let Some(uuid) = item[field].as_str().and_then(|u| Uuid::parse_str(u).ok()) else {
         return Ok(false);
     };
-    if kind == "accounts" {
+    if access == Access::Itself {
         return Ok(uuid == tenant);
     }
-    let resource_kind = match kind {
-        "user-tags" | "system-tags" => "vm-instances",
-        other => other,
-    };
     let owner = owners::owner_of(db, uuid)?;
-    Ok(match Access::of(resource_kind) {
-        Access::AdminOnly => false,
+    Ok(match access {
+        Access::AdminOnly | Access::Itself => false,
         Access::Shared => owner == tenant || owner == ADMIN,
-        Access::Owned => owner == tenant,
+        Access::Owned | Access::With(_) => owner == tenant,
     })
 }
 
@@ -684,8 +618,8 @@ pub fn visible(db: &Db, tenant: Uuid, kind: &str, item: &Value) -> Result<bool, 
 pub fn may_use(db: &Db, kind: &str, uuid: Uuid) -> Result<(), ApiError> {
     let Some(tenant) = tenant() else { return Ok(()) };
     let owner = owners::owner_of(db, uuid)?;
-    let ok = owner == tenant || (Access::of(kind) == Access::Shared && owner == ADMIN);
-    if ok { Ok(()) } else { Err(ApiError::not_found(kind.trim_end_matches('s'), uuid)) }
+    let ok = owner == tenant || (access_of(kind) == Access::Shared && owner == ADMIN);
+    if ok { Ok(()) } else { Err(not_found_at(kind, uuid)) }
 }
 
 /// Checks that the caller may change resource `uuid` of `kind` (tag it): a normal account
@@ -695,10 +629,10 @@ pub fn may_change(db: &Db, kind: &str, uuid: Uuid) -> Result<(), ApiError> {
     let owner = owners::owner_of(db, uuid)?;
     if owner == tenant {
         Ok(())
-    } else if Access::of(kind) == Access::Shared && owner == ADMIN {
+    } else if access_of(kind) == Access::Shared && owner == ADMIN {
         Err(forbidden(format!("{uuid} is shared by the admin account; only it changes it")))
     } else {
-        Err(ApiError::not_found(kind.trim_end_matches('s'), uuid))
+        Err(not_found_at(kind, uuid))
     }
 }
 
@@ -853,7 +787,7 @@ pub(crate) struct AccountParams {
     name: String,
     password: String,
     #[serde(default)]
-    quota: Option<Quota>,
+    quota: Option<QuotaParams>,
 }
 
 /// `POST /v1/accounts` (admin): a normal account.
@@ -897,7 +831,7 @@ pub async fn create_account(
                     uuid: Uuid::new_v4(),
                     name: p.name,
                     account_type: AccountType::Normal,
-                    quota: p.quota.unwrap_or_default(),
+                    quota: p.quota.map(Quota::from).unwrap_or_default(),
                     create_date: now(),
                 };
                 let mut batch = Batch::new();
@@ -923,7 +857,7 @@ pub async fn account_action(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let account =
-        mn.db.get::<AccountRecord>(uuid)?.ok_or_else(|| ApiError::not_found("account", uuid))?;
+        mn.db.get::<AccountRecord>(uuid)?.ok_or_else(|| ApiError::no::<AccountRecord>(uuid))?;
     let body = crate::routes::json_body(&body)?;
     let (action, params) = crate::routes::single_action(&body)?;
     let m = mn.clone();
@@ -933,7 +867,8 @@ pub async fn account_action(
             if tenant().is_some() {
                 return Err(forbidden("only the admin account changes quotas".into()));
             }
-            let quota: Quota = crate::routes::parse(params.clone(), "updateQuota")?;
+            let quota: Quota =
+                crate::routes::parse::<QuotaParams>(params.clone(), "updateQuota")?.into();
             let job = mn
                 .jobs
                 .submit(
@@ -946,7 +881,7 @@ pub async fn account_action(
                         let record =
                             m.db.update::<AccountRecord>(uuid, |r| r.quota = quota)
                                 .await?
-                                .ok_or_else(|| ApiError::not_found("account", uuid))?;
+                                .ok_or_else(|| ApiError::no::<AccountRecord>(uuid))?;
                         crate::store_source::inventory(&record)
                     },
                 )
@@ -1024,7 +959,7 @@ pub async fn delete_account(
     if uuid == ADMIN {
         return Err(forbidden("the admin account cannot be deleted".into()));
     }
-    mn.db.get::<AccountRecord>(uuid)?.ok_or_else(|| ApiError::not_found("account", uuid))?;
+    mn.db.get::<AccountRecord>(uuid)?.ok_or_else(|| ApiError::no::<AccountRecord>(uuid))?;
     let owned: Vec<OwnerRecord> = owners::owned_by(&mn.db, uuid)?;
     if let Some(first) = owned.first() {
         return Err(ApiError::conflict(

@@ -3,7 +3,7 @@
 //! ([`crate::openapi`]), and the CLI finds its commands and their parameters in it, so the
 //! three cannot disagree. Parameters come from the same serde structs the handlers validate
 //! bodies with (through their `utoipa::ToSchema` derive), and the query APIs come from the
-//! query engine's declarations ([`crate::query::SCHEMAS`]), one per kind.
+//! kinds' declarations ([`strato_actors::kinds`]): each kind's query, read and deletion.
 
 use std::sync::Arc;
 
@@ -11,6 +11,7 @@ use axum::Router;
 use axum::routing::{MethodRouter, delete, get, post, put};
 use serde::Deserialize;
 use serde_json::Value;
+use strato_actors::kinds::Kind;
 use utoipa::ToSchema;
 use utoipa::openapi::{RefOr, Schema};
 use uuid::Uuid;
@@ -83,8 +84,29 @@ pub struct Api {
     pub answer: Answer,
     /// What it does.
     pub summary: &'static str,
+    /// The kind a derived API (a query, a read, a deletion) is of.
+    pub of_kind: Option<(KindApi, &'static Kind)>,
+}
+
+/// The APIs every kind has, derived from its declaration ([`strato_actors::kinds`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KindApi {
+    /// `Query<Kind>`: `GET /v1/<kind>?q=...`.
+    Query,
+    /// `Get<Kind>`: `GET /v1/<kind>/{uuid}`.
+    Get,
+    /// `Delete<Kind>`: `DELETE /v1/<kind>/{uuid}` with cascade.
+    Delete,
+}
+
+impl Api {
     /// The query kind (`vm-instances`) of a query API.
-    pub query_kind: Option<&'static str>,
+    pub fn query_kind(&self) -> Option<&'static str> {
+        match self.of_kind {
+            Some((KindApi::Query, kind)) => Some(kind.url()),
+            _ => None,
+        }
+    }
 }
 
 /// Parameters of actions whose handlers read them from the action's object.
@@ -131,7 +153,7 @@ const fn api(
     answer: Answer,
     summary: &'static str,
 ) -> Api {
-    Api { name, method, path, body, answer, summary, query_kind: None }
+    Api { name, method, path, body, answer, summary, of_kind: None }
 }
 
 use Answer::{Immediate, Job};
@@ -228,7 +250,7 @@ fn json_type(prop: &Value) -> String {
     }
 }
 
-/// Every API but the queries (those come from [`crate::query::SCHEMAS`], see [`all`]).
+/// Every API but those each kind has ([`DERIVED`]).
 static APIS: &[Api] = &[
     api(
         "LogInByAccount",
@@ -247,7 +269,6 @@ static APIS: &[Api] = &[
         Job,
         "Creates a normal account (admin)",
     ),
-    api("GetAccount", Get, "/v1/accounts/{uuid}", Body::None, Immediate, "One account"),
     api(
         "DeleteAccount",
         Delete,
@@ -260,7 +281,7 @@ static APIS: &[Api] = &[
         "UpdateQuota",
         Put,
         "/v1/accounts/{uuid}/actions",
-        Body::Action("updateQuota", schema::<auth::Quota>),
+        Body::Action("updateQuota", schema::<auth::QuotaParams>),
         Job,
         "Sets an account's quota (admin)",
     ),
@@ -296,15 +317,6 @@ static APIS: &[Api] = &[
         Job,
         "Creates a zone",
     ),
-    api("GetZone", Get, "/v1/zones/{uuid}", Body::None, Immediate, "One zone"),
-    api(
-        "DeleteZone",
-        Delete,
-        "/v1/zones/{uuid}",
-        Body::None,
-        Job,
-        "Deletes a zone (deleteMode=Permissive|Enforcing)",
-    ),
     api(
         "CreateCluster",
         Post,
@@ -313,8 +325,6 @@ static APIS: &[Api] = &[
         Job,
         "Creates a cluster",
     ),
-    api("GetCluster", Get, "/v1/clusters/{uuid}", Body::None, Immediate, "One cluster"),
-    api("DeleteCluster", Delete, "/v1/clusters/{uuid}", Body::None, Job, "Deletes a cluster"),
     api(
         "AddKVMHost",
         Post,
@@ -323,8 +333,6 @@ static APIS: &[Api] = &[
         Job,
         "Adds a KVM host (its agent must be reachable)",
     ),
-    api("GetHost", Get, "/v1/hosts/{uuid}", Body::None, Immediate, "One host"),
-    api("DeleteHost", Delete, "/v1/hosts/{uuid}", Body::None, Job, "Deletes a host"),
     api(
         "ReconnectHost",
         Put,
@@ -350,37 +358,12 @@ static APIS: &[Api] = &[
         "Creates an instance offering",
     ),
     api(
-        "GetInstanceOffering",
-        Get,
-        "/v1/instance-offerings/{uuid}",
-        Body::None,
-        Immediate,
-        "One instance offering",
-    ),
-    api(
-        "DeleteInstanceOffering",
-        Delete,
-        "/v1/instance-offerings/{uuid}",
-        Body::None,
-        Job,
-        "Deletes an instance offering",
-    ),
-    api(
         "CreateL2NoVlanNetwork",
         Post,
         "/v1/l2-networks/no-vlan",
         Body::Create(schema::<r::L2Params>),
         Job,
         "Creates a NoVlan L2 network",
-    ),
-    api("GetL2Network", Get, "/v1/l2-networks/{uuid}", Body::None, Immediate, "One L2 network"),
-    api(
-        "DeleteL2Network",
-        Delete,
-        "/v1/l2-networks/{uuid}",
-        Body::None,
-        Job,
-        "Deletes an L2 network",
     ),
     api(
         "AttachL2NetworkToCluster",
@@ -398,15 +381,6 @@ static APIS: &[Api] = &[
         Job,
         "Creates an L3 network",
     ),
-    api("GetL3Network", Get, "/v1/l3-networks/{uuid}", Body::None, Immediate, "One L3 network"),
-    api(
-        "DeleteL3Network",
-        Delete,
-        "/v1/l3-networks/{uuid}",
-        Body::None,
-        Job,
-        "Deletes an L3 network",
-    ),
     api(
         "AddIpRange",
         Post,
@@ -423,7 +397,6 @@ static APIS: &[Api] = &[
         Job,
         "Creates and starts a VM",
     ),
-    api("GetVmInstance", Get, "/v1/vm-instances/{uuid}", Body::None, Immediate, "One VM"),
     api(
         "DestroyVmInstance",
         Delete,
@@ -544,7 +517,6 @@ static APIS: &[Api] = &[
         Job,
         "Adds an image from a URL to backup storage",
     ),
-    api("GetImage", Get, "/v1/images/{uuid}", Body::None, Immediate, "One image"),
     api(
         "CreateUserTag",
         Post,
@@ -588,26 +560,57 @@ static APIS: &[Api] = &[
     ),
 ];
 
-/// The query APIs, one per declared kind, with their ZStack names.
-static QUERIES: std::sync::LazyLock<Vec<Api>> = std::sync::LazyLock::new(|| {
-    crate::query::SCHEMAS
-        .iter()
-        .map(|s| Api {
-            name: s.query_api,
+/// Text made once for the life of the process (the derived APIs' names, paths and
+/// summaries).
+fn leak(text: String) -> &'static str {
+    Box::leak(text.into_boxed_str())
+}
+
+/// The APIs every kind has: its query, its read by UUID, and its deletion with cascade when
+/// it is deleted that way.
+static DERIVED: std::sync::LazyLock<Vec<Api>> = std::sync::LazyLock::new(|| {
+    let mut apis = Vec::new();
+    for kind in strato_actors::kinds::KINDS {
+        let of = |api| Some((api, kind));
+        apis.push(Api {
+            name: leak(format!("Query{}", kind.api)),
             method: Get,
-            // Built once per kind, for the life of the process.
-            path: Box::leak(format!("/v1/{}", s.kind).into_boxed_str()),
+            path: leak(format!("/v1/{}", kind.url())),
             body: Body::None,
             answer: Answer::Query,
             summary: "Queries with conditions (q=field<op>value), sort, start, limit, count, replyWithCount and fields",
-            query_kind: Some(s.kind),
-        })
-        .collect()
+            of_kind: of(KindApi::Query),
+        });
+        apis.push(Api {
+            name: leak(format!("Get{}", kind.api)),
+            method: Get,
+            path: leak(format!("/v1/{}/{{uuid}}", kind.url())),
+            body: Body::None,
+            answer: Immediate,
+            summary: leak(format!("One {} by its UUID", kind.api)),
+            of_kind: of(KindApi::Get),
+        });
+        if let strato_actors::kinds::Deletion::Cascade(_) = kind.deletion {
+            apis.push(Api {
+                name: leak(format!("Delete{}", kind.api)),
+                method: Delete,
+                path: leak(format!("/v1/{}/{{uuid}}", kind.url())),
+                body: Body::None,
+                answer: Job,
+                summary: leak(format!(
+                    "Deletes a {} (deleteMode=Permissive refuses while anything depends on it; Enforcing deletes that first)",
+                    kind.api
+                )),
+                of_kind: of(KindApi::Delete),
+            });
+        }
+    }
+    apis
 });
 
 /// Every API.
 pub fn all() -> impl Iterator<Item = &'static Api> {
-    APIS.iter().chain(QUERIES.iter())
+    APIS.iter().chain(DERIVED.iter())
 }
 
 /// The API named `name`.
@@ -617,43 +620,30 @@ pub fn named(name: &str) -> Option<&'static Api> {
 
 /// The handler of an API (APIs sharing a method and path share it).
 fn handler(api: &Api) -> MethodRouter<Arc<Mn>> {
-    use crate::auth::AccountRecord;
-    use strato_actors::records::*;
-    if let Some(kind) = api.query_kind {
-        return r::list(kind);
+    match api.of_kind {
+        Some((KindApi::Query, kind)) => return r::list(kind.url()),
+        Some((KindApi::Get, kind)) => return r::one(kind),
+        Some((KindApi::Delete, kind)) => return r::delete(kind),
+        None => {}
     }
     match (api.method, api.path) {
         (Put, "/v1/accounts/login") => put(auth::log_in),
         (Delete, "/v1/accounts/sessions/{uuid}") => delete(auth::log_out),
         (Post, "/v1/accounts") => post(auth::create_account),
-        (Get, "/v1/accounts/{uuid}") => get(r::one::<AccountRecord>),
         (Delete, "/v1/accounts/{uuid}") => delete(auth::delete_account),
         (Put, "/v1/accounts/{uuid}/actions") => put(auth::account_action),
         (Post, "/v1/accounts/api-keys") => post(auth::create_api_key),
         (Delete, "/v1/accounts/api-keys/{uuid}") => delete(auth::delete_api_key),
         (Post, "/v1/zones") => post(r::create_zone),
-        (Get, "/v1/zones/{uuid}") => get(r::one::<ZoneRecord>),
-        (Delete, "/v1/zones/{uuid}") => delete(r::delete_zone),
         (Post, "/v1/clusters") => post(r::create_cluster),
-        (Get, "/v1/clusters/{uuid}") => get(r::one::<ClusterRecord>),
-        (Delete, "/v1/clusters/{uuid}") => delete(r::delete_cluster),
         (Post, "/v1/hosts/kvm") => post(r::add_host),
-        (Get, "/v1/hosts/{uuid}") => get(r::one::<HostRecord>),
-        (Delete, "/v1/hosts/{uuid}") => delete(r::delete_host),
         (Put, "/v1/hosts/{uuid}/actions") => put(r::host_action),
         (Post, "/v1/instance-offerings") => post(r::create_offering),
-        (Get, "/v1/instance-offerings/{uuid}") => get(r::one::<InstanceOfferingRecord>),
-        (Delete, "/v1/instance-offerings/{uuid}") => delete(r::delete_offering),
         (Post, "/v1/l2-networks/no-vlan") => post(r::create_l2),
-        (Get, "/v1/l2-networks/{uuid}") => get(r::one::<L2NetworkRecord>),
-        (Delete, "/v1/l2-networks/{uuid}") => delete(r::delete_l2),
         (Post, "/v1/l2-networks/{l2}/clusters/{cluster}") => post(r::attach_l2),
         (Post, "/v1/l3-networks") => post(r::create_l3),
-        (Get, "/v1/l3-networks/{uuid}") => get(r::one::<L3NetworkRecord>),
-        (Delete, "/v1/l3-networks/{uuid}") => delete(r::delete_l3),
         (Post, "/v1/l3-networks/{uuid}/ip-ranges") => post(r::add_ip_range),
         (Post, "/v1/vm-instances") => post(r::create_vm),
-        (Get, "/v1/vm-instances/{uuid}") => get(r::one::<VmRecord>),
         (Delete, "/v1/vm-instances/{uuid}") => delete(r::destroy_vm),
         (Put, "/v1/vm-instances/{uuid}/actions") => put(r::vm_action),
         (Post, "/v1/backup-storage/image-store") => post(r::create_backup_storage),
@@ -661,7 +651,6 @@ fn handler(api: &Api) -> MethodRouter<Arc<Mn>> {
         (Post, "/v1/primary-storage/local-storage") => post(r::create_primary_storage),
         (Post, "/v1/clusters/{cluster}/primary-storage/{ps}") => post(r::attach_primary_storage),
         (Post, "/v1/images") => post(r::add_image),
-        (Get, "/v1/images/{uuid}") => get(r::one::<ImageRecord>),
         (Post, "/v1/user-tags") => post(tagging::create_user_tag),
         (Post, "/v1/system-tags") => post(tagging::create_system_tag),
         (Delete, "/v1/tags/{uuid}") => delete(tagging::delete_tag),
@@ -714,6 +703,9 @@ mod tests {
         let l3s = params.iter().find(|p| p.name == "l3NetworkUuids").unwrap();
         assert_eq!(l3s.json_type, "array");
         assert_eq!(named("StartVmInstance").unwrap().path_params(), ["uuid"]);
-        assert_eq!(named("QueryVmInstance").unwrap().query_kind, Some("vm-instances"));
+        assert_eq!(named("QueryVmInstance").unwrap().query_kind(), Some("vm-instances"));
+        assert_eq!(named("GetBackupStorage").unwrap().path, "/v1/backup-storage/{uuid}");
+        assert_eq!(named("DeleteL2Network").unwrap().answer, Answer::Job);
+        assert!(named("DeleteVmInstance").is_none(), "a VM's DELETE is DestroyVmInstance");
     }
 }

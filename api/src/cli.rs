@@ -290,7 +290,7 @@ const QUERY_OPTIONS: [&str; 6] = ["limit", "start", "sort", "count", "replyWithC
 fn parse_pair(api: &Api, arg: &str) -> Result<Pair, Failure> {
     let (key, value) = match arg.split_once('=') {
         Some((k, v)) => (k.to_owned(), v.to_owned()),
-        None if api.query_kind.is_some() => (String::new(), String::new()),
+        None if api.query_kind().is_some() => (String::new(), String::new()),
         None => return Err(Failure(format!("`{arg}` is not key=value"))),
     };
     Ok(Pair { key, value, text: arg.to_owned() })
@@ -338,7 +338,7 @@ fn build(api: &Api, pairs: &[Pair]) -> Result<Request, Failure> {
     }
     let rest: Vec<&Pair> =
         pairs.iter().filter(|p| !path_params.contains(&p.key.as_str())).collect();
-    if api.query_kind.is_some() {
+    if api.query_kind().is_some() {
         let mut query: Vec<String> = Vec::new();
         for pair in rest {
             if QUERY_OPTIONS.contains(&pair.key.as_str()) {
@@ -576,11 +576,10 @@ pub fn completions(line: &str) -> (usize, Vec<String>) {
         return (0, names);
     }
     let Some(api) = catalog::named(first) else { return (start, Vec::new()) };
-    let mut candidates: Vec<String> = match api.query_kind {
+    let mut candidates: Vec<String> = match api.query_kind() {
         Some(kind) => {
             let schema = crate::query::schema(kind).expect("declared");
-            schema
-                .queryable_paths()
+            crate::query::queryable_paths(schema)
                 .into_iter()
                 .chain(QUERY_OPTIONS.iter().map(|s| (*s).to_owned()))
                 .map(|p| format!("{p}="))

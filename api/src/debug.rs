@@ -32,14 +32,9 @@ use crate::store_source::StoreSource;
 
 type Shared = State<Arc<Mn>>;
 
-/// The query kind of the resources an actor kind stands for (`vm` -> `vm-instances`).
-fn resource_kind(kind: &str) -> Option<&'static str> {
-    match kind {
-        "vm" => Some("vm-instances"),
-        "host" => Some("hosts"),
-        "l3" => Some("l3-networks"),
-        _ => None,
-    }
+/// The URL kind of the resources an actor kind runs (`vm` -> `vm-instances`).
+fn resource_kind(actor: &str) -> Option<&'static str> {
+    strato_actors::kinds::by_actor(actor).map(|k| k.url())
 }
 
 fn status_name(status: Option<ActorStatus>) -> &'static str {
@@ -76,23 +71,13 @@ fn internal(error: impl std::error::Error + 'static) -> ApiError {
     ApiError::internal(&error)
 }
 
-/// How many resources of `kind` the store holds (`None` for kinds without records).
-fn resource_count(mn: &Mn, kind: &str) -> Result<Option<usize>, ApiError> {
-    use strato_actors::records::{HostRecord, L3NetworkRecord, VmRecord};
-    use strato_actors::vm::state::VmState;
-    Ok(match kind {
-        "vm" => {
-            let mut total = 0;
-            for state in VmState::ALL {
-                total +=
-                    mn.db.count_index::<VmRecord>("state", &state.as_str().into(), usize::MAX)?;
-            }
-            Some(total)
-        }
-        "host" => Some(mn.db.count::<HostRecord>()?),
-        "l3" => Some(mn.db.count::<L3NetworkRecord>()?),
-        _ => None,
-    })
+/// How many resources the actor kind `actor` runs, as the store holds them (`None` for
+/// kinds without records).
+fn resource_count(mn: &Mn, actor: &str) -> Result<Option<usize>, ApiError> {
+    match strato_actors::kinds::by_actor(actor) {
+        Some(kind) => Ok(Some(kind.table.count(&mn.db)?)),
+        None => Ok(None),
+    }
 }
 
 /// `GET /debug/tree`: the supervision tree's top: each kind, its supervisor, its live

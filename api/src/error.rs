@@ -69,6 +69,11 @@ impl ApiError {
         )
     }
 
+    /// 404: no record of `R` with this UUID, named as its kind is ([`strato_actors::kinds`]).
+    pub fn no<R: strato_storage::Record>(uuid: impl std::fmt::Display) -> Self {
+        ApiError::not_found(strato_actors::kinds::of::<R>().api, uuid)
+    }
+
     /// 500, logging the cause chain under a reference the answer gives: the chain names the
     /// code's types and the layers' messages, which are for the operator, not the caller.
     pub fn internal(error: &(dyn std::error::Error + 'static)) -> Self {
@@ -100,7 +105,10 @@ impl IntoResponse for ApiError {
 impl From<RuntimeError> for ApiError {
     fn from(error: RuntimeError) -> Self {
         match &error {
-            RuntimeError::NotFound { actor } => ApiError::not_found(actor.kind, actor.id),
+            RuntimeError::NotFound { actor } => ApiError::not_found(
+                strato_actors::kinds::by_actor(actor.kind).map_or(actor.kind, |k| k.api),
+                actor.id,
+            ),
             RuntimeError::Busy { .. } => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "SYS.BUSY",
@@ -113,24 +121,16 @@ impl From<RuntimeError> for ApiError {
                 error.to_string(),
                 Value::Null,
             ),
-            RuntimeError::FlowFailed { chain, step, message, rollback_failures } => {
-                // What failed inside (an agent's or libvirt's message, the placement's
-                // filters) goes in the details, which `crate::exposure` keeps from tenants.
-                let exhausted = strato_actors::ipam::IpamError::Exhausted.to_string();
-                let (code, description, details) = match message
-                    .strip_prefix("no host can take the VM: ")
-                {
-                    Some(trace) => (
-                        "HOST_ALLOCATION.NO_HOST",
-                        "no host can take the VM".to_owned(),
-                        json!({ "step": step, "placementTrace": trace.split(", ").collect::<Vec<_>>() }),
-                    ),
-                    None if message.ends_with(&exhausted) => (
-                        "L3.IP_EXHAUSTED",
-                        format!("{exhausted}: add an IP range or free addresses"),
-                        json!({ "step": step, "cause": message }),
-                    ),
-                    None => (
+            RuntimeError::FlowFailed { chain, step, message, rollback_failures, cause } => {
+                if !rollback_failures.is_empty() {
+                    tracing::warn!(%chain, %step, %message, ?rollback_failures, "a flow failed and its undo did not finish");
+                }
+                // What failed is told by the step's error's type; what failed inside (an
+                // agent's or libvirt's message) goes in the details, which
+                // `crate::exposure` keeps from tenants.
+                let mut answer = cause.as_deref().and_then(step_failure).unwrap_or_else(|| {
+                    ApiError::new(
+                        StatusCode::CONFLICT,
                         "SYS.OPERATION_FAILED",
                         if rollback_failures.is_empty() {
                             format!(
@@ -141,13 +141,15 @@ impl From<RuntimeError> for ApiError {
                                 "{chain} failed at its step {step}, and undoing it did not finish"
                             )
                         },
-                        json!({ "step": step, "cause": message, "rollbackFailures": rollback_failures }),
-                    ),
-                };
-                if !rollback_failures.is_empty() {
-                    tracing::warn!(%chain, %step, %message, ?rollback_failures, "a flow failed and its undo did not finish");
+                        json!({ "cause": message, "rollbackFailures": rollback_failures }),
+                    )
+                });
+                if let Value::Object(details) = &mut answer.details {
+                    details.insert("step".into(), json!(step));
+                } else {
+                    answer.details = json!({ "step": step });
                 }
-                ApiError::new(StatusCode::CONFLICT, code, description, details)
+                answer
             }
             RuntimeError::Store(e) => store_error(e),
             // An operation that panicked is a bug, but a user is told which failure it was:
@@ -181,6 +183,48 @@ impl From<RuntimeError> for ApiError {
     }
 }
 
+/// The answer for a flow step's error that says by its type what failed: no host, no
+/// address left, a host away. `None` for the rest (an operation that failed).
+fn step_failure(cause: &(dyn std::error::Error + Send + Sync + 'static)) -> Option<ApiError> {
+    use strato_actors::allocator::AllocError;
+    use strato_actors::ipam::IpamError;
+    if let Some(AllocError::NoHost { trace }) = cause.downcast_ref::<AllocError>() {
+        return Some(no_host(trace));
+    }
+    if let Some(L3Error::Ipam(IpamError::Exhausted)) = cause.downcast_ref::<L3Error>() {
+        return Some(ApiError::new(
+            StatusCode::CONFLICT,
+            "L3.IP_EXHAUSTED",
+            format!("{}: add an IP range or free addresses", IpamError::Exhausted),
+            Value::Null,
+        ));
+    }
+    let host = match cause.downcast_ref::<AllocError>() {
+        Some(AllocError::Host(e)) => Some(e),
+        _ => cause.downcast_ref::<HostError>(),
+    };
+    // An agent that answered with a failure is an operation that failed, not a host away.
+    host.filter(|e| e.is_unreachable()).map(host_unavailable)
+}
+
+fn no_host(trace: &[strato_actors::allocator::FilterStep]) -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "HOST_ALLOCATION.NO_HOST",
+        "no host can take the VM",
+        json!({ "placementTrace": trace.iter().map(|s| format!("{} -> {}", s.filter, s.hosts_left)).collect::<Vec<_>>() }),
+    )
+}
+
+fn host_unavailable(error: &HostError) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "HOST.UNAVAILABLE",
+        "the host is not reachable now; try again once it reconnects",
+        json!({ "cause": error_chain(error) }),
+    )
+}
+
 impl From<VmError> for ApiError {
     fn from(error: VmError) -> Self {
         match error {
@@ -196,12 +240,7 @@ impl From<VmError> for ApiError {
             VmError::Alloc(strato_actors::allocator::AllocError::Host(e)) => e.into(),
             VmError::Alloc(strato_actors::allocator::AllocError::Store(e)) => e.into(),
             VmError::Alloc(strato_actors::allocator::AllocError::NoHost { trace }) => {
-                ApiError::new(
-                    StatusCode::CONFLICT,
-                    "HOST_ALLOCATION.NO_HOST",
-                    "no host can take the VM",
-                    json!({ "placementTrace": trace.iter().map(|s| format!("{} -> {}", s.filter, s.hosts_left)).collect::<Vec<_>>() }),
-                )
+                no_host(&trace)
             }
             other => ApiError::internal(&other),
         }
@@ -212,12 +251,7 @@ impl From<HostError> for ApiError {
     fn from(error: HostError) -> Self {
         match error {
             HostError::Runtime(e) => e.into(),
-            HostError::Disconnected(_) | HostError::Link(_) => ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "HOST.UNAVAILABLE",
-                "the host is not reachable now; try again once it reconnects",
-                json!({ "cause": error_chain(&error) }),
-            ),
+            HostError::Disconnected(_) | HostError::Link(_) => host_unavailable(&error),
             HostError::Store(e) => e.into(),
             other => ApiError::internal(&other),
         }
@@ -255,7 +289,13 @@ impl From<strato_actors::cascade::CascadeError> for ApiError {
                 error.to_string(),
                 json!({ "resource": resource, "dependents": dependents }),
             ),
-            CascadeError::NotFound(r) => ApiError::not_found(&format!("{:?}", r.kind), r.uuid),
+            CascadeError::NotFound(r) => ApiError::not_found(r.kind.api, r.uuid),
+            CascadeError::NotDeletable(resource) => ApiError::new(
+                StatusCode::CONFLICT,
+                "SYS.NOT_DELETABLE",
+                error.to_string(),
+                json!({ "resource": resource }),
+            ),
             CascadeError::Busy(resource, _) => ApiError::new(
                 StatusCode::CONFLICT,
                 "SYS.RESOURCE_BUSY",

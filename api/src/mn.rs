@@ -128,7 +128,7 @@ impl Mn {
         let pki = std::sync::Arc::new(pki(data_dir)?);
         let db = Db::open_sled(&data_dir.join("store"))?;
         // A store written by an older build may lack entries of indexes added since.
-        strato_actors::records::ensure_indexes(&db)?;
+        strato_actors::kinds::ensure_indexes(&db)?;
         let generated_admin_password = crate::auth::bootstrap(&db).map_err(|e| e.description)?;
         if let Some(password) = &generated_admin_password {
             // As Jenkins keeps its initial admin password: readable by whoever runs the node.

@@ -18,7 +18,7 @@ fn path_parameter(name: &str) -> Value {
 
 fn query_parameters(kind: &str) -> Vec<Value> {
     let schema = crate::query::schema(kind).expect("a query API names a declared kind");
-    let fields = schema.queryable_paths();
+    let fields = crate::query::queryable_paths(schema);
     let q = |name: &str, description: &str, schema: Value| json!({ "name": name, "in": "query", "required": false, "description": description, "schema": schema });
     vec![
         {
@@ -59,7 +59,7 @@ fn operation(apis: &[&Api], components: &mut BTreeMap<String, Value>) -> Value {
         op.insert("x-strato-apis".into(), json!(names));
     }
     let mut parameters: Vec<Value> = first.path_params().into_iter().map(path_parameter).collect();
-    if let Some(kind) = first.query_kind {
+    if let Some(kind) = first.query_kind() {
         parameters.extend(query_parameters(kind));
     }
     if first.method == catalog::Method::Delete && first.answer == Answer::Job {

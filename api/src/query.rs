@@ -1,6 +1,6 @@
 //! The query API: `GET /v1/<kind>?q=...`, ZStack's hallmark, for every resource kind.
 //!
-//! Every kind is declared once ([`SCHEMAS`]): its fields with their types, and its relations
+//! Every kind is declared once ([`strato_actors::kinds`]): its fields with their types, and its relations
 //! to other kinds (a field holding another resource's UUID, the resources pointing back at
 //! this one, or a list of nested objects such as a VM's NICs). The engine knows nothing of
 //! any kind beyond that declaration, so a later network service adds a join field (ZStack's
@@ -30,320 +30,47 @@ use serde_json::{Map, Value};
 
 use crate::error::ApiError;
 
-/// A field's type, for checking the values conditions compare it with.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FieldType {
-    /// A UUID (compared as text).
-    Uuid,
-    /// Text.
-    Text,
-    /// A whole number.
-    Int,
-}
+pub use strato_actors::kinds::{Field, FieldType, Relation, Shape as Schema};
 
-/// A field of a kind's inventory.
-#[derive(Debug)]
-pub struct Field {
-    /// Its name in the inventory (camelCase).
-    pub name: &'static str,
-    /// Its type.
-    pub ty: FieldType,
-}
-
-/// How a kind reaches another.
-#[derive(Debug)]
-pub enum Relation {
-    /// `field` holds the UUID of a resource of `kind` (a VM's `host`).
-    Ref { name: &'static str, field: &'static str, kind: &'static str },
-    /// The resources of `kind` whose `field` holds this one's UUID (a host's `vmInstance`).
-    Back { name: &'static str, kind: &'static str, field: &'static str },
-    /// A list of nested objects in the inventory itself (a VM's `vmNics`).
-    Nested { name: &'static str, schema: &'static Schema },
-}
-
-impl Relation {
-    fn name(&self) -> &'static str {
-        match self {
-            Relation::Ref { name, .. }
-            | Relation::Back { name, .. }
-            | Relation::Nested { name, .. } => name,
-        }
+/// The relations a path may cross from `schema`: a kind's declared ones and its tags', or a
+/// nested object's own.
+fn relations(schema: &'static Schema) -> Box<dyn Iterator<Item = &'static Relation>> {
+    match strato_actors::kinds::by_url(schema.name) {
+        Some(kind) if std::ptr::eq(&kind.shape, schema) => Box::new(kind.relations()),
+        _ => Box::new(schema.relations.iter()),
     }
 }
 
-/// One kind's declaration.
-#[derive(Debug)]
-pub struct Schema {
-    /// Its name in URLs (`vm-instances`).
-    pub kind: &'static str,
-    /// Its query API's name, as in ZStack (`QueryVmInstance`); it answers at `/v1/<kind>`.
-    pub query_api: &'static str,
-    /// Its fields.
-    pub fields: &'static [Field],
-    /// Its relations.
-    pub relations: &'static [Relation],
-    /// Condition paths the store indexes, with the index's name: an equality (or `?=`) on
-    /// one of them reads only the records the index names, not the whole kind.
-    pub indexed: &'static [(&'static str, &'static str)],
-    /// Fields whose index names every record exactly once, with the index's name: a sort on
-    /// one walks the index in order, and a count of one equality counts its entries.
-    pub sorted: &'static [(&'static str, &'static str)],
+fn relation(schema: &'static Schema, name: &str) -> Option<&'static Relation> {
+    relations(schema).find(|r| r.name() == name)
 }
 
-impl Schema {
-    fn field(&self, name: &str) -> Option<&Field> {
-        self.fields.iter().find(|f| f.name == name)
+/// The condition paths `schema` offers one relation deep (`name`, `vmNics.ip`,
+/// `host.name`), for documentation and the CLI's completion.
+pub fn queryable_paths(schema: &'static Schema) -> Vec<String> {
+    let mut paths: Vec<String> = schema.fields.iter().map(|f| f.name.to_owned()).collect();
+    for relation in relations(schema) {
+        let target = match relation {
+            Relation::Ref { kind, .. } | Relation::Back { kind, .. } => schema_of(kind),
+            Relation::Nested { shape, .. } => shape,
+        };
+        paths.extend(target.fields.iter().map(|f| format!("{}.{}", relation.name(), f.name)));
     }
-
-    fn relation(&self, name: &str) -> Option<&Relation> {
-        self.all_relations().find(|r| r.name() == name)
-    }
-
-    /// The declared relations, and the tags for a kind that can be tagged.
-    fn all_relations(&self) -> impl Iterator<Item = &Relation> {
-        let taggable =
-            SCHEMAS.iter().any(|s| s.kind == self.kind) && !TAG_KINDS.contains(&self.kind);
-        self.relations.iter().chain(TAG_RELATIONS.iter().filter(move |_| taggable))
-    }
-
-    /// The condition paths this kind offers one relation deep (`name`, `vmNics.ip`,
-    /// `host.name`), for documentation and the CLI's completion.
-    pub fn queryable_paths(&self) -> Vec<String> {
-        let mut paths: Vec<String> = self.fields.iter().map(|f| f.name.to_owned()).collect();
-        for relation in self.all_relations() {
-            let target = match relation {
-                Relation::Ref { kind, .. } | Relation::Back { kind, .. } => schema_of(kind),
-                Relation::Nested { schema, .. } => schema,
-            };
-            paths.extend(target.fields.iter().map(|f| format!("{}.{}", relation.name(), f.name)));
-        }
-        paths
-    }
-
-    /// Every name a condition may start with here, for error messages.
-    fn valid_names(&self) -> Vec<&'static str> {
-        self.fields.iter().map(|f| f.name).chain(self.all_relations().map(Relation::name)).collect()
-    }
+    paths
 }
 
-const fn f(name: &'static str, ty: FieldType) -> Field {
-    Field { name, ty }
+/// Every name a condition may start with in `schema`, for error messages.
+fn valid_names(schema: &'static Schema) -> Vec<&'static str> {
+    schema.fields.iter().map(|f| f.name).chain(relations(schema).map(Relation::name)).collect()
 }
-
-use FieldType::{Int, Text, Uuid as Id};
-
-static VM_NIC: Schema = Schema {
-    kind: "vm-nics",
-    query_api: "",
-    fields: &[
-        f("uuid", Id),
-        f("ip", Text),
-        f("mac", Text),
-        f("l3NetworkUuid", Id),
-        f("bridge", Text),
-    ],
-    relations: &[Relation::Ref { name: "l3Network", field: "l3NetworkUuid", kind: "l3-networks" }],
-    indexed: &[],
-    sorted: &[],
-};
-
-/// Every queryable kind.
-pub static SCHEMAS: &[Schema] = &[
-    Schema {
-        kind: "zones",
-        query_api: "QueryZone",
-        fields: &[f("uuid", Id), f("name", Text), f("description", Text)],
-        relations: &[
-            Relation::Back { name: "cluster", kind: "clusters", field: "zoneUuid" },
-            Relation::Back { name: "l2Network", kind: "l2-networks", field: "zoneUuid" },
-        ],
-        indexed: &[("uuid", "#uuid"), ("name", "name")],
-        sorted: &[("name", "name")],
-    },
-    Schema {
-        kind: "clusters",
-        query_api: "QueryCluster",
-        fields: &[f("uuid", Id), f("name", Text), f("zoneUuid", Id), f("hypervisorType", Text)],
-        relations: &[
-            Relation::Ref { name: "zone", field: "zoneUuid", kind: "zones" },
-            Relation::Back { name: "host", kind: "hosts", field: "clusterUuid" },
-        ],
-        indexed: &[("uuid", "#uuid"), ("zoneUuid", "zone")],
-        sorted: &[],
-    },
-    Schema {
-        kind: "hosts",
-        query_api: "QueryHost",
-        fields: &[
-            f("uuid", Id),
-            f("name", Text),
-            f("clusterUuid", Id),
-            f("managementIp", Text),
-            f("agentPort", Int),
-            f("state", Text),
-            f("status", Text),
-            f("lastError", Text),
-        ],
-        relations: &[
-            Relation::Ref { name: "cluster", field: "clusterUuid", kind: "clusters" },
-            Relation::Back { name: "vmInstance", kind: "vm-instances", field: "hostUuid" },
-        ],
-        indexed: &[("uuid", "#uuid"), ("clusterUuid", "cluster"), ("status", "status")],
-        sorted: &[("status", "status")],
-    },
-    Schema {
-        kind: "instance-offerings",
-        query_api: "QueryInstanceOffering",
-        fields: &[f("uuid", Id), f("name", Text), f("cpuNum", Int), f("memorySize", Int)],
-        relations: &[],
-        indexed: &[("uuid", "#uuid")],
-        sorted: &[],
-    },
-    Schema {
-        kind: "l2-networks",
-        query_api: "QueryL2Network",
-        fields: &[
-            f("uuid", Id),
-            f("name", Text),
-            f("zoneUuid", Id),
-            f("physicalInterface", Text),
-            f("type", Text),
-        ],
-        relations: &[
-            Relation::Ref { name: "zone", field: "zoneUuid", kind: "zones" },
-            Relation::Back { name: "l3Network", kind: "l3-networks", field: "l2NetworkUuid" },
-        ],
-        indexed: &[("uuid", "#uuid"), ("zoneUuid", "zone")],
-        sorted: &[],
-    },
-    Schema {
-        kind: "l3-networks",
-        query_api: "QueryL3Network",
-        fields: &[f("uuid", Id), f("name", Text), f("l2NetworkUuid", Id), f("bridge", Text)],
-        relations: &[Relation::Ref {
-            name: "l2Network",
-            field: "l2NetworkUuid",
-            kind: "l2-networks",
-        }],
-        indexed: &[("uuid", "#uuid"), ("name", "name"), ("l2NetworkUuid", "l2")],
-        sorted: &[("name", "name")],
-    },
-    Schema {
-        kind: "vm-instances",
-        query_api: "QueryVmInstance",
-        fields: &[
-            f("uuid", Id),
-            f("name", Text),
-            f("state", Text),
-            f("hostUuid", Id),
-            f("lastHostUuid", Id),
-            f("cpuNum", Int),
-            f("memorySize", Int),
-            f("rootVolumePath", Text),
-        ],
-        relations: &[
-            Relation::Ref { name: "host", field: "hostUuid", kind: "hosts" },
-            Relation::Nested { name: "vmNics", schema: &VM_NIC },
-        ],
-        indexed: &[
-            ("uuid", "#uuid"),
-            ("name", "name"),
-            ("state", "state"),
-            ("hostUuid", "host"),
-            ("vmNics.ip", "ip"),
-            ("vmNics.l3NetworkUuid", "l3"),
-        ],
-        sorted: &[("name", "name"), ("state", "state")],
-    },
-    Schema {
-        kind: "images",
-        query_api: "QueryImage",
-        fields: &[
-            f("uuid", Id),
-            f("name", Text),
-            f("url", Text),
-            f("format", Text),
-            f("size", Int),
-            f("checksum", Text),
-            f("status", Text),
-        ],
-        relations: &[],
-        indexed: &[("uuid", "#uuid")],
-        sorted: &[],
-    },
-    Schema {
-        kind: "backup-storage",
-        query_api: "QueryBackupStorage",
-        fields: &[f("uuid", Id), f("name", Text), f("url", Text), f("type", Text)],
-        relations: &[],
-        indexed: &[("uuid", "#uuid")],
-        sorted: &[],
-    },
-    Schema {
-        kind: "accounts",
-        query_api: "QueryAccount",
-        fields: &[f("uuid", Id), f("name", Text), f("type", Text), f("createDate", Int)],
-        relations: &[],
-        indexed: &[("uuid", "#uuid"), ("name", "name")],
-        sorted: &[("name", "name")],
-    },
-    Schema {
-        kind: "user-tags",
-        query_api: "QueryUserTag",
-        fields: TAG_FIELDS,
-        relations: &[],
-        indexed: &[("uuid", "#uuid"), ("resourceUuid", "resource"), ("tag", "tag")],
-        sorted: &[("tag", "tag")],
-    },
-    Schema {
-        kind: "system-tags",
-        query_api: "QuerySystemTag",
-        fields: TAG_FIELDS,
-        relations: &[],
-        indexed: &[("uuid", "#uuid"), ("resourceUuid", "resource"), ("tag", "tag")],
-        sorted: &[("tag", "tag")],
-    },
-    Schema {
-        kind: "primary-storage",
-        query_api: "QueryPrimaryStorage",
-        fields: &[
-            f("uuid", Id),
-            f("name", Text),
-            f("url", Text),
-            f("zoneUuid", Id),
-            f("type", Text),
-        ],
-        relations: &[Relation::Ref { name: "zone", field: "zoneUuid", kind: "zones" }],
-        indexed: &[("uuid", "#uuid")],
-        sorted: &[],
-    },
-];
-
-/// The kinds that carry no tags: the tags themselves, and accounts.
-const TAG_KINDS: [&str; 3] = ["user-tags", "system-tags", "accounts"];
-
-static TAG_FIELDS: &[Field] = &[
-    f("uuid", Id),
-    f("resourceUuid", Id),
-    f("resourceType", Text),
-    f("tag", Text),
-    f("createDate", Int),
-];
-
-/// The tags of every resource: any kind but the tags themselves can be queried by them
-/// (`userTags.tag=web`, or ZStack's `__userTag__=web`).
-static TAG_RELATIONS: &[Relation] = &[
-    Relation::Back { name: "userTags", kind: "user-tags", field: "resourceUuid" },
-    Relation::Back { name: "systemTags", kind: "system-tags", field: "resourceUuid" },
-];
 
 /// ZStack's shorthands for conditions on tags.
 const TAG_ALIASES: [(&str, &str); 2] =
     [("__userTag__", "userTags.tag"), ("__systemTag__", "systemTags.tag")];
 
-/// The declaration of `kind`.
+/// The schema of the kind at URL segment `kind`.
 pub fn schema(kind: &str) -> Option<&'static Schema> {
-    SCHEMAS.iter().find(|s| s.kind == kind)
+    strato_actors::kinds::by_url(kind).map(|k| &k.shape)
 }
 
 /// A comparison.
@@ -429,21 +156,21 @@ pub fn parse_condition(schema: &'static Schema, text: &str) -> Result<Condition,
             check_value(path_text, field.ty, op, value.as_deref())?;
             return Ok(Condition { path, op, value, ty: field.ty });
         }
-        match here.relation(step) {
+        match relation(here, step) {
             Some(Relation::Ref { kind, .. } | Relation::Back { kind, .. }) if !last => {
                 here = crate::query::schema(kind).expect("relations name declared kinds");
             }
-            Some(Relation::Nested { schema, .. }) if !last => here = schema,
+            Some(Relation::Nested { shape, .. }) if !last => here = shape,
             _ => {
                 return Err(bad(
                     path_text,
-                    format!("`{path_text}`: `{step}` is not a field of {}", here.kind),
-                    &here.valid_names(),
+                    format!("`{path_text}`: `{step}` is not a field of {}", here.name),
+                    &valid_names(here),
                 ));
             }
         }
     }
-    Err(bad(path_text, format!("`{path_text}` names no field"), &here.valid_names()))
+    Err(bad(path_text, format!("`{path_text}` names no field"), &valid_names(here)))
 }
 
 fn check_value(field: &str, ty: FieldType, op: Op, value: Option<&str>) -> Result<(), ApiError> {
@@ -580,7 +307,7 @@ fn reach(
         });
     }
     let mut found = Vec::new();
-    match schema.relation(step) {
+    match relation(schema, step) {
         Some(Relation::Ref { field, kind, .. }) => {
             let target = schema_of(kind);
             let wanted: Vec<Value> = match &item[*field] {
@@ -588,7 +315,7 @@ fn reach(
                 value => vec![value.clone()],
             };
             for uuid in wanted.iter().filter_map(Value::as_str) {
-                if let Some(other) = catalog.get(target.kind, uuid)? {
+                if let Some(other) = catalog.get(target.name, uuid)? {
                     found.extend(reach(catalog, target, &other, rest)?);
                 }
             }
@@ -596,12 +323,12 @@ fn reach(
         Some(Relation::Back { kind, field, .. }) => {
             let target = schema_of(kind);
             if let Some(me) = item["uuid"].as_str() {
-                for other in catalog.pointing_at(target.kind, field, me)? {
+                for other in catalog.pointing_at(target.name, field, me)? {
                     found.extend(reach(catalog, target, &other, rest)?);
                 }
             }
         }
-        Some(Relation::Nested { name, schema: nested }) => {
+        Some(Relation::Nested { name, shape: nested }) => {
             for element in item[*name].as_array().into_iter().flatten() {
                 found.extend(reach(catalog, nested, element, rest)?);
             }
@@ -724,7 +451,7 @@ impl Query {
                     if schema.field(field).is_none() {
                         return Err(bad(
                             "sort",
-                            format!("`{field}` is not a field of {}", schema.kind),
+                            format!("`{field}` is not a field of {}", schema.name),
                             &schema.fields.iter().map(|f| f.name).collect::<Vec<_>>(),
                         ));
                     }
@@ -734,12 +461,12 @@ impl Query {
                     let fields: Vec<String> = value.split(',').map(str::to_owned).collect();
                     if let Some(unknown) = fields
                         .iter()
-                        .find(|f| schema.field(f).is_none() && schema.relation(f).is_none())
+                        .find(|f| schema.field(f).is_none() && relation(schema, f).is_none())
                     {
                         return Err(bad(
                             "fields",
-                            format!("`{unknown}` is not a field of {}", schema.kind),
-                            &schema.valid_names(),
+                            format!("`{unknown}` is not a field of {}", schema.name),
+                            &valid_names(schema),
                         ));
                     }
                     query.fields = Some(fields);
@@ -801,7 +528,7 @@ impl Query {
             && let (Op::Eq, Some(value)) = (only.op, &only.value)
             && let Some(index) = lookup(schema.sorted, &only.path.join("."))
         {
-            let total = source.count(schema.kind, index, value, only.ty, usize::MAX)?;
+            let total = source.count(schema.name, index, value, only.ty, usize::MAX)?;
             return Ok(serde_json::json!({ "total": total }));
         }
         let sorted_index = self.sort.as_ref().and_then(|(field, _)| lookup(schema.sorted, field));
@@ -816,7 +543,7 @@ impl Query {
         {
             let mut estimate = 0;
             for value in values {
-                estimate += source.count(schema.kind, index, value, *ty, UNSELECTIVE)?;
+                estimate += source.count(schema.name, index, value, *ty, UNSELECTIVE)?;
             }
             if estimate >= UNSELECTIVE {
                 equality = None;
@@ -827,7 +554,7 @@ impl Query {
                 let mut found: Vec<Value> = Vec::new();
                 let mut seen = std::collections::HashSet::new();
                 for value in values {
-                    for item in source.find(schema.kind, index, &value, ty)? {
+                    for item in source.find(schema.name, index, &value, ty)? {
                         if seen.insert(item["uuid"].as_str().unwrap_or_default().to_owned()) {
                             found.push(item);
                         }
@@ -841,9 +568,9 @@ impl Query {
                     // With nothing to evaluate, the entries before the page need not be read.
                     let skip = if self.conditions.is_empty() && !wants_total { start } else { 0 };
                     start -= skip;
-                    (source.ordered(schema.kind, index, *descending, skip), true)
+                    (source.ordered(schema.name, index, *descending, skip), true)
                 }
-                _ => (source.scan(schema.kind), self.sort.is_none()),
+                _ => (source.scan(schema.name), self.sort.is_none()),
             },
         };
         let mut page = Vec::new();
@@ -902,9 +629,7 @@ impl Query {
 const UNSELECTIVE: usize = 2000;
 
 /// The index a declaration names for `path`.
-fn lookup(declared: &[(&'static str, &'static str)], path: &str) -> Option<&'static str> {
-    declared.iter().find(|(p, _)| *p == path).map(|(_, index)| *index)
-}
+use strato_actors::kinds::lookup;
 
 /// What a sort orders by: the field's value (missing ones first), then the UUID, which is
 /// also the order of a `sorted` index's entries.

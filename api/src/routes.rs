@@ -20,9 +20,10 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
-use strato_actors::cascade::{CascadeError, DeleteMode, Resource, ResourceKind};
+use strato_actors::cascade::{CascadeError, DeleteMode, Resource};
 use strato_actors::host;
 use strato_actors::ipam::IpRange;
+use strato_actors::kinds::Kind;
 use strato_actors::records::{
     BackupStorageRecord, ClusterRecord, HostRecord, HostState, HostStatus, ImageRecord,
     InstanceOfferingRecord, L2NetworkRecord, L3NetworkRecord, PrimaryStorageRecord, VmRecord,
@@ -157,8 +158,9 @@ pub(crate) fn accepted(mn: &Mn, job: Uuid) -> Response {
     response
 }
 
-fn get_record<R: Record>(mn: &Mn, uuid: Uuid, kind: &str) -> Result<R, ApiError> {
-    mn.db.get::<R>(uuid)?.map(|s| s.record).ok_or_else(|| ApiError::not_found(kind, uuid))
+/// Record `uuid` of `R`, or a 404 naming its kind.
+fn get_record<R: Record>(mn: &Mn, uuid: Uuid) -> Result<R, ApiError> {
+    mn.db.get::<R>(uuid)?.map(|s| s.record).ok_or_else(|| ApiError::no::<R>(uuid))
 }
 
 /// Parses a UUID the way every route and the access check do: only the canonical spelling
@@ -241,14 +243,13 @@ async fn submit_record<R: Record>(
     Ok(accepted(mn, job))
 }
 
-/// Accepts a job that adds `parent` to the list `list` picks in the record `target` of
-/// `kind` (an attachment: storage to a zone or cluster, an L2 network to a cluster).
+/// Accepts a job that adds `parent` to the list `list` picks in the record `target` (an
+/// attachment: storage to a zone or cluster, an L2 network to a cluster).
 async fn attach<R: Record>(
     mn: &Arc<Mn>,
     headers: &HeaderMap,
     api: &str,
     target: Uuid,
-    kind: &'static str,
     parent: Uuid,
     list: fn(&mut R) -> &mut Vec<Uuid>,
 ) -> Result<Response, ApiError> {
@@ -266,7 +267,7 @@ async fn attach<R: Record>(
                     }
                 })
                 .await?
-                .ok_or_else(|| ApiError::not_found(kind, target))?;
+                .ok_or_else(|| ApiError::no::<R>(target))?;
             inventory(&record)
         })
         .await?;
@@ -297,12 +298,15 @@ pub(crate) fn list(kind: &'static str) -> axum::routing::MethodRouter<Arc<Mn>> {
     })
 }
 
-pub(crate) async fn one<R: Record>(
-    State(mn): Shared,
-    Id(uuid): Id,
-) -> Result<Json<Value>, ApiError> {
-    let record: R = get_record(&mn, uuid, R::KIND)?;
-    Ok(Json(json!({ "inventories": [inventory(&record)?] })))
+/// `GET /v1/<kind>/{uuid}`: one resource of `kind`.
+pub(crate) fn one(kind: &'static Kind) -> axum::routing::MethodRouter<Arc<Mn>> {
+    get(move |State(mn): Shared, Id(uuid): Id| async move {
+        let inventory = kind
+            .table
+            .inventory(&mn.db, uuid)?
+            .ok_or_else(|| ApiError::not_found(kind.api, uuid))?;
+        Ok::<_, ApiError>(Json(json!({ "inventories": [inventory] })))
+    })
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -348,7 +352,7 @@ pub(crate) async fn create_cluster(
 ) -> Result<Response, ApiError> {
     let (p, raw, tags): (ClusterParams, _, _) = creation(&body, "ClusterVO")?;
     crate::validate::name("name", &p.name)?;
-    get_record::<ZoneRecord>(&mn, p.zone_uuid, "zone")?;
+    get_record::<ZoneRecord>(&mn, p.zone_uuid)?;
     if p.hypervisor_type != "KVM" {
         return Err(ApiError::invalid("hypervisorType", "only KVM clusters are supported"));
     }
@@ -390,7 +394,7 @@ pub(crate) async fn add_host(
             format!("`{}` is not an IP address", p.management_ip),
         ));
     }
-    get_record::<ClusterRecord>(&mn, p.cluster_uuid, "cluster")?;
+    get_record::<ClusterRecord>(&mn, p.cluster_uuid)?;
     let m = mn.clone();
     let job = mn
         .jobs
@@ -434,7 +438,7 @@ pub(crate) async fn host_action(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    get_record::<HostRecord>(&mn, uuid, "host")?;
+    get_record::<HostRecord>(&mn, uuid)?;
     let body = json_body(&body)?;
     let (name, args) = single_action(&body)?;
     let m = mn.clone();
@@ -588,7 +592,7 @@ pub(crate) async fn create_l3(
     let (p, raw, tags): (L3Params, _, _) = creation(&body, "L3NetworkVO")?;
     crate::validate::name("name", &p.name)?;
     if let Some(l2) = p.l2_network_uuid {
-        get_record::<L2NetworkRecord>(&mn, l2, "l2-network")?;
+        get_record::<L2NetworkRecord>(&mn, l2)?;
     }
     submit_record(&mn, &headers, "CreateL3Network", &raw, tags, move || {
         Ok(L3NetworkRecord {
@@ -624,7 +628,7 @@ pub(crate) async fn add_ip_range(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let l3: L3NetworkRecord = get_record(&mn, uuid, "l3-network")?;
+    let l3: L3NetworkRecord = get_record(&mn, uuid)?;
     let (p, raw): (RangeParams, _) = params(json_body(&body)?)?;
     let range = IpRange::new(p.start_ip, p.end_ip, p.netmask, p.gateway)
         .map_err(|e| ApiError::from(strato_actors::l3::L3Error::Ipam(e)))?;
@@ -658,23 +662,22 @@ pub(crate) async fn create_vm(
 ) -> Result<Response, ApiError> {
     let (p, raw, tags): (VmParams, _, _) = creation(&body, "VmInstanceVO")?;
     crate::validate::name("name", &p.name)?;
-    let offering: InstanceOfferingRecord =
-        get_record(&mn, p.instance_offering_uuid, "instance-offering")?;
+    let offering: InstanceOfferingRecord = get_record(&mn, p.instance_offering_uuid)?;
     auth::may_use(&mn.db, "instance-offerings", p.instance_offering_uuid)?;
     if p.l3_network_uuids.is_empty() {
         return Err(ApiError::invalid("l3NetworkUuids", "a VM needs at least one L3 network"));
     }
     for l3 in &p.l3_network_uuids {
-        get_record::<L3NetworkRecord>(&mn, *l3, "l3-network")?;
+        get_record::<L3NetworkRecord>(&mn, *l3)?;
         auth::may_use(&mn.db, "l3-networks", *l3)?;
     }
     if let Some(host) = p.host_uuid {
         auth::admin_only("placing a VM on a chosen host")?;
-        get_record::<HostRecord>(&mn, host, "host")?;
+        get_record::<HostRecord>(&mn, host)?;
     }
     if let Some(image) = p.image_uuid {
         auth::may_use(&mn.db, "images", image)?;
-        let image: ImageRecord = get_record(&mn, image, "image")?;
+        let image: ImageRecord = get_record(&mn, image)?;
         if image.status != "Ready" {
             return Err(ApiError::invalid(
                 "imageUuid",
@@ -684,7 +687,7 @@ pub(crate) async fn create_vm(
     }
     if let Some(cluster) = p.cluster_uuid {
         auth::admin_only("placing a VM in a chosen cluster")?;
-        get_record::<ClusterRecord>(&mn, cluster, "cluster")?;
+        get_record::<ClusterRecord>(&mn, cluster)?;
     }
     let static_ips = tagging::check_static_ips(&mn, &tags.system_tags, &p.l3_network_uuids)?;
     let m = mn.clone();
@@ -769,7 +772,7 @@ fn precheck(mn: &Mn, uuid: Uuid, op: Lifecycle) -> Result<(), ApiError> {
 }
 
 fn precheck_op(mn: &Mn, uuid: Uuid, op: state::VmOp) -> Result<(), ApiError> {
-    let vm: VmRecord = get_record(mn, uuid, "vm-instance")?;
+    let vm: VmRecord = get_record(mn, uuid)?;
     state::plan(vm.state, op)
         .map_err(|e| ApiError::from(strato_actors::vm::VmError::InvalidState(e)))?;
     Ok(())
@@ -811,8 +814,8 @@ pub(crate) async fn vm_action(
             auth::admin_only("starting a VM on a chosen host")?;
             let text = args["hostUuid"].as_str().unwrap_or_default();
             let target = uuid_param(text, "hostUuid")?;
-            get_record::<HostRecord>(&mn, target, "host")?;
-            let vm: VmRecord = get_record(&mn, uuid, "vm-instance")?;
+            get_record::<HostRecord>(&mn, target)?;
+            let vm: VmRecord = get_record(&mn, uuid)?;
             precheck_op(&mn, uuid, state::VmOp::Start)?;
             let m = mn.clone();
             let job = mn
@@ -836,7 +839,7 @@ pub(crate) async fn vm_action(
                 None => None,
             };
             if let Some(host) = target {
-                get_record::<HostRecord>(&mn, host, "host")?;
+                get_record::<HostRecord>(&mn, host)?;
             }
             precheck_op(&mn, uuid, state::VmOp::Migrate)?;
             let m = mn.clone();
@@ -854,8 +857,7 @@ pub(crate) async fn vm_action(
                     ApiError::invalid("instanceOfferingUuid", "`instanceOfferingUuid` is required")
                 })?;
             let offering_uuid = uuid_param(text, "instanceOfferingUuid")?;
-            let offering: InstanceOfferingRecord =
-                get_record(&mn, offering_uuid, "instance-offering")?;
+            let offering: InstanceOfferingRecord = get_record(&mn, offering_uuid)?;
             auth::may_use(&mn.db, "instance-offerings", offering_uuid)?;
             precheck_op(&mn, uuid, state::VmOp::ChangeOffering)?;
             // A tenant's VM is charged its new size: the growth must fit the quota, and the
@@ -873,7 +875,7 @@ pub(crate) async fn vm_action(
                     let owner = mn
                         .db
                         .get::<strato_actors::owners::OwnerRecord>(uuid)?
-                        .ok_or_else(|| ApiError::not_found("vm-instance", uuid))?;
+                        .ok_or_else(|| ApiError::no::<VmRecord>(uuid))?;
                     let grown = strato_actors::owners::Charge {
                         vm_num: 0,
                         cpu_num: u64::from(offering.cpu_num)
@@ -891,7 +893,7 @@ pub(crate) async fn vm_action(
                     // Only a delete of the VM writes its owner record without the lock.
                     let written = mn.db.commit(batch).await.map_err(|e| match e {
                         strato_storage::StoreError::Conflict { .. } => {
-                            ApiError::not_found("vm-instance", uuid)
+                            ApiError::no::<VmRecord>(uuid)
                         }
                         e => e.into(),
                     })?;
@@ -1112,90 +1114,33 @@ fn delete_mode(query: &DeleteQuery) -> Result<DeleteMode, ApiError> {
     }
 }
 
-/// A deletion with cascade: checked now (a 409 names what depends on the resource), run as a
-/// job that answers with what was deleted.
-async fn delete_resource(
-    mn: Arc<Mn>,
-    headers: &HeaderMap,
-    kind: ResourceKind,
-    uuid: Uuid,
-    query: &DeleteQuery,
-    api: &str,
-) -> Result<Response, ApiError> {
-    let mode = delete_mode(query)?;
-    let resource = Resource { kind, uuid };
-    let deleter = mn.deleter();
-    let dependents = deleter.dependents(resource).map_err(ApiError::from)?;
-    if mode == DeleteMode::Permissive && !dependents.is_empty() {
-        return Err(CascadeError::HasDependents { resource, dependents }.into());
-    }
-    let body = json!({ "uuid": uuid, "deleteMode": format!("{mode:?}") });
-    let job = mn
-        .jobs
-        .submit(job_header(headers)?, api, &body, move |_| async move {
-            let deleted = deleter.delete(resource, mode).await?;
-            Ok(json!({ "deleted": deleted }))
-        })
-        .await?;
-    Ok(accepted(&mn, job))
-}
-
-pub(crate) async fn delete_zone(
-    State(mn): Shared,
-    Id(uuid): Id,
-    Query(q): Query<DeleteQuery>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    get_record::<ZoneRecord>(&mn, uuid, "zone")?;
-    delete_resource(mn, &headers, ResourceKind::Zone, uuid, &q, "DeleteZone").await
-}
-
-pub(crate) async fn delete_cluster(
-    State(mn): Shared,
-    Id(uuid): Id,
-    Query(q): Query<DeleteQuery>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    get_record::<ClusterRecord>(&mn, uuid, "cluster")?;
-    delete_resource(mn, &headers, ResourceKind::Cluster, uuid, &q, "DeleteCluster").await
-}
-
-pub(crate) async fn delete_host(
-    State(mn): Shared,
-    Id(uuid): Id,
-    Query(q): Query<DeleteQuery>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    get_record::<HostRecord>(&mn, uuid, "host")?;
-    delete_resource(mn, &headers, ResourceKind::Host, uuid, &q, "DeleteHost").await
-}
-
-pub(crate) async fn delete_l3(
-    State(mn): Shared,
-    Id(uuid): Id,
-    Query(q): Query<DeleteQuery>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    get_record::<L3NetworkRecord>(&mn, uuid, "l3-network")?;
-    delete_resource(mn, &headers, ResourceKind::L3Network, uuid, &q, "DeleteL3Network").await
-}
-
-pub(crate) async fn delete_offering(
-    State(mn): Shared,
-    Id(uuid): Id,
-    Query(q): Query<DeleteQuery>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    get_record::<InstanceOfferingRecord>(&mn, uuid, "instance-offering")?;
-    delete_resource(
-        mn,
-        &headers,
-        ResourceKind::InstanceOffering,
-        uuid,
-        &q,
-        "DeleteInstanceOffering",
+/// `DELETE /v1/<kind>/{uuid}` with cascade: checked now (a 409 names what depends on the
+/// resource), run as a job that answers with what was deleted.
+pub(crate) fn delete(kind: &'static Kind) -> axum::routing::MethodRouter<Arc<Mn>> {
+    axum::routing::delete(
+        move |State(mn): Shared, Id(uuid): Id, Query(q): Query<DeleteQuery>, headers: HeaderMap| async move {
+            if !kind.table.exists(&mn.db, uuid)? {
+                return Err(ApiError::not_found(kind.api, uuid));
+            }
+            let mode = delete_mode(&q)?;
+            let resource = Resource { kind, uuid };
+            let deleter = mn.deleter();
+            let dependents = deleter.dependents(resource).map_err(ApiError::from)?;
+            if mode == DeleteMode::Permissive && !dependents.is_empty() {
+                return Err(CascadeError::HasDependents { resource, dependents }.into());
+            }
+            let body = json!({ "uuid": uuid, "deleteMode": format!("{mode:?}") });
+            let api = format!("Delete{}", kind.api);
+            let job = mn
+                .jobs
+                .submit(job_header(&headers)?, &api, &body, move |_| async move {
+                    let deleted = deleter.delete(resource, mode).await?;
+                    Ok(json!({ "deleted": deleted }))
+                })
+                .await?;
+            Ok(accepted(&mn, job))
+        },
     )
-    .await
 }
 
 /// The garbage collector's jobs: what is left to clean up, with attempts, next run and
@@ -1249,17 +1194,11 @@ pub(crate) async fn attach_backup_storage(
 ) -> Result<Response, ApiError> {
     let zone = uuid_param(&zone, "zoneUuid")?;
     let bs = uuid_param(&bs, "backupStorageUuid")?;
-    get_record::<ZoneRecord>(&mn, zone, "zone")?;
-    get_record::<BackupStorageRecord>(&mn, bs, "backup-storage")?;
-    attach(
-        &mn,
-        &headers,
-        "AttachBackupStorageToZone",
-        bs,
-        "backup-storage",
-        zone,
-        |r: &mut BackupStorageRecord| &mut r.attached_zone_uuids,
-    )
+    get_record::<ZoneRecord>(&mn, zone)?;
+    get_record::<BackupStorageRecord>(&mn, bs)?;
+    attach(&mn, &headers, "AttachBackupStorageToZone", bs, zone, |r: &mut BackupStorageRecord| {
+        &mut r.attached_zone_uuids
+    })
     .await
 }
 
@@ -1273,7 +1212,7 @@ pub(crate) async fn create_primary_storage(
     let url = directory_url(&p.url)?;
     let zone =
         p.zone_uuid.ok_or_else(|| ApiError::invalid("zoneUuid", "`zoneUuid` is required"))?;
-    get_record::<ZoneRecord>(&mn, zone, "zone")?;
+    get_record::<ZoneRecord>(&mn, zone)?;
     submit_record(&mn, &headers, "AddLocalPrimaryStorage", &raw, tags, move || {
         Ok(PrimaryStorageRecord {
             uuid: Uuid::new_v4(),
@@ -1294,14 +1233,13 @@ pub(crate) async fn attach_primary_storage(
 ) -> Result<Response, ApiError> {
     let cluster = uuid_param(&cluster, "clusterUuid")?;
     let ps = uuid_param(&ps, "primaryStorageUuid")?;
-    get_record::<ClusterRecord>(&mn, cluster, "cluster")?;
-    get_record::<PrimaryStorageRecord>(&mn, ps, "primary-storage")?;
+    get_record::<ClusterRecord>(&mn, cluster)?;
+    get_record::<PrimaryStorageRecord>(&mn, ps)?;
     attach(
         &mn,
         &headers,
         "AttachPrimaryStorageToCluster",
         ps,
-        "primary-storage",
         cluster,
         |r: &mut PrimaryStorageRecord| &mut r.attached_cluster_uuids,
     )
@@ -1340,7 +1278,7 @@ pub(crate) async fn add_image(
         .backup_storage_uuids
         .first()
         .ok_or_else(|| ApiError::invalid("backupStorageUuids", "name one backup storage"))?;
-    let bs: BackupStorageRecord = get_record(&mn, bs_uuid, "backup-storage")?;
+    let bs: BackupStorageRecord = get_record(&mn, bs_uuid)?;
     let m = mn.clone();
     let job = mn
         .jobs
@@ -1401,7 +1339,7 @@ pub(crate) async fn create_l2(
     let (p, raw, tags): (L2Params, _, _) = creation(&body, "L2NetworkVO")?;
     crate::validate::name("name", &p.name)?;
     crate::validate::name("physicalInterface", &p.physical_interface)?;
-    get_record::<ZoneRecord>(&mn, p.zone_uuid, "zone")?;
+    get_record::<ZoneRecord>(&mn, p.zone_uuid)?;
     submit_record(&mn, &headers, "CreateL2NoVlanNetwork", &raw, tags, move || {
         Ok(L2NetworkRecord {
             uuid: Uuid::new_v4(),
@@ -1422,26 +1360,10 @@ pub(crate) async fn attach_l2(
 ) -> Result<Response, ApiError> {
     let l2 = uuid_param(&l2, "l2NetworkUuid")?;
     let cluster = uuid_param(&cluster, "clusterUuid")?;
-    get_record::<L2NetworkRecord>(&mn, l2, "l2-network")?;
-    get_record::<ClusterRecord>(&mn, cluster, "cluster")?;
-    attach(
-        &mn,
-        &headers,
-        "AttachL2NetworkToCluster",
-        l2,
-        "l2-network",
-        cluster,
-        |r: &mut L2NetworkRecord| &mut r.attached_cluster_uuids,
-    )
+    get_record::<L2NetworkRecord>(&mn, l2)?;
+    get_record::<ClusterRecord>(&mn, cluster)?;
+    attach(&mn, &headers, "AttachL2NetworkToCluster", l2, cluster, |r: &mut L2NetworkRecord| {
+        &mut r.attached_cluster_uuids
+    })
     .await
-}
-
-pub(crate) async fn delete_l2(
-    State(mn): Shared,
-    Id(uuid): Id,
-    Query(q): Query<DeleteQuery>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    get_record::<L2NetworkRecord>(&mn, uuid, "l2-network")?;
-    delete_resource(mn, &headers, ResourceKind::L2Network, uuid, &q, "DeleteL2Network").await
 }

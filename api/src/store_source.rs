@@ -2,44 +2,21 @@
 //! indexes.
 //!
 //! The engine ([`crate::query`]) knows kinds by their URL names and indexes by the names the
-//! declarations give; this module is the one table from those names to record types, and
-//! turns records into the inventories the API shows. Reads are lazy where the engine can
+//! declarations give; the declarations ([`strato_actors::kinds`]) name each kind's table,
+//! which reads its records as the inventories the API shows. Reads are lazy where the engine can
 //! stop early: a page sorted by an indexed field reads the index only as far as the page.
 
 use serde_json::Value;
-use strato_actors::records::{
-    BackupStorageRecord, ClusterRecord, HostRecord, ImageRecord, InstanceOfferingRecord,
-    L2NetworkRecord, L3NetworkRecord, PrimaryStorageRecord, VmRecord, ZoneRecord,
-};
-use strato_actors::tags::{SystemTag, UserTag};
-use strato_storage::{Db, IndexValue, Record};
+use strato_actors::kinds::{self, Table};
+use strato_storage::{Db, IndexValue};
 use uuid::Uuid;
 
-use crate::auth::AccountRecord;
 use crate::error::ApiError;
 use crate::query::{FieldType, Inventories, Source};
 
-/// Calls `$f::<R>(args)` with `R` the record type of the queryable kind `$kind` (its name in
-/// URLs), or gives `$otherwise` for a kind that is not declared.
-macro_rules! for_kind {
-    ($kind:expr, $f:ident($($arg:expr),*), $otherwise:expr) => {
-        match $kind {
-            "zones" => $f::<ZoneRecord>($($arg),*),
-            "clusters" => $f::<ClusterRecord>($($arg),*),
-            "hosts" => $f::<HostRecord>($($arg),*),
-            "instance-offerings" => $f::<InstanceOfferingRecord>($($arg),*),
-            "l2-networks" => $f::<L2NetworkRecord>($($arg),*),
-            "l3-networks" => $f::<L3NetworkRecord>($($arg),*),
-            "vm-instances" => $f::<VmRecord>($($arg),*),
-            "images" => $f::<ImageRecord>($($arg),*),
-            "backup-storage" => $f::<BackupStorageRecord>($($arg),*),
-            "primary-storage" => $f::<PrimaryStorageRecord>($($arg),*),
-            "user-tags" => $f::<UserTag>($($arg),*),
-            "system-tags" => $f::<SystemTag>($($arg),*),
-            "accounts" => $f::<AccountRecord>($($arg),*),
-            _ => $otherwise,
-        }
-    };
+/// The table behind the kind at URL segment `kind`.
+fn table(kind: &str) -> Option<&'static dyn Table> {
+    kinds::by_url(kind).map(|k| k.table)
 }
 
 /// The store as the query engine reads it.
@@ -59,15 +36,6 @@ impl<'a> StoreSource<'a> {
     pub fn new(db: &'a Db) -> Self {
         StoreSource { db }
     }
-
-    /// The names of the indexes the record type behind `kind` declares, so a test can check
-    /// the query declarations name only indexes that exist.
-    pub fn declared_indexes(kind: &str) -> Option<Vec<&'static str>> {
-        fn names<R: Record>() -> Option<Vec<&'static str>> {
-            Some(R::indexes().iter().map(|i| i.name).collect())
-        }
-        for_kind!(kind, names(), None)
-    }
 }
 
 /// The inventory of a record: its JSON form, as the API shows it.
@@ -83,62 +51,18 @@ fn index_value(value: &str, ty: FieldType) -> Option<IndexValue> {
     }
 }
 
-fn scan<R: Record>(db: &Db) -> Inventories<'_> {
-    Box::new(db.scan::<R>().map(|stored| inventory(&stored?.record)))
-}
-
-fn read<R: Record>(db: &Db, ids: impl IntoIterator<Item = Uuid>) -> Result<Vec<Value>, ApiError> {
+fn read(
+    db: &Db,
+    table: &dyn Table,
+    ids: impl IntoIterator<Item = Uuid>,
+) -> Result<Vec<Value>, ApiError> {
     let mut found = Vec::new();
     for id in ids {
-        if let Some(stored) = db.get::<R>(id)? {
-            found.push(inventory(&stored.record)?);
+        if let Some(inventory) = table.inventory(db, id)? {
+            found.push(inventory);
         }
     }
     Ok(found)
-}
-
-fn find<R: Record>(
-    db: &Db,
-    index: &str,
-    value: &str,
-    ty: FieldType,
-) -> Result<Vec<Value>, ApiError> {
-    if index == "#uuid" {
-        return read::<R>(db, Uuid::parse_str(value).ok());
-    }
-    match index_value(value, ty) {
-        Some(value) => read::<R>(db, db.find::<R>(index, &value)?),
-        None => Ok(Vec::new()),
-    }
-}
-
-fn ordered<'a, R: Record>(
-    db: &'a Db,
-    index: &str,
-    descending: bool,
-    skip: usize,
-) -> Inventories<'a> {
-    Box::new(db.scan_index::<R>(index, descending).skip(skip).filter_map(move |id| {
-        match id.map_err(ApiError::from).and_then(|id| Ok(db.get::<R>(id)?)) {
-            Ok(Some(stored)) => Some(inventory(&stored.record)),
-            // Deleted between the index read and the record read.
-            Ok(None) => None,
-            Err(e) => Some(Err(e)),
-        }
-    }))
-}
-
-fn count<R: Record>(
-    db: &Db,
-    index: &str,
-    value: &str,
-    ty: FieldType,
-    at_most: usize,
-) -> Result<usize, ApiError> {
-    match index_value(value, ty) {
-        Some(value) => Ok(db.count_index::<R>(index, &value, at_most)?),
-        None => Ok(0),
-    }
 }
 
 fn nothing<'a>() -> Inventories<'a> {
@@ -147,7 +71,10 @@ fn nothing<'a>() -> Inventories<'a> {
 
 impl Source for StoreSource<'_> {
     fn scan(&self, kind: &str) -> Inventories<'_> {
-        for_kind!(kind, scan(self.db), nothing())
+        match table(kind) {
+            Some(table) => Box::new(table.scan(self.db).map(|i| i.map_err(ApiError::from))),
+            None => nothing(),
+        }
     }
 
     fn find(
@@ -157,11 +84,27 @@ impl Source for StoreSource<'_> {
         value: &str,
         ty: FieldType,
     ) -> Result<Vec<Value>, ApiError> {
-        for_kind!(kind, find(self.db, index, value, ty), Ok(Vec::new()))
+        let Some(table) = table(kind) else { return Ok(Vec::new()) };
+        if index == "#uuid" {
+            return read(self.db, table, Uuid::parse_str(value).ok());
+        }
+        match index_value(value, ty) {
+            Some(value) => read(self.db, table, table.find(self.db, index, &value)?),
+            None => Ok(Vec::new()),
+        }
     }
 
     fn ordered(&self, kind: &str, index: &str, descending: bool, skip: usize) -> Inventories<'_> {
-        for_kind!(kind, ordered(self.db, index, descending, skip), nothing())
+        let Some(table) = table(kind) else { return nothing() };
+        let db = self.db;
+        Box::new(table.scan_index(db, index, descending).skip(skip).filter_map(move |id| {
+            match id.and_then(|id| table.inventory(db, id)) {
+                Ok(Some(inventory)) => Some(Ok(inventory)),
+                // Deleted between the index read and the record read.
+                Ok(None) => None,
+                Err(e) => Some(Err(e.into())),
+            }
+        }))
     }
 
     fn count(
@@ -172,37 +115,22 @@ impl Source for StoreSource<'_> {
         ty: FieldType,
         at_most: usize,
     ) -> Result<usize, ApiError> {
-        for_kind!(kind, count(self.db, index, value, ty, at_most), Ok(0))
+        match (table(kind), index_value(value, ty)) {
+            (Some(table), Some(value)) => Ok(table.count_index(self.db, index, &value, at_most)?),
+            _ => Ok(0),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use serde_json::json;
-    use strato_actors::records::VmNic;
+    use strato_actors::records::{VmNic, VmRecord};
     use strato_actors::vm::state::VmState;
     use strato_storage::{Batch, Expect};
 
     use super::*;
     use crate::query::{self, Catalog, Query};
-
-    #[test]
-    fn the_declarations_name_only_indexes_the_records_declare() {
-        for schema in query::SCHEMAS {
-            let declared = StoreSource::declared_indexes(schema.kind)
-                .unwrap_or_else(|| panic!("{} has no record type", schema.kind));
-            for (path, index) in schema.indexed.iter().chain(schema.sorted) {
-                assert!(
-                    *index == "#uuid" || declared.contains(index),
-                    "{}: `{path}` names index `{index}`, not one of {declared:?}",
-                    schema.kind
-                );
-            }
-            for sorted in schema.sorted {
-                assert!(schema.indexed.contains(sorted), "{}: {sorted:?}", schema.kind);
-            }
-        }
-    }
 
     fn vm(i: u32, name: &str, state: VmState) -> VmRecord {
         VmRecord {

@@ -16,6 +16,7 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use serde::Deserialize;
 use serde_json::Value;
+use strato_actors::kinds;
 use strato_actors::records::{L3NetworkRecord, VmRecord};
 use strato_actors::tags::{self, SystemTag, TagKind, TagRecord, UserTag};
 use strato_storage::{Batch, Expect};
@@ -26,35 +27,10 @@ use crate::mn::Mn;
 use crate::query::{FieldType, Source};
 use crate::store_source::{StoreSource, inventory};
 
-/// Every taggable resource type: ZStack's name, and its kind in URLs.
-pub const RESOURCE_TYPES: &[(&str, &str)] = &[
-    ("ZoneVO", "zones"),
-    ("ClusterVO", "clusters"),
-    ("HostVO", "hosts"),
-    ("InstanceOfferingVO", "instance-offerings"),
-    ("L2NetworkVO", "l2-networks"),
-    ("L3NetworkVO", "l3-networks"),
-    ("VmInstanceVO", "vm-instances"),
-    ("ImageVO", "images"),
-    ("BackupStorageVO", "backup-storage"),
-    ("PrimaryStorageVO", "primary-storage"),
-];
-
-/// The resource type of the record table `table` (`vm` -> `VmInstanceVO`).
+/// The resource type (`VmInstanceVO`) of the records in table `table`, when they can be
+/// tagged.
 pub fn resource_type_of_table(table: &str) -> Option<&'static str> {
-    Some(match table {
-        "zone" => "ZoneVO",
-        "cluster" => "ClusterVO",
-        "host" => "HostVO",
-        "instance-offering" => "InstanceOfferingVO",
-        "l2" => "L2NetworkVO",
-        "l3" => "L3NetworkVO",
-        "vm" => "VmInstanceVO",
-        "image" => "ImageVO",
-        "backup-storage" => "BackupStorageVO",
-        "primary-storage" => "PrimaryStorageVO",
-        _ => return None,
-    })
+    kinds::by_table(table).filter(|k| k.taggable).map(|k| k.vo)
 }
 
 /// The tags of a creation's envelope.
@@ -215,10 +191,8 @@ async fn create_tag<K: TagKind>(
     api: &str,
 ) -> Result<Response, ApiError> {
     let (p, raw): (TagParams, _) = crate::routes::params(crate::routes::json_body(&body)?)?;
-    let Some((resource_type, kind)) =
-        RESOURCE_TYPES.iter().find(|(vo, _)| *vo == p.resource_type).copied()
-    else {
-        let known: Vec<&str> = RESOURCE_TYPES.iter().map(|(vo, _)| *vo).collect();
+    let Some(tagged) = kinds::by_vo(&p.resource_type).filter(|k| k.taggable) else {
+        let known: Vec<&str> = kinds::KINDS.iter().filter(|k| k.taggable).map(|k| k.vo).collect();
         return Err(ApiError::invalid(
             "resourceType",
             format!(
@@ -228,13 +202,14 @@ async fn create_tag<K: TagKind>(
             ),
         ));
     };
+    let (resource_type, kind) = (tagged.vo, tagged.url());
     crate::auth::may_change(&mn.db, kind, p.resource_uuid)?;
     let source = StoreSource::new(&mn.db);
     let resource = source
         .find(kind, "#uuid", &p.resource_uuid.to_string(), FieldType::Uuid)?
         .into_iter()
         .next()
-        .ok_or_else(|| ApiError::not_found(kind.trim_end_matches('s'), p.resource_uuid))?;
+        .ok_or_else(|| ApiError::not_found(tagged.api, p.resource_uuid))?;
     let existing = tags::of::<K>(&mn.db, p.resource_uuid)?;
     if existing.iter().any(|t| t.tag == p.tag) {
         return Err(ApiError::conflict(

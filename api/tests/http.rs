@@ -346,7 +346,7 @@ async fn deletes_are_checked_then_cascade_when_enforced() {
     let done = ok(env.api, "DELETE", &format!("/v1/zones/{zone}?deleteMode=Enforcing"), None);
     let kinds: Vec<&str> =
         done["deleted"].as_array().unwrap().iter().map(|r| r["kind"].as_str().unwrap()).collect();
-    assert_eq!(kinds, ["Vm", "Host", "Cluster", "L3Network", "L2Network", "Zone"]);
+    assert_eq!(kinds, ["VmInstance", "Host", "Cluster", "L3Network", "L2Network", "Zone"]);
     for path in [
         format!("/v1/vm-instances/{vm_uuid}"),
         format!("/v1/hosts/{}", host["uuid"].as_str().unwrap()),

@@ -17,6 +17,10 @@ use uuid::Uuid;
 /// steps, GC handlers).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
+/// A flow step's error, kept as the step returned it, shared by the clones of the
+/// [`RuntimeError::FlowFailed`] that carries it.
+pub type StepError = Arc<dyn std::error::Error + Send + Sync + 'static>;
+
 /// An actor's address: its kind and UUID, printed as `kind/uuid`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 pub struct ActorId {
@@ -121,6 +125,10 @@ pub enum RuntimeError {
         /// Steps whose rollback failed too, with their errors (those steps may have left
         /// something behind; the rest of the chain was still rolled back).
         rollback_failures: Vec<String>,
+        /// The step's error as the step returned it, so a caller can tell what failed by its
+        /// type (`None` when the failure was not a step's own error in this process). Not
+        /// a `source`: `message` already tells it.
+        cause: Option<StepError>,
     },
     /// No flow chain or GC job kind with this name is defined.
     #[error("no {what} named `{name}` is defined")]

@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 use strato_storage::{Batch, Db, Expect, Record, StoreError, codec};
 use uuid::Uuid;
 
-use crate::error::{BoxError, RuntimeError, error_chain};
+use crate::error::{BoxError, RuntimeError, StepError, error_chain};
 use crate::inspect::unix_ms_now;
 
 /// How many times a failing rollback step is tried before the flow gives up on it.
@@ -383,7 +383,8 @@ impl FlowEngine {
             recovered: false,
         };
         let mut ctx = ctx;
-        if let Err(error) = self.finish(&def, &mut record, &mut ctx).await {
+        let (finished, cause) = self.finish(&def, &mut record, &mut ctx).await;
+        if let Err(error) = finished {
             tracing::error!(flow = %record.id, chain = %record.chain, error = %error_chain(&error), "removing a finished flow's record failed");
         }
         match record.failure {
@@ -393,6 +394,7 @@ impl FlowEngine {
                 step,
                 message,
                 rollback_failures: record.rollback_failures,
+                cause,
             }),
         }
     }
@@ -421,18 +423,18 @@ impl FlowEngine {
         def: &ChainDef<C>,
         record: &mut FlowRecord,
         ctx: &mut C,
-    ) -> Result<(), RuntimeError> {
+    ) -> (Result<(), RuntimeError>, Option<StepError>) {
         let at_end = Arc::new(Mutex::new(Batch::new()));
-        self.drive(def, record, ctx, &at_end).await;
+        let cause = self.drive(def, record, ctx, &at_end).await;
         let writes = take_writes(&at_end);
         let had_writes = !writes.is_empty();
         let error = match self.conclude(record, writes).await {
-            Ok(()) => return Ok(()),
+            Ok(()) => return (Ok(()), cause),
             Err(error) => error,
         };
         let last = record.steps.len().checked_sub(1);
         let (FlowPhase::Done, Some(last), true) = (&record.phase, last, had_writes) else {
-            return Err(error);
+            return (Err(error), cause);
         };
         let step = record.steps[last].clone();
         let message = format!("the step's end could not be saved: {}", error_chain(&error));
@@ -440,19 +442,22 @@ impl FlowEngine {
         record.failure = Some((step, message));
         record.phase = FlowPhase::RollingBack { next: last };
         self.drive(def, record, ctx, &at_end).await;
-        self.conclude(record, Batch::new()).await
+        (self.conclude(record, Batch::new()).await, Some(Arc::new(error)))
     }
 
     /// Moves `record` forward from its phase until it is `Done` or `RolledBack`, persisting
-    /// before every step and after every rollback step.
-    /// The last step's end writes are left in `at_end` for the record's removal to commit.
+    /// before every step and after every rollback step. Returns the error of the step that
+    /// failed, as the step returned it (the record keeps its text, for inspection and after
+    /// a crash). The last step's end writes are left in `at_end` for the record's removal
+    /// to commit.
     async fn drive<C: FlowContext>(
         &self,
         def: &ChainDef<C>,
         record: &mut FlowRecord,
         ctx: &mut C,
         at_end: &Arc<Mutex<Batch>>,
-    ) {
+    ) -> Option<StepError> {
+        let mut cause: Option<StepError> = None;
         let step_by_name =
             |name: &str| def.steps.iter().find(|(n, _)| n == name).map(|(_, s)| s.clone());
         let info = |record: &FlowRecord, step: &str| FlowInfo {
@@ -467,7 +472,7 @@ impl FlowEngine {
             match record.phase.clone() {
                 FlowPhase::Running { next, .. } if next >= record.steps.len() => {
                     record.phase = FlowPhase::Done;
-                    return;
+                    return cause;
                 }
                 FlowPhase::Running { next, in_step } => {
                     let name = record.steps[next].clone();
@@ -481,29 +486,28 @@ impl FlowEngine {
                         // behind unnoticed: do not start it; undo what is done. The
                         // checkpoint also held the end of the step before (and its writes):
                         // that step is the one that failed.
-                        let cause = error_chain(&error);
+                        let chain = error_chain(&error);
                         let (failed, message, phase) = match next.checked_sub(1) {
                             None => (
                                 name,
-                                format!("the flow's progress could not be saved: {cause}"),
+                                format!("the flow's progress could not be saved: {chain}"),
                                 FlowPhase::RolledBack,
                             ),
                             Some(last) => (
                                 record.steps[last].clone(),
-                                format!("the step's end could not be saved: {cause}"),
+                                format!("the step's end could not be saved: {chain}"),
                                 FlowPhase::RollingBack { next: last },
                             ),
                         };
                         tracing::error!(flow = %record.id, chain = %record.chain, step = %failed, error = %message, "flow stopped; rolling back");
                         record.failure = Some((failed, message));
                         record.phase = phase;
+                        cause = Some(Arc::new(error));
                         continue;
                     }
                     let outcome = match step_by_name(&name) {
-                        Some(step) => {
-                            step.run(ctx, &info(record, &name)).await.map_err(|e| error_chain(&*e))
-                        }
-                        None => Err("step is not defined by this build".to_owned()),
+                        Some(step) => step.run(ctx, &info(record, &name)).await,
+                        None => Err("step is not defined by this build".into()),
                     };
                     match outcome {
                         Ok(()) => {
@@ -514,10 +518,12 @@ impl FlowEngine {
                             // end nobody has been told of.
                             record.phase = FlowPhase::Running { next: next + 1, in_step: false };
                         }
-                        Err(message) => {
+                        Err(error) => {
+                            let message = error_chain(&*error);
                             tracing::warn!(flow = %record.id, chain = %record.chain, step = %name, error = %message, job = ?record.job_id, "flow step failed; rolling back");
                             // A failed step's end writes describe an end it did not reach.
                             drop(take_writes());
+                            cause = Some(Arc::from(error));
                             record.failure = Some((name, message));
                             record.phase = FlowPhase::RollingBack { next };
                             self.save_logged(record, ctx).await;
@@ -568,11 +574,11 @@ impl FlowEngine {
                         FlowPhase::RollingBack { next: next - 1 }
                     };
                     if next == 0 {
-                        return;
+                        return cause;
                     }
                     self.save_logged(record, ctx).await;
                 }
-                FlowPhase::Done | FlowPhase::RolledBack => return,
+                FlowPhase::Done | FlowPhase::RolledBack => return cause,
             }
         }
     }
@@ -707,7 +713,7 @@ impl<C: FlowContext> ErasedChain for Chain<C> {
             }
             _ => {}
         }
-        engine.finish(&def, &mut record, &mut ctx).await?;
+        engine.finish(&def, &mut record, &mut ctx).await.0?;
         Ok(record.phase == FlowPhase::Done)
     }
 }

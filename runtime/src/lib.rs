@@ -34,7 +34,7 @@ mod runtime;
 
 pub use config::{KindConfig, QueueConfig, QueueSpec, RestartBudget, RuntimeConfig};
 pub use entity::{Entity, Op, OpCtx};
-pub use error::{ActorId, BoxError, RuntimeError, error_chain};
+pub use error::{ActorId, BoxError, RuntimeError, StepError, error_chain};
 pub use event::{DynEvent, Event, EventBus, EventMatcher, SubscriberInfo, Subscription};
 pub use flow::{
     ChainSpec, FlowContext, FlowEngine, FlowInfo, FlowPhase, FlowRecord, FlowView, RecoveryReport,

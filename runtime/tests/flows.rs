@@ -23,6 +23,11 @@ struct Ctx {
 type Log = Arc<Mutex<Vec<String>>>;
 
 /// A step that logs `run:<name>` / `rollback:<name>` and can be told to fail either.
+/// A step's refusal, as a type of its own: the flow's caller gets it back by that type.
+#[derive(Debug, thiserror::Error)]
+#[error("{0} refused")]
+struct Refused(String);
+
 struct Probe {
     log: Log,
     fail_run: bool,
@@ -45,7 +50,7 @@ impl Step<Ctx> for Probe {
             gate.notified().await;
         }
         if self.fail_run {
-            return Err(format!("{} refused", flow.step).into());
+            return Err(Box::new(Refused(flow.step.clone())));
         }
         Ok(())
     }
@@ -151,11 +156,16 @@ async fn a_steps_end_writes_go_with_its_checkpoint_and_a_failed_one_rolls_it_bac
         define_writers(&rt, &name, &log, a, b);
         put_counter(&rt, [a, b][conflicting]).await;
         let error = rt.flows().run(&name, Ctx::default(), None).await.unwrap_err();
-        let RuntimeError::FlowFailed { step, message, .. } = error else {
+        let RuntimeError::FlowFailed { step, message, cause, .. } = error else {
             panic!("not a flow failure: {error:?}")
         };
         assert_eq!(step, ["a", "b"][conflicting]);
         assert!(message.contains("the step's end could not be saved"), "{message}");
+        let conflict = cause.as_ref().and_then(|c| c.downcast_ref::<RuntimeError>());
+        assert!(
+            matches!(conflict, Some(RuntimeError::Store(e)) if matches!(**e, strato_storage::StoreError::Conflict { .. })),
+            "{cause:?}"
+        );
         assert_eq!(log_of(&log), expected);
         // Nothing of the failed step's end was written; the other record is as it was.
         let untouched = [b, a][conflicting];
@@ -184,10 +194,13 @@ async fn a_failing_step_rolls_back_itself_and_every_completed_step_in_reverse() 
     );
     let error = rt.flows().run("fails", Ctx::default(), None).await.unwrap_err();
     match &error {
-        RuntimeError::FlowFailed { chain, step, message, rollback_failures } => {
+        RuntimeError::FlowFailed { chain, step, message, rollback_failures, cause } => {
             assert_eq!((chain.as_str(), step.as_str()), ("fails", "c"));
             assert!(message.contains("c refused"));
             assert!(rollback_failures.is_empty());
+            // The step's error keeps its type through the flow: no text to parse.
+            let refused = cause.as_ref().and_then(|c| c.downcast_ref::<Refused>());
+            assert_eq!(refused.map(|r| r.0.as_str()), Some("c"));
         }
         other => panic!("expected FlowFailed, got {other:?}"),
     }
@@ -389,10 +402,23 @@ fn sigkill_at_random_moments_leaves_every_flow_all_or_nothing() {
         let mut child =
             Command::new(BIN).arg("loop").arg(dir.path()).stdout(Stdio::piped()).spawn().unwrap();
         let stdout = BufReader::new(child.stdout.take().unwrap());
+        let (first_done, started) = std::sync::mpsc::channel();
         let reader = std::thread::spawn(move || {
-            stdout.lines().map_while(Result::ok).collect::<Vec<String>>()
+            let mut lines = Vec::new();
+            for line in stdout.lines().map_while(Result::ok) {
+                if line.starts_with("done ")
+                    && lines.iter().all(|l: &String| !l.starts_with("done "))
+                {
+                    let _ = first_done.send(());
+                }
+                lines.push(line);
+            }
+            lines
         });
-        std::thread::sleep(Duration::from_millis(150 + fastrand_like(round) % 250));
+        // The kill lands at a random moment of a run that has got going: a child slow to
+        // start (a loaded machine, a cold cache) has not been killed before its first flow.
+        started.recv_timeout(Duration::from_secs(60)).expect("the child completes a first flow");
+        std::thread::sleep(Duration::from_millis(fastrand_like(round) % 250));
         child.kill().unwrap();
         child.wait().unwrap();
         let lines = reader.join().unwrap();

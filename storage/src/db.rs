@@ -481,6 +481,23 @@ impl Db {
         self.inner.store.count_range(&prefix, end.as_deref(), at_most)
     }
 
+    /// The sum of `index`'s counters over every value: the number of records when every
+    /// record has exactly one value in it (a state), read in as many reads as there are
+    /// values. `index` must be one of `R::counted_indexes`.
+    pub fn counted_total<R: Record>(&self, index: &str) -> Result<usize, StoreError> {
+        debug_assert!(R::counted_indexes().contains(&index), "{index} is not counted");
+        let mut prefix = keys::counter_prefix(R::KIND);
+        prefix.extend_from_slice(index.as_bytes());
+        prefix.push(b'/');
+        let end = keys::prefix_end(&prefix);
+        let mut total: u64 = 0;
+        for item in self.inner.store.range(&prefix, end.as_deref(), false) {
+            let (_, value) = item?;
+            total = total.saturating_add(decode_counter(Some(&value)));
+        }
+        Ok(usize::try_from(total).unwrap_or(usize::MAX))
+    }
+
     fn index_ids(
         &self,
         start: &[u8],

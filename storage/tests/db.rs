@@ -308,6 +308,11 @@ fn an_index_is_walked_in_order_and_counted_without_reading_records() {
         assert_eq!(db.count_index::<Vm>("state", &running, usize::MAX).unwrap(), 3);
         assert_eq!(db.count_index::<Vm>("state", &running, 2).unwrap(), 2, "capped");
         assert_eq!(db.count_index::<Vm>("state", &IndexValue::from("Paused"), 9).unwrap(), 0);
+        assert_eq!(db.counted_total::<Vm>("state").unwrap(), 4, "the counters add up to the table");
+        let mut batch = Batch::new();
+        batch.delete::<Vm>(vms[0].id, Expect::Any);
+        db.commit_blocking(batch).unwrap();
+        assert_eq!(db.counted_total::<Vm>("state").unwrap(), 3);
     });
 }
 
