@@ -772,16 +772,20 @@ pub async fn command(
             Op::within("command", command.name(), Duration::from_secs(600)).job(job_id),
             move |ctx| async move {
                 // One id for the command: if the link closes before the answer (a
-                // `ReconnectHost`, a redial) it is sent once more on the new link, and the
+                // `ReconnectHost`, a redial) it is sent again on the new link, and the
                 // agent, which acts at most once per id, answers what the first one did.
+                // Reconnects in a row close link after link: it is sent again as long as
+                // a new link comes within the wait for one.
                 let id = Uuid::new_v4();
-                let link = live_link(&ctx, deadline).await?;
-                match link.request_with_id(id, command.clone(), deadline, job_id).await {
-                    Err(LinkError::Closed) => {
-                        let link = live_link(&ctx, deadline).await?;
-                        Ok(link.request_with_id(id, command, deadline, job_id).await?)
+                let resend_until = tokio::time::Instant::now() + RELINK_WAIT;
+                loop {
+                    let link = live_link(&ctx, deadline).await?;
+                    match link.request_with_id(id, command.clone(), deadline, job_id).await {
+                        Err(LinkError::Closed) if tokio::time::Instant::now() < resend_until => {
+                            continue;
+                        }
+                        answered => return Ok(answered?),
                     }
-                    answered => Ok(answered?),
                 }
             },
         )

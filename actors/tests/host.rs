@@ -163,3 +163,42 @@ async fn an_agent_of_another_mn_leaves_the_host_disconnected_with_the_reason() {
     assert!(record.last_error.unwrap().contains("TLS handshake"));
     assert!(c.db.get::<AgentCertRecord>(host.uuid).unwrap().is_none(), "nothing pinned");
 }
+
+/// The storms' `ReconnectHost`s come in a row: a command cut by one is sent again (under its
+/// one id) on the next link, and that one may be cut by the next reconnect too. It is sent
+/// again as long as a new link comes, rather than failing the user's operation on a host that
+/// was only reconnecting (seen as `HOST.UNAVAILABLE` in a storm without faults).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_outlive_reconnects_in_a_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_agent, addr) = serve(sim(dir.path()), "127.0.0.1:0".parse().unwrap()).await;
+    let c = mn();
+    let host = host_record(addr);
+    put(&c.db, &host);
+    host::connect(&c.hosts, host.uuid).await.unwrap();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let (hosts, done) = (c.hosts.clone(), done.clone());
+        clients.push(tokio::spawn(async move {
+            let mut failures = Vec::new();
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                let deadline = SystemTime::now() + Duration::from_secs(30);
+                if let Err(error) =
+                    host::command(&hosts, host.uuid, Command::ListDomains, deadline, None).await
+                {
+                    failures.push(error.to_string());
+                }
+            }
+            failures
+        }));
+    }
+    for _ in 0..100 {
+        host::reconnect(&c.hosts, host.uuid).await.unwrap();
+    }
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    for client in clients {
+        let failures = client.await.unwrap();
+        assert!(failures.is_empty(), "reconnects failed commands: {failures:?}");
+    }
+}
