@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use strato_actors::records::{VmNic, VmRecord};
 use strato_actors::vm::state::VmState;
+use strato_api::query::StoreSource;
 use strato_api::query::{self, Catalog, Query};
-use strato_api::store_source::StoreSource;
 use strato_storage::{Batch, Db, Expect};
 use uuid::Uuid;
 

@@ -1,9 +1,10 @@
 //! The API's one error type and its one mapping to HTTP.
 //!
-//! Every failure a client can see is an [`ApiError`]: an HTTP status, a stable code
-//! (`SYS.INVALID_ARGUMENT`, `VM.INVALID_STATE`, ...), a message a user can act on, and details
-//! (the field at fault, the placement trace). Errors from the layers below are mapped here
-//! and nowhere else; server-side failures log their whole cause chain.
+//! Every failure a client can see is an [`ApiError`]: a stable code from the one list of them
+//! ([`crate::codes`]: `SYS.INVALID_ARGUMENT`, `VM.INVALID_STATE`, ...) with its HTTP status, a
+//! message a user can act on, and details (the field at fault, the placement trace). Errors
+//! from the layers below are mapped here and nowhere else, by their types; server-side
+//! failures log their whole cause chain, and never answer it.
 
 use axum::Json;
 use axum::http::StatusCode;
@@ -14,6 +15,8 @@ use strato_actors::host::HostError;
 use strato_actors::l3::L3Error;
 use strato_actors::vm::VmError;
 use strato_runtime::{RuntimeError, error_chain};
+
+use crate::codes::Code;
 
 /// An error as the API reports it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -34,36 +37,30 @@ fn internal_status() -> StatusCode {
 }
 
 impl ApiError {
-    /// An error with everything given.
-    pub fn new(
-        status: StatusCode,
-        code: &str,
-        description: impl Into<String>,
-        details: Value,
-    ) -> Self {
-        ApiError { status, code: code.to_owned(), description: description.into(), details }
+    /// An error of `code`, with what happened and details.
+    pub fn new(code: Code, description: impl Into<String>, details: Value) -> Self {
+        ApiError {
+            status: code.status,
+            code: code.name.to_owned(),
+            description: description.into(),
+            details,
+        }
+    }
+
+    /// An error of `code` without details.
+    pub fn of(code: Code, description: impl Into<String>) -> Self {
+        ApiError::new(code, description, Value::Null)
     }
 
     /// 400: `field` is missing or wrong.
     pub fn invalid(field: &str, description: impl Into<String>) -> Self {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "SYS.INVALID_ARGUMENT",
-            description,
-            json!({ "field": field }),
-        )
-    }
-
-    /// 409: the request contradicts what exists (`code` says how).
-    pub fn conflict(code: &str, description: impl Into<String>) -> Self {
-        ApiError::new(StatusCode::CONFLICT, code, description, Value::Null)
+        ApiError::new(crate::codes::INVALID_ARGUMENT, description, json!({ "field": field }))
     }
 
     /// 404: no `kind` with this UUID.
     pub fn not_found(kind: &str, uuid: impl std::fmt::Display) -> Self {
         ApiError::new(
-            StatusCode::NOT_FOUND,
-            "SYS.RESOURCE_NOT_FOUND",
+            crate::codes::RESOURCE_NOT_FOUND,
             format!("no {kind} with UUID {uuid}"),
             json!({ "resourceType": kind, "uuid": uuid.to_string() }),
         )
@@ -81,8 +78,7 @@ impl ApiError {
         let reference = uuid::Uuid::new_v4();
         tracing::error!(error = %chain, %reference, "internal error");
         ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "SYS.INTERNAL",
+            crate::codes::INTERNAL,
             format!(
                 "the management node failed to serve the request; its log has the cause under reference {reference}"
             ),
@@ -109,29 +105,22 @@ impl From<RuntimeError> for ApiError {
                 strato_actors::kinds::by_actor(actor.kind).map_or(actor.kind, |k| k.api),
                 actor.id,
             ),
-            RuntimeError::Busy { .. } => ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "SYS.BUSY",
-                error.to_string(),
-                Value::Null,
-            ),
-            RuntimeError::Timeout { .. } => ApiError::new(
-                StatusCode::GATEWAY_TIMEOUT,
-                "SYS.TIMEOUT",
-                error.to_string(),
-                Value::Null,
-            ),
+            RuntimeError::Busy { .. } => {
+                ApiError::new(crate::codes::BUSY, error.to_string(), Value::Null)
+            }
+            RuntimeError::Timeout { .. } => {
+                ApiError::new(crate::codes::TIMEOUT, error.to_string(), Value::Null)
+            }
             RuntimeError::FlowFailed { chain, step, message, rollback_failures, cause } => {
                 if !rollback_failures.is_empty() {
                     tracing::warn!(%chain, %step, %message, ?rollback_failures, "a flow failed and its undo did not finish");
                 }
                 // What failed is told by the step's error's type; what failed inside (an
                 // agent's or libvirt's message) goes in the details, which
-                // `crate::exposure` keeps from tenants.
+                // `auth::exposure` keeps from tenants.
                 let mut answer = cause.as_deref().and_then(step_failure).unwrap_or_else(|| {
                     ApiError::new(
-                        StatusCode::CONFLICT,
-                        "SYS.OPERATION_FAILED",
+                        crate::codes::OPERATION_FAILED,
                         if rollback_failures.is_empty() {
                             format!(
                                 "{chain} failed at its step {step}; what it had done was undone"
@@ -157,24 +146,17 @@ impl From<RuntimeError> for ApiError {
             RuntimeError::Internal { .. } => {
                 tracing::error!(error = %error_chain(&error), "an operation panicked");
                 ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "SYS.OPERATION_PANICKED",
+                    crate::codes::OPERATION_PANICKED,
                     "the operation stopped on a bug (it panicked); its actor was restarted, so the request may be sent again",
                     Value::Null,
                 )
             }
             RuntimeError::Failed { .. } | RuntimeError::Unavailable { .. } => {
                 tracing::error!(error = %error_chain(&error), "an actor refuses operations");
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "SYS.ACTOR_UNAVAILABLE",
-                    error.to_string(),
-                    Value::Null,
-                )
+                ApiError::new(crate::codes::ACTOR_UNAVAILABLE, error.to_string(), Value::Null)
             }
             RuntimeError::Shutdown => ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "SYS.SHUTTING_DOWN",
+                crate::codes::SHUTTING_DOWN,
                 "the management node is shutting down; send the request again once it is back",
                 Value::Null,
             ),
@@ -193,8 +175,7 @@ fn step_failure(cause: &(dyn std::error::Error + Send + Sync + 'static)) -> Opti
     }
     if let Some(L3Error::Ipam(IpamError::Exhausted)) = cause.downcast_ref::<L3Error>() {
         return Some(ApiError::new(
-            StatusCode::CONFLICT,
-            "L3.IP_EXHAUSTED",
+            crate::codes::IP_EXHAUSTED,
             format!("{}: add an IP range or free addresses", IpamError::Exhausted),
             Value::Null,
         ));
@@ -209,8 +190,7 @@ fn step_failure(cause: &(dyn std::error::Error + Send + Sync + 'static)) -> Opti
 
 fn no_host(trace: &[strato_actors::allocator::FilterStep]) -> ApiError {
     ApiError::new(
-        StatusCode::CONFLICT,
-        "HOST_ALLOCATION.NO_HOST",
+        crate::codes::NO_HOST,
         "no host can take the VM",
         json!({ "placementTrace": trace.iter().map(|s| format!("{} -> {}", s.filter, s.hosts_left)).collect::<Vec<_>>() }),
     )
@@ -218,8 +198,7 @@ fn no_host(trace: &[strato_actors::allocator::FilterStep]) -> ApiError {
 
 fn host_unavailable(error: &HostError) -> ApiError {
     ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "HOST.UNAVAILABLE",
+        crate::codes::HOST_UNAVAILABLE,
         "the host is not reachable now; try again once it reconnects",
         json!({ "cause": error_chain(error) }),
     )
@@ -230,8 +209,7 @@ impl From<VmError> for ApiError {
         match error {
             VmError::Runtime(e) => e.into(),
             VmError::InvalidState(e) => ApiError::new(
-                StatusCode::CONFLICT,
-                "VM.INVALID_STATE",
+                crate::codes::VM_INVALID_STATE,
                 e.to_string(),
                 json!({ "state": format!("{:?}", e.state), "allowed": e.allowed.iter().map(|o| format!("{o:?}")).collect::<Vec<_>>() }),
             ),
@@ -268,8 +246,7 @@ impl From<L3Error> for ApiError {
                     _ => "ipRange",
                 };
                 ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "L3.INVALID_IP_RANGE",
+                    crate::codes::INVALID_IP_RANGE,
                     e.to_string(),
                     json!({ "field": field }),
                 )
@@ -284,21 +261,18 @@ impl From<strato_actors::cascade::CascadeError> for ApiError {
         use strato_actors::cascade::CascadeError;
         match error {
             CascadeError::HasDependents { resource, ref dependents } => ApiError::new(
-                StatusCode::CONFLICT,
-                "SYS.RESOURCE_IN_USE",
+                crate::codes::RESOURCE_IN_USE,
                 error.to_string(),
                 json!({ "resource": resource, "dependents": dependents }),
             ),
             CascadeError::NotFound(r) => ApiError::not_found(r.kind.api, r.uuid),
             CascadeError::NotDeletable(resource) => ApiError::new(
-                StatusCode::CONFLICT,
-                "SYS.NOT_DELETABLE",
+                crate::codes::NOT_DELETABLE,
                 error.to_string(),
                 json!({ "resource": resource }),
             ),
             CascadeError::Busy(resource, _) => ApiError::new(
-                StatusCode::CONFLICT,
-                "SYS.RESOURCE_BUSY",
+                crate::codes::RESOURCE_BUSY,
                 error.to_string(),
                 json!({ "resource": resource }),
             ),
@@ -338,8 +312,7 @@ fn store_error(error: &strato_storage::StoreError) -> ApiError {
         StoreError::Conflict { .. } => {
             tracing::warn!(error = %error_chain(error), "a store conflict reached the API");
             ApiError::new(
-                StatusCode::CONFLICT,
-                "SYS.CONCURRENT_CHANGE",
+                crate::codes::CONCURRENT_CHANGE,
                 "what this request changes was changed by another at the same moment; nothing was written: send it again",
                 Value::Null,
             )
@@ -347,8 +320,7 @@ fn store_error(error: &strato_storage::StoreError) -> ApiError {
         StoreError::Backend { .. } | StoreError::NotDurable { .. } => {
             tracing::error!(error = %error_chain(error), "the store failed");
             ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "SYS.STORE_FAILED",
+                crate::codes::STORE_FAILED,
                 "the management node's store failed, so nothing of this request was kept; try again, and tell the operator if it goes on",
                 Value::Null,
             )

@@ -30,7 +30,6 @@ use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use strato_storage::{Batch, Db, Expect, Record, StoreError};
@@ -43,7 +42,7 @@ use strato_actors::owners::OwnerRecord;
 use crate::error::ApiError;
 
 /// Where a job stands.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum JobState {
     /// Running.
     Running,
@@ -115,6 +114,7 @@ pub const MAX_WAIT: Duration = Duration::from_secs(60);
 pub struct Jobs {
     db: Db,
     running: Arc<Mutex<HashMap<Uuid, Running>>>,
+    ended: Arc<Mutex<std::collections::BTreeMap<(String, JobState), u64>>>,
 }
 
 /// A job running in this process, by job key ([`key`]).
@@ -129,7 +129,7 @@ struct Running {
 impl Jobs {
     /// The jobs kept in `db`.
     pub fn new(db: Db) -> Jobs {
-        Jobs { db, running: Default::default() }
+        Jobs { db, running: Default::default(), ended: Default::default() }
     }
 
     /// `account`'s job `job`, if it has one.
@@ -156,6 +156,12 @@ impl Jobs {
         // the record read next says where it stands either way.
         let _ = tokio::time::timeout(timeout, ended.wait_for(|ended| *ended)).await;
         self.find(account, job)
+    }
+
+    /// How many jobs have ended in this process, by API and end state (for `/metrics`).
+    pub fn ended(&self) -> Vec<(String, JobState, u64)> {
+        let ended = self.ended.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        ended.iter().map(|((api, state), n)| (api.clone(), *state, *n)).collect()
     }
 
     /// The token of `account`'s running job `job`, if that job can be cancelled.
@@ -272,8 +278,8 @@ impl Jobs {
             Err(StoreError::Conflict { .. }) => {
                 let Some(existing) = self.find(account, uuid)? else {
                     // The job is new: what conflicted is the resource it creates.
-                    return Err(ApiError::conflict(
-                        "SYS.RESOURCE_EXISTS",
+                    return Err(ApiError::of(
+                        crate::codes::RESOURCE_EXISTS,
                         "the resource this request creates exists already; send the request again",
                     ));
                 };
@@ -281,8 +287,7 @@ impl Jobs {
                     return Ok(uuid);
                 }
                 return Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    "SYS.JOB_UUID_REUSED",
+                    crate::codes::JOB_UUID_REUSED,
                     format!(
                         "job {uuid} already exists for a different request; use a new X-Job-UUID"
                     ),
@@ -330,7 +335,12 @@ impl Jobs {
             if registered && let Some(running) = jobs.lock().remove(&job_key) {
                 running.ended.send_replace(true);
             }
-            crate::metrics::job_finished(&api, state);
+            *jobs
+                .ended
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .entry((api.clone(), state))
+                .or_default() += 1;
             tracing::info!(job = %uuid, %api, ?state, "job finished");
         };
         tokio::spawn(tracing::Instrument::instrument(task, span));
@@ -341,8 +351,7 @@ impl Jobs {
 /// The error a cancelled job ends with.
 pub fn cancelled() -> ApiError {
     ApiError::new(
-        StatusCode::CONFLICT,
-        "SYS.JOB_CANCELLED",
+        crate::codes::JOB_CANCELLED,
         "the job was cancelled (CancelApiJob); what it had begun was undone",
         Value::Null,
     )
@@ -388,8 +397,7 @@ pub async fn recover(
             continue;
         }
         let error = ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "SYS.JOB_INTERRUPTED",
+            crate::codes::JOB_INTERRUPTED,
             "the management node restarted while this job ran; its changes were rolled back",
             Value::Null,
         );

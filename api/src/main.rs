@@ -1,6 +1,6 @@
 //! The `strato` binary: the management node server, the main job, agents' bootstrap files, the
 //! OpenAPI document, the runtime demonstration, and the client commands (`strato
-//! <ApiName> key=value ...`, `strato shell`; see `strato_api::cli`).
+//! <ApiName> key=value ...`, `strato shell`; see `strato_api::client::cli`).
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -139,17 +139,17 @@ fn main() -> std::process::ExitCode {
             // The options may also follow the API's name: the client splits them out.
             let mut argv = args.client_options();
             argv.extend(command.iter().cloned());
-            return std::process::ExitCode::from(strato_api::cli::run(&argv) as u8);
+            return std::process::ExitCode::from(strato_api::client::cli::run(&argv) as u8);
         }
         Cmd::Debug { args: debug_args } => {
             let mut argv = args.client_options();
             argv.extend(debug_args.iter().cloned());
-            return std::process::ExitCode::from(strato_api::cli::debug(&argv) as u8);
+            return std::process::ExitCode::from(strato_api::client::cli::debug(&argv) as u8);
         }
         Cmd::Shell => {
-            return std::process::ExitCode::from(
-                strato_api::cli::shell(&args.client_options()) as u8
-            );
+            return std::process::ExitCode::from(strato_api::client::cli::shell(
+                &args.client_options(),
+            ) as u8);
         }
         _ => {}
     }
@@ -197,7 +197,7 @@ fn main() -> std::process::ExitCode {
                 Ok(())
             }
             Cmd::Up { data_dir, listen, agent_listen } => {
-                strato_api::up::run(&data_dir, listen, agent_listen).await
+                strato_api::client::up::run(&data_dir, listen, agent_listen).await
             }
             Cmd::AgentBootstrap { data_dir, out, hosts } => {
                 strato_proto::tls::private_dir(&data_dir)?;
@@ -212,10 +212,10 @@ fn main() -> std::process::ExitCode {
                 unreachable!("client commands returned above")
             }
             Cmd::Openapi => {
-                print!("{}", strato_api::openapi::pretty());
+                print!("{}", strato_api::catalog::openapi::pretty());
                 Ok(())
             }
-            Cmd::Demo { data_dir } => strato_api::demo::run(&data_dir).await,
+            Cmd::Demo { data_dir } => strato_api::client::demo::run(&data_dir).await,
         }
     });
     match result {

@@ -30,16 +30,14 @@ pub struct Mn {
     pub hosts: Kind<Hosts>,
     /// L3 network actors.
     pub l3s: Kind<L3s>,
-    /// How long a session lives (`STRATO_SESSION_TIMEOUT_SECS`, default two hours).
-    pub session_timeout: std::time::Duration,
+    /// What authentication needs: the store, the session lifetime, the login throttle.
+    pub auth: crate::auth::Auth,
     /// The admin's password when this start generated it, to print once.
     pub generated_admin_password: Option<String>,
     /// Per-account locks around quota checks.
-    pub quota_locks: crate::auth::QuotaLocks,
+    pub quota_locks: crate::auth::quota::QuotaLocks,
     /// Held while an account is created: account names are unique.
     pub account_creation: tokio::sync::Mutex<()>,
-    /// Failed logins, throttled per account name and per source address.
-    pub logins: crate::login::LoginThrottle,
     /// The URL clients reach the API at (`STRATO_EXTERNAL_URL`), for the `Location` of a
     /// job; without it a `Location` is a path, never built from the request's `Host`.
     pub external_url: Option<String>,
@@ -129,7 +127,8 @@ impl Mn {
         let db = Db::open_sled(&data_dir.join("store"))?;
         // A store written by an older build may lack entries of indexes added since.
         strato_actors::kinds::ensure_indexes(&db)?;
-        let generated_admin_password = crate::auth::bootstrap(&db).map_err(|e| e.description)?;
+        let generated_admin_password =
+            crate::auth::accounts::bootstrap(&db).map_err(|e| e.description)?;
         if let Some(password) = &generated_admin_password {
             // As Jenkins keeps its initial admin password: readable by whoever runs the node.
             write_private(&data_dir.join(INITIAL_ADMIN_PASSWORD), password)?;
@@ -196,17 +195,21 @@ impl Mn {
         );
         runtime.gc().start()?;
         let jobs = crate::jobs::Jobs::new(db.clone());
+        let auth_db = db.clone();
         Ok(Arc::new(Mn {
             runtime,
             db,
             vms,
             hosts,
             l3s,
-            session_timeout,
+            auth: crate::auth::Auth {
+                db: auth_db,
+                session_timeout,
+                logins: std::sync::Arc::new(crate::auth::login::LoginThrottle::new(login_policy)),
+            },
             generated_admin_password,
             quota_locks: Default::default(),
             account_creation: Default::default(),
-            logins: crate::login::LoginThrottle::new(login_policy),
             external_url,
             image_policy,
             jobs,
@@ -229,8 +232,8 @@ fn number(name: &str) -> Result<Option<u64>, BoxError> {
 
 /// The login throttle's policy: the defaults, or `STRATO_LOGIN_LOCKOUT_ATTEMPTS`,
 /// `STRATO_LOGIN_LOCKOUT_SECS` and `STRATO_LOGIN_DELAY_MS`.
-fn login_policy() -> Result<crate::login::LoginPolicy, BoxError> {
-    let mut policy = crate::login::LoginPolicy::default();
+fn login_policy() -> Result<crate::auth::login::LoginPolicy, BoxError> {
+    let mut policy = crate::auth::login::LoginPolicy::default();
     if let Some(n) = number("STRATO_LOGIN_LOCKOUT_ATTEMPTS")? {
         policy.lockout_failure_attempts = u32::try_from(n.max(1)).unwrap_or(u32::MAX);
         policy.source_failure_attempts =

@@ -15,7 +15,6 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request};
-use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -24,7 +23,7 @@ use tower_service::Service;
 
 use crate::error::ApiError;
 use crate::mn::Mn;
-use crate::routes;
+use crate::ops::{console, debug, metrics};
 
 /// How long a client may take to send a request's headers.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -37,7 +36,7 @@ pub const MAX_BODY_BYTES: usize = 2 << 20;
 
 /// Serves the API for `mn` on `listener`.
 pub async fn serve(mn: Arc<Mn>, listener: TcpListener) -> std::io::Result<()> {
-    let app = routes::router(mn).layer(axum::middleware::from_fn(read_body_within));
+    let app = app(mn).layer(axum::middleware::from_fn(read_body_within));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -66,6 +65,44 @@ pub async fn serve(mn: Arc<Mn>, listener: TcpListener) -> std::io::Result<()> {
     }
 }
 
+/// The whole application: the API's routes ([`crate::http`]), the debug console's and the
+/// metrics' ([`crate::ops`]), the OpenAPI document, under authentication, redaction for
+/// tenants and request metrics.
+pub fn app(mn: Arc<Mn>) -> axum::Router {
+    use axum::Json;
+    use axum::extract::State;
+    use axum::routing::{get, post};
+    crate::http::router()
+        .route("/debug/tree", get(debug::tree))
+        .route("/debug/actors", get(debug::actors))
+        .route("/debug/actors/{kind}/{uuid}", get(debug::actor))
+        .route("/debug/flows", get(debug::flows))
+        .route("/debug/gc", get(debug::gc))
+        .route("/debug/hosts", get(debug::hosts))
+        .route(
+            "/debug/summary",
+            get(|State(mn): State<Arc<Mn>>| async move { debug::summary(&mn).await.map(Json) }),
+        )
+        .route("/debug/events", get(debug::events))
+        .route("/debug/actions/{action}", post(debug::action))
+        .route("/metrics", get(metrics::scrape))
+        // Route layers run after routing, so all see the route's template; the last added
+        // runs first: metrics count what authentication refuses too, and a tenant's answers
+        // are redacted inside authentication's scope, where the caller is known.
+        .route_layer(axum::middleware::from_fn(crate::auth::exposure::redact_for_tenants))
+        .route_layer(axum::middleware::from_fn_with_state(
+            mn.auth.clone(),
+            crate::auth::middleware::authenticate,
+        ))
+        .route_layer(axum::middleware::from_fn(metrics::track))
+        .route("/v1/openapi.json", get(|| async { Json(crate::catalog::openapi::document()) }))
+        .route("/console", get(console::page))
+        .route("/console/console.js", get(console::script))
+        .route("/console/console.css", get(console::style))
+        .route("/console/login", post(console::log_in))
+        .with_state(mn)
+}
+
 /// Reads the request's body whole within [`BODY_READ_TIMEOUT`] (408 otherwise) and at most
 /// [`MAX_BODY_BYTES`] (413), before any handler sees it.
 async fn read_body_within(request: Request, next: Next) -> Response {
@@ -75,8 +112,7 @@ async fn read_body_within(request: Request, next: Next) -> Response {
         Ok(Ok(bytes)) => bytes,
         Ok(Err(_)) => {
             return ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "SYS.BODY_TOO_LARGE",
+                crate::codes::BODY_TOO_LARGE,
                 format!("the request body is cut off or larger than {MAX_BODY_BYTES} bytes"),
                 serde_json::json!({ "field": "body" }),
             )
@@ -84,8 +120,7 @@ async fn read_body_within(request: Request, next: Next) -> Response {
         }
         Err(_) => {
             return ApiError::new(
-                StatusCode::REQUEST_TIMEOUT,
-                "SYS.REQUEST_TIMEOUT",
+                crate::codes::REQUEST_TIMEOUT,
                 format!("the request body did not arrive within {} s", BODY_READ_TIMEOUT.as_secs()),
                 serde_json::json!({ "field": "body" }),
             )

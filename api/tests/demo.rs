@@ -4,8 +4,8 @@
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demonstration_runs_twice_on_the_same_store() {
     let dir = tempfile::tempdir().unwrap();
-    strato_api::demo::run(dir.path()).await.unwrap();
-    strato_api::demo::run(dir.path()).await.unwrap();
+    strato_api::client::demo::run(dir.path()).await.unwrap();
+    strato_api::client::demo::run(dir.path()).await.unwrap();
     let snapshot: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.path().join("snapshot.json")).unwrap()).unwrap();
     let actors = snapshot["actors"].as_array().unwrap();

@@ -1,4 +1,4 @@
-//! The OpenAPI 3.1 document, generated from the API catalog ([`crate::catalog`]): one
+//! The OpenAPI 3.1 document, generated from the API catalog ([`super`]): one
 //! operation per method and path, bodies from the same serde structs the handlers validate
 //! with (their `utoipa::ToSchema` schemas), queries from the query declarations, with the
 //! fields each kind can be queried by (`x-strato-query-fields`). Served at
@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use serde_json::{Map, Value, json};
 
-use crate::catalog::{self, Answer, Api, Body};
+use super::{Answer, Api, Body, Described, Method};
 
 fn path_parameter(name: &str) -> Value {
     json!({ "name": name, "in": "path", "required": true,
@@ -40,7 +40,7 @@ fn query_parameters(kind: &str) -> Vec<Value> {
     ]
 }
 
-fn action_body(action: &str, described: &catalog::Described) -> Value {
+fn action_body(action: &str, described: &Described) -> Value {
     json!({ "type": "object", "required": [action], "additionalProperties": false,
             "properties": { action: described.schema } })
 }
@@ -62,7 +62,7 @@ fn operation(apis: &[&Api], components: &mut BTreeMap<String, Value>) -> Value {
     if let Some(kind) = first.query_kind() {
         parameters.extend(query_parameters(kind));
     }
-    if first.method == catalog::Method::Delete && first.answer == Answer::Job {
+    if first.method == Method::Delete && first.answer == Answer::Job {
         parameters.push(json!({ "name": "deleteMode", "in": "query", "required": false,
             "description": "Permissive refuses while something depends on the resource; Enforcing deletes dependents first",
             "schema": { "type": "string", "enum": ["Permissive", "Enforcing"] } }));
@@ -77,20 +77,18 @@ fn operation(apis: &[&Api], components: &mut BTreeMap<String, Value>) -> Value {
     }
     let mut bodies = Vec::new();
     for api in apis {
-        let body = match api.body {
+        let body = match &api.body {
             Body::None => continue,
-            Body::Create(f) => {
-                let d = f();
+            Body::Create(d) => {
                 components.extend(d.components.clone());
                 json!({ "type": "object", "required": ["params"], "properties": {
                     "params": d.schema,
                     "systemTags": { "type": "array", "items": { "type": "string" } },
                     "userTags": { "type": "array", "items": { "type": "string" } } } })
             }
-            Body::Action(action, f) => {
-                let d = f();
+            Body::Action(action, d) => {
                 components.extend(d.components.clone());
-                action_body(action, &d)
+                action_body(action, d)
             }
         };
         bodies.push(body);
@@ -145,7 +143,7 @@ fn operation(apis: &[&Api], components: &mut BTreeMap<String, Value>) -> Value {
 /// The document.
 pub fn document() -> Value {
     let mut grouped: BTreeMap<(&str, &str), Vec<&Api>> = BTreeMap::new();
-    for api in catalog::all() {
+    for api in super::all() {
         grouped.entry((api.path, api.method.as_str())).or_default().push(api);
     }
     let mut components: BTreeMap<String, Value> = BTreeMap::new();
@@ -157,7 +155,12 @@ pub fn document() -> Value {
     components.insert(
         "ErrorReply".into(),
         json!({ "type": "object", "properties": { "error": { "type": "object", "properties": {
-            "code": { "type": "string" }, "description": { "type": "string" }, "details": {} } } } }),
+            "code": { "type": "string",
+                "enum": crate::codes::ALL.iter().map(|c| c.name).collect::<Vec<_>>(),
+                "description": "A stable code; x-strato-error-codes gives each one's HTTP status and meaning" },
+            "description": { "type": "string" }, "details": {} } } },
+            "x-strato-error-codes": crate::codes::ALL.iter().map(|c| json!({
+                "code": c.name, "status": c.status.as_u16(), "meaning": c.meaning })).collect::<Vec<_>>() }),
     );
     json!({
         "openapi": "3.1.0",
@@ -192,7 +195,7 @@ mod tests {
     /// run `cargo run -p strato-api --bin strato -- openapi > api/openapi.json`.
     #[test]
     fn the_committed_document_is_the_generated_one() {
-        let committed = include_str!("../openapi.json");
+        let committed = include_str!("../../openapi.json");
         assert!(
             committed == pretty(),
             "api/openapi.json is stale: run `cargo run -p strato-api --bin strato -- openapi > api/openapi.json`"
@@ -202,7 +205,7 @@ mod tests {
     #[test]
     fn every_api_is_an_operation_with_its_parameters() {
         let doc = document();
-        for api in catalog::all() {
+        for api in crate::catalog::all() {
             let op = &doc["paths"][api.path][api.method.as_str().to_ascii_lowercase()];
             let id = op["operationId"].as_str().unwrap_or_default();
             assert!(id.split("Or").any(|n| n == api.name), "{} {}: {id}", api.name, api.path);
@@ -220,5 +223,11 @@ mod tests {
         assert_eq!(query["operationId"], "QueryVmInstance");
         let fields = query["parameters"][0]["x-strato-query-fields"].as_array().unwrap();
         assert!(fields.contains(&json!("vmNics.ip")) && fields.contains(&json!("userTags.tag")));
+        // Every error code is published, with its status.
+        let codes =
+            doc["components"]["schemas"]["ErrorReply"]["x-strato-error-codes"].as_array().unwrap();
+        assert_eq!(codes.len(), crate::codes::ALL.len());
+        assert!(codes.contains(&json!({ "code": "VM.INVALID_STATE", "status": 409,
+            "meaning": crate::codes::VM_INVALID_STATE.meaning })));
     }
 }

@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value, json};
 
+use super as client;
 use crate::catalog::{self, Answer, Api, Body};
-use crate::client;
 
 /// How answers print.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -352,7 +352,7 @@ fn build(api: &Api, pairs: &[Pair]) -> Result<Request, Failure> {
         }
         return Ok(Request { path, body: None });
     }
-    let params = api.params();
+    let params = catalog::params(api);
     let mut object = Map::new();
     let mut system_tags = Vec::new();
     let mut user_tags = Vec::new();
@@ -589,7 +589,7 @@ pub fn completions(line: &str) -> (usize, Vec<String>) {
             .path_params()
             .into_iter()
             .map(str::to_owned)
-            .chain(api.params().into_iter().map(|p| p.name))
+            .chain(catalog::params(api).into_iter().map(|p| p.name))
             .chain(
                 matches!(api.body, Body::Create(_))
                     .then(|| ["systemTags".to_owned(), "userTags".to_owned()])

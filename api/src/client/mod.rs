@@ -1,15 +1,20 @@
-//! A minimal HTTP/1.1 client for talking to a Strato API on the local network: enough for
-//! `strato up` to register resources through the real API (and for the CLI to come),
-//! without a second HTTP stack in the build.
+//! The client side of the API: the one HTTP client (this module), the CLI ([`cli`]), the
+//! main job (`strato up`, [`up`]) and the runtime demonstration ([`demo`]).
 //!
-//! A process logs in once per API ([`log_in`]); every request to that API then carries the
-//! session, as a person's shell would after `LogInByAccount`.
+//! The client is a minimal HTTP/1.1 client for a Strato API on the local network, without a
+//! second HTTP stack in the build; the CLI, `strato up`, the tests and the chaos and load
+//! runs all use it. A process logs in once per API ([`log_in`]); every request to that API
+//! then carries the session, as a person's shell would after `LogInByAccount`.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+
+pub mod cli;
+pub mod demo;
+pub mod up;
 
 /// Why a call failed.
 #[derive(Debug, thiserror::Error)]

@@ -23,7 +23,7 @@ use serde_json::{Value, json};
 use strato_proto::tls::AgentIdentity;
 use strato_runtime::BoxError;
 
-use crate::client::{self, ClientError};
+use super::{self as client, ClientError};
 use crate::mn::Mn;
 use crate::server;
 

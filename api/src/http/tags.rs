@@ -14,6 +14,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::Response;
+use axum::routing::{delete, post};
 use serde::Deserialize;
 use serde_json::Value;
 use strato_actors::kinds;
@@ -22,10 +23,40 @@ use strato_actors::tags::{self, SystemTag, TagKind, TagRecord, UserTag};
 use strato_storage::{Batch, Expect};
 use uuid::Uuid;
 
+use super::api::{Answer, Api, Body, Method, schema};
 use crate::error::ApiError;
 use crate::mn::Mn;
-use crate::query::{FieldType, Source};
-use crate::store_source::{StoreSource, inventory};
+use crate::query::{FieldType, Source, StoreSource};
+use crate::types::{TagParams, inventory};
+
+/// The area's APIs.
+pub(super) fn apis() -> Vec<Api> {
+    vec![
+        Api::create(
+            "CreateUserTag",
+            "/v1/user-tags",
+            schema::<TagParams>(),
+            "Tags a resource",
+            || post(create_user_tag),
+        ),
+        Api::create(
+            "CreateSystemTag",
+            "/v1/system-tags",
+            schema::<TagParams>(),
+            "Adds a system tag (hostname, staticIp, reservedMemory)",
+            || post(create_system_tag),
+        ),
+        Api::new(
+            "DeleteTag",
+            Method::Delete,
+            "/v1/tags/{uuid}",
+            Body::None,
+            Answer::Job,
+            "Deletes a user or system tag",
+            || delete(delete_tag),
+        ),
+    ]
+}
 
 /// The resource type (`VmInstanceVO`) of the records in table `table`, when they can be
 /// tagged.
@@ -158,16 +189,8 @@ fn check_address(mn: &Mn, l3: Uuid, ip: Ipv4Addr) -> Result<(), ApiError> {
     }
 }
 
-#[derive(Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub(crate) struct TagParams {
-    resource_uuid: Uuid,
-    resource_type: String,
-    tag: String,
-}
-
 /// `POST /v1/user-tags`.
-pub async fn create_user_tag(
+async fn create_user_tag(
     State(mn): State<Arc<Mn>>,
     headers: HeaderMap,
     body: Bytes,
@@ -176,7 +199,7 @@ pub async fn create_user_tag(
 }
 
 /// `POST /v1/system-tags`.
-pub async fn create_system_tag(
+async fn create_system_tag(
     State(mn): State<Arc<Mn>>,
     headers: HeaderMap,
     body: Bytes,
@@ -190,7 +213,7 @@ async fn create_tag<K: TagKind>(
     body: Bytes,
     api: &str,
 ) -> Result<Response, ApiError> {
-    let (p, raw): (TagParams, _) = crate::routes::params(crate::routes::json_body(&body)?)?;
+    let (p, raw): (TagParams, _) = super::params(super::json_body(&body)?)?;
     let Some(tagged) = kinds::by_vo(&p.resource_type).filter(|k| k.taggable) else {
         let known: Vec<&str> = kinds::KINDS.iter().filter(|k| k.taggable).map(|k| k.vo).collect();
         return Err(ApiError::invalid(
@@ -212,8 +235,8 @@ async fn create_tag<K: TagKind>(
         .ok_or_else(|| ApiError::not_found(tagged.api, p.resource_uuid))?;
     let existing = tags::of::<K>(&mn.db, p.resource_uuid)?;
     if existing.iter().any(|t| t.tag == p.tag) {
-        return Err(ApiError::conflict(
-            "TAG.DUPLICATE",
+        return Err(ApiError::of(
+            crate::codes::TAG_DUPLICATE,
             format!("{} {} already has the tag `{}`", resource_type, p.resource_uuid, p.tag),
         ));
     }
@@ -225,8 +248,8 @@ async fn create_tag<K: TagKind>(
             if let Ok(theirs) = tags::parse_system_tag(&other.tag, resource_type)
                 && tags::slot(&theirs) == tags::slot(&parsed)
             {
-                return Err(ApiError::conflict(
-                    "TAG.DUPLICATE",
+                return Err(ApiError::of(
+                    crate::codes::TAG_DUPLICATE,
                     format!(
                         "{resource_type} {} already has `{}` ({}); delete it first",
                         p.resource_uuid, other.tag, other.uuid
@@ -242,8 +265,8 @@ async fn create_tag<K: TagKind>(
             if let Some(nic) = vm.vm_nics.iter().find(|n| n.l3_network_uuid == l3)
                 && nic.ip != ip.to_string()
             {
-                return Err(ApiError::conflict(
-                    "TAG.STATIC_IP_TOO_LATE",
+                return Err(ApiError::of(
+                    crate::codes::STATIC_IP_TOO_LATE,
                     format!(
                         "VM {} already has {} on L3 network {l3}; a staticIp tag applies when the NIC is made (at creation)",
                         vm.uuid, nic.ip
@@ -260,7 +283,7 @@ async fn create_tag<K: TagKind>(
     let m = mn.clone();
     let job = mn
         .jobs
-        .submit(crate::routes::job_header(&headers)?, api, &raw, {
+        .submit(super::job_header(&headers)?, api, &raw, {
             move |_| async move {
                 let record = TagRecord::<K>::new(p.resource_uuid, resource_type, &p.tag);
                 let mut batch = Batch::new();
@@ -269,8 +292,7 @@ async fn create_tag<K: TagKind>(
                     Ok(_) => {}
                     // A concurrent request took the slot after the check above.
                     Err(strato_storage::StoreError::Conflict { .. }) => {
-                        return Err(ApiError::conflict(
-                            "TAG.DUPLICATE",
+                        return Err(ApiError::of(crate::codes::TAG_DUPLICATE,
                             format!(
                                 "{resource_type} {} already has a tag in the slot of `{}`; delete it first",
                                 p.resource_uuid, p.tag
@@ -286,14 +308,14 @@ async fn create_tag<K: TagKind>(
             }
         })
         .await?;
-    Ok(crate::routes::accepted(&mn, job))
+    Ok(super::accepted(&mn, job))
 }
 
 /// `DELETE /v1/tags/{uuid}`: a user or a system tag.
-pub async fn delete_tag(
+async fn delete_tag(
     State(mn): State<Arc<Mn>>,
     headers: HeaderMap,
-    crate::routes::Id(uuid): crate::routes::Id,
+    super::Id(uuid): super::Id,
 ) -> Result<Response, ApiError> {
     let user = mn.db.get::<UserTag>(uuid)?.is_some();
     let system = mn.db.get::<SystemTag>(uuid)?.map(|s| s.record);
@@ -304,7 +326,7 @@ pub async fn delete_tag(
     let raw = serde_json::json!({ "uuid": uuid });
     let job = mn
         .jobs
-        .submit(crate::routes::job_header(&headers)?, "DeleteTag", &raw, {
+        .submit(super::job_header(&headers)?, "DeleteTag", &raw, {
             move |_| async move {
                 let mut batch = Batch::new();
                 batch.delete::<UserTag>(uuid, Expect::Any);
@@ -319,5 +341,5 @@ pub async fn delete_tag(
             }
         })
         .await?;
-    Ok(crate::routes::accepted(&mn, job))
+    Ok(super::accepted(&mn, job))
 }

@@ -2,7 +2,7 @@
 //! itself (HTML, CSS and plain JavaScript embedded at build time; nothing is fetched from
 //! anywhere else).
 //!
-//! The page reads `/debug/...` ([`crate::debug`]) and follows `/debug/events` (server-sent
+//! The page reads `/debug/...` ([`super::debug`]) and follows `/debug/events` (server-sent
 //! events) for live updates. It logs in through `/console/login`, which takes an admin's name
 //! and password and keeps the session in an HTTP-only cookie, since a browser's
 //! `EventSource` cannot send an `Authorization` header. Operator actions are confirmed in the
@@ -13,12 +13,13 @@ use std::sync::Arc;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderName, HeaderValue, StatusCode, header};
+use axum::http::{HeaderName, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::auth::{self, SESSION_COOKIE};
+use crate::auth::middleware::SESSION_COOKIE;
+use crate::auth::{self, Peer};
 use crate::error::ApiError;
 use crate::mn::Mn;
 
@@ -69,7 +70,7 @@ struct ConsoleLogIn {
 /// content type, which a form on another origin cannot send.
 pub async fn log_in(
     State(mn): State<Arc<Mn>>,
-    peer: auth::Peer,
+    peer: Peer,
     headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
@@ -81,8 +82,7 @@ pub async fn log_in(
         });
     if !json {
         return Err(ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "SYS.UNSUPPORTED_MEDIA_TYPE",
+            crate::codes::UNSUPPORTED_MEDIA_TYPE,
             "the console's login takes Content-Type: application/json",
             json!({ "field": "Content-Type" }),
         ));
@@ -91,19 +91,19 @@ pub async fn log_in(
         ApiError::invalid("accountName", format!("expected {{\"accountName\", \"password\"}}: {e}"))
     })?;
     let source = peer.map(|p| p.0.0.ip());
-    let account = auth::check_login(&mn, &form.account_name, form.password, source).await?;
+    let account =
+        auth::accounts::check_login(&mn.auth, &form.account_name, form.password, source).await?;
     if account.uuid != strato_actors::owners::ADMIN {
         return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "ID.PERMISSION_DENIED",
+            crate::codes::PERMISSION_DENIED,
             "the debug console is for the admin account",
             serde_json::Value::Null,
         ));
     }
-    let (token, _) = auth::new_session(&mn, account.uuid).await?;
+    let (token, _) = auth::accounts::new_session(&mn.auth, account.uuid).await?;
     let cookie = format!(
         "{SESSION_COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}",
-        mn.session_timeout.as_secs()
+        mn.auth.session_timeout.as_secs()
     );
     Ok(([(header::SET_COOKIE, cookie)], Json(json!({ "session": token }))).into_response())
 }

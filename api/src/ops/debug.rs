@@ -1,5 +1,5 @@
 //! `/debug/...`: what every actor is doing, as JSON for scripts, the chaos checks and the
-//! console ([`crate::console`]), and the operator's actions. Admin only.
+//! console ([`super::console`]), and the operator's actions. Admin only.
 //!
 //! It reads the runtime's inspection snapshot, which never activates an actor. A million
 //! resources stay browsable because a kind's resources are paged from the store (in UUID
@@ -27,8 +27,8 @@ use uuid::Uuid;
 
 use crate::error::ApiError;
 use crate::mn::Mn;
+use crate::query::StoreSource;
 use crate::query::{FieldType, Source};
-use crate::store_source::StoreSource;
 
 type Shared = State<Arc<Mn>>;
 
@@ -236,7 +236,7 @@ pub async fn actor(
     State(mn): Shared,
     Path((kind, uuid)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    let uuid = crate::routes::uuid_param(&uuid, "uuid")?;
+    let uuid = crate::types::uuid_param(&uuid, "uuid")?;
     let snapshot = mn.runtime.inspect(&kind, uuid).await.map_err(|_| {
         ApiError::invalid(
             "kind",

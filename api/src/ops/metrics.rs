@@ -71,18 +71,6 @@ fn latency_buckets() -> Histogram {
 static REQUESTS: LazyLock<Family<RequestLabels, Counter>> = LazyLock::new(Family::default);
 static LATENCY: LazyLock<Latency> =
     LazyLock::new(|| Family::new_with_constructor(latency_buckets as fn() -> Histogram));
-static JOBS: LazyLock<Family<JobLabels, Counter>> = LazyLock::new(Family::default);
-
-/// Counts a job's end by its API and result.
-pub fn job_finished(api: &str, state: JobState) {
-    let result = match state {
-        JobState::Succeeded => "succeeded",
-        JobState::Failed => "failed",
-        JobState::Running => "running",
-    };
-    JOBS.get_or_create(&JobLabels { api: api.to_owned(), result: result.to_owned() }).inc();
-}
-
 /// The middleware that counts and times every routed request by its route template
 /// (`/v1/vm-instances/{uuid}`, so UUIDs do not multiply the series).
 pub async fn track(request: Request, next: Next) -> Response {
@@ -114,7 +102,16 @@ pub async fn scrape(State(mn): State<Arc<Mn>>) -> Response {
         "HTTP request latency by route and method",
         LATENCY.clone(),
     );
-    registry.register("jobs", "API jobs ended, by API and result", JOBS.clone());
+    let jobs = Family::<JobLabels, Counter>::default();
+    for (api, state, count) in mn.jobs.ended() {
+        let result = match state {
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Running => "running",
+        };
+        jobs.get_or_create(&JobLabels { api, result: result.to_owned() }).inc_by(count);
+    }
+    registry.register("jobs", "API jobs ended, by API and result", jobs);
 
     let running = Family::<QueueLabels, Gauge>::default();
     let pending = Family::<QueueLabels, Gauge>::default();

@@ -17,7 +17,7 @@
 //! (adds `total`) and `fields=a,b` (only those fields).
 //!
 //! Queries read the kinds' inventories as the API shows them, from a [`Source`] (the store,
-//! through [`crate::store_source`]). The declarations also name the store's indexes, which
+//! through [`store`]; a normal account through [`tenant`]). The declarations also name the store's indexes, which
 //! pick the plan (see [`Query::run`]): an equality on an indexed path reads only what the
 //! index names; a sort on an indexed field walks the index and stops at a full page; a count
 //! of one equality on a counted index is one read. That is what keeps queries over a million
@@ -29,6 +29,12 @@ use std::collections::HashMap;
 use serde_json::{Map, Value};
 
 use crate::error::ApiError;
+
+pub mod store;
+pub mod tenant;
+
+pub use store::StoreSource;
+pub use tenant::TenantSource;
 
 pub use strato_actors::kinds::{Field, FieldType, Relation, Shape as Schema};
 

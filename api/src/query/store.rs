@@ -1,7 +1,7 @@
 //! The query engine's view of the store: every declared kind read through its table and
 //! indexes.
 //!
-//! The engine ([`crate::query`]) knows kinds by their URL names and indexes by the names the
+//! The engine ([`super`]) knows kinds by their URL names and indexes by the names the
 //! declarations give; the declarations ([`strato_actors::kinds`]) name each kind's table,
 //! which reads its records as the inventories the API shows. Reads are lazy where the engine can
 //! stop early: a page sorted by an indexed field reads the index only as far as the page.
@@ -11,8 +11,8 @@ use strato_actors::kinds::{self, Table};
 use strato_storage::{Db, IndexValue};
 use uuid::Uuid;
 
+use super::{FieldType, Inventories, Source};
 use crate::error::ApiError;
-use crate::query::{FieldType, Inventories, Source};
 
 /// The table behind the kind at URL segment `kind`.
 fn table(kind: &str) -> Option<&'static dyn Table> {
@@ -36,11 +36,6 @@ impl<'a> StoreSource<'a> {
     pub fn new(db: &'a Db) -> Self {
         StoreSource { db }
     }
-}
-
-/// The inventory of a record: its JSON form, as the API shows it.
-pub fn inventory<T: serde::Serialize>(record: &T) -> Result<Value, ApiError> {
-    serde_json::to_value(record).map_err(|e| ApiError::internal(&e))
 }
 
 fn index_value(value: &str, ty: FieldType) -> Option<IndexValue> {

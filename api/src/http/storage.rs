@@ -1,0 +1,204 @@
+//! Storage: image-store backup storage attached to zones, local primary storage attached to
+//! clusters, and images imported into backup storage.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::Response;
+use axum::routing::{MethodRouter, post};
+use serde_json::json;
+use strato_actors::kinds;
+use strato_actors::records::{
+    BackupStorageRecord, ClusterRecord, ImageRecord, PrimaryStorageRecord, ZoneRecord,
+};
+use uuid::Uuid;
+
+use super::api::{Answer, Api, Body, Method, schema};
+use super::resources::Attachment;
+use super::{Shared, accepted, creation, get_record, job_header, submit_record, write};
+use crate::error::ApiError;
+use crate::mn::Mn;
+use crate::types::{ImageParams, StorageParams, inventory, validate};
+
+/// The area's APIs.
+pub(super) fn apis() -> Vec<Api> {
+    let attach = |name, path, summary, handler| {
+        Api::new(name, Method::Post, path, Body::None, Answer::Job, summary, handler)
+    };
+    vec![
+        Api::create(
+            "AddImageStoreBackupStorage",
+            "/v1/backup-storage/image-store",
+            schema::<StorageParams>(),
+            "Adds image-store backup storage",
+            || post(create_backup_storage),
+        ),
+        attach(
+            "AttachBackupStorageToZone",
+            "/v1/zones/{zone}/backup-storage/{bs}",
+            "Attaches backup storage to a zone",
+            attach_backup_storage as fn() -> MethodRouter<Arc<Mn>>,
+        ),
+        Api::create(
+            "AddLocalPrimaryStorage",
+            "/v1/primary-storage/local-storage",
+            schema::<StorageParams>(),
+            "Adds local primary storage",
+            || post(create_primary_storage),
+        ),
+        attach(
+            "AttachPrimaryStorageToCluster",
+            "/v1/clusters/{cluster}/primary-storage/{ps}",
+            "Attaches primary storage to a cluster",
+            attach_primary_storage,
+        ),
+        Api::create(
+            "AddImage",
+            "/v1/images",
+            schema::<ImageParams>(),
+            "Adds an image from a URL to backup storage",
+            || post(add_image),
+        ),
+    ]
+}
+
+fn directory_url(url: &str) -> Result<String, ApiError> {
+    if !url.starts_with('/') {
+        return Err(ApiError::invalid("url", format!("`{url}` is not an absolute directory path")));
+    }
+    Ok(url.trim_end_matches('/').to_owned())
+}
+
+async fn create_backup_storage(
+    State(mn): Shared,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let (p, raw, tags): (StorageParams, _, _) =
+        creation(&body, kinds::of::<BackupStorageRecord>())?;
+    validate::name("name", &p.name)?;
+    let url = directory_url(&p.url)?;
+    submit_record(&mn, &headers, "AddImageStoreBackupStorage", &raw, tags, move || {
+        std::fs::create_dir_all(&url)
+            .map_err(|e| ApiError::invalid("url", format!("cannot use {url}: {e}")))?;
+        Ok(BackupStorageRecord {
+            uuid: Uuid::new_v4(),
+            name: p.name,
+            url,
+            r#type: "ImageStoreBackupStorage".into(),
+            attached_zone_uuids: vec![],
+        })
+    })
+    .await
+}
+
+fn attach_backup_storage() -> MethodRouter<Arc<Mn>> {
+    Attachment::<BackupStorageRecord, ZoneRecord> {
+        api: "AttachBackupStorageToZone",
+        params: [("zone", "zoneUuid"), ("bs", "backupStorageUuid")],
+        target_first: false,
+        list: |r| &mut r.attached_zone_uuids,
+        parent: std::marker::PhantomData,
+    }
+    .handler()
+}
+
+async fn create_primary_storage(
+    State(mn): Shared,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let (p, raw, tags): (StorageParams, _, _) =
+        creation(&body, kinds::of::<PrimaryStorageRecord>())?;
+    validate::name("name", &p.name)?;
+    let url = directory_url(&p.url)?;
+    let zone =
+        p.zone_uuid.ok_or_else(|| ApiError::invalid("zoneUuid", "`zoneUuid` is required"))?;
+    get_record::<ZoneRecord>(&mn, zone)?;
+    submit_record(&mn, &headers, "AddLocalPrimaryStorage", &raw, tags, move || {
+        Ok(PrimaryStorageRecord {
+            uuid: Uuid::new_v4(),
+            name: p.name,
+            url,
+            zone_uuid: zone,
+            r#type: "LocalStorage".into(),
+            attached_cluster_uuids: vec![],
+        })
+    })
+    .await
+}
+
+fn attach_primary_storage() -> MethodRouter<Arc<Mn>> {
+    Attachment::<PrimaryStorageRecord, ClusterRecord> {
+        api: "AttachPrimaryStorageToCluster",
+        params: [("cluster", "clusterUuid"), ("ps", "primaryStorageUuid")],
+        target_first: false,
+        list: |r| &mut r.attached_cluster_uuids,
+        parent: std::marker::PhantomData,
+    }
+    .handler()
+}
+
+async fn add_image(
+    State(mn): Shared,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let (p, raw, tags): (ImageParams, _, _) = creation(&body, kinds::of::<ImageRecord>())?;
+    validate::name("name", &p.name)?;
+    strato_actors::images::check(&p.url, &mn.image_policy).await.map_err(|e| match e {
+        strato_actors::images::ImageError::BadUrl(reason) => ApiError::invalid("url", reason),
+        e => ApiError::invalid("url", e.to_string()),
+    })?;
+    if p.format != "qcow2" && p.format != "raw" {
+        return Err(ApiError::invalid("format", format!("`{}` is not qcow2 or raw", p.format)));
+    }
+    let bs_uuid = *p
+        .backup_storage_uuids
+        .first()
+        .ok_or_else(|| ApiError::invalid("backupStorageUuids", "name one backup storage"))?;
+    let bs: BackupStorageRecord = get_record(&mn, bs_uuid)?;
+    let m = mn.clone();
+    let job = mn
+        .jobs
+        .submit_cancellable(job_header(&headers)?, "AddImage", &raw, move |cancel| async move {
+            let uuid = Uuid::new_v4();
+            let fetched = strato_actors::images::fetch(
+                &p.url,
+                std::path::Path::new(&bs.url),
+                uuid,
+                &p.format,
+                &m.image_policy,
+                cancel.cancelled(),
+            )
+            .await
+            .map_err(|e| match e {
+                // Refused by the policy: the caller's URL is at fault.
+                strato_actors::images::ImageError::BadUrl(reason) => {
+                    ApiError::invalid("url", reason)
+                }
+                strato_actors::images::ImageError::Cancelled => crate::jobs::cancelled(),
+                e => ApiError::new(
+                    crate::codes::IMAGE_DOWNLOAD_FAILED,
+                    "the image could not be imported from its URL",
+                    json!({ "cause": e.to_string() }),
+                ),
+            })?;
+            let image = ImageRecord {
+                uuid,
+                name: p.name,
+                url: p.url,
+                format: p.format,
+                size: fetched.size,
+                checksum: fetched.checksum,
+                backup_storage_refs: vec![(bs.uuid, fetched.path.display().to_string())],
+                status: "Ready".into(),
+            };
+            write(&m, &image, &tags).await?;
+            inventory(&image)
+        })
+        .await?;
+    Ok(accepted(&mn, job))
+}

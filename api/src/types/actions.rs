@@ -1,0 +1,136 @@
+//! Each resource's actions, as one enum in ZStack's externally tagged shape: `PUT
+//! /v1/vm-instances/{uuid}/actions` with `{"stopVmInstance": {}}` is [`VmAction`]'s
+//! `StopVmInstance`. A variant's name is its API's name (`StopVmInstance`), its doc comment
+//! the API's summary, and its parameters a type of their own that refuses unknown fields;
+//! the handler dispatches on the enum and the API catalog derives one API per variant, with
+//! its schema, from the enum's own (`utoipa::ToSchema`). A body that names two actions, an
+//! unknown one, or a parameter the action does not take is a 400 naming what is wrong.
+
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use super::{PasswordChange, QuotaParams};
+
+/// An action that takes no parameters: `{}` (or `null`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, ToSchema)]
+pub struct NoParams {}
+
+impl<'de> Deserialize<'de> for NoParams {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Nothing;
+        impl<'de> Visitor<'de> for Nothing {
+            type Value = NoParams;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an empty object: this action takes no parameters")
+            }
+
+            fn visit_unit<E: de::Error>(self) -> Result<NoParams, E> {
+                Ok(NoParams {})
+            }
+
+            fn visit_none<E: de::Error>(self) -> Result<NoParams, E> {
+                Ok(NoParams {})
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<NoParams, A::Error> {
+                match map.next_key::<String>()? {
+                    None => Ok(NoParams {}),
+                    Some(key) => Err(de::Error::unknown_field(&key, &[])),
+                }
+            }
+        }
+        deserializer.deserialize_any(Nothing)
+    }
+}
+
+/// The actions on a VM (`PUT /v1/vm-instances/{uuid}/actions`).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum VmAction {
+    /// Starts a VM (on a chosen host: a cold migration there first, admin only)
+    StartVmInstance(OnHost),
+    /// Stops a VM: gracefully, then forced
+    StopVmInstance(NoParams),
+    /// Reboots a VM
+    RebootVmInstance(NoParams),
+    /// Pauses a VM
+    PauseVmInstance(NoParams),
+    /// Resumes a paused VM
+    ResumeVmInstance(NoParams),
+    /// Recovers a destroyed VM
+    RecoverVmInstance(NoParams),
+    /// Expunges a destroyed VM
+    ExpungeVmInstance(NoParams),
+    /// Moves a stopped VM to another host of its cluster (cold; admin only)
+    MigrateVm(OnHost),
+    /// Changes a stopped VM's CPUs and memory
+    ChangeInstanceOffering(ChangeInstanceOffering),
+}
+
+/// Where a VM starts or moves to.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OnHost {
+    /// The host to start on or move to (admin only; none: the allocator picks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_uuid: Option<Uuid>,
+}
+
+/// The offering a VM takes the size of.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ChangeInstanceOffering {
+    /// The instance offering.
+    pub instance_offering_uuid: Uuid,
+}
+
+/// The actions on a host (`PUT /v1/hosts/{uuid}/actions`).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum HostAction {
+    /// Reconnects a host's agent link
+    ReconnectHost(NoParams),
+    /// Enables, disables or maintains a host
+    ChangeHostState(ChangeHostState),
+}
+
+/// A host's new state.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ChangeHostState {
+    /// What to do.
+    pub state_event: StateEvent,
+}
+
+/// What happens to a host's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum StateEvent {
+    /// It takes new VMs.
+    Enable,
+    /// It keeps its VMs and takes no new ones.
+    Disable,
+    /// Its VMs move away (or stop), then it is in maintenance.
+    Maintain,
+}
+
+/// The actions on an account (`PUT /v1/accounts/{uuid}/actions`).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum AccountAction {
+    /// Sets an account's quota (admin)
+    UpdateQuota(QuotaParams),
+    /// Changes an account's password
+    UpdateAccount(PasswordChange),
+}
+
+/// The actions on a job (`PUT /v1/api-jobs/{uuid}/actions`).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum JobAction {
+    /// Cancels a running job that can stop cleanly (AddImage); it ends SYS.JOB_CANCELLED
+    CancelApiJob(NoParams),
+}

@@ -1,0 +1,366 @@
+//! The API's wire types: what requests carry and what answers hold, in one place for the
+//! server's handlers, the API catalog (whose OpenAPI schemas are derived from them), the CLI
+//! and the programs that drive the API (the chaos and load runs).
+//!
+//! Every request type refuses unknown fields, so a misspelt parameter is a 400 naming it
+//! rather than something silently ignored. A resource's creation is `{"params": ...,
+//! "systemTags": [...], "userTags": [...]}` ([`Create`]); its actions are one enum in
+//! ZStack's externally tagged shape, `{"startVmInstance": {...}}` ([`actions`]).
+
+use std::net::Ipv4Addr;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::error::ApiError;
+
+pub mod actions;
+pub mod validate;
+
+/// Parses a UUID the way every route and the access check do: only the canonical spelling
+/// (36 lowercase hexadecimal digits and hyphens, as the API writes UUIDs) is accepted, so
+/// one resource has one name and access is decided on the value the handler uses. Braces,
+/// `urn:uuid:`, upper case, the simple form and anything else are a 400 naming `field`.
+pub fn uuid_param(text: &str, field: &str) -> Result<Uuid, ApiError> {
+    Uuid::try_parse(text)
+        .ok()
+        .filter(|uuid| uuid.hyphenated().encode_lower(&mut Uuid::encode_buffer()) == text)
+        .ok_or_else(|| {
+            ApiError::invalid(
+                field,
+                format!(
+                    "`{}` is not a UUID in its canonical form (like 3f1c1e0e-8d5b-4c4a-9f6e-0a2b3c4d5e6f)",
+                    validate::printable(text)
+                ),
+            )
+        })
+}
+
+/// The inventory of a record: its JSON form, as the API shows it.
+pub fn inventory<T: Serialize>(record: &T) -> Result<Value, ApiError> {
+    serde_json::to_value(record).map_err(|e| ApiError::internal(&e))
+}
+
+/// A creation's body: the new resource's parameters and the tags to hang on it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Create<P> {
+    /// The parameters.
+    pub params: P,
+    /// System tags (`hostname::web-1`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub system_tags: Vec<String>,
+    /// User tags.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub user_tags: Vec<String>,
+}
+
+impl<P> Create<P> {
+    /// A creation without tags.
+    pub fn new(params: P) -> Self {
+        Create { params, system_tags: Vec::new(), user_tags: Vec::new() }
+    }
+}
+
+/// `202 Accepted`: where the job that carries the change is followed.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Accepted {
+    /// The job's URL (a path unless the server is configured with its external URL).
+    pub location: String,
+}
+
+/// An error as every answer carries it: `{"error": {...}}`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ErrorReply {
+    /// The error.
+    pub error: ErrorBody,
+}
+
+/// An error's code, description and details.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// The stable code (`VM.INVALID_STATE`): see the OpenAPI document's `x-strato-error-codes`.
+    pub code: String,
+    /// What happened, for a person.
+    #[serde(default)]
+    pub description: String,
+    /// The field at fault, the placement trace, ...
+    #[serde(default)]
+    pub details: Value,
+}
+
+/// A finished job's answer: the inventory it made or changed, or its error.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum JobReply {
+    /// It succeeded.
+    Done {
+        /// What it made or changed.
+        inventory: Value,
+    },
+    /// It failed.
+    Failed(ErrorReply),
+}
+
+/// A list's answer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Inventories {
+    /// The page.
+    pub inventories: Vec<Value>,
+    /// How many match in all (with `replyWithCount=true`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total: Option<u64>,
+}
+
+/// `CreateZone`.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ZoneParams {
+    /// Its name.
+    pub name: String,
+    /// A description.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+/// `CreateCluster`.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClusterParams {
+    /// Its name.
+    pub name: String,
+    /// Its zone.
+    pub zone_uuid: Uuid,
+    /// `KVM`, the only one.
+    #[serde(default = "kvm")]
+    pub hypervisor_type: String,
+}
+
+fn kvm() -> String {
+    "KVM".into()
+}
+
+/// `AddKVMHost`.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HostParams {
+    /// Its name.
+    pub name: String,
+    /// Where its agent listens.
+    pub management_ip: String,
+    /// The agent's port.
+    #[serde(default = "agent_port")]
+    pub agent_port: u16,
+    /// Its cluster.
+    pub cluster_uuid: Uuid,
+}
+
+fn agent_port() -> u16 {
+    7070
+}
+
+/// `CreateInstanceOffering`.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OfferingParams {
+    /// Its name.
+    pub name: String,
+    /// Virtual CPUs (1 to 4096).
+    pub cpu_num: u32,
+    /// Memory in bytes (16 MiB to 64 TiB).
+    pub memory_size: u64,
+}
+
+/// `CreateL2NoVlanNetwork`.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct L2Params {
+    /// Its name.
+    pub name: String,
+    /// Its zone.
+    pub zone_uuid: Uuid,
+    /// The hosts' interface (`eth0`).
+    pub physical_interface: String,
+}
+
+/// `CreateL3Network`.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct L3Params {
+    /// Its name.
+    pub name: String,
+    /// The L2 network it runs on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub l2_network_uuid: Option<Uuid>,
+    /// DNS servers handed to guests.
+    #[serde(default)]
+    pub dns: Vec<String>,
+    /// The host bridge its NICs plug into (none: user-mode networking).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<String>,
+}
+
+/// `AddIpRange`.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RangeParams {
+    /// The first address.
+    #[schema(value_type = String, format = Ipv4)]
+    pub start_ip: Ipv4Addr,
+    /// The last address.
+    #[schema(value_type = String, format = Ipv4)]
+    pub end_ip: Ipv4Addr,
+    /// The netmask.
+    #[schema(value_type = String, format = Ipv4)]
+    pub netmask: Ipv4Addr,
+    /// The gateway.
+    #[schema(value_type = String, format = Ipv4)]
+    pub gateway: Ipv4Addr,
+    /// A name, as ZStack takes one (kept for compatibility; ranges are not named here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// `CreateVmInstance`.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VmParams {
+    /// Its name.
+    pub name: String,
+    /// Its CPUs and memory.
+    pub instance_offering_uuid: Uuid,
+    /// One NIC on each.
+    pub l3_network_uuids: Vec<Uuid>,
+    /// Only this host (admin only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_uuid: Option<Uuid>,
+    /// Only this cluster (admin only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_uuid: Option<Uuid>,
+    /// The image of its root volume (none: a diskless VM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_uuid: Option<Uuid>,
+}
+
+/// `AddImageStoreBackupStorage`, `AddLocalPrimaryStorage`.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StorageParams {
+    /// Its name.
+    pub name: String,
+    /// Its directory (an absolute path).
+    pub url: String,
+    /// Its zone (primary storage).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone_uuid: Option<Uuid>,
+}
+
+/// `AddImage`.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ImageParams {
+    /// Its name.
+    pub name: String,
+    /// Where it comes from (`file://`, `http://`, `https://`).
+    pub url: String,
+    /// `qcow2` or `raw`.
+    #[serde(default = "qcow2")]
+    pub format: String,
+    /// The backup storage it goes to (the first one named).
+    pub backup_storage_uuids: Vec<Uuid>,
+}
+
+fn qcow2() -> String {
+    "qcow2".into()
+}
+
+/// `CreateUserTag`, `CreateSystemTag`.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TagParams {
+    /// The resource tagged.
+    pub resource_uuid: Uuid,
+    /// Its type (`VmInstanceVO`).
+    pub resource_type: String,
+    /// The tag.
+    pub tag: String,
+}
+
+/// What a normal account may use at most.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schema(as = Quota)]
+pub struct QuotaParams {
+    /// VMs.
+    pub vm_num: u64,
+    /// Virtual CPUs over all VMs.
+    pub cpu_num: u64,
+    /// Memory over all VMs, in bytes.
+    pub memory_size: u64,
+}
+
+impl From<QuotaParams> for strato_actors::accounts::Quota {
+    fn from(q: QuotaParams) -> Self {
+        strato_actors::accounts::Quota {
+            vm_num: q.vm_num,
+            cpu_num: q.cpu_num,
+            memory_size: q.memory_size,
+        }
+    }
+}
+
+/// `CreateAccount` (admin).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AccountParams {
+    /// Its name, one word.
+    pub name: String,
+    /// Its password (at least 8 characters).
+    pub password: String,
+    /// Its quota (ZStack's defaults when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<QuotaParams>,
+}
+
+/// `CreateApiKey`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ApiKeyParams {
+    /// What it is for.
+    #[serde(default)]
+    pub description: String,
+    /// How long the key works, in seconds (it works until deleted when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_in_seconds: Option<u64>,
+}
+
+/// `LogInByAccount`'s body: `{"logInByAccount": {...}}`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LogIn {
+    /// The account and password.
+    pub log_in_by_account: LogInByAccount,
+}
+
+/// An account's name and password.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LogInByAccount {
+    /// The account's name.
+    pub account_name: String,
+    /// Its password.
+    pub password: String,
+}
+
+/// `updateAccount`'s parameters.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PasswordChange {
+    /// The new password.
+    pub password: String,
+    /// The current password (required when an account changes its own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub old_password: Option<String>,
+}
