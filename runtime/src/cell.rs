@@ -179,21 +179,24 @@ impl<E: Entity> ActorCell<E> {
         ActorId { kind: E::KIND, id: self.id }
     }
 
-    fn queue_index(&mut self, name: &'static str) -> usize {
+    /// The index of queue `name`, made on its first use (`UndeclaredQueue` for a queue the
+    /// kind does not declare).
+    fn queue_index(&mut self, name: &'static str) -> Result<usize, RuntimeError> {
         if let Some(i) = self.queues.iter().position(|q| q.name == name) {
-            return i;
+            return Ok(i);
         }
+        let spec = self.kind.queue_spec(name)?;
         // Most kinds use one or two queues per actor: grow by one, not by four.
         self.queues.reserve_exact(1);
         self.queues.push(Queue {
             name,
-            spec: self.kind.queue_spec(name),
+            spec,
             level_override: None,
             running: Vec::new(),
             pending: VecDeque::new(),
             reported: (0, 0),
         });
-        self.queues.len() - 1
+        Ok(self.queues.len() - 1)
     }
 
     fn running_total(&self) -> usize {
@@ -368,7 +371,10 @@ impl<E: Entity> ActorCell<E> {
         }
         let queue = envelope.op().queue;
         let deadline = envelope.op().deadline;
-        let index = self.queue_index(queue);
+        let index = match self.queue_index(queue) {
+            Ok(index) => index,
+            Err(error) => return envelope.reject(error),
+        };
         let q = &mut self.queues[index];
         let depth = q.pending.len();
         if depth >= q.spec.max_pending() {

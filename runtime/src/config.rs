@@ -1,13 +1,16 @@
 //! Runtime configuration: arbiters, queue levels and bounds, supervision budgets, idle times.
 //!
-//! Queue levels are looked up per *queue kind*, that is per (actor kind, queue name), falling
-//! back to the actor kind's default and then to the runtime's. The resolved setting is shared
-//! by every actor of the kind through [`QueueSpec`], whose atomics can be changed while the
-//! system runs; a change applies to the next operation that starts.
+//! Queues are declared by their actor kind ([`KindConfig::queue`], [`KindConfig::serial_queue`]):
+//! an operation naming a queue its kind does not declare is refused (`UndeclaredQueue`), so a
+//! misspelt queue cannot quietly run outside the serialization its kind relies on. Levels are
+//! looked up per (actor kind, queue name); an operator's settings for a kind replace the
+//! declared ones queue by queue. The resolved setting is shared by every actor of the kind
+//! through [`QueueSpec`], whose atomics can be changed while the system runs; a change applies
+//! to the next operation that starts.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -60,9 +63,7 @@ pub struct KindConfig {
     /// How long an idle actor stays active; `None` keeps it until shutdown.
     #[serde(with = "crate::config::opt_duration_ms")]
     pub idle_timeout: Option<Duration>,
-    /// The setting of queues not listed in `queues`.
-    pub default_queue: QueueConfig,
-    /// Settings per queue name.
+    /// Settings per queue name: the kind's queues, none other.
     pub queues: HashMap<String, QueueConfig>,
 }
 
@@ -71,7 +72,6 @@ impl Default for KindConfig {
         KindConfig {
             restart_budget: RestartBudget::default(),
             idle_timeout: Some(Duration::from_secs(300)),
-            default_queue: QueueConfig::default(),
             queues: HashMap::new(),
         }
     }
@@ -93,21 +93,26 @@ impl KindConfig {
         self
     }
 
-    /// `self` (an operator's settings for a kind) with the serial queues `declared` by the
-    /// kind kept serial: a level above 1 for one of them is ignored, with a warning.
-    pub(crate) fn keeping_serial(mut self, kind: &str, declared: &KindConfig) -> Self {
-        for (name, queue) in declared.queues.iter().filter(|(_, q)| q.serial) {
-            let max_pending = match self.queues.get(name) {
-                Some(set) if set.level > 1 => {
-                    tracing::warn!(kind, queue = %name, level = set.level, "a serial queue's level stays 1");
-                    set.max_pending
+    /// `self` (an operator's settings for a kind) laid over the kind's `declared` ones: its
+    /// budget and idle time, and its setting of each declared queue, except that a serial
+    /// queue stays at level 1. A queue the kind does not declare is ignored, with a warning.
+    pub(crate) fn over(self, kind: &str, declared: &KindConfig) -> KindConfig {
+        let mut queues = declared.queues.clone();
+        for (name, set) in self.queues {
+            match queues.get_mut(&name) {
+                None => {
+                    tracing::warn!(kind, queue = %name, "not a queue of this kind; its setting is ignored")
                 }
-                Some(set) => set.max_pending,
-                None => queue.max_pending,
-            };
-            self.queues.insert(name.clone(), QueueConfig { level: 1, max_pending, serial: true });
+                Some(queue) if queue.serial => {
+                    if set.level > 1 {
+                        tracing::warn!(kind, queue = %name, level = set.level, "a serial queue's level stays 1");
+                    }
+                    queue.max_pending = set.max_pending;
+                }
+                Some(queue) => *queue = QueueConfig { serial: false, ..set },
+            }
         }
-        self
+        KindConfig { queues, ..self }
     }
 
     /// Sets the idle time before passivation.
@@ -213,44 +218,40 @@ impl QueueSpec {
     }
 }
 
-/// The queue specs of one actor kind, created on first use from its [`KindConfig`].
+/// The queue specs of one actor kind: one per queue its [`KindConfig`] declares, made when
+/// the kind is registered.
 #[derive(Debug)]
 pub(crate) struct QueueSpecs {
     config: KindConfig,
-    specs: Mutex<HashMap<&'static str, Arc<QueueSpec>>>,
+    specs: HashMap<&'static str, Arc<QueueSpec>>,
 }
 
 impl QueueSpecs {
     pub(crate) fn new(config: KindConfig) -> Self {
-        QueueSpecs { config, specs: Mutex::new(HashMap::new()) }
+        // A kind's queue names live as long as the process: the kinds are registered once.
+        let specs = config
+            .queues
+            .iter()
+            .map(|(name, queue)| {
+                let name: &'static str = Box::leak(name.clone().into_boxed_str());
+                (name, Arc::new(QueueSpec::new(*queue)))
+            })
+            .collect();
+        QueueSpecs { config, specs }
     }
 
-    pub(crate) fn get(&self, queue: &'static str) -> Arc<QueueSpec> {
-        self.specs
-            .lock()
-            .expect("queue specs")
-            .entry(queue)
-            .or_insert_with(|| {
-                let config =
-                    self.config.queues.get(queue).copied().unwrap_or(self.config.default_queue);
-                Arc::new(QueueSpec::new(config))
-            })
-            .clone()
+    /// The spec of `queue`, or `None` when the kind does not declare it.
+    pub(crate) fn get(&self, queue: &str) -> Option<Arc<QueueSpec>> {
+        self.specs.get(queue).cloned()
     }
 
     pub(crate) fn config(&self) -> &KindConfig {
         &self.config
     }
 
-    /// (queue, spec) of every queue used so far, by name.
+    /// (queue, spec) of every declared queue, by name.
     pub(crate) fn snapshot(&self) -> Vec<(&'static str, Arc<QueueSpec>)> {
-        let mut out: Vec<_> = self
-            .specs
-            .lock()
-            .expect("queue specs")
-            .iter()
-            .map(|(name, spec)| (*name, spec.clone()))
-            .collect();
+        let mut out: Vec<_> = self.specs.iter().map(|(name, spec)| (*name, spec.clone())).collect();
         out.sort_by_key(|(name, _)| *name);
         out
     }

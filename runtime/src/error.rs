@@ -104,6 +104,15 @@ pub enum RuntimeError {
         /// The queue.
         queue: String,
     },
+    /// An operation named a queue its actor kind does not declare (a typo would otherwise
+    /// run it in a queue nobody configured, with nothing to serialize it).
+    #[error("{kind} declares no queue `{queue}`")]
+    UndeclaredQueue {
+        /// The actor kind.
+        kind: &'static str,
+        /// The queue named.
+        queue: &'static str,
+    },
     /// No actor kind with this name is registered.
     #[error("no actor kind `{kind}` is registered")]
     UnknownKind {
@@ -170,6 +179,7 @@ impl RuntimeError {
             RuntimeError::FlowFailed { .. } => "RUNTIME.FLOW_FAILED",
             RuntimeError::Undefined { .. } => "RUNTIME.UNDEFINED",
             RuntimeError::SerialQueue { .. } => "RUNTIME.SERIAL_QUEUE",
+            RuntimeError::UndeclaredQueue { .. } => "RUNTIME.UNDECLARED_QUEUE",
         }
     }
 }

@@ -102,13 +102,14 @@ impl<E: Entity> Kind<E> {
         self.shared.specs.config()
     }
 
-    pub(crate) fn queue_spec(&self, queue: &'static str) -> Arc<QueueSpec> {
-        self.shared.specs.get(queue)
+    /// The spec of declared queue `queue` (`UndeclaredQueue` for any other).
+    pub(crate) fn queue_spec(&self, queue: &'static str) -> Result<Arc<QueueSpec>, RuntimeError> {
+        self.shared.specs.get(queue).ok_or(RuntimeError::UndeclaredQueue { kind: E::KIND, queue })
     }
 
     /// The live setting of `queue` for every actor of this kind. Changing its level applies
     /// to the next operation that starts.
-    pub fn queue(&self, queue: &'static str) -> Arc<QueueSpec> {
+    pub fn queue(&self, queue: &'static str) -> Result<Arc<QueueSpec>, RuntimeError> {
         self.queue_spec(queue)
     }
 
@@ -167,6 +168,8 @@ impl<E: Entity> Kind<E> {
         T: Send + 'static,
         Err: From<RuntimeError> + std::fmt::Display + Send + 'static,
     {
+        // Refused here, before the actor is activated or anything is queued.
+        self.queue_spec(op.queue()).map_err(Err::from)?;
         let (reply, rx) = oneshot::channel();
         let envelope = TypedEnvelope {
             op,

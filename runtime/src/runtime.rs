@@ -362,7 +362,7 @@ impl Runtime {
             return kind;
         }
         let config = match self.inner.config.kinds.get(E::KIND) {
-            Some(set) => set.clone().keeping_serial(E::KIND, &defaults),
+            Some(set) => set.clone().over(E::KIND, &defaults),
             None => defaults,
         };
         let kind = Kind::new(entity, self.clone(), config);

@@ -162,13 +162,13 @@ async fn full_queue_answers_busy_with_actor_queue_and_depth() {
     }
     assert!(refused_message_names_everything(id));
     // The kind-wide depth (what /metrics shows) counts them too, and drains with them.
-    assert_eq!(h.kind.queue("q").depth(), (1, 2));
+    assert_eq!(h.kind.queue("q").unwrap().depth(), (1, 2));
     open.send(()).unwrap();
     blocked.await.unwrap().unwrap();
     for task in pending {
         task.await.unwrap().unwrap();
     }
-    wait_until(async || h.kind.queue("q").depth() == (0, 0)).await;
+    wait_until(async || h.kind.queue("q").unwrap().depth() == (0, 0)).await;
 }
 
 fn refused_message_names_everything(id: uuid::Uuid) -> bool {
@@ -240,7 +240,7 @@ async fn queue_levels_come_from_the_runtime_config_by_kind_name() {
         // The registration's defaults lose to the operator's config.
         KindConfig::default().queue("q", 1, 100),
     );
-    assert_eq!((kind.queue("q").level(), kind.queue("q").max_pending()), (3, 7));
+    assert_eq!((kind.queue("q").unwrap().level(), kind.queue("q").unwrap().max_pending()), (3, 7));
     runtime.shutdown();
 }
 
@@ -256,8 +256,8 @@ async fn a_serial_queue_stays_at_level_1_whoever_asks() {
         common::Counters { db, loads: Default::default(), load_delay: Duration::ZERO },
         KindConfig::default().serial_queue("q", 100),
     );
-    assert_eq!((kind.queue("q").level(), kind.queue("q").max_pending()), (1, 7));
-    assert!(kind.queue("q").is_serial());
+    assert_eq!((kind.queue("q").unwrap().level(), kind.queue("q").unwrap().max_pending()), (1, 7));
+    assert!(kind.queue("q").unwrap().is_serial());
     let refused = runtime.set_queue_level("counter", "q", 2).unwrap_err();
     assert!(matches!(refused, RuntimeError::SerialQueue { .. }), "{refused}");
     let id = uuid::Uuid::new_v4();
@@ -265,6 +265,6 @@ async fn a_serial_queue_stays_at_level_1_whoever_asks() {
     assert!(matches!(refused, RuntimeError::SerialQueue { .. }), "{refused}");
     // Level 1 is what it has: asking for it is no change, and not refused.
     runtime.set_queue_level("counter", "q", 1).unwrap();
-    assert_eq!(kind.queue("q").level(), 1);
+    assert_eq!(kind.queue("q").unwrap().level(), 1);
     runtime.shutdown();
 }

@@ -48,7 +48,7 @@ async fn concurrent_first_messages_activate_exactly_one_actor() {
 
 #[tokio::test]
 async fn unknown_uuid_is_not_found_and_leaves_no_actor() {
-    let h = harness(KindConfig::default());
+    let h = harness(KindConfig::default().queue("q", 1, 100));
     let id = Uuid::new_v4();
     match read(&h, id).await.unwrap_err() {
         RuntimeError::NotFound { actor } => assert_eq!((actor.kind, actor.id), ("counter", id)),
@@ -229,4 +229,28 @@ async fn an_actor_inspected_while_it_goes_idle_still_passivates() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(h.kind.live_count(), 0, "every idle actor left the registry");
+}
+
+/// A queue is its kind's declaration: an operation naming another is refused before anything
+/// runs or is activated (a misspelt queue would otherwise run outside its serialization).
+#[tokio::test]
+async fn an_undeclared_queue_is_an_error_not_a_default() {
+    let h = harness(KindConfig::default().queue("q", 1, 100));
+    let id = h.create(3);
+    let refused = h
+        .kind
+        .call(id, Op::within("misspelt", "read", Duration::from_secs(5)), |ctx| async move {
+            Ok::<u64, RuntimeError>(ctx.with_state(|s| s.value))
+        })
+        .await;
+    assert!(
+        matches!(
+            refused,
+            Err(RuntimeError::UndeclaredQueue { kind: "counter", queue: "misspelt" })
+        ),
+        "{refused:?}"
+    );
+    assert_eq!(h.kind.live_count(), 0, "nothing was activated");
+    assert!(h.kind.queue("misspelt").is_err());
+    assert_eq!(read(&h, id).await.unwrap(), 3, "the declared queue works");
 }
