@@ -20,7 +20,7 @@ use strato_actors::vm::state::VmState;
 use strato_agent::driver::Driver;
 use strato_agent::driver::sim::{Sim, SimConfig};
 use strato_proto::DomainState;
-use strato_runtime::{BoxError, FlowInfo, RuntimeError, Step};
+use strato_runtime::{BoxError, FlowInfo, FlowJob, RuntimeError, Step};
 use uuid::Uuid;
 
 struct Setup {
@@ -106,7 +106,7 @@ fn assert_nothing_left(s: &Setup, vm: Uuid) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vm_is_created_running_with_its_ip_booking_and_domain() {
     let s = setup(&[], 5).await;
-    let vm = create::create(&s.c.runtime, request(&s, 1), None).await.unwrap();
+    let vm = create::create(&s.c.runtime, request(&s, 1), FlowJob::default()).await.unwrap();
     assert_eq!(vm.state, VmState::Running);
     assert_eq!(vm.host_uuid, Some(s.host));
     assert_eq!(vm.vm_nics.len(), 1);
@@ -118,12 +118,40 @@ async fn a_vm_is_created_running_with_its_ip_booking_and_domain() {
     assert_eq!(s.c.db.find::<VmRecord>("ip", &"10.0.0.10".into()).unwrap(), vec![vm.uuid]);
 }
 
+/// The creation's agent commands carry its job's deadline (they had 120 s each, whatever
+/// the job): a job already past its deadline gets no domain started, and rolls back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_steps_commands_carry_the_jobs_deadline() {
+    let s = setup(&[], 5).await;
+    let late = FlowJob {
+        id: Some(Uuid::new_v4()),
+        deadline: Some(std::time::SystemTime::now() - Duration::from_secs(1)),
+    };
+    let req = request(&s, 1);
+    let error = create::create(&s.c.runtime, req.clone(), late).await.unwrap_err();
+    let RuntimeError::FlowFailed { step, cause, .. } = &error else { panic!("{error:?}") };
+    assert_eq!(step, "start-domain", "{error}");
+    // The agent refused the command as past its deadline: it was sent with the job's.
+    let refused = cause.as_ref().and_then(|c| c.downcast_ref::<host::HostError>());
+    assert!(
+        matches!(
+            refused,
+            Some(host::HostError::Link(strato_proto::LinkError::Agent { error, .. }))
+                if error.code == strato_proto::AgentErrorCode::DeadlineExceeded
+        ),
+        "{error:?}"
+    );
+    assert_nothing_left(&s, req.vm);
+    // Without a deadline of its own, the same creation runs.
+    create::create(&s.c.runtime, request(&s, 1), FlowJob::default()).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_host_rolls_back_and_carries_the_placement_trace() {
     let s = setup(&[], 5).await;
     let mut big = request(&s, 64); // 64 GiB on a 16 GiB host
     big.name = "big".into();
-    let error = create::create(&s.c.runtime, big.clone(), None).await.unwrap_err();
+    let error = create::create(&s.c.runtime, big.clone(), FlowJob::default()).await.unwrap_err();
     let text = error.to_string();
     assert!(text.contains("allocate-host"), "{text}");
     assert!(
@@ -137,9 +165,9 @@ async fn no_host_rolls_back_and_carries_the_placement_trace() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_address_rolls_back_the_booking_and_the_record() {
     let s = setup(&[], 1).await;
-    create::create(&s.c.runtime, request(&s, 1), None).await.unwrap();
+    create::create(&s.c.runtime, request(&s, 1), FlowJob::default()).await.unwrap();
     let second = request(&s, 1);
-    let error = create::create(&s.c.runtime, second.clone(), None).await.unwrap_err();
+    let error = create::create(&s.c.runtime, second.clone(), FlowJob::default()).await.unwrap_err();
     assert!(
         error.to_string().contains("allocate-nics") && error.to_string().contains("no free IP"),
         "{error}"
@@ -151,7 +179,7 @@ async fn no_address_rolls_back_the_booking_and_the_record() {
 async fn a_failing_start_rolls_back_the_domain_address_booking_and_record() {
     let s = setup(&[("start-domain", 1.0)], 5).await;
     let vm = request(&s, 1);
-    let error = create::create(&s.c.runtime, vm.clone(), None).await.unwrap_err();
+    let error = create::create(&s.c.runtime, vm.clone(), FlowJob::default()).await.unwrap_err();
     assert!(error.to_string().contains("start-domain"), "{error}");
     assert_nothing_left(&s, vm.vm);
 }
@@ -179,7 +207,7 @@ async fn a_failure_after_the_last_step_undoes_a_running_vm() {
         .insert_after::<CreateVm>(CREATE_CHAIN, "start-domain", "extension", Refuse)
         .unwrap();
     let vm = request(&s, 1);
-    let error = create::create(&s.c.runtime, vm.clone(), None).await.unwrap_err();
+    let error = create::create(&s.c.runtime, vm.clone(), FlowJob::default()).await.unwrap_err();
     assert!(
         matches!(error, RuntimeError::FlowFailed { ref step, .. } if step == "extension"),
         "{error}"
@@ -192,7 +220,7 @@ async fn a_burst_for_one_free_address_creates_exactly_one_vm() {
     let s = setup(&[], 1).await;
     let requests: Vec<CreateVm> = (0..6).map(|_| request(&s, 1)).collect();
     let results = futures::future::join_all(
-        requests.iter().cloned().map(|r| create::create(&s.c.runtime, r, None)),
+        requests.iter().cloned().map(|r| create::create(&s.c.runtime, r, FlowJob::default())),
     )
     .await;
     let created: Vec<&VmRecord> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
@@ -230,7 +258,7 @@ async fn a_vm_actor_woken_during_its_creation_sees_the_created_vm() {
         .flows()
         .insert_before::<CreateVm>(CREATE_CHAIN, "start-domain", "wake", WakeTheVm(s.c.vms.clone()))
         .unwrap();
-    let vm = create::create(&s.c.runtime, request(&s, 1), None).await.unwrap();
+    let vm = create::create(&s.c.runtime, request(&s, 1), FlowJob::default()).await.unwrap();
     assert_eq!(vm.state, VmState::Running);
     // The actor's first operation after the creation starts from the created VM, not from
     // the copy it loaded while the flow ran.
@@ -315,7 +343,7 @@ async fn a_volume_left_on_a_lost_host_is_deleted_by_the_gc_when_it_is_back() {
         .unwrap();
     let mut vm = request(&s, 1);
     vm.image = Some(image.uuid);
-    let error = create::create(&s.c.runtime, vm.clone(), None).await.unwrap_err();
+    let error = create::create(&s.c.runtime, vm.clone(), FlowJob::default()).await.unwrap_err();
     assert!(error.to_string().contains("lose-the-host"), "{error}");
     let volume = storage.path().join("ps/rootvolumes").join(format!("{}.qcow2", vm.vm));
     assert!(volume.exists(), "the host was away: the volume is still there");
@@ -351,12 +379,12 @@ async fn a_static_ip_tag_is_the_address_ipam_hands_out_or_the_creation_fails() {
     let s = setup(&[], 5).await;
     let mut pinned = request(&s, 1);
     pinned.static_ips = vec![(s.l3, "10.0.0.13".parse().unwrap())];
-    let vm = create::create(&s.c.runtime, pinned, None).await.unwrap();
+    let vm = create::create(&s.c.runtime, pinned, FlowJob::default()).await.unwrap();
     assert_eq!(vm.vm_nics[0].ip, "10.0.0.13", "not the lowest free address: the tag's");
     // The same address again is taken: that creation fails and leaves nothing.
     let mut again = request(&s, 1);
     again.static_ips = vec![(s.l3, "10.0.0.13".parse().unwrap())];
-    let error = create::create(&s.c.runtime, again.clone(), None).await.unwrap_err();
+    let error = create::create(&s.c.runtime, again.clone(), FlowJob::default()).await.unwrap_err();
     assert!(error.to_string().contains("10.0.0.13 is already in use"), "{error}");
     assert_nothing_left(&s, again.vm);
 }
@@ -368,11 +396,11 @@ async fn a_hosts_reserved_memory_tag_keeps_that_memory_from_vms() {
     let tag = strato_actors::tags::SystemTag::new(s.host, "HostVO", "reservedMemory::12G");
     put(&s.c.db, &tag);
     s.c.hosts.entity().keep_for_host(s.host, 12 << 30);
-    let error = create::create(&s.c.runtime, request(&s, 5), None).await.unwrap_err();
+    let error = create::create(&s.c.runtime, request(&s, 5), FlowJob::default()).await.unwrap_err();
     assert!(error.to_string().contains("free capacity for 2 CPU and 5120 MiB -> 0"), "{error}");
-    create::create(&s.c.runtime, request(&s, 4), None).await.unwrap();
+    create::create(&s.c.runtime, request(&s, 4), FlowJob::default()).await.unwrap();
     s.c.hosts.entity().keep_for_host(s.host, 0);
-    create::create(&s.c.runtime, request(&s, 5), None).await.unwrap();
+    create::create(&s.c.runtime, request(&s, 5), FlowJob::default()).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -381,7 +409,7 @@ async fn a_vms_tags_go_with_its_record() {
     let mut req = request(&s, 1);
     req.user_tags = vec!["web".into()];
     req.system_tags = vec!["hostname::web-1".into()];
-    create::create(&s.c.runtime, req.clone(), None).await.unwrap_err();
+    create::create(&s.c.runtime, req.clone(), FlowJob::default()).await.unwrap_err();
     assert_nothing_left(&s, req.vm);
     assert!(
         strato_actors::tags::of::<strato_actors::tags::User>(&s.c.db, req.vm).unwrap().is_empty()
@@ -393,7 +421,7 @@ async fn a_vms_tags_go_with_its_record() {
     let s = setup(&[], 5).await;
     let mut req = request(&s, 1);
     req.user_tags = vec!["web".into()];
-    let vm = create::create(&s.c.runtime, req, None).await.unwrap();
+    let vm = create::create(&s.c.runtime, req, FlowJob::default()).await.unwrap();
     let tags = strato_actors::tags::of::<strato_actors::tags::User>(&s.c.db, vm.uuid).unwrap();
     assert_eq!(tags.iter().map(|t| t.tag.as_str()).collect::<Vec<_>>(), ["web"]);
 }

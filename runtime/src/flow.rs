@@ -28,6 +28,7 @@
 use std::any::Any;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use serde::de::DeserializeOwned;
@@ -58,6 +59,25 @@ pub trait Step<C>: Send + Sync + 'static {
     async fn rollback(&self, ctx: &mut C, flow: &FlowInfo) -> Result<(), BoxError>;
 }
 
+/// What a flow runs for: the job that asked for it, and when that job must be done by.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowJob {
+    /// The job.
+    pub id: Option<Uuid>,
+    /// When it must be done by; the steps and the commands they send inherit it.
+    pub deadline: Option<SystemTime>,
+}
+
+impl From<Option<Uuid>> for FlowJob {
+    fn from(id: Option<Uuid>) -> Self {
+        FlowJob { id, deadline: None }
+    }
+}
+
+/// How long a rollback has at least, whatever the job's deadline: undoing must not fail
+/// because doing took the time.
+const ROLLBACK_TIME: Duration = Duration::from_secs(120);
+
 /// What a step knows about the flow it runs in.
 #[derive(Clone, Debug)]
 pub struct FlowInfo {
@@ -69,6 +89,10 @@ pub struct FlowInfo {
     pub step: String,
     /// The job the flow serves, if any.
     pub job_id: Option<Uuid>,
+    /// When the step must be done by: the job's deadline for a step, and for a rollback that
+    /// or [`ROLLBACK_TIME`] from its start, whichever is later. `None` when the flow has no
+    /// deadline (a flow recovered after a crash, whose job has ended).
+    pub deadline: Option<SystemTime>,
     /// Writes that end the step: see [`FlowInfo::write_at_end`].
     at_end: Arc<Mutex<Batch>>,
 }
@@ -79,6 +103,11 @@ fn take_writes(at_end: &Mutex<Batch>) -> Batch {
 }
 
 impl FlowInfo {
+    /// The step's deadline, or `default` from now when the flow has none.
+    pub fn deadline_or(&self, default: Duration) -> SystemTime {
+        self.deadline.unwrap_or_else(|| SystemTime::now() + default)
+    }
+
     /// Adds `batch` to the writes committed when the step ends, in one atomic batch with the
     /// flow's checkpoint that records the end (the next step's start, or the flow record's
     /// removal after the last step). A step that keeps its own records this way costs one
@@ -363,8 +392,9 @@ impl FlowEngine {
         &self,
         chain: &str,
         ctx: C,
-        job_id: Option<Uuid>,
+        job: impl Into<FlowJob>,
     ) -> Result<C, RuntimeError> {
+        let FlowJob { id: job_id, deadline } = job.into();
         let erased = self.chain::<C>(chain)?;
         let typed = erased.as_any().downcast_ref::<Chain<C>>().expect("checked by chain()");
         let def = typed.def.read().expect("chain lock").clone();
@@ -383,7 +413,7 @@ impl FlowEngine {
             recovered: false,
         };
         let mut ctx = ctx;
-        let (finished, cause) = self.finish(&def, &mut record, &mut ctx).await;
+        let (finished, cause) = self.finish(&def, &mut record, &mut ctx, deadline).await;
         if let Err(error) = finished {
             tracing::error!(flow = %record.id, chain = %record.chain, error = %error_chain(&error), "removing a finished flow's record failed");
         }
@@ -423,9 +453,10 @@ impl FlowEngine {
         def: &ChainDef<C>,
         record: &mut FlowRecord,
         ctx: &mut C,
+        deadline: Option<SystemTime>,
     ) -> (Result<(), RuntimeError>, Option<StepError>) {
         let at_end = Arc::new(Mutex::new(Batch::new()));
-        let cause = self.drive(def, record, ctx, &at_end).await;
+        let cause = self.drive(def, record, ctx, &at_end, deadline).await;
         let writes = take_writes(&at_end);
         let had_writes = !writes.is_empty();
         let error = match self.conclude(record, writes).await {
@@ -441,7 +472,7 @@ impl FlowEngine {
         tracing::error!(flow = %record.id, chain = %record.chain, step = %step, error = %message, "flow stopped; rolling back");
         record.failure = Some((step, message));
         record.phase = FlowPhase::RollingBack { next: last };
-        self.drive(def, record, ctx, &at_end).await;
+        self.drive(def, record, ctx, &at_end, deadline).await;
         (self.conclude(record, Batch::new()).await, Some(Arc::new(error)))
     }
 
@@ -456,15 +487,20 @@ impl FlowEngine {
         record: &mut FlowRecord,
         ctx: &mut C,
         at_end: &Arc<Mutex<Batch>>,
+        deadline: Option<SystemTime>,
     ) -> Option<StepError> {
         let mut cause: Option<StepError> = None;
         let step_by_name =
             |name: &str| def.steps.iter().find(|(n, _)| n == name).map(|(_, s)| s.clone());
-        let info = |record: &FlowRecord, step: &str| FlowInfo {
+        let info = |record: &FlowRecord, step: &str, rollback: bool| FlowInfo {
             id: record.id,
             chain: record.chain.clone(),
             step: step.to_owned(),
             job_id: record.job_id,
+            deadline: match (deadline, rollback) {
+                (Some(deadline), true) => Some(deadline.max(SystemTime::now() + ROLLBACK_TIME)),
+                (deadline, _) => deadline,
+            },
             at_end: at_end.clone(),
         };
         let take_writes = || take_writes(at_end);
@@ -506,7 +542,7 @@ impl FlowEngine {
                         continue;
                     }
                     let outcome = match step_by_name(&name) {
-                        Some(step) => step.run(ctx, &info(record, &name)).await,
+                        Some(step) => step.run(ctx, &info(record, &name, false)).await,
                         None => Err("step is not defined by this build".into()),
                     };
                     match outcome {
@@ -538,21 +574,23 @@ impl FlowEngine {
                     let mut attempt = 0;
                     let outcome = loop {
                         let outcome = match step_by_name(&name) {
-                            Some(step) => match step.rollback(ctx, &info(record, &name)).await {
-                                Ok(()) => match take_writes() {
-                                    writes if writes.is_empty() => Ok(()),
-                                    writes => self
-                                        .db
-                                        .commit(writes)
-                                        .await
-                                        .map(drop)
-                                        .map_err(|e| error_chain(&e)),
-                                },
-                                Err(e) => {
-                                    drop(take_writes());
-                                    Err(error_chain(&*e))
+                            Some(step) => {
+                                match step.rollback(ctx, &info(record, &name, true)).await {
+                                    Ok(()) => match take_writes() {
+                                        writes if writes.is_empty() => Ok(()),
+                                        writes => self
+                                            .db
+                                            .commit(writes)
+                                            .await
+                                            .map(drop)
+                                            .map_err(|e| error_chain(&e)),
+                                    },
+                                    Err(e) => {
+                                        drop(take_writes());
+                                        Err(error_chain(&*e))
+                                    }
                                 }
-                            },
+                            }
                             None => break Err("step is not defined by this build".to_owned()),
                         };
                         attempt += 1;
@@ -713,7 +751,7 @@ impl<C: FlowContext> ErasedChain for Chain<C> {
             }
             _ => {}
         }
-        engine.finish(&def, &mut record, &mut ctx).await.0?;
+        engine.finish(&def, &mut record, &mut ctx, None).await.0?;
         Ok(record.phase == FlowPhase::Done)
     }
 }

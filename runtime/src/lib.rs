@@ -37,8 +37,8 @@ pub use entity::{Entity, Op, OpCtx};
 pub use error::{ActorId, BoxError, RuntimeError, StepError, error_chain};
 pub use event::{DynEvent, Event, EventBus, EventMatcher, SubscriberInfo, Subscription};
 pub use flow::{
-    ChainSpec, FlowContext, FlowEngine, FlowInfo, FlowPhase, FlowRecord, FlowView, RecoveryReport,
-    Step,
+    ChainSpec, FlowContext, FlowEngine, FlowInfo, FlowJob, FlowPhase, FlowRecord, FlowView,
+    RecoveryReport, Step,
 };
 pub use gc::{Gc, GcJobRecord, GcJobView, GcPolicy, GcRunResult, Trigger};
 pub use inspect::{

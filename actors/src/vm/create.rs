@@ -24,7 +24,7 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use strato_proto::{Command, Reply};
-use strato_runtime::{BoxError, ChainSpec, FlowInfo, Kind, Runtime, Step};
+use strato_runtime::{BoxError, ChainSpec, FlowInfo, FlowJob, Kind, Runtime, Step};
 use strato_storage::{Batch, Db, Expect};
 use uuid::Uuid;
 
@@ -314,7 +314,7 @@ impl Step<CreateVm> for CreateRootVolume {
             &self.hosts,
             host,
             Command::CacheImage { image, source, cache_dir },
-            deadline(),
+            deadline(flow),
             flow.job_id,
         )
         .await?;
@@ -325,7 +325,7 @@ impl Step<CreateVm> for CreateRootVolume {
             &self.hosts,
             host,
             Command::CreateRootVolume { volume: c.vm, backing, dir: volumes_dir(&ps) },
-            deadline(),
+            deadline(flow),
             flow.job_id,
         )
         .await?;
@@ -341,7 +341,7 @@ impl Step<CreateVm> for CreateRootVolume {
         // The agent names a volume after its UUID: the path needs no memory of the step.
         let path = format!("{}/{}.qcow2", volumes_dir(&ps), c.vm);
         let command = Command::DeleteVolume { path: path.clone() };
-        match host::command(&self.hosts, host, command, deadline(), flow.job_id).await {
+        match host::command(&self.hosts, host, command, deadline(flow), flow.job_id).await {
             Ok(_) => Ok(()),
             // The host is away: the volume goes when it is back (the GC's job).
             Err(error) if error.is_unreachable() => {
@@ -358,8 +358,14 @@ struct StartDomain {
     hosts: Kind<Hosts>,
 }
 
-fn deadline() -> SystemTime {
-    SystemTime::now() + Duration::from_secs(120)
+/// How long a command of a creation may take when its flow has no deadline of its own (a
+/// creation recovered after a crash being rolled back).
+const COMMAND_TIME: Duration = Duration::from_secs(120);
+
+/// When the step's agent commands must be answered by: the job's deadline (a rollback gets
+/// time of its own, see `FlowInfo::deadline`).
+fn deadline(flow: &FlowInfo) -> SystemTime {
+    flow.deadline_or(COMMAND_TIME)
 }
 
 #[async_trait]
@@ -374,7 +380,7 @@ impl Step<CreateVm> for StartDomain {
             &self.hosts,
             host,
             Command::DefineDomain(record.domain_spec()),
-            deadline(),
+            deadline(flow),
             flow.job_id,
         )
         .await?;
@@ -382,7 +388,7 @@ impl Step<CreateVm> for StartDomain {
             &self.hosts,
             host,
             Command::StartDomain { uuid: c.vm },
-            deadline(),
+            deadline(flow),
             flow.job_id,
         )
         .await?;
@@ -394,10 +400,22 @@ impl Step<CreateVm> for StartDomain {
         let Some(host) = c.host else { return Ok(()) };
         let (vm, job) = (c.vm, flow.job_id);
         let removed = async {
-            host::command(&self.hosts, host, Command::DestroyDomain { uuid: vm }, deadline(), job)
-                .await?;
-            host::command(&self.hosts, host, Command::UndefineDomain { uuid: vm }, deadline(), job)
-                .await
+            host::command(
+                &self.hosts,
+                host,
+                Command::DestroyDomain { uuid: vm },
+                deadline(flow),
+                job,
+            )
+            .await?;
+            host::command(
+                &self.hosts,
+                host,
+                Command::UndefineDomain { uuid: vm },
+                deadline(flow),
+                job,
+            )
+            .await
         }
         .await;
         match removed {
@@ -428,14 +446,15 @@ pub fn define(runtime: &Runtime, hosts: Kind<Hosts>, l3s: Kind<L3s>, overcommit:
     );
 }
 
-/// Creates a VM and returns its record once it runs.
+/// Creates a VM and returns its record once it runs. The steps and their agent commands
+/// inherit `job`'s deadline.
 pub async fn create(
     runtime: &Runtime,
     request: CreateVm,
-    job_id: Option<Uuid>,
+    job: FlowJob,
 ) -> Result<VmRecord, strato_runtime::RuntimeError> {
     let vm = request.vm;
-    let done = runtime.flows().run(CREATE_CHAIN, request, job_id).await?;
+    let done = runtime.flows().run(CREATE_CHAIN, request, job).await?;
     match done.created {
         Some(created) => Ok(created),
         // A flow recorded before `created` existed, resumed: the record as it is now.

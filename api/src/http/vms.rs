@@ -17,6 +17,7 @@ use strato_actors::records::{
 use strato_actors::vm::create::{self, CreateVm};
 use strato_actors::vm::ops::{self, Lifecycle};
 use strato_actors::vm::state::{self, VmOp};
+use strato_runtime::FlowJob;
 use strato_storage::{Batch, Expect};
 use uuid::Uuid;
 
@@ -30,6 +31,10 @@ use crate::types::{VmParams, inventory, validate};
 
 /// How long a VM operation may wait for its turn and run.
 const OP_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// How long a creation may take, its steps and their agent commands together: it may cache
+/// an image on its host.
+const CREATE_TIMEOUT: Duration = Duration::from_secs(1800);
 
 /// The area's APIs.
 pub(super) fn apis() -> Vec<Api> {
@@ -96,6 +101,7 @@ async fn create_vm(
     let static_ips = tags::check_static_ips(&mn, &tags.system_tags, &p.l3_network_uuids)?;
     let m = mn.clone();
     let vm = Uuid::new_v4();
+    let deadline = std::time::SystemTime::now() + CREATE_TIMEOUT;
     let charge = strato_actors::owners::Charge {
         vm_num: 1,
         cpu_num: u64::from(offering.cpu_num),
@@ -138,7 +144,8 @@ async fn create_vm(
                     user_tags: tags.user_tags,
                     created: None,
                 };
-                match create::create(&m.runtime, request, Some(job)).await {
+                let job = FlowJob { id: Some(job), deadline: Some(deadline) };
+                match create::create(&m.runtime, request, job).await {
                     Ok(created) => inventory(&created),
                     Err(error) => {
                         // A creation that failed before its flow wrote anything leaves the
