@@ -6,10 +6,21 @@
 //! ownership record belongs to the admin: everything written before accounts existed, and
 //! the infrastructure only the admin creates. An ownership record goes in the same atomic
 //! write as its resource (see [`crate::records::delete_refs`]).
+//!
+//! An owner record is also the resource's charge against its owner's quota. Charges are
+//! checked and written under the account's lock ([`Quotas`]), so two creations at once
+//! cannot both take the last slot: a VM's creation charges it in its flow's first step (and
+//! its undo gives the charge back), a change of offering recharges it in the VM's lifecycle
+//! queue.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
-use strato_storage::{Db, Index, IndexValue, Record, StoreError};
+use strato_storage::{Batch, Db, Expect, Index, IndexValue, Record, StoreError};
 use uuid::Uuid;
+
+use crate::accounts::AccountRecord;
 
 /// The admin account's UUID (ZStack's).
 pub const ADMIN: Uuid = Uuid::from_u128(0x36c2_7e8f_f05c_4780_bf6d_2fa6_5700_f22e);
@@ -84,4 +95,132 @@ pub fn owned_by(db: &Db, account: Uuid) -> Result<Vec<OwnerRecord>, StoreError> 
 /// What `account`'s resources count against its quota, in all.
 pub fn usage(db: &Db, account: Uuid) -> Result<Charge, StoreError> {
     Ok(owned_by(db, account)?.into_iter().fold(Charge::default(), |sum, o| sum + o.charge))
+}
+
+/// Why a charge was not made.
+#[derive(Debug, thiserror::Error)]
+pub enum QuotaError {
+    /// It does not fit the account's quota.
+    #[error(
+        "quota {quota} exceeded: the account uses {used}, this asks {requested} more, the quota is {limit}; delete resources or ask the admin for more"
+    )]
+    Exceeded {
+        /// Which quota (`vmNum`, `cpuNum`, `memorySize`).
+        quota: &'static str,
+        /// What the account uses.
+        used: u64,
+        /// What the charge adds.
+        requested: u64,
+        /// The quota.
+        limit: u64,
+    },
+    /// The account is gone.
+    #[error("account {0} no longer exists")]
+    NoAccount(Uuid),
+    /// The store failed.
+    #[error("the store failed")]
+    Store(#[from] StoreError),
+}
+
+/// Checks that `charge` more fits `account`'s quota (the admin has none). Checked again under
+/// the account's lock when a charge is made ([`Quotas::charge`]); alone, it refuses early.
+pub fn check(db: &Db, account: Uuid, charge: Charge) -> Result<(), QuotaError> {
+    if account == ADMIN {
+        return Ok(());
+    }
+    let quota =
+        db.get::<AccountRecord>(account)?.ok_or(QuotaError::NoAccount(account))?.record.quota;
+    let used = usage(db, account)?;
+    let over = [
+        ("vmNum", used.vm_num, charge.vm_num, quota.vm_num),
+        ("cpuNum", used.cpu_num, charge.cpu_num, quota.cpu_num),
+        ("memorySize", used.memory_size, charge.memory_size, quota.memory_size),
+    ]
+    .into_iter()
+    .find(|(_, used, more, limit)| !crate::host::fits_within(*used, *more, *limit));
+    match over {
+        Some((quota, used, requested, limit)) => {
+            Err(QuotaError::Exceeded { quota, used, requested, limit })
+        }
+        None => Ok(()),
+    }
+}
+
+/// Per-account locks: a quota check and the write of the charge it admits happen under the
+/// account's lock.
+#[derive(Debug, Default)]
+pub struct Quotas(Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>);
+
+impl Quotas {
+    fn lock_of(&self, account: Uuid) -> Arc<tokio::sync::Mutex<()>> {
+        self.0.lock().expect("quota locks").entry(account).or_default().clone()
+    }
+
+    /// Charges new resource `owner.resource_uuid` to its account, if it fits: checked and
+    /// written (durably) under the account's lock. Charging again what is charged changes
+    /// nothing (a flow step run again after a crash).
+    pub async fn charge(&self, db: &Db, owner: &OwnerRecord) -> Result<(), QuotaError> {
+        let lock = self.lock_of(owner.account_uuid);
+        let _one_at_a_time = lock.lock().await;
+        if db.get::<OwnerRecord>(owner.resource_uuid)?.is_some_and(|s| s.record == *owner) {
+            return Ok(());
+        }
+        check(db, owner.account_uuid, owner.charge)?;
+        let mut batch = Batch::new();
+        batch.put(owner, Expect::Any)?;
+        db.commit(batch).await?;
+        Ok(())
+    }
+
+    /// Changes resource `resource`'s charge to `charge`, if its growth fits its owner's
+    /// quota, under the account's lock. Returns the charge it had (to give back with
+    /// [`Quotas::restore`] if what the charge is for does not happen), or `None` for a
+    /// resource nobody but the admin owns.
+    pub async fn recharge(
+        &self,
+        db: &Db,
+        resource: Uuid,
+        charge: Charge,
+    ) -> Result<Option<OwnerRecord>, QuotaError> {
+        let Some(owner) = db.get::<OwnerRecord>(resource)?.map(|s| s.record) else {
+            return Ok(None);
+        };
+        let lock = self.lock_of(owner.account_uuid);
+        let _one_at_a_time = lock.lock().await;
+        // Read again under the lock: another change's charge is the one this grows from.
+        let Some(stored) = db.get::<OwnerRecord>(resource)? else { return Ok(None) };
+        let previous = stored.record;
+        let growth = Charge {
+            vm_num: charge.vm_num.saturating_sub(previous.charge.vm_num),
+            cpu_num: charge.cpu_num.saturating_sub(previous.charge.cpu_num),
+            memory_size: charge.memory_size.saturating_sub(previous.charge.memory_size),
+        };
+        check(db, previous.account_uuid, growth)?;
+        let mut batch = Batch::new();
+        batch.put(
+            &OwnerRecord { charge, ..previous.clone() },
+            Expect::Generation(stored.generation),
+        )?;
+        // Only the resource's deletion writes its owner record without the lock: a conflict
+        // means it is gone, and nothing is charged for it any more.
+        match db.commit(batch).await {
+            Ok(_) => Ok(Some(previous)),
+            Err(StoreError::Conflict { .. }) => Ok(None),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// Gives back the charge `previous` had before a [`Quotas::recharge`] whose purpose did
+    /// not happen, unless the resource is gone meanwhile.
+    pub async fn restore(&self, db: &Db, previous: OwnerRecord) -> Result<(), QuotaError> {
+        let lock = self.lock_of(previous.account_uuid);
+        let _one_at_a_time = lock.lock().await;
+        let Some(stored) = db.get::<OwnerRecord>(previous.resource_uuid)? else { return Ok(()) };
+        let mut batch = Batch::new();
+        batch.put(&previous, Expect::Generation(stored.generation))?;
+        match db.commit(batch).await {
+            Ok(_) | Err(StoreError::Conflict { .. }) => Ok(()),
+            Err(error) => Err(error.into()),
+        }
+    }
 }

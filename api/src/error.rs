@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use strato_actors::host::HostError;
 use strato_actors::l3::L3Error;
+use strato_actors::owners::QuotaError;
 use strato_actors::vm::VmError;
 use strato_runtime::{RuntimeError, error_chain};
 
@@ -180,12 +181,35 @@ fn step_failure(cause: &(dyn std::error::Error + Send + Sync + 'static)) -> Opti
             Value::Null,
         ));
     }
+    if let Some(quota) = cause.downcast_ref::<QuotaError>() {
+        return Some(quota_error(quota));
+    }
     let host = match cause.downcast_ref::<AllocError>() {
         Some(AllocError::Host(e)) => Some(e),
         _ => cause.downcast_ref::<HostError>(),
     };
     // An agent that answered with a failure is an operation that failed, not a host away.
     host.filter(|e| e.is_unreachable()).map(host_unavailable)
+}
+
+fn quota_error(error: &QuotaError) -> ApiError {
+    match error {
+        QuotaError::Exceeded { quota, used, requested, limit } => ApiError::new(
+            crate::codes::QUOTA_EXCEEDED,
+            error.to_string(),
+            json!({ "quota": quota, "used": used, "requested": requested, "limit": limit }),
+        ),
+        QuotaError::NoAccount(_) => {
+            ApiError::of(crate::codes::NOT_AUTHENTICATED, "the account no longer exists")
+        }
+        QuotaError::Store(e) => store_error(e),
+    }
+}
+
+impl From<QuotaError> for ApiError {
+    fn from(error: QuotaError) -> Self {
+        quota_error(&error)
+    }
 }
 
 fn no_host(trace: &[strato_actors::allocator::FilterStep]) -> ApiError {
@@ -214,6 +238,7 @@ impl From<VmError> for ApiError {
                 json!({ "state": format!("{:?}", e.state), "allowed": e.allowed.iter().map(|o| format!("{o:?}")).collect::<Vec<_>>() }),
             ),
             VmError::Host(e) => e.into(),
+            VmError::Quota(e) => e.into(),
             VmError::Store(e) => e.into(),
             VmError::Alloc(strato_actors::allocator::AllocError::Host(e)) => e.into(),
             VmError::Alloc(strato_actors::allocator::AllocError::Store(e)) => e.into(),

@@ -37,8 +37,6 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use strato_actors::owners::OwnerRecord;
-
 use crate::error::ApiError;
 
 /// Where a job stands.
@@ -187,7 +185,7 @@ impl Jobs {
         W: FnOnce(Uuid) -> Fut,
         Fut: Future<Output = Result<Value, ApiError>> + Send + 'static,
     {
-        self.submit_for(job_id, api, body, None, None, work).await
+        self.submit_for(job_id, api, body, None, work).await
     }
 
     /// [`Jobs::submit`] for a job that `CancelApiJob` may cancel: `work` gets the token it
@@ -203,26 +201,25 @@ impl Jobs {
         W: FnOnce(CancellationToken) -> Fut,
         Fut: Future<Output = Result<Value, ApiError>> + Send + 'static,
     {
-        let submission = Submission { job_id, api, body, resource: None, owner: None };
+        let submission = Submission { job_id, api, body, resource: None };
         self.accept(submission, true, |_, token| work(token)).await
     }
 
-    /// [`Jobs::submit`] for a job that creates `resource`, owned as `owner` says (written
-    /// with the job, so what a tenant's quota counts is never behind what was accepted).
+    /// [`Jobs::submit`] for a job that creates `resource`: after a crash, recovery looks at
+    /// it to tell a creation that completed from one that was rolled back.
     pub async fn submit_for<W, Fut>(
         &self,
         job_id: Option<Uuid>,
         api: &str,
         body: &Value,
         resource: Option<Uuid>,
-        owner: Option<OwnerRecord>,
         work: W,
     ) -> Result<Uuid, ApiError>
     where
         W: FnOnce(Uuid) -> Fut,
         Fut: Future<Output = Result<Value, ApiError>> + Send + 'static,
     {
-        let submission = Submission { job_id, api, body, resource, owner };
+        let submission = Submission { job_id, api, body, resource };
         self.accept(submission, false, |job, _| work(job)).await
     }
 
@@ -237,7 +234,7 @@ impl Jobs {
         W: FnOnce(Uuid, CancellationToken) -> Fut,
         Fut: Future<Output = Result<Value, ApiError>> + Send + 'static,
     {
-        let Submission { job_id, api, body, resource, owner } = submission;
+        let Submission { job_id, api, body, resource } = submission;
         let uuid = job_id.unwrap_or_else(Uuid::new_v4);
         let account = submitter();
         let job_key = key(account, uuid);
@@ -254,9 +251,6 @@ impl Jobs {
         };
         let mut batch = Batch::new();
         batch.put(&record, Expect::Absent)?;
-        if let Some(owner) = &owner {
-            batch.put(owner, Expect::Absent)?;
-        }
         // Registered before the job is stored, so a cancel or a wait never finds it running
         // and unknown; a repeat of a running job leaves that job's entry alone.
         let token = CancellationToken::new();
@@ -370,7 +364,6 @@ struct Submission<'a> {
     api: &'a str,
     body: &'a Value,
     resource: Option<Uuid>,
-    owner: Option<OwnerRecord>,
 }
 
 /// Ends every job a previous process left running: `Succeeded` when `completed` finds the
@@ -405,10 +398,6 @@ pub async fn recover(
         job.error = Some((error.status.as_u16(), error.body().to_string()));
         let mut batch = Batch::new();
         batch.put(&job, Expect::Any)?;
-        // The resource was never made or was rolled back: nothing is left to charge.
-        if let Some(resource) = job.resource {
-            batch.delete::<OwnerRecord>(resource, Expect::Any);
-        }
         db.commit(batch).await?;
         ended += 1;
     }

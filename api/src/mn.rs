@@ -34,8 +34,6 @@ pub struct Mn {
     pub auth: crate::auth::Auth,
     /// The admin's password when this start generated it, to print once.
     pub generated_admin_password: Option<String>,
-    /// Per-account locks around quota checks.
-    pub quota_locks: crate::auth::quota::QuotaLocks,
     /// Held while an account is created: account names are unique.
     pub account_creation: tokio::sync::Mutex<()>,
     /// The URL clients reach the API at (`STRATO_EXTERNAL_URL`), for the `Location` of a
@@ -152,7 +150,13 @@ impl Mn {
             Hosts::kind_config(),
         );
         let l3s = runtime.register(L3s::new(db.clone()), L3s::kind_config());
-        vm::create::define(&runtime, hosts.clone(), l3s.clone(), Overcommit::default());
+        vm::create::define(
+            &runtime,
+            hosts.clone(),
+            l3s.clone(),
+            vms.entity().quotas().clone(),
+            Overcommit::default(),
+        );
         vm::ops::register_gc(&runtime, hosts.clone());
 
         // Dial the hosts first: rolling back an interrupted creation may need its host.
@@ -208,7 +212,6 @@ impl Mn {
                 logins: std::sync::Arc::new(crate::auth::login::LoginThrottle::new(login_policy)),
             },
             generated_admin_password,
-            quota_locks: Default::default(),
             account_creation: Default::default(),
             external_url,
             image_policy,

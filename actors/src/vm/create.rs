@@ -1,5 +1,7 @@
 //! Creating a VM: a flow (chain `vm.create`) whose every step has an undo.
 //!
+//! 0. `charge`: charge a tenant's VM to its account's quota, under the account's lock (undo:
+//!    give the charge back);
 //! 1. `record`: write the VM record, state Created, with its tags (undo: delete them);
 //! 2. `allocate-host`: pick a host and book its capacity (undo: give back what this VM booked
 //!    on any host; bookings are keyed by VM, so the undo needs no memory of the choice);
@@ -13,12 +15,18 @@
 //! records the step's end (`FlowInfo::write_at_end`), so a creation makes one durable write
 //! per step plus those of the host and L3 actors it asks for a booking and an address.
 //!
+//! The flow owns the VM record from the `record` step to its end: only its steps write it
+//! (each with its checkpoint), and the VM actor, which owns it afterwards, reads it afresh at
+//! the start of every operation (`vm::begin`) and refuses every operation on a VM still
+//! `Created`, so the two never write it at once.
+//!
 //! A failure at any step rolls back everything before it, and the flow engine persists
 //! progress, so a crash of the MN mid-creation is rolled back at the next start: no record,
 //! booking, address, volume or domain is left behind. Other modules can add steps with the
 //! flow engine's `insert_before`/`insert_after`.
 
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
@@ -32,6 +40,7 @@ use super::state::VmState;
 use crate::allocator::{self, Need};
 use crate::host::{self, Hosts, Overcommit};
 use crate::l3::{self, L3s};
+use crate::owners::{Charge, OwnerRecord, Quotas};
 use crate::records::{
     HostRecord, ImageRecord, L2NetworkRecord, L3NetworkRecord, PrimaryStorageRecord, UsedIpRecord,
     VmNic, VmRecord,
@@ -79,6 +88,43 @@ pub struct CreateVm {
     /// even if another operation has changed or deleted it by the time the flow returns.
     #[serde(default)]
     pub created: Option<VmRecord>,
+    /// The account the VM is charged to, with what it counts (none: the admin's VM).
+    #[serde(default)]
+    pub charge_to: Option<(Uuid, Charge)>,
+}
+
+/// The ownership record (the charge) of the VM `c` creates.
+fn owner_of(c: &CreateVm) -> Option<OwnerRecord> {
+    c.charge_to.map(|(account, charge)| OwnerRecord {
+        resource_uuid: c.vm,
+        resource_type: VM_RESOURCE_TYPE.to_owned(),
+        account_uuid: account,
+        charge,
+    })
+}
+
+struct ChargeStep {
+    db: Db,
+    quotas: Arc<Quotas>,
+}
+
+#[async_trait]
+impl Step<CreateVm> for ChargeStep {
+    async fn run(&self, c: &mut CreateVm, _: &FlowInfo) -> Result<(), BoxError> {
+        if let Some(owner) = owner_of(c) {
+            self.quotas.charge(&self.db, &owner).await?;
+        }
+        Ok(())
+    }
+
+    async fn rollback(&self, c: &mut CreateVm, _: &FlowInfo) -> Result<(), BoxError> {
+        if c.charge_to.is_some() {
+            let mut batch = Batch::new();
+            batch.delete::<OwnerRecord>(c.vm, Expect::Any);
+            self.db.commit(batch).await?;
+        }
+        Ok(())
+    }
 }
 
 /// The UUID of VM `vm`'s NIC on L3 `l3`.
@@ -430,11 +476,19 @@ impl Step<CreateVm> for StartDomain {
     }
 }
 
-/// Declares the `vm.create` chain. Call once at startup, before the flow recovery pass.
-pub fn define(runtime: &Runtime, hosts: Kind<Hosts>, l3s: Kind<L3s>, overcommit: Overcommit) {
+/// Declares the `vm.create` chain. Call once at startup, before the flow recovery pass;
+/// `quotas` are the VM kind's ([`super::Vms::quotas`]).
+pub fn define(
+    runtime: &Runtime,
+    hosts: Kind<Hosts>,
+    l3s: Kind<L3s>,
+    quotas: Arc<Quotas>,
+    overcommit: Overcommit,
+) {
     let db = runtime.db().clone();
     runtime.flows().define(
         ChainSpec::new(CREATE_CHAIN)
+            .step("charge", ChargeStep { db: db.clone(), quotas })
             .step("record", RecordStep { db: db.clone() })
             .step(
                 "allocate-host",

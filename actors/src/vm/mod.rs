@@ -29,17 +29,24 @@ pub struct VmActor {
 pub struct Vms {
     db: Db,
     policy: ops::VmPolicy,
+    /// The accounts' quota locks: VMs are what quotas count.
+    quotas: std::sync::Arc<crate::owners::Quotas>,
 }
 
 impl Vms {
     /// The kind, on `db`, with the default policy.
     pub fn new(db: Db) -> Self {
-        Vms { db, policy: ops::VmPolicy::default() }
+        Vms::with_policy(db, ops::VmPolicy::default())
     }
 
     /// The kind, on `db`, with `policy`.
     pub fn with_policy(db: Db, policy: ops::VmPolicy) -> Self {
-        Vms { db, policy }
+        Vms { db, policy, quotas: Default::default() }
+    }
+
+    /// The accounts' quota locks, under which VMs are charged.
+    pub fn quotas(&self) -> &std::sync::Arc<crate::owners::Quotas> {
+        &self.quotas
     }
 
     /// The kind's default queues.
@@ -111,6 +118,9 @@ pub enum VmError {
     /// An L3 network failed (giving back an address).
     #[error(transparent)]
     L3(#[from] crate::l3::L3Error),
+    /// The VM's owner's quota does not take the change.
+    #[error(transparent)]
+    Quota(#[from] crate::owners::QuotaError),
 }
 
 /// Applies what host `host` observed of VM `vm`'s domain. Reports from a host the VM is not

@@ -616,8 +616,9 @@ pub async fn migrate(
     .await
 }
 
-/// Changes a stopped VM's CPUs and memory, re-booking its host's capacity (the old booking
-/// stays if the new size does not fit).
+/// Changes a stopped VM's CPUs and memory: charged to its owner's quota (the growth must
+/// fit it), then re-booked on its host (the old booking stays if the new size does not fit,
+/// and so does the old charge).
 pub async fn change_offering(
     vms: &Kind<Vms>,
     id: Uuid,
@@ -632,26 +633,39 @@ pub async fn change_offering(
         move |ctx| async move {
             let (record, _) = super::begin(&ctx).await?;
             plan(record.state, VmOp::ChangeOffering)?;
-            if let Some(host) = record.host_uuid {
-                let hosts = hosts_of(&ctx)?;
-                if !host::rebook(&hosts, host, id, cpu, memory, host::Overcommit::default()).await?
-                {
-                    return Err(VmError::Alloc(crate::allocator::AllocError::NoHost {
-                        trace: vec![crate::allocator::FilterStep {
-                            filter: format!(
-                                "host {host} has room for {cpu} CPU and {} MiB",
-                                memory >> 20
-                            ),
-                            hosts_left: 0,
-                        }],
-                    }));
+            let (db, quotas) = (&ctx.entity().db, ctx.entity().quotas.clone());
+            let charge =
+                crate::owners::Charge { vm_num: 1, cpu_num: u64::from(cpu), memory_size: memory };
+            let charged = quotas.recharge(db, id, charge).await?;
+            let resized = async {
+                if let Some(host) = record.host_uuid {
+                    let hosts = hosts_of(&ctx)?;
+                    let overcommit = host::Overcommit::default();
+                    if !host::rebook(&hosts, host, id, cpu, memory, overcommit).await? {
+                        return Err(VmError::Alloc(crate::allocator::AllocError::NoHost {
+                            trace: vec![crate::allocator::FilterStep {
+                                filter: format!(
+                                    "host {host} has room for {cpu} CPU and {} MiB",
+                                    memory >> 20
+                                ),
+                                hosts_left: 0,
+                            }],
+                        }));
+                    }
                 }
+                save(&ctx, |r| {
+                    r.cpu_num = cpu;
+                    r.memory_size = memory;
+                })
+                .await
             }
-            save(&ctx, |r| {
-                r.cpu_num = cpu;
-                r.memory_size = memory;
-            })
-            .await
+            .await;
+            if resized.is_err()
+                && let Some(previous) = charged
+            {
+                quotas.restore(db, previous).await?;
+            }
+            resized
         },
     )
     .await

@@ -100,7 +100,13 @@ pub fn mn_on(db: Db, policy: strato_actors::vm::ops::VmPolicy) -> Cluster {
     config.reconnect_max = Duration::from_millis(400);
     let hosts = runtime.register(Hosts::new(db.clone(), config), Hosts::kind_config());
     let l3s = runtime.register(L3s::new(db.clone()), L3s::kind_config());
-    strato_actors::vm::create::define(&runtime, hosts.clone(), l3s.clone(), Overcommit::default());
+    strato_actors::vm::create::define(
+        &runtime,
+        hosts.clone(),
+        l3s.clone(),
+        vms.entity().quotas().clone(),
+        Overcommit::default(),
+    );
     Cluster { runtime, db, hosts, vms, l3s }
 }
 

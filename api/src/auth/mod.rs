@@ -16,8 +16,8 @@
 //! shared, readable by every account and changed only by the admin (403); VMs and jobs belong
 //! to whoever made them, and another account's answer as not found (404). A tag is seen and
 //! changed with its resource. What a tenant is never shown of the cloud's internals is in
-//! [`exposure`]. Quotas (VMs, CPUs, memory) are checked under a per-account lock against what
-//! the account's resources count ([`quota`]). Guessing passwords is throttled ([`login`]).
+//! [`exposure`]. Quotas are the domain's (`strato_actors::owners`). Guessing passwords is
+//! throttled ([`login`]).
 //!
 //! The caller of the request being served is kept in a task-local ([`caller`]), set by the
 //! middleware ([`middleware::authenticate`]), so handlers and the job machinery reach it
@@ -38,7 +38,6 @@ pub mod accounts;
 pub mod exposure;
 pub mod login;
 pub mod middleware;
-pub mod quota;
 
 pub use access::{access_of, admin_only, may_change, may_use, visible};
 pub use strato_actors::kinds::Access;

@@ -11,6 +11,7 @@ use axum::response::Response;
 use axum::routing::{MethodRouter, delete, post, put};
 use serde_json::{Value, json};
 use strato_actors::kinds;
+use strato_actors::owners::{self, Charge, OwnerRecord};
 use strato_actors::records::{
     ClusterRecord, HostRecord, ImageRecord, InstanceOfferingRecord, L3NetworkRecord, VmRecord,
 };
@@ -18,7 +19,6 @@ use strato_actors::vm::create::{self, CreateVm};
 use strato_actors::vm::ops::{self, Lifecycle};
 use strato_actors::vm::state::{self, VmOp};
 use strato_runtime::FlowJob;
-use strato_storage::{Batch, Expect};
 use uuid::Uuid;
 
 use super::api::{Answer, Api, Body, Method, actions, schema};
@@ -102,23 +102,17 @@ async fn create_vm(
     let m = mn.clone();
     let vm = Uuid::new_v4();
     let deadline = std::time::SystemTime::now() + CREATE_TIMEOUT;
-    let charge = strato_actors::owners::Charge {
+    let charge = Charge {
         vm_num: 1,
         cpu_num: u64::from(offering.cpu_num),
         memory_size: offering.memory_size,
     };
-    // A tenant's quota is checked, and the new VM's charge written with its job, under the
-    // account's lock: two creations at once cannot both fit in the last slot.
-    let quota_lock = auth::tenant().map(|tenant| (tenant, mn.quota_locks.of(tenant)));
-    let _quota_guard = match &quota_lock {
-        Some((tenant, lock)) => {
-            let guard = lock.lock().await;
-            auth::quota::check_quota(&mn.db, *tenant, charge)?;
-            Some(guard)
-        }
-        None => None,
-    };
-    let owner = auth::quota::owner_for(vm, "VmInstanceVO", charge);
+    // A tenant's VM is charged to its quota by the creation's first step, under the
+    // account's lock; this look refuses at once what does not fit now.
+    let charge_to = auth::tenant().map(|tenant| (tenant, charge));
+    if let Some((tenant, charge)) = charge_to {
+        owners::check(&mn.db, tenant, charge)?;
+    }
     let job = mn
         .jobs
         .submit_for(
@@ -126,7 +120,6 @@ async fn create_vm(
             "CreateVmInstance",
             &raw,
             Some(vm),
-            owner,
             move |job| async move {
                 let request = CreateVm {
                     vm,
@@ -143,21 +136,10 @@ async fn create_vm(
                     system_tags: tags.system_tags,
                     user_tags: tags.user_tags,
                     created: None,
+                    charge_to,
                 };
                 let job = FlowJob { id: Some(job), deadline: Some(deadline) };
-                match create::create(&m.runtime, request, job).await {
-                    Ok(created) => inventory(&created),
-                    Err(error) => {
-                        // A creation that failed before its flow wrote anything leaves the
-                        // charge; a rolled-back flow took it with the record.
-                        if m.db.get::<VmRecord>(vm)?.is_none() {
-                            let mut batch = Batch::new();
-                            batch.delete::<strato_actors::owners::OwnerRecord>(vm, Expect::Any);
-                            m.db.commit(batch).await?;
-                        }
-                        Err(error.into())
-                    }
-                }
+                inventory(&create::create(&m.runtime, request, job).await?)
             },
         )
         .await?;
@@ -280,64 +262,25 @@ async fn change_offering(
     let offering: InstanceOfferingRecord = get_record(&mn, offering_uuid)?;
     auth::may_use(&mn.db, "instance-offerings", offering_uuid)?;
     precheck(&mn, uuid, VmOp::ChangeOffering)?;
-    // A tenant's VM is charged its new size: the growth must fit the quota, and the
-    // charge changes with the offering (under the account's lock, as creations).
-    let account =
-        mn.db.get::<strato_actors::owners::OwnerRecord>(uuid)?.map(|s| s.record.account_uuid);
-    let quota_lock = account.map(|a| mn.quota_locks.of(a));
-    let (_quota_guard, charged) = match &quota_lock {
-        Some(lock) => {
-            let guard = lock.lock().await;
-            // Read again under the lock: the charge another change made is the one
-            // this one grows from.
-            let owner = mn
-                .db
-                .get::<strato_actors::owners::OwnerRecord>(uuid)?
-                .ok_or_else(|| ApiError::no::<VmRecord>(uuid))?;
-            let grown = strato_actors::owners::Charge {
-                vm_num: 0,
-                cpu_num: u64::from(offering.cpu_num).saturating_sub(owner.record.charge.cpu_num),
-                memory_size: offering.memory_size.saturating_sub(owner.record.charge.memory_size),
-            };
-            auth::quota::check_quota(&mn.db, owner.record.account_uuid, grown)?;
-            let mut recharged = owner.record.clone();
-            recharged.charge.cpu_num = u64::from(offering.cpu_num);
-            recharged.charge.memory_size = offering.memory_size;
-            let mut batch = Batch::new();
-            batch.put(&recharged, Expect::Generation(owner.generation))?;
-            // Only a delete of the VM writes its owner record without the lock.
-            let written = mn.db.commit(batch).await.map_err(|e| match e {
-                strato_storage::StoreError::Conflict { .. } => ApiError::no::<VmRecord>(uuid),
-                e => e.into(),
-            })?;
-            let generation = written[0].generation.unwrap_or(owner.generation);
-            (Some(guard), Some((owner.record, generation)))
-        }
-        None => (None, None),
-    };
+    // A tenant's VM is charged its new size: the growth must fit the quota. The VM's
+    // operation recharges it under the account's lock; this look refuses at once what does
+    // not fit now.
+    if let Some(owner) = mn.db.get::<OwnerRecord>(uuid)?.map(|s| s.record) {
+        let growth = Charge {
+            vm_num: 0,
+            cpu_num: u64::from(offering.cpu_num).saturating_sub(owner.charge.cpu_num),
+            memory_size: offering.memory_size.saturating_sub(owner.charge.memory_size),
+        };
+        owners::check(&mn.db, owner.account_uuid, growth)?;
+    }
     let m = mn.clone();
     let job = mn
         .jobs
         .submit(job_header(headers)?, "ChangeInstanceOffering", keyed, move |job| async move {
             let (cpu, memory) = (offering.cpu_num, offering.memory_size);
-            match ops::change_offering(&m.vms, uuid, cpu, memory, OP_TIMEOUT, Some(job)).await {
-                Ok(vm) => inventory(&vm),
-                Err(error) => {
-                    // The VM kept its size: so does its charge, if it is still the one
-                    // this change wrote (a VM deleted meanwhile is charged nothing).
-                    if let Some((previous, generation)) = charged {
-                        let lock = m.quota_locks.of(previous.account_uuid);
-                        let _guard = lock.lock().await;
-                        let mut batch = Batch::new();
-                        batch.put(&previous, Expect::Generation(generation))?;
-                        match m.db.commit(batch).await {
-                            Ok(_) | Err(strato_storage::StoreError::Conflict { .. }) => {}
-                            Err(e) => return Err(e.into()),
-                        }
-                    }
-                    Err(error.into())
-                }
-            }
+            inventory(
+                &ops::change_offering(&m.vms, uuid, cpu, memory, OP_TIMEOUT, Some(job)).await?,
+            )
         })
         .await?;
     Ok(accepted(&mn, job))
