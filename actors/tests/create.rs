@@ -51,7 +51,7 @@ async fn setup(failures: &[(&str, f64)], ips: u8) -> Setup {
     let c = mn();
     let host = host_record(addr);
     put(&c.db, &host);
-    host::connect(&c.hosts, host.uuid).await.unwrap();
+    host::link::connect(&c.hosts, host.uuid).await.unwrap();
     let l3 = L3NetworkRecord {
         uuid: Uuid::new_v4(),
         name: "pub".into(),

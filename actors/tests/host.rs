@@ -36,7 +36,7 @@ async fn connect_reconciles_and_reports_strangers() {
     driver.start(stranger).unwrap();
     let mut strangers = c.runtime.events().subscribe::<StrangerFound>("test", 8);
 
-    host::connect(&c.hosts, host.uuid).await.unwrap();
+    host::link::connect(&c.hosts, host.uuid).await.unwrap();
     let record = host::record(&c.hosts, host.uuid).await.unwrap();
     assert_eq!(record.status, HostStatus::Connected);
     assert_eq!(record.facts.unwrap().hostname, "sim-test");
@@ -86,7 +86,7 @@ async fn a_lost_agent_makes_the_host_disconnected_and_it_comes_back_by_itself() 
     put(&c.db, &a);
     driver.define(&domain(a.uuid)).unwrap();
     driver.start(a.uuid).unwrap();
-    host::connect(&c.hosts, host.uuid).await.unwrap();
+    host::link::connect(&c.hosts, host.uuid).await.unwrap();
 
     // The agent dies: within the heartbeat bound the host is Disconnected and its VMs Unknown.
     agent.shutdown();
@@ -131,10 +131,10 @@ async fn the_first_contact_enrolls_the_agent_and_pins_its_certificate() {
     let c = mn();
     let host = host_record(addr);
     put(&c.db, &host);
-    host::connect(&c.hosts, host.uuid).await.unwrap();
+    host::link::connect(&c.hosts, host.uuid).await.unwrap();
     let pin = c.db.get::<AgentCertRecord>(host.uuid).unwrap().expect("pinned").record;
     // Reconnecting presents the same certificate, and deleting the host takes its pin.
-    host::reconnect(&c.hosts, host.uuid).await.unwrap();
+    host::link::reconnect(&c.hosts, host.uuid).await.unwrap();
     assert_eq!(c.db.get::<AgentCertRecord>(host.uuid).unwrap().unwrap().record, pin);
     host::remove(&c.hosts, host.uuid).await.unwrap();
     assert!(c.db.get::<AgentCertRecord>(host.uuid).unwrap().is_none());
@@ -142,7 +142,7 @@ async fn the_first_contact_enrolls_the_agent_and_pins_its_certificate() {
     // and pinned for the new host.
     let again = host_record(addr);
     put(&c.db, &again);
-    host::connect(&c.hosts, again.uuid).await.unwrap();
+    host::link::connect(&c.hosts, again.uuid).await.unwrap();
     let repinned = c.db.get::<AgentCertRecord>(again.uuid).unwrap().unwrap().record;
     assert_eq!(repinned.fingerprint, pin.fingerprint);
 }
@@ -156,7 +156,7 @@ async fn an_agent_of_another_mn_leaves_the_host_disconnected_with_the_reason() {
     let c = mn();
     let host = host_record(addr);
     put(&c.db, &host);
-    let error = host::connect(&c.hosts, host.uuid).await.unwrap_err();
+    let error = host::link::connect(&c.hosts, host.uuid).await.unwrap_err();
     assert!(error.to_string().contains("TLS handshake"), "{error}");
     let record = host::record(&c.hosts, host.uuid).await.unwrap();
     assert_eq!(record.status, HostStatus::Disconnected);
@@ -175,7 +175,7 @@ async fn commands_outlive_reconnects_in_a_row() {
     let c = mn();
     let host = host_record(addr);
     put(&c.db, &host);
-    host::connect(&c.hosts, host.uuid).await.unwrap();
+    host::link::connect(&c.hosts, host.uuid).await.unwrap();
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut clients = Vec::new();
     for _ in 0..4 {
@@ -194,7 +194,7 @@ async fn commands_outlive_reconnects_in_a_row() {
         }));
     }
     for _ in 0..100 {
-        host::reconnect(&c.hosts, host.uuid).await.unwrap();
+        host::link::reconnect(&c.hosts, host.uuid).await.unwrap();
     }
     done.store(true, std::sync::atomic::Ordering::SeqCst);
     for client in clients {

@@ -35,7 +35,7 @@ async fn walk_the_lifecycle(
     put(&c.db, &host);
     let vm = vm_record(host.uuid, VmState::Stopped);
     put(&c.db, &vm);
-    host::connect(&c.hosts, host.uuid).await.unwrap();
+    host::link::connect(&c.hosts, host.uuid).await.unwrap();
     let id = vm.uuid;
     let step = |op| ops::operate(&c.vms, id, op, T, None);
 
@@ -110,7 +110,7 @@ async fn a_failed_start_lands_where_the_table_says() {
     put(&c.db, &host);
     let vm = vm_record(host.uuid, VmState::Stopped);
     put(&c.db, &vm);
-    host::connect(&c.hosts, host.uuid).await.unwrap();
+    host::link::connect(&c.hosts, host.uuid).await.unwrap();
     let error = ops::operate(&c.vms, vm.uuid, Lifecycle::Start, T, None).await.unwrap_err();
     assert!(error.to_string().contains("injected"), "{error}");
     assert_eq!(vm::record(&c.vms, vm.uuid).await.unwrap().state, VmState::Stopped);
@@ -128,7 +128,7 @@ async fn destroying_on_a_disconnected_host_succeeds_and_the_gc_finishes_after_re
     put(&c.db, &host);
     let vm = vm_record(host.uuid, VmState::Stopped);
     put(&c.db, &vm);
-    host::connect(&c.hosts, host.uuid).await.unwrap();
+    host::link::connect(&c.hosts, host.uuid).await.unwrap();
     ops::operate(&c.vms, vm.uuid, Lifecycle::Start, T, None).await.unwrap();
 
     agent.shutdown();
@@ -167,8 +167,8 @@ async fn cold_migration_within_the_cluster_and_offering_changes() {
         strato_actors::records::HostRecord { cluster_uuid: a.cluster_uuid, ..host_record(addr_b) };
     put(&c.db, &a);
     put(&c.db, &b);
-    host::connect(&c.hosts, a.uuid).await.unwrap();
-    host::connect(&c.hosts, b.uuid).await.unwrap();
+    host::link::connect(&c.hosts, a.uuid).await.unwrap();
+    host::link::connect(&c.hosts, b.uuid).await.unwrap();
     let vm = vm_record(a.uuid, VmState::Stopped);
     put(&c.db, &vm);
     let overcommit = host::Overcommit::default();
@@ -231,8 +231,8 @@ async fn maintenance_moves_vms_away_or_stops_them() {
     let b = HostRecord { cluster_uuid: a.cluster_uuid, ..host_record(addr_b) };
     put(&c.db, &a);
     put(&c.db, &b);
-    host::connect(&c.hosts, a.uuid).await.unwrap();
-    host::connect(&c.hosts, b.uuid).await.unwrap();
+    host::link::connect(&c.hosts, a.uuid).await.unwrap();
+    host::link::connect(&c.hosts, b.uuid).await.unwrap();
     let running = vm_record(a.uuid, VmState::Stopped);
     let stopped = vm_record(a.uuid, VmState::Stopped);
     for vm in [&running, &stopped] {
@@ -277,7 +277,7 @@ async fn destroyed_vms_are_expunged_after_their_grace_period_unless_recovered() 
     c.runtime.gc().start().unwrap();
     let host = host_record(addr);
     put(&c.db, &host);
-    host::connect(&c.hosts, host.uuid).await.unwrap();
+    host::link::connect(&c.hosts, host.uuid).await.unwrap();
     let (doomed, saved) =
         (vm_record(host.uuid, VmState::Stopped), vm_record(host.uuid, VmState::Stopped));
     put(&c.db, &doomed);
@@ -314,7 +314,7 @@ async fn a_state_left_by_an_interrupted_operation_is_repaired_by_the_next_one() 
     driver.define(&domain(vm.uuid)).unwrap();
     driver.start(vm.uuid).unwrap();
     // The host's reconnection observes every VM on it: the VM is no longer stuck.
-    host::connect(&c.hosts, host.uuid).await.unwrap();
+    host::link::connect(&c.hosts, host.uuid).await.unwrap();
     eventually("VM reconciled", || async {
         vm::record(&c.vms, vm.uuid).await.unwrap().state == VmState::Running
     })
@@ -335,7 +335,7 @@ async fn a_host_being_deleted_books_nothing_more() {
     let c = mn();
     let host = host_record(addr);
     put(&c.db, &host);
-    host::connect(&c.hosts, host.uuid).await.unwrap();
+    host::link::connect(&c.hosts, host.uuid).await.unwrap();
     let overcommit = host::Overcommit::default();
     let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
     assert!(host::reserve(&c.hosts, host.uuid, a, 1, 1 << 30, overcommit).await.unwrap());
@@ -409,7 +409,7 @@ async fn expunge_and_recover_succeed_when_only_their_tidying_fails() {
         ..vm_record(host.uuid, VmState::Stopped)
     };
     put(&c.db, &vm);
-    host::connect(&c.hosts, host.uuid).await.unwrap();
+    host::link::connect(&c.hosts, host.uuid).await.unwrap();
     let step = |op| ops::operate(&c.vms, vm.uuid, op, T, None);
     let arm = |on| store.armed.store(on, std::sync::atomic::Ordering::SeqCst);
     let jobs = || c.runtime.gc().list().unwrap().len();

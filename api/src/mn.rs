@@ -165,7 +165,7 @@ impl Mn {
             let id = stored?.record.uuid;
             let hosts = hosts.clone();
             dials.push(async move {
-                if let Err(error) = host::connect(&hosts, id).await {
+                if let Err(error) = host::link::connect(&hosts, id).await {
                     tracing::warn!(host = %id, %error, "host not connected at startup; redialing");
                 }
             });

@@ -133,7 +133,7 @@ async fn add_host(
                 m.hosts.entity().keep_for_host(record.uuid, memory);
             }
             write(&m, &record, &tags).await?;
-            if let Err(error) = host::connect(&m.hosts, record.uuid).await {
+            if let Err(error) = host::link::connect(&m.hosts, record.uuid).await {
                 // As in ZStack: a host that cannot be reached on adding is not added.
                 let _ = m.hosts.restart(record.uuid).await;
                 let mut batch = Batch::new();
@@ -161,7 +161,7 @@ async fn host_action(
         HostAction::ReconnectHost(_) => {
             mn.jobs
                 .submit(job_header(&headers)?, "ReconnectHost", &keyed, move |_| async move {
-                    host::reconnect(&m.hosts, uuid).await?;
+                    host::link::reconnect(&m.hosts, uuid).await?;
                     inventory(&host::record(&m.hosts, uuid).await?)
                 })
                 .await?

@@ -1,43 +1,32 @@
-//! The host actor: one per KVM host, holding the link to its agent.
+//! The host actor: one per KVM host, holding the link to its agent. This module is the
+//! handle the rest of the system calls: commands to the agent ([`command`]), capacity
+//! bookings ([`reserve`], [`rebook`], [`release`], [`fence`]), the host's state and record,
+//! and its removal. Making and losing the link, enrolling agents and reconciling what the
+//! hypervisor runs with the store are the link loop's ([`link`]): it is the one part that
+//! tells VMs what their hosts observe, so the VM actor and the allocator, which call this
+//! handle, are not in a cycle with it.
 //!
-//! The link is TLS with a certificate on each end (see `strato_proto::tls`): the MN presents
-//! its client certificate, and the host's agent must present the certificate pinned for the
-//! host (an [`AgentCertRecord`] beside the host's record). An agent that has no certificate
-//! yet asks to enroll with its bootstrap secret: the actor spends the secret through the MN's
-//! CA (`strato_proto::pki`), pins the certificate it issues before the agent gets it (so an
-//! agent holding a certificate is always one the MN can recognise), sends it, and dials
-//! again. A host without a pin (added again after a deletion) trusts and pins a certificate
-//! this MN's CA issued.
-//!
-//! Connecting dials the agent, handshakes, records the host's facts and reconciles: every VM
-//! the store places on the host is told what the hypervisor says of its domain, and a domain
-//! no VM claims is reported as a *stranger* (an event and a list on the host), never adopted
-//! or killed. The link's heartbeat (defaults 2 s interval, 2 s timeout, 3 misses: about 8 s,
-//! well under ZStack's 60 s ping) closes a dead link; the host then turns Disconnected, its
-//! VMs Unknown, and it redials with capped exponential backoff until the agent answers, when
-//! it reconciles again. Agent events (a domain started or destroyed behind the MN's back)
-//! reach the VMs at once.
+//! The link is TLS with a certificate on each end (see `strato_proto::tls`); its heartbeat
+//! (defaults 2 s interval, 2 s timeout, 3 misses: about 8 s, well under ZStack's 60 s ping)
+//! closes a dead link; the host then turns Disconnected, its VMs Unknown, and it redials with
+//! capped exponential backoff until the agent answers, when it reconciles again.
 //!
 //! Queues: `link` (level 1) serializes connecting and losing the link; `command` (level 64)
 //! carries commands to the agent, which run concurrently on the one link; `capacity` (level
 //! 1) books CPU and memory for VMs, so two creations never take the same slot.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use strato_proto::pki::Pki;
-use strato_proto::{
-    AgentEvent, Command, DomainInfo, DomainState, Enrollment, Fingerprint, Handshake, Link,
-    LinkConfig, LinkError, Reply, TlsError, Welcome,
-};
+use strato_proto::{Command, DomainInfo, Fingerprint, Link, LinkError, Reply, TlsError};
 use strato_runtime::{BoxError, Entity, Event, Kind, KindConfig, Op, OpCtx, RuntimeError};
 use strato_storage::{Batch, Db, Expect, StoreError};
 use uuid::Uuid;
 
-use crate::records::{AgentCertRecord, HostRecord, HostStatus, VmRecord};
-use crate::vm::state::Observation;
-use crate::vm::{Vms, observe};
+use crate::records::{AgentCertRecord, HostRecord, HostStatus};
+
+pub mod link;
 
 /// How hosts are watched and redialed.
 #[derive(Clone, Debug)]
@@ -449,313 +438,6 @@ async fn set_status(
         ctx.runtime().events().publish(HostStatusChanged { host: ctx.id(), status });
     }
     Ok(())
-}
-
-/// Connects host `id` if it is not connected. Returns once connected, or with why not (a
-/// redial is then scheduled).
-pub async fn connect(hosts: &Kind<Hosts>, id: Uuid) -> Result<(), HostError> {
-    hosts.call(id, link_op("connect"), move |ctx| async move { connect_op(ctx).await }).await
-}
-
-/// Drops the link (if any) and connects again: `ReconnectHost`.
-pub async fn reconnect(hosts: &Kind<Hosts>, id: Uuid) -> Result<(), HostError> {
-    hosts
-        .call(id, link_op("reconnect"), move |ctx| async move {
-            if let Some(link) = ctx.with_state(|s| s.link.take()) {
-                ctx.entity().forget_link(ctx.id());
-                link.close();
-            }
-            connect_op(ctx).await
-        })
-        .await
-}
-
-async fn connect_op(ctx: OpCtx<Hosts>) -> Result<(), HostError> {
-    if ctx.with_state(|s| s.link.as_ref().is_some_and(|l| !l.is_closed())) {
-        return Ok(());
-    }
-    let id = ctx.id();
-    let (ip, port) = ctx.with_state(|s| (s.record.management_ip.clone(), s.record.agent_port));
-    let addr = match format!("{ip}:{port}").parse() {
-        Ok(addr) => addr,
-        Err(_) => {
-            let error = format!("`{ip}:{port}` is not a socket address");
-            set_status(&ctx, HostStatus::Disconnected, Some(error.clone())).await?;
-            return Err(HostError::Link(LinkError::Refused { reason: error }));
-        }
-    };
-    if ctx.with_state(|s| s.record.status != HostStatus::Disconnected) {
-        set_status(&ctx, HostStatus::Connecting, None).await?;
-    }
-    let (link, welcome, mut events) = match dial(&ctx, addr).await {
-        Ok(linked) => linked,
-        Err(error) => {
-            let message = strato_runtime::error_chain(&error);
-            tracing::warn!(host = %id, %addr, error = %message, "cannot connect to the agent");
-            set_status(&ctx, HostStatus::Disconnected, Some(message)).await?;
-            schedule_redial(&ctx);
-            return Err(error);
-        }
-    };
-    ctx.entity().links.write().expect("links lock").insert(ctx.id(), link.clone());
-    *ctx.entity().connects.write().expect("connects lock").entry(ctx.id()).or_insert(0) += 1;
-    let epoch = ctx.with_state(|s| {
-        s.epoch += 1;
-        s.link = Some(link.clone());
-        s.redial_attempts = 0;
-        s.epoch
-    });
-    save(&ctx, |r| r.facts = Some(welcome.facts.clone())).await?;
-    set_status(&ctx, HostStatus::Connected, None).await?;
-    reconcile(&ctx, &welcome.domains).await?;
-
-    // Watch the link: its death and the agent's events.
-    let (hosts, vms) = (ctx.kind().clone(), vms_kind(&ctx)?);
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                () = link.closed() => break,
-                event = events.recv() => match event {
-                    Some(AgentEvent::DomainStateChanged { uuid, state }) => {
-                        on_domain_event(&hosts, &vms, id, uuid, state).await;
-                    }
-                    None => break,
-                },
-            }
-        }
-        let _ = hosts
-            .call(id, link_op("link-lost"), move |ctx| async move { link_lost(ctx, epoch).await })
-            .await;
-    });
-    Ok(())
-}
-
-/// Dials the host's agent and checks its certificate; an agent asking to enroll is enrolled,
-/// then dialed again.
-async fn dial(
-    ctx: &OpCtx<Hosts>,
-    addr: std::net::SocketAddr,
-) -> Result<(Link, Welcome, tokio::sync::mpsc::UnboundedReceiver<AgentEvent>), HostError> {
-    let config = &ctx.entity().config;
-    let link_config = |pin| LinkConfig {
-        addr,
-        tls: config.pki.tls().clone(),
-        pin,
-        host_uuid: ctx.id(),
-        connect_timeout: config.connect_timeout,
-        ping_interval: config.ping_interval,
-        ping_timeout: config.ping_timeout,
-        ping_failures: config.ping_failures,
-    };
-    let mut enrolled = false;
-    loop {
-        let pin = ctx.with_state(|s| s.pin);
-        match Link::connect(&link_config(pin)).await? {
-            Handshake::Linked { link, welcome, events, certificate } => {
-                if pin != Some(certificate) {
-                    tracing::info!(host = %ctx.id(), %certificate, "pinned the certificate this MN issued to the agent");
-                    pin_certificate(ctx, certificate).await?;
-                }
-                return Ok((link, welcome, events));
-            }
-            // Once per connect: an agent that asks again did not keep its certificate.
-            Handshake::Enroll(enrollment) if !enrolled => {
-                enroll(ctx, *enrollment).await?;
-                enrolled = true;
-            }
-            Handshake::Enroll(enrollment) => {
-                let reason = "the agent asks to enroll again right after it enrolled; it did not keep its certificate (see its log)".to_owned();
-                enrollment.refuse(reason.clone()).await;
-                return Err(LinkError::Refused { reason }.into());
-            }
-        }
-    }
-}
-
-/// Spends the agent's bootstrap secret, pins the certificate the CA issues for its key, and
-/// sends it to the agent.
-async fn enroll(ctx: &OpCtx<Hosts>, enrollment: Enrollment) -> Result<(), HostError> {
-    let pki = &ctx.entity().config.pki;
-    let issued = match pki.enroll(enrollment.secret(), enrollment.public_key(), ctx.id()) {
-        Ok(issued) => issued,
-        Err(error) => {
-            enrollment.refuse(error.to_string()).await;
-            return Err(error.into());
-        }
-    };
-    // Pinned before the agent has it: an agent holding a certificate is one the MN knows.
-    pin_certificate(ctx, issued.fingerprint).await?;
-    enrollment.issue(issued.certificate).await?;
-    tracing::info!(host = %ctx.id(), certificate = %issued.fingerprint, "agent enrolled");
-    Ok(())
-}
-
-/// Records `fingerprint` as the host's pin.
-async fn pin_certificate(ctx: &OpCtx<Hosts>, fingerprint: Fingerprint) -> Result<(), HostError> {
-    let mut batch = Batch::new();
-    batch.put(&AgentCertRecord { host_uuid: ctx.id(), fingerprint }, Expect::Any)?;
-    ctx.entity().db.commit(batch).await?;
-    ctx.with_state(|s| s.pin = Some(fingerprint));
-    Ok(())
-}
-
-fn vms_kind(ctx: &OpCtx<Hosts>) -> Result<Kind<Vms>, HostError> {
-    ctx.runtime()
-        .kind::<Vms>()
-        .ok_or_else(|| HostError::Runtime(RuntimeError::UnknownKind { kind: "vm".into() }))
-}
-
-/// Tells every VM on the host what the hypervisor says, and reports strangers.
-async fn reconcile(ctx: &OpCtx<Hosts>, domains: &[DomainInfo]) -> Result<(), HostError> {
-    let id = ctx.id();
-    let db = &ctx.entity().db;
-    let vms = vms_kind(ctx)?;
-    let on_host = db.find::<VmRecord>("host", &id.into())?;
-    let claimed: HashSet<Uuid> = on_host.iter().copied().collect();
-    for vm in &on_host {
-        let state = domains.iter().find(|d| d.uuid == *vm).map(|d| d.state);
-        observe(&vms, *vm, id, crate::vm::observation_of(state)).await;
-    }
-    // Bookings of VMs that are gone, or that live on another host, were left by an operation
-    // the MN died in (or whose undo failed): give them back. A VM being created or migrated
-    // books before its record names the host, so it keeps its booking.
-    let stale: Vec<Uuid> = ctx.with_state(|s| s.record.reservations.keys().copied().collect());
-    let mut released = Vec::new();
-    for vm in stale {
-        let keep = db.get::<VmRecord>(vm)?.is_some_and(|v| {
-            v.record.host_uuid == Some(id)
-                || matches!(
-                    v.record.state,
-                    crate::vm::state::VmState::Created | crate::vm::state::VmState::Migrating
-                )
-        });
-        if !keep {
-            released.push(vm);
-        }
-    }
-    if !released.is_empty() {
-        tracing::warn!(host = %id, vms = ?released, "bookings of VMs no longer on this host given back");
-        // Through the capacity queue, which owns the bookings.
-        if let Some(hosts) = ctx.runtime().kind::<Hosts>() {
-            for vm in released {
-                release(&hosts, id, vm).await?;
-            }
-        }
-    }
-    let mut strangers = Vec::new();
-    for domain in domains {
-        if claimed.contains(&domain.uuid) {
-            continue;
-        }
-        // A VM recorded on another host (a migration's leftover) is no stranger to the MN,
-        // but this copy is: report it all the same.
-        tracing::warn!(host = %id, domain = %domain.uuid, name = %domain.name, "stranger domain on host");
-        ctx.runtime().events().publish(StrangerFound { host: id, domain: domain.clone() });
-        strangers.push(domain.uuid);
-    }
-    save(ctx, |r| r.strangers.clone_from(&strangers)).await
-}
-
-async fn on_domain_event(
-    hosts: &Kind<Hosts>,
-    vms: &Kind<Vms>,
-    host: Uuid,
-    domain: Uuid,
-    state: Option<DomainState>,
-) {
-    let claimed = hosts
-        .entity()
-        .db
-        .get::<VmRecord>(domain)
-        .ok()
-        .flatten()
-        .is_some_and(|vm| vm.record.host_uuid == Some(host));
-    if claimed {
-        // The event may be older than the VM's last operation: let the VM look now.
-        crate::vm::observe_now(vms, domain, host).await;
-    } else if state.is_some() {
-        let _ = hosts
-            .call(
-                host,
-                Op::within("link", "stranger", Duration::from_secs(30)),
-                move |ctx| async move {
-                    if ctx.with_state(|s| s.record.strangers.contains(&domain)) {
-                        return Ok::<_, HostError>(());
-                    }
-                    tracing::warn!(host = %host, %domain, "stranger domain appeared on host");
-                    ctx.runtime().events().publish(StrangerFound {
-                        host,
-                        domain: DomainInfo {
-                            uuid: domain,
-                            name: String::new(),
-                            state: state.unwrap_or(DomainState::Other),
-                        },
-                    });
-                    save(&ctx, |r| r.strangers.push(domain)).await
-                },
-            )
-            .await;
-    } else {
-        // An undefined domain is nobody's stranger any more. (The domain of a VM destroyed
-        // and expunged at once reports its shut-off after its record went, then this.)
-        let _ = hosts
-            .call(
-                host,
-                Op::within("link", "stranger-gone", Duration::from_secs(30)),
-                move |ctx| async move {
-                    if ctx.with_state(|s| !s.record.strangers.contains(&domain)) {
-                        return Ok::<_, HostError>(());
-                    }
-                    save(&ctx, |r| r.strangers.retain(|d| *d != domain)).await
-                },
-            )
-            .await;
-    }
-}
-
-async fn link_lost(ctx: OpCtx<Hosts>, epoch: u64) -> Result<(), HostError> {
-    if ctx.with_state(|s| s.epoch != epoch) {
-        return Ok(()); // an old link; a newer one is up
-    }
-    ctx.with_state(|s| s.link = None);
-    ctx.entity().forget_link(ctx.id());
-    let id = ctx.id();
-    tracing::warn!(host = %id, "lost the link to the agent");
-    set_status(&ctx, HostStatus::Disconnected, Some("the link to the agent was lost".into()))
-        .await?;
-    let vms = vms_kind(&ctx)?;
-    for vm in ctx.entity().db.find::<VmRecord>("host", &id.into())? {
-        observe(&vms, vm, id, Observation::HostUnreachable).await;
-    }
-    schedule_redial(&ctx);
-    Ok(())
-}
-
-/// Redials after a capped exponential backoff (once at a time).
-fn schedule_redial(ctx: &OpCtx<Hosts>) {
-    let config = &ctx.entity().config;
-    let Some(delay) = ctx.with_state(|s| {
-        if s.redial_scheduled {
-            return None;
-        }
-        s.redial_scheduled = true;
-        s.redial_attempts += 1;
-        let exp =
-            config.reconnect_base.saturating_mul(1 << s.redial_attempts.min(16).saturating_sub(1));
-        Some(exp.min(config.reconnect_max))
-    }) else {
-        return;
-    };
-    let (hosts, id) = (ctx.kind().clone(), ctx.id());
-    tokio::spawn(async move {
-        tokio::time::sleep(delay).await;
-        let _ = hosts
-            .call(id, link_op("redial"), move |ctx| async move {
-                ctx.with_state(|s| s.redial_scheduled = false);
-                connect_op(ctx).await
-            })
-            .await;
-    });
 }
 
 /// Sends `command` to host `id`'s agent and waits until `deadline`.
