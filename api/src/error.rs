@@ -113,13 +113,18 @@ impl From<RuntimeError> for ApiError {
                 ApiError::new(crate::codes::TIMEOUT, error.to_string(), Value::Null)
             }
             RuntimeError::FlowFailed { chain, step, message, rollback_failures, cause } => {
-                if !rollback_failures.is_empty() {
-                    tracing::warn!(%chain, %step, %message, ?rollback_failures, "a flow failed and its undo did not finish");
-                }
                 // What failed is told by the step's error's type; what failed inside (an
                 // agent's or libvirt's message) goes in the details, which
                 // `auth::exposure` keeps from tenants.
                 let mut answer = cause.as_deref().and_then(step_failure).unwrap_or_else(|| {
+                    // The step's own error, one level: what failed; its chain and the undo's
+                    // failures go to the log, under the reference the answer gives.
+                    let reference = uuid::Uuid::new_v4();
+                    tracing::warn!(%chain, %step, error = %message, ?rollback_failures, %reference, "a flow failed");
+                    let undone: Vec<&str> = rollback_failures
+                        .iter()
+                        .map(|f| f.split_once(':').map_or(f.as_str(), |(step, _)| step))
+                        .collect();
                     ApiError::new(
                         crate::codes::OPERATION_FAILED,
                         if rollback_failures.is_empty() {
@@ -131,7 +136,11 @@ impl From<RuntimeError> for ApiError {
                                 "{chain} failed at its step {step}, and undoing it did not finish"
                             )
                         },
-                        json!({ "cause": message, "rollbackFailures": rollback_failures }),
+                        json!({
+                            "cause": cause.as_ref().map_or_else(|| message.clone(), |c| c.to_string()),
+                            "rollbackFailures": undone,
+                            "reference": reference,
+                        }),
                     )
                 });
                 if let Value::Object(details) = &mut answer.details {
@@ -221,11 +230,20 @@ fn no_host(trace: &[strato_actors::allocator::FilterStep]) -> ApiError {
 }
 
 fn host_unavailable(error: &HostError) -> ApiError {
+    let reference = logged("a host is unreachable", error);
     ApiError::new(
         crate::codes::HOST_UNAVAILABLE,
         "the host is not reachable now; try again once it reconnects",
-        json!({ "cause": error_chain(error) }),
+        json!({ "cause": error.to_string(), "reference": reference }),
     )
+}
+
+/// Logs `error`'s whole cause chain under a new reference, which the answer gives: the chain
+/// names the layers' internals, for the operator's log, not for the caller.
+fn logged(what: &str, error: &(dyn std::error::Error + 'static)) -> uuid::Uuid {
+    let reference = uuid::Uuid::new_v4();
+    tracing::warn!(error = %error_chain(error), %reference, "{what}");
+    reference
 }
 
 impl From<VmError> for ApiError {
