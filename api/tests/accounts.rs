@@ -9,57 +9,11 @@ use std::time::Duration;
 use common::*;
 use serde_json::{Value, json};
 
-struct Env {
-    api: std::net::SocketAddr,
-    agent: std::net::SocketAddr,
-    _server: Proc,
-    _agent: Proc,
-    _dir: tempfile::TempDir,
-}
-
-fn env_with(server_env: &[(&str, &str)]) -> Env {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("mn");
-    let bootstrap = bootstrap(&data);
-    let (agent_proc, agent) = start_agent(&bootstrap, &dir.path().join("agent"));
-    let api = free_port();
-    let server = start_server_with(&data, api, server_env);
-    Env { api, agent, _server: server, _agent: agent_proc, _dir: dir }
-}
-
-/// A request as the holder of `session`.
-fn as_(env: &Env, session: &str, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-    let auth = format!("OAuth {session}");
-    let body = body.map(|b| b.to_string());
-    let (status, _, reply) =
-        raw_http(env.api, method, path, body.as_deref(), &[("Authorization", &auth)]);
-    (status, reply)
-}
-
-/// A mutation as the holder of `session`, followed to its end.
-fn done_as(env: &Env, session: &str, method: &str, path: &str, body: Value) -> Value {
-    let (status, accepted) = as_(env, session, method, path, Some(body));
-    assert_eq!(status, 202, "{method} {path}: {accepted}");
-    let auth = format!("OAuth {session}");
-    wait_job_as(env.api, accepted["location"].as_str().unwrap(), ("Authorization", &auth))
-}
-
 /// Admin's infrastructure: returns (offering, l3).
-fn infrastructure(env: &Env) -> (Value, Value) {
+fn infrastructure(env: &TestCluster) -> (Value, Value) {
     let Infrastructure { offering, l3, .. } =
         vm_infrastructure(env.api, env.agent, "10.0.0.10", "10.0.0.20");
     (offering, l3)
-}
-
-fn account(env: &Env, name: &str, quota: Value) -> String {
-    let made = create(
-        env.api,
-        "/v1/accounts",
-        json!({ "name": name, "password": format!("{name}-password"), "quota": quota }),
-    );
-    assert_eq!(made["type"], "Normal");
-    assert!(made.get("passwordHash").is_none(), "{made}");
-    log_in(env.api, name, &format!("{name}-password"))
 }
 
 fn vm_body(offering: &Value, l3: &Value, name: &str) -> Value {
@@ -68,7 +22,7 @@ fn vm_body(offering: &Value, l3: &Value, name: &str) -> Value {
 
 #[test]
 fn sessions_are_needed_expire_end_at_log_out_and_api_keys_work() {
-    let env = env_with(&[("STRATO_SESSION_TIMEOUT_SECS", "2")]);
+    let env = TestCluster::start(ClusterOpts::default().env("STRATO_SESSION_TIMEOUT_SECS", "2"));
     assert_eq!(raw_http(env.api, "GET", "/v1/zones", None, &[]).0, 401);
     let wrong = json!({ "logInByAccount": { "accountName": "admin", "password": "nope" } });
     assert_eq!(
@@ -78,12 +32,11 @@ fn sessions_are_needed_expire_end_at_log_out_and_api_keys_work() {
     // A failed login holds the next attempt back a moment (the throttle's first delay).
     std::thread::sleep(Duration::from_millis(300));
     let session = log_in(env.api, "admin", ADMIN_PASSWORD);
-    assert_eq!(as_(&env, &session, "GET", "/v1/zones", None).0, 200);
-    assert_eq!(as_(&env, "not-a-session", "GET", "/v1/zones", None).0, 401);
+    assert_eq!(env.as_(&session, "GET", "/v1/zones", None).0, 200);
+    assert_eq!(env.as_("not-a-session", "GET", "/v1/zones", None).0, 401);
 
     // An API key: its secret works until the key is deleted; a wrong secret never does.
-    let (status, key) = as_(
-        &env,
+    let (status, key) = env.as_(
         &session,
         "POST",
         "/v1/accounts/api-keys",
@@ -93,38 +46,38 @@ fn sessions_are_needed_expire_end_at_log_out_and_api_keys_work() {
     let key_auth =
         key["inventory"]["authorization"].as_str().unwrap().trim_start_matches("OAuth ").to_owned();
     let key_uuid = key["inventory"]["uuid"].as_str().unwrap().to_owned();
-    assert_eq!(as_(&env, &key_auth, "GET", "/v1/zones", None).0, 200);
-    assert_eq!(as_(&env, &format!("{key_uuid}:wrong"), "GET", "/v1/zones", None).0, 401);
+    assert_eq!(env.as_(&key_auth, "GET", "/v1/zones", None).0, 200);
+    assert_eq!(env.as_(&format!("{key_uuid}:wrong"), "GET", "/v1/zones", None).0, 401);
 
     // Sessions expire (2 s here); API keys do not.
     std::thread::sleep(Duration::from_millis(2500));
-    let (status, expired) = as_(&env, &session, "GET", "/v1/zones", None);
+    let (status, expired) = env.as_(&session, "GET", "/v1/zones", None);
     assert_eq!((status, expired["error"]["code"].as_str()), (401, Some("ID.SESSION_EXPIRED")));
-    assert_eq!(as_(&env, &key_auth, "GET", "/v1/zones", None).0, 200);
+    assert_eq!(env.as_(&key_auth, "GET", "/v1/zones", None).0, 200);
 
     // Logging out ends a session at once.
     let session = log_in(env.api, "admin", ADMIN_PASSWORD);
     assert_eq!(
-        as_(&env, &session, "DELETE", &format!("/v1/accounts/sessions/{session}"), None).0,
+        env.as_(&session, "DELETE", &format!("/v1/accounts/sessions/{session}"), None).0,
         200
     );
-    assert_eq!(as_(&env, &session, "GET", "/v1/zones", None).0, 401);
+    assert_eq!(env.as_(&session, "GET", "/v1/zones", None).0, 401);
     assert_eq!(
-        as_(&env, &key_auth, "DELETE", &format!("/v1/accounts/api-keys/{key_uuid}"), None).0,
+        env.as_(&key_auth, "DELETE", &format!("/v1/accounts/api-keys/{key_uuid}"), None).0,
         200
     );
-    assert_eq!(as_(&env, &key_auth, "GET", "/v1/zones", None).0, 401);
+    assert_eq!(env.as_(&key_auth, "GET", "/v1/zones", None).0, 401);
 }
 
 #[test]
 fn quotas_refuse_creations_beyond_them_with_a_clear_error() {
-    let env = env_with(&[]);
+    let env = TestCluster::start(ClusterOpts::default());
     let (offering, l3) = infrastructure(&env);
-    let a = account(&env, "alice", json!({ "vmNum": 1, "cpuNum": 8, "memorySize": 8589934592u64 }));
-    let first = done_as(&env, &a, "POST", "/v1/vm-instances", vm_body(&offering, &l3, "a1"));
+    let a = env.account("alice", json!({ "vmNum": 1, "cpuNum": 8, "memorySize": 8589934592u64 }));
+    let first = env.done_as(&a, "POST", "/v1/vm-instances", vm_body(&offering, &l3, "a1"));
     assert_eq!(first["inventory"]["state"], "Running", "{first}");
     let (status, refused) =
-        as_(&env, &a, "POST", "/v1/vm-instances", Some(vm_body(&offering, &l3, "a2")));
+        env.as_(&a, "POST", "/v1/vm-instances", Some(vm_body(&offering, &l3, "a2")));
     assert_eq!(status, 409, "{refused}");
     assert_eq!(refused["error"]["code"], "ID.QUOTA_EXCEEDED");
     assert!(refused["error"]["description"].as_str().unwrap().contains("vmNum"), "{refused}");
@@ -133,20 +86,20 @@ fn quotas_refuse_creations_beyond_them_with_a_clear_error() {
     let alice_uuid = listed["inventories"][0]["uuid"].as_str().unwrap().to_owned();
     let raise = json!({ "updateQuota": { "vmNum": 2, "cpuNum": 8, "memorySize": 8589934592u64 } });
     ok(env.api, "PUT", &format!("/v1/accounts/{alice_uuid}/actions"), Some(&raise.to_string()));
-    let second = done_as(&env, &a, "POST", "/v1/vm-instances", vm_body(&offering, &l3, "a2"));
+    let second = env.done_as(&a, "POST", "/v1/vm-instances", vm_body(&offering, &l3, "a2"));
     assert_eq!(second["inventory"]["state"], "Running", "{second}");
 
     // Growing a VM past the quota is refused too; within it, the charge follows the size.
     let vm = second["inventory"]["uuid"].as_str().unwrap().to_owned();
     let actions = format!("/v1/vm-instances/{vm}/actions");
-    done_as(&env, &a, "PUT", &actions, json!({ "stopVmInstance": {} }));
+    env.done_as(&a, "PUT", &actions, json!({ "stopVmInstance": {} }));
     let big = create(
         env.api,
         "/v1/instance-offerings",
         json!({ "name": "big", "cpuNum": 8, "memorySize": 268435456u64 }),
     );
     let grow = json!({ "changeInstanceOffering": { "instanceOfferingUuid": big["uuid"] } });
-    let (status, refused) = as_(&env, &a, "PUT", &actions, Some(grow));
+    let (status, refused) = env.as_(&a, "PUT", &actions, Some(grow));
     assert_eq!(
         (status, refused["error"]["code"].as_str()),
         (409, Some("ID.QUOTA_EXCEEDED")),
@@ -159,36 +112,35 @@ fn quotas_refuse_creations_beyond_them_with_a_clear_error() {
         json!({ "name": "mid", "cpuNum": 7, "memorySize": 268435456u64 }),
     );
     let grow = json!({ "changeInstanceOffering": { "instanceOfferingUuid": fits["uuid"] } });
-    let changed = done_as(&env, &a, "PUT", &actions, grow);
+    let changed = env.done_as(&a, "PUT", &actions, grow);
     assert_eq!(changed["inventory"]["cpuNum"], 7, "{changed}");
     // Now 1 + 7 CPUs are charged of 8: even one more CPU does not fit.
-    let (status, _) =
-        as_(&env, &a, "POST", "/v1/vm-instances", Some(vm_body(&offering, &l3, "a3")));
+    let (status, _) = env.as_(&a, "POST", "/v1/vm-instances", Some(vm_body(&offering, &l3, "a3")));
     assert_eq!(status, 409);
 }
 
 #[test]
 fn tenant_b_reaches_nothing_of_tenant_a_and_changes_nothing() {
-    let env = env_with(&[]);
+    let env = TestCluster::start(ClusterOpts::default());
     let (offering, l3) = infrastructure(&env);
-    let a = account(&env, "alice", json!({ "vmNum": 5, "cpuNum": 8, "memorySize": 8589934592u64 }));
-    let b = account(&env, "bob", json!({ "vmNum": 5, "cpuNum": 8, "memorySize": 8589934592u64 }));
+    let a = env.account("alice", json!({ "vmNum": 5, "cpuNum": 8, "memorySize": 8589934592u64 }));
+    let b = env.account("bob", json!({ "vmNum": 5, "cpuNum": 8, "memorySize": 8589934592u64 }));
     let (status, accepted) =
-        as_(&env, &a, "POST", "/v1/vm-instances", Some(vm_body(&offering, &l3, "a1")));
+        env.as_(&a, "POST", "/v1/vm-instances", Some(vm_body(&offering, &l3, "a1")));
     assert_eq!(status, 202);
     let job_path =
         format!("/v1/{}", accepted["location"].as_str().unwrap().split_once("/v1/").unwrap().1);
     let auth_a = format!("OAuth {a}");
     let vm = wait_job_as(env.api, &job_path, ("Authorization", &auth_a))["inventory"].clone();
     let vm_uuid = vm["uuid"].as_str().unwrap().to_owned();
-    let (_, tags) = as_(&env, &a, "GET", &format!("/v1/user-tags?q=resourceUuid={vm_uuid}"), None);
+    let (_, tags) = env.as_(&a, "GET", &format!("/v1/user-tags?q=resourceUuid={vm_uuid}"), None);
     let tag_uuid = tags["inventories"][0]["uuid"].as_str().unwrap().to_owned();
-    let (_, me) = as_(&env, &a, "GET", "/v1/accounts", None);
+    let (_, me) = env.as_(&a, "GET", "/v1/accounts", None);
     assert_eq!(me["inventories"].as_array().unwrap().len(), 1, "alice sees only herself: {me}");
     let alice_uuid = me["inventories"][0]["uuid"].as_str().unwrap().to_owned();
     let snapshot = |session: &str| {
-        let (_, vms) = as_(&env, session, "GET", "/v1/vm-instances", None);
-        let (_, tags) = as_(&env, session, "GET", "/v1/user-tags", None);
+        let (_, vms) = env.as_(session, "GET", "/v1/vm-instances", None);
+        let (_, tags) = env.as_(session, "GET", "/v1/user-tags", None);
         (vms, tags)
     };
     let before = snapshot(&a);
@@ -231,7 +183,7 @@ fn tenant_b_reaches_nothing_of_tenant_a_and_changes_nothing() {
         ("DELETE", format!("/v1/accounts/sessions/{a}"), None),
     ];
     for (method, path, body) in &not_found {
-        let (status, reply) = as_(&env, &b, method, path, body.clone());
+        let (status, reply) = env.as_(&b, method, path, body.clone());
         assert_eq!(status, 404, "bob: {method} {path}: {reply}");
     }
     let forbidden: Vec<(&str, String, Option<Value>)> = vec![
@@ -254,7 +206,7 @@ fn tenant_b_reaches_nothing_of_tenant_a_and_changes_nothing() {
         ("DELETE", format!("/v1/l3-networks/{}", l3["uuid"].as_str().unwrap()), None),
     ];
     for (method, path, body) in &forbidden {
-        let (status, reply) = as_(&env, &b, method, path, body.clone());
+        let (status, reply) = env.as_(&b, method, path, body.clone());
         assert!(status == 403 || status == 404, "bob: {method} {path}: {status} {reply}");
     }
     // Lists, counts, joins and lookups by alice's values show bob nothing of hers.
@@ -266,7 +218,7 @@ fn tenant_b_reaches_nothing_of_tenant_a_and_changes_nothing() {
         "vm-instances?q=state=Running&count=true".into(),
         format!("user-tags?q=resourceUuid={vm_uuid}"),
     ] {
-        let (status, found) = as_(&env, &b, "GET", &format!("/v1/{query}"), None);
+        let (status, found) = env.as_(&b, "GET", &format!("/v1/{query}"), None);
         assert_eq!(status, 200, "{query}: {found}");
         let none = found["inventories"].as_array().is_some_and(Vec::is_empty)
             || found == json!({ "total": 0 });
@@ -274,16 +226,16 @@ fn tenant_b_reaches_nothing_of_tenant_a_and_changes_nothing() {
     }
     // Shared resources are readable; bob's own VM works on them.
     assert_eq!(
-        as_(&env, &b, "GET", "/v1/instance-offerings", None).1["inventories"]
+        env.as_(&b, "GET", "/v1/instance-offerings", None).1["inventories"]
             .as_array()
             .unwrap()
             .len(),
         1
     );
-    let bobs = done_as(&env, &b, "POST", "/v1/vm-instances", vm_body(&offering, &l3, "b1"));
+    let bobs = env.done_as(&b, "POST", "/v1/vm-instances", vm_body(&offering, &l3, "b1"));
     assert_eq!(bobs["inventory"]["state"], "Running", "{bobs}");
     assert_eq!(
-        as_(&env, &b, "GET", "/v1/vm-instances", None).1["inventories"].as_array().unwrap().len(),
+        env.as_(&b, "GET", "/v1/vm-instances", None).1["inventories"].as_array().unwrap().len(),
         1
     );
 
@@ -300,7 +252,7 @@ fn tenant_b_reaches_nothing_of_tenant_a_and_changes_nothing() {
 /// (both passed the check at the door before it was made again inside the job).
 #[test]
 fn one_name_one_account_even_when_created_at_once() {
-    let env = env_with(&[]);
+    let env = TestCluster::start(ClusterOpts::default());
     let api = env.api;
     let tries: Vec<_> = (0..6)
         .map(|_| {

@@ -69,17 +69,14 @@ async fn wait_for_text(client: &Client, what: &str, check: impl Fn(&str) -> bool
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs chromium and chromium-driver (scripts/test installs them)"]
 async fn the_console_in_a_real_browser() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("mn");
-    let bootstrap = bootstrap(&data);
-    let (_agent, agent) = start_agent_with(
-        &bootstrap,
-        &dir.path().join("agent"),
-        &["--driver", "sim", "--sim-latency-ms", "2000"],
-    );
-    let api = free_port();
-    let _server =
-        start_server_with(&data, api, &[("STRATO_FAILPOINTS", "vm-start-after-define=1*panic")]);
+    let cluster = tokio::task::spawn_blocking(|| {
+        TestCluster::start(
+            ClusterOpts::sim(2000).env("STRATO_FAILPOINTS", "vm-start-after-define=1*panic"),
+        )
+    })
+    .await
+    .unwrap();
+    let (api, agent) = (cluster.api, cluster.agent);
     let setup = tokio::task::spawn_blocking(move || {
         let Infrastructure { offering, l3, .. } =
             vm_infrastructure(api, agent, "10.0.0.10", "10.0.0.20");

@@ -45,12 +45,8 @@ impl Cli {
 
 #[test]
 fn the_cli_logs_in_creates_with_progress_queries_and_reports_errors() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("mn");
-    let bootstrap = bootstrap(&data);
-    let (_agent, agent) = start_agent(&bootstrap, &dir.path().join("agent"));
-    let api = free_port();
-    let _server = start_server(&data, api);
+    let cluster = TestCluster::start(ClusterOpts::default());
+    let (api, agent) = (cluster.api, cluster.agent);
     let cli = Cli { server: format!("http://{api}"), config: tempfile::tempdir().unwrap() };
 
     // Without a session, the API's 401 is printed with its code.

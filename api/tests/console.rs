@@ -18,19 +18,10 @@ fn get(api: std::net::SocketAddr, path: &str) -> Value {
 
 #[test]
 fn the_console_shows_actors_queues_flows_and_links_and_acts_with_audit() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("mn");
-    let bootstrap = bootstrap(&data);
     // A slow simulated hypervisor: every command takes 1.5 s.
-    let (_agent, agent) = start_agent_with(
-        &bootstrap,
-        &dir.path().join("agent"),
-        &["--driver", "sim", "--sim-latency-ms", "1500"],
-    );
-    let api = free_port();
-    let _server = start_server(&data, api);
-    let Infrastructure { host, offering, l3 } =
-        vm_infrastructure(api, agent, "10.0.0.10", "10.0.0.20");
+    let cluster = TestCluster::start(ClusterOpts::sim(1500));
+    let api = cluster.api;
+    let Infrastructure { host, offering, l3 } = cluster.infrastructure("10.0.0.10", "10.0.0.20");
     let vm = create(
         api,
         "/v1/vm-instances",
@@ -137,7 +128,7 @@ fn the_console_shows_actors_queues_flows_and_links_and_acts_with_audit() {
         &[],
     );
     assert_eq!(status, 200);
-    let log = std::fs::read_to_string(log_path(&data)).unwrap();
+    let log = std::fs::read_to_string(log_path(&cluster.data)).unwrap();
     assert!(
         log.lines().any(|l| l.contains("audit")
             && l.contains("queue-level")

@@ -12,19 +12,9 @@ use serde_json::json;
 
 #[test]
 fn sigkill_of_the_mn_mid_creation_leaves_every_job_terminal_and_nothing_behind() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("mn");
-    let bootstrap = bootstrap(&data);
-    let (_agent, agent) = start_agent_with(
-        &bootstrap,
-        &dir.path().join("agent"),
-        &["--driver", "sim", "--sim-latency-ms", "600"],
-    );
-    let api = free_port();
-    let mut server = start_server(&data, api);
-
-    let Infrastructure { host, offering, l3 } =
-        vm_infrastructure(api, agent, "10.1.0.10", "10.1.0.13");
+    let mut cluster = TestCluster::start(ClusterOpts::sim(600));
+    let api = cluster.api;
+    let Infrastructure { host, offering, l3 } = cluster.infrastructure("10.1.0.10", "10.1.0.13");
 
     // Four creations, one per free address; the MN dies while they run.
     let body = json!({ "params": { "name": "vm", "instanceOfferingUuid": offering["uuid"], "l3NetworkUuids": [l3["uuid"]] } }).to_string();
@@ -36,9 +26,7 @@ fn sigkill_of_the_mn_mid_creation_leaves_every_job_terminal_and_nothing_behind()
         })
         .collect();
     std::thread::sleep(Duration::from_millis(300));
-    server.child.kill().unwrap(); // SIGKILL
-    server.child.wait().unwrap();
-    let _server = start_server(&data, api);
+    cluster.kill_and_restart_server();
 
     // Every accepted job ends.
     let mut succeeded = 0;
@@ -71,7 +59,7 @@ fn sigkill_of_the_mn_mid_creation_leaves_every_job_terminal_and_nothing_behind()
     }
     // The hypervisor runs exactly those VMs: interrupted creations left no domain.
     // Read on the host, as an operator would: the MN holds the agent's one session.
-    let state_file = dir.path().join("agent").join("sim-domains.json");
+    let state_file = cluster.agent_dir().join("sim-domains.json");
     let domains = strato_agent::driver::sim::Sim::domains_in(&state_file).unwrap();
     assert_eq!(domains.len(), succeeded, "{domains:?}");
     // No address leaked: the free ones can all be taken again.

@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::process::Command as Process;
 use std::time::Duration;
 
 use common::*;
@@ -15,33 +14,19 @@ use strato_agent::driver::sim::Sim;
 use strato_proto::DomainState;
 use uuid::Uuid;
 
-struct Env {
-    api: std::net::SocketAddr,
-    agent: std::net::SocketAddr,
-    _server: Proc,
-    _agent: Proc,
-    _dir: tempfile::TempDir,
-}
-
 /// The sim agent's driver arguments.
 const SIM: [&str; 2] = ["--driver", "sim"];
 
-fn env() -> Env {
+fn env() -> TestCluster {
     env_with_driver(&SIM)
 }
 
 /// An [`env`] whose agent runs with `driver_args`.
-fn env_with_driver(driver_args: &[&str]) -> Env {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("mn");
-    let bootstrap = bootstrap(&data);
-    let (agent_proc, agent) = start_agent_with(&bootstrap, &dir.path().join("agent"), driver_args);
-    let api = free_port();
-    let server = start_server(&data, api);
-    Env { api, agent, _server: server, _agent: agent_proc, _dir: dir }
+fn env_with_driver(driver_args: &[&str]) -> TestCluster {
+    TestCluster::start(ClusterOpts::default().driver(driver_args))
 }
 
-fn create(env: &Env, path: &str, params: Value) -> Value {
+fn create(env: &TestCluster, path: &str, params: Value) -> Value {
     ok(
         env.api,
         "POST",
@@ -51,7 +36,7 @@ fn create(env: &Env, path: &str, params: Value) -> Value {
 }
 
 /// Zone, cluster, host, offering, L3 with a range: what a VM needs.
-fn infrastructure(env: &Env) -> (Value, Value, Value) {
+fn infrastructure(env: &TestCluster) -> (Value, Value, Value) {
     let zone = create(env, "/v1/zones", json!({ "name": "z1" }));
     let cluster = create(env, "/v1/clusters", json!({ "name": "c1", "zoneUuid": zone["uuid"] }));
     let host = create(
@@ -90,8 +75,8 @@ fn infrastructure(env: &Env) -> (Value, Value, Value) {
     (host, offering, l3)
 }
 
-async fn domain_state(env: &Env, vm: &str) -> Option<DomainState> {
-    let state_file = env._dir.path().join("agent").join("sim-domains.json");
+async fn domain_state(env: &TestCluster, vm: &str) -> Option<DomainState> {
+    let state_file = env.dir().join("agent").join("sim-domains.json");
     let domains = Sim::domains_in(&state_file).unwrap();
     let vm: Uuid = vm.parse().unwrap();
     domains.into_iter().find(|d| d.uuid == vm).map(|d| d.state)
@@ -370,8 +355,7 @@ async fn destroy_on_a_lost_host_is_finished_by_a_listed_gc_job() {
     let host_path = format!("/v1/hosts/{}", host["uuid"].as_str().unwrap());
 
     // The agent dies (SIGKILL): the host turns Disconnected, its VM Unknown.
-    env._agent.child.kill().unwrap();
-    env._agent.child.wait().unwrap();
+    env.kill_agent();
     let api = env.api;
     let wait_for = |path: String, field: &'static str, value: &'static str| {
         let started = std::time::Instant::now();
@@ -414,16 +398,7 @@ async fn destroy_on_a_lost_host_is_finished_by_a_listed_gc_job() {
     );
 
     // The agent comes back on its address: the host reconnects by itself, the job runs.
-    let agent_dir = env._dir.path().join("agent");
-    // Enrolled on its first start, it needs no bootstrap file now.
-    let restarted = Process::new(agent_binary())
-        .args(["--driver", "sim", "--listen", &env.agent.to_string(), "--data-dir"])
-        .arg(agent_dir)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    env._agent = Proc { child: restarted };
+    env.restart_agent();
     wait_for(host_path, "status", "Connected");
     let started = std::time::Instant::now();
     loop {
@@ -457,7 +432,7 @@ async fn a_vm_from_an_image_gets_a_qcow2_root_volume_on_primary_storage() {
         None,
     );
     // Files are imported only from the node's import directory.
-    let imports = env._dir.path().join("mn").join("image-imports");
+    let imports = env.data.clone().join("image-imports");
     std::fs::create_dir_all(&imports).unwrap();
     let source = imports.join("tiny.raw");
     std::fs::write(&source, vec![0u8; 1 << 20]).unwrap();
@@ -556,7 +531,7 @@ async fn a_stopped_vm_starts_on_a_host_of_the_users_choice() {
     let env = tokio::task::spawn_blocking(env).await.unwrap();
     let (host, offering, l3) = infrastructure(&env);
     let second_dir = tempfile::tempdir().unwrap();
-    let second_bootstrap = bootstrap(&env._dir.path().join("mn"));
+    let second_bootstrap = bootstrap(&env.data.clone());
     let (_second, second_addr) = start_agent_with(&second_bootstrap, second_dir.path(), &SIM);
     let h2 = create(
         &env,
@@ -792,14 +767,14 @@ async fn metrics_count_requests_and_jobs_and_a_job_is_followed_into_the_agent() 
 
     // The job's span names it in what the MN logs of it, and the agent logs the job id with
     // the commands it ran for it.
-    let mn_log = std::fs::read_to_string(log_path(&env._dir.path().join("mn"))).unwrap();
+    let mn_log = std::fs::read_to_string(log_path(&env.data.clone())).unwrap();
     assert!(
         mn_log.lines().any(|l| l.contains(&format!("job{{job={job} api=CreateVmInstance}}"))
             && l.contains("job finished")),
         "no job span in the MN's log:\n{}",
         mn_log.lines().filter(|l| l.contains("job finished")).collect::<Vec<_>>().join("\n")
     );
-    let agent_log = std::fs::read_to_string(log_path(&env._dir.path().join("agent"))).unwrap();
+    let agent_log = std::fs::read_to_string(log_path(&env.dir().join("agent"))).unwrap();
     assert!(
         agent_log.lines().any(|l| l.contains(&job) && l.contains("command done")),
         "the agent did not log job {job}:\n{agent_log}"

@@ -9,7 +9,6 @@
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -62,16 +61,15 @@ fn a_real_guest_boots_and_powers_off_on_a_graceful_stop() {
     let image = std::env::var("STRATO_GUEST_IMAGE")
         .expect("STRATO_GUEST_IMAGE must name the image built by scripts/real-guest");
     // QEMU runs as libvirt's own user: the storage directories must be reachable by it.
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let data = dir.path().join("mn");
-    let bootstrap = bootstrap(&data);
-    let agent_dir = dir.path().join("agent");
-    let (_agent, agent) =
-        start_agent_with(&bootstrap, &agent_dir, &["--driver", "libvirt", "--libvirt-uri", URI]);
-    let api = free_port();
     let image_dir = std::path::Path::new(&image).parent().unwrap().display().to_string();
-    let _server = start_server_with(&data, api, &[("STRATO_IMAGE_FILE_DIRS", &image_dir)]);
+    let cluster = TestCluster::start(
+        ClusterOpts::default()
+            .driver(&["--driver", "libvirt", "--libvirt-uri", URI])
+            .env("STRATO_IMAGE_FILE_DIRS", &image_dir)
+            .mode(0o755),
+    );
+    let (api, agent, dir) = (cluster.api, cluster.agent, cluster.dir());
+    let agent_dir = cluster.agent_dir();
 
     let zone = create(api, "/v1/zones", json!({ "name": "z1" }));
     let cluster = create(api, "/v1/clusters", json!({ "name": "c1", "zoneUuid": zone["uuid"] }));
@@ -84,7 +82,7 @@ fn a_real_guest_boots_and_powers_off_on_a_graceful_stop() {
     let ps = create(
         api,
         "/v1/primary-storage/local-storage",
-        json!({ "name": "ps", "url": dir.path().join("ps").display().to_string(), "zoneUuid": zone["uuid"] }),
+        json!({ "name": "ps", "url": dir.join("ps").display().to_string(), "zoneUuid": zone["uuid"] }),
     );
     ok(
         api,
@@ -99,7 +97,7 @@ fn a_real_guest_boots_and_powers_off_on_a_graceful_stop() {
     let bs = create(
         api,
         "/v1/backup-storage/image-store",
-        json!({ "name": "bs", "url": dir.path().join("bs").display().to_string() }),
+        json!({ "name": "bs", "url": dir.join("bs").display().to_string() }),
     );
     ok(
         api,

@@ -11,44 +11,9 @@ use common::*;
 use proptest::prelude::*;
 use serde_json::{Value, json};
 
-struct Env {
-    api: SocketAddr,
-    agent: SocketAddr,
-    _server: Proc,
-    _agent: Proc,
-    _dir: tempfile::TempDir,
-}
-
-fn env_with(server_env: &[(&str, &str)]) -> Env {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("mn");
-    let bootstrap = bootstrap(&data);
-    let (agent_proc, agent) = start_agent(&bootstrap, &dir.path().join("agent"));
-    let api = free_port();
-    let server = start_server_with(&data, api, server_env);
-    Env { api, agent, _server: server, _agent: agent_proc, _dir: dir }
-}
-
-fn as_(env: &Env, session: &str, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-    let auth = format!("OAuth {session}");
-    let body = body.map(|b| b.to_string());
-    let (status, _, reply) =
-        raw_http(env.api, method, path, body.as_deref(), &[("Authorization", &auth)]);
-    (status, reply)
-}
-
-fn account(env: &Env, name: &str) -> String {
-    create(
-        env.api,
-        "/v1/accounts",
-        json!({ "name": name, "password": format!("{name}-password") }),
-    );
-    log_in(env.api, name, &format!("{name}-password"))
-}
-
 /// Two tenants, the admin's shared infrastructure, and tenant A's VM with a tag and a job.
 struct World {
-    env: Env,
+    env: TestCluster,
     a: String,
     b: String,
     offering: String,
@@ -60,13 +25,13 @@ struct World {
 }
 
 fn world() -> World {
-    let env = env_with(&[]);
+    let env = TestCluster::start(ClusterOpts::default());
     let Infrastructure { offering, l3, .. } =
         vm_infrastructure(env.api, env.agent, "10.0.0.10", "10.0.0.20");
     let (_, _, zones) = http(env.api, "GET", "/v1/zones", None, &[]);
     let zone = zones["inventories"][0]["uuid"].as_str().unwrap().to_owned();
-    let a = account(&env, "tenanta");
-    let b = account(&env, "tenantb");
+    let a = env.account("tenanta", Value::Null);
+    let b = env.account("tenantb", Value::Null);
     let job = "6a1f3e2d-0c4b-4d5e-8f70-112233445566".to_owned();
     let auth = format!("OAuth {a}");
     let body = json!({ "params": { "name": "a-vm", "instanceOfferingUuid": offering["uuid"], "l3NetworkUuids": [l3["uuid"]] }, "userTags": ["a-tag"] });
@@ -80,7 +45,7 @@ fn world() -> World {
     assert_eq!(status, 202, "{accepted}");
     let vm = wait_job_as(env.api, accepted["location"].as_str().unwrap(), ("Authorization", &auth));
     let vm = vm["inventory"]["uuid"].as_str().unwrap().to_owned();
-    let (_, tags) = as_(&env, &a, "GET", &format!("/v1/user-tags?q=resourceUuid={vm}"), None);
+    let (_, tags) = env.as_(&a, "GET", &format!("/v1/user-tags?q=resourceUuid={vm}"), None);
     let tag = tags["inventories"][0]["uuid"].as_str().unwrap().to_owned();
     World {
         env,
@@ -99,22 +64,22 @@ impl World {
     /// Everything tenant A and the admin had is still there, unchanged.
     fn assert_untouched(&self) {
         let (status, vm) =
-            as_(&self.env, &self.a, "GET", &format!("/v1/vm-instances/{}", self.vm), None);
+            self.env.as_(&self.a, "GET", &format!("/v1/vm-instances/{}", self.vm), None);
         assert_eq!(status, 200, "{vm}");
         assert_eq!(vm["inventories"][0]["state"], "Running", "{vm}");
         assert_eq!(vm["inventories"][0]["name"], "a-vm", "{vm}");
         let (status, tags) =
-            as_(&self.env, &self.a, "GET", &format!("/v1/user-tags?q=uuid={}", self.tag), None);
+            self.env.as_(&self.a, "GET", &format!("/v1/user-tags?q=uuid={}", self.tag), None);
         assert_eq!((status, tags["inventories"].as_array().map(Vec::len)), (200, Some(1)));
         let (status, job) =
-            as_(&self.env, &self.a, "GET", &format!("/v1/api-jobs/{}", self.job), None);
+            self.env.as_(&self.a, "GET", &format!("/v1/api-jobs/{}", self.job), None);
         assert_eq!(status, 200, "{job}");
         assert_eq!(job["inventory"]["uuid"], self.vm.as_str());
         for path in [
             format!("/v1/instance-offerings/{}", self.offering),
             format!("/v1/l3-networks/{}", self.l3),
         ] {
-            let (status, found) = as_(&self.env, &self.a, "GET", &path, None);
+            let (status, found) = self.env.as_(&self.a, "GET", &path, None);
             assert_eq!(status, 200, "{path}: {found}");
             assert_eq!(found["inventories"].as_array().map(Vec::len), Some(1), "{path}");
         }
@@ -122,7 +87,7 @@ impl World {
             http(self.env.api, "GET", &format!("/v1/zones/{}", self.zone), None, &[]);
         assert_eq!((status, zone["inventories"].as_array().map(Vec::len)), (200, Some(1)));
         // B sees nothing of A's or the admin's as its own: no capture went through.
-        let (_, mine) = as_(&self.env, &self.b, "GET", "/v1/vm-instances", None);
+        let (_, mine) = self.env.as_(&self.b, "GET", "/v1/vm-instances", None);
         assert!(
             mine["inventories"].as_array().unwrap().iter().all(|v| v["name"] == "b-vm"),
             "{mine}"
@@ -150,7 +115,7 @@ fn finding_1_another_spelling_of_a_uuid_is_refused() {
         ("DELETE", format!("/v1/l3-networks/{}?deleteMode=Enforcing", encode_first(&w.l3)), None),
     ];
     for (method, path, body) in attempts {
-        let (status, reply) = as_(&w.env, &w.b, method, &path, body);
+        let (status, reply) = w.env.as_(&w.b, method, &path, body);
         assert_eq!(status, 400, "{method} {path}: {reply}");
         assert_eq!(reply["error"]["code"], "SYS.INVALID_ARGUMENT", "{reply}");
         assert_eq!(reply["error"]["details"]["field"], "uuid", "{reply}");
@@ -185,19 +150,19 @@ fn finding_2_a_job_uuid_captures_nothing() {
         );
         assert!(done.get("error").is_none(), "{done}");
         let b_vm = done["inventory"]["uuid"].as_str().unwrap().to_owned();
-        let (status, _) = as_(&w.env, &w.b, "DELETE", &format!("/v1/vm-instances/{b_vm}"), None);
+        let (status, _) = w.env.as_(&w.b, "DELETE", &format!("/v1/vm-instances/{b_vm}"), None);
         assert_eq!(status, 202);
     }
     // The offering is still the admin's: A sees it, B cannot delete it.
     let (status, reply) =
-        as_(&w.env, &w.b, "DELETE", &format!("/v1/instance-offerings/{}", w.offering), None);
+        w.env.as_(&w.b, "DELETE", &format!("/v1/instance-offerings/{}", w.offering), None);
     assert_eq!(status, 403, "{reply}");
     // A's job under the same UUID is still A's, with A's result.
-    let (status, job) = as_(&w.env, &w.a, "GET", &format!("/v1/api-jobs/{}", w.job), None);
+    let (status, job) = w.env.as_(&w.a, "GET", &format!("/v1/api-jobs/{}", w.job), None);
     assert_eq!(status, 200, "{job}");
     assert_eq!(job["inventory"]["uuid"], w.vm.as_str());
     // B reads its own job under that UUID, never A's.
-    let (_, b_job) = as_(&w.env, &w.b, "GET", &format!("/v1/api-jobs/{}", w.job), None);
+    let (_, b_job) = w.env.as_(&w.b, "GET", &format!("/v1/api-jobs/{}", w.job), None);
     assert_ne!(b_job["inventory"]["uuid"], w.vm.as_str(), "{b_job}");
     std::thread::sleep(std::time::Duration::from_millis(500));
     w.assert_untouched();
@@ -302,7 +267,7 @@ fn every_route_refuses_other_accounts_under_every_spelling() {
     for (method, template) in routes.iter().filter(|(_, t)| t.contains('{')) {
         for target in targets {
             let path = fill(template, target);
-            let (status, reply) = as_(&w.env, &w.b, method, &path, body_for(method, template));
+            let (status, reply) = w.env.as_(&w.b, method, &path, body_for(method, template));
             let shared_read = method == "GET"
                 && (template.starts_with("/v1/instance-offerings/")
                     || template.starts_with("/v1/l3-networks/")
@@ -327,7 +292,7 @@ fn every_route_refuses_other_accounts_under_every_spelling() {
         for (method, template) in routes.iter().filter(|(_, t)| t.contains('{')) {
             let target = targets[pick];
             let path = fill(template, &spell.apply(target));
-            let (status, reply) = as_(&w.env, &w.b, method, &path, body_for(method, template));
+            let (status, reply) = w.env.as_(&w.b, method, &path, body_for(method, template));
             prop_assert!(
                 matches!(status, 400 | 404 | 405),
                 "{} {} answered {}: {}", method, path, status, reply
@@ -341,7 +306,7 @@ fn every_route_refuses_other_accounts_under_every_spelling() {
 /// check (the sums wrapped). Offerings out of bounds are refused, naming the field.
 #[test]
 fn finding_4_sizes_out_of_bounds_are_refused_naming_the_field() {
-    let env = env_with(&[]);
+    let env = TestCluster::start(ClusterOpts::default());
     for (params, field) in [
         (json!({ "name": "max", "cpuNum": 1, "memorySize": u64::MAX }), "memorySize"),
         (json!({ "name": "tiny", "cpuNum": 1, "memorySize": 1 }), "memorySize"),
@@ -357,7 +322,7 @@ fn finding_4_sizes_out_of_bounds_are_refused_naming_the_field() {
     assert_eq!(offerings["inventories"].as_array().map(Vec::len), Some(0));
 }
 
-fn log_in_reply(env: &Env, name: &str, password: &str) -> (u16, Value) {
+fn log_in_reply(env: &TestCluster, name: &str, password: &str) -> (u16, Value) {
     let body = json!({ "logInByAccount": { "accountName": name, "password": password } });
     let (status, _, reply) =
         raw_http(env.api, "PUT", "/v1/accounts/login", Some(&body.to_string()), &[]);
@@ -368,11 +333,12 @@ fn log_in_reply(env: &Env, name: &str, password: &str) -> (u16, Value) {
 /// exponentially, then lock the account name; the right password is refused while locked.
 #[test]
 fn finding_6_guessing_is_delayed_then_locked_out() {
-    let env = env_with(&[
-        ("STRATO_LOGIN_LOCKOUT_ATTEMPTS", "3"),
-        ("STRATO_LOGIN_LOCKOUT_SECS", "600"),
-        ("STRATO_LOGIN_DELAY_MS", "100"),
-    ]);
+    let env = TestCluster::start(
+        ClusterOpts::default()
+            .env("STRATO_LOGIN_LOCKOUT_ATTEMPTS", "3")
+            .env("STRATO_LOGIN_LOCKOUT_SECS", "600")
+            .env("STRATO_LOGIN_DELAY_MS", "100"),
+    );
     let (status, _) = log_in_reply(&env, "admin", "guess-1");
     assert_eq!(status, 401);
     // At once again: held back, and told for how long.
@@ -395,7 +361,7 @@ fn finding_6_guessing_is_delayed_then_locked_out() {
         "{reply}"
     );
     // The log names the failures, never the passwords.
-    let log = std::fs::read_to_string(log_path(&env._dir.path().join("mn"))).unwrap();
+    let log = std::fs::read_to_string(log_path(&env.data.clone())).unwrap();
     assert!(log.contains("failed login"), "{log}");
     assert!(!log.contains("guess") && !log.contains(ADMIN_PASSWORD), "{log}");
 }
@@ -405,8 +371,11 @@ fn finding_6_guessing_is_delayed_then_locked_out() {
 /// noisy, and the oracle was a factor of 30.
 #[test]
 fn finding_6_an_unknown_account_costs_what_a_wrong_password_costs() {
-    let env =
-        env_with(&[("STRATO_LOGIN_LOCKOUT_ATTEMPTS", "1000"), ("STRATO_LOGIN_DELAY_MS", "0")]);
+    let env = TestCluster::start(
+        ClusterOpts::default()
+            .env("STRATO_LOGIN_LOCKOUT_ATTEMPTS", "1000")
+            .env("STRATO_LOGIN_DELAY_MS", "0"),
+    );
     let time = |name: &str| {
         let started = std::time::Instant::now();
         for _ in 0..8 {
@@ -445,18 +414,18 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 /// session made by a refused console login, API keys that never expire.
 #[test]
 fn finding_7_tokens_are_hashed_unlogged_revoked_and_expire() {
-    let env = env_with(&[]);
+    let env = TestCluster::start(ClusterOpts::default());
     create(env.api, "/v1/accounts", json!({ "name": "tenanta", "password": "tenanta-password" }));
     let first = log_in(env.api, "tenanta", "tenanta-password");
     let second = log_in(env.api, "tenanta", "tenanta-password");
     let (status, key) =
-        as_(&env, &first, "POST", "/v1/accounts/api-keys", Some(json!({ "params": {} })));
+        env.as_(&first, "POST", "/v1/accounts/api-keys", Some(json!({ "params": {} })));
     assert_eq!(status, 200, "{key}");
     let key_auth =
         key["inventory"]["authorization"].as_str().unwrap().trim_start_matches("OAuth ").to_owned();
 
     // Neither the log nor the store holds a token, in text or as bytes.
-    let data = env._dir.path().join("mn");
+    let data = env.data.clone();
     let log = std::fs::read_to_string(log_path(&data)).unwrap();
     let token = uuid::Uuid::parse_str(&first).unwrap();
     assert!(!log.contains(&first) && !log.contains(&token.simple().to_string()), "{log}");
@@ -466,13 +435,12 @@ fn finding_7_tokens_are_hashed_unlogged_revoked_and_expire() {
 
     // A tenant changes its own password only with the old one; the change ends the other
     // session and the key, and keeps the one that made it.
-    let tenant = as_(&env, &second, "GET", "/v1/accounts", None).1["inventories"][0]["uuid"]
+    let tenant = env.as_(&second, "GET", "/v1/accounts", None).1["inventories"][0]["uuid"]
         .as_str()
         .unwrap()
         .to_owned();
     let path = format!("/v1/accounts/{tenant}/actions");
-    let (status, reply) = as_(
-        &env,
+    let (status, reply) = env.as_(
         &second,
         "PUT",
         &path,
@@ -482,8 +450,7 @@ fn finding_7_tokens_are_hashed_unlogged_revoked_and_expire() {
         (status, reply["error"]["details"]["field"].as_str()),
         (400, Some("updateAccount.oldPassword"))
     );
-    let (status, reply) = as_(
-        &env,
+    let (status, reply) = env.as_(
         &second,
         "PUT",
         &path,
@@ -492,8 +459,7 @@ fn finding_7_tokens_are_hashed_unlogged_revoked_and_expire() {
         ),
     );
     assert_eq!((status, reply["error"]["code"].as_str()), (403, Some("ID.WRONG_PASSWORD")));
-    let (status, accepted) = as_(
-        &env,
+    let (status, accepted) = env.as_(
         &second,
         "PUT",
         &path,
@@ -504,9 +470,9 @@ fn finding_7_tokens_are_hashed_unlogged_revoked_and_expire() {
     assert_eq!(status, 202, "{accepted}");
     let auth = format!("OAuth {second}");
     wait_job_as(env.api, accepted["location"].as_str().unwrap(), ("Authorization", &auth));
-    assert_eq!(as_(&env, &first, "GET", "/v1/vm-instances", None).0, 401);
-    assert_eq!(as_(&env, &key_auth, "GET", "/v1/vm-instances", None).0, 401);
-    assert_eq!(as_(&env, &second, "GET", "/v1/vm-instances", None).0, 200);
+    assert_eq!(env.as_(&first, "GET", "/v1/vm-instances", None).0, 401);
+    assert_eq!(env.as_(&key_auth, "GET", "/v1/vm-instances", None).0, 401);
+    assert_eq!(env.as_(&second, "GET", "/v1/vm-instances", None).0, 200);
     log_in(env.api, "tenanta", "new-password-1");
 
     // A tenant's right password at the console's login: 403, no cookie, no session.
@@ -527,8 +493,7 @@ fn finding_7_tokens_are_hashed_unlogged_revoked_and_expire() {
     assert_eq!(logged_in_before, logged_in_after, "a session was made");
 
     // An API key with a lifetime stops working when it ends.
-    let (_, key) = as_(
-        &env,
+    let (_, key) = env.as_(
         &second,
         "POST",
         "/v1/accounts/api-keys",
@@ -536,9 +501,9 @@ fn finding_7_tokens_are_hashed_unlogged_revoked_and_expire() {
     );
     let short =
         key["inventory"]["authorization"].as_str().unwrap().trim_start_matches("OAuth ").to_owned();
-    assert_eq!(as_(&env, &short, "GET", "/v1/vm-instances", None).0, 200);
+    assert_eq!(env.as_(&short, "GET", "/v1/vm-instances", None).0, 200);
     std::thread::sleep(std::time::Duration::from_millis(2100));
-    let (status, reply) = as_(&env, &short, "GET", "/v1/vm-instances", None);
+    let (status, reply) = env.as_(&short, "GET", "/v1/vm-instances", None);
     assert_eq!((status, reply["error"]["code"].as_str()), (401, Some("ID.SESSION_EXPIRED")));
 }
 
@@ -546,7 +511,7 @@ fn finding_7_tokens_are_hashed_unlogged_revoked_and_expire() {
 /// `text/plain` POST from another origin created a zone).
 #[test]
 fn finding_8_the_cookie_works_only_for_the_consoles_own_requests() {
-    let env = env_with(&[]);
+    let env = TestCluster::start(ClusterOpts::default());
     let form = json!({ "accountName": "admin", "password": ADMIN_PASSWORD }).to_string();
     let (status, headers, _) = raw_http(
         env.api,
@@ -616,9 +581,9 @@ fn finding_8_the_cookie_works_only_for_the_consoles_own_requests() {
 #[test]
 fn finding_9_tenants_see_no_internals() {
     let w = world();
-    let (_, vm) = as_(&w.env, &w.a, "GET", &format!("/v1/vm-instances/{}", w.vm), None);
-    let (_, job) = as_(&w.env, &w.a, "GET", &format!("/v1/api-jobs/{}", w.job), None);
-    let (_, list) = as_(&w.env, &w.a, "GET", "/v1/vm-instances", None);
+    let (_, vm) = w.env.as_(&w.a, "GET", &format!("/v1/vm-instances/{}", w.vm), None);
+    let (_, job) = w.env.as_(&w.a, "GET", &format!("/v1/api-jobs/{}", w.job), None);
+    let (_, list) = w.env.as_(&w.a, "GET", "/v1/vm-instances", None);
     for answer in [&vm, &job, &list] {
         let text = answer.to_string();
         for hidden in ["hostUuid", "rootVolumePath", "bridge"] {
@@ -631,9 +596,9 @@ fn finding_9_tenants_see_no_internals() {
         http(w.env.api, "GET", &format!("/v1/vm-instances/{}", w.vm), None, &[]);
     assert!(admin_view["inventories"][0]["hostUuid"].is_string(), "{admin_view}");
     // Nor can a query select by them.
-    let (status, reply) = as_(&w.env, &w.a, "GET", "/v1/vm-instances?q=hostUuid!=null", None);
+    let (status, reply) = w.env.as_(&w.a, "GET", "/v1/vm-instances?q=hostUuid!=null", None);
     assert_eq!((status, reply["error"]["details"]["field"].as_str()), (400, Some("q")), "{reply}");
-    let (status, _) = as_(&w.env, &w.a, "GET", "/v1/vm-instances?sort=rootVolumePath", None);
+    let (status, _) = w.env.as_(&w.a, "GET", "/v1/vm-instances?sort=rootVolumePath", None);
     assert_eq!(status, 400);
     // A placement failure tells the tenant no host could take it, not why.
     let huge = create(
@@ -657,7 +622,7 @@ fn finding_9_tenants_see_no_internals() {
     assert!(failed["error"]["details"].get("placementTrace").is_none(), "{failed}");
     // /metrics is the admin's.
     assert_eq!(raw_http(w.env.api, "GET", "/metrics", None, &[]).0, 401);
-    assert_eq!(as_(&w.env, &w.a, "GET", "/metrics", None).0, 403);
+    assert_eq!(w.env.as_(&w.a, "GET", "/metrics", None).0, 403);
     w.assert_untouched();
 }
 
@@ -666,7 +631,7 @@ fn finding_9_tenants_see_no_internals() {
 /// never timed out.
 #[test]
 fn finding_10_input_is_validated_at_the_door() {
-    let env = env_with(&[]);
+    let env = TestCluster::start(ClusterOpts::default());
     let long = "x".repeat(10_000);
     for name in ["nul\u{0}", "a/b", "esc\u{1b}[31m", long.as_str(), "  "] {
         let body = json!({ "params": { "name": name } }).to_string();
@@ -725,8 +690,8 @@ fn finding_10_input_is_validated_at_the_door() {
 }
 
 /// A zone with a backup storage in `<env>/bs`: its UUID and directory.
-fn backup_storage(env: &Env) -> (String, std::path::PathBuf) {
-    let dir = env._dir.path().join("bs");
+fn backup_storage(env: &TestCluster) -> (String, std::path::PathBuf) {
+    let dir = env.dir().join("bs");
     let (_, _, zones) = http(env.api, "GET", "/v1/zones", None, &[]);
     let zone = match zones["inventories"][0]["uuid"].as_str() {
         Some(zone) => zone.to_owned(),
@@ -750,8 +715,11 @@ fn backup_storage(env: &Env) -> (String, std::path::PathBuf) {
 /// import directories, no local addresses, a size cap, and no URL in a tenant's view.
 #[test]
 fn finding_5_imports_read_only_what_the_server_allows() {
-    let env =
-        env_with(&[("STRATO_IMAGE_FILE_DIRS", "/dev"), ("STRATO_IMAGE_MAX_BYTES", "1048576")]);
+    let env = TestCluster::start(
+        ClusterOpts::default()
+            .env("STRATO_IMAGE_FILE_DIRS", "/dev")
+            .env("STRATO_IMAGE_MAX_BYTES", "1048576"),
+    );
     let (bs, dir) = backup_storage(&env);
     let image = |url: &str| {
         let body = json!({ "params": { "name": "i", "url": url, "format": "raw", "backupStorageUuids": [bs] } });
@@ -779,15 +747,15 @@ fn finding_5_imports_read_only_what_the_server_allows() {
     assert!(left.is_empty(), "{left:?}");
 
     // A tenant sees an image without where it came from or where it is.
-    let source = env._dir.path().join("mn").join("image-imports");
+    let source = env.data.clone().join("image-imports");
     std::fs::create_dir_all(&source).unwrap();
     std::fs::write(source.join("ok.raw"), b"image").unwrap();
     let (status, _, accepted) = image(&format!("file://{}", source.join("ok.raw").display()));
     assert_eq!(status, 202);
     let made = wait_job(env.api, accepted["location"].as_str().unwrap());
     let uuid = made["inventory"]["uuid"].as_str().unwrap().to_owned();
-    let tenant = account(&env, "tenanta");
-    let (status, seen) = as_(&env, &tenant, "GET", &format!("/v1/images/{uuid}"), None);
+    let tenant = env.account("tenanta", Value::Null);
+    let (status, seen) = env.as_(&tenant, "GET", &format!("/v1/images/{uuid}"), None);
     assert_eq!(status, 200, "{seen}");
     let text = seen.to_string();
     assert!(
@@ -801,7 +769,7 @@ fn finding_5_imports_read_only_what_the_server_allows() {
 /// finished job has nothing to cancel.
 #[test]
 fn finding_5_a_running_import_is_cancelled_by_its_owner_alone() {
-    let env = env_with(&[("STRATO_IMAGE_ALLOW_LOCAL", "1")]);
+    let env = TestCluster::start(ClusterOpts::default().env("STRATO_IMAGE_ALLOW_LOCAL", "1"));
     let (bs, dir) = backup_storage(&env);
     // A mirror that promises a gigabyte and trickles it.
     let mirror = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -836,8 +804,8 @@ fn finding_5_a_running_import_is_cancelled_by_its_owner_alone() {
     let cancel = json!({ "cancelApiJob": {} });
     let actions = format!("/v1/api-jobs/{job}/actions");
     // Another account's cancel finds no such job, and the import goes on.
-    let tenant = account(&env, "tenantb");
-    let (status, reply) = as_(&env, &tenant, "PUT", &actions, Some(cancel.clone()));
+    let tenant = env.account("tenantb", Value::Null);
+    let (status, reply) = env.as_(&tenant, "PUT", &actions, Some(cancel.clone()));
     assert_eq!(
         (status, reply["error"]["code"].as_str()),
         (404, Some("SYS.RESOURCE_NOT_FOUND")),
@@ -845,7 +813,7 @@ fn finding_5_a_running_import_is_cancelled_by_its_owner_alone() {
     );
     // Nor does its wait for the job's end: it answers at once.
     let waited = format!("/v1/api-jobs/{job}?waitSeconds=2");
-    let (status, reply) = as_(&env, &tenant, "GET", &waited, None);
+    let (status, reply) = env.as_(&tenant, "GET", &waited, None);
     assert_eq!(status, 404, "{reply}");
     // The owner's wait runs out with the import still running.
     let (status, _, running) =

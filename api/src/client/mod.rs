@@ -89,7 +89,8 @@ pub fn request(
 }
 
 /// One request with extra headers (such as `X-Job-UUID`); returns the status and the JSON
-/// body.
+/// body. The session this process holds with the API goes along unless `headers` carry an
+/// `Authorization`.
 pub fn request_with_headers(
     addr: SocketAddr,
     method: &str,
@@ -97,21 +98,54 @@ pub fn request_with_headers(
     body: Option<&Value>,
     headers: &[(&str, &str)],
 ) -> Result<(u16, Value), ClientError> {
+    let session = session_of(addr).map(|s| format!("OAuth {s}"));
+    let mut all = headers.to_vec();
+    if let Some(auth) = &session
+        && !headers.iter().any(|(name, _)| name.eq_ignore_ascii_case("authorization"))
+    {
+        all.push(("Authorization", auth));
+    }
+    let body = body.map(Value::to_string);
+    let reply = send(addr, method, path, body.as_deref(), &all)?;
+    match reply.body {
+        Value::String(text) if !text.is_empty() => {
+            Err(ClientError::Malformed { addr, reply: text.chars().take(200).collect() })
+        }
+        body => Ok((reply.status, body)),
+    }
+}
+
+/// An answer as it came: its status, headers (names in lower case) and body (JSON, or the
+/// text when it is not JSON).
+#[derive(Debug, Clone)]
+pub struct Reply {
+    /// The status.
+    pub status: u16,
+    /// The headers, in order.
+    pub headers: Vec<(String, String)>,
+    /// The body.
+    pub body: Value,
+}
+
+/// One HTTP/1.1 request exactly as given (`body` as raw text, `headers` and nothing more but
+/// `Host`, `Content-Type` and `Content-Length`), on a connection of its own.
+pub fn send(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    headers: &[(&str, &str)],
+) -> Result<Reply, ClientError> {
     let io = |source| ClientError::Io { addr, source };
     let mut stream = TcpStream::connect(addr).map_err(io)?;
     stream.set_read_timeout(Some(Duration::from_secs(60))).map_err(io)?;
-    let body = body.map(Value::to_string).unwrap_or_default();
+    let body = body.unwrap_or_default();
     let mut head = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
         body.len()
     );
     for (name, value) in headers {
         head.push_str(&format!("{name}: {value}\r\n"));
-    }
-    if !headers.iter().any(|(name, _)| name.eq_ignore_ascii_case("authorization"))
-        && let Some(session) = session_of(addr)
-    {
-        head.push_str(&format!("Authorization: OAuth {session}\r\n"));
     }
     head.push_str("\r\n");
     stream.write_all(head.as_bytes()).map_err(io)?;
@@ -121,14 +155,22 @@ pub fn request_with_headers(
     let text = String::from_utf8_lossy(&reply);
     let malformed = || ClientError::Malformed { addr, reply: text.chars().take(200).collect() };
     let (head, body) = text.split_once("\r\n\r\n").ok_or_else(malformed)?;
-    let status: u16 =
-        head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or_else(malformed)?;
-    let json = if body.trim().is_empty() {
+    let mut lines = head.lines();
+    let status: u16 = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(malformed)?;
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let body = if body.trim().is_empty() {
         Value::Null
     } else {
-        serde_json::from_str(body).map_err(|_| malformed())?
+        serde_json::from_str(body).unwrap_or_else(|_| Value::String(body.to_owned()))
     };
-    Ok((status, json))
+    Ok(Reply { status, headers, body })
 }
 
 /// The path to `GET` the job at `location` (what a `202` answers), holding the answer until

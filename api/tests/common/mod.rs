@@ -1,11 +1,11 @@
-//! Real processes for API tests: the `strato` server and the `strato-agent` binary on
-//! libvirt's test driver, on loopback ports, and a small HTTP client (curl's part). Each agent
-//! enrolls with its server as a real host's does, from a bootstrap file (`strato
-//! agent-bootstrap`) minted in the server's data directory before the server starts.
+//! Real processes for API tests ([`TestCluster`]): the `strato` server and `strato-agent`
+//! binaries (libvirt's test driver or the sim driver) on loopback ports, and requests through
+//! the API's own client. Each agent enrolls with its server as a real host's does, from a
+//! bootstrap file (`strato agent-bootstrap`) minted in the server's data directory before the
+//! server starts.
 
 #![allow(dead_code, unreachable_pub)]
 
-use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -87,10 +87,6 @@ pub fn bootstrap(data_dir: &Path) -> PathBuf {
     out_path
 }
 
-pub fn start_agent(bootstrap: &Path, dir: &Path) -> (Proc, SocketAddr) {
-    start_agent_with(bootstrap, dir, &["--driver", "libvirt", "--libvirt-uri", "test:///default"])
-}
-
 /// An agent enrolling with the bootstrap file `bootstrap`, its data in `dir`.
 pub fn start_agent_with(bootstrap: &Path, dir: &Path, driver_args: &[&str]) -> (Proc, SocketAddr) {
     let addr = free_port();
@@ -111,11 +107,7 @@ pub fn start_agent_with(bootstrap: &Path, dir: &Path, driver_args: &[&str]) -> (
 /// The admin password every test server starts with.
 pub const ADMIN_PASSWORD: &str = "test-admin-password";
 
-pub fn start_server(data_dir: &Path, addr: SocketAddr) -> Proc {
-    start_server_with(data_dir, addr, &[])
-}
-
-/// [`start_server`] with extra environment (`STRATO_SESSION_TIMEOUT_SECS`).
+/// The server on `data_dir`, listening at `addr`, with extra environment.
 pub fn start_server_with(data_dir: &Path, addr: SocketAddr, env: &[(&str, &str)]) -> Proc {
     let mut child = Command::new(env!("CARGO_BIN_EXE_strato"))
         .envs(env.iter().copied())
@@ -171,7 +163,7 @@ pub fn http(
     raw_http(addr, method, path, body, &with_auth)
 }
 
-/// One HTTP/1.1 request with exactly `headers`.
+/// One HTTP/1.1 request with exactly `headers` (the API's own client, `strato_api::client`).
 pub fn raw_http(
     addr: SocketAddr,
     method: &str,
@@ -179,35 +171,8 @@ pub fn raw_http(
     body: Option<&str>,
     headers: &[(&str, &str)],
 ) -> (u16, Vec<(String, String)>, Value) {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let body = body.unwrap_or("");
-    let mut request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        request.push_str(&format!("{k}: {v}\r\n"));
-    }
-    request.push_str("\r\n");
-    request.push_str(body);
-    stream.write_all(request.as_bytes()).unwrap();
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).unwrap();
-    let text = String::from_utf8_lossy(&response).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let mut lines = head.lines();
-    let status: u16 = lines.next().unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
-    let json = if body.trim().is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_str(body).unwrap_or(Value::String(body.to_owned()))
-    };
-    (status, headers, json)
+    let reply = strato_api::client::send(addr, method, path, body, headers).unwrap();
+    (reply.status, reply.headers, reply.body)
 }
 
 /// Waits for a job to end; returns its final body (`{"inventory": ...}` or `{"error": ...}`).
@@ -291,4 +256,178 @@ pub fn vm_infrastructure(
         json!({ "startIp": start, "endIp": end, "netmask": "255.255.255.0", "gateway": gateway }),
     );
     Infrastructure { host, offering, l3 }
+}
+
+/// How a [`TestCluster`] is made.
+#[derive(Debug, Clone)]
+pub struct ClusterOpts {
+    /// The server's environment (`STRATO_SESSION_TIMEOUT_SECS`, failpoints, ...).
+    pub server_env: Vec<(String, String)>,
+    /// The agent's driver arguments.
+    pub driver: Vec<String>,
+    /// The permissions of the cluster's directory (default: the temporary directory's).
+    pub mode: Option<u32>,
+}
+
+impl Default for ClusterOpts {
+    fn default() -> Self {
+        ClusterOpts {
+            server_env: Vec::new(),
+            driver: ["--driver", "libvirt", "--libvirt-uri", "test:///default"]
+                .map(str::to_owned)
+                .to_vec(),
+            mode: None,
+        }
+    }
+}
+
+impl ClusterOpts {
+    /// The agent on the sim driver, each command taking `latency_ms`.
+    pub fn sim(latency_ms: u64) -> Self {
+        ClusterOpts::default().driver(&[
+            "--driver",
+            "sim",
+            "--sim-latency-ms",
+            &latency_ms.to_string(),
+        ])
+    }
+
+    /// The agent with these driver arguments.
+    pub fn driver(mut self, args: &[&str]) -> Self {
+        self.driver = args.iter().map(|a| (*a).to_owned()).collect();
+        self
+    }
+
+    /// The server with `name=value` in its environment.
+    pub fn env(mut self, name: &str, value: &str) -> Self {
+        self.server_env.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// The cluster's directory with these permissions (QEMU, as libvirt's own user, must
+    /// reach a real guest's storage).
+    pub fn mode(mut self, mode: u32) -> Self {
+        self.mode = Some(mode);
+        self
+    }
+}
+
+/// A management node and one agent as real processes, the agent enrolled from a bootstrap
+/// file the node minted: what every API test starts from (as Omicron's
+/// `ControlPlaneTestContext`). Both logs are beside their data directories (`<dir>.log`).
+pub struct TestCluster {
+    /// Where the API listens.
+    pub api: SocketAddr,
+    /// Where the agent listens.
+    pub agent: SocketAddr,
+    /// The server's data directory.
+    pub data: PathBuf,
+    server: Proc,
+    agent_proc: Proc,
+    opts: ClusterOpts,
+    dir: tempfile::TempDir,
+}
+
+impl TestCluster {
+    /// Starts the agent, then the server.
+    pub fn start(opts: ClusterOpts) -> TestCluster {
+        let dir = tempfile::tempdir().unwrap();
+        if let Some(mode) = opts.mode {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(mode)).unwrap();
+        }
+        let data = dir.path().join("mn");
+        let bootstrap = bootstrap(&data);
+        let driver: Vec<&str> = opts.driver.iter().map(String::as_str).collect();
+        let (agent_proc, agent) = start_agent_with(&bootstrap, &dir.path().join("agent"), &driver);
+        let api = free_port();
+        let server = Self::server(&data, api, &opts);
+        TestCluster { api, agent, data, server, agent_proc, opts, dir }
+    }
+
+    fn server(data: &Path, api: SocketAddr, opts: &ClusterOpts) -> Proc {
+        let env: Vec<(&str, &str)> =
+            opts.server_env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        start_server_with(data, api, &env)
+    }
+
+    /// The directory everything lives in.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The agent's data directory.
+    pub fn agent_dir(&self) -> PathBuf {
+        self.dir.path().join("agent")
+    }
+
+    /// Kills the server with SIGKILL and starts it again on the same store and address.
+    pub fn kill_and_restart_server(&mut self) {
+        self.server.child.kill().unwrap();
+        self.server.child.wait().unwrap();
+        self.server = Self::server(&self.data, self.api, &self.opts);
+    }
+
+    /// Kills the agent with SIGKILL (the host's machine lost).
+    pub fn kill_agent(&mut self) {
+        self.agent_proc.child.kill().unwrap();
+        self.agent_proc.child.wait().unwrap();
+    }
+
+    /// Starts the agent again on its address: enrolled on its first start, it needs no
+    /// bootstrap file now.
+    pub fn restart_agent(&mut self) {
+        let child = Command::new(agent_binary())
+            .args(&self.opts.driver)
+            .args(["--listen", &self.agent.to_string(), "--data-dir"])
+            .arg(self.agent_dir())
+            .stdout(Stdio::null())
+            .stderr(log_file(&self.agent_dir()))
+            .spawn()
+            .unwrap();
+        self.agent_proc = Proc { child };
+    }
+
+    /// The admin's zone, cluster, this cluster's host, an offering and an L3 network with
+    /// the range `start`-`end` ([`vm_infrastructure`]).
+    pub fn infrastructure(&self, start: &str, end: &str) -> Infrastructure {
+        vm_infrastructure(self.api, self.agent, start, end)
+    }
+
+    /// A request as the holder of `session`: its status and body.
+    pub fn as_(
+        &self,
+        session: &str,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let auth = format!("OAuth {session}");
+        let body = body.map(|b| b.to_string());
+        let (status, _, reply) =
+            raw_http(self.api, method, path, body.as_deref(), &[("Authorization", &auth)]);
+        (status, reply)
+    }
+
+    /// A mutation as the holder of `session`, followed to its end.
+    pub fn done_as(&self, session: &str, method: &str, path: &str, body: Value) -> Value {
+        let (status, accepted) = self.as_(session, method, path, Some(body));
+        assert_eq!(status, 202, "{method} {path}: {accepted}");
+        let auth = format!("OAuth {session}");
+        wait_job_as(self.api, accepted["location"].as_str().unwrap(), ("Authorization", &auth))
+    }
+
+    /// A normal account `name` (password `<name>-password`) with `quota` (ZStack's defaults
+    /// when `null`), logged in: its session.
+    pub fn account(&self, name: &str, quota: Value) -> String {
+        let mut params =
+            serde_json::json!({ "name": name, "password": format!("{name}-password") });
+        if !quota.is_null() {
+            params["quota"] = quota;
+        }
+        let made = create(self.api, "/v1/accounts", params);
+        assert_eq!(made["type"], "Normal");
+        assert!(made.get("passwordHash").is_none(), "{made}");
+        log_in(self.api, name, &format!("{name}-password"))
+    }
 }
