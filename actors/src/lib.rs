@@ -16,6 +16,16 @@
 //! ([`host`]), and the VM actor as far as it applies what hosts observe ([`vm`]). The user's
 //! VM operations, the create flow, the allocator and the other resources come next.
 
+/// `text` as a UUID, when it is one in its canonical spelling (36 lowercase hexadecimal
+/// digits and hyphens, as the API writes UUIDs), and only then: one resource has one name,
+/// so access, tags and slots are decided on one value (braces, upper case, `urn:uuid:` and
+/// the simple form are refused).
+pub fn canonical_uuid(text: &str) -> Option<uuid::Uuid> {
+    #[expect(clippy::disallowed_methods, reason = "the one lenient parse, checked at once")]
+    let parsed = uuid::Uuid::try_parse(text).ok()?;
+    (parsed.hyphenated().encode_lower(&mut uuid::Uuid::encode_buffer()) == text).then_some(parsed)
+}
+
 pub mod accounts;
 pub mod allocator;
 pub mod cascade;

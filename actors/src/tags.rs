@@ -190,7 +190,10 @@ pub static PATTERNS: &[Pattern] = &[
         resource_types: &["VmInstanceVO"],
         one_per_first_token: true,
         check: |t| {
-            Uuid::parse_str(t[0]).map_err(|_| format!("`{}` is not an L3 network UUID", t[0]))?;
+            // Canonical only: the first token names the tag's slot, one per network.
+            crate::canonical_uuid(t[0]).ok_or_else(|| {
+                format!("`{}` is not an L3 network UUID in its canonical form", t[0])
+            })?;
             t[1].parse::<Ipv4Addr>().map_err(|_| format!("`{}` is not an IPv4 address", t[1]))?;
             Ok(())
         },
@@ -313,7 +316,7 @@ pub fn static_ips(tags: &[String]) -> Vec<(Uuid, Ipv4Addr)> {
         .filter_map(|tag| {
             let parsed = parse_system_tag(tag, "VmInstanceVO").ok()?;
             (parsed.pattern.name() == "staticIp").then_some(())?;
-            Some((parsed.tokens[0].parse().ok()?, parsed.tokens[1].parse().ok()?))
+            Some((crate::canonical_uuid(parsed.tokens[0])?, parsed.tokens[1].parse().ok()?))
         })
         .collect()
 }
@@ -333,6 +336,15 @@ mod tests {
         assert!(refused("hostname::-bad-", "VmInstanceVO").contains("not a host name"));
         assert!(refused("hostname::a::b", "VmInstanceVO").contains("matches no"));
         assert!(refused("staticIp::nope::10.0.0.9", "VmInstanceVO").contains("L3 network UUID"));
+        // Another spelling of the network's UUID would be another slot: one network, two
+        // static addresses.
+        let upper = l3.to_string().to_uppercase();
+        assert!(
+            refused(&format!("staticIp::{upper}::10.0.0.9"), "VmInstanceVO").contains("canonical")
+        );
+        assert!(
+            refused(&format!("staticIp::{{{l3}}}::10.0.0.9"), "VmInstanceVO").contains("canonical")
+        );
         assert!(refused(&format!("staticIp::{l3}::10.0.0.999"), "VmInstanceVO").contains("IPv4"));
         assert!(refused("reservedMemory::lots", "HostVO").contains("not a size"));
         assert!(refused("reservedMemory::1G", "VmInstanceVO").contains("HostVO"));

@@ -11,6 +11,11 @@
 //! The store is kept in `target/bench-data/` and reused by later runs with the same size.
 //! Figures print as `bench <name> <key>=<value> ...` lines; BENCHMARKS.md records them.
 
+#![allow(
+    clippy::disallowed_methods,
+    reason = "a synchronous program: it writes with the blocking commit, outside any runtime"
+)]
+
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 

@@ -126,7 +126,7 @@ impl Mn {
         // A store written by an older build may lack entries of indexes added since.
         strato_actors::kinds::ensure_indexes(&db)?;
         let generated_admin_password =
-            crate::auth::accounts::bootstrap(&db).map_err(|e| e.description)?;
+            crate::auth::accounts::bootstrap(&db).await.map_err(|e| e.description)?;
         if let Some(password) = &generated_admin_password {
             // As Jenkins keeps its initial admin password: readable by whoever runs the node.
             write_private(&data_dir.join(INITIAL_ADMIN_PASSWORD), password)?;

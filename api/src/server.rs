@@ -5,7 +5,7 @@
 //! hundred connections sending a byte a minute hold the server's sockets and tasks forever.
 //! Here each connection is served by hyper's HTTP/1 server with a header read time-out
 //! ([`HEADER_READ_TIMEOUT`], which also ends a kept-alive connection that sends nothing), a
-//! request body must arrive whole within [`BODY_READ_TIMEOUT`] (the [`read_body_within`]
+//! request body must arrive whole within [`BODY_READ_TIMEOUT`] (the `read_body_within`
 //! layer; every body here is a small JSON document), and the peer's address is given to the
 //! handlers as `ConnectInfo` (the login throttle counts failures per source).
 

@@ -558,7 +558,7 @@ const STATE_REFUSALS: &[&str] = &[
 
 /// No operation fails without a fault: `SYS.INTERNAL` is a violation in any run (every real
 /// failure, an injected one included, has a code that names it), and outside every fault's
-/// window (`windows`: start and end, ms since the run started; plus [`FAULT_GRACE_MS`]) an
+/// window (`windows`: start and end, ms since the run started; plus `FAULT_GRACE_MS`) an
 /// operation fails only with a refusal the state it found explains.
 pub fn failures_without_a_fault(entries: &[Entry], windows: &[(u64, u64)]) -> Vec<Violation> {
     let mut found = Vec::new();

@@ -5,7 +5,7 @@
 //! `--concurrency` clients, each creation followed to its end through its job. It prints VMs/s,
 //! the latency of the create call and of creation to Running (p50/p99), the time until all
 //! run, the latency of a single VM from POST to Running on an idle node (the median of
-//! [`SINGLES`] created one after another before the load: one is too noisy a sample on a
+//! `SINGLES` created one after another before the load: one is too noisy a sample on a
 //! shared machine), and the MN's peak RSS.
 
 use std::net::{SocketAddr, TcpListener};

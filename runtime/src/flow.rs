@@ -90,7 +90,7 @@ pub struct FlowInfo {
     /// The job the flow serves, if any.
     pub job_id: Option<Uuid>,
     /// When the step must be done by: the job's deadline for a step, and for a rollback that
-    /// or [`ROLLBACK_TIME`] from its start, whichever is later. `None` when the flow has no
+    /// or `ROLLBACK_TIME` from its start, whichever is later. `None` when the flow has no
     /// deadline (a flow recovered after a crash, whose job has ended).
     pub deadline: Option<SystemTime>,
     /// Writes that end the step: see [`FlowInfo::write_at_end`].

@@ -9,6 +9,11 @@
 //!
 //! Figures print as `bench <name> <key>=<value> ...` lines; BENCHMARKS.md records them.
 
+#![allow(
+    clippy::disallowed_methods,
+    reason = "a synchronous program: it writes with the blocking commit, outside any runtime"
+)]
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};

@@ -1,6 +1,11 @@
 //! Behaviour of `Db` on both backends: typed tables, indexes, compare-and-swap, atomic
 //! batches, versioned records and group commit.
 
+#![allow(
+    clippy::disallowed_methods,
+    reason = "a synchronous program: it writes with the blocking commit, outside any runtime"
+)]
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
 use std::sync::Arc;

@@ -144,6 +144,7 @@ pub async fn serve_for(
     (agent, addr)
 }
 
+#[expect(clippy::disallowed_methods, reason = "the tests set the store up from any thread")]
 pub fn put<R: strato_storage::Record>(db: &Db, record: &R) {
     let mut batch = Batch::new();
     batch.put(record, Expect::Any).unwrap();

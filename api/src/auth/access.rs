@@ -172,7 +172,7 @@ fn owning_resource(
     };
     for kind in kinds {
         if let Some(inventory) = kind.table.inventory(db, uuid)? {
-            return Ok(inventory[field].as_str().and_then(|u| Uuid::parse_str(u).ok()));
+            return Ok(inventory[field].as_str().and_then(strato_actors::canonical_uuid));
         }
     }
     Ok(None)
@@ -193,7 +193,7 @@ pub fn visible(db: &Db, tenant: Uuid, kind: &str, item: &Value) -> Result<bool, 
         Access::With(field) => field,
         _ => "uuid",
     };
-    let Some(uuid) = item[field].as_str().and_then(|u| Uuid::parse_str(u).ok()) else {
+    let Some(uuid) = item[field].as_str().and_then(strato_actors::canonical_uuid) else {
         return Ok(false);
     };
     if access == Access::Itself {

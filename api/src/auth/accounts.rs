@@ -53,7 +53,7 @@ pub(crate) fn check_password(password: &str) -> Result<(), ApiError> {
 
 /// Makes the admin account at the first start. Returns the password when it was generated
 /// (the caller prints it, once).
-pub fn bootstrap(db: &Db) -> Result<Option<String>, ApiError> {
+pub async fn bootstrap(db: &Db) -> Result<Option<String>, ApiError> {
     std::sync::LazyLock::force(&DUMMY_HASH);
     if db.get::<AccountRecord>(ADMIN)?.is_some() {
         return Ok(None);
@@ -74,7 +74,7 @@ pub fn bootstrap(db: &Db) -> Result<Option<String>, ApiError> {
     let mut batch = Batch::new();
     batch.put(&account, Expect::Absent)?;
     batch.put(&credential, Expect::Absent)?;
-    db.commit_blocking(batch)?;
+    db.commit(batch).await?;
     tracing::info!("admin account created");
     Ok(generated.then_some(password))
 }
@@ -84,7 +84,7 @@ pub fn bootstrap(db: &Db) -> Result<Option<String>, ApiError> {
 /// is known to be allowed one.
 ///
 /// A guess is throttled ([`super::login`]) before any work is done; an unknown account is
-/// checked against [`DUMMY_HASH`] so that it answers as slowly as a wrong password; a failure
+/// checked against `DUMMY_HASH` so that it answers as slowly as a wrong password; a failure
 /// is logged with the name (escaped) and the source, never the password.
 pub async fn check_login(
     auth: &Auth,

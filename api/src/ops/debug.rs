@@ -192,9 +192,9 @@ pub async fn actors(
         let schema = crate::query::schema(resource_kind).expect("declared");
         let mut pairs = vec![("fields".to_owned(), "uuid,name".to_owned())];
         if let Some(filter) = q.filter.as_deref().filter(|f| !f.is_empty()) {
-            match Uuid::parse_str(filter) {
-                Ok(uuid) => pairs.push(("q".into(), format!("uuid={uuid}"))),
-                Err(_) => pairs.push(("q".into(), format!("name~=%{filter}%"))),
+            match strato_actors::canonical_uuid(filter) {
+                Some(uuid) => pairs.push(("q".into(), format!("uuid={uuid}"))),
+                None => pairs.push(("q".into(), format!("name~=%{filter}%"))),
             }
         }
         let source = StoreSource::new(&mn.db);
@@ -208,7 +208,7 @@ pub async fn actors(
         let body = query.run(schema, &mut crate::query::Catalog::new(&source))?;
         let mut seen = 0;
         for item in body["inventories"].as_array().into_iter().flatten() {
-            let Some(uuid) = item["uuid"].as_str().and_then(|u| Uuid::parse_str(u).ok()) else {
+            let Some(uuid) = item["uuid"].as_str().and_then(strato_actors::canonical_uuid) else {
                 continue;
             };
             let snapshot = mn.runtime.inspect(&q.kind, uuid).await.map_err(internal)?;

@@ -195,7 +195,8 @@ fn check_value(field: &str, ty: FieldType, op: Op, value: Option<&str>) -> Resul
         let ok = match ty {
             FieldType::Int => v.parse::<i64>().is_ok(),
             FieldType::Uuid => {
-                matches!(op, Op::Gt | Op::Ge | Op::Lt | Op::Le) || uuid::Uuid::parse_str(v).is_ok()
+                matches!(op, Op::Gt | Op::Ge | Op::Lt | Op::Le)
+                    || strato_actors::canonical_uuid(v).is_some()
             }
             FieldType::Text => true,
         };

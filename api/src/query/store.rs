@@ -40,7 +40,7 @@ impl<'a> StoreSource<'a> {
 
 fn index_value(value: &str, ty: FieldType) -> Option<IndexValue> {
     match ty {
-        FieldType::Uuid => Uuid::parse_str(value).ok().map(IndexValue::Uuid),
+        FieldType::Uuid => strato_actors::canonical_uuid(value).map(IndexValue::Uuid),
         FieldType::Int => value.parse::<i64>().ok().map(IndexValue::I64),
         FieldType::Text => Some(IndexValue::from(value)),
     }
@@ -81,7 +81,7 @@ impl Source for StoreSource<'_> {
     ) -> Result<Vec<Value>, ApiError> {
         let Some(table) = table(kind) else { return Ok(Vec::new()) };
         if index == "#uuid" {
-            return read(self.db, table, Uuid::parse_str(value).ok());
+            return read(self.db, table, strato_actors::canonical_uuid(value));
         }
         match index_value(value, ty) {
             Some(value) => read(self.db, table, table.find(self.db, index, &value)?),
@@ -158,6 +158,7 @@ mod tests {
             let state = [VmState::Paused, VmState::Running, VmState::Running][i as usize % 3];
             batch.put(&vm(i, names[i as usize % names.len()], state), Expect::Absent).unwrap();
         }
+        #[expect(clippy::disallowed_methods, reason = "a plain test, outside any runtime")]
         db.commit_blocking(batch).unwrap();
         let source = StoreSource::new(&db);
         let schema = query::schema("vm-instances").unwrap();

@@ -24,10 +24,7 @@ pub mod validate;
 /// one resource has one name and access is decided on the value the handler uses. Braces,
 /// `urn:uuid:`, upper case, the simple form and anything else are a 400 naming `field`.
 pub fn uuid_param(text: &str, field: &str) -> Result<Uuid, ApiError> {
-    Uuid::try_parse(text)
-        .ok()
-        .filter(|uuid| uuid.hyphenated().encode_lower(&mut Uuid::encode_buffer()) == text)
-        .ok_or_else(|| {
+    strato_actors::canonical_uuid(text).ok_or_else(|| {
             ApiError::invalid(
                 field,
                 format!(

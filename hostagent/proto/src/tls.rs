@@ -19,7 +19,7 @@
 //!   valid bootstrap secret; the MN then pins it. The pin is checked right after the TLS
 //!   handshake, before anything the agent says is believed, which is why the handshake itself
 //!   accepts any certificate whose owner proves it holds the key (see
-//!   [`CheckedAfterHandshake`]): an agent waiting to enroll has no certificate from the CA
+//!   `CheckedAfterHandshake`): an agent waiting to enroll has no certificate from the CA
 //!   yet, only a self-signed one over its key.
 //!
 //! An agent keeps its key (made on its first start, mode 0600), the certificate the MN issued

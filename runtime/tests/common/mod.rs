@@ -1,6 +1,10 @@
 //! A small actor kind for the runtime's tests: counters stored in the store, with a count of
 //! how often each was loaded (activation and every restart load it).
 
+#![allow(
+    clippy::disallowed_methods,
+    reason = "a synchronous program: it writes with the blocking commit, outside any runtime"
+)]
 #![allow(dead_code, unreachable_pub)]
 
 use std::collections::HashMap;

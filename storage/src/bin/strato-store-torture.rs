@@ -10,6 +10,11 @@
 //! with its table. The test suite runs a short soak; run a long one by hand with
 //! `cargo run --release -p strato-storage --bin strato-store-torture -- soak --duration 600`.
 
+#![allow(
+    clippy::disallowed_methods,
+    reason = "a synchronous program: it writes with the blocking commit, outside any runtime"
+)]
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
