@@ -15,7 +15,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::cluster::Cluster;
 use crate::workload::{Action, Entry, JOB_LIMIT, Outcome, Shared, follow, list};
@@ -321,10 +321,7 @@ pub fn after_healing(shared: &Shared, cluster: &std::sync::Mutex<Cluster>) -> Ve
         v["vmNics"].as_array().into_iter().flatten().any(|n| s(&n["l3NetworkUuid"]) == tight)
     });
     if !held {
-        let body = json!({ "params": {
-            "name": "leak-probe", "instanceOfferingUuid": shared.infra.offering,
-            "l3NetworkUuids": [tight],
-        }});
+        let body = crate::workload::create_body(shared, "leak-probe", tight);
         if let Ok((202, reply)) =
             strato_api::client::request(api, "POST", "/v1/vm-instances", Some(&body))
             && let Outcome::Failed(code) = follow(api, s(&reply["location"]), JOB_LIMIT)
@@ -592,6 +589,8 @@ pub fn failures_without_a_fault(entries: &[Entry], windows: &[(u64, u64)]) -> Ve
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
 
     #[test]

@@ -8,14 +8,18 @@
 //! `SINGLES` created one after another before the load: one is too noisy a sample on a
 //! shared machine), and the MN's peak RSS.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde_json::json;
+use serde_json::Value;
 use strato_api::client;
+use strato_api::types::{
+    ClusterParams, Create, HostParams, L3Params, OfferingParams, RangeParams, VmParams, ZoneParams,
+    canonical_uuid,
+};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -204,41 +208,60 @@ impl Testbed {
         let server_pid = server.0.id();
 
         eprintln!("registering {sim_hosts} simulated hosts");
-        let zone =
-            client::mutate(api, "POST", "/v1/zones", &json!({ "params": { "name": "load" } }))?;
-        let cluster = client::mutate(
+        let id =
+            |v: &Value| canonical_uuid(v["uuid"].as_str().unwrap_or_default()).unwrap_or_default();
+        let zone = client::create(
             api,
-            "POST",
-            "/v1/clusters",
-            &json!({ "params": { "name": "load", "zoneUuid": zone["uuid"] } }),
+            "/v1/zones",
+            ZoneParams { name: "load".into(), description: None },
         )?;
-        let cluster_uuid = cluster["uuid"].clone();
+        let cluster = client::create(
+            api,
+            "/v1/clusters",
+            ClusterParams {
+                name: "load".into(),
+                zone_uuid: id(&zone),
+                hypervisor_type: "KVM".into(),
+            },
+        )?;
+        let cluster_uuid = id(&cluster);
         run_parallel("hosts", sim_hosts, concurrency.min(64), move |i| {
-            let params = json!({ "params": { "name": format!("sim-{i}"), "managementIp": "127.0.0.1", "agentPort": base.port() + i as u16, "clusterUuid": cluster_uuid } });
-            client::mutate(api, "POST", "/v1/hosts/kvm", &params)?;
+            let host = HostParams {
+                name: format!("sim-{i}"),
+                management_ip: "127.0.0.1".into(),
+                agent_port: base.port() + i as u16,
+                cluster_uuid,
+            };
+            client::create(api, "/v1/hosts/kvm", host)?;
             Ok(())
         })?;
-        let offering = client::mutate(
+        let offering = client::create(
             api,
-            "POST",
             "/v1/instance-offerings",
-            &json!({ "params": { "name": "tiny", "cpuNum": 1, "memorySize": 134217728u64 } }),
+            OfferingParams { name: "tiny".into(), cpu_num: 1, memory_size: 128 << 20 },
         )?;
-        let l3 = client::mutate(
+        let l3 = client::create(
             api,
-            "POST",
             "/v1/l3-networks",
-            &json!({ "params": { "name": "load" } }),
+            L3Params { name: "load".into(), l2_network_uuid: None, dns: vec![], bridge: None },
         )?;
-        let ranges =
-            format!("/v1/l3-networks/{}/ip-ranges", l3["uuid"].as_str().unwrap_or_default());
-        client::mutate(
-            api,
-            "POST",
-            &ranges,
-            &json!({ "params": { "startIp": "10.64.0.2", "endIp": "10.127.255.254", "netmask": "255.192.0.0", "gateway": "10.64.0.1" } }),
-        )?;
-        let vm_body = json!({ "params": { "name": "vm", "instanceOfferingUuid": offering["uuid"], "l3NetworkUuids": [l3["uuid"]] } });
+        let ranges = format!("/v1/l3-networks/{}/ip-ranges", id(&l3));
+        let range = RangeParams {
+            start_ip: Ipv4Addr::new(10, 64, 0, 2),
+            end_ip: Ipv4Addr::new(10, 127, 255, 254),
+            netmask: Ipv4Addr::new(255, 192, 0, 0),
+            gateway: Ipv4Addr::new(10, 64, 0, 1),
+            name: None,
+        };
+        client::create(api, &ranges, range)?;
+        let vm_body = client::body(&Create::new(VmParams {
+            name: "vm".into(),
+            instance_offering_uuid: id(&offering),
+            l3_network_uuids: vec![id(&l3)],
+            host_uuid: None,
+            cluster_uuid: None,
+            image_uuid: None,
+        }));
         Ok(Testbed { api, server_pid, vm_body, _server: server, _agent: agent })
     }
 }

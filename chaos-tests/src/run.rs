@@ -14,6 +14,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use strato_api::client;
+use strato_api::types::{
+    ClusterParams, Create, HostParams, L2Params, L3Params, OfferingParams, RangeParams, ZoneParams,
+    canonical_uuid,
+};
+use uuid::Uuid;
 
 use crate::Error;
 use crate::checks::{self, Violation};
@@ -58,44 +63,66 @@ fn uuid(v: &Value) -> String {
     v["uuid"].as_str().unwrap_or_default().to_owned()
 }
 
+/// A resource's UUID, as its inventory names it.
+fn id(v: &Value) -> Result<Uuid, Error> {
+    canonical_uuid(v["uuid"].as_str().unwrap_or_default())
+        .ok_or_else(|| format!("no UUID in {v}").into())
+}
+
 /// Registers a zone, a cluster, every host, an offering, an L2 network, the main L3 network
 /// and the one-address L3 network.
 fn register(cluster: &Cluster) -> Result<Infra, Error> {
     let api = cluster.api();
-    let create = |path: &str, params: Value| ok(api, "POST", path, json!({ "params": params }));
-    let zone = uuid(&create("/v1/zones", json!({ "name": "z1" }))?);
-    let cl = uuid(&create("/v1/clusters", json!({ "name": "c1", "zoneUuid": zone }))?);
+    let create =
+        |path: &str, params: Value| ok(api, "POST", path, client::body(&Create::new(params)));
+    let zone = id(&create(
+        "/v1/zones",
+        client::body(&ZoneParams { name: "z1".into(), description: None }),
+    )?)?;
+    let cl = id(&create(
+        "/v1/clusters",
+        client::body(&ClusterParams {
+            name: "c1".into(),
+            zone_uuid: zone,
+            hypervisor_type: "KVM".into(),
+        }),
+    )?)?;
     let mut host_addrs = Vec::new();
     for i in 0..cluster.hosts() {
         let addr = cluster.host_addr(i);
-        create(
-            "/v1/hosts/kvm",
-            json!({ "name": format!("host-{i}"), "managementIp": addr.ip().to_string(),
-                    "agentPort": addr.port(), "clusterUuid": cl }),
-        )?;
+        let host = HostParams {
+            name: format!("host-{i}"),
+            management_ip: addr.ip().to_string(),
+            agent_port: addr.port(),
+            cluster_uuid: cl,
+        };
+        create("/v1/hosts/kvm", client::body(&host))?;
         host_addrs.push(addr);
     }
-    let offering = uuid(&create(
-        "/v1/instance-offerings",
-        json!({ "name": "small", "cpuNum": 1, "memorySize": 512u64 << 20 }),
-    )?);
-    let l2 = uuid(&create(
-        "/v1/l2-networks/no-vlan",
-        json!({ "name": "l2", "zoneUuid": zone, "physicalInterface": "eth0" }),
-    )?);
+    let offering = OfferingParams { name: "small".into(), cpu_num: 1, memory_size: 512 << 20 };
+    let offering = uuid(&create("/v1/instance-offerings", client::body(&offering))?);
+    let l2 = L2Params { name: "l2".into(), zone_uuid: zone, physical_interface: "eth0".into() };
+    let l2 = id(&create("/v1/l2-networks/no-vlan", client::body(&l2))?)?;
     ok(api, "POST", &format!("/v1/l2-networks/{l2}/clusters/{cl}"), json!({}))?;
     let l3_with = |name: &str, net: &str, last: u8| -> Result<String, Error> {
-        let l3 = uuid(&create("/v1/l3-networks", json!({ "name": name, "l2NetworkUuid": l2 }))?);
-        create(
-            &format!("/v1/l3-networks/{l3}/ip-ranges"),
-            json!({ "startIp": format!("{net}.10"), "endIp": format!("{net}.{last}"),
-                    "netmask": "255.255.255.0", "gateway": format!("{net}.1") }),
-        )?;
+        let params =
+            L3Params { name: name.into(), l2_network_uuid: Some(l2), dns: vec![], bridge: None };
+        let l3 = uuid(&create("/v1/l3-networks", client::body(&params))?);
+        let ip = |host: &str| format!("{net}.{host}").parse::<std::net::Ipv4Addr>();
+        let range = RangeParams {
+            start_ip: ip("10")?,
+            end_ip: ip(&last.to_string())?,
+            netmask: std::net::Ipv4Addr::new(255, 255, 255, 0),
+            gateway: ip("1")?,
+            name: None,
+        };
+        create(&format!("/v1/l3-networks/{l3}/ip-ranges"), client::body(&range))?;
         Ok(l3)
     };
     let l3 = l3_with("pub", "192.168.0", 250)?;
     let tight_l3 = l3_with("tight", "192.168.1", 10)?;
-    Ok(Infra { cluster: cl, zone, offering, l2, l3, tight_l3, host_addrs })
+    let (cluster, zone, l2) = (cl.to_string(), zone.to_string(), l2.to_string());
+    Ok(Infra { cluster, zone, offering, l2, l3, tight_l3, host_addrs })
 }
 
 /// Runs one chaos run in `dir`; returns whether every check passed.

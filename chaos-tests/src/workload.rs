@@ -20,8 +20,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
+use serde_json::Value;
 use strato_api::client;
+use strato_api::types::actions::{
+    ChangeHostState, HostAction, NoParams, OnHost, StateEvent, VmAction,
+};
+use strato_api::types::{Create, HostParams, L3Params, RangeParams, VmParams, canonical_uuid};
+use uuid::Uuid;
 
 /// How a client chooses among legal actions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -353,12 +358,21 @@ fn submit(
     outcome
 }
 
-fn create_body(shared: &Shared, name: &str, l3: &str) -> Value {
-    json!({ "params": {
-        "name": name,
-        "instanceOfferingUuid": shared.infra.offering,
-        "l3NetworkUuids": [l3],
-    }})
+/// The UUID `text` names (the run's own resources, as their inventories spell them).
+fn id(text: &str) -> Uuid {
+    canonical_uuid(text).unwrap_or_default()
+}
+
+/// A VM's creation on `l3` with the run's offering.
+pub(crate) fn create_body(shared: &Shared, name: &str, l3: &str) -> Value {
+    client::body(&Create::new(VmParams {
+        name: name.to_owned(),
+        instance_offering_uuid: id(&shared.infra.offering),
+        l3_network_uuids: vec![id(l3)],
+        host_uuid: None,
+        cluster_uuid: None,
+        image_uuid: None,
+    }))
 }
 
 /// One client: steps until the run stops.
@@ -447,16 +461,18 @@ fn choose(
 }
 
 /// The API action name of a VM operation sent as `PUT /v1/vm-instances/{uuid}/actions`.
-fn vm_verb(action: Action) -> Option<&'static str> {
+/// The API's action for a workload's VM operation.
+fn vm_action(action: Action) -> Option<VmAction> {
+    let none = NoParams {};
     Some(match action {
-        Action::StartVm => "startVmInstance",
-        Action::StopVm => "stopVmInstance",
-        Action::RebootVm => "rebootVmInstance",
-        Action::PauseVm => "pauseVmInstance",
-        Action::ResumeVm => "resumeVmInstance",
-        Action::MigrateVm => "migrateVm",
-        Action::RecoverVm => "recoverVmInstance",
-        Action::ExpungeVm => "expungeVmInstance",
+        Action::StartVm => VmAction::StartVmInstance(OnHost::default()),
+        Action::StopVm => VmAction::StopVmInstance(none),
+        Action::RebootVm => VmAction::RebootVmInstance(none),
+        Action::PauseVm => VmAction::PauseVmInstance(none),
+        Action::ResumeVm => VmAction::ResumeVmInstance(none),
+        Action::MigrateVm => VmAction::MigrateVm(OnHost::default()),
+        Action::RecoverVm => VmAction::RecoverVmInstance(none),
+        Action::ExpungeVm => VmAction::ExpungeVmInstance(none),
         _ => return None,
     })
 }
@@ -509,9 +525,8 @@ fn act(
         | Action::MigrateVm
         | Action::RecoverVm
         | Action::ExpungeVm => {
-            let verb = vm_verb(action).expect("a VM operation");
+            let body = client::body(&vm_action(action).expect("a VM operation"));
             let path = format!("/v1/vm-instances/{uuid}/actions");
-            let body = json!({ verb: {} });
             submit(shared, client_id, action, Some(uuid), "PUT", &path, Some(&body));
         }
         Action::DestroyVm => {
@@ -525,12 +540,17 @@ fn act(
             let target = Some(host_uuid.clone());
             match action {
                 Action::ReconnectHost => {
-                    let body = json!({ "reconnectHost": {} });
+                    let body = client::body(&HostAction::ReconnectHost(NoParams {}));
                     submit(shared, client_id, action, target, "PUT", &path, Some(&body));
                 }
                 Action::DisableHost | Action::EnableHost => {
-                    let event = if action == Action::DisableHost { "disable" } else { "enable" };
-                    let body = json!({ "changeHostState": { "stateEvent": event } });
+                    let state_event = if action == Action::DisableHost {
+                        StateEvent::Disable
+                    } else {
+                        StateEvent::Enable
+                    };
+                    let body =
+                        client::body(&HostAction::ChangeHostState(ChangeHostState { state_event }));
                     submit(shared, client_id, action, target, "PUT", &path, Some(&body));
                 }
                 _ => {
@@ -555,12 +575,12 @@ fn act(
             if hosts.iter().any(|h| h["agentPort"].as_u64() == Some(u64::from(addr.port()))) {
                 return;
             }
-            let body = json!({ "params": {
-                "name": format!("host-{index}"),
-                "managementIp": addr.ip().to_string(),
-                "agentPort": addr.port(),
-                "clusterUuid": shared.infra.cluster,
-            }});
+            let body = client::body(&Create::new(HostParams {
+                name: format!("host-{index}"),
+                management_ip: addr.ip().to_string(),
+                agent_port: addr.port(),
+                cluster_uuid: id(&shared.infra.cluster),
+            }));
             let outcome =
                 submit(shared, client_id, action, None, "POST", "/v1/hosts/kvm", Some(&body));
             if !matches!(outcome, Outcome::Succeeded(_)) {
@@ -568,18 +588,26 @@ fn act(
             }
         }
         Action::CreateL3 => {
-            let body = json!({ "params": { "name": name, "l2NetworkUuid": shared.infra.l2 } });
+            let body = client::body(&Create::new(L3Params {
+                name,
+                l2_network_uuid: Some(id(&shared.infra.l2)),
+                dns: vec![],
+                bridge: None,
+            }));
             if let Outcome::Succeeded(l3) =
                 submit(shared, client_id, action, None, "POST", "/v1/l3-networks", Some(&body))
             {
                 let l3 = l3["uuid"].as_str().unwrap_or_default().to_owned();
                 let third = 100 + (step % 100);
-                let range = json!({ "params": {
-                    "startIp": format!("10.{client_id}.{third}.10"),
-                    "endIp": format!("10.{client_id}.{third}.20"),
-                    "netmask": "255.255.255.0",
-                    "gateway": format!("10.{client_id}.{third}.1"),
-                }});
+                let net =
+                    |host: u8| std::net::Ipv4Addr::new(10, client_id as u8, third as u8, host);
+                let range = client::body(&Create::new(RangeParams {
+                    start_ip: net(10),
+                    end_ip: net(20),
+                    netmask: std::net::Ipv4Addr::new(255, 255, 255, 0),
+                    gateway: net(1),
+                    name: None,
+                }));
                 let path = format!("/v1/l3-networks/{l3}/ip-ranges");
                 submit(shared, client_id, action, Some(l3.clone()), "POST", &path, Some(&range));
                 shared.extra_l3s.lock().expect("l3s").push(l3);

@@ -207,6 +207,21 @@ pub fn mutate(
     }
 }
 
+/// A wire type (`crate::types`) as the body it is sent as.
+pub fn body<T: serde::Serialize>(value: &T) -> Value {
+    serde_json::to_value(value).unwrap_or(Value::Null)
+}
+
+/// Creates a resource (`POST path` with `{"params": params}`), waits for its job, and returns
+/// its inventory (or the job's error).
+pub fn create<P: serde::Serialize>(
+    addr: SocketAddr,
+    path: &str,
+    params: P,
+) -> Result<Value, ClientError> {
+    mutate(addr, "POST", path, &body(&crate::types::Create::new(params)))
+}
+
 /// The inventories of `kind` (`/v1/<kind>`).
 pub fn list(addr: SocketAddr, kind: &str) -> Result<Vec<Value>, ClientError> {
     let path = format!("/v1/{kind}");

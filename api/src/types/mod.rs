@@ -19,6 +19,8 @@ use crate::error::ApiError;
 pub mod actions;
 pub mod validate;
 
+pub use strato_actors::canonical_uuid;
+
 /// Parses a UUID the way every route and the access check do: only the canonical spelling
 /// (36 lowercase hexadecimal digits and hyphens, as the API writes UUIDs) is accepted, so
 /// one resource has one name and access is decided on the value the handler uses. Braces,
