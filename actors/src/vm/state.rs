@@ -254,6 +254,25 @@ pub fn observed(state: VmState, observation: Observation) -> Option<VmState> {
 mod tests {
     use super::*;
 
+    /// The creation flow owns a Created VM's record until its last step: no operation of
+    /// the VM actor and no observation of a host changes it, and it is not a transitional
+    /// state the next operation would repair.
+    #[test]
+    fn nothing_but_its_creation_touches_a_created_vm() {
+        for op in VmOp::ALL {
+            assert!(plan(VmState::Created, op).is_err(), "{op:?} on a Created VM");
+        }
+        for observation in [
+            Observation::Running,
+            Observation::Paused,
+            Observation::Off,
+            Observation::HostUnreachable,
+        ] {
+            assert_eq!(observed(VmState::Created, observation), None, "{observation:?}");
+        }
+        assert!(!VmState::Created.is_transitional());
+    }
+
     #[test]
     fn a_state_is_named_as_the_api_shows_it() {
         for state in VmState::ALL {
