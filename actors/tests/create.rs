@@ -246,7 +246,7 @@ async fn a_burst_of_creations_takes_exactly_the_quotas_slots() {
     for (request, result) in requests.iter().zip(&results) {
         let Err(error) = result else { continue };
         let RuntimeError::FlowFailed { step, cause, .. } = error else { panic!("{error:?}") };
-        assert_eq!(step, "charge");
+        assert_eq!(step, "record");
         let exceeded = cause.as_ref().and_then(|c| c.downcast_ref::<QuotaError>());
         assert!(matches!(exceeded, Some(QuotaError::Exceeded { quota: "vmNum", .. })), "{error}");
         assert!(s.c.db.get::<OwnerRecord>(request.vm).unwrap().is_none(), "a charge left");

@@ -1,8 +1,8 @@
 //! Creating a VM: a flow (chain `vm.create`) whose every step has an undo.
 //!
-//! 0. `charge`: charge a tenant's VM to its account's quota, under the account's lock (undo:
-//!    give the charge back);
-//! 1. `record`: write the VM record, state Created, with its tags (undo: delete them);
+//! 1. `record`: charge a tenant's VM to its account's quota (under the account's lock, so
+//!    creations at once cannot take one last slot), then write the VM record, state Created,
+//!    with its tags (undo: delete them, the charge with them);
 //! 2. `allocate-host`: pick a host and book its capacity (undo: give back what this VM booked
 //!    on any host; bookings are keyed by VM, so the undo needs no memory of the choice);
 //! 3. `allocate-nics`: an address on each L3 network (undo: give back every address this
@@ -103,30 +103,6 @@ fn owner_of(c: &CreateVm) -> Option<OwnerRecord> {
     })
 }
 
-struct ChargeStep {
-    db: Db,
-    quotas: Arc<Quotas>,
-}
-
-#[async_trait]
-impl Step<CreateVm> for ChargeStep {
-    async fn run(&self, c: &mut CreateVm, _: &FlowInfo) -> Result<(), BoxError> {
-        if let Some(owner) = owner_of(c) {
-            self.quotas.charge(&self.db, &owner).await?;
-        }
-        Ok(())
-    }
-
-    async fn rollback(&self, c: &mut CreateVm, _: &FlowInfo) -> Result<(), BoxError> {
-        if c.charge_to.is_some() {
-            let mut batch = Batch::new();
-            batch.delete::<OwnerRecord>(c.vm, Expect::Any);
-            self.db.commit(batch).await?;
-        }
-        Ok(())
-    }
-}
-
 /// The UUID of VM `vm`'s NIC on L3 `l3`.
 pub fn nic_id(vm: Uuid, l3: Uuid) -> Uuid {
     Uuid::new_v5(&vm, l3.as_bytes())
@@ -167,6 +143,7 @@ fn write_vm_at_end(
 
 struct RecordStep {
     db: Db,
+    quotas: Arc<Quotas>,
 }
 
 #[async_trait]
@@ -174,6 +151,11 @@ impl Step<CreateVm> for RecordStep {
     async fn run(&self, c: &mut CreateVm, flow: &FlowInfo) -> Result<(), BoxError> {
         if self.db.get::<VmRecord>(c.vm)?.is_some() {
             return Ok(()); // a repeat after a crash
+        }
+        // The charge is durable before the step ends: the lock it is checked under does not
+        // outlast the step. Its undo is this step's: the VM's references go with its record.
+        if let Some(owner) = owner_of(c) {
+            self.quotas.charge(&self.db, &owner).await?;
         }
         let record = VmRecord {
             uuid: c.vm,
@@ -488,8 +470,7 @@ pub fn define(
     let db = runtime.db().clone();
     runtime.flows().define(
         ChainSpec::new(CREATE_CHAIN)
-            .step("charge", ChargeStep { db: db.clone(), quotas })
-            .step("record", RecordStep { db: db.clone() })
+            .step("record", RecordStep { db: db.clone(), quotas })
             .step(
                 "allocate-host",
                 AllocateHost { db: db.clone(), hosts: hosts.clone(), overcommit },
