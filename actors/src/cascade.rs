@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize, Serializer};
 use strato_runtime::{Kind as ActorKind, RuntimeError};
-use strato_storage::{Batch, Db, Expect, IndexValue, Record};
+use strato_storage::{Batch, Db, Expect, IndexValue, Record, StoreError};
 use uuid::Uuid;
 
 use crate::host::{self, Hosts};
@@ -104,6 +104,9 @@ pub enum CascadeError {
     /// The runtime failed.
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
+    /// A creation's resource exists already.
+    #[error("{0} exists already")]
+    Exists(Resource),
     /// The kind is not deleted this way.
     #[error("{} resources are not deleted with cascade", .0.kind.api)]
     NotDeletable(Resource),
@@ -214,15 +217,6 @@ impl Deleter {
         Ok(deleted)
     }
 
-    /// Deletes record `uuid` of `R` with what hangs on it (tags, ownership).
-    pub(crate) async fn delete_record<R: Record>(&self, uuid: Uuid) -> Result<(), CascadeError> {
-        let mut batch = Batch::new();
-        batch.delete::<R>(uuid, Expect::Any);
-        crate::records::delete_refs(&self.db, &mut batch, uuid)?;
-        self.db.commit(batch).await?;
-        Ok(())
-    }
-
     async fn delete_one(&self, r: Resource) -> Result<(), CascadeError> {
         match r.kind.deletion {
             Deletion::Cascade(remove) | Deletion::Own(Some(remove)) => remove(self, r.uuid).await,
@@ -259,9 +253,77 @@ impl Deleter {
 }
 
 /// Removes a record with nothing to do beyond the store (zones, clusters, L2 networks,
-/// offerings).
+/// offerings), if nothing depends on it: checked again just before, and the deletion expects
+/// the generation the check saw. A creation of a dependent writes this record back in its
+/// own batch ([`insert`]), so one made after the check makes the deletion fail its
+/// compare-and-swap and look again; one made after the deletion finds its parent gone.
 pub(crate) fn remove_record<R: Record>(deleter: &Deleter, id: Uuid) -> RemoveFuture<'_> {
-    Box::pin(deleter.delete_record::<R>(id))
+    Box::pin(async move {
+        let resource = Resource { kind: crate::kinds::of::<R>(), uuid: id };
+        loop {
+            let Some(stored) = deleter.db.get::<R>(id)? else { return Ok(()) };
+            let dependents = deleter.dependents(resource)?;
+            if !dependents.is_empty() {
+                // Made while the deletion ran (its dependents were gone when it started).
+                return Err(CascadeError::HasDependents { resource, dependents });
+            }
+            let mut batch = Batch::new();
+            batch.delete::<R>(id, Expect::Generation(stored.generation));
+            crate::records::delete_refs(&deleter.db, &mut batch, id)?;
+            match deleter.db.commit(batch).await {
+                Ok(_) => return Ok(()),
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(error) => return Err(error.into()),
+            }
+        }
+    })
+}
+
+/// Writes new record `record`, with `extra` (its tags, say) in the same atomic write, guarded
+/// against the deletion of what it depends on: each record-only kind it depends on
+/// ([`crate::kinds::Kind::record_parents`]) is written back as it is, expected at its
+/// generation, in the same batch. A parent deleted first makes the creation fail as not
+/// found; a parent another creation wrote back meanwhile is read again and the write tried
+/// again.
+pub async fn insert<R: Record + serde::Serialize>(
+    db: &Db,
+    record: &R,
+    extra: impl Fn(&mut Batch) -> Result<(), StoreError>,
+) -> Result<(), CascadeError> {
+    let kind = crate::kinds::of::<R>();
+    let inventory = crate::kinds::inventory(record)?;
+    let parents: Vec<Resource> = kind
+        .record_parents()
+        .filter_map(|(parent, field)| {
+            let uuid = inventory[field].as_str().and_then(crate::canonical_uuid)?;
+            Some(Resource { kind: parent, uuid })
+        })
+        .collect();
+    loop {
+        let mut batch = Batch::new();
+        batch.put(record, Expect::Absent)?;
+        extra(&mut batch)?;
+        for parent in &parents {
+            if !parent.kind.table.touch(db, &mut batch, parent.uuid)? {
+                return Err(CascadeError::NotFound(*parent));
+            }
+        }
+        match db.commit(batch).await {
+            Ok(_) => return Ok(()),
+            Err(StoreError::Conflict { id, found, .. }) => {
+                if id == record.id() {
+                    return Err(CascadeError::Exists(Resource { kind, uuid: id }));
+                }
+                if let Some(parent) = parents.iter().find(|p| p.uuid == id)
+                    && found.is_none()
+                {
+                    return Err(CascadeError::NotFound(*parent));
+                }
+                // Another dependent wrote a parent back first: read it again.
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
 }
 
 /// Removes a host through its actor (its link closed, its record and pin deleted).

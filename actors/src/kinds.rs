@@ -220,6 +220,23 @@ impl Kind {
     }
 }
 
+impl Kind {
+    /// The record-only kinds this one depends on (no actor owns their records), each with
+    /// the field of this kind's inventory that names the resource depended on: a cluster's
+    /// zone, an L3 network's L2 network. A resource run by an actor guards its dependents in
+    /// its own queues (a host's fence, an L3 network's address queue).
+    pub fn record_parents(&'static self) -> impl Iterator<Item = (&'static Kind, &'static str)> {
+        KINDS.iter().filter(|parent| parent.actor.is_none()).flat_map(move |parent| {
+            parent.relations().filter_map(move |relation| match relation {
+                Relation::Back { kind, field, dependent: true, .. } if *kind == self.url() => {
+                    Some((parent, *field))
+                }
+                _ => None,
+            })
+        })
+    }
+}
+
 /// The index `declared` names for `path`.
 pub fn lookup(declared: &[(&'static str, &'static str)], path: &str) -> Option<&'static str> {
     declared.iter().find(|(p, _)| *p == path).map(|(_, index)| *index)
@@ -264,6 +281,10 @@ pub trait Table: Send + Sync + std::fmt::Debug + 'static {
     fn count(&self, db: &Db) -> Result<usize, StoreError>;
     /// Adds the deletion of record `id` to `batch`.
     fn delete_in(&self, batch: &mut Batch, id: Uuid);
+    /// Adds to `batch` a write of record `id` as it is, expected at the generation it has
+    /// now: the batch then fails if the record is changed or deleted before it commits, and
+    /// its commit changes the record's generation. Returns false when there is no record.
+    fn touch(&self, db: &Db, batch: &mut Batch, id: Uuid) -> Result<bool, StoreError>;
 }
 
 /// A stream of inventories, read as it is consumed.
@@ -359,6 +380,12 @@ impl<R: Record + Serialize> Table for TableOf<R> {
 
     fn delete_in(&self, batch: &mut Batch, id: Uuid) {
         batch.delete::<R>(id, Expect::Any);
+    }
+
+    fn touch(&self, db: &Db, batch: &mut Batch, id: Uuid) -> Result<bool, StoreError> {
+        let Some(stored) = db.get::<R>(id)? else { return Ok(false) };
+        batch.put(&stored.record, Expect::Generation(stored.generation))?;
+        Ok(true)
     }
 }
 
@@ -770,6 +797,19 @@ mod tests {
             // Resolves every dependency's index, or panics.
             let _ = kind.dependents().count();
         }
+    }
+
+    #[test]
+    fn a_creation_guards_the_records_it_depends_on() {
+        let parents = |url: &str| -> Vec<(&str, &str)> {
+            by_url(url).unwrap().record_parents().map(|(k, f)| (k.url(), f)).collect()
+        };
+        assert_eq!(parents("clusters"), [("zones", "zoneUuid")]);
+        assert_eq!(parents("l2-networks"), [("zones", "zoneUuid")]);
+        assert_eq!(parents("hosts"), [("clusters", "clusterUuid")]);
+        assert_eq!(parents("l3-networks"), [("l2-networks", "l2NetworkUuid")]);
+        // A VM's host and L3 networks are run by actors, which guard their VMs themselves.
+        assert!(parents("vm-instances").is_empty());
     }
 
     #[test]

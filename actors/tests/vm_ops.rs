@@ -428,3 +428,54 @@ async fn expunge_and_recover_succeed_when_only_their_tidying_fails() {
     step(Lifecycle::Expunge).await.expect("expunged although its address job stays");
     assert!(c.db.get::<strato_actors::records::VmRecord>(vm.uuid).unwrap().is_none());
 }
+
+/// A creation racing the deletion of what it depends on leaves no orphan: the deletion sees
+/// the new dependent and refuses, or the creation finds its parent gone (found in the audit
+/// of issue 18: a cluster created while its zone was deleted outlived the zone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_creation_racing_its_parents_deletion_leaves_no_orphan() {
+    use strato_actors::cascade::{self, CascadeError, DeleteMode, Deleter, Resource};
+    use strato_actors::records::{ClusterRecord, ZoneRecord};
+    let c = mn();
+    let deleter = Deleter {
+        db: c.db.clone(),
+        hosts: c.hosts.clone(),
+        vms: c.vms.clone(),
+        l3s: c.l3s.clone(),
+    };
+    let (mut refused, mut gone) = (0, 0);
+    for round in 0..100 {
+        let zone = ZoneRecord { uuid: Uuid::new_v4(), name: "z".into(), description: None };
+        put(&c.db, &zone);
+        let cluster = ClusterRecord {
+            uuid: Uuid::new_v4(),
+            name: "c".into(),
+            zone_uuid: zone.uuid,
+            hypervisor_type: "KVM".into(),
+        };
+        let resource = Resource { kind: strato_actors::kinds::of::<ZoneRecord>(), uuid: zone.uuid };
+        let (deleted, created) = tokio::join!(
+            tokio::spawn({
+                let deleter = deleter.clone();
+                async move { deleter.delete(resource, DeleteMode::Permissive).await }
+            }),
+            tokio::spawn({
+                let (db, cluster) = (c.db.clone(), cluster.clone());
+                async move { cascade::insert(&db, &cluster, |_| Ok(())).await }
+            }),
+        );
+        let (deleted, created) = (deleted.unwrap(), created.unwrap());
+        let zone_left = c.db.get::<ZoneRecord>(zone.uuid).unwrap().is_some();
+        let cluster_left = c.db.get::<ClusterRecord>(cluster.uuid).unwrap().is_some();
+        assert!(zone_left || !cluster_left, "round {round}: the cluster outlived its zone");
+        match (&deleted, &created) {
+            (Err(CascadeError::HasDependents { .. }), Ok(())) => refused += 1,
+            (Ok(_), Err(CascadeError::NotFound(_))) => gone += 1,
+            (Ok(_), Ok(())) | (Err(_), Err(_)) => {
+                panic!("round {round}: {deleted:?} and {created:?}")
+            }
+            _ => {}
+        }
+    }
+    eprintln!("{refused} deletions refused, {gone} creations found their zone gone");
+}

@@ -309,6 +309,11 @@ impl From<strato_actors::cascade::CascadeError> for ApiError {
                 json!({ "resource": resource, "dependents": dependents }),
             ),
             CascadeError::NotFound(r) => ApiError::not_found(r.kind.api, r.uuid),
+            CascadeError::Exists(resource) => ApiError::new(
+                crate::codes::RESOURCE_EXISTS,
+                error.to_string(),
+                json!({ "resource": resource }),
+            ),
             CascadeError::NotDeletable(resource) => ApiError::new(
                 crate::codes::NOT_DELETABLE,
                 error.to_string(),

@@ -27,7 +27,7 @@ use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use strato_actors::kinds::Kind;
-use strato_storage::{Batch, Expect, Record};
+use strato_storage::Record;
 use uuid::Uuid;
 
 use crate::error::ApiError;
@@ -208,23 +208,24 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Id {
     }
 }
 
-/// Writes new record `record` with the tags of its creation, in one atomic write.
-pub(crate) async fn write<R: Record>(
+/// Writes new record `record` with the tags of its creation, in one atomic write, guarded
+/// against the deletion of what it depends on (`strato_actors::cascade::insert`).
+pub(crate) async fn write<R: Record + serde::Serialize>(
     mn: &Mn,
     record: &R,
     tags: &CreationTags,
 ) -> Result<(), ApiError> {
-    let mut batch = Batch::new();
-    batch.put(record, Expect::Absent)?;
-    if let Some(resource_type) = tags::resource_type_of_table(R::KIND) {
-        tags.write(&mut batch, record.id(), resource_type)?;
-    }
-    mn.db.commit(batch).await?;
+    let resource_type = tags::resource_type_of_table(R::KIND);
+    strato_actors::cascade::insert(&mn.db, record, |batch| match resource_type {
+        Some(resource_type) => tags.write(batch, record.id(), resource_type),
+        None => Ok(()),
+    })
+    .await?;
     Ok(())
 }
 
 /// Accepts a job that writes the new record `make` builds, answering with its inventory.
-pub(crate) async fn submit_record<R: Record>(
+pub(crate) async fn submit_record<R: Record + serde::Serialize>(
     mn: &Arc<Mn>,
     headers: &HeaderMap,
     api: &str,

@@ -114,7 +114,7 @@ impl CreationTags {
         batch: &mut Batch,
         resource: Uuid,
         resource_type: &str,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), strato_storage::StoreError> {
         for tag in &self.system_tags {
             batch.put(&SystemTag::new(resource, resource_type, tag), Expect::Absent)?;
         }
