@@ -331,9 +331,30 @@ pub(crate) fn remove_host(deleter: &Deleter, id: Uuid) -> RemoveFuture<'_> {
     Box::pin(async move { Ok(host::remove(&deleter.hosts, id).await?) })
 }
 
-/// Removes an L3 network through its actor (its addresses with it).
+/// Removes an L3 network through its actor, once no address of it is held: a creation in
+/// flight that holds one ends first, its VM then a dependent (which refuses the deletion) or
+/// its address given back.
 pub(crate) fn remove_l3(deleter: &Deleter, id: Uuid) -> RemoveFuture<'_> {
-    Box::pin(async move { Ok(l3::delete(&deleter.l3s, id).await?) })
+    Box::pin(async move {
+        let resource =
+            Resource { kind: crate::kinds::of::<crate::records::L3NetworkRecord>(), uuid: id };
+        let waited = std::time::Instant::now();
+        loop {
+            match l3::delete(&deleter.l3s, id).await {
+                Err(l3::L3Error::InUse(_)) => {
+                    let dependents = deleter.dependents(resource)?;
+                    if !dependents.is_empty() {
+                        return Err(CascadeError::HasDependents { resource, dependents });
+                    }
+                    if waited.elapsed() > HOST_DRAIN_LIMIT {
+                        return Err(CascadeError::Busy(resource, HOST_DRAIN_LIMIT));
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                done => return Ok(done?),
+            }
+        }
+    })
 }
 
 /// Removes a VM as a dependent: destroyed, then expunged.

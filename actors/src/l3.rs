@@ -79,6 +79,10 @@ pub enum L3Error {
     /// The addresses said no.
     #[error(transparent)]
     Ipam(#[from] IpamError),
+    /// Addresses are still held (by a creation in flight, or a VM): the network is not
+    /// deleted from under them.
+    #[error("{0} address(es) of the L3 network are still held")]
+    InUse(usize),
 }
 
 fn op(name: &'static str) -> Op {
@@ -168,10 +172,13 @@ pub async fn used_ips(l3s: &Kind<L3s>, l3: Uuid) -> Result<BTreeSet<Ipv4Addr>, L
 /// Deletes L3 `l3` (it must hold no addresses) and lets its actor go.
 pub async fn delete(l3s: &Kind<L3s>, l3: Uuid) -> Result<(), L3Error> {
     l3s.call(l3, op("delete"), move |ctx| async move {
-        let mut batch = Batch::new();
-        for ip in ctx.with_state(|s| s.used.iter().copied().collect::<Vec<_>>()) {
-            batch.delete::<UsedIpRecord>(UsedIpRecord::id_of(l3, ip), Expect::Any);
+        // Whoever holds an address (a VM, or a creation whose VM record does not name its
+        // NIC yet, so no dependents check can see it) gives it back first.
+        let held = ctx.with_state(|s| s.used.len());
+        if held > 0 {
+            return Err(L3Error::InUse(held));
         }
+        let mut batch = Batch::new();
         batch.delete::<L3NetworkRecord>(l3, Expect::Any);
         crate::records::delete_refs(&ctx.entity().db, &mut batch, l3)?;
         ctx.entity().db.commit(batch).await?;

@@ -295,6 +295,7 @@ impl From<L3Error> for ApiError {
                 )
             }
             L3Error::Store(e) => e.into(),
+            L3Error::InUse(_) => ApiError::of(crate::codes::RESOURCE_BUSY, error.to_string()),
         }
     }
 }
