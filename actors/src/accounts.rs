@@ -4,9 +4,9 @@
 //! Only the account's record is ever handed out. The password hash lives apart
 //! ([`CredentialRecord`]) so that no inventory can carry it by mistake, and a session's
 //! record is kept under a digest of its token, never the token (the API's `auth` module
-//! decides how). What accounts may do, how they log in and what their quotas admit is the
-//! API's; what is stored is here, beside the other records, so the kind is declared with
-//! the others ([`crate::kinds`]).
+//! decides how). What accounts may do and how they log in is the API's, what their quotas
+//! admit is [`crate::owners`]'; what is stored is here, beside the other records, so the
+//! kind is declared with the others ([`crate::kinds`]).
 
 use serde::{Deserialize, Serialize};
 use strato_storage::{Index, IndexValue, Record};

@@ -4,14 +4,15 @@
 //! resource's UUID (ZStack's `AccountResourceRefVO`), so adding accounts changed no resource
 //! record and a resource type added later is owned the same way. A resource without an
 //! ownership record belongs to the admin: everything written before accounts existed, and
-//! the infrastructure only the admin creates. An ownership record goes in the same atomic
-//! write as its resource (see [`crate::records::delete_refs`]).
+//! the infrastructure only the admin creates. An ownership record goes with its resource
+//! when the resource is deleted, in the same atomic write (see
+//! [`crate::records::delete_refs`]).
 //!
 //! An owner record is also the resource's charge against its owner's quota. Charges are
 //! checked and written under the account's lock ([`Quotas`]), so two creations at once
-//! cannot both take the last slot: a VM's creation charges it in its flow's first step (and
-//! its undo gives the charge back), a change of offering recharges it in the VM's lifecycle
-//! queue.
+//! cannot both take the last slot: a VM's creation charges it in its flow's first step,
+//! before the VM's record (whose undo takes the charge with it), and a change of offering
+//! recharges it in the VM's lifecycle queue.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

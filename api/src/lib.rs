@@ -8,8 +8,8 @@
 //!   codes.
 //! - [`types`]: the wire types (creation parameters, the action enums, answers), shared by
 //!   the handlers, the catalog, the CLI and the programs that drive the API.
-//! - [`auth`]: accounts, sessions and API keys, who may reach what, quotas, what tenants are
-//!   never shown, and the middleware that decides it on every request.
+//! - [`auth`]: accounts, sessions and API keys, who may reach what, what tenants are never
+//!   shown, and the middleware that decides it on every request.
 //! - [`query`]: ZStack's query language over every kind, on the store or a tenant's view of
 //!   it.
 //! - [`jobs`]: jobs persisted before they are acknowledged, followed and cancelled.
@@ -67,6 +67,8 @@ mod layering {
             return;
         }
         let text = std::fs::read_to_string(path).unwrap();
+        // A path that climbs out of its folder would name a module unseen here.
+        assert!(!text.contains("super::super"), "{}: use `crate::` paths", path.display());
         let named = found.entry(top.to_owned()).or_default();
         for (at, _) in text.match_indices("crate::") {
             let rest = &text[at + "crate::".len()..];

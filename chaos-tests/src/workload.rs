@@ -465,12 +465,12 @@ fn choose(
 fn vm_action(action: Action) -> Option<VmAction> {
     let none = NoParams {};
     Some(match action {
-        Action::StartVm => VmAction::StartVmInstance(OnHost::default()),
+        Action::StartVm => VmAction::StartVmInstance(Some(OnHost::default())),
         Action::StopVm => VmAction::StopVmInstance(none),
         Action::RebootVm => VmAction::RebootVmInstance(none),
         Action::PauseVm => VmAction::PauseVmInstance(none),
         Action::ResumeVm => VmAction::ResumeVmInstance(none),
-        Action::MigrateVm => VmAction::MigrateVm(OnHost::default()),
+        Action::MigrateVm => VmAction::MigrateVm(Some(OnHost::default())),
         Action::RecoverVm => VmAction::RecoverVmInstance(none),
         Action::ExpungeVm => VmAction::ExpungeVmInstance(none),
         _ => return None,

@@ -464,7 +464,9 @@ pub async fn command(
                     let link = live_link(&ctx, deadline).await?;
                     match link.request_with_id(id, command.clone(), deadline, job_id).await {
                         Err(LinkError::Closed) if tokio::time::Instant::now() < resend_until => {
-                            continue;
+                            // A link that died between the look and the send is seen closed
+                            // at once: wait for the next one, do not spin.
+                            tokio::time::sleep(Duration::from_millis(20)).await;
                         }
                         answered => return Ok(answered?),
                     }

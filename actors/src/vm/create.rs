@@ -342,7 +342,7 @@ impl Step<CreateVm> for CreateRootVolume {
             &self.hosts,
             host,
             Command::CacheImage { image, source, cache_dir },
-            deadline(flow),
+            volume_deadline(flow),
             flow.job_id,
         )
         .await?;
@@ -353,7 +353,7 @@ impl Step<CreateVm> for CreateRootVolume {
             &self.hosts,
             host,
             Command::CreateRootVolume { volume: c.vm, backing, dir: volumes_dir(&ps) },
-            deadline(flow),
+            volume_deadline(flow),
             flow.job_id,
         )
         .await?;
@@ -386,13 +386,19 @@ struct StartDomain {
     hosts: Kind<Hosts>,
 }
 
-/// How long a command of a creation may take when its flow has no deadline of its own (a
-/// creation recovered after a crash being rolled back).
+/// How long a command on a domain may take at most: a hypervisor that answers pings but
+/// hangs on a domain must not hold one of its host's command slots for the whole job.
 const COMMAND_TIME: Duration = Duration::from_secs(120);
 
-/// When the step's agent commands must be answered by: the job's deadline (a rollback gets
-/// time of its own, see `FlowInfo::deadline`).
+/// When a command on a domain must be answered by: the job's deadline, or [`COMMAND_TIME`]
+/// from now if that is sooner (a rollback gets time of its own, see `FlowInfo::deadline`).
 fn deadline(flow: &FlowInfo) -> SystemTime {
+    flow.deadline_or(COMMAND_TIME).min(SystemTime::now() + COMMAND_TIME)
+}
+
+/// When a command on a volume must be answered by: the job's deadline (caching an image on
+/// the host copies it, which may take as long as the job has).
+fn volume_deadline(flow: &FlowInfo) -> SystemTime {
     flow.deadline_or(COMMAND_TIME)
 }
 

@@ -662,8 +662,11 @@ pub async fn change_offering(
             .await;
             if resized.is_err()
                 && let Some(previous) = charged
+                && let Err(error) = quotas.restore(db, previous).await
             {
-                quotas.restore(db, previous).await?;
+                // The change's own failure is what the caller hears; the charge left at
+                // the new size is the operator's to see.
+                tracing::error!(vm = %id, %error, "the VM kept its size but its charge could not be given back");
             }
             resized
         },

@@ -41,6 +41,15 @@ pub fn params(api: &Api) -> Vec<Param> {
         Body::Create(d) | Body::Action(_, d) => d,
     };
     let mut schema = &described.schema;
+    // An optional body (`null` or the object): the object.
+    if let Some(object) = ["oneOf", "anyOf"]
+        .iter()
+        .filter_map(|k| schema[*k].as_array())
+        .flatten()
+        .find(|alternative| alternative["type"] != "null")
+    {
+        schema = object;
+    }
     // Follow a reference to a named schema.
     if let Some(name) = schema["$ref"].as_str().and_then(|r| r.rsplit('/').next())
         && let Some((_, found)) = described.components.iter().find(|(n, _)| n == name)

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::types::{Accepted, Inventories, JobReply};
+
 pub mod cli;
 pub mod demo;
 pub mod up;
@@ -191,17 +193,17 @@ pub fn mutate(
     let (status, reply) = request(addr, method, path, Some(body))?;
     let api_error =
         |status, body| ClientError::Api { method: method.into(), path: path.into(), status, body };
-    if status != 202 {
-        return Err(api_error(status, reply));
-    }
-    let job = job_path(reply["location"].as_str().unwrap_or_default(), Duration::from_secs(30));
+    let accepted: Accepted = match (status, serde_json::from_value(reply.clone())) {
+        (202, Ok(accepted)) => accepted,
+        _ => return Err(api_error(status, reply)),
+    };
+    let job = job_path(&accepted.location, Duration::from_secs(30));
     let started = Instant::now();
     loop {
         let (status, done) = request(addr, "GET", &job, None)?;
-        match status {
-            200 if done.get("error").is_some() => return Err(api_error(200, done)),
-            200 => return Ok(done["inventory"].clone()),
-            202 if started.elapsed() < Duration::from_secs(600) => {}
+        match (status, serde_json::from_value::<JobReply>(done.clone())) {
+            (200, Ok(JobReply::Done { inventory })) => return Ok(inventory),
+            (202, _) if started.elapsed() < Duration::from_secs(600) => {}
             _ => return Err(api_error(status, done)),
         }
     }
@@ -226,8 +228,8 @@ pub fn create<P: serde::Serialize>(
 pub fn list(addr: SocketAddr, kind: &str) -> Result<Vec<Value>, ClientError> {
     let path = format!("/v1/{kind}");
     let (status, reply) = request(addr, "GET", &path, None)?;
-    if status != 200 {
-        return Err(ClientError::Api { method: "GET".into(), path, status, body: reply });
+    match (status, serde_json::from_value::<Inventories>(reply.clone())) {
+        (200, Ok(listed)) => Ok(listed.inventories),
+        _ => Err(ClientError::Api { method: "GET".into(), path, status, body: reply }),
     }
-    Ok(reply["inventories"].as_array().cloned().unwrap_or_default())
 }

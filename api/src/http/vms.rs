@@ -183,16 +183,17 @@ async fn vm_action(
 ) -> Result<Response, ApiError> {
     let (action, keyed): (VmAction, _) = action(&body, uuid)?;
     let (op, api) = match action {
-        VmAction::StartVmInstance(OnHost { host_uuid: Some(target) }) => {
+        VmAction::StartVmInstance(Some(OnHost { host_uuid: Some(target) })) => {
             return start_on(mn, &headers, uuid, target, &keyed).await;
         }
-        VmAction::MigrateVm(OnHost { host_uuid }) => {
-            return migrate(mn, &headers, uuid, host_uuid, &keyed).await;
+        VmAction::MigrateVm(on) => {
+            let target = on.and_then(|on| on.host_uuid);
+            return migrate(mn, &headers, uuid, target, &keyed).await;
         }
         VmAction::ChangeInstanceOffering(ChangeInstanceOffering { instance_offering_uuid }) => {
             return change_offering(mn, &headers, uuid, instance_offering_uuid, &keyed).await;
         }
-        VmAction::StartVmInstance(OnHost { host_uuid: None }) => {
+        VmAction::StartVmInstance(None | Some(OnHost { host_uuid: None })) => {
             (Lifecycle::Start, "StartVmInstance")
         }
         VmAction::StopVmInstance(_) => (Lifecycle::Stop, "StopVmInstance"),

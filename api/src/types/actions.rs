@@ -51,7 +51,7 @@ impl<'de> Deserialize<'de> for NoParams {
 #[serde(rename_all = "camelCase")]
 pub enum VmAction {
     /// Starts a VM (on a chosen host: a cold migration there first, admin only)
-    StartVmInstance(OnHost),
+    StartVmInstance(Option<OnHost>),
     /// Stops a VM: gracefully, then forced
     StopVmInstance(NoParams),
     /// Reboots a VM
@@ -65,7 +65,7 @@ pub enum VmAction {
     /// Expunges a destroyed VM
     ExpungeVmInstance(NoParams),
     /// Moves a stopped VM to another host of its cluster (cold; admin only)
-    MigrateVm(OnHost),
+    MigrateVm(Option<OnHost>),
     /// Changes a stopped VM's CPUs and memory
     ChangeInstanceOffering(ChangeInstanceOffering),
 }
@@ -75,7 +75,11 @@ pub enum VmAction {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OnHost {
     /// The host to start on or move to (admin only; none: the allocator picks).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "super::canonical::option"
+    )]
     pub host_uuid: Option<Uuid>,
 }
 
@@ -84,6 +88,7 @@ pub struct OnHost {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ChangeInstanceOffering {
     /// The instance offering.
+    #[serde(deserialize_with = "super::canonical::uuid")]
     pub instance_offering_uuid: Uuid,
 }
 

@@ -37,6 +37,39 @@ pub fn uuid_param(text: &str, field: &str) -> Result<Uuid, ApiError> {
         })
 }
 
+/// Serde for the UUIDs a request body names: only the canonical spelling, as for a path's
+/// ([`uuid_param`]), so a body's UUIDs have one name too (serde's own `Uuid` takes braces,
+/// upper case, `urn:uuid:` and the simple form).
+pub mod canonical {
+    use serde::de::Error;
+    use serde::{Deserialize, Deserializer};
+    use uuid::Uuid;
+
+    fn parse<E: Error>(text: &str) -> Result<Uuid, E> {
+        strato_actors::canonical_uuid(text).ok_or_else(|| {
+            E::custom(format!(
+                "`{}` is not a UUID in its canonical form (like 3f1c1e0e-8d5b-4c4a-9f6e-0a2b3c4d5e6f)",
+                super::validate::printable(text)
+            ))
+        })
+    }
+
+    /// One UUID.
+    pub fn uuid<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Uuid, D::Error> {
+        parse(&String::deserialize(deserializer)?)
+    }
+
+    /// An optional UUID (`null` or absent: none; the field takes `#[serde(default)]`).
+    pub fn option<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Uuid>, D::Error> {
+        Option::<String>::deserialize(deserializer)?.as_deref().map(parse).transpose()
+    }
+
+    /// A list of UUIDs.
+    pub fn list<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<Uuid>, D::Error> {
+        Vec::<String>::deserialize(deserializer)?.iter().map(|t| parse(t)).collect()
+    }
+}
+
 /// The inventory of a record: its JSON form, as the API shows it.
 pub fn inventory<T: Serialize>(record: &T) -> Result<Value, ApiError> {
     serde_json::to_value(record).map_err(|e| ApiError::internal(&e))
@@ -131,6 +164,7 @@ pub struct ClusterParams {
     /// Its name.
     pub name: String,
     /// Its zone.
+    #[serde(deserialize_with = "canonical::uuid")]
     pub zone_uuid: Uuid,
     /// `KVM`, the only one.
     #[serde(default = "kvm")]
@@ -153,6 +187,7 @@ pub struct HostParams {
     #[serde(default = "agent_port")]
     pub agent_port: u16,
     /// Its cluster.
+    #[serde(deserialize_with = "canonical::uuid")]
     pub cluster_uuid: Uuid,
 }
 
@@ -179,6 +214,7 @@ pub struct L2Params {
     /// Its name.
     pub name: String,
     /// Its zone.
+    #[serde(deserialize_with = "canonical::uuid")]
     pub zone_uuid: Uuid,
     /// The hosts' interface (`eth0`).
     pub physical_interface: String,
@@ -191,7 +227,11 @@ pub struct L3Params {
     /// Its name.
     pub name: String,
     /// The L2 network it runs on.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "canonical::option"
+    )]
     pub l2_network_uuid: Option<Uuid>,
     /// DNS servers handed to guests.
     #[serde(default)]
@@ -229,17 +269,31 @@ pub struct VmParams {
     /// Its name.
     pub name: String,
     /// Its CPUs and memory.
+    #[serde(deserialize_with = "canonical::uuid")]
     pub instance_offering_uuid: Uuid,
     /// One NIC on each.
+    #[serde(deserialize_with = "canonical::list")]
     pub l3_network_uuids: Vec<Uuid>,
     /// Only this host (admin only).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "canonical::option"
+    )]
     pub host_uuid: Option<Uuid>,
     /// Only this cluster (admin only).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "canonical::option"
+    )]
     pub cluster_uuid: Option<Uuid>,
     /// The image of its root volume (none: a diskless VM).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "canonical::option"
+    )]
     pub image_uuid: Option<Uuid>,
 }
 
@@ -252,7 +306,11 @@ pub struct StorageParams {
     /// Its directory (an absolute path).
     pub url: String,
     /// Its zone (primary storage).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "canonical::option"
+    )]
     pub zone_uuid: Option<Uuid>,
 }
 
@@ -268,6 +326,7 @@ pub struct ImageParams {
     #[serde(default = "qcow2")]
     pub format: String,
     /// The backup storage it goes to (the first one named).
+    #[serde(deserialize_with = "canonical::list")]
     pub backup_storage_uuids: Vec<Uuid>,
 }
 
@@ -280,6 +339,7 @@ fn qcow2() -> String {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TagParams {
     /// The resource tagged.
+    #[serde(deserialize_with = "canonical::uuid")]
     pub resource_uuid: Uuid,
     /// Its type (`VmInstanceVO`).
     pub resource_type: String,
