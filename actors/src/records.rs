@@ -85,6 +85,23 @@ pub struct Reservation {
 }
 
 impl HostRecord {
+    /// A host just added: enabled, its agent not reached yet, nothing booked.
+    pub fn added(name: String, cluster_uuid: Uuid, management_ip: String, agent_port: u16) -> Self {
+        HostRecord {
+            uuid: Uuid::new_v4(),
+            name,
+            cluster_uuid,
+            management_ip,
+            agent_port,
+            state: HostState::Enabled,
+            status: HostStatus::Connecting,
+            facts: None,
+            last_error: None,
+            strangers: vec![],
+            reservations: Default::default(),
+        }
+    }
+
     /// CPUs booked in all.
     pub fn reserved_cpu(&self) -> u64 {
         // Saturating: a sum past u64::MAX books everything, so nothing more fits.

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use strato_actors::host::{HostConfig, Hosts, Overcommit};
 use strato_actors::l3::L3s;
-use strato_actors::records::{HostRecord, HostState, HostStatus, VmRecord};
+use strato_actors::records::{HostRecord, VmRecord};
 use strato_actors::vm::Vms;
 use strato_actors::vm::state::VmState;
 use strato_agent::credentials::Credentials;
@@ -152,19 +152,7 @@ pub fn put<R: strato_storage::Record>(db: &Db, record: &R) {
 }
 
 pub fn host_record(addr: SocketAddr) -> HostRecord {
-    HostRecord {
-        uuid: Uuid::new_v4(),
-        name: "h1".into(),
-        cluster_uuid: Uuid::new_v4(),
-        management_ip: addr.ip().to_string(),
-        agent_port: addr.port(),
-        state: HostState::Enabled,
-        status: HostStatus::Connecting,
-        facts: None,
-        last_error: None,
-        strangers: vec![],
-        reservations: Default::default(),
-    }
+    HostRecord::added("h1".into(), Uuid::new_v4(), addr.ip().to_string(), addr.port())
 }
 
 pub fn vm_record(host: Uuid, state: VmState) -> VmRecord {

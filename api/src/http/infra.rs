@@ -10,7 +10,7 @@ use axum::routing::{MethodRouter, post, put};
 use strato_actors::host;
 use strato_actors::kinds;
 use strato_actors::records::{
-    ClusterRecord, HostRecord, HostState, HostStatus, InstanceOfferingRecord, ZoneRecord,
+    ClusterRecord, HostRecord, HostState, InstanceOfferingRecord, ZoneRecord,
 };
 use strato_storage::{Batch, Expect};
 use uuid::Uuid;
@@ -115,19 +115,7 @@ async fn add_host(
     let job = mn
         .jobs
         .submit(job_header(&headers)?, "AddKVMHost", &raw, move |_| async move {
-            let record = HostRecord {
-                uuid: Uuid::new_v4(),
-                name: p.name,
-                cluster_uuid: p.cluster_uuid,
-                management_ip: p.management_ip,
-                agent_port: p.agent_port,
-                state: HostState::Enabled,
-                status: HostStatus::Connecting,
-                facts: None,
-                last_error: None,
-                strangers: vec![],
-                reservations: Default::default(),
-            };
+            let record = HostRecord::added(p.name, p.cluster_uuid, p.management_ip, p.agent_port);
             // The memory a reservedMemory tag keeps is kept before the host takes any VM.
             if let Some(memory) = tags.reserved_memory() {
                 m.hosts.entity().keep_for_host(record.uuid, memory);
