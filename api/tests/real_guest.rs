@@ -64,7 +64,7 @@ fn a_real_guest_boots_and_powers_off_on_a_graceful_stop() {
     let image_dir = std::path::Path::new(&image).parent().unwrap().display().to_string();
     let cluster = TestCluster::start(
         ClusterOpts::default()
-            .driver(&["--driver", "libvirt", "--libvirt-uri", URI])
+            .driver(&["--driver", "libvirt", "--libvirt-uri", URI, "--network", "sim"])
             .env("STRATO_IMAGE_FILE_DIRS", &image_dir)
             .mode(0o755),
     );

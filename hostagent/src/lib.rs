@@ -9,6 +9,9 @@
 //! - [`driver`]: the hypervisor behind one trait: [`driver::libvirt`] through the `virt`
 //!   crate, and [`driver::sim`], a pure-Rust hypervisor with latency and injected failures,
 //!   for tests and for simulating many hosts from one process.
+//! - [`net`]: the host's network behind one trait: [`net::host::HostNet`] makes bridges,
+//!   VXLAN tunnels, flat DHCP namespaces with supervised dnsmasq and nftables isolation;
+//!   [`net::SimNet`] keeps the desired state for simulated hosts.
 //! - [`volumes`]: the image cache and qcow2 root volumes, with qemu-img.
 //!
 //! It depends only on `strato-proto`: never on the runtime, the store or the domain, so an
@@ -16,5 +19,6 @@
 
 pub mod credentials;
 pub mod driver;
+pub mod net;
 pub mod server;
 pub mod volumes;

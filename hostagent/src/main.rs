@@ -23,10 +23,21 @@ use strato_agent::credentials::Credentials;
 use strato_agent::driver::Driver;
 use strato_agent::driver::libvirt::Libvirt;
 use strato_agent::driver::sim::{Sim, SimConfig};
+use strato_agent::net::host::{HostNet, Scope};
+use strato_agent::net::{Network, SimNet};
 use strato_agent::server::Agent;
 use strato_proto::pki::{Bootstrap, BootstrapSecret};
 use strato_proto::tls::{AgentIdentity, private_dir};
 use tokio::net::TcpListener;
+
+/// Who makes the host's network.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum NetworkKind {
+    /// The host's own tools (iproute2, nftables, dnsmasq), run as root.
+    Host,
+    /// Nothing on the machine: the desired state is kept and reported (simulated hosts).
+    Sim,
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum DriverKind {
@@ -51,6 +62,18 @@ struct Args {
     /// the MN's CA and a one-time secret per host.
     #[arg(long)]
     bootstrap_file: Option<PathBuf>,
+    /// Who makes the host's network: `host` (the default with libvirt) or `sim` (the
+    /// default with the sim driver, and the only choice with several simulated hosts).
+    #[arg(long, value_enum)]
+    network: Option<NetworkKind>,
+    /// Manage this network namespace as the host's network instead of the agent's own
+    /// (tests build several hosts on one machine this way).
+    #[arg(long)]
+    netns: Option<String>,
+    /// The prefix of the namespaces the agent makes; agents sharing a machine need
+    /// distinct ones.
+    #[arg(long, default_value = "strato-net-")]
+    netns_prefix: String,
     /// Where the agent keeps its state, its key and its certificate (made mode 0700).
     #[arg(long, default_value = "strato-agent-data")]
     data_dir: PathBuf,
@@ -108,12 +131,24 @@ impl BootstrapFile {
 
 /// An agent for host `index`, with its credentials in `dir` (or, before it enrolled, its
 /// secret from `bootstrap`), journaled into `dir` when asked.
+/// The host's network for the agent of `dir`.
+fn network(args: &Args, kind: NetworkKind, dir: &std::path::Path) -> Arc<dyn Network> {
+    match kind {
+        NetworkKind::Sim => Arc::new(SimNet::default()),
+        NetworkKind::Host => Arc::new(HostNet::new(
+            Scope { netns: args.netns.clone(), prefix: args.netns_prefix.clone() },
+            dir.join("net"),
+        )),
+    }
+}
+
 fn agent(
     args: &Args,
     index: usize,
     label: &str,
     bootstrap: &mut BootstrapFile,
     driver: Arc<dyn Driver>,
+    network: Arc<dyn Network>,
     dir: &std::path::Path,
 ) -> Result<Arc<Agent>, String> {
     let secret = if AgentIdentity::is_enrolled(dir) {
@@ -130,10 +165,10 @@ fn agent(
     let credentials = Credentials::open(dir, secret).map_err(|e| error_chain(&e))?;
     if args.journal {
         let path = dir.join("journal.jsonl");
-        Agent::journaled(label, credentials, driver, &path)
+        Agent::journaled(label, credentials, driver, network, &path)
             .map_err(|e| format!("cannot open {}: {e}", path.display()))
     } else {
-        Ok(Agent::new(label, credentials, driver))
+        Ok(Agent::new(label, credentials, driver, network))
     }
 }
 
@@ -200,7 +235,8 @@ async fn run(args: Args) -> Result<(), String> {
                 .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
             tracing::info!(listen = %args.listen, uri = %args.libvirt_uri, "agent ready");
             println!("strato-agent: listening on {} (libvirt {})", args.listen, args.libvirt_uri);
-            let agent = agent(&args, 0, "libvirt", &mut bootstrap, driver, &args.data_dir)?;
+            let net = network(&args, args.network.unwrap_or(NetworkKind::Host), &args.data_dir);
+            let agent = agent(&args, 0, "libvirt", &mut bootstrap, driver, net, &args.data_dir)?;
             tasks.push(tokio::spawn(agent.serve(listener)));
         }
         DriverKind::Sim => {
@@ -210,6 +246,10 @@ async fn run(args: Args) -> Result<(), String> {
                 args.listen
             };
             let failures: HashMap<String, f64> = args.sim_fail.iter().cloned().collect();
+            let net_kind = args.network.unwrap_or(NetworkKind::Sim);
+            if net_kind == NetworkKind::Host && args.sim_hosts > 1 {
+                return Err("--network host manages one host: use it with --sim-hosts 1".into());
+            }
             for i in 0..args.sim_hosts {
                 let addr = SocketAddr::new(base.ip(), base.port() + i as u16);
                 let dir = if args.sim_hosts > 1 {
@@ -232,7 +272,9 @@ async fn run(args: Args) -> Result<(), String> {
                     .await
                     .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
                 let label = format!("sim-{i}");
-                let agent = agent(&args, i as usize, &label, &mut bootstrap, Arc::new(sim), &dir)?;
+                let net = network(&args, net_kind, &dir);
+                let agent =
+                    agent(&args, i as usize, &label, &mut bootstrap, Arc::new(sim), net, &dir)?;
                 tasks.push(tokio::spawn(agent.serve(listener)));
             }
             tracing::info!(hosts = args.sim_hosts, base = %base, "simulated agent ready");

@@ -32,7 +32,7 @@ use strato_proto::client::unix_ms;
 use strato_proto::codec::{read_frame, write_frame};
 use strato_proto::{
     AgentError, AgentErrorCode, AgentEvent, ClientHello, Command, EnrollReply, FromAgent,
-    PROTOCOL_VERSION, Reply, Request, Response, ServerHello, ToAgent,
+    HostFacts, PROTOCOL_VERSION, Reply, Request, Response, ServerHello, ToAgent,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
@@ -41,6 +41,7 @@ use uuid::Uuid;
 
 use crate::credentials::Credentials;
 use crate::driver::Driver;
+use crate::net::Network;
 use crate::volumes;
 
 /// How many command results the agent remembers for repeats.
@@ -69,6 +70,7 @@ pub struct Agent {
     /// Where the live session comes from, for the refusal of a second one.
     live_peer: Mutex<Option<SocketAddr>>,
     driver: Arc<dyn Driver>,
+    network: Arc<dyn Network>,
     events: broadcast::Sender<AgentEvent>,
     memory: Mutex<Memory>,
     label: String,
@@ -89,9 +91,14 @@ impl std::fmt::Debug for Agent {
 }
 
 impl Agent {
-    /// An agent for `driver`, authenticating with `credentials`.
-    pub fn new(label: &str, credentials: Credentials, driver: Arc<dyn Driver>) -> Arc<Self> {
-        Self::build(label, credentials, driver, None)
+    /// An agent for `driver` and `network`, authenticating with `credentials`.
+    pub fn new(
+        label: &str,
+        credentials: Credentials,
+        driver: Arc<dyn Driver>,
+        network: Arc<dyn Network>,
+    ) -> Arc<Self> {
+        Self::build(label, credentials, driver, network, None)
     }
 
     /// Like [`Agent::new`], and appends every command it executes to the file at `journal`:
@@ -102,16 +109,18 @@ impl Agent {
         label: &str,
         credentials: Credentials,
         driver: Arc<dyn Driver>,
+        network: Arc<dyn Network>,
         journal: &std::path::Path,
     ) -> std::io::Result<Arc<Self>> {
         let file = std::fs::OpenOptions::new().create(true).append(true).open(journal)?;
-        Ok(Self::build(label, credentials, driver, Some(Mutex::new(file))))
+        Ok(Self::build(label, credentials, driver, network, Some(Mutex::new(file))))
     }
 
     fn build(
         label: &str,
         credentials: Credentials,
         driver: Arc<dyn Driver>,
+        network: Arc<dyn Network>,
         journal: Option<Mutex<std::fs::File>>,
     ) -> Arc<Self> {
         let (events, _) = broadcast::channel(4096);
@@ -122,6 +131,7 @@ impl Agent {
             session: Arc::new(Semaphore::new(1)),
             live_peer: Mutex::default(),
             driver,
+            network,
             events,
             memory: Mutex::default(),
             label: label.to_owned(),
@@ -273,8 +283,9 @@ impl Agent {
         // Subscribe before listing, so no change falls between the list and the events.
         let mut events = self.events.subscribe();
         let driver = self.driver.clone();
+        let network = self.network.clone();
         let welcome = tokio::task::spawn_blocking(move || {
-            Ok::<_, AgentError>((driver.facts()?, driver.list()?))
+            Ok::<_, AgentError>((facts(&*driver, &*network)?, driver.list()?))
         })
         .await;
         let (facts, domains) = match welcome {
@@ -417,14 +428,15 @@ impl Agent {
             Command::DeleteVolume { path } => volumes::delete_volume(&path).await,
             command => {
                 let driver = self.driver.clone();
-                tokio::task::spawn_blocking(move || drive(&*driver, command)).await.unwrap_or_else(
-                    |e| {
+                let network = self.network.clone();
+                tokio::task::spawn_blocking(move || drive(&*driver, &*network, command))
+                    .await
+                    .unwrap_or_else(|e| {
                         Err(AgentError::new(
                             AgentErrorCode::Driver,
                             format!("driver call panicked: {e}"),
                         ))
-                    },
-                )
+                    })
             }
         };
         if let (Some(uuid), "undefine-domain", Ok(_)) = (domain, name, &result) {
@@ -475,9 +487,18 @@ async fn refuse<W: AsyncWrite + Unpin>(
     let _ = tokio::io::AsyncWriteExt::shutdown(writer).await;
 }
 
-fn drive(driver: &dyn Driver, command: Command) -> Outcome {
+/// The host's facts: the hypervisor's, with the network's addresses.
+fn facts(driver: &dyn Driver, network: &dyn Network) -> Result<HostFacts, AgentError> {
+    let mut facts = driver.facts()?;
+    facts.addresses = network.addresses()?;
+    Ok(facts)
+}
+
+fn drive(driver: &dyn Driver, network: &dyn Network, command: Command) -> Outcome {
     match command {
-        Command::HostFacts => driver.facts().map(Reply::Facts),
+        Command::HostFacts => facts(driver, network).map(Reply::Facts),
+        Command::ApplyNetwork(config) => network.apply(&config).map(Reply::Network),
+        Command::NetworkStatus => network.status().map(Reply::Network),
         Command::ListDomains => driver.list().map(Reply::Domains),
         Command::DefineDomain(spec) => driver.define(&spec).map(|()| Reply::Done),
         Command::StartDomain { uuid } => driver.start(uuid).map(|()| Reply::Done),

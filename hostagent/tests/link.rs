@@ -126,7 +126,8 @@ async fn lifecycle(driver_args: &[&str]) {
 
 #[tokio::test]
 async fn lifecycle_on_libvirt_test_driver() {
-    lifecycle(&["--driver", "libvirt", "--libvirt-uri", "test:///default"]).await;
+    lifecycle(&["--driver", "libvirt", "--libvirt-uri", "test:///default", "--network", "sim"])
+        .await;
 }
 
 #[tokio::test]

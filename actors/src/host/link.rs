@@ -134,6 +134,7 @@ async fn dial(
         let pin = ctx.with_state(|s| s.pin);
         match Link::connect(&link_config(pin)).await? {
             Handshake::Linked { link, welcome, events, certificate } => {
+                let welcome = *welcome;
                 if pin != Some(certificate) {
                     tracing::info!(host = %ctx.id(), %certificate, "pinned the certificate this MN issued to the agent");
                     pin_certificate(ctx, certificate).await?;

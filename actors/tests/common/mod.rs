@@ -18,6 +18,7 @@ use strato_actors::vm::state::VmState;
 use strato_agent::credentials::Credentials;
 use strato_agent::driver::Driver;
 use strato_agent::driver::sim::{Sim, SimConfig};
+use strato_agent::net::SimNet;
 use strato_agent::server::Agent;
 use strato_proto::DomainSpec;
 use strato_proto::pki::{Bootstrap, Pki};
@@ -139,7 +140,7 @@ pub async fn serve_for(
 ) -> (Arc<Agent>, SocketAddr) {
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let agent = Agent::new(label, ca.credentials(addr), driver);
+    let agent = Agent::new(label, ca.credentials(addr), driver, Arc::new(SimNet::default()));
     tokio::spawn(agent.clone().serve(listener));
     (agent, addr)
 }

@@ -83,7 +83,10 @@ pub async fn run(
     let mut agent = Command::new(agent_binary()?);
     agent
         .args(["--listen", &agent_listen.to_string()])
-        .args(["--driver", "libvirt", "--libvirt-uri", "test:///default", "--data-dir"])
+        // The test driver's guests are not real: neither is their network (nothing on the
+        // machine changes).
+        .args(["--driver", "libvirt", "--libvirt-uri", "test:///default", "--network", "sim"])
+        .arg("--data-dir")
         .arg(&agent_dir);
     if !AgentIdentity::is_enrolled(&agent_dir) {
         crate::mn::pki(data_dir)?.mint(&bootstrap, 1)?;

@@ -273,7 +273,7 @@ impl Default for ClusterOpts {
     fn default() -> Self {
         ClusterOpts {
             server_env: Vec::new(),
-            driver: ["--driver", "libvirt", "--libvirt-uri", "test:///default"]
+            driver: ["--driver", "libvirt", "--libvirt-uri", "test:///default", "--network", "sim"]
                 .map(str::to_owned)
                 .to_vec(),
             mode: None,

@@ -139,8 +139,8 @@ pub enum Handshake {
     Linked {
         /// The link.
         link: Link,
-        /// The agent's welcome.
-        welcome: Welcome,
+        /// The agent's welcome (boxed: it carries the host's facts and every domain).
+        welcome: Box<Welcome>,
         /// Events the agent pushes.
         events: mpsc::UnboundedReceiver<AgentEvent>,
         /// The agent's certificate: the host's pin, or, for a host without one, a
@@ -408,7 +408,7 @@ impl Link {
         });
 
         let link = Link { out, pending, closed, close, rtt_us, last_pong_ms };
-        Ok(Handshake::Linked { link, welcome, events, certificate })
+        Ok(Handshake::Linked { link, welcome: Box::new(welcome), events, certificate })
     }
 
     /// Sends `command` and waits for the answer until `deadline`.

@@ -5,6 +5,8 @@
 //! - [`msg`]: the handshake (protocol version, enrollment), commands and their replies (each
 //!   with an id and a deadline, so a repeat is answered from the first result), events the
 //!   agent pushes, heartbeats.
+//! - [`net`]: a host's network as the MN wants it (bridges, flat DHCP), sent whole on every
+//!   apply, and the names of what the agent makes for it.
 //! - [`codec`]: length-prefixed frames of bincode, the link's one codec.
 //! - [`tls`]: TLS 1.3 with a certificate on each end; the MN pins each host's certificate,
 //!   the agent accepts only the MN's; the agent's key and certificates on disk.
@@ -16,6 +18,7 @@
 pub mod client;
 pub mod codec;
 pub mod msg;
+pub mod net;
 pub mod pki;
 pub mod tls;
 

@@ -23,8 +23,9 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 /// The protocol version this build speaks. A handshake with another version is refused.
-/// Version 2 is the link on TLS, with enrollment and without a token.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// Version 2 is the link on TLS, with enrollment and without a token; version 3 adds the
+/// host's network (its addresses in the facts, and the network commands).
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The MN's first frame.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,6 +99,19 @@ pub struct HostFacts {
     pub memory_mib: u64,
     /// The agent's version.
     pub agent_version: String,
+    /// The host's IPv4 addresses (where its VXLAN tunnels can end).
+    pub addresses: Vec<InterfaceAddress>,
+}
+
+/// An IPv4 address of one of the host's interfaces.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InterfaceAddress {
+    /// The interface.
+    pub interface: String,
+    /// The address.
+    pub address: std::net::Ipv4Addr,
+    /// Its prefix length.
+    pub prefix_len: u8,
 }
 
 /// A frame from the MN after the handshake.
@@ -242,6 +256,10 @@ pub enum Command {
         /// The volume's path.
         path: String,
     },
+    /// Make the host's network what the MN wants: the whole of it, every time.
+    ApplyNetwork(crate::net::NetworkConfig),
+    /// Report the host's network as the agent finds it.
+    NetworkStatus,
 }
 
 impl Command {
@@ -261,6 +279,8 @@ impl Command {
             Command::CacheImage { .. } => "cache-image",
             Command::CreateRootVolume { .. } => "create-root-volume",
             Command::DeleteVolume { .. } => "delete-volume",
+            Command::ApplyNetwork(_) => "apply-network",
+            Command::NetworkStatus => "network-status",
         }
     }
 
@@ -279,7 +299,9 @@ impl Command {
             | Command::ListDomains
             | Command::CacheImage { .. }
             | Command::CreateRootVolume { .. }
-            | Command::DeleteVolume { .. } => None,
+            | Command::DeleteVolume { .. }
+            | Command::ApplyNetwork(_)
+            | Command::NetworkStatus => None,
         }
     }
 }
@@ -300,6 +322,8 @@ pub enum Reply {
         /// Its size.
         size: u64,
     },
+    /// The host's network as found (after an apply: as made).
+    Network(crate::net::NetworkReport),
 }
 
 /// A domain as the hypervisor sees it.

@@ -169,6 +169,7 @@ impl Driver for Libvirt {
             cpus: info.cpus,
             memory_mib: info.memory / 1024,
             agent_version: env!("CARGO_PKG_VERSION").into(),
+            addresses: Vec::new(),
         })
     }
 

@@ -211,6 +211,7 @@ impl Driver for Sim {
             cpus: self.config.cpus,
             memory_mib: self.config.memory_mib,
             agent_version: env!("CARGO_PKG_VERSION").into(),
+            addresses: Vec::new(),
         })
     }
 

@@ -60,6 +60,7 @@ impl Mn {
             let current = *pin.lock().unwrap();
             match Link::connect(&self.config(addr, current)).await? {
                 Handshake::Linked { link, welcome, events, certificate } => {
+                    let welcome = *welcome;
                     *pin.lock().unwrap() = Some(certificate);
                     return Ok((link, welcome, events));
                 }

@@ -1,0 +1,338 @@
+//! The host network with real packets: two hosts are network namespaces joined by an
+//! underlay veth, their L2 a VXLAN between them; guests are namespaces with a veth on a
+//! host's bridge, asking for an address with busybox's udhcpc, as Neutron's fullstack tests
+//! do. Nothing touches the machine's own network.
+//!
+//! Needs root, iproute2, nftables, dnsmasq and busybox (`scripts/setup` installs them).
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use strato_agent::net::Network;
+use strato_agent::net::host::{HostNet, Scope};
+use strato_proto::net::{
+    BridgeSpec, DhcpHost, DhcpSpec, HostRoute, NetworkConfig, NetworkReport, Uplink, bridge_name,
+    nic_device,
+};
+use uuid::Uuid;
+
+const VNI: u32 = 4242;
+
+fn sh(args: &[&str]) -> std::process::Output {
+    Command::new(args[0]).args(&args[1..]).output().expect("run a command")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = sh(args);
+    assert!(
+        out.status.success(),
+        "`{}` failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The namespaces of one test, removed (their processes first) when it ends.
+struct Lab {
+    tag: String,
+    namespaces: Vec<String>,
+    dir: tempfile::TempDir,
+}
+
+impl Lab {
+    fn new(name: &str) -> Lab {
+        Lab {
+            tag: format!("snt{}{name}", std::process::id() % 100_000),
+            namespaces: Vec::new(),
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn namespace(&mut self, role: &str) -> String {
+        let name = format!("{}-{role}", self.tag);
+        ok(&["ip", "netns", "add", &name]);
+        ok(&["ip", "-n", &name, "link", "set", "lo", "up"]);
+        self.namespaces.push(name.clone());
+        name
+    }
+
+    /// The prefix the agent of `host` gives its namespaces.
+    fn prefix(&self, host: &str) -> String {
+        format!("{}-{host}-", self.tag)
+    }
+
+    fn host_net(&self, host_ns: &str, host: &str) -> HostNet {
+        HostNet::new(
+            Scope { netns: Some(host_ns.to_owned()), prefix: self.prefix(host) },
+            self.dir.path().join(host),
+        )
+    }
+
+    /// A guest: a namespace whose `eth0` (with `mac`) is a port of `bridge` in `host_ns`.
+    fn guest(&mut self, role: &str, host_ns: &str, bridge: &str, mac: &str) -> String {
+        let ns = self.namespace(role);
+        let port = nic_device(mac);
+        ok(&[
+            "ip", "-n", host_ns, "link", "add", &port, "type", "veth", "peer", "name", "eth0",
+            "netns", &ns,
+        ]);
+        ok(&["ip", "-n", &ns, "link", "set", "eth0", "address", mac, "up"]);
+        ok(&["ip", "-n", host_ns, "link", "set", &port, "master", bridge, "up"]);
+        ns
+    }
+
+    /// Runs udhcpc in `guest`; the options it was handed, or none if it got no lease.
+    fn dhcp(&self, guest: &str) -> Option<Lease> {
+        let script = self.dir.path().join("udhcpc.sh");
+        if !script.exists() {
+            std::fs::write(
+                &script,
+                "#!/bin/sh\ncase \"$1\" in bound|renew)\n  ip addr flush dev \"$interface\"\n  \
+                 ip addr add \"$ip/$mask\" dev \"$interface\"\n  \
+                 env | grep -E '^(ip|router|dns|hostname|mtu|staticroutes|serverid)=' > \"$LEASE_OUT\"\n;;\nesac\n",
+            )
+            .unwrap();
+            ok(&["chmod", "755", script.to_str().unwrap()]);
+        }
+        let out = self.dir.path().join(format!("{guest}.lease"));
+        let _ = std::fs::remove_file(&out);
+        let status = Command::new("ip")
+            .args(["netns", "exec", guest, "busybox", "udhcpc", "-i", "eth0", "-n", "-q", "-f"])
+            .args(["-t", "3", "-T", "1", "-O", "staticroutes", "-O", "mtu", "-O", "hostname", "-s"])
+            .arg(&script)
+            .env("LEASE_OUT", &out)
+            .output()
+            .unwrap();
+        if !status.status.success() {
+            return None;
+        }
+        Lease::read(&out)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        // Everything in the lab's namespaces first (a namespace outlives `ip netns del`
+        // while a process holds it), then the namespaces the agents made, then the lab's.
+        let listed = String::from_utf8_lossy(&sh(&["ip", "netns", "list"]).stdout).into_owned();
+        for ns in listed.lines().filter_map(|l| l.split_whitespace().next()) {
+            if ns.starts_with(&self.tag) {
+                let pids =
+                    String::from_utf8_lossy(&sh(&["ip", "netns", "pids", ns]).stdout).into_owned();
+                for pid in pids.split_whitespace() {
+                    sh(&["kill", "-9", pid]);
+                }
+                sh(&["ip", "netns", "del", ns]);
+            }
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Lease {
+    ip: String,
+    router: String,
+    dns: String,
+    hostname: String,
+    mtu: String,
+    staticroutes: String,
+}
+
+impl Lease {
+    fn read(path: &Path) -> Option<Lease> {
+        let text = std::fs::read_to_string(path).ok()?;
+        let mut lease = Lease::default();
+        for line in text.lines() {
+            let Some((key, value)) = line.split_once('=') else { continue };
+            let value = value.trim_matches('\'').to_owned();
+            match key {
+                "ip" => lease.ip = value,
+                "router" => lease.router = value,
+                "dns" => lease.dns = value,
+                "hostname" => lease.hostname = value,
+                "mtu" => lease.mtu = value,
+                "staticroutes" => lease.staticroutes = value,
+                _ => {}
+            }
+        }
+        Some(lease)
+    }
+}
+
+fn l3() -> Uuid {
+    Uuid::from_u128(0x5e7a_0000_0000_4000_8000_0000_0000_0001)
+}
+
+fn config(local: Ipv4Addr, peer: Ipv4Addr, hosts: Vec<DhcpHost>) -> NetworkConfig {
+    let uplink = Uplink::Vxlan { vni: VNI, local, peers: vec![peer] };
+    let l2 = Uuid::from_u128(7);
+    let bridge = bridge_name(l2, &uplink);
+    NetworkConfig {
+        bridges: vec![BridgeSpec { l2, name: bridge.clone(), uplink, mtu: Some(1450) }],
+        dhcp: vec![DhcpSpec {
+            l3: l3(),
+            bridge,
+            address: Ipv4Addr::new(10, 50, 0, 2),
+            prefix_len: 24,
+            gateway: Ipv4Addr::new(10, 50, 0, 1),
+            dns: vec![Ipv4Addr::new(10, 50, 0, 53)],
+            routes: vec![HostRoute {
+                destination: Ipv4Addr::new(172, 16, 0, 0),
+                prefix_len: 12,
+                nexthop: Ipv4Addr::new(10, 50, 0, 254),
+            }],
+            mtu: Some(1400),
+            domain: None,
+            hosts,
+        }],
+    }
+}
+
+fn host(mac: &str, ip: [u8; 4], hostname: &str) -> DhcpHost {
+    DhcpHost { mac: mac.into(), ip: Ipv4Addr::from(ip), hostname: hostname.into() }
+}
+
+fn underlay(lab: &mut Lab) -> (String, String) {
+    let (a, b) = (lab.namespace("a"), lab.namespace("b"));
+    ok(&["ip", "-n", &a, "link", "add", "ul0", "type", "veth", "peer", "name", "ul0", "netns", &b]);
+    ok(&["ip", "-n", &a, "addr", "add", "10.99.0.1/24", "dev", "ul0"]);
+    ok(&["ip", "-n", &b, "addr", "add", "10.99.0.2/24", "dev", "ul0"]);
+    ok(&["ip", "-n", &a, "link", "set", "ul0", "up"]);
+    ok(&["ip", "-n", &b, "link", "set", "ul0", "up"]);
+    (a, b)
+}
+
+fn links_marked(ns: &str) -> Vec<String> {
+    ok(&["ip", "-n", ns, "-o", "link", "show"])
+        .lines()
+        .filter(|l| l.contains("alias strato:"))
+        .map(|l| l.split(':').nth(1).unwrap_or_default().trim().to_owned())
+        .collect()
+}
+
+fn dnsmasq_pid(report: &NetworkReport) -> u32 {
+    report.dhcp[0].pid.expect("dnsmasq runs")
+}
+
+const MAC1: &str = "fa:16:3e:00:00:11";
+const MAC2: &str = "fa:16:3e:00:00:12";
+const MAC3: &str = "fa:16:3e:00:00:13";
+
+#[test]
+fn hosts_on_a_vxlan_hand_out_their_own_guests_addresses_and_carry_their_packets() {
+    let mut lab = Lab::new("v");
+    let (a, b) = underlay(&mut lab);
+    let (ip_a, ip_b) = (Ipv4Addr::new(10, 99, 0, 1), Ipv4Addr::new(10, 99, 0, 2));
+    let net_a = lab.host_net(&a, "a");
+    let net_b = lab.host_net(&b, "b");
+
+    // The agent reports where its tunnels can end.
+    let addresses = net_a.addresses().unwrap();
+    assert!(addresses.iter().any(|x| x.address == ip_a && x.prefix_len == 24), "{addresses:?}");
+
+    let conf_a = config(ip_a, ip_b, vec![host(MAC1, [10, 50, 0, 11], "guest-one")]);
+    let conf_b = config(ip_b, ip_a, vec![host(MAC2, [10, 50, 0, 12], "guest-two")]);
+    let report = net_a.apply(&conf_a).unwrap();
+    assert!(!report.changes.is_empty());
+    assert_eq!(report.bridges, ["br_vx_4242"]);
+    net_b.apply(&conf_b).unwrap();
+
+    let g1 = lab.guest("g1", &a, "br_vx_4242", MAC1);
+    let g2 = lab.guest("g2", &b, "br_vx_4242", MAC2);
+    let g3 = lab.guest("g3", &a, "br_vx_4242", MAC3);
+
+    // Each guest gets its reservation and the L3's options from its own host's dnsmasq,
+    // although both hosts answer from 10.50.0.2: the uplink isolation keeps them apart.
+    let one = lab.dhcp(&g1).expect("guest one gets a lease");
+    assert_eq!(one.ip, "10.50.0.11");
+    assert_eq!(one.router, "10.50.0.1");
+    assert_eq!(one.dns, "10.50.0.53");
+    assert_eq!(one.hostname, "guest-one");
+    assert_eq!(one.mtu, "1400");
+    assert!(one.staticroutes.contains("172.16.0.0/12 10.50.0.254"), "{}", one.staticroutes);
+    let two = lab.dhcp(&g2).expect("guest two gets a lease");
+    assert_eq!(two.ip, "10.50.0.12");
+    assert_eq!(two.hostname, "guest-two");
+    // A MAC without a reservation gets nothing.
+    assert!(lab.dhcp(&g3).is_none(), "an unknown MAC got an address");
+
+    // Guests on two hosts reach each other over the VXLAN.
+    ok(&["ip", "netns", "exec", &g1, "busybox", "ping", "-c", "2", "-W", "2", "10.50.0.12"]);
+
+    // Applying the same state again changes nothing.
+    let again = net_a.apply(&conf_a).unwrap();
+    assert!(again.changes.is_empty(), "{:?}", again.changes);
+
+    // dnsmasq killed is started again by the agent.
+    let pid = dnsmasq_pid(&again);
+    ok(&["kill", "-9", &pid.to_string()]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = net_a.status().unwrap();
+        if status.dhcp[0].pid.is_some_and(|p| p != pid) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "dnsmasq was not started again");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(lab.dhcp(&g1).expect("a lease after the respawn").ip, "10.50.0.11");
+
+    // What is removed behind the agent's back, and a stranger in its namespace, are
+    // repaired by the next apply.
+    let dhcp_ns = net_a.status().unwrap().dhcp[0].namespace.clone();
+    let mut stranger =
+        Command::new("ip").args(["netns", "exec", &dhcp_ns, "sleep", "60"]).spawn().unwrap();
+    ok(&["ip", "netns", "exec", &a, "nft", "delete", "table", "bridge", "strato_dhcp_isolation"]);
+    ok(&[
+        "bridge",
+        "-n",
+        &a,
+        "fdb",
+        "del",
+        "00:00:00:00:00:00",
+        "dev",
+        "vxlan4242",
+        "dst",
+        "10.99.0.2",
+    ]);
+    let repaired = net_a.apply(&conf_a).unwrap();
+    assert!(repaired.changes.iter().any(|c| c.contains("fdb append")), "{:?}", repaired.changes);
+    assert!(
+        repaired.changes.iter().any(|c| c.contains("strato_dhcp_isolation")),
+        "{:?}",
+        repaired.changes
+    );
+    assert!(stranger.wait().unwrap().code().is_none(), "the stranger was killed by a signal");
+    ok(&["ip", "netns", "exec", &g1, "busybox", "ping", "-c", "1", "-W", "2", "10.50.0.12"]);
+
+    // A reservation changed under a live lease: the guest gets its new address, no NAK.
+    let moved = config(ip_a, ip_b, vec![host(MAC1, [10, 50, 0, 21], "guest-one")]);
+    let report = net_a.apply(&moved).unwrap();
+    assert!(report.changes.iter().any(|c| c.contains("restarted")), "{:?}", report.changes);
+    assert_eq!(lab.dhcp(&g1).expect("a lease at the new address").ip, "10.50.0.21");
+    // A reservation added is a reload, and the new guest is served.
+    let added = config(
+        ip_a,
+        ip_b,
+        vec![host(MAC1, [10, 50, 0, 21], "guest-one"), host(MAC3, [10, 50, 0, 13], "")],
+    );
+    let report = net_a.apply(&added).unwrap();
+    assert!(report.changes.iter().any(|c| c.contains("reloaded")), "{:?}", report.changes);
+    assert_eq!(lab.dhcp(&g3).expect("the added guest gets a lease").ip, "10.50.0.13");
+
+    // An empty state removes everything the agent made, and nothing else.
+    for (net, ns, host) in [(&net_a, &a, "a"), (&net_b, &b, "b")] {
+        let pid = dnsmasq_pid(&net.status().unwrap());
+        net.apply(&NetworkConfig::default()).unwrap();
+        assert_eq!(links_marked(ns), Vec::<String>::new());
+        let namespaces = ok(&["ip", "netns", "list"]);
+        assert!(!namespaces.contains(&lab.prefix(host)), "{namespaces}");
+        let tables = ok(&["ip", "netns", "exec", ns, "nft", "list", "tables"]);
+        assert!(!tables.contains("strato"), "{tables}");
+        assert!(!PathBuf::from(format!("/proc/{pid}")).exists(), "dnsmasq {pid} outlived its L3");
+        assert!(ok(&["ip", "-n", ns, "link", "show", "ul0"]).contains("ul0"));
+    }
+}
