@@ -334,27 +334,56 @@ pub(crate) fn remove_host(deleter: &Deleter, id: Uuid) -> RemoveFuture<'_> {
 /// Removes an L3 network through its actor, once no address of it is held: a creation in
 /// flight that holds one ends first, its VM then a dependent (which refuses the deletion) or
 /// its address given back.
+/// Removes an L2 network, then has the hosts it reached take its bridge (and a pool's
+/// tunnels) away.
+pub(crate) fn remove_l2(deleter: &Deleter, id: Uuid) -> RemoveFuture<'_> {
+    Box::pin(async move {
+        let hosts = match deleter.db.get::<crate::records::L2NetworkRecord>(id)? {
+            Some(l2) => crate::network::hosts_of_l2(&deleter.db, &l2.record)?,
+            None => Vec::new(),
+        };
+        remove_record::<crate::records::L2NetworkRecord>(deleter, id).await?;
+        for host in hosts {
+            crate::host::refresh_network(&deleter.hosts, host);
+        }
+        Ok(())
+    })
+}
+
 pub(crate) fn remove_l3(deleter: &Deleter, id: Uuid) -> RemoveFuture<'_> {
     Box::pin(async move {
-        let resource =
-            Resource { kind: crate::kinds::of::<crate::records::L3NetworkRecord>(), uuid: id };
-        let waited = std::time::Instant::now();
-        loop {
-            match l3::delete(&deleter.l3s, id).await {
-                Err(l3::L3Error::InUse(_)) => {
-                    let dependents = deleter.dependents(resource)?;
-                    if !dependents.is_empty() {
-                        return Err(CascadeError::HasDependents { resource, dependents });
-                    }
-                    if waited.elapsed() > HOST_DRAIN_LIMIT {
-                        return Err(CascadeError::Busy(resource, HOST_DRAIN_LIMIT));
-                    }
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                }
-                done => return Ok(done?),
-            }
+        let hosts = match deleter.db.get::<crate::records::L3NetworkRecord>(id)? {
+            Some(l3) => crate::network::hosts_of_l3(&deleter.db, &l3.record)?,
+            None => Vec::new(),
+        };
+        remove_l3_record(deleter, id).await?;
+        // Its DHCP goes from the hosts it was on.
+        for host in hosts {
+            crate::host::refresh_network(&deleter.hosts, host);
         }
+        Ok(())
     })
+}
+
+async fn remove_l3_record(deleter: &Deleter, id: Uuid) -> Result<(), CascadeError> {
+    let resource =
+        Resource { kind: crate::kinds::of::<crate::records::L3NetworkRecord>(), uuid: id };
+    let waited = std::time::Instant::now();
+    loop {
+        match l3::delete(&deleter.l3s, id).await {
+            Err(l3::L3Error::InUse(_)) => {
+                let dependents = deleter.dependents(resource)?;
+                if !dependents.is_empty() {
+                    return Err(CascadeError::HasDependents { resource, dependents });
+                }
+                if waited.elapsed() > HOST_DRAIN_LIMIT {
+                    return Err(CascadeError::Busy(resource, HOST_DRAIN_LIMIT));
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            done => return Ok(done?),
+        }
+    }
 }
 
 /// Removes a VM as a dependent: destroyed, then expunged.

@@ -28,8 +28,8 @@ use crate::cascade::{self, CascadeError, Deleter};
 use crate::owners::OwnerRecord;
 use crate::records::{
     AgentCertRecord, BackupStorageRecord, ClusterRecord, HostRecord, ImageRecord,
-    InstanceOfferingRecord, L2NetworkRecord, L3NetworkRecord, PrimaryStorageRecord, UsedIpRecord,
-    VmRecord, ZoneRecord,
+    InstanceOfferingRecord, L2NetworkRecord, L3NetworkRecord, NetworkServiceL3RefRecord,
+    NetworkServiceProviderRecord, PrimaryStorageRecord, UsedIpRecord, VmRecord, ZoneRecord,
 };
 use crate::tags::{SystemTag, UserTag};
 
@@ -530,17 +530,23 @@ pub static KINDS: &[Kind] = &[
                 f("zoneUuid", Id),
                 f("physicalInterface", Text),
                 f("type", Text),
+                f("vlan", Int),
+                f("vni", Int),
+                f("poolUuid", Id),
+                f("vtepCidr", Text),
             ],
             relations: &[
                 Relation::Ref { name: "zone", field: "zoneUuid", kind: "zones" },
+                Relation::Ref { name: "pool", field: "poolUuid", kind: "l2-networks" },
                 back("l3Network", "l3-networks", "l2NetworkUuid"),
+                back("vxlanNetwork", "l2-networks", "poolUuid"),
             ],
-            indexed: &[("uuid", "#uuid"), ("zoneUuid", "zone")],
+            indexed: &[("uuid", "#uuid"), ("zoneUuid", "zone"), ("poolUuid", "pool")],
             sorted: &[],
         },
         access: Access::AdminOnly,
         taggable: true,
-        deletion: Deletion::Cascade(cascade::remove_record::<L2NetworkRecord>),
+        deletion: Deletion::Cascade(cascade::remove_l2),
         actor: None,
     },
     Kind {
@@ -549,10 +555,24 @@ pub static KINDS: &[Kind] = &[
         table: &TableOf::<L3NetworkRecord>::new(),
         shape: Shape {
             name: "l3-networks",
-            fields: &[f("uuid", Id), f("name", Text), f("l2NetworkUuid", Id), f("bridge", Text)],
+            fields: &[
+                f("uuid", Id),
+                f("name", Text),
+                f("l2NetworkUuid", Id),
+                f("bridge", Text),
+                f("mtu", Int),
+                f("dhcpServerIp", Text),
+            ],
             relations: &[
                 Relation::Ref { name: "l2Network", field: "l2NetworkUuid", kind: "l2-networks" },
                 back("vmInstance", "vm-instances", "vmNics.l3NetworkUuid"),
+                // Its services go with it (in the L3 actor's deletion), never holding it up.
+                Relation::Back {
+                    name: "networkServices",
+                    kind: "network-service-l3-refs",
+                    field: "l3NetworkUuid",
+                    dependent: false,
+                },
             ],
             indexed: &[("uuid", "#uuid"), ("name", "name"), ("l2NetworkUuid", "l2")],
             sorted: &[("name", "name")],
@@ -561,6 +581,59 @@ pub static KINDS: &[Kind] = &[
         taggable: true,
         deletion: Deletion::Cascade(cascade::remove_l3),
         actor: Some("l3"),
+    },
+    Kind {
+        api: "NetworkServiceProvider",
+        vo: "NetworkServiceProviderVO",
+        table: &TableOf::<NetworkServiceProviderRecord>::new(),
+        shape: Shape {
+            name: "network-service-providers",
+            fields: &[f("uuid", Id), f("name", Text), f("type", Text), f("description", Text)],
+            relations: &[Relation::Back {
+                name: "networkServiceL3NetworkRef",
+                kind: "network-service-l3-refs",
+                field: "networkServiceProviderUuid",
+                dependent: false,
+            }],
+            indexed: &[("uuid", "#uuid"), ("type", "type")],
+            sorted: &[],
+        },
+        access: Access::AdminOnly,
+        taggable: false,
+        deletion: Deletion::Never,
+        actor: None,
+    },
+    Kind {
+        api: "NetworkServiceL3NetworkRef",
+        vo: "NetworkServiceL3NetworkRefVO",
+        table: &TableOf::<NetworkServiceL3RefRecord>::new(),
+        shape: Shape {
+            name: "network-service-l3-refs",
+            fields: &[
+                f("uuid", Id),
+                f("l3NetworkUuid", Id),
+                f("networkServiceProviderUuid", Id),
+                f("networkServiceType", Text),
+            ],
+            relations: &[
+                Relation::Ref { name: "l3Network", field: "l3NetworkUuid", kind: "l3-networks" },
+                Relation::Ref {
+                    name: "networkServiceProvider",
+                    field: "networkServiceProviderUuid",
+                    kind: "network-service-providers",
+                },
+            ],
+            indexed: &[
+                ("uuid", "#uuid"),
+                ("l3NetworkUuid", "l3"),
+                ("networkServiceProviderUuid", "provider"),
+            ],
+            sorted: &[],
+        },
+        access: Access::AdminOnly,
+        taggable: false,
+        deletion: Deletion::Never,
+        actor: None,
     },
     Kind {
         api: "VmInstance",
@@ -805,7 +878,8 @@ mod tests {
             by_url(url).unwrap().record_parents().map(|(k, f)| (k.url(), f)).collect()
         };
         assert_eq!(parents("clusters"), [("zones", "zoneUuid")]);
-        assert_eq!(parents("l2-networks"), [("zones", "zoneUuid")]);
+        // A VXLAN network guards its pool.
+        assert_eq!(parents("l2-networks"), [("zones", "zoneUuid"), ("l2-networks", "poolUuid")]);
         assert_eq!(parents("hosts"), [("clusters", "clusterUuid")]);
         assert_eq!(parents("l3-networks"), [("l2-networks", "l2NetworkUuid")]);
         // A VM's host and L3 networks are run by actors, which guard their VMs themselves.
@@ -820,7 +894,8 @@ mod tests {
         assert_eq!(deps("zones"), [("clusters", "zone"), ("l2-networks", "zone")]);
         assert_eq!(deps("clusters"), [("hosts", "cluster")]);
         assert_eq!(deps("hosts"), [("vm-instances", "host")]);
-        assert_eq!(deps("l2-networks"), [("l3-networks", "l2")]);
+        // A pool's VXLAN networks go before it.
+        assert_eq!(deps("l2-networks"), [("l3-networks", "l2"), ("l2-networks", "pool")]);
         assert_eq!(deps("l3-networks"), [("vm-instances", "l3")]);
         assert!(deps("vm-instances").is_empty());
     }

@@ -14,7 +14,7 @@ use strato_storage::{Batch, Db, Expect};
 use uuid::Uuid;
 
 use crate::ipam::{self, IpRange, IpamError};
-use crate::records::{L3NetworkRecord, UsedIpRecord};
+use crate::records::{L3NetworkRecord, NetworkServiceL3RefRecord, UsedIpRecord};
 
 /// The L3 actor's state.
 #[derive(Debug)]
@@ -83,6 +83,151 @@ pub enum L3Error {
     /// deleted from under them.
     #[error("{0} address(es) of the L3 network are still held")]
     InUse(usize),
+    /// A change the L3 network's state refuses (the field is named).
+    #[error("{field}: {message}")]
+    Invalid {
+        /// The request field at fault.
+        field: &'static str,
+        /// What is wrong and what to do.
+        message: String,
+    },
+}
+
+/// The owner of an L3's flat DHCP server address.
+pub fn dhcp_server_owner(l3: Uuid) -> Uuid {
+    Uuid::new_v5(&l3, b"flat-dhcp-server")
+}
+
+/// Writes `record` (and `batch`'s other writes) as the actor's new record, in its queue.
+async fn store(
+    ctx: &OpCtx<L3s>,
+    record: L3NetworkRecord,
+    mut batch: Batch,
+) -> Result<L3NetworkRecord, L3Error> {
+    let generation = ctx.with_state(|s| s.generation);
+    batch.put(&record, Expect::Generation(generation))?;
+    let written = ctx.entity().db.commit(batch).await?;
+    let generation = written
+        .iter()
+        .find(|w| w.id == record.uuid)
+        .and_then(|w| w.generation)
+        .unwrap_or(generation);
+    ctx.with_state(|s| {
+        s.record = record.clone();
+        s.generation = generation;
+    });
+    Ok(record)
+}
+
+/// Changes L3 `l3`'s record in its queue (DNS, host routes, MTU): `change` may refuse.
+pub async fn update(
+    l3s: &Kind<L3s>,
+    l3: Uuid,
+    name: &'static str,
+    change: impl FnOnce(&mut L3NetworkRecord) -> Result<(), L3Error> + Send + 'static,
+) -> Result<L3NetworkRecord, L3Error> {
+    l3s.call(l3, op(name), move |ctx: OpCtx<L3s>| async move {
+        let mut record = ctx.with_state(|s| s.record.clone());
+        change(&mut record)?;
+        store(&ctx, record, Batch::new()).await
+    })
+    .await
+}
+
+/// Gives L3 `l3` the services `types` of provider `provider` (their references written,
+/// replacing another provider's of the same type), and, with DHCP, its DHCP server's
+/// address from its ranges, all in one write.
+pub async fn attach_services(
+    l3s: &Kind<L3s>,
+    l3: Uuid,
+    provider: Uuid,
+    types: Vec<String>,
+) -> Result<L3NetworkRecord, L3Error> {
+    l3s.call(l3, op("attach-services"), move |ctx: OpCtx<L3s>| async move {
+        let mut record = ctx.with_state(|s| s.record.clone());
+        let mut batch = Batch::new();
+        let mut taken = None;
+        if types.iter().any(|t| t == crate::network::service::DHCP) && record.dhcp_server_ip.is_none() {
+            if record.ip_ranges.is_empty() {
+                return Err(L3Error::Invalid {
+                    field: "networkServices",
+                    message: "flat DHCP needs an address for its server: add an IP range to the L3 network first".into(),
+                });
+            }
+            let ip = ctx.with_state(|s| ipam::allocate_from(&s.record.ip_ranges, &s.used, None, &mut s.cursor))?;
+            batch.put(
+                &UsedIpRecord {
+                    uuid: UsedIpRecord::id_of(l3, ip),
+                    l3_network_uuid: l3,
+                    ip: ip.to_string(),
+                    owner: dhcp_server_owner(l3),
+                },
+                Expect::Absent,
+            )?;
+            record.dhcp_server_ip = Some(ip.to_string());
+            taken = Some(ip);
+        }
+        for service in &types {
+            batch.put(
+                &NetworkServiceL3RefRecord {
+                    uuid: NetworkServiceL3RefRecord::id_of(l3, service),
+                    l3_network_uuid: l3,
+                    network_service_provider_uuid: provider,
+                    network_service_type: service.clone(),
+                },
+                Expect::Any,
+            )?;
+        }
+        let record = store(&ctx, record, batch).await?;
+        if let Some(ip) = taken {
+            ctx.with_state(|s| s.used.insert(ip));
+        }
+        Ok(record)
+    })
+    .await
+}
+
+/// Takes services `types` of provider `provider` from L3 `l3` (those another provider
+/// gives are left); without DHCP, its server's address is given back.
+pub async fn detach_services(
+    l3s: &Kind<L3s>,
+    l3: Uuid,
+    provider: Uuid,
+    types: Vec<String>,
+) -> Result<L3NetworkRecord, L3Error> {
+    l3s.call(l3, op("detach-services"), move |ctx: OpCtx<L3s>| async move {
+        let db = ctx.entity().db.clone();
+        let mut record = ctx.with_state(|s| s.record.clone());
+        let mut batch = Batch::new();
+        let mut dhcp_detached = false;
+        for service in &types {
+            let id = NetworkServiceL3RefRecord::id_of(l3, service);
+            if let Some(held) = db.get::<NetworkServiceL3RefRecord>(id)?
+                && held.record.network_service_provider_uuid == provider
+            {
+                batch.delete::<NetworkServiceL3RefRecord>(id, Expect::Generation(held.generation));
+                dhcp_detached |= service == crate::network::service::DHCP;
+            }
+        }
+        let mut freed = None;
+        if dhcp_detached && let Some(ip) = record.dhcp_server_ip.take() {
+            let ip: Ipv4Addr = ip.parse().map_err(|_| L3Error::Invalid {
+                field: "dhcpServerIp",
+                message: format!("`{ip}` is not an address"),
+            })?;
+            batch.delete::<UsedIpRecord>(UsedIpRecord::id_of(l3, ip), Expect::Any);
+            freed = Some(ip);
+        }
+        let record = store(&ctx, record, batch).await?;
+        if let Some(ip) = freed {
+            ctx.with_state(|s| {
+                s.used.remove(&ip);
+                s.cursor.released(&s.record.ip_ranges, ip);
+            });
+        }
+        Ok(record)
+    })
+    .await
 }
 
 fn op(name: &'static str) -> Op {
@@ -173,15 +318,25 @@ pub async fn used_ips(l3s: &Kind<L3s>, l3: Uuid) -> Result<BTreeSet<Ipv4Addr>, L
 pub async fn delete(l3s: &Kind<L3s>, l3: Uuid) -> Result<(), L3Error> {
     l3s.call(l3, op("delete"), move |ctx| async move {
         // Whoever holds an address (a VM, or a creation whose VM record does not name its
-        // NIC yet, so no dependents check can see it) gives it back first.
-        let held = ctx.with_state(|s| s.used.len());
+        // NIC yet, so no dependents check can see it) gives it back first. The flat DHCP
+        // server's address and the L3's service references go with it.
+        let db = ctx.entity().db.clone();
+        let dhcp_ip = ctx.with_state(|s| s.record.dhcp_server_ip.clone());
+        let dhcp_ip: Option<Ipv4Addr> = dhcp_ip.and_then(|ip| ip.parse().ok());
+        let held = ctx.with_state(|s| s.used.iter().filter(|ip| Some(**ip) != dhcp_ip).count());
         if held > 0 {
             return Err(L3Error::InUse(held));
         }
         let mut batch = Batch::new();
         batch.delete::<L3NetworkRecord>(l3, Expect::Any);
-        crate::records::delete_refs(&ctx.entity().db, &mut batch, l3)?;
-        ctx.entity().db.commit(batch).await?;
+        if let Some(ip) = dhcp_ip {
+            batch.delete::<UsedIpRecord>(UsedIpRecord::id_of(l3, ip), Expect::Any);
+        }
+        for id in db.find::<NetworkServiceL3RefRecord>("l3", &l3.into())? {
+            batch.delete::<NetworkServiceL3RefRecord>(id, Expect::Any);
+        }
+        crate::records::delete_refs(&db, &mut batch, l3)?;
+        db.commit(batch).await?;
         ctx.with_state(|s| {
             s.used.clear();
             s.cursor.reset();

@@ -35,6 +35,7 @@ pub mod ipam;
 pub mod kinds;
 pub mod l3;
 pub mod maintenance;
+pub mod network;
 pub mod owners;
 pub mod records;
 pub mod tags;

@@ -114,9 +114,69 @@ impl HostRecord {
     }
 }
 
+/// Version 1 of [`HostRecord`], whose facts held no addresses.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct HostRecordV1 {
+    uuid: Uuid,
+    name: String,
+    cluster_uuid: Uuid,
+    management_ip: String,
+    agent_port: u16,
+    state: HostState,
+    status: HostStatus,
+    facts: Option<HostFactsV1>,
+    last_error: Option<String>,
+    strangers: Vec<Uuid>,
+    reservations: std::collections::BTreeMap<Uuid, Reservation>,
+}
+
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct HostFactsV1 {
+    hostname: String,
+    hypervisor: String,
+    cpus: u32,
+    memory_mib: u64,
+    agent_version: String,
+}
+
 impl Record for HostRecord {
     const KIND: &'static str = "host";
-    const VERSION: u16 = 1;
+    const VERSION: u16 = 2;
+
+    fn upgrade(from_version: u16, payload: &[u8]) -> Result<Self, strato_storage::CodecError> {
+        match from_version {
+            1 => {
+                let v1: HostRecordV1 = strato_storage::codec::decode_payload(Self::KIND, payload)?;
+                Ok(HostRecord {
+                    uuid: v1.uuid,
+                    name: v1.name,
+                    cluster_uuid: v1.cluster_uuid,
+                    management_ip: v1.management_ip,
+                    agent_port: v1.agent_port,
+                    state: v1.state,
+                    status: v1.status,
+                    facts: v1.facts.map(|f| HostFacts {
+                        hostname: f.hostname,
+                        hypervisor: f.hypervisor,
+                        cpus: f.cpus,
+                        memory_mib: f.memory_mib,
+                        agent_version: f.agent_version,
+                        addresses: Vec::new(),
+                    }),
+                    last_error: v1.last_error,
+                    strangers: v1.strangers,
+                    reservations: v1.reservations,
+                })
+            }
+            found => Err(strato_storage::CodecError::UnknownVersion {
+                kind: Self::KIND,
+                found,
+                supported: Self::VERSION,
+            }),
+        }
+    }
 
     fn id(&self) -> Uuid {
         self.uuid
@@ -261,8 +321,26 @@ pub struct L3NetworkRecord {
     pub ip_ranges: Vec<crate::ipam::IpRange>,
     /// DNS servers handed to guests.
     pub dns: Vec<String>,
-    /// The host bridge its NICs plug into (none: user-mode networking).
+    /// The host bridge its NICs plug into when it names no L2 network (none: user-mode
+    /// networking); on an L2 network, the L2's bridge.
     pub bridge: Option<String>,
+    /// The MTU handed to guests (none: the L2's).
+    pub mtu: Option<u32>,
+    /// Routes handed to guests by DHCP (option 121).
+    pub host_routes: Vec<HostRoute>,
+    /// The flat DHCP server's address, the same on every host: taken from the L3's ranges
+    /// when the Flat provider's DHCP is attached, given back when it is detached.
+    pub dhcp_server_ip: Option<String>,
+}
+
+/// A route handed to an L3's guests.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HostRoute {
+    /// The destination, as CIDR (`172.16.0.0/12`).
+    pub prefix: String,
+    /// The next hop.
+    pub nexthop: String,
 }
 
 /// Version 1 of [`L3NetworkRecord`], before L3 networks named their L2 network.
@@ -276,9 +354,21 @@ struct L3NetworkRecordV1 {
     bridge: Option<String>,
 }
 
+/// Version 2 of [`L3NetworkRecord`], before MTU, host routes and flat DHCP.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct L3NetworkRecordV2 {
+    uuid: Uuid,
+    name: String,
+    l2_network_uuid: Option<Uuid>,
+    ip_ranges: Vec<crate::ipam::IpRange>,
+    dns: Vec<String>,
+    bridge: Option<String>,
+}
+
 impl Record for L3NetworkRecord {
     const KIND: &'static str = "l3";
-    const VERSION: u16 = 2;
+    const VERSION: u16 = 3;
 
     fn id(&self) -> Uuid {
         self.uuid
@@ -295,17 +385,132 @@ impl Record for L3NetworkRecord {
     }
 
     fn upgrade(from_version: u16, payload: &[u8]) -> Result<Self, strato_storage::CodecError> {
-        match from_version {
+        let v2 = match from_version {
             1 => {
                 let v1: L3NetworkRecordV1 =
                     strato_storage::codec::decode_payload(Self::KIND, payload)?;
-                Ok(L3NetworkRecord {
+                L3NetworkRecordV2 {
                     uuid: v1.uuid,
                     name: v1.name,
                     l2_network_uuid: None,
                     ip_ranges: v1.ip_ranges,
                     dns: v1.dns,
                     bridge: v1.bridge,
+                }
+            }
+            2 => strato_storage::codec::decode_payload(Self::KIND, payload)?,
+            found => {
+                return Err(strato_storage::CodecError::UnknownVersion {
+                    kind: Self::KIND,
+                    found,
+                    supported: Self::VERSION,
+                });
+            }
+        };
+        Ok(L3NetworkRecord {
+            uuid: v2.uuid,
+            name: v2.name,
+            l2_network_uuid: v2.l2_network_uuid,
+            ip_ranges: v2.ip_ranges,
+            dns: v2.dns,
+            bridge: v2.bridge,
+            mtu: None,
+            host_routes: Vec::new(),
+            dhcp_server_ip: None,
+        })
+    }
+}
+
+/// An L2 network: NoVlan (the hosts' interface), Vlan (an 802.1Q device over it), a VXLAN
+/// pool (the VTEPs and VNIs of the clusters it is attached to) or a VXLAN network of a
+/// pool. It reaches the hosts of the clusters it is attached to (a VXLAN network: its
+/// pool's) as a bridge.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct L2NetworkRecord {
+    /// Its UUID.
+    pub uuid: Uuid,
+    /// Its name.
+    pub name: String,
+    /// Its zone.
+    pub zone_uuid: Uuid,
+    /// The hosts' interface (`eth0`; a VXLAN network: none).
+    pub physical_interface: String,
+    /// `L2NoVlanNetwork`, `L2VlanNetwork`, `L2VxlanNetworkPool` or `L2VxlanNetwork`.
+    pub r#type: String,
+    /// The clusters whose hosts have it.
+    pub attached_cluster_uuids: Vec<Uuid>,
+    /// A Vlan network's VLAN id.
+    pub vlan: Option<u16>,
+    /// A VXLAN network's VNI.
+    pub vni: Option<u32>,
+    /// A VXLAN network's pool.
+    pub pool_uuid: Option<Uuid>,
+    /// A pool's VTEP network: each host's tunnel ends at its address in it.
+    pub vtep_cidr: Option<String>,
+    /// A pool's VNIs (inclusive).
+    pub vni_range: Option<(u32, u32)>,
+}
+
+/// The L2 network types.
+pub mod l2_type {
+    /// The hosts' interface as it is.
+    pub const NO_VLAN: &str = "L2NoVlanNetwork";
+    /// An 802.1Q VLAN over the hosts' interface.
+    pub const VLAN: &str = "L2VlanNetwork";
+    /// The VTEPs and VNIs VXLAN networks are made from.
+    pub const VXLAN_POOL: &str = "L2VxlanNetworkPool";
+    /// A VXLAN network of a pool.
+    pub const VXLAN: &str = "L2VxlanNetwork";
+}
+
+/// Version 1 of [`L2NetworkRecord`]: NoVlan networks only.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct L2NetworkRecordV1 {
+    uuid: Uuid,
+    name: String,
+    zone_uuid: Uuid,
+    physical_interface: String,
+    r#type: String,
+    attached_cluster_uuids: Vec<Uuid>,
+}
+
+impl Record for L2NetworkRecord {
+    const KIND: &'static str = "l2";
+    const VERSION: u16 = 2;
+
+    fn id(&self) -> Uuid {
+        self.uuid
+    }
+
+    fn indexes() -> &'static [Index<Self>] {
+        &[
+            Index { name: "zone", values: |l| vec![IndexValue::Uuid(l.zone_uuid)] },
+            Index {
+                name: "pool",
+                values: |l| l.pool_uuid.map(IndexValue::Uuid).into_iter().collect(),
+            },
+        ]
+    }
+
+    fn upgrade(from_version: u16, payload: &[u8]) -> Result<Self, strato_storage::CodecError> {
+        match from_version {
+            1 => {
+                let v1: L2NetworkRecordV1 =
+                    strato_storage::codec::decode_payload(Self::KIND, payload)?;
+                Ok(L2NetworkRecord {
+                    uuid: v1.uuid,
+                    name: v1.name,
+                    zone_uuid: v1.zone_uuid,
+                    physical_interface: v1.physical_interface,
+                    r#type: v1.r#type,
+                    attached_cluster_uuids: v1.attached_cluster_uuids,
+                    vlan: None,
+                    vni: None,
+                    pool_uuid: None,
+                    vtep_cidr: None,
+                    vni_range: None,
                 })
             }
             found => Err(strato_storage::CodecError::UnknownVersion {
@@ -317,27 +522,27 @@ impl Record for L3NetworkRecord {
     }
 }
 
-/// An L2 network of type NoVlan: a physical interface on the hosts of the clusters it is
-/// attached to.
+/// A network service provider (ZStack's): which service types it offers and the L2
+/// networks it is attached to. The providers are fixed; the MN writes them at start.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct L2NetworkRecord {
-    /// Its UUID.
+pub struct NetworkServiceProviderRecord {
+    /// Its UUID (derived from its type, the same on every MN).
     pub uuid: Uuid,
     /// Its name.
     pub name: String,
-    /// Its zone.
-    pub zone_uuid: Uuid,
-    /// The hosts' interface (`eth0`).
-    pub physical_interface: String,
-    /// Always `L2NoVlanNetwork`.
+    /// `Flat`, `VirtualRouter` or `SecurityGroup`.
     pub r#type: String,
-    /// The clusters whose hosts have it.
-    pub attached_cluster_uuids: Vec<Uuid>,
+    /// What it says it is.
+    pub description: String,
+    /// The service types it offers.
+    pub network_service_types: Vec<String>,
+    /// The L2 networks it is attached to.
+    pub attached_l2_network_uuids: Vec<Uuid>,
 }
 
-impl Record for L2NetworkRecord {
-    const KIND: &'static str = "l2";
+impl Record for NetworkServiceProviderRecord {
+    const KIND: &'static str = "network-service-provider";
     const VERSION: u16 = 1;
 
     fn id(&self) -> Uuid {
@@ -345,7 +550,48 @@ impl Record for L2NetworkRecord {
     }
 
     fn indexes() -> &'static [Index<Self>] {
-        &[Index { name: "zone", values: |l| vec![IndexValue::Uuid(l.zone_uuid)] }]
+        &[Index { name: "type", values: |p| vec![p.r#type.as_str().into()] }]
+    }
+}
+
+/// One service of a provider on an L3 network (ZStack's `NetworkServiceL3NetworkRefVO`):
+/// its UUID derives from (L3, service type), so an L3 has each service from one provider.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkServiceL3RefRecord {
+    /// `v5(l3, type)`.
+    pub uuid: Uuid,
+    /// The L3 network.
+    pub l3_network_uuid: Uuid,
+    /// The provider.
+    pub network_service_provider_uuid: Uuid,
+    /// The service type (`DHCP`, `DNS`, `Userdata`...).
+    pub network_service_type: String,
+}
+
+impl NetworkServiceL3RefRecord {
+    /// The record UUID of service `service` on `l3`.
+    pub fn id_of(l3: Uuid, service: &str) -> Uuid {
+        Uuid::new_v5(&l3, format!("network-service:{service}").as_bytes())
+    }
+}
+
+impl Record for NetworkServiceL3RefRecord {
+    const KIND: &'static str = "network-service-l3-ref";
+    const VERSION: u16 = 1;
+
+    fn id(&self) -> Uuid {
+        self.uuid
+    }
+
+    fn indexes() -> &'static [Index<Self>] {
+        &[
+            Index { name: "l3", values: |r| vec![IndexValue::Uuid(r.l3_network_uuid)] },
+            Index {
+                name: "provider",
+                values: |r| vec![IndexValue::Uuid(r.network_service_provider_uuid)],
+            },
+        ]
     }
 }
 
@@ -588,5 +834,55 @@ mod tests {
             (v1.uuid, "old", None)
         );
         assert!(L3NetworkRecord::upgrade(7, &payload).is_err());
+    }
+
+    #[test]
+    fn records_written_before_the_host_network_upgrade() {
+        let host = HostRecordV1 {
+            uuid: Uuid::new_v4(),
+            name: "h".into(),
+            cluster_uuid: Uuid::new_v4(),
+            management_ip: "127.0.0.1".into(),
+            agent_port: 7070,
+            state: HostState::Enabled,
+            status: HostStatus::Connected,
+            facts: Some(HostFactsV1 {
+                hostname: "h".into(),
+                hypervisor: "sim".into(),
+                cpus: 4,
+                memory_mib: 1024,
+                agent_version: "0".into(),
+            }),
+            last_error: None,
+            strangers: vec![],
+            reservations: Default::default(),
+        };
+        let payload = strato_storage::codec::encode_payload(HostRecord::KIND, &host).unwrap();
+        let upgraded = HostRecord::upgrade(1, &payload).unwrap();
+        assert_eq!(upgraded.facts.unwrap().cpus, 4);
+
+        let l2 = L2NetworkRecordV1 {
+            uuid: Uuid::new_v4(),
+            name: "l2".into(),
+            zone_uuid: Uuid::new_v4(),
+            physical_interface: "eth0".into(),
+            r#type: l2_type::NO_VLAN.into(),
+            attached_cluster_uuids: vec![],
+        };
+        let payload = strato_storage::codec::encode_payload(L2NetworkRecord::KIND, &l2).unwrap();
+        let upgraded = L2NetworkRecord::upgrade(1, &payload).unwrap();
+        assert_eq!((upgraded.physical_interface.as_str(), upgraded.vni), ("eth0", None));
+
+        let l3 = L3NetworkRecordV2 {
+            uuid: Uuid::new_v4(),
+            name: "l3".into(),
+            l2_network_uuid: Some(l2.uuid),
+            ip_ranges: vec![],
+            dns: vec![],
+            bridge: None,
+        };
+        let payload = strato_storage::codec::encode_payload(L3NetworkRecord::KIND, &l3).unwrap();
+        let upgraded = L3NetworkRecord::upgrade(2, &payload).unwrap();
+        assert_eq!((upgraded.l2_network_uuid, upgraded.mtu), (Some(l2.uuid), None));
     }
 }

@@ -59,6 +59,9 @@ async fn setup(failures: &[(&str, f64)], ips: u8) -> Setup {
         ip_ranges: vec![],
         dns: vec![],
         bridge: None,
+        mtu: None,
+        host_routes: vec![],
+        dhcp_server_ip: None,
     };
     put(&c.db, &l3);
     let range = IpRange::new(

@@ -145,6 +145,12 @@ codes! {
     /// The host's agent cannot be reached now.
     HOST_UNAVAILABLE = "HOST.UNAVAILABLE", SERVICE_UNAVAILABLE,
         "the host is not reachable now; try again once it reconnects";
+    /// A host has no address in a VXLAN pool's VTEP network.
+    NETWORK_NO_VTEP = "NETWORK.NO_VTEP", CONFLICT,
+        "a host of a cluster the VXLAN pool is attached to has no address in the pool's vtepCidr (details.host); give it one there or change the pool";
+    /// The provider does not make that service.
+    NETWORK_SERVICE_NOT_IMPLEMENTED = "NETWORK.SERVICE_NOT_IMPLEMENTED", BAD_REQUEST,
+        "the network service provider lists the service but Strato does not make it (details.service); use the Flat provider's DHCP, DNS or HostRoute";
     /// No address is left on the L3 network.
     IP_EXHAUSTED = "L3.IP_EXHAUSTED", CONFLICT,
         "no free IP address is left on the L3 network; add an IP range or free addresses";

@@ -193,6 +193,21 @@ fn step_failure(cause: &(dyn std::error::Error + Send + Sync + 'static)) -> Opti
     if let Some(quota) = cause.downcast_ref::<QuotaError>() {
         return Some(quota_error(quota));
     }
+    if let Some(HostError::Network(strato_actors::network::NetworkError::NoVtep {
+        host,
+        pool,
+        cidr,
+    })) = cause.downcast_ref::<HostError>()
+    {
+        return Some(
+            strato_actors::network::NetworkError::NoVtep {
+                host: *host,
+                pool: *pool,
+                cidr: cidr.clone(),
+            }
+            .into(),
+        );
+    }
     let host = match cause.downcast_ref::<AllocError>() {
         Some(AllocError::Host(e)) => Some(e),
         _ => cause.downcast_ref::<HostError>(),
@@ -274,6 +289,7 @@ impl From<HostError> for ApiError {
             HostError::Runtime(e) => e.into(),
             HostError::Disconnected(_) | HostError::Link(_) => host_unavailable(&error),
             HostError::Store(e) => e.into(),
+            HostError::Network(e) => e.into(),
             other => ApiError::internal(&other),
         }
     }
@@ -296,6 +312,21 @@ impl From<L3Error> for ApiError {
             }
             L3Error::Store(e) => e.into(),
             L3Error::InUse(_) => ApiError::of(crate::codes::RESOURCE_BUSY, error.to_string()),
+            L3Error::Invalid { field, message } => ApiError::invalid(field, message),
+        }
+    }
+}
+
+impl From<strato_actors::network::NetworkError> for ApiError {
+    fn from(error: strato_actors::network::NetworkError) -> Self {
+        use strato_actors::network::NetworkError;
+        match error {
+            NetworkError::Store(e) => e.into(),
+            NetworkError::NoVtep { host, pool, ref cidr } => ApiError::new(
+                crate::codes::NETWORK_NO_VTEP,
+                error.to_string(),
+                json!({ "host": host, "pool": pool, "vtepCidr": cidr }),
+            ),
         }
     }
 }

@@ -125,6 +125,8 @@ impl Mn {
         let db = Db::open_sled(&data_dir.join("store"))?;
         // A store written by an older build may lack entries of indexes added since.
         strato_actors::kinds::ensure_indexes(&db)?;
+        // The network service providers are fixed: written once, the same UUIDs everywhere.
+        strato_actors::network::ensure_providers(&db).await?;
         let generated_admin_password =
             crate::auth::accounts::bootstrap(&db).await.map_err(|e| e.description)?;
         if let Some(password) = &generated_admin_password {

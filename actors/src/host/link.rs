@@ -90,6 +90,14 @@ async fn connect_op(ctx: OpCtx<Hosts>) -> Result<(), HostError> {
     save(&ctx, |r| r.facts = Some(welcome.facts.clone())).await?;
     set_status(&ctx, HostStatus::Connected, None).await?;
     reconcile(&ctx, &welcome.domains).await?;
+    // The agent may have restarted or lost what it made: the network is sent whole on every
+    // new link; hosts sharing a VXLAN pool with this one learn its (maybe new) VTEP.
+    ctx.with_state(|s| s.applied_network = None);
+    super::refresh_network(ctx.kind(), id);
+    let record = ctx.with_state(|s| s.record.clone());
+    for peer in crate::network::tunnel_peers(&ctx.entity().db, &record)? {
+        super::refresh_network(ctx.kind(), peer);
+    }
 
     // Watch the link: its death and the agent's events.
     let (hosts, vms) = (ctx.kind().clone(), vms_kind(&ctx)?);

@@ -126,6 +126,10 @@ pub enum HostError {
     /// The agent asked to enroll and the MN refused (a spent secret, say).
     #[error("the agent cannot enroll")]
     Enroll(#[from] TlsError),
+    /// The host's network cannot be rendered (a VXLAN pool's VTEP network it has no
+    /// address in).
+    #[error(transparent)]
+    Network(#[from] crate::network::NetworkError),
 }
 
 impl HostError {
@@ -136,7 +140,7 @@ impl HostError {
             HostError::Disconnected(_) | HostError::Enroll(_) => true,
             HostError::Link(LinkError::Agent { .. }) => false,
             HostError::Link(_) => true,
-            HostError::Runtime(_) | HostError::Store(_) => false,
+            HostError::Runtime(_) | HostError::Store(_) | HostError::Network(_) => false,
         }
     }
 }
@@ -155,6 +159,8 @@ pub struct HostActor {
     redial_scheduled: bool,
     /// Set while the host is being deleted: it books nothing more.
     deleting: bool,
+    /// The network the agent last acknowledged on the present link (none: not yet).
+    applied_network: Option<strato_proto::net::NetworkConfig>,
     /// Held by [`save`] from reading the record to storing the change: the link and the
     /// capacity queues run at once and both write the record, and without it one's
     /// compare-and-swap fails on the other's write (concurrent deletes did, as
@@ -174,6 +180,8 @@ pub struct Hosts {
     links: std::sync::RwLock<std::collections::HashMap<Uuid, strato_proto::Link>>,
     /// How many times each host's link came up since the MN started.
     connects: std::sync::RwLock<std::collections::HashMap<Uuid, u64>>,
+    /// Hosts with a network apply asked for and not started yet: more asks are one apply.
+    network_pending: std::sync::Mutex<std::collections::HashSet<Uuid>>,
 }
 
 /// A host's link as the console shows it.
@@ -272,6 +280,7 @@ impl Hosts {
             kept_for_host: std::sync::RwLock::new(kept_for_host),
             links: Default::default(),
             connects: Default::default(),
+            network_pending: Default::default(),
         }
     }
 
@@ -346,6 +355,7 @@ impl Hosts {
         KindConfig::default()
             .serial_queue("link", 1_000)
             .serial_queue("capacity", 1_024)
+            .serial_queue("network", 1_024)
             .queue("command", 64, 10_000)
             .idle_timeout(None)
     }
@@ -370,6 +380,7 @@ impl Entity for Hosts {
             redial_attempts: 0,
             redial_scheduled: false,
             deleting: false,
+            applied_network: None,
             writes: Default::default(),
         }))
     }
@@ -474,6 +485,61 @@ pub async fn command(
             },
         )
         .await
+}
+
+/// How long a network apply may take on the agent.
+const NETWORK_APPLY_TIME: Duration = Duration::from_secs(120);
+
+/// Makes host `id`'s network what the store says now (rendered at the start of the
+/// operation, in the host's `network` queue, so applies never overlap and the last one
+/// sends the latest state), unless the agent acknowledged exactly that on this link.
+pub async fn apply_network(
+    hosts: &Kind<Hosts>,
+    id: Uuid,
+    job_id: Option<Uuid>,
+) -> Result<(), HostError> {
+    hosts
+        .call(id, Op::within("network", "apply-network", NETWORK_APPLY_TIME).job(job_id), move |ctx| async move {
+            ctx.entity().network_pending.lock().expect("network pending").remove(&id);
+            let record = ctx.with_state(|s| s.record.clone());
+            let config = crate::network::render(&ctx.entity().db, &record)?;
+            if ctx.with_state(|s| s.applied_network.as_ref() == Some(&config)) {
+                return Ok(());
+            }
+            let deadline = SystemTime::now() + NETWORK_APPLY_TIME;
+            let link = live_link(&ctx, deadline).await?;
+            let reply = link.request(Command::ApplyNetwork(config.clone()), deadline, job_id).await?;
+            if let Reply::Network(report) = reply
+                && !report.changes.is_empty()
+            {
+                tracing::info!(host = %id, changes = report.changes.len(), "host network applied");
+            }
+            ctx.with_state(|s| s.applied_network = Some(config));
+            Ok(())
+        })
+        .await
+}
+
+/// Asks for host `id`'s network to be applied soon, without waiting; asks made before the
+/// apply starts are one apply. A failed apply is tried again every few seconds while the
+/// host is connected (a reconnect applies anyway).
+pub fn refresh_network(hosts: &Kind<Hosts>, id: Uuid) {
+    if !hosts.entity().network_pending.lock().expect("network pending").insert(id) {
+        return;
+    }
+    let hosts = hosts.clone();
+    tokio::spawn(async move {
+        if let Err(error) = apply_network(&hosts, id, None).await {
+            let message = strato_runtime::error_chain(&error);
+            if error.is_unreachable() {
+                tracing::debug!(host = %id, error = %message, "network apply waits for the host's link");
+                return;
+            }
+            tracing::warn!(host = %id, error = %message, "cannot apply the host's network; trying again");
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            refresh_network(&hosts, id);
+        }
+    });
 }
 
 /// How long a command waits for a link being made again (`ReconnectHost`, a redial).

@@ -231,10 +231,11 @@ fn l2_clusters(db: &Db, l3s: &[Uuid]) -> Result<Option<Vec<Uuid>>, BoxError> {
         else {
             continue;
         };
-        let attached = db
-            .get::<L2NetworkRecord>(l2)?
-            .map(|s| s.record.attached_cluster_uuids)
-            .unwrap_or_default();
+        let attached = match db.get::<L2NetworkRecord>(l2)? {
+            // A VXLAN network reaches its pool's clusters.
+            Some(stored) => crate::network::clusters_of(db, &stored.record)?,
+            None => Vec::new(),
+        };
         allowed = Some(match allowed {
             None => attached,
             Some(so_far) => so_far.into_iter().filter(|c| attached.contains(c)).collect(),
@@ -258,7 +259,10 @@ impl Step<CreateVm> for AllocateNics {
             }
             let requested = c.static_ips.iter().find(|(on, _)| *on == l3).map(|(_, ip)| *ip);
             let ip = l3::allocate_ip(&self.l3s, l3, nic, requested).await?;
-            let bridge = self.db.get::<L3NetworkRecord>(l3)?.and_then(|s| s.record.bridge);
+            let bridge = match self.db.get::<L3NetworkRecord>(l3)? {
+                Some(stored) => crate::network::nic_bridge(&self.db, &stored.record)?,
+                None => None,
+            };
             c.nics.push(VmNic {
                 uuid: nic,
                 l3_network_uuid: l3,
@@ -410,6 +414,8 @@ impl Step<CreateVm> for StartDomain {
         // own start operation, so a VM found Starting with no operation running is known to
         // be left over by a crash (see `vm::begin`).
         let record = self.db.get::<VmRecord>(c.vm)?.ok_or("VM record vanished")?.record;
+        // The guest asks for its address as it boots: its host's DHCP knows it first.
+        host::apply_network(&self.hosts, host, flow.job_id).await?;
         host::command(
             &self.hosts,
             host,

@@ -363,6 +363,10 @@ async fn run(ctx: OpCtx<Vms>, op: Lifecycle) -> Result<VmRecord, VmError> {
     match outcome {
         Ok(Landing::Table) => {
             let landed = save(&ctx, |r| r.state = transition.on_success).await?;
+            if op == Lifecycle::Destroy {
+                // Its DHCP reservation goes, now that its record says it is destroyed.
+                refresh_host_network(&ctx, &landed)?;
+            }
             // A destroyed VM can be recovered until the GC expunges it after its grace period.
             if let (Lifecycle::Destroy, Some(grace)) = (op, ctx.entity().policy.expunge_after) {
                 let job = ExpungeJob { vm: landed.uuid };
@@ -381,6 +385,7 @@ async fn run(ctx: OpCtx<Vms>, op: Lifecycle) -> Result<VmRecord, VmError> {
         }
         Ok(Landing::Expunged) => {
             forget(&ctx, &record).await?;
+            refresh_host_network(&ctx, &record)?;
             ctx.passivate_when_idle();
             tracing::info!(vm = %record.uuid, "VM expunged");
             Ok(VmRecord { state: VmState::Expunging, ..record })
@@ -391,6 +396,14 @@ async fn run(ctx: OpCtx<Vms>, op: Lifecycle) -> Result<VmRecord, VmError> {
             Err(error)
         }
     }
+}
+
+/// Asks the VM's host to apply its network again (its reservations follow the record).
+fn refresh_host_network(ctx: &OpCtx<Vms>, record: &VmRecord) -> Result<(), VmError> {
+    if let Some(host) = record.host_uuid.or(record.last_host_uuid) {
+        host::refresh_network(&hosts_of(ctx)?, host);
+    }
+    Ok(())
 }
 
 enum Landing {
@@ -409,6 +422,8 @@ async fn drive(ctx: &OpCtx<Vms>, op: Lifecycle, record: &VmRecord) -> Result<Lan
     let send = |command: Command| host::command(&hosts, host, command, deadline, job);
     match op {
         Lifecycle::Start => {
+            // The guest asks for its address as it boots: its host's DHCP knows it first.
+            host::apply_network(&hosts, host, job).await?;
             send(Command::DefineDomain(record.domain_spec())).await?;
             // The chaos runs panic here: an operation dying between two agent commands.
             fail::fail_point!("vm-start-after-define");

@@ -176,7 +176,15 @@ pub(super) struct Attachment<T, P> {
     pub list: fn(&mut T) -> &mut Vec<Uuid>,
     /// The kind attached to.
     pub parent: std::marker::PhantomData<fn() -> P>,
+    /// Whether it detaches (`DELETE`) rather than attaches (`POST`).
+    pub detach: bool,
+    /// What follows the change, with the record as written and the parent (the hosts'
+    /// networks refreshed, for an L2 network).
+    pub then: fn(&Mn, &T, Uuid),
 }
+
+/// An [`Attachment`] with nothing to do after the change.
+pub(super) fn nothing_then<T>(_: &Mn, _: &T, _: Uuid) {}
 
 impl<T, P> Clone for Attachment<T, P> {
     fn clone(&self) -> Self {
@@ -187,47 +195,49 @@ impl<T, P> Clone for Attachment<T, P> {
 impl<T, P> Copy for Attachment<T, P> {}
 
 impl<T: Record, P: Record> Attachment<T, P> {
-    /// The handler: both exist, then a job adds the UUID, with a compare-and-swap retried,
-    /// so two attachments at once both land and an attachment never brings back a record
-    /// deleted meanwhile.
+    /// The handler: both exist, then a job adds (or takes out) the UUID, with a
+    /// compare-and-swap retried, so two attachments at once both land and an attachment
+    /// never brings back a record deleted meanwhile.
     pub(super) fn handler(self) -> MethodRouter<Arc<Mn>> {
-        axum::routing::post(
-            move |State(mn): Shared, raw: RawPathParams, headers: HeaderMap| async move {
-                let mut ids = [Uuid::nil(); 2];
-                for (i, (name, field)) in self.params.iter().enumerate() {
-                    let value =
-                        raw.iter().find(|(k, _)| k == name).map(|(_, v)| v).unwrap_or_default();
-                    ids[i] = uuid_param(value, field)?;
-                }
-                let (target, parent) =
-                    if self.target_first { (ids[0], ids[1]) } else { (ids[1], ids[0]) };
-                // Checked in the path's order, so the first unknown one is the one named.
-                if self.target_first {
-                    get_record::<T>(&mn, target)?;
-                    get_record::<P>(&mn, parent)?;
-                } else {
-                    get_record::<P>(&mn, parent)?;
-                    get_record::<T>(&mn, target)?;
-                }
-                let m = mn.clone();
-                let body = json!({ "target": target, "parent": parent });
-                let list = self.list;
-                let job = mn
-                    .jobs
-                    .submit(job_header(&headers)?, self.api, &body, move |_| async move {
-                        let record =
-                            m.db.update::<T>(target, |record| {
-                                if !list(record).contains(&parent) {
-                                    list(record).push(parent);
-                                }
-                            })
-                            .await?
-                            .ok_or_else(|| ApiError::no::<T>(target))?;
-                        inventory(&record)
-                    })
-                    .await?;
-                Ok::<Response, ApiError>(accepted(&mn, job))
-            },
-        )
+        let route = if self.detach { axum::routing::delete } else { axum::routing::post };
+        route(move |State(mn): Shared, raw: RawPathParams, headers: HeaderMap| async move {
+            let mut ids = [Uuid::nil(); 2];
+            for (i, (name, field)) in self.params.iter().enumerate() {
+                let value = raw.iter().find(|(k, _)| k == name).map(|(_, v)| v).unwrap_or_default();
+                ids[i] = uuid_param(value, field)?;
+            }
+            let (target, parent) =
+                if self.target_first { (ids[0], ids[1]) } else { (ids[1], ids[0]) };
+            // Checked in the path's order, so the first unknown one is the one named.
+            if self.target_first {
+                get_record::<T>(&mn, target)?;
+                get_record::<P>(&mn, parent)?;
+            } else {
+                get_record::<P>(&mn, parent)?;
+                get_record::<T>(&mn, target)?;
+            }
+            let m = mn.clone();
+            let body = json!({ "target": target, "parent": parent });
+            let (list, detach, then) = (self.list, self.detach, self.then);
+            let job = mn
+                .jobs
+                .submit(job_header(&headers)?, self.api, &body, move |_| async move {
+                    let record =
+                        m.db.update::<T>(target, |record| {
+                            let attached = list(record);
+                            if detach {
+                                attached.retain(|id| *id != parent);
+                            } else if !attached.contains(&parent) {
+                                attached.push(parent);
+                            }
+                        })
+                        .await?
+                        .ok_or_else(|| ApiError::no::<T>(target))?;
+                    then(&m, &record, parent);
+                    inventory(&record)
+                })
+                .await?;
+            Ok::<Response, ApiError>(accepted(&mn, job))
+        })
     }
 }

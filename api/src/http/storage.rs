@@ -101,6 +101,8 @@ fn attach_backup_storage() -> MethodRouter<Arc<Mn>> {
         target_first: false,
         list: |r| &mut r.attached_zone_uuids,
         parent: std::marker::PhantomData,
+        detach: false,
+        then: super::resources::nothing_then,
     }
     .handler()
 }
@@ -137,6 +139,8 @@ fn attach_primary_storage() -> MethodRouter<Arc<Mn>> {
         target_first: false,
         list: |r| &mut r.attached_cluster_uuids,
         parent: std::marker::PhantomData,
+        detach: false,
+        then: super::resources::nothing_then,
     }
     .handler()
 }

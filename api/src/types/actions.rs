@@ -92,6 +92,68 @@ pub struct ChangeInstanceOffering {
     pub instance_offering_uuid: Uuid,
 }
 
+/// The actions on an L3 network (`PUT /v1/l3-networks/{uuid}/actions`).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum L3Action {
+    /// Adds a DNS server handed to the L3's guests
+    AddDnsToL3Network(DnsParams),
+    /// Removes a DNS server from an L3 network
+    RemoveDnsFromL3Network(DnsParams),
+    /// Adds a route handed to the L3's guests by DHCP
+    AddHostRouteToL3Network(HostRouteParams),
+    /// Removes a route from an L3 network
+    RemoveHostRouteFromL3Network(HostRoutePrefix),
+    /// Sets the MTU handed to the L3's guests
+    SetL3NetworkMtu(MtuParams),
+    /// Gives an L3 network services of providers
+    AttachNetworkServiceToL3Network(NetworkServices),
+    /// Takes services of providers from an L3 network
+    DetachNetworkServiceFromL3Network(NetworkServices),
+}
+
+/// A DNS server.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DnsParams {
+    /// Its IPv4 address.
+    pub dns: String,
+}
+
+/// A route handed to guests.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HostRouteParams {
+    /// The destination network (`172.16.0.0/12`).
+    pub prefix: String,
+    /// The next hop, an address on the L3.
+    pub nexthop: String,
+}
+
+/// The route to remove, by its destination.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HostRoutePrefix {
+    /// The destination network.
+    pub prefix: String,
+}
+
+/// An MTU.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MtuParams {
+    /// Bytes, 68 to 9216.
+    pub mtu: u32,
+}
+
+/// Services by provider: `{"<providerUuid>": ["DHCP", "DNS"]}`.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NetworkServices {
+    /// The service types of each provider, by the provider's UUID.
+    pub network_services: std::collections::BTreeMap<String, Vec<String>>,
+}
+
 /// The actions on a host (`PUT /v1/hosts/{uuid}/actions`).
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]

@@ -220,6 +220,54 @@ pub struct L2Params {
     pub physical_interface: String,
 }
 
+/// `CreateL2VlanNetwork`.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct L2VlanParams {
+    /// Its name.
+    pub name: String,
+    /// Its zone.
+    #[serde(deserialize_with = "canonical::uuid")]
+    pub zone_uuid: Uuid,
+    /// The hosts' interface the VLAN runs on (`eth0`).
+    pub physical_interface: String,
+    /// The VLAN id (1-4094).
+    pub vlan: u16,
+}
+
+/// `CreateL2VxlanNetworkPool`.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VxlanPoolParams {
+    /// Its name.
+    pub name: String,
+    /// Its zone.
+    #[serde(deserialize_with = "canonical::uuid")]
+    pub zone_uuid: Uuid,
+    /// The VTEP network (`10.0.0.0/24`): each host's tunnels end at its address in it.
+    pub vtep_cidr: String,
+    /// The first VNI its networks may take (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_vni: Option<u32>,
+    /// The last (default 16777214).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_vni: Option<u32>,
+}
+
+/// `CreateL2VxlanNetwork`.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VxlanParams {
+    /// Its name.
+    pub name: String,
+    /// The pool it is made from (its zone and clusters are the pool's).
+    #[serde(deserialize_with = "canonical::uuid")]
+    pub pool_uuid: Uuid,
+    /// Its VNI (none: the pool's first free one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vni: Option<u32>,
+}
+
 /// `CreateL3Network`.
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

@@ -1,0 +1,376 @@
+//! The network as the hosts see it: the network service providers, and each host's desired
+//! network ([`render`]) derived from the store.
+//!
+//! The MN keeps no per-host network state of its own: a host's network is a function of
+//! the records (the L2 networks attached to its cluster, the L3s on them with the Flat
+//! provider's services, the NICs of the VMs placed on it), rendered whenever it may have
+//! changed and sent whole to the agent, which converges to it. So nothing is lost when a
+//! message, an agent or the MN is: the next render says everything again. The host actor
+//! skips a send when the render equals what the agent last acknowledged.
+//!
+//! Providers are ZStack's three, with fixed UUIDs: Flat (DHCP, DNS and host routes made on
+//! every host; Userdata and Eip listed, not made yet), VirtualRouter (listed, not made:
+//! Strato runs no router appliance) and SecurityGroup. Attaching a service a provider does
+//! not make is refused, rather than recorded and silently not done.
+
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+use strato_proto::net::{
+    BridgeSpec, DhcpHost, DhcpSpec, HostRoute, NetworkConfig, Uplink, bridge_name,
+};
+use strato_storage::{Batch, Db, Expect, StoreError};
+use uuid::Uuid;
+
+use crate::records::{
+    HostRecord, L2NetworkRecord, L3NetworkRecord, NetworkServiceL3RefRecord,
+    NetworkServiceProviderRecord, VmRecord, l2_type,
+};
+use crate::vm::state::VmState;
+
+/// The Flat provider: services made on every host.
+pub const FLAT: &str = "Flat";
+/// The virtual router provider: listed, not made.
+pub const VIRTUAL_ROUTER: &str = "VirtualRouter";
+/// The security group provider.
+pub const SECURITY_GROUP: &str = "SecurityGroup";
+
+/// The service types.
+pub mod service {
+    /// Addresses by DHCP.
+    pub const DHCP: &str = "DHCP";
+    /// DNS servers handed out by DHCP.
+    pub const DNS: &str = "DNS";
+    /// Routes handed out by DHCP.
+    pub const HOST_ROUTE: &str = "HostRoute";
+    /// Userdata and metadata.
+    pub const USERDATA: &str = "Userdata";
+    /// Elastic IPs.
+    pub const EIP: &str = "Eip";
+}
+
+/// Each provider: its type, what it offers, and which of those Strato makes.
+const PROVIDERS: &[(&str, &str, &[&str], &[&str])] = &[
+    (
+        FLAT,
+        "Flat network services, made on every host",
+        &["DHCP", "Userdata", "Eip", "DNS", "HostRoute"],
+        &["DHCP", "DNS", "HostRoute"],
+    ),
+    (
+        VIRTUAL_ROUTER,
+        "Services of a virtual router appliance (not made by Strato)",
+        &["DHCP", "DNS", "SNAT", "PortForwarding", "Eip", "LoadBalancer", "IPsec"],
+        &[],
+    ),
+    (SECURITY_GROUP, "Security groups, made on every host", &["SecurityGroup"], &[]),
+];
+
+/// The UUID of the provider of `provider_type`, the same on every MN.
+pub fn provider_uuid(provider_type: &str) -> Uuid {
+    Uuid::new_v5(
+        &Uuid::NAMESPACE_OID,
+        format!("strato:network-service-provider:{provider_type}").as_bytes(),
+    )
+}
+
+/// Whether Strato makes `service` for provider `provider_type`.
+pub fn implemented(provider_type: &str, service: &str) -> bool {
+    PROVIDERS.iter().any(|(t, _, _, made)| *t == provider_type && made.contains(&service))
+}
+
+/// Writes the providers a store does not have yet (at every MN start).
+pub async fn ensure_providers(db: &Db) -> Result<(), StoreError> {
+    let mut batch = Batch::new();
+    for (provider_type, description, offered, _) in PROVIDERS {
+        let uuid = provider_uuid(provider_type);
+        if db.get::<NetworkServiceProviderRecord>(uuid)?.is_none() {
+            batch.put(
+                &NetworkServiceProviderRecord {
+                    uuid,
+                    name: provider_type.to_string(),
+                    r#type: provider_type.to_string(),
+                    description: description.to_string(),
+                    network_service_types: offered.iter().map(ToString::to_string).collect(),
+                    attached_l2_network_uuids: Vec::new(),
+                },
+                Expect::Absent,
+            )?;
+        }
+    }
+    if !batch.is_empty() {
+        db.commit(batch).await?;
+    }
+    Ok(())
+}
+
+/// Why a host's network cannot be rendered.
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    /// The store failed.
+    #[error("the store failed")]
+    Store(#[from] StoreError),
+    /// A VXLAN pool's VTEP network holds none of the host's addresses.
+    #[error(
+        "host {host} has no address in {cidr}, the VTEP network of VXLAN pool {pool}: give the host an address there or change the pool's vtepCidr"
+    )]
+    NoVtep {
+        /// The host.
+        host: Uuid,
+        /// The pool.
+        pool: Uuid,
+        /// Its VTEP network.
+        cidr: String,
+    },
+}
+
+/// The clusters an L2 network reaches: its own attachments, or (a VXLAN network) its
+/// pool's.
+pub fn clusters_of(db: &Db, l2: &L2NetworkRecord) -> Result<Vec<Uuid>, StoreError> {
+    match l2.pool_uuid {
+        Some(pool) => Ok(db
+            .get::<L2NetworkRecord>(pool)?
+            .map(|p| p.record.attached_cluster_uuids)
+            .unwrap_or_default()),
+        None => Ok(l2.attached_cluster_uuids.clone()),
+    }
+}
+
+/// The address of `host` in `cidr`, where its VXLAN tunnels end.
+fn vtep_of(host: &HostRecord, cidr: &Ipv4Net) -> Option<Ipv4Addr> {
+    host.facts.as_ref()?.addresses.iter().map(|a| a.address).find(|a| cidr.contains(a))
+}
+
+/// The uplink of L2 `l2` on `host` (none: a pool, which has no bridge of its own).
+fn uplink(
+    db: &Db,
+    l2: &L2NetworkRecord,
+    host: &HostRecord,
+) -> Result<Option<Uplink>, NetworkError> {
+    Ok(Some(match l2.r#type.as_str() {
+        l2_type::VLAN => Uplink::Vlan {
+            interface: l2.physical_interface.clone(),
+            vlan: l2.vlan.unwrap_or_default(),
+        },
+        l2_type::VXLAN => {
+            let Some(pool) =
+                l2.pool_uuid.map(|p| db.get::<L2NetworkRecord>(p)).transpose()?.flatten()
+            else {
+                return Ok(None);
+            };
+            let pool = pool.record;
+            let cidr: Ipv4Net =
+                pool.vtep_cidr.as_deref().and_then(|c| c.parse().ok()).ok_or_else(|| {
+                    NetworkError::NoVtep { host: host.uuid, pool: pool.uuid, cidr: "(none)".into() }
+                })?;
+            let local = vtep_of(host, &cidr).ok_or_else(|| NetworkError::NoVtep {
+                host: host.uuid,
+                pool: pool.uuid,
+                cidr: cidr.to_string(),
+            })?;
+            let mut peers = Vec::new();
+            for cluster in &pool.attached_cluster_uuids {
+                for id in db.find::<HostRecord>("cluster", &(*cluster).into())? {
+                    if id == host.uuid {
+                        continue;
+                    }
+                    if let Some(peer) = db.get::<HostRecord>(id)?
+                        && let Some(address) = vtep_of(&peer.record, &cidr)
+                    {
+                        peers.push(address);
+                    }
+                }
+            }
+            peers.sort();
+            peers.dedup();
+            Uplink::Vxlan { vni: l2.vni.unwrap_or_default(), local, peers }
+        }
+        l2_type::VXLAN_POOL => return Ok(None),
+        _ => Uplink::Interface { name: l2.physical_interface.clone() },
+    }))
+}
+
+/// The bridge an L2 network's NICs plug into (the same name on every host), if it has one.
+pub fn bridge_of(l2: &L2NetworkRecord) -> Option<String> {
+    let uplink = match l2.r#type.as_str() {
+        l2_type::VLAN => Uplink::Vlan {
+            interface: l2.physical_interface.clone(),
+            vlan: l2.vlan.unwrap_or_default(),
+        },
+        l2_type::VXLAN => Uplink::Vxlan {
+            vni: l2.vni.unwrap_or_default(),
+            local: Ipv4Addr::UNSPECIFIED,
+            peers: vec![],
+        },
+        l2_type::VXLAN_POOL => return None,
+        _ => Uplink::Interface { name: l2.physical_interface.clone() },
+    };
+    Some(bridge_name(l2.uuid, &uplink))
+}
+
+/// The bridge NICs on L3 `l3` plug into: its L2's, or (an L3 on no L2) the one it names.
+pub fn nic_bridge(db: &Db, l3: &L3NetworkRecord) -> Result<Option<String>, StoreError> {
+    match l3.l2_network_uuid {
+        Some(l2) => Ok(db.get::<L2NetworkRecord>(l2)?.and_then(|l2| bridge_of(&l2.record))),
+        None => Ok(l3.bridge.clone()),
+    }
+}
+
+/// The services L3 `l3` has, each with its provider's type.
+pub fn services_of(db: &Db, l3: Uuid) -> Result<Vec<(String, String)>, StoreError> {
+    let mut services = Vec::new();
+    for id in db.find::<NetworkServiceL3RefRecord>("l3", &l3.into())? {
+        if let Some(r) = db.get::<NetworkServiceL3RefRecord>(id)? {
+            let provider = db
+                .get::<NetworkServiceProviderRecord>(r.record.network_service_provider_uuid)?
+                .map(|p| p.record.r#type)
+                .unwrap_or_default();
+            services.push((provider, r.record.network_service_type));
+        }
+    }
+    Ok(services)
+}
+
+/// The host name a VM's guest gets: its `hostname` tag's first label, or its name made
+/// into one.
+fn guest_hostname(db: &Db, vm: &VmRecord) -> Result<String, StoreError> {
+    if let Some(tokens) = crate::tags::system_tokens(db, vm.uuid, "hostname")?.into_iter().next()
+        && let Some(name) = tokens.first()
+    {
+        return Ok(name.split('.').next().unwrap_or_default().to_owned());
+    }
+    let label: String = vm
+        .name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+        .take(63)
+        .collect();
+    Ok(label.trim_matches('-').to_owned())
+}
+
+/// The network host `host` should have now.
+pub fn render(db: &Db, host: &HostRecord) -> Result<NetworkConfig, NetworkError> {
+    let mut config = NetworkConfig::default();
+    let vms: Vec<VmRecord> = db
+        .find::<VmRecord>("host", &host.uuid.into())?
+        .into_iter()
+        .filter_map(|id| db.get::<VmRecord>(id).transpose())
+        .map(|r| r.map(|s| s.record))
+        .collect::<Result<_, _>>()?;
+    for stored in db.scan::<L2NetworkRecord>() {
+        let l2 = stored?.record;
+        if !clusters_of(db, &l2)?.contains(&host.cluster_uuid) {
+            continue;
+        }
+        let Some(uplink) = uplink(db, &l2, host)? else { continue };
+        let bridge = bridge_name(l2.uuid, &uplink);
+        config.bridges.push(BridgeSpec { l2: l2.uuid, name: bridge.clone(), uplink, mtu: None });
+        for id in db.find::<L3NetworkRecord>("l2", &l2.uuid.into())? {
+            let Some(l3) = db.get::<L3NetworkRecord>(id)?.map(|s| s.record) else { continue };
+            if let Some(dhcp) = dhcp_of(db, &l3, &bridge, &vms)? {
+                config.dhcp.push(dhcp);
+            }
+        }
+    }
+    config.bridges.sort_by(|a, b| a.name.cmp(&b.name));
+    config.dhcp.sort_by_key(|d| d.l3);
+    Ok(config)
+}
+
+/// The flat DHCP of `l3` on `bridge`, if the L3 has the Flat provider's DHCP.
+fn dhcp_of(
+    db: &Db,
+    l3: &L3NetworkRecord,
+    bridge: &str,
+    vms: &[VmRecord],
+) -> Result<Option<DhcpSpec>, StoreError> {
+    let services = services_of(db, l3.uuid)?;
+    let flat = |service: &str| services.iter().any(|(p, s)| p == FLAT && s == service);
+    let (Some(address), Some(range)) =
+        (l3.dhcp_server_ip.as_deref().and_then(|a| a.parse().ok()), l3.ip_ranges.first())
+    else {
+        return Ok(None);
+    };
+    if !flat(service::DHCP) {
+        return Ok(None);
+    }
+    let mut hosts = Vec::new();
+    for vm in vms.iter().filter(|vm| vm.state != VmState::Destroyed) {
+        for nic in vm.vm_nics.iter().filter(|n| n.l3_network_uuid == l3.uuid) {
+            if let Ok(ip) = nic.ip.parse() {
+                hosts.push(DhcpHost {
+                    mac: nic.mac.clone(),
+                    ip,
+                    hostname: guest_hostname(db, vm)?,
+                });
+            }
+        }
+    }
+    hosts.sort_by(|a, b| a.mac.cmp(&b.mac));
+    let dns = if flat(service::DNS) {
+        l3.dns.iter().filter_map(|d| d.parse().ok()).collect()
+    } else {
+        Vec::new()
+    };
+    let routes = if flat(service::HOST_ROUTE) {
+        l3.host_routes
+            .iter()
+            .filter_map(|r| {
+                let net: Ipv4Net = r.prefix.parse().ok()?;
+                Some(HostRoute {
+                    destination: net.network(),
+                    prefix_len: net.prefix_len(),
+                    nexthop: r.nexthop.parse().ok()?,
+                })
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    Ok(Some(DhcpSpec {
+        l3: l3.uuid,
+        bridge: bridge.to_owned(),
+        address,
+        prefix_len: ipnet::ipv4_mask_to_prefix(range.netmask).unwrap_or(24),
+        gateway: range.gateway,
+        dns,
+        routes,
+        mtu: l3.mtu,
+        domain: None,
+        hosts,
+    }))
+}
+
+/// The hosts whose network L2 network `l2` is part of.
+pub fn hosts_of_l2(db: &Db, l2: &L2NetworkRecord) -> Result<Vec<Uuid>, StoreError> {
+    let mut hosts = Vec::new();
+    for cluster in clusters_of(db, l2)? {
+        hosts.extend(db.find::<HostRecord>("cluster", &cluster.into())?);
+    }
+    Ok(hosts)
+}
+
+/// The hosts whose network L3 network `l3` is part of.
+pub fn hosts_of_l3(db: &Db, l3: &L3NetworkRecord) -> Result<Vec<Uuid>, StoreError> {
+    match l3.l2_network_uuid.map(|l2| db.get::<L2NetworkRecord>(l2)).transpose()?.flatten() {
+        Some(l2) => hosts_of_l2(db, &l2.record),
+        None => Ok(Vec::new()),
+    }
+}
+
+/// The other hosts with a VXLAN tunnel to `host`: those of the clusters of every pool
+/// attached to its cluster.
+pub fn tunnel_peers(db: &Db, host: &HostRecord) -> Result<Vec<Uuid>, StoreError> {
+    let mut peers = Vec::new();
+    for stored in db.scan::<L2NetworkRecord>() {
+        let l2 = stored?.record;
+        if l2.r#type == l2_type::VXLAN_POOL
+            && l2.attached_cluster_uuids.contains(&host.cluster_uuid)
+        {
+            peers.extend(hosts_of_l2(db, &l2)?.into_iter().filter(|h| *h != host.uuid));
+        }
+    }
+    peers.sort();
+    peers.dedup();
+    Ok(peers)
+}

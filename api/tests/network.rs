@@ -1,0 +1,321 @@
+//! Networking through the API, with real packets: two hosts are network namespaces joined
+//! by an underlay, each with a real agent (sim hypervisor, real network: `--network host
+//! --netns`); the L2 network is a VXLAN pool's network, the L3 has the Flat provider's DHCP,
+//! DNS and host routes; each VM's "guest" is a namespace with a veth on its host's bridge
+//! and the VM's MAC, asking for an address with busybox's udhcpc.
+//!
+//! Needs root, iproute2, nftables, dnsmasq and busybox (`scripts/setup` installs them).
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::{ClusterOpts, TestCluster, bootstrap, create, http, ok, start_agent_with};
+use serde_json::{Value, json};
+
+fn sh(args: &[&str]) -> std::process::Output {
+    Command::new(args[0]).args(&args[1..]).output().expect("run a command")
+}
+
+fn run(args: &[&str]) -> String {
+    let out = sh(args);
+    assert!(
+        out.status.success(),
+        "`{}` failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The test's namespaces, removed with everything in them when it ends.
+struct Namespaces {
+    tag: String,
+}
+
+impl Namespaces {
+    fn add(&self, role: &str) -> String {
+        let name = format!("{}-{role}", self.tag);
+        run(&["ip", "netns", "add", &name]);
+        run(&["ip", "-n", &name, "link", "set", "lo", "up"]);
+        name
+    }
+}
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        let listed = String::from_utf8_lossy(&sh(&["ip", "netns", "list"]).stdout).into_owned();
+        for ns in listed.lines().filter_map(|l| l.split_whitespace().next()) {
+            if ns.starts_with(&self.tag) {
+                let pids =
+                    String::from_utf8_lossy(&sh(&["ip", "netns", "pids", ns]).stdout).into_owned();
+                for pid in pids.split_whitespace() {
+                    sh(&["kill", "-9", pid]);
+                }
+                sh(&["ip", "netns", "del", ns]);
+            }
+        }
+    }
+}
+
+/// The options a guest was handed by DHCP (none: no lease).
+fn dhcp(dir: &Path, guest: &str) -> Option<Value> {
+    let script = dir.join("udhcpc.sh");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\ncase \"$1\" in bound|renew)\n  ip addr flush dev \"$interface\"\n  \
+         ip addr add \"$ip/$mask\" dev \"$interface\"\n  \
+         printf '{\"ip\":\"%s\",\"router\":\"%s\",\"dns\":\"%s\",\"hostname\":\"%s\",\"mtu\":\"%s\",\"routes\":\"%s\"}' \
+         \"$ip\" \"$router\" \"$dns\" \"$hostname\" \"$mtu\" \"$staticroutes\" > \"$LEASE_OUT\"\n;;\nesac\n",
+    )
+    .unwrap();
+    run(&["chmod", "755", script.to_str().unwrap()]);
+    let out = dir.join(format!("{guest}.lease"));
+    let _ = std::fs::remove_file(&out);
+    let status = Command::new("ip")
+        .args(["netns", "exec", guest, "busybox", "udhcpc", "-i", "eth0", "-n", "-q", "-f"])
+        .args(["-t", "4", "-T", "1", "-O", "staticroutes", "-O", "mtu", "-O", "hostname", "-s"])
+        .arg(&script)
+        .env("LEASE_OUT", &out)
+        .output()
+        .unwrap();
+    if !status.status.success() {
+        return None;
+    }
+    serde_json::from_str(&std::fs::read_to_string(&out).ok()?).ok()
+}
+
+fn uuid(v: &Value) -> &str {
+    v["uuid"].as_str().unwrap()
+}
+
+/// The Strato-marked links of a host namespace.
+fn marked_links(ns: &str) -> Vec<String> {
+    run(&["ip", "-n", ns, "-o", "link", "show"])
+        .lines()
+        .filter(|l| l.contains("alias strato:"))
+        .map(|l| l.split(':').nth(1).unwrap_or_default().trim().to_owned())
+        .collect()
+}
+
+#[test]
+fn vms_on_a_vxlan_get_their_addresses_by_flat_dhcp_and_reach_each_other() {
+    let ns = Namespaces { tag: format!("snet{}", std::process::id() % 100_000) };
+    let (a, b) = (ns.add("a"), ns.add("b"));
+    run(&[
+        "ip", "-n", &a, "link", "add", "ul0", "type", "veth", "peer", "name", "ul0", "netns", &b,
+    ]);
+    for (host, ip) in [(&a, "10.98.0.1/24"), (&b, "10.98.0.2/24")] {
+        run(&["ip", "-n", host, "addr", "add", ip, "dev", "ul0"]);
+        run(&["ip", "-n", host, "link", "set", "ul0", "up"]);
+    }
+    let agent_args = |host: &str, suffix: &str| -> Vec<String> {
+        ["--driver", "sim", "--network", "host", "--netns", host, "--netns-prefix"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain([format!("{}-{suffix}-", ns.tag)])
+            .collect()
+    };
+    let args_a = agent_args(&a, "na");
+    let cluster = TestCluster::start(
+        ClusterOpts::default().driver(&args_a.iter().map(String::as_str).collect::<Vec<_>>()),
+    );
+    let api = cluster.api;
+    let dir_b = cluster.dir().join("agent-b");
+    let args_b = agent_args(&b, "nb");
+    let (_agent_b, addr_b) = start_agent_with(
+        &bootstrap(&cluster.data),
+        &dir_b,
+        &args_b.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+
+    let zone = create(api, "/v1/zones", json!({ "name": "z" }));
+    let c1 = create(api, "/v1/clusters", json!({ "name": "c", "zoneUuid": zone["uuid"] }));
+    let mut hosts = Vec::new();
+    for (name, port) in [("ha", cluster.agent.port()), ("hb", addr_b.port())] {
+        hosts.push(create(
+            api,
+            "/v1/hosts/kvm",
+            json!({ "name": name, "managementIp": "127.0.0.1", "agentPort": port, "clusterUuid": c1["uuid"] }),
+        ));
+    }
+    let pool = create(
+        api,
+        "/v1/l2-networks/vxlan-pool",
+        json!({ "name": "pool", "zoneUuid": zone["uuid"], "vtepCidr": "10.98.0.0/24", "startVni": 4000, "endVni": 4100 }),
+    );
+    ok(api, "POST", &format!("/v1/l2-networks/{}/clusters/{}", uuid(&pool), uuid(&c1)), None);
+    let l2 =
+        create(api, "/v1/l2-networks/vxlan", json!({ "name": "vx", "poolUuid": pool["uuid"] }));
+    assert_eq!(l2["vni"], 4000);
+    let l3 =
+        create(api, "/v1/l3-networks", json!({ "name": "private", "l2NetworkUuid": l2["uuid"] }));
+    let l3_id = uuid(&l3).to_owned();
+    create(
+        api,
+        &format!("/v1/l3-networks/{l3_id}/ip-ranges"),
+        json!({ "startIp": "10.60.0.10", "endIp": "10.60.0.100", "netmask": "255.255.255.0", "gateway": "10.60.0.1" }),
+    );
+
+    // The providers: query Flat, attach it to the L2, give the L3 its services.
+    let (status, _, flat) =
+        http(api, "GET", "/v1/network-service-providers?q=type=Flat", None, &[]);
+    assert_eq!(status, 200, "{flat}");
+    let flat = flat["inventories"][0]["uuid"].as_str().unwrap().to_owned();
+    let action = |body: Value| {
+        ok(api, "PUT", &format!("/v1/l3-networks/{l3_id}/actions"), Some(&body.to_string()))
+    };
+    // Before the provider is attached to the L2, the services are refused, naming why.
+    let (status, _, refused) = http(
+        api,
+        "PUT",
+        &format!("/v1/l3-networks/{l3_id}/actions"),
+        Some(&json!({ "attachNetworkServiceToL3Network": { "networkServices": { &flat: ["DHCP"] } } }).to_string()),
+        &[],
+    );
+    assert_eq!(status, 400, "{refused}");
+    assert!(
+        refused["error"]["description"]
+            .as_str()
+            .unwrap()
+            .contains("AttachNetworkServiceProviderToL2Network")
+    );
+    ok(
+        api,
+        "POST",
+        &format!("/v1/network-service-providers/{flat}/l2-networks/{}", uuid(&l2)),
+        None,
+    );
+    let with_dhcp = action(
+        json!({ "attachNetworkServiceToL3Network": { "networkServices": { &flat: ["DHCP", "DNS", "HostRoute"] } } }),
+    );
+    let dhcp_ip = with_dhcp["dhcpServerIp"].as_str().unwrap().to_owned();
+    assert_eq!(dhcp_ip, "10.60.0.10", "the DHCP server takes the range's first address");
+    action(json!({ "addDnsToL3Network": { "dns": "10.60.0.53" } }));
+    action(
+        json!({ "addHostRouteToL3Network": { "prefix": "172.16.0.0/12", "nexthop": "10.60.0.254" } }),
+    );
+    action(json!({ "setL3NetworkMtu": { "mtu": 1400 } }));
+    let (_, _, refs) = http(
+        api,
+        "GET",
+        &format!("/v1/network-service-l3-refs?q=l3NetworkUuid={l3_id}"),
+        None,
+        &[],
+    );
+    assert_eq!(refs["inventories"].as_array().unwrap().len(), 3, "{refs}");
+
+    let offering = create(
+        api,
+        "/v1/instance-offerings",
+        json!({ "name": "s", "cpuNum": 1, "memorySize": 268435456u64 }),
+    );
+    let mut vms = Vec::new();
+    for (i, host) in hosts.iter().enumerate() {
+        let body = json!({
+            "params": { "name": format!("vm{i}"), "instanceOfferingUuid": offering["uuid"], "l3NetworkUuids": [l3_id], "hostUuid": host["uuid"] },
+            "systemTags": [format!("hostname::guest-{i}")],
+        });
+        vms.push(ok(api, "POST", "/v1/vm-instances", Some(&body.to_string())));
+    }
+
+    // Each VM's guest: a namespace on its host's bridge with its NIC's MAC.
+    let work = cluster.dir().to_path_buf();
+    let mut guests = Vec::new();
+    for (i, (vm, host_ns)) in vms.iter().zip([&a, &b]).enumerate() {
+        let nic = &vm["vmNics"][0];
+        assert_eq!(nic["bridge"], "br_vx_4000");
+        let guest = ns.add(&format!("g{i}"));
+        let port = strato_proto::net::nic_device(nic["mac"].as_str().unwrap());
+        run(&[
+            "ip", "-n", host_ns, "link", "add", &port, "type", "veth", "peer", "name", "eth0",
+            "netns", &guest,
+        ]);
+        run(&[
+            "ip",
+            "-n",
+            &guest,
+            "link",
+            "set",
+            "eth0",
+            "address",
+            nic["mac"].as_str().unwrap(),
+            "up",
+        ]);
+        run(&["ip", "-n", host_ns, "link", "set", &port, "master", "br_vx_4000", "up"]);
+        let lease = dhcp(&work, &guest).unwrap_or_else(|| panic!("guest {i} got no lease"));
+        assert_eq!(lease["ip"], nic["ip"], "guest {i}: {lease}");
+        assert_eq!(lease["router"], "10.60.0.1");
+        assert_eq!(lease["dns"], "10.60.0.53");
+        assert_eq!(lease["hostname"], format!("guest-{i}"));
+        assert_eq!(lease["mtu"], "1400");
+        assert!(lease["routes"].as_str().unwrap().contains("172.16.0.0/12 10.60.0.254"), "{lease}");
+        guests.push(guest);
+    }
+    // Across hosts, over the VXLAN.
+    let peer_ip = vms[1]["vmNics"][0]["ip"].as_str().unwrap();
+    run(&["ip", "netns", "exec", &guests[0], "busybox", "ping", "-c", "2", "-W", "2", peer_ip]);
+
+    // A reconnect sends the whole state again: what was removed behind the agent's back
+    // (dnsmasq's namespace) is back, and the guest is served.
+    let dhcp_ns = format!("{}-na-br_vx_4000_{}", ns.tag, l3_id.replace('-', ""));
+    let pids = run(&["ip", "netns", "pids", &dhcp_ns]);
+    for pid in pids.split_whitespace() {
+        sh(&["kill", "-9", pid]);
+    }
+    run(&["ip", "netns", "del", &dhcp_ns]);
+    ok(
+        api,
+        "PUT",
+        &format!("/v1/hosts/{}/actions", uuid(&hosts[0])),
+        Some(&json!({ "reconnectHost": {} }).to_string()),
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let lease = loop {
+        if let Some(lease) = dhcp(&work, &guests[0]) {
+            break lease;
+        }
+        assert!(std::time::Instant::now() < deadline, "no lease after the reconnect");
+    };
+    assert_eq!(lease["ip"], vms[0]["vmNics"][0]["ip"]);
+
+    // A destroyed VM's reservation goes; deleting the networks takes everything the agents
+    // made with it.
+    let hosts_file = cluster.agent_dir().join("net").join(&l3_id).join("hosts");
+    let mac0 = vms[0]["vmNics"][0]["mac"].as_str().unwrap().to_owned();
+    assert!(std::fs::read_to_string(&hosts_file).unwrap().contains(&mac0));
+    for vm in &vms {
+        ok(api, "DELETE", &format!("/v1/vm-instances/{}", uuid(vm)), None);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::fs::read_to_string(&hosts_file).unwrap_or_default().contains(&mac0) {
+        assert!(std::time::Instant::now() < deadline, "the destroyed VM's reservation stayed");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    for vm in &vms {
+        ok(
+            api,
+            "PUT",
+            &format!("/v1/vm-instances/{}/actions", uuid(vm)),
+            Some(&json!({ "expungeVmInstance": {} }).to_string()),
+        );
+    }
+    ok(api, "DELETE", &format!("/v1/l2-networks/{}?deleteMode=Enforcing", uuid(&pool)), None);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    for host_ns in [&a, &b] {
+        while !marked_links(host_ns).is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{host_ns} kept {:?}",
+                marked_links(host_ns)
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+    let left = run(&["ip", "netns", "list"]);
+    assert!(
+        !left.contains(&format!("{}-na-", ns.tag)) && !left.contains(&format!("{}-nb-", ns.tag)),
+        "{left}"
+    );
+}
