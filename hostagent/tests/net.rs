@@ -188,6 +188,7 @@ fn config(local: Ipv4Addr, peer: Ipv4Addr, hosts: Vec<DhcpHost>) -> NetworkConfi
             domain: None,
             hosts,
         }],
+        firewall: Default::default(),
     }
 }
 
@@ -335,4 +336,157 @@ fn hosts_on_a_vxlan_hand_out_their_own_guests_addresses_and_carry_their_packets(
         assert!(!PathBuf::from(format!("/proc/{pid}")).exists(), "dnsmasq {pid} outlived its L3");
         assert!(ok(&["ip", "-n", ns, "link", "show", "ul0"]).contains("ul0"));
     }
+}
+
+/// A guest with a fixed address on `bridge` in `host_ns`.
+fn static_guest(
+    lab: &mut Lab,
+    role: &str,
+    host_ns: &str,
+    bridge: &str,
+    mac: &str,
+    ip: &str,
+) -> String {
+    let ns = lab.guest(role, host_ns, bridge, mac);
+    ok(&["ip", "-n", &ns, "addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+    ns
+}
+
+fn pings(from: &str, to: &str) -> bool {
+    sh(&["ip", "netns", "exec", from, "busybox", "ping", "-c", "1", "-W", "1", to]).status.success()
+}
+
+/// A TCP listener in `ns` on `port`, what it receives written to `out`.
+fn listen(ns: &str, port: u16, out: &Path) -> std::process::Child {
+    let child = Command::new("ip")
+        .args(["netns", "exec", ns, "busybox", "nc", "-l", "-p", &port.to_string()])
+        .stdout(std::fs::File::create(out).unwrap())
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The listener is up when the namespace has the socket.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !ok(&["ip", "netns", "exec", ns, "busybox", "netstat", "-ltn"])
+        .contains(&format!(":{port} "))
+    {
+        assert!(Instant::now() < deadline, "nc did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+/// Whether a TCP connection from `from` to `to:port` carries `text`.
+fn sends(from: &str, to: &str, port: u16, text: &str) -> bool {
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", from, "busybox", "nc", "-w", "2", to, &port.to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    let _ = child.stdin.take().unwrap().write_all(text.as_bytes());
+    child.wait().unwrap().success()
+}
+
+fn wait_for(path: &Path, text: &str) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        if std::fs::read_to_string(path).unwrap_or_default().contains(text) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+#[test]
+fn security_groups_allow_deny_follow_remote_groups_and_stop_open_connections() {
+    use strato_proto::net::{AddressGroup, Firewall, FirewallRule, PortRules, Protocol, Remote};
+    let mut lab = Lab::new("s");
+    let h = lab.namespace("h");
+    ok(&["ip", "-n", &h, "link", "add", "eth9", "type", "veth", "peer", "name", "eth9p"]);
+    let net = lab.host_net(&h, "h");
+    let l2 = Uuid::from_u128(9);
+    let uplink = Uplink::Interface { name: "eth9".into() };
+    let bridge = bridge_name(l2, &uplink);
+    let mut config = NetworkConfig {
+        bridges: vec![BridgeSpec { l2, name: bridge.clone(), uplink, mtu: None }],
+        ..NetworkConfig::default()
+    };
+    net.apply(&config).unwrap();
+    let (mac_a, mac_b, mac_c) = ("fa:16:3e:00:01:0a", "fa:16:3e:00:01:0b", "fa:16:3e:00:01:0c");
+    let a = static_guest(&mut lab, "a", &h, &bridge, mac_a, "10.70.0.1");
+    let b = static_guest(&mut lab, "b", &h, &bridge, mac_b, "10.70.0.2");
+    let c = static_guest(&mut lab, "c", &h, &bridge, mac_c, "10.70.0.3");
+    assert!(pings(&c, "10.70.0.2"), "no firewall yet: everything passes");
+
+    let any = Remote::Cidr { address: Ipv4Addr::UNSPECIFIED, prefix_len: 0 };
+    let tcp_7000 =
+        FirewallRule { protocol: Protocol::Tcp, ports: Some((7000, 7000)), remote: any.clone() };
+    let icmp_from_admins = FirewallRule {
+        protocol: Protocol::Icmp,
+        ports: None,
+        remote: Remote::Group("admins".into()),
+    };
+    let port = |mac: &str, ip: [u8; 4], ingress: Vec<FirewallRule>| PortRules {
+        device: nic_device(mac),
+        addresses: vec![Ipv4Addr::from(ip)],
+        ingress,
+        egress: vec![],
+    };
+    let firewall = |b_rules: Vec<FirewallRule>, admins: Vec<Ipv4Addr>| Firewall {
+        ports: vec![port(mac_a, [10, 70, 0, 1], vec![]), port(mac_b, [10, 70, 0, 2], b_rules)],
+        groups: vec![AddressGroup { name: "admins".into(), members: admins }],
+    };
+    config.firewall = firewall(
+        vec![tcp_7000.clone(), icmp_from_admins.clone()],
+        vec![Ipv4Addr::new(10, 70, 0, 1)],
+    );
+    net.apply(&config).unwrap();
+
+    // A remote group's member pings; a stranger does not.
+    assert!(pings(&a, "10.70.0.2"), "a member of the remote group is allowed");
+    assert!(!pings(&c, "10.70.0.2"), "ICMP from outside the group is refused");
+    // Only the named port is open; replies of allowed flows come back (state).
+    let dir = lab.dir.path().to_path_buf();
+    let mut open = listen(&b, 7000, &dir.join("7000"));
+    let mut closed = listen(&b, 7001, &dir.join("7001"));
+    assert!(sends(&c, "10.70.0.2", 7000, "hello\n") && wait_for(&dir.join("7000"), "hello"));
+    assert!(!sends(&c, "10.70.0.2", 7001, "nope\n"), "a port no rule opens is refused");
+    let _ = (open.kill(), open.wait(), closed.kill(), closed.wait());
+
+    // An open connection stops when the rule that allowed it goes.
+    let out = dir.join("7000-open");
+    let mut server = listen(&b, 7000, &out);
+    let mut client = Command::new("ip")
+        .args(["netns", "exec", &c, "busybox", "nc", "10.70.0.2", "7000"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    let mut to_server = client.stdin.take().unwrap();
+    to_server.write_all(b"first\n").unwrap();
+    to_server.flush().unwrap();
+    assert!(wait_for(&out, "first"), "the connection carries data while its rule stands");
+    config.firewall = firewall(vec![icmp_from_admins.clone()], vec![Ipv4Addr::new(10, 70, 0, 1)]);
+    let report = net.apply(&config).unwrap();
+    assert!(!report.changes.is_empty());
+    let _ = to_server.write_all(b"second\n").and_then(|()| to_server.flush());
+    assert!(!wait_for(&out, "second"), "data passed after its rule was removed");
+    let _ = (client.kill(), client.wait(), server.kill(), server.wait());
+
+    // The group's membership decides: A leaves it, and its pings stop.
+    config.firewall = firewall(vec![icmp_from_admins], vec![]);
+    net.apply(&config).unwrap();
+    assert!(!pings(&a, "10.70.0.2"), "a former member is refused");
+
+    // No group left: the tables go and everything passes again.
+    config.firewall = Firewall::default();
+    net.apply(&config).unwrap();
+    let tables = ok(&["ip", "netns", "exec", &h, "nft", "list", "tables"]);
+    assert!(!tables.contains("strato_sg"), "{tables}");
+    assert!(pings(&c, "10.70.0.2"));
+    net.apply(&NetworkConfig::default()).unwrap();
 }

@@ -29,6 +29,79 @@ pub struct NetworkConfig {
     /// The flat DHCP services, one per L3 network with the Flat provider's DHCP on one of
     /// those bridges.
     pub dhcp: Vec<DhcpSpec>,
+    /// The security groups' rules on this host's VM NICs.
+    pub firewall: Firewall,
+}
+
+/// Security groups as a host applies them: each NIC's rules, and the address sets of the
+/// groups rules name as their remote end.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Firewall {
+    /// One entry per NIC in at least one security group, by its device.
+    pub ports: Vec<PortRules>,
+    /// The members' addresses of every group a rule names as its remote end.
+    pub groups: Vec<AddressGroup>,
+}
+
+/// The rules of one VM NIC.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortRules {
+    /// Its device on the host ([`nic_device`]).
+    pub device: String,
+    /// Its addresses (their connections are forgotten when its rules change, so a removed
+    /// rule stops what it allowed).
+    pub addresses: Vec<Ipv4Addr>,
+    /// What may reach it; nothing else does.
+    pub ingress: Vec<FirewallRule>,
+    /// What it may reach; with no egress rule, everything.
+    pub egress: Vec<FirewallRule>,
+}
+
+/// One allowed flow.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FirewallRule {
+    /// Its protocol.
+    pub protocol: Protocol,
+    /// Its ports (TCP and UDP; inclusive), none for all.
+    pub ports: Option<(u16, u16)>,
+    /// The other end.
+    pub remote: Remote,
+}
+
+/// A rule's protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Protocol {
+    /// Any.
+    All,
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+    /// ICMP.
+    Icmp,
+}
+
+/// A rule's other end.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Remote {
+    /// Addresses in a network.
+    Cidr {
+        /// The network.
+        address: Ipv4Addr,
+        /// Its prefix length.
+        prefix_len: u8,
+    },
+    /// The members of a group ([`AddressGroup::name`]).
+    Group(String),
+}
+
+/// The addresses of a security group's members.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AddressGroup {
+    /// Its name (letters and digits: the group's UUID without hyphens).
+    pub name: String,
+    /// Its members' addresses.
+    pub members: Vec<Ipv4Addr>,
 }
 
 /// A bridge for one L2 network, with its uplink.

@@ -123,10 +123,13 @@ impl Libvirt {
         }
         for nic in &spec.nics {
             match &nic.bridge {
+                // The tap is named from the MAC, so the host's network rules (anti-spoofing,
+                // security groups) can name the port before the domain exists.
                 Some(bridge) => devices.push_str(&format!(
-                    "<interface type='bridge'><mac address='{}'/><source bridge='{}'/><model type='virtio'/></interface>",
+                    "<interface type='bridge'><mac address='{}'/><source bridge='{}'/><target dev='{}'/><model type='virtio'/></interface>",
                     xml_escape(&nic.mac),
-                    xml_escape(bridge)
+                    xml_escape(bridge),
+                    xml_escape(&strato_proto::net::nic_device(&nic.mac))
                 )),
                 None => devices.push_str(&format!(
                     "<interface type='user'><mac address='{}'/><model type='virtio'/></interface>",

@@ -301,6 +301,7 @@ pub struct HostNet {
     scope: Scope,
     dhcp: Dhcp,
     isolation: super::nft::Isolation,
+    groups: super::firewall::Groups,
     /// One apply at a time.
     applying: Mutex<()>,
 }
@@ -311,6 +312,7 @@ impl HostNet {
         HostNet {
             dhcp: Dhcp::new(scope.clone(), dir),
             isolation: super::nft::Isolation::default(),
+            groups: super::firewall::Groups::default(),
             scope,
             applying: Mutex::new(()),
         }
@@ -416,6 +418,7 @@ impl Network for HostNet {
         }
         changes.extend(self.dhcp.converge(&config.dhcp, &self.observe()?)?);
         changes.extend(self.isolation.converge(&self.scope, config)?);
+        changes.extend(self.groups.converge(&self.scope, &config.firewall)?);
         let mut report = self.status_unlocked()?;
         report.changes = changes;
         Ok(report)

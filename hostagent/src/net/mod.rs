@@ -1,5 +1,6 @@
 //! The host's network: one trait, the real one ([`host::HostNet`]: bridges, VXLAN, flat
-//! DHCP namespaces with dnsmasq, nftables, all made with the host's own tools) and a fake
+//! DHCP namespaces with dnsmasq, security groups and isolation in nftables, all made with
+//! the host's own tools) and a fake
 //! ([`SimNet`]) beside it for simulated hosts.
 //!
 //! The MN sends the whole desired state every time ([`NetworkConfig`]); an apply converges
@@ -14,6 +15,7 @@ use strato_proto::net::{DhcpReport, NetworkConfig, NetworkReport};
 use strato_proto::{AgentError, InterfaceAddress};
 
 pub mod dhcp;
+pub mod firewall;
 pub mod host;
 pub mod nft;
 

@@ -162,6 +162,7 @@ mod tests {
                 domain: None,
                 hosts: vec![],
             }],
+            firewall: Default::default(),
         };
         let text = render_isolation(&config).unwrap();
         assert!(text.contains("iifname \"vxlan5\" udp dport 67-68 drop"));

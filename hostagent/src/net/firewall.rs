@@ -1,0 +1,217 @@
+//! Security groups on a host, in nftables, applied atomically.
+//!
+//! Guests' traffic is bridged, and this kernel has no connection tracking in the bridge
+//! family, so the work is split (as found on these machines): a bridge-family chain marks
+//! each packet with the NICs it comes from and goes to (the low 16 bits name the sending
+//! port, the high 16 bits the receiving one; every port gets a number), and the inet
+//! family's forward hook, which sees bridged IPv4 through `br_netfilter`, keeps state
+//! (`ct state established,related`) and sends a new flow through the sender's egress chain
+//! and the receiver's ingress chain. A chain returns for an allowed flow and drops the
+//! rest, so a flow between two guests must be allowed by both. The remote groups' members
+//! are named sets.
+//!
+//! Both tables are rewritten whole in one `nft -f` transaction, so a host never runs half
+//! of a rule set, and 1,000 rules cost one call. When a NIC's rules change (or it leaves
+//! every group), its connections are deleted from the conntrack table: an established flow
+//! that a removed rule allowed is judged again by the new rules, and stops.
+//!
+//! DHCP to and from a guest always passes (its address comes before any rule can name
+//! it), and ARP is not IPv4: the anti-spoofing checks, not the groups, watch it.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use strato_proto::AgentError;
+use strato_proto::net::{Firewall, FirewallRule, PortRules, Protocol, Remote};
+
+use super::host::{Scope, tool_error};
+use super::nft::{has_table, nft_script};
+
+/// The bridge-family table that marks ports.
+pub const MARK_TABLE: &str = "strato_sg_ports";
+/// The inet-family table with the rules.
+pub const RULE_TABLE: &str = "strato_sg";
+
+/// Both tables' text for `firewall` (none when no NIC is in a group).
+pub fn render(firewall: &Firewall) -> Option<String> {
+    if firewall.ports.is_empty() {
+        return None;
+    }
+    let mut marks = String::new();
+    let mut dispatch = String::new();
+    let mut chains = String::new();
+    for (i, port) in firewall.ports.iter().enumerate() {
+        let id = i + 1;
+        let device = &port.device;
+        marks.push_str(&format!(
+            "    iifname \"{device}\" meta mark set meta mark or 0x{id:08x}\n    oifname \"{device}\" meta mark set meta mark or 0x{:08x}\n",
+            id << 16
+        ));
+        dispatch.push_str(&format!(
+            "    meta mark and 0x0000ffff == 0x{id:08x} jump out_{id}\n    meta mark and 0xffff0000 == 0x{:08x} jump in_{id}\n",
+            id << 16
+        ));
+        chains.push_str(&format!("  chain in_{id} {{\n    udp sport 67 udp dport 68 return\n"));
+        for rule in &port.ingress {
+            chains.push_str(&format!("    {} return\n", rule_text(rule, "saddr")));
+        }
+        chains.push_str("    drop\n  }\n");
+        chains.push_str(&format!("  chain out_{id} {{\n    udp sport 68 udp dport 67 return\n"));
+        if port.egress.is_empty() {
+            chains.push_str("    return\n");
+        }
+        for rule in &port.egress {
+            chains.push_str(&format!("    {} return\n", rule_text(rule, "daddr")));
+        }
+        chains.push_str("    drop\n  }\n");
+    }
+    let mut sets = String::new();
+    for group in &firewall.groups {
+        sets.push_str(&format!("  set g_{} {{\n    type ipv4_addr\n", group.name));
+        if !group.members.is_empty() {
+            let members: Vec<String> = group.members.iter().map(ToString::to_string).collect();
+            sets.push_str(&format!("    elements = {{ {} }}\n", members.join(", ")));
+        }
+        sets.push_str("  }\n");
+    }
+    Some(format!(
+        "table bridge {MARK_TABLE}\ndelete table bridge {MARK_TABLE}\n\
+         table bridge {MARK_TABLE} {{\n  chain forward {{\n    type filter hook forward priority -200; policy accept;\n{marks}  }}\n}}\n\
+         table inet {RULE_TABLE}\ndelete table inet {RULE_TABLE}\n\
+         table inet {RULE_TABLE} {{\n{sets}  chain forward {{\n    type filter hook forward priority 0; policy accept;\n    \
+         ct state established,related accept\n    ct state invalid drop\n{dispatch}  }}\n{chains}}}\n"
+    ))
+}
+
+fn rule_text(rule: &FirewallRule, direction: &str) -> String {
+    let remote = match &rule.remote {
+        Remote::Cidr { address, prefix_len } => format!("ip {direction} {address}/{prefix_len}"),
+        Remote::Group(name) => format!("ip {direction} @g_{name}"),
+    };
+    let ports = |proto: &str| match rule.ports {
+        Some((start, end)) if start == end => format!(" {proto} dport {start}"),
+        Some((start, end)) => format!(" {proto} dport {start}-{end}"),
+        None => format!(" meta l4proto {proto}"),
+    };
+    let protocol = match rule.protocol {
+        Protocol::All => String::new(),
+        Protocol::Tcp => ports("tcp"),
+        Protocol::Udp => ports("udp"),
+        Protocol::Icmp => " meta l4proto icmp".into(),
+    };
+    format!("{remote}{protocol}")
+}
+
+/// The security groups of one host, remembering each port's rules as last applied.
+#[derive(Debug, Default)]
+pub struct Groups {
+    applied: Mutex<BTreeMap<String, PortRules>>,
+}
+
+impl Groups {
+    /// Makes the host's security group tables `firewall`; returns what changed.
+    pub fn converge(&self, scope: &Scope, firewall: &Firewall) -> Result<Vec<String>, AgentError> {
+        let mut applied = self.applied.lock().expect("security groups lock");
+        let mut changes = Vec::new();
+        match render(firewall) {
+            Some(script) => {
+                // Bridged IPv4 must reach the inet tables (the default in a new namespace,
+                // but a host may have turned it off).
+                scope.run(
+                    "sysctl",
+                    &["-qw".into(), "net.bridge.bridge-nf-call-iptables=1".into()],
+                )?;
+                nft_script(scope, &script)?;
+                changes.push(format!(
+                    "replaced the security group tables ({} ports)",
+                    firewall.ports.len()
+                ));
+            }
+            None => {
+                for (family, table) in [("bridge", MARK_TABLE), ("inet", RULE_TABLE)] {
+                    if has_table(scope, family, table)? {
+                        nft_script(scope, &format!("delete table {family} {table}\n"))?;
+                        changes.push(format!("removed nft table {family} {table}"));
+                    }
+                }
+            }
+        }
+        // Connections of ports whose rules changed or went are judged again.
+        let wanted: BTreeMap<String, PortRules> =
+            firewall.ports.iter().map(|p| (p.device.clone(), p.clone())).collect();
+        for (device, before) in applied.iter() {
+            let changed = wanted
+                .get(device)
+                .is_none_or(|now| now.ingress != before.ingress || now.egress != before.egress);
+            if changed {
+                for address in &before.addresses {
+                    forget_connections(scope, &address.to_string())?;
+                }
+            }
+        }
+        *applied = wanted;
+        Ok(changes)
+    }
+}
+
+/// Deletes the tracked connections to and from `address`.
+fn forget_connections(scope: &Scope, address: &str) -> Result<(), AgentError> {
+    for side in ["-s", "-d"] {
+        let out = scope
+            .command("conntrack")
+            .args(["-D", side, address])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .map_err(|e| tool_error(format!("cannot run conntrack: {e}")))?;
+        // conntrack exits 1 when nothing matched: that is not a failure.
+        if !out.status.success() && !String::from_utf8_lossy(&out.stderr).contains("0 flow entries")
+        {
+            return Err(tool_error(format!(
+                "conntrack -D {side} {address} failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+    use strato_proto::net::AddressGroup;
+
+    #[test]
+    fn each_port_has_its_chains_and_a_group_is_a_set() {
+        let firewall = Firewall {
+            ports: vec![PortRules {
+                device: "sv0000000000aa".into(),
+                addresses: vec![Ipv4Addr::new(10, 0, 0, 5)],
+                ingress: vec![
+                    FirewallRule {
+                        protocol: Protocol::Tcp,
+                        ports: Some((80, 80)),
+                        remote: Remote::Cidr { address: Ipv4Addr::UNSPECIFIED, prefix_len: 0 },
+                    },
+                    FirewallRule {
+                        protocol: Protocol::Icmp,
+                        ports: None,
+                        remote: Remote::Group("abc".into()),
+                    },
+                ],
+                egress: vec![],
+            }],
+            groups: vec![AddressGroup {
+                name: "abc".into(),
+                members: vec![Ipv4Addr::new(10, 0, 0, 6)],
+            }],
+        };
+        let text = render(&firewall).unwrap();
+        assert!(text.contains("iifname \"sv0000000000aa\" meta mark set meta mark or 0x00000001"));
+        assert!(text.contains("oifname \"sv0000000000aa\" meta mark set meta mark or 0x00010000"));
+        assert!(text.contains("ip saddr 0.0.0.0/0 tcp dport 80 return"));
+        assert!(text.contains("ip saddr @g_abc meta l4proto icmp return"));
+        assert!(text.contains("elements = { 10.0.0.6 }"));
+        assert!(render(&Firewall::default()).is_none());
+    }
+}
