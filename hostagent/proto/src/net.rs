@@ -48,8 +48,7 @@ pub struct Firewall {
 pub struct PortRules {
     /// Its device on the host ([`nic_device`]).
     pub device: String,
-    /// Its addresses (their connections are forgotten when its rules change, so a removed
-    /// rule stops what it allowed).
+    /// Its addresses.
     pub addresses: Vec<Ipv4Addr>,
     /// What may reach it; nothing else does.
     pub ingress: Vec<FirewallRule>,

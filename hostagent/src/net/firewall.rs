@@ -4,28 +4,29 @@
 //! family, so the work is split (as found on these machines): a bridge-family chain marks
 //! each packet with the NICs it comes from and goes to (the low 16 bits name the sending
 //! port, the high 16 bits the receiving one; every port gets a number), and the inet
-//! family's forward hook, which sees bridged IPv4 through `br_netfilter`, keeps state
-//! (`ct state established,related`) and sends a new flow through the sender's egress chain
-//! and the receiver's ingress chain. A chain returns for an allowed flow and drops the
-//! rest, so a flow between two guests must be allowed by both. The remote groups' members
-//! are named sets.
+//! family's forward hook, which sees bridged IPv4 through `br_netfilter`, keeps state: a
+//! reply of a tracked flow passes, and every packet in a flow's original direction goes
+//! through the sender's egress chain and the receiver's ingress chain. A chain returns for
+//! an allowed flow and drops the rest, so a flow between two guests must be allowed by
+//! both. The remote groups' members are named sets.
 //!
 //! Both tables are rewritten whole in one `nft -f` transaction, so a host never runs half
-//! of a rule set, and 1,000 rules cost one call. When a NIC's rules change (or it leaves
-//! every group), its connections are deleted from the conntrack table: an established flow
-//! that a removed rule allowed is judged again by the new rules, and stops.
+//! of a rule set, and 1,000 rules cost one call. Because the original direction is judged
+//! on every packet (not only the first, as `ct state established accept` would), a removed
+//! rule stops an open flow at once: there are no conntrack entries to delete. (Deleting
+//! them, the other way, cost a `conntrack -D` per address, 2 s for 50 NICs, and leaves a
+//! window between the rule's removal and the deletion.)
 //!
 //! DHCP to and from a guest always passes (its address comes before any rule can name
 //! it), and ARP is not IPv4: the anti-spoofing checks, not the groups, watch it.
 
-use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use strato_proto::AgentError;
-use strato_proto::net::{Firewall, FirewallRule, PortRules, Protocol, Remote};
+use strato_proto::net::{Firewall, FirewallRule, Protocol, Remote};
 
-use super::host::{Scope, tool_error};
-use super::nft::{has_table, nft_script};
+use super::host::Scope;
+use super::nft::{listed, nft_script};
 
 /// The bridge-family table that marks ports.
 pub const MARK_TABLE: &str = "strato_sg_ports";
@@ -79,7 +80,7 @@ pub fn render(firewall: &Firewall) -> Option<String> {
          table bridge {MARK_TABLE} {{\n  chain forward {{\n    type filter hook forward priority -200; policy accept;\n{marks}  }}\n}}\n\
          table inet {RULE_TABLE}\ndelete table inet {RULE_TABLE}\n\
          table inet {RULE_TABLE} {{\n{sets}  chain forward {{\n    type filter hook forward priority 0; policy accept;\n    \
-         ct state established,related accept\n    ct state invalid drop\n{dispatch}  }}\n{chains}}}\n"
+         ct state established ct direction reply accept\n    ct state related accept\n    ct state invalid drop\n{dispatch}  }}\n{chains}}}\n"
     ))
 }
 
@@ -102,25 +103,34 @@ fn rule_text(rule: &FirewallRule, direction: &str) -> String {
     format!("{remote}{protocol}")
 }
 
-/// The security groups of one host, remembering each port's rules as last applied.
+/// The security groups of one host.
 #[derive(Debug, Default)]
-pub struct Groups {
-    applied: Mutex<BTreeMap<String, PortRules>>,
+pub struct SecurityGroups {
+    /// Set once bridged IPv4 is known to reach the inet tables.
+    bridged_to_inet: AtomicBool,
 }
 
-impl Groups {
-    /// Makes the host's security group tables `firewall`; returns what changed.
-    pub fn converge(&self, scope: &Scope, firewall: &Firewall) -> Result<Vec<String>, AgentError> {
-        let mut applied = self.applied.lock().expect("security groups lock");
+impl SecurityGroups {
+    /// Makes the host's security group tables `firewall` (`tables` is `nft list tables` as
+    /// the apply found it); returns what changed.
+    pub fn converge(
+        &self,
+        scope: &Scope,
+        firewall: &Firewall,
+        tables: &str,
+    ) -> Result<Vec<String>, AgentError> {
         let mut changes = Vec::new();
         match render(firewall) {
             Some(script) => {
                 // Bridged IPv4 must reach the inet tables (the default in a new namespace,
                 // but a host may have turned it off).
-                scope.run(
-                    "sysctl",
-                    &["-qw".into(), "net.bridge.bridge-nf-call-iptables=1".into()],
-                )?;
+                if !self.bridged_to_inet.load(Ordering::Relaxed) {
+                    scope.run(
+                        "sysctl",
+                        &["-qw".into(), "net.bridge.bridge-nf-call-iptables=1".into()],
+                    )?;
+                    self.bridged_to_inet.store(true, Ordering::Relaxed);
+                }
                 nft_script(scope, &script)?;
                 changes.push(format!(
                     "replaced the security group tables ({} ports)",
@@ -129,57 +139,22 @@ impl Groups {
             }
             None => {
                 for (family, table) in [("bridge", MARK_TABLE), ("inet", RULE_TABLE)] {
-                    if has_table(scope, family, table)? {
+                    if listed(tables, family, table) {
                         nft_script(scope, &format!("delete table {family} {table}\n"))?;
                         changes.push(format!("removed nft table {family} {table}"));
                     }
                 }
             }
         }
-        // Connections of ports whose rules changed or went are judged again.
-        let wanted: BTreeMap<String, PortRules> =
-            firewall.ports.iter().map(|p| (p.device.clone(), p.clone())).collect();
-        for (device, before) in applied.iter() {
-            let changed = wanted
-                .get(device)
-                .is_none_or(|now| now.ingress != before.ingress || now.egress != before.egress);
-            if changed {
-                for address in &before.addresses {
-                    forget_connections(scope, &address.to_string())?;
-                }
-            }
-        }
-        *applied = wanted;
         Ok(changes)
     }
-}
-
-/// Deletes the tracked connections to and from `address`.
-fn forget_connections(scope: &Scope, address: &str) -> Result<(), AgentError> {
-    for side in ["-s", "-d"] {
-        let out = scope
-            .command("conntrack")
-            .args(["-D", side, address])
-            .stdin(std::process::Stdio::null())
-            .output()
-            .map_err(|e| tool_error(format!("cannot run conntrack: {e}")))?;
-        // conntrack exits 1 when nothing matched: that is not a failure.
-        if !out.status.success() && !String::from_utf8_lossy(&out.stderr).contains("0 flow entries")
-        {
-            return Err(tool_error(format!(
-                "conntrack -D {side} {address} failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::net::Ipv4Addr;
-    use strato_proto::net::AddressGroup;
+    use strato_proto::net::{AddressGroup, PortRules};
 
     #[test]
     fn each_port_has_its_chains_and_a_group_is_a_set() {

@@ -301,7 +301,7 @@ pub struct HostNet {
     scope: Scope,
     dhcp: Dhcp,
     isolation: super::nft::Isolation,
-    groups: super::firewall::Groups,
+    firewall: super::firewall::SecurityGroups,
     /// One apply at a time.
     applying: Mutex<()>,
 }
@@ -312,7 +312,7 @@ impl HostNet {
         HostNet {
             dhcp: Dhcp::new(scope.clone(), dir),
             isolation: super::nft::Isolation::default(),
-            groups: super::firewall::Groups::default(),
+            firewall: super::firewall::SecurityGroups::default(),
             scope,
             applying: Mutex::new(()),
         }
@@ -404,6 +404,8 @@ impl Network for HostNet {
             self.scope.run(program, &args)?;
             changes.push(format!("{program} {}", args.join(" ")));
         }
+        // Read again only if the links changed (each read is a process).
+        let observed = if changes.is_empty() { observed } else { self.observe()? };
         let bridges: BTreeSet<&str> = config.bridges.iter().map(|b| b.name.as_str()).collect();
         for spec in &config.dhcp {
             if !bridges.contains(spec.bridge.as_str()) {
@@ -416,10 +418,13 @@ impl Network for HostNet {
                 ));
             }
         }
-        changes.extend(self.dhcp.converge(&config.dhcp, &self.observe()?)?);
-        changes.extend(self.isolation.converge(&self.scope, config)?);
-        changes.extend(self.groups.converge(&self.scope, &config.firewall)?);
-        let mut report = self.status_unlocked()?;
+        let linked = changes.len();
+        changes.extend(self.dhcp.converge(&config.dhcp, &observed)?);
+        let tables = self.scope.run("nft", &["list".into(), "tables".into()])?;
+        changes.extend(self.isolation.converge(&self.scope, config, &tables)?);
+        changes.extend(self.firewall.converge(&self.scope, &config.firewall, &tables)?);
+        let observed = if changes.len() == linked { observed } else { self.observe()? };
+        let mut report = self.report(&observed)?;
         report.changes = changes;
         Ok(report)
     }
@@ -432,7 +437,10 @@ impl Network for HostNet {
 
 impl HostNet {
     fn status_unlocked(&self) -> Result<NetworkReport, AgentError> {
-        let observed = self.observe()?;
+        self.report(&self.observe()?)
+    }
+
+    fn report(&self, observed: &Observed) -> Result<NetworkReport, AgentError> {
         Ok(NetworkReport {
             bridges: observed
                 .links

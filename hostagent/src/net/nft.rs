@@ -73,10 +73,9 @@ pub fn nft_script(scope: &Scope, script: &str) -> Result<(), AgentError> {
     }
 }
 
-/// Whether the host has `family name` among its tables.
-pub fn has_table(scope: &Scope, family: &str, name: &str) -> Result<bool, AgentError> {
-    let tables = scope.run("nft", &["list".into(), "tables".into(), family.into()])?;
-    Ok(tables.lines().any(|l| l.trim() == format!("table {family} {name}")))
+/// Whether `family name` is among `tables` (`nft list tables`).
+pub fn listed(tables: &str, family: &str, name: &str) -> bool {
+    tables.lines().any(|l| l.trim() == format!("table {family} {name}"))
 }
 
 /// The isolation table of one host, remembering what it last applied.
@@ -90,13 +89,15 @@ impl Isolation {
     /// Makes the isolation table what `config` needs; returns what changed. The table is
     /// replaced unless both the wanted body and the listing equal those of the last apply,
     /// so a table changed or removed behind the agent's back is made again.
+    /// `tables` is `nft list tables` as the apply found it.
     pub fn converge(
         &self,
         scope: &Scope,
         config: &NetworkConfig,
+        tables: &str,
     ) -> Result<Vec<String>, AgentError> {
         let mut last = self.last.lock().expect("isolation lock");
-        let present = has_table(scope, "bridge", ISOLATION_TABLE)?;
+        let present = listed(tables, "bridge", ISOLATION_TABLE);
         let list = || {
             scope.run(
                 "nft",
