@@ -350,6 +350,18 @@ pub(crate) fn remove_l2(deleter: &Deleter, id: Uuid) -> RemoveFuture<'_> {
     })
 }
 
+/// Removes a security group, then has its members' hosts drop its rules.
+pub(crate) fn remove_security_group(deleter: &Deleter, id: Uuid) -> RemoveFuture<'_> {
+    Box::pin(async move {
+        let hosts = crate::network::hosts_of_security_group(&deleter.db, id)?;
+        remove_record::<crate::records::SecurityGroupRecord>(deleter, id).await?;
+        for host in hosts {
+            crate::host::refresh_network(&deleter.hosts, host);
+        }
+        Ok(())
+    })
+}
+
 pub(crate) fn remove_l3(deleter: &Deleter, id: Uuid) -> RemoveFuture<'_> {
     Box::pin(async move {
         let hosts = match deleter.db.get::<crate::records::L3NetworkRecord>(id)? {

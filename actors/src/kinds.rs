@@ -29,7 +29,8 @@ use crate::owners::OwnerRecord;
 use crate::records::{
     AgentCertRecord, BackupStorageRecord, ClusterRecord, HostRecord, ImageRecord,
     InstanceOfferingRecord, L2NetworkRecord, L3NetworkRecord, NetworkServiceL3RefRecord,
-    NetworkServiceProviderRecord, PrimaryStorageRecord, UsedIpRecord, VmRecord, ZoneRecord,
+    NetworkServiceProviderRecord, PrimaryStorageRecord, SecurityGroupRecord, UsedIpRecord,
+    VmRecord, ZoneRecord,
 };
 use crate::tags::{SystemTag, UserTag};
 
@@ -414,6 +415,40 @@ static VM_NIC: Shape = Shape {
     sorted: &[],
 };
 
+/// A security group's rule, as its inventory nests it.
+static SECURITY_GROUP_RULE: Shape = Shape {
+    name: "security-group-rules",
+    fields: &[
+        f("uuid", Id),
+        f("type", Text),
+        f("protocol", Text),
+        f("startPort", Int),
+        f("endPort", Int),
+        f("allowedCidr", Text),
+        f("remoteSecurityGroupUuid", Id),
+    ],
+    relations: &[Relation::Ref {
+        name: "remoteSecurityGroup",
+        field: "remoteSecurityGroupUuid",
+        kind: "security-groups",
+    }],
+    indexed: &[],
+    sorted: &[],
+};
+
+/// A security group's member NIC.
+static SECURITY_GROUP_MEMBER: Shape = Shape {
+    name: "security-group-members",
+    fields: &[f("vmNicUuid", Id), f("vmInstanceUuid", Id)],
+    relations: &[Relation::Ref {
+        name: "vmInstance",
+        field: "vmInstanceUuid",
+        kind: "vm-instances",
+    }],
+    indexed: &[],
+    sorted: &[],
+};
+
 static TAG_FIELDS: &[Field] = &[
     f("uuid", Id),
     f("resourceUuid", Id),
@@ -633,6 +668,25 @@ pub static KINDS: &[Kind] = &[
         access: Access::AdminOnly,
         taggable: false,
         deletion: Deletion::Never,
+        actor: None,
+    },
+    Kind {
+        api: "SecurityGroup",
+        vo: "SecurityGroupVO",
+        table: &TableOf::<SecurityGroupRecord>::new(),
+        shape: Shape {
+            name: "security-groups",
+            fields: &[f("uuid", Id), f("name", Text), f("description", Text), f("state", Text)],
+            relations: &[
+                Relation::Nested { name: "rules", shape: &SECURITY_GROUP_RULE },
+                Relation::Nested { name: "vmNics", shape: &SECURITY_GROUP_MEMBER },
+            ],
+            indexed: &[("uuid", "#uuid"), ("name", "name"), ("vmNics.vmInstanceUuid", "vm")],
+            sorted: &[("name", "name")],
+        },
+        access: Access::Owned,
+        taggable: true,
+        deletion: Deletion::Cascade(cascade::remove_security_group),
         actor: None,
     },
     Kind {

@@ -3,7 +3,7 @@
 //!
 //! The MN keeps no per-host network state of its own: a host's network is a function of
 //! the records (the L2 networks attached to its cluster, the L3s on them with the Flat
-//! provider's services, the NICs of the VMs placed on it), rendered whenever it may have
+//! provider's services, the NICs of the VMs placed on it and their security groups), rendered whenever it may have
 //! changed and sent whole to the agent, which converges to it. So nothing is lost when a
 //! message, an agent or the MN is: the next render says everything again. The host actor
 //! skips a send when the render equals what the agent last acknowledged.
@@ -17,14 +17,15 @@ use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 use strato_proto::net::{
-    BridgeSpec, DhcpHost, DhcpSpec, HostRoute, NetworkConfig, Uplink, bridge_name,
+    AddressGroup, BridgeSpec, DhcpHost, DhcpSpec, Firewall, FirewallRule, HostRoute, NetworkConfig,
+    PortRules, Protocol, Remote, Uplink, bridge_name, nic_device,
 };
 use strato_storage::{Batch, Db, Expect, StoreError};
 use uuid::Uuid;
 
 use crate::records::{
     HostRecord, L2NetworkRecord, L3NetworkRecord, NetworkServiceL3RefRecord,
-    NetworkServiceProviderRecord, VmRecord, l2_type,
+    NetworkServiceProviderRecord, SecurityGroupRecord, SecurityGroupRule, VmRecord, l2_type,
 };
 use crate::vm::state::VmState;
 
@@ -274,7 +275,112 @@ pub fn render(db: &Db, host: &HostRecord) -> Result<NetworkConfig, NetworkError>
     }
     config.bridges.sort_by(|a, b| a.name.cmp(&b.name));
     config.dhcp.sort_by_key(|d| d.l3);
+    config.firewall = firewall(db, &vms)?;
     Ok(config)
+}
+
+/// The security groups' rules on `vms`' NICs, and the members of the groups they name.
+fn firewall(db: &Db, vms: &[VmRecord]) -> Result<Firewall, StoreError> {
+    let mut out = Firewall::default();
+    let mut remotes = std::collections::BTreeSet::new();
+    for vm in vms.iter().filter(|vm| vm.state != VmState::Destroyed) {
+        let groups: Vec<SecurityGroupRecord> = db
+            .find::<SecurityGroupRecord>("vm", &vm.uuid.into())?
+            .into_iter()
+            .filter_map(|id| db.get::<SecurityGroupRecord>(id).transpose())
+            .map(|r| r.map(|s| s.record))
+            .collect::<Result<_, _>>()?;
+        for nic in &vm.vm_nics {
+            let mine: Vec<&SecurityGroupRecord> = groups
+                .iter()
+                .filter(|g| g.vm_nics.iter().any(|m| m.vm_nic_uuid == nic.uuid))
+                .collect();
+            if mine.is_empty() {
+                continue;
+            }
+            let mut port = PortRules {
+                device: nic_device(&nic.mac),
+                addresses: nic.ip.parse().into_iter().collect(),
+                ingress: Vec::new(),
+                egress: Vec::new(),
+            };
+            for rule in mine.iter().flat_map(|g| &g.rules) {
+                let Some(converted) = firewall_rule(rule) else { continue };
+                remotes.extend(rule.remote_security_group_uuid);
+                let list =
+                    if rule.r#type == "Egress" { &mut port.egress } else { &mut port.ingress };
+                if !list.contains(&converted) {
+                    list.push(converted);
+                }
+            }
+            out.ports.push(port);
+        }
+    }
+    for group in remotes {
+        let mut members = Vec::new();
+        if let Some(sg) = db.get::<SecurityGroupRecord>(group)? {
+            for member in &sg.record.vm_nics {
+                let Some(vm) = db.get::<VmRecord>(member.vm_instance_uuid)? else { continue };
+                if vm.record.state == VmState::Destroyed {
+                    continue;
+                }
+                members.extend(
+                    vm.record
+                        .vm_nics
+                        .iter()
+                        .filter(|n| n.uuid == member.vm_nic_uuid)
+                        .filter_map(|n| n.ip.parse::<Ipv4Addr>().ok()),
+                );
+            }
+        }
+        members.sort();
+        members.dedup();
+        out.groups.push(AddressGroup { name: group.simple().to_string(), members });
+    }
+    out.ports.sort_by(|a, b| a.device.cmp(&b.device));
+    Ok(out)
+}
+
+/// A stored rule as the host applies it (none: a rule the store holds wrongly, skipped).
+fn firewall_rule(rule: &SecurityGroupRule) -> Option<FirewallRule> {
+    let ports = u16::try_from(rule.start_port).ok().zip(u16::try_from(rule.end_port).ok());
+    let protocol = match rule.protocol.as_str() {
+        "TCP" => Protocol::Tcp,
+        "UDP" => Protocol::Udp,
+        "ICMP" => Protocol::Icmp,
+        _ => Protocol::All,
+    };
+    let remote = match rule.remote_security_group_uuid {
+        Some(group) => Remote::Group(group.simple().to_string()),
+        None => {
+            let net: Ipv4Net = rule.allowed_cidr.parse().ok()?;
+            Remote::Cidr { address: net.network(), prefix_len: net.prefix_len() }
+        }
+    };
+    let ports = if matches!(protocol, Protocol::Tcp | Protocol::Udp) { ports } else { None };
+    Some(FirewallRule { protocol, ports, remote })
+}
+
+/// The hosts whose rules security group `group` is in: its members' and those of the
+/// groups that name it as their rules' remote end.
+pub fn hosts_of_security_group(db: &Db, group: Uuid) -> Result<Vec<Uuid>, StoreError> {
+    let mut vms = Vec::new();
+    for stored in db.scan::<SecurityGroupRecord>() {
+        let sg = stored?.record;
+        if sg.uuid == group || sg.rules.iter().any(|r| r.remote_security_group_uuid == Some(group))
+        {
+            vms.extend(sg.vm_nics.iter().map(|m| m.vm_instance_uuid));
+        }
+    }
+    let mut hosts = Vec::new();
+    for vm in vms {
+        if let Some(vm) = db.get::<VmRecord>(vm)? {
+            hosts.extend(vm.record.host_uuid);
+        }
+    }
+    hosts.sort();
+    hosts.dedup();
+    Ok(hosts)
 }
 
 /// The flat DHCP of `l3` on `bridge`, if the L3 has the Flat provider's DHCP.

@@ -299,6 +299,10 @@ impl Record for VmRecord {
                 name: "l3",
                 values: |v| v.vm_nics.iter().map(|n| IndexValue::Uuid(n.l3_network_uuid)).collect(),
             },
+            Index {
+                name: "nic",
+                values: |v| v.vm_nics.iter().map(|n| IndexValue::Uuid(n.uuid)).collect(),
+            },
         ]
     }
 
@@ -590,6 +594,83 @@ impl Record for NetworkServiceL3RefRecord {
             Index {
                 name: "provider",
                 values: |r| vec![IndexValue::Uuid(r.network_service_provider_uuid)],
+            },
+        ]
+    }
+}
+
+/// A security group: its rules, the L3 networks it is attached to and its member NICs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SecurityGroupRecord {
+    /// Its UUID.
+    pub uuid: Uuid,
+    /// Its name.
+    pub name: String,
+    /// What it is for.
+    pub description: String,
+    /// Always `Enabled`.
+    pub state: String,
+    /// The L3 networks whose NICs may join it.
+    pub attached_l3_network_uuids: Vec<Uuid>,
+    /// Its rules.
+    pub rules: Vec<SecurityGroupRule>,
+    /// Its members.
+    pub vm_nics: Vec<SecurityGroupMember>,
+}
+
+/// A rule of a security group: what it allows, in one direction.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SecurityGroupRule {
+    /// Its UUID.
+    pub uuid: Uuid,
+    /// `Ingress` or `Egress`.
+    pub r#type: String,
+    /// `TCP`, `UDP`, `ICMP` or `ALL`.
+    pub protocol: String,
+    /// The first port (TCP and UDP; -1 for all).
+    pub start_port: i32,
+    /// The last port.
+    pub end_port: i32,
+    /// The other end's network (`0.0.0.0/0` for any), unless a group is named.
+    pub allowed_cidr: String,
+    /// The other end: the members of this group.
+    pub remote_security_group_uuid: Option<Uuid>,
+}
+
+/// A NIC in a security group.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SecurityGroupMember {
+    /// The NIC.
+    pub vm_nic_uuid: Uuid,
+    /// Its VM.
+    pub vm_instance_uuid: Uuid,
+}
+
+impl Record for SecurityGroupRecord {
+    const KIND: &'static str = "security-group";
+    const VERSION: u16 = 1;
+
+    fn id(&self) -> Uuid {
+        self.uuid
+    }
+
+    fn indexes() -> &'static [Index<Self>] {
+        &[
+            Index { name: "name", values: |g| vec![g.name.as_str().into()] },
+            Index {
+                name: "vm",
+                values: |g| {
+                    g.vm_nics.iter().map(|m| IndexValue::Uuid(m.vm_instance_uuid)).collect()
+                },
+            },
+            Index {
+                name: "l3",
+                values: |g| {
+                    g.attached_l3_network_uuids.iter().map(|l| IndexValue::Uuid(*l)).collect()
+                },
             },
         ]
     }

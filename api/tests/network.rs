@@ -257,6 +257,49 @@ fn vms_on_a_vxlan_get_their_addresses_by_flat_dhcp_and_reach_each_other() {
     let peer_ip = vms[1]["vmNics"][0]["ip"].as_str().unwrap();
     run(&["ip", "netns", "exec", &guests[0], "busybox", "ping", "-c", "2", "-W", "2", peer_ip]);
 
+    // Security groups: guest 1 joins a group with no ingress rule: guest 0's pings stop;
+    // a rule for ICMP from guest 0's network opens them; deleting it closes them again.
+    let sg = create(api, "/v1/security-groups", json!({ "name": "web" }));
+    let sg_id = uuid(&sg).to_owned();
+    let sg_action = |body: Value| {
+        ok(api, "PUT", &format!("/v1/security-groups/{sg_id}/actions"), Some(&body.to_string()))
+    };
+    let nic1 = vms[1]["vmNics"][0]["uuid"].as_str().unwrap().to_owned();
+    let (status, _, refused) = http(
+        api,
+        "PUT",
+        &format!("/v1/security-groups/{sg_id}/actions"),
+        Some(&json!({ "addVmNicToSecurityGroup": { "vmNicUuids": [nic1] } }).to_string()),
+        &[],
+    );
+    assert_eq!(status, 400, "a NIC joins only through an attached L3: {refused}");
+    sg_action(json!({ "attachSecurityGroupToL3Network": { "l3NetworkUuid": l3_id } }));
+    sg_action(json!({ "addVmNicToSecurityGroup": { "vmNicUuids": [nic1] } }));
+    let pings = |from: &str, to: &str| {
+        sh(&["ip", "netns", "exec", from, "busybox", "ping", "-c", "1", "-W", "1", to])
+            .status
+            .success()
+    };
+    let until = |want: bool| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while pings(&guests[0], peer_ip) != want {
+            assert!(std::time::Instant::now() < deadline, "pings never became {want}");
+        }
+    };
+    until(false);
+    let with_rule = sg_action(json!({ "addSecurityGroupRule": { "rules": [
+        { "type": "Ingress", "protocol": "ICMP", "allowedCidr": "10.60.0.0/24" }
+    ] } }));
+    until(true);
+    let (_, _, found) =
+        http(api, "GET", "/v1/security-groups?q=rules.allowedCidr=10.60.0.0/24", None, &[]);
+    assert_eq!(found["inventories"][0]["uuid"], sg_id.as_str(), "{found}");
+    let rule = with_rule["rules"][0]["uuid"].as_str().unwrap();
+    sg_action(json!({ "deleteSecurityGroupRule": { "ruleUuids": [rule] } }));
+    until(false);
+    ok(api, "DELETE", &format!("/v1/security-groups/{sg_id}"), None);
+    until(true);
+
     // A reconnect sends the whole state again: what was removed behind the agent's back
     // (dnsmasq's namespace) is back, and the guest is served.
     let dhcp_ns = format!("{}-na-br_vx_4000_{}", ns.tag, l3_id.replace('-', ""));
@@ -302,20 +345,24 @@ fn vms_on_a_vxlan_get_their_addresses_by_flat_dhcp_and_reach_each_other() {
         );
     }
     ok(api, "DELETE", &format!("/v1/l2-networks/{}?deleteMode=Enforcing", uuid(&pool)), None);
+    // Everything the agents made goes: links, then the DHCP namespaces.
+    let made_by_agents = || -> Vec<String> {
+        let mut left: Vec<String> = [&a, &b].iter().flat_map(|ns| marked_links(ns)).collect();
+        let namespaces = run(&["ip", "netns", "list"]);
+        left.extend(
+            namespaces
+                .lines()
+                .filter(|l| {
+                    l.starts_with(&format!("{}-na-", ns.tag))
+                        || l.starts_with(&format!("{}-nb-", ns.tag))
+                })
+                .map(str::to_owned),
+        );
+        left
+    };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    for host_ns in [&a, &b] {
-        while !marked_links(host_ns).is_empty() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{host_ns} kept {:?}",
-                marked_links(host_ns)
-            );
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
+    while !made_by_agents().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "left behind: {:?}", made_by_agents());
+        std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    let left = run(&["ip", "netns", "list"]);
-    assert!(
-        !left.contains(&format!("{}-na-", ns.tag)) && !left.contains(&format!("{}-nb-", ns.tag)),
-        "{left}"
-    );
 }

@@ -40,6 +40,7 @@ pub mod infra;
 pub mod jobs;
 pub mod networks;
 pub mod resources;
+pub mod security_groups;
 pub mod storage;
 pub mod tags;
 pub mod vms;
@@ -58,6 +59,7 @@ pub fn apis() -> &'static [Api] {
         apis.extend(accounts::apis());
         apis.extend(infra::apis());
         apis.extend(networks::apis());
+        apis.extend(security_groups::apis());
         apis.extend(vms::apis());
         apis.extend(storage::apis());
         apis.extend(tags::apis());

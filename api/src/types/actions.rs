@@ -154,6 +154,83 @@ pub struct NetworkServices {
     pub network_services: std::collections::BTreeMap<String, Vec<String>>,
 }
 
+/// The actions on a security group (`PUT /v1/security-groups/{uuid}/actions`).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum SecurityGroupAction {
+    /// Adds rules to a security group
+    AddSecurityGroupRule(SecurityGroupRules),
+    /// Deletes rules of a security group
+    DeleteSecurityGroupRule(RuleUuids),
+    /// Lets the NICs of an L3 network join a security group
+    AttachSecurityGroupToL3Network(OnL3Network),
+    /// Takes an L3 network from a security group
+    DetachSecurityGroupFromL3Network(OnL3Network),
+    /// Adds VM NICs to a security group
+    AddVmNicToSecurityGroup(VmNics),
+    /// Takes VM NICs out of a security group
+    DeleteVmNicFromSecurityGroup(VmNics),
+}
+
+/// Rules to add.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SecurityGroupRules {
+    /// The rules.
+    pub rules: Vec<RuleParams>,
+}
+
+/// One rule: a direction, a protocol, ports and the other end.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RuleParams {
+    /// `Ingress` or `Egress`.
+    pub r#type: String,
+    /// `TCP`, `UDP`, `ICMP` or `ALL`.
+    pub protocol: String,
+    /// The first port (TCP, UDP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_port: Option<i32>,
+    /// The last port (TCP, UDP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_port: Option<i32>,
+    /// The other end's network (default `0.0.0.0/0`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_cidr: Option<String>,
+    /// The other end: this group's members (instead of a network).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "super::canonical::option"
+    )]
+    pub remote_security_group_uuid: Option<Uuid>,
+}
+
+/// Rules by UUID.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RuleUuids {
+    /// The rules.
+    pub rule_uuids: Vec<String>,
+}
+
+/// An L3 network.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OnL3Network {
+    /// The L3 network.
+    #[serde(deserialize_with = "super::canonical::uuid")]
+    pub l3_network_uuid: Uuid,
+}
+
+/// VM NICs by UUID.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VmNics {
+    /// The NICs.
+    pub vm_nic_uuids: Vec<String>,
+}
+
 /// The actions on a host (`PUT /v1/hosts/{uuid}/actions`).
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
