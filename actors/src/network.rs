@@ -18,7 +18,7 @@ use std::net::Ipv4Addr;
 use ipnet::Ipv4Net;
 use strato_proto::net::{
     AddressGroup, BridgeSpec, DhcpHost, DhcpSpec, Firewall, FirewallRule, HostRoute, NetworkConfig,
-    PortRules, Protocol, Remote, Uplink, bridge_name, nic_device,
+    NicIdentity, PortRules, Protocol, Remote, Uplink, bridge_name, nic_device,
 };
 use strato_storage::{Batch, Db, Expect, StoreError};
 use uuid::Uuid;
@@ -279,7 +279,8 @@ pub fn render(db: &Db, host: &HostRecord) -> Result<NetworkConfig, NetworkError>
     Ok(config)
 }
 
-/// The security groups' rules on `vms`' NICs, and the members of the groups they name.
+/// Every bridged NIC of `vms` (held to its MAC and address), the security groups' rules
+/// on them, and the members of the groups those rules name.
 fn firewall(db: &Db, vms: &[VmRecord]) -> Result<Firewall, StoreError> {
     let mut out = Firewall::default();
     let mut remotes = std::collections::BTreeSet::new();
@@ -291,6 +292,14 @@ fn firewall(db: &Db, vms: &[VmRecord]) -> Result<Firewall, StoreError> {
             .map(|r| r.map(|s| s.record))
             .collect::<Result<_, _>>()?;
         for nic in &vm.vm_nics {
+            // Every NIC on a bridge is held to its MAC and address.
+            if nic.bridge.is_some() {
+                out.nics.push(NicIdentity {
+                    device: nic_device(&nic.mac),
+                    mac: nic.mac.clone(),
+                    addresses: nic.ip.parse().into_iter().collect(),
+                });
+            }
             let mine: Vec<&SecurityGroupRecord> = groups
                 .iter()
                 .filter(|g| g.vm_nics.iter().any(|m| m.vm_nic_uuid == nic.uuid))
@@ -338,6 +347,7 @@ fn firewall(db: &Db, vms: &[VmRecord]) -> Result<Firewall, StoreError> {
         out.groups.push(AddressGroup { name: group.simple().to_string(), members });
     }
     out.ports.sort_by(|a, b| a.device.cmp(&b.device));
+    out.nics.sort_by(|a, b| a.device.cmp(&b.device));
     Ok(out)
 }
 

@@ -52,6 +52,7 @@ fn firewall(first_port: u16) -> Firewall {
         })
         .collect();
     Firewall {
+        nics: vec![],
         ports,
         groups: vec![AddressGroup {
             name: "g0".into(),

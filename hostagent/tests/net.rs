@@ -402,7 +402,9 @@ fn wait_for(path: &Path, text: &str) -> bool {
 
 #[test]
 fn security_groups_allow_deny_follow_remote_groups_and_stop_open_connections() {
-    use strato_proto::net::{AddressGroup, Firewall, FirewallRule, PortRules, Protocol, Remote};
+    use strato_proto::net::{
+        AddressGroup, Firewall, FirewallRule, NicIdentity, PortRules, Protocol, Remote,
+    };
     let mut lab = Lab::new("s");
     let h = lab.namespace("h");
     ok(&["ip", "-n", &h, "link", "add", "eth9", "type", "veth", "peer", "name", "eth9p"]);
@@ -435,7 +437,34 @@ fn security_groups_allow_deny_follow_remote_groups_and_stop_open_connections() {
         ingress,
         egress: vec![],
     };
+    let identity = |mac: &str, ip: [u8; 4]| NicIdentity {
+        device: nic_device(mac),
+        mac: mac.into(),
+        addresses: vec![Ipv4Addr::from(ip)],
+    };
+    let nics = vec![
+        identity(mac_a, [10, 70, 0, 1]),
+        identity(mac_b, [10, 70, 0, 2]),
+        identity(mac_c, [10, 70, 0, 3]),
+    ];
+    // Anti-spoofing alone (no group yet): C passes as itself, not as another address or MAC.
+    config.firewall = Firewall { nics: nics.clone(), ..Firewall::default() };
+    net.apply(&config).unwrap();
+    assert!(pings(&c, "10.70.0.2"), "a NIC as itself passes");
+    let readdress = |ip: &str| {
+        ok(&["ip", "-n", &c, "addr", "flush", "dev", "eth0"]);
+        ok(&["ip", "-n", &c, "addr", "add", ip, "dev", "eth0"]);
+    };
+    readdress("10.70.0.1/24");
+    assert!(!pings(&c, "10.70.0.2"), "a NIC sending as another's address is dropped");
+    readdress("10.70.0.3/24");
+    ok(&["ip", "-n", &c, "link", "set", "eth0", "address", "fa:16:3e:00:01:99"]);
+    assert!(!pings(&c, "10.70.0.2"), "a NIC sending as another MAC is dropped");
+    ok(&["ip", "-n", &c, "link", "set", "eth0", "address", mac_c]);
+    assert!(pings(&c, "10.70.0.2"), "back as itself, it passes again");
+
     let firewall = |b_rules: Vec<FirewallRule>, admins: Vec<Ipv4Addr>| Firewall {
+        nics: nics.clone(),
         ports: vec![port(mac_a, [10, 70, 0, 1], vec![]), port(mac_b, [10, 70, 0, 2], b_rules)],
         groups: vec![AddressGroup { name: "admins".into(), members: admins }],
     };
@@ -486,7 +515,7 @@ fn security_groups_allow_deny_follow_remote_groups_and_stop_open_connections() {
     config.firewall = Firewall::default();
     net.apply(&config).unwrap();
     let tables = ok(&["ip", "netns", "exec", &h, "nft", "list", "tables"]);
-    assert!(!tables.contains("strato_sg"), "{tables}");
+    assert!(!tables.contains("strato_"), "{tables}");
     assert!(pings(&c, "10.70.0.2"));
     net.apply(&NetworkConfig::default()).unwrap();
 }

@@ -37,10 +37,24 @@ pub struct NetworkConfig {
 /// groups rules name as their remote end.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Firewall {
+    /// Every VM NIC on the host's bridges: what it may send as (anti-spoofing).
+    pub nics: Vec<NicIdentity>,
     /// One entry per NIC in at least one security group, by its device.
     pub ports: Vec<PortRules>,
     /// The members' addresses of every group a rule names as its remote end.
     pub groups: Vec<AddressGroup>,
+}
+
+/// Who a VM NIC is: frames from it must carry its MAC, and its IPv4 packets and ARP its
+/// addresses (or 0.0.0.0, as DHCP and ARP probes do before it has one).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NicIdentity {
+    /// Its device on the host ([`nic_device`]).
+    pub device: String,
+    /// Its MAC address.
+    pub mac: String,
+    /// Its addresses.
+    pub addresses: Vec<Ipv4Addr>,
 }
 
 /// The rules of one VM NIC.

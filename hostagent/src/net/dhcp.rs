@@ -324,7 +324,8 @@ fn valid_hostname(name: &str) -> bool {
         && !name.ends_with('-')
 }
 
-fn valid_mac(mac: &str) -> bool {
+/// Whether `mac` is six colon-separated pairs of hex digits.
+pub(crate) fn valid_mac(mac: &str) -> bool {
     let parts: Vec<&str> = mac.split(':').collect();
     parts.len() == 6
         && parts.iter().all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()))

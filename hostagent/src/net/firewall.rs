@@ -18,7 +18,9 @@
 //! window between the rule's removal and the deletion.)
 //!
 //! DHCP to and from a guest always passes (its address comes before any rule can name
-//! it), and ARP is not IPv4: the anti-spoofing checks, not the groups, watch it.
+//! it), and ARP is not IPv4: the anti-spoofing checks, not the groups, watch it. Those
+//! checks (a third table, first in the bridge's forward hook) hold every VM NIC on the host
+//! to its MAC and addresses, group or no group.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -28,15 +30,80 @@ use strato_proto::net::{Firewall, FirewallRule, Protocol, Remote};
 use super::host::Scope;
 use super::nft::{listed, nft_script};
 
+/// The bridge-family table that checks each NIC's source identity.
+pub const ANTISPOOF_TABLE: &str = "strato_antispoof";
 /// The bridge-family table that marks ports.
 pub const MARK_TABLE: &str = "strato_sg_ports";
 /// The inet-family table with the rules.
 pub const RULE_TABLE: &str = "strato_sg";
 
-/// Both tables' text for `firewall` (none when no NIC is in a group).
+/// The anti-spoofing table's text: a frame from a NIC's port must carry its MAC (as the
+/// Ethernet and the ARP sender), and its IPv4 and ARP sender addresses must be the NIC's
+/// or 0.0.0.0 (DHCP and ARP probes, before it has one). So a guest cannot pass for another:
+/// the metadata service and the security groups' remote sets trust the source address.
+fn render_antispoof(firewall: &Firewall) -> String {
+    let mut rules = String::new();
+    for nic in &firewall.nics {
+        let device = &nic.device;
+        let mac = nic.mac.to_ascii_lowercase();
+        let mut addresses: Vec<String> = nic.addresses.iter().map(ToString::to_string).collect();
+        addresses.push("0.0.0.0".into());
+        let addresses = addresses.join(", ");
+        for check in [
+            format!("ether saddr != {mac}"),
+            format!("arp saddr ether != {mac}"),
+            format!("arp saddr ip != {{ {addresses} }}"),
+            format!("ip saddr != {{ {addresses} }}"),
+        ] {
+            rules.push_str(&format!("    iifname \"{device}\" {check} drop\n"));
+        }
+    }
+    format!(
+        "table bridge {ANTISPOOF_TABLE}\ndelete table bridge {ANTISPOOF_TABLE}\n\
+         table bridge {ANTISPOOF_TABLE} {{\n  chain forward {{\n    type filter hook forward priority -300; policy accept;\n{rules}  }}\n}}\n"
+    )
+}
+
+/// Refuses a firewall whose names could not be written into nft's language as they are
+/// (the MN makes them; the agent does not trust that).
+fn check(firewall: &Firewall) -> Result<(), AgentError> {
+    let device =
+        |d: &str| !d.is_empty() && d.len() <= 15 && d.bytes().all(|b| b.is_ascii_alphanumeric());
+    let bad = firewall
+        .nics
+        .iter()
+        .find(|n| !device(&n.device) || !super::dhcp::valid_mac(&n.mac))
+        .map(|n| n.device.clone())
+        .or_else(|| firewall.ports.iter().find(|p| !device(&p.device)).map(|p| p.device.clone()))
+        .or_else(|| {
+            firewall
+                .groups
+                .iter()
+                .find(|g| !device(&g.name) && !g.name.bytes().all(|b| b.is_ascii_hexdigit()))
+                .map(|g| g.name.clone())
+        });
+    match bad {
+        Some(name) => Err(AgentError::new(
+            strato_proto::AgentErrorCode::BadRequest,
+            format!("the firewall names `{name}`, which is not a device, MAC or group name"),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// The tables' text for `firewall` (none when the host has no VM NIC on a bridge): the
+/// anti-spoofing table, and the security groups' two when a NIC is in a group.
 pub fn render(firewall: &Firewall) -> Option<String> {
-    if firewall.ports.is_empty() {
+    if firewall.nics.is_empty() && firewall.ports.is_empty() {
         return None;
+    }
+
+    let antispoof = render_antispoof(firewall);
+    if firewall.ports.is_empty() {
+        return Some(format!(
+            "{antispoof}table bridge {MARK_TABLE}\ndelete table bridge {MARK_TABLE}\n\
+             table inet {RULE_TABLE}\ndelete table inet {RULE_TABLE}\n"
+        ));
     }
     let mut marks = String::new();
     let mut dispatch = String::new();
@@ -76,7 +143,7 @@ pub fn render(firewall: &Firewall) -> Option<String> {
         sets.push_str("  }\n");
     }
     Some(format!(
-        "table bridge {MARK_TABLE}\ndelete table bridge {MARK_TABLE}\n\
+        "{antispoof}table bridge {MARK_TABLE}\ndelete table bridge {MARK_TABLE}\n\
          table bridge {MARK_TABLE} {{\n  chain forward {{\n    type filter hook forward priority -200; policy accept;\n{marks}  }}\n}}\n\
          table inet {RULE_TABLE}\ndelete table inet {RULE_TABLE}\n\
          table inet {RULE_TABLE} {{\n{sets}  chain forward {{\n    type filter hook forward priority 0; policy accept;\n    \
@@ -120,6 +187,7 @@ impl SecurityGroups {
         tables: &str,
     ) -> Result<Vec<String>, AgentError> {
         let mut changes = Vec::new();
+        check(firewall)?;
         match render(firewall) {
             Some(script) => {
                 // Bridged IPv4 must reach the inet tables (the default in a new namespace,
@@ -138,7 +206,9 @@ impl SecurityGroups {
                 ));
             }
             None => {
-                for (family, table) in [("bridge", MARK_TABLE), ("inet", RULE_TABLE)] {
+                for (family, table) in
+                    [("bridge", ANTISPOOF_TABLE), ("bridge", MARK_TABLE), ("inet", RULE_TABLE)]
+                {
                     if listed(tables, family, table) {
                         nft_script(scope, &format!("delete table {family} {table}\n"))?;
                         changes.push(format!("removed nft table {family} {table}"));
@@ -159,6 +229,7 @@ mod tests {
     #[test]
     fn each_port_has_its_chains_and_a_group_is_a_set() {
         let firewall = Firewall {
+            nics: vec![],
             ports: vec![PortRules {
                 device: "sv0000000000aa".into(),
                 addresses: vec![Ipv4Addr::new(10, 0, 0, 5)],
