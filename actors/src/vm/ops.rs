@@ -611,12 +611,16 @@ pub async fn migrate(
         match moved {
             Ok(destination) => {
                 tracing::info!(vm = %id, from = %source, to = %destination, "VM migrated");
-                save(&ctx, |r| {
+                let moved = save(&ctx, |r| {
                     r.state = transition.on_success;
                     r.last_host_uuid = Some(source);
                     r.host_uuid = Some(destination);
                 })
-                .await
+                .await?;
+                // Its reservation and rules leave the source; the destination gets them
+                // before the VM starts there.
+                host::refresh_network(&hosts, source);
+                Ok(moved)
             }
             Err(error) => {
                 // Whatever step failed (booking, undefining, giving a booking back), the VM
