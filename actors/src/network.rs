@@ -8,8 +8,8 @@
 //! message, an agent or the MN is: the next render says everything again. The host actor
 //! skips a send when the render equals what the agent last acknowledged.
 //!
-//! Providers are ZStack's three, with fixed UUIDs: Flat (DHCP, DNS and host routes made on
-//! every host; Userdata and Eip listed, not made yet), VirtualRouter (listed, not made:
+//! Providers are ZStack's three, with fixed UUIDs: Flat (DHCP, DNS, host routes and
+//! Userdata made on every host; Eip listed, not made yet), VirtualRouter (listed, not made:
 //! Strato runs no router appliance) and SecurityGroup. Attaching a service a provider does
 //! not make is refused, rather than recorded and silently not done.
 
@@ -17,8 +17,9 @@ use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 use strato_proto::net::{
-    AddressGroup, BridgeSpec, DhcpHost, DhcpSpec, Firewall, FirewallRule, HostRoute, NetworkConfig,
-    NicIdentity, PortRules, Protocol, Remote, Uplink, bridge_name, nic_device,
+    AddressGroup, BridgeSpec, DhcpHost, DhcpSpec, Firewall, FirewallRule, GuestMetadata, HostRoute,
+    METADATA_ADDRESS, NetworkConfig, NicIdentity, PortRules, Protocol, Remote, Uplink, bridge_name,
+    nic_device,
 };
 use strato_storage::{Batch, Db, Expect, StoreError};
 use uuid::Uuid;
@@ -56,7 +57,7 @@ const PROVIDERS: &[(&str, &str, &[&str], &[&str])] = &[
         FLAT,
         "Flat network services, made on every host",
         &["DHCP", "Userdata", "Eip", "DNS", "HostRoute"],
-        &["DHCP", "DNS", "HostRoute"],
+        &["DHCP", "DNS", "HostRoute", "Userdata"],
     ),
     (
         VIRTUAL_ROUTER,
@@ -428,7 +429,7 @@ fn dhcp_of(
     } else {
         Vec::new()
     };
-    let routes = if flat(service::HOST_ROUTE) {
+    let mut routes: Vec<HostRoute> = if flat(service::HOST_ROUTE) {
         l3.host_routes
             .iter()
             .filter_map(|r| {
@@ -443,6 +444,13 @@ fn dhcp_of(
     } else {
         Vec::new()
     };
+    let metadata = if flat(service::USERDATA) {
+        // Guests reach the metadata service through the DHCP namespace (option 121).
+        routes.push(HostRoute { destination: METADATA_ADDRESS, prefix_len: 32, nexthop: address });
+        Some(guest_metadata(db, l3.uuid, vms)?)
+    } else {
+        None
+    };
     Ok(Some(DhcpSpec {
         l3: l3.uuid,
         bridge: bridge.to_owned(),
@@ -454,7 +462,36 @@ fn dhcp_of(
         mtu: l3.mtu,
         domain: None,
         hosts,
+        metadata,
     }))
+}
+
+/// What the metadata service tells each of `vms`' guests on L3 `l3`.
+fn guest_metadata(db: &Db, l3: Uuid, vms: &[VmRecord]) -> Result<Vec<GuestMetadata>, StoreError> {
+    let mut guests = Vec::new();
+    for vm in vms.iter().filter(|vm| vm.state != VmState::Destroyed) {
+        let user_data = crate::tags::system_tokens(db, vm.uuid, "userdata")?
+            .into_iter()
+            .next()
+            .and_then(|t| crate::tags::user_data(t.first()?).ok());
+        let ssh_keys: Vec<String> = crate::tags::system_tokens(db, vm.uuid, "sshkey")?
+            .into_iter()
+            .filter_map(|t| t.into_iter().next())
+            .collect();
+        for nic in vm.vm_nics.iter().filter(|n| n.l3_network_uuid == l3) {
+            if let Ok(ip) = nic.ip.parse() {
+                guests.push(GuestMetadata {
+                    ip,
+                    instance_id: vm.uuid,
+                    hostname: guest_hostname(db, vm)?,
+                    user_data: user_data.clone(),
+                    ssh_keys: ssh_keys.clone(),
+                });
+            }
+        }
+    }
+    guests.sort_by_key(|g| g.ip);
+    Ok(guests)
 }
 
 /// The hosts whose network L2 network `l2` is part of.

@@ -7,6 +7,8 @@
 //! than one tag of it. What the patterns do:
 //!
 //! - `hostname::{hostname}` (VMs): the guest's host name, checked as an RFC 1123 name.
+//! - `userdata::{data}` (VMs): the guest's user data, base64, served by the metadata service.
+//! - `sshkey::{key}` (VMs): an SSH public key the metadata service hands the guest.
 //! - `staticIp::{l3NetworkUuid}::{ip}` (VMs): the VM's address on that network; IPAM hands
 //!   out exactly that address at creation or fails the creation with why.
 //! - `reservedMemory::{size}` (hosts): memory the allocator leaves to the host itself
@@ -199,6 +201,18 @@ pub static PATTERNS: &[Pattern] = &[
         },
     },
     Pattern {
+        format: "userdata::{data}",
+        resource_types: &["VmInstanceVO"],
+        one_per_first_token: false,
+        check: |t| user_data(t[0]).map(drop),
+    },
+    Pattern {
+        format: "sshkey::{key}",
+        resource_types: &["VmInstanceVO"],
+        one_per_first_token: true,
+        check: |t| check_ssh_key(t[0]),
+    },
+    Pattern {
         format: "reservedMemory::{size}",
         resource_types: &["HostVO"],
         one_per_first_token: false,
@@ -239,6 +253,41 @@ pub fn parse_system_tag<'a>(tag: &'a str, resource_type: &str) -> Result<Parsed<
     }
     (pattern.check)(&tokens).map_err(|e| format!("`{tag}`: {e}"))?;
     Ok(Parsed { pattern, tokens })
+}
+
+/// The most user data a VM carries, decoded (EC2's limit).
+pub const MAX_USER_DATA: usize = 16 << 10;
+
+/// A `userdata::` tag's data: base64, at most [`MAX_USER_DATA`] bytes decoded.
+pub fn user_data(encoded: &str) -> Result<Vec<u8>, String> {
+    use base64::Engine;
+    let data = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .map_err(|e| format!("user data is base64-encoded: {e}"))?;
+    if data.len() > MAX_USER_DATA {
+        return Err(format!(
+            "user data is {} bytes; at most {MAX_USER_DATA} are accepted",
+            data.len()
+        ));
+    }
+    Ok(data)
+}
+
+/// An SSH public key: `<type> <base64> [comment]`, one line.
+fn check_ssh_key(key: &str) -> Result<(), String> {
+    let kind = key.split(' ').next().unwrap_or_default();
+    let known =
+        kind.starts_with("ssh-") || kind.starts_with("ecdsa-sha2-") || kind.starts_with("sk-");
+    if !known
+        || key.split(' ').count() < 2
+        || key.len() > 8 << 10
+        || key.chars().any(char::is_control)
+    {
+        return Err(
+            "an SSH public key is one line: its type (ssh-ed25519, ...), the key, a comment".into(),
+        );
+    }
+    Ok(())
 }
 
 fn check_hostname(name: &str) -> Result<(), String> {

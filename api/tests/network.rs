@@ -66,6 +66,7 @@ fn dhcp(dir: &Path, guest: &str) -> Option<Value> {
         &script,
         "#!/bin/sh\ncase \"$1\" in bound|renew)\n  ip addr flush dev \"$interface\"\n  \
          ip addr add \"$ip/$mask\" dev \"$interface\"\n  \
+         set -- $staticroutes\n  while [ $# -ge 2 ]; do ip route replace \"$1\" via \"$2\" dev \"$interface\"; shift 2; done\n  \
          printf '{\"ip\":\"%s\",\"router\":\"%s\",\"dns\":\"%s\",\"hostname\":\"%s\",\"mtu\":\"%s\",\"routes\":\"%s\"}' \
          \"$ip\" \"$router\" \"$dns\" \"$hostname\" \"$mtu\" \"$staticroutes\" > \"$LEASE_OUT\"\n;;\nesac\n",
     )
@@ -84,6 +85,19 @@ fn dhcp(dir: &Path, guest: &str) -> Option<Value> {
         return None;
     }
     serde_json::from_str(&std::fs::read_to_string(&out).ok()?).ok()
+}
+
+/// `text` in base64, as `userdata::` tags carry it.
+fn base64_of(text: &str) -> String {
+    let out = Command::new("base64")
+        .arg("-w0")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    out.stdin.as_ref().unwrap().write_all(text.as_bytes()).unwrap();
+    String::from_utf8(out.wait_with_output().unwrap().stdout).unwrap()
 }
 
 fn uuid(v: &Value) -> &str {
@@ -149,6 +163,20 @@ fn vms_on_a_vxlan_get_their_addresses_by_flat_dhcp_and_reach_each_other() {
     let l2 =
         create(api, "/v1/l2-networks/vxlan", json!({ "name": "vx", "poolUuid": pool["uuid"] }));
     assert_eq!(l2["vni"], 4000);
+    // Two creations of one VNI at once: one network, whichever way the other is refused.
+    let dup =
+        json!({ "params": { "name": "dup", "poolUuid": pool["uuid"], "vni": 4001 } }).to_string();
+    let sent: Vec<_> =
+        (0..2).map(|_| http(api, "POST", "/v1/l2-networks/vxlan", Some(&dup), &[])).collect();
+    for (status, _, reply) in &sent {
+        if *status == 202 {
+            common::wait_job(api, reply["location"].as_str().unwrap());
+        } else {
+            assert_eq!(*status, 400, "{reply}");
+        }
+    }
+    let (_, _, same_vni) = http(api, "GET", "/v1/l2-networks?q=vni=4001", None, &[]);
+    assert_eq!(same_vni["inventories"].as_array().unwrap().len(), 1, "{same_vni}");
     let l3 =
         create(api, "/v1/l3-networks", json!({ "name": "private", "l2NetworkUuid": l2["uuid"] }));
     let l3_id = uuid(&l3).to_owned();
@@ -188,7 +216,7 @@ fn vms_on_a_vxlan_get_their_addresses_by_flat_dhcp_and_reach_each_other() {
         None,
     );
     let with_dhcp = action(
-        json!({ "attachNetworkServiceToL3Network": { "networkServices": { &flat: ["DHCP", "DNS", "HostRoute"] } } }),
+        json!({ "attachNetworkServiceToL3Network": { "networkServices": { &flat: ["DHCP", "DNS", "HostRoute", "Userdata"] } } }),
     );
     let dhcp_ip = with_dhcp["dhcpServerIp"].as_str().unwrap().to_owned();
     assert_eq!(dhcp_ip, "10.60.0.10", "the DHCP server takes the range's first address");
@@ -204,7 +232,7 @@ fn vms_on_a_vxlan_get_their_addresses_by_flat_dhcp_and_reach_each_other() {
         None,
         &[],
     );
-    assert_eq!(refs["inventories"].as_array().unwrap().len(), 3, "{refs}");
+    assert_eq!(refs["inventories"].as_array().unwrap().len(), 4, "{refs}");
 
     let offering = create(
         api,
@@ -215,7 +243,11 @@ fn vms_on_a_vxlan_get_their_addresses_by_flat_dhcp_and_reach_each_other() {
     for (i, host) in hosts.iter().enumerate() {
         let body = json!({
             "params": { "name": format!("vm{i}"), "instanceOfferingUuid": offering["uuid"], "l3NetworkUuids": [l3_id], "hostUuid": host["uuid"] },
-            "systemTags": [format!("hostname::guest-{i}")],
+            "systemTags": [
+                format!("hostname::guest-{i}"),
+                format!("userdata::{}", base64_of(&format!("#cloud-config for guest {i}\n"))),
+                "sshkey::ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKey test@strato".to_string(),
+            ],
         });
         vms.push(ok(api, "POST", "/v1/vm-instances", Some(&body.to_string())));
     }
@@ -253,6 +285,55 @@ fn vms_on_a_vxlan_get_their_addresses_by_flat_dhcp_and_reach_each_other() {
         assert!(lease["routes"].as_str().unwrap().contains("172.16.0.0/12 10.60.0.254"), "{lease}");
         guests.push(guest);
     }
+    // Each guest reads its own user data and host name from 169.254.169.254 (routed by
+    // DHCP's option 121 to its host's DHCP namespace), keyed by its source address.
+    for (i, guest) in guests.iter().enumerate() {
+        // busybox's wget dies of SIGSEGV in a namespace here: a plain HTTP/1.0 GET by nc.
+        let get = |path: &str| -> String {
+            let request = format!(
+                "printf 'GET {path} HTTP/1.0\\r\\n\\r\\n' | ip netns exec {guest} busybox nc -w 3 169.254.169.254 80"
+            );
+            let reply = run(&["sh", "-c", &request]);
+            assert!(reply.starts_with("HTTP/1.0 200"), "{path}: {reply}");
+            reply.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default()
+        };
+        assert_eq!(get("/latest/user-data"), format!("#cloud-config for guest {i}\n"));
+        assert_eq!(get("/latest/meta-data/hostname"), format!("guest-{i}"));
+        assert_eq!(get("/latest/meta-data/instance-id"), uuid(&vms[i]));
+        assert!(get("/latest/meta-data/public-keys/0/openssh-key").starts_with("ssh-ed25519 "));
+    }
+
+    // A guest sending as another's address reads nothing: its port drops what it sends.
+    let own = vms[0]["vmNics"][0]["ip"].as_str().unwrap().to_owned();
+    let other = vms[1]["vmNics"][0]["ip"].as_str().unwrap().to_owned();
+    let readdress = |ip: &str| {
+        run(&["ip", "-n", &guests[0], "addr", "flush", "dev", "eth0"]);
+        run(&["ip", "-n", &guests[0], "addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+        run(&[
+            "ip",
+            "-n",
+            &guests[0],
+            "route",
+            "replace",
+            "169.254.169.254",
+            "via",
+            &dhcp_ip,
+            "dev",
+            "eth0",
+        ]);
+    };
+    readdress(&other);
+    let request = format!(
+        "printf 'GET /latest/user-data HTTP/1.0\\r\\n\\r\\n' | ip netns exec {} busybox nc -w 2 169.254.169.254 80",
+        guests[0]
+    );
+    let spoofed = sh(&["sh", "-c", &request]);
+    assert!(
+        !String::from_utf8_lossy(&spoofed.stdout).contains("guest 1"),
+        "a spoofed source read another's data"
+    );
+    readdress(&own);
+
     // Across hosts, over the VXLAN.
     let peer_ip = vms[1]["vmNics"][0]["ip"].as_str().unwrap();
     run(&["ip", "netns", "exec", &guests[0], "busybox", "ping", "-c", "2", "-W", "2", peer_ip]);

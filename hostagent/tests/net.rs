@@ -187,6 +187,7 @@ fn config(local: Ipv4Addr, peer: Ipv4Addr, hosts: Vec<DhcpHost>) -> NetworkConfi
             mtu: Some(1400),
             domain: None,
             hosts,
+            metadata: None,
         }],
         firewall: Default::default(),
     }

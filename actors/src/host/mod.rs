@@ -463,28 +463,36 @@ pub async fn command(
         .call(
             id,
             Op::within("command", command.name(), Duration::from_secs(600)).job(job_id),
-            move |ctx| async move {
-                // One id for the command: if the link closes before the answer (a
-                // `ReconnectHost`, a redial) it is sent again on the new link, and the
-                // agent, which acts at most once per id, answers what the first one did.
-                // Reconnects in a row close link after link: it is sent again as long as
-                // a new link comes within the wait for one.
-                let id = Uuid::new_v4();
-                let resend_until = tokio::time::Instant::now() + RELINK_WAIT;
-                loop {
-                    let link = live_link(&ctx, deadline).await?;
-                    match link.request_with_id(id, command.clone(), deadline, job_id).await {
-                        Err(LinkError::Closed) if tokio::time::Instant::now() < resend_until => {
-                            // A link that died between the look and the send is seen closed
-                            // at once: wait for the next one, do not spin.
-                            tokio::time::sleep(Duration::from_millis(20)).await;
-                        }
-                        answered => return Ok(answered?),
-                    }
-                }
-            },
+            move |ctx| async move { send(&ctx, command, deadline, job_id).await },
         )
         .await
+}
+
+/// Sends `command` on the host's link and waits for its answer until `deadline`.
+///
+/// One id for the command: if the link closes before the answer (a `ReconnectHost`, a
+/// redial) it is sent again on the new link, and the agent, which acts at most once per id,
+/// answers what the first one did. Reconnects in a row close link after link: it is sent
+/// again as long as a new link comes within the wait for one.
+async fn send(
+    ctx: &OpCtx<Hosts>,
+    command: Command,
+    deadline: SystemTime,
+    job_id: Option<Uuid>,
+) -> Result<Reply, HostError> {
+    let id = Uuid::new_v4();
+    let resend_until = tokio::time::Instant::now() + RELINK_WAIT;
+    loop {
+        let link = live_link(ctx, deadline).await?;
+        match link.request_with_id(id, command.clone(), deadline, job_id).await {
+            Err(LinkError::Closed) if tokio::time::Instant::now() < resend_until => {
+                // A link that died between the look and the send is seen closed at once:
+                // wait for the next one, do not spin.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            answered => return Ok(answered?),
+        }
+    }
 }
 
 /// How long a network apply may take on the agent.
@@ -507,8 +515,8 @@ pub async fn apply_network(
                 return Ok(());
             }
             let deadline = SystemTime::now() + NETWORK_APPLY_TIME;
-            let link = live_link(&ctx, deadline).await?;
-            let reply = link.request(Command::ApplyNetwork(config.clone()), deadline, job_id).await?;
+            // Sent as every command is: again on the next link if a reconnect cuts it.
+            let reply = send(&ctx, Command::ApplyNetwork(config.clone()), deadline, job_id).await?;
             if let Reply::Network(report) = reply
                 && !report.changes.is_empty()
             {

@@ -352,7 +352,10 @@ async fn create_vxlan(
             .ok_or_else(|| ApiError::invalid("vni", "every VNI of the pool is taken"))?,
     };
     submit_record(&mn, &headers, "CreateL2VxlanNetwork", &raw, tags, move || {
+        // Its UUID derives from (pool, VNI): two creations of one VNI at once are one record
+        // written `Absent` twice, and the second is refused (SYS.RESOURCE_EXISTS).
         Ok(L2NetworkRecord {
+            uuid: Uuid::new_v5(&pool.uuid, format!("vni:{vni}").as_bytes()),
             vni: Some(vni),
             pool_uuid: Some(pool.uuid),
             ..l2_record(p.name, pool.zone_uuid, l2_type::VXLAN)

@@ -192,6 +192,27 @@ pub struct DhcpSpec {
     pub domain: Option<String>,
     /// One reservation per NIC on this host.
     pub hosts: Vec<DhcpHost>,
+    /// With the Flat provider's Userdata: what the metadata service at 169.254.169.254
+    /// answers each guest, by its address (none: no metadata service).
+    pub metadata: Option<Vec<GuestMetadata>>,
+}
+
+/// The address of the metadata service, in every flat DHCP namespace that has one.
+pub const METADATA_ADDRESS: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
+
+/// What the metadata service tells one guest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestMetadata {
+    /// The guest's address: the only source it is answered at.
+    pub ip: Ipv4Addr,
+    /// Its VM's UUID (`instance-id`).
+    pub instance_id: Uuid,
+    /// Its host name.
+    pub hostname: String,
+    /// Its user data (`userdata::` system tag, decoded), if any.
+    pub user_data: Option<Vec<u8>>,
+    /// Its SSH public keys (`sshkey::` system tags).
+    pub ssh_keys: Vec<String>,
 }
 
 /// A route handed to guests by DHCP.

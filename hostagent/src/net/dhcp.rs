@@ -36,7 +36,10 @@ use strato_proto::AgentError;
 use strato_proto::net::{DhcpHost, DhcpReport, DhcpSpec};
 use uuid::Uuid;
 
+use strato_proto::net::METADATA_ADDRESS;
+
 use super::host::{Link, MARK, Observed, Scope, output, tool_error};
+use super::metadata::MetadataServer;
 
 /// How long an apply waits for a started dnsmasq to have a pid.
 const START_WAIT: Duration = Duration::from_secs(5);
@@ -47,6 +50,8 @@ pub struct Dhcp {
     scope: Scope,
     dir: PathBuf,
     services: Mutex<BTreeMap<Uuid, Service>>,
+    /// The metadata services, by L3 (those with the Flat provider's Userdata).
+    metadata: Mutex<BTreeMap<Uuid, MetadataServer>>,
 }
 
 #[derive(Debug)]
@@ -58,7 +63,7 @@ struct Service {
 impl Dhcp {
     /// The DHCP services of the host `scope` names, with their files under `dir`.
     pub fn new(scope: Scope, dir: PathBuf) -> Self {
-        Dhcp { scope, dir, services: Mutex::default() }
+        Dhcp { scope, dir, services: Mutex::default(), metadata: Mutex::default() }
     }
 
     /// The host end of an L3's veth pair: `sdo` and the L3's first 12 hex digits.
@@ -102,6 +107,10 @@ impl Dhcp {
                 service.supervisor.stop();
             }
         }
+        // A metadata service holds its namespace: it stops before the namespace goes.
+        let with_metadata: BTreeSet<Uuid> =
+            wanted.iter().filter(|s| s.metadata.is_some()).map(|s| s.l3).collect();
+        self.metadata.lock().expect("metadata services").retain(|l3, _| with_metadata.contains(l3));
         for namespace in self.namespaces()? {
             if !wanted_ns.contains_key(&namespace) {
                 self.remove_namespace(&namespace)?;
@@ -178,14 +187,41 @@ impl Dhcp {
             run_ip(&["-n", namespace, "link", "set", &inner, "mtu", &mtu.to_string()])?;
         }
         run_ip(&["-n", namespace, "link", "set", &inner, "up"])?;
-        let address = format!("{}/{}", spec.address, spec.prefix_len);
+        let mut wanted_addresses = vec![format!("{}/{}", spec.address, spec.prefix_len)];
+        if spec.metadata.is_some() {
+            wanted_addresses.push(format!("{METADATA_ADDRESS}/32"));
+        }
         let addresses = run_ip(&["-n", namespace, "-4", "-o", "addr", "show", "dev", &inner])?;
         let current: Vec<&str> =
             addresses.lines().filter_map(|l| l.split_whitespace().nth(3)).collect();
-        if current != [address.as_str()] {
+        if current != wanted_addresses {
             run_ip(&["-n", namespace, "addr", "flush", "dev", &inner])?;
-            run_ip(&["-n", namespace, "addr", "add", &address, "dev", &inner])?;
-            changes.push(format!("addressed {inner} in {namespace} as {address}"));
+            for address in &wanted_addresses {
+                run_ip(&["-n", namespace, "addr", "add", address, "dev", &inner])?;
+            }
+            changes.push(format!(
+                "addressed {inner} in {namespace} as {}",
+                wanted_addresses.join(", ")
+            ));
+        }
+        if let Some(guests) = &spec.metadata {
+            let mut servers = self.metadata.lock().expect("metadata services");
+            if !present {
+                // Its socket is in the namespace that was removed (and that it keeps
+                // alive): a new one listens in the new namespace.
+                servers.remove(&spec.l3);
+            }
+            let server = match servers.entry(spec.l3) {
+                std::collections::btree_map::Entry::Occupied(running) => running.into_mut(),
+                std::collections::btree_map::Entry::Vacant(slot) => {
+                    changes.push(format!(
+                        "started the metadata service of {} in {namespace}",
+                        spec.l3
+                    ));
+                    slot.insert(MetadataServer::start(namespace)?)
+                }
+            };
+            server.set(guests);
         }
 
         let dir = self.service_dir(spec.l3);
@@ -266,6 +302,7 @@ impl Dhcp {
     /// Stops every dnsmasq the agent runs (the agent is stopping; the next one adopts
     /// nothing and starts its own).
     pub fn stop_all(&self) {
+        self.metadata.lock().expect("metadata services").clear();
         let mut services = self.services.lock().expect("dhcp services");
         for (_, service) in std::mem::take(&mut *services) {
             service.supervisor.stop();
@@ -575,6 +612,7 @@ mod tests {
             mtu: Some(1450),
             domain: Some("example.org".into()),
             hosts: vec![],
+            metadata: None,
         }
     }
 

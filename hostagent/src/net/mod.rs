@@ -17,6 +17,7 @@ use strato_proto::{AgentError, InterfaceAddress};
 pub mod dhcp;
 pub mod firewall;
 pub mod host;
+pub mod metadata;
 pub mod nft;
 
 /// A host's network, as the agent manages it.

@@ -162,6 +162,7 @@ mod tests {
                 mtu: None,
                 domain: None,
                 hosts: vec![],
+                metadata: None,
             }],
             firewall: Default::default(),
         };
