@@ -177,3 +177,91 @@ fn the_cli_logs_in_creates_with_progress_queries_and_reports_errors() {
     );
     cli.ok(&["debug", "gc"]);
 }
+
+/// ZStack v1.1's flat network walkthrough, as a person types it with the CLI: the L3's
+/// service references, the Flat provider found and attached to the L2, DHCP and Userdata
+/// attached to the L3, the hosts reconnected (which applies the flat services on them).
+/// The walkthrough begins by detaching the virtual router's DHCP and DNS: Strato makes no
+/// virtual router, so attaching its services is refused, and that refusal is checked too.
+#[test]
+fn the_flat_network_walkthrough_runs_as_written() {
+    let cluster = TestCluster::start(ClusterOpts::default());
+    let (api, agent) = (cluster.api, cluster.agent);
+    let cli = Cli { server: format!("http://{api}"), config: tempfile::tempdir().unwrap() };
+    cli.ok(&["LogInByAccount", "accountName=admin", &format!("password={ADMIN_PASSWORD}")]);
+    let uuid = |v: &Value| v["uuid"].as_str().unwrap().to_owned();
+    let zone = uuid(&cli.json(&["CreateZone", "name=z1"]));
+    let c1 = uuid(&cli.json(&["CreateCluster", "name=c1", &format!("zoneUuid={zone}")]));
+    let host = uuid(&cli.json(&[
+        "AddKVMHost",
+        "name=h1",
+        "managementIp=127.0.0.1",
+        &format!("agentPort={}", agent.port()),
+        &format!("clusterUuid={c1}"),
+    ]));
+    let l2 = uuid(&cli.json(&[
+        "CreateL2NoVlanNetwork",
+        "name=l2",
+        &format!("zoneUuid={zone}"),
+        "physicalInterface=eth0",
+    ]));
+    cli.json(&["AttachL2NetworkToCluster", &format!("l2={l2}"), &format!("cluster={c1}")]);
+    let l3 = uuid(&cli.json(&["CreateL3Network", "name=flat", &format!("l2NetworkUuid={l2}")]));
+    cli.json(&[
+        "AddIpRange",
+        &format!("uuid={l3}"),
+        "startIp=10.0.1.10",
+        "endIp=10.0.1.20",
+        "netmask=255.255.255.0",
+        "gateway=10.0.1.1",
+    ]);
+
+    let refs = cli.json(&["QueryNetworkServiceL3NetworkRef", &format!("l3NetworkUuid={l3}")]);
+    assert_eq!(refs["inventories"], json!([]), "a new L3 has no services");
+    let vr = cli.json(&["QueryNetworkServiceProvider", "type=VirtualRouter"]);
+    let vr = uuid(&vr["inventories"][0]);
+    let refused = cli.run(&[
+        "AttachNetworkServiceToL3Network",
+        &format!("uuid={l3}"),
+        &format!("networkServices={{\"{vr}\":[\"DHCP\",\"DNS\"]}}"),
+    ]);
+    let text = String::from_utf8_lossy(&refused.stderr);
+    assert!(text.contains("NETWORK.SERVICE_NOT_IMPLEMENTED"), "{text}");
+
+    let flat = cli.json(&["QueryNetworkServiceProvider", "type=Flat"]);
+    let flat = uuid(&flat["inventories"][0]);
+    cli.json(&[
+        "AttachNetworkServiceProviderToL2Network",
+        &format!("networkServiceProviderUuid={flat}"),
+        &format!("l2NetworkUuid={l2}"),
+    ]);
+    let attached = cli.json(&[
+        "AttachNetworkServiceToL3Network",
+        &format!("uuid={l3}"),
+        &format!("networkServices={{\"{flat}\":[\"DHCP\",\"Userdata\"]}}"),
+    ]);
+    assert_eq!(attached["dhcpServerIp"], "10.0.1.10");
+    let refs = cli.json(&["QueryNetworkServiceL3NetworkRef", &format!("l3NetworkUuid={l3}")]);
+    let mut types: Vec<&str> = refs["inventories"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["networkServiceType"].as_str())
+        .collect();
+    types.sort_unstable();
+    assert_eq!(types, ["DHCP", "Userdata"]);
+    let reconnected = cli.json(&["ReconnectHost", &format!("uuid={host}")]);
+    assert_eq!(reconnected["status"], "Connected");
+
+    // The L3's DHCP server address is its own: a VM gets the next one.
+    let offering =
+        uuid(&cli.json(&["CreateInstanceOffering", "name=s", "cpuNum=1", "memorySize=268435456"]));
+    let vm = cli.json(&[
+        "CreateVmInstance",
+        "name=vm1",
+        &format!("instanceOfferingUuid={offering}"),
+        &format!("l3NetworkUuids={l3}"),
+    ]);
+    assert_eq!(vm["vmNics"][0]["ip"], "10.0.1.11");
+    assert_eq!(vm["vmNics"][0]["bridge"], "br_eth0");
+}

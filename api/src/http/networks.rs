@@ -89,7 +89,7 @@ pub(super) fn apis() -> Vec<Api> {
         Api::new(
             "AttachNetworkServiceProviderToL2Network",
             Method::Post,
-            "/v1/network-service-providers/{provider}/l2-networks/{l2}",
+            "/v1/network-service-providers/{networkServiceProviderUuid}/l2-networks/{l2NetworkUuid}",
             Body::None,
             Answer::Job,
             "Attaches a network service provider to an L2 network",
@@ -212,7 +212,11 @@ fn l2_cluster(api: &'static str, detach: bool) -> MethodRouter<Arc<Mn>> {
 fn attach_provider() -> MethodRouter<Arc<Mn>> {
     Attachment::<NetworkServiceProviderRecord, L2NetworkRecord> {
         api: "AttachNetworkServiceProviderToL2Network",
-        params: [("provider", "networkServiceProviderUuid"), ("l2", "l2NetworkUuid")],
+        // ZStack's names, so the CLI takes `networkServiceProviderUuid=... l2NetworkUuid=...`.
+        params: [
+            ("networkServiceProviderUuid", "networkServiceProviderUuid"),
+            ("l2NetworkUuid", "l2NetworkUuid"),
+        ],
         target_first: true,
         list: |r| &mut r.attached_l2_network_uuids,
         parent: std::marker::PhantomData,
