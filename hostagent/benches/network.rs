@@ -130,7 +130,9 @@ const GUESTS: usize = 250;
 fn dhcp_for_250(net: &HostNet, ns: &str, mut config: NetworkConfig) {
     let bridge = config.bridges[0].name.clone();
     let mac = |i: usize| format!("fa:16:3e:01:{:02x}:{:02x}", i / 256, i % 256);
-    let guests: Vec<String> = (0..GUESTS).map(|i| format!("{ns}-g{i}")).collect();
+    // Not under the agent's prefix, or its apply would remove them as its own.
+    let guests: Vec<String> =
+        (0..GUESTS).map(|i| format!("sbg{}-{i}", std::process::id())).collect();
     for (i, guest) in guests.iter().enumerate() {
         ip(&["netns", "add", guest]);
         let port = nic_device(&mac(i));
