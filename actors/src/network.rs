@@ -308,12 +308,8 @@ fn firewall(db: &Db, vms: &[VmRecord]) -> Result<Firewall, StoreError> {
             if mine.is_empty() {
                 continue;
             }
-            let mut port = PortRules {
-                device: nic_device(&nic.mac),
-                addresses: nic.ip.parse().into_iter().collect(),
-                ingress: Vec::new(),
-                egress: Vec::new(),
-            };
+            let mut port =
+                PortRules { device: nic_device(&nic.mac), ingress: Vec::new(), egress: Vec::new() };
             for rule in mine.iter().flat_map(|g| &g.rules) {
                 let Some(converted) = firewall_rule(rule) else { continue };
                 remotes.extend(rule.remote_security_group_uuid);

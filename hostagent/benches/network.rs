@@ -34,7 +34,6 @@ fn firewall(first_port: u16) -> Firewall {
     let ports = (0..PORTS)
         .map(|p| PortRules {
             device: nic_device(&format!("fa:16:3e:00:{:02x}:{:02x}", p / 256, p % 256)),
-            addresses: vec![Ipv4Addr::new(10, 80, (p / 250) as u8, (p % 250) as u8 + 1)],
             ingress: (0..RULES_PER_PORT)
                 .map(|r| FirewallRule {
                     protocol: if r % 2 == 0 { Protocol::Tcp } else { Protocol::Udp },

@@ -432,9 +432,8 @@ fn security_groups_allow_deny_follow_remote_groups_and_stop_open_connections() {
         ports: None,
         remote: Remote::Group("admins".into()),
     };
-    let port = |mac: &str, ip: [u8; 4], ingress: Vec<FirewallRule>| PortRules {
+    let port = |mac: &str, ingress: Vec<FirewallRule>| PortRules {
         device: nic_device(mac),
-        addresses: vec![Ipv4Addr::from(ip)],
         ingress,
         egress: vec![],
     };
@@ -466,7 +465,7 @@ fn security_groups_allow_deny_follow_remote_groups_and_stop_open_connections() {
 
     let firewall = |b_rules: Vec<FirewallRule>, admins: Vec<Ipv4Addr>| Firewall {
         nics: nics.clone(),
-        ports: vec![port(mac_a, [10, 70, 0, 1], vec![]), port(mac_b, [10, 70, 0, 2], b_rules)],
+        ports: vec![port(mac_a, vec![]), port(mac_b, b_rules)],
         groups: vec![AddressGroup { name: "admins".into(), members: admins }],
     };
     config.firewall = firewall(

@@ -62,8 +62,6 @@ pub struct NicIdentity {
 pub struct PortRules {
     /// Its device on the host ([`nic_device`]).
     pub device: String,
-    /// Its addresses.
-    pub addresses: Vec<Ipv4Addr>,
     /// What may reach it; nothing else does.
     pub ingress: Vec<FirewallRule>,
     /// What it may reach; with no egress rule, everything.

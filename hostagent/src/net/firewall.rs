@@ -232,7 +232,6 @@ mod tests {
             nics: vec![],
             ports: vec![PortRules {
                 device: "sv0000000000aa".into(),
-                addresses: vec![Ipv4Addr::new(10, 0, 0, 5)],
                 ingress: vec![
                     FirewallRule {
                         protocol: Protocol::Tcp,
