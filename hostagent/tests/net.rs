@@ -189,7 +189,7 @@ fn config(local: Ipv4Addr, peer: Ipv4Addr, hosts: Vec<DhcpHost>) -> NetworkConfi
             hosts,
             metadata: None,
         }],
-        firewall: Default::default(),
+        ..NetworkConfig::default()
     }
 }
 
@@ -517,5 +517,214 @@ fn security_groups_allow_deny_follow_remote_groups_and_stop_open_connections() {
     let tables = ok(&["ip", "netns", "exec", &h, "nft", "list", "tables"]);
     assert!(!tables.contains("strato_"), "{tables}");
     assert!(pings(&c, "10.70.0.2"));
+    net.apply(&NetworkConfig::default()).unwrap();
+}
+
+/// Whether `ns` has a TCP connection with `peer` as its other end.
+fn connected_with(ns: &str, peer: &str) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        let table = ok(&["ip", "netns", "exec", ns, "busybox", "netstat", "-tn"]);
+        if table.lines().any(|l| l.contains("ESTABLISHED") && l.contains(&format!("{peer}:"))) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+#[test]
+fn eips_port_forwarding_and_snat_carry_packets_between_a_private_and_a_public_network() {
+    use strato_proto::net::{Nat, NicIdentity, Protocol, VipSpec, vip_devices};
+    let mut lab = Lab::new("v");
+    let h = lab.namespace("h");
+    let outside_ns = lab.namespace("out");
+    ok(&["ip", "-n", &h, "link", "add", "eth8", "type", "veth", "peer", "name", "eth8p"]);
+    ok(&["ip", "-n", &h, "link", "add", "eth9", "type", "veth", "peer", "name", "eth9p"]);
+    let net = lab.host_net(&h, "h");
+    let private = Uplink::Interface { name: "eth8".into() };
+    let public = Uplink::Interface { name: "eth9".into() };
+    let (private_br, public_br) =
+        (bridge_name(Uuid::from_u128(1), &private), bridge_name(Uuid::from_u128(2), &public));
+    let mut config = NetworkConfig {
+        bridges: vec![
+            BridgeSpec {
+                l2: Uuid::from_u128(1),
+                name: private_br.clone(),
+                uplink: private,
+                mtu: None,
+            },
+            BridgeSpec {
+                l2: Uuid::from_u128(2),
+                name: public_br.clone(),
+                uplink: public,
+                mtu: None,
+            },
+        ],
+        ..NetworkConfig::default()
+    };
+    net.apply(&config).unwrap();
+    let (mac1, mac2) = ("fa:16:3e:00:02:01", "fa:16:3e:00:02:02");
+    let g1 = static_guest(&mut lab, "g1", &h, &private_br, mac1, "10.80.0.5");
+    let g2 = static_guest(&mut lab, "g2", &h, &private_br, mac2, "10.80.0.6");
+    for g in [&g1, &g2] {
+        ok(&["ip", "-n", g, "route", "add", "default", "via", "10.80.0.1"]);
+    }
+    // The outside: a machine on the public network, which knows nothing of 10.80.0.0/24.
+    ok(&[
+        "ip",
+        "-n",
+        &h,
+        "link",
+        "add",
+        "outp",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        &outside_ns,
+    ]);
+    ok(&["ip", "-n", &h, "link", "set", "outp", "master", &public_br, "up"]);
+    ok(&["ip", "-n", &outside_ns, "addr", "add", "192.168.77.200/24", "dev", "eth0"]);
+    ok(&["ip", "-n", &outside_ns, "link", "set", "eth0", "up"]);
+    let outside = "192.168.77.200";
+    assert!(!pings(&g1, outside), "no VIP yet: the private network cannot get out");
+
+    let identity = |mac: &str, ip: [u8; 4]| NicIdentity {
+        device: nic_device(mac),
+        mac: mac.into(),
+        addresses: vec![Ipv4Addr::from(ip)],
+    };
+    config.firewall.nics = vec![identity(mac1, [10, 80, 0, 5]), identity(mac2, [10, 80, 0, 6])];
+    let vip = |n: u128, address: [u8; 4], private_address: [u8; 4], steered, nat| VipSpec {
+        vip: Uuid::from_u128((0x7a00 + n) << 100),
+        address: Ipv4Addr::from(address),
+        prefix_len: 24,
+        public_bridge: public_br.clone(),
+        public_gateway: None,
+        private_bridge: private_br.clone(),
+        private_address: Ipv4Addr::from(private_address),
+        private_prefix_len: 24,
+        steered,
+        nat,
+    };
+    let eip = vip(
+        1,
+        [192, 168, 77, 11],
+        [10, 80, 0, 1],
+        Some(nic_device(mac1)),
+        vec![Nat::Eip { guest: Ipv4Addr::new(10, 80, 0, 5) }],
+    );
+    let forward = |vip_ports, guest_ports, allowed| Nat::Forward {
+        protocol: Protocol::Tcp,
+        vip_ports,
+        guest: Ipv4Addr::new(10, 80, 0, 6),
+        guest_ports,
+        allowed,
+    };
+    let port_forwarding = vip(
+        2,
+        [192, 168, 77, 12],
+        [10, 80, 0, 250],
+        None,
+        vec![
+            forward((2222, 2222), (22, 22), Some((Ipv4Addr::new(192, 168, 77, 0), 24))),
+            forward((2300, 2301), (23, 24), Some((Ipv4Addr::new(10, 99, 0, 0), 16))),
+        ],
+    );
+    config.vips = vec![eip.clone(), port_forwarding.clone()];
+    net.apply(&config).unwrap();
+    let dir = lab.dir.path().to_path_buf();
+
+    // The EIP: the guest is reachable at the VIP, and reaches out as the VIP.
+    assert!(pings(&outside_ns, "192.168.77.11"), "the EIP does not reach its guest");
+    let mut server = listen(&g1, 5000, &dir.join("eip-in"));
+    assert!(
+        sends(&outside_ns, "192.168.77.11", 5000, "in\n") && wait_for(&dir.join("eip-in"), "in")
+    );
+    let _ = (server.kill(), server.wait());
+    let mut server = listen(&outside_ns, 6000, &dir.join("eip-out"));
+    let mut client = Command::new("ip")
+        .args(["netns", "exec", &g1, "busybox", "nc", outside, "6000"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(
+        connected_with(&outside_ns, "192.168.77.11"),
+        "the guest did not appear as its VIP: {} {}",
+        ok(&["ip", "netns", "exec", &outside_ns, "busybox", "netstat", "-tn"]),
+        ok(&["ip", "netns", "exec", &g1, "busybox", "netstat", "-tn"])
+    );
+    let _ = (client.kill(), client.wait(), server.kill(), server.wait());
+    // The other guest is not the EIP's: it still has no way out.
+    assert!(!pings(&g2, outside), "a guest without an EIP went out through another's");
+
+    // Port forwarding: the named port reaches the guest's port, from the allowed network
+    // only, and no other port does.
+    let mut ssh = listen(&g2, 22, &dir.join("pf-22"));
+    assert!(
+        sends(&outside_ns, "192.168.77.12", 2222, "pf\n") && wait_for(&dir.join("pf-22"), "pf")
+    );
+    let _ = (ssh.kill(), ssh.wait());
+    let mut telnet = listen(&g2, 23, &dir.join("pf-23"));
+    assert!(
+        !sends(&outside_ns, "192.168.77.12", 2300, "no\n"),
+        "a source outside allowedCidr got in"
+    );
+    let _ = (telnet.kill(), telnet.wait());
+    let mut other = listen(&g2, 2223, &dir.join("pf-2223"));
+    assert!(!sends(&outside_ns, "192.168.77.12", 2223, "no\n"), "an unnamed port was forwarded");
+    let _ = (other.kill(), other.wait());
+
+    // SNAT: the private network's gateway, out as its VIP; the EIP's guest keeps its EIP.
+    let snat = vip(
+        3,
+        [192, 168, 77, 13],
+        [10, 80, 0, 1],
+        None,
+        vec![Nat::Snat { network: Ipv4Addr::new(10, 80, 0, 0), prefix_len: 24 }],
+    );
+    config.vips.push(snat);
+    net.apply(&config).unwrap();
+    assert!(pings(&g2, outside), "SNAT does not take the private network out");
+    let mut server = listen(&outside_ns, 6001, &dir.join("snat-out"));
+    let mut client = Command::new("ip")
+        .args(["netns", "exec", &g2, "busybox", "nc", outside, "6001"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(connected_with(&outside_ns, "192.168.77.13"), "SNAT did not leave as its VIP");
+    let _ = (client.kill(), client.wait(), server.kill(), server.wait());
+    assert!(pings(&outside_ns, "192.168.77.11"), "the EIP stopped working beside SNAT");
+
+    // A table removed behind the agent's back is made again by the next apply.
+    let eip_ns = format!("{}vip_{}", lab.prefix("h"), eip.vip.simple());
+    ok(&["ip", "netns", "exec", &eip_ns, "nft", "delete", "table", "ip", "strato_vip"]);
+    let mut server = listen(&g1, 5001, &dir.join("eip-repaired"));
+    assert!(!sends(&outside_ns, "192.168.77.11", 5001, "lost\n"), "no table, yet translated");
+    let report = net.apply(&config).unwrap();
+    assert!(report.changes.iter().any(|c| c.contains("strato_vip")), "{:?}", report.changes);
+    assert!(
+        sends(&outside_ns, "192.168.77.11", 5001, "back\n")
+            && wait_for(&dir.join("eip-repaired"), "back"),
+        "the EIP was not repaired"
+    );
+    let _ = (server.kill(), server.wait());
+
+    // No VIP left: their namespaces, legs and the steering table go.
+    config.vips.clear();
+    net.apply(&config).unwrap();
+    let namespaces = ok(&["ip", "netns", "list"]);
+    assert!(!namespaces.contains(&format!("{}vip_", lab.prefix("h"))), "{namespaces}");
+    let (public_leg, private_leg) = vip_devices(eip.vip);
+    let links = links_marked(&h);
+    assert!(!links.contains(&public_leg) && !links.contains(&private_leg), "{links:?}");
+    let tables = ok(&["ip", "netns", "exec", &h, "nft", "list", "tables"]);
+    assert!(!tables.contains("strato_eip"), "{tables}");
+    assert!(!pings(&outside_ns, "192.168.77.11"), "the VIP outlived its namespace");
     net.apply(&NetworkConfig::default()).unwrap();
 }

@@ -24,8 +24,9 @@ use uuid::Uuid;
 
 /// The protocol version this build speaks. A handshake with another version is refused.
 /// Version 2 is the link on TLS, with enrollment and without a token; version 3 adds the
-/// host's network (its addresses in the facts, and the network commands).
-pub const PROTOCOL_VERSION: u32 = 3;
+/// host's network (its addresses in the facts, and the network commands); version 4 adds
+/// the VIP namespaces (EIP, port forwarding, SNAT) to the network.
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// The MN's first frame.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

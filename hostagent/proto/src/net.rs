@@ -31,6 +31,67 @@ pub struct NetworkConfig {
     pub dhcp: Vec<DhcpSpec>,
     /// The security groups' rules on this host's VM NICs.
     pub firewall: Firewall,
+    /// The VIPs whose namespace lives on this host (each lives on exactly one).
+    pub vips: Vec<VipSpec>,
+}
+
+/// A VIP: a namespace with one leg on the public L3's bridge holding the VIP and one on a
+/// private L3's bridge, translating between them ([`Nat`]) in one nftables table.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VipSpec {
+    /// The VIP.
+    pub vip: Uuid,
+    /// Its address on the public L3.
+    pub address: Ipv4Addr,
+    /// The public L3's prefix length.
+    pub prefix_len: u8,
+    /// The public L3's bridge.
+    pub public_bridge: String,
+    /// The public L3's gateway: the namespace's default route.
+    pub public_gateway: Option<Ipv4Addr>,
+    /// The private L3's bridge.
+    pub private_bridge: String,
+    /// The namespace's address there: the private L3's gateway (an EIP, SNAT) or an
+    /// address of its own (port forwarding).
+    pub private_address: Ipv4Addr,
+    /// The private L3's prefix length.
+    pub private_prefix_len: u8,
+    /// An EIP's NIC ([`nic_device`]): the namespace is that NIC's gateway and no other
+    /// frame reaches it (ZStack's flat EIP).
+    pub steered: Option<String>,
+    /// What it translates.
+    pub nat: Vec<Nat>,
+}
+
+/// One translation of a VIP.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Nat {
+    /// Everything sent to the VIP goes to `guest`, and what `guest` sends out leaves as the
+    /// VIP.
+    Eip {
+        /// The guest's private address.
+        guest: Ipv4Addr,
+    },
+    /// Connections to the VIP's ports go to the guest's ports (the same count, in order).
+    Forward {
+        /// TCP or UDP.
+        protocol: Protocol,
+        /// The VIP's ports (inclusive).
+        vip_ports: (u16, u16),
+        /// The guest's private address.
+        guest: Ipv4Addr,
+        /// The guest's ports (inclusive).
+        guest_ports: (u16, u16),
+        /// Only sources in this network (none: any).
+        allowed: Option<(Ipv4Addr, u8)>,
+    },
+    /// What the private network sends out leaves as the VIP.
+    Snat {
+        /// The private network.
+        network: Ipv4Addr,
+        /// Its prefix length.
+        prefix_len: u8,
+    },
 }
 
 /// Security groups as a host applies them: each NIC's rules, and the address sets of the
@@ -269,6 +330,13 @@ pub fn bridge_name(l2: Uuid, uplink: &Uplink) -> String {
         Uplink::Vxlan { vni, .. } => format!("br_vx_{vni}"),
     };
     if name.len() <= IFNAME_MAX { name } else { format!("l2_{}", &l2.simple().to_string()[..12]) }
+}
+
+/// The host ends of a VIP namespace's legs: `sp` (public) and `se` (private) and the VIP's
+/// first 12 hex digits.
+pub fn vip_devices(vip: Uuid) -> (String, String) {
+    let id = &vip.simple().to_string()[..12];
+    (format!("sp{id}"), format!("se{id}"))
 }
 
 /// The tap (or, in tests, the veth) of a VM's NIC on the host: `sv` and the MAC's 12 hex

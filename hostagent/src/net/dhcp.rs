@@ -290,6 +290,7 @@ impl Dhcp {
             .lines()
             .filter_map(|l| l.split_whitespace().next())
             .filter(|n| n.starts_with(&self.scope.prefix))
+            .filter(|n| !n.starts_with(&super::vip::namespace_prefix(&self.scope)))
             .map(str::to_owned)
             .collect())
     }
@@ -316,19 +317,19 @@ impl Drop for Dhcp {
     }
 }
 
-fn strings(args: &[&str]) -> Vec<String> {
+pub(crate) fn strings(args: &[&str]) -> Vec<String> {
     args.iter().map(|a| (*a).to_owned()).collect()
 }
 
 /// `ip` run in the agent's own namespace (named namespaces are the machine's).
-fn run_ip(args: &[&str]) -> Result<String, AgentError> {
+pub(crate) fn run_ip(args: &[&str]) -> Result<String, AgentError> {
     let mut command = Command::new("ip");
     command.args(args);
     output(command, &format!("ip {}", args.join(" ")))
 }
 
 /// Kills every process in `namespace` but `ours`.
-fn kill_strangers(namespace: &str, ours: Option<u32>) -> Result<(), AgentError> {
+pub(crate) fn kill_strangers(namespace: &str, ours: Option<u32>) -> Result<(), AgentError> {
     let pids = run_ip(&["netns", "pids", namespace])?;
     for pid in pids.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
         if Some(pid) != ours {

@@ -300,7 +300,8 @@ fn push_new_bridge(steps: &mut Vec<Step>, name: &str) {
 pub struct HostNet {
     scope: Scope,
     dhcp: Dhcp,
-    isolation: super::nft::Isolation,
+    isolation: super::nft::ManagedTable,
+    vips: super::vip::Vips,
     firewall: super::firewall::SecurityGroups,
     /// One apply at a time.
     applying: Mutex<()>,
@@ -311,7 +312,8 @@ impl HostNet {
     pub fn new(scope: Scope, dir: PathBuf) -> Self {
         HostNet {
             dhcp: Dhcp::new(scope.clone(), dir),
-            isolation: super::nft::Isolation::default(),
+            isolation: super::nft::ManagedTable::new("bridge", super::nft::ISOLATION_TABLE),
+            vips: super::vip::Vips::new(scope.clone()),
             firewall: super::firewall::SecurityGroups::default(),
             scope,
             applying: Mutex::new(()),
@@ -398,7 +400,12 @@ impl Network for HostNet {
                 )));
             }
         }
-        let keep = config.dhcp.iter().map(|d| self.dhcp.outer_device(d.l3)).collect();
+        let mut keep: BTreeSet<String> =
+            config.dhcp.iter().map(|d| self.dhcp.outer_device(d.l3)).collect();
+        for vip in &config.vips {
+            let (public, private) = strato_proto::net::vip_devices(vip.vip);
+            keep.extend([public, private]);
+        }
         let mut changes = Vec::new();
         for (program, args) in plan(&config.bridges, &observed, &keep) {
             self.scope.run(program, &args)?;
@@ -421,8 +428,13 @@ impl Network for HostNet {
         let linked = changes.len();
         changes.extend(self.dhcp.converge(&config.dhcp, &observed)?);
         let tables = self.scope.run("nft", &["list".into(), "tables".into()])?;
-        changes.extend(self.isolation.converge(&self.scope, config, &tables)?);
+        changes.extend(self.isolation.converge(
+            &self.scope,
+            super::nft::render_isolation(config),
+            &tables,
+        )?);
         changes.extend(self.firewall.converge(&self.scope, &config.firewall, &tables)?);
+        changes.extend(self.vips.converge(config, &observed, &tables)?);
         let observed = if changes.len() == linked { observed } else { self.observe()? };
         let mut report = self.report(&observed)?;
         report.changes = changes;

@@ -19,6 +19,7 @@ pub mod firewall;
 pub mod host;
 pub mod metadata;
 pub mod nft;
+pub mod vip;
 
 /// A host's network, as the agent manages it.
 pub trait Network: Send + Sync + 'static {

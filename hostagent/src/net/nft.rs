@@ -78,33 +78,38 @@ pub fn listed(tables: &str, family: &str, name: &str) -> bool {
     tables.lines().any(|l| l.trim() == format!("table {family} {name}"))
 }
 
-/// The isolation table of one host, remembering what it last applied.
-#[derive(Debug, Default)]
-pub struct Isolation {
+/// A table the agent keeps in the host's namespace, rendered whole from the desired state,
+/// remembering what it last applied.
+#[derive(Debug)]
+pub struct ManagedTable {
+    family: &'static str,
+    name: &'static str,
     /// The body last applied and the table as nft listed it right after.
     last: std::sync::Mutex<Option<(String, String)>>,
 }
 
-impl Isolation {
-    /// Makes the isolation table what `config` needs; returns what changed. The table is
-    /// replaced unless both the wanted body and the listing equal those of the last apply,
-    /// so a table changed or removed behind the agent's back is made again.
-    /// `tables` is `nft list tables` as the apply found it.
+impl ManagedTable {
+    /// The table `family name`.
+    pub const fn new(family: &'static str, name: &'static str) -> Self {
+        ManagedTable { family, name, last: std::sync::Mutex::new(None) }
+    }
+
+    /// Makes the table `body` (none: no table); returns what changed. The table is replaced
+    /// unless both the wanted body and the listing equal those of the last apply, so a table
+    /// changed or removed behind the agent's back is made again. `tables` is
+    /// `nft list tables` as the apply found it.
     pub fn converge(
         &self,
         scope: &Scope,
-        config: &NetworkConfig,
+        body: Option<String>,
         tables: &str,
     ) -> Result<Vec<String>, AgentError> {
-        let mut last = self.last.lock().expect("isolation lock");
-        let present = listed(tables, "bridge", ISOLATION_TABLE);
-        let list = || {
-            scope.run(
-                "nft",
-                &["list".into(), "table".into(), "bridge".into(), ISOLATION_TABLE.into()],
-            )
-        };
-        match render_isolation(config) {
+        let (family, name) = (self.family, self.name);
+        let mut last = self.last.lock().expect("nft table lock");
+        let present = listed(tables, family, name);
+        let list =
+            || scope.run("nft", &["list".into(), "table".into(), family.into(), name.into()]);
+        match body {
             Some(body) => {
                 if present
                     && let Some((applied, listing)) = last.as_ref()
@@ -115,18 +120,16 @@ impl Isolation {
                 }
                 nft_script(
                     scope,
-                    &format!(
-                        "table bridge {ISOLATION_TABLE}\ndelete table bridge {ISOLATION_TABLE}\n{body}"
-                    ),
+                    &format!("table {family} {name}\ndelete table {family} {name}\n{body}"),
                 )?;
                 *last = Some((body, list()?));
-                Ok(vec![format!("replaced nft table bridge {ISOLATION_TABLE}")])
+                Ok(vec![format!("replaced nft table {family} {name}")])
             }
             None => {
                 *last = None;
                 if present {
-                    nft_script(scope, &format!("delete table bridge {ISOLATION_TABLE}\n"))?;
-                    Ok(vec![format!("removed nft table bridge {ISOLATION_TABLE}")])
+                    nft_script(scope, &format!("delete table {family} {name}\n"))?;
+                    Ok(vec![format!("removed nft table {family} {name}")])
                 } else {
                     Ok(Vec::new())
                 }
@@ -165,6 +168,7 @@ mod tests {
                 metadata: None,
             }],
             firewall: Default::default(),
+            vips: vec![],
         };
         let text = render_isolation(&config).unwrap();
         assert!(text.contains("iifname \"vxlan5\" udp dport 67-68 drop"));
