@@ -101,6 +101,9 @@ pub enum CascadeError {
     /// Deleting an L3 network failed.
     #[error(transparent)]
     L3(#[from] l3::L3Error),
+    /// Deleting a VIP, an EIP or a port forwarding rule failed.
+    #[error(transparent)]
+    Vip(#[from] crate::vip::VipError),
     /// The runtime failed.
     #[error(transparent)]
     Runtime(#[from] RuntimeError),

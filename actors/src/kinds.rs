@@ -27,10 +27,10 @@ use crate::accounts::{AccountRecord, CredentialRecord, SessionRecord};
 use crate::cascade::{self, CascadeError, Deleter};
 use crate::owners::OwnerRecord;
 use crate::records::{
-    AgentCertRecord, BackupStorageRecord, ClusterRecord, HostRecord, ImageRecord,
+    AgentCertRecord, BackupStorageRecord, ClusterRecord, EipRecord, HostRecord, ImageRecord,
     InstanceOfferingRecord, L2NetworkRecord, L3NetworkRecord, NetworkServiceL3RefRecord,
-    NetworkServiceProviderRecord, PrimaryStorageRecord, SecurityGroupRecord, UsedIpRecord,
-    VmRecord, ZoneRecord,
+    NetworkServiceProviderRecord, PortForwardingRuleRecord, PrimaryStorageRecord,
+    SecurityGroupRecord, UsedIpRecord, VipRecord, VmRecord, ZoneRecord,
 };
 use crate::tags::{SystemTag, UserTag};
 
@@ -410,7 +410,17 @@ static VM_NIC: Shape = Shape {
         f("l3NetworkUuid", Id),
         f("bridge", Text),
     ],
-    relations: &[Relation::Ref { name: "l3Network", field: "l3NetworkUuid", kind: "l3-networks" }],
+    relations: &[
+        Relation::Ref { name: "l3Network", field: "l3NetworkUuid", kind: "l3-networks" },
+        // An EIP follows its NIC's VM; it is detached, not deleted, with the VM.
+        Relation::Back { name: "eip", kind: "eips", field: "vmNicUuid", dependent: false },
+        Relation::Back {
+            name: "portForwardingRules",
+            kind: "port-forwarding",
+            field: "vmNicUuid",
+            dependent: false,
+        },
+    ],
     indexed: &[],
     sorted: &[],
 };
@@ -601,6 +611,14 @@ pub static KINDS: &[Kind] = &[
             relations: &[
                 Relation::Ref { name: "l2Network", field: "l2NetworkUuid", kind: "l2-networks" },
                 back("vmInstance", "vm-instances", "vmNics.l3NetworkUuid"),
+                back("vip", "vips", "l3NetworkUuid"),
+                // A VIP whose NICs' network goes is detached (with the VMs), not deleted.
+                Relation::Back {
+                    name: "peerVip",
+                    kind: "vips",
+                    field: "peerL3NetworkUuid",
+                    dependent: false,
+                },
                 // Its services go with it (in the L3 actor's deletion), never holding it up.
                 Relation::Back {
                     name: "networkServices",
@@ -687,6 +705,113 @@ pub static KINDS: &[Kind] = &[
         access: Access::Owned,
         taggable: true,
         deletion: Deletion::Cascade(cascade::remove_security_group),
+        actor: None,
+    },
+    Kind {
+        api: "Vip",
+        vo: "VipVO",
+        table: &TableOf::<VipRecord>::new(),
+        shape: Shape {
+            name: "vips",
+            fields: &[
+                f("uuid", Id),
+                f("name", Text),
+                f("description", Text),
+                f("l3NetworkUuid", Id),
+                f("ip", Text),
+                f("netmask", Text),
+                f("gateway", Text),
+                f("useFor", Text),
+                f("peerL3NetworkUuid", Id),
+                f("state", Text),
+            ],
+            relations: &[
+                Relation::Ref { name: "l3Network", field: "l3NetworkUuid", kind: "l3-networks" },
+                Relation::Ref {
+                    name: "peerL3Network",
+                    field: "peerL3NetworkUuid",
+                    kind: "l3-networks",
+                },
+                back("eip", "eips", "vipUuid"),
+                back("portForwardingRules", "port-forwarding", "vipUuid"),
+            ],
+            indexed: &[
+                ("uuid", "#uuid"),
+                ("name", "name"),
+                ("l3NetworkUuid", "l3"),
+                ("peerL3NetworkUuid", "peer-l3"),
+            ],
+            sorted: &[("name", "name")],
+        },
+        access: Access::Owned,
+        taggable: true,
+        deletion: Deletion::Cascade(crate::vip::remove_vip),
+        actor: None,
+    },
+    Kind {
+        api: "Eip",
+        vo: "EipVO",
+        table: &TableOf::<EipRecord>::new(),
+        shape: Shape {
+            name: "eips",
+            fields: &[
+                f("uuid", Id),
+                f("name", Text),
+                f("description", Text),
+                f("vipUuid", Id),
+                f("vipIp", Text),
+                f("vmNicUuid", Id),
+                f("guestIp", Text),
+                f("state", Text),
+            ],
+            relations: &[Relation::Ref { name: "vip", field: "vipUuid", kind: "vips" }],
+            indexed: &[
+                ("uuid", "#uuid"),
+                ("name", "name"),
+                ("vipUuid", "vip"),
+                ("vmNicUuid", "nic"),
+            ],
+            sorted: &[("name", "name")],
+        },
+        access: Access::Owned,
+        taggable: true,
+        deletion: Deletion::Cascade(crate::vip::remove_eip),
+        actor: None,
+    },
+    Kind {
+        api: "PortForwardingRule",
+        vo: "PortForwardingRuleVO",
+        table: &TableOf::<PortForwardingRuleRecord>::new(),
+        shape: Shape {
+            name: "port-forwarding",
+            fields: &[
+                f("uuid", Id),
+                f("name", Text),
+                f("description", Text),
+                f("vipUuid", Id),
+                f("vipIp", Text),
+                f("vipPortStart", Int),
+                f("vipPortEnd", Int),
+                f("privatePortStart", Int),
+                f("privatePortEnd", Int),
+                f("protocolType", Text),
+                f("allowedCidr", Text),
+                f("vmNicUuid", Id),
+                f("guestIp", Text),
+                f("state", Text),
+            ],
+            relations: &[Relation::Ref { name: "vip", field: "vipUuid", kind: "vips" }],
+            indexed: &[
+                ("uuid", "#uuid"),
+                ("name", "name"),
+                ("vipUuid", "vip"),
+                ("vmNicUuid", "nic"),
+            ],
+            sorted: &[("name", "name")],
+        },
+        access: Access::Owned,
+        taggable: true,
+        deletion: Deletion::Cascade(crate::vip::remove_port_forwarding_rule),
         actor: None,
     },
     Kind {
@@ -950,7 +1075,9 @@ mod tests {
         assert_eq!(deps("hosts"), [("vm-instances", "host")]);
         // A pool's VXLAN networks go before it.
         assert_eq!(deps("l2-networks"), [("l3-networks", "l2"), ("l2-networks", "pool")]);
-        assert_eq!(deps("l3-networks"), [("vm-instances", "l3")]);
+        assert_eq!(deps("l3-networks"), [("vm-instances", "l3"), ("vips", "l3")]);
+        // An EIP or rule goes before its VIP; a VM's NIC only detaches them.
+        assert_eq!(deps("vips"), [("eips", "vip"), ("port-forwarding", "vip")]);
         assert!(deps("vm-instances").is_empty());
     }
 }

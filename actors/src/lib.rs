@@ -39,4 +39,5 @@ pub mod network;
 pub mod owners;
 pub mod records;
 pub mod tags;
+pub mod vip;
 pub mod vm;

@@ -9,8 +9,9 @@
 //! skips a send when the render equals what the agent last acknowledged.
 //!
 //! Providers are ZStack's three, with fixed UUIDs: Flat (DHCP, DNS, host routes and
-//! Userdata made on every host; Eip listed, not made yet), VirtualRouter (listed, not made:
-//! Strato runs no router appliance) and SecurityGroup. Attaching a service a provider does
+//! Userdata made on every host; Eip and PortForwarding in a namespace per VIP on the host
+//! of the VM they reach), VirtualRouter (listed, not made: Strato runs no router appliance)
+//! and SecurityGroup. Attaching a service a provider does
 //! not make is refused, rather than recorded and silently not done.
 
 use std::net::Ipv4Addr;
@@ -18,15 +19,16 @@ use std::net::Ipv4Addr;
 use ipnet::Ipv4Net;
 use strato_proto::net::{
     AddressGroup, BridgeSpec, DhcpHost, DhcpSpec, Firewall, FirewallRule, GuestMetadata, HostRoute,
-    METADATA_ADDRESS, NetworkConfig, NicIdentity, PortRules, Protocol, Remote, Uplink, bridge_name,
-    nic_device,
+    METADATA_ADDRESS, Nat, NetworkConfig, NicIdentity, PortRules, Protocol, Remote, Uplink,
+    VipSpec, bridge_name, nic_device,
 };
 use strato_storage::{Batch, Db, Expect, StoreError};
 use uuid::Uuid;
 
 use crate::records::{
-    HostRecord, L2NetworkRecord, L3NetworkRecord, NetworkServiceL3RefRecord,
-    NetworkServiceProviderRecord, SecurityGroupRecord, SecurityGroupRule, VmRecord, l2_type,
+    EipRecord, HostRecord, L2NetworkRecord, L3NetworkRecord, NetworkServiceL3RefRecord,
+    NetworkServiceProviderRecord, PortForwardingRuleRecord, SecurityGroupRecord, SecurityGroupRule,
+    VipRecord, VmNic, VmRecord, l2_type,
 };
 use crate::vm::state::VmState;
 
@@ -49,6 +51,8 @@ pub mod service {
     pub const USERDATA: &str = "Userdata";
     /// Elastic IPs.
     pub const EIP: &str = "Eip";
+    /// Port forwarding.
+    pub const PORT_FORWARDING: &str = "PortForwarding";
 }
 
 /// Each provider: its type, what it offers, and which of those Strato makes.
@@ -56,8 +60,8 @@ const PROVIDERS: &[(&str, &str, &[&str], &[&str])] = &[
     (
         FLAT,
         "Flat network services, made on every host",
-        &["DHCP", "Userdata", "Eip", "DNS", "HostRoute"],
-        &["DHCP", "DNS", "HostRoute", "Userdata"],
+        &["DHCP", "Userdata", "Eip", "PortForwarding", "DNS", "HostRoute"],
+        &["DHCP", "DNS", "HostRoute", "Userdata", "Eip", "PortForwarding"],
     ),
     (
         VIRTUAL_ROUTER,
@@ -277,7 +281,134 @@ pub fn render(db: &Db, host: &HostRecord) -> Result<NetworkConfig, NetworkError>
     config.bridges.sort_by(|a, b| a.name.cmp(&b.name));
     config.dhcp.sort_by_key(|d| d.l3);
     config.firewall = firewall(db, &vms)?;
+    config.vips = vips(db, &config.bridges, &vms)?;
     Ok(config)
+}
+
+/// The VIP namespaces of the host whose `bridges` and `vms` these are: the EIPs of its VMs'
+/// NICs, and the port forwarding of each VIP whose first attached rule (by UUID) reaches
+/// one of its VMs. A VIP whose public network does not reach the host is left out.
+fn vips(db: &Db, bridges: &[BridgeSpec], vms: &[VmRecord]) -> Result<Vec<VipSpec>, StoreError> {
+    let mut out = Vec::new();
+    let mut forwarding = std::collections::BTreeSet::new();
+    let here: Vec<&VmRecord> = vms.iter().filter(|vm| vm.state != VmState::Destroyed).collect();
+    for vm in &here {
+        for nic in &vm.vm_nics {
+            for id in db.find::<EipRecord>("nic", &nic.uuid.into())? {
+                let Some(eip) = db.get::<EipRecord>(id)?.map(|s| s.record) else { continue };
+                let Some(vip) = db.get::<VipRecord>(eip.vip_uuid)?.map(|s| s.record) else {
+                    continue;
+                };
+                let Ok(guest) = nic.ip.parse() else { continue };
+                let Some(private) = private_side(db, nic)? else { continue };
+                let Some(mut spec) = vip_spec(db, &vip, bridges, private)? else { continue };
+                spec.steered = Some(nic_device(&nic.mac));
+                spec.nat.push(Nat::Eip { guest });
+                out.push(spec);
+            }
+            for id in db.find::<PortForwardingRuleRecord>("nic", &nic.uuid.into())? {
+                if let Some(rule) = db.get::<PortForwardingRuleRecord>(id)? {
+                    forwarding.insert(rule.record.vip_uuid);
+                }
+            }
+        }
+    }
+    for vip in forwarding {
+        let Some(vip) = db.get::<VipRecord>(vip)?.map(|s| s.record) else { continue };
+        let Some(address) = vip.private_ip.as_deref().and_then(|a| a.parse().ok()) else {
+            continue;
+        };
+        // The rules that reach a live VM, each with its NIC; the first one's VM is home.
+        let mut rules = Vec::new();
+        for rule in crate::vip::rules_of(db, vip.uuid)? {
+            let Some(nic) = rule.vm_nic_uuid else { continue };
+            let Ok(target) = crate::vip::nic_target(db, nic) else { continue };
+            if target.vm.state != VmState::Destroyed && target.vm.host_uuid.is_some() {
+                rules.push((rule, target));
+            }
+        }
+        rules.sort_by_key(|(rule, _)| rule.uuid);
+        let Some((_, home)) = rules.first() else { continue };
+        if !here.iter().any(|vm| vm.uuid == home.vm.uuid) {
+            continue;
+        }
+        let Some((bridge, _, prefix_len)) = private_side(db, &home.nic)? else { continue };
+        let Some(mut spec) = vip_spec(db, &vip, bridges, (bridge, address, prefix_len))? else {
+            continue;
+        };
+        for (rule, target) in &rules {
+            let (Ok(guest), Some(protocol)) = (target.nic.ip.parse(), nat_protocol(rule)) else {
+                continue;
+            };
+            let allowed = rule
+                .allowed_cidr
+                .as_deref()
+                .and_then(|c| c.parse::<Ipv4Net>().ok())
+                .map(|n| (n.network(), n.prefix_len()));
+            spec.nat.push(Nat::Forward {
+                protocol,
+                vip_ports: (rule.vip_port_start, rule.vip_port_end),
+                guest,
+                guest_ports: (rule.private_port_start, rule.private_port_end),
+                allowed,
+            });
+        }
+        out.push(spec);
+    }
+    out.sort_by_key(|v| v.vip);
+    Ok(out)
+}
+
+fn nat_protocol(rule: &PortForwardingRuleRecord) -> Option<Protocol> {
+    match rule.protocol_type.as_str() {
+        "TCP" => Some(Protocol::Tcp),
+        "UDP" => Some(Protocol::Udp),
+        _ => None,
+    }
+}
+
+/// The private side of a VIP reaching `nic`: the NIC's bridge, its network's gateway and
+/// prefix length.
+fn private_side(db: &Db, nic: &VmNic) -> Result<Option<(String, Ipv4Addr, u8)>, StoreError> {
+    let Some(l3) = db.get::<L3NetworkRecord>(nic.l3_network_uuid)?.map(|s| s.record) else {
+        return Ok(None);
+    };
+    let (Some(bridge), Some(range)) = (nic_bridge(db, &l3)?, l3.ip_ranges.first()) else {
+        return Ok(None);
+    };
+    Ok(Some((bridge, range.gateway, ipnet::ipv4_mask_to_prefix(range.netmask).unwrap_or(24))))
+}
+
+/// VIP `vip`'s namespace with its private side `(bridge, address, prefix length)` and no
+/// translation yet, if its public network's bridge is among the host's `bridges`.
+fn vip_spec(
+    db: &Db,
+    vip: &VipRecord,
+    bridges: &[BridgeSpec],
+    (private_bridge, private_address, private_prefix_len): (String, Ipv4Addr, u8),
+) -> Result<Option<VipSpec>, StoreError> {
+    let Some(l3) = db.get::<L3NetworkRecord>(vip.l3_network_uuid)?.map(|s| s.record) else {
+        return Ok(None);
+    };
+    let Some(public_bridge) = nic_bridge(db, &l3)? else { return Ok(None) };
+    if !bridges.iter().any(|b| b.name == public_bridge) {
+        return Ok(None);
+    }
+    let (Ok(address), Ok(netmask)) = (vip.ip.parse(), vip.netmask.parse()) else {
+        return Ok(None);
+    };
+    Ok(Some(VipSpec {
+        vip: vip.uuid,
+        address,
+        prefix_len: ipnet::ipv4_mask_to_prefix(netmask).unwrap_or(24),
+        public_bridge,
+        public_gateway: vip.gateway.parse().ok(),
+        private_bridge,
+        private_address,
+        private_prefix_len,
+        steered: None,
+        nat: Vec::new(),
+    }))
 }
 
 /// Every bridged NIC of `vms` (held to its MAC and address), the security groups' rules

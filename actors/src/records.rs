@@ -676,6 +676,160 @@ impl Record for SecurityGroupRecord {
     }
 }
 
+/// What a VIP is used for: one use at a time, as in ZStack.
+pub mod vip_use {
+    /// An elastic IP.
+    pub const EIP: &str = "Eip";
+    /// Port forwarding rules.
+    pub const PORT_FORWARDING: &str = "PortForwarding";
+}
+
+/// A virtual IP: an address of a public L3 network that an EIP or port forwarding rules
+/// carry to VM NICs of one private L3 network.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VipRecord {
+    /// Its UUID.
+    pub uuid: Uuid,
+    /// Its name.
+    pub name: String,
+    /// What it is for.
+    pub description: String,
+    /// The public L3 network its address is on.
+    pub l3_network_uuid: Uuid,
+    /// Its address.
+    pub ip: String,
+    /// The public network's mask.
+    pub netmask: String,
+    /// The public network's gateway.
+    pub gateway: String,
+    /// `Eip` or `PortForwarding` once something uses it.
+    pub use_for: Option<String>,
+    /// The private L3 network of the NICs it reaches, while any is attached.
+    pub peer_l3_network_uuid: Option<Uuid>,
+    /// Port forwarding's own address on the private network (its translations come from
+    /// it), held while a rule is attached.
+    pub private_ip: Option<String>,
+    /// Always `Enabled`.
+    pub state: String,
+}
+
+impl Record for VipRecord {
+    const KIND: &'static str = "vip";
+    const VERSION: u16 = 1;
+
+    fn id(&self) -> Uuid {
+        self.uuid
+    }
+
+    fn indexes() -> &'static [Index<Self>] {
+        &[
+            Index { name: "name", values: |v| vec![v.name.as_str().into()] },
+            Index { name: "l3", values: |v| vec![IndexValue::Uuid(v.l3_network_uuid)] },
+            Index {
+                name: "peer-l3",
+                values: |v| v.peer_l3_network_uuid.into_iter().map(IndexValue::Uuid).collect(),
+            },
+        ]
+    }
+}
+
+/// An elastic IP: its VIP, and the VM NIC it carries everything to while attached.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EipRecord {
+    /// Its UUID.
+    pub uuid: Uuid,
+    /// Its name.
+    pub name: String,
+    /// What it is for.
+    pub description: String,
+    /// Its VIP.
+    pub vip_uuid: Uuid,
+    /// The VIP's address.
+    pub vip_ip: String,
+    /// The NIC it is attached to.
+    pub vm_nic_uuid: Option<Uuid>,
+    /// That NIC's address.
+    pub guest_ip: Option<String>,
+    /// Always `Enabled`.
+    pub state: String,
+}
+
+impl Record for EipRecord {
+    const KIND: &'static str = "eip";
+    const VERSION: u16 = 1;
+
+    fn id(&self) -> Uuid {
+        self.uuid
+    }
+
+    fn indexes() -> &'static [Index<Self>] {
+        &[
+            Index { name: "name", values: |e| vec![e.name.as_str().into()] },
+            Index { name: "vip", values: |e| vec![IndexValue::Uuid(e.vip_uuid)] },
+            Index {
+                name: "nic",
+                values: |e| e.vm_nic_uuid.into_iter().map(IndexValue::Uuid).collect(),
+            },
+        ]
+    }
+}
+
+/// A port forwarding rule: a VIP's port range carried to a VM NIC's, while attached.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PortForwardingRuleRecord {
+    /// Its UUID.
+    pub uuid: Uuid,
+    /// Its name.
+    pub name: String,
+    /// What it is for.
+    pub description: String,
+    /// Its VIP.
+    pub vip_uuid: Uuid,
+    /// The VIP's address.
+    pub vip_ip: String,
+    /// The VIP's first port.
+    pub vip_port_start: u16,
+    /// The VIP's last port.
+    pub vip_port_end: u16,
+    /// The NIC's first port.
+    pub private_port_start: u16,
+    /// The NIC's last port.
+    pub private_port_end: u16,
+    /// `TCP` or `UDP`.
+    pub protocol_type: String,
+    /// Only sources in this network (none: any).
+    pub allowed_cidr: Option<String>,
+    /// The NIC it is attached to.
+    pub vm_nic_uuid: Option<Uuid>,
+    /// That NIC's address.
+    pub guest_ip: Option<String>,
+    /// Always `Enabled`.
+    pub state: String,
+}
+
+impl Record for PortForwardingRuleRecord {
+    const KIND: &'static str = "port-forwarding-rule";
+    const VERSION: u16 = 1;
+
+    fn id(&self) -> Uuid {
+        self.uuid
+    }
+
+    fn indexes() -> &'static [Index<Self>] {
+        &[
+            Index { name: "name", values: |r| vec![r.name.as_str().into()] },
+            Index { name: "vip", values: |r| vec![IndexValue::Uuid(r.vip_uuid)] },
+            Index {
+                name: "nic",
+                values: |r| r.vm_nic_uuid.into_iter().map(IndexValue::Uuid).collect(),
+            },
+        ]
+    }
+}
+
 /// An address handed out: its UUID derives from (L3, IP), so writing it with
 /// `Expect::Absent` can succeed only once per address, whatever else goes wrong.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -151,6 +151,9 @@ codes! {
     /// The provider does not make that service.
     NETWORK_SERVICE_NOT_IMPLEMENTED = "NETWORK.SERVICE_NOT_IMPLEMENTED", BAD_REQUEST,
         "the network service provider lists the service but Strato does not make it (details.service); use the Flat provider's DHCP, DNS or HostRoute";
+    /// The VIP, EIP, rule or NIC is taken.
+    VIP_IN_USE = "NETWORK.VIP_IN_USE", CONFLICT,
+        "the VIP, EIP, port forwarding rule or NIC is used by something else (the message says what); detach or delete that first";
     /// No address is left on the L3 network.
     IP_EXHAUSTED = "L3.IP_EXHAUSTED", CONFLICT,
         "no free IP address is left on the L3 network; add an IP range or free addresses";

@@ -278,6 +278,7 @@ impl From<VmError> for ApiError {
             VmError::Alloc(strato_actors::allocator::AllocError::NoHost { trace }) => {
                 no_host(&trace)
             }
+            VmError::Vip(e) => e.into(),
             other => ApiError::internal(&other),
         }
     }
@@ -313,6 +314,26 @@ impl From<L3Error> for ApiError {
             L3Error::Store(e) => e.into(),
             L3Error::InUse(_) => ApiError::of(crate::codes::RESOURCE_BUSY, error.to_string()),
             L3Error::Invalid { field, message } => ApiError::invalid(field, message),
+        }
+    }
+}
+
+impl From<strato_actors::vip::VipError> for ApiError {
+    fn from(error: strato_actors::vip::VipError) -> Self {
+        use strato_actors::vip::VipError;
+        match error {
+            VipError::Store(e) => e.into(),
+            VipError::L3(L3Error::Ipam(strato_actors::ipam::IpamError::Exhausted)) => ApiError::of(
+                crate::codes::IP_EXHAUSTED,
+                "no free IP address is left on the L3 network",
+            ),
+            VipError::L3(L3Error::Ipam(e @ strato_actors::ipam::IpamError::Unavailable { .. })) => {
+                ApiError::invalid("requiredIp", e.to_string())
+            }
+            VipError::L3(e) => e.into(),
+            VipError::NotFound { kind, uuid } => ApiError::not_found(kind, uuid),
+            VipError::Invalid { field, message } => ApiError::invalid(field, message),
+            VipError::InUse(message) => ApiError::of(crate::codes::VIP_IN_USE, message),
         }
     }
 }
@@ -359,6 +380,7 @@ impl From<strato_actors::cascade::CascadeError> for ApiError {
             CascadeError::Vm(e) => e.into(),
             CascadeError::Host(e) => e.into(),
             CascadeError::L3(e) => e.into(),
+            CascadeError::Vip(e) => e.into(),
             CascadeError::Runtime(e) => e.into(),
             CascadeError::Store(e) => e.into(),
         }

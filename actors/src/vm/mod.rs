@@ -121,6 +121,9 @@ pub enum VmError {
     /// The VM's owner's quota does not take the change.
     #[error(transparent)]
     Quota(#[from] crate::owners::QuotaError),
+    /// Detaching the VM's EIPs or port forwarding rules failed.
+    #[error(transparent)]
+    Vip(#[from] crate::vip::VipError),
 }
 
 /// Applies what host `host` observed of VM `vm`'s domain. Reports from a host the VM is not

@@ -534,6 +534,9 @@ async fn forget(ctx: &OpCtx<Vms>, record: &VmRecord) -> Result<(), VmError> {
 
 async fn release_ips(runtime: &Runtime, job: &ReleaseIpsJob) -> Result<(), VmError> {
     let Some(l3s) = runtime.kind::<crate::l3::L3s>() else { return Ok(()) };
+    // Its NICs' EIPs and port forwarding rules are detached first (they name the NICs).
+    let nics: Vec<Uuid> = job.nics.iter().map(|(_, _, nic)| *nic).collect();
+    crate::vip::detach_nics(runtime.db(), &l3s, &nics).await?;
     for (l3, ip, nic) in &job.nics {
         let Ok(ip) = ip.parse() else { continue };
         match crate::l3::release_ip(&l3s, *l3, ip, *nic).await {

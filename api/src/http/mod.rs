@@ -43,6 +43,7 @@ pub mod resources;
 pub mod security_groups;
 pub mod storage;
 pub mod tags;
+pub mod vips;
 pub mod vms;
 
 pub use api::{Answer, Api, Body, Described, KindApi, Method};
@@ -60,6 +61,7 @@ pub fn apis() -> &'static [Api] {
         apis.extend(infra::apis());
         apis.extend(networks::apis());
         apis.extend(security_groups::apis());
+        apis.extend(vips::apis());
         apis.extend(vms::apis());
         apis.extend(storage::apis());
         apis.extend(tags::apis());

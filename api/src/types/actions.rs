@@ -172,6 +172,35 @@ pub enum SecurityGroupAction {
     DeleteVmNicFromSecurityGroup(VmNics),
 }
 
+/// The actions on an EIP (`PUT /v1/eips/{uuid}/actions`).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum EipAction {
+    /// Attaches an EIP to a VM NIC
+    AttachEip(OnVmNic),
+    /// Detaches an EIP from its VM NIC
+    DetachEip(NoParams),
+}
+
+/// The actions on a port forwarding rule (`PUT /v1/port-forwarding/{uuid}/actions`).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum PortForwardingRuleAction {
+    /// Attaches a port forwarding rule to a VM NIC
+    AttachPortForwardingRule(OnVmNic),
+    /// Detaches a port forwarding rule from its VM NIC
+    DetachPortForwardingRule(NoParams),
+}
+
+/// A VM NIC.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OnVmNic {
+    /// The NIC.
+    #[serde(deserialize_with = "super::canonical::uuid")]
+    pub vm_nic_uuid: Uuid,
+}
+
 /// Rules to add.
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

@@ -279,6 +279,74 @@ pub struct SecurityGroupParams {
     pub description: String,
 }
 
+/// `CreateVip`.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VipParams {
+    /// Its name.
+    pub name: String,
+    /// What it is for.
+    #[serde(default)]
+    pub description: String,
+    /// The public L3 network its address is taken from.
+    #[serde(deserialize_with = "canonical::uuid")]
+    pub l3_network_uuid: Uuid,
+    /// The address wanted (any free one if absent).
+    #[serde(default)]
+    #[schema(value_type = Option<String>, format = Ipv4)]
+    pub required_ip: Option<Ipv4Addr>,
+}
+
+/// `CreateEip`.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EipParams {
+    /// Its name.
+    pub name: String,
+    /// What it is for.
+    #[serde(default)]
+    pub description: String,
+    /// Its VIP (unused).
+    #[serde(deserialize_with = "canonical::uuid")]
+    pub vip_uuid: Uuid,
+    /// The VM NIC to attach it to at once.
+    #[serde(default, deserialize_with = "canonical::option")]
+    pub vm_nic_uuid: Option<Uuid>,
+}
+
+/// `CreatePortForwardingRule`.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PortForwardingRuleParams {
+    /// Its name.
+    pub name: String,
+    /// What it is for.
+    #[serde(default)]
+    pub description: String,
+    /// Its VIP (unused, or used for port forwarding).
+    #[serde(deserialize_with = "canonical::uuid")]
+    pub vip_uuid: Uuid,
+    /// The VIP's first port.
+    pub vip_port_start: u16,
+    /// The VIP's last port (the first if absent).
+    #[serde(default)]
+    pub vip_port_end: Option<u16>,
+    /// The NIC's first port (the VIP's if absent).
+    #[serde(default)]
+    pub private_port_start: Option<u16>,
+    /// The NIC's last port (as many ports as the VIP's range if absent).
+    #[serde(default)]
+    pub private_port_end: Option<u16>,
+    /// `TCP` or `UDP`.
+    pub protocol_type: String,
+    /// Only sources in this network may connect (any if absent).
+    #[serde(default)]
+    pub allowed_cidr: Option<String>,
+    /// The VM NIC to attach it to at once.
+    #[serde(default, deserialize_with = "canonical::option")]
+    pub vm_nic_uuid: Option<Uuid>,
+}
+
 /// `CreateL3Network`.
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

@@ -1,0 +1,634 @@
+//! VIPs, elastic IPs and port forwarding rules: what the store says about them, changed
+//! so that no two writers lose each other's change.
+//!
+//! A VIP is an address of a public L3 network, held in that network's IPAM under the VIP's
+//! UUID. What uses it (one EIP, or port forwarding rules) and which private L3 network its
+//! NICs are on are written on the VIP itself, in the same batch as the EIP or rule that
+//! changes them, each record expected at the generation it was read at: two attachments at
+//! once cannot both decide that the VIP is free, and a conflict is read again and decided
+//! again, never answered. Port forwarding translates connections through an address of its
+//! own on the private network (full NAT, so a guest's replies come back whatever its
+//! gateway); that address is booked at the first rule's attachment and given back with the
+//! last one's detachment.
+//!
+//! Where each VIP lives on the hosts is not stored: it is rendered from these records
+//! ([`crate::network::render`]). The operations here ask the hosts concerned to apply their
+//! network again.
+
+use std::net::Ipv4Addr;
+
+use strato_runtime::Kind;
+use strato_storage::{Batch, Db, Expect, IndexValue, Record, StoreError, Stored};
+use uuid::Uuid;
+
+use crate::cascade::Deleter;
+use crate::host::{self, Hosts};
+use crate::kinds::RemoveFuture;
+use crate::l3::{self, L3Error, L3s};
+use crate::records::{
+    EipRecord, L3NetworkRecord, PortForwardingRuleRecord, VipRecord, VmNic, VmRecord, vip_use,
+};
+
+/// Why a VIP, EIP or port forwarding change was refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VipError {
+    /// The store failed.
+    #[error("the store failed")]
+    Store(#[from] StoreError),
+    /// The L3 network's addresses said no.
+    #[error(transparent)]
+    L3(#[from] L3Error),
+    /// A resource named is not there.
+    #[error("no {kind} with UUID {uuid}")]
+    NotFound {
+        /// Its kind's API name.
+        kind: &'static str,
+        /// Its UUID.
+        uuid: Uuid,
+    },
+    /// A request field the records' state refuses.
+    #[error("{field}: {message}")]
+    Invalid {
+        /// The field at fault.
+        field: &'static str,
+        /// What is wrong and what to do.
+        message: String,
+    },
+    /// The VIP, EIP, rule or NIC is taken by something else.
+    #[error("{0}")]
+    InUse(String),
+}
+
+fn not_found<R: Record>(uuid: Uuid) -> VipError {
+    VipError::NotFound { kind: crate::kinds::of::<R>().api, uuid }
+}
+
+fn get<R: Record>(db: &Db, uuid: Uuid) -> Result<Stored<R>, VipError> {
+    db.get::<R>(uuid)?.ok_or_else(|| not_found::<R>(uuid))
+}
+
+/// The owner under which port forwarding's own address on the private network is booked.
+pub fn forwarding_owner(vip: Uuid) -> Uuid {
+    Uuid::new_v5(&vip, b"port-forwarding")
+}
+
+/// A VM NIC a request names, with its VM.
+#[derive(Clone, Debug)]
+pub struct NicTarget {
+    /// The VM.
+    pub vm: VmRecord,
+    /// The NIC.
+    pub nic: VmNic,
+}
+
+/// The NIC `nic` and its VM, or `NotFound`.
+pub fn nic_target(db: &Db, nic: Uuid) -> Result<NicTarget, VipError> {
+    let missing = || VipError::NotFound { kind: "VmNic", uuid: nic };
+    let vm_uuid =
+        db.find::<VmRecord>("nic", &nic.into())?.into_iter().next().ok_or_else(missing)?;
+    let vm = db.get::<VmRecord>(vm_uuid)?.ok_or_else(missing)?.record;
+    let nic = vm.vm_nics.iter().find(|n| n.uuid == nic).cloned().ok_or_else(missing)?;
+    Ok(NicTarget { vm, nic })
+}
+
+/// Creates VIP `vip` (its address, mask and gateway filled in here) on its L3 network,
+/// with `requested` as its address if given. `extra` adds the VIP's tags and owner to the
+/// same write. The address is given back if the write fails.
+pub async fn create_vip(
+    db: &Db,
+    l3s: &Kind<L3s>,
+    mut vip: VipRecord,
+    requested: Option<Ipv4Addr>,
+    extra: impl Fn(&mut Batch) -> Result<(), StoreError>,
+) -> Result<VipRecord, VipError> {
+    let l3 = get::<L3NetworkRecord>(db, vip.l3_network_uuid)?.record;
+    if l3.l2_network_uuid.is_none() {
+        return Err(VipError::Invalid {
+            field: "l3NetworkUuid",
+            message: format!(
+                "L3 network {} is on no L2 network: a VIP's network must reach the hosts' bridges",
+                l3.uuid
+            ),
+        });
+    }
+    let owner = vip.uuid;
+    let ip = l3::allocate_ip(l3s, l3.uuid, owner, requested).await?;
+    let written = async {
+        let l3 = get::<L3NetworkRecord>(db, vip.l3_network_uuid)?.record;
+        let range =
+            l3.ip_ranges.iter().find(|r| r.contains(ip)).ok_or_else(|| VipError::Invalid {
+                field: "l3NetworkUuid",
+                message: "the VIP's address left the L3 network's ranges".into(),
+            })?;
+        vip.ip = ip.to_string();
+        vip.netmask = range.netmask.to_string();
+        vip.gateway = range.gateway.to_string();
+        let mut batch = Batch::new();
+        batch.put(&vip, Expect::Absent)?;
+        extra(&mut batch)?;
+        db.commit(batch).await?;
+        Ok::<_, VipError>(vip)
+    }
+    .await;
+    if written.is_err()
+        && let Err(error) = l3::release_ip(l3s, l3.uuid, ip, owner).await
+    {
+        tracing::warn!(%error, %ip, "a failed VIP creation's address stays booked");
+    }
+    written
+}
+
+/// Creates EIP `eip` on its VIP, which must be unused or used by no other EIP. `extra` adds
+/// the EIP's tags and owner to the same write.
+pub async fn create_eip(
+    db: &Db,
+    eip: &mut EipRecord,
+    extra: impl Fn(&mut Batch) -> Result<(), StoreError>,
+) -> Result<(), VipError> {
+    loop {
+        let stored = get::<VipRecord>(db, eip.vip_uuid)?;
+        let mut vip = stored.record;
+        match vip.use_for.as_deref() {
+            None => {}
+            Some(vip_use::EIP) => {
+                return Err(VipError::InUse(format!(
+                    "VIP {} already has an EIP; one VIP carries one EIP",
+                    vip.uuid
+                )));
+            }
+            Some(other) => {
+                return Err(VipError::InUse(format!(
+                    "VIP {} is used for {other}; a VIP has one use",
+                    vip.uuid
+                )));
+            }
+        }
+        vip.use_for = Some(vip_use::EIP.into());
+        eip.vip_ip = vip.ip.clone();
+        let mut batch = Batch::new();
+        batch.put(&*eip, Expect::Absent)?;
+        batch.put(&vip, Expect::Generation(stored.generation))?;
+        extra(&mut batch)?;
+        match db.commit(batch).await {
+            Ok(_) => return Ok(()),
+            Err(StoreError::Conflict { id, .. }) if id == vip.uuid => continue,
+            Err(error) => return Err(error.into()),
+        }
+    }
+}
+
+/// Creates port forwarding rule `rule` on its VIP, which must be unused or used for port
+/// forwarding, by no rule of the same protocol on overlapping ports.
+pub async fn create_port_forwarding_rule(
+    db: &Db,
+    rule: &mut PortForwardingRuleRecord,
+    extra: impl Fn(&mut Batch) -> Result<(), StoreError>,
+) -> Result<(), VipError> {
+    loop {
+        let stored = get::<VipRecord>(db, rule.vip_uuid)?;
+        let mut vip = stored.record;
+        if let Some(other) = vip.use_for.as_deref().filter(|u| *u != vip_use::PORT_FORWARDING) {
+            return Err(VipError::InUse(format!(
+                "VIP {} is used for {other}; a VIP has one use",
+                vip.uuid
+            )));
+        }
+        for other in rules_of(db, vip.uuid)? {
+            if other.protocol_type == rule.protocol_type
+                && other.vip_port_start <= rule.vip_port_end
+                && rule.vip_port_start <= other.vip_port_end
+            {
+                return Err(VipError::InUse(format!(
+                    "VIP {}'s {} ports {}-{} are forwarded by rule {} already",
+                    vip.uuid,
+                    other.protocol_type,
+                    other.vip_port_start,
+                    other.vip_port_end,
+                    other.uuid
+                )));
+            }
+        }
+        vip.use_for = Some(vip_use::PORT_FORWARDING.into());
+        rule.vip_ip = vip.ip.clone();
+        let mut batch = Batch::new();
+        batch.put(&*rule, Expect::Absent)?;
+        // Written back even when unchanged: a rule created at once on overlapping ports
+        // conflicts here and is checked again.
+        batch.put(&vip, Expect::Generation(stored.generation))?;
+        extra(&mut batch)?;
+        match db.commit(batch).await {
+            Ok(_) => return Ok(()),
+            Err(StoreError::Conflict { id, .. }) if id == vip.uuid => continue,
+            Err(error) => return Err(error.into()),
+        }
+    }
+}
+
+/// Every port forwarding rule of VIP `vip`.
+pub fn rules_of(db: &Db, vip: Uuid) -> Result<Vec<PortForwardingRuleRecord>, StoreError> {
+    records(db, db.find::<PortForwardingRuleRecord>("vip", &vip.into())?)
+}
+
+fn records<R: Record>(db: &Db, ids: Vec<Uuid>) -> Result<Vec<R>, StoreError> {
+    let mut out = Vec::new();
+    for id in ids {
+        out.extend(db.get::<R>(id)?.map(|s| s.record));
+    }
+    Ok(out)
+}
+
+/// Checks that `target`'s NIC may be reached through VIP `vip` by `service` (`Eip` or
+/// `PortForwarding`): on another network than the VIP's, one with the Flat provider's
+/// service, and the network the VIP's other attachments reach.
+fn check_target(
+    db: &Db,
+    vip: &VipRecord,
+    target: &NicTarget,
+    service: &str,
+) -> Result<(), VipError> {
+    let l3 = target.nic.l3_network_uuid;
+    if l3 == vip.l3_network_uuid {
+        return Err(VipError::Invalid {
+            field: "vmNicUuid",
+            message: format!(
+                "NIC {} is on the VIP's own network {l3}: a VIP carries traffic to another network",
+                target.nic.uuid
+            ),
+        });
+    }
+    if let Some(peer) = vip.peer_l3_network_uuid
+        && peer != l3
+    {
+        return Err(VipError::Invalid {
+            field: "vmNicUuid",
+            message: format!(
+                "VIP {} reaches NICs of L3 network {peer} already; its rules reach one private network",
+                vip.uuid
+            ),
+        });
+    }
+    let flat = crate::network::services_of(db, l3)?
+        .iter()
+        .any(|(provider, s)| provider == crate::network::FLAT && s == service);
+    if !flat {
+        return Err(VipError::Invalid {
+            field: "vmNicUuid",
+            message: format!(
+                "L3 network {l3} of NIC {} has no {service} service: attach the Flat provider's {service} to it (AttachNetworkServiceToL3Network)",
+                target.nic.uuid
+            ),
+        });
+    }
+    if target.vm.state == crate::vm::state::VmState::Destroyed {
+        return Err(VipError::Invalid {
+            field: "vmNicUuid",
+            message: format!("VM {} is destroyed", target.vm.uuid),
+        });
+    }
+    Ok(())
+}
+
+/// The hosts whose network VIP `vip` is (or may have been) in: those of the VMs of the
+/// NICs its EIP and rules are attached to.
+pub fn hosts_of_vip(db: &Db, vip: Uuid) -> Result<Vec<Uuid>, StoreError> {
+    let mut nics: Vec<Uuid> =
+        rules_of(db, vip)?.into_iter().filter_map(|r| r.vm_nic_uuid).collect();
+    let eips: Vec<EipRecord> = records(db, db.find::<EipRecord>("vip", &vip.into())?)?;
+    nics.extend(eips.into_iter().filter_map(|e| e.vm_nic_uuid));
+    let mut hosts = Vec::new();
+    for nic in nics {
+        for vm in db.find::<VmRecord>("nic", &nic.into())? {
+            if let Some(vm) = db.get::<VmRecord>(vm)? {
+                hosts.extend(vm.record.host_uuid);
+            }
+        }
+    }
+    hosts.sort();
+    hosts.dedup();
+    Ok(hosts)
+}
+
+/// Runs `change` on VIP `vip`'s records and asks every host it was or is on to apply its
+/// network again.
+async fn refreshing<T>(
+    db: &Db,
+    hosts: &Kind<Hosts>,
+    vip: Uuid,
+    change: impl std::future::Future<Output = Result<T, VipError>>,
+) -> Result<T, VipError> {
+    let mut concerned = hosts_of_vip(db, vip)?;
+    let out = change.await;
+    concerned.extend(hosts_of_vip(db, vip)?);
+    concerned.sort();
+    concerned.dedup();
+    for host in concerned {
+        host::refresh_network(hosts, host);
+    }
+    out
+}
+
+/// Attaches EIP `eip` to `target`'s NIC.
+pub async fn attach_eip(
+    db: &Db,
+    hosts: &Kind<Hosts>,
+    eip: Uuid,
+    target: NicTarget,
+) -> Result<EipRecord, VipError> {
+    let vip_uuid = get::<EipRecord>(db, eip)?.record.vip_uuid;
+    refreshing(db, hosts, vip_uuid, async {
+        loop {
+            let stored = get::<EipRecord>(db, eip)?;
+            let mut record = stored.record;
+            let vip_stored = get::<VipRecord>(db, record.vip_uuid)?;
+            let mut vip = vip_stored.record;
+            match record.vm_nic_uuid {
+                Some(nic) if nic == target.nic.uuid => return Ok(record),
+                Some(nic) => {
+                    return Err(VipError::InUse(format!(
+                        "EIP {eip} is attached to NIC {nic}; detach it first (DetachEip)"
+                    )));
+                }
+                None => {}
+            }
+            if let Some(other) = db
+                .find::<EipRecord>("nic", &target.nic.uuid.into())?
+                .into_iter()
+                .find(|e| *e != eip)
+            {
+                return Err(VipError::InUse(format!(
+                    "NIC {} has EIP {other} already; a NIC has one",
+                    target.nic.uuid
+                )));
+            }
+            check_target(db, &vip, &target, crate::network::service::EIP)?;
+            record.vm_nic_uuid = Some(target.nic.uuid);
+            record.guest_ip = Some(target.nic.ip.clone());
+            vip.peer_l3_network_uuid = Some(target.nic.l3_network_uuid);
+            let mut batch = Batch::new();
+            batch.put(&record, Expect::Generation(stored.generation))?;
+            batch.put(&vip, Expect::Generation(vip_stored.generation))?;
+            match db.commit(batch).await {
+                Ok(_) => return Ok(record),
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(error) => return Err(error.into()),
+            }
+        }
+    })
+    .await
+}
+
+/// Detaches EIP `eip` from its NIC (nothing to do if it is not attached), or deletes it
+/// when `delete`.
+async fn release_eip(db: &Db, eip: Uuid, delete: bool) -> Result<Option<EipRecord>, VipError> {
+    loop {
+        let Some(stored) = db.get::<EipRecord>(eip)? else {
+            return if delete { Ok(None) } else { Err(not_found::<EipRecord>(eip)) };
+        };
+        let mut record = stored.record;
+        let mut batch = Batch::new();
+        let vip = db.get::<VipRecord>(record.vip_uuid)?;
+        if let Some(vip_stored) = &vip {
+            let mut vip = vip_stored.record.clone();
+            vip.peer_l3_network_uuid = None;
+            if delete {
+                vip.use_for = None;
+            }
+            if vip != vip_stored.record {
+                batch.put(&vip, Expect::Generation(vip_stored.generation))?;
+            }
+        }
+        if delete {
+            batch.delete::<EipRecord>(eip, Expect::Generation(stored.generation));
+            crate::records::delete_refs(db, &mut batch, eip)?;
+        } else if record.vm_nic_uuid.is_some() {
+            record.vm_nic_uuid = None;
+            record.guest_ip = None;
+            batch.put(&record, Expect::Generation(stored.generation))?;
+        } else {
+            return Ok(Some(record));
+        }
+        match db.commit(batch).await {
+            Ok(_) => return Ok(Some(record)),
+            Err(StoreError::Conflict { .. }) => continue,
+            Err(error) => return Err(error.into()),
+        }
+    }
+}
+
+/// Detaches EIP `eip` from its NIC.
+pub async fn detach_eip(db: &Db, hosts: &Kind<Hosts>, eip: Uuid) -> Result<EipRecord, VipError> {
+    let vip = get::<EipRecord>(db, eip)?.record.vip_uuid;
+    refreshing(db, hosts, vip, async {
+        release_eip(db, eip, false).await?.ok_or_else(|| not_found::<EipRecord>(eip))
+    })
+    .await
+}
+
+/// Attaches port forwarding rule `rule` to `target`'s NIC, booking the forwarding's own
+/// address on the NIC's network if the VIP has none yet.
+pub async fn attach_port_forwarding_rule(
+    db: &Db,
+    l3s: &Kind<L3s>,
+    hosts: &Kind<Hosts>,
+    rule: Uuid,
+    target: NicTarget,
+) -> Result<PortForwardingRuleRecord, VipError> {
+    let vip_uuid = get::<PortForwardingRuleRecord>(db, rule)?.record.vip_uuid;
+    let l3 = target.nic.l3_network_uuid;
+    // An address booked here and not written (another attachment's got there first).
+    let mut booked: Option<Ipv4Addr> = None;
+    let result = refreshing(db, hosts, vip_uuid, async {
+        loop {
+            let stored = get::<PortForwardingRuleRecord>(db, rule)?;
+            let mut record = stored.record;
+            let vip_stored = get::<VipRecord>(db, record.vip_uuid)?;
+            let mut vip = vip_stored.record;
+            match record.vm_nic_uuid {
+                Some(nic) if nic == target.nic.uuid => return Ok(record),
+                Some(nic) => {
+                    return Err(VipError::InUse(format!(
+                        "rule {rule} is attached to NIC {nic}; detach it first (DetachPortForwardingRule)"
+                    )));
+                }
+                None => {}
+            }
+            check_target(db, &vip, &target, crate::network::service::PORT_FORWARDING)?;
+            if vip.private_ip.is_none() {
+                let ip = match booked {
+                    Some(ip) => ip,
+                    None => {
+                        let ip = l3::allocate_ip(l3s, l3, forwarding_owner(vip.uuid), None).await?;
+                        booked = Some(ip);
+                        ip
+                    }
+                };
+                vip.private_ip = Some(ip.to_string());
+            }
+            vip.peer_l3_network_uuid = Some(l3);
+            record.vm_nic_uuid = Some(target.nic.uuid);
+            record.guest_ip = Some(target.nic.ip.clone());
+            let mut batch = Batch::new();
+            batch.put(&record, Expect::Generation(stored.generation))?;
+            batch.put(&vip, Expect::Generation(vip_stored.generation))?;
+            match db.commit(batch).await {
+                Ok(_) => {
+                    if vip.private_ip == booked.map(|ip| ip.to_string()) {
+                        booked = None;
+                    }
+                    return Ok(record);
+                }
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(error) => return Err(error.into()),
+            }
+        }
+    })
+    .await;
+    if let Some(ip) = booked {
+        l3::release_ip(l3s, l3, ip, forwarding_owner(vip_uuid)).await?;
+    }
+    result
+}
+
+/// Detaches port forwarding rule `rule` (nothing to do if it is not attached), or deletes
+/// it when `delete`; the last attached rule of its VIP gives the forwarding's address back.
+async fn release_rule(
+    db: &Db,
+    l3s: &Kind<L3s>,
+    rule: Uuid,
+    delete: bool,
+) -> Result<Option<PortForwardingRuleRecord>, VipError> {
+    loop {
+        let Some(stored) = db.get::<PortForwardingRuleRecord>(rule)? else {
+            return if delete {
+                Ok(None)
+            } else {
+                Err(not_found::<PortForwardingRuleRecord>(rule))
+            };
+        };
+        let mut record = stored.record;
+        let others: Vec<PortForwardingRuleRecord> =
+            rules_of(db, record.vip_uuid)?.into_iter().filter(|r| r.uuid != rule).collect();
+        let mut batch = Batch::new();
+        let mut freed = None;
+        if let Some(vip_stored) = db.get::<VipRecord>(record.vip_uuid)? {
+            let mut vip = vip_stored.record.clone();
+            if others.iter().all(|r| r.vm_nic_uuid.is_none()) {
+                freed = vip.peer_l3_network_uuid.zip(vip.private_ip.take());
+                vip.peer_l3_network_uuid = None;
+            }
+            if delete && others.is_empty() {
+                vip.use_for = None;
+            }
+            // Written back even when unchanged: the decision above read the other rules.
+            batch.put(&vip, Expect::Generation(vip_stored.generation))?;
+        }
+        if delete {
+            batch.delete::<PortForwardingRuleRecord>(rule, Expect::Generation(stored.generation));
+            crate::records::delete_refs(db, &mut batch, rule)?;
+        } else if record.vm_nic_uuid.is_some() {
+            record.vm_nic_uuid = None;
+            record.guest_ip = None;
+            batch.put(&record, Expect::Generation(stored.generation))?;
+        } else {
+            return Ok(Some(record));
+        }
+        match db.commit(batch).await {
+            Ok(_) => {
+                if let Some((l3, ip)) = freed
+                    && let Ok(ip) = ip.parse()
+                {
+                    release_address(l3s, l3, ip, forwarding_owner(record.vip_uuid)).await?;
+                }
+                return Ok(Some(record));
+            }
+            Err(StoreError::Conflict { .. }) => continue,
+            Err(error) => return Err(error.into()),
+        }
+    }
+}
+
+/// Gives an address back; a network deleted since holds none.
+async fn release_address(
+    l3s: &Kind<L3s>,
+    l3: Uuid,
+    ip: Ipv4Addr,
+    owner: Uuid,
+) -> Result<(), VipError> {
+    match l3::release_ip(l3s, l3, ip, owner).await {
+        Err(L3Error::Runtime(strato_runtime::RuntimeError::NotFound { .. })) => Ok(()),
+        other => Ok(other?),
+    }
+}
+
+/// Detaches port forwarding rule `rule` from its NIC.
+pub async fn detach_port_forwarding_rule(
+    db: &Db,
+    l3s: &Kind<L3s>,
+    hosts: &Kind<Hosts>,
+    rule: Uuid,
+) -> Result<PortForwardingRuleRecord, VipError> {
+    let vip = get::<PortForwardingRuleRecord>(db, rule)?.record.vip_uuid;
+    refreshing(db, hosts, vip, async {
+        release_rule(db, l3s, rule, false)
+            .await?
+            .ok_or_else(|| not_found::<PortForwardingRuleRecord>(rule))
+    })
+    .await
+}
+
+/// Detaches the EIPs and port forwarding rules of NICs `nics` (a VM's, as it is expunged).
+/// Safe to repeat: a detached one is left as it is.
+pub async fn detach_nics(db: &Db, l3s: &Kind<L3s>, nics: &[Uuid]) -> Result<(), VipError> {
+    for nic in nics {
+        for eip in db.find::<EipRecord>("nic", &IndexValue::Uuid(*nic))? {
+            release_eip(db, eip, false).await?;
+        }
+        for rule in db.find::<PortForwardingRuleRecord>("nic", &IndexValue::Uuid(*nic))? {
+            release_rule(db, l3s, rule, false).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Deletes an EIP (detached first), leaving its VIP unused.
+pub(crate) fn remove_eip(deleter: &Deleter, id: Uuid) -> RemoveFuture<'_> {
+    Box::pin(async move {
+        let Some(vip) = deleter.db.get::<EipRecord>(id)?.map(|s| s.record.vip_uuid) else {
+            return Ok(());
+        };
+        refreshing(&deleter.db, &deleter.hosts, vip, release_eip(&deleter.db, id, true)).await?;
+        Ok(())
+    })
+}
+
+/// Deletes a port forwarding rule (detached first).
+pub(crate) fn remove_port_forwarding_rule(deleter: &Deleter, id: Uuid) -> RemoveFuture<'_> {
+    Box::pin(async move {
+        let Some(vip) = deleter.db.get::<PortForwardingRuleRecord>(id)?.map(|s| s.record.vip_uuid)
+        else {
+            return Ok(());
+        };
+        let released = release_rule(&deleter.db, &deleter.l3s, id, true);
+        refreshing(&deleter.db, &deleter.hosts, vip, released).await?;
+        Ok(())
+    })
+}
+
+/// Deletes a VIP with nothing using it, then gives its address back.
+pub(crate) fn remove_vip(deleter: &Deleter, id: Uuid) -> RemoveFuture<'_> {
+    Box::pin(async move {
+        let Some(vip) = deleter.db.get::<VipRecord>(id)?.map(|s| s.record) else {
+            return Ok(());
+        };
+        crate::cascade::remove_record::<VipRecord>(deleter, id).await?;
+        if let Ok(ip) = vip.ip.parse() {
+            release_address(&deleter.l3s, vip.l3_network_uuid, ip, vip.uuid).await?;
+        }
+        if let Some((l3, ip)) = vip.peer_l3_network_uuid.zip(vip.private_ip)
+            && let Ok(ip) = ip.parse()
+        {
+            release_address(&deleter.l3s, l3, ip, forwarding_owner(vip.uuid)).await?;
+        }
+        Ok(())
+    })
+}
