@@ -113,53 +113,117 @@ fn marked_links(ns: &str) -> Vec<String> {
         .collect()
 }
 
+/// Two namespace hosts joined by an underlay (10.98.0.0/24), each with a real agent (sim
+/// hypervisor, real network), in one cluster with a VXLAN pool attached.
+struct Lab {
+    cluster: TestCluster,
+    _agent_b: common::Proc,
+    hosts: Vec<Value>,
+    pool: Value,
+    a: String,
+    b: String,
+    // Last: the namespaces go after the agents that work in them.
+    ns: Namespaces,
+}
+
+impl Lab {
+    fn start(tag: &str) -> Lab {
+        let ns = Namespaces { tag: format!("{tag}{}", std::process::id() % 100_000) };
+        let (a, b) = (ns.add("a"), ns.add("b"));
+        run(&[
+            "ip", "-n", &a, "link", "add", "ul0", "type", "veth", "peer", "name", "ul0", "netns",
+            &b,
+        ]);
+        for (host, ip) in [(&a, "10.98.0.1/24"), (&b, "10.98.0.2/24")] {
+            run(&["ip", "-n", host, "addr", "add", ip, "dev", "ul0"]);
+            run(&["ip", "-n", host, "link", "set", "ul0", "up"]);
+        }
+        let agent_args = |host: &str, suffix: &str| -> Vec<String> {
+            ["--driver", "sim", "--network", "host", "--netns", host, "--netns-prefix"]
+                .iter()
+                .map(|s| s.to_string())
+                .chain([format!("{}-{suffix}-", ns.tag)])
+                .collect()
+        };
+        let args_a = agent_args(&a, "na");
+        let cluster = TestCluster::start(
+            ClusterOpts::default().driver(&args_a.iter().map(String::as_str).collect::<Vec<_>>()),
+        );
+        let api = cluster.api;
+        let dir_b = cluster.dir().join("agent-b");
+        let args_b = agent_args(&b, "nb");
+        let (agent_b, addr_b) = start_agent_with(
+            &bootstrap(&cluster.data),
+            &dir_b,
+            &args_b.iter().map(String::as_str).collect::<Vec<_>>(),
+        );
+        let zone = create(api, "/v1/zones", json!({ "name": "z" }));
+        let c1 = create(api, "/v1/clusters", json!({ "name": "c", "zoneUuid": zone["uuid"] }));
+        let mut hosts = Vec::new();
+        for (name, port) in [("ha", cluster.agent.port()), ("hb", addr_b.port())] {
+            hosts.push(create(
+                api,
+                "/v1/hosts/kvm",
+                json!({ "name": name, "managementIp": "127.0.0.1", "agentPort": port, "clusterUuid": c1["uuid"] }),
+            ));
+        }
+        let pool = create(
+            api,
+            "/v1/l2-networks/vxlan-pool",
+            json!({ "name": "pool", "zoneUuid": zone["uuid"], "vtepCidr": "10.98.0.0/24", "startVni": 4000, "endVni": 4100 }),
+        );
+        ok(api, "POST", &format!("/v1/l2-networks/{}/clusters/{}", uuid(&pool), uuid(&c1)), None);
+        Lab { cluster, _agent_b: agent_b, hosts, pool, a, b, ns }
+    }
+
+    /// The Strato-made links and namespaces of both hosts' agents.
+    fn made_by_agents(&self) -> Vec<String> {
+        let mut left: Vec<String> =
+            [&self.a, &self.b].iter().flat_map(|ns| marked_links(ns)).collect();
+        let namespaces = run(&["ip", "netns", "list"]);
+        left.extend(
+            namespaces
+                .lines()
+                .filter(|l| {
+                    l.starts_with(&format!("{}-na-", self.ns.tag))
+                        || l.starts_with(&format!("{}-nb-", self.ns.tag))
+                })
+                .map(str::to_owned),
+        );
+        left
+    }
+
+    /// A guest of `vm`'s first NIC: a namespace with a veth on `host_ns`'s `bridge`, with
+    /// the NIC's MAC.
+    fn guest(&self, name: &str, vm: &Value, host_ns: &str, bridge: &str) -> String {
+        let nic = &vm["vmNics"][0];
+        let guest = self.ns.add(name);
+        let port = strato_proto::net::nic_device(nic["mac"].as_str().unwrap());
+        run(&[
+            "ip", "-n", host_ns, "link", "add", &port, "type", "veth", "peer", "name", "eth0",
+            "netns", &guest,
+        ]);
+        run(&[
+            "ip",
+            "-n",
+            &guest,
+            "link",
+            "set",
+            "eth0",
+            "address",
+            nic["mac"].as_str().unwrap(),
+            "up",
+        ]);
+        run(&["ip", "-n", host_ns, "link", "set", &port, "master", bridge, "up"]);
+        guest
+    }
+}
+
 #[test]
 fn vms_on_a_vxlan_get_their_addresses_by_flat_dhcp_and_reach_each_other() {
-    let ns = Namespaces { tag: format!("snet{}", std::process::id() % 100_000) };
-    let (a, b) = (ns.add("a"), ns.add("b"));
-    run(&[
-        "ip", "-n", &a, "link", "add", "ul0", "type", "veth", "peer", "name", "ul0", "netns", &b,
-    ]);
-    for (host, ip) in [(&a, "10.98.0.1/24"), (&b, "10.98.0.2/24")] {
-        run(&["ip", "-n", host, "addr", "add", ip, "dev", "ul0"]);
-        run(&["ip", "-n", host, "link", "set", "ul0", "up"]);
-    }
-    let agent_args = |host: &str, suffix: &str| -> Vec<String> {
-        ["--driver", "sim", "--network", "host", "--netns", host, "--netns-prefix"]
-            .iter()
-            .map(|s| s.to_string())
-            .chain([format!("{}-{suffix}-", ns.tag)])
-            .collect()
-    };
-    let args_a = agent_args(&a, "na");
-    let cluster = TestCluster::start(
-        ClusterOpts::default().driver(&args_a.iter().map(String::as_str).collect::<Vec<_>>()),
-    );
-    let api = cluster.api;
-    let dir_b = cluster.dir().join("agent-b");
-    let args_b = agent_args(&b, "nb");
-    let (_agent_b, addr_b) = start_agent_with(
-        &bootstrap(&cluster.data),
-        &dir_b,
-        &args_b.iter().map(String::as_str).collect::<Vec<_>>(),
-    );
-
-    let zone = create(api, "/v1/zones", json!({ "name": "z" }));
-    let c1 = create(api, "/v1/clusters", json!({ "name": "c", "zoneUuid": zone["uuid"] }));
-    let mut hosts = Vec::new();
-    for (name, port) in [("ha", cluster.agent.port()), ("hb", addr_b.port())] {
-        hosts.push(create(
-            api,
-            "/v1/hosts/kvm",
-            json!({ "name": name, "managementIp": "127.0.0.1", "agentPort": port, "clusterUuid": c1["uuid"] }),
-        ));
-    }
-    let pool = create(
-        api,
-        "/v1/l2-networks/vxlan-pool",
-        json!({ "name": "pool", "zoneUuid": zone["uuid"], "vtepCidr": "10.98.0.0/24", "startVni": 4000, "endVni": 4100 }),
-    );
-    ok(api, "POST", &format!("/v1/l2-networks/{}/clusters/{}", uuid(&pool), uuid(&c1)), None);
+    let lab = Lab::start("snet");
+    let (api, hosts, pool) = (lab.cluster.api, &lab.hosts, &lab.pool);
+    let (a, b) = (&lab.a, &lab.b);
     let l2 =
         create(api, "/v1/l2-networks/vxlan", json!({ "name": "vx", "poolUuid": pool["uuid"] }));
     assert_eq!(l2["vni"], 4000);
@@ -253,29 +317,12 @@ fn vms_on_a_vxlan_get_their_addresses_by_flat_dhcp_and_reach_each_other() {
     }
 
     // Each VM's guest: a namespace on its host's bridge with its NIC's MAC.
-    let work = cluster.dir().to_path_buf();
+    let work = lab.cluster.dir().to_path_buf();
     let mut guests = Vec::new();
-    for (i, (vm, host_ns)) in vms.iter().zip([&a, &b]).enumerate() {
+    for (i, (vm, host_ns)) in vms.iter().zip([a, b]).enumerate() {
         let nic = &vm["vmNics"][0];
         assert_eq!(nic["bridge"], "br_vx_4000");
-        let guest = ns.add(&format!("g{i}"));
-        let port = strato_proto::net::nic_device(nic["mac"].as_str().unwrap());
-        run(&[
-            "ip", "-n", host_ns, "link", "add", &port, "type", "veth", "peer", "name", "eth0",
-            "netns", &guest,
-        ]);
-        run(&[
-            "ip",
-            "-n",
-            &guest,
-            "link",
-            "set",
-            "eth0",
-            "address",
-            nic["mac"].as_str().unwrap(),
-            "up",
-        ]);
-        run(&["ip", "-n", host_ns, "link", "set", &port, "master", "br_vx_4000", "up"]);
+        let guest = lab.guest(&format!("g{i}"), vm, host_ns, "br_vx_4000");
         let lease = dhcp(&work, &guest).unwrap_or_else(|| panic!("guest {i} got no lease"));
         assert_eq!(lease["ip"], nic["ip"], "guest {i}: {lease}");
         assert_eq!(lease["router"], "10.60.0.1");
@@ -383,7 +430,7 @@ fn vms_on_a_vxlan_get_their_addresses_by_flat_dhcp_and_reach_each_other() {
 
     // A reconnect sends the whole state again: what was removed behind the agent's back
     // (dnsmasq's namespace) is back, and the guest is served.
-    let dhcp_ns = format!("{}-na-br_vx_4000_{}", ns.tag, l3_id.replace('-', ""));
+    let dhcp_ns = format!("{}-na-br_vx_4000_{}", lab.ns.tag, l3_id.replace('-', ""));
     let pids = run(&["ip", "netns", "pids", &dhcp_ns]);
     for pid in pids.split_whitespace() {
         sh(&["kill", "-9", pid]);
@@ -406,7 +453,7 @@ fn vms_on_a_vxlan_get_their_addresses_by_flat_dhcp_and_reach_each_other() {
 
     // A destroyed VM's reservation goes; deleting the networks takes everything the agents
     // made with it.
-    let hosts_file = cluster.agent_dir().join("net").join(&l3_id).join("hosts");
+    let hosts_file = lab.cluster.agent_dir().join("net").join(&l3_id).join("hosts");
     let mac0 = vms[0]["vmNics"][0]["mac"].as_str().unwrap().to_owned();
     assert!(std::fs::read_to_string(&hosts_file).unwrap().contains(&mac0));
     for vm in &vms {
@@ -427,23 +474,278 @@ fn vms_on_a_vxlan_get_their_addresses_by_flat_dhcp_and_reach_each_other() {
     }
     ok(api, "DELETE", &format!("/v1/l2-networks/{}?deleteMode=Enforcing", uuid(&pool)), None);
     // Everything the agents made goes: links, then the DHCP namespaces.
-    let made_by_agents = || -> Vec<String> {
-        let mut left: Vec<String> = [&a, &b].iter().flat_map(|ns| marked_links(ns)).collect();
-        let namespaces = run(&["ip", "netns", "list"]);
-        left.extend(
-            namespaces
-                .lines()
-                .filter(|l| {
-                    l.starts_with(&format!("{}-na-", ns.tag))
-                        || l.starts_with(&format!("{}-nb-", ns.tag))
-                })
-                .map(str::to_owned),
-        );
-        left
-    };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while !made_by_agents().is_empty() {
-        assert!(std::time::Instant::now() < deadline, "left behind: {:?}", made_by_agents());
+    while !lab.made_by_agents().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "left behind: {:?}", lab.made_by_agents());
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
+}
+
+fn pings(from: &str, to: &str) -> bool {
+    sh(&["ip", "netns", "exec", from, "busybox", "ping", "-c", "1", "-W", "1", to]).status.success()
+}
+
+/// Waits up to 20 s for `check` to hold.
+fn eventually(what: &str, check: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !check() {
+        assert!(std::time::Instant::now() < deadline, "never: {what}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+/// A TCP listener in `ns` on `port`, what it receives written to `out`.
+fn listen(ns: &str, port: u16, out: &Path) -> std::process::Child {
+    let child = Command::new("ip")
+        .args(["netns", "exec", ns, "busybox", "nc", "-l", "-p", &port.to_string()])
+        .stdout(std::fs::File::create(out).unwrap())
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    eventually("nc listens", || {
+        run(&["ip", "netns", "exec", ns, "busybox", "netstat", "-ltn"])
+            .contains(&format!(":{port} "))
+    });
+    child
+}
+
+/// Whether a TCP connection from `from` to `to:port` carries `text` to `out`.
+fn sends(from: &str, to: &str, port: u16, text: &str, out: &Path) -> bool {
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", from, "busybox", "nc", "-w", "2", to, &port.to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    let _ = child.stdin.take().unwrap().write_all(text.as_bytes());
+    if !child.wait().unwrap().success() {
+        return false;
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    while std::time::Instant::now() < deadline {
+        if std::fs::read_to_string(out).unwrap_or_default().contains(text.trim()) {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    false
+}
+
+/// Whether `ns` has an established TCP connection with `peer` as its other end (busybox
+/// writes IPv4 peers of dual-stack sockets as `::ffff:a.b.c.d`, which this matches too).
+fn connected_with(ns: &str, peer: &str) -> bool {
+    let table = run(&["ip", "netns", "exec", ns, "busybox", "netstat", "-tn"]);
+    table.lines().any(|l| l.contains("ESTABLISHED") && l.contains(&format!("{peer}:")))
+}
+
+#[test]
+fn an_eip_and_port_forwarding_carry_packets_between_the_outside_and_guests() {
+    let lab = Lab::start("svip");
+    let api = lab.cluster.api;
+    let (a, b) = (&lab.a, &lab.b);
+    let work = lab.cluster.dir().to_path_buf();
+    let pool = lab.pool["uuid"].clone();
+    let private_l2 = create(
+        api,
+        "/v1/l2-networks/vxlan",
+        json!({ "name": "private", "poolUuid": pool, "vni": 4000 }),
+    );
+    let public_l2 = create(
+        api,
+        "/v1/l2-networks/vxlan",
+        json!({ "name": "public", "poolUuid": pool, "vni": 4001 }),
+    );
+    let mut l3s = Vec::new();
+    for (name, l2, net) in [("private", &private_l2, "10.60.0"), ("public", &public_l2, "10.99.0")]
+    {
+        let l3 =
+            create(api, "/v1/l3-networks", json!({ "name": name, "l2NetworkUuid": l2["uuid"] }));
+        create(
+            api,
+            &format!("/v1/l3-networks/{}/ip-ranges", uuid(&l3)),
+            json!({ "startIp": format!("{net}.10"), "endIp": format!("{net}.100"), "netmask": "255.255.255.0", "gateway": format!("{net}.1") }),
+        );
+        l3s.push(uuid(&l3).to_owned());
+    }
+    let (private, public) = (l3s[0].clone(), l3s[1].clone());
+    let (_, _, flat) = http(api, "GET", "/v1/network-service-providers?q=type=Flat", None, &[]);
+    let flat = flat["inventories"][0]["uuid"].as_str().unwrap().to_owned();
+    ok(
+        api,
+        "POST",
+        &format!("/v1/network-service-providers/{flat}/l2-networks/{}", uuid(&private_l2)),
+        None,
+    );
+
+    let offering = create(
+        api,
+        "/v1/instance-offerings",
+        json!({ "name": "s", "cpuNum": 1, "memorySize": 268435456u64 }),
+    );
+    // VM 0 (the EIP's) on host b, VM 1 (port forwarding's) on host a.
+    let mut vms = Vec::new();
+    for (i, host) in [&lab.hosts[1], &lab.hosts[0]].iter().enumerate() {
+        let body = json!({ "params": { "name": format!("vm{i}"), "instanceOfferingUuid": offering["uuid"], "l3NetworkUuids": [private], "hostUuid": host["uuid"] } });
+        vms.push(ok(api, "POST", "/v1/vm-instances", Some(&body.to_string())));
+    }
+    let mut guests = Vec::new();
+    for (i, (vm, host_ns)) in vms.iter().zip([b, a]).enumerate() {
+        let guest = lab.guest(&format!("g{i}"), vm, host_ns, "br_vx_4000");
+        let ip = format!("{}/24", vm["vmNics"][0]["ip"].as_str().unwrap());
+        run(&["ip", "-n", &guest, "addr", "add", &ip, "dev", "eth0"]);
+        run(&["ip", "-n", &guest, "route", "add", "default", "via", "10.60.0.1"]);
+        guests.push(guest);
+    }
+    let nic = |i: usize| vms[i]["vmNics"][0]["uuid"].as_str().unwrap().to_owned();
+    // The outside: a namespace on host a's public bridge, as the public network's gateway.
+    eventually("host a has the public bridge", || {
+        sh(&["ip", "-n", a, "link", "show", "br_vx_4001"]).status.success()
+    });
+    let outside = lab.ns.add("out");
+    run(&[
+        "ip", "-n", a, "link", "add", "vout", "type", "veth", "peer", "name", "eth0", "netns",
+        &outside,
+    ]);
+    run(&["ip", "-n", &outside, "addr", "add", "10.99.0.1/24", "dev", "eth0"]);
+    run(&["ip", "-n", &outside, "link", "set", "eth0", "up"]);
+    run(&["ip", "-n", a, "link", "set", "vout", "master", "br_vx_4001", "up"]);
+
+    // The EIP: refused until the private L3 has the Flat provider's Eip.
+    let vip = create(api, "/v1/vips", json!({ "name": "web", "l3NetworkUuid": public }));
+    assert_eq!(
+        (&vip["ip"], &vip["netmask"], &vip["gateway"]),
+        (&json!("10.99.0.10"), &json!("255.255.255.0"), &json!("10.99.0.1"))
+    );
+    let eip = create(api, "/v1/eips", json!({ "name": "web", "vipUuid": vip["uuid"] }));
+    let eip_id = uuid(&eip).to_owned();
+    let eip_action = |body: Value| {
+        common::call(api, "PUT", &format!("/v1/eips/{eip_id}/actions"), Some(&body.to_string()))
+    };
+    let refused = eip_action(json!({ "attachEip": { "vmNicUuid": nic(0) } }));
+    assert_eq!(refused["error"]["code"], "SYS.INVALID_ARGUMENT", "{refused}");
+    assert!(refused["error"]["description"].as_str().unwrap().contains("Eip"), "{refused}");
+    ok(
+        api,
+        "PUT",
+        &format!("/v1/l3-networks/{private}/actions"),
+        Some(&json!({ "attachNetworkServiceToL3Network": { "networkServices": { &flat: ["Eip", "PortForwarding"] } } }).to_string()),
+    );
+    let attached = eip_action(json!({ "attachEip": { "vmNicUuid": nic(0) } }));
+    assert_eq!(attached["inventory"]["guestIp"], vms[0]["vmNics"][0]["ip"], "{attached}");
+    let second = common::call(
+        api,
+        "POST",
+        "/v1/eips",
+        Some(&json!({ "params": { "name": "again", "vipUuid": vip["uuid"] } }).to_string()),
+    );
+    assert_eq!(second["error"]["code"], "NETWORK.VIP_IN_USE", "{second}");
+
+    // The guest on host b is reachable from the outside at the VIP, and goes out as it.
+    eventually("the EIP answers pings", || pings(&outside, "10.99.0.10"));
+    let mut server = listen(&guests[0], 5000, &work.join("eip-in"));
+    assert!(sends(&outside, "10.99.0.10", 5000, "in\n", &work.join("eip-in")));
+    let _ = (server.kill(), server.wait());
+    let mut server = listen(&outside, 6000, &work.join("eip-out"));
+    let mut client = Command::new("ip")
+        .args(["netns", "exec", &guests[0], "busybox", "nc", "10.99.0.1", "6000"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    eventually("the guest appears outside as its VIP", || connected_with(&outside, "10.99.0.10"));
+    let _ = (client.kill(), client.wait(), server.kill(), server.wait());
+    // The other guest has no way out.
+    assert!(!pings(&guests[1], "10.99.0.1"), "a guest without an EIP went out");
+    let (_, _, found) =
+        http(api, "GET", "/v1/vm-instances?q=vmNics.eip.vipIp=10.99.0.10", None, &[]);
+    let found = found["inventories"].as_array().unwrap();
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0]["uuid"], vms[0]["uuid"]);
+
+    // Port forwarding: 2222 on a second VIP reaches port 22 of the guest on host a.
+    let vip2 = create(api, "/v1/vips", json!({ "name": "ssh", "l3NetworkUuid": public }));
+    let rule = create(
+        api,
+        "/v1/port-forwarding",
+        json!({ "name": "ssh", "vipUuid": vip2["uuid"], "vipPortStart": 2222, "privatePortStart": 22, "protocolType": "TCP", "allowedCidr": "10.99.0.0/24", "vmNicUuid": nic(1) }),
+    );
+    assert_eq!(
+        (rule["vipPortEnd"].as_u64(), rule["privatePortEnd"].as_u64()),
+        (Some(2222), Some(22))
+    );
+    for (params, code) in [
+        // Overlapping ports of the same protocol.
+        (
+            json!({ "name": "x", "vipUuid": vip2["uuid"], "vipPortStart": 2200, "vipPortEnd": 2300, "protocolType": "TCP" }),
+            "NETWORK.VIP_IN_USE",
+        ),
+        // Ranges of different widths.
+        (
+            json!({ "name": "x", "vipUuid": vip2["uuid"], "vipPortStart": 80, "vipPortEnd": 81, "privatePortStart": 80, "privatePortEnd": 90, "protocolType": "TCP" }),
+            "SYS.INVALID_ARGUMENT",
+        ),
+    ] {
+        let (status, _, reply) = http(
+            api,
+            "POST",
+            "/v1/port-forwarding",
+            Some(&json!({ "params": params }).to_string()),
+            &[],
+        );
+        let answer = if status == 202 {
+            common::wait_job(api, reply["location"].as_str().unwrap())
+        } else {
+            reply
+        };
+        assert_eq!(answer["error"]["code"], code, "{answer}");
+    }
+    let on_forwarding = common::call(
+        api,
+        "POST",
+        "/v1/eips",
+        Some(&json!({ "params": { "name": "x", "vipUuid": vip2["uuid"] } }).to_string()),
+    );
+    assert_eq!(on_forwarding["error"]["code"], "NETWORK.VIP_IN_USE", "{on_forwarding}");
+    let mut ssh = listen(&guests[1], 22, &work.join("pf-22"));
+    eventually("port 2222 of the VIP reaches port 22", || {
+        sends(&outside, "10.99.0.11", 2222, "pf\n", &work.join("pf-22"))
+    });
+    let _ = (ssh.kill(), ssh.wait());
+    let mut other = listen(&guests[1], 2223, &work.join("pf-2223"));
+    assert!(
+        !sends(&outside, "10.99.0.11", 2223, "no\n", &work.join("pf-2223")),
+        "an unnamed port was forwarded"
+    );
+    let _ = (other.kill(), other.wait());
+
+    // Detached, the EIP stops; its namespace goes with it.
+    eip_action(json!({ "detachEip": {} }));
+    eventually("the detached EIP stops answering", || !pings(&outside, "10.99.0.10"));
+    // Deleting the VMs detaches what reached them; deleting the networks takes the VIPs
+    // (their EIP and rules first) and everything the agents made.
+    for vm in &vms {
+        ok(api, "DELETE", &format!("/v1/vm-instances/{}", uuid(vm)), None);
+        ok(
+            api,
+            "PUT",
+            &format!("/v1/vm-instances/{}/actions", uuid(vm)),
+            Some(&json!({ "expungeVmInstance": {} }).to_string()),
+        );
+    }
+    let (_, _, rules) =
+        http(api, "GET", &format!("/v1/port-forwarding/{}", uuid(&rule)), None, &[]);
+    assert_eq!(rules["inventories"][0]["vmNicUuid"], Value::Null, "{rules}");
+    let (_, _, vips) = http(api, "GET", &format!("/v1/vips/{}", uuid(&vip2)), None, &[]);
+    assert_eq!(vips["inventories"][0]["peerL3NetworkUuid"], Value::Null, "{vips}");
+    ok(
+        api,
+        "DELETE",
+        &format!("/v1/l2-networks/{}?deleteMode=Enforcing", pool.as_str().unwrap()),
+        None,
+    );
+    let (_, _, left) = http(api, "GET", "/v1/vips", None, &[]);
+    assert_eq!(left["inventories"].as_array().unwrap().len(), 0, "{left}");
+    eventually("nothing the agents made is left", || lab.made_by_agents().is_empty());
 }
