@@ -845,3 +845,111 @@ fn finding_5_a_running_import_is_cancelled_by_its_owner_alone() {
         "{reply}"
     );
 }
+
+/// VIPs, EIPs and port forwarding rules are their creator's: another account neither sees
+/// them, nor builds on them, nor points its own at the first one's NICs.
+#[test]
+fn vips_eips_and_rules_are_their_owners_alone() {
+    let w = world();
+    let api = w.env.api;
+    let (_, _, zones) = http(api, "GET", "/v1/zones", None, &[]);
+    let zone = zones["inventories"][0]["uuid"].clone();
+    let l2 = create(
+        api,
+        "/v1/l2-networks/no-vlan",
+        json!({ "name": "public", "zoneUuid": zone, "physicalInterface": "eth9" }),
+    );
+    let public =
+        create(api, "/v1/l3-networks", json!({ "name": "public", "l2NetworkUuid": l2["uuid"] }));
+    let public = public["uuid"].as_str().unwrap().to_owned();
+    create(
+        api,
+        &format!("/v1/l3-networks/{public}/ip-ranges"),
+        json!({ "startIp": "10.99.0.10", "endIp": "10.99.0.20", "netmask": "255.255.255.0", "gateway": "10.99.0.1" }),
+    );
+    let vip_of = |session: &str, name: &str| -> String {
+        let made = w.env.done_as(
+            session,
+            "POST",
+            "/v1/vips",
+            json!({ "params": { "name": name, "l3NetworkUuid": public } }),
+        );
+        made["inventory"]["uuid"].as_str().unwrap_or_else(|| panic!("{made}")).to_owned()
+    };
+    let a_vip = vip_of(&w.a, "a-vip");
+    let made = w.env.done_as(
+        &w.a,
+        "POST",
+        "/v1/eips",
+        json!({ "params": { "name": "a-eip", "vipUuid": a_vip } }),
+    );
+    let a_eip = made["inventory"]["uuid"].as_str().unwrap().to_owned();
+    let (_, vms) = w.env.as_(&w.a, "GET", &format!("/v1/vm-instances/{}", w.vm), None);
+    let a_nic = vms["inventories"][0]["vmNics"][0]["uuid"].as_str().unwrap().to_owned();
+
+    // B sees none of A's.
+    for path in ["/v1/vips", "/v1/eips", "/v1/port-forwarding"] {
+        let (status, seen) = w.env.as_(&w.b, "GET", path, None);
+        assert_eq!(
+            (status, seen["inventories"].as_array().map(Vec::len)),
+            (200, Some(0)),
+            "{path}: {seen}"
+        );
+    }
+    for path in [format!("/v1/vips/{a_vip}"), format!("/v1/eips/{a_eip}")] {
+        assert_eq!(w.env.as_(&w.b, "GET", &path, None).0, 404, "{path}");
+    }
+    // Nor builds on A's VIP, nor attaches A's EIP, nor deletes either.
+    let b_vip = vip_of(&w.b, "b-vip");
+    for (method, path, body) in [
+        ("POST", "/v1/eips".to_owned(), json!({ "params": { "name": "x", "vipUuid": a_vip } })),
+        (
+            "POST",
+            "/v1/port-forwarding".to_owned(),
+            json!({ "params": { "name": "x", "vipUuid": a_vip, "vipPortStart": 22, "protocolType": "TCP" } }),
+        ),
+        // B's own EIP and rule, pointed at A's NIC.
+        (
+            "POST",
+            "/v1/eips".to_owned(),
+            json!({ "params": { "name": "x", "vipUuid": b_vip, "vmNicUuid": a_nic } }),
+        ),
+        (
+            "POST",
+            "/v1/port-forwarding".to_owned(),
+            json!({ "params": { "name": "x", "vipUuid": b_vip, "vipPortStart": 22, "protocolType": "TCP", "vmNicUuid": a_nic } }),
+        ),
+        (
+            "PUT",
+            format!("/v1/eips/{a_eip}/actions"),
+            json!({ "attachEip": { "vmNicUuid": a_nic } }),
+        ),
+        ("PUT", format!("/v1/eips/{a_eip}/actions"), json!({ "detachEip": {} })),
+        ("DELETE", format!("/v1/eips/{a_eip}"), Value::Null),
+        ("DELETE", format!("/v1/vips/{a_vip}"), Value::Null),
+    ] {
+        let body = (!body.is_null()).then_some(body);
+        let (status, reply) = w.env.as_(&w.b, method, &path, body);
+        assert_eq!(status, 404, "{method} {path}: {reply}");
+    }
+    let made = w.env.done_as(
+        &w.b,
+        "POST",
+        "/v1/eips",
+        json!({ "params": { "name": "b-eip", "vipUuid": b_vip } }),
+    );
+    let b_eip = made["inventory"]["uuid"].as_str().unwrap().to_owned();
+    let (status, reply) = w.env.as_(
+        &w.b,
+        "PUT",
+        &format!("/v1/eips/{b_eip}/actions"),
+        Some(json!({ "attachEip": { "vmNicUuid": a_nic } })),
+    );
+    assert_eq!(status, 404, "{reply}");
+    // A's are as they were.
+    let (_, eip) = w.env.as_(&w.a, "GET", &format!("/v1/eips/{a_eip}"), None);
+    assert_eq!(eip["inventories"][0]["vipUuid"], a_vip.as_str(), "{eip}");
+    let (_, vip) = w.env.as_(&w.a, "GET", &format!("/v1/vips/{a_vip}"), None);
+    assert_eq!(vip["inventories"][0]["useFor"], "Eip", "{vip}");
+    w.assert_untouched();
+}
