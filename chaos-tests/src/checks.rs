@@ -6,7 +6,9 @@
 //! at most one running copy, expunged VMs stay gone); the rest are checked once the faults
 //! have healed ([`after_healing`]: every accepted job ended, nothing acknowledged was lost,
 //! only legal landings, the store and the hypervisors agree, no orphans and the GC backlog
-//! drains, repeats had no extra effect, no two jobs changed one domain at once).
+//! drains, repeats had no extra effect, no two jobs changed one domain at once; and, when
+//! the agents make their hosts' networks, one dnsmasq per L3 network and host with the
+//! store's reservations, and nothing left once the networks are deleted).
 //!
 //! [`failures_without_a_fault`] holds every call to account: no `SYS.INTERNAL` in any run,
 //! and, outside the faults' windows, no failure but the refusals the state it found
@@ -345,7 +347,161 @@ pub fn after_healing(shared: &Shared, cluster: &std::sync::Mutex<Cluster>) -> Ve
         let text = std::fs::read_to_string(&path).unwrap_or_default();
         found.extend(journal_violations(host, &text, shared.started));
     }
+
+    // The hosts' networks: what the agents made equals what the store says, and once the
+    // networks are deleted nothing they made is left.
+    if cluster.lock().expect("cluster").isolated() {
+        let started = Instant::now();
+        let differences = loop {
+            let problems = network_disagreements(shared, cluster);
+            if problems.is_empty() || started.elapsed() > Duration::from_secs(60) {
+                break problems;
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        };
+        found.extend(differences);
+        found.extend(network_leftovers(shared, cluster));
+    }
     found
+}
+
+/// The registered hosts, each with its index in the cluster.
+fn registered_hosts(shared: &Shared) -> Option<Vec<(Value, usize)>> {
+    let hosts = list(shared.api, "hosts", Duration::from_secs(10))?;
+    Some(
+        hosts
+            .into_iter()
+            .filter_map(|h| {
+                let port = h["agentPort"].as_u64()? as u16;
+                let index = shared.infra.host_addrs.iter().position(|a| a.port() == port)?;
+                Some((h, index))
+            })
+            .collect(),
+    )
+}
+
+/// Compares each registered host's DHCP with the store: the main network's namespace runs
+/// exactly one dnsmasq and no other namespace of the agent runs one; its reservations hold
+/// each MAC and each address once, and are those of the NICs of the VMs placed there.
+fn network_disagreements(shared: &Shared, cluster: &std::sync::Mutex<Cluster>) -> Vec<Violation> {
+    const DNSMASQ: &str = "per L3 network and host exactly one dnsmasq, in its namespace";
+    const HOSTS: &str = "hosts files hold each MAC and each IP once and equal the store";
+    let mut found = Vec::new();
+    let now = shared.now();
+    let (Some(vms), Some(hosts)) =
+        (list(shared.api, "vm-instances", Duration::from_secs(10)), registered_hosts(shared))
+    else {
+        return vec![violation(DNSMASQ, now, None, "the API is down".into())];
+    };
+    let l3 = &shared.infra.l3;
+    for (host, i) in hosts {
+        let host_uuid = s(&host["uuid"]);
+        let (network, dir) = {
+            let c = cluster.lock().expect("cluster");
+            (c.host_network(i), c.agent_dir(i).to_owned())
+        };
+        let Some((_, prefix)) = network else { continue };
+        let dhcp_ns = format!("{prefix}br_eth0_{}", l3.replace('-', ""));
+        let namespaces = crate::hostnet::namespaces(&prefix).unwrap_or_default();
+        if !namespaces.contains(&dhcp_ns) {
+            found.push(violation(DNSMASQ, now, Some(host_uuid), format!("no namespace {dhcp_ns}")));
+        }
+        for ns in &namespaces {
+            let running = crate::hostnet::dnsmasq_in(ns).map(|p| p.len()).unwrap_or_default();
+            let wanted = usize::from(*ns == dhcp_ns);
+            if running != wanted {
+                found.push(violation(
+                    DNSMASQ,
+                    now,
+                    Some(host_uuid),
+                    format!("{running} dnsmasq in {ns}, where {wanted} belongs"),
+                ));
+            }
+        }
+        let text =
+            std::fs::read_to_string(dir.join("net").join(l3).join("hosts")).unwrap_or_default();
+        let mut macs = HashSet::new();
+        let mut ips = HashSet::new();
+        let mut reserved = std::collections::BTreeSet::new();
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let mut fields = line.split(',');
+            let (mac, ip) = (fields.next().unwrap_or_default(), fields.next().unwrap_or_default());
+            if !macs.insert(mac.to_lowercase()) || !ips.insert(ip.to_owned()) {
+                found.push(violation(HOSTS, now, Some(host_uuid), format!("held twice: {line}")));
+            }
+            reserved.insert((mac.to_lowercase(), ip.to_owned()));
+        }
+        let expected: std::collections::BTreeSet<(String, String)> = vms
+            .iter()
+            .filter(|vm| s(&vm["hostUuid"]) == host_uuid && s(&vm["state"]) != "Destroyed")
+            .flat_map(|vm| vm["vmNics"].as_array().into_iter().flatten())
+            .filter(|nic| s(&nic["l3NetworkUuid"]) == l3)
+            .map(|nic| (s(&nic["mac"]).to_lowercase(), s(&nic["ip"]).to_owned()))
+            .collect();
+        if reserved != expected {
+            found.push(violation(
+                HOSTS,
+                now,
+                Some(host_uuid),
+                format!(
+                    "reserved but not in the store: {:?}; in the store but not reserved: {:?}",
+                    reserved.difference(&expected).collect::<Vec<_>>(),
+                    expected.difference(&reserved).collect::<Vec<_>>()
+                ),
+            ));
+        }
+    }
+    found
+}
+
+/// Deletes the run's L2 network with everything on it, then checks that the registered
+/// hosts' agents removed everything they made: namespaces, processes in them, marked links
+/// and tables.
+fn network_leftovers(shared: &Shared, cluster: &std::sync::Mutex<Cluster>) -> Vec<Violation> {
+    const LEFT: &str = "after deletes no namespace, process, bridge, veth or nft table is left";
+    let path = format!("/v1/l2-networks/{}?deleteMode=Enforcing", shared.infra.l2);
+    let deleted = match strato_api::client::request(shared.api, "DELETE", &path, None) {
+        Ok((202, reply)) => follow(shared.api, s(&reply["location"]), JOB_LIMIT),
+        other => Outcome::Failed(format!("{other:?}")),
+    };
+    if !matches!(deleted, Outcome::Succeeded(_)) {
+        return vec![violation(
+            LEFT,
+            shared.now(),
+            Some(&shared.infra.l2),
+            format!("deleting the L2 network with its dependents ended {deleted:?}"),
+        )];
+    }
+    let Some(hosts) = registered_hosts(shared) else { return Vec::new() };
+    let started = Instant::now();
+    loop {
+        let mut left = Vec::new();
+        for (host, i) in &hosts {
+            let Some((agent_ns, prefix)) = cluster.lock().expect("cluster").host_network(*i) else {
+                continue;
+            };
+            let mut made = crate::hostnet::namespaces(&prefix).unwrap_or_default();
+            made.extend(crate::hostnet::strato_links(&agent_ns).unwrap_or_default());
+            made.extend(
+                crate::hostnet::strato_tables(&agent_ns)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(family, name)| format!("table {family} {name}")),
+            );
+            if !made.is_empty() {
+                left.push(violation(
+                    LEFT,
+                    shared.now(),
+                    Some(s(&host["uuid"])),
+                    format!("{made:?}"),
+                ));
+            }
+        }
+        if left.is_empty() || started.elapsed() > Duration::from_secs(30) {
+            return left;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
 }
 
 /// Compares the store (through the API) with every hypervisor.

@@ -7,6 +7,10 @@
 //! listen on loopback and the proxy holds frames back to play the partition. The proxy also
 //! drops, duplicates and delays frames, which the kernel cannot do here (no `sch_netem`).
 //!
+//! With namespaces, each agent also makes its host's network for real (`--network host`):
+//! the L2 network's bridge on an `eth0` of its namespace, a DHCP namespace with dnsmasq per
+//! L3 network with the Flat DHCP, the nft tables; the checks compare them with the store.
+//!
 //! It can kill any of them with SIGKILL and start them again, with injected faults switched
 //! on (failpoints in the MN, slow or failing driver calls in an agent) or off. It also reads
 //! what each agent's hypervisor runs from the sim driver's state on the host, as an operator
@@ -78,7 +82,18 @@ impl Netns {
         ip(&["-n", &name, "addr", "add", &format!("{inner_ip}/30"), "dev", &inner])?;
         ip(&["-n", &name, "link", "set", &inner, "up"])?;
         ip(&["-n", &name, "link", "set", "lo", "up"])?;
+        // The L2 network's interface (`eth0`): one end of a veth pair, so the host's bridge
+        // has an uplink that leads nowhere beyond the namespace.
+        ip(&["-n", &name, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p"])?;
+        ip(&["-n", &name, "link", "set", "eth0", "up"])?;
+        ip(&["-n", &name, "link", "set", "eth0p", "up"])?;
         Ok((made, format!("{inner_ip}:7070").parse()?))
+    }
+
+    /// The prefix of what the agent of namespace `i` makes (its namespaces), distinct per
+    /// run and agent, and apart from the agents' own namespaces' names.
+    fn prefix(i: usize) -> String {
+        format!("sc{}-{i}-", std::process::id() % 100_000)
     }
 
     fn cut(&self, cut: bool) -> Result<(), Error> {
@@ -88,7 +103,16 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        // Deleting the namespace deletes the veth pair with it.
+        // What the agent made goes first (it was killed): its namespaces, with the dnsmasq
+        // processes in them. Deleting the agent's namespace deletes its veth pairs.
+        if let Some(i) = self.name.rsplit('-').next().and_then(|i| i.parse().ok()) {
+            for made in crate::hostnet::namespaces(&Netns::prefix(i)).unwrap_or_default() {
+                for pid in crate::hostnet::pids(&made).unwrap_or_default() {
+                    let _ = Command::new("kill").args(["-9", &pid.to_string()]).output();
+                }
+                let _ = ip(&["netns", "del", &made]);
+            }
+        }
         let _ = ip(&["netns", "del", &self.name]);
     }
 }
@@ -288,6 +312,12 @@ impl Cluster {
         }
     }
 
+    /// Host `i`'s network, when its agent makes one for real: the namespace the agent runs
+    /// in, and the prefix of the namespaces it makes.
+    pub fn host_network(&self, i: usize) -> Option<(String, String)> {
+        self.agents[i].netns.as_ref().map(|n| (n.name.clone(), Netns::prefix(i)))
+    }
+
     /// Host `i`'s data directory (its command journal is `journal.jsonl` there).
     pub fn agent_dir(&self, i: usize) -> &Path {
         &self.agents[i].dir
@@ -326,15 +356,21 @@ impl Cluster {
         let slot = &mut self.agents[i];
         kill(&mut slot.child);
         let mut command = match &slot.netns {
-            // `ip netns exec` enters the namespace and executes the agent in place (same
-            // process, so SIGKILL reaches the agent itself).
+            // `nsenter` enters the namespace and executes the agent in place (same process,
+            // so SIGKILL reaches the agent itself). Not `ip netns exec`: it gives the agent a
+            // mount namespace of its own, where the namespaces the agent makes would be
+            // mounted for it alone (and unusable by its next start).
             Some(netns) => {
-                let mut command = Command::new("ip");
-                command.args(["netns", "exec", &netns.name]).arg(&self.agent_binary);
+                let mut command = Command::new("nsenter");
+                command.arg(format!("--net=/run/netns/{}", netns.name)).arg(&self.agent_binary);
                 command
             }
             None => Command::new(&self.agent_binary),
         };
+        if slot.netns.is_some() {
+            // The agent makes the host's network for real, in its own namespace.
+            command.args(["--network", "host", "--netns-prefix", &Netns::prefix(i)]);
+        }
         if !AgentIdentity::is_enrolled(&slot.dir) {
             command.arg("--bootstrap-file").arg(slot.dir.join("bootstrap"));
         }

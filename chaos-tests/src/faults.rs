@@ -38,6 +38,15 @@ pub enum Fault {
     SlowDriver { host: usize, latency: Duration, length: Duration },
     /// Restart an agent whose driver fails calls with probability `p`, for `length`.
     DriverErrors { host: usize, p: f64, length: Duration },
+    /// kill -9 every dnsmasq a host's agent runs (its supervisor must start them again).
+    KillDnsmasq { host: usize },
+    /// Remove one of the namespaces a host's agent made, with what runs in it.
+    RemoveNamespace { host: usize },
+    /// Delete one of the nft tables a host's agent made.
+    RemoveTable { host: usize },
+    /// Remove a namespace, ask the MN to reconnect the host (a whole apply follows), and
+    /// kill -9 its agent `after` that, in the middle of the apply; start it again 1 s later.
+    KillAgentMidApply { host: usize, after: Duration },
 }
 
 impl Fault {
@@ -50,7 +59,11 @@ impl Fault {
             | Fault::Flap { host, .. }
             | Fault::Frames { host, .. }
             | Fault::SlowDriver { host, .. }
-            | Fault::DriverErrors { host, .. } => Some(*host),
+            | Fault::DriverErrors { host, .. }
+            | Fault::KillDnsmasq { host }
+            | Fault::RemoveNamespace { host }
+            | Fault::RemoveTable { host }
+            | Fault::KillAgentMidApply { host, .. } => Some(*host),
         }
     }
 
@@ -64,6 +77,10 @@ impl Fault {
             | Fault::SlowDriver { length, .. }
             | Fault::DriverErrors { length, .. } => *length,
             Fault::Flap { cycles, cut, healed, .. } => (*cut + *healed) * *cycles,
+            Fault::KillDnsmasq { .. }
+            | Fault::RemoveNamespace { .. }
+            | Fault::RemoveTable { .. } => Duration::ZERO,
+            Fault::KillAgentMidApply { after, .. } => *after + Duration::from_secs(1),
         }
     }
 }
@@ -82,8 +99,10 @@ fn secs(rng: &mut fastrand::Rng, low: f64, high: f64) -> Duration {
 }
 
 /// Draws the schedule for a run of `duration` on `hosts` hosts. Faults end at least 5 s
-/// before the run does, so the checks see the cluster heal.
-pub fn schedule(seed: u64, duration: Duration, hosts: usize) -> Vec<Scheduled> {
+/// before the run does, so the checks see the cluster heal. With `network` (the agents make
+/// their hosts' networks), faults on those networks are drawn from a stream of their own
+/// into the gaps of the hosts' lanes, so a seed's other faults stay what they were.
+pub fn schedule(seed: u64, duration: Duration, hosts: usize, network: bool) -> Vec<Scheduled> {
     let mut rng = fastrand::Rng::with_seed(seed);
     let mut busy_until: Vec<Duration> = vec![Duration::ZERO; hosts + 1];
     let mut faults = Vec::new();
@@ -132,7 +151,54 @@ pub fn schedule(seed: u64, duration: Duration, hosts: usize) -> Vec<Scheduled> {
         }
         at += secs(&mut rng, 1.5, 5.0);
     }
+    if network {
+        let mut rng = fastrand::Rng::with_seed(seed ^ 0x6e65_7477_6f72_6b);
+        let mut at = secs(&mut rng, 3.0, 6.0);
+        while at < end {
+            let host = rng.usize(..hosts.max(1));
+            let fault = match rng.u32(..4) {
+                0 => Fault::KillDnsmasq { host },
+                1 => Fault::RemoveNamespace { host },
+                2 => Fault::RemoveTable { host },
+                _ => Fault::KillAgentMidApply { host, after: secs(&mut rng, 0.05, 0.6) },
+            };
+            let until = at + fault.length() + Duration::from_secs(1);
+            let free = faults
+                .iter()
+                .filter(|s| s.fault.lane() == Some(host))
+                .all(|s| s.at + s.fault.length() + Duration::from_secs(1) <= at || until <= s.at);
+            if free && at + fault.length() < end {
+                faults.push(Scheduled { at, fault });
+            }
+            at += secs(&mut rng, 4.0, 9.0);
+        }
+        faults.sort_by_key(|s| s.at);
+    }
     faults
+}
+
+/// Host `i`'s agent's namespace and prefix, or why the fault cannot be made.
+fn host_network(cluster: &Cluster, host: usize) -> Result<(String, String), crate::Error> {
+    cluster.host_network(host).ok_or_else(|| "the host makes no real network".into())
+}
+
+/// Asks the MN to reconnect host `i` (not waiting for the job).
+fn reconnect(cluster: &Cluster, host: usize) -> Result<(), crate::Error> {
+    use strato_api::client;
+    use strato_api::types::actions::{HostAction, NoParams};
+    let (_, hosts) = client::request(cluster.api(), "GET", "/v1/hosts", None)?;
+    let port = cluster.host_addr(host).port();
+    let uuid = hosts["inventories"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|h| h["agentPort"].as_u64() == Some(u64::from(port)))
+        .and_then(|h| h["uuid"].as_str())
+        .ok_or("the host is not registered")?
+        .to_owned();
+    let body = client::body(&HostAction::ReconnectHost(NoParams {}));
+    client::request(cluster.api(), "PUT", &format!("/v1/hosts/{uuid}/actions"), Some(&body))?;
+    Ok(())
 }
 
 /// Applies one fault, blocking for its length, and heals it.
@@ -188,6 +254,27 @@ pub fn apply(cluster: &std::sync::Mutex<Cluster>, fault: &Fault) -> Result<(), c
             std::thread::sleep(*length);
             lock().start_agent(*host, &[])?;
         }
+        Fault::KillDnsmasq { host } => {
+            let (_, prefix) = host_network(&lock(), *host)?;
+            crate::hostnet::kill_dnsmasq(&prefix)?;
+        }
+        Fault::RemoveNamespace { host } => {
+            let (_, prefix) = host_network(&lock(), *host)?;
+            crate::hostnet::remove_namespace(&prefix)?;
+        }
+        Fault::RemoveTable { host } => {
+            let (ns, _) = host_network(&lock(), *host)?;
+            crate::hostnet::remove_table(&ns)?;
+        }
+        Fault::KillAgentMidApply { host, after } => {
+            let (_, prefix) = host_network(&lock(), *host)?;
+            crate::hostnet::remove_namespace(&prefix)?;
+            reconnect(&lock(), *host)?;
+            std::thread::sleep(*after);
+            lock().kill_agent(*host);
+            std::thread::sleep(Duration::from_secs(1));
+            lock().start_agent(*host, &[])?;
+        }
     }
     Ok(())
 }
@@ -198,10 +285,13 @@ mod tests {
 
     #[test]
     fn one_seed_one_schedule_and_lanes_never_overlap() {
-        let a = schedule(7, Duration::from_secs(120), 3);
-        assert_eq!(a, schedule(7, Duration::from_secs(120), 3));
-        assert_ne!(a, schedule(8, Duration::from_secs(120), 3));
-        assert!(a.len() > 5, "{a:?}");
+        let a = schedule(7, Duration::from_secs(120), 3, true);
+        assert_eq!(a, schedule(7, Duration::from_secs(120), 3, true));
+        assert_ne!(a, schedule(8, Duration::from_secs(120), 3, true));
+        // The network's faults come on top of the others, which stay as they were.
+        let plain = schedule(7, Duration::from_secs(120), 3, false);
+        assert!(plain.iter().all(|s| a.contains(s)));
+        assert!(a.iter().any(|s| matches!(s.fault, Fault::KillDnsmasq { .. })), "{a:?}");
         for lane in [None, Some(0), Some(1), Some(2)] {
             let mut on_lane: Vec<&Scheduled> =
                 a.iter().filter(|s| s.fault.lane() == lane).collect();

@@ -14,6 +14,7 @@
 pub mod checks;
 pub mod cluster;
 pub mod faults;
+pub mod hostnet;
 pub mod load;
 pub mod peer;
 pub mod proxy;

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use strato_api::client;
+use strato_api::types::actions::{L3Action, NetworkServices};
 use strato_api::types::{
     ClusterParams, Create, HostParams, L2Params, L3Params, OfferingParams, RangeParams, ZoneParams,
     canonical_uuid,
@@ -70,7 +71,8 @@ fn id(v: &Value) -> Result<Uuid, Error> {
 }
 
 /// Registers a zone, a cluster, every host, an offering, an L2 network, the main L3 network
-/// and the one-address L3 network.
+/// (with the Flat provider's DHCP, DNS and metadata when the hosts make their network) and
+/// the one-address L3 network.
 fn register(cluster: &Cluster) -> Result<Infra, Error> {
     let api = cluster.api();
     let create =
@@ -121,6 +123,23 @@ fn register(cluster: &Cluster) -> Result<Infra, Error> {
     };
     let l3 = l3_with("pub", "192.168.0", 250)?;
     let tight_l3 = l3_with("tight", "192.168.1", 10)?;
+    if cluster.isolated() {
+        // The hosts make the main network's DHCP, DNS and metadata for real.
+        let (_, providers) =
+            client::request(api, "GET", "/v1/network-service-providers?q=type=Flat", None)?;
+        let flat = providers["inventories"][0]["uuid"].as_str().unwrap_or_default().to_owned();
+        ok(
+            api,
+            "POST",
+            &format!("/v1/network-service-providers/{flat}/l2-networks/{l2}"),
+            json!({}),
+        )?;
+        let services = [(flat, ["DHCP", "DNS", "Userdata"].map(String::from).to_vec())];
+        let attach = L3Action::AttachNetworkServiceToL3Network(NetworkServices {
+            network_services: services.into_iter().collect(),
+        });
+        ok(api, "PUT", &format!("/v1/l3-networks/{l3}/actions"), client::body(&attach))?;
+    }
     let (cluster, zone, l2) = (cl.to_string(), zone.to_string(), l2.to_string());
     Ok(Infra { cluster, zone, offering, l2, l3, tight_l3, host_addrs })
 }
@@ -150,7 +169,12 @@ pub fn run(config: &RunConfig, dir: &Path) -> Result<bool, Error> {
     let api = cluster.api();
     let cluster = Arc::new(Mutex::new(cluster));
     let schedule = if config.faults {
-        faults::schedule(config.seed, config.duration, config.hosts)
+        faults::schedule(
+            config.seed,
+            config.duration,
+            config.hosts,
+            cluster.lock().expect("cluster").isolated(),
+        )
     } else {
         vec![]
     };

@@ -310,6 +310,20 @@ fn hosts_on_a_vxlan_hand_out_their_own_guests_addresses_and_carry_their_packets(
     assert!(stranger.wait().unwrap().code().is_none(), "the stranger was killed by a signal");
     ok(&["ip", "netns", "exec", &g1, "busybox", "ping", "-c", "1", "-W", "2", "10.50.0.12"]);
 
+    // A namespace whose file outlived its mount (made in a mount namespace that ended, as
+    // under `ip netns exec`, then listed by the next agent) is made again, not failed on.
+    let pid = dnsmasq_pid(&net_a.status().unwrap());
+    sh(&["kill", "-9", &pid.to_string()]);
+    ok(&["ip", "netns", "del", &dhcp_ns]);
+    std::fs::write(format!("/run/netns/{dhcp_ns}"), "").unwrap();
+    let remade = net_a.apply(&conf_a).expect("an apply over a namespace that cannot be entered");
+    assert!(
+        remade.changes.iter().any(|c| c.contains(&format!("made namespace {dhcp_ns}"))),
+        "{:?}",
+        remade.changes
+    );
+    assert_eq!(lab.dhcp(&g1).expect("a lease from the namespace made again").ip, "10.50.0.11");
+
     // A reservation changed under a live lease: the guest gets its new address, no NAK.
     let moved = config(ip_a, ip_b, vec![host(MAC1, [10, 50, 0, 21], "guest-one")]);
     let report = net_a.apply(&moved).unwrap();

@@ -132,7 +132,7 @@ impl Dhcp {
             self.converge_one(
                 spec,
                 &namespace,
-                present.contains(&namespace),
+                present.contains(&namespace) && usable_or_removed(&namespace),
                 observed,
                 &mut services,
                 &mut changes,
@@ -164,7 +164,9 @@ impl Dhcp {
         let outer_link = observed.links.get(&outer);
         if outer_link.is_none() || !inner_present {
             if outer_link.is_some() {
-                self.scope.run("ip", &strings(&["link", "del", &outer]))?;
+                // It may be gone already: a removed namespace takes its veth pair with it,
+                // a moment after (the kernel cleans namespaces up in the background).
+                let _ = self.scope.run("ip", &strings(&["link", "del", &outer]));
             }
             self.scope.run(
                 "ip",
@@ -296,6 +298,9 @@ impl Dhcp {
     }
 
     fn remove_namespace(&self, namespace: &str) -> Result<(), AgentError> {
+        if !usable_or_removed(namespace) {
+            return Ok(());
+        }
         kill_strangers(namespace, None)?;
         run_ip(&["netns", "del", namespace]).map(|_| ())
     }
@@ -326,6 +331,18 @@ pub(crate) fn run_ip(args: &[&str]) -> Result<String, AgentError> {
     let mut command = Command::new("ip");
     command.args(args);
     output(command, &format!("ip {}", args.join(" ")))
+}
+
+/// Whether namespace `namespace` (listed in `/run/netns`) can be entered. One that cannot
+/// (its file outlived its mount: made in a mount namespace that ended, or unmounted by
+/// hand) is removed, so that it is made again rather than failing every apply.
+pub(crate) fn usable_or_removed(namespace: &str) -> bool {
+    if run_ip(&["-n", namespace, "link", "show", "lo"]).is_ok() {
+        return true;
+    }
+    tracing::warn!(namespace, "a namespace that cannot be entered is removed, to be made again");
+    let _ = run_ip(&["netns", "del", namespace]);
+    false
 }
 
 /// Kills every process in `namespace` but `ours`.

@@ -29,7 +29,7 @@ use strato_proto::net::{Nat, NetworkConfig, Protocol, VipSpec, vip_devices};
 use strato_proto::{AgentError, AgentErrorCode};
 use uuid::Uuid;
 
-use super::dhcp::{kill_strangers, run_ip, strings};
+use super::dhcp::{kill_strangers, run_ip, strings, usable_or_removed};
 use super::host::{Link, MARK, Observed, Scope, tool_error};
 use super::nft::{ManagedTable, nft_script};
 
@@ -102,12 +102,14 @@ impl Vips {
             .map(str::to_owned)
             .collect();
         for namespace in present.iter().filter(|n| !wanted.contains_key(*n)) {
-            kill_strangers(namespace, None)?;
-            run_ip(&["netns", "del", namespace])?;
+            if usable_or_removed(namespace) {
+                kill_strangers(namespace, None)?;
+                run_ip(&["netns", "del", namespace])?;
+            }
             changes.push(format!("removed namespace {namespace}"));
         }
         for (namespace, spec) in wanted {
-            let made = !present.contains(&namespace);
+            let made = !(present.contains(&namespace) && usable_or_removed(&namespace));
             self.converge_one(spec, &namespace, made, observed, &mut applied, &mut changes)?;
         }
         changes.extend(self.steering.converge(&self.scope, render_steering(config), tables)?);
@@ -147,7 +149,8 @@ impl Vips {
             let inner_present = inside.iter().any(|l| l.ifname == inner);
             if outer_link.is_none() || !inner_present {
                 if outer_link.is_some() {
-                    self.scope.run("ip", &strings(&["link", "del", outer]))?;
+                    // It may be gone already, with a namespace removed a moment ago.
+                    let _ = self.scope.run("ip", &strings(&["link", "del", outer]));
                 }
                 self.scope.run(
                     "ip",
