@@ -371,6 +371,8 @@ pub(crate) fn remove_l3(deleter: &Deleter, id: Uuid) -> RemoveFuture<'_> {
             Some(l3) => crate::network::hosts_of_l3(&deleter.db, &l3.record)?,
             None => Vec::new(),
         };
+        // Its SNAT's VIP, an address of another network, goes first.
+        crate::vip::drop_vip(&deleter.db, &deleter.l3s, crate::vip::snat_vip(id)).await?;
         remove_l3_record(deleter, id).await?;
         // Its DHCP goes from the hosts it was on.
         for host in hosts {

@@ -10,7 +10,8 @@
 //!
 //! Providers are ZStack's three, with fixed UUIDs: Flat (DHCP, DNS, host routes and
 //! Userdata made on every host; Eip and PortForwarding in a namespace per VIP on the host
-//! of the VM they reach), VirtualRouter (listed, not made: Strato runs no router appliance)
+//! of the VM they reach; SNAT in a namespace on one host the private and the public
+//! network both reach), VirtualRouter (listed, not made: Strato runs no router appliance)
 //! and SecurityGroup. Attaching a service a provider does
 //! not make is refused, rather than recorded and silently not done.
 
@@ -53,6 +54,8 @@ pub mod service {
     pub const EIP: &str = "Eip";
     /// Port forwarding.
     pub const PORT_FORWARDING: &str = "PortForwarding";
+    /// Source NAT of a private network through a public one.
+    pub const SNAT: &str = "SNAT";
 }
 
 /// Each provider: its type, what it offers, and which of those Strato makes.
@@ -60,8 +63,8 @@ const PROVIDERS: &[(&str, &str, &[&str], &[&str])] = &[
     (
         FLAT,
         "Flat network services, made on every host",
-        &["DHCP", "Userdata", "Eip", "PortForwarding", "DNS", "HostRoute"],
-        &["DHCP", "DNS", "HostRoute", "Userdata", "Eip", "PortForwarding"],
+        &["DHCP", "Userdata", "Eip", "PortForwarding", "SNAT", "DNS", "HostRoute"],
+        &["DHCP", "DNS", "HostRoute", "Userdata", "Eip", "PortForwarding", "SNAT"],
     ),
     (
         VIRTUAL_ROUTER,
@@ -282,7 +285,52 @@ pub fn render(db: &Db, host: &HostRecord) -> Result<NetworkConfig, NetworkError>
     config.dhcp.sort_by_key(|d| d.l3);
     config.firewall = firewall(db, &vms)?;
     config.vips = vips(db, &config.bridges, &vms)?;
+    config.vips.extend(snat(db, host, &config.bridges)?);
+    config.vips.sort_by_key(|v| v.vip);
     Ok(config)
+}
+
+/// The SNAT namespaces host `host` holds: of each L3 network with the Flat SNAT and its
+/// VIP, on the first host (by UUID) both that network and the VIP's public one reach.
+fn snat(db: &Db, host: &HostRecord, bridges: &[BridgeSpec]) -> Result<Vec<VipSpec>, StoreError> {
+    let mut out = Vec::new();
+    for stored in db.scan::<VipRecord>() {
+        let vip = stored?.record;
+        let Some(private) = vip.peer_l3_network_uuid else { continue };
+        if vip.use_for.as_deref() != Some(crate::records::vip_use::SNAT)
+            || vip.uuid != crate::vip::snat_vip(private)
+        {
+            continue;
+        }
+        let (Some(private), Some(public)) = (
+            db.get::<L3NetworkRecord>(private)?.map(|s| s.record),
+            db.get::<L3NetworkRecord>(vip.l3_network_uuid)?.map(|s| s.record),
+        ) else {
+            continue;
+        };
+        let flat_snat =
+            services_of(db, private.uuid)?.iter().any(|(p, s)| p == FLAT && s == service::SNAT);
+        let reaching_public = hosts_of_l3(db, &public)?;
+        let home =
+            hosts_of_l3(db, &private)?.into_iter().filter(|h| reaching_public.contains(h)).min();
+        if !flat_snat || home != Some(host.uuid) {
+            continue;
+        }
+        let (Some(bridge), Some(range)) = (nic_bridge(db, &private)?, private.ip_ranges.first())
+        else {
+            continue;
+        };
+        let prefix_len = ipnet::ipv4_mask_to_prefix(range.netmask).unwrap_or(24);
+        let Some(mut spec) = vip_spec(db, &vip, bridges, (bridge, range.gateway, prefix_len))?
+        else {
+            continue;
+        };
+        let network =
+            Ipv4Net::new(range.gateway, prefix_len).map(|n| n.network()).unwrap_or(range.gateway);
+        spec.nat.push(Nat::Snat { network, prefix_len });
+        out.push(spec);
+    }
+    Ok(out)
 }
 
 /// The VIP namespaces of the host whose `bridges` and `vms` these are: the EIPs of its VMs'
@@ -355,7 +403,6 @@ fn vips(db: &Db, bridges: &[BridgeSpec], vms: &[VmRecord]) -> Result<Vec<VipSpec
         }
         out.push(spec);
     }
-    out.sort_by_key(|v| v.vip);
     Ok(out)
 }
 

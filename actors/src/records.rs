@@ -682,6 +682,8 @@ pub mod vip_use {
     pub const EIP: &str = "Eip";
     /// Port forwarding rules.
     pub const PORT_FORWARDING: &str = "PortForwarding";
+    /// A private network's source NAT (made by the Flat SNAT service, not by users).
+    pub const SNAT: &str = "SNAT";
 }
 
 /// A virtual IP: an address of a public L3 network that an EIP or port forwarding rules
@@ -703,7 +705,7 @@ pub struct VipRecord {
     pub netmask: String,
     /// The public network's gateway.
     pub gateway: String,
-    /// `Eip` or `PortForwarding` once something uses it.
+    /// `Eip`, `PortForwarding` or `SNAT` once something uses it.
     pub use_for: Option<String>,
     /// The private L3 network of the NICs it reaches, while any is attached.
     pub peer_l3_network_uuid: Option<Uuid>,

@@ -9,6 +9,8 @@
 //! - `hostname::{hostname}` (VMs): the guest's host name, checked as an RFC 1123 name.
 //! - `userdata::{data}` (VMs): the guest's user data, base64, served by the metadata service.
 //! - `sshkey::{key}` (VMs): an SSH public key the metadata service hands the guest.
+//! - `snat::{l3NetworkUuid}` (L3 networks): the public network the Flat SNAT service of a
+//!   private network takes its traffic out through (read when SNAT is attached).
 //! - `staticIp::{l3NetworkUuid}::{ip}` (VMs): the VM's address on that network; IPAM hands
 //!   out exactly that address at creation or fails the creation with why.
 //! - `reservedMemory::{size}` (hosts): memory the allocator leaves to the host itself
@@ -211,6 +213,16 @@ pub static PATTERNS: &[Pattern] = &[
         resource_types: &["VmInstanceVO"],
         one_per_first_token: true,
         check: |t| check_ssh_key(t[0]),
+    },
+    Pattern {
+        format: "snat::{l3NetworkUuid}",
+        resource_types: &["L3NetworkVO"],
+        one_per_first_token: false,
+        check: |t| {
+            crate::canonical_uuid(t[0]).map(drop).ok_or_else(|| {
+                format!("`{}` is not an L3 network UUID in its canonical form", t[0])
+            })
+        },
     },
     Pattern {
         format: "reservedMemory::{size}",

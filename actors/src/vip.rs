@@ -632,3 +632,77 @@ pub(crate) fn remove_vip(deleter: &Deleter, id: Uuid) -> RemoveFuture<'_> {
         Ok(())
     })
 }
+
+/// The UUID of private L3 network `l3`'s SNAT VIP: one per network, whoever makes it.
+pub fn snat_vip(l3: Uuid) -> Uuid {
+    Uuid::new_v5(&l3, b"snat")
+}
+
+/// The public L3 network L3 `l3`'s `snat::` tag names, if any.
+pub fn snat_public(db: &Db, l3: Uuid) -> Result<Option<Uuid>, StoreError> {
+    Ok(crate::tags::system_tokens(db, l3, "snat")?
+        .into_iter()
+        .find_map(|t| t.first().and_then(|u| crate::canonical_uuid(u))))
+}
+
+/// Makes private L3 network `l3`'s SNAT VIP what its services say: booked on the public
+/// network its `snat::` tag names while it has the Flat SNAT, gone otherwise. Safe to
+/// repeat, and to run twice at once (the VIP's UUID is fixed).
+pub async fn sync_snat(db: &Db, l3s: &Kind<L3s>, l3: Uuid) -> Result<(), VipError> {
+    let wanted = if crate::network::services_of(db, l3)?.iter().any(|(provider, service)| {
+        provider == crate::network::FLAT && service == crate::network::service::SNAT
+    }) {
+        snat_public(db, l3)?
+    } else {
+        None
+    };
+    let existing = db.get::<VipRecord>(snat_vip(l3))?.map(|s| s.record);
+    if let Some(vip) = &existing
+        && Some(vip.l3_network_uuid) != wanted
+    {
+        drop_vip(db, l3s, vip.uuid).await?;
+    }
+    let Some(public) = wanted else { return Ok(()) };
+    if existing.is_some_and(|v| v.l3_network_uuid == public) {
+        return Ok(());
+    }
+    let vip = VipRecord {
+        uuid: snat_vip(l3),
+        name: format!("snat-{l3}"),
+        description: format!("the source NAT of L3 network {l3}"),
+        l3_network_uuid: public,
+        ip: String::new(),
+        netmask: String::new(),
+        gateway: String::new(),
+        use_for: Some(vip_use::SNAT.into()),
+        peer_l3_network_uuid: Some(l3),
+        private_ip: None,
+        state: "Enabled".into(),
+    };
+    match create_vip(db, l3s, vip, None, |_| Ok(())).await {
+        // Another sync made it first.
+        Err(VipError::Store(StoreError::Conflict { .. })) => Ok(()),
+        other => other.map(drop),
+    }
+}
+
+/// Deletes VIP `vip` whatever uses it and gives its address back (a SNAT VIP going with
+/// its service or its network).
+pub async fn drop_vip(db: &Db, l3s: &Kind<L3s>, vip: Uuid) -> Result<(), VipError> {
+    loop {
+        let Some(stored) = db.get::<VipRecord>(vip)? else { return Ok(()) };
+        let mut batch = Batch::new();
+        batch.delete::<VipRecord>(vip, Expect::Generation(stored.generation));
+        crate::records::delete_refs(db, &mut batch, vip)?;
+        match db.commit(batch).await {
+            Ok(_) => {
+                if let Ok(ip) = stored.record.ip.parse() {
+                    release_address(l3s, stored.record.l3_network_uuid, ip, vip).await?;
+                }
+                return Ok(());
+            }
+            Err(StoreError::Conflict { .. }) => continue,
+            Err(error) => return Err(error.into()),
+        }
+    }
+}

@@ -196,17 +196,26 @@ impl Lab {
     /// A guest of `vm`'s first NIC: a namespace with a veth on `host_ns`'s `bridge`, with
     /// the NIC's MAC.
     fn guest(&self, name: &str, vm: &Value, host_ns: &str, bridge: &str) -> String {
-        let nic = &vm["vmNics"][0];
         let guest = self.ns.add(name);
+        plug(&guest, vm, host_ns, bridge);
+        guest
+    }
+}
+
+/// Plugs guest namespace `guest` into `host_ns`'s `bridge` as `vm`'s first NIC (its `eth0`,
+/// with the NIC's MAC, on the port the NIC's device name gives).
+fn plug(guest: &str, vm: &Value, host_ns: &str, bridge: &str) {
+    {
+        let nic = &vm["vmNics"][0];
         let port = strato_proto::net::nic_device(nic["mac"].as_str().unwrap());
         run(&[
             "ip", "-n", host_ns, "link", "add", &port, "type", "veth", "peer", "name", "eth0",
-            "netns", &guest,
+            "netns", guest,
         ]);
         run(&[
             "ip",
             "-n",
-            &guest,
+            guest,
             "link",
             "set",
             "eth0",
@@ -215,7 +224,6 @@ impl Lab {
             "up",
         ]);
         run(&["ip", "-n", host_ns, "link", "set", &port, "master", bridge, "up"]);
-        guest
     }
 }
 
@@ -472,7 +480,7 @@ fn vms_on_a_vxlan_get_their_addresses_by_flat_dhcp_and_reach_each_other() {
             Some(&json!({ "expungeVmInstance": {} }).to_string()),
         );
     }
-    ok(api, "DELETE", &format!("/v1/l2-networks/{}?deleteMode=Enforcing", uuid(&pool)), None);
+    ok(api, "DELETE", &format!("/v1/l2-networks/{}?deleteMode=Enforcing", uuid(pool)), None);
     // Everything the agents made goes: links, then the DHCP namespaces.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while !lab.made_by_agents().is_empty() {
@@ -719,6 +727,87 @@ fn an_eip_and_port_forwarding_carry_packets_between_the_outside_and_guests() {
         "an unnamed port was forwarded"
     );
     let _ = (other.kill(), other.wait());
+
+    // The EIP follows its VM: stopped, moved to host a and started there, the guest (its
+    // port moved to host a's bridge) is reachable at the VIP again, through host a.
+    let vm_action = |vm: &Value, body: Value| {
+        ok(api, "PUT", &format!("/v1/vm-instances/{}/actions", uuid(vm)), Some(&body.to_string()))
+    };
+    vm_action(&vms[0], json!({ "stopVmInstance": {} }));
+    vm_action(&vms[0], json!({ "migrateVm": { "hostUuid": lab.hosts[0]["uuid"] } }));
+    let port = strato_proto::net::nic_device(vms[0]["vmNics"][0]["mac"].as_str().unwrap());
+    run(&["ip", "-n", b, "link", "del", &port]);
+    plug(&guests[0], &vms[0], a, "br_vx_4000");
+    let ip = format!("{}/24", vms[0]["vmNics"][0]["ip"].as_str().unwrap());
+    run(&["ip", "-n", &guests[0], "addr", "add", &ip, "dev", "eth0"]);
+    run(&["ip", "-n", &guests[0], "route", "add", "default", "via", "10.60.0.1"]);
+    vm_action(&vms[0], json!({ "startVmInstance": {} }));
+    eventually("the EIP answers on its VM's new host", || pings(&outside, "10.99.0.10"));
+    let vip_namespaces = |host: &str| -> usize {
+        let prefix = format!("{}-{host}-vip_", lab.ns.tag);
+        run(&["ip", "netns", "list"]).lines().filter(|l| l.starts_with(&prefix)).count()
+    };
+    eventually("the VIP left host b", || vip_namespaces("nb") == 0);
+
+    // SNAT: refused until the private network names its public one; then the guest
+    // without an EIP goes out as the SNAT's VIP, and the EIP's guest keeps its own.
+    let snat =
+        json!({ "attachNetworkServiceToL3Network": { "networkServices": { &flat: ["SNAT"] } } });
+    let (status, _, refused) = http(
+        api,
+        "PUT",
+        &format!("/v1/l3-networks/{private}/actions"),
+        Some(&snat.to_string()),
+        &[],
+    );
+    assert_eq!(status, 400, "{refused}");
+    assert!(refused["error"]["description"].as_str().unwrap().contains("snat::"), "{refused}");
+    create(
+        api,
+        "/v1/system-tags",
+        json!({ "resourceUuid": private, "resourceType": "L3NetworkVO", "tag": format!("snat::{public}") }),
+    );
+    ok(api, "PUT", &format!("/v1/l3-networks/{private}/actions"), Some(&snat.to_string()));
+    let (_, _, snat_vips) = http(api, "GET", "/v1/vips?q=useFor=SNAT", None, &[]);
+    let snat_ip = snat_vips["inventories"][0]["ip"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{snat_vips}"))
+        .to_owned();
+    assert_eq!(snat_vips["inventories"][0]["peerL3NetworkUuid"], private.as_str());
+    eventually("SNAT takes the guest without an EIP out", || pings(&guests[1], "10.99.0.1"));
+    let mut server = listen(&outside, 6001, &work.join("snat-out"));
+    let mut client = Command::new("ip")
+        .args(["netns", "exec", &guests[1], "busybox", "nc", "10.99.0.1", "6001"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    eventually("the guest appears outside as the SNAT's VIP", || {
+        connected_with(&outside, &snat_ip)
+    });
+    let _ = (client.kill(), client.wait(), server.kill(), server.wait());
+    let mut server = listen(&outside, 6002, &work.join("eip-beside-snat"));
+    let mut client = Command::new("ip")
+        .args(["netns", "exec", &guests[0], "busybox", "nc", "10.99.0.1", "6002"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    eventually("the EIP's guest still goes out as its EIP", || {
+        connected_with(&outside, "10.99.0.10")
+    });
+    let _ = (client.kill(), client.wait(), server.kill(), server.wait());
+    // Detached, SNAT's VIP goes, and the way out with it.
+    ok(
+        api,
+        "PUT",
+        &format!("/v1/l3-networks/{private}/actions"),
+        Some(&json!({ "detachNetworkServiceFromL3Network": { "networkServices": { &flat: ["SNAT"] } } }).to_string()),
+    );
+    let (_, _, snat_vips) = http(api, "GET", "/v1/vips?q=useFor=SNAT", None, &[]);
+    assert_eq!(snat_vips["inventories"].as_array().unwrap().len(), 0, "{snat_vips}");
+    eventually("without SNAT the guest has no way out", || !pings(&guests[1], "10.99.0.1"));
+    ok(api, "PUT", &format!("/v1/l3-networks/{private}/actions"), Some(&snat.to_string()));
 
     // Detached, the EIP stops; its namespace goes with it.
     eip_action(json!({ "detachEip": {} }));

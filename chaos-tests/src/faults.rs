@@ -152,7 +152,7 @@ pub fn schedule(seed: u64, duration: Duration, hosts: usize, network: bool) -> V
         at += secs(&mut rng, 1.5, 5.0);
     }
     if network {
-        let mut rng = fastrand::Rng::with_seed(seed ^ 0x6e65_7477_6f72_6b);
+        let mut rng = fastrand::Rng::with_seed(seed ^ 0x006e_6574_776f_726b);
         let mut at = secs(&mut rng, 3.0, 6.0);
         while at < end {
             let host = rng.usize(..hosts.max(1));

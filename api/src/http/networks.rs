@@ -157,6 +157,7 @@ async fn add_ip_range(
         .jobs
         .submit(job_header(&headers)?, "AddIpRange", &raw, move |_| async move {
             let record = l3::add_ip_range(&m.l3s, uuid, range).await?;
+            strato_actors::vip::sync_snat(&m.db, &m.l3s, uuid).await?;
             refresh(&m, network::hosts_of_l3(&m.db, &record)?);
             inventory(&record)
         })
@@ -385,6 +386,30 @@ fn prefix(text: &str) -> Result<ipnet::Ipv4Net, ApiError> {
 /// The providers and types of a `networkServices` map, each checked: the provider exists,
 /// offers the type, and (to attach) Strato makes it and the provider is attached to the
 /// L3's L2 network.
+/// The public network L3 `l3`'s SNAT goes out through (its `snat::` tag), checked: another
+/// L3 network, on an L2 network.
+fn snat_public(mn: &Mn, l3: &L3NetworkRecord) -> Result<Uuid, ApiError> {
+    let public = strato_actors::vip::snat_public(&mn.db, l3.uuid)?.ok_or_else(|| {
+        ApiError::invalid(
+            "networkServices",
+            format!(
+                "SNAT takes the network's traffic out through a public L3 network: tag L3 network {} with snat::{{publicL3NetworkUuid}} first",
+                l3.uuid
+            ),
+        )
+    })?;
+    let record: L3NetworkRecord = get_record(mn, public)?;
+    if public == l3.uuid || record.l2_network_uuid.is_none() {
+        return Err(ApiError::invalid(
+            "networkServices",
+            format!(
+                "the snat:: tag's network {public} must be another L3 network, on an L2 network"
+            ),
+        ));
+    }
+    Ok(public)
+}
+
 fn services(
     mn: &Mn,
     l3: &L3NetworkRecord,
@@ -413,6 +438,9 @@ fn services(
                     serde_json::json!({ "provider": provider.uuid, "service": t }),
                 ));
             }
+        }
+        if attaching && types.iter().any(|t| t == network::service::SNAT) {
+            snat_public(mn, l3)?;
         }
         if attaching {
             let Some(l2) = l3.l2_network_uuid else {
@@ -537,6 +565,7 @@ async fn l3_action(
                     last.ok_or_else(|| ApiError::invalid("networkServices", "names no service"))?
                 }
             };
+            strato_actors::vip::sync_snat(&m.db, &m.l3s, uuid).await?;
             refresh(&m, network::hosts_of_l3(&m.db, &record)?);
             inventory(&record)
         })

@@ -23,6 +23,7 @@
 //! wants is removed with its processes, its legs with it.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
 use std::sync::Mutex;
 
 use strato_proto::net::{Nat, NetworkConfig, Protocol, VipSpec, vip_devices};
@@ -108,11 +109,23 @@ impl Vips {
             }
             changes.push(format!("removed namespace {namespace}"));
         }
+        let mut moved = Vec::new();
         for (namespace, spec) in wanted {
             let made = !(present.contains(&namespace) && usable_or_removed(&namespace));
-            self.converge_one(spec, &namespace, made, observed, &mut applied, &mut changes)?;
+            let held =
+                self.converge_one(spec, &namespace, made, observed, &mut applied, &mut changes)?;
+            moved.extend(held.into_iter().map(|(leg, a, p)| (namespace.clone(), leg, a, p)));
         }
+        changes.extend(moved.iter().map(|(namespace, leg, address, prefix_len)| {
+            format!("{namespace}: {leg} holds {address}/{prefix_len}")
+        }));
         changes.extend(self.steering.converge(&self.scope, render_steering(config), tables)?);
+        // Once an EIP's NIC is steered to its namespace (and to it alone), neighbours learn
+        // where each address newly held now answers: an EIP that followed its VM to this
+        // host is reached here at once, not when the router's ARP cache expires.
+        for (namespace, leg, address, _) in &moved {
+            announce(namespace, leg, *address);
+        }
         Ok(changes)
     }
 
@@ -124,7 +137,8 @@ impl Vips {
         observed: &Observed,
         applied: &mut BTreeMap<Uuid, String>,
         changes: &mut Vec<String>,
-    ) -> Result<(), AgentError> {
+    ) -> Result<Vec<(&'static str, Ipv4Addr, u8)>, AgentError> {
+        let mut held = Vec::new();
         if made {
             run_ip(&["netns", "add", namespace])?;
             run_ip(&["-n", namespace, "link", "set", "lo", "up"])?;
@@ -174,7 +188,7 @@ impl Vips {
             if current != [wanted.as_str()] {
                 run_ip(&["-n", namespace, "addr", "flush", "dev", inner])?;
                 run_ip(&["-n", namespace, "addr", "add", &wanted, "dev", inner])?;
-                changes.push(format!("{namespace}: {inner} holds {wanted}"));
+                held.push((inner, address, prefix_len));
             }
         }
         run_ip(&["netns", "exec", namespace, "sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
@@ -209,7 +223,25 @@ impl Vips {
             applied.insert(spec.vip, body);
             changes.push(format!("replaced nft table ip {NAT_TABLE} in {namespace}"));
         }
-        Ok(())
+        Ok(held)
+    }
+}
+
+/// Sends two gratuitous ARPs for `address` from `leg` of `namespace` (a second apart, in
+/// the background: the apply does not wait). A failure costs only the neighbours' waiting
+/// for their ARP caches to expire, so it is logged, not returned.
+fn announce(namespace: &str, leg: &str, address: Ipv4Addr) {
+    let address = address.to_string();
+    let spawned = std::process::Command::new("ip")
+        .args(["netns", "exec", namespace, "arping", "-q", "-U", "-c", "2", "-I", leg, &address])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn();
+    match spawned {
+        Ok(mut child) => {
+            std::thread::spawn(move || child.wait());
+        }
+        Err(error) => tracing::warn!(namespace, leg, %address, %error, "no gratuitous ARP"),
     }
 }
 
@@ -314,6 +346,9 @@ pub fn render_steering(config: &NetworkConfig) -> Option<String> {
         rules.push(format!("iifname \"{leg}\" oifname != \"{nic}\" drop"));
         rules.push(format!("oifname \"{leg}\" iifname != \"{nic}\" drop"));
         rules.push(format!("iifname \"{nic}\" arp daddr ip {gateway} oifname != \"{leg}\" drop"));
+        // Nor does it hear of the gateway from elsewhere (another namespace holding the
+        // same address for the other NICs, as SNAT's does, announcing itself).
+        rules.push(format!("oifname \"{nic}\" arp saddr ip {gateway} iifname != \"{leg}\" drop"));
     }
     if rules.is_empty() {
         return None;
@@ -365,6 +400,9 @@ mod tests {
         );
         assert!(steering.contains(&format!(
             "iifname \"sv0000000000aa\" arp daddr ip 10.0.0.1 oifname != \"{leg}\" drop"
+        )));
+        assert!(steering.contains(&format!(
+            "oifname \"sv0000000000aa\" arp saddr ip 10.0.0.1 iifname != \"{leg}\" drop"
         )));
         assert!(render_steering(&NetworkConfig::default()).is_none());
     }
