@@ -394,6 +394,19 @@ fn network_disagreements(shared: &Shared, cluster: &std::sync::Mutex<Cluster>) -
         return vec![violation(DNSMASQ, now, None, "the API is down".into())];
     };
     let l3 = &shared.infra.l3;
+    // Where the run's EIP should be: on the host of the VM its NIC belongs to.
+    let eip = shared.infra.eip.as_ref().and_then(|eip| {
+        let found =
+            crate::workload::get(shared.api, &format!("/v1/eips/{eip}"), Duration::from_secs(10))?;
+        let eip = found["inventories"].get(0)?.clone();
+        let home = eip["vmNicUuid"].as_str().and_then(|nic| {
+            vms.iter()
+                .filter(|vm| s(&vm["state"]) != "Destroyed")
+                .find(|vm| vm["vmNics"].as_array().into_iter().flatten().any(|n| n["uuid"] == nic))
+                .map(|vm| s(&vm["hostUuid"]).to_owned())
+        });
+        Some((s(&eip["vipUuid"]).replace('-', ""), home))
+    });
     for (host, i) in hosts {
         let host_uuid = s(&host["uuid"]);
         let (network, dir) = {
@@ -405,6 +418,18 @@ fn network_disagreements(shared: &Shared, cluster: &std::sync::Mutex<Cluster>) -
         let namespaces = crate::hostnet::namespaces(&prefix).unwrap_or_default();
         if !namespaces.contains(&dhcp_ns) {
             found.push(violation(DNSMASQ, now, Some(host_uuid), format!("no namespace {dhcp_ns}")));
+        }
+        if let Some((vip, home)) = &eip {
+            let held = namespaces.iter().filter(|n| n.ends_with(&format!("vip_{vip}"))).count();
+            let wanted = usize::from(home.as_deref() == Some(host_uuid));
+            if held != wanted {
+                found.push(violation(
+                    "a VIP lives in exactly one place",
+                    now,
+                    Some(host_uuid),
+                    format!("{held} namespace(s) of VIP {vip} here, where {wanted} belongs"),
+                ));
+            }
         }
         for ns in &namespaces {
             let running = crate::hostnet::dnsmasq_in(ns).map(|p| p.len()).unwrap_or_default();

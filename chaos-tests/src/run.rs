@@ -16,8 +16,8 @@ use serde_json::{Value, json};
 use strato_api::client;
 use strato_api::types::actions::{L3Action, NetworkServices};
 use strato_api::types::{
-    ClusterParams, Create, HostParams, L2Params, L3Params, OfferingParams, RangeParams, ZoneParams,
-    canonical_uuid,
+    ClusterParams, Create, EipParams, HostParams, L2Params, L3Params, OfferingParams, RangeParams,
+    VipParams, ZoneParams, canonical_uuid,
 };
 use uuid::Uuid;
 
@@ -123,8 +123,9 @@ fn register(cluster: &Cluster) -> Result<Infra, Error> {
     };
     let l3 = l3_with("pub", "192.168.0", 250)?;
     let tight_l3 = l3_with("tight", "192.168.1", 10)?;
+    let mut eip = None;
     if cluster.isolated() {
-        // The hosts make the main network's DHCP, DNS and metadata for real.
+        // The hosts make the main network's DHCP, DNS, metadata and EIPs for real.
         let (_, providers) =
             client::request(api, "GET", "/v1/network-service-providers?q=type=Flat", None)?;
         let flat = providers["inventories"][0]["uuid"].as_str().unwrap_or_default().to_owned();
@@ -134,14 +135,30 @@ fn register(cluster: &Cluster) -> Result<Infra, Error> {
             &format!("/v1/network-service-providers/{flat}/l2-networks/{l2}"),
             json!({}),
         )?;
-        let services = [(flat, ["DHCP", "DNS", "Userdata"].map(String::from).to_vec())];
+        let services = [(flat, ["DHCP", "DNS", "Userdata", "Eip"].map(String::from).to_vec())];
         let attach = L3Action::AttachNetworkServiceToL3Network(NetworkServices {
             network_services: services.into_iter().collect(),
         });
         ok(api, "PUT", &format!("/v1/l3-networks/{l3}/actions"), client::body(&attach))?;
+        // A public network on the same L2, and an EIP on a VIP of it.
+        let public = l3_with("public", "192.168.9", 20)?;
+        let vip = VipParams {
+            name: "vip".into(),
+            description: String::new(),
+            l3_network_uuid: id(&json!({ "uuid": public }))?,
+            required_ip: None,
+        };
+        let vip = id(&create("/v1/vips", client::body(&vip))?)?;
+        let params = EipParams {
+            name: "eip".into(),
+            description: String::new(),
+            vip_uuid: vip,
+            vm_nic_uuid: None,
+        };
+        eip = Some(uuid(&create("/v1/eips", client::body(&params))?));
     }
     let (cluster, zone, l2) = (cl.to_string(), zone.to_string(), l2.to_string());
-    Ok(Infra { cluster, zone, offering, l2, l3, tight_l3, host_addrs })
+    Ok(Infra { cluster, zone, offering, l2, l3, tight_l3, host_addrs, eip })
 }
 
 /// Runs one chaos run in `dir`; returns whether every check passed.
@@ -188,6 +205,11 @@ pub fn run(config: &RunConfig, dir: &Path) -> Result<bool, Error> {
             std::thread::spawn(move || workload::client(shared, i, seed, strategy))
         })
         .collect();
+    let mover = {
+        let shared = shared.clone();
+        let seed = config.seed;
+        std::thread::spawn(move || workload::eip_mover(shared, seed))
+    };
     let fault_log: Arc<Mutex<Vec<String>>> = Arc::default();
     let windows: Arc<Mutex<Vec<(u64, u64)>>> = Arc::default();
     let injectors: Vec<_> = schedule
@@ -243,6 +265,7 @@ pub fn run(config: &RunConfig, dir: &Path) -> Result<bool, Error> {
     for client in clients {
         let _ = client.join();
     }
+    let _ = mover.join();
     // Heal: every link whole and every process up without injected faults.
     {
         let mut c = cluster.lock().expect("cluster");

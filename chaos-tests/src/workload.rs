@@ -252,6 +252,9 @@ pub struct Infra {
     pub tight_l3: String,
     /// Where the MN dials each host (its proxy).
     pub host_addrs: Vec<SocketAddr>,
+    /// An EIP (on a public L3 network of the same L2) that [`eip_mover`] keeps moving
+    /// between the main network's VMs, when the hosts make their networks for real.
+    pub eip: Option<String>,
 }
 
 impl Shared {
@@ -704,4 +707,38 @@ fn repeat_create(shared: &Shared, client_id: usize, name: &str) {
     };
     shared.history.repeats.lock().expect("repeats").push((job, locations));
     shared.history.close(seq, outcome, shared.now());
+}
+
+/// Moves the run's EIP every few seconds to a random VM of the main network (detached
+/// first), until the run stops: where its VIP lives follows the VMs' placement under the
+/// faults, and the checks find it in exactly one place. Its calls are not the workload's
+/// (they are not in the history); a refusal (the VM went meanwhile) is as good as a success.
+pub fn eip_mover(shared: Arc<Shared>, seed: u64) {
+    use strato_api::types::actions::{EipAction, NoParams, OnVmNic};
+    let Some(eip) = shared.infra.eip.clone() else { return };
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let path = format!("/v1/eips/{eip}/actions");
+    let act = |action: EipAction| {
+        if let Ok((202, reply)) =
+            client::request(shared.api, "PUT", &path, Some(&client::body(&action)))
+        {
+            follow(shared.api, reply["location"].as_str().unwrap_or_default(), JOB_LIMIT);
+        }
+    };
+    while !shared.stop.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(rng.u64(1500..4000)));
+        let Some(vms) = list(shared.api, "vm-instances", Duration::from_secs(5)) else { continue };
+        let nics: Vec<Uuid> = vms
+            .iter()
+            .filter(|vm| vm["state"] != "Destroyed")
+            .flat_map(|vm| vm["vmNics"].as_array().cloned().unwrap_or_default())
+            .filter(|nic| nic["l3NetworkUuid"] == shared.infra.l3.as_str())
+            .filter_map(|nic| canonical_uuid(nic["uuid"].as_str()?))
+            .collect();
+        act(EipAction::DetachEip(NoParams {}));
+        if !nics.is_empty() {
+            let vm_nic_uuid = nics[rng.usize(..nics.len())];
+            act(EipAction::AttachEip(OnVmNic { vm_nic_uuid }));
+        }
+    }
 }

@@ -495,6 +495,9 @@ async fn send(
     }
 }
 
+/// How long a removed host's agent is given to take its network down.
+const HOST_NETWORK_CLEAR_TIME: Duration = Duration::from_secs(10);
+
 /// How long a network apply may take on the agent.
 const NETWORK_APPLY_TIME: Duration = Duration::from_secs(120);
 
@@ -736,6 +739,15 @@ pub async fn remove(hosts: &Kind<Hosts>, id: Uuid) -> Result<(), HostError> {
                 s.epoch += 1; // the watcher's news of this link's end is now stale
                 s.link.take()
             }) {
+                // What the host's agent made for Strato goes with the host, while it can
+                // still be asked (a host that is away keeps it until it is added again,
+                // when the whole state is applied).
+                let empty = Command::ApplyNetwork(strato_proto::net::NetworkConfig::default());
+                let deadline = SystemTime::now() + HOST_NETWORK_CLEAR_TIME;
+                if let Err(error) = link.request_with_id(Uuid::new_v4(), empty, deadline, None).await
+                {
+                    tracing::warn!(host = %id, %error, "the removed host's network stays as it was");
+                }
                 ctx.entity().forget_link(id);
                 link.close();
             }
