@@ -672,6 +672,10 @@ impl Record for SecurityGroupRecord {
                     g.attached_l3_network_uuids.iter().map(|l| IndexValue::Uuid(*l)).collect()
                 },
             },
+            Index {
+                name: "nic",
+                values: |g| g.vm_nics.iter().map(|m| IndexValue::Uuid(m.vm_nic_uuid)).collect(),
+            },
         ]
     }
 }

@@ -150,7 +150,7 @@ codes! {
         "a host of a cluster the VXLAN pool is attached to has no address in the pool's vtepCidr (details.host); give it one there or change the pool";
     /// The provider does not make that service.
     NETWORK_SERVICE_NOT_IMPLEMENTED = "NETWORK.SERVICE_NOT_IMPLEMENTED", BAD_REQUEST,
-        "the network service provider lists the service but Strato does not make it (details.service); use the Flat provider's DHCP, DNS or HostRoute";
+        "the network service provider lists the service but Strato does not make it (details.service); use the Flat provider's DHCP, DNS, HostRoute, Userdata, Eip, PortForwarding or SNAT";
     /// The VIP, EIP, rule or NIC is taken.
     VIP_IN_USE = "NETWORK.VIP_IN_USE", CONFLICT,
         "the VIP, EIP, port forwarding rule or NIC is used by something else (the message says what); detach or delete that first";

@@ -264,4 +264,65 @@ fn the_flat_network_walkthrough_runs_as_written() {
     ]);
     assert_eq!(vm["vmNics"][0]["ip"], "10.0.1.11");
     assert_eq!(vm["vmNics"][0]["bridge"], "br_eth0");
+
+    // The README's public addresses, as typed there: a VIP of a public L3, an EIP on the
+    // VM's NIC, a port forwarding rule, SNAT, and the VM found by its EIP's address.
+    let public =
+        uuid(&cli.json(&["CreateL3Network", "name=public", &format!("l2NetworkUuid={l2}")]));
+    cli.json(&[
+        "AddIpRange",
+        &format!("uuid={public}"),
+        "startIp=10.0.9.10",
+        "endIp=10.0.9.20",
+        "netmask=255.255.255.0",
+        "gateway=10.0.9.1",
+    ]);
+    cli.json(&[
+        "AttachNetworkServiceToL3Network",
+        &format!("uuid={l3}"),
+        &format!("networkServices={{\"{flat}\":[\"Eip\",\"PortForwarding\"]}}"),
+    ]);
+    let nic = vm["vmNics"][0]["uuid"].as_str().unwrap().to_owned();
+    let vip = uuid(&cli.json(&["CreateVip", "name=web", &format!("l3NetworkUuid={public}")]));
+    let eip = cli.json(&[
+        "CreateEip",
+        "name=web",
+        &format!("vipUuid={vip}"),
+        &format!("vmNicUuid={nic}"),
+    ]);
+    assert_eq!(eip["vipIp"], "10.0.9.10");
+    assert_eq!(eip["guestIp"], "10.0.1.11");
+    let vip2 = uuid(&cli.json(&["CreateVip", "name=ssh", &format!("l3NetworkUuid={public}")]));
+    let rule = cli.json(&[
+        "CreatePortForwardingRule",
+        "name=ssh",
+        &format!("vipUuid={vip2}"),
+        "vipPortStart=2222",
+        "privatePortStart=22",
+        "protocolType=TCP",
+        "allowedCidr=203.0.113.0/24",
+        &format!("vmNicUuid={nic}"),
+    ]);
+    assert_eq!(
+        (rule["vipPortEnd"].as_u64(), rule["privatePortEnd"].as_u64()),
+        (Some(2222), Some(22))
+    );
+    cli.json(&[
+        "CreateSystemTag",
+        &format!("resourceUuid={l3}"),
+        "resourceType=L3NetworkVO",
+        &format!("tag=snat::{public}"),
+    ]);
+    cli.json(&[
+        "AttachNetworkServiceToL3Network",
+        &format!("uuid={l3}"),
+        &format!("networkServices={{\"{flat}\":[\"SNAT\"]}}"),
+    ]);
+    let snat = cli.json(&["QueryVip", "useFor=SNAT"]);
+    assert_eq!(snat["inventories"][0]["peerL3NetworkUuid"], l3.as_str(), "{snat}");
+    let found = cli.json(&["QueryVmInstance", "vmNics.eip.vipIp=10.0.9.10"]);
+    assert_eq!(found["inventories"][0]["uuid"], vm["uuid"], "{found}");
+    cli.json(&["DetachEip", &format!("uuid={}", uuid(&eip))]);
+    let found = cli.json(&["QueryVmInstance", "vmNics.eip.vipIp=10.0.9.10"]);
+    assert_eq!(found["inventories"], json!([]), "{found}");
 }

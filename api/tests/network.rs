@@ -430,6 +430,17 @@ fn vms_on_a_vxlan_get_their_addresses_by_flat_dhcp_and_reach_each_other() {
     let (_, _, found) =
         http(api, "GET", "/v1/security-groups?q=rules.allowedCidr=10.60.0.0/24", None, &[]);
     assert_eq!(found["inventories"][0]["uuid"], sg_id.as_str(), "{found}");
+    // The VMs whose NICs a rule of that network reaches, by a join through the NIC.
+    let (_, _, found) = http(
+        api,
+        "GET",
+        "/v1/vm-instances?q=vmNics.securityGroup.rules.allowedCidr=10.60.0.0/24",
+        None,
+        &[],
+    );
+    let found = found["inventories"].as_array().unwrap();
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0]["uuid"], vms[1]["uuid"]);
     let rule = with_rule["rules"][0]["uuid"].as_str().unwrap();
     sg_action(json!({ "deleteSecurityGroupRule": { "ruleUuids": [rule] } }));
     until(false);
