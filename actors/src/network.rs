@@ -354,6 +354,12 @@ fn vips(db: &Db, bridges: &[BridgeSpec], vms: &[VmRecord]) -> Result<Vec<VipSpec
                 spec.nat.push(Nat::Eip { guest });
                 out.push(spec);
             }
+        }
+    }
+    // Port forwarding's home does not move with its VM's state (a destroyed VM keeps its
+    // host), so a destroy or a recovery changes no other host's network.
+    for vm in vms {
+        for nic in &vm.vm_nics {
             for id in db.find::<PortForwardingRuleRecord>("nic", &nic.uuid.into())? {
                 if let Some(rule) = db.get::<PortForwardingRuleRecord>(id)? {
                     forwarding.insert(rule.record.vip_uuid);
@@ -366,18 +372,18 @@ fn vips(db: &Db, bridges: &[BridgeSpec], vms: &[VmRecord]) -> Result<Vec<VipSpec
         let Some(address) = vip.private_ip.as_deref().and_then(|a| a.parse().ok()) else {
             continue;
         };
-        // The rules that reach a live VM, each with its NIC; the first one's VM is home.
+        // The rules that reach a placed VM, each with its NIC; the first one's VM is home.
         let mut rules = Vec::new();
         for rule in crate::vip::rules_of(db, vip.uuid)? {
             let Some(nic) = rule.vm_nic_uuid else { continue };
             let Ok(target) = crate::vip::nic_target(db, nic) else { continue };
-            if target.vm.state != VmState::Destroyed && target.vm.host_uuid.is_some() {
+            if target.vm.host_uuid.is_some() {
                 rules.push((rule, target));
             }
         }
         rules.sort_by_key(|(rule, _)| rule.uuid);
         let Some((_, home)) = rules.first() else { continue };
-        if !here.iter().any(|vm| vm.uuid == home.vm.uuid) {
+        if !vms.iter().any(|vm| vm.uuid == home.vm.uuid) {
             continue;
         }
         let Some((bridge, _, prefix_len)) = private_side(db, &home.nic)? else { continue };
@@ -427,7 +433,7 @@ fn private_side(db: &Db, nic: &VmNic) -> Result<Option<(String, Ipv4Addr, u8)>, 
 }
 
 /// VIP `vip`'s namespace with its private side `(bridge, address, prefix length)` and no
-/// translation yet, if its public network's bridge is among the host's `bridges`.
+/// translation yet, if both its networks' bridges are among the host's `bridges`.
 fn vip_spec(
     db: &Db,
     vip: &VipRecord,
@@ -438,7 +444,8 @@ fn vip_spec(
         return Ok(None);
     };
     let Some(public_bridge) = nic_bridge(db, &l3)? else { return Ok(None) };
-    if !bridges.iter().any(|b| b.name == public_bridge) {
+    let on_host = |bridge: &str| bridges.iter().any(|b| b.name == bridge);
+    if !on_host(&public_bridge) || !on_host(&private_bridge) {
         return Ok(None);
     }
     let (Ok(address), Ok(netmask)) = (vip.ip.parse(), vip.netmask.parse()) else {

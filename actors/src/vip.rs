@@ -15,6 +15,7 @@
 //! ([`crate::network::render`]). The operations here ask the hosts concerned to apply their
 //! network again.
 
+use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
 use strato_runtime::Kind;
@@ -327,6 +328,30 @@ async fn refreshing<T>(
     out
 }
 
+/// The NICs an EIP is being attached to in this process. Two attachments of two EIPs to one
+/// NIC would each find the NIC free (the EIPs are different records, so no compare-and-swap
+/// sees the other); they take their turns here instead. One MN serves every request today;
+/// several (issue 17's scale-out) will need the claim in the store.
+static ATTACHING: std::sync::Mutex<BTreeSet<Uuid>> = std::sync::Mutex::new(BTreeSet::new());
+
+/// A NIC's turn in [`ATTACHING`], given back when dropped.
+struct NicTurn(Uuid);
+
+impl NicTurn {
+    async fn take(nic: Uuid) -> NicTurn {
+        while !ATTACHING.lock().expect("attaching NICs").insert(nic) {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        NicTurn(nic)
+    }
+}
+
+impl Drop for NicTurn {
+    fn drop(&mut self) {
+        ATTACHING.lock().expect("attaching NICs").remove(&self.0);
+    }
+}
+
 /// Attaches EIP `eip` to `target`'s NIC.
 pub async fn attach_eip(
     db: &Db,
@@ -335,8 +360,11 @@ pub async fn attach_eip(
     target: NicTarget,
 ) -> Result<EipRecord, VipError> {
     let vip_uuid = get::<EipRecord>(db, eip)?.record.vip_uuid;
+    let _turn = NicTurn::take(target.nic.uuid).await;
     refreshing(db, hosts, vip_uuid, async {
         loop {
+            // As the NIC is now: its VM may have gone since the request.
+            let target = nic_target(db, target.nic.uuid)?;
             let stored = get::<EipRecord>(db, eip)?;
             let mut record = stored.record;
             let vip_stored = get::<VipRecord>(db, record.vip_uuid)?;
@@ -415,6 +443,25 @@ async fn release_eip(db: &Db, eip: Uuid, delete: bool) -> Result<Option<EipRecor
     }
 }
 
+/// Deletes EIP `eip` (detached first), leaving its VIP unused.
+pub async fn delete_eip(db: &Db, hosts: &Kind<Hosts>, eip: Uuid) -> Result<(), VipError> {
+    let Some(vip) = db.get::<EipRecord>(eip)?.map(|s| s.record.vip_uuid) else { return Ok(()) };
+    refreshing(db, hosts, vip, release_eip(db, eip, true)).await.map(drop)
+}
+
+/// Deletes port forwarding rule `rule` (detached first).
+pub async fn delete_port_forwarding_rule(
+    db: &Db,
+    l3s: &Kind<L3s>,
+    hosts: &Kind<Hosts>,
+    rule: Uuid,
+) -> Result<(), VipError> {
+    let Some(vip) = db.get::<PortForwardingRuleRecord>(rule)?.map(|s| s.record.vip_uuid) else {
+        return Ok(());
+    };
+    refreshing(db, hosts, vip, release_rule(db, l3s, rule, true)).await.map(drop)
+}
+
 /// Detaches EIP `eip` from its NIC.
 pub async fn detach_eip(db: &Db, hosts: &Kind<Hosts>, eip: Uuid) -> Result<EipRecord, VipError> {
     let vip = get::<EipRecord>(db, eip)?.record.vip_uuid;
@@ -439,6 +486,8 @@ pub async fn attach_port_forwarding_rule(
     let mut booked: Option<Ipv4Addr> = None;
     let result = refreshing(db, hosts, vip_uuid, async {
         loop {
+            // As the NIC is now: its VM may have gone since the request.
+            let target = nic_target(db, target.nic.uuid)?;
             let stored = get::<PortForwardingRuleRecord>(db, rule)?;
             let mut record = stored.record;
             let vip_stored = get::<VipRecord>(db, record.vip_uuid)?;
@@ -483,8 +532,10 @@ pub async fn attach_port_forwarding_rule(
         }
     })
     .await;
-    if let Some(ip) = booked {
-        l3::release_ip(l3s, l3, ip, forwarding_owner(vip_uuid)).await?;
+    if let Some(ip) = booked
+        && let Err(error) = release_address(l3s, l3, ip, forwarding_owner(vip_uuid)).await
+    {
+        tracing::warn!(%error, %ip, vip = %vip_uuid, "an unused forwarding address stays booked");
     }
     result
 }
@@ -506,11 +557,14 @@ async fn release_rule(
             };
         };
         let mut record = stored.record;
+        // The VIP first: every change of its rules writes it, so its generation covers the
+        // rules read after it.
+        let vip_read = db.get::<VipRecord>(record.vip_uuid)?;
         let others: Vec<PortForwardingRuleRecord> =
             rules_of(db, record.vip_uuid)?.into_iter().filter(|r| r.uuid != rule).collect();
         let mut batch = Batch::new();
         let mut freed = None;
-        if let Some(vip_stored) = db.get::<VipRecord>(record.vip_uuid)? {
+        if let Some(vip_stored) = vip_read {
             let mut vip = vip_stored.record.clone();
             if others.iter().all(|r| r.vm_nic_uuid.is_none()) {
                 freed = vip.peer_l3_network_uuid.zip(vip.private_ip.take());
@@ -576,15 +630,26 @@ pub async fn detach_port_forwarding_rule(
     .await
 }
 
-/// Detaches the EIPs and port forwarding rules of NICs `nics` (a VM's, as it is expunged).
+/// Detaches the EIPs and port forwarding rules of NICs `nics` (a VM's, as it is expunged),
+/// asking the hosts concerned to apply their network (port forwarding's home may move).
 /// Safe to repeat: a detached one is left as it is.
-pub async fn detach_nics(db: &Db, l3s: &Kind<L3s>, nics: &[Uuid]) -> Result<(), VipError> {
+pub async fn detach_nics(
+    db: &Db,
+    l3s: &Kind<L3s>,
+    hosts: &Kind<Hosts>,
+    nics: &[Uuid],
+) -> Result<(), VipError> {
     for nic in nics {
         for eip in db.find::<EipRecord>("nic", &IndexValue::Uuid(*nic))? {
-            release_eip(db, eip, false).await?;
+            let Some(vip) = db.get::<EipRecord>(eip)?.map(|e| e.record.vip_uuid) else { continue };
+            refreshing(db, hosts, vip, release_eip(db, eip, false)).await?;
         }
         for rule in db.find::<PortForwardingRuleRecord>("nic", &IndexValue::Uuid(*nic))? {
-            release_rule(db, l3s, rule, false).await?;
+            let Some(vip) = db.get::<PortForwardingRuleRecord>(rule)?.map(|r| r.record.vip_uuid)
+            else {
+                continue;
+            };
+            refreshing(db, hosts, vip, release_rule(db, l3s, rule, false)).await?;
         }
     }
     Ok(())
@@ -592,25 +657,13 @@ pub async fn detach_nics(db: &Db, l3s: &Kind<L3s>, nics: &[Uuid]) -> Result<(), 
 
 /// Deletes an EIP (detached first), leaving its VIP unused.
 pub(crate) fn remove_eip(deleter: &Deleter, id: Uuid) -> RemoveFuture<'_> {
-    Box::pin(async move {
-        let Some(vip) = deleter.db.get::<EipRecord>(id)?.map(|s| s.record.vip_uuid) else {
-            return Ok(());
-        };
-        refreshing(&deleter.db, &deleter.hosts, vip, release_eip(&deleter.db, id, true)).await?;
-        Ok(())
-    })
+    Box::pin(async move { Ok(delete_eip(&deleter.db, &deleter.hosts, id).await?) })
 }
 
 /// Deletes a port forwarding rule (detached first).
 pub(crate) fn remove_port_forwarding_rule(deleter: &Deleter, id: Uuid) -> RemoveFuture<'_> {
     Box::pin(async move {
-        let Some(vip) = deleter.db.get::<PortForwardingRuleRecord>(id)?.map(|s| s.record.vip_uuid)
-        else {
-            return Ok(());
-        };
-        let released = release_rule(&deleter.db, &deleter.l3s, id, true);
-        refreshing(&deleter.db, &deleter.hosts, vip, released).await?;
-        Ok(())
+        Ok(delete_port_forwarding_rule(&deleter.db, &deleter.l3s, &deleter.hosts, id).await?)
     })
 }
 
@@ -621,6 +674,14 @@ pub(crate) fn remove_vip(deleter: &Deleter, id: Uuid) -> RemoveFuture<'_> {
             return Ok(());
         };
         crate::cascade::remove_record::<VipRecord>(deleter, id).await?;
+        // A SNAT's VIP leaves the host that held it.
+        if let Some(private) = vip.peer_l3_network_uuid
+            && let Some(l3) = deleter.db.get::<L3NetworkRecord>(private)?
+        {
+            for host in crate::network::hosts_of_l3(&deleter.db, &l3.record)? {
+                host::refresh_network(&deleter.hosts, host);
+            }
+        }
         if let Ok(ip) = vip.ip.parse() {
             release_address(&deleter.l3s, vip.l3_network_uuid, ip, vip.uuid).await?;
         }

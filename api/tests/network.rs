@@ -637,6 +637,19 @@ fn an_eip_and_port_forwarding_carry_packets_between_the_outside_and_guests() {
         (&vip["ip"], &vip["netmask"], &vip["gateway"]),
         (&json!("10.99.0.10"), &json!("255.255.255.0"), &json!("10.99.0.1"))
     );
+    // A creation that cannot attach leaves nothing behind: the VIP stays free.
+    let early = common::call(
+        api,
+        "POST",
+        "/v1/eips",
+        Some(
+            &json!({ "params": { "name": "early", "vipUuid": vip["uuid"], "vmNicUuid": nic(0) } })
+                .to_string(),
+        ),
+    );
+    assert_eq!(early["error"]["code"], "SYS.INVALID_ARGUMENT", "{early}");
+    let (_, _, left) = http(api, "GET", "/v1/eips?q=name=early", None, &[]);
+    assert_eq!(left["inventories"].as_array().unwrap().len(), 0, "{left}");
     let eip = create(api, "/v1/eips", json!({ "name": "web", "vipUuid": vip["uuid"] }));
     let eip_id = uuid(&eip).to_owned();
     let eip_action = |body: Value| {
@@ -661,6 +674,31 @@ fn an_eip_and_port_forwarding_carry_packets_between_the_outside_and_guests() {
     );
     assert_eq!(second["error"]["code"], "NETWORK.VIP_IN_USE", "{second}");
 
+    // Two EIPs attached to one NIC at once: one NIC has one EIP, so one of them is refused.
+    let mut racing = Vec::new();
+    for name in ["race-a", "race-b"] {
+        let vip = create(api, "/v1/vips", json!({ "name": name, "l3NetworkUuid": public }));
+        racing.push(create(api, "/v1/eips", json!({ "name": name, "vipUuid": vip["uuid"] })));
+    }
+    let attach = json!({ "attachEip": { "vmNicUuid": nic(1) } }).to_string();
+    let sent: Vec<String> = racing
+        .iter()
+        .map(|e| {
+            let path = format!("/v1/eips/{}/actions", uuid(e));
+            let (status, _, reply) = http(api, "PUT", &path, Some(&attach), &[]);
+            assert_eq!(status, 202, "{reply}");
+            reply["location"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    let ends: Vec<Value> = sent.iter().map(|l| common::wait_job(api, l)).collect();
+    let won: Vec<&Value> = ends.iter().filter(|e| e.get("error").is_none()).collect();
+    assert_eq!(won.len(), 1, "{ends:?}");
+    assert!(ends.iter().any(|e| e["error"]["code"] == "NETWORK.VIP_IN_USE"), "{ends:?}");
+    for eip in &racing {
+        ok(api, "DELETE", &format!("/v1/eips/{}", uuid(eip)), None);
+        ok(api, "DELETE", &format!("/v1/vips/{}", eip["vipUuid"].as_str().unwrap()), None);
+    }
+
     // The guest on host b is reachable from the outside at the VIP, and goes out as it.
     eventually("the EIP answers pings", || pings(&outside, "10.99.0.10"));
     let mut server = listen(&guests[0], 5000, &work.join("eip-in"));
@@ -676,7 +714,8 @@ fn an_eip_and_port_forwarding_carry_packets_between_the_outside_and_guests() {
     eventually("the guest appears outside as its VIP", || connected_with(&outside, "10.99.0.10"));
     let _ = (client.kill(), client.wait(), server.kill(), server.wait());
     // The other guest has no way out.
-    assert!(!pings(&guests[1], "10.99.0.1"), "a guest without an EIP went out");
+    // (The EIPs of the race above leave its host as their deletion is applied there.)
+    eventually("a guest without an EIP has no way out", || !pings(&guests[1], "10.99.0.1"));
     let (_, _, found) =
         http(api, "GET", "/v1/vm-instances?q=vmNics.eip.vipIp=10.99.0.10", None, &[]);
     let found = found["inventories"].as_array().unwrap();

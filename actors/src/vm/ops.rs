@@ -536,7 +536,9 @@ async fn release_ips(runtime: &Runtime, job: &ReleaseIpsJob) -> Result<(), VmErr
     let Some(l3s) = runtime.kind::<crate::l3::L3s>() else { return Ok(()) };
     // Its NICs' EIPs and port forwarding rules are detached first (they name the NICs).
     let nics: Vec<Uuid> = job.nics.iter().map(|(_, _, nic)| *nic).collect();
-    crate::vip::detach_nics(runtime.db(), &l3s, &nics).await?;
+    if let Some(hosts) = runtime.kind::<Hosts>() {
+        crate::vip::detach_nics(runtime.db(), &l3s, &hosts, &nics).await?;
+    }
     for (l3, ip, nic) in &job.nics {
         let Ok(ip) = ip.parse() else { continue };
         match crate::l3::release_ip(&l3s, *l3, ip, *nic).await {

@@ -555,6 +555,7 @@ async fn l3_action(
                     for (provider, types) in services {
                         last = Some(l3::attach_services(&m.l3s, uuid, provider, types).await?);
                     }
+                    strato_actors::vip::sync_snat(&m.db, &m.l3s, uuid).await?;
                     last.ok_or_else(|| ApiError::invalid("networkServices", "names no service"))?
                 }
                 Change::Detach(services) => {
@@ -562,10 +563,10 @@ async fn l3_action(
                     for (provider, types) in services {
                         last = Some(l3::detach_services(&m.l3s, uuid, provider, types).await?);
                     }
+                    strato_actors::vip::sync_snat(&m.db, &m.l3s, uuid).await?;
                     last.ok_or_else(|| ApiError::invalid("networkServices", "names no service"))?
                 }
             };
-            strato_actors::vip::sync_snat(&m.db, &m.l3s, uuid).await?;
             refresh(&m, network::hosts_of_l3(&m.db, &record)?);
             inventory(&record)
         })

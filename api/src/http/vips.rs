@@ -146,7 +146,14 @@ async fn create_eip(
             let extra = owned(&tags, kind, owner, record.uuid);
             vip::create_eip(&m.db, &mut record, extra).await?;
             if let Some(nic) = nic {
-                record = vip::attach_eip(&m.db, &m.hosts, record.uuid, nic).await?;
+                // A creation that cannot attach leaves nothing: the VIP stays free.
+                match vip::attach_eip(&m.db, &m.hosts, record.uuid, nic).await {
+                    Ok(attached) => record = attached,
+                    Err(error) => {
+                        vip::delete_eip(&m.db, &m.hosts, record.uuid).await?;
+                        return Err(error.into());
+                    }
+                }
             }
             inventory(&record)
         })
@@ -247,9 +254,18 @@ async fn create_rule(
             let extra = owned(&tags, kind, owner, record.uuid);
             vip::create_port_forwarding_rule(&m.db, &mut record, extra).await?;
             if let Some(nic) = nic {
-                record =
+                // A creation that cannot attach leaves nothing: the VIP's ports stay free.
+                let attached =
                     vip::attach_port_forwarding_rule(&m.db, &m.l3s, &m.hosts, record.uuid, nic)
-                        .await?;
+                        .await;
+                match attached {
+                    Ok(attached) => record = attached,
+                    Err(error) => {
+                        vip::delete_port_forwarding_rule(&m.db, &m.l3s, &m.hosts, record.uuid)
+                            .await?;
+                        return Err(error.into());
+                    }
+                }
             }
             inventory(&record)
         })

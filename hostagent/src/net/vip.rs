@@ -109,6 +109,9 @@ impl Vips {
             }
             changes.push(format!("removed namespace {namespace}"));
         }
+        // Steering first: an EIP's new namespace never answers the other NICs' gateway ARP
+        // (nft matches interface names that do not exist yet).
+        changes.extend(self.steering.converge(&self.scope, render_steering(config), tables)?);
         let mut moved = Vec::new();
         for (namespace, spec) in wanted {
             let made = !(present.contains(&namespace) && usable_or_removed(&namespace));
@@ -119,10 +122,9 @@ impl Vips {
         changes.extend(moved.iter().map(|(namespace, leg, address, prefix_len)| {
             format!("{namespace}: {leg} holds {address}/{prefix_len}")
         }));
-        changes.extend(self.steering.converge(&self.scope, render_steering(config), tables)?);
-        // Once an EIP's NIC is steered to its namespace (and to it alone), neighbours learn
-        // where each address newly held now answers: an EIP that followed its VM to this
-        // host is reached here at once, not when the router's ARP cache expires.
+        // Neighbours learn where each address newly held now answers: an EIP that followed
+        // its VM to this host is reached here at once, not when the router's ARP cache
+        // expires, and a NIC newly steered hears of its gateway here.
         for (namespace, leg, address, _) in &moved {
             announce(namespace, leg, *address);
         }
@@ -222,6 +224,11 @@ impl Vips {
             )?;
             applied.insert(spec.vip, body);
             changes.push(format!("replaced nft table ip {NAT_TABLE} in {namespace}"));
+            // Its translations changed: an EIP's guest may be another NIC, which must learn
+            // its gateway's address here.
+            if spec.steered.is_some() && !held.iter().any(|(leg, _, _)| *leg == PRIVATE_LEG) {
+                held.push((PRIVATE_LEG, spec.private_address, spec.private_prefix_len));
+            }
         }
         Ok(held)
     }
