@@ -331,7 +331,18 @@ pub async fn insert<R: Record + serde::Serialize>(
 
 /// Removes a host through its actor (its link closed, its record and pin deleted).
 pub(crate) fn remove_host(deleter: &Deleter, id: Uuid) -> RemoveFuture<'_> {
-    Box::pin(async move { Ok(host::remove(&deleter.hosts, id).await?) })
+    Box::pin(async move {
+        // A SNAT this host held moves to the next host: those sharing one apply again.
+        let neighbours = match deleter.db.get::<HostRecord>(id)? {
+            Some(host) => crate::network::snat_neighbours(&deleter.db, &host.record)?,
+            None => Vec::new(),
+        };
+        host::remove(&deleter.hosts, id).await?;
+        for host in neighbours {
+            host::refresh_network(&deleter.hosts, host);
+        }
+        Ok(())
+    })
 }
 
 /// Removes an L3 network through its actor, once no address of it is held: a creation in

@@ -692,6 +692,27 @@ pub fn hosts_of_l3(db: &Db, l3: &L3NetworkRecord) -> Result<Vec<Uuid>, StoreErro
     }
 }
 
+/// The hosts whose SNAT namespaces may move when `host` comes or goes: those of every
+/// network with a SNAT that `host` reaches (its home is the first such host by UUID).
+pub fn snat_neighbours(db: &Db, host: &HostRecord) -> Result<Vec<Uuid>, StoreError> {
+    let mut out = Vec::new();
+    for stored in db.scan::<VipRecord>() {
+        let vip = stored?.record;
+        if vip.use_for.as_deref() != Some(crate::records::vip_use::SNAT) {
+            continue;
+        }
+        let Some(private) = vip.peer_l3_network_uuid else { continue };
+        let Some(l3) = db.get::<L3NetworkRecord>(private)?.map(|s| s.record) else { continue };
+        let hosts = hosts_of_l3(db, &l3)?;
+        if hosts.contains(&host.uuid) {
+            out.extend(hosts.into_iter().filter(|h| *h != host.uuid));
+        }
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
 /// The other hosts with a VXLAN tunnel to `host`: those of the clusters of every pool
 /// attached to its cluster.
 pub fn tunnel_peers(db: &Db, host: &HostRecord) -> Result<Vec<Uuid>, StoreError> {

@@ -91,11 +91,18 @@ async fn connect_op(ctx: OpCtx<Hosts>) -> Result<(), HostError> {
     set_status(&ctx, HostStatus::Connected, None).await?;
     reconcile(&ctx, &welcome.domains).await?;
     // The agent may have restarted or lost what it made: the network is sent whole on every
-    // new link; hosts sharing a VXLAN pool with this one learn its (maybe new) VTEP.
+    // new link; hosts sharing a VXLAN pool with this one learn its (maybe new) VTEP, and
+    // those sharing a SNAT learn whether it moved here.
     ctx.with_state(|s| s.applied_network = None);
     super::refresh_network(ctx.kind(), id);
     let record = ctx.with_state(|s| s.record.clone());
-    for peer in crate::network::tunnel_peers(&ctx.entity().db, &record)? {
+    // Those sharing a SNAT with it too: its home may now be this host.
+    let db = &ctx.entity().db;
+    let mut peers = crate::network::tunnel_peers(db, &record)?;
+    peers.extend(crate::network::snat_neighbours(db, &record)?);
+    peers.sort();
+    peers.dedup();
+    for peer in peers {
         super::refresh_network(ctx.kind(), peer);
     }
 
