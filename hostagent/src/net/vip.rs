@@ -147,6 +147,21 @@ impl Vips {
             changes.push(format!("made namespace {namespace}"));
             applied.remove(&spec.vip);
         }
+        // The translations come before the addresses: the namespace never answers for the
+        // VIP itself (a ping it answered, a connection it refused) while they are missing.
+        let body = render_nat(spec);
+        let inside = Scope { netns: Some(namespace.to_owned()), prefix: self.scope.prefix.clone() };
+        let tables = inside.run("nft", &strings(&["list", "tables"]))?;
+        let translated =
+            applied.get(&spec.vip) != Some(&body) || !super::nft::listed(&tables, "ip", NAT_TABLE);
+        if translated {
+            nft_script(
+                &inside,
+                &format!("table ip {NAT_TABLE}\ndelete table ip {NAT_TABLE}\n{body}"),
+            )?;
+            applied.insert(spec.vip, body);
+            changes.push(format!("replaced nft table ip {NAT_TABLE} in {namespace}"));
+        }
         let inside: Vec<Link> =
             serde_json::from_str(&run_ip(&["-n", namespace, "-j", "-d", "link", "show"])?)
                 .map_err(|e| tool_error(format!("cannot read the links of {namespace}: {e}")))?;
@@ -214,21 +229,13 @@ impl Vips {
             }
             _ => {}
         }
-        let body = render_nat(spec);
-        let inside = Scope { netns: Some(namespace.to_owned()), prefix: self.scope.prefix.clone() };
-        let tables = inside.run("nft", &strings(&["list", "tables"]))?;
-        if applied.get(&spec.vip) != Some(&body) || !super::nft::listed(&tables, "ip", NAT_TABLE) {
-            nft_script(
-                &inside,
-                &format!("table ip {NAT_TABLE}\ndelete table ip {NAT_TABLE}\n{body}"),
-            )?;
-            applied.insert(spec.vip, body);
-            changes.push(format!("replaced nft table ip {NAT_TABLE} in {namespace}"));
-            // Its translations changed: an EIP's guest may be another NIC, which must learn
-            // its gateway's address here.
-            if spec.steered.is_some() && !held.iter().any(|(leg, _, _)| *leg == PRIVATE_LEG) {
-                held.push((PRIVATE_LEG, spec.private_address, spec.private_prefix_len));
-            }
+        // Its translations changed: an EIP's guest may be another NIC, which must learn its
+        // gateway's address here.
+        if translated
+            && spec.steered.is_some()
+            && !held.iter().any(|(leg, _, _)| *leg == PRIVATE_LEG)
+        {
+            held.push((PRIVATE_LEG, spec.private_address, spec.private_prefix_len));
         }
         Ok(held)
     }
