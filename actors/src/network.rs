@@ -260,6 +260,8 @@ fn guest_hostname(db: &Db, vm: &VmRecord) -> Result<String, StoreError> {
 /// The network host `host` should have now.
 pub fn render(db: &Db, host: &HostRecord) -> Result<NetworkConfig, NetworkError> {
     let mut config = NetworkConfig::default();
+    // The L3 networks on the host's bridges (their SNATs are looked up by UUID).
+    let mut l3s = Vec::new();
     let vms: Vec<VmRecord> = db
         .find::<VmRecord>("host", &host.uuid.into())?
         .into_iter()
@@ -279,44 +281,45 @@ pub fn render(db: &Db, host: &HostRecord) -> Result<NetworkConfig, NetworkError>
             if let Some(dhcp) = dhcp_of(db, &l3, &bridge, &vms)? {
                 config.dhcp.push(dhcp);
             }
+            l3s.push(l3);
         }
     }
     config.bridges.sort_by(|a, b| a.name.cmp(&b.name));
     config.dhcp.sort_by_key(|d| d.l3);
     config.firewall = firewall(db, &vms)?;
     config.vips = vips(db, &config.bridges, &vms)?;
-    config.vips.extend(snat(db, host, &config.bridges)?);
+    config.vips.extend(snat(db, host, &config.bridges, &l3s)?);
     config.vips.sort_by_key(|v| v.vip);
     Ok(config)
 }
 
-/// The SNAT namespaces host `host` holds: of each L3 network with the Flat SNAT and its
-/// VIP, on the first host (by UUID) both that network and the VIP's public one reach.
-fn snat(db: &Db, host: &HostRecord, bridges: &[BridgeSpec]) -> Result<Vec<VipSpec>, StoreError> {
+/// The SNAT namespaces host `host` holds: of each of the L3 networks on its bridges
+/// (`l3s`) with the Flat SNAT and its VIP, on the first host (by UUID) both that network and
+/// the VIP's public one reach.
+fn snat(
+    db: &Db,
+    host: &HostRecord,
+    bridges: &[BridgeSpec],
+    l3s: &[L3NetworkRecord],
+) -> Result<Vec<VipSpec>, StoreError> {
     let mut out = Vec::new();
-    for stored in db.scan::<VipRecord>() {
-        let vip = stored?.record;
-        let Some(private) = vip.peer_l3_network_uuid else { continue };
-        if vip.use_for.as_deref() != Some(crate::records::vip_use::SNAT)
-            || vip.uuid != crate::vip::snat_vip(private)
-        {
+    for private in l3s {
+        let Some(vip) = db.get::<VipRecord>(crate::vip::snat_vip(private.uuid))?.map(|s| s.record)
+        else {
             continue;
-        }
-        let (Some(private), Some(public)) = (
-            db.get::<L3NetworkRecord>(private)?.map(|s| s.record),
-            db.get::<L3NetworkRecord>(vip.l3_network_uuid)?.map(|s| s.record),
-        ) else {
+        };
+        let Some(public) = db.get::<L3NetworkRecord>(vip.l3_network_uuid)?.map(|s| s.record) else {
             continue;
         };
         let flat_snat =
             services_of(db, private.uuid)?.iter().any(|(p, s)| p == FLAT && s == service::SNAT);
         let reaching_public = hosts_of_l3(db, &public)?;
         let home =
-            hosts_of_l3(db, &private)?.into_iter().filter(|h| reaching_public.contains(h)).min();
+            hosts_of_l3(db, private)?.into_iter().filter(|h| reaching_public.contains(h)).min();
         if !flat_snat || home != Some(host.uuid) {
             continue;
         }
-        let (Some(bridge), Some(range)) = (nic_bridge(db, &private)?, private.ip_ranges.first())
+        let (Some(bridge), Some(range)) = (nic_bridge(db, private)?, private.ip_ranges.first())
         else {
             continue;
         };

@@ -289,6 +289,34 @@ fn check_target(
     Ok(())
 }
 
+/// Commits `batch`: `true` when it landed, `false` when another writer changed one of the
+/// records it expects first (read them again and decide again).
+async fn landed(db: &Db, batch: Batch) -> Result<bool, VipError> {
+    match db.commit(batch).await {
+        Ok(_) => Ok(true),
+        Err(StoreError::Conflict { .. }) => Ok(false),
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// Whether an EIP or rule attached to `current` is already on `nic` (`true`: nothing to
+/// do) or free (`false`); attached elsewhere, it is refused, `detach` naming the API that
+/// frees it.
+fn already_on(
+    current: Option<Uuid>,
+    nic: Uuid,
+    what: &str,
+    detach: &str,
+) -> Result<bool, VipError> {
+    match current {
+        Some(on) if on == nic => Ok(true),
+        Some(on) => Err(VipError::InUse(format!(
+            "{what} is attached to NIC {on}; detach it first ({detach})"
+        ))),
+        None => Ok(false),
+    }
+}
+
 /// The hosts whose network VIP `vip` is (or may have been) in: those of the VMs of the
 /// NICs its EIP and rules are attached to.
 pub fn hosts_of_vip(db: &Db, vip: Uuid) -> Result<Vec<Uuid>, StoreError> {
@@ -369,14 +397,9 @@ pub async fn attach_eip(
             let mut record = stored.record;
             let vip_stored = get::<VipRecord>(db, record.vip_uuid)?;
             let mut vip = vip_stored.record;
-            match record.vm_nic_uuid {
-                Some(nic) if nic == target.nic.uuid => return Ok(record),
-                Some(nic) => {
-                    return Err(VipError::InUse(format!(
-                        "EIP {eip} is attached to NIC {nic}; detach it first (DetachEip)"
-                    )));
-                }
-                None => {}
+            if already_on(record.vm_nic_uuid, target.nic.uuid, &format!("EIP {eip}"), "DetachEip")?
+            {
+                return Ok(record);
             }
             if let Some(other) = db
                 .find::<EipRecord>("nic", &target.nic.uuid.into())?
@@ -395,10 +418,8 @@ pub async fn attach_eip(
             let mut batch = Batch::new();
             batch.put(&record, Expect::Generation(stored.generation))?;
             batch.put(&vip, Expect::Generation(vip_stored.generation))?;
-            match db.commit(batch).await {
-                Ok(_) => return Ok(record),
-                Err(StoreError::Conflict { .. }) => continue,
-                Err(error) => return Err(error.into()),
+            if landed(db, batch).await? {
+                return Ok(record);
             }
         }
     })
@@ -435,10 +456,8 @@ async fn release_eip(db: &Db, eip: Uuid, delete: bool) -> Result<Option<EipRecor
         } else {
             return Ok(Some(record));
         }
-        match db.commit(batch).await {
-            Ok(_) => return Ok(Some(record)),
-            Err(StoreError::Conflict { .. }) => continue,
-            Err(error) => return Err(error.into()),
+        if landed(db, batch).await? {
+            return Ok(Some(record));
         }
     }
 }
@@ -492,14 +511,9 @@ pub async fn attach_port_forwarding_rule(
             let mut record = stored.record;
             let vip_stored = get::<VipRecord>(db, record.vip_uuid)?;
             let mut vip = vip_stored.record;
-            match record.vm_nic_uuid {
-                Some(nic) if nic == target.nic.uuid => return Ok(record),
-                Some(nic) => {
-                    return Err(VipError::InUse(format!(
-                        "rule {rule} is attached to NIC {nic}; detach it first (DetachPortForwardingRule)"
-                    )));
-                }
-                None => {}
+            let what = format!("rule {rule}");
+            if already_on(record.vm_nic_uuid, target.nic.uuid, &what, "DetachPortForwardingRule")? {
+                return Ok(record);
             }
             check_target(db, &vip, &target, crate::network::service::PORT_FORWARDING)?;
             if vip.private_ip.is_none() {
@@ -519,15 +533,11 @@ pub async fn attach_port_forwarding_rule(
             let mut batch = Batch::new();
             batch.put(&record, Expect::Generation(stored.generation))?;
             batch.put(&vip, Expect::Generation(vip_stored.generation))?;
-            match db.commit(batch).await {
-                Ok(_) => {
-                    if vip.private_ip == booked.map(|ip| ip.to_string()) {
-                        booked = None;
-                    }
-                    return Ok(record);
+            if landed(db, batch).await? {
+                if vip.private_ip == booked.map(|ip| ip.to_string()) {
+                    booked = None;
                 }
-                Err(StoreError::Conflict { .. }) => continue,
-                Err(error) => return Err(error.into()),
+                return Ok(record);
             }
         }
     })
@@ -586,17 +596,13 @@ async fn release_rule(
         } else {
             return Ok(Some(record));
         }
-        match db.commit(batch).await {
-            Ok(_) => {
-                if let Some((l3, ip)) = freed
-                    && let Ok(ip) = ip.parse()
-                {
-                    release_address(l3s, l3, ip, forwarding_owner(record.vip_uuid)).await?;
-                }
-                return Ok(Some(record));
+        if landed(db, batch).await? {
+            if let Some((l3, ip)) = freed
+                && let Ok(ip) = ip.parse()
+            {
+                release_address(l3s, l3, ip, forwarding_owner(record.vip_uuid)).await?;
             }
-            Err(StoreError::Conflict { .. }) => continue,
-            Err(error) => return Err(error.into()),
+            return Ok(Some(record));
         }
     }
 }
@@ -755,15 +761,11 @@ pub async fn drop_vip(db: &Db, l3s: &Kind<L3s>, vip: Uuid) -> Result<(), VipErro
         let mut batch = Batch::new();
         batch.delete::<VipRecord>(vip, Expect::Generation(stored.generation));
         crate::records::delete_refs(db, &mut batch, vip)?;
-        match db.commit(batch).await {
-            Ok(_) => {
-                if let Ok(ip) = stored.record.ip.parse() {
-                    release_address(l3s, stored.record.l3_network_uuid, ip, vip).await?;
-                }
-                return Ok(());
+        if landed(db, batch).await? {
+            if let Ok(ip) = stored.record.ip.parse() {
+                release_address(l3s, stored.record.l3_network_uuid, ip, vip).await?;
             }
-            Err(StoreError::Conflict { .. }) => continue,
-            Err(error) => return Err(error.into()),
+            return Ok(());
         }
     }
 }

@@ -52,17 +52,7 @@ async fn setup(failures: &[(&str, f64)], ips: u8) -> Setup {
     let host = host_record(addr);
     put(&c.db, &host);
     host::link::connect(&c.hosts, host.uuid).await.unwrap();
-    let l3 = L3NetworkRecord {
-        uuid: Uuid::new_v4(),
-        name: "pub".into(),
-        l2_network_uuid: None,
-        ip_ranges: vec![],
-        dns: vec![],
-        bridge: None,
-        mtu: None,
-        host_routes: vec![],
-        dhcp_server_ip: None,
-    };
+    let l3 = l3_record("pub", None);
     put(&c.db, &l3);
     let range = IpRange::new(
         "10.0.0.10".parse().unwrap(),

@@ -2,28 +2,12 @@
 
 mod common;
 
-use common::{mn, put, vm_record};
+use common::{l3_record, mn, put, vm_record};
 use strato_actors::network::{FLAT, ensure_providers, provider_uuid, service};
-use strato_actors::records::{
-    EipRecord, L3NetworkRecord, NetworkServiceL3RefRecord, VipRecord, VmNic,
-};
+use strato_actors::records::{EipRecord, NetworkServiceL3RefRecord, VipRecord, VmNic};
 use strato_actors::vip::{self, VipError};
 use strato_actors::vm::state::VmState;
 use uuid::Uuid;
-
-fn l3(uuid: Uuid, name: &str) -> L3NetworkRecord {
-    L3NetworkRecord {
-        uuid,
-        name: name.into(),
-        l2_network_uuid: Some(Uuid::new_v4()),
-        ip_ranges: vec![],
-        dns: vec![],
-        bridge: None,
-        mtu: None,
-        host_routes: vec![],
-        dhcp_server_ip: None,
-    }
-}
 
 /// Two EIPs attached to one NIC at the same moment: the two are different records, so no
 /// compare-and-swap sees the other; one NIC has one EIP all the same.
@@ -32,9 +16,11 @@ async fn two_eips_attached_to_one_nic_at_once_leave_it_one() {
     let cluster = mn();
     let db = &cluster.db;
     ensure_providers(db).await.unwrap();
-    let (private, public) = (Uuid::new_v4(), Uuid::new_v4());
-    put(db, &l3(private, "private"));
-    put(db, &l3(public, "public"));
+    let (private, public) =
+        (l3_record("private", Some(Uuid::new_v4())), l3_record("public", Some(Uuid::new_v4())));
+    put(db, &private);
+    put(db, &public);
+    let (private, public) = (private.uuid, public.uuid);
     put(
         db,
         &NetworkServiceL3RefRecord {

@@ -170,6 +170,21 @@ pub fn vm_record(host: Uuid, state: VmState) -> VmRecord {
     }
 }
 
+/// An L3 network with no ranges or services, on `l2` if given.
+pub fn l3_record(name: &str, l2: Option<Uuid>) -> strato_actors::records::L3NetworkRecord {
+    strato_actors::records::L3NetworkRecord {
+        uuid: Uuid::new_v4(),
+        name: name.into(),
+        l2_network_uuid: l2,
+        ip_ranges: vec![],
+        dns: vec![],
+        bridge: None,
+        mtu: None,
+        host_routes: vec![],
+        dhcp_server_ip: None,
+    }
+}
+
 pub fn domain(uuid: Uuid) -> DomainSpec {
     DomainSpec {
         uuid,

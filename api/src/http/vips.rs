@@ -71,6 +71,22 @@ fn owned(
     }
 }
 
+/// The checks an EIP's and a rule's creation share: their name and description, the VIP
+/// (the caller's), and the NIC to attach to at once, if named (see [`target`]).
+fn checked_use(
+    mn: &Mn,
+    name: &str,
+    description: &str,
+    vip: Uuid,
+    nic: Option<Uuid>,
+) -> Result<Option<NicTarget>, ApiError> {
+    validate::name("name", name)?;
+    validate::text("description", description, validate::MAX_DESCRIPTION_CHARS)?;
+    auth::may_use(&mn.db, "vips", vip)?;
+    get_record::<VipRecord>(mn, vip)?;
+    nic.map(|nic| target(mn, nic)).transpose()
+}
+
 /// The NIC `nic` as a target, if the caller may use its VM (another's is not there).
 fn target(mn: &Mn, nic: Uuid) -> Result<NicTarget, ApiError> {
     let target = vip::nic_target(&mn.db, nic)?;
@@ -123,11 +139,7 @@ async fn create_eip(
 ) -> Result<Response, ApiError> {
     let kind = kinds::of::<EipRecord>();
     let (p, raw, tags): (EipParams, _, _) = creation(&body, kind)?;
-    validate::name("name", &p.name)?;
-    validate::text("description", &p.description, validate::MAX_DESCRIPTION_CHARS)?;
-    auth::may_use(&mn.db, "vips", p.vip_uuid)?;
-    get_record::<VipRecord>(&mn, p.vip_uuid)?;
-    let nic = p.vm_nic_uuid.map(|nic| target(&mn, nic)).transpose()?;
+    let nic = checked_use(&mn, &p.name, &p.description, p.vip_uuid, p.vm_nic_uuid)?;
     let owner = auth::tenant();
     let m = mn.clone();
     let job = mn
@@ -180,8 +192,6 @@ async fn create_rule(
 ) -> Result<Response, ApiError> {
     let kind = kinds::of::<PortForwardingRuleRecord>();
     let (p, raw, tags): (PortForwardingRuleParams, _, _) = creation(&body, kind)?;
-    validate::name("name", &p.name)?;
-    validate::text("description", &p.description, validate::MAX_DESCRIPTION_CHARS)?;
     let protocol = p.protocol_type.to_ascii_uppercase();
     if !["TCP", "UDP"].contains(&protocol.as_str()) {
         return Err(ApiError::invalid("protocolType", "TCP or UDP"));
@@ -227,9 +237,7 @@ async fn create_rule(
             Ok(net.to_string())
         })
         .transpose()?;
-    auth::may_use(&mn.db, "vips", p.vip_uuid)?;
-    get_record::<VipRecord>(&mn, p.vip_uuid)?;
-    let nic = p.vm_nic_uuid.map(|nic| target(&mn, nic)).transpose()?;
+    let nic = checked_use(&mn, &p.name, &p.description, p.vip_uuid, p.vm_nic_uuid)?;
     let owner = auth::tenant();
     let m = mn.clone();
     let job = mn
