@@ -88,23 +88,37 @@ pub fn implemented(provider_type: &str, service: &str) -> bool {
     PROVIDERS.iter().any(|(t, _, _, made)| *t == provider_type && made.contains(&service))
 }
 
-/// Writes the providers a store does not have yet (at every MN start).
+/// Writes the providers a store does not have yet, and brings those it has up to what this
+/// version offers (a store written by an older one lists fewer services), at every MN start.
 pub async fn ensure_providers(db: &Db) -> Result<(), StoreError> {
     let mut batch = Batch::new();
     for (provider_type, description, offered, _) in PROVIDERS {
         let uuid = provider_uuid(provider_type);
-        if db.get::<NetworkServiceProviderRecord>(uuid)?.is_none() {
-            batch.put(
-                &NetworkServiceProviderRecord {
-                    uuid,
-                    name: provider_type.to_string(),
-                    r#type: provider_type.to_string(),
-                    description: description.to_string(),
-                    network_service_types: offered.iter().map(ToString::to_string).collect(),
-                    attached_l2_network_uuids: Vec::new(),
-                },
-                Expect::Absent,
-            )?;
+        let offered: Vec<String> = offered.iter().map(ToString::to_string).collect();
+        match db.get::<NetworkServiceProviderRecord>(uuid)? {
+            None => {
+                batch.put(
+                    &NetworkServiceProviderRecord {
+                        uuid,
+                        name: provider_type.to_string(),
+                        r#type: provider_type.to_string(),
+                        description: description.to_string(),
+                        network_service_types: offered,
+                        attached_l2_network_uuids: Vec::new(),
+                    },
+                    Expect::Absent,
+                )?;
+            }
+            Some(stored)
+                if stored.record.network_service_types != offered
+                    || stored.record.description != *description =>
+            {
+                let mut record = stored.record;
+                record.network_service_types = offered;
+                record.description = description.to_string();
+                batch.put(&record, Expect::Generation(stored.generation))?;
+            }
+            Some(_) => {}
         }
     }
     if !batch.is_empty() {
@@ -731,4 +745,38 @@ pub fn tunnel_peers(db: &Db, host: &HostRecord) -> Result<Vec<Uuid>, StoreError>
     peers.sort();
     peers.dedup();
     Ok(peers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store written when Flat offered fewer services gets this version's list at start,
+    /// its attachments kept.
+    #[tokio::test]
+    async fn a_providers_older_service_list_is_brought_up_to_date() {
+        let db = Db::in_memory();
+        let flat = provider_uuid(FLAT);
+        let l2 = Uuid::new_v4();
+        let mut batch = Batch::new();
+        let old = NetworkServiceProviderRecord {
+            uuid: flat,
+            name: FLAT.into(),
+            r#type: FLAT.into(),
+            description: "older".into(),
+            network_service_types: vec!["DHCP".into(), "Eip".into()],
+            attached_l2_network_uuids: vec![l2],
+        };
+        batch.put(&old, Expect::Absent).unwrap();
+        db.commit(batch).await.unwrap();
+        ensure_providers(&db).await.unwrap();
+        let now = db.get::<NetworkServiceProviderRecord>(flat).unwrap().unwrap().record;
+        assert!(now.network_service_types.iter().any(|t| t == service::SNAT), "{now:?}");
+        assert!(now.network_service_types.iter().any(|t| t == service::PORT_FORWARDING));
+        assert_eq!(now.attached_l2_network_uuids, vec![l2]);
+        let generation = db.get::<NetworkServiceProviderRecord>(flat).unwrap().unwrap().generation;
+        ensure_providers(&db).await.unwrap();
+        let again = db.get::<NetworkServiceProviderRecord>(flat).unwrap().unwrap().generation;
+        assert_eq!(generation, again, "an up-to-date store is not written again");
+    }
 }
