@@ -11,53 +11,11 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{ClusterOpts, TestCluster, bootstrap, create, http, ok, start_agent_with};
+use common::{
+    ClusterOpts, Namespaces, TestCluster, base64_of, bootstrap, create, http, ok, run, sh,
+    start_agent_with,
+};
 use serde_json::{Value, json};
-
-fn sh(args: &[&str]) -> std::process::Output {
-    Command::new(args[0]).args(&args[1..]).output().expect("run a command")
-}
-
-fn run(args: &[&str]) -> String {
-    let out = sh(args);
-    assert!(
-        out.status.success(),
-        "`{}` failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// The test's namespaces, removed with everything in them when it ends.
-struct Namespaces {
-    tag: String,
-}
-
-impl Namespaces {
-    fn add(&self, role: &str) -> String {
-        let name = format!("{}-{role}", self.tag);
-        run(&["ip", "netns", "add", &name]);
-        run(&["ip", "-n", &name, "link", "set", "lo", "up"]);
-        name
-    }
-}
-
-impl Drop for Namespaces {
-    fn drop(&mut self) {
-        let listed = String::from_utf8_lossy(&sh(&["ip", "netns", "list"]).stdout).into_owned();
-        for ns in listed.lines().filter_map(|l| l.split_whitespace().next()) {
-            if ns.starts_with(&self.tag) {
-                let pids =
-                    String::from_utf8_lossy(&sh(&["ip", "netns", "pids", ns]).stdout).into_owned();
-                for pid in pids.split_whitespace() {
-                    sh(&["kill", "-9", pid]);
-                }
-                sh(&["ip", "netns", "del", ns]);
-            }
-        }
-    }
-}
 
 /// The options a guest was handed by DHCP (none: no lease).
 fn dhcp(dir: &Path, guest: &str) -> Option<Value> {
@@ -85,19 +43,6 @@ fn dhcp(dir: &Path, guest: &str) -> Option<Value> {
         return None;
     }
     serde_json::from_str(&std::fs::read_to_string(&out).ok()?).ok()
-}
-
-/// `text` in base64, as `userdata::` tags carry it.
-fn base64_of(text: &str) -> String {
-    let out = Command::new("base64")
-        .arg("-w0")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    out.stdin.as_ref().unwrap().write_all(text.as_bytes()).unwrap();
-    String::from_utf8(out.wait_with_output().unwrap().stdout).unwrap()
 }
 
 fn uuid(v: &Value) -> &str {

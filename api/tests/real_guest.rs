@@ -1,6 +1,10 @@
 //! A real guest: `strato server` and `strato-agent` on `qemu:///system` boot a VM made from
 //! the tiny tryout image, the guest's serial log shows its init, and a graceful stop powers it
-//! off through ACPI.
+//! off through ACPI. On an L2 network, the guest's virtio NIC gets its address, host name and
+//! routes from the Flat provider's DHCP and reads its user data from 169.254.169.254: its
+//! libvirtd then runs inside the host's network namespace (`scripts/netns-libvirtd`), so the
+//! tap QEMU opens is plugged into the bridge the agent made there, and nothing touches this
+//! machine's own network.
 //!
 //! It needs libvirtd and the image that `scripts/real-guest` installs, starts and builds, so
 //! it is ignored by a plain `cargo nextest run`; `scripts/test` prepares the machine and runs
@@ -14,7 +18,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
-use serde_json::json;
+use serde_json::{Value, json};
 
 const URI: &str = "qemu:///system";
 
@@ -38,20 +42,84 @@ fn virsh(args: &[&str]) -> Result<String, String> {
     }
 }
 
-/// Waits until the serial log holds `line`; returns the log.
-fn wait_serial(log: &Path, line: &str, within: Duration) -> String {
+/// Waits until the serial log holds one of `lines`; returns the log.
+fn wait_serial(log: &Path, lines: &[&str], within: Duration) -> String {
     let started = Instant::now();
     loop {
         let text = std::fs::read_to_string(log).unwrap_or_default();
-        if text.contains(line) {
+        if lines.iter().any(|line| text.contains(line)) {
             return text;
         }
         assert!(
             started.elapsed() < within,
-            "no `{line}` in {} after {within:?}:\n{text}",
+            "none of {lines:?} in {} after {within:?}:\n{text}",
             log.display()
         );
         std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// What a tryout guest is made from: a host with local storage, the tryout image on an
+/// image store, and a small offering.
+struct Guest {
+    zone: Value,
+    cluster: Value,
+    image: Value,
+    offering: Value,
+}
+
+impl Guest {
+    fn define(api: std::net::SocketAddr, agent_port: u16, dir: &Path, image: &str) -> Guest {
+        let zone = create(api, "/v1/zones", json!({ "name": "z1" }));
+        let cluster =
+            create(api, "/v1/clusters", json!({ "name": "c1", "zoneUuid": zone["uuid"] }));
+        let host = create(
+            api,
+            "/v1/hosts/kvm",
+            json!({ "name": "h1", "managementIp": "127.0.0.1", "agentPort": agent_port, "clusterUuid": cluster["uuid"] }),
+        );
+        assert_eq!(host["status"], "Connected");
+        let ps = create(
+            api,
+            "/v1/primary-storage/local-storage",
+            json!({ "name": "ps", "url": dir.join("ps").display().to_string(), "zoneUuid": zone["uuid"] }),
+        );
+        ok(
+            api,
+            "POST",
+            &format!(
+                "/v1/clusters/{}/primary-storage/{}",
+                cluster["uuid"].as_str().unwrap(),
+                ps["uuid"].as_str().unwrap()
+            ),
+            None,
+        );
+        let bs = create(
+            api,
+            "/v1/backup-storage/image-store",
+            json!({ "name": "bs", "url": dir.join("bs").display().to_string() }),
+        );
+        ok(
+            api,
+            "POST",
+            &format!(
+                "/v1/zones/{}/backup-storage/{}",
+                zone["uuid"].as_str().unwrap(),
+                bs["uuid"].as_str().unwrap()
+            ),
+            None,
+        );
+        let image = create(
+            api,
+            "/v1/images",
+            json!({ "name": "tryout", "url": format!("file://{image}"), "format": "qcow2", "backupStorageUuids": [bs["uuid"]] }),
+        );
+        let offering = create(
+            api,
+            "/v1/instance-offerings",
+            json!({ "name": "tiny", "cpuNum": 1, "memorySize": 128u64 << 20 }),
+        );
+        Guest { zone, cluster, image, offering }
     }
 }
 
@@ -71,54 +139,8 @@ fn a_real_guest_boots_and_powers_off_on_a_graceful_stop() {
     let (api, agent, dir) = (cluster.api, cluster.agent, cluster.dir());
     let agent_dir = cluster.agent_dir();
 
-    let zone = create(api, "/v1/zones", json!({ "name": "z1" }));
-    let cluster = create(api, "/v1/clusters", json!({ "name": "c1", "zoneUuid": zone["uuid"] }));
-    let host = create(
-        api,
-        "/v1/hosts/kvm",
-        json!({ "name": "h1", "managementIp": "127.0.0.1", "agentPort": agent.port(), "clusterUuid": cluster["uuid"] }),
-    );
-    assert_eq!(host["status"], "Connected");
-    let ps = create(
-        api,
-        "/v1/primary-storage/local-storage",
-        json!({ "name": "ps", "url": dir.join("ps").display().to_string(), "zoneUuid": zone["uuid"] }),
-    );
-    ok(
-        api,
-        "POST",
-        &format!(
-            "/v1/clusters/{}/primary-storage/{}",
-            cluster["uuid"].as_str().unwrap(),
-            ps["uuid"].as_str().unwrap()
-        ),
-        None,
-    );
-    let bs = create(
-        api,
-        "/v1/backup-storage/image-store",
-        json!({ "name": "bs", "url": dir.join("bs").display().to_string() }),
-    );
-    ok(
-        api,
-        "POST",
-        &format!(
-            "/v1/zones/{}/backup-storage/{}",
-            zone["uuid"].as_str().unwrap(),
-            bs["uuid"].as_str().unwrap()
-        ),
-        None,
-    );
-    let image = create(
-        api,
-        "/v1/images",
-        json!({ "name": "tryout", "url": format!("file://{image}"), "format": "qcow2", "backupStorageUuids": [bs["uuid"]] }),
-    );
-    let offering = create(
-        api,
-        "/v1/instance-offerings",
-        json!({ "name": "tiny", "cpuNum": 1, "memorySize": 128u64 << 20 }),
-    );
+    let guest = Guest::define(api, agent.port(), dir, &image);
+    let (image, offering) = (guest.image, guest.offering);
     // An L3 on no L2 network: the guest's NIC is QEMU's user-mode network, so the test
     // touches no bridge of this machine (an L2 network's NICs plug into its bridge, which
     // the agent makes only with `--network host`).
@@ -144,8 +166,8 @@ fn a_real_guest_boots_and_powers_off_on_a_graceful_stop() {
     // The guest really boots: Debian's kernel runs the initramfs's init, which says so on the
     // serial console, and arms its power-button handler.
     let log = agent_dir.join("serial").join(format!("{uuid}.log"));
-    wait_serial(&log, "strato-tryout: init reached", Duration::from_secs(120));
-    wait_serial(&log, "strato-tryout: waiting for the power button", Duration::from_secs(60));
+    wait_serial(&log, &["strato-tryout: init reached"], Duration::from_secs(120));
+    wait_serial(&log, &["strato-tryout: waiting for the power button"], Duration::from_secs(60));
 
     // A graceful stop: ACPI power button, the guest powers itself off, the domain shuts off.
     let started = Instant::now();
@@ -156,7 +178,7 @@ fn a_real_guest_boots_and_powers_off_on_a_graceful_stop() {
         Some(r#"{"stopVmInstance": {}}"#),
     );
     assert_eq!(stopped["state"], "Stopped");
-    let text = wait_serial(&log, "powering off", Duration::from_secs(5));
+    let text = wait_serial(&log, &["powering off"], Duration::from_secs(5));
     assert!(
         started.elapsed() < Duration::from_secs(50),
         "the stop waited for the forced power-off, not the guest:\n{text}"
@@ -175,4 +197,131 @@ fn a_real_guest_boots_and_powers_off_on_a_graceful_stop() {
     );
     assert!(virsh(&["domstate", &uuid]).is_err(), "the domain is undefined");
     assert!(!Path::new(&volume).exists(), "the root volume is removed");
+}
+
+/// The path of `scripts/` in this checkout.
+fn script(name: &str) -> String {
+    format!("{}/../scripts/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+#[ignore = "needs libvirtd and the guest image: scripts/real-guest prepares both, scripts/test runs it"]
+fn a_real_guest_gets_its_address_host_name_and_user_data_from_the_flat_provider() {
+    let image = std::env::var("STRATO_GUEST_IMAGE")
+        .expect("STRATO_GUEST_IMAGE must name the image built by scripts/real-guest");
+    let image_dir = Path::new(&image).parent().unwrap().display().to_string();
+    // The host: a namespace with an uplink (a veth whose peer is in an otherwise empty
+    // namespace: this kernel has no dummy devices) and its own libvirtd, which the agent
+    // reaches through that daemon's socket.
+    // Declared first, dropped last: the daemon's directory outlives the daemon.
+    let libvirt_dir = tempfile::tempdir().unwrap();
+    let ns = Namespaces { tag: format!("srg{}", std::process::id() % 100_000) };
+    let host_ns = ns.add("h");
+    let outside = ns.add("o");
+    run(&[
+        "ip", "-n", &host_ns, "link", "add", "up0", "type", "veth", "peer", "name", "up0", "netns",
+        &outside,
+    ]);
+    run(&["ip", "-n", &host_ns, "link", "set", "up0", "up"]);
+    let uri = run(&[&script("netns-libvirtd"), &host_ns, libvirt_dir.path().to_str().unwrap()])
+        .trim()
+        .to_owned();
+    let prefix = format!("{}-n-", ns.tag);
+    let cluster = TestCluster::start(
+        ClusterOpts::default()
+            .driver(&[
+                "--driver",
+                "libvirt",
+                "--libvirt-uri",
+                &uri,
+                "--network",
+                "host",
+                "--netns",
+                &host_ns,
+                "--netns-prefix",
+                &prefix,
+            ])
+            .env("STRATO_IMAGE_FILE_DIRS", &image_dir)
+            .mode(0o755),
+    );
+    let (api, dir) = (cluster.api, cluster.dir());
+    let guest = Guest::define(api, cluster.agent.port(), dir, &image);
+    let uuid_of = |v: &Value| v["uuid"].as_str().unwrap().to_owned();
+
+    // A NoVlan L2 on the host's uplink and an L3 with the Flat provider's DHCP, DNS and
+    // user data, as the walkthrough makes them.
+    let l2 = create(
+        api,
+        "/v1/l2-networks/no-vlan",
+        json!({ "name": "flat", "zoneUuid": guest.zone["uuid"], "physicalInterface": "up0" }),
+    );
+    ok(
+        api,
+        "POST",
+        &format!("/v1/l2-networks/{}/clusters/{}", uuid_of(&l2), uuid_of(&guest.cluster)),
+        None,
+    );
+    let l3 = create(api, "/v1/l3-networks", json!({ "name": "flat", "l2NetworkUuid": l2["uuid"] }));
+    let l3_id = uuid_of(&l3);
+    create(
+        api,
+        &format!("/v1/l3-networks/{l3_id}/ip-ranges"),
+        json!({ "startIp": "10.61.0.10", "endIp": "10.61.0.100", "netmask": "255.255.255.0", "gateway": "10.61.0.1" }),
+    );
+    let (_, _, flat) = http(api, "GET", "/v1/network-service-providers?q=type=Flat", None, &[]);
+    let flat = flat["inventories"][0]["uuid"].as_str().unwrap().to_owned();
+    ok(
+        api,
+        "POST",
+        &format!("/v1/network-service-providers/{flat}/l2-networks/{}", uuid_of(&l2)),
+        None,
+    );
+    let action = |body: Value| {
+        ok(api, "PUT", &format!("/v1/l3-networks/{l3_id}/actions"), Some(&body.to_string()))
+    };
+    action(
+        json!({ "attachNetworkServiceToL3Network": { "networkServices": { &flat: ["DHCP", "DNS", "Userdata"] } } }),
+    );
+    action(json!({ "addDnsToL3Network": { "dns": "10.61.0.53" } }));
+
+    let body = json!({
+        "params": { "name": "guest", "instanceOfferingUuid": guest.offering["uuid"], "imageUuid": guest.image["uuid"], "l3NetworkUuids": [l3_id] },
+        "systemTags": [
+            "hostname::tryout-guest",
+            format!("userdata::{}", base64_of("#cloud-config\nstrato: user data for the tryout guest\n")),
+        ],
+    });
+    let vm = ok(api, "POST", "/v1/vm-instances", Some(&body.to_string()));
+    assert_eq!(vm["state"], "Running", "{vm}");
+    let uuid = uuid_of(&vm);
+    let nic = &vm["vmNics"][0];
+    assert_eq!(nic["bridge"], "br_up0", "{vm}");
+    let ip = nic["ip"].as_str().unwrap();
+
+    // QEMU's tap is on the bridge in the host's namespace, named after the NIC.
+    let port = strato_proto::net::nic_device(nic["mac"].as_str().unwrap());
+    let bridged = run(&["ip", "-n", &host_ns, "-o", "link", "show", "master", "br_up0"]);
+    assert!(bridged.contains(&format!("{port}:")), "{bridged}");
+
+    // The guest's console: its lease, the host name it took, its instance id and user data.
+    let log = cluster.agent_dir().join("serial").join(format!("{uuid}.log"));
+    // (The guest says when it got no lease or no device: the test fails then, not later.)
+    let text = wait_serial(
+        &log,
+        &["strato-tryout: metadata read", "strato-tryout: no lease", "strato-tryout: no network"],
+        Duration::from_secs(180),
+    );
+    assert!(
+        text.contains(&format!(
+            "strato-tryout: lease ip={ip} mask=24 router=10.61.0.1 dns=10.61.0.53"
+        )),
+        "{text}"
+    );
+    assert!(text.contains("hostname=tryout-guest"), "{text}");
+    assert!(text.contains(&format!("strato-tryout: instance-id={uuid}")), "{text}");
+    assert!(text.contains("strato-tryout: user-data: #cloud-config"), "{text}");
+    assert!(
+        text.contains("strato-tryout: user-data: strato: user data for the tryout guest"),
+        "{text}"
+    );
 }

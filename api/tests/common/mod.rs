@@ -431,3 +431,63 @@ impl TestCluster {
         log_in(self.api, name, &format!("{name}-password"))
     }
 }
+
+/// Runs a command and returns its output, whatever its status.
+pub fn sh(args: &[&str]) -> std::process::Output {
+    Command::new(args[0]).args(&args[1..]).output().expect("run a command")
+}
+
+/// Runs a command that must succeed and returns its standard output.
+pub fn run(args: &[&str]) -> String {
+    let out = sh(args);
+    assert!(
+        out.status.success(),
+        "`{}` failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The test's namespaces, removed with everything in them when it ends.
+pub struct Namespaces {
+    pub tag: String,
+}
+
+impl Namespaces {
+    pub fn add(&self, role: &str) -> String {
+        let name = format!("{}-{role}", self.tag);
+        run(&["ip", "netns", "add", &name]);
+        run(&["ip", "-n", &name, "link", "set", "lo", "up"]);
+        name
+    }
+}
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        let listed = String::from_utf8_lossy(&sh(&["ip", "netns", "list"]).stdout).into_owned();
+        for ns in listed.lines().filter_map(|l| l.split_whitespace().next()) {
+            if ns.starts_with(&self.tag) {
+                let pids =
+                    String::from_utf8_lossy(&sh(&["ip", "netns", "pids", ns]).stdout).into_owned();
+                for pid in pids.split_whitespace() {
+                    sh(&["kill", "-9", pid]);
+                }
+                sh(&["ip", "netns", "del", ns]);
+            }
+        }
+    }
+}
+
+/// `text` in base64, as `userdata::` tags carry it.
+pub fn base64_of(text: &str) -> String {
+    let out = Command::new("base64")
+        .arg("-w0")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    out.stdin.as_ref().unwrap().write_all(text.as_bytes()).unwrap();
+    String::from_utf8(out.wait_with_output().unwrap().stdout).unwrap()
+}
