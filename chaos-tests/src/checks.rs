@@ -8,7 +8,8 @@
 //! only legal landings, the store and the hypervisors agree, no orphans and the GC backlog
 //! drains, repeats had no extra effect, no two jobs changed one domain at once; and, when
 //! the agents make their hosts' networks, one dnsmasq per L3 network and host with the
-//! store's reservations, and nothing left once the networks are deleted).
+//! store's reservations, each host's rules unchanged by a reconnect, and nothing left once
+//! the networks are deleted).
 //!
 //! [`failures_without_a_fault`] holds every call to account: no `SYS.INTERNAL` in any run,
 //! and, outside the faults' windows, no failure but the refusals the state it found
@@ -360,6 +361,7 @@ pub fn after_healing(shared: &Shared, cluster: &std::sync::Mutex<Cluster>) -> Ve
             std::thread::sleep(Duration::from_secs(1));
         };
         found.extend(differences);
+        found.extend(rules_differ_from_a_fresh_render(shared, cluster));
         found.extend(network_leftovers(shared, cluster));
     }
     found
@@ -475,6 +477,67 @@ fn network_disagreements(shared: &Shared, cluster: &std::sync::Mutex<Cluster>) -
                 ),
             ));
         }
+    }
+    found
+}
+
+/// Checks that each registered host's rules are what the store renders: its agent's tables
+/// (security groups, anti-spoofing, DHCP isolation) and its VIP namespaces' tables are read,
+/// the host is reconnected, which renders its whole network from the store and applies it,
+/// and they are read again. A host that kept a rule the store no longer renders, or missed
+/// one it does, changes; a converged one does not.
+fn rules_differ_from_a_fresh_render(
+    shared: &Shared,
+    cluster: &std::sync::Mutex<Cluster>,
+) -> Vec<Violation> {
+    use strato_api::types::actions::{HostAction, NoParams};
+    const RULES: &str = "after reconnect the rules equal what the store renders";
+    let Some(hosts) = registered_hosts(shared) else { return Vec::new() };
+    let mut found = Vec::new();
+    for (host, i) in hosts {
+        let host_uuid = s(&host["uuid"]);
+        let Some((agent_ns, prefix)) = cluster.lock().expect("cluster").host_network(i) else {
+            continue;
+        };
+        // A read can meet a namespace being made or removed (`ip netns exec` fails): it is
+        // read again, and a difference is reported whatever the reads it took.
+        let read = || {
+            let mut tries = 0;
+            loop {
+                match crate::hostnet::strato_rules(&agent_ns, &prefix) {
+                    Err(_) if tries < 3 => tries += 1,
+                    read => return read,
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        };
+        let before = read();
+        let body = strato_api::client::body(&HostAction::ReconnectHost(NoParams {}));
+        let path = format!("/v1/hosts/{host_uuid}/actions");
+        let reconnected = match strato_api::client::request(shared.api, "PUT", &path, Some(&body)) {
+            Ok((202, reply)) => follow(shared.api, s(&reply["location"]), JOB_LIMIT),
+            other => Outcome::Failed(format!("{other:?}")),
+        };
+        let detail = match (before, &reconnected, read()) {
+            (_, outcome, _) if !matches!(outcome, Outcome::Succeeded(_)) => {
+                format!("reconnecting the host ended {outcome:?}")
+            }
+            (Ok(before), _, Ok(after)) if before == after => continue,
+            (Ok(before), _, Ok(after)) => {
+                let changed: Vec<&String> = before
+                    .keys()
+                    .chain(after.keys())
+                    .filter(|table| before.get(*table) != after.get(*table))
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .into_iter()
+                    .collect();
+                format!("a reconnect changed the tables {changed:?}")
+            }
+            (before, _, after) => {
+                format!("cannot read the rules: {:?} {:?}", before.err(), after.err())
+            }
+        };
+        found.push(violation(RULES, shared.now(), Some(host_uuid), detail));
     }
     found
 }

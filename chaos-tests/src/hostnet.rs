@@ -2,7 +2,10 @@
 //! (`ip netns`, `nft list tables`, `/proc`), and the faults that break it behind the agent's
 //! back. Used when each agent runs in a namespace of its own and makes its network for real.
 
+use std::collections::BTreeMap;
 use std::process::Command;
+
+use serde_json::Value;
 
 use crate::Error;
 
@@ -60,6 +63,50 @@ pub fn strato_tables(ns: &str) -> Result<Vec<(String, String)>, Error> {
         .collect())
 }
 
+/// The Strato tables of namespace `ns` and of every namespace whose name starts with
+/// `prefix` (the agent's own), each as its canonical JSON (`nft -j`) keyed by `namespace
+/// family name`: without handles, which every replacement renews, and with set elements
+/// sorted, since a set lists them in its hash's order.
+pub fn strato_rules(ns: &str, prefix: &str) -> Result<BTreeMap<String, Vec<Value>>, Error> {
+    let mut tables = BTreeMap::new();
+    for ns in std::iter::once(ns.to_owned()).chain(namespaces(prefix)?) {
+        let listed: Value = serde_json::from_str(&output(
+            "ip",
+            &["netns", "exec", &ns, "nft", "-j", "list", "ruleset"],
+        )?)?;
+        for mut entry in listed["nftables"].as_array().cloned().unwrap_or_default() {
+            let Some((kind, body)) = entry.as_object().and_then(|o| o.iter().next()) else {
+                continue;
+            };
+            let table = if kind == "table" { &body["name"] } else { &body["table"] };
+            let Some(table) = table.as_str().filter(|t| t.starts_with("strato_")) else {
+                continue;
+            };
+            let key = format!("{ns} {} {table}", body["family"].as_str().unwrap_or_default());
+            canonical(&mut entry);
+            tables.entry(key).or_insert_with(Vec::new).push(entry);
+        }
+    }
+    Ok(tables)
+}
+
+/// `value` without handles and with set elements sorted.
+fn canonical(value: &mut Value) {
+    match value {
+        Value::Object(fields) => {
+            fields.remove("handle");
+            for (key, field) in fields.iter_mut() {
+                canonical(field);
+                if let (Value::Array(elements), "elem") = (field, key.as_str()) {
+                    elements.sort_by_key(|e| e.to_string());
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(canonical),
+        _ => {}
+    }
+}
+
 /// The links of namespace `ns` the agent marked as its own (`alias strato:...`).
 pub fn strato_links(ns: &str) -> Result<Vec<String>, Error> {
     Ok(output("ip", &["-n", ns, "-o", "link", "show"])?
@@ -100,4 +147,23 @@ pub fn remove_table(ns: &str) -> Result<Option<String>, Error> {
     };
     output("ip", &["netns", "exec", ns, "nft", "delete", "table", &family, &name])?;
     Ok(Some(format!("{family} {name}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    #[test]
+    fn a_table_read_twice_compares_equal_whatever_its_handles_and_element_order() {
+        let mut first =
+            json!({ "set": { "name": "members", "handle": 3, "elem": ["10.0.0.2", "10.0.0.1"] } });
+        let mut second =
+            json!({ "set": { "name": "members", "handle": 9, "elem": ["10.0.0.1", "10.0.0.2"] } });
+        super::canonical(&mut first);
+        super::canonical(&mut second);
+        assert_eq!(first, second);
+        let mut other = json!({ "set": { "name": "members", "handle": 9, "elem": ["10.0.0.1"] } });
+        super::canonical(&mut other);
+        assert_ne!(first, other, "a missing element is a difference");
+    }
 }

@@ -14,10 +14,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use strato_api::client;
-use strato_api::types::actions::{L3Action, NetworkServices};
+use strato_api::types::actions::{
+    L3Action, NetworkServices, OnL3Network, RuleParams, SecurityGroupAction, SecurityGroupRules,
+};
 use strato_api::types::{
     ClusterParams, Create, EipParams, HostParams, L2Params, L3Params, OfferingParams, RangeParams,
-    VipParams, ZoneParams, canonical_uuid,
+    SecurityGroupParams, VipParams, ZoneParams, canonical_uuid,
 };
 use uuid::Uuid;
 
@@ -123,7 +125,7 @@ fn register(cluster: &Cluster) -> Result<Infra, Error> {
     };
     let l3 = l3_with("pub", "192.168.0", 250)?;
     let tight_l3 = l3_with("tight", "192.168.1", 10)?;
-    let mut eip = None;
+    let (mut eip, mut security_group) = (None, None);
     if cluster.isolated() {
         // The hosts make the main network's DHCP, DNS, metadata and EIPs for real.
         let (_, providers) =
@@ -156,9 +158,31 @@ fn register(cluster: &Cluster) -> Result<Infra, Error> {
             vm_nic_uuid: None,
         };
         eip = Some(uuid(&create("/v1/eips", client::body(&params))?));
+        // A security group on the main network: SSH from anywhere, everything between its
+        // members (a set of addresses that follows the membership).
+        let params = SecurityGroupParams { name: "members".into(), description: String::new() };
+        let group = id(&create("/v1/security-groups", client::body(&params))?)?;
+        let rule = |protocol: &str, ports: Option<i32>, remote: Option<Uuid>| RuleParams {
+            r#type: "Ingress".into(),
+            protocol: protocol.into(),
+            start_port: ports,
+            end_port: ports,
+            allowed_cidr: None,
+            remote_security_group_uuid: remote,
+        };
+        let group_path = format!("/v1/security-groups/{group}/actions");
+        let rules = SecurityGroupAction::AddSecurityGroupRule(SecurityGroupRules {
+            rules: vec![rule("TCP", Some(22), None), rule("ALL", None, Some(group))],
+        });
+        ok(api, "PUT", &group_path, client::body(&rules))?;
+        let attach = SecurityGroupAction::AttachSecurityGroupToL3Network(OnL3Network {
+            l3_network_uuid: id(&json!({ "uuid": l3 }))?,
+        });
+        ok(api, "PUT", &group_path, client::body(&attach))?;
+        security_group = Some(group.to_string());
     }
     let (cluster, zone, l2) = (cl.to_string(), zone.to_string(), l2.to_string());
-    Ok(Infra { cluster, zone, offering, l2, l3, tight_l3, host_addrs, eip })
+    Ok(Infra { cluster, zone, offering, l2, l3, tight_l3, host_addrs, eip, security_group })
 }
 
 /// Runs one chaos run in `dir`; returns whether every check passed.
@@ -208,7 +232,7 @@ pub fn run(config: &RunConfig, dir: &Path) -> Result<bool, Error> {
     let mover = {
         let shared = shared.clone();
         let seed = config.seed;
-        std::thread::spawn(move || workload::eip_mover(shared, seed))
+        std::thread::spawn(move || workload::network_mover(shared, seed))
     };
     let fault_log: Arc<Mutex<Vec<String>>> = Arc::default();
     let windows: Arc<Mutex<Vec<(u64, u64)>>> = Arc::default();

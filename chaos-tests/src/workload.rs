@@ -252,9 +252,12 @@ pub struct Infra {
     pub tight_l3: String,
     /// Where the MN dials each host (its proxy).
     pub host_addrs: Vec<SocketAddr>,
-    /// An EIP (on a public L3 network of the same L2) that [`eip_mover`] keeps moving
+    /// An EIP (on a public L3 network of the same L2) that [`network_mover`] keeps moving
     /// between the main network's VMs, when the hosts make their networks for real.
     pub eip: Option<String>,
+    /// A security group of the main network (SSH from anywhere, everything between its
+    /// members) whose membership [`network_mover`] keeps changing, then too.
+    pub security_group: Option<String>,
 }
 
 impl Shared {
@@ -710,18 +713,19 @@ fn repeat_create(shared: &Shared, client_id: usize, name: &str) {
 }
 
 /// Moves the run's EIP every few seconds to a random VM of the main network (detached
-/// first), until the run stops: where its VIP lives follows the VMs' placement under the
-/// faults, and the checks find it in exactly one place. Its calls are not the workload's
-/// (they are not in the history); a refusal (the VM went meanwhile) is as good as a success.
-pub fn eip_mover(shared: Arc<Shared>, seed: u64) {
-    use strato_api::types::actions::{EipAction, NoParams, OnVmNic};
-    let Some(eip) = shared.infra.eip.clone() else { return };
+/// first), and adds a random NIC of that network to the run's security group or takes one
+/// out, until the run stops: where the VIP lives and which addresses the group's rules name
+/// follow the VMs under the faults, and the checks find the VIP in exactly one place and each
+/// host's rules equal what the store renders. These calls are not the workload's (they are
+/// not in the history); a refusal (the VM went meanwhile) is as good as a success.
+pub fn network_mover(shared: Arc<Shared>, seed: u64) {
+    use strato_api::types::actions::{EipAction, NoParams, OnVmNic, SecurityGroupAction, VmNics};
+    if shared.infra.eip.is_none() && shared.infra.security_group.is_none() {
+        return;
+    }
     let mut rng = fastrand::Rng::with_seed(seed);
-    let path = format!("/v1/eips/{eip}/actions");
-    let act = |action: EipAction| {
-        if let Ok((202, reply)) =
-            client::request(shared.api, "PUT", &path, Some(&client::body(&action)))
-        {
+    let act = |path: &str, body: Value| {
+        if let Ok((202, reply)) = client::request(shared.api, "PUT", path, Some(&body)) {
             follow(shared.api, reply["location"].as_str().unwrap_or_default(), JOB_LIMIT);
         }
     };
@@ -735,10 +739,22 @@ pub fn eip_mover(shared: Arc<Shared>, seed: u64) {
             .filter(|nic| nic["l3NetworkUuid"] == shared.infra.l3.as_str())
             .filter_map(|nic| canonical_uuid(nic["uuid"].as_str()?))
             .collect();
-        act(EipAction::DetachEip(NoParams {}));
-        if !nics.is_empty() {
-            let vm_nic_uuid = nics[rng.usize(..nics.len())];
-            act(EipAction::AttachEip(OnVmNic { vm_nic_uuid }));
+        if let Some(eip) = &shared.infra.eip {
+            let path = format!("/v1/eips/{eip}/actions");
+            act(&path, client::body(&EipAction::DetachEip(NoParams {})));
+            if !nics.is_empty() {
+                let vm_nic_uuid = nics[rng.usize(..nics.len())];
+                act(&path, client::body(&EipAction::AttachEip(OnVmNic { vm_nic_uuid })));
+            }
+        }
+        if let (Some(group), false) = (&shared.infra.security_group, nics.is_empty()) {
+            let vm_nics = VmNics { vm_nic_uuids: vec![nics[rng.usize(..nics.len())].to_string()] };
+            let action = if rng.bool() {
+                SecurityGroupAction::AddVmNicToSecurityGroup(vm_nics)
+            } else {
+                SecurityGroupAction::DeleteVmNicFromSecurityGroup(vm_nics)
+            };
+            act(&format!("/v1/security-groups/{group}/actions"), client::body(&action));
         }
     }
 }
