@@ -10,7 +10,7 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use strato_runtime::{BoxError, Entity, Kind, KindConfig, Op, OpCtx, RuntimeError};
-use strato_storage::{Batch, Db, Expect};
+use strato_storage::{Batch, Db, Expect, StoreError};
 use uuid::Uuid;
 
 use crate::ipam::{self, IpRange, IpamError};
@@ -75,7 +75,7 @@ pub enum L3Error {
     Runtime(#[from] RuntimeError),
     /// The store failed.
     #[error("the store failed")]
-    Store(#[from] strato_storage::StoreError),
+    Store(#[from] StoreError),
     /// The addresses said no.
     #[error(transparent)]
     Ipam(#[from] IpamError),
@@ -241,9 +241,28 @@ pub async fn allocate_ip(
     owner: Uuid,
     requested: Option<Ipv4Addr>,
 ) -> Result<Ipv4Addr, L3Error> {
+    allocate_ip_with(l3s, l3, owner, requested, |_, _, _| Ok(())).await
+}
+
+/// Hands out an address of L3 `l3` to `owner` (`requested`, if given and free), writing
+/// what `with` adds (told the address and its range) in the same batch as the booking: the
+/// owner's record and its booking land together or not at all, so an MN dying between the
+/// two leaves no address booked for nothing. A conflict on what `with` wrote books nothing.
+pub async fn allocate_ip_with(
+    l3s: &Kind<L3s>,
+    l3: Uuid,
+    owner: Uuid,
+    requested: Option<Ipv4Addr>,
+    with: impl FnOnce(Ipv4Addr, &IpRange, &mut Batch) -> Result<(), StoreError> + Send + 'static,
+) -> Result<Ipv4Addr, L3Error> {
     l3s.call(l3, op("allocate-ip"), move |ctx| async move {
-        let ip = ctx.with_state(|s| {
-            ipam::allocate_from(&s.record.ip_ranges, &s.used, requested, &mut s.cursor)
+        let (ip, range) = ctx.with_state(|s| {
+            let ip = ipam::allocate_from(&s.record.ip_ranges, &s.used, requested, &mut s.cursor)?;
+            let range = s.record.ip_ranges.iter().find(|r| r.contains(ip)).cloned();
+            range.map(|range| (ip, range)).ok_or_else(|| L3Error::Invalid {
+                field: "l3NetworkUuid",
+                message: format!("address {ip} was handed out from no range of the network"),
+            })
         })?;
         let record = UsedIpRecord {
             uuid: UsedIpRecord::id_of(l3, ip),
@@ -253,6 +272,7 @@ pub async fn allocate_ip(
         };
         let mut batch = Batch::new();
         batch.put(&record, Expect::Absent)?;
+        with(ip, &range, &mut batch)?;
         ctx.entity().db.commit(batch).await?;
         ctx.with_state(|s| s.used.insert(ip));
         Ok(ip)
@@ -267,20 +287,38 @@ pub async fn release_ip(
     ip: Ipv4Addr,
     owner: Uuid,
 ) -> Result<(), L3Error> {
+    release_ip_with(l3s, l3, ip, owner, Batch::new()).await
+}
+
+/// Commits `batch` with the release of address `ip` if `owner` holds it (`batch` alone
+/// otherwise): the change that stops naming the address and its release land together, so
+/// an MN dying between the two leaves no address booked for nothing, and a repeat finds the
+/// work done. A conflict on `batch` releases nothing.
+pub async fn release_ip_with(
+    l3s: &Kind<L3s>,
+    l3: Uuid,
+    ip: Ipv4Addr,
+    owner: Uuid,
+    mut batch: Batch,
+) -> Result<(), L3Error> {
     l3s.call(l3, op("release-ip"), move |ctx| async move {
         // Only the owner's booking goes: a repeated release (after a crash, or by the GC)
         // must not free the address once someone else holds it.
         let held = ctx.entity().db.get::<UsedIpRecord>(UsedIpRecord::id_of(l3, ip))?;
-        if held.is_none_or(|used| used.record.owner != owner) {
+        let releases = held.is_some_and(|used| used.record.owner == owner);
+        if releases {
+            batch.delete::<UsedIpRecord>(UsedIpRecord::id_of(l3, ip), Expect::Any);
+        }
+        if batch.is_empty() {
             return Ok(());
         }
-        let mut batch = Batch::new();
-        batch.delete::<UsedIpRecord>(UsedIpRecord::id_of(l3, ip), Expect::Any);
         ctx.entity().db.commit(batch).await?;
-        ctx.with_state(|s| {
-            s.used.remove(&ip);
-            s.cursor.released(&s.record.ip_ranges, ip);
-        });
+        if releases {
+            ctx.with_state(|s| {
+                s.used.remove(&ip);
+                s.cursor.released(&s.record.ip_ranges, ip);
+            });
+        }
         Ok(())
     })
     .await

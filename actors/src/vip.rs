@@ -94,13 +94,13 @@ pub fn nic_target(db: &Db, nic: Uuid) -> Result<NicTarget, VipError> {
 
 /// Creates VIP `vip` (its address, mask and gateway filled in here) on its L3 network,
 /// with `requested` as its address if given. `extra` adds the VIP's tags and owner to the
-/// same write. The address is given back if the write fails.
+/// same write, which is the address's booking: the VIP and its address land together.
 pub async fn create_vip(
     db: &Db,
     l3s: &Kind<L3s>,
-    mut vip: VipRecord,
+    vip: VipRecord,
     requested: Option<Ipv4Addr>,
-    extra: impl Fn(&mut Batch) -> Result<(), StoreError>,
+    extra: impl FnOnce(&mut Batch) -> Result<(), StoreError> + Send + 'static,
 ) -> Result<VipRecord, VipError> {
     let l3 = get::<L3NetworkRecord>(db, vip.l3_network_uuid)?.record;
     if l3.l2_network_uuid.is_none() {
@@ -112,31 +112,18 @@ pub async fn create_vip(
             ),
         });
     }
-    let owner = vip.uuid;
-    let ip = l3::allocate_ip(l3s, l3.uuid, owner, requested).await?;
-    let written = async {
-        let l3 = get::<L3NetworkRecord>(db, vip.l3_network_uuid)?.record;
-        let range =
-            l3.ip_ranges.iter().find(|r| r.contains(ip)).ok_or_else(|| VipError::Invalid {
-                field: "l3NetworkUuid",
-                message: "the VIP's address left the L3 network's ranges".into(),
-            })?;
+    let written = vip.clone();
+    let ip = l3::allocate_ip_with(l3s, l3.uuid, vip.uuid, requested, move |ip, range, batch| {
+        let mut vip = written;
         vip.ip = ip.to_string();
         vip.netmask = range.netmask.to_string();
         vip.gateway = range.gateway.to_string();
-        let mut batch = Batch::new();
         batch.put(&vip, Expect::Absent)?;
-        extra(&mut batch)?;
-        db.commit(batch).await?;
-        Ok::<_, VipError>(vip)
-    }
-    .await;
-    if written.is_err()
-        && let Err(error) = l3::release_ip(l3s, l3.uuid, ip, owner).await
-    {
-        tracing::warn!(%error, %ip, "a failed VIP creation's address stays booked");
-    }
-    written
+        extra(batch)
+    })
+    .await?;
+    tracing::debug!(vip = %vip.uuid, %ip, "VIP created");
+    Ok(get::<VipRecord>(db, vip.uuid)?.record)
 }
 
 /// Creates EIP `eip` on its VIP, which must be unused or used by no other EIP. `extra` adds
@@ -501,9 +488,7 @@ pub async fn attach_port_forwarding_rule(
 ) -> Result<PortForwardingRuleRecord, VipError> {
     let vip_uuid = get::<PortForwardingRuleRecord>(db, rule)?.record.vip_uuid;
     let l3 = target.nic.l3_network_uuid;
-    // An address booked here and not written (another attachment's got there first).
-    let mut booked: Option<Ipv4Addr> = None;
-    let result = refreshing(db, hosts, vip_uuid, async {
+    refreshing(db, hosts, vip_uuid, async {
         loop {
             // As the NIC is now: its VM may have gone since the request.
             let target = nic_target(db, target.nic.uuid)?;
@@ -516,38 +501,42 @@ pub async fn attach_port_forwarding_rule(
                 return Ok(record);
             }
             check_target(db, &vip, &target, crate::network::service::PORT_FORWARDING)?;
-            if vip.private_ip.is_none() {
-                let ip = match booked {
-                    Some(ip) => ip,
-                    None => {
-                        let ip = l3::allocate_ip(l3s, l3, forwarding_owner(vip.uuid), None).await?;
-                        booked = Some(ip);
-                        ip
-                    }
-                };
-                vip.private_ip = Some(ip.to_string());
-            }
             vip.peer_l3_network_uuid = Some(l3);
             record.vm_nic_uuid = Some(target.nic.uuid);
             record.guest_ip = Some(target.nic.ip.clone());
-            let mut batch = Batch::new();
-            batch.put(&record, Expect::Generation(stored.generation))?;
-            batch.put(&vip, Expect::Generation(vip_stored.generation))?;
-            if landed(db, batch).await? {
-                if vip.private_ip == booked.map(|ip| ip.to_string()) {
-                    booked = None;
+            let attached = record.clone();
+            let (rule_expected, vip_expected) =
+                (Expect::Generation(stored.generation), Expect::Generation(vip_stored.generation));
+            let write = move |vip: &VipRecord, batch: &mut Batch| -> Result<(), StoreError> {
+                batch.put(&record, rule_expected)?;
+                batch.put(vip, vip_expected)?;
+                Ok(())
+            };
+            let written = if vip.private_ip.is_some() {
+                let mut batch = Batch::new();
+                write(&vip, &mut batch)?;
+                landed(db, batch).await?
+            } else {
+                // The forwarding's own address is booked in the same write as the VIP that
+                // names it: a conflict books nothing.
+                let owner = forwarding_owner(vip.uuid);
+                let booked = l3::allocate_ip_with(l3s, l3, owner, None, move |ip, _, batch| {
+                    vip.private_ip = Some(ip.to_string());
+                    write(&vip, batch)
+                })
+                .await;
+                match booked {
+                    Ok(_) => true,
+                    Err(L3Error::Store(StoreError::Conflict { .. })) => false,
+                    Err(error) => return Err(error.into()),
                 }
-                return Ok(record);
+            };
+            if written {
+                return Ok(attached);
             }
         }
     })
-    .await;
-    if let Some(ip) = booked
-        && let Err(error) = release_address(l3s, l3, ip, forwarding_owner(vip_uuid)).await
-    {
-        tracing::warn!(%error, %ip, vip = %vip_uuid, "an unused forwarding address stays booked");
-    }
-    result
+    .await
 }
 
 /// Detaches port forwarding rule `rule` (nothing to do if it is not attached), or deletes
@@ -596,27 +585,75 @@ async fn release_rule(
         } else {
             return Ok(Some(record));
         }
-        if landed(db, batch).await? {
-            if let Some((l3, ip)) = freed
-                && let Ok(ip) = ip.parse()
-            {
-                release_address(l3s, l3, ip, forwarding_owner(record.vip_uuid)).await?;
+        let written = match freed.and_then(|(l3, ip)| Some((l3, ip.parse().ok()?))) {
+            Some((l3, ip)) => {
+                let owner = forwarding_owner(record.vip_uuid);
+                commit_releasing(db, l3s, l3, ip, owner, batch).await?
             }
+            None => landed(db, batch).await?,
+        };
+        if written {
             return Ok(Some(record));
         }
     }
 }
 
-/// Gives an address back; a network deleted since holds none.
-async fn release_address(
+/// Commits `batch` with the release of `owner`'s booking of `ip` on L3 `l3`, through the
+/// network's queue, so that both land or neither does; a network deleted since holds no
+/// booking, and `batch` is committed alone. `false`: another writer changed a record
+/// `batch` expects first (read them again and decide again).
+async fn commit_releasing(
+    db: &Db,
     l3s: &Kind<L3s>,
     l3: Uuid,
     ip: Ipv4Addr,
     owner: Uuid,
-) -> Result<(), VipError> {
-    match l3::release_ip(l3s, l3, ip, owner).await {
-        Err(L3Error::Runtime(strato_runtime::RuntimeError::NotFound { .. })) => Ok(()),
-        other => Ok(other?),
+    batch: Batch,
+) -> Result<bool, VipError> {
+    if db.get::<L3NetworkRecord>(l3)?.is_none() {
+        return landed(db, batch).await;
+    }
+    match l3::release_ip_with(l3s, l3, ip, owner, batch).await {
+        Ok(()) => Ok(true),
+        Err(L3Error::Store(StoreError::Conflict { .. })) => Ok(false),
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// Deletes VIP `vip`, once `may_go` allows it, giving back its addresses in the same
+/// writes: the forwarding's own address first (the VIP written without it), then the VIP
+/// with its public address. Each write is whole, so a deletion stopped between them and
+/// repeated finishes the work. Returns the VIP as it was deleted, if it existed.
+async fn delete_vip<E: From<VipError>>(
+    db: &Db,
+    l3s: &Kind<L3s>,
+    vip: Uuid,
+    may_go: impl Fn() -> Result<(), E>,
+) -> Result<Option<VipRecord>, E> {
+    let store = |error: StoreError| E::from(VipError::from(error));
+    loop {
+        let Some(stored) = db.get::<VipRecord>(vip).map_err(store)? else { return Ok(None) };
+        let record = stored.record;
+        let forwarding = record.peer_l3_network_uuid.zip(record.private_ip.clone());
+        if let Some((l3, ip)) = forwarding.and_then(|(l3, ip)| Some((l3, ip.parse().ok()?))) {
+            let mut cleared = record.clone();
+            cleared.private_ip = None;
+            let mut batch = Batch::new();
+            batch.put(&cleared, Expect::Generation(stored.generation)).map_err(store)?;
+            commit_releasing(db, l3s, l3, ip, forwarding_owner(vip), batch).await?;
+            continue;
+        }
+        may_go()?;
+        let mut batch = Batch::new();
+        batch.delete::<VipRecord>(vip, Expect::Generation(stored.generation));
+        crate::records::delete_refs(db, &mut batch, vip).map_err(store)?;
+        let written = match record.ip.parse() {
+            Ok(ip) => commit_releasing(db, l3s, record.l3_network_uuid, ip, vip, batch).await?,
+            Err(_) => landed(db, batch).await?,
+        };
+        if written {
+            return Ok(Some(record));
+        }
     }
 }
 
@@ -673,13 +710,21 @@ pub(crate) fn remove_port_forwarding_rule(deleter: &Deleter, id: Uuid) -> Remove
     })
 }
 
-/// Deletes a VIP with nothing using it, then gives its address back.
+/// Deletes a VIP with nothing using it, with its addresses (see [`delete_vip`]).
 pub(crate) fn remove_vip(deleter: &Deleter, id: Uuid) -> RemoveFuture<'_> {
     Box::pin(async move {
-        let Some(vip) = deleter.db.get::<VipRecord>(id)?.map(|s| s.record) else {
+        let resource = crate::cascade::Resource { kind: crate::kinds::of::<VipRecord>(), uuid: id };
+        let may_go = || {
+            let dependents = deleter.dependents(resource)?;
+            if dependents.is_empty() {
+                return Ok(());
+            }
+            // Made while the deletion ran (its dependents were gone when it started).
+            Err(crate::cascade::CascadeError::HasDependents { resource, dependents })
+        };
+        let Some(vip) = delete_vip(&deleter.db, &deleter.l3s, id, may_go).await? else {
             return Ok(());
         };
-        crate::cascade::remove_record::<VipRecord>(deleter, id).await?;
         // A SNAT's VIP leaves the host that held it.
         if let Some(private) = vip.peer_l3_network_uuid
             && let Some(l3) = deleter.db.get::<L3NetworkRecord>(private)?
@@ -687,14 +732,6 @@ pub(crate) fn remove_vip(deleter: &Deleter, id: Uuid) -> RemoveFuture<'_> {
             for host in crate::network::hosts_of_l3(&deleter.db, &l3.record)? {
                 host::refresh_network(&deleter.hosts, host);
             }
-        }
-        if let Ok(ip) = vip.ip.parse() {
-            release_address(&deleter.l3s, vip.l3_network_uuid, ip, vip.uuid).await?;
-        }
-        if let Some((l3, ip)) = vip.peer_l3_network_uuid.zip(vip.private_ip)
-            && let Ok(ip) = ip.parse()
-        {
-            release_address(&deleter.l3s, l3, ip, forwarding_owner(vip.uuid)).await?;
         }
         Ok(())
     })
@@ -748,24 +785,13 @@ pub async fn sync_snat(db: &Db, l3s: &Kind<L3s>, l3: Uuid) -> Result<(), VipErro
     };
     match create_vip(db, l3s, vip, None, |_| Ok(())).await {
         // Another sync made it first.
-        Err(VipError::Store(StoreError::Conflict { .. })) => Ok(()),
+        Err(VipError::L3(L3Error::Store(StoreError::Conflict { .. }))) => Ok(()),
         other => other.map(drop),
     }
 }
 
-/// Deletes VIP `vip` whatever uses it and gives its address back (a SNAT VIP going with
-/// its service or its network).
+/// Deletes VIP `vip` whatever uses it, with its addresses (a SNAT VIP going with its
+/// service or its network).
 pub async fn drop_vip(db: &Db, l3s: &Kind<L3s>, vip: Uuid) -> Result<(), VipError> {
-    loop {
-        let Some(stored) = db.get::<VipRecord>(vip)? else { return Ok(()) };
-        let mut batch = Batch::new();
-        batch.delete::<VipRecord>(vip, Expect::Generation(stored.generation));
-        crate::records::delete_refs(db, &mut batch, vip)?;
-        if landed(db, batch).await? {
-            if let Ok(ip) = stored.record.ip.parse() {
-                release_address(l3s, stored.record.l3_network_uuid, ip, vip).await?;
-            }
-            return Ok(());
-        }
-    }
+    delete_vip(db, l3s, vip, || Ok(())).await.map(drop)
 }

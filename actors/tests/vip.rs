@@ -88,3 +88,147 @@ async fn two_eips_attached_to_one_nic_at_once_leave_it_one() {
         }
     }
 }
+
+/// A store that takes a given number of writes and refuses every one after them, as a
+/// store does for an MN that died at that point: nothing after it lands.
+struct DiesAfter {
+    inner: strato_storage::MemStore,
+    writes_left: std::sync::atomic::AtomicI64,
+}
+
+impl DiesAfter {
+    fn new() -> std::sync::Arc<DiesAfter> {
+        std::sync::Arc::new(DiesAfter {
+            inner: strato_storage::MemStore::new(),
+            writes_left: i64::MAX.into(),
+        })
+    }
+
+    fn die_after(&self, writes: i64) {
+        self.writes_left.store(writes, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl strato_storage::Store for DiesAfter {
+    fn backend_name(&self) -> &'static str {
+        "dies-after"
+    }
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, strato_storage::StoreError> {
+        self.inner.get(key)
+    }
+    fn range(&self, start: &[u8], end: Option<&[u8]>, reverse: bool) -> strato_storage::KvIter<'_> {
+        self.inner.range(start, end, reverse)
+    }
+    fn apply(&self, ops: Vec<strato_storage::RawOp>) -> Result<(), strato_storage::StoreError> {
+        if self.writes_left.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) <= 0 {
+            return Err(strato_storage::StoreError::Backend {
+                backend: "dies-after",
+                operation: "apply",
+                source: "the MN died before this write".into(),
+            });
+        }
+        self.inner.apply(ops)
+    }
+    fn flush(&self) -> Result<(), strato_storage::StoreError> {
+        self.inner.flush()
+    }
+}
+
+/// Each booked address of the store and who holds it, checked against the VIPs: every VIP's
+/// addresses are booked by it, and every booking is a VIP's.
+fn bookings_match_vips(db: &strato_storage::Db, when: &str) {
+    use strato_actors::records::UsedIpRecord;
+    let booked: std::collections::BTreeSet<(String, Uuid)> = db
+        .scan::<UsedIpRecord>()
+        .map(|used| used.unwrap().record)
+        .map(|used| (used.ip, used.owner))
+        .collect();
+    let named: std::collections::BTreeSet<(String, Uuid)> = db
+        .scan::<VipRecord>()
+        .map(|vip| vip.unwrap().record)
+        .flat_map(|vip| {
+            let forwarding = vip.private_ip.map(|ip| (ip, vip::forwarding_owner(vip.uuid)));
+            std::iter::once((vip.ip, vip.uuid)).chain(forwarding)
+        })
+        .collect();
+    assert_eq!(booked, named, "{when}: the bookings are the VIPs' addresses");
+}
+
+/// A VIP's creation and deletion, stopped by the MN's death after each of their writes in
+/// turn, never leave an address booked that no VIP names, nor a VIP whose address is free;
+/// a deletion repeated after the death (as the MN's next start repeats it) finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vip_and_its_addresses_land_and_go_together_whenever_the_mn_dies() {
+    use strato_actors::ipam::IpRange;
+    for writes in 0..4 {
+        let store = DiesAfter::new();
+        let cluster = common::mn_on(strato_storage::Db::new(store.clone()), Default::default());
+        let db = &cluster.db;
+        let network = |name: &str, net: u8| {
+            let mut l3 = l3_record(name, Some(Uuid::new_v4()));
+            l3.ip_ranges.push(IpRange {
+                start: [10, net, 0, 10].into(),
+                end: [10, net, 0, 20].into(),
+                netmask: [255, 255, 255, 0].into(),
+                gateway: [10, net, 0, 1].into(),
+            });
+            put(db, &l3);
+            l3.uuid
+        };
+        let (public, private) = (network("public", 1), network("private", 2));
+        let record = VipRecord {
+            uuid: Uuid::new_v4(),
+            name: "vip".into(),
+            description: String::new(),
+            l3_network_uuid: public,
+            ip: String::new(),
+            netmask: String::new(),
+            gateway: String::new(),
+            use_for: None,
+            peer_l3_network_uuid: None,
+            private_ip: None,
+            state: "Enabled".into(),
+        };
+
+        store.die_after(writes);
+        let created = vip::create_vip(db, &cluster.l3s, record.clone(), None, |_| Ok(())).await;
+        store.die_after(i64::MAX);
+        bookings_match_vips(db, &format!("creation stopped after {writes} write(s): {created:?}"));
+
+        // A VIP with port forwarding's own address on the private network, deleted.
+        let made = vip::create_vip(
+            db,
+            &cluster.l3s,
+            VipRecord { uuid: Uuid::new_v4(), ..record },
+            None,
+            |_| Ok(()),
+        )
+        .await
+        .unwrap();
+        let forwarding = strato_actors::l3::allocate_ip(
+            &cluster.l3s,
+            private,
+            vip::forwarding_owner(made.uuid),
+            None,
+        )
+        .await
+        .unwrap();
+        let mut with_forwarding = db.get::<VipRecord>(made.uuid).unwrap().unwrap().record;
+        with_forwarding.private_ip = Some(forwarding.to_string());
+        with_forwarding.peer_l3_network_uuid = Some(private);
+        put(db, &with_forwarding);
+        bookings_match_vips(db, "with port forwarding's address");
+        store.die_after(writes);
+        let dropped = vip::drop_vip(db, &cluster.l3s, made.uuid).await;
+        store.die_after(i64::MAX);
+        let when = format!("deletion stopped after {writes} write(s): {dropped:?}");
+        if dropped.is_err() {
+            // What is left is still whole...
+            bookings_match_vips(db, &when);
+            // ...and the deletion, repeated, finishes.
+            vip::drop_vip(db, &cluster.l3s, made.uuid).await.unwrap();
+        }
+        assert!(db.get::<VipRecord>(made.uuid).unwrap().is_none(), "{when}");
+        bookings_match_vips(db, &format!("{when}, then repeated"));
+    }
+}

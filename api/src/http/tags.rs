@@ -65,7 +65,7 @@ pub fn resource_type_of_table(table: &str) -> Option<&'static str> {
 }
 
 /// The tags of a creation's envelope.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CreationTags {
     /// System tags.

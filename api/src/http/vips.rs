@@ -55,7 +55,8 @@ fn owned(
     kind: &'static Kind,
     owner: Option<Uuid>,
     uuid: Uuid,
-) -> impl Fn(&mut Batch) -> Result<(), StoreError> {
+) -> impl Fn(&mut Batch) -> Result<(), StoreError> + Send + 'static {
+    let tags = tags.clone();
     move |batch: &mut Batch| {
         tags.write(batch, uuid, kind.vo)?;
         if let Some(account) = owner {
