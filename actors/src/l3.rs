@@ -14,7 +14,7 @@ use strato_storage::{Batch, Db, Expect, StoreError};
 use uuid::Uuid;
 
 use crate::ipam::{self, IpRange, IpamError};
-use crate::records::{L3NetworkRecord, NetworkServiceL3RefRecord, UsedIpRecord};
+use crate::records::{L3NetworkRecord, NetworkServiceL3RefRecord, UsedIpRecord, VipRecord};
 
 /// The L3 actor's state.
 #[derive(Debug)]
@@ -83,6 +83,16 @@ pub enum L3Error {
     /// deleted from under them.
     #[error("{0} address(es) of the L3 network are still held")]
     InUse(usize),
+    /// A service is still used on the network: what uses it must go first.
+    #[error(
+        "the network's {service} service carries VIPs {users:?} to its NICs: detach them first (DetachEip, DetachPortForwardingRule)"
+    )]
+    ServiceInUse {
+        /// The service.
+        service: String,
+        /// The VIPs that use it.
+        users: Vec<Uuid>,
+    },
     /// A change the L3 network's state refuses (the field is named).
     #[error("{field}: {message}")]
     Invalid {
@@ -188,7 +198,10 @@ pub async fn attach_services(
 }
 
 /// Takes services `types` of provider `provider` from L3 `l3` (those another provider
-/// gives are left); without DHCP, its server's address is given back.
+/// gives are left); without DHCP, its server's address is given back. Eip and
+/// PortForwarding are refused while a VIP carries them to this network's NICs (an
+/// attachment writes the service's reference back, so the two never cross unseen: the one
+/// that loses its compare-and-swap decides again).
 pub async fn detach_services(
     l3s: &Kind<L3s>,
     l3: Uuid,
@@ -197,37 +210,65 @@ pub async fn detach_services(
 ) -> Result<L3NetworkRecord, L3Error> {
     l3s.call(l3, op("detach-services"), move |ctx: OpCtx<L3s>| async move {
         let db = ctx.entity().db.clone();
-        let mut record = ctx.with_state(|s| s.record.clone());
-        let mut batch = Batch::new();
-        let mut dhcp_detached = false;
-        for service in &types {
-            let id = NetworkServiceL3RefRecord::id_of(l3, service);
-            if let Some(held) = db.get::<NetworkServiceL3RefRecord>(id)?
-                && held.record.network_service_provider_uuid == provider
-            {
+        loop {
+            let mut record = ctx.with_state(|s| s.record.clone());
+            let mut batch = Batch::new();
+            let mut dhcp_detached = false;
+            for service in &types {
+                let id = NetworkServiceL3RefRecord::id_of(l3, service);
+                let Some(held) = db.get::<NetworkServiceL3RefRecord>(id)? else { continue };
+                if held.record.network_service_provider_uuid != provider {
+                    continue;
+                }
+                let users = vips_carrying(&db, l3, service)?;
+                if !users.is_empty() {
+                    return Err(L3Error::ServiceInUse { service: service.clone(), users });
+                }
                 batch.delete::<NetworkServiceL3RefRecord>(id, Expect::Generation(held.generation));
                 dhcp_detached |= service == crate::network::service::DHCP;
             }
+            let mut freed = None;
+            if dhcp_detached && let Some(ip) = record.dhcp_server_ip.take() {
+                let ip: Ipv4Addr = ip.parse().map_err(|_| L3Error::Invalid {
+                    field: "dhcpServerIp",
+                    message: format!("`{ip}` is not an address"),
+                })?;
+                batch.delete::<UsedIpRecord>(UsedIpRecord::id_of(l3, ip), Expect::Any);
+                freed = Some(ip);
+            }
+            let record = match store(&ctx, record, batch).await {
+                Err(L3Error::Store(StoreError::Conflict { .. })) => continue,
+                written => written?,
+            };
+            if let Some(ip) = freed {
+                ctx.with_state(|s| {
+                    s.used.remove(&ip);
+                    s.cursor.released(&s.record.ip_ranges, ip);
+                });
+            }
+            return Ok(record);
         }
-        let mut freed = None;
-        if dhcp_detached && let Some(ip) = record.dhcp_server_ip.take() {
-            let ip: Ipv4Addr = ip.parse().map_err(|_| L3Error::Invalid {
-                field: "dhcpServerIp",
-                message: format!("`{ip}` is not an address"),
-            })?;
-            batch.delete::<UsedIpRecord>(UsedIpRecord::id_of(l3, ip), Expect::Any);
-            freed = Some(ip);
-        }
-        let record = store(&ctx, record, batch).await?;
-        if let Some(ip) = freed {
-            ctx.with_state(|s| {
-                s.used.remove(&ip);
-                s.cursor.released(&s.record.ip_ranges, ip);
-            });
-        }
-        Ok(record)
     })
     .await
+}
+
+/// The VIPs that carry `service` (Eip or PortForwarding) to NICs of L3 `l3`.
+fn vips_carrying(db: &Db, l3: Uuid, service: &str) -> Result<Vec<Uuid>, StoreError> {
+    use crate::network::service;
+    use crate::records::vip_use;
+    let use_for = match service {
+        service::EIP => vip_use::EIP,
+        service::PORT_FORWARDING => vip_use::PORT_FORWARDING,
+        _ => return Ok(Vec::new()),
+    };
+    Ok(db
+        .find::<VipRecord>("peer-l3", &l3.into())?
+        .into_iter()
+        .filter_map(|id| db.get::<VipRecord>(id).transpose())
+        .filter_map(|vip| vip.map(|v| v.record).ok())
+        .filter(|vip| vip.use_for.as_deref() == Some(use_for))
+        .map(|vip| vip.uuid)
+        .collect())
 }
 
 fn op(name: &'static str) -> Op {

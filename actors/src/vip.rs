@@ -26,8 +26,10 @@ use crate::cascade::Deleter;
 use crate::host::{self, Hosts};
 use crate::kinds::RemoveFuture;
 use crate::l3::{self, L3Error, L3s};
+use crate::network::{FLAT, provider_uuid};
 use crate::records::{
-    EipRecord, L3NetworkRecord, PortForwardingRuleRecord, VipRecord, VmNic, VmRecord, vip_use,
+    EipRecord, L3NetworkRecord, NetworkServiceL3RefRecord, PortForwardingRuleRecord, VipRecord,
+    VmNic, VmRecord, vip_use,
 };
 
 /// Why a VIP, EIP or port forwarding change was refused or failed.
@@ -227,13 +229,14 @@ fn records<R: Record>(db: &Db, ids: Vec<Uuid>) -> Result<Vec<R>, StoreError> {
 
 /// Checks that `target`'s NIC may be reached through VIP `vip` by `service` (`Eip` or
 /// `PortForwarding`): on another network than the VIP's, one with the Flat provider's
-/// service, and the network the VIP's other attachments reach.
+/// service, and the network the VIP's other attachments reach. Returns the network's
+/// reference to that service.
 fn check_target(
     db: &Db,
     vip: &VipRecord,
     target: &NicTarget,
     service: &str,
-) -> Result<(), VipError> {
+) -> Result<Stored<NetworkServiceL3RefRecord>, VipError> {
     let l3 = target.nic.l3_network_uuid;
     if l3 == vip.l3_network_uuid {
         return Err(VipError::Invalid {
@@ -255,10 +258,10 @@ fn check_target(
             ),
         });
     }
-    let flat = crate::network::services_of(db, l3)?
-        .iter()
-        .any(|(provider, s)| provider == crate::network::FLAT && s == service);
-    if !flat {
+    let reference = db
+        .get::<NetworkServiceL3RefRecord>(NetworkServiceL3RefRecord::id_of(l3, service))?
+        .filter(|r| r.record.network_service_provider_uuid == provider_uuid(FLAT));
+    let Some(reference) = reference else {
         return Err(VipError::Invalid {
             field: "vmNicUuid",
             message: format!(
@@ -266,13 +269,24 @@ fn check_target(
                 target.nic.uuid
             ),
         });
-    }
+    };
     if target.vm.state == crate::vm::state::VmState::Destroyed {
         return Err(VipError::Invalid {
             field: "vmNicUuid",
             message: format!("VM {} is destroyed", target.vm.uuid),
         });
     }
+    Ok(reference)
+}
+
+/// Writes the service `reference` [`check_target`] found back unchanged, expected at the
+/// generation read: a detachment of the service meanwhile (which refuses while the VIP is
+/// used on that network) makes the attachment's write conflict and be decided again.
+fn keep_service(
+    batch: &mut Batch,
+    reference: &Stored<NetworkServiceL3RefRecord>,
+) -> Result<(), StoreError> {
+    batch.put(&reference.record, Expect::Generation(reference.generation))?;
     Ok(())
 }
 
@@ -398,13 +412,14 @@ pub async fn attach_eip(
                     target.nic.uuid
                 )));
             }
-            check_target(db, &vip, &target, crate::network::service::EIP)?;
+            let service = check_target(db, &vip, &target, crate::network::service::EIP)?;
             record.vm_nic_uuid = Some(target.nic.uuid);
             record.guest_ip = Some(target.nic.ip.clone());
             vip.peer_l3_network_uuid = Some(target.nic.l3_network_uuid);
             let mut batch = Batch::new();
             batch.put(&record, Expect::Generation(stored.generation))?;
             batch.put(&vip, Expect::Generation(vip_stored.generation))?;
+            keep_service(&mut batch, &service)?;
             if landed(db, batch).await? {
                 return Ok(record);
             }
@@ -500,7 +515,8 @@ pub async fn attach_port_forwarding_rule(
             if already_on(record.vm_nic_uuid, target.nic.uuid, &what, "DetachPortForwardingRule")? {
                 return Ok(record);
             }
-            check_target(db, &vip, &target, crate::network::service::PORT_FORWARDING)?;
+            let service =
+                check_target(db, &vip, &target, crate::network::service::PORT_FORWARDING)?;
             vip.peer_l3_network_uuid = Some(l3);
             record.vm_nic_uuid = Some(target.nic.uuid);
             record.guest_ip = Some(target.nic.ip.clone());
@@ -510,7 +526,7 @@ pub async fn attach_port_forwarding_rule(
             let write = move |vip: &VipRecord, batch: &mut Batch| -> Result<(), StoreError> {
                 batch.put(&record, rule_expected)?;
                 batch.put(vip, vip_expected)?;
-                Ok(())
+                keep_service(batch, &service)
             };
             let written = if vip.private_ip.is_some() {
                 let mut batch = Batch::new();

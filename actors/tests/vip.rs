@@ -9,27 +9,16 @@ use strato_actors::vip::{self, VipError};
 use strato_actors::vm::state::VmState;
 use uuid::Uuid;
 
-/// Two EIPs attached to one NIC at the same moment: the two are different records, so no
-/// compare-and-swap sees the other; one NIC has one EIP all the same.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_eips_attached_to_one_nic_at_once_leave_it_one() {
-    let cluster = mn();
-    let db = &cluster.db;
+/// A private L3 with the Flat provider's Eip, a public one, and a running VM's NIC on the
+/// private one: `(private, public, nic)`.
+async fn eip_network(db: &strato_storage::Db) -> (Uuid, Uuid, Uuid) {
     ensure_providers(db).await.unwrap();
     let (private, public) =
         (l3_record("private", Some(Uuid::new_v4())), l3_record("public", Some(Uuid::new_v4())));
     put(db, &private);
     put(db, &public);
     let (private, public) = (private.uuid, public.uuid);
-    put(
-        db,
-        &NetworkServiceL3RefRecord {
-            uuid: NetworkServiceL3RefRecord::id_of(private, service::EIP),
-            l3_network_uuid: private,
-            network_service_provider_uuid: provider_uuid(FLAT),
-            network_service_type: service::EIP.into(),
-        },
-    );
+    put(db, &eip_service(private));
     let mut vm = vm_record(Uuid::new_v4(), VmState::Running);
     let nic = Uuid::new_v4();
     vm.vm_nics.push(VmNic {
@@ -40,6 +29,149 @@ async fn two_eips_attached_to_one_nic_at_once_leave_it_one() {
         bridge: None,
     });
     put(db, &vm);
+    (private, public, nic)
+}
+
+/// L3 `l3`'s reference to the Flat provider's Eip.
+fn eip_service(l3: Uuid) -> NetworkServiceL3RefRecord {
+    NetworkServiceL3RefRecord {
+        uuid: NetworkServiceL3RefRecord::id_of(l3, service::EIP),
+        l3_network_uuid: l3,
+        network_service_provider_uuid: provider_uuid(FLAT),
+        network_service_type: service::EIP.into(),
+    }
+}
+
+/// A VIP on `public` and an unattached EIP on it.
+async fn vip_with_eip(db: &strato_storage::Db, public: Uuid, name: &str, ip: &str) -> Uuid {
+    let vip = VipRecord {
+        uuid: Uuid::new_v4(),
+        name: format!("vip-{name}"),
+        description: String::new(),
+        l3_network_uuid: public,
+        ip: ip.into(),
+        netmask: "255.255.255.0".into(),
+        gateway: "192.0.2.254".into(),
+        use_for: None,
+        peer_l3_network_uuid: None,
+        private_ip: None,
+        state: "Enabled".into(),
+    };
+    put(db, &vip);
+    let mut eip = EipRecord {
+        uuid: Uuid::new_v4(),
+        name: format!("eip-{name}"),
+        description: String::new(),
+        vip_uuid: vip.uuid,
+        vip_ip: String::new(),
+        vm_nic_uuid: None,
+        guest_ip: None,
+        state: "Enabled".into(),
+    };
+    vip::create_eip(db, &mut eip, |_| Ok(())).await.unwrap();
+    eip.uuid
+}
+
+/// A store whose first read of a record of one table, once armed, waits until the test
+/// lets it go: an operation stopped between what it read and what it writes.
+struct PausesOnRead {
+    inner: strato_storage::MemStore,
+    armed: std::sync::Mutex<
+        Option<(Vec<u8>, std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>)>,
+    >,
+}
+
+impl strato_storage::Store for PausesOnRead {
+    fn backend_name(&self) -> &'static str {
+        "pauses-on-read"
+    }
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, strato_storage::StoreError> {
+        let value = self.inner.get(key)?;
+        let mut armed = self.armed.lock().unwrap();
+        if armed.as_ref().is_some_and(|(prefix, _, _)| key.starts_with(prefix)) {
+            let (_, paused, go) = armed.take().unwrap();
+            drop(armed);
+            paused.send(()).unwrap();
+            go.recv().unwrap();
+        }
+        Ok(value)
+    }
+    fn range(&self, start: &[u8], end: Option<&[u8]>, reverse: bool) -> strato_storage::KvIter<'_> {
+        self.inner.range(start, end, reverse)
+    }
+    fn apply(&self, ops: Vec<strato_storage::RawOp>) -> Result<(), strato_storage::StoreError> {
+        self.inner.apply(ops)
+    }
+    fn flush(&self) -> Result<(), strato_storage::StoreError> {
+        self.inner.flush()
+    }
+}
+
+/// An EIP attachment that read its network's Eip service, then the service detached before
+/// the attachment wrote: the attachment sees it and is refused, and no EIP is left attached
+/// on a network without the service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_eip_is_not_attached_where_the_service_was_detached_meanwhile() {
+    let store = std::sync::Arc::new(PausesOnRead {
+        inner: strato_storage::MemStore::new(),
+        armed: std::sync::Mutex::new(None),
+    });
+    let cluster = common::mn_on(strato_storage::Db::new(store.clone()), Default::default());
+    let db = cluster.db.clone();
+    let (private, public, nic) = eip_network(&db).await;
+    let eip = vip_with_eip(&db, public, "late", "192.0.2.1").await;
+
+    let (paused_tx, paused_rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel();
+    let prefix =
+        format!("r/{}/", <NetworkServiceL3RefRecord as strato_storage::Record>::KIND).into_bytes();
+    *store.armed.lock().unwrap() = Some((prefix, paused_tx, go_rx));
+    let attach = {
+        let (db, hosts) = (db.clone(), cluster.hosts.clone());
+        tokio::spawn(async move {
+            vip::attach_eip(&db, &hosts, eip, vip::nic_target(&db, nic).unwrap()).await
+        })
+    };
+    tokio::task::spawn_blocking(move || paused_rx.recv().unwrap()).await.unwrap();
+    strato_actors::l3::detach_services(
+        &cluster.l3s,
+        private,
+        provider_uuid(FLAT),
+        vec![service::EIP.into()],
+    )
+    .await
+    .unwrap();
+    go_tx.send(()).unwrap();
+    let attached = attach.await.unwrap();
+    assert!(
+        matches!(&attached, Err(VipError::Invalid { field: "vmNicUuid", message }) if message.contains("no Eip service")),
+        "{attached:?}"
+    );
+    assert_eq!(db.get::<EipRecord>(eip).unwrap().unwrap().record.vm_nic_uuid, None);
+
+    // With the service back, the EIP attaches; then the service's detachment is refused.
+    put(&db, &eip_service(private));
+    vip::attach_eip(&db, &cluster.hosts, eip, vip::nic_target(&db, nic).unwrap()).await.unwrap();
+    let refused = strato_actors::l3::detach_services(
+        &cluster.l3s,
+        private,
+        provider_uuid(FLAT),
+        vec![service::EIP.into()],
+    )
+    .await;
+    assert!(
+        matches!(&refused, Err(strato_actors::l3::L3Error::ServiceInUse { users, .. }) if users.len() == 1),
+        "{refused:?}"
+    );
+}
+
+/// Two EIPs attached to one NIC at the same moment: the two are different records, so no
+/// compare-and-swap sees the other; one NIC has one EIP all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_eips_attached_to_one_nic_at_once_leave_it_one() {
+    let cluster = mn();
+    let db = &cluster.db;
+    let (_, public, nic) = eip_network(db).await;
     for round in 0..20 {
         let mut eips = Vec::new();
         for i in 0..2u8 {

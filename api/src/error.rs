@@ -313,6 +313,9 @@ impl From<L3Error> for ApiError {
             }
             L3Error::Store(e) => e.into(),
             L3Error::InUse(_) => ApiError::of(crate::codes::RESOURCE_BUSY, error.to_string()),
+            L3Error::ServiceInUse { .. } => {
+                ApiError::of(crate::codes::RESOURCE_IN_USE, error.to_string())
+            }
             L3Error::Invalid { field, message } => ApiError::invalid(field, message),
         }
     }

@@ -611,6 +611,21 @@ fn an_eip_and_port_forwarding_carry_packets_between_the_outside_and_guests() {
     );
     let attached = eip_action(json!({ "attachEip": { "vmNicUuid": nic(0) } }));
     assert_eq!(attached["inventory"]["guestIp"], vms[0]["vmNics"][0]["ip"], "{attached}");
+    // The service an attached EIP relies on stays until the EIP is detached.
+    let (status, _, refused) = http(
+        api,
+        "PUT",
+        &format!("/v1/l3-networks/{private}/actions"),
+        Some(&json!({ "detachNetworkServiceFromL3Network": { "networkServices": { &flat: ["Eip"] } } }).to_string()),
+        &[],
+    );
+    let job = if status == 202 {
+        common::wait_job(api, refused["location"].as_str().unwrap())
+    } else {
+        refused
+    };
+    assert_eq!(job["error"]["code"], "SYS.RESOURCE_IN_USE", "{job}");
+    assert!(job["error"]["description"].as_str().unwrap().contains("DetachEip"), "{job}");
     let second = common::call(
         api,
         "POST",
