@@ -72,13 +72,14 @@ async fn vip_with_eip(db: &strato_storage::Db, public: Uuid, name: &str, ip: &st
     eip.uuid
 }
 
+/// Where a read waits (keys starting with the prefix), whom it tells, and what it waits for.
+type Pause = (Vec<u8>, std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>);
+
 /// A store whose first read of a record of one table, once armed, waits until the test
 /// lets it go: an operation stopped between what it read and what it writes.
 struct PausesOnRead {
     inner: strato_storage::MemStore,
-    armed: std::sync::Mutex<
-        Option<(Vec<u8>, std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>)>,
-    >,
+    armed: std::sync::Mutex<Option<Pause>>,
 }
 
 impl strato_storage::Store for PausesOnRead {
