@@ -32,6 +32,7 @@ use crate::records::{
     NetworkServiceProviderRecord, PortForwardingRuleRecord, PrimaryStorageRecord,
     SecurityGroupRecord, UsedIpRecord, VipRecord, VmRecord, ZoneRecord,
 };
+use crate::records::{DiskOfferingRecord, VolumeRecord};
 use crate::tags::{SystemTag, UserTag};
 
 /// A field's type, for checking the values a query compares it with.
@@ -570,6 +571,73 @@ pub static KINDS: &[Kind] = &[
         actor: None,
     },
     Kind {
+        api: "DiskOffering",
+        vo: "DiskOfferingVO",
+        table: &TableOf::<DiskOfferingRecord>::new(),
+        shape: Shape {
+            name: "disk-offerings",
+            fields: &[f("uuid", Id), f("name", Text), f("description", Text), f("diskSize", Int)],
+            // Volumes keep their size when their offering goes.
+            relations: &[Relation::Back {
+                name: "volumes",
+                kind: "volumes",
+                field: "diskOfferingUuid",
+                dependent: false,
+            }],
+            indexed: &[("uuid", "#uuid"), ("name", "name")],
+            sorted: &[("name", "name")],
+        },
+        access: Access::Shared,
+        taggable: true,
+        deletion: Deletion::Cascade(cascade::remove_record::<DiskOfferingRecord>),
+        actor: None,
+    },
+    Kind {
+        api: "Volume",
+        vo: "VolumeVO",
+        table: &TableOf::<VolumeRecord>::new(),
+        shape: Shape {
+            name: "volumes",
+            fields: &[
+                f("uuid", Id),
+                f("name", Text),
+                f("description", Text),
+                f("type", Text),
+                f("status", Text),
+                f("size", Int),
+                f("format", Text),
+                f("diskOfferingUuid", Id),
+                f("primaryStorageUuid", Id),
+                f("hostUuid", Id),
+                f("installPath", Text),
+                f("vmInstanceUuid", Id),
+                f("deviceId", Int),
+            ],
+            relations: &[
+                Relation::Ref { name: "vmInstance", field: "vmInstanceUuid", kind: "vm-instances" },
+                Relation::Ref {
+                    name: "diskOffering",
+                    field: "diskOfferingUuid",
+                    kind: "disk-offerings",
+                },
+            ],
+            indexed: &[
+                ("uuid", "#uuid"),
+                ("name", "name"),
+                ("status", "status"),
+                ("vmInstanceUuid", "vm"),
+                ("diskOfferingUuid", "disk-offering"),
+                ("primaryStorageUuid", "primary-storage"),
+            ],
+            sorted: &[("name", "name"), ("status", "status")],
+        },
+        access: Access::Owned,
+        taggable: true,
+        // DeleteDataVolume (Delay policy) and ExpungeDataVolume are its own APIs.
+        deletion: Deletion::Own(None),
+        actor: None,
+    },
+    Kind {
         api: "L2Network",
         vo: "L2NetworkVO",
         table: &TableOf::<L2NetworkRecord>::new(),
@@ -844,6 +912,13 @@ pub static KINDS: &[Kind] = &[
             relations: &[
                 Relation::Ref { name: "host", field: "hostUuid", kind: "hosts" },
                 Relation::Nested { name: "vmNics", shape: &VM_NIC },
+                // Detached, not deleted, when the VM is expunged.
+                Relation::Back {
+                    name: "allVolumes",
+                    kind: "volumes",
+                    field: "vmInstanceUuid",
+                    dependent: false,
+                },
             ],
             indexed: &[
                 ("uuid", "#uuid"),

@@ -41,3 +41,4 @@ pub mod records;
 pub mod tags;
 pub mod vip;
 pub mod vm;
+pub mod volume;

@@ -258,8 +258,8 @@ pub struct VmNic {
 }
 
 impl VmRecord {
-    /// The domain this VM is on its host.
-    pub fn domain_spec(&self) -> strato_proto::DomainSpec {
+    /// The domain this VM is on its host, with `disks` (its data volumes').
+    pub fn domain_spec(&self, disks: Vec<strato_proto::DiskSpec>) -> strato_proto::DomainSpec {
         strato_proto::DomainSpec {
             uuid: self.uuid,
             name: format!("{}-{}", self.name, &self.uuid.simple().to_string()[..8]),
@@ -271,6 +271,7 @@ impl VmRecord {
                 .iter()
                 .map(|n| strato_proto::NicSpec { mac: n.mac.clone(), bridge: n.bridge.clone() })
                 .collect(),
+            disks,
         }
     }
 }
@@ -946,6 +947,135 @@ impl Record for InstanceOfferingRecord {
 
     fn id(&self) -> Uuid {
         self.uuid
+    }
+}
+
+/// A disk offering: the size of the data volumes made from it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DiskOfferingRecord {
+    /// Its UUID.
+    pub uuid: Uuid,
+    /// Its name.
+    pub name: String,
+    /// What it is for.
+    pub description: String,
+    /// The volumes' size in bytes.
+    pub disk_size: u64,
+}
+
+impl Record for DiskOfferingRecord {
+    const KIND: &'static str = "disk-offering";
+    const VERSION: u16 = 1;
+
+    fn id(&self) -> Uuid {
+        self.uuid
+    }
+
+    fn indexes() -> &'static [Index<Self>] {
+        &[Index { name: "name", values: |d| vec![d.name.as_str().into()] }]
+    }
+}
+
+/// A data volume's status (ZStack's): made as a record only until it is first attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VolumeStatus {
+    /// A record only: its file is made on the host of the VM it is first attached to.
+    NotInstantiated,
+    /// Its file is being made.
+    Creating,
+    /// Its file exists.
+    Ready,
+    /// Deleted (Delay policy): recoverable until expunged.
+    Deleted,
+}
+
+impl VolumeStatus {
+    /// Its name in the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VolumeStatus::NotInstantiated => "NotInstantiated",
+            VolumeStatus::Creating => "Creating",
+            VolumeStatus::Ready => "Ready",
+            VolumeStatus::Deleted => "Deleted",
+        }
+    }
+}
+
+/// A data volume: a qcow2 file on a host's primary storage, attached to at most one VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeRecord {
+    /// Its UUID (its file's name).
+    pub uuid: Uuid,
+    /// Its name.
+    pub name: String,
+    /// What it is for.
+    pub description: String,
+    /// `Data` (root volumes are still their VM's `rootVolumePath`).
+    pub r#type: String,
+    /// Where it is in its life.
+    pub status: VolumeStatus,
+    /// Its virtual size in bytes.
+    pub size: u64,
+    /// `qcow2`.
+    pub format: String,
+    /// The disk offering it was made from.
+    pub disk_offering_uuid: Option<Uuid>,
+    /// The primary storage it is (or is to be) on.
+    pub primary_storage_uuid: Option<Uuid>,
+    /// The host whose local storage holds its file.
+    pub host_uuid: Option<Uuid>,
+    /// Its file on that host (an administrator's detail).
+    pub install_path: Option<String>,
+    /// The VM it is attached to.
+    pub vm_instance_uuid: Option<Uuid>,
+    /// Its device number on that VM (1 is `vdb`).
+    pub device_id: Option<u32>,
+    /// When it was deleted (milliseconds since the epoch), while Deleted.
+    pub deleted_at_ms: Option<u64>,
+}
+
+impl VolumeRecord {
+    /// The disk its VM's domain has for it, once it has a file and a device.
+    pub fn disk(&self) -> Option<strato_proto::DiskSpec> {
+        Some(strato_proto::DiskSpec {
+            volume: self.uuid,
+            path: self.install_path.clone()?,
+            device_id: self.device_id?,
+        })
+    }
+}
+
+impl Record for VolumeRecord {
+    const KIND: &'static str = "volume";
+    const VERSION: u16 = 1;
+
+    fn id(&self) -> Uuid {
+        self.uuid
+    }
+
+    fn indexes() -> &'static [Index<Self>] {
+        &[
+            Index { name: "name", values: |v| vec![v.name.as_str().into()] },
+            Index { name: "status", values: |v| vec![v.status.as_str().into()] },
+            Index {
+                name: "vm",
+                values: |v| v.vm_instance_uuid.map(IndexValue::Uuid).into_iter().collect(),
+            },
+            Index {
+                name: "host",
+                values: |v| v.host_uuid.map(IndexValue::Uuid).into_iter().collect(),
+            },
+            Index {
+                name: "primary-storage",
+                values: |v| v.primary_storage_uuid.map(IndexValue::Uuid).into_iter().collect(),
+            },
+            Index {
+                name: "disk-offering",
+                values: |v| v.disk_offering_uuid.map(IndexValue::Uuid).into_iter().collect(),
+            },
+        ]
     }
 }
 

@@ -154,6 +154,12 @@ codes! {
     /// The VIP, EIP, rule or NIC is taken.
     VIP_IN_USE = "NETWORK.VIP_IN_USE", CONFLICT,
         "the VIP, EIP, port forwarding rule or NIC is used by something else (the message says what); detach or delete that first";
+    /// The volume's status does not allow the operation.
+    VOLUME_INVALID_STATUS = "VOLUME.INVALID_STATUS", CONFLICT,
+        "the data volume's status does not allow this operation (details.status); the message says what to do";
+    /// The volume is attached elsewhere.
+    VOLUME_IN_USE = "VOLUME.IN_USE", CONFLICT,
+        "the data volume is attached to another VM (the message says which); detach it first";
     /// No address is left on the L3 network.
     IP_EXHAUSTED = "L3.IP_EXHAUSTED", CONFLICT,
         "no free IP address is left on the L3 network; add an IP range or free addresses";

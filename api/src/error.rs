@@ -279,6 +279,9 @@ impl From<VmError> for ApiError {
                 no_host(&trace)
             }
             VmError::Vip(e) => e.into(),
+            VmError::HasDataVolumes { .. } => {
+                ApiError::of(crate::codes::RESOURCE_IN_USE, error.to_string())
+            }
             other => ApiError::internal(&other),
         }
     }
@@ -337,6 +340,31 @@ impl From<strato_actors::vip::VipError> for ApiError {
             VipError::NotFound { kind, uuid } => ApiError::not_found(kind, uuid),
             VipError::Invalid { field, message } => ApiError::invalid(field, message),
             VipError::InUse(message) => ApiError::of(crate::codes::VIP_IN_USE, message),
+        }
+    }
+}
+
+impl From<strato_actors::volume::VolumeError> for ApiError {
+    fn from(error: strato_actors::volume::VolumeError) -> Self {
+        use strato_actors::volume::VolumeError;
+        match error {
+            VolumeError::Runtime(e) => e.into(),
+            VolumeError::Store(e) => e.into(),
+            VolumeError::Host(e) => e.into(),
+            VolumeError::Vm(e) => (*e).into(),
+            VolumeError::NotFound { kind, uuid } => ApiError::not_found(kind, uuid),
+            VolumeError::Invalid { field, message } => ApiError::invalid(field, message),
+            VolumeError::InUse(message) => ApiError::of(crate::codes::VOLUME_IN_USE, message),
+            VolumeError::InvalidStatus { status, .. } => ApiError::new(
+                crate::codes::VOLUME_INVALID_STATUS,
+                error.to_string(),
+                json!({ "status": status.as_str() }),
+            ),
+            VolumeError::VmState { state, .. } => ApiError::new(
+                crate::codes::VM_INVALID_STATE,
+                error.to_string(),
+                json!({ "state": state, "allowed": ["Running", "Paused", "Stopped"] }),
+            ),
         }
     }
 }

@@ -43,6 +43,8 @@ pub struct Mn {
     pub image_policy: strato_actors::images::ImportPolicy,
     /// The jobs: submitted, waited for, cancelled.
     pub jobs: crate::jobs::Jobs,
+    /// How deleting a data volume behaves (the VMs' deletion policy and grace period).
+    pub volume_policy: strato_actors::volume::VolumePolicy,
 }
 
 impl Mn {
@@ -160,6 +162,7 @@ impl Mn {
             Overcommit::default(),
         );
         vm::ops::register_gc(&runtime, hosts.clone());
+        strato_actors::volume::register_gc(&runtime, hosts.clone());
 
         // Dial the hosts first: rolling back an interrupted creation may need its host.
         let mut dials = Vec::new();
@@ -218,6 +221,10 @@ impl Mn {
             external_url,
             image_policy,
             jobs,
+            volume_policy: strato_actors::volume::VolumePolicy {
+                deletion: vm_policy.deletion,
+                expunge_after: vm_policy.expunge_after,
+            },
         }))
     }
 

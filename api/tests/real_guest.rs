@@ -204,46 +204,63 @@ fn script(name: &str) -> String {
     format!("{}/../scripts/{name}", env!("CARGO_MANIFEST_DIR"))
 }
 
+/// A host that is a network namespace with an uplink (a veth whose peer is in an otherwise
+/// empty namespace: this kernel has no dummy devices) and its own libvirtd, which the agent
+/// reaches through that daemon's socket, managing the namespace as the host's network.
+struct NetnsHost {
+    // In drop order: the agent and server, then the namespaces with what runs in them (the
+    // daemon and its guests), then the daemon's directory.
+    cluster: TestCluster,
+    ns_name: String,
+    uri: String,
+    _ns: Namespaces,
+    _libvirt_dir: tempfile::TempDir,
+}
+
+impl NetnsHost {
+    fn start(image: &str) -> NetnsHost {
+        let image_dir = Path::new(image).parent().unwrap().display().to_string();
+        let libvirt_dir = tempfile::tempdir().unwrap();
+        let ns = Namespaces { tag: format!("srg{}", std::process::id() % 100_000) };
+        let host_ns = ns.add("h");
+        let outside = ns.add("o");
+        run(&[
+            "ip", "-n", &host_ns, "link", "add", "up0", "type", "veth", "peer", "name", "up0",
+            "netns", &outside,
+        ]);
+        run(&["ip", "-n", &host_ns, "link", "set", "up0", "up"]);
+        let uri = run(&[&script("netns-libvirtd"), &host_ns, libvirt_dir.path().to_str().unwrap()])
+            .trim()
+            .to_owned();
+        let prefix = format!("{}-n-", ns.tag);
+        let cluster = TestCluster::start(
+            ClusterOpts::default()
+                .driver(&[
+                    "--driver",
+                    "libvirt",
+                    "--libvirt-uri",
+                    &uri,
+                    "--network",
+                    "host",
+                    "--netns",
+                    &host_ns,
+                    "--netns-prefix",
+                    &prefix,
+                ])
+                .env("STRATO_IMAGE_FILE_DIRS", &image_dir)
+                .mode(0o755),
+        );
+        NetnsHost { cluster, ns_name: host_ns, uri, _ns: ns, _libvirt_dir: libvirt_dir }
+    }
+}
+
 #[test]
 #[ignore = "needs libvirtd and the guest image: scripts/real-guest prepares both, scripts/test runs it"]
 fn a_real_guest_gets_its_address_host_name_and_user_data_from_the_flat_provider() {
     let image = std::env::var("STRATO_GUEST_IMAGE")
         .expect("STRATO_GUEST_IMAGE must name the image built by scripts/real-guest");
-    let image_dir = Path::new(&image).parent().unwrap().display().to_string();
-    // The host: a namespace with an uplink (a veth whose peer is in an otherwise empty
-    // namespace: this kernel has no dummy devices) and its own libvirtd, which the agent
-    // reaches through that daemon's socket.
-    // Declared first, dropped last: the daemon's directory outlives the daemon.
-    let libvirt_dir = tempfile::tempdir().unwrap();
-    let ns = Namespaces { tag: format!("srg{}", std::process::id() % 100_000) };
-    let host_ns = ns.add("h");
-    let outside = ns.add("o");
-    run(&[
-        "ip", "-n", &host_ns, "link", "add", "up0", "type", "veth", "peer", "name", "up0", "netns",
-        &outside,
-    ]);
-    run(&["ip", "-n", &host_ns, "link", "set", "up0", "up"]);
-    let uri = run(&[&script("netns-libvirtd"), &host_ns, libvirt_dir.path().to_str().unwrap()])
-        .trim()
-        .to_owned();
-    let prefix = format!("{}-n-", ns.tag);
-    let cluster = TestCluster::start(
-        ClusterOpts::default()
-            .driver(&[
-                "--driver",
-                "libvirt",
-                "--libvirt-uri",
-                &uri,
-                "--network",
-                "host",
-                "--netns",
-                &host_ns,
-                "--netns-prefix",
-                &prefix,
-            ])
-            .env("STRATO_IMAGE_FILE_DIRS", &image_dir)
-            .mode(0o755),
-    );
+    let host = NetnsHost::start(&image);
+    let (cluster, host_ns) = (&host.cluster, &host.ns_name);
     let (api, dir) = (cluster.api, cluster.dir());
     let guest = Guest::define(api, cluster.agent.port(), dir, &image);
     let uuid_of = |v: &Value| v["uuid"].as_str().unwrap().to_owned();
@@ -300,7 +317,7 @@ fn a_real_guest_gets_its_address_host_name_and_user_data_from_the_flat_provider(
 
     // QEMU's tap is on the bridge in the host's namespace, named after the NIC.
     let port = strato_proto::net::nic_device(nic["mac"].as_str().unwrap());
-    let bridged = run(&["ip", "-n", &host_ns, "-o", "link", "show", "master", "br_up0"]);
+    let bridged = run(&["ip", "-n", host_ns, "-o", "link", "show", "master", "br_up0"]);
     assert!(bridged.contains(&format!("{port}:")), "{bridged}");
 
     // The guest's console: its lease, the host name it took, its instance id and user data.
@@ -324,4 +341,56 @@ fn a_real_guest_gets_its_address_host_name_and_user_data_from_the_flat_provider(
         text.contains("strato-tryout: user-data: strato: user data for the tryout guest"),
         "{text}"
     );
+}
+
+#[test]
+#[ignore = "needs libvirtd and the guest image: scripts/real-guest prepares both, scripts/test runs it"]
+fn a_real_guest_sees_a_data_volume_plugged_unplugged_and_plugged_again_with_its_data() {
+    let image = std::env::var("STRATO_GUEST_IMAGE")
+        .expect("STRATO_GUEST_IMAGE must name the image built by scripts/real-guest");
+    let host = NetnsHost::start(&image);
+    let (api, dir) = (host.cluster.api, host.cluster.dir());
+    let guest = Guest::define(api, host.cluster.agent.port(), dir, &image);
+    let l3 = create(api, "/v1/l3-networks", json!({ "name": "none" }));
+    create(
+        api,
+        &format!("/v1/l3-networks/{}/ip-ranges", l3["uuid"].as_str().unwrap()),
+        json!({ "startIp": "10.0.0.10", "endIp": "10.0.0.20", "netmask": "255.255.255.0", "gateway": "10.0.0.1" }),
+    );
+    let body = json!({
+        "params": { "name": "disks", "instanceOfferingUuid": guest.offering["uuid"], "imageUuid": guest.image["uuid"], "l3NetworkUuids": [l3["uuid"]] },
+    });
+    let vm = ok(api, "POST", "/v1/vm-instances", Some(&body.to_string()));
+    let vm_id = vm["uuid"].as_str().unwrap().to_owned();
+    let log = host.cluster.agent_dir().join("serial").join(format!("{vm_id}.log"));
+    wait_serial(&log, &["strato-tryout: waiting for the power button"], Duration::from_secs(120));
+
+    let volume =
+        create(api, "/v1/volumes/data", json!({ "name": "data", "diskSize": 16u64 << 20 }));
+    let volume_id = volume["uuid"].as_str().unwrap().to_owned();
+    let serial: String = volume_id.replace('-', "").chars().take(20).collect();
+    let action = |body: Value| {
+        ok(api, "PUT", &format!("/v1/volumes/{volume_id}/actions"), Some(&body.to_string()))
+    };
+    // Plugged live: the guest sees vdb with the volume's serial and writes its pattern.
+    let attached = action(json!({ "attachDataVolumeToVm": { "vmInstanceUuid": vm_id } }));
+    assert_eq!(attached["deviceId"], 1, "{attached}");
+    let text = wait_serial(&log, &["strato-tryout: vdb written"], Duration::from_secs(60));
+    let written = text
+        .lines()
+        .find_map(|l| l.split_once("strato-tryout: vdb written ").map(|(_, p)| p.trim().to_owned()))
+        .unwrap();
+    let xml = Command::new("virsh").args(["-c", &host.uri, "dumpxml", &vm_id]).output().unwrap();
+    assert!(
+        written.starts_with(&format!("strato-pattern:{serial}:")),
+        "{written}\n{text}\n{}",
+        String::from_utf8_lossy(&xml.stdout)
+    );
+    // Unplugged: the guest lets it go.
+    action(json!({ "detachDataVolumeFromVm": {} }));
+    wait_serial(&log, &["strato-tryout: vdb gone"], Duration::from_secs(60));
+    // Plugged again: the same bytes are there.
+    action(json!({ "attachDataVolumeToVm": { "vmInstanceUuid": vm_id } }));
+    let text = wait_serial(&log, &["strato-tryout: vdb holds"], Duration::from_secs(60));
+    assert!(text.contains(&format!("strato-tryout: vdb holds {written}")), "{text}");
 }

@@ -244,6 +244,7 @@ fn body_for(method: &str, template: &str) -> Option<Value> {
     match (method, template) {
         ("GET" | "DELETE", _) => None,
         (_, "/v1/api-jobs/{uuid}/actions") => Some(json!({ "cancelApiJob": {} })),
+        (_, "/v1/volumes/{uuid}/actions") => Some(json!({ "detachDataVolumeFromVm": {} })),
         (_, t) if t.ends_with("/actions") => Some(json!({ "stopVmInstance": {} })),
         _ => Some(json!({ "params": { "name": "x" } })),
     }
@@ -951,5 +952,62 @@ fn vips_eips_and_rules_are_their_owners_alone() {
     assert_eq!(eip["inventories"][0]["vipUuid"], a_vip.as_str(), "{eip}");
     let (_, vip) = w.env.as_(&w.a, "GET", &format!("/v1/vips/{a_vip}"), None);
     assert_eq!(vip["inventories"][0]["useFor"], "Eip", "{vip}");
+    w.assert_untouched();
+}
+
+/// Data volumes are their creators' alone: another account neither sees nor attaches,
+/// detaches, deletes, recovers nor expunges them, nor attaches its own to their VMs; disk
+/// offerings and a volume's primary storage are the admin's to choose; a tenant never sees
+/// where a volume lives.
+#[test]
+fn data_volumes_are_their_owners_alone() {
+    let w = world();
+    let api = w.env.api;
+    let offering =
+        create(api, "/v1/disk-offerings", json!({ "name": "d", "diskSize": 1u64 << 30 }));
+    let volume_of = |session: &str, name: &str| -> String {
+        let made = w.env.done_as(
+            session,
+            "POST",
+            "/v1/volumes/data",
+            json!({ "params": { "name": name, "diskOfferingUuid": offering["uuid"] } }),
+        );
+        made["inventory"]["uuid"].as_str().unwrap_or_else(|| panic!("{made}")).to_owned()
+    };
+    let (a_volume, b_volume) = (volume_of(&w.a, "a-volume"), volume_of(&w.b, "b-volume"));
+    let (_, seen) = w.env.as_(&w.b, "GET", "/v1/volumes", None);
+    let names: Vec<&str> =
+        seen["inventories"].as_array().unwrap().iter().filter_map(|v| v["name"].as_str()).collect();
+    assert_eq!(names, ["b-volume"], "{seen}");
+    let attach_to = |vm: &str| json!({ "attachDataVolumeToVm": { "vmInstanceUuid": vm } });
+    for (method, path, body) in [
+        ("GET", format!("/v1/volumes/{a_volume}"), Value::Null),
+        ("PUT", format!("/v1/volumes/{a_volume}/actions"), attach_to(&w.vm)),
+        ("PUT", format!("/v1/volumes/{b_volume}/actions"), attach_to(&w.vm)),
+        ("PUT", format!("/v1/volumes/{a_volume}/actions"), json!({ "detachDataVolumeFromVm": {} })),
+        ("PUT", format!("/v1/volumes/{a_volume}/actions"), json!({ "recoverDataVolume": {} })),
+        ("PUT", format!("/v1/volumes/{a_volume}/actions"), json!({ "expungeDataVolume": {} })),
+        ("DELETE", format!("/v1/volumes/{a_volume}"), Value::Null),
+    ] {
+        let body = (!body.is_null()).then_some(body);
+        let (status, reply) = w.env.as_(&w.b, method, &path, body);
+        assert_eq!(status, 404, "{method} {path}: {reply}");
+    }
+    for (path, params) in [
+        ("/v1/disk-offerings", json!({ "name": "mine", "diskSize": 1u64 << 30 })),
+        (
+            "/v1/volumes/data",
+            json!({ "name": "placed", "diskSize": 1u64 << 30, "primaryStorageUuid": w.zone }),
+        ),
+    ] {
+        let (status, reply) = w.env.as_(&w.b, "POST", path, Some(json!({ "params": params })));
+        assert_eq!(status, 403, "{path}: {reply}");
+    }
+    let (_, mine) = w.env.as_(&w.a, "GET", &format!("/v1/volumes/{a_volume}"), None);
+    let inventory = mine["inventories"][0].as_object().unwrap();
+    assert_eq!(inventory["status"], "NotInstantiated", "{mine}");
+    for hidden in ["installPath", "primaryStorageUuid", "hostUuid"] {
+        assert!(!inventory.contains_key(hidden), "a tenant sees `{hidden}`: {mine}");
+    }
     w.assert_untouched();
 }

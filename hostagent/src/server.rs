@@ -425,6 +425,9 @@ impl Agent {
             Command::CreateRootVolume { volume, backing, dir } => {
                 volumes::create_root_volume(volume, &backing, &dir).await
             }
+            Command::CreateDataVolume { volume, size, dir } => {
+                volumes::create_data_volume(volume, size, &dir).await
+            }
             Command::DeleteVolume { path } => volumes::delete_volume(&path).await,
             command => {
                 let driver = self.driver.clone();
@@ -507,9 +510,12 @@ fn drive(driver: &dyn Driver, network: &dyn Network, command: Command) -> Outcom
         Command::RebootDomain { uuid } => driver.reboot(uuid).map(|()| Reply::Done),
         Command::SuspendDomain { uuid } => driver.suspend(uuid).map(|()| Reply::Done),
         Command::ResumeDomain { uuid } => driver.resume(uuid).map(|()| Reply::Done),
+        Command::AttachDisk { uuid, disk } => driver.attach_disk(uuid, &disk).map(|()| Reply::Done),
+        Command::DetachDisk { uuid, disk } => driver.detach_disk(uuid, &disk).map(|()| Reply::Done),
         Command::UndefineDomain { uuid } => driver.undefine(uuid).map(|()| Reply::Done),
         Command::CacheImage { .. }
         | Command::CreateRootVolume { .. }
+        | Command::CreateDataVolume { .. }
         | Command::DeleteVolume { .. } => {
             Err(AgentError::new(AgentErrorCode::BadRequest, "volume commands are not driver calls"))
         }

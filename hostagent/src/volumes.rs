@@ -1,4 +1,5 @@
-//! Volumes on the host: the image cache and qcow2 root volumes, made with `qemu-img`.
+//! Volumes on the host: the image cache, qcow2 root volumes and empty data volumes, made
+//! with `qemu-img`.
 //!
 //! Every operation is safe to repeat: a file is built under a temporary name and renamed into
 //! place, so a file that exists is complete, and a repeat finds it and returns it.
@@ -81,6 +82,21 @@ pub async fn create_root_volume(
         &tmp.display().to_string(),
     ])
     .await?;
+    tokio::fs::rename(&tmp, &dest).await.map_err(|e| io_error("renaming", &tmp, e))?;
+    file_reply(&dest).await
+}
+
+/// Creates the empty qcow2 data volume `volume` of `size` bytes in `dir`.
+pub async fn create_data_volume(volume: Uuid, size: u64, dir: &str) -> Result<Reply, AgentError> {
+    let dir = PathBuf::from(dir);
+    let dest = dir.join(format!("{volume}.qcow2"));
+    if tokio::fs::try_exists(&dest).await.unwrap_or(false) {
+        return file_reply(&dest).await;
+    }
+    tokio::fs::create_dir_all(&dir).await.map_err(|e| io_error("creating", &dir, e))?;
+    let tmp = dir.join(format!("{volume}.qcow2.part"));
+    let size = size.to_string();
+    qemu_img(&["create", "-q", "-f", "qcow2", &tmp.display().to_string(), &size]).await?;
     tokio::fs::rename(&tmp, &dest).await.map_err(|e| io_error("renaming", &tmp, e))?;
     file_reply(&dest).await
 }

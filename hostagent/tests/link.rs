@@ -26,6 +26,7 @@ fn spec(name: &str) -> DomainSpec {
         memory_mib: 64,
         root_volume: None,
         nics: vec![],
+        disks: vec![],
     }
 }
 

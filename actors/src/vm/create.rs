@@ -419,7 +419,7 @@ impl Step<CreateVm> for StartDomain {
         host::command(
             &self.hosts,
             host,
-            Command::DefineDomain(record.domain_spec()),
+            Command::DefineDomain(record.domain_spec(Vec::new())),
             deadline(flow),
             flow.job_id,
         )

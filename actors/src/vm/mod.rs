@@ -7,6 +7,7 @@
 pub mod create;
 pub mod ops;
 pub mod state;
+pub mod volumes;
 
 use std::time::Duration;
 
@@ -124,6 +125,16 @@ pub enum VmError {
     /// Detaching the VM's EIPs or port forwarding rules failed.
     #[error(transparent)]
     Vip(#[from] crate::vip::VipError),
+    /// The VM's data volumes are on its host's local storage: it cannot leave the host.
+    #[error(
+        "VM {vm} has data volumes {volumes:?} on its host's local storage: detach them before migrating it"
+    )]
+    HasDataVolumes {
+        /// The VM.
+        vm: Uuid,
+        /// Its data volumes.
+        volumes: Vec<Uuid>,
+    },
 }
 
 /// Applies what host `host` observed of VM `vm`'s domain. Reports from a host the VM is not

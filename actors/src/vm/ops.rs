@@ -198,7 +198,7 @@ fn host_was_deleted(runtime: &Runtime, host: Uuid) -> Result<bool, strato_storag
 }
 
 /// Fires when host `host` is Connected again, and every minute in case the event was missed.
-fn when_host_is_back(host: Uuid) -> Trigger {
+pub(crate) fn when_host_is_back(host: Uuid) -> Trigger {
     Trigger::every(Duration::from_secs(60)).and_on_event(
         EventMatcher::topic("host.status-changed")
             .field("hostUuid", host)
@@ -424,7 +424,8 @@ async fn drive(ctx: &OpCtx<Vms>, op: Lifecycle, record: &VmRecord) -> Result<Lan
         Lifecycle::Start => {
             // The guest asks for its address as it boots: its host's DHCP knows it first.
             host::apply_network(&hosts, host, job).await?;
-            send(Command::DefineDomain(record.domain_spec())).await?;
+            let disks = crate::volume::disks_of(&ctx.entity().db, uuid)?;
+            send(Command::DefineDomain(record.domain_spec(disks))).await?;
             // The chaos runs panic here: an operation dying between two agent commands.
             fail::fail_point!("vm-start-after-define");
             send(Command::StartDomain { uuid }).await?;
@@ -516,10 +517,19 @@ async fn forget(ctx: &OpCtx<Vms>, record: &VmRecord) -> Result<(), VmError> {
         gc.submit_after(&name, RELEASE_IPS_JOB, &job, Trigger::default(), RELEASE_IPS_DELAY)
             .await?;
     }
-    let mut batch = Batch::new();
-    batch.delete::<VmRecord>(record.uuid, Expect::Any);
-    crate::records::delete_refs(&ctx.entity().db, &mut batch, record.uuid)?;
-    ctx.entity().db.commit(batch).await?;
+    // Its data volumes are detached in the same write (they stay, Ready, on their host).
+    loop {
+        let mut batch = Batch::new();
+        batch.delete::<VmRecord>(record.uuid, Expect::Any);
+        crate::records::delete_refs(&ctx.entity().db, &mut batch, record.uuid)?;
+        super::volumes::detach_all(&ctx.entity().db, &mut batch, record.uuid)?;
+        match ctx.entity().db.commit(batch).await {
+            Ok(_) => break,
+            // A volume changed meanwhile (its deletion was refused: it was attached).
+            Err(strato_storage::StoreError::Conflict { .. }) => continue,
+            Err(error) => return Err(error.into()),
+        }
+    }
     // The VM is gone: the expunge has happened, whatever befalls what follows. Giving the
     // addresses back and cancelling the job are tidying the job does itself if they fail
     // (a release names its owner, so the job's late repeat frees nothing someone else holds).
@@ -571,6 +581,11 @@ pub async fn migrate(
         let (record, _) = super::begin(&ctx).await?;
         let transition = plan(record.state, VmOp::Migrate)?;
         let source = record.host_uuid.ok_or(VmError::NoHost(id))?;
+        let volumes = crate::volume::attached_to(&ctx.entity().db, id)?;
+        if !volumes.is_empty() {
+            let volumes = volumes.into_iter().map(|v| v.record.uuid).collect();
+            return Err(VmError::HasDataVolumes { vm: id, volumes });
+        }
         let hosts = hosts_of(&ctx)?;
         let db = ctx.entity().db.clone();
         let cluster = db

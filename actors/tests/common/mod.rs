@@ -193,6 +193,7 @@ pub fn domain(uuid: Uuid) -> DomainSpec {
         memory_mib: 64,
         root_volume: None,
         nics: vec![],
+        disks: vec![],
     }
 }
 

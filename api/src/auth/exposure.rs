@@ -27,6 +27,8 @@ pub const HIDDEN_FIELDS: &[&str] = &[
     "hostUuid",
     "lastHostUuid",
     "rootVolumePath",
+    "installPath",
+    "primaryStorageUuid",
     "bridge",
     // Where an image came from and where it is kept.
     "url",

@@ -45,6 +45,7 @@ pub mod storage;
 pub mod tags;
 pub mod vips;
 pub mod vms;
+pub mod volumes;
 
 pub use api::{Answer, Api, Body, Described, KindApi, Method};
 
@@ -64,6 +65,7 @@ pub fn apis() -> &'static [Api] {
         apis.extend(vips::apis());
         apis.extend(vms::apis());
         apis.extend(storage::apis());
+        apis.extend(volumes::apis());
         apis.extend(tags::apis());
         apis.extend(jobs::apis());
         apis.extend(resources::apis());
@@ -226,6 +228,30 @@ pub(crate) async fn write<R: Record + serde::Serialize>(
     })
     .await?;
     Ok(())
+}
+
+/// What a creation writes beside its record: its tags, and (a normal account's) its owner.
+pub(crate) fn owned(
+    tags: &CreationTags,
+    kind: &'static Kind,
+    owner: Option<Uuid>,
+    uuid: Uuid,
+) -> impl Fn(&mut strato_storage::Batch) -> Result<(), strato_storage::StoreError> + Send + 'static
+{
+    let tags = tags.clone();
+    move |batch: &mut strato_storage::Batch| {
+        tags.write(batch, uuid, kind.vo)?;
+        if let Some(account) = owner {
+            let record = strato_actors::owners::OwnerRecord {
+                resource_uuid: uuid,
+                resource_type: kind.vo.into(),
+                account_uuid: account,
+                charge: strato_actors::owners::Charge::default(),
+            };
+            batch.put(&record, strato_storage::Expect::Absent)?;
+        }
+        Ok(())
+    }
 }
 
 /// Accepts a job that writes the new record `make` builds, answering with its inventory.

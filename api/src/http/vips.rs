@@ -9,16 +9,13 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::routing::{post, put};
 use serde_json::Value;
-use strato_actors::kinds::{self, Kind};
-use strato_actors::owners::{Charge, OwnerRecord};
+use strato_actors::kinds;
 use strato_actors::records::{EipRecord, PortForwardingRuleRecord, VipRecord};
 use strato_actors::vip::{self, NicTarget};
-use strato_storage::{Batch, Expect, StoreError};
 use uuid::Uuid;
 
 use super::api::{Api, actions, schema};
-use super::tags::CreationTags;
-use super::{Id, Shared, accepted, action, creation, get_record, job_header};
+use super::{Id, Shared, accepted, action, creation, get_record, job_header, owned};
 use crate::auth;
 use crate::error::ApiError;
 use crate::mn::Mn;
@@ -47,29 +44,6 @@ pub(super) fn apis() -> Vec<Api> {
         put(act_on_rule)
     }));
     apis
-}
-
-/// What a creation writes beside its record: its tags, and (a normal account's) its owner.
-fn owned(
-    tags: &CreationTags,
-    kind: &'static Kind,
-    owner: Option<Uuid>,
-    uuid: Uuid,
-) -> impl Fn(&mut Batch) -> Result<(), StoreError> + Send + 'static {
-    let tags = tags.clone();
-    move |batch: &mut Batch| {
-        tags.write(batch, uuid, kind.vo)?;
-        if let Some(account) = owner {
-            let record = OwnerRecord {
-                resource_uuid: uuid,
-                resource_type: kind.vo.into(),
-                account_uuid: account,
-                charge: Charge::default(),
-            };
-            batch.put(&record, Expect::Absent)?;
-        }
-        Ok(())
-    }
 }
 
 /// The checks an EIP's and a rule's creation share: their name and description, the VIP

@@ -172,6 +172,29 @@ pub enum SecurityGroupAction {
     DeleteVmNicFromSecurityGroup(VmNics),
 }
 
+/// The actions on a data volume (`PUT /v1/volumes/{uuid}/actions`).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum VolumeAction {
+    /// Attaches a data volume to a VM: live on a running VM, into its definition when stopped
+    AttachDataVolumeToVm(OnVm),
+    /// Detaches a data volume from its VM
+    DetachDataVolumeFromVm(NoParams),
+    /// Recovers a deleted data volume
+    RecoverDataVolume(NoParams),
+    /// Expunges a deleted data volume with its file
+    ExpungeDataVolume(NoParams),
+}
+
+/// A VM.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OnVm {
+    /// The VM.
+    #[serde(deserialize_with = "super::canonical::uuid")]
+    pub vm_instance_uuid: Uuid,
+}
+
 /// The actions on an EIP (`PUT /v1/eips/{uuid}/actions`).
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]

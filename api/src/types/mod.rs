@@ -207,6 +207,47 @@ pub struct OfferingParams {
     pub memory_size: u64,
 }
 
+/// `CreateDiskOffering`.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DiskOfferingParams {
+    /// Its name.
+    pub name: String,
+    /// What it is for.
+    #[serde(default)]
+    pub description: String,
+    /// The volumes' size in bytes (1 MiB to 64 TiB, whole MiB).
+    pub disk_size: u64,
+}
+
+/// `CreateDataVolume`: a disk offering or a size.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DataVolumeParams {
+    /// Its name.
+    pub name: String,
+    /// What it is for.
+    #[serde(default)]
+    pub description: String,
+    /// The disk offering giving its size.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "canonical::option"
+    )]
+    pub disk_offering_uuid: Option<Uuid>,
+    /// Its size in bytes, without an offering (1 MiB to 64 TiB, whole MiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_size: Option<u64>,
+    /// The primary storage to make it on (admin only; by default, the VM's cluster's).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "canonical::option"
+    )]
+    pub primary_storage_uuid: Option<Uuid>,
+}
+
 /// `CreateL2NoVlanNetwork`.
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

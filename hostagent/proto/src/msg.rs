@@ -178,6 +178,28 @@ pub struct DomainSpec {
     pub root_volume: Option<String>,
     /// Network interfaces.
     pub nics: Vec<NicSpec>,
+    /// Data volumes, by device number.
+    #[serde(default)]
+    pub disks: Vec<DiskSpec>,
+}
+
+/// A data volume as a domain's disk.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskSpec {
+    /// The volume's UUID (its disk's serial, which the guest sees in `/dev/disk/by-id`).
+    pub volume: Uuid,
+    /// Its qcow2 file on the host.
+    pub path: String,
+    /// Its device number: 1 is the first data disk (`vdb`), up to 24 (`vdy`); 0 is the root.
+    pub device_id: u32,
+}
+
+impl DiskSpec {
+    /// The guest's name for the disk: `vdb` for device 1.
+    pub fn target(&self) -> String {
+        let letter = u8::try_from(self.device_id).ok().and_then(|d| b'a'.checked_add(d));
+        format!("vd{}", char::from(letter.filter(u8::is_ascii_lowercase).unwrap_or(b'z')))
+    }
 }
 
 /// A network interface of a domain.
@@ -252,6 +274,30 @@ pub enum Command {
         /// The directory to create it in.
         dir: String,
     },
+    /// Create an empty qcow2 data volume of `size` bytes (succeeds if it exists).
+    CreateDataVolume {
+        /// The volume's UUID (its file's name).
+        volume: Uuid,
+        /// Its virtual size in bytes.
+        size: u64,
+        /// The directory to create it in.
+        dir: String,
+    },
+    /// Plug a disk into a running domain (and into its definition).
+    AttachDisk {
+        /// The domain.
+        uuid: Uuid,
+        /// The disk.
+        disk: DiskSpec,
+    },
+    /// Unplug a disk from a running domain (and from its definition); succeeds if it is
+    /// not there.
+    DetachDisk {
+        /// The domain.
+        uuid: Uuid,
+        /// The disk.
+        disk: DiskSpec,
+    },
     /// Delete a volume file (succeeds if it is already gone).
     DeleteVolume {
         /// The volume's path.
@@ -279,6 +325,9 @@ impl Command {
             Command::UndefineDomain { .. } => "undefine-domain",
             Command::CacheImage { .. } => "cache-image",
             Command::CreateRootVolume { .. } => "create-root-volume",
+            Command::CreateDataVolume { .. } => "create-data-volume",
+            Command::AttachDisk { .. } => "attach-disk",
+            Command::DetachDisk { .. } => "detach-disk",
             Command::DeleteVolume { .. } => "delete-volume",
             Command::ApplyNetwork(_) => "apply-network",
             Command::NetworkStatus => "network-status",
@@ -295,11 +344,14 @@ impl Command {
             | Command::RebootDomain { uuid }
             | Command::SuspendDomain { uuid }
             | Command::ResumeDomain { uuid }
-            | Command::UndefineDomain { uuid } => Some(*uuid),
+            | Command::UndefineDomain { uuid }
+            | Command::AttachDisk { uuid, .. }
+            | Command::DetachDisk { uuid, .. } => Some(*uuid),
             Command::HostFacts
             | Command::ListDomains
             | Command::CacheImage { .. }
             | Command::CreateRootVolume { .. }
+            | Command::CreateDataVolume { .. }
             | Command::DeleteVolume { .. }
             | Command::ApplyNetwork(_)
             | Command::NetworkStatus => None,

@@ -17,7 +17,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use strato_proto::{
-    AgentError, AgentErrorCode, AgentEvent, DomainInfo, DomainSpec, DomainState, HostFacts,
+    AgentError, AgentErrorCode, AgentEvent, DiskSpec, DomainInfo, DomainSpec, DomainState,
+    HostFacts,
 };
 use tokio::sync::broadcast;
 use uuid::Uuid;
@@ -62,6 +63,21 @@ fn xml_escape(text: &str) -> String {
     text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
+/// A data volume's `<disk>`: virtio, named by its device number, with the volume's UUID as
+/// its serial (virtio's limit is 20 characters: the first 20 of the UUID's hex), so a guest
+/// finds it in `/dev/disk/by-id` whatever order it was plugged in.
+fn disk_xml(disk: &DiskSpec) -> String {
+    let serial: String = disk.volume.simple().to_string().chars().take(20).collect();
+    format!(
+        "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{}'/><target dev='{}' bus='virtio'/><serial>{serial}</serial></disk>",
+        xml_escape(&disk.path),
+        disk.target()
+    )
+}
+
+/// How long an unplug may take: a virtio disk leaves when the guest lets it go.
+const DETACH_WAIT: Duration = Duration::from_secs(20);
+
 impl Libvirt {
     /// Connects to libvirt at `uri`.
     pub fn open(uri: &str) -> Result<Self, AgentError> {
@@ -105,6 +121,13 @@ impl Libvirt {
         self.domain(uuid)?.ok_or_else(|| not_found(uuid))
     }
 
+    /// Whether the running domain has `disk`'s file plugged in.
+    fn plugged(&self, domain: &Domain, disk: &DiskSpec) -> Result<bool, AgentError> {
+        let xml = domain.xml_desc(0).map_err(|e| driver_error("read the domain", &e))?;
+        Ok(xml.contains(&format!("file='{}'", xml_escape(&disk.path)))
+            || xml.contains(&format!("file=\"{}\"", xml_escape(&disk.path))))
+    }
+
     fn state(domain: &Domain) -> Result<DomainState, AgentError> {
         let (state, _) = domain.state().map_err(|e| driver_error("state", &e))?;
         Ok(state.known().map_or(DomainState::Other, map_state))
@@ -120,6 +143,9 @@ impl Libvirt {
                 "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{}'/><target dev='vda' bus='virtio'/></disk>",
                 xml_escape(path)
             ));
+        }
+        for disk in &spec.disks {
+            devices.push_str(&disk_xml(disk));
         }
         for nic in &spec.nics {
             match &nic.bridge {
@@ -251,6 +277,44 @@ impl Driver for Libvirt {
     fn undefine(&self, uuid: Uuid) -> Result<(), AgentError> {
         let Some(domain) = self.domain(uuid)? else { return Ok(()) };
         domain.undefine().map(|_| ()).map_err(|e| driver_error("undefine", &e))
+    }
+
+    fn attach_disk(&self, uuid: Uuid, disk: &DiskSpec) -> Result<(), AgentError> {
+        let domain = self.existing(uuid)?;
+        if self.plugged(&domain, disk)? {
+            return Ok(());
+        }
+        let flags = virt::sys::VIR_DOMAIN_AFFECT_LIVE | virt::sys::VIR_DOMAIN_AFFECT_CONFIG;
+        domain
+            .attach_device_flags(&disk_xml(disk), flags)
+            .map(|_| ())
+            .map_err(|e| driver_error("attach disk", &e))
+    }
+
+    fn detach_disk(&self, uuid: Uuid, disk: &DiskSpec) -> Result<(), AgentError> {
+        let domain = self.existing(uuid)?;
+        if !self.plugged(&domain, disk)? {
+            return Ok(());
+        }
+        let flags = virt::sys::VIR_DOMAIN_AFFECT_LIVE | virt::sys::VIR_DOMAIN_AFFECT_CONFIG;
+        domain
+            .detach_device_flags(&disk_xml(disk), flags)
+            .map_err(|e| driver_error("detach disk", &e))?;
+        // libvirt returns once QEMU was asked; the disk is gone when the guest released it.
+        let started = std::time::Instant::now();
+        while self.plugged(&domain, disk)? {
+            if started.elapsed() > DETACH_WAIT {
+                return Err(AgentError::new(
+                    AgentErrorCode::Driver,
+                    format!(
+                        "the guest of domain {uuid} did not release disk {} within {DETACH_WAIT:?}",
+                        disk.target()
+                    ),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Ok(())
     }
 
     fn watch(&self, events: broadcast::Sender<AgentEvent>) {

@@ -4,7 +4,9 @@
 //! pool, never on the threads that carry links. A driver reports state changes it sees
 //! (including ones made behind the MN's back) on the channel given to [`Driver::watch`].
 
-use strato_proto::{AgentError, AgentErrorCode, AgentEvent, DomainInfo, DomainSpec, HostFacts};
+use strato_proto::{
+    AgentError, AgentErrorCode, AgentEvent, DiskSpec, DomainInfo, DomainSpec, HostFacts,
+};
 use tokio::sync::broadcast;
 use uuid::Uuid;
 
@@ -33,6 +35,12 @@ pub trait Driver: Send + Sync + 'static {
     fn resume(&self, uuid: Uuid) -> Result<(), AgentError>;
     /// Removes a domain's definition (succeeds if there is none).
     fn undefine(&self, uuid: Uuid) -> Result<(), AgentError>;
+    /// Plugs a disk into a running or paused domain and into its definition (succeeds if
+    /// it is plugged).
+    fn attach_disk(&self, uuid: Uuid, disk: &DiskSpec) -> Result<(), AgentError>;
+    /// Unplugs a disk from a running or paused domain and from its definition (succeeds if
+    /// it is not plugged).
+    fn detach_disk(&self, uuid: Uuid, disk: &DiskSpec) -> Result<(), AgentError>;
     /// Starts reporting state changes on `events`.
     fn watch(&self, events: broadcast::Sender<AgentEvent>);
 }

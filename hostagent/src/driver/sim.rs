@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use strato_proto::{
-    AgentError, AgentErrorCode, AgentEvent, DomainInfo, DomainSpec, DomainState, HostFacts,
+    AgentError, AgentErrorCode, AgentEvent, DiskSpec, DomainInfo, DomainSpec, DomainState,
+    HostFacts,
 };
 use tokio::sync::broadcast;
 use uuid::Uuid;
@@ -111,6 +112,15 @@ impl Sim {
             .domains
             .into_iter()
             .map(|(uuid, d)| DomainInfo { uuid, name: d.spec.name, state: d.state })
+            .collect())
+    }
+
+    /// The disks of each domain in the state file at `state_file` (as `domains_in`).
+    pub fn disks_in(state_file: &Path) -> Result<BTreeMap<Uuid, Vec<DiskSpec>>, std::io::Error> {
+        Ok(StateFile::read(state_file)?
+            .domains
+            .into_iter()
+            .map(|(uuid, d)| (uuid, d.spec.disks))
             .collect())
     }
 
@@ -318,6 +328,36 @@ impl Driver for Sim {
         Ok(())
     }
 
+    fn attach_disk(&self, uuid: Uuid, disk: &DiskSpec) -> Result<(), AgentError> {
+        self.change("attach-disk", uuid, |d| match d.state {
+            DomainState::Running | DomainState::Paused => {
+                if let Some(other) =
+                    d.spec.disks.iter().find(|o| o.device_id == disk.device_id && o != &disk)
+                {
+                    return Err(AgentError::new(
+                        AgentErrorCode::InvalidState,
+                        format!("domain {uuid} has {} as {} already", other.path, disk.target()),
+                    ));
+                }
+                if !d.spec.disks.contains(disk) {
+                    d.spec.disks.push(disk.clone());
+                }
+                Ok(())
+            }
+            other => Err(invalid(uuid, other, "plug a disk into it")),
+        })
+    }
+
+    fn detach_disk(&self, uuid: Uuid, disk: &DiskSpec) -> Result<(), AgentError> {
+        self.change("detach-disk", uuid, |d| match d.state {
+            DomainState::Running | DomainState::Paused => {
+                d.spec.disks.retain(|o| o.volume != disk.volume);
+                Ok(())
+            }
+            other => Err(invalid(uuid, other, "unplug a disk from it")),
+        })
+    }
+
     fn watch(&self, events: broadcast::Sender<AgentEvent>) {
         *self.events.lock().expect("sim lock") = Some(events);
     }
@@ -347,6 +387,7 @@ mod tests {
             memory_mib: 64,
             root_volume: None,
             nics: vec![],
+            disks: vec![],
         }
     }
 

@@ -1,0 +1,368 @@
+//! Attaching and detaching data volumes, in the VM's lifecycle queue, so they never overlap
+//! the VM's starts, stops and migrations.
+//!
+//! A running VM gets the disk live (the agent plugs it into the domain and its definition);
+//! a stopped one has it in its definition when it next starts (every start defines the
+//! domain from the records). A volume never attached before is made first, on the VM's
+//! host's local storage: Creating is written before the agent makes the file, so a repeat
+//! after a failure finds the same file to finish (the agent's creation is idempotent), and
+//! a failed creation gives the volume back as it was.
+//!
+//! The attachment is claimed in the volume's record before the disk is plugged, with the
+//! VM's record expected unchanged: two VMs claiming one volume at once compare-and-swap on
+//! it, and the loser is refused before it plugs anything. A plug that fails gives the claim
+//! back. Detaching unplugs first, then writes the record: a detach stopped in between is
+//! repeated from the record, and unplugging is idempotent.
+
+use std::time::Duration;
+
+use strato_proto::{Command, DiskSpec};
+use strato_runtime::{Kind, Op, OpCtx};
+use strato_storage::{Batch, Db, Expect};
+use uuid::Uuid;
+
+use super::state::VmState;
+use super::{VmError, Vms};
+use crate::host::{self, Hosts};
+use crate::records::{HostRecord, PrimaryStorageRecord, VmRecord, VolumeRecord, VolumeStatus};
+use crate::volume::{self, MAX_DATA_VOLUMES, VolumeError, VolumeOp, allows, landed};
+
+fn hosts_of(ctx: &OpCtx<Vms>) -> Result<Kind<Hosts>, VolumeError> {
+    ctx.runtime().kind::<Hosts>().ok_or_else(|| {
+        VolumeError::Runtime(strato_runtime::RuntimeError::UnknownKind { kind: "host".into() })
+    })
+}
+
+/// The directory of a primary storage's data volumes on each host.
+pub fn data_volumes_dir(ps: &PrimaryStorageRecord) -> String {
+    format!("{}/datavolumes", ps.url.trim_end_matches('/'))
+}
+
+/// Whether the VM in `state` takes a disk live (`Some(true)`), in its definition only
+/// (`Some(false)`), or not at all.
+fn live(state: VmState) -> Option<bool> {
+    match state {
+        VmState::Running | VmState::Paused => Some(true),
+        VmState::Stopped => Some(false),
+        _ => None,
+    }
+}
+
+/// The primary storage of `host`'s cluster that `volume` may be made on: the one it names,
+/// if attached to that cluster, or the cluster's first.
+fn storage_for(
+    db: &Db,
+    volume: &VolumeRecord,
+    host: &HostRecord,
+) -> Result<PrimaryStorageRecord, VolumeError> {
+    let mut attached = Vec::new();
+    for stored in db.scan::<PrimaryStorageRecord>() {
+        let ps = stored?.record;
+        if ps.attached_cluster_uuids.contains(&host.cluster_uuid) {
+            attached.push(ps);
+        }
+    }
+    attached.sort_by_key(|ps| ps.uuid);
+    match volume.primary_storage_uuid {
+        Some(wanted) => attached.into_iter().find(|ps| ps.uuid == wanted).ok_or_else(|| {
+            VolumeError::Invalid {
+                field: "vmInstanceUuid",
+                message: format!(
+                    "volume {} is to be on primary storage {wanted}, which the VM's cluster {} has not attached",
+                    volume.uuid, host.cluster_uuid
+                ),
+            }
+        }),
+        None => attached.into_iter().next().ok_or_else(|| VolumeError::Invalid {
+            field: "vmInstanceUuid",
+            message: format!("the VM's cluster {} has no primary storage", host.cluster_uuid),
+        }),
+    }
+}
+
+/// The lowest device number `vm`'s data volumes leave free (1 is `vdb`).
+fn free_device(db: &Db, vm: Uuid) -> Result<Option<u32>, VolumeError> {
+    let used: Vec<u32> =
+        volume::attached_to(db, vm)?.iter().filter_map(|v| v.record.device_id).collect();
+    Ok((1..=MAX_DATA_VOLUMES).find(|d| !used.contains(d)))
+}
+
+fn too_many(vm: Uuid) -> VolumeError {
+    VolumeError::Invalid {
+        field: "vmInstanceUuid",
+        message: format!("VM {vm} has {MAX_DATA_VOLUMES} data volumes, the most it takes"),
+    }
+}
+
+/// Attaches data volume `volume` to VM `vm` (nothing to do if it is attached there).
+pub async fn attach(
+    vms: &Kind<Vms>,
+    volume: Uuid,
+    vm: Uuid,
+    timeout: Duration,
+    job: Option<Uuid>,
+) -> Result<VolumeRecord, VolumeError> {
+    vms.call(vm, Op::within("lifecycle", "attach-volume", timeout).job(job), move |ctx| async move {
+        let (record, _) = super::begin(&ctx).await?;
+        let live = live(record.state).ok_or(VolumeError::VmState {
+            vm,
+            state: record.state.as_str(),
+            action: "attached to",
+        })?;
+        let hosts = hosts_of(&ctx)?;
+        let host_uuid = record.host_uuid.ok_or(VmError::NoHost(vm))?;
+        let db = ctx.entity().db.clone();
+        let host = db
+            .get::<HostRecord>(host_uuid)?
+            .map(|h| h.record)
+            .ok_or(VmError::NoHost(vm))?;
+        let deadline = std::time::SystemTime::now() + ctx.remaining();
+        let send = |command: Command| host::command(&hosts, host_uuid, command, deadline, job);
+
+        // A VM that has its most volumes takes no other: refused before anything is made.
+        let on_vm = volume::get(&db, volume)?.record.vm_instance_uuid == Some(vm);
+        if !on_vm && free_device(&db, vm)?.is_none() {
+            return Err(too_many(vm));
+        }
+        // Made first, if never attached before.
+        let made = instantiate(&db, &send, volume, &record, &host).await?;
+        let claimed = claim(&db, volume, &record).await?;
+        let disk = claimed.disk().ok_or_else(|| VolumeError::InUse(format!("volume {volume} has no file")))?;
+        if live
+            && let Err(error) = send(Command::AttachDisk { uuid: vm, disk: disk.clone() }).await
+        {
+            release_claim(&db, volume, vm).await?;
+            return Err(error.into());
+        }
+        tracing::info!(vm = %vm, %volume, device = disk.target(), live, made, "data volume attached");
+        Ok(claimed)
+    })
+    .await
+}
+
+/// Makes `volume`'s file on `host`'s local storage if it has none; `true` if it made it.
+async fn instantiate<F, Fut>(
+    db: &Db,
+    send: &F,
+    volume: Uuid,
+    vm: &VmRecord,
+    host: &HostRecord,
+) -> Result<bool, VolumeError>
+where
+    F: Fn(Command) -> Fut,
+    Fut: std::future::Future<Output = Result<strato_proto::Reply, crate::host::HostError>>,
+{
+    let current = volume::get(db, volume)?.record;
+    check_attachable(&current, vm, host)?;
+    if current.status == VolumeStatus::Ready {
+        return Ok(false);
+    }
+    // Creating, with where it goes, before the file is made.
+    let (dir, size) = if current.status == VolumeStatus::Creating {
+        let path = current.install_path.clone().unwrap_or_default();
+        let dir = path.rsplit_once('/').map(|(dir, _)| dir.to_owned()).unwrap_or_default();
+        (dir, current.size)
+    } else {
+        let ps = storage_for(db, &current, host)?;
+        let dir = data_volumes_dir(&ps);
+        let path = format!("{dir}/{volume}.qcow2");
+        let (vm_uuid, host_uuid) = (vm.uuid, host.uuid);
+        volume::update(db, volume, |v| {
+            if v.status != VolumeStatus::NotInstantiated {
+                return Err(VolumeError::InUse(format!(
+                    "volume {volume} turned {} while it was being attached to VM {vm_uuid}",
+                    v.status.as_str()
+                )));
+            }
+            v.status = VolumeStatus::Creating;
+            v.primary_storage_uuid = Some(ps.uuid);
+            v.host_uuid = Some(host_uuid);
+            v.install_path = Some(path.clone());
+            Ok(())
+        })
+        .await?;
+        (dir, current.size)
+    };
+    match send(Command::CreateDataVolume { volume, size, dir }).await {
+        Ok(_) => {
+            volume::update(db, volume, |v| {
+                v.status = VolumeStatus::Ready;
+                Ok(())
+            })
+            .await?;
+            Ok(true)
+        }
+        Err(error) => {
+            // Undone: no file (whatever the agent left under a temporary name is its own),
+            // and the volume a record again.
+            if let Some(path) = volume::get(db, volume)?.record.install_path {
+                let _ = send(Command::DeleteVolume { path }).await;
+            }
+            volume::update(db, volume, |v| {
+                v.status = VolumeStatus::NotInstantiated;
+                (v.host_uuid, v.install_path, v.primary_storage_uuid) =
+                    (None, None, current.primary_storage_uuid);
+                Ok(())
+            })
+            .await?;
+            Err(error.into())
+        }
+    }
+}
+
+/// ZStack's checks before an attachment.
+fn check_attachable(v: &VolumeRecord, vm: &VmRecord, host: &HostRecord) -> Result<(), VolumeError> {
+    if v.r#type != "Data" {
+        return Err(VolumeError::Invalid {
+            field: "volumeUuid",
+            message: format!("volume {} is a root volume: only data volumes are attached", v.uuid),
+        });
+    }
+    if !allows(v.status, VolumeOp::Attach) {
+        return Err(VolumeError::InvalidStatus {
+            volume: v.uuid,
+            status: v.status,
+            op: VolumeOp::Attach,
+            hint: ": recover it first (RecoverDataVolume)",
+        });
+    }
+    if let Some(other) = v.vm_instance_uuid.filter(|other| *other != vm.uuid) {
+        return Err(VolumeError::InUse(format!(
+            "volume {} is attached to VM {other}: detach it first (DetachDataVolumeFromVm)",
+            v.uuid
+        )));
+    }
+    if let Some(on) = v.host_uuid.filter(|on| *on != host.uuid) {
+        return Err(VolumeError::Invalid {
+            field: "vmInstanceUuid",
+            message: format!(
+                "volume {} is on host {on}'s local storage and VM {} on host {}: a local volume is attached on its own host",
+                v.uuid, vm.uuid, host.uuid
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Claims `volume` for VM `vm` at a free device, with the VM's record written back at the
+/// generation read (so an expunge of the VM meanwhile makes the claim decide again).
+async fn claim(db: &Db, volume: Uuid, vm: &VmRecord) -> Result<VolumeRecord, VolumeError> {
+    loop {
+        let stored = volume::get(db, volume)?;
+        let mut v = stored.record;
+        if v.vm_instance_uuid == Some(vm.uuid) {
+            return Ok(v);
+        }
+        if let Some(other) = v.vm_instance_uuid {
+            return Err(VolumeError::InUse(format!(
+                "volume {volume} is attached to VM {other}: detach it first (DetachDataVolumeFromVm)"
+            )));
+        }
+        if v.status != VolumeStatus::Ready {
+            return Err(VolumeError::InvalidStatus {
+                volume,
+                status: v.status,
+                op: VolumeOp::Attach,
+                hint: "",
+            });
+        }
+        let device = free_device(db, vm.uuid)?.ok_or_else(|| too_many(vm.uuid))?;
+        let vm_stored = db
+            .get::<VmRecord>(vm.uuid)?
+            .ok_or(VolumeError::NotFound { kind: "VmInstance", uuid: vm.uuid })?;
+        v.vm_instance_uuid = Some(vm.uuid);
+        v.device_id = Some(device);
+        let mut batch = Batch::new();
+        batch.put(&v, Expect::Generation(stored.generation))?;
+        batch.put(&vm_stored.record, Expect::Generation(vm_stored.generation))?;
+        if landed(db, batch).await? {
+            return Ok(v);
+        }
+    }
+}
+
+/// Gives back `vm`'s claim on `volume` (its disk was not plugged).
+async fn release_claim(db: &Db, volume: Uuid, vm: Uuid) -> Result<(), VolumeError> {
+    volume::update(db, volume, |v| {
+        if v.vm_instance_uuid == Some(vm) {
+            (v.vm_instance_uuid, v.device_id) = (None, None);
+        }
+        Ok(())
+    })
+    .await
+    .map(drop)
+}
+
+/// Detaches data volume `volume` from its VM (nothing to do if it is attached to none).
+pub async fn detach(
+    vms: &Kind<Vms>,
+    volume: Uuid,
+    timeout: Duration,
+    job: Option<Uuid>,
+) -> Result<VolumeRecord, VolumeError> {
+    let db = vms.runtime().db().clone();
+    let current = volume::get(&db, volume)?.record;
+    let Some(vm) = current.vm_instance_uuid else { return Ok(current) };
+    vms.call(
+        vm,
+        Op::within("lifecycle", "detach-volume", timeout).job(job),
+        move |ctx| async move {
+            let (record, _) = super::begin(&ctx).await?;
+            let current = volume::get(&db, volume)?.record;
+            if current.vm_instance_uuid != Some(vm) {
+                return Ok(current);
+            }
+            // A destroyed VM has no domain: its volumes are detached from the record alone.
+            let state =
+                if record.state == VmState::Destroyed { VmState::Stopped } else { record.state };
+            if let Some(disk) = current.disk() {
+                match live(state) {
+                    Some(true) => unplug(&ctx, &record, disk, job).await?,
+                    Some(false) => {}
+                    None => {
+                        return Err(VolumeError::VmState {
+                            vm,
+                            state: record.state.as_str(),
+                            action: "detached from",
+                        });
+                    }
+                }
+            }
+            let detached = volume::update(&db, volume, |v| {
+                if v.vm_instance_uuid == Some(vm) {
+                    (v.vm_instance_uuid, v.device_id) = (None, None);
+                }
+                Ok(())
+            })
+            .await?;
+            tracing::info!(vm = %vm, %volume, "data volume detached");
+            Ok(detached)
+        },
+    )
+    .await
+}
+
+async fn unplug(
+    ctx: &OpCtx<Vms>,
+    record: &VmRecord,
+    disk: DiskSpec,
+    job: Option<Uuid>,
+) -> Result<(), VolumeError> {
+    let hosts = hosts_of(ctx)?;
+    let host = record.host_uuid.ok_or(VmError::NoHost(record.uuid))?;
+    let deadline = std::time::SystemTime::now() + ctx.remaining();
+    host::command(&hosts, host, Command::DetachDisk { uuid: record.uuid, disk }, deadline, job)
+        .await?;
+    Ok(())
+}
+
+/// Adds to `batch` the detachment of every data volume of expunged VM `vm` (its domain is
+/// gone; the volumes stay, Ready, on their host).
+pub(crate) fn detach_all(db: &Db, batch: &mut Batch, vm: Uuid) -> Result<(), VmError> {
+    for stored in volume::attached_to(db, vm)? {
+        let mut v = stored.record;
+        (v.vm_instance_uuid, v.device_id) = (None, None);
+        batch.put(&v, Expect::Generation(stored.generation))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,402 @@
+//! Data volumes: created as records (NotInstantiated), made on the host of the VM they are
+//! first attached to, attached and detached through that VM's queue ([`crate::vm::volumes`]),
+//! deleted by ZStack's Delay policy (recoverable until the GC expunges them) and expunged
+//! with their file.
+//!
+//! A volume's own changes (deletion, recovery, expunge) are compare-and-swap writes of its
+//! record, decided again on a conflict: an attachment running in a VM's queue at the same
+//! moment writes the same record, so one of the two sees the other. What a volume's status
+//! allows is one table ([`allows`]), as the VM's state table is.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use strato_proto::{Command, DiskSpec};
+use strato_runtime::{Kind, Runtime, RuntimeError, Trigger};
+use strato_storage::{Batch, Db, Expect, IndexValue, StoreError, Stored};
+use uuid::Uuid;
+
+use crate::host::{self, HostError, Hosts};
+use crate::records::{VolumeRecord, VolumeStatus};
+use crate::vm::ops::DeletionPolicy;
+
+/// The most data volumes a VM takes (ZStack's limit: `vdb` to `vdy`).
+pub const MAX_DATA_VOLUMES: u32 = 24;
+
+/// How deleting a data volume behaves (ZStack's `volume.deletionPolicy` and
+/// `volume.expungePeriod`).
+#[derive(Clone, Copy, Debug)]
+pub struct VolumePolicy {
+    /// What deleting does.
+    pub deletion: DeletionPolicy,
+    /// With the Delay policy, how long a deleted volume can be recovered before the GC
+    /// expunges it (`None`: only by hand).
+    pub expunge_after: Option<Duration>,
+}
+
+impl Default for VolumePolicy {
+    fn default() -> Self {
+        VolumePolicy {
+            deletion: DeletionPolicy::Delay,
+            expunge_after: Some(Duration::from_secs(24 * 3600)),
+        }
+    }
+}
+
+/// An operation on a volume, for the status table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VolumeOp {
+    /// Attach it to a VM.
+    Attach,
+    /// Delete it (Delay: recoverable).
+    Delete,
+    /// Recover a deleted volume.
+    Recover,
+    /// Expunge a deleted volume with its file.
+    Expunge,
+}
+
+impl VolumeOp {
+    fn as_str(self) -> &'static str {
+        match self {
+            VolumeOp::Attach => "attach",
+            VolumeOp::Delete => "delete",
+            VolumeOp::Recover => "recover",
+            VolumeOp::Expunge => "expunge",
+        }
+    }
+}
+
+/// Whether a volume in `status` allows `op` (ZStack's rules: a volume is attached when Ready
+/// or NotInstantiated, recovered or expunged when Deleted; a Creating one is being made by
+/// an attachment, which finishes it).
+pub fn allows(status: VolumeStatus, op: VolumeOp) -> bool {
+    use VolumeOp::*;
+    use VolumeStatus::*;
+    matches!(
+        (status, op),
+        (NotInstantiated | Ready | Creating, Attach)
+            | (NotInstantiated | Ready, Delete)
+            | (Deleted, Recover | Expunge)
+    )
+}
+
+/// Why a volume operation was refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    /// The runtime did not run it.
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    /// The store failed.
+    #[error("the store failed")]
+    Store(#[from] StoreError),
+    /// The host or its agent failed.
+    #[error(transparent)]
+    Host(#[from] HostError),
+    /// The volume's status does not allow the operation.
+    #[error("volume {volume} is {status}: it cannot be {action}ed{hint}", status = .status.as_str(), action = .op.as_str())]
+    InvalidStatus {
+        /// The volume.
+        volume: Uuid,
+        /// Its status.
+        status: VolumeStatus,
+        /// What was asked.
+        op: VolumeOp,
+        /// What to do instead (empty, or starting with `: `).
+        hint: &'static str,
+    },
+    /// The VM's state does not allow the operation.
+    #[error("VM {vm} is {state}: a data volume is {action} a Running or Stopped VM")]
+    VmState {
+        /// The VM.
+        vm: Uuid,
+        /// Its state.
+        state: &'static str,
+        /// `attached to` or `detached from`.
+        action: &'static str,
+    },
+    /// The volume is attached where it cannot be used.
+    #[error("{0}")]
+    InUse(String),
+    /// A request field is wrong (the field is named).
+    #[error("{field}: {message}")]
+    Invalid {
+        /// The request field at fault.
+        field: &'static str,
+        /// What is wrong and what to do.
+        message: String,
+    },
+    /// A VM operation failed.
+    #[error(transparent)]
+    Vm(#[from] Box<crate::vm::VmError>),
+    /// A resource named does not exist.
+    #[error("{kind} {uuid} not found")]
+    NotFound {
+        /// Its kind's API name.
+        kind: &'static str,
+        /// Its UUID.
+        uuid: Uuid,
+    },
+}
+
+impl From<crate::vm::VmError> for VolumeError {
+    fn from(error: crate::vm::VmError) -> Self {
+        VolumeError::Vm(Box::new(error))
+    }
+}
+
+/// The volume's record, or NotFound.
+pub fn get(db: &Db, volume: Uuid) -> Result<Stored<VolumeRecord>, VolumeError> {
+    db.get::<VolumeRecord>(volume)?.ok_or(VolumeError::NotFound { kind: "Volume", uuid: volume })
+}
+
+/// The data volumes attached to VM `vm`.
+pub fn attached_to(db: &Db, vm: Uuid) -> Result<Vec<Stored<VolumeRecord>>, StoreError> {
+    let mut out = Vec::new();
+    for id in db.find::<VolumeRecord>("vm", &IndexValue::Uuid(vm))? {
+        out.extend(db.get::<VolumeRecord>(id)?);
+    }
+    out.sort_by_key(|v| v.record.device_id);
+    Ok(out)
+}
+
+/// The disks VM `vm`'s domain has: its attached data volumes that have a file.
+pub fn disks_of(db: &Db, vm: Uuid) -> Result<Vec<DiskSpec>, StoreError> {
+    Ok(attached_to(db, vm)?.into_iter().filter_map(|v| v.record.disk()).collect())
+}
+
+/// Commits `batch`: `true` when it landed, `false` when another writer changed one of the
+/// records it expects first (read them again and decide again).
+pub(crate) async fn landed(db: &Db, batch: Batch) -> Result<bool, StoreError> {
+    match db.commit(batch).await {
+        Ok(_) => Ok(true),
+        Err(StoreError::Conflict { .. }) => Ok(false),
+        Err(error) => Err(error),
+    }
+}
+
+/// Changes volume `volume`'s record with `change` (which may refuse, seeing the record as
+/// it is now), decided again on a conflict.
+pub(crate) async fn update(
+    db: &Db,
+    volume: Uuid,
+    change: impl Fn(&mut VolumeRecord) -> Result<(), VolumeError>,
+) -> Result<VolumeRecord, VolumeError> {
+    loop {
+        let stored = get(db, volume)?;
+        let mut record = stored.record;
+        change(&mut record)?;
+        let mut batch = Batch::new();
+        batch.put(&record, Expect::Generation(stored.generation))?;
+        if landed(db, batch).await? {
+            return Ok(record);
+        }
+    }
+}
+
+fn refuse(record: &VolumeRecord, op: VolumeOp, hint: &'static str) -> VolumeError {
+    VolumeError::InvalidStatus { volume: record.uuid, status: record.status, op, hint }
+}
+
+/// The GC job kind that expunges a deleted volume once its grace period is over.
+pub const EXPUNGE_VOLUME_JOB: &str = "volume.expunge";
+
+/// The context of an [`EXPUNGE_VOLUME_JOB`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ExpungeVolumeJob {
+    /// The volume.
+    pub volume: Uuid,
+}
+
+fn expunge_job_name(volume: Uuid) -> String {
+    format!("{EXPUNGE_VOLUME_JOB}/{volume}")
+}
+
+/// Registers the volume GC handler. Call once at startup, before `gc().start()`.
+pub fn register_gc(runtime: &Runtime, hosts: Kind<Hosts>) {
+    let (expunging, files) = (runtime.clone(), hosts.clone());
+    runtime.gc().register_handler(EXPUNGE_VOLUME_JOB, move |job: ExpungeVolumeJob| {
+        let (runtime, hosts) = (expunging.clone(), hosts.clone());
+        async move {
+            // Recovered (or expunged by hand) since: nothing to do.
+            match runtime.db().get::<VolumeRecord>(job.volume)? {
+                Some(v) if v.record.status == VolumeStatus::Deleted => {
+                    expunge(&runtime, &hosts, job.volume).await?;
+                }
+                _ => {}
+            }
+            Ok(())
+        }
+    });
+    let db = runtime.db().clone();
+    runtime.gc().register_handler(DELETE_FILE_JOB, move |job: DeleteFileJob| {
+        let (db, hosts) = (db.clone(), files.clone());
+        async move {
+            if db.get::<VolumeRecord>(job.volume)?.is_none() {
+                delete_file(&hosts, &job).await?;
+            }
+            Ok(())
+        }
+    });
+}
+
+/// Deletes data volume `volume`, detached first (through its VM's queue). With the Delay
+/// policy it turns Deleted and the GC expunges it after the grace period; with Direct it is
+/// expunged at once.
+pub async fn delete(
+    runtime: &Runtime,
+    vms: &Kind<crate::vm::Vms>,
+    hosts: &Kind<Hosts>,
+    volume: Uuid,
+    policy: VolumePolicy,
+    job: Option<Uuid>,
+) -> Result<(), VolumeError> {
+    let db = runtime.db();
+    let Some(stored) = db.get::<VolumeRecord>(volume)? else { return Ok(()) };
+    if stored.record.status == VolumeStatus::Deleted {
+        return Ok(());
+    }
+    if !allows(stored.record.status, VolumeOp::Delete) {
+        return Err(refuse(&stored.record, VolumeOp::Delete, ""));
+    }
+    if stored.record.vm_instance_uuid.is_some() {
+        crate::vm::volumes::detach(vms, volume, Duration::from_secs(300), job).await?;
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    update(db, volume, |v| {
+        if v.vm_instance_uuid.is_some() {
+            return Err(VolumeError::InUse(format!(
+                "volume {volume} was attached to VM {} while it was being deleted: detach it first",
+                v.vm_instance_uuid.unwrap_or_default()
+            )));
+        }
+        if !allows(v.status, VolumeOp::Delete) {
+            return Err(refuse(v, VolumeOp::Delete, ""));
+        }
+        v.status = VolumeStatus::Deleted;
+        v.deleted_at_ms = Some(now);
+        Ok(())
+    })
+    .await?;
+    if policy.deletion == DeletionPolicy::Direct {
+        return expunge(runtime, hosts, volume).await;
+    }
+    if let Some(after) = policy.expunge_after {
+        let name = expunge_job_name(volume);
+        runtime
+            .gc()
+            .submit_after(
+                &name,
+                EXPUNGE_VOLUME_JOB,
+                &ExpungeVolumeJob { volume },
+                Trigger::default(),
+                after,
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+/// Recovers deleted volume `volume`: Ready again if it has a file, NotInstantiated if not.
+pub async fn recover(runtime: &Runtime, volume: Uuid) -> Result<VolumeRecord, VolumeError> {
+    let recovered = update(runtime.db(), volume, |v| {
+        if !allows(v.status, VolumeOp::Recover) {
+            return Err(refuse(v, VolumeOp::Recover, ": only a Deleted volume is recovered"));
+        }
+        v.status = if v.install_path.is_some() {
+            VolumeStatus::Ready
+        } else {
+            VolumeStatus::NotInstantiated
+        };
+        v.deleted_at_ms = None;
+        Ok(())
+    })
+    .await?;
+    // Its expunge job finds it recovered and does nothing; cancelling it is tidying.
+    if let Err(error) =
+        runtime.gc().cancel(strato_runtime::Gc::job_id(&expunge_job_name(volume))).await
+    {
+        tracing::warn!(%volume, %error, "a recovered volume's expunge job stays; it will find nothing to do");
+    }
+    Ok(recovered)
+}
+
+/// The GC job kind that deletes an expunged volume's file (submitted before the record goes,
+/// for an MN that dies in between, and left when the host cannot be reached).
+pub const DELETE_FILE_JOB: &str = "volume.delete-file";
+
+/// The context of a [`DELETE_FILE_JOB`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DeleteFileJob {
+    /// The volume (its file is deleted only once its record is gone).
+    pub volume: Uuid,
+    /// The host holding the file.
+    pub host: Uuid,
+    /// The file.
+    pub path: String,
+}
+
+fn file_job_name(volume: Uuid) -> String {
+    format!("{DELETE_FILE_JOB}/{volume}")
+}
+
+/// How long after an expunge its file job runs (the expunge deletes the file at once and
+/// cancels the job; the job is for an MN that died in between, or a host away).
+const DELETE_FILE_DELAY: Duration = Duration::from_secs(30);
+
+async fn delete_file(hosts: &Kind<Hosts>, job: &DeleteFileJob) -> Result<(), VolumeError> {
+    let deadline = std::time::SystemTime::now() + Duration::from_secs(60);
+    let command = Command::DeleteVolume { path: job.path.clone() };
+    host::command(hosts, job.host, command, deadline, None).await?;
+    Ok(())
+}
+
+/// Expunges deleted volume `volume`: its record goes, then its file. A GC job submitted
+/// first deletes the file if the MN dies in between or the host cannot be reached; it deletes
+/// nothing while the record exists (a volume recovered meanwhile keeps its file).
+pub async fn expunge(
+    runtime: &Runtime,
+    hosts: &Kind<Hosts>,
+    volume: Uuid,
+) -> Result<(), VolumeError> {
+    let db = runtime.db();
+    let name = file_job_name(volume);
+    loop {
+        let Some(stored) = db.get::<VolumeRecord>(volume)? else { return Ok(()) };
+        if !allows(stored.record.status, VolumeOp::Expunge) {
+            return Err(refuse(&stored.record, VolumeOp::Expunge, ": delete it first"));
+        }
+        let file = stored.record.host_uuid.zip(stored.record.install_path.clone());
+        let job = file.map(|(host, path)| DeleteFileJob { volume, host, path });
+        if let Some(job) = &job {
+            let trigger = crate::vm::ops::when_host_is_back(job.host);
+            runtime
+                .gc()
+                .submit_after(&name, DELETE_FILE_JOB, job, trigger, DELETE_FILE_DELAY)
+                .await?;
+        }
+        let mut batch = Batch::new();
+        batch.delete::<VolumeRecord>(volume, Expect::Generation(stored.generation));
+        crate::records::delete_refs(db, &mut batch, volume)?;
+        if !landed(db, batch).await? {
+            continue;
+        }
+        if let Some(job) = job {
+            match delete_file(hosts, &job).await {
+                Ok(()) => {
+                    if let Err(error) = runtime.gc().cancel(strato_runtime::Gc::job_id(&name)).await
+                    {
+                        tracing::warn!(%volume, %error, "an expunged volume's file job stays; it will find nothing to do");
+                    }
+                }
+                // The volume is expunged; its file goes when the job runs.
+                Err(error) => {
+                    tracing::warn!(%volume, error = %strato_runtime::error_chain(&error), "an expunged volume's file stays until its host is back");
+                }
+            }
+        }
+        return Ok(());
+    }
+}

@@ -1,0 +1,236 @@
+//! Disk offerings and data volumes, with ZStack's names: a data volume is created as a
+//! record (NotInstantiated), made on the host of the VM it is first attached to, and deleted
+//! by the Delay policy (recoverable until expunged). The checks that need only the request
+//! are made here, at once; those that depend on the records at the time (is the volume
+//! attached elsewhere, how many the VM has) are made by `strato_actors::vm::volumes` in the
+//! VM's queue.
+
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::Response;
+use axum::routing::{delete, post, put};
+use serde_json::json;
+use strato_actors::kinds;
+use strato_actors::records::{
+    DiskOfferingRecord, PrimaryStorageRecord, VmRecord, VolumeRecord, VolumeStatus,
+};
+use strato_actors::volume;
+use uuid::Uuid;
+
+use super::api::{Answer, Api, Body, Method, actions, schema};
+use super::{Id, Shared, accepted, action, creation, get_record, job_header, owned, submit_record};
+use crate::auth;
+use crate::error::ApiError;
+use crate::types::actions::{OnVm, VolumeAction};
+use crate::types::{DataVolumeParams, DiskOfferingParams, inventory, validate};
+
+/// How long an attachment or detachment may wait for its VM's turn and run.
+const OP_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The smallest volume: 1 MiB.
+const MIN_DISK_SIZE: u64 = 1 << 20;
+
+/// The largest volume: 64 TiB.
+const MAX_DISK_SIZE: u64 = 64 << 40;
+
+/// The area's APIs.
+pub(super) fn apis() -> Vec<Api> {
+    let mut apis = vec![
+        Api::create(
+            "CreateDiskOffering",
+            "/v1/disk-offerings",
+            schema::<DiskOfferingParams>(),
+            "Creates a disk offering",
+            || post(create_disk_offering),
+        ),
+        Api::create(
+            "CreateDataVolume",
+            "/v1/volumes/data",
+            schema::<DataVolumeParams>(),
+            "Creates a data volume (made on its first attachment)",
+            || post(create_data_volume),
+        ),
+        Api::new(
+            "DeleteDataVolume",
+            Method::Delete,
+            "/v1/volumes/{uuid}",
+            Body::None,
+            Answer::Job,
+            "Deletes a data volume, detached first (recoverable until expunged)",
+            || delete(delete_data_volume),
+        ),
+    ];
+    apis.extend(actions::<VolumeAction>("/v1/volumes/{uuid}/actions", || put(volume_action)));
+    apis
+}
+
+fn check_size(field: &'static str, size: u64) -> Result<(), ApiError> {
+    if !(MIN_DISK_SIZE..=MAX_DISK_SIZE).contains(&size) || !size.is_multiple_of(MIN_DISK_SIZE) {
+        return Err(ApiError::invalid(
+            field,
+            format!("`{field}` is in bytes: whole MiB, from 1 MiB to {} TiB", MAX_DISK_SIZE >> 40),
+        ));
+    }
+    Ok(())
+}
+
+async fn create_disk_offering(
+    State(mn): Shared,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let (p, raw, tags): (DiskOfferingParams, _, _) =
+        creation(&body, kinds::of::<DiskOfferingRecord>())?;
+    validate::name("name", &p.name)?;
+    validate::text("description", &p.description, validate::MAX_DESCRIPTION_CHARS)?;
+    check_size("diskSize", p.disk_size)?;
+    auth::admin_only("creating a disk offering")?;
+    submit_record(&mn, &headers, "CreateDiskOffering", &raw, tags, move || {
+        Ok(DiskOfferingRecord {
+            uuid: Uuid::new_v4(),
+            name: p.name,
+            description: p.description,
+            disk_size: p.disk_size,
+        })
+    })
+    .await
+}
+
+async fn create_data_volume(
+    State(mn): Shared,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let kind = kinds::of::<VolumeRecord>();
+    let (p, raw, tags): (DataVolumeParams, _, _) = creation(&body, kind)?;
+    validate::name("name", &p.name)?;
+    validate::text("description", &p.description, validate::MAX_DESCRIPTION_CHARS)?;
+    let size = match (p.disk_offering_uuid, p.disk_size) {
+        (Some(offering), None) => {
+            auth::may_use(&mn.db, "disk-offerings", offering)?;
+            get_record::<DiskOfferingRecord>(&mn, offering)?.disk_size
+        }
+        (None, Some(size)) => {
+            check_size("diskSize", size)?;
+            size
+        }
+        _ => {
+            return Err(ApiError::invalid(
+                "diskOfferingUuid",
+                "give a disk offering (`diskOfferingUuid`) or a size (`diskSize`), one of the two",
+            ));
+        }
+    };
+    if let Some(ps) = p.primary_storage_uuid {
+        auth::admin_only("choosing a data volume's primary storage")?;
+        get_record::<PrimaryStorageRecord>(&mn, ps)?;
+    }
+    let owner = auth::tenant();
+    let m = mn.clone();
+    let job = mn
+        .jobs
+        .submit(job_header(&headers)?, "CreateDataVolume", &raw, move |_| async move {
+            let record = VolumeRecord {
+                uuid: Uuid::new_v4(),
+                name: p.name,
+                description: p.description,
+                r#type: "Data".into(),
+                status: VolumeStatus::NotInstantiated,
+                size,
+                format: "qcow2".into(),
+                disk_offering_uuid: p.disk_offering_uuid,
+                primary_storage_uuid: p.primary_storage_uuid,
+                host_uuid: None,
+                install_path: None,
+                vm_instance_uuid: None,
+                device_id: None,
+                deleted_at_ms: None,
+            };
+            let extra = owned(&tags, kind, owner, record.uuid);
+            strato_actors::cascade::insert(&m.db, &record, extra).await?;
+            inventory(&record)
+        })
+        .await?;
+    Ok(accepted(&mn, job))
+}
+
+/// The volume, which the caller may use.
+fn usable_volume(mn: &crate::mn::Mn, uuid: Uuid) -> Result<VolumeRecord, ApiError> {
+    auth::may_use(&mn.db, "volumes", uuid)?;
+    get_record::<VolumeRecord>(mn, uuid)
+}
+
+async fn delete_data_volume(
+    State(mn): Shared,
+    Id(uuid): Id,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    usable_volume(&mn, uuid)?;
+    let m = mn.clone();
+    let keyed = json!({ "uuid": uuid });
+    let job = mn
+        .jobs
+        .submit(job_header(&headers)?, "DeleteDataVolume", &keyed, move |job| async move {
+            let policy = m.volume_policy;
+            volume::delete(&m.runtime, &m.vms, &m.hosts, uuid, policy, Some(job)).await?;
+            Ok(json!({}))
+        })
+        .await?;
+    Ok(accepted(&mn, job))
+}
+
+async fn volume_action(
+    State(mn): Shared,
+    Id(uuid): Id,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let (action, keyed): (VolumeAction, _) = action(&body, uuid)?;
+    usable_volume(&mn, uuid)?;
+    let m = mn.clone();
+    let job_header = job_header(&headers)?;
+    let job = match action {
+        VolumeAction::AttachDataVolumeToVm(OnVm { vm_instance_uuid: vm }) => {
+            auth::may_use(&mn.db, "vm-instances", vm)?;
+            get_record::<VmRecord>(&mn, vm)?;
+            mn.jobs
+                .submit(job_header, "AttachDataVolumeToVm", &keyed, move |job| async move {
+                    let vms = &m.vms;
+                    let attached =
+                        strato_actors::vm::volumes::attach(vms, uuid, vm, OP_TIMEOUT, Some(job))
+                            .await?;
+                    inventory(&attached)
+                })
+                .await?
+        }
+        VolumeAction::DetachDataVolumeFromVm(_) => {
+            mn.jobs
+                .submit(job_header, "DetachDataVolumeFromVm", &keyed, move |job| async move {
+                    let detached =
+                        strato_actors::vm::volumes::detach(&m.vms, uuid, OP_TIMEOUT, Some(job))
+                            .await?;
+                    inventory(&detached)
+                })
+                .await?
+        }
+        VolumeAction::RecoverDataVolume(_) => {
+            mn.jobs
+                .submit(job_header, "RecoverDataVolume", &keyed, move |_| async move {
+                    inventory(&volume::recover(&m.runtime, uuid).await?)
+                })
+                .await?
+        }
+        VolumeAction::ExpungeDataVolume(_) => {
+            mn.jobs
+                .submit(job_header, "ExpungeDataVolume", &keyed, move |_| async move {
+                    volume::expunge(&m.runtime, &m.hosts, uuid).await?;
+                    Ok(json!({}))
+                })
+                .await?
+        }
+    };
+    Ok(accepted(&mn, job))
+}
