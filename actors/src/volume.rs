@@ -160,9 +160,14 @@ pub fn attached_to(db: &Db, vm: Uuid) -> Result<Vec<Stored<VolumeRecord>>, Store
     Ok(out)
 }
 
-/// The disks VM `vm`'s domain has: its attached data volumes that have a file.
+/// The disks VM `vm`'s domain has: its attached data volumes that are Ready (one claimed
+/// by an attachment that has not made its file yet is not).
 pub fn disks_of(db: &Db, vm: Uuid) -> Result<Vec<DiskSpec>, StoreError> {
-    Ok(attached_to(db, vm)?.into_iter().filter_map(|v| v.record.disk()).collect())
+    Ok(attached_to(db, vm)?
+        .into_iter()
+        .filter(|v| v.record.status == VolumeStatus::Ready)
+        .filter_map(|v| v.record.disk())
+        .collect())
 }
 
 /// Commits `batch`: `true` when it landed, `false` when another writer changed one of the

@@ -145,6 +145,9 @@ codes! {
     /// The host's agent cannot be reached now.
     HOST_UNAVAILABLE = "HOST.UNAVAILABLE", SERVICE_UNAVAILABLE,
         "the host is not reachable now; try again once it reconnects";
+    /// The host's agent tried and failed.
+    HOST_OPERATION_FAILED = "HOST.OPERATION_FAILED", BAD_GATEWAY,
+        "the host's agent tried and failed (details.agentCode; details.cause, for the admin, says what the hypervisor or tool said)";
     /// A host has no address in a VXLAN pool's VTEP network.
     NETWORK_NO_VTEP = "NETWORK.NO_VTEP", CONFLICT,
         "a host of a cluster the VXLAN pool is attached to has no address in the pool's vtepCidr (details.host); give it one there or change the pool";

@@ -291,6 +291,14 @@ impl From<HostError> for ApiError {
     fn from(error: HostError) -> Self {
         match error {
             HostError::Runtime(e) => e.into(),
+            HostError::Link(strato_proto::LinkError::Agent { error: ref agent, .. }) => {
+                let reference = logged("a host's agent failed", &error);
+                ApiError::new(
+                    crate::codes::HOST_OPERATION_FAILED,
+                    "the host's agent could not do it (details.agentCode says how it failed)",
+                    json!({ "agentCode": format!("{:?}", agent.code), "cause": error.to_string(), "reference": reference }),
+                )
+            }
             HostError::Disconnected(_) | HostError::Link(_) => host_unavailable(&error),
             HostError::Store(e) => e.into(),
             HostError::Network(e) => e.into(),

@@ -113,6 +113,32 @@ fn data_volumes_are_made_on_first_attach_plugged_live_and_deleted_by_the_delay_p
     let (_, _, found) =
         http(api, "GET", &format!("/v1/vm-instances?q=allVolumes.uuid={data_id}"), None, &[]);
     assert_eq!(found["inventories"][0]["uuid"], vm_id.as_str(), "{found}");
+    // One volume attached to two VMs at the same moment: one wins, the other is told it is
+    // taken, and only the winner has the disk.
+    let contested =
+        create(api, "/v1/volumes/data", json!({ "name": "contested", "diskSize": 1u64 << 20 }));
+    let contested = uuid(&contested).to_owned();
+    let sent: Vec<String> = [&vm_id, &other_id]
+        .iter()
+        .map(|target| {
+            let body = json!({ "attachDataVolumeToVm": { "vmInstanceUuid": target } }).to_string();
+            let (status, _, reply) =
+                http(api, "PUT", &format!("/v1/volumes/{contested}/actions"), Some(&body), &[]);
+            assert_eq!(status, 202, "{reply}");
+            reply["location"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    let ends: Vec<Value> = sent.iter().map(|l| common::wait_job(api, l)).collect();
+    let won: Vec<&Value> = ends.iter().filter(|e| e.get("error").is_none()).collect();
+    assert_eq!(won.len(), 1, "{ends:?}");
+    let lost = ends.iter().find(|e| e.get("error").is_some()).unwrap();
+    assert_eq!(lost["error"]["code"], "VOLUME.IN_USE", "{lost}");
+    let winner = won[0]["inventory"]["vmInstanceUuid"].as_str().unwrap().to_owned();
+    let loser = if winner == vm_id { &other_id } else { &vm_id };
+    assert!(disks(&cluster, &winner).iter().any(|(v, _)| *v == contested));
+    assert!(!disks(&cluster, loser).iter().any(|(v, _)| *v == contested));
+    act(api, &contested, json!({ "detachDataVolumeFromVm": {} }));
+
     // A VM with a local data volume stays on its host.
     ok(api, "PUT", &format!("/v1/vm-instances/{vm_id}/actions"), Some(r#"{"stopVmInstance": {}}"#));
     let migrate = call(

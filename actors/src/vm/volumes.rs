@@ -3,16 +3,17 @@
 //!
 //! A running VM gets the disk live (the agent plugs it into the domain and its definition);
 //! a stopped one has it in its definition when it next starts (every start defines the
-//! domain from the records). A volume never attached before is made first, on the VM's
-//! host's local storage: Creating is written before the agent makes the file, so a repeat
-//! after a failure finds the same file to finish (the agent's creation is idempotent), and
-//! a failed creation gives the volume back as it was.
+//! domain from the records, with its Ready volumes).
 //!
-//! The attachment is claimed in the volume's record before the disk is plugged, with the
-//! VM's record expected unchanged: two VMs claiming one volume at once compare-and-swap on
-//! it, and the loser is refused before it plugs anything. A plug that fails gives the claim
-//! back. Detaching unplugs first, then writes the record: a detach stopped in between is
-//! repeated from the record, and unplugging is idempotent.
+//! The attachment is claimed in the volume's record first (after ZStack's checks, with the
+//! VM's record expected unchanged): two VMs attaching one volume at once compare-and-swap on
+//! it, and the loser is refused before anything is made or plugged. A volume never attached
+//! before is then made on the VM's host's local storage: Creating is written before the agent
+//! makes the file, so a repeat after a failure finds the same file to finish (the agent's
+//! creation is idempotent), and a failed creation gives the volume back as it was. The disk
+//! is plugged last; a failed plug gives the claim back. Detaching unplugs first, then writes
+//! the record: a detach stopped in between is repeated from the record, and unplugging is
+//! idempotent.
 
 use std::time::Duration;
 
@@ -119,23 +120,29 @@ pub async fn attach(
         let deadline = std::time::SystemTime::now() + ctx.remaining();
         let send = |command: Command| host::command(&hosts, host_uuid, command, deadline, job);
 
-        // A VM that has its most volumes takes no other: refused before anything is made.
-        let on_vm = volume::get(&db, volume)?.record.vm_instance_uuid == Some(vm);
-        if !on_vm && free_device(&db, vm)?.is_none() {
-            return Err(too_many(vm));
-        }
-        // Made first, if never attached before.
-        let made = instantiate(&db, &send, volume, &record, &host).await?;
-        let claimed = claim(&db, volume, &record).await?;
-        let disk = claimed.disk().ok_or_else(|| VolumeError::InUse(format!("volume {volume} has no file")))?;
+        // Claimed first: a volume another VM is attaching at the same moment is refused
+        // here, before either makes or plugs anything.
+        let claimed = claim(&db, volume, &record, &host).await?;
+        // Made next, if never attached before; plugged last.
+        let made = match instantiate(&db, &send, volume, vm, &host).await {
+            Ok(made) => made,
+            Err(error) => {
+                release_claim(&db, volume, vm).await?;
+                return Err(error);
+            }
+        };
+        let disk = volume::get(&db, volume)?.record.disk().ok_or_else(|| {
+            VolumeError::InUse(format!("volume {volume} has no file after it was made"))
+        })?;
         if live
             && let Err(error) = send(Command::AttachDisk { uuid: vm, disk: disk.clone() }).await
         {
             release_claim(&db, volume, vm).await?;
             return Err(error.into());
         }
+        let attached = VolumeRecord { status: VolumeStatus::Ready, ..claimed };
         tracing::info!(vm = %vm, %volume, device = disk.target(), live, made, "data volume attached");
-        Ok(claimed)
+        Ok(volume::get(&db, volume).map(|v| v.record).unwrap_or(attached))
     })
     .await
 }
@@ -145,7 +152,7 @@ async fn instantiate<F, Fut>(
     db: &Db,
     send: &F,
     volume: Uuid,
-    vm: &VmRecord,
+    vm: Uuid,
     host: &HostRecord,
 ) -> Result<bool, VolumeError>
 where
@@ -153,7 +160,6 @@ where
     Fut: std::future::Future<Output = Result<strato_proto::Reply, crate::host::HostError>>,
 {
     let current = volume::get(db, volume)?.record;
-    check_attachable(&current, vm, host)?;
     if current.status == VolumeStatus::Ready {
         return Ok(false);
     }
@@ -166,12 +172,13 @@ where
         let ps = storage_for(db, &current, host)?;
         let dir = data_volumes_dir(&ps);
         let path = format!("{dir}/{volume}.qcow2");
-        let (vm_uuid, host_uuid) = (vm.uuid, host.uuid);
+        let host_uuid = host.uuid;
         volume::update(db, volume, |v| {
-            if v.status != VolumeStatus::NotInstantiated {
+            if v.status != VolumeStatus::NotInstantiated || v.vm_instance_uuid != Some(vm) {
                 return Err(VolumeError::InUse(format!(
-                    "volume {volume} turned {} while it was being attached to VM {vm_uuid}",
-                    v.status.as_str()
+                    "volume {volume} changed ({}, on VM {:?}) while it was being attached to VM {vm}",
+                    v.status.as_str(),
+                    v.vm_instance_uuid
                 )));
             }
             v.status = VolumeStatus::Creating;
@@ -244,27 +251,21 @@ fn check_attachable(v: &VolumeRecord, vm: &VmRecord, host: &HostRecord) -> Resul
     Ok(())
 }
 
-/// Claims `volume` for VM `vm` at a free device, with the VM's record written back at the
-/// generation read (so an expunge of the VM meanwhile makes the claim decide again).
-async fn claim(db: &Db, volume: Uuid, vm: &VmRecord) -> Result<VolumeRecord, VolumeError> {
+/// Claims `volume` for VM `vm` at a free device (after ZStack's checks), with the VM's
+/// record written back at the generation read (so an expunge of the VM meanwhile makes the
+/// claim decide again). Nothing to do if it is `vm`'s already.
+async fn claim(
+    db: &Db,
+    volume: Uuid,
+    vm: &VmRecord,
+    host: &HostRecord,
+) -> Result<VolumeRecord, VolumeError> {
     loop {
         let stored = volume::get(db, volume)?;
         let mut v = stored.record;
+        check_attachable(&v, vm, host)?;
         if v.vm_instance_uuid == Some(vm.uuid) {
             return Ok(v);
-        }
-        if let Some(other) = v.vm_instance_uuid {
-            return Err(VolumeError::InUse(format!(
-                "volume {volume} is attached to VM {other}: detach it first (DetachDataVolumeFromVm)"
-            )));
-        }
-        if v.status != VolumeStatus::Ready {
-            return Err(VolumeError::InvalidStatus {
-                volume,
-                status: v.status,
-                op: VolumeOp::Attach,
-                hint: "",
-            });
         }
         let device = free_device(db, vm.uuid)?.ok_or_else(|| too_many(vm.uuid))?;
         let vm_stored = db
