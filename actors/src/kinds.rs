@@ -32,7 +32,9 @@ use crate::records::{
     NetworkServiceProviderRecord, PortForwardingRuleRecord, PrimaryStorageRecord,
     SecurityGroupRecord, UsedIpRecord, VipRecord, VmRecord, ZoneRecord,
 };
-use crate::records::{DiskOfferingRecord, VolumeRecord};
+use crate::records::{
+    DiskOfferingRecord, VolumeRecord, VolumeSnapshotRecord, VolumeSnapshotTreeRecord,
+};
 use crate::tags::{SystemTag, UserTag};
 
 /// A field's type, for checking the values a query compares it with.
@@ -620,6 +622,13 @@ pub static KINDS: &[Kind] = &[
                     field: "diskOfferingUuid",
                     kind: "disk-offerings",
                 },
+                // Expunged with the volume.
+                Relation::Back {
+                    name: "snapshots",
+                    kind: "volume-snapshots",
+                    field: "volumeUuid",
+                    dependent: false,
+                },
             ],
             indexed: &[
                 ("uuid", "#uuid"),
@@ -635,6 +644,71 @@ pub static KINDS: &[Kind] = &[
         taggable: true,
         // DeleteDataVolume (Delay policy) and ExpungeDataVolume are its own APIs.
         deletion: Deletion::Own(None),
+        actor: None,
+    },
+    Kind {
+        api: "VolumeSnapshot",
+        vo: "VolumeSnapshotVO",
+        table: &TableOf::<VolumeSnapshotRecord>::new(),
+        shape: Shape {
+            name: "volume-snapshots",
+            fields: &[
+                f("uuid", Id),
+                f("name", Text),
+                f("description", Text),
+                f("volumeUuid", Id),
+                f("volumeType", Text),
+                f("treeUuid", Id),
+                f("parentUuid", Id),
+                f("distance", Int),
+                f("latest", Text),
+                f("status", Text),
+                f("size", Int),
+                f("primaryStorageInstallPath", Text),
+                f("primaryStorageUuid", Id),
+            ],
+            relations: &[
+                Relation::Ref { name: "volume", field: "volumeUuid", kind: "volumes" },
+                Relation::Ref { name: "tree", field: "treeUuid", kind: "volume-snapshot-trees" },
+                Relation::Ref { name: "parent", field: "parentUuid", kind: "volume-snapshots" },
+            ],
+            indexed: &[
+                ("uuid", "#uuid"),
+                ("name", "name"),
+                ("volumeUuid", "volume"),
+                ("treeUuid", "tree"),
+                ("parentUuid", "parent"),
+            ],
+            sorted: &[("name", "name")],
+        },
+        access: Access::With("volumeUuid"),
+        taggable: true,
+        // DeleteVolumeSnapshot (with its descendants) is its own API.
+        deletion: Deletion::Own(None),
+        actor: None,
+    },
+    Kind {
+        api: "VolumeSnapshotTree",
+        vo: "VolumeSnapshotTreeVO",
+        table: &TableOf::<VolumeSnapshotTreeRecord>::new(),
+        shape: Shape {
+            name: "volume-snapshot-trees",
+            fields: &[f("uuid", Id), f("volumeUuid", Id), f("current", Text)],
+            relations: &[
+                Relation::Ref { name: "volume", field: "volumeUuid", kind: "volumes" },
+                Relation::Back {
+                    name: "snapshots",
+                    kind: "volume-snapshots",
+                    field: "treeUuid",
+                    dependent: false,
+                },
+            ],
+            indexed: &[("uuid", "#uuid"), ("volumeUuid", "volume")],
+            sorted: &[],
+        },
+        access: Access::With("volumeUuid"),
+        taggable: false,
+        deletion: Deletion::Never,
         actor: None,
     },
     Kind {

@@ -38,6 +38,7 @@ pub mod maintenance;
 pub mod network;
 pub mod owners;
 pub mod records;
+pub mod snapshot;
 pub mod tags;
 pub mod vip;
 pub mod vm;

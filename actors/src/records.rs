@@ -1079,6 +1079,89 @@ impl Record for VolumeRecord {
     }
 }
 
+/// A volume snapshot: a frozen layer of its volume's qcow2 chain. Its file is what its
+/// volume's top was when it was taken; the layers taken after it, and the volume's top, are
+/// backed by it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeSnapshotRecord {
+    /// Its UUID.
+    pub uuid: Uuid,
+    /// Its name.
+    pub name: String,
+    /// What it is for.
+    pub description: String,
+    /// Its volume.
+    pub volume_uuid: Uuid,
+    /// `Data`: its volume's type.
+    pub volume_type: String,
+    /// Its tree.
+    pub tree_uuid: Uuid,
+    /// The snapshot its file is backed by (none: the tree's root).
+    pub parent_uuid: Option<Uuid>,
+    /// How many snapshots are between it and its tree's root (the root's is 0).
+    pub distance: u32,
+    /// Whether its volume's top is backed by it (the volume is "at" this snapshot).
+    pub latest: bool,
+    /// `Ready`.
+    pub status: String,
+    /// Its volume's size when it was taken.
+    pub size: u64,
+    /// Its file (an administrator's detail).
+    pub primary_storage_install_path: String,
+    /// The primary storage holding it.
+    pub primary_storage_uuid: Option<Uuid>,
+    /// The host whose local storage holds it.
+    pub host_uuid: Option<Uuid>,
+}
+
+impl Record for VolumeSnapshotRecord {
+    const KIND: &'static str = "volume-snapshot";
+    const VERSION: u16 = 1;
+
+    fn id(&self) -> Uuid {
+        self.uuid
+    }
+
+    fn indexes() -> &'static [Index<Self>] {
+        &[
+            Index { name: "name", values: |v| vec![v.name.as_str().into()] },
+            Index { name: "volume", values: |v| vec![IndexValue::Uuid(v.volume_uuid)] },
+            Index { name: "tree", values: |v| vec![IndexValue::Uuid(v.tree_uuid)] },
+            Index {
+                name: "parent",
+                values: |v| v.parent_uuid.map(IndexValue::Uuid).into_iter().collect(),
+            },
+        ]
+    }
+}
+
+/// A tree of a volume's snapshots: a root snapshot and what was taken on top of it. A
+/// volume has one `current` tree, the one its top descends from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeSnapshotTreeRecord {
+    /// Its UUID.
+    pub uuid: Uuid,
+    /// Its volume.
+    pub volume_uuid: Uuid,
+    /// Whether the volume's top descends from it.
+    pub current: bool,
+}
+
+impl Record for VolumeSnapshotTreeRecord {
+    const KIND: &'static str = "volume-snapshot-tree";
+    const VERSION: u16 = 1;
+
+    fn id(&self) -> Uuid {
+        self.uuid
+    }
+
+    fn indexes() -> &'static [Index<Self>] {
+        &[Index { name: "volume", values: |t| vec![IndexValue::Uuid(t.volume_uuid)] }]
+    }
+}
+
 /// A backup storage of type ImageStore: a directory holding images, attached to zones.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

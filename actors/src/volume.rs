@@ -54,6 +54,10 @@ pub enum VolumeOp {
     Recover,
     /// Expunge a deleted volume with its file.
     Expunge,
+    /// Take a snapshot of it.
+    Snapshot,
+    /// Revert it to a snapshot.
+    Revert,
 }
 
 impl VolumeOp {
@@ -63,13 +67,15 @@ impl VolumeOp {
             VolumeOp::Delete => "delete",
             VolumeOp::Recover => "recover",
             VolumeOp::Expunge => "expunge",
+            VolumeOp::Snapshot => "snapshot",
+            VolumeOp::Revert => "revert",
         }
     }
 }
 
 /// Whether a volume in `status` allows `op` (ZStack's rules: a volume is attached when Ready
-/// or NotInstantiated, recovered or expunged when Deleted; a Creating one is being made by
-/// an attachment, which finishes it).
+/// or NotInstantiated, recovered or expunged when Deleted, snapshotted or reverted when Ready
+/// (it has a file); a Creating one is being made by an attachment, which finishes it).
 pub fn allows(status: VolumeStatus, op: VolumeOp) -> bool {
     use VolumeOp::*;
     use VolumeStatus::*;
@@ -78,6 +84,7 @@ pub fn allows(status: VolumeStatus, op: VolumeOp) -> bool {
         (NotInstantiated | Ready | Creating, Attach)
             | (NotInstantiated | Ready, Delete)
             | (Deleted, Recover | Expunge)
+            | (Ready, Snapshot | Revert)
     )
 }
 
@@ -94,7 +101,7 @@ pub enum VolumeError {
     #[error(transparent)]
     Host(#[from] HostError),
     /// The volume's status does not allow the operation.
-    #[error("volume {volume} is {status}: it cannot be {action}ed{hint}", status = .status.as_str(), action = .op.as_str())]
+    #[error("volume {volume} is {status}: {action} is not allowed{hint}", status = .status.as_str(), action = .op.as_str())]
     InvalidStatus {
         /// The volume.
         volume: Uuid,
@@ -106,14 +113,14 @@ pub enum VolumeError {
         hint: &'static str,
     },
     /// The VM's state does not allow the operation.
-    #[error("VM {vm} is {state}: a data volume is {action} a Running or Stopped VM")]
+    #[error("VM {vm} is {state}: {rule}")]
     VmState {
         /// The VM.
         vm: Uuid,
         /// Its state.
         state: &'static str,
-        /// `attached to` or `detached from`.
-        action: &'static str,
+        /// What the rule is.
+        rule: &'static str,
     },
     /// The volume is attached where it cannot be used.
     #[error("{0}")]
@@ -385,8 +392,13 @@ pub async fn expunge(
         let mut batch = Batch::new();
         batch.delete::<VolumeRecord>(volume, Expect::Generation(stored.generation));
         crate::records::delete_refs(db, &mut batch, volume)?;
+        // Its snapshots go with it.
+        let snapshot_files = crate::snapshot::forget_all(db, &mut batch, volume)?;
         if !landed(db, batch).await? {
             continue;
+        }
+        if let Some(host) = stored.record.host_uuid {
+            crate::snapshot::delete_snapshot_files(hosts, host, snapshot_files).await;
         }
         if let Some(job) = job {
             match delete_file(hosts, &job).await {

@@ -371,7 +371,7 @@ impl From<strato_actors::volume::VolumeError> for ApiError {
             VolumeError::VmState { state, .. } => ApiError::new(
                 crate::codes::VM_INVALID_STATE,
                 error.to_string(),
-                json!({ "state": state, "allowed": ["Running", "Paused", "Stopped"] }),
+                json!({ "state": state }),
             ),
         }
     }

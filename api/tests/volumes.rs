@@ -236,3 +236,200 @@ fn data_volumes_are_made_on_first_attach_plugged_live_and_deleted_by_the_delay_p
     assert_eq!(moved["inventory"]["deviceId"], 1, "{moved}");
     assert_eq!(disks(&cluster, &other_id), vec![(more[0].clone(), 1)]);
 }
+
+/// Writes `byte` over 64 KiB at `offset` KiB of the qcow2 file at `path` (its VM stopped).
+fn write_at(path: &str, byte: u8, offset: u64) {
+    let command = format!("write -P {byte:#x} {}k 64k", offset);
+    let out = std::process::Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", &command, path])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Whether the 64 KiB at `offset` KiB of the qcow2 chain at `path` are all `byte`.
+fn holds(path: &str, byte: u8, offset: u64) -> bool {
+    let command = format!("read -P {byte:#x} {}k 64k", offset);
+    let out = std::process::Command::new("qemu-io")
+        .args(["-r", "-f", "qcow2", "-c", &command, path])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    out.status.success() && !text.contains("Pattern verification failed")
+}
+
+/// The backing file of the qcow2 file at `path`, if any.
+fn backing(path: &str) -> Option<String> {
+    let out = std::process::Command::new("qemu-img")
+        .args(["info", "--output=json", "-U", path])
+        .output()
+        .unwrap();
+    let info: Value = serde_json::from_slice(&out.stdout).unwrap();
+    info["backing-filename"].as_str().map(str::to_owned)
+}
+
+#[test]
+fn snapshots_keep_each_layer_s_bytes_through_reverts_and_deletions() {
+    let cluster = TestCluster::start(ClusterOpts::sim(0));
+    let api = cluster.api;
+    let infra = vm_infrastructure(api, cluster.agent, "10.21.0.10", "10.21.0.50");
+    let host_cluster = infra.host["clusterUuid"].as_str().unwrap();
+    let (_, _, clusters) = http(api, "GET", &format!("/v1/clusters/{host_cluster}"), None, &[]);
+    let ps = create(
+        api,
+        "/v1/primary-storage/local-storage",
+        json!({ "name": "ps", "url": cluster.dir().join("ps").display().to_string(), "zoneUuid": clusters["inventories"][0]["zoneUuid"] }),
+    );
+    ok(api, "POST", &format!("/v1/clusters/{host_cluster}/primary-storage/{}", uuid(&ps)), None);
+    let body = json!({ "params": { "name": "vm", "instanceOfferingUuid": infra.offering["uuid"], "l3NetworkUuids": [infra.l3["uuid"]] } });
+    let vm = ok(api, "POST", "/v1/vm-instances", Some(&body.to_string()));
+    let vm_id = uuid(&vm).to_owned();
+    let data = create(api, "/v1/volumes/data", json!({ "name": "data", "diskSize": 16u64 << 20 }));
+    let data_id = uuid(&data).to_owned();
+    let vm_action = |action: &str| {
+        ok(
+            api,
+            "PUT",
+            &format!("/v1/vm-instances/{vm_id}/actions"),
+            Some(&format!("{{\"{action}\": {{}}}}")),
+        );
+    };
+    let top = || volume(api, &data_id)["installPath"].as_str().unwrap().to_owned();
+    let snap = |name: &str| -> Value {
+        let made = ok(
+            api,
+            "POST",
+            &format!("/v1/volumes/{data_id}/volume-snapshots"),
+            Some(&json!({ "params": { "name": name } }).to_string()),
+        );
+        assert_eq!(made["name"], name, "{made}");
+        made
+    };
+    // A snapshot needs a file: a volume never attached has none.
+    let early = call(
+        api,
+        "POST",
+        &format!("/v1/volumes/{data_id}/volume-snapshots"),
+        Some(&json!({ "params": { "name": "early" } }).to_string()),
+    );
+    assert_eq!(early["error"]["code"], "VOLUME.INVALID_STATUS", "{early}");
+    act(api, &data_id, json!({ "attachDataVolumeToVm": { "vmInstanceUuid": vm_id } }));
+    vm_action("stopVmInstance");
+
+    // Offline: each layer gets its own bytes at its own offset (KiB): A at 0, B at 64, ...
+    write_at(&top(), 0xaa, 0);
+    let s1 = snap("s1");
+    assert_eq!(
+        (&s1["distance"], &s1["parentUuid"], &s1["latest"]),
+        (&json!(0), &Value::Null, &json!(true))
+    );
+    write_at(&top(), 0xbb, 64);
+    let s2 = snap("s2");
+    assert_eq!((&s2["distance"], &s2["parentUuid"]), (&json!(1), &s1["uuid"]));
+    write_at(&top(), 0xcc, 128);
+    let s3 = snap("s3");
+    write_at(&top(), 0xdd, 192);
+    let (_, _, listed) =
+        http(api, "GET", &format!("/v1/volume-snapshots?q=volumeUuid={data_id}"), None, &[]);
+    let latest: Vec<&str> = listed["inventories"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["latest"] == true)
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(latest, ["s3"], "{listed}");
+    let (_, _, trees) =
+        http(api, "GET", &format!("/v1/volume-snapshot-trees?q=volumeUuid={data_id}"), None, &[]);
+    assert_eq!(trees["inventories"].as_array().unwrap().len(), 1, "{trees}");
+    assert_eq!(trees["inventories"][0]["current"], true, "{trees}");
+    assert!([(0xaa, 0), (0xbb, 64), (0xcc, 128), (0xdd, 192)].iter().all(|(b, o)| holds(
+        &top(),
+        *b,
+        *o
+    )));
+
+    // Reverted to s2 (VM stopped): B is there, C and D are not; the old top is gone.
+    let old_top = top();
+    let s2_id = uuid(&s2).to_owned();
+    let reverted = ok(
+        api,
+        "PUT",
+        &format!("/v1/volume-snapshots/{s2_id}/actions"),
+        Some(r#"{"revertVolumeFromSnapshot": {}}"#),
+    );
+    assert_eq!(reverted["latest"], true, "{reverted}");
+    assert!(
+        holds(&top(), 0xaa, 0) && holds(&top(), 0xbb, 64),
+        "the reverted volume has s2's bytes"
+    );
+    assert!(!holds(&top(), 0xcc, 128) && !holds(&top(), 0xdd, 192), "nor what came after s2");
+    assert!(!Path::new(&old_top).exists(), "the old top is deleted");
+    // A new branch: s4 on s2, beside s3.
+    write_at(&top(), 0xee, 256);
+    let s4 = snap("s4");
+    assert_eq!((&s4["parentUuid"], &s4["distance"]), (&s2["uuid"], &json!(2)));
+
+    // s3 (a leaf of the other branch) deleted: the volume is untouched.
+    let s3_file = {
+        let (_, _, found) =
+            http(api, "GET", &format!("/v1/volume-snapshots/{}", uuid(&s3)), None, &[]);
+        found["inventories"][0]["primaryStorageInstallPath"].as_str().unwrap().to_owned()
+    };
+    ok(api, "DELETE", &format!("/v1/volume-snapshots/{}", uuid(&s3)), None);
+    assert!(!Path::new(&s3_file).exists());
+    assert!(holds(&top(), 0xee, 256) && holds(&top(), 0xbb, 64));
+
+    // s2, in the middle of the volume's chain, deleted with its descendant s4: what they
+    // held is merged into the top, which now stands on s1; s1 keeps exactly its own bytes.
+    ok(api, "DELETE", &format!("/v1/volume-snapshots/{s2_id}"), None);
+    let s1_file = {
+        let (_, _, found) =
+            http(api, "GET", &format!("/v1/volume-snapshots/{}", uuid(&s1)), None, &[]);
+        assert_eq!(found["inventories"][0]["latest"], true, "{found}");
+        found["inventories"][0]["primaryStorageInstallPath"].as_str().unwrap().to_owned()
+    };
+    assert_eq!(backing(&top()).as_deref(), Some(s1_file.as_str()));
+    assert!([(0xaa, 0), (0xbb, 64), (0xee, 256)].iter().all(|(b, o)| holds(&top(), *b, *o)));
+    assert!(holds(&s1_file, 0xaa, 0) && !holds(&s1_file, 0xbb, 64), "s1 is as it was");
+    let (_, _, left) =
+        http(api, "GET", &format!("/v1/volume-snapshots?q=volumeUuid={data_id}"), None, &[]);
+    assert_eq!(left["inventories"].as_array().unwrap().len(), 1, "{left}");
+
+    // Live, on the running VM: a snapshot switches its disk to a new top, and deleting it
+    // pulls the layer back into the top; the disk follows the volume's record.
+    vm_action("startVmInstance");
+    let live = snap("live");
+    let live_file = top();
+    let disk_path = |cluster: &TestCluster| {
+        let state = cluster.agent_dir().join("sim-domains.json");
+        let disks = Sim::disks_in(&state).unwrap();
+        disks[&vm_id.parse::<Uuid>().unwrap()][0].path.clone()
+    };
+    assert_eq!(disk_path(&cluster), live_file);
+    assert_eq!(
+        backing(&live_file).as_deref(),
+        Some(live["primaryStorageInstallPath"].as_str().unwrap_or(&s1_file))
+    );
+    ok(api, "DELETE", &format!("/v1/volume-snapshots/{}", uuid(&live)), None);
+    assert!([(0xaa, 0), (0xbb, 64), (0xee, 256)].iter().all(|(b, o)| holds(&top(), *b, *o)));
+    let reverting = call(
+        api,
+        "PUT",
+        &format!("/v1/volume-snapshots/{}/actions", uuid(&s1)),
+        Some(r#"{"revertVolumeFromSnapshot": {}}"#),
+    );
+    assert_eq!(
+        reverting["error"]["code"], "VM.INVALID_STATE",
+        "a running VM's volume is not reverted: {reverting}"
+    );
+
+    // Expunged, the volume takes its snapshots and their files with it.
+    vm_action("stopVmInstance");
+    ok(api, "DELETE", &format!("/v1/volumes/{data_id}"), None);
+    act(api, &data_id, json!({ "expungeDataVolume": {} }));
+    assert!(!Path::new(&s1_file).exists());
+    let (_, _, gone) =
+        http(api, "GET", &format!("/v1/volume-snapshots?q=volumeUuid={data_id}"), None, &[]);
+    assert_eq!(gone["inventories"].as_array().unwrap().len(), 0, "{gone}");
+}

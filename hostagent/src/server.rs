@@ -428,6 +428,12 @@ impl Agent {
             Command::CreateDataVolume { volume, size, dir } => {
                 volumes::create_data_volume(volume, size, &dir).await
             }
+            Command::SnapshotVolume { top, new_top } => {
+                volumes::snapshot_volume(&top, &new_top).await
+            }
+            Command::RebaseVolume { top, base } => {
+                volumes::rebase_volume(&top, base.as_deref()).await
+            }
             Command::DeleteVolume { path } => volumes::delete_volume(&path).await,
             command => {
                 let driver = self.driver.clone();
@@ -512,10 +518,18 @@ fn drive(driver: &dyn Driver, network: &dyn Network, command: Command) -> Outcom
         Command::ResumeDomain { uuid } => driver.resume(uuid).map(|()| Reply::Done),
         Command::AttachDisk { uuid, disk } => driver.attach_disk(uuid, &disk).map(|()| Reply::Done),
         Command::DetachDisk { uuid, disk } => driver.detach_disk(uuid, &disk).map(|()| Reply::Done),
+        Command::SnapshotDisk { uuid, disk, new_top } => {
+            driver.snapshot_disk(uuid, &disk, &new_top).map(|()| Reply::Done)
+        }
+        Command::PullDisk { uuid, disk, base } => {
+            driver.pull_disk(uuid, &disk, base.as_deref()).map(|()| Reply::Done)
+        }
         Command::UndefineDomain { uuid } => driver.undefine(uuid).map(|()| Reply::Done),
         Command::CacheImage { .. }
         | Command::CreateRootVolume { .. }
         | Command::CreateDataVolume { .. }
+        | Command::SnapshotVolume { .. }
+        | Command::RebaseVolume { .. }
         | Command::DeleteVolume { .. } => {
             Err(AgentError::new(AgentErrorCode::BadRequest, "volume commands are not driver calls"))
         }

@@ -101,6 +101,32 @@ pub async fn create_data_volume(volume: Uuid, size: u64, dir: &str) -> Result<Re
     file_reply(&dest).await
 }
 
+/// Freezes `top` as a snapshot: creates `new_top`, backed by it.
+pub async fn snapshot_volume(top: &str, new_top: &str) -> Result<Reply, AgentError> {
+    let dest = PathBuf::from(new_top);
+    if tokio::fs::try_exists(&dest).await.unwrap_or(false) {
+        return file_reply(&dest).await;
+    }
+    let tmp = PathBuf::from(format!("{new_top}.part"));
+    let tmp_text = tmp.display().to_string();
+    qemu_img(&["create", "-q", "-f", "qcow2", "-b", top, "-F", "qcow2", &tmp_text]).await?;
+    tokio::fs::rename(&tmp, &dest).await.map_err(|e| io_error("renaming", &tmp, e))?;
+    file_reply(&dest).await
+}
+
+/// Merges into `top` every layer of its chain above `base` (none: all of them), copying what
+/// they held (`qemu-img rebase` in its safe mode). Repeating it is harmless: the top then
+/// already has `base` as its backing file and nothing differs.
+pub async fn rebase_volume(top: &str, base: Option<&str>) -> Result<Reply, AgentError> {
+    match base {
+        Some(base) => {
+            qemu_img(&["rebase", "-q", "-f", "qcow2", "-F", "qcow2", "-b", base, top]).await?
+        }
+        None => qemu_img(&["rebase", "-q", "-f", "qcow2", "-b", "", top]).await?,
+    }
+    file_reply(Path::new(top)).await
+}
+
 /// Deletes a volume file; succeeds when it is already gone.
 pub async fn delete_volume(path: &str) -> Result<Reply, AgentError> {
     match tokio::fs::remove_file(path).await {

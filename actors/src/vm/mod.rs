@@ -262,7 +262,7 @@ async fn release_bookings_elsewhere(
     Ok(())
 }
 
-async fn begin(ctx: &strato_runtime::OpCtx<Vms>) -> Result<(VmRecord, u64), VmError> {
+pub(crate) async fn begin(ctx: &strato_runtime::OpCtx<Vms>) -> Result<(VmRecord, u64), VmError> {
     let (record, generation) = current(ctx)?;
     if !record.state.is_transitional() {
         return Ok((record, generation));

@@ -108,7 +108,7 @@ pub async fn attach(
         let live = live(record.state).ok_or(VolumeError::VmState {
             vm,
             state: record.state.as_str(),
-            action: "attached to",
+            rule: "a data volume is attached to a Running, Paused or Stopped VM",
         })?;
         let hosts = hosts_of(&ctx)?;
         let host_uuid = record.host_uuid.ok_or(VmError::NoHost(vm))?;
@@ -324,7 +324,7 @@ pub async fn detach(
                         return Err(VolumeError::VmState {
                             vm,
                             state: record.state.as_str(),
-                            action: "detached from",
+                            rule: "a data volume is detached from a Running, Paused, Stopped or Destroyed VM",
                         });
                     }
                 }

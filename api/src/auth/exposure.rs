@@ -28,6 +28,7 @@ pub const HIDDEN_FIELDS: &[&str] = &[
     "lastHostUuid",
     "rootVolumePath",
     "installPath",
+    "primaryStorageInstallPath",
     "primaryStorageUuid",
     "bridge",
     // Where an image came from and where it is kept.

@@ -15,17 +15,20 @@ use axum::routing::{delete, post, put};
 use serde_json::json;
 use strato_actors::kinds;
 use strato_actors::records::{
-    DiskOfferingRecord, PrimaryStorageRecord, VmRecord, VolumeRecord, VolumeStatus,
+    DiskOfferingRecord, PrimaryStorageRecord, VmRecord, VolumeRecord, VolumeSnapshotRecord,
+    VolumeStatus,
 };
-use strato_actors::volume;
+use strato_actors::{snapshot, volume};
 use uuid::Uuid;
 
 use super::api::{Answer, Api, Body, Method, actions, schema};
 use super::{Id, Shared, accepted, action, creation, get_record, job_header, owned, submit_record};
 use crate::auth;
 use crate::error::ApiError;
-use crate::types::actions::{OnVm, VolumeAction};
-use crate::types::{DataVolumeParams, DiskOfferingParams, inventory, validate};
+use crate::types::actions::{OnVm, VolumeAction, VolumeSnapshotAction};
+use crate::types::{
+    DataVolumeParams, DiskOfferingParams, VolumeSnapshotParams, inventory, validate,
+};
 
 /// How long an attachment or detachment may wait for its VM's turn and run.
 const OP_TIMEOUT: Duration = Duration::from_secs(300);
@@ -64,6 +67,25 @@ pub(super) fn apis() -> Vec<Api> {
         ),
     ];
     apis.extend(actions::<VolumeAction>("/v1/volumes/{uuid}/actions", || put(volume_action)));
+    apis.push(Api::create(
+        "CreateVolumeSnapshot",
+        "/v1/volumes/{uuid}/volume-snapshots",
+        schema::<VolumeSnapshotParams>(),
+        "Takes a snapshot of a data volume (live on a running VM)",
+        || post(create_snapshot),
+    ));
+    apis.push(Api::new(
+        "DeleteVolumeSnapshot",
+        Method::Delete,
+        "/v1/volume-snapshots/{uuid}",
+        Body::None,
+        Answer::Job,
+        "Deletes a volume snapshot with its descendants, merging what the volume needs",
+        || delete(delete_snapshot),
+    ));
+    apis.extend(actions::<VolumeSnapshotAction>("/v1/volume-snapshots/{uuid}/actions", || {
+        put(snapshot_action)
+    }));
     apis
 }
 
@@ -229,6 +251,101 @@ async fn volume_action(
                     volume::expunge(&m.runtime, &m.hosts, uuid).await?;
                     Ok(json!({}))
                 })
+                .await?
+        }
+    };
+    Ok(accepted(&mn, job))
+}
+
+async fn create_snapshot(
+    State(mn): Shared,
+    Id(volume): Id,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let kind = kinds::of::<VolumeSnapshotRecord>();
+    let (p, raw, tags): (VolumeSnapshotParams, _, _) = creation(&body, kind)?;
+    validate::name("name", &p.name)?;
+    validate::text("description", &p.description, validate::MAX_DESCRIPTION_CHARS)?;
+    usable_volume(&mn, volume)?;
+    let m = mn.clone();
+    let job = mn
+        .jobs
+        .submit(job_header(&headers)?, "CreateVolumeSnapshot", &raw, move |job| async move {
+            let uuid = Uuid::new_v4();
+            // Owned through its volume: its tags alone go with it.
+            let extra = owned(&tags, kind, None, uuid);
+            let asked = VolumeSnapshotRecord {
+                uuid,
+                name: p.name,
+                description: p.description,
+                volume_uuid: volume,
+                volume_type: String::new(),
+                tree_uuid: Uuid::nil(),
+                parent_uuid: None,
+                distance: 0,
+                latest: true,
+                status: String::new(),
+                size: 0,
+                primary_storage_install_path: String::new(),
+                primary_storage_uuid: None,
+                host_uuid: None,
+            };
+            let taken = snapshot::create(&m.vms, &m.hosts, volume, asked, extra, Some(job)).await?;
+            inventory(&taken)
+        })
+        .await?;
+    Ok(accepted(&mn, job))
+}
+
+/// The snapshot, whose volume the caller may use.
+fn usable_snapshot(mn: &crate::mn::Mn, uuid: Uuid) -> Result<VolumeSnapshotRecord, ApiError> {
+    auth::may_use(&mn.db, "volume-snapshots", uuid)?;
+    get_record::<VolumeSnapshotRecord>(mn, uuid)
+}
+
+async fn delete_snapshot(
+    State(mn): Shared,
+    Id(uuid): Id,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    usable_snapshot(&mn, uuid)?;
+    let m = mn.clone();
+    let job = mn
+        .jobs
+        .submit(
+            job_header(&headers)?,
+            "DeleteVolumeSnapshot",
+            &json!({ "uuid": uuid }),
+            move |job| async move {
+                snapshot::delete(&m.vms, &m.hosts, uuid, Some(job)).await?;
+                Ok(json!({}))
+            },
+        )
+        .await?;
+    Ok(accepted(&mn, job))
+}
+
+async fn snapshot_action(
+    State(mn): Shared,
+    Id(uuid): Id,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let (action, keyed): (VolumeSnapshotAction, _) = action(&body, uuid)?;
+    usable_snapshot(&mn, uuid)?;
+    let m = mn.clone();
+    let job = match action {
+        VolumeSnapshotAction::RevertVolumeFromSnapshot(_) => {
+            mn.jobs
+                .submit(
+                    job_header(&headers)?,
+                    "RevertVolumeFromSnapshot",
+                    &keyed,
+                    move |job| async move {
+                        inventory(&snapshot::revert(&m.vms, &m.hosts, uuid, Some(job)).await?)
+                    },
+                )
                 .await?
         }
     };

@@ -186,6 +186,14 @@ pub enum VolumeAction {
     ExpungeDataVolume(NoParams),
 }
 
+/// The actions on a volume snapshot (`PUT /v1/volume-snapshots/{uuid}/actions`).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum VolumeSnapshotAction {
+    /// Reverts a volume to a snapshot (its VM stopped, or the volume detached)
+    RevertVolumeFromSnapshot(NoParams),
+}
+
 /// A VM.
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

@@ -248,6 +248,17 @@ pub struct DataVolumeParams {
     pub primary_storage_uuid: Option<Uuid>,
 }
 
+/// `CreateVolumeSnapshot`.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VolumeSnapshotParams {
+    /// Its name.
+    pub name: String,
+    /// What it is for.
+    #[serde(default)]
+    pub description: String,
+}
+
 /// `CreateL2NoVlanNetwork`.
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

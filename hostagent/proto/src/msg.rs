@@ -298,6 +298,41 @@ pub enum Command {
         /// The disk.
         disk: DiskSpec,
     },
+    /// Freeze a volume's top file as a snapshot (offline): a new top backed by it (succeeds
+    /// if the new top exists).
+    SnapshotVolume {
+        /// The volume's top file, which becomes the snapshot's.
+        top: String,
+        /// The new top to create.
+        new_top: String,
+    },
+    /// The same on a running domain's disk: libvirt's external, disk-only snapshot.
+    SnapshotDisk {
+        /// The domain.
+        uuid: Uuid,
+        /// The disk, as the domain has it now.
+        disk: DiskSpec,
+        /// The new top to create.
+        new_top: String,
+    },
+    /// Merge into a volume's top (offline) every layer of its chain above `base` (none:
+    /// every layer, the top then standing alone): `qemu-img rebase`, which copies what the
+    /// dropped layers held.
+    RebaseVolume {
+        /// The volume's top file.
+        top: String,
+        /// The layer to keep as its backing file.
+        base: Option<String>,
+    },
+    /// The same on a running domain's disk: a block pull, waited for.
+    PullDisk {
+        /// The domain.
+        uuid: Uuid,
+        /// The disk.
+        disk: DiskSpec,
+        /// The layer to keep as its backing file.
+        base: Option<String>,
+    },
     /// Delete a volume file (succeeds if it is already gone).
     DeleteVolume {
         /// The volume's path.
@@ -328,6 +363,10 @@ impl Command {
             Command::CreateDataVolume { .. } => "create-data-volume",
             Command::AttachDisk { .. } => "attach-disk",
             Command::DetachDisk { .. } => "detach-disk",
+            Command::SnapshotVolume { .. } => "snapshot-volume",
+            Command::SnapshotDisk { .. } => "snapshot-disk",
+            Command::RebaseVolume { .. } => "rebase-volume",
+            Command::PullDisk { .. } => "pull-disk",
             Command::DeleteVolume { .. } => "delete-volume",
             Command::ApplyNetwork(_) => "apply-network",
             Command::NetworkStatus => "network-status",
@@ -346,12 +385,16 @@ impl Command {
             | Command::ResumeDomain { uuid }
             | Command::UndefineDomain { uuid }
             | Command::AttachDisk { uuid, .. }
-            | Command::DetachDisk { uuid, .. } => Some(*uuid),
+            | Command::DetachDisk { uuid, .. }
+            | Command::SnapshotDisk { uuid, .. }
+            | Command::PullDisk { uuid, .. } => Some(*uuid),
             Command::HostFacts
             | Command::ListDomains
             | Command::CacheImage { .. }
             | Command::CreateRootVolume { .. }
             | Command::CreateDataVolume { .. }
+            | Command::SnapshotVolume { .. }
+            | Command::RebaseVolume { .. }
             | Command::DeleteVolume { .. }
             | Command::ApplyNetwork(_)
             | Command::NetworkStatus => None,

@@ -75,6 +75,62 @@ fn disk_xml(disk: &DiskSpec) -> String {
     )
 }
 
+/// The disks' target names in a domain's XML (`vda`, `vdb`...).
+fn targets(xml: &str) -> Vec<String> {
+    xml.split("<target dev=")
+        .skip(1)
+        .filter_map(|rest| {
+            let quote = rest.chars().next()?;
+            rest[1..].split(quote).next().map(str::to_owned)
+        })
+        .collect()
+}
+
+/// How long a block pull may take.
+const PULL_WAIT: Duration = Duration::from_secs(600);
+
+/// Pulls into `target`'s top every layer of its chain above `base` and waits for the job
+/// to end. `virt` 0.5 wraps neither `virDomainBlockRebase` nor `virDomainGetBlockJobInfo`,
+/// so this calls them through `virt::sys`, the one unsafe code in the agent.
+#[expect(unsafe_code, reason = "virt 0.5 has no safe block rebase or block job info")]
+fn block_pull(domain: &Domain, target: &str, base: Option<&str>) -> Result<(), AgentError> {
+    use std::ffi::CString;
+    let bad = |what: &str| {
+        AgentError::new(AgentErrorCode::BadRequest, format!("{what} holds a NUL byte"))
+    };
+    let disk = CString::new(target).map_err(|_| bad("the disk name"))?;
+    let base = base.map(CString::new).transpose().map_err(|_| bad("the base path"))?;
+    let base_ptr = base.as_ref().map_or(std::ptr::null(), |b| b.as_ptr());
+    // SAFETY: the domain pointer is valid while `domain` lives; the strings live until the
+    // call returns; libvirt copies what it keeps.
+    let started =
+        unsafe { virt::sys::virDomainBlockRebase(domain.as_ptr(), disk.as_ptr(), base_ptr, 0, 0) };
+    if started < 0 {
+        return Err(driver_error("block pull", &virt::error::Error::last_error()));
+    }
+    let begun = std::time::Instant::now();
+    loop {
+        let mut info = virt::sys::virDomainBlockJobInfo { type_: 0, bandwidth: 0, cur: 0, end: 0 };
+        // SAFETY: as above; `info` is a valid place for libvirt to write the job's state.
+        let running = unsafe {
+            virt::sys::virDomainGetBlockJobInfo(domain.as_ptr(), disk.as_ptr(), &mut info, 0)
+        };
+        match running {
+            0 => return Ok(()),
+            n if n < 0 => {
+                return Err(driver_error("block job info", &virt::error::Error::last_error()));
+            }
+            _ if begun.elapsed() > PULL_WAIT => {
+                return Err(AgentError::new(
+                    AgentErrorCode::Driver,
+                    format!("the block pull of {target} did not end within {PULL_WAIT:?}"),
+                ));
+            }
+            _ => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
 /// How long an unplug may take: a virtio disk leaves when the guest lets it go.
 const DETACH_WAIT: Duration = Duration::from_secs(20);
 
@@ -315,6 +371,37 @@ impl Driver for Libvirt {
             std::thread::sleep(Duration::from_millis(200));
         }
         Ok(())
+    }
+
+    fn snapshot_disk(&self, uuid: Uuid, disk: &DiskSpec, new_top: &str) -> Result<(), AgentError> {
+        let domain = self.existing(uuid)?;
+        let xml = domain.xml_desc(0).map_err(|e| driver_error("read the domain", &e))?;
+        if xml.contains(&format!("file='{}'", xml_escape(new_top))) {
+            return Ok(());
+        }
+        // Only this disk: every other one (the root volume's) is left as it is.
+        let target = disk.target();
+        let others: String = targets(&xml)
+            .into_iter()
+            .filter(|t| *t != target)
+            .map(|t| format!("<disk name='{}' snapshot='no'/>", xml_escape(&t)))
+            .collect();
+        let snapshot = format!(
+            "<domainsnapshot><disks><disk name='{target}' snapshot='external'><driver type='qcow2'/><source file='{}'/></disk>{others}</disks></domainsnapshot>",
+            xml_escape(new_top)
+        );
+        let flags = virt::sys::VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
+            | virt::sys::VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
+            | virt::sys::VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC;
+        domain
+            .create_snapshot_xml(&snapshot, flags)
+            .map(drop)
+            .map_err(|e| driver_error("snapshot disk", &e))
+    }
+
+    fn pull_disk(&self, uuid: Uuid, disk: &DiskSpec, base: Option<&str>) -> Result<(), AgentError> {
+        let domain = self.existing(uuid)?;
+        block_pull(&domain, &disk.target(), base)
     }
 
     fn watch(&self, events: broadcast::Sender<AgentEvent>) {

@@ -41,6 +41,12 @@ pub trait Driver: Send + Sync + 'static {
     /// Unplugs a disk from a running or paused domain and from its definition (succeeds if
     /// it is not plugged).
     fn detach_disk(&self, uuid: Uuid, disk: &DiskSpec) -> Result<(), AgentError>;
+    /// Freezes a running or paused domain's disk as a snapshot: the domain writes to
+    /// `new_top`, backed by the disk's file, from now on (succeeds if it does already).
+    fn snapshot_disk(&self, uuid: Uuid, disk: &DiskSpec, new_top: &str) -> Result<(), AgentError>;
+    /// Merges into a running or paused domain's disk every layer of its chain above `base`
+    /// (none: all of them), and waits until it is done.
+    fn pull_disk(&self, uuid: Uuid, disk: &DiskSpec, base: Option<&str>) -> Result<(), AgentError>;
     /// Starts reporting state changes on `events`.
     fn watch(&self, events: broadcast::Sender<AgentEvent>);
 }

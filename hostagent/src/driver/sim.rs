@@ -358,9 +358,86 @@ impl Driver for Sim {
         })
     }
 
+    fn snapshot_disk(&self, uuid: Uuid, disk: &DiskSpec, new_top: &str) -> Result<(), AgentError> {
+        self.change("snapshot-disk", uuid, |d| {
+            if !matches!(d.state, DomainState::Running | DomainState::Paused) {
+                return Err(invalid(uuid, d.state, "snapshot its disk live"));
+            }
+            let Some(plugged) = d.spec.disks.iter_mut().find(|o| o.volume == disk.volume) else {
+                return Err(AgentError::new(
+                    AgentErrorCode::NotFound,
+                    format!("domain {uuid} has no disk of volume {}", disk.volume),
+                ));
+            };
+            if plugged.path != new_top {
+                // The files are real where they exist: the sim freezes them as QEMU would.
+                if Path::new(&plugged.path).exists() {
+                    files(&[
+                        "create",
+                        "-q",
+                        "-f",
+                        "qcow2",
+                        "-b",
+                        &plugged.path,
+                        "-F",
+                        "qcow2",
+                        new_top,
+                    ])?;
+                }
+                plugged.path = new_top.to_owned();
+            }
+            Ok(())
+        })
+    }
+
+    fn pull_disk(&self, uuid: Uuid, disk: &DiskSpec, base: Option<&str>) -> Result<(), AgentError> {
+        self.change("pull-disk", uuid, |d| {
+            if !matches!(d.state, DomainState::Running | DomainState::Paused) {
+                return Err(invalid(uuid, d.state, "pull its disk live"));
+            }
+            let Some(plugged) = d.spec.disks.iter().find(|o| o.volume == disk.volume) else {
+                return Err(AgentError::new(
+                    AgentErrorCode::NotFound,
+                    format!("domain {uuid} has no disk of volume {}", disk.volume),
+                ));
+            };
+            if Path::new(&plugged.path).exists() {
+                match base {
+                    Some(base) => files(&[
+                        "rebase",
+                        "-q",
+                        "-f",
+                        "qcow2",
+                        "-F",
+                        "qcow2",
+                        "-b",
+                        base,
+                        &plugged.path,
+                    ])?,
+                    None => files(&["rebase", "-q", "-f", "qcow2", "-b", "", &plugged.path])?,
+                }
+            }
+            Ok(())
+        })
+    }
+
     fn watch(&self, events: broadcast::Sender<AgentEvent>) {
         *self.events.lock().expect("sim lock") = Some(events);
     }
+}
+
+/// Runs `qemu-img` on a simulated domain's real files.
+fn files(args: &[&str]) -> Result<(), AgentError> {
+    let out = std::process::Command::new("qemu-img").args(args).output().map_err(|e| {
+        AgentError::new(AgentErrorCode::Driver, format!("cannot run qemu-img: {e}"))
+    })?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(AgentError::new(
+        AgentErrorCode::Driver,
+        format!("qemu-img {} failed: {}", args[0], String::from_utf8_lossy(&out.stderr).trim()),
+    ))
 }
 
 #[cfg(test)]
