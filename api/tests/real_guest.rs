@@ -4,7 +4,10 @@
 //! routes from the Flat provider's DHCP and reads its user data from 169.254.169.254: its
 //! libvirtd then runs inside the host's network namespace (`scripts/netns-libvirtd`), so the
 //! tap QEMU opens is plugged into the bridge the agent made there, and nothing touches this
-//! machine's own network.
+//! machine's own network. There too, a data volume is hot-plugged into the running guest
+//! (which writes a pattern on it), snapshotted live (libvirt's external snapshot: the
+//! snapshot's file holds the pattern), its snapshot deleted live (a block pull), unplugged
+//! and plugged again, and the guest finds its pattern.
 //!
 //! It needs libvirtd and the image that `scripts/real-guest` installs, starts and builds, so
 //! it is ignored by a plain `cargo nextest run`; `scripts/test` prepares the machine and runs
@@ -345,7 +348,7 @@ fn a_real_guest_gets_its_address_host_name_and_user_data_from_the_flat_provider(
 
 #[test]
 #[ignore = "needs libvirtd and the guest image: scripts/real-guest prepares both, scripts/test runs it"]
-fn a_real_guest_sees_a_data_volume_plugged_unplugged_and_plugged_again_with_its_data() {
+fn a_real_guest_keeps_a_data_volume_s_bytes_through_hot_plug_live_snapshot_pull_and_replug() {
     let image = std::env::var("STRATO_GUEST_IMAGE")
         .expect("STRATO_GUEST_IMAGE must name the image built by scripts/real-guest");
     let host = NetnsHost::start(&image);
@@ -386,6 +389,38 @@ fn a_real_guest_sees_a_data_volume_plugged_unplugged_and_plugged_again_with_its_
         "{written}\n{text}\n{}",
         String::from_utf8_lossy(&xml.stdout)
     );
+    // Snapshotted live: the guest's disk moves to a new top and the snapshot's file holds
+    // what the guest wrote; deleted live, its layer is pulled back into the top, which then
+    // stands alone.
+    let snapshot = ok(
+        api,
+        "POST",
+        &format!("/v1/volumes/{volume_id}/volume-snapshots"),
+        Some(&json!({ "params": { "name": "live" } }).to_string()),
+    );
+    let frozen = snapshot["primaryStorageInstallPath"].as_str().unwrap().to_owned();
+    let dump = Command::new("qemu-io")
+        .args(["-U", "-r", "-f", "qcow2", "-c", "read -v 0 32", &frozen])
+        .output()
+        .unwrap();
+    let dump = String::from_utf8_lossy(&dump.stdout).into_owned();
+    // "strato-pattern" in the dump's hexadecimal column.
+    let written_hex = "73 74 72 61 74 6f 2d 70 61 74 74 65 72 6e";
+    assert!(dump.contains(written_hex), "the snapshot holds the guest's bytes: {dump}");
+    let top = |api| {
+        let (_, _, found) = http(api, "GET", &format!("/v1/volumes/{volume_id}"), None, &[]);
+        found["inventories"][0]["installPath"].as_str().unwrap().to_owned()
+    };
+    assert_ne!(top(api), frozen);
+    let xml = Command::new("virsh").args(["-c", &host.uri, "dumpxml", &vm_id]).output().unwrap();
+    assert!(String::from_utf8_lossy(&xml.stdout).contains(&top(api)), "QEMU writes the new top");
+    let snapshot_id = snapshot["uuid"].as_str().unwrap();
+    ok(api, "DELETE", &format!("/v1/volume-snapshots/{snapshot_id}"), None);
+    let info =
+        Command::new("qemu-img").args(["info", "-U", "--output=json", &top(api)]).output().unwrap();
+    let info: Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(info["backing-filename"], Value::Null, "pulled: the top stands alone: {info}");
+    assert!(!Path::new(&frozen).exists());
     // Unplugged: the guest lets it go.
     action(json!({ "detachDataVolumeFromVm": {} }));
     wait_serial(&log, &["strato-tryout: vdb gone"], Duration::from_secs(60));
