@@ -19,19 +19,16 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use strato_proto::Command;
-use strato_runtime::{Kind, Op};
+use strato_runtime::Kind;
 use strato_storage::{Batch, Db, Expect, IndexValue, Stored};
 use uuid::Uuid;
 
 use crate::host::{self, Hosts};
-use crate::records::{
-    VmRecord, VolumeRecord, VolumeSnapshotRecord, VolumeSnapshotTreeRecord, VolumeStatus,
-};
+use crate::records::{VolumeRecord, VolumeSnapshotRecord, VolumeSnapshotTreeRecord, VolumeStatus};
 use crate::vm::Vms;
-use crate::vm::state::VmState;
 use crate::volume::{self, VolumeError, landed};
 
-/// How long a snapshot operation may wait for its VM's turn and run.
+/// How long a snapshot operation's agent commands may take.
 const TIMEOUT: Duration = Duration::from_secs(600);
 
 /// A volume's snapshots, by UUID.
@@ -66,50 +63,6 @@ pub fn get(db: &Db, snapshot: Uuid) -> Result<Stored<VolumeSnapshotRecord>, Volu
 /// The directory of `path`.
 fn dir_of(path: &str) -> &str {
     path.rsplit_once('/').map_or(".", |(dir, _)| dir)
-}
-
-/// Whether the volume's disk is live: attached to a running or paused VM. `Err` for a VM in
-/// a state that allows no change of its disks.
-fn live(vm: Option<&VmRecord>) -> Result<bool, VolumeError> {
-    match vm.map(|r| r.state) {
-        None | Some(VmState::Stopped | VmState::Destroyed) => Ok(false),
-        Some(VmState::Running | VmState::Paused) => Ok(true),
-        Some(state) => Err(VolumeError::VmState {
-            vm: vm.map(|r| r.uuid).unwrap_or_default(),
-            state: state.as_str(),
-            rule: "its volumes' snapshots change when it is Running, Paused, Stopped or Destroyed",
-        }),
-    }
-}
-
-/// Runs `op` on volume `volume`: in its VM's `lifecycle` queue (told the VM's record) when
-/// it is attached, at once (told none) when it is not.
-async fn on_volume<T, F, Fut>(
-    vms: &Kind<Vms>,
-    volume: Uuid,
-    name: &'static str,
-    job: Option<Uuid>,
-    op: F,
-) -> Result<T, VolumeError>
-where
-    T: Send + 'static,
-    F: FnOnce(Option<VmRecord>) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = Result<T, VolumeError>> + Send,
-{
-    let db = vms.runtime().db().clone();
-    let Some(vm) = volume::get(&db, volume)?.record.vm_instance_uuid else {
-        return op(None).await;
-    };
-    vms.call(vm, Op::within("lifecycle", name, TIMEOUT).job(job), move |ctx| async move {
-        let (record, _) = crate::vm::begin(&ctx).await?;
-        if volume::get(&db, volume)?.record.vm_instance_uuid != Some(vm) {
-            return Err(VolumeError::InUse(format!(
-                "volume {volume} was detached from VM {vm} meanwhile: try again"
-            )));
-        }
-        op(Some(record)).await
-    })
-    .await
 }
 
 /// Sends `command` to `host`'s agent.
@@ -163,8 +116,8 @@ pub async fn create(
 ) -> Result<VolumeSnapshotRecord, VolumeError> {
     let db = vms.runtime().db().clone();
     let hosts = hosts.clone();
-    on_volume(vms, volume, "snapshot-volume", job, move |vm| async move {
-        let live = live(vm.as_ref())?;
+    volume::on_volume(vms, volume, "snapshot-volume", job, move |vm| async move {
+        let live = volume::live(vm.as_ref())?;
         loop {
             let stored = volume::get(&db, volume)?;
             let mut v = stored.record;
@@ -246,8 +199,8 @@ pub async fn revert(
     let db = vms.runtime().db().clone();
     let volume = get(&db, snapshot)?.record.volume_uuid;
     let hosts = hosts.clone();
-    on_volume(vms, volume, "revert-volume", job, move |vm| async move {
-        if let Some(vm) = vm.as_ref().filter(|_| live(vm.as_ref()).unwrap_or(true)) {
+    volume::on_volume(vms, volume, "revert-volume", job, move |vm| async move {
+        if let Some(vm) = vm.as_ref().filter(|_| volume::live(vm.as_ref()).unwrap_or(true)) {
             return Err(VolumeError::VmState {
                 vm: vm.uuid,
                 state: vm.state.as_str(),
@@ -314,8 +267,8 @@ pub async fn delete(
         return Ok(());
     };
     let hosts = hosts.clone();
-    on_volume(vms, volume, "delete-volume-snapshot", job, move |vm| async move {
-        let live = live(vm.as_ref())?;
+    volume::on_volume(vms, volume, "delete-volume-snapshot", job, move |vm| async move {
+        let live = volume::live(vm.as_ref())?;
         loop {
             let all = snapshots_of(&db, volume)?;
             let Some(doomed_root) = all.get(&snapshot).map(|s| s.record.clone()) else {

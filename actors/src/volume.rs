@@ -12,13 +12,14 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use strato_proto::{Command, DiskSpec};
-use strato_runtime::{Kind, Runtime, RuntimeError, Trigger};
+use strato_runtime::{Kind, Op, Runtime, RuntimeError, Trigger};
 use strato_storage::{Batch, Db, Expect, IndexValue, StoreError, Stored};
 use uuid::Uuid;
 
 use crate::host::{self, HostError, Hosts};
-use crate::records::{VolumeRecord, VolumeStatus};
+use crate::records::{VmRecord, VolumeRecord, VolumeStatus};
 use crate::vm::ops::DeletionPolicy;
+use crate::vm::state::VmState;
 
 /// The most data volumes a VM takes (ZStack's limit: `vdb` to `vdy`).
 pub const MAX_DATA_VOLUMES: u32 = 24;
@@ -58,6 +59,8 @@ pub enum VolumeOp {
     Snapshot,
     /// Revert it to a snapshot.
     Revert,
+    /// Grow it.
+    Resize,
 }
 
 impl VolumeOp {
@@ -69,6 +72,7 @@ impl VolumeOp {
             VolumeOp::Expunge => "expunge",
             VolumeOp::Snapshot => "snapshot",
             VolumeOp::Revert => "revert",
+            VolumeOp::Resize => "resize",
         }
     }
 }
@@ -85,6 +89,7 @@ pub fn allows(status: VolumeStatus, op: VolumeOp) -> bool {
             | (NotInstantiated | Ready, Delete)
             | (Deleted, Recover | Expunge)
             | (Ready, Snapshot | Revert)
+            | (NotInstantiated | Ready, Resize)
     )
 }
 
@@ -208,6 +213,100 @@ pub(crate) async fn update(
 
 fn refuse(record: &VolumeRecord, op: VolumeOp, hint: &'static str) -> VolumeError {
     VolumeError::InvalidStatus { volume: record.uuid, status: record.status, op, hint }
+}
+
+/// How long an operation on an attached volume may wait for its VM's turn and run.
+const OP_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Whether the volume's disk is live: attached to a running or paused VM. `Err` for a VM in
+/// a state that allows no change of its disks.
+pub(crate) fn live(vm: Option<&VmRecord>) -> Result<bool, VolumeError> {
+    match vm.map(|r| r.state) {
+        None | Some(VmState::Stopped | VmState::Destroyed) => Ok(false),
+        Some(VmState::Running | VmState::Paused) => Ok(true),
+        Some(state) => Err(VolumeError::VmState {
+            vm: vm.map(|r| r.uuid).unwrap_or_default(),
+            state: state.as_str(),
+            rule: "its volumes' snapshots change when it is Running, Paused, Stopped or Destroyed",
+        }),
+    }
+}
+
+/// Runs `op` on volume `volume`: in its VM's `lifecycle` queue (told the VM's record) when
+/// it is attached, at once (told none) when it is not.
+pub(crate) async fn on_volume<T, F, Fut>(
+    vms: &Kind<crate::vm::Vms>,
+    volume: Uuid,
+    name: &'static str,
+    job: Option<Uuid>,
+    op: F,
+) -> Result<T, VolumeError>
+where
+    T: Send + 'static,
+    F: FnOnce(Option<VmRecord>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<T, VolumeError>> + Send,
+{
+    let db = vms.runtime().db().clone();
+    let Some(vm) = get(&db, volume)?.record.vm_instance_uuid else {
+        return op(None).await;
+    };
+    vms.call(vm, Op::within("lifecycle", name, OP_TIMEOUT).job(job), move |ctx| async move {
+        let (record, _) = crate::vm::begin(&ctx).await?;
+        if get(&db, volume)?.record.vm_instance_uuid != Some(vm) {
+            return Err(VolumeError::InUse(format!(
+                "volume {volume} was detached from VM {vm} meanwhile: try again"
+            )));
+        }
+        op(Some(record)).await
+    })
+    .await
+}
+
+/// Grows data volume `volume` to `size` bytes: live on a running VM (the guest sees the new
+/// size), offline on its file otherwise; a volume without a file yet just records the size.
+pub async fn resize(
+    vms: &Kind<crate::vm::Vms>,
+    hosts: &Kind<Hosts>,
+    volume: Uuid,
+    size: u64,
+    job: Option<Uuid>,
+) -> Result<VolumeRecord, VolumeError> {
+    let db = vms.runtime().db().clone();
+    let hosts = hosts.clone();
+    on_volume(vms, volume, "resize-volume", job, move |vm| async move {
+        let live = live(vm.as_ref())?;
+        loop {
+            let stored = get(&db, volume)?;
+            let mut v = stored.record;
+            if !allows(v.status, VolumeOp::Resize) {
+                return Err(refuse(&v, VolumeOp::Resize, ""));
+            }
+            if size < v.size {
+                return Err(VolumeError::Invalid {
+                    field: "size",
+                    message: format!(
+                        "volume {volume} has {} bytes: a volume grows, it never shrinks (its guest's file systems would lose their end)",
+                        v.size
+                    ),
+                });
+            }
+            if let (Some(host), Some(path)) = (v.host_uuid, v.install_path.clone()) {
+                let command = match (live, vm.as_ref(), v.disk()) {
+                    (true, Some(vm), Some(disk)) => Command::ResizeDisk { uuid: vm.uuid, disk, size },
+                    _ => Command::ResizeVolume { path, size },
+                };
+                let deadline = std::time::SystemTime::now() + OP_TIMEOUT;
+                host::command(&hosts, host, command, deadline, job).await?;
+            }
+            v.size = size;
+            let mut batch = Batch::new();
+            batch.put(&v, Expect::Generation(stored.generation))?;
+            if landed(&db, batch).await? {
+                return Ok(v);
+            }
+        }
+    })
+    .await
 }
 
 /// The GC job kind that expunges a deleted volume once its grace period is over.

@@ -6,8 +6,9 @@
 //! tap QEMU opens is plugged into the bridge the agent made there, and nothing touches this
 //! machine's own network. There too, a data volume is hot-plugged into the running guest
 //! (which writes a pattern on it), snapshotted live (libvirt's external snapshot: the
-//! snapshot's file holds the pattern), its snapshot deleted live (a block pull), unplugged
-//! and plugged again, and the guest finds its pattern.
+//! snapshot's file holds the pattern), its snapshot deleted live (a block pull), grown live
+//! (the guest sees the new size), unplugged and plugged again, and the guest finds its
+//! pattern.
 //!
 //! It needs libvirtd and the image that `scripts/real-guest` installs, starts and builds, so
 //! it is ignored by a plain `cargo nextest run`; `scripts/test` prepares the machine and runs
@@ -421,6 +422,13 @@ fn a_real_guest_keeps_a_data_volume_s_bytes_through_hot_plug_live_snapshot_pull_
     let info: Value = serde_json::from_slice(&info.stdout).unwrap();
     assert_eq!(info["backing-filename"], Value::Null, "pulled: the top stands alone: {info}");
     assert!(!Path::new(&frozen).exists());
+    // Grown live: the guest sees the new size.
+    action(json!({ "resizeDataVolume": { "size": 32u64 << 20 } }));
+    wait_serial(
+        &log,
+        &[&format!("strato-tryout: vdb size {}", 32u64 << 20)],
+        Duration::from_secs(30),
+    );
     // Unplugged: the guest lets it go.
     action(json!({ "detachDataVolumeFromVm": {} }));
     wait_serial(&log, &["strato-tryout: vdb gone"], Duration::from_secs(60));

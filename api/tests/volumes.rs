@@ -396,6 +396,19 @@ fn snapshots_keep_each_layer_s_bytes_through_reverts_and_deletions() {
         http(api, "GET", &format!("/v1/volume-snapshots?q=volumeUuid={data_id}"), None, &[]);
     assert_eq!(left["inventories"].as_array().unwrap().len(), 1, "{left}");
 
+    // Grown offline (VM stopped); never shrunk.
+    let grown = act(api, &data_id, json!({ "resizeDataVolume": { "size": 32u64 << 20 } }));
+    assert_eq!(grown["inventory"]["size"], 32u64 << 20, "{grown}");
+    let info = std::process::Command::new("qemu-img")
+        .args(["info", "--output=json", &top()])
+        .output()
+        .unwrap();
+    let info: Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(info["virtual-size"], 32u64 << 20, "{info}");
+    let shrunk = act(api, &data_id, json!({ "resizeDataVolume": { "size": 16u64 << 20 } }));
+    assert_eq!(shrunk["error"]["details"]["field"], "size", "{shrunk}");
+    assert!(holds(&top(), 0xaa, 0), "growing kept the bytes");
+
     // Live, on the running VM: a snapshot switches its disk to a new top, and deleting it
     // pulls the layer back into the top; the disk follows the volume's record.
     vm_action("startVmInstance");
@@ -413,6 +426,15 @@ fn snapshots_keep_each_layer_s_bytes_through_reverts_and_deletions() {
     );
     ok(api, "DELETE", &format!("/v1/volume-snapshots/{}", uuid(&live)), None);
     assert!([(0xaa, 0), (0xbb, 64), (0xee, 256)].iter().all(|(b, o)| holds(&top(), *b, *o)));
+    // Grown live: the running domain's disk.
+    let grown = act(api, &data_id, json!({ "resizeDataVolume": { "size": 48u64 << 20 } }));
+    assert_eq!(grown["inventory"]["size"], 48u64 << 20, "{grown}");
+    let info = std::process::Command::new("qemu-img")
+        .args(["info", "-U", "--output=json", &top()])
+        .output()
+        .unwrap();
+    let info: Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(info["virtual-size"], 48u64 << 20, "{info}");
     let reverting = call(
         api,
         "PUT",

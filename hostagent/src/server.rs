@@ -434,6 +434,7 @@ impl Agent {
             Command::RebaseVolume { top, base } => {
                 volumes::rebase_volume(&top, base.as_deref()).await
             }
+            Command::ResizeVolume { path, size } => volumes::resize_volume(&path, size).await,
             Command::DeleteVolume { path } => volumes::delete_volume(&path).await,
             command => {
                 let driver = self.driver.clone();
@@ -524,12 +525,16 @@ fn drive(driver: &dyn Driver, network: &dyn Network, command: Command) -> Outcom
         Command::PullDisk { uuid, disk, base } => {
             driver.pull_disk(uuid, &disk, base.as_deref()).map(|()| Reply::Done)
         }
+        Command::ResizeDisk { uuid, disk, size } => {
+            driver.resize_disk(uuid, &disk, size).map(|()| Reply::Done)
+        }
         Command::UndefineDomain { uuid } => driver.undefine(uuid).map(|()| Reply::Done),
         Command::CacheImage { .. }
         | Command::CreateRootVolume { .. }
         | Command::CreateDataVolume { .. }
         | Command::SnapshotVolume { .. }
         | Command::RebaseVolume { .. }
+        | Command::ResizeVolume { .. }
         | Command::DeleteVolume { .. } => {
             Err(AgentError::new(AgentErrorCode::BadRequest, "volume commands are not driver calls"))
         }

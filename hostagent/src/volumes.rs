@@ -127,6 +127,13 @@ pub async fn rebase_volume(top: &str, base: Option<&str>) -> Result<Reply, Agent
     file_reply(Path::new(top)).await
 }
 
+/// Grows the qcow2 file at `path` to `size` bytes (the same size again changes nothing;
+/// `qemu-img` refuses to shrink without `--shrink`, which is never given).
+pub async fn resize_volume(path: &str, size: u64) -> Result<Reply, AgentError> {
+    qemu_img(&["resize", "-q", "-f", "qcow2", path, &size.to_string()]).await?;
+    file_reply(Path::new(path)).await
+}
+
 /// Deletes a volume file; succeeds when it is already gone.
 pub async fn delete_volume(path: &str) -> Result<Reply, AgentError> {
     match tokio::fs::remove_file(path).await {

@@ -25,7 +25,7 @@ use super::api::{Answer, Api, Body, Method, actions, schema};
 use super::{Id, Shared, accepted, action, creation, get_record, job_header, owned, submit_record};
 use crate::auth;
 use crate::error::ApiError;
-use crate::types::actions::{OnVm, VolumeAction, VolumeSnapshotAction};
+use crate::types::actions::{NewSize, OnVm, VolumeAction, VolumeSnapshotAction};
 use crate::types::{
     DataVolumeParams, DiskOfferingParams, VolumeSnapshotParams, inventory, validate,
 };
@@ -242,6 +242,14 @@ async fn volume_action(
             mn.jobs
                 .submit(job_header, "RecoverDataVolume", &keyed, move |_| async move {
                     inventory(&volume::recover(&m.runtime, uuid).await?)
+                })
+                .await?
+        }
+        VolumeAction::ResizeDataVolume(NewSize { size }) => {
+            check_size("size", size)?;
+            mn.jobs
+                .submit(job_header, "ResizeDataVolume", &keyed, move |job| async move {
+                    inventory(&volume::resize(&m.vms, &m.hosts, uuid, size, Some(job)).await?)
                 })
                 .await?
         }

@@ -184,6 +184,16 @@ pub enum VolumeAction {
     RecoverDataVolume(NoParams),
     /// Expunges a deleted data volume with its file
     ExpungeDataVolume(NoParams),
+    /// Grows a data volume (live on a running VM)
+    ResizeDataVolume(NewSize),
+}
+
+/// A volume's new size.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NewSize {
+    /// Bytes: whole MiB, no less than the volume's size, at most 64 TiB.
+    pub size: u64,
 }
 
 /// The actions on a volume snapshot (`PUT /v1/volume-snapshots/{uuid}/actions`).

@@ -333,6 +333,22 @@ pub enum Command {
         /// The layer to keep as its backing file.
         base: Option<String>,
     },
+    /// Grow a volume's top file (offline) to `size` bytes.
+    ResizeVolume {
+        /// The volume's top file.
+        path: String,
+        /// Its new virtual size.
+        size: u64,
+    },
+    /// Grow a running domain's disk to `size` bytes (the guest sees the new size).
+    ResizeDisk {
+        /// The domain.
+        uuid: Uuid,
+        /// The disk.
+        disk: DiskSpec,
+        /// Its new virtual size.
+        size: u64,
+    },
     /// Delete a volume file (succeeds if it is already gone).
     DeleteVolume {
         /// The volume's path.
@@ -367,6 +383,8 @@ impl Command {
             Command::SnapshotDisk { .. } => "snapshot-disk",
             Command::RebaseVolume { .. } => "rebase-volume",
             Command::PullDisk { .. } => "pull-disk",
+            Command::ResizeVolume { .. } => "resize-volume",
+            Command::ResizeDisk { .. } => "resize-disk",
             Command::DeleteVolume { .. } => "delete-volume",
             Command::ApplyNetwork(_) => "apply-network",
             Command::NetworkStatus => "network-status",
@@ -387,7 +405,8 @@ impl Command {
             | Command::AttachDisk { uuid, .. }
             | Command::DetachDisk { uuid, .. }
             | Command::SnapshotDisk { uuid, .. }
-            | Command::PullDisk { uuid, .. } => Some(*uuid),
+            | Command::PullDisk { uuid, .. }
+            | Command::ResizeDisk { uuid, .. } => Some(*uuid),
             Command::HostFacts
             | Command::ListDomains
             | Command::CacheImage { .. }
@@ -395,6 +414,7 @@ impl Command {
             | Command::CreateDataVolume { .. }
             | Command::SnapshotVolume { .. }
             | Command::RebaseVolume { .. }
+            | Command::ResizeVolume { .. }
             | Command::DeleteVolume { .. }
             | Command::ApplyNetwork(_)
             | Command::NetworkStatus => None,

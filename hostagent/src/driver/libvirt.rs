@@ -404,6 +404,13 @@ impl Driver for Libvirt {
         block_pull(&domain, &disk.target(), base)
     }
 
+    fn resize_disk(&self, uuid: Uuid, disk: &DiskSpec, size: u64) -> Result<(), AgentError> {
+        let domain = self.existing(uuid)?;
+        domain
+            .block_resize(&disk.target(), size, virt::sys::VIR_DOMAIN_BLOCK_RESIZE_BYTES)
+            .map_err(|e| driver_error("resize disk", &e))
+    }
+
     fn watch(&self, events: broadcast::Sender<AgentEvent>) {
         let driver = self.clone();
         let spawned = std::thread::Builder::new().name("libvirt-watch".into()).spawn(move || {

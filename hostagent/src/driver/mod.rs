@@ -47,6 +47,8 @@ pub trait Driver: Send + Sync + 'static {
     /// Merges into a running or paused domain's disk every layer of its chain above `base`
     /// (none: all of them), and waits until it is done.
     fn pull_disk(&self, uuid: Uuid, disk: &DiskSpec, base: Option<&str>) -> Result<(), AgentError>;
+    /// Grows a running or paused domain's disk to `size` bytes.
+    fn resize_disk(&self, uuid: Uuid, disk: &DiskSpec, size: u64) -> Result<(), AgentError>;
     /// Starts reporting state changes on `events`.
     fn watch(&self, events: broadcast::Sender<AgentEvent>);
 }

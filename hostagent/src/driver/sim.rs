@@ -421,6 +421,24 @@ impl Driver for Sim {
         })
     }
 
+    fn resize_disk(&self, uuid: Uuid, disk: &DiskSpec, size: u64) -> Result<(), AgentError> {
+        self.change("resize-disk", uuid, |d| {
+            if !matches!(d.state, DomainState::Running | DomainState::Paused) {
+                return Err(invalid(uuid, d.state, "resize its disk live"));
+            }
+            let Some(plugged) = d.spec.disks.iter().find(|o| o.volume == disk.volume) else {
+                return Err(AgentError::new(
+                    AgentErrorCode::NotFound,
+                    format!("domain {uuid} has no disk of volume {}", disk.volume),
+                ));
+            };
+            if Path::new(&plugged.path).exists() {
+                files(&["resize", "-q", "-f", "qcow2", &plugged.path, &size.to_string()])?;
+            }
+            Ok(())
+        })
+    }
+
     fn watch(&self, events: broadcast::Sender<AgentEvent>) {
         *self.events.lock().expect("sim lock") = Some(events);
     }
