@@ -19,6 +19,7 @@ pub mod load;
 pub mod peer;
 pub mod proxy;
 pub mod run;
+pub mod snapshots;
 pub mod workload;
 
 /// The harness's errors: anything that stops a run from being made (not a violation, which is

@@ -33,6 +33,13 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         sim_latency_ms: u64,
     },
+    /// N snapshots of one data volume, then their deletions (each merged into the
+    /// volume's top), on a simulated host with real qcow2 files: each phase's latencies.
+    SnapshotBench {
+        /// Snapshots to take.
+        #[arg(short = 'n', long, default_value_t = 100)]
+        snapshots: u32,
+    },
     /// The workload Rally runs on Nova's fake driver: boot, wait, list, delete (direct);
     /// exits 1 when any call failed.
     PeerWorkload {
@@ -98,6 +105,12 @@ fn main() -> std::process::ExitCode {
             let dir = std::env::temp_dir().join(format!("strato-load-{}", std::process::id()));
             let config = LoadConfig { sim_hosts, vms, concurrency, sim_latency_ms };
             let result = load::run(&config, &dir);
+            let _ = std::fs::remove_dir_all(&dir);
+            result
+        }
+        Cmd::SnapshotBench { snapshots } => {
+            let dir = std::env::temp_dir().join(format!("strato-snapshots-{}", std::process::id()));
+            let result = strato_chaos::snapshots::run(&dir, snapshots);
             let _ = std::fs::remove_dir_all(&dir);
             result
         }

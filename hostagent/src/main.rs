@@ -240,11 +240,9 @@ async fn run(args: Args) -> Result<(), String> {
             tasks.push(tokio::spawn(agent.serve(listener)));
         }
         DriverKind::Sim => {
-            let base = if args.sim_hosts > 1 {
-                args.listen_base.unwrap_or(args.listen)
-            } else {
-                args.listen
-            };
+            // `--listen-base` wins whatever the count (one simulated host given a base
+            // listened on `--listen` instead, and its caller waited for nothing).
+            let base = args.listen_base.unwrap_or(args.listen);
             let failures: HashMap<String, f64> = args.sim_fail.iter().cloned().collect();
             let net_kind = args.network.unwrap_or(NetworkKind::Sim);
             if net_kind == NetworkKind::Host && args.sim_hosts > 1 {
