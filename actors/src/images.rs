@@ -65,6 +65,21 @@ pub enum ImageError {
     Cancelled,
 }
 
+/// The size and `sha256:<hex>` checksum of the file at `path` (a template the agent wrote
+/// into a backup storage's directory).
+pub async fn describe(path: &Path) -> std::io::Result<(u64, String)> {
+    let mut file = tokio::fs::File::open(path).await?;
+    let (mut hasher, mut size, mut buffer) = (Sha256::new(), 0u64, vec![0u8; 1 << 16]);
+    loop {
+        let read = file.read(&mut buffer).await?;
+        if read == 0 {
+            return Ok((size, format!("sha256:{:x}", hasher.finalize())));
+        }
+        hasher.update(&buffer[..read]);
+        size = size.saturating_add(read as u64);
+    }
+}
+
 /// A fetched image: where it is, its size and checksum.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Fetched {

@@ -359,3 +359,32 @@ pub(crate) fn forget_all(
 pub(crate) async fn delete_snapshot_files(hosts: &Kind<Hosts>, host: Uuid, files: Vec<String>) {
     delete_files(hosts, host, files).await;
 }
+
+/// Makes data volume `new` (its name, description and owner's writes given) from snapshot
+/// `snapshot`: a standalone copy of the snapshot's chain, on the snapshot's host, Ready at
+/// once. `extra` adds the new volume's tags and owner to the same write; the copy is deleted
+/// if that write fails.
+pub async fn to_volume(
+    db: &Db,
+    hosts: &Kind<Hosts>,
+    snapshot: Uuid,
+    mut new: VolumeRecord,
+    extra: impl Fn(&mut Batch) -> Result<(), strato_storage::StoreError>,
+    job: Option<Uuid>,
+) -> Result<VolumeRecord, VolumeError> {
+    let s = get(db, snapshot)?.record;
+    let host = s.host_uuid.ok_or(VolumeError::InUse(format!("snapshot {snapshot} has no host")))?;
+    let source = s.primary_storage_install_path.clone();
+    let dest = format!("{}/{}.qcow2", dir_of(&source), new.uuid);
+    send(hosts, host, Command::FlattenVolume { source, dest: dest.clone() }, job).await?;
+    new.status = VolumeStatus::Ready;
+    new.size = s.size;
+    new.host_uuid = Some(host);
+    new.primary_storage_uuid = s.primary_storage_uuid;
+    new.install_path = Some(dest.clone());
+    if let Err(error) = crate::cascade::insert(db, &new, extra).await {
+        delete_files(hosts, host, vec![dest]).await;
+        return Err(volume::not_written(error));
+    }
+    Ok(new)
+}

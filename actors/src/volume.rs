@@ -157,6 +157,18 @@ impl From<crate::vm::VmError> for VolumeError {
     }
 }
 
+/// A creation's failure to write its record: the store's, or what the record names that is
+/// gone.
+pub(crate) fn not_written(error: crate::cascade::CascadeError) -> VolumeError {
+    match error {
+        crate::cascade::CascadeError::Store(e) => e.into(),
+        crate::cascade::CascadeError::NotFound(resource) => {
+            VolumeError::NotFound { kind: resource.kind.api, uuid: resource.uuid }
+        }
+        other => VolumeError::InUse(other.to_string()),
+    }
+}
+
 /// The volume's record, or NotFound.
 pub fn get(db: &Db, volume: Uuid) -> Result<Stored<VolumeRecord>, VolumeError> {
     db.get::<VolumeRecord>(volume)?.ok_or(VolumeError::NotFound { kind: "Volume", uuid: volume })

@@ -455,3 +455,114 @@ fn snapshots_keep_each_layer_s_bytes_through_reverts_and_deletions() {
         http(api, "GET", &format!("/v1/volume-snapshots?q=volumeUuid={data_id}"), None, &[]);
     assert_eq!(gone["inventories"].as_array().unwrap().len(), 0, "{gone}");
 }
+
+#[test]
+fn a_snapshot_makes_a_volume_and_a_root_volume_makes_a_template_that_boots_a_vm() {
+    let images = tempfile::tempdir().unwrap();
+    let cluster = TestCluster::start(
+        ClusterOpts::sim(0).env("STRATO_IMAGE_FILE_DIRS", images.path().to_str().unwrap()),
+    );
+    let api = cluster.api;
+    let infra = vm_infrastructure(api, cluster.agent, "10.22.0.10", "10.22.0.50");
+    let host_cluster = infra.host["clusterUuid"].as_str().unwrap();
+    let (_, _, clusters) = http(api, "GET", &format!("/v1/clusters/{host_cluster}"), None, &[]);
+    let zone = clusters["inventories"][0]["zoneUuid"].as_str().unwrap().to_owned();
+    let ps = create(
+        api,
+        "/v1/primary-storage/local-storage",
+        json!({ "name": "ps", "url": cluster.dir().join("ps").display().to_string(), "zoneUuid": zone }),
+    );
+    ok(api, "POST", &format!("/v1/clusters/{host_cluster}/primary-storage/{}", uuid(&ps)), None);
+    let bs = create(
+        api,
+        "/v1/backup-storage/image-store",
+        json!({ "name": "bs", "url": cluster.dir().join("bs").display().to_string() }),
+    );
+    ok(api, "POST", &format!("/v1/zones/{zone}/backup-storage/{}", uuid(&bs)), None);
+    // An image with a pattern of its own at 0.
+    let source = images.path().join("base.qcow2").display().to_string();
+    let made = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", &source, "16M"])
+        .status()
+        .unwrap();
+    assert!(made.success());
+    write_at(&source, 0x11, 0);
+    let image = create(
+        api,
+        "/v1/images",
+        json!({ "name": "base", "url": format!("file://{source}"), "format": "qcow2", "backupStorageUuids": [bs["uuid"]] }),
+    );
+    let vm_from = |name: &str, image: &Value| -> Value {
+        let body = json!({ "params": { "name": name, "instanceOfferingUuid": infra.offering["uuid"], "imageUuid": image["uuid"], "l3NetworkUuids": [infra.l3["uuid"]] } });
+        ok(api, "POST", "/v1/vm-instances", Some(&body.to_string()))
+    };
+    let vm1 = vm_from("vm1", &image);
+    let vm1_id = uuid(&vm1).to_owned();
+    ok(
+        api,
+        "PUT",
+        &format!("/v1/vm-instances/{vm1_id}/actions"),
+        Some(r#"{"stopVmInstance": {}}"#),
+    );
+    let root = vm1["rootVolumePath"].as_str().unwrap().to_owned();
+    write_at(&root, 0x5a, 1024);
+
+    // A volume from a snapshot: the snapshot's bytes, standing alone, not what came after.
+    let data = create(api, "/v1/volumes/data", json!({ "name": "data", "diskSize": 16u64 << 20 }));
+    let data_id = uuid(&data).to_owned();
+    act(api, &data_id, json!({ "attachDataVolumeToVm": { "vmInstanceUuid": vm1_id } }));
+    let top = || volume(api, &data_id)["installPath"].as_str().unwrap().to_owned();
+    write_at(&top(), 0x33, 0);
+    let snapshot = ok(
+        api,
+        "POST",
+        &format!("/v1/volumes/{data_id}/volume-snapshots"),
+        Some(&json!({ "params": { "name": "s" } }).to_string()),
+    );
+    write_at(&top(), 0x44, 64);
+    let copy = ok(
+        api,
+        "POST",
+        &format!("/v1/volumes/data/from/volume-snapshots/{}", uuid(&snapshot)),
+        Some(&json!({ "params": { "name": "copy" } }).to_string()),
+    );
+    assert_eq!(
+        (&copy["status"], &copy["vmInstanceUuid"]),
+        (&json!("Ready"), &Value::Null),
+        "{copy}"
+    );
+    let copy_path = copy["installPath"].as_str().unwrap();
+    assert_eq!(backing(copy_path), None, "a standalone copy");
+    assert!(holds(copy_path, 0x33, 0) && !holds(copy_path, 0x44, 64));
+
+    // A template from the stopped VM's root volume: the image's bytes and the VM's, in one
+    // file on the backup storage, with its checksum; a new VM boots from it.
+    let template = ok(
+        api,
+        "POST",
+        &format!("/v1/images/root-volume-templates/from/root-volumes/{vm1_id}"),
+        Some(
+            &json!({ "params": { "name": "golden", "backupStorageUuids": [bs["uuid"]] } })
+                .to_string(),
+        ),
+    );
+    assert_eq!(template["status"], "Ready", "{template}");
+    assert!(template["checksum"].as_str().unwrap().starts_with("sha256:"), "{template}");
+    let file = template["backupStorageRefs"][0][1].as_str().unwrap();
+    assert_eq!(backing(file), None, "a template stands alone");
+    assert!(holds(file, 0x11, 0) && holds(file, 0x5a, 1024), "the image's and the VM's bytes");
+    let vm2 = vm_from("vm2", &template);
+    assert_eq!(vm2["state"], "Running", "{vm2}");
+    let root2 = vm2["rootVolumePath"].as_str().unwrap();
+    assert!(holds(root2, 0x11, 0) && holds(root2, 0x5a, 1024), "the new VM's disk has them");
+    // A running VM's root volume is not templated.
+    let running = call(
+        api,
+        "POST",
+        &format!("/v1/images/root-volume-templates/from/root-volumes/{}", uuid(&vm2)),
+        Some(
+            &json!({ "params": { "name": "no", "backupStorageUuids": [bs["uuid"]] } }).to_string(),
+        ),
+    );
+    assert_eq!(running["error"]["code"], "VM.INVALID_STATE", "{running}");
+}

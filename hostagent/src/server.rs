@@ -435,6 +435,9 @@ impl Agent {
                 volumes::rebase_volume(&top, base.as_deref()).await
             }
             Command::ResizeVolume { path, size } => volumes::resize_volume(&path, size).await,
+            Command::FlattenVolume { source, dest } => {
+                volumes::flatten_volume(&source, &dest).await
+            }
             Command::DeleteVolume { path } => volumes::delete_volume(&path).await,
             command => {
                 let driver = self.driver.clone();
@@ -535,6 +538,7 @@ fn drive(driver: &dyn Driver, network: &dyn Network, command: Command) -> Outcom
         | Command::SnapshotVolume { .. }
         | Command::RebaseVolume { .. }
         | Command::ResizeVolume { .. }
+        | Command::FlattenVolume { .. }
         | Command::DeleteVolume { .. } => {
             Err(AgentError::new(AgentErrorCode::BadRequest, "volume commands are not driver calls"))
         }

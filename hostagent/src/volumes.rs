@@ -127,6 +127,22 @@ pub async fn rebase_volume(top: &str, base: Option<&str>) -> Result<Reply, Agent
     file_reply(Path::new(top)).await
 }
 
+/// Copies the chain whose top is `source` into the standalone qcow2 file `dest`.
+pub async fn flatten_volume(source: &str, dest: &str) -> Result<Reply, AgentError> {
+    let dest_path = PathBuf::from(dest);
+    if tokio::fs::try_exists(&dest_path).await.unwrap_or(false) {
+        return file_reply(&dest_path).await;
+    }
+    if let Some(dir) = dest_path.parent() {
+        tokio::fs::create_dir_all(dir).await.map_err(|e| io_error("creating", dir, e))?;
+    }
+    let tmp = PathBuf::from(format!("{dest}.part"));
+    let tmp_text = tmp.display().to_string();
+    qemu_img(&["convert", "-U", "-f", "qcow2", "-O", "qcow2", source, &tmp_text]).await?;
+    tokio::fs::rename(&tmp, &dest_path).await.map_err(|e| io_error("renaming", &tmp, e))?;
+    file_reply(&dest_path).await
+}
+
 /// Grows the qcow2 file at `path` to `size` bytes (the same size again changes nothing;
 /// `qemu-img` refuses to shrink without `--shrink`, which is never given).
 pub async fn resize_volume(path: &str, size: u64) -> Result<Reply, AgentError> {

@@ -367,3 +367,73 @@ pub(crate) fn detach_all(db: &Db, batch: &mut Batch, vm: Uuid) -> Result<(), VmE
     }
     Ok(())
 }
+
+/// Makes root volume template `image` (its name and backup storage reference given; its
+/// size and checksum filled in here) from stopped VM `vm`'s root volume: a standalone copy
+/// of the root volume's chain written by the VM's host into the backup storage's directory
+/// `bs_dir`, which the MN reads for the checksum. In the VM's queue, so the VM does not start
+/// while it is copied. `extra` adds the image's tags and owner to the same write; the copy is
+/// deleted if that write fails.
+pub async fn root_template(
+    vms: &Kind<Vms>,
+    vm: Uuid,
+    image: crate::records::ImageRecord,
+    bs_dir: String,
+    extra: impl Fn(&mut Batch) -> Result<(), strato_storage::StoreError> + Send + 'static,
+    job: Option<Uuid>,
+) -> Result<crate::records::ImageRecord, VolumeError> {
+    vms.call(vm, Op::within("lifecycle", "root-template", Duration::from_secs(1800)).job(job), move |ctx| async move {
+        let (record, _) = super::begin(&ctx).await?;
+        if record.state != VmState::Stopped {
+            return Err(VolumeError::VmState {
+                vm,
+                state: record.state.as_str(),
+                rule: "a root volume template is made from a Stopped VM",
+            });
+        }
+        let (Some(host), Some(source)) = (record.host_uuid, record.root_volume_path.clone()) else {
+            return Err(VolumeError::Invalid {
+                field: "rootVolumeUuid",
+                message: format!("VM {vm} has no root volume (it was made without an image)"),
+            });
+        };
+        let hosts = hosts_of(&ctx)?;
+        let dest = format!("{}/{}.qcow2", bs_dir.trim_end_matches('/'), image.uuid);
+        let deadline = std::time::SystemTime::now() + ctx.remaining();
+        let flatten = Command::FlattenVolume { source, dest: dest.clone() };
+        host::command(&hosts, host, flatten, deadline, job).await?;
+        let delete = |dest: String| async {
+            let deadline = std::time::SystemTime::now() + Duration::from_secs(60);
+            let _ = host::command(&hosts, host, Command::DeleteVolume { path: dest }, deadline, None).await;
+        };
+        let (size, checksum) = match crate::images::describe(std::path::Path::new(&dest)).await {
+            Ok(described) => described,
+            Err(error) => {
+                delete(dest.clone()).await;
+                return Err(VolumeError::Invalid {
+                    field: "backupStorageUuids",
+                    message: format!("the template was written to {dest}, which this node cannot read: {error}"),
+                });
+            }
+        };
+        let made = crate::records::ImageRecord {
+            size,
+            checksum,
+            format: "qcow2".into(),
+            status: "Ready".into(),
+            backup_storage_refs: image
+                .backup_storage_refs
+                .iter()
+                .map(|(bs, _)| (*bs, dest.clone()))
+                .collect(),
+            ..image
+        };
+        if let Err(error) = crate::cascade::insert(&ctx.entity().db, &made, extra).await {
+            delete(dest).await;
+            return Err(volume::not_written(error));
+        }
+        tracing::info!(%vm, image = %made.uuid, "root volume template made");
+        Ok(made)
+    })
+    .await
+}

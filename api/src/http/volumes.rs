@@ -15,8 +15,8 @@ use axum::routing::{delete, post, put};
 use serde_json::json;
 use strato_actors::kinds;
 use strato_actors::records::{
-    DiskOfferingRecord, PrimaryStorageRecord, VmRecord, VolumeRecord, VolumeSnapshotRecord,
-    VolumeStatus,
+    BackupStorageRecord, DiskOfferingRecord, ImageRecord, PrimaryStorageRecord, VmRecord,
+    VolumeRecord, VolumeSnapshotRecord, VolumeStatus,
 };
 use strato_actors::{snapshot, volume};
 use uuid::Uuid;
@@ -27,7 +27,8 @@ use crate::auth;
 use crate::error::ApiError;
 use crate::types::actions::{NewSize, OnVm, VolumeAction, VolumeSnapshotAction};
 use crate::types::{
-    DataVolumeParams, DiskOfferingParams, VolumeSnapshotParams, inventory, validate,
+    DataVolumeParams, DiskOfferingParams, RootTemplateParams, VolumeSnapshotParams, inventory,
+    validate,
 };
 
 /// How long an attachment or detachment may wait for its VM's turn and run.
@@ -86,6 +87,20 @@ pub(super) fn apis() -> Vec<Api> {
     apis.extend(actions::<VolumeSnapshotAction>("/v1/volume-snapshots/{uuid}/actions", || {
         put(snapshot_action)
     }));
+    apis.push(Api::create(
+        "CreateDataVolumeFromVolumeSnapshot",
+        "/v1/volumes/data/from/volume-snapshots/{uuid}",
+        schema::<VolumeSnapshotParams>(),
+        "Creates a data volume from a snapshot (a standalone copy on its host)",
+        || post(volume_from_snapshot),
+    ));
+    apis.push(Api::create(
+        "CreateRootVolumeTemplateFromRootVolume",
+        "/v1/images/root-volume-templates/from/root-volumes/{uuid}",
+        schema::<RootTemplateParams>(),
+        "Creates an image from a stopped VM's root volume (a root volume's UUID is its VM's)",
+        || post(root_template),
+    ));
     apis
 }
 
@@ -357,5 +372,104 @@ async fn snapshot_action(
                 .await?
         }
     };
+    Ok(accepted(&mn, job))
+}
+
+async fn volume_from_snapshot(
+    State(mn): Shared,
+    Id(snapshot_uuid): Id,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let kind = kinds::of::<VolumeRecord>();
+    let (p, raw, tags): (VolumeSnapshotParams, _, _) = creation(&body, kind)?;
+    validate::name("name", &p.name)?;
+    validate::text("description", &p.description, validate::MAX_DESCRIPTION_CHARS)?;
+    usable_snapshot(&mn, snapshot_uuid)?;
+    let owner = auth::tenant();
+    let m = mn.clone();
+    let job = mn
+        .jobs
+        .submit(
+            job_header(&headers)?,
+            "CreateDataVolumeFromVolumeSnapshot",
+            &raw,
+            move |job| async move {
+                let new = VolumeRecord {
+                    uuid: Uuid::new_v4(),
+                    name: p.name,
+                    description: p.description,
+                    r#type: "Data".into(),
+                    status: VolumeStatus::NotInstantiated,
+                    size: 0,
+                    format: "qcow2".into(),
+                    disk_offering_uuid: None,
+                    primary_storage_uuid: None,
+                    host_uuid: None,
+                    install_path: None,
+                    vm_instance_uuid: None,
+                    device_id: None,
+                    deleted_at_ms: None,
+                };
+                let extra = owned(&tags, kind, owner, new.uuid);
+                let made =
+                    snapshot::to_volume(&m.db, &m.hosts, snapshot_uuid, new, extra, Some(job))
+                        .await?;
+                inventory(&made)
+            },
+        )
+        .await?;
+    Ok(accepted(&mn, job))
+}
+
+async fn root_template(
+    State(mn): Shared,
+    Id(vm): Id,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let kind = kinds::of::<ImageRecord>();
+    let (p, raw, tags): (RootTemplateParams, _, _) = creation(&body, kind)?;
+    validate::name("name", &p.name)?;
+    auth::may_use(&mn.db, "vm-instances", vm)?;
+    get_record::<VmRecord>(&mn, vm)?;
+    let bs_uuid = *p
+        .backup_storage_uuids
+        .first()
+        .ok_or_else(|| ApiError::invalid("backupStorageUuids", "name one backup storage"))?;
+    let bs: BackupStorageRecord = get_record(&mn, bs_uuid)?;
+    let owner = auth::tenant();
+    let m = mn.clone();
+    let job = mn
+        .jobs
+        .submit(
+            job_header(&headers)?,
+            "CreateRootVolumeTemplateFromRootVolume",
+            &raw,
+            move |job| async move {
+                let image = ImageRecord {
+                    uuid: Uuid::new_v4(),
+                    name: p.name,
+                    url: format!("volume://{vm}"),
+                    format: "qcow2".into(),
+                    size: 0,
+                    checksum: String::new(),
+                    backup_storage_refs: vec![(bs.uuid, String::new())],
+                    status: "Creating".into(),
+                };
+                let extra = owned(&tags, kind, owner, image.uuid);
+                let made = strato_actors::vm::volumes::root_template(
+                    &m.vms,
+                    vm,
+                    image,
+                    bs.url,
+                    extra,
+                    Some(job),
+                )
+                .await?;
+                inventory(&made)
+            },
+        )
+        .await?;
     Ok(accepted(&mn, job))
 }

@@ -259,6 +259,17 @@ pub struct VolumeSnapshotParams {
     pub description: String,
 }
 
+/// `CreateRootVolumeTemplateFromRootVolume`.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RootTemplateParams {
+    /// Its name.
+    pub name: String,
+    /// The backup storage it goes to (the first one named).
+    #[serde(deserialize_with = "canonical::list")]
+    pub backup_storage_uuids: Vec<Uuid>,
+}
+
 /// `CreateL2NoVlanNetwork`.
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

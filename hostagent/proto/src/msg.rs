@@ -333,6 +333,14 @@ pub enum Command {
         /// The layer to keep as its backing file.
         base: Option<String>,
     },
+    /// Copy a volume's chain, from `source` down, into one standalone qcow2 file `dest`
+    /// (a template or a volume made from a snapshot); succeeds if `dest` exists.
+    FlattenVolume {
+        /// The top of the chain to copy.
+        source: String,
+        /// The file to make.
+        dest: String,
+    },
     /// Grow a volume's top file (offline) to `size` bytes.
     ResizeVolume {
         /// The volume's top file.
@@ -384,6 +392,7 @@ impl Command {
             Command::RebaseVolume { .. } => "rebase-volume",
             Command::PullDisk { .. } => "pull-disk",
             Command::ResizeVolume { .. } => "resize-volume",
+            Command::FlattenVolume { .. } => "flatten-volume",
             Command::ResizeDisk { .. } => "resize-disk",
             Command::DeleteVolume { .. } => "delete-volume",
             Command::ApplyNetwork(_) => "apply-network",
@@ -415,6 +424,7 @@ impl Command {
             | Command::SnapshotVolume { .. }
             | Command::RebaseVolume { .. }
             | Command::ResizeVolume { .. }
+            | Command::FlattenVolume { .. }
             | Command::DeleteVolume { .. }
             | Command::ApplyNetwork(_)
             | Command::NetworkStatus => None,
