@@ -104,6 +104,9 @@ pub enum CascadeError {
     /// Deleting a VIP, an EIP or a port forwarding rule failed.
     #[error(transparent)]
     Vip(#[from] crate::vip::VipError),
+    /// Deleting a volume failed.
+    #[error(transparent)]
+    Volume(#[from] Box<crate::volume::VolumeError>),
     /// The runtime failed.
     #[error(transparent)]
     Runtime(#[from] RuntimeError),

@@ -547,6 +547,8 @@ pub static KINDS: &[Kind] = &[
             relations: &[
                 Relation::Ref { name: "cluster", field: "clusterUuid", kind: "clusters" },
                 back("vmInstance", "vm-instances", "hostUuid"),
+                // Its local storage's volumes go with it.
+                back("volumes", "volumes", "hostUuid"),
             ],
             indexed: &[("uuid", "#uuid"), ("clusterUuid", "cluster"), ("status", "status")],
             sorted: &[("status", "status")],
@@ -635,6 +637,7 @@ pub static KINDS: &[Kind] = &[
                 ("name", "name"),
                 ("status", "status"),
                 ("vmInstanceUuid", "vm"),
+                ("hostUuid", "host"),
                 ("diskOfferingUuid", "disk-offering"),
                 ("primaryStorageUuid", "primary-storage"),
             ],
@@ -642,8 +645,9 @@ pub static KINDS: &[Kind] = &[
         },
         access: Access::Owned,
         taggable: true,
-        // DeleteDataVolume (Delay policy) and ExpungeDataVolume are its own APIs.
-        deletion: Deletion::Own(None),
+        // DeleteDataVolume (Delay policy) and ExpungeDataVolume are its own APIs; a host's
+        // deletion expunges the volumes on its local storage.
+        deletion: Deletion::Own(Some(crate::volume::remove_volume)),
         actor: None,
     },
     Kind {
@@ -1232,7 +1236,7 @@ mod tests {
         };
         assert_eq!(deps("zones"), [("clusters", "zone"), ("l2-networks", "zone")]);
         assert_eq!(deps("clusters"), [("hosts", "cluster")]);
-        assert_eq!(deps("hosts"), [("vm-instances", "host")]);
+        assert_eq!(deps("hosts"), [("vm-instances", "host"), ("volumes", "host")]);
         // A pool's VXLAN networks go before it.
         assert_eq!(deps("l2-networks"), [("l3-networks", "l2"), ("l2-networks", "pool")]);
         assert_eq!(deps("l3-networks"), [("vm-instances", "l3"), ("vips", "l3")]);

@@ -351,11 +351,15 @@ pub fn register_gc(runtime: &Runtime, hosts: Kind<Hosts>) {
             Ok(())
         }
     });
-    let db = runtime.db().clone();
+    let deleting = runtime.clone();
     runtime.gc().register_handler(DELETE_FILE_JOB, move |job: DeleteFileJob| {
-        let (db, hosts) = (db.clone(), files.clone());
+        let (runtime, hosts) = (deleting.clone(), files.clone());
         async move {
-            if db.get::<VolumeRecord>(job.volume)?.is_none() {
+            // A host deleted since is no longer managed: its files are not Strato's to
+            // delete any more.
+            if runtime.db().get::<VolumeRecord>(job.volume)?.is_none()
+                && !crate::vm::ops::host_was_deleted(&runtime, job.host)?
+            {
                 delete_file(&hosts, &job).await?;
             }
             Ok(())
@@ -527,4 +531,26 @@ pub async fn expunge(
         }
         return Ok(());
     }
+}
+
+/// Removes a volume that a cascade reached (its host is being deleted): detached first,
+/// then expunged with its snapshots, whatever the deletion policy.
+pub(crate) fn remove_volume(
+    deleter: &crate::cascade::Deleter,
+    id: Uuid,
+) -> crate::kinds::RemoveFuture<'_> {
+    Box::pin(async move {
+        let boxed = |e: VolumeError| crate::cascade::CascadeError::Volume(Box::new(e));
+        let Some(stored) = deleter.db.get::<VolumeRecord>(id)? else { return Ok(()) };
+        if stored.record.vm_instance_uuid.is_some() {
+            crate::vm::volumes::detach(&deleter.vms, id, OP_TIMEOUT, None).await.map_err(boxed)?;
+        }
+        update(&deleter.db, id, |v| {
+            v.status = VolumeStatus::Deleted;
+            Ok(())
+        })
+        .await
+        .map_err(boxed)?;
+        expunge(deleter.vms.runtime(), &deleter.hosts, id).await.map_err(boxed)
+    })
 }

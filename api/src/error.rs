@@ -420,6 +420,7 @@ impl From<strato_actors::cascade::CascadeError> for ApiError {
             CascadeError::Host(e) => e.into(),
             CascadeError::L3(e) => e.into(),
             CascadeError::Vip(e) => e.into(),
+            CascadeError::Volume(e) => (*e).into(),
             CascadeError::Runtime(e) => e.into(),
             CascadeError::Store(e) => e.into(),
         }

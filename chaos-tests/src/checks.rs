@@ -9,7 +9,8 @@
 //! drains, repeats had no extra effect, no two jobs changed one domain at once; and, when
 //! the agents make their hosts' networks, one dnsmasq per L3 network and host with the
 //! store's reservations, each host's rules unchanged by a reconnect, and nothing left once
-//! the networks are deleted).
+//! the networks are deleted; and the data volumes' files, chains and attachments as the
+//! store says).
 //!
 //! [`failures_without_a_fault`] holds every call to account: no `SYS.INTERNAL` in any run,
 //! and, outside the faults' windows, no failure but the refusals the state it found
@@ -243,13 +244,15 @@ pub fn after_healing(shared: &Shared, cluster: &std::sync::Mutex<Cluster>) -> Ve
         }
     }
 
-    // The GC backlog of leftovers drains (expunge jobs of destroyed VMs wait for their grace
-    // period by design).
+    // The GC backlog of leftovers drains (expunge jobs of destroyed VMs and deleted volumes
+    // wait for their grace period by design).
     let started = Instant::now();
     let backlog = loop {
         let jobs = list(api, "gc-jobs", Duration::from_secs(10)).unwrap_or_default();
-        let leftovers: Vec<Value> =
-            jobs.into_iter().filter(|j| s(&j["kind"]) != "vm.expunge").collect();
+        let leftovers: Vec<Value> = jobs
+            .into_iter()
+            .filter(|j| !matches!(s(&j["kind"]), "vm.expunge" | "volume.expunge"))
+            .collect();
         if leftovers.is_empty() || started.elapsed() > Duration::from_secs(90) {
             break leftovers;
         }
@@ -349,6 +352,17 @@ pub fn after_healing(shared: &Shared, cluster: &std::sync::Mutex<Cluster>) -> Ve
         found.extend(journal_violations(host, &text, shared.started));
     }
 
+    // The volumes: their files, chains and attachments agree with the store (the GC may
+    // still be deleting files of volumes and snapshots expunged under the faults).
+    let started = Instant::now();
+    found.extend(loop {
+        let problems = storage_disagreements(shared, cluster);
+        if problems.is_empty() || started.elapsed() > Duration::from_secs(120) {
+            break problems;
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    });
+
     // The hosts' networks: what the agents made equals what the store says, and once the
     // networks are deleted nothing they made is left.
     if cluster.lock().expect("cluster").isolated() {
@@ -363,6 +377,142 @@ pub fn after_healing(shared: &Shared, cluster: &std::sync::Mutex<Cluster>) -> Ve
         found.extend(differences);
         found.extend(rules_differ_from_a_fresh_render(shared, cluster));
         found.extend(network_leftovers(shared, cluster));
+    }
+    found
+}
+
+/// Compares the data volumes with the store: no volume on two domains, each running VM's
+/// disks are its Ready volumes at their files, every file under the primary storage's
+/// `datavolumes` is a volume's or a snapshot's, each volume's backing chain on disk is its
+/// snapshots' from its latest up, and a volume with snapshots has one latest and one current
+/// tree.
+fn storage_disagreements(shared: &Shared, cluster: &std::sync::Mutex<Cluster>) -> Vec<Violation> {
+    const ONE_VM: &str = "no volume attached to two VMs: the store and every host's domains agree";
+    const FILES: &str = "every file under primary storage belongs to a record";
+    const CHAIN: &str = "each volume's backing chain on disk equals its snapshot records";
+    const TREES: &str = "one current tree and one latest snapshot per volume";
+    let now = shared.now();
+    let patience = Duration::from_secs(10);
+    let (Some(volumes), Some(snapshots), Some(trees), Some(vms)) = (
+        list(shared.api, "volumes", patience),
+        list(shared.api, "volume-snapshots", patience),
+        list(shared.api, "volume-snapshot-trees", patience),
+        list(shared.api, "vm-instances", patience),
+    ) else {
+        return vec![violation(ONE_VM, now, None, "the API is down".into())];
+    };
+    let mut found = Vec::new();
+    let snapshots_of = |volume: &str| -> Vec<&Value> {
+        snapshots.iter().filter(|s| s["volumeUuid"] == volume).collect()
+    };
+    for volume in &volumes {
+        let id = s(&volume["uuid"]);
+        let own = snapshots_of(id);
+        let latest = own.iter().filter(|s| s["latest"] == true).count();
+        let current =
+            trees.iter().filter(|t| t["volumeUuid"] == id && t["current"] == true).count();
+        if !own.is_empty() && (latest != 1 || current != 1) {
+            found.push(violation(
+                TREES,
+                now,
+                Some(id),
+                format!("{latest} latest, {current} current trees"),
+            ));
+        }
+        // The chain on disk: the top, then the latest snapshot's file, then its parent's...
+        let Some(top) = volume["installPath"].as_str().filter(|_| volume["status"] == "Ready")
+        else {
+            continue;
+        };
+        let mut expected = vec![top.to_owned()];
+        let mut at = own.iter().find(|s| s["latest"] == true).copied();
+        while let Some(snapshot) = at {
+            expected.push(s(&snapshot["primaryStorageInstallPath"]).to_owned());
+            at = own.iter().find(|o| o["uuid"] == snapshot["parentUuid"]).copied();
+        }
+        let chain = std::process::Command::new("qemu-img")
+            .args(["info", "-U", "--backing-chain", "--output=json", top])
+            .output();
+        let on_disk: Vec<String> = chain
+            .ok()
+            .and_then(|out| serde_json::from_slice::<Vec<Value>>(&out.stdout).ok())
+            .map(|images| images.iter().map(|i| s(&i["filename"]).to_owned()).collect())
+            .unwrap_or_default();
+        if on_disk != expected {
+            found.push(violation(
+                CHAIN,
+                now,
+                Some(id),
+                format!("on disk {on_disk:?}, in the store {expected:?}"),
+            ));
+        }
+    }
+    // Files: each one a volume's top or a snapshot's layer.
+    let known: HashSet<&str> = volumes
+        .iter()
+        .filter_map(|v| v["installPath"].as_str())
+        .chain(snapshots.iter().filter_map(|s| s["primaryStorageInstallPath"].as_str()))
+        .collect();
+    let dir = shared.infra.primary_storage_dir.join("datavolumes");
+    let registered: HashSet<String> = registered_hosts(shared)
+        .unwrap_or_default()
+        .iter()
+        .map(|(h, _)| s(&h["uuid"]).to_owned())
+        .collect();
+    let on_deleted_host = |name: &str| {
+        let volume = name.get(..36).unwrap_or_default();
+        let hosts = shared.volume_hosts.lock().expect("volume hosts");
+        hosts.get(volume).is_some_and(|host| !registered.contains(host))
+    };
+    for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+        let path = entry.path().display().to_string();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if path.ends_with(".qcow2") && !known.contains(path.as_str()) && !on_deleted_host(&name) {
+            found.push(violation(
+                FILES,
+                now,
+                None,
+                format!("{path} belongs to no volume or snapshot"),
+            ));
+        }
+    }
+    // Attachments: on the hosts as in the store.
+    let Some(hosts) = registered_hosts(shared) else { return found };
+    let mut on_domains: HashMap<String, Vec<String>> = HashMap::new();
+    let mut disks_of_domain: HashMap<String, Vec<(String, String)>> = HashMap::new();
+    for (_, i) in &hosts {
+        let view = cluster.lock().expect("cluster").hypervisor(*i);
+        let Ok(disks) = view.disks() else { continue };
+        for (domain, disks) in disks {
+            for (volume, _) in &disks {
+                on_domains.entry(volume.clone()).or_default().push(domain.clone());
+            }
+            disks_of_domain.insert(domain, disks);
+        }
+    }
+    for (volume, domains) in &on_domains {
+        if domains.len() > 1 {
+            found.push(violation(ONE_VM, now, Some(volume), format!("on domains {domains:?}")));
+        }
+    }
+    for vm in vms.iter().filter(|vm| vm["state"] == "Running") {
+        let id = s(&vm["uuid"]);
+        let mut wanted: Vec<(String, String)> = volumes
+            .iter()
+            .filter(|v| v["vmInstanceUuid"] == id && v["status"] == "Ready")
+            .map(|v| (s(&v["uuid"]).to_owned(), s(&v["installPath"]).to_owned()))
+            .collect();
+        let mut plugged = disks_of_domain.get(id).cloned().unwrap_or_default();
+        wanted.sort();
+        plugged.sort();
+        if wanted != plugged {
+            found.push(violation(
+                ONE_VM,
+                now,
+                Some(id),
+                format!("the store attaches {wanted:?}, the domain has {plugged:?}"),
+            ));
+        }
     }
     found
 }

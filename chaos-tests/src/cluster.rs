@@ -21,6 +21,7 @@
 //! for it (`strato agent-bootstrap`) before its first start; later starts use the certificate
 //! it enrolled with.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -156,6 +157,20 @@ impl HypervisorView {
         }
         Ok(Sim::domains_in(&self.state_file)?)
     }
+
+    /// The disks of each domain: (volume, file), by domain UUID.
+    pub fn disks(&self) -> Result<BTreeMap<String, Vec<(String, String)>>, Error> {
+        if !self.agent_up {
+            return Err("the host's agent is down".into());
+        }
+        Ok(Sim::disks_in(&self.state_file)?
+            .into_iter()
+            .map(|(domain, disks)| {
+                let disks = disks.into_iter().map(|d| (d.volume.to_string(), d.path)).collect();
+                (domain.to_string(), disks)
+            })
+            .collect())
+    }
 }
 
 /// Writes a bootstrap file with `hosts` secrets to `out`, minted by `strato` (the binary) in
@@ -281,6 +296,12 @@ impl Cluster {
     }
 
     /// How many hosts.
+    /// The cluster's directory (the MN's and the agents' data, and the run's primary
+    /// storage).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     pub fn hosts(&self) -> usize {
         self.agents.len()
     }

@@ -181,8 +181,26 @@ fn register(cluster: &Cluster) -> Result<Infra, Error> {
         ok(api, "PUT", &group_path, client::body(&attach))?;
         security_group = Some(group.to_string());
     }
+    // Local primary storage: the run's data volumes are real qcow2 files there.
+    let primary_storage_dir = cluster.dir().join("ps");
+    let ps = create(
+        "/v1/primary-storage/local-storage",
+        json!({ "name": "ps", "url": primary_storage_dir.display().to_string(), "zoneUuid": zone }),
+    )?;
+    ok(api, "POST", &format!("/v1/clusters/{cl}/primary-storage/{}", uuid(&ps)), json!({}))?;
     let (cluster, zone, l2) = (cl.to_string(), zone.to_string(), l2.to_string());
-    Ok(Infra { cluster, zone, offering, l2, l3, tight_l3, host_addrs, eip, security_group })
+    Ok(Infra {
+        cluster,
+        zone,
+        offering,
+        l2,
+        l3,
+        tight_l3,
+        host_addrs,
+        eip,
+        security_group,
+        primary_storage_dir,
+    })
 }
 
 /// Runs one chaos run in `dir`; returns whether every check passed.
@@ -233,6 +251,11 @@ pub fn run(config: &RunConfig, dir: &Path) -> Result<bool, Error> {
         let shared = shared.clone();
         let seed = config.seed;
         std::thread::spawn(move || workload::network_mover(shared, seed))
+    };
+    let storage = {
+        let shared = shared.clone();
+        let seed = config.seed;
+        std::thread::spawn(move || workload::storage_mover(shared, seed))
     };
     let fault_log: Arc<Mutex<Vec<String>>> = Arc::default();
     let windows: Arc<Mutex<Vec<(u64, u64)>>> = Arc::default();
@@ -290,6 +313,7 @@ pub fn run(config: &RunConfig, dir: &Path) -> Result<bool, Error> {
         let _ = client.join();
     }
     let _ = mover.join();
+    let _ = storage.join();
     // Heal: every link whole and every process up without injected faults.
     {
         let mut c = cluster.lock().expect("cluster");

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{Value, json};
 use strato_api::client;
 use strato_api::types::actions::{
     ChangeHostState, HostAction, NoParams, OnHost, StateEvent, VmAction,
@@ -233,6 +233,10 @@ pub struct Shared {
     extra_l3s: Mutex<Vec<String>>,
     /// Whether clients fire storms (`--storm`).
     pub storm: bool,
+    /// The host each data volume was last seen on, by volume: a volume whose host was
+    /// deleted while it could not be reached leaves its files there, on a machine Strato no
+    /// longer manages (here, one directory all the hosts share).
+    pub volume_hosts: Mutex<HashMap<String, String>>,
 }
 
 /// The infrastructure the run registers first.
@@ -258,6 +262,9 @@ pub struct Infra {
     /// A security group of the main network (SSH from anywhere, everything between its
     /// members) whose membership [`network_mover`] keeps changing, then too.
     pub security_group: Option<String>,
+    /// The directory of the cluster's local primary storage (on every host: they share
+    /// this machine), where [`storage_mover`]'s data volumes and snapshots are files.
+    pub primary_storage_dir: std::path::PathBuf,
 }
 
 impl Shared {
@@ -273,6 +280,7 @@ impl Shared {
             deleted_hosts: Mutex::default(),
             extra_l3s: Mutex::default(),
             storm,
+            volume_hosts: Mutex::default(),
         }
     }
 
@@ -755,6 +763,103 @@ pub fn network_mover(shared: Arc<Shared>, seed: u64) {
                 SecurityGroupAction::DeleteVmNicFromSecurityGroup(vm_nics)
             };
             act(&format!("/v1/security-groups/{group}/actions"), client::body(&action));
+        }
+    }
+}
+
+/// Keeps changing data volumes while the run lasts: makes a few, attaches and detaches them
+/// to random VMs, snapshots them, reverts and deletes snapshots, deletes and expunges
+/// volumes. The volumes' files are real qcow2 files (the sim agents run `qemu-img`), so the
+/// checks find after healing that every file belongs to a record, each volume's chain on
+/// disk is its snapshots', and no volume is on two domains. Like [`network_mover`]'s, its
+/// calls are not the workload's history; a refusal is as good as a success.
+pub fn storage_mover(shared: Arc<Shared>, seed: u64) {
+    let mut rng = fastrand::Rng::with_seed(seed ^ 0x5707_a6e5);
+    let api = shared.api;
+    let seen = |volume: &Value| {
+        if let (Some(id), Some(host)) = (volume["uuid"].as_str(), volume["hostUuid"].as_str()) {
+            shared
+                .volume_hosts
+                .lock()
+                .expect("volume hosts")
+                .insert(id.to_owned(), host.to_owned());
+        }
+    };
+    let call = |method: &str, path: &str, body: Option<Value>| {
+        if let Ok((202, reply)) = client::request(api, method, path, body.as_ref())
+            && let Outcome::Succeeded(inventory) =
+                follow(api, reply["location"].as_str().unwrap_or_default(), JOB_LIMIT)
+        {
+            seen(&inventory);
+        }
+    };
+    let pick = |rng: &mut fastrand::Rng, items: &[Value]| -> Option<String> {
+        (!items.is_empty()).then(|| {
+            items[rng.usize(..items.len())]["uuid"].as_str().unwrap_or_default().to_owned()
+        })
+    };
+    let mut made = 0u32;
+    while !shared.stop.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(rng.u64(400..1200)));
+        let (Some(volumes), Some(snapshots), Some(vms)) = (
+            list(api, "volumes", Duration::from_secs(5)),
+            list(api, "volume-snapshots", Duration::from_secs(5)),
+            list(api, "vm-instances", Duration::from_secs(5)),
+        ) else {
+            continue;
+        };
+        volumes.iter().for_each(seen);
+        let vms: Vec<Value> = vms.into_iter().filter(|vm| vm["state"] != "Destroyed").collect();
+        let live: Vec<Value> =
+            volumes.iter().filter(|v| v["status"] != "Deleted").cloned().collect();
+        match rng.u32(0..10) {
+            0 | 1 if live.len() < 6 => {
+                made += 1;
+                let body = json!({ "params": { "name": format!("chaos-volume-{made}"), "diskSize": 16u64 << 20 } });
+                call("POST", "/v1/volumes/data", Some(body));
+            }
+            2 | 3 => {
+                let (Some(volume), Some(vm)) = (pick(&mut rng, &live), pick(&mut rng, &vms)) else {
+                    continue;
+                };
+                let body = json!({ "attachDataVolumeToVm": { "vmInstanceUuid": vm } });
+                call("PUT", &format!("/v1/volumes/{volume}/actions"), Some(body));
+            }
+            4 => {
+                let attached: Vec<Value> =
+                    live.iter().filter(|v| !v["vmInstanceUuid"].is_null()).cloned().collect();
+                let Some(volume) = pick(&mut rng, &attached) else { continue };
+                call(
+                    "PUT",
+                    &format!("/v1/volumes/{volume}/actions"),
+                    Some(json!({ "detachDataVolumeFromVm": {} })),
+                );
+            }
+            5 | 6 => {
+                let ready: Vec<Value> =
+                    live.iter().filter(|v| v["status"] == "Ready").cloned().collect();
+                let Some(volume) = pick(&mut rng, &ready) else { continue };
+                let body = json!({ "params": { "name": "chaos-snapshot" } });
+                call("POST", &format!("/v1/volumes/{volume}/volume-snapshots"), Some(body));
+            }
+            7 => {
+                let Some(snapshot) = pick(&mut rng, &snapshots) else { continue };
+                call("DELETE", &format!("/v1/volume-snapshots/{snapshot}"), None);
+            }
+            8 => {
+                let Some(snapshot) = pick(&mut rng, &snapshots) else { continue };
+                let body = json!({ "revertVolumeFromSnapshot": {} });
+                call("PUT", &format!("/v1/volume-snapshots/{snapshot}/actions"), Some(body));
+            }
+            _ => {
+                let Some(volume) = pick(&mut rng, &live) else { continue };
+                call("DELETE", &format!("/v1/volumes/{volume}"), None);
+                call(
+                    "PUT",
+                    &format!("/v1/volumes/{volume}/actions"),
+                    Some(json!({ "expungeDataVolume": {} })),
+                );
+            }
         }
     }
 }

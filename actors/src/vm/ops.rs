@@ -189,7 +189,10 @@ pub fn register_gc(runtime: &Runtime, hosts: Kind<Hosts>) {
 
 /// Whether `host` was deleted: its leftovers are then no longer the MN's to clean (the machine
 /// left management; if it is added again, what runs there is reported as strangers).
-fn host_was_deleted(runtime: &Runtime, host: Uuid) -> Result<bool, strato_storage::StoreError> {
+pub(crate) fn host_was_deleted(
+    runtime: &Runtime,
+    host: Uuid,
+) -> Result<bool, strato_storage::StoreError> {
     let deleted = runtime.db().get::<crate::records::HostRecord>(host)?.is_none();
     if deleted {
         tracing::info!(%host, "leftover on a deleted host: nothing to clean");
