@@ -26,6 +26,20 @@ pub fn canonical_uuid(text: &str) -> Option<uuid::Uuid> {
     (parsed.hyphenated().encode_lower(&mut uuid::Uuid::encode_buffer()) == text).then_some(parsed)
 }
 
+/// Commits `batch`: `true` when it landed, `false` when another writer changed one of the
+/// records it expects first (read them again and decide again: a conflict is retried by
+/// the operation that met it, never answered to a user).
+pub(crate) async fn landed(
+    db: &strato_storage::Db,
+    batch: strato_storage::Batch,
+) -> Result<bool, strato_storage::StoreError> {
+    match db.commit(batch).await {
+        Ok(_) => Ok(true),
+        Err(strato_storage::StoreError::Conflict { .. }) => Ok(false),
+        Err(error) => Err(error),
+    }
+}
+
 pub mod accounts;
 pub mod allocator;
 pub mod cascade;

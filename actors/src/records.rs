@@ -1037,6 +1037,26 @@ pub struct VolumeRecord {
 }
 
 impl VolumeRecord {
+    /// A new data volume of `size` bytes: a record only (NotInstantiated), on no host.
+    pub fn data(name: String, description: String, size: u64) -> VolumeRecord {
+        VolumeRecord {
+            uuid: Uuid::new_v4(),
+            name,
+            description,
+            r#type: "Data".into(),
+            status: VolumeStatus::NotInstantiated,
+            size,
+            format: "qcow2".into(),
+            disk_offering_uuid: None,
+            primary_storage_uuid: None,
+            host_uuid: None,
+            install_path: None,
+            vm_instance_uuid: None,
+            device_id: None,
+            deleted_at_ms: None,
+        }
+    }
+
     /// The disk its VM's domain has for it, once it has a file and a device.
     pub fn disk(&self) -> Option<strato_proto::DiskSpec> {
         Some(strato_proto::DiskSpec {

@@ -24,9 +24,10 @@ use strato_storage::{Batch, Db, Expect, IndexValue, Stored};
 use uuid::Uuid;
 
 use crate::host::{self, Hosts};
+use crate::landed;
 use crate::records::{VolumeRecord, VolumeSnapshotRecord, VolumeSnapshotTreeRecord, VolumeStatus};
 use crate::vm::Vms;
-use crate::volume::{self, VolumeError, landed};
+use crate::volume::{self, VolumeError};
 
 /// How long a snapshot operation's agent commands may take.
 const TIMEOUT: Duration = Duration::from_secs(600);
@@ -77,7 +78,7 @@ async fn send(
 }
 
 /// Deletes `paths` on `host`; a file the agent cannot delete now is left to the GC.
-async fn delete_files(hosts: &Kind<Hosts>, host: Uuid, paths: Vec<String>) {
+pub(crate) async fn delete_files(hosts: &Kind<Hosts>, host: Uuid, paths: Vec<String>) {
     for path in paths {
         let command = Command::DeleteVolume { path: path.clone() };
         if let Err(error) = send(hosts, host, command, None).await {
@@ -103,14 +104,24 @@ fn placed(v: &VolumeRecord, op: volume::VolumeOp) -> Result<(Uuid, String), Volu
     }
 }
 
-/// Takes snapshot `snapshot` (its name and description given; the rest is filled in here)
-/// of data volume `volume`: live if its VM runs, offline otherwise. `extra` adds the
-/// snapshot's tags to the same write.
+/// What a snapshot's creator gives it; the rest comes from its volume and tree.
+#[derive(Clone, Debug)]
+pub struct Asked {
+    /// Its UUID.
+    pub uuid: Uuid,
+    /// Its name.
+    pub name: String,
+    /// What it is for.
+    pub description: String,
+}
+
+/// Takes snapshot `snapshot` of data volume `volume`: live if its VM runs, offline
+/// otherwise. `extra` adds the snapshot's tags to the same write.
 pub async fn create(
     vms: &Kind<Vms>,
     hosts: &Kind<Hosts>,
     volume: Uuid,
-    snapshot: VolumeSnapshotRecord,
+    snapshot: Asked,
     extra: impl Fn(&mut Batch) -> Result<(), strato_storage::StoreError> + Send + 'static,
     job: Option<Uuid>,
 ) -> Result<VolumeSnapshotRecord, VolumeError> {
@@ -135,15 +146,20 @@ pub async fn create(
             let latest = all.values().find(|s| s.record.latest);
             let mut batch = Batch::new();
             let mut taken = VolumeSnapshotRecord {
+                uuid: snapshot.uuid,
+                name: snapshot.name.clone(),
+                description: snapshot.description.clone(),
                 volume_uuid: volume,
                 volume_type: v.r#type.clone(),
+                tree_uuid: Uuid::nil(),
+                parent_uuid: None,
+                distance: 0,
                 latest: true,
                 status: "Ready".into(),
                 size: v.size,
                 primary_storage_install_path: top.clone(),
                 primary_storage_uuid: v.primary_storage_uuid,
                 host_uuid: Some(host),
-                ..snapshot.clone()
             };
             match latest {
                 Some(parent) => {
@@ -353,11 +369,6 @@ pub(crate) fn forget_all(
         batch.delete::<VolumeSnapshotTreeRecord>(tree.record.uuid, Expect::Any);
     }
     Ok(files)
-}
-
-/// Deletes an expunged volume's snapshot files on `host`.
-pub(crate) async fn delete_snapshot_files(hosts: &Kind<Hosts>, host: Uuid, files: Vec<String>) {
-    delete_files(hosts, host, files).await;
 }
 
 /// Makes data volume `new` (its name, description and owner's writes given) from snapshot

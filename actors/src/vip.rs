@@ -26,6 +26,7 @@ use crate::cascade::Deleter;
 use crate::host::{self, Hosts};
 use crate::kinds::RemoveFuture;
 use crate::l3::{self, L3Error, L3s};
+use crate::landed;
 use crate::network::{FLAT, provider_uuid};
 use crate::records::{
     EipRecord, L3NetworkRecord, NetworkServiceL3RefRecord, PortForwardingRuleRecord, VipRecord,
@@ -288,16 +289,6 @@ fn keep_service(
 ) -> Result<(), StoreError> {
     batch.put(&reference.record, Expect::Generation(reference.generation))?;
     Ok(())
-}
-
-/// Commits `batch`: `true` when it landed, `false` when another writer changed one of the
-/// records it expects first (read them again and decide again).
-async fn landed(db: &Db, batch: Batch) -> Result<bool, VipError> {
-    match db.commit(batch).await {
-        Ok(_) => Ok(true),
-        Err(StoreError::Conflict { .. }) => Ok(false),
-        Err(error) => Err(error.into()),
-    }
 }
 
 /// Whether an EIP or rule attached to `current` is already on `nic` (`true`: nothing to
@@ -627,7 +618,7 @@ async fn commit_releasing(
     batch: Batch,
 ) -> Result<bool, VipError> {
     if db.get::<L3NetworkRecord>(l3)?.is_none() {
-        return landed(db, batch).await;
+        return Ok(landed(db, batch).await?);
     }
     match l3::release_ip_with(l3s, l3, ip, owner, batch).await {
         Ok(()) => Ok(true),
@@ -665,7 +656,7 @@ async fn delete_vip<E: From<VipError>>(
         crate::records::delete_refs(db, &mut batch, vip).map_err(store)?;
         let written = match record.ip.parse() {
             Ok(ip) => commit_releasing(db, l3s, record.l3_network_uuid, ip, vip, batch).await?,
-            Err(_) => landed(db, batch).await?,
+            Err(_) => landed(db, batch).await.map_err(store)?,
         };
         if written {
             return Ok(Some(record));

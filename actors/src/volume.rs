@@ -17,6 +17,7 @@ use strato_storage::{Batch, Db, Expect, IndexValue, StoreError, Stored};
 use uuid::Uuid;
 
 use crate::host::{self, HostError, Hosts};
+use crate::landed;
 use crate::records::{VmRecord, VolumeRecord, VolumeStatus};
 use crate::vm::ops::DeletionPolicy;
 use crate::vm::state::VmState;
@@ -192,16 +193,6 @@ pub fn disks_of(db: &Db, vm: Uuid) -> Result<Vec<DiskSpec>, StoreError> {
         .filter(|v| v.record.status == VolumeStatus::Ready)
         .filter_map(|v| v.record.disk())
         .collect())
-}
-
-/// Commits `batch`: `true` when it landed, `false` when another writer changed one of the
-/// records it expects first (read them again and decide again).
-pub(crate) async fn landed(db: &Db, batch: Batch) -> Result<bool, StoreError> {
-    match db.commit(batch).await {
-        Ok(_) => Ok(true),
-        Err(StoreError::Conflict { .. }) => Ok(false),
-        Err(error) => Err(error),
-    }
 }
 
 /// Changes volume `volume`'s record with `change` (which may refuse, seeing the record as
@@ -513,7 +504,7 @@ pub async fn expunge(
             continue;
         }
         if let Some(host) = stored.record.host_uuid {
-            crate::snapshot::delete_snapshot_files(hosts, host, snapshot_files).await;
+            crate::snapshot::delete_files(hosts, host, snapshot_files).await;
         }
         if let Some(job) = job {
             match delete_file(hosts, &job).await {

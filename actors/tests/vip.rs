@@ -176,32 +176,8 @@ async fn two_eips_attached_to_one_nic_at_once_leave_it_one() {
     for round in 0..20 {
         let mut eips = Vec::new();
         for i in 0..2u8 {
-            let vip = VipRecord {
-                uuid: Uuid::new_v4(),
-                name: format!("vip-{round}-{i}"),
-                description: String::new(),
-                l3_network_uuid: public,
-                ip: format!("192.0.2.{}", round * 2 + i + 1),
-                netmask: "255.255.255.0".into(),
-                gateway: "192.0.2.254".into(),
-                use_for: None,
-                peer_l3_network_uuid: None,
-                private_ip: None,
-                state: "Enabled".into(),
-            };
-            put(db, &vip);
-            let mut eip = EipRecord {
-                uuid: Uuid::new_v4(),
-                name: format!("eip-{round}-{i}"),
-                description: String::new(),
-                vip_uuid: vip.uuid,
-                vip_ip: String::new(),
-                vm_nic_uuid: None,
-                guest_ip: None,
-                state: "Enabled".into(),
-            };
-            vip::create_eip(db, &mut eip, |_| Ok(())).await.unwrap();
-            eips.push(eip.uuid);
+            let ip = format!("192.0.2.{}", round * 2 + i + 1);
+            eips.push(vip_with_eip(db, public, &format!("{round}-{i}"), &ip).await);
         }
         let target = || vip::nic_target(db, nic).unwrap();
         let (a, b) = tokio::join!(

@@ -37,24 +37,43 @@ async fn qemu_img(args: &[&str]) -> Result<(), AgentError> {
     }
 }
 
+/// Makes the file `dest` once: `qemu-img` with the arguments `args` gives for a temporary
+/// path, which is then renamed to `dest`. A `dest` that exists is complete (a rename made
+/// it), so a repeat finds it and returns it.
+async fn made_once(
+    dest: &Path,
+    args: impl FnOnce(&str) -> Vec<String>,
+) -> Result<Reply, AgentError> {
+    if tokio::fs::try_exists(dest).await.unwrap_or(false) {
+        return file_reply(dest).await;
+    }
+    if let Some(dir) = dest.parent() {
+        tokio::fs::create_dir_all(dir).await.map_err(|e| io_error("creating", dir, e))?;
+    }
+    let tmp = PathBuf::from(format!("{}.part", dest.display()));
+    let args = args(&tmp.display().to_string());
+    qemu_img(&args.iter().map(String::as_str).collect::<Vec<_>>()).await?;
+    tokio::fs::rename(&tmp, dest).await.map_err(|e| io_error("renaming", &tmp, e))?;
+    file_reply(dest).await
+}
+
+/// `qemu-img` arguments from string slices.
+fn args(items: &[&str]) -> Vec<String> {
+    items.iter().map(|s| (*s).to_owned()).collect()
+}
+
 /// Puts image `image` into `cache_dir` as qcow2, converting from `source` if missing.
 pub async fn cache_image(image: Uuid, source: &str, cache_dir: &str) -> Result<Reply, AgentError> {
-    let dir = PathBuf::from(cache_dir);
-    let dest = dir.join(format!("{image}.qcow2"));
-    if tokio::fs::try_exists(&dest).await.unwrap_or(false) {
-        return file_reply(&dest).await;
-    }
-    tokio::fs::create_dir_all(&dir).await.map_err(|e| io_error("creating", &dir, e))?;
-    if !tokio::fs::try_exists(source).await.unwrap_or(false) {
+    let dest = PathBuf::from(cache_dir).join(format!("{image}.qcow2"));
+    if !tokio::fs::try_exists(&dest).await.unwrap_or(false)
+        && !tokio::fs::try_exists(source).await.unwrap_or(false)
+    {
         return Err(AgentError::new(
             AgentErrorCode::NotFound,
             format!("image file {source} does not exist"),
         ));
     }
-    let tmp = dir.join(format!("{image}.qcow2.part"));
-    qemu_img(&["convert", "-O", "qcow2", source, &tmp.display().to_string()]).await?;
-    tokio::fs::rename(&tmp, &dest).await.map_err(|e| io_error("renaming", &tmp, e))?;
-    file_reply(&dest).await
+    made_once(&dest, |tmp| args(&["convert", "-O", "qcow2", source, tmp])).await
 }
 
 /// Creates the qcow2 root volume `volume` in `dir`, backed by `backing`.
@@ -63,55 +82,26 @@ pub async fn create_root_volume(
     backing: &str,
     dir: &str,
 ) -> Result<Reply, AgentError> {
-    let dir = PathBuf::from(dir);
-    let dest = dir.join(format!("{volume}.qcow2"));
-    if tokio::fs::try_exists(&dest).await.unwrap_or(false) {
-        return file_reply(&dest).await;
-    }
-    tokio::fs::create_dir_all(&dir).await.map_err(|e| io_error("creating", &dir, e))?;
-    let tmp = dir.join(format!("{volume}.qcow2.part"));
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        backing,
-        "-F",
-        "qcow2",
-        &tmp.display().to_string(),
-    ])
-    .await?;
-    tokio::fs::rename(&tmp, &dest).await.map_err(|e| io_error("renaming", &tmp, e))?;
-    file_reply(&dest).await
+    let dest = PathBuf::from(dir).join(format!("{volume}.qcow2"));
+    made_once(&dest, |tmp| {
+        args(&["create", "-q", "-f", "qcow2", "-b", backing, "-F", "qcow2", tmp])
+    })
+    .await
 }
 
 /// Creates the empty qcow2 data volume `volume` of `size` bytes in `dir`.
 pub async fn create_data_volume(volume: Uuid, size: u64, dir: &str) -> Result<Reply, AgentError> {
-    let dir = PathBuf::from(dir);
-    let dest = dir.join(format!("{volume}.qcow2"));
-    if tokio::fs::try_exists(&dest).await.unwrap_or(false) {
-        return file_reply(&dest).await;
-    }
-    tokio::fs::create_dir_all(&dir).await.map_err(|e| io_error("creating", &dir, e))?;
-    let tmp = dir.join(format!("{volume}.qcow2.part"));
+    let dest = PathBuf::from(dir).join(format!("{volume}.qcow2"));
     let size = size.to_string();
-    qemu_img(&["create", "-q", "-f", "qcow2", &tmp.display().to_string(), &size]).await?;
-    tokio::fs::rename(&tmp, &dest).await.map_err(|e| io_error("renaming", &tmp, e))?;
-    file_reply(&dest).await
+    made_once(&dest, |tmp| args(&["create", "-q", "-f", "qcow2", tmp, &size])).await
 }
 
 /// Freezes `top` as a snapshot: creates `new_top`, backed by it.
 pub async fn snapshot_volume(top: &str, new_top: &str) -> Result<Reply, AgentError> {
-    let dest = PathBuf::from(new_top);
-    if tokio::fs::try_exists(&dest).await.unwrap_or(false) {
-        return file_reply(&dest).await;
-    }
-    let tmp = PathBuf::from(format!("{new_top}.part"));
-    let tmp_text = tmp.display().to_string();
-    qemu_img(&["create", "-q", "-f", "qcow2", "-b", top, "-F", "qcow2", &tmp_text]).await?;
-    tokio::fs::rename(&tmp, &dest).await.map_err(|e| io_error("renaming", &tmp, e))?;
-    file_reply(&dest).await
+    made_once(Path::new(new_top), |tmp| {
+        args(&["create", "-q", "-f", "qcow2", "-b", top, "-F", "qcow2", tmp])
+    })
+    .await
 }
 
 /// Merges into `top` every layer of its chain above `base` (none: all of them), copying what
@@ -129,18 +119,10 @@ pub async fn rebase_volume(top: &str, base: Option<&str>) -> Result<Reply, Agent
 
 /// Copies the chain whose top is `source` into the standalone qcow2 file `dest`.
 pub async fn flatten_volume(source: &str, dest: &str) -> Result<Reply, AgentError> {
-    let dest_path = PathBuf::from(dest);
-    if tokio::fs::try_exists(&dest_path).await.unwrap_or(false) {
-        return file_reply(&dest_path).await;
-    }
-    if let Some(dir) = dest_path.parent() {
-        tokio::fs::create_dir_all(dir).await.map_err(|e| io_error("creating", dir, e))?;
-    }
-    let tmp = PathBuf::from(format!("{dest}.part"));
-    let tmp_text = tmp.display().to_string();
-    qemu_img(&["convert", "-U", "-f", "qcow2", "-O", "qcow2", source, &tmp_text]).await?;
-    tokio::fs::rename(&tmp, &dest_path).await.map_err(|e| io_error("renaming", &tmp, e))?;
-    file_reply(&dest_path).await
+    made_once(Path::new(dest), |tmp| {
+        args(&["convert", "-U", "-f", "qcow2", "-O", "qcow2", source, tmp])
+    })
+    .await
 }
 
 /// Grows the qcow2 file at `path` to `size` bytes (the same size again changes nothing;

@@ -25,8 +25,9 @@ use uuid::Uuid;
 use super::state::VmState;
 use super::{VmError, Vms};
 use crate::host::{self, Hosts};
+use crate::landed;
 use crate::records::{HostRecord, PrimaryStorageRecord, VmRecord, VolumeRecord, VolumeStatus};
-use crate::volume::{self, MAX_DATA_VOLUMES, VolumeError, VolumeOp, allows, landed};
+use crate::volume::{self, MAX_DATA_VOLUMES, VolumeError, VolumeOp, allows};
 
 fn hosts_of(ctx: &OpCtx<Vms>) -> Result<Kind<Hosts>, VolumeError> {
     ctx.runtime().kind::<Hosts>().ok_or_else(|| {
@@ -122,7 +123,7 @@ pub async fn attach(
 
         // Claimed first: a volume another VM is attaching at the same moment is refused
         // here, before either makes or plugs anything.
-        let claimed = claim(&db, volume, &record, &host).await?;
+        claim(&db, volume, &record, &host).await?;
         // Made next, if never attached before; plugged last.
         let made = match instantiate(&db, &send, volume, vm, &host).await {
             Ok(made) => made,
@@ -140,9 +141,8 @@ pub async fn attach(
             release_claim(&db, volume, vm).await?;
             return Err(error.into());
         }
-        let attached = VolumeRecord { status: VolumeStatus::Ready, ..claimed };
         tracing::info!(vm = %vm, %volume, device = disk.target(), live, made, "data volume attached");
-        Ok(volume::get(&db, volume).map(|v| v.record).unwrap_or(attached))
+        Ok(volume::get(&db, volume)?.record)
     })
     .await
 }

@@ -16,7 +16,7 @@ use serde_json::json;
 use strato_actors::kinds;
 use strato_actors::records::{
     BackupStorageRecord, DiskOfferingRecord, ImageRecord, PrimaryStorageRecord, VmRecord,
-    VolumeRecord, VolumeSnapshotRecord, VolumeStatus,
+    VolumeRecord, VolumeSnapshotRecord,
 };
 use strato_actors::{snapshot, volume};
 use uuid::Uuid;
@@ -171,20 +171,9 @@ async fn create_data_volume(
         .jobs
         .submit(job_header(&headers)?, "CreateDataVolume", &raw, move |_| async move {
             let record = VolumeRecord {
-                uuid: Uuid::new_v4(),
-                name: p.name,
-                description: p.description,
-                r#type: "Data".into(),
-                status: VolumeStatus::NotInstantiated,
-                size,
-                format: "qcow2".into(),
                 disk_offering_uuid: p.disk_offering_uuid,
                 primary_storage_uuid: p.primary_storage_uuid,
-                host_uuid: None,
-                install_path: None,
-                vm_instance_uuid: None,
-                device_id: None,
-                deleted_at_ms: None,
+                ..VolumeRecord::data(p.name, p.description, size)
             };
             let extra = owned(&tags, kind, owner, record.uuid);
             strato_actors::cascade::insert(&m.db, &record, extra).await?;
@@ -298,22 +287,7 @@ async fn create_snapshot(
             let uuid = Uuid::new_v4();
             // Owned through its volume: its tags alone go with it.
             let extra = owned(&tags, kind, None, uuid);
-            let asked = VolumeSnapshotRecord {
-                uuid,
-                name: p.name,
-                description: p.description,
-                volume_uuid: volume,
-                volume_type: String::new(),
-                tree_uuid: Uuid::nil(),
-                parent_uuid: None,
-                distance: 0,
-                latest: true,
-                status: String::new(),
-                size: 0,
-                primary_storage_install_path: String::new(),
-                primary_storage_uuid: None,
-                host_uuid: None,
-            };
+            let asked = snapshot::Asked { uuid, name: p.name, description: p.description };
             let taken = snapshot::create(&m.vms, &m.hosts, volume, asked, extra, Some(job)).await?;
             inventory(&taken)
         })
@@ -395,22 +369,8 @@ async fn volume_from_snapshot(
             "CreateDataVolumeFromVolumeSnapshot",
             &raw,
             move |job| async move {
-                let new = VolumeRecord {
-                    uuid: Uuid::new_v4(),
-                    name: p.name,
-                    description: p.description,
-                    r#type: "Data".into(),
-                    status: VolumeStatus::NotInstantiated,
-                    size: 0,
-                    format: "qcow2".into(),
-                    disk_offering_uuid: None,
-                    primary_storage_uuid: None,
-                    host_uuid: None,
-                    install_path: None,
-                    vm_instance_uuid: None,
-                    device_id: None,
-                    deleted_at_ms: None,
-                };
+                // Its size, place and file are those of the snapshot's copy.
+                let new = VolumeRecord::data(p.name, p.description, 0);
                 let extra = owned(&tags, kind, owner, new.uuid);
                 let made =
                     snapshot::to_volume(&m.db, &m.hosts, snapshot_uuid, new, extra, Some(job))
