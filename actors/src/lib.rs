@@ -44,6 +44,7 @@ pub mod accounts;
 pub mod allocator;
 pub mod cascade;
 pub mod host;
+pub mod image_cache;
 pub mod images;
 pub mod ipam;
 pub mod kinds;

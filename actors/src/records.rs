@@ -1226,6 +1226,27 @@ pub struct PrimaryStorageRecord {
     pub attached_cluster_uuids: Vec<Uuid>,
 }
 
+impl PrimaryStorageRecord {
+    fn dir(&self, name: &str) -> String {
+        format!("{}/{name}", self.url.trim_end_matches('/'))
+    }
+
+    /// Where each host keeps the images its root volumes are backed by.
+    pub fn image_cache_dir(&self) -> String {
+        self.dir("imagecache")
+    }
+
+    /// Where each host keeps root volumes.
+    pub fn root_volumes_dir(&self) -> String {
+        self.dir("rootvolumes")
+    }
+
+    /// Where each host keeps data volumes and their snapshots.
+    pub fn data_volumes_dir(&self) -> String {
+        self.dir("datavolumes")
+    }
+}
+
 impl Record for PrimaryStorageRecord {
     const KIND: &'static str = "primary-storage";
     const VERSION: u16 = 1;

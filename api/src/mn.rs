@@ -45,6 +45,10 @@ pub struct Mn {
     pub jobs: crate::jobs::Jobs,
     /// How deleting a data volume behaves (the VMs' deletion policy and grace period).
     pub volume_policy: strato_actors::volume::VolumePolicy,
+    /// When image caches are cleaned and what is spared.
+    pub image_cache: strato_actors::image_cache::CacheSettings,
+    /// The periodic image cache collector, stopped before the runtime.
+    image_cache_collector: Option<tokio::task::AbortHandle>,
 }
 
 impl Mn {
@@ -203,6 +207,11 @@ impl Mn {
             "recovered from the previous run"
         );
         runtime.gc().start()?;
+        let image_cache = image_cache_settings()?;
+        let image_cache_collector = image_cache.interval.map(|every| {
+            let (db, hosts) = (db.clone(), hosts.clone());
+            strato_actors::image_cache::collect_periodically(db, hosts, every, image_cache.grace)
+        });
         let jobs = crate::jobs::Jobs::new(db.clone());
         let auth_db = db.clone();
         Ok(Arc::new(Mn {
@@ -225,13 +234,32 @@ impl Mn {
                 deletion: vm_policy.deletion,
                 expunge_after: vm_policy.expunge_after,
             },
+            image_cache,
+            image_cache_collector,
         }))
     }
 
     /// Stops the runtime.
     pub fn shutdown(&self) {
+        if let Some(collector) = &self.image_cache_collector {
+            collector.abort();
+        }
         self.runtime.shutdown();
     }
+}
+
+/// When image caches are cleaned (`STRATO_IMAGE_CACHE_GC_SECS`, 0 for only when asked) and
+/// how recent a cache stays whatever uses it (`STRATO_IMAGE_CACHE_GRACE_SECS`).
+fn image_cache_settings() -> Result<strato_actors::image_cache::CacheSettings, BoxError> {
+    use std::time::Duration;
+    let mut settings = strato_actors::image_cache::CacheSettings::default();
+    if let Some(secs) = number("STRATO_IMAGE_CACHE_GC_SECS")? {
+        settings.interval = (secs > 0).then(|| Duration::from_secs(secs));
+    }
+    if let Some(secs) = number("STRATO_IMAGE_CACHE_GRACE_SECS")? {
+        settings.grace = Duration::from_secs(secs);
+    }
+    Ok(settings)
 }
 
 /// The number in environment variable `name`, if it is set.

@@ -460,7 +460,11 @@ fn snapshots_keep_each_layer_s_bytes_through_reverts_and_deletions() {
 fn a_snapshot_makes_a_volume_and_a_root_volume_makes_a_template_that_boots_a_vm() {
     let images = tempfile::tempdir().unwrap();
     let cluster = TestCluster::start(
-        ClusterOpts::sim(0).env("STRATO_IMAGE_FILE_DIRS", images.path().to_str().unwrap()),
+        ClusterOpts::sim(0)
+            .env("STRATO_IMAGE_FILE_DIRS", images.path().to_str().unwrap())
+            // Caches are cleaned when asked, sparing none for being recent.
+            .env("STRATO_IMAGE_CACHE_GC_SECS", "0")
+            .env("STRATO_IMAGE_CACHE_GRACE_SECS", "0"),
     );
     let api = cluster.api;
     let infra = vm_infrastructure(api, cluster.agent, "10.22.0.10", "10.22.0.50");
@@ -565,4 +569,27 @@ fn a_snapshot_makes_a_volume_and_a_root_volume_makes_a_template_that_boots_a_vm(
         ),
     );
     assert_eq!(running["error"]["code"], "VM.INVALID_STATE", "{running}");
+
+    // Cleaning the image cache: the template's cache goes once vm2, the one volume backed by
+    // it, is expunged; the image's stays, backing vm1's root volume. A tenant may not ask.
+    let cache =
+        |image: &Value| cluster.dir().join("ps/imagecache").join(format!("{}.qcow2", uuid(image)));
+    assert!(cache(&image).exists() && cache(&template).exists());
+    let vm2_actions = format!("/v1/vm-instances/{}/actions", uuid(&vm2));
+    ok(api, "DELETE", &format!("/v1/vm-instances/{}", uuid(&vm2)), None);
+    ok(api, "PUT", &vm2_actions, Some(r#"{"expungeVmInstance": {}}"#));
+    let clean = json!({ "cleanUpImageCacheOnPrimaryStorage": {} });
+    let ps_actions = format!("/v1/primary-storage/{}/actions", uuid(&ps));
+    let cleaned = call(api, "PUT", &ps_actions, Some(&clean.to_string()));
+    let hosts = &cleaned["inventory"]["hosts"];
+    assert_eq!(hosts.as_array().map(Vec::len), Some(1), "{cleaned}");
+    let deleted = cache(&template).display().to_string();
+    assert_eq!(hosts[0]["deleted"], json!([deleted]), "{cleaned}");
+    assert!(!cache(&template).exists() && cache(&image).exists());
+    assert!(holds(&root, 0x11, 0), "vm1's root volume still reads its image");
+    let again = call(api, "PUT", &ps_actions, Some(&clean.to_string()));
+    assert_eq!(again["inventory"]["hosts"][0]["deleted"], json!([]), "{again}");
+    let tenant = cluster.account("cache-cleaner", Value::Null);
+    let (status, refused) = cluster.as_(&tenant, "PUT", &ps_actions, Some(clean));
+    assert_eq!(status, 403, "{refused}");
 }

@@ -439,6 +439,17 @@ impl Agent {
                 volumes::flatten_volume(&source, &dest).await
             }
             Command::DeleteVolume { path } => volumes::delete_volume(&path).await,
+            Command::DescribeVolume { path } => volumes::describe_volume(&path).await,
+            Command::CleanImageCache { cache_dir, volume_dirs, grace_secs } => {
+                let grace = Duration::from_secs(grace_secs);
+                volumes::clean_image_cache(&cache_dir, &volume_dirs, grace).await.map(|c| {
+                    Reply::CacheCleaned {
+                        deleted: c.deleted,
+                        kept: c.kept,
+                        volumes_read: c.volumes_read,
+                    }
+                })
+            }
             command => {
                 let driver = self.driver.clone();
                 let network = self.network.clone();
@@ -539,7 +550,9 @@ fn drive(driver: &dyn Driver, network: &dyn Network, command: Command) -> Outcom
         | Command::RebaseVolume { .. }
         | Command::ResizeVolume { .. }
         | Command::FlattenVolume { .. }
-        | Command::DeleteVolume { .. } => {
+        | Command::DeleteVolume { .. }
+        | Command::DescribeVolume { .. }
+        | Command::CleanImageCache { .. } => {
             Err(AgentError::new(AgentErrorCode::BadRequest, "volume commands are not driver calls"))
         }
     }

@@ -3,12 +3,37 @@
 //!
 //! Every operation is safe to repeat: a file is built under a temporary name and renamed into
 //! place, so a file that exists is complete, and a repeat finds it and returns it.
+//!
+//! The image cache is cleaned from what the files say, not from what the MN's records say:
+//! a cached image is deleted only when no qcow2 file under the primary storage's volume
+//! directories names it as its backing file (read from each file's header, which takes
+//! microseconds where `qemu-img info` takes milliseconds). A cache handed out in the last
+//! [`CACHE_GRACE`] is kept even if nothing uses it yet: a VM creation caches its image and
+//! then, in a second command, makes its root volume on it.
 
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::{LazyLock, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use strato_proto::{AgentError, AgentErrorCode, Reply};
 use tokio::process::Command;
+use tokio::sync::RwLock;
 use uuid::Uuid;
+
+/// How long a cached image handed out (or made) is kept whatever uses it: longer than a
+/// creation takes from caching its image to making its root volume on it.
+pub const CACHE_GRACE: Duration = Duration::from_secs(30 * 60);
+
+/// The image caches of this process: handing one out (read) and cleaning (write) exclude
+/// each other, and when each cache was last handed out.
+struct CacheGuard {
+    turn: RwLock<()>,
+    handed_out: Mutex<HashMap<PathBuf, Instant>>,
+}
+
+static CACHES: LazyLock<CacheGuard> =
+    LazyLock::new(|| CacheGuard { turn: RwLock::new(()), handed_out: Mutex::new(HashMap::new()) });
 
 fn io_error(what: &str, path: &Path, error: std::io::Error) -> AgentError {
     AgentError::new(AgentErrorCode::Driver, format!("{what} {}: {error}", path.display()))
@@ -64,7 +89,9 @@ fn args(items: &[&str]) -> Vec<String> {
 
 /// Puts image `image` into `cache_dir` as qcow2, converting from `source` if missing.
 pub async fn cache_image(image: Uuid, source: &str, cache_dir: &str) -> Result<Reply, AgentError> {
+    let _turn = CACHES.turn.read().await;
     let dest = PathBuf::from(cache_dir).join(format!("{image}.qcow2"));
+    CACHES.handed_out.lock().expect("image cache guard").insert(dest.clone(), Instant::now());
     if !tokio::fs::try_exists(&dest).await.unwrap_or(false)
         && !tokio::fs::try_exists(source).await.unwrap_or(false)
     {
@@ -82,6 +109,13 @@ pub async fn create_root_volume(
     backing: &str,
     dir: &str,
 ) -> Result<Reply, AgentError> {
+    let _turn = CACHES.turn.read().await;
+    if !tokio::fs::try_exists(backing).await.unwrap_or(false) {
+        return Err(AgentError::new(
+            AgentErrorCode::NotFound,
+            format!("the cached image {backing} is gone: cache the image again"),
+        ));
+    }
     let dest = PathBuf::from(dir).join(format!("{volume}.qcow2"));
     made_once(&dest, |tmp| {
         args(&["create", "-q", "-f", "qcow2", "-b", backing, "-F", "qcow2", tmp])
@@ -132,6 +166,156 @@ pub async fn resize_volume(path: &str, size: u64) -> Result<Reply, AgentError> {
     file_reply(Path::new(path)).await
 }
 
+/// A qcow2 file's virtual size and backing file (resolved against the file's directory, as
+/// QEMU resolves it), read from its header; `None` for a file that is not qcow2.
+pub fn read_header(path: &Path) -> std::io::Result<Option<(u64, Option<PathBuf>)>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(path)?;
+    let mut header = [0u8; 32];
+    if file.read_exact(&mut header).is_err() || header[..4] != *b"QFI\xfb" {
+        return Ok(None);
+    }
+    let be64 = |at: usize| u64::from_be_bytes(header[at..at + 8].try_into().expect("8 bytes"));
+    let offset = be64(8);
+    let length = u32::from_be_bytes(header[16..20].try_into().expect("4 bytes"));
+    let size = be64(24);
+    // QEMU refuses backing file names over 1023 bytes; so does this.
+    if offset == 0 || length == 0 || length > 1023 {
+        return Ok(Some((size, None)));
+    }
+    let mut name = vec![0u8; length as usize];
+    file.seek(SeekFrom::Start(offset))?;
+    file.read_exact(&mut name)?;
+    let name = PathBuf::from(String::from_utf8_lossy(&name).into_owned());
+    let resolved = match path.parent() {
+        Some(dir) if name.is_relative() => dir.join(name),
+        _ => name,
+    };
+    Ok(Some((size, Some(resolved))))
+}
+
+/// Describes the volume file at `path`: its size on disk, virtual size and backing file.
+pub async fn describe_volume(path: &str) -> Result<Reply, AgentError> {
+    let file = PathBuf::from(path);
+    let (meta, header) = tokio::task::spawn_blocking(move || {
+        let meta = std::fs::metadata(&file)?;
+        Ok::<_, std::io::Error>((meta, read_header(&file)?))
+    })
+    .await
+    .map_err(|e| AgentError::new(AgentErrorCode::Driver, format!("reading {path}: {e}")))?
+    .map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => {
+            AgentError::new(AgentErrorCode::NotFound, format!("{path} does not exist"))
+        }
+        _ => io_error("reading", Path::new(path), e),
+    })?;
+    let (virtual_size, backing) = header.unwrap_or((meta.len(), None));
+    Ok(Reply::Volume {
+        path: path.to_owned(),
+        size: meta.len(),
+        virtual_size,
+        backing: backing.map(|b| b.display().to_string()),
+    })
+}
+
+/// Every regular file under `dir`, at any depth (none if `dir` does not exist).
+fn files_under(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            files_under(&entry.path(), out)?;
+        } else if kind.is_file() {
+            out.push(entry.path());
+        }
+    }
+    Ok(())
+}
+
+/// What a cleaning of an image cache found.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Cleaned {
+    /// The cached images deleted.
+    pub deleted: Vec<String>,
+    /// The cached images kept (in use, or handed out within the grace period).
+    pub kept: u64,
+    /// The volume files read.
+    pub volumes_read: u64,
+}
+
+/// Deletes every cached image in `cache_dir` that no qcow2 file under `volume_dirs` is
+/// backed by and that was neither made nor handed out within `grace`. Unfinished `.part`
+/// files older than `grace` go too (left by an agent that died making them).
+pub async fn clean_image_cache(
+    cache_dir: &str,
+    volume_dirs: &[String],
+    grace: Duration,
+) -> Result<Cleaned, AgentError> {
+    let _turn = CACHES.turn.write().await;
+    let recent: BTreeSet<PathBuf> = {
+        let mut handed_out = CACHES.handed_out.lock().expect("image cache guard");
+        handed_out.retain(|_, at| at.elapsed() < grace);
+        handed_out.keys().cloned().collect()
+    };
+    let cache_dir = PathBuf::from(cache_dir);
+    let volume_dirs: Vec<PathBuf> = volume_dirs.iter().map(PathBuf::from).collect();
+    let cleaned = tokio::task::spawn_blocking(move || -> std::io::Result<Cleaned> {
+        let mut cleaned = Cleaned::default();
+        let mut used = BTreeSet::new();
+        for dir in &volume_dirs {
+            let mut files = Vec::new();
+            files_under(dir, &mut files)?;
+            for file in files {
+                cleaned.volumes_read += 1;
+                // A file deleted meanwhile backs nothing.
+                match read_header(&file) {
+                    // Compared as the file system resolves them: `..` and links
+                    // followed.
+                    Ok(Some((_, Some(backing)))) => {
+                        used.insert(std::fs::canonicalize(&backing).unwrap_or(backing));
+                    }
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        let mut cached = Vec::new();
+        files_under(&cache_dir, &mut cached)?;
+        let now = SystemTime::now();
+        for file in cached {
+            let age = std::fs::metadata(&file)?
+                .modified()
+                .ok()
+                .and_then(|m| now.duration_since(m).ok())
+                .unwrap_or_default();
+            let resolved = std::fs::canonicalize(&file).unwrap_or_else(|_| file.clone());
+            if used.contains(&resolved) || recent.contains(&file) || age < grace {
+                cleaned.kept += 1;
+                continue;
+            }
+            match std::fs::remove_file(&file) {
+                Ok(()) => cleaned.deleted.push(file.display().to_string()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(cleaned)
+    })
+    .await
+    .map_err(|e| AgentError::new(AgentErrorCode::Driver, format!("cleaning the image cache: {e}")))?
+    .map_err(|e| io_error("cleaning the image cache in", Path::new("."), e))?;
+    for path in &cleaned.deleted {
+        tracing::info!(%path, "unused cached image deleted");
+    }
+    Ok(cleaned)
+}
+
 /// Deletes a volume file; succeeds when it is already gone.
 pub async fn delete_volume(path: &str) -> Result<Reply, AgentError> {
     match tokio::fs::remove_file(path).await {
@@ -169,5 +353,86 @@ mod tests {
         assert_eq!(delete_volume(&path).await.unwrap(), Reply::Done);
         assert_eq!(delete_volume(&path).await.unwrap(), Reply::Done, "deleting twice is fine");
         assert!(!Path::new(&path).exists());
+    }
+
+    #[tokio::test]
+    async fn a_cache_goes_only_when_no_file_is_backed_by_it_and_it_was_not_handed_out_lately() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = dir.path().join("image.raw");
+        std::fs::write(&source, vec![0u8; 1 << 20]).unwrap();
+        let (source, cache) =
+            (source.display().to_string(), dir.path().join("cache").display().to_string());
+        let vols = dir.path().join("vols");
+        let (used, unused) = (Uuid::new_v4(), Uuid::new_v4());
+        let Reply::File { path: used_cache, .. } =
+            cache_image(used, &source, &cache).await.unwrap()
+        else {
+            panic!()
+        };
+        let Reply::File { path: unused_cache, .. } =
+            cache_image(unused, &source, &cache).await.unwrap()
+        else {
+            panic!()
+        };
+        // A root volume on the used cache, and a snapshot layer on the root volume, one
+        // directory down, naming its backing file relatively (as QEMU allows).
+        let root_dir = vols.join("root").display().to_string();
+        let Reply::File { path: root, .. } =
+            create_root_volume(Uuid::new_v4(), &used_cache, &root_dir).await.unwrap()
+        else {
+            panic!()
+        };
+        let layer = vols.join("root/deeper/layer.qcow2");
+        std::fs::create_dir_all(layer.parent().unwrap()).unwrap();
+        let made = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+            .arg(format!("../{}", Path::new(&root).file_name().unwrap().to_str().unwrap()))
+            .arg(&layer)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        assert_eq!(
+            read_header(&layer).unwrap(),
+            Some((
+                1 << 20,
+                Some(vols.join("root/deeper/..").join(Path::new(&root).file_name().unwrap()))
+            ))
+        );
+        let Reply::Volume { backing, virtual_size, .. } = describe_volume(&root).await.unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!((backing.as_deref(), virtual_size), (Some(used_cache.as_str()), 1 << 20));
+        assert_eq!(read_header(Path::new(&source)).unwrap(), None, "a raw file backs nothing");
+        let missing = describe_volume("/nonexistent.qcow2").await.unwrap_err();
+        assert_eq!(missing.code, AgentErrorCode::NotFound);
+
+        // A file naming the used cache through `..` uses it as much.
+        let sideways = vols.join("sideways.qcow2");
+        let made = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+            .arg(format!("../cache/{used}.qcow2"))
+            .arg(&sideways)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let volume_dirs = [vols.display().to_string()];
+        // Both were handed out just now: a grace period keeps both.
+        let kept = clean_image_cache(&cache, &volume_dirs, Duration::from_secs(600)).await.unwrap();
+        assert_eq!((kept.deleted.len(), kept.kept, kept.volumes_read), (0, 2, 3));
+        // Without one, the unused cache goes and the used one stays.
+        let cleaned = clean_image_cache(&cache, &volume_dirs, Duration::ZERO).await.unwrap();
+        assert_eq!(cleaned.deleted, vec![unused_cache.clone()]);
+        assert_eq!(cleaned.kept, 1);
+        assert!(Path::new(&used_cache).exists() && !Path::new(&unused_cache).exists());
+        // Once the root volume and the other file are deleted, nothing is backed by it.
+        delete_volume(&root).await.unwrap();
+        std::fs::remove_file(&sideways).unwrap();
+        std::fs::remove_file(&layer).unwrap();
+        let cleaned = clean_image_cache(&cache, &volume_dirs, Duration::ZERO).await.unwrap();
+        assert_eq!(cleaned.deleted, vec![used_cache.clone()]);
+        // A root volume on a cache that went is refused with a hint, not made broken.
+        let gone = create_root_volume(Uuid::new_v4(), &used_cache, &root_dir).await.unwrap_err();
+        assert_eq!(gone.code, AgentErrorCode::NotFound, "{gone:?}");
     }
 }

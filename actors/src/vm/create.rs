@@ -321,10 +321,6 @@ fn primary_storage_of(db: &Db, host: Uuid) -> Result<PrimaryStorageRecord, BoxEr
     Err(format!("no primary storage is attached to cluster {cluster}").into())
 }
 
-fn volumes_dir(ps: &PrimaryStorageRecord) -> String {
-    format!("{}/rootvolumes", ps.url.trim_end_matches('/'))
-}
-
 #[async_trait]
 impl Step<CreateVm> for CreateRootVolume {
     async fn run(&self, c: &mut CreateVm, flow: &FlowInfo) -> Result<(), BoxError> {
@@ -341,7 +337,7 @@ impl Step<CreateVm> for CreateRootVolume {
             .first()
             .map(|(_, path)| path.clone())
             .ok_or("the image is in no backup storage")?;
-        let cache_dir = format!("{}/imagecache", ps.url.trim_end_matches('/'));
+        let cache_dir = ps.image_cache_dir();
         let cached = host::command(
             &self.hosts,
             host,
@@ -356,7 +352,7 @@ impl Step<CreateVm> for CreateRootVolume {
         let made = host::command(
             &self.hosts,
             host,
-            Command::CreateRootVolume { volume: c.vm, backing, dir: volumes_dir(&ps) },
+            Command::CreateRootVolume { volume: c.vm, backing, dir: ps.root_volumes_dir() },
             volume_deadline(flow),
             flow.job_id,
         )
@@ -371,7 +367,7 @@ impl Step<CreateVm> for CreateRootVolume {
         let (Some(_), Some(host)) = (c.image, c.host) else { return Ok(()) };
         let ps = primary_storage_of(&self.db, host)?;
         // The agent names a volume after its UUID: the path needs no memory of the step.
-        let path = format!("{}/{}.qcow2", volumes_dir(&ps), c.vm);
+        let path = format!("{}/{}.qcow2", ps.root_volumes_dir(), c.vm);
         let command = Command::DeleteVolume { path: path.clone() };
         match host::command(&self.hosts, host, command, deadline(flow), flow.job_id).await {
             Ok(_) => Ok(()),

@@ -35,11 +35,6 @@ fn hosts_of(ctx: &OpCtx<Vms>) -> Result<Kind<Hosts>, VolumeError> {
     })
 }
 
-/// The directory of a primary storage's data volumes on each host.
-pub fn data_volumes_dir(ps: &PrimaryStorageRecord) -> String {
-    format!("{}/datavolumes", ps.url.trim_end_matches('/'))
-}
-
 /// Whether the VM in `state` takes a disk live (`Some(true)`), in its definition only
 /// (`Some(false)`), or not at all.
 fn live(state: VmState) -> Option<bool> {
@@ -170,7 +165,7 @@ where
         (dir, current.size)
     } else {
         let ps = storage_for(db, &current, host)?;
-        let dir = data_volumes_dir(&ps);
+        let dir = ps.data_volumes_dir();
         let path = format!("{dir}/{volume}.qcow2");
         let host_uuid = host.uuid;
         volume::update(db, volume, |v| {

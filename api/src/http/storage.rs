@@ -7,7 +7,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::Response;
-use axum::routing::{MethodRouter, post};
+use axum::routing::{MethodRouter, post, put};
 use serde_json::json;
 use strato_actors::kinds;
 use strato_actors::records::{
@@ -15,11 +15,13 @@ use strato_actors::records::{
 };
 use uuid::Uuid;
 
-use super::api::{Answer, Api, Body, Method, schema};
+use super::api::{Answer, Api, Body, Method, actions, schema};
 use super::resources::Attachment;
-use super::{Shared, accepted, creation, get_record, job_header, submit_record, write};
+use super::{Id, Shared, accepted, action, creation, get_record, job_header, submit_record, write};
+use crate::auth;
 use crate::error::ApiError;
 use crate::mn::Mn;
+use crate::types::actions::PrimaryStorageAction;
 use crate::types::{ImageParams, StorageParams, inventory, validate};
 
 /// The area's APIs.
@@ -62,6 +64,43 @@ pub(super) fn apis() -> Vec<Api> {
             || post(add_image),
         ),
     ]
+    .into_iter()
+    .chain(actions::<PrimaryStorageAction>("/v1/primary-storage/{uuid}/actions", || {
+        put(primary_storage_action)
+    }))
+    .collect()
+}
+
+async fn primary_storage_action(
+    State(mn): Shared,
+    Id(uuid): Id,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let (action, keyed): (PrimaryStorageAction, _) = action(&body, uuid)?;
+    auth::admin_only("cleaning an image cache")?;
+    get_record::<PrimaryStorageRecord>(&mn, uuid)?;
+    let (m, grace) = (mn.clone(), mn.image_cache.grace);
+    let job = match action {
+        PrimaryStorageAction::CleanUpImageCacheOnPrimaryStorage(_) => {
+            mn.jobs
+                .submit(job_header(&headers)?, "CleanUpImageCacheOnPrimaryStorage", &keyed, {
+                    move |job| async move {
+                        let cleaned = strato_actors::image_cache::clean(
+                            &m.db,
+                            &m.hosts,
+                            uuid,
+                            grace,
+                            Some(job),
+                        )
+                        .await?;
+                        Ok(json!({ "hosts": cleaned }))
+                    }
+                })
+                .await?
+        }
+    };
+    Ok(accepted(&mn, job))
 }
 
 fn directory_url(url: &str) -> Result<String, ApiError> {

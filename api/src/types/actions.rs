@@ -172,6 +172,15 @@ pub enum SecurityGroupAction {
     DeleteVmNicFromSecurityGroup(VmNics),
 }
 
+/// The actions on primary storage (`PUT /v1/primary-storage/{uuid}/actions`).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum PrimaryStorageAction {
+    /// Deletes the cached images no volume or snapshot file is backed by, on each host using
+    /// the storage (an administrator's action; the node also does it periodically)
+    CleanUpImageCacheOnPrimaryStorage(NoParams),
+}
+
 /// The actions on a data volume (`PUT /v1/volumes/{uuid}/actions`).
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]

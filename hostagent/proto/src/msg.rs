@@ -25,8 +25,9 @@ use uuid::Uuid;
 /// The protocol version this build speaks. A handshake with another version is refused.
 /// Version 2 is the link on TLS, with enrollment and without a token; version 3 adds the
 /// host's network (its addresses in the facts, and the network commands); version 4 adds
-/// the VIP namespaces (EIP, port forwarding, SNAT) to the network.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// the VIP namespaces (EIP, port forwarding, SNAT) to the network; version 5 adds data
+/// volumes, their snapshots, describing a volume file and cleaning the image cache.
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// The MN's first frame.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -362,6 +363,21 @@ pub enum Command {
         /// The volume's path.
         path: String,
     },
+    /// Describe a volume file (its sizes and backing file); `NotFound` if it does not exist.
+    DescribeVolume {
+        /// The volume's path.
+        path: String,
+    },
+    /// Delete every cached image in `cache_dir` that no file under `volume_dirs` is backed
+    /// by, keeping those made or handed out within `grace_secs`.
+    CleanImageCache {
+        /// The primary storage's image cache directory.
+        cache_dir: String,
+        /// The directories of the volumes and snapshots that may be backed by a cache.
+        volume_dirs: Vec<String>,
+        /// How recently made or handed out a cache must be to stay whatever uses it.
+        grace_secs: u64,
+    },
     /// Make the host's network what the MN wants: the whole of it, every time.
     ApplyNetwork(crate::net::NetworkConfig),
     /// Report the host's network as the agent finds it.
@@ -395,6 +411,8 @@ impl Command {
             Command::FlattenVolume { .. } => "flatten-volume",
             Command::ResizeDisk { .. } => "resize-disk",
             Command::DeleteVolume { .. } => "delete-volume",
+            Command::DescribeVolume { .. } => "describe-volume",
+            Command::CleanImageCache { .. } => "clean-image-cache",
             Command::ApplyNetwork(_) => "apply-network",
             Command::NetworkStatus => "network-status",
         }
@@ -426,6 +444,8 @@ impl Command {
             | Command::ResizeVolume { .. }
             | Command::FlattenVolume { .. }
             | Command::DeleteVolume { .. }
+            | Command::DescribeVolume { .. }
+            | Command::CleanImageCache { .. }
             | Command::ApplyNetwork(_)
             | Command::NetworkStatus => None,
         }
@@ -450,6 +470,26 @@ pub enum Reply {
     },
     /// The host's network as found (after an apply: as made).
     Network(crate::net::NetworkReport),
+    /// A volume file as found.
+    Volume {
+        /// Where it is.
+        path: String,
+        /// Its size on disk in bytes.
+        size: u64,
+        /// Its virtual size in bytes (its size on disk if it is not qcow2).
+        virtual_size: u64,
+        /// The file it is backed by, if any.
+        backing: Option<String>,
+    },
+    /// What cleaning an image cache did.
+    CacheCleaned {
+        /// The cached images deleted.
+        deleted: Vec<String>,
+        /// How many stayed (in use or recent).
+        kept: u64,
+        /// How many volume files were read.
+        volumes_read: u64,
+    },
 }
 
 /// A domain as the hypervisor sees it.
