@@ -18,6 +18,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
 use strato_proto::Command;
 use strato_runtime::Kind;
 use strato_storage::{Batch, Db, Expect, IndexValue, Stored};
@@ -115,8 +116,92 @@ pub struct Asked {
     pub description: String,
 }
 
+/// A snapshot's status from the moment its intent is written until its file is known to
+/// exist and its record is finished (see [`settle`]).
+pub const CREATING: &str = "Creating";
+
+/// The GC job kind that settles a snapshot left Creating (its operation died, or its host
+/// went away, between the agent's file and the record).
+pub const SETTLE_JOB: &str = "snapshot.settle";
+
+/// The context of a [`SETTLE_JOB`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SettleJob {
+    /// The volume.
+    pub volume: Uuid,
+}
+
+fn settle_job_name(snapshot: Uuid) -> String {
+    format!("{SETTLE_JOB}/{snapshot}")
+}
+
+/// How long after an operation's start its settle or sweep job runs, if the operation has
+/// not cancelled it by then. The job runs in the volume's turn, so never while the
+/// operation does; the delay only spares the work when the operation ends well.
+const SETTLE_DELAY: Duration = Duration::from_secs(30);
+
+/// The volume's new top a snapshot of `top` makes: named after the volume and the
+/// snapshot, so that a Creating record says which file may exist.
+pub fn new_top_of(top: &str, volume: Uuid, snapshot: Uuid) -> String {
+    format!("{}/{volume}-{snapshot}.qcow2", dir_of(top))
+}
+
+/// The writes that finish snapshot `intent` (Creating, of `volume` at its top) once the
+/// agent made `new_top`: the snapshot Ready and the latest, in the current tree (a new one
+/// if the volume has no latest snapshot), and the volume on its new top.
+fn landing(
+    db: &Db,
+    volume: &Stored<VolumeRecord>,
+    intent: &Stored<VolumeSnapshotRecord>,
+    new_top: String,
+) -> Result<(Batch, VolumeSnapshotRecord), VolumeError> {
+    let all = snapshots_of(db, volume.record.uuid)?;
+    let latest = all.values().find(|s| s.record.latest);
+    let mut batch = Batch::new();
+    let mut taken = VolumeSnapshotRecord {
+        status: "Ready".into(),
+        latest: true,
+        tree_uuid: Uuid::nil(),
+        parent_uuid: None,
+        distance: 0,
+        ..intent.record.clone()
+    };
+    match latest {
+        Some(parent) => {
+            (taken.tree_uuid, taken.parent_uuid) =
+                (parent.record.tree_uuid, Some(parent.record.uuid));
+            taken.distance = parent.record.distance.saturating_add(1);
+            let was = VolumeSnapshotRecord { latest: false, ..parent.record.clone() };
+            batch.put(&was, Expect::Generation(parent.generation))?;
+        }
+        None => {
+            // A new tree, now the volume's current one.
+            let tree = VolumeSnapshotTreeRecord {
+                uuid: Uuid::new_v4(),
+                volume_uuid: volume.record.uuid,
+                current: true,
+            };
+            batch.put(&tree, Expect::Absent)?;
+            for other in trees_of(db, volume.record.uuid)? {
+                let other_record = VolumeSnapshotTreeRecord { current: false, ..other.record };
+                batch.put(&other_record, Expect::Generation(other.generation))?;
+            }
+            taken.tree_uuid = tree.uuid;
+        }
+    }
+    batch.put(&taken, Expect::Generation(intent.generation))?;
+    let moved = VolumeRecord { install_path: Some(new_top), ..volume.record.clone() };
+    batch.put(&moved, Expect::Generation(volume.generation))?;
+    Ok((batch, taken))
+}
+
 /// Takes snapshot `snapshot` of data volume `volume`: live if its VM runs, offline
-/// otherwise. `extra` adds the snapshot's tags to the same write.
+/// otherwise. `extra` adds the snapshot's tags to the intent's write.
+///
+/// The intent (the snapshot's record, Creating, naming the volume's top) is written before
+/// the agent makes the new top, with a GC job that settles it if the operation does not
+/// finish it. Live, a new top the record did not know of would be lost the next time the
+/// VM's domain is defined from the records, with everything the guest wrote since.
 pub async fn create(
     vms: &Kind<Vms>,
     hosts: &Kind<Hosts>,
@@ -126,26 +211,22 @@ pub async fn create(
     job: Option<Uuid>,
 ) -> Result<VolumeSnapshotRecord, VolumeError> {
     let db = vms.runtime().db().clone();
+    let runtime = vms.runtime().clone();
     let hosts = hosts.clone();
     volume::on_volume(vms, volume, "snapshot-volume", job, move |vm| async move {
         let live = volume::live(vm.as_ref())?;
+        let settle_job = settle_job_name(snapshot.uuid);
+        let mut tagged = false;
         loop {
+            let intent = db.get::<VolumeSnapshotRecord>(snapshot.uuid)?;
+            if let Some(done) = intent.as_ref().filter(|s| s.record.status != CREATING) {
+                return Ok(done.record.clone()); // settled as taken meanwhile
+            }
             let stored = volume::get(&db, volume)?;
-            let mut v = stored.record;
-            let (host, top) = placed(&v, volume::VolumeOp::Snapshot)?;
-            let new_top = format!("{}/{volume}-{}.qcow2", dir_of(&top), snapshot.uuid);
-            let command = match (live, vm.as_ref(), v.disk()) {
-                (true, Some(vm), Some(disk)) => {
-                    Command::SnapshotDisk { uuid: vm.uuid, disk, new_top: new_top.clone() }
-                }
-                _ => Command::SnapshotVolume { top: top.clone(), new_top: new_top.clone() },
-            };
-            send(&hosts, host, command, job).await?;
-
-            let all = snapshots_of(&db, volume)?;
-            let latest = all.values().find(|s| s.record.latest);
-            let mut batch = Batch::new();
-            let mut taken = VolumeSnapshotRecord {
+            let v = &stored.record;
+            let (host, top) = placed(v, volume::VolumeOp::Snapshot)?;
+            let new_top = new_top_of(&top, volume, snapshot.uuid);
+            let wanted = VolumeSnapshotRecord {
                 uuid: snapshot.uuid,
                 name: snapshot.name.clone(),
                 description: snapshot.description.clone(),
@@ -154,42 +235,55 @@ pub async fn create(
                 tree_uuid: Uuid::nil(),
                 parent_uuid: None,
                 distance: 0,
-                latest: true,
-                status: "Ready".into(),
+                latest: false,
+                status: CREATING.into(),
                 size: v.size,
                 primary_storage_install_path: top.clone(),
                 primary_storage_uuid: v.primary_storage_uuid,
                 host_uuid: Some(host),
             };
-            match latest {
-                Some(parent) => {
-                    (taken.tree_uuid, taken.parent_uuid) =
-                        (parent.record.tree_uuid, Some(parent.record.uuid));
-                    taken.distance = parent.record.distance.saturating_add(1);
-                    let was = VolumeSnapshotRecord { latest: false, ..parent.record.clone() };
-                    batch.put(&was, Expect::Generation(parent.generation))?;
-                }
-                None => {
-                    // A new tree, now the volume's current one.
-                    let tree = VolumeSnapshotTreeRecord {
-                        uuid: Uuid::new_v4(),
-                        volume_uuid: volume,
-                        current: true,
-                    };
-                    batch.put(&tree, Expect::Absent)?;
-                    for other in trees_of(&db, volume)? {
-                        let other_record =
-                            VolumeSnapshotTreeRecord { current: false, ..other.record };
-                        batch.put(&other_record, Expect::Generation(other.generation))?;
-                    }
-                    (taken.tree_uuid, taken.parent_uuid, taken.distance) = (tree.uuid, None, 0);
-                }
+            let trigger = crate::vm::ops::when_host_is_back(host);
+            let context = SettleJob { volume };
+            runtime
+                .gc()
+                .submit_after(&settle_job, SETTLE_JOB, &context, trigger, SETTLE_DELAY)
+                .await?;
+            let mut batch = Batch::new();
+            let expect =
+                intent.as_ref().map_or(Expect::Absent, |was| Expect::Generation(was.generation));
+            batch.put(&wanted, expect)?;
+            if !tagged {
+                extra(&mut batch)?;
             }
-            batch.put(&taken, Expect::Absent)?;
-            extra(&mut batch)?;
-            v.install_path = Some(new_top.clone());
-            batch.put(&v, Expect::Generation(stored.generation))?;
+            if !landed(&db, batch).await? {
+                continue;
+            }
+            tagged = true;
+            let command = match (live, vm.as_ref(), v.disk()) {
+                (true, Some(vm), Some(disk)) => {
+                    Command::SnapshotDisk { uuid: vm.uuid, disk, new_top: new_top.clone() }
+                }
+                _ => Command::SnapshotVolume { top: top.clone(), new_top: new_top.clone() },
+            };
+            // The tests and chaos runs stop an operation on either side of the agent's file.
+            fail::fail_point!("snapshot-before-file");
+            let sent = send(&hosts, host, command, job).await;
+            fail::fail_point!("snapshot-after-file");
+            if let Err(error) = sent {
+                // It may have been made all the same (a lost answer): settled now if the
+                // host answers, by the GC job if not.
+                return match settle(&db, &hosts, volume, job).await {
+                    Ok(()) => match get(&db, snapshot.uuid) {
+                        Ok(taken) if taken.record.status != CREATING => Ok(taken.record),
+                        _ => Err(error),
+                    },
+                    Err(_) => Err(error),
+                };
+            }
+            let Some(intent) = db.get::<VolumeSnapshotRecord>(snapshot.uuid)? else { continue };
+            let (batch, taken) = landing(&db, &stored, &intent, new_top.clone())?;
             if landed(&db, batch).await? {
+                cancel_settle(&runtime, snapshot.uuid).await;
                 tracing::info!(%volume, snapshot = %taken.uuid, live, "volume snapshot taken");
                 return Ok(taken);
             }
@@ -204,6 +298,201 @@ pub async fn create(
     .await
 }
 
+async fn cancel_settle(runtime: &strato_runtime::Runtime, snapshot: Uuid) {
+    let id = strato_runtime::Gc::job_id(&settle_job_name(snapshot));
+    if let Err(error) = runtime.gc().cancel(id).await {
+        tracing::warn!(%snapshot, %error, "a snapshot's settle job stays; it will find nothing to do");
+    }
+}
+
+/// Settles every snapshot of `volume` left Creating: one whose new top exists was taken and
+/// is finished; one whose new top does not exist was not, and its intent goes. Call it in
+/// the volume's turn (its VM's queue when attached), or when no operation can be running
+/// (at the node's start).
+pub async fn settle(
+    db: &Db,
+    hosts: &Kind<Hosts>,
+    volume: Uuid,
+    job: Option<Uuid>,
+) -> Result<(), VolumeError> {
+    for (id, intent) in snapshots_of(db, volume)? {
+        if intent.record.status != CREATING {
+            continue;
+        }
+        let top = intent.record.primary_storage_install_path.clone();
+        let new_top = new_top_of(&top, volume, id);
+        let host = intent
+            .record
+            .host_uuid
+            .ok_or(VolumeError::InUse(format!("snapshot {id} names no host")))?;
+        let made =
+            match send(hosts, host, Command::DescribeVolume { path: new_top.clone() }, job).await {
+                Ok(_) => true,
+                Err(VolumeError::Host(host::HostError::Link(strato_proto::LinkError::Agent {
+                    error,
+                    ..
+                }))) if error.code == strato_proto::AgentErrorCode::NotFound => false,
+                Err(error) => return Err(error),
+            };
+        let stored = volume::get(db, volume)?;
+        let batch = if made && stored.record.install_path.as_deref() == Some(top.as_str()) {
+            landing(db, &stored, &intent, new_top)?.0
+        } else {
+            // Not taken (or the volume moved on since, and the file is nobody's).
+            if made && stored.record.install_path.as_deref() != Some(new_top.as_str()) {
+                send(hosts, host, Command::DeleteVolume { path: new_top }, job).await?;
+            }
+            let mut batch = Batch::new();
+            batch.delete::<VolumeSnapshotRecord>(id, Expect::Generation(intent.generation));
+            crate::records::delete_refs(db, &mut batch, id)?;
+            batch
+        };
+        if landed(db, batch).await? {
+            tracing::info!(%volume, snapshot = %id, taken = made, "a snapshot left Creating was settled");
+        }
+    }
+    Ok(())
+}
+
+/// The GC job kind that deletes the files an operation on a volume made or left, those no
+/// record names by the time it runs: a revert's new top, the layers a snapshot deletion
+/// merged, a copy made from a snapshot, the snapshots of an expunged volume. It is
+/// submitted before the operation changes anything and cancelled when the operation has
+/// deleted what it had to, so an MN that dies in between leaves no file behind.
+pub const SWEEP_JOB: &str = "volume.sweep";
+
+/// The context of a [`SWEEP_JOB`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SweepJob {
+    /// The volume whose records may name the files.
+    pub volume: Uuid,
+    /// The host holding them.
+    pub host: Uuid,
+    /// The files.
+    pub paths: Vec<String>,
+}
+
+/// An operation's sweep: submitted before it, cancelled after it.
+pub(crate) struct Sweep {
+    name: String,
+    runtime: strato_runtime::Runtime,
+}
+
+impl Sweep {
+    /// Submits the sweep of `paths` on `host`, named by `volume`'s records.
+    pub(crate) async fn submit(
+        runtime: &strato_runtime::Runtime,
+        volume: Uuid,
+        host: Uuid,
+        paths: Vec<String>,
+    ) -> Result<Sweep, VolumeError> {
+        let name = format!("{SWEEP_JOB}/{}", Uuid::new_v4());
+        let trigger = crate::vm::ops::when_host_is_back(host);
+        let job = SweepJob { volume, host, paths };
+        runtime.gc().submit_after(&name, SWEEP_JOB, &job, trigger, SETTLE_DELAY).await?;
+        Ok(Sweep { name, runtime: runtime.clone() })
+    }
+
+    /// The operation did its own sweeping.
+    pub(crate) async fn done(self) {
+        let id = strato_runtime::Gc::job_id(&self.name);
+        if let Err(error) = self.runtime.gc().cancel(id).await {
+            tracing::warn!(job = %self.name, %error, "a sweep job stays; it will find what it names in use or gone");
+        }
+    }
+}
+
+/// Every file `volume`'s records name: its top, its snapshots' layers and the new tops of
+/// those being taken.
+fn named_files(db: &Db, volume: Uuid) -> Result<BTreeSet<String>, VolumeError> {
+    let mut named = BTreeSet::new();
+    if let Some(v) = db.get::<VolumeRecord>(volume)? {
+        named.extend(v.record.install_path);
+    }
+    for s in snapshots_of(db, volume)?.into_values() {
+        let path = s.record.primary_storage_install_path;
+        if s.record.status == CREATING {
+            named.insert(new_top_of(&path, volume, s.record.uuid));
+        }
+        named.insert(path);
+    }
+    Ok(named)
+}
+
+async fn sweep(
+    runtime: &strato_runtime::Runtime,
+    hosts: &Kind<Hosts>,
+    job: &SweepJob,
+) -> Result<(), VolumeError> {
+    if crate::vm::ops::host_was_deleted(runtime, job.host)? {
+        return Ok(());
+    }
+    let named = named_files(runtime.db(), job.volume)?;
+    for path in job.paths.iter().filter(|p| !named.contains(*p)) {
+        send(hosts, job.host, Command::DeleteVolume { path: path.clone() }, None).await?;
+        tracing::info!(volume = %job.volume, %path, "a file no record names was swept");
+    }
+    Ok(())
+}
+
+/// Registers the snapshot GC handlers. Call once at startup, before `gc().start()`.
+pub fn register_gc(vms: Kind<Vms>, hosts: Kind<Hosts>) {
+    let runtime = vms.runtime().clone();
+    let (sweeping, sweeper) = (vms.clone(), hosts);
+    runtime.gc().register_handler(SWEEP_JOB, move |job: SweepJob| {
+        let (vms, hosts) = (sweeping.clone(), sweeper.clone());
+        async move {
+            let runtime = vms.runtime().clone();
+            // In the volume's turn: nothing else makes or names its files then.
+            if runtime.db().get::<VolumeRecord>(job.volume)?.is_none() {
+                let _turn = volume::turn(job.volume).await;
+                sweep(&runtime, &hosts, &job).await?;
+            } else {
+                volume::on_volume(
+                    &vms,
+                    job.volume,
+                    "sweep-volume-files",
+                    None,
+                    move |_| async move { sweep(&runtime, &hosts, &job).await },
+                )
+                .await?;
+            }
+            Ok(())
+        }
+    });
+    runtime.gc().register_handler(SETTLE_JOB, move |job: SettleJob| {
+        let vms = vms.clone();
+        async move {
+            // In the volume's turn; the turn itself settles it (see `volume::on_volume`).
+            let db = vms.runtime().db().clone();
+            if db.get::<VolumeRecord>(job.volume)?.is_none() {
+                return Ok(());
+            }
+            volume::on_volume(&vms, job.volume, "settle-snapshots", None, |_| async { Ok(()) })
+                .await?;
+            Ok(())
+        }
+    });
+}
+
+/// Settles every snapshot left Creating: at the node's start, before anything else can
+/// touch a volume (a failure is left to the snapshot's GC job).
+pub async fn settle_all(db: &Db, hosts: &Kind<Hosts>) -> usize {
+    let mut volumes = BTreeSet::new();
+    for stored in db.scan::<VolumeSnapshotRecord>().flatten() {
+        if stored.record.status == CREATING {
+            volumes.insert(stored.record.volume_uuid);
+        }
+    }
+    for volume in &volumes {
+        if let Err(error) = settle(db, hosts, *volume, None).await {
+            let error = strato_runtime::error_chain(&error);
+            tracing::warn!(%volume, %error, "a snapshot left Creating stays until its GC job settles it");
+        }
+    }
+    volumes.len()
+}
+
 /// Reverts snapshot `snapshot`'s volume to it: a new top backed by it, the old top deleted.
 /// The volume must be detached or its VM stopped.
 pub async fn revert(
@@ -213,6 +502,7 @@ pub async fn revert(
     job: Option<Uuid>,
 ) -> Result<VolumeSnapshotRecord, VolumeError> {
     let db = vms.runtime().db().clone();
+    let runtime = vms.runtime().clone();
     let volume = get(&db, snapshot)?.record.volume_uuid;
     let hosts = hosts.clone();
     volume::on_volume(vms, volume, "revert-volume", job, move |vm| async move {
@@ -228,8 +518,15 @@ pub async fn revert(
             let mut v = stored.record;
             let (host, old_top) = placed(&v, volume::VolumeOp::Revert)?;
             let target = get(&db, snapshot)?;
+            if target.record.status == CREATING {
+                return Err(VolumeError::InUse(format!(
+                    "snapshot {snapshot} is still being taken: try again"
+                )));
+            }
             let new_top = format!("{}/{volume}-{}.qcow2", dir_of(&old_top), Uuid::new_v4());
             let base = target.record.primary_storage_install_path.clone();
+            let swept = vec![new_top.clone(), old_top.clone()];
+            let sweep = Sweep::submit(&runtime, volume, host, swept).await?;
             send(
                 &hosts,
                 host,
@@ -259,10 +556,12 @@ pub async fn revert(
             if landed(&db, batch).await? {
                 // The old top was the volume's alone (no snapshot is backed by it).
                 delete_files(&hosts, host, vec![old_top]).await;
+                sweep.done().await;
                 tracing::info!(%volume, %snapshot, "volume reverted to a snapshot");
                 return Ok(VolumeSnapshotRecord { latest: true, ..target.record });
             }
             send(&hosts, host, Command::DeleteVolume { path: new_top }, job).await?;
+            sweep.done().await;
         }
     })
     .await
@@ -282,6 +581,7 @@ pub async fn delete(
     else {
         return Ok(());
     };
+    let runtime = vms.runtime().clone();
     let hosts = hosts.clone();
     volume::on_volume(vms, volume, "delete-volume-snapshot", job, move |vm| async move {
         let live = volume::live(vm.as_ref())?;
@@ -329,6 +629,7 @@ pub async fn delete(
                 crate::records::delete_refs(&db, &mut batch, *id)?;
                 files.push(s.record.primary_storage_install_path.clone());
             }
+            let sweep = Sweep::submit(&runtime, volume, host, files.clone()).await?;
             if latest_doomed && let Some(parent) = parent {
                 let now_latest = VolumeSnapshotRecord { latest: true, ..parent.record.clone() };
                 batch.put(&now_latest, Expect::Generation(parent.generation))?;
@@ -344,9 +645,12 @@ pub async fn delete(
             batch.put(&v, Expect::Generation(stored.generation))?;
             if landed(&db, batch).await? {
                 delete_files(&hosts, host, files).await;
+                sweep.done().await;
                 tracing::info!(%volume, %snapshot, deleted = doomed.len(), merged = latest_doomed, "volume snapshots deleted");
                 return Ok(());
             }
+            // Decided again: the files are still named, and the next round sweeps anew.
+            sweep.done().await;
         }
     })
     .await
@@ -363,6 +667,9 @@ pub(crate) fn forget_all(
     for (id, s) in snapshots_of(db, volume)? {
         batch.delete::<VolumeSnapshotRecord>(id, Expect::Generation(s.generation));
         crate::records::delete_refs(db, batch, id)?;
+        if s.record.status == CREATING {
+            files.push(new_top_of(&s.record.primary_storage_install_path, volume, id));
+        }
         files.push(s.record.primary_storage_install_path);
     }
     for tree in trees_of(db, volume)? {
@@ -376,17 +683,26 @@ pub(crate) fn forget_all(
 /// once. `extra` adds the new volume's tags and owner to the same write; the copy is deleted
 /// if that write fails.
 pub async fn to_volume(
-    db: &Db,
+    runtime: &strato_runtime::Runtime,
     hosts: &Kind<Hosts>,
     snapshot: Uuid,
     mut new: VolumeRecord,
     extra: impl Fn(&mut Batch) -> Result<(), strato_storage::StoreError>,
     job: Option<Uuid>,
 ) -> Result<VolumeRecord, VolumeError> {
+    let db = runtime.db();
     let s = get(db, snapshot)?.record;
+    if s.status == CREATING {
+        return Err(VolumeError::InUse(format!(
+            "snapshot {snapshot} is still being taken: try again"
+        )));
+    }
     let host = s.host_uuid.ok_or(VolumeError::InUse(format!("snapshot {snapshot} has no host")))?;
     let source = s.primary_storage_install_path.clone();
     let dest = format!("{}/{}.qcow2", dir_of(&source), new.uuid);
+    // In the new volume's turn: its sweep waits for this to end.
+    let _turn = volume::turn(new.uuid).await;
+    let sweep = Sweep::submit(runtime, new.uuid, host, vec![dest.clone()]).await?;
     send(hosts, host, Command::FlattenVolume { source, dest: dest.clone() }, job).await?;
     new.status = VolumeStatus::Ready;
     new.size = s.size;
@@ -395,7 +711,9 @@ pub async fn to_volume(
     new.install_path = Some(dest.clone());
     if let Err(error) = crate::cascade::insert(db, &new, extra).await {
         delete_files(hosts, host, vec![dest]).await;
+        sweep.done().await;
         return Err(volume::not_written(error));
     }
+    sweep.done().await;
     Ok(new)
 }

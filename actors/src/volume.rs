@@ -8,6 +8,8 @@
 //! moment writes the same record, so one of the two sees the other. What a volume's status
 //! allows is one table ([`allows`]), as the VM's state table is.
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -236,7 +238,8 @@ pub(crate) fn live(vm: Option<&VmRecord>) -> Result<bool, VolumeError> {
 }
 
 /// Runs `op` on volume `volume`: in its VM's `lifecycle` queue (told the VM's record) when
-/// it is attached, at once (told none) when it is not.
+/// it is attached, in the volume's own [`turn`] (told none) when it is not; a snapshot of it
+/// left Creating is settled first, so that `op` sees where the volume's top really is.
 pub(crate) async fn on_volume<T, F, Fut>(
     vms: &Kind<crate::vm::Vms>,
     volume: Uuid,
@@ -250,8 +253,19 @@ where
     Fut: std::future::Future<Output = Result<T, VolumeError>> + Send,
 {
     let db = vms.runtime().db().clone();
+    let hosts = vms
+        .runtime()
+        .kind::<Hosts>()
+        .ok_or_else(|| VolumeError::Runtime(RuntimeError::UnknownKind { kind: "host".into() }))?;
     let Some(vm) = get(&db, volume)?.record.vm_instance_uuid else {
-        return op(None).await;
+        let _turn = turn(volume).await;
+        // Attached meanwhile: its VM's queue is the turn.
+        if get(&db, volume)?.record.vm_instance_uuid.is_none() {
+            crate::snapshot::settle(&db, &hosts, volume, job).await?;
+            return op(None).await;
+        }
+        drop(_turn);
+        return Box::pin(on_volume(vms, volume, name, job, op)).await;
     };
     vms.call(vm, Op::within("lifecycle", name, OP_TIMEOUT).job(job), move |ctx| async move {
         let (record, _) = crate::vm::begin(&ctx).await?;
@@ -260,9 +274,40 @@ where
                 "volume {volume} was detached from VM {vm} meanwhile: try again"
             )));
         }
+        crate::snapshot::settle(&db, &hosts, volume, job).await?;
         op(Some(record)).await
     })
     .await
+}
+
+/// The turns of detached volumes: one operation at a time on each, in this node. A detached
+/// volume has no queue of its own (it is no actor); its records are compared and swapped,
+/// but its files need more: a sweep of the files an operation made must not run while the
+/// operation has made them and not yet named them.
+static TURNS: std::sync::LazyLock<std::sync::Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// Volume `volume`'s turn, held until the guard drops.
+pub(crate) struct Turn {
+    volume: Uuid,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        let mut turns = TURNS.lock().expect("volume turns");
+        // Nobody else holds or waits for it: forgotten, so the table stays small.
+        if turns.get(&self.volume).is_some_and(|t| Arc::strong_count(t) == 1) {
+            turns.remove(&self.volume);
+        }
+    }
+}
+
+/// Waits for volume `volume`'s turn (used while it is detached, or not yet recorded).
+pub(crate) async fn turn(volume: Uuid) -> Turn {
+    let lock = TURNS.lock().expect("volume turns").entry(volume).or_default().clone();
+    Turn { volume, guard: Some(lock.lock_owned().await) }
 }
 
 /// Grows data volume `volume` to `size` bytes: live on a running VM (the guest sees the new
@@ -500,11 +545,24 @@ pub async fn expunge(
         crate::records::delete_refs(db, &mut batch, volume)?;
         // Its snapshots go with it.
         let snapshot_files = crate::snapshot::forget_all(db, &mut batch, volume)?;
+        let sweep = match stored.record.host_uuid.filter(|_| !snapshot_files.is_empty()) {
+            Some(host) => {
+                let paths = snapshot_files.clone();
+                Some(crate::snapshot::Sweep::submit(runtime, volume, host, paths).await?)
+            }
+            None => None,
+        };
         if !landed(db, batch).await? {
+            if let Some(sweep) = sweep {
+                sweep.done().await;
+            }
             continue;
         }
         if let Some(host) = stored.record.host_uuid {
             crate::snapshot::delete_files(hosts, host, snapshot_files).await;
+        }
+        if let Some(sweep) = sweep {
+            sweep.done().await;
         }
         if let Some(job) = job {
             match delete_file(hosts, &job).await {

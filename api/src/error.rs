@@ -279,6 +279,7 @@ impl From<VmError> for ApiError {
                 no_host(&trace)
             }
             VmError::Vip(e) => e.into(),
+            VmError::Volume(e) => (*e).into(),
             VmError::HasDataVolumes { .. } => {
                 ApiError::of(crate::codes::RESOURCE_IN_USE, error.to_string())
             }

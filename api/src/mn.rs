@@ -167,6 +167,7 @@ impl Mn {
         );
         vm::ops::register_gc(&runtime, hosts.clone());
         strato_actors::volume::register_gc(&runtime, hosts.clone());
+        strato_actors::snapshot::register_gc(vms.clone(), hosts.clone());
 
         // Dial the hosts first: rolling back an interrupted creation may need its host.
         let mut dials = Vec::new();
@@ -181,6 +182,8 @@ impl Mn {
         }
         futures::future::join_all(dials).await;
         let recovered = runtime.flows().recover().await?;
+        // Before anything can touch a volume: a snapshot left Creating is finished or undone.
+        let settled = strato_actors::snapshot::settle_all(&db, &hosts).await;
         let ended = crate::jobs::recover(&db, |job| {
             // A creation whose flow finished before the crash: its VM runs.
             let vm = db.get::<strato_actors::records::VmRecord>(job.resource?).ok()??.record;
@@ -202,6 +205,7 @@ impl Mn {
         tracing::info!(
             rolled_back = recovered.rolled_back.len(),
             partial_imports,
+            settled_snapshot_volumes = settled,
             resumed = recovered.resumed.len(),
             jobs_ended = ended,
             "recovered from the previous run"

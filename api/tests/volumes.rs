@@ -593,3 +593,85 @@ fn a_snapshot_makes_a_volume_and_a_root_volume_makes_a_template_that_boots_a_vm(
     let (status, refused) = cluster.as_(&tenant, "PUT", &ps_actions, Some(clean));
     assert_eq!(status, 403, "{refused}");
 }
+
+#[test]
+fn a_snapshot_stopped_on_either_side_of_its_file_is_settled_by_what_the_file_says() {
+    // The first snapshot stops before the agent makes its file, the second after (the live
+    // one: the VM's domain already writes to the new top).
+    let cluster = TestCluster::start(
+        ClusterOpts::sim(0)
+            .env("STRATO_FAILPOINTS", "snapshot-before-file=1*panic;snapshot-after-file=1*panic"),
+    );
+    let mut cluster = cluster;
+    let api = cluster.api;
+    let infra = vm_infrastructure(api, cluster.agent, "10.23.0.10", "10.23.0.50");
+    let host_cluster = infra.host["clusterUuid"].as_str().unwrap();
+    let (_, _, clusters) = http(api, "GET", &format!("/v1/clusters/{host_cluster}"), None, &[]);
+    let ps = create(
+        api,
+        "/v1/primary-storage/local-storage",
+        json!({ "name": "ps", "url": cluster.dir().join("ps").display().to_string(), "zoneUuid": clusters["inventories"][0]["zoneUuid"] }),
+    );
+    ok(api, "POST", &format!("/v1/clusters/{host_cluster}/primary-storage/{}", uuid(&ps)), None);
+    let body = json!({ "params": { "name": "vm", "instanceOfferingUuid": infra.offering["uuid"], "l3NetworkUuids": [infra.l3["uuid"]] } });
+    let vm_id = uuid(&ok(api, "POST", "/v1/vm-instances", Some(&body.to_string()))).to_owned();
+    let data = create(api, "/v1/volumes/data", json!({ "name": "data", "diskSize": 16u64 << 20 }));
+    let data_id = uuid(&data).to_owned();
+    act(api, &data_id, json!({ "attachDataVolumeToVm": { "vmInstanceUuid": vm_id } }));
+    let first_top = volume(api, &data_id)["installPath"].as_str().unwrap().to_owned();
+    let snapshots = format!("/v1/volumes/{data_id}/volume-snapshots");
+    let take = |name: &str| {
+        call(api, "POST", &snapshots, Some(&json!({ "params": { "name": name } }).to_string()))
+    };
+    let snapshot_named = |name: &str| -> Option<Value> {
+        let (_, _, found) =
+            http(api, "GET", &format!("/v1/volume-snapshots?q=name={name}"), None, &[]);
+        found["inventories"].get(0).cloned()
+    };
+
+    // Stopped before the file: Creating, and no new top.
+    let failed = take("never");
+    assert_eq!(failed["error"]["code"], "SYS.OPERATION_PANICKED", "{failed}");
+    let never = snapshot_named("never").expect("its intent is recorded");
+    assert_eq!(never["status"], "Creating", "{never}");
+    let never_top = format!(
+        "{}/{data_id}-{}.qcow2",
+        Path::new(&first_top).parent().unwrap().display(),
+        uuid(&never)
+    );
+    assert!(!Path::new(&never_top).exists());
+
+    // The next snapshot settles it first (its intent goes), then stops after its own file.
+    let failed = take("made");
+    assert_eq!(failed["error"]["code"], "SYS.OPERATION_PANICKED", "{failed}");
+    assert_eq!(snapshot_named("never"), None, "an intent whose file was never made goes");
+    let made = snapshot_named("made").expect("its intent is recorded");
+    assert_eq!(made["status"], "Creating", "{made}");
+    let made_top = format!(
+        "{}/{data_id}-{}.qcow2",
+        Path::new(&first_top).parent().unwrap().display(),
+        uuid(&made)
+    );
+    // The domain already writes to the new top; the record still names the old one.
+    assert_eq!(backing(&made_top).as_deref(), Some(first_top.as_str()));
+    let plugged = Sim::disks_in(&cluster.agent_dir().join("sim-domains.json")).unwrap();
+    let vm: Uuid = vm_id.parse().unwrap();
+    assert_eq!(plugged[&vm][0].path, made_top, "the live snapshot happened");
+    assert_eq!(volume(api, &data_id)["installPath"], first_top.as_str());
+
+    // The node dies here and comes back: the file exists, so the snapshot was taken.
+    cluster.kill_and_restart_server();
+    let api = cluster.api;
+    let (_, _, found) = http(api, "GET", "/v1/volume-snapshots?q=name=made", None, &[]);
+    let made = &found["inventories"][0];
+    assert_eq!((&made["status"], &made["latest"]), (&json!("Ready"), &json!(true)), "{made}");
+    assert_eq!(made["primaryStorageInstallPath"], first_top.as_str());
+    assert_eq!(volume(api, &data_id)["installPath"], made_top.as_str(), "the volume is on it");
+    // A stop and start defines the domain on the new top, where the guest's writes are.
+    for action in ["stopVmInstance", "startVmInstance"] {
+        let body = format!("{{\"{action}\": {{}}}}");
+        ok(api, "PUT", &format!("/v1/vm-instances/{vm_id}/actions"), Some(&body));
+    }
+    let plugged = Sim::disks_in(&cluster.agent_dir().join("sim-domains.json")).unwrap();
+    assert_eq!(plugged[&vm][0].path, made_top);
+}

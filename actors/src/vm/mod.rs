@@ -125,6 +125,9 @@ pub enum VmError {
     /// Detaching the VM's EIPs or port forwarding rules failed.
     #[error(transparent)]
     Vip(#[from] crate::vip::VipError),
+    /// One of the VM's volumes failed (settling a snapshot before its start).
+    #[error(transparent)]
+    Volume(Box<crate::volume::VolumeError>),
     /// The VM's data volumes are on its host's local storage: it cannot leave the host.
     #[error(
         "VM {vm} has data volumes {volumes:?} on its host's local storage: detach them before migrating it"

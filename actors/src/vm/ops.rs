@@ -427,7 +427,15 @@ async fn drive(ctx: &OpCtx<Vms>, op: Lifecycle, record: &VmRecord) -> Result<Lan
         Lifecycle::Start => {
             // The guest asks for its address as it boots: its host's DHCP knows it first.
             host::apply_network(&hosts, host, job).await?;
-            let disks = crate::volume::disks_of(&ctx.entity().db, uuid)?;
+            // A volume's snapshot left Creating is settled first: the domain is defined on
+            // the top the volume really has.
+            let db = &ctx.entity().db;
+            for attached in crate::volume::attached_to(db, uuid)? {
+                crate::snapshot::settle(db, &hosts, attached.record.uuid, job)
+                    .await
+                    .map_err(|e| VmError::Volume(Box::new(e)))?;
+            }
+            let disks = crate::volume::disks_of(db, uuid)?;
             send(Command::DefineDomain(record.domain_spec(disks))).await?;
             // The chaos runs panic here: an operation dying between two agent commands.
             fail::fail_point!("vm-start-after-define");

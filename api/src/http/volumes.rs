@@ -373,7 +373,7 @@ async fn volume_from_snapshot(
                 let new = VolumeRecord::data(p.name, p.description, 0);
                 let extra = owned(&tags, kind, owner, new.uuid);
                 let made =
-                    snapshot::to_volume(&m.db, &m.hosts, snapshot_uuid, new, extra, Some(job))
+                    snapshot::to_volume(&m.runtime, &m.hosts, snapshot_uuid, new, extra, Some(job))
                         .await?;
                 inventory(&made)
             },
