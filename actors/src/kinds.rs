@@ -611,6 +611,7 @@ pub static KINDS: &[Kind] = &[
                 f("size", Int),
                 f("format", Text),
                 f("diskOfferingUuid", Id),
+                f("rootImageUuid", Id),
                 f("primaryStorageUuid", Id),
                 f("hostUuid", Id),
                 f("installPath", Text),
@@ -624,6 +625,7 @@ pub static KINDS: &[Kind] = &[
                     field: "diskOfferingUuid",
                     kind: "disk-offerings",
                 },
+                Relation::Ref { name: "image", field: "rootImageUuid", kind: "images" },
                 // Expunged with the volume.
                 Relation::Back {
                     name: "snapshots",
@@ -1025,6 +1027,7 @@ pub static KINDS: &[Kind] = &[
                 f("name", Text),
                 f("url", Text),
                 f("format", Text),
+                f("mediaType", Text),
                 f("size", Int),
                 f("checksum", Text),
                 f("status", Text),

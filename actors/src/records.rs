@@ -1022,6 +1022,8 @@ pub struct VolumeRecord {
     pub format: String,
     /// The disk offering it was made from.
     pub disk_offering_uuid: Option<Uuid>,
+    /// The data volume template it is (or is to be) a copy of.
+    pub root_image_uuid: Option<Uuid>,
     /// The primary storage it is (or is to be) on.
     pub primary_storage_uuid: Option<Uuid>,
     /// The host whose local storage holds its file.
@@ -1048,6 +1050,7 @@ impl VolumeRecord {
             size,
             format: "qcow2".into(),
             disk_offering_uuid: None,
+            root_image_uuid: None,
             primary_storage_uuid: None,
             host_uuid: None,
             install_path: None,
@@ -1067,9 +1070,60 @@ impl VolumeRecord {
     }
 }
 
+/// Version 1 of [`VolumeRecord`], made from no template.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct VolumeRecordV1 {
+    uuid: Uuid,
+    name: String,
+    description: String,
+    r#type: String,
+    status: VolumeStatus,
+    size: u64,
+    format: String,
+    disk_offering_uuid: Option<Uuid>,
+    primary_storage_uuid: Option<Uuid>,
+    host_uuid: Option<Uuid>,
+    install_path: Option<String>,
+    vm_instance_uuid: Option<Uuid>,
+    device_id: Option<u32>,
+    deleted_at_ms: Option<u64>,
+}
+
 impl Record for VolumeRecord {
     const KIND: &'static str = "volume";
-    const VERSION: u16 = 1;
+    const VERSION: u16 = 2;
+
+    fn upgrade(from_version: u16, payload: &[u8]) -> Result<Self, strato_storage::CodecError> {
+        match from_version {
+            1 => {
+                let v1: VolumeRecordV1 =
+                    strato_storage::codec::decode_payload(Self::KIND, payload)?;
+                Ok(VolumeRecord {
+                    uuid: v1.uuid,
+                    name: v1.name,
+                    description: v1.description,
+                    r#type: v1.r#type,
+                    status: v1.status,
+                    size: v1.size,
+                    format: v1.format,
+                    disk_offering_uuid: v1.disk_offering_uuid,
+                    root_image_uuid: None,
+                    primary_storage_uuid: v1.primary_storage_uuid,
+                    host_uuid: v1.host_uuid,
+                    install_path: v1.install_path,
+                    vm_instance_uuid: v1.vm_instance_uuid,
+                    device_id: v1.device_id,
+                    deleted_at_ms: v1.deleted_at_ms,
+                })
+            }
+            found => Err(strato_storage::CodecError::UnknownVersion {
+                kind: Self::KIND,
+                found,
+                supported: Self::VERSION,
+            }),
+        }
+    }
 
     fn id(&self) -> Uuid {
         self.uuid
@@ -1268,6 +1322,9 @@ pub struct ImageRecord {
     pub url: String,
     /// `qcow2` or `raw`.
     pub format: String,
+    /// What it is for: [`ROOT_VOLUME_TEMPLATE`] (a VM boots from it) or
+    /// [`DATA_VOLUME_TEMPLATE`] (data volumes are made from it).
+    pub media_type: String,
     /// Its size in bytes.
     pub size: u64,
     /// `sha256:<hex>` of its bytes.
@@ -1278,9 +1335,53 @@ pub struct ImageRecord {
     pub status: String,
 }
 
+/// An image a VM boots from (ZStack's media type).
+pub const ROOT_VOLUME_TEMPLATE: &str = "RootVolumeTemplate";
+
+/// An image data volumes are made from (ZStack's media type).
+pub const DATA_VOLUME_TEMPLATE: &str = "DataVolumeTemplate";
+
+/// Version 1 of [`ImageRecord`], when every image was a root volume template.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct ImageRecordV1 {
+    uuid: Uuid,
+    name: String,
+    url: String,
+    format: String,
+    size: u64,
+    checksum: String,
+    backup_storage_refs: Vec<(Uuid, String)>,
+    status: String,
+}
+
 impl Record for ImageRecord {
     const KIND: &'static str = "image";
-    const VERSION: u16 = 1;
+    const VERSION: u16 = 2;
+
+    fn upgrade(from_version: u16, payload: &[u8]) -> Result<Self, strato_storage::CodecError> {
+        match from_version {
+            1 => {
+                let v1: ImageRecordV1 = strato_storage::codec::decode_payload(Self::KIND, payload)?;
+                Ok(ImageRecord {
+                    uuid: v1.uuid,
+                    name: v1.name,
+                    url: v1.url,
+                    format: v1.format,
+                    media_type: ROOT_VOLUME_TEMPLATE.into(),
+                    size: v1.size,
+                    checksum: v1.checksum,
+                    backup_storage_refs: v1.backup_storage_refs,
+                    status: v1.status,
+                })
+            }
+            found => Err(strato_storage::CodecError::UnknownVersion {
+                kind: Self::KIND,
+                found,
+                supported: Self::VERSION,
+            }),
+        }
+    }
 
     fn id(&self) -> Uuid {
         self.uuid
@@ -1329,6 +1430,50 @@ mod tests {
             (v1.uuid, "old", None)
         );
         assert!(L3NetworkRecord::upgrade(7, &payload).is_err());
+    }
+
+    #[test]
+    fn version_1_images_are_root_volume_templates_and_volumes_from_no_template() {
+        let image = ImageRecordV1 {
+            uuid: Uuid::new_v4(),
+            name: "old".into(),
+            url: "file:///i.qcow2".into(),
+            format: "qcow2".into(),
+            size: 7,
+            checksum: "sha256:00".into(),
+            backup_storage_refs: vec![(Uuid::new_v4(), "/bs/i.qcow2".into())],
+            status: "Ready".into(),
+        };
+        let payload = strato_storage::codec::encode_payload(ImageRecord::KIND, &image).unwrap();
+        let upgraded = ImageRecord::upgrade(1, &payload).unwrap();
+        assert_eq!((upgraded.uuid, upgraded.size), (image.uuid, 7));
+        assert_eq!(upgraded.media_type, ROOT_VOLUME_TEMPLATE);
+        assert_eq!(upgraded.backup_storage_refs, image.backup_storage_refs);
+
+        let volume = VolumeRecordV1 {
+            uuid: Uuid::new_v4(),
+            name: "old".into(),
+            description: String::new(),
+            r#type: "Data".into(),
+            status: VolumeStatus::Ready,
+            size: 1 << 20,
+            format: "qcow2".into(),
+            disk_offering_uuid: None,
+            primary_storage_uuid: Some(Uuid::new_v4()),
+            host_uuid: Some(Uuid::new_v4()),
+            install_path: Some("/ps/v.qcow2".into()),
+            vm_instance_uuid: Some(Uuid::new_v4()),
+            device_id: Some(1),
+            deleted_at_ms: None,
+        };
+        let payload = strato_storage::codec::encode_payload(VolumeRecord::KIND, &volume).unwrap();
+        let upgraded = VolumeRecord::upgrade(1, &payload).unwrap();
+        assert_eq!(upgraded.root_image_uuid, None);
+        assert_eq!(
+            (upgraded.install_path, upgraded.vm_instance_uuid, upgraded.device_id),
+            (volume.install_path, volume.vm_instance_uuid, Some(1))
+        );
+        assert!(VolumeRecord::upgrade(9, &payload).is_err());
     }
 
     #[test]

@@ -717,3 +717,35 @@ pub async fn to_volume(
     sweep.done().await;
     Ok(new)
 }
+
+/// Makes template `image` from snapshot `snapshot`: a standalone copy of the chain from the
+/// snapshot's layer down (frozen, so its VM may run meanwhile), in the volume's turn so no
+/// deletion merges the layer away during the copy.
+pub async fn template(
+    vms: &Kind<Vms>,
+    snapshot: Uuid,
+    image: crate::records::ImageRecord,
+    bs_dir: String,
+    extra: impl Fn(&mut Batch) -> Result<(), strato_storage::StoreError> + Send + 'static,
+    job: Option<Uuid>,
+) -> Result<crate::records::ImageRecord, VolumeError> {
+    let db = vms.runtime().db().clone();
+    let hosts = vms.runtime().kind::<Hosts>().ok_or_else(|| {
+        VolumeError::Runtime(strato_runtime::RuntimeError::UnknownKind { kind: "host".into() })
+    })?;
+    let volume = get(&db, snapshot)?.record.volume_uuid;
+    volume::on_volume(vms, volume, "snapshot-template", job, move |_| async move {
+        let s = get(&db, snapshot)?.record;
+        if s.status == CREATING {
+            return Err(VolumeError::InUse(format!(
+                "snapshot {snapshot} is still being taken: try again"
+            )));
+        }
+        let host =
+            s.host_uuid.ok_or(VolumeError::InUse(format!("snapshot {snapshot} has no host")))?;
+        let source = s.primary_storage_install_path;
+        crate::vm::volumes::make_template(&db, &hosts, host, source, image, &bs_dir, extra, job)
+            .await
+    })
+    .await
+}

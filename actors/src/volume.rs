@@ -64,6 +64,8 @@ pub enum VolumeOp {
     Revert,
     /// Grow it.
     Resize,
+    /// Copy it into a template.
+    Template,
 }
 
 impl VolumeOp {
@@ -76,6 +78,7 @@ impl VolumeOp {
             VolumeOp::Snapshot => "snapshot",
             VolumeOp::Revert => "revert",
             VolumeOp::Resize => "resize",
+            VolumeOp::Template => "template",
         }
     }
 }
@@ -91,7 +94,7 @@ pub fn allows(status: VolumeStatus, op: VolumeOp) -> bool {
         (NotInstantiated | Ready | Creating, Attach)
             | (NotInstantiated | Ready, Delete)
             | (Deleted, Recover | Expunge)
-            | (Ready, Snapshot | Revert)
+            | (Ready, Snapshot | Revert | Template)
             | (NotInstantiated | Ready, Resize)
     )
 }

@@ -359,6 +359,7 @@ async fn a_volume_left_on_a_lost_host_is_deleted_by_the_gc_when_it_is_back() {
         name: "image".into(),
         url: format!("file://{}", source.display()),
         format: "qcow2".into(),
+        media_type: strato_actors::records::ROOT_VOLUME_TEMPLATE.into(),
         size: 0,
         checksum: String::new(),
         backup_storage_refs: vec![(Uuid::new_v4(), source.display().to_string())],

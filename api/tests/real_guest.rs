@@ -367,7 +367,7 @@ fn a_real_guest_keeps_a_data_volume_s_bytes_through_hot_plug_live_snapshot_pull_
     let vm = ok(api, "POST", "/v1/vm-instances", Some(&body.to_string()));
     let vm_id = vm["uuid"].as_str().unwrap().to_owned();
     let log = host.cluster.agent_dir().join("serial").join(format!("{vm_id}.log"));
-    wait_serial(&log, &["strato-tryout: waiting for the power button"], Duration::from_secs(120));
+    wait_serial(&log, &["strato-tryout: watching disks"], Duration::from_secs(120));
 
     let volume =
         create(api, "/v1/volumes/data", json!({ "name": "data", "diskSize": 16u64 << 20 }));
@@ -385,11 +385,9 @@ fn a_real_guest_keeps_a_data_volume_s_bytes_through_hot_plug_live_snapshot_pull_
         .find_map(|l| l.split_once("strato-tryout: vdb written ").map(|(_, p)| p.trim().to_owned()))
         .unwrap();
     let xml = Command::new("virsh").args(["-c", &host.uri, "dumpxml", &vm_id]).output().unwrap();
-    assert!(
-        written.starts_with(&format!("strato-pattern:{serial}:")),
-        "{written}\n{text}\n{}",
-        String::from_utf8_lossy(&xml.stdout)
-    );
+    let xml = String::from_utf8_lossy(&xml.stdout);
+    assert!(xml.contains(&format!("<serial>{serial}</serial>")), "{xml}");
+    assert!(written.starts_with(&format!("strato-pattern:{serial}:")), "{written}\n{text}\n{xml}");
     // Snapshotted live: the guest's disk moves to a new top and the snapshot's file holds
     // what the guest wrote; deleted live, its layer is pulled back into the top, which then
     // stands alone.

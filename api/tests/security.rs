@@ -988,6 +988,16 @@ fn data_volumes_are_their_owners_alone() {
         ("PUT", format!("/v1/volumes/{a_volume}/actions"), json!({ "recoverDataVolume": {} })),
         ("PUT", format!("/v1/volumes/{a_volume}/actions"), json!({ "expungeDataVolume": {} })),
         ("DELETE", format!("/v1/volumes/{a_volume}"), Value::Null),
+        (
+            "POST",
+            format!("/v1/volumes/{a_volume}/volume-snapshots"),
+            json!({ "params": { "name": "s" } }),
+        ),
+        (
+            "POST",
+            format!("/v1/images/data-volume-templates/from/volumes/{a_volume}"),
+            json!({ "params": { "name": "t", "backupStorageUuids": [w.zone] } }),
+        ),
     ] {
         let body = (!body.is_null()).then_some(body);
         let (status, reply) = w.env.as_(&w.b, method, &path, body);

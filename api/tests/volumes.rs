@@ -570,6 +570,71 @@ fn a_snapshot_makes_a_volume_and_a_root_volume_makes_a_template_that_boots_a_vm(
     );
     assert_eq!(running["error"]["code"], "VM.INVALID_STATE", "{running}");
 
+    // A data volume template from the data volume (its VM stopped): both layers' bytes in
+    // one file; no VM boots from it, and a data volume made from it is its copy.
+    let in_bs = |name: &str| {
+        json!({ "params": { "name": name, "backupStorageUuids": [bs["uuid"]] } }).to_string()
+    };
+    let data_template = ok(
+        api,
+        "POST",
+        &format!("/v1/images/data-volume-templates/from/volumes/{data_id}"),
+        Some(&in_bs("data-golden")),
+    );
+    assert_eq!(data_template["mediaType"], "DataVolumeTemplate", "{data_template}");
+    let file = data_template["backupStorageRefs"][0][1].as_str().unwrap().to_owned();
+    assert_eq!(backing(&file), None);
+    assert!(holds(&file, 0x33, 0) && holds(&file, 0x44, 64));
+    let body = json!({ "params": { "name": "no", "instanceOfferingUuid": infra.offering["uuid"], "imageUuid": data_template["uuid"], "l3NetworkUuids": [infra.l3["uuid"]] } });
+    let (status, _, refused) = http(api, "POST", "/v1/vm-instances", Some(&body.to_string()), &[]);
+    assert_eq!(
+        (status, &refused["error"]["details"]["field"]),
+        (400, &json!("imageUuid")),
+        "{refused}"
+    );
+    let from_template = ok(
+        api,
+        "POST",
+        &format!("/v1/volumes/data/from/data-volume-templates/{}", uuid(&data_template)),
+        Some(&json!({ "params": { "name": "from-template" } }).to_string()),
+    );
+    assert_eq!(
+        (&from_template["status"], &from_template["size"], &from_template["rootImageUuid"]),
+        (&json!("NotInstantiated"), &json!(16u64 << 20), &data_template["uuid"]),
+        "{from_template}"
+    );
+    let from_id = uuid(&from_template).to_owned();
+    let attached =
+        act(api, &from_id, json!({ "attachDataVolumeToVm": { "vmInstanceUuid": uuid(&vm2) } }));
+    let copy = attached["inventory"]["installPath"].as_str().unwrap().to_owned();
+    assert_eq!(attached["inventory"]["status"], "Ready", "{attached}");
+    assert_eq!(backing(&copy), None, "made as a standalone copy");
+    assert!(holds(&copy, 0x33, 0) && holds(&copy, 0x44, 64));
+    // A root volume template is refused as a data volume's source.
+    let (status, _, refused) = http(
+        api,
+        "POST",
+        &format!("/v1/volumes/data/from/data-volume-templates/{}", uuid(&template)),
+        Some(&json!({ "params": { "name": "no" } }).to_string()),
+        &[],
+    );
+    assert_eq!(
+        (status, &refused["error"]["details"]["field"]),
+        (400, &json!("imageUuid")),
+        "{refused}"
+    );
+    // A root volume template from the snapshot: its bytes, not what came after.
+    let from_snapshot = ok(
+        api,
+        "POST",
+        &format!("/v1/images/root-volume-templates/from/volume-snapshots/{}", uuid(&snapshot)),
+        Some(&in_bs("from-snapshot")),
+    );
+    assert_eq!(from_snapshot["mediaType"], "RootVolumeTemplate", "{from_snapshot}");
+    let file = from_snapshot["backupStorageRefs"][0][1].as_str().unwrap();
+    assert!(holds(file, 0x33, 0) && !holds(file, 0x44, 64));
+    act(api, &from_id, json!({ "detachDataVolumeFromVm": {} }));
+
     // Cleaning the image cache: the template's cache goes once vm2, the one volume backed by
     // it, is expunged; the image's stays, backing vm1's root volume. A tenant may not ask.
     let cache =

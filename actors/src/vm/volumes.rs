@@ -185,7 +185,15 @@ where
         .await?;
         (dir, current.size)
     };
-    match send(Command::CreateDataVolume { volume, size, dir }).await {
+    // From a data volume template: a standalone copy of it; otherwise an empty file.
+    let command = match current.root_image_uuid {
+        Some(image) => Command::FlattenVolume {
+            source: template_file(db, image)?,
+            dest: format!("{dir}/{volume}.qcow2"),
+        },
+        None => Command::CreateDataVolume { volume, size, dir },
+    };
+    match send(command).await {
         Ok(_) => {
             volume::update(db, volume, |v| {
                 v.status = VolumeStatus::Ready;
@@ -210,6 +218,14 @@ where
             Err(error.into())
         }
     }
+}
+
+/// Where template `image`'s file is (its first backup storage's copy, which the hosts read
+/// at the same path).
+pub(crate) fn template_file(db: &Db, image: Uuid) -> Result<String, VolumeError> {
+    db.get::<crate::records::ImageRecord>(image)?
+        .and_then(|i| i.record.backup_storage_refs.first().map(|(_, path)| path.clone()))
+        .ok_or(VolumeError::NotFound { kind: "Image", uuid: image })
 }
 
 /// ZStack's checks before an attachment.
@@ -377,58 +393,124 @@ pub async fn root_template(
     extra: impl Fn(&mut Batch) -> Result<(), strato_storage::StoreError> + Send + 'static,
     job: Option<Uuid>,
 ) -> Result<crate::records::ImageRecord, VolumeError> {
-    vms.call(vm, Op::within("lifecycle", "root-template", Duration::from_secs(1800)).job(job), move |ctx| async move {
-        let (record, _) = super::begin(&ctx).await?;
-        if record.state != VmState::Stopped {
-            return Err(VolumeError::VmState {
-                vm,
-                state: record.state.as_str(),
-                rule: "a root volume template is made from a Stopped VM",
-            });
-        }
-        let (Some(host), Some(source)) = (record.host_uuid, record.root_volume_path.clone()) else {
-            return Err(VolumeError::Invalid {
-                field: "rootVolumeUuid",
-                message: format!("VM {vm} has no root volume (it was made without an image)"),
-            });
-        };
-        let hosts = hosts_of(&ctx)?;
-        let dest = format!("{}/{}.qcow2", bs_dir.trim_end_matches('/'), image.uuid);
-        let deadline = std::time::SystemTime::now() + ctx.remaining();
-        let flatten = Command::FlattenVolume { source, dest: dest.clone() };
-        host::command(&hosts, host, flatten, deadline, job).await?;
-        let delete = |dest: String| async {
-            let deadline = std::time::SystemTime::now() + Duration::from_secs(60);
-            let _ = host::command(&hosts, host, Command::DeleteVolume { path: dest }, deadline, None).await;
-        };
-        let (size, checksum) = match crate::images::describe(std::path::Path::new(&dest)).await {
-            Ok(described) => described,
-            Err(error) => {
-                delete(dest.clone()).await;
-                return Err(VolumeError::Invalid {
-                    field: "backupStorageUuids",
-                    message: format!("the template was written to {dest}, which this node cannot read: {error}"),
+    vms.call(
+        vm,
+        Op::within("lifecycle", "root-template", Duration::from_secs(1800)).job(job),
+        move |ctx| async move {
+            let (record, _) = super::begin(&ctx).await?;
+            if record.state != VmState::Stopped {
+                return Err(VolumeError::VmState {
+                    vm,
+                    state: record.state.as_str(),
+                    rule: "a root volume template is made from a Stopped VM",
                 });
             }
-        };
-        let made = crate::records::ImageRecord {
-            size,
-            checksum,
-            format: "qcow2".into(),
-            status: "Ready".into(),
-            backup_storage_refs: image
-                .backup_storage_refs
-                .iter()
-                .map(|(bs, _)| (*bs, dest.clone()))
-                .collect(),
-            ..image
-        };
-        if let Err(error) = crate::cascade::insert(&ctx.entity().db, &made, extra).await {
-            delete(dest).await;
-            return Err(volume::not_written(error));
+            let (Some(host), Some(source)) = (record.host_uuid, record.root_volume_path.clone())
+            else {
+                return Err(VolumeError::Invalid {
+                    field: "rootVolumeUuid",
+                    message: format!("VM {vm} has no root volume (it was made without an image)"),
+                });
+            };
+            let hosts = hosts_of(&ctx)?;
+            let db = ctx.entity().db.clone();
+            let made = make_template(&db, &hosts, host, source, image, &bs_dir, extra, job).await?;
+            tracing::info!(%vm, image = %made.uuid, "root volume template made");
+            Ok(made)
+        },
+    )
+    .await
+}
+
+/// Writes `image` (a record waiting for its file: its size and checksum are filled in here)
+/// as a standalone copy of the chain whose top is `source` on `host`, into the backup
+/// storage's directory `bs_dir`, which the MN reads for its checksum. `extra` adds the
+/// image's tags and owner to the record's write; the copy is deleted if that write fails.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn make_template(
+    db: &Db,
+    hosts: &Kind<Hosts>,
+    host: Uuid,
+    source: String,
+    image: crate::records::ImageRecord,
+    bs_dir: &str,
+    extra: impl Fn(&mut Batch) -> Result<(), strato_storage::StoreError>,
+    job: Option<Uuid>,
+) -> Result<crate::records::ImageRecord, VolumeError> {
+    let dest = format!("{}/{}.qcow2", bs_dir.trim_end_matches('/'), image.uuid);
+    let deadline = std::time::SystemTime::now() + Duration::from_secs(1800);
+    let flatten = Command::FlattenVolume { source, dest: dest.clone() };
+    host::command(hosts, host, flatten, deadline, job).await?;
+    let delete = |dest: String| async {
+        let deadline = std::time::SystemTime::now() + Duration::from_secs(60);
+        let _ =
+            host::command(hosts, host, Command::DeleteVolume { path: dest }, deadline, None).await;
+    };
+    let (size, checksum) = match crate::images::describe(std::path::Path::new(&dest)).await {
+        Ok(described) => described,
+        Err(error) => {
+            delete(dest.clone()).await;
+            return Err(VolumeError::Invalid {
+                field: "backupStorageUuids",
+                message: format!(
+                    "the template was written to {dest}, which this node cannot read: {error}"
+                ),
+            });
         }
-        tracing::info!(%vm, image = %made.uuid, "root volume template made");
-        Ok(made)
+    };
+    let made = crate::records::ImageRecord {
+        size,
+        checksum,
+        format: "qcow2".into(),
+        status: "Ready".into(),
+        backup_storage_refs: image
+            .backup_storage_refs
+            .iter()
+            .map(|(bs, _)| (*bs, dest.clone()))
+            .collect(),
+        ..image
+    };
+    if let Err(error) = crate::cascade::insert(db, &made, extra).await {
+        delete(dest).await;
+        return Err(volume::not_written(error));
+    }
+    tracing::info!(image = %made.uuid, media_type = %made.media_type, "template made");
+    Ok(made)
+}
+
+/// Makes data volume template `image` from data volume `volume`: a standalone copy of its
+/// chain. The volume must be Ready and not in use by a running VM (detached, or its VM
+/// stopped), so the copy is of one moment.
+pub async fn data_template(
+    vms: &Kind<Vms>,
+    volume: Uuid,
+    image: crate::records::ImageRecord,
+    bs_dir: String,
+    extra: impl Fn(&mut Batch) -> Result<(), strato_storage::StoreError> + Send + 'static,
+    job: Option<Uuid>,
+) -> Result<crate::records::ImageRecord, VolumeError> {
+    let db = vms.runtime().db().clone();
+    let hosts = vms.runtime().kind::<Hosts>().ok_or_else(|| {
+        VolumeError::Runtime(strato_runtime::RuntimeError::UnknownKind { kind: "host".into() })
+    })?;
+    volume::on_volume(vms, volume, "data-template", job, move |vm| async move {
+        if let Some(vm) = vm.as_ref().filter(|_| volume::live(vm.as_ref()).unwrap_or(true)) {
+            return Err(VolumeError::VmState {
+                vm: vm.uuid,
+                state: vm.state.as_str(),
+                rule: "a data volume template is made from a volume whose VM is Stopped (or a detached one)",
+            });
+        }
+        let v = volume::get(&db, volume)?.record;
+        let (VolumeStatus::Ready, Some(host), Some(top)) = (v.status, v.host_uuid, v.install_path.clone()) else {
+            return Err(VolumeError::InvalidStatus {
+                volume,
+                status: v.status,
+                op: VolumeOp::Template,
+                hint: ": only a Ready volume (one attached at least once) has a file to copy",
+            });
+        };
+        make_template(&db, &hosts, host, top, image, &bs_dir, extra, job).await
     })
     .await
 }

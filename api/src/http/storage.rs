@@ -198,6 +198,13 @@ async fn add_image(
     if p.format != "qcow2" && p.format != "raw" {
         return Err(ApiError::invalid("format", format!("`{}` is not qcow2 or raw", p.format)));
     }
+    use strato_actors::records::{DATA_VOLUME_TEMPLATE, ROOT_VOLUME_TEMPLATE};
+    if p.media_type != ROOT_VOLUME_TEMPLATE && p.media_type != DATA_VOLUME_TEMPLATE {
+        return Err(ApiError::invalid(
+            "mediaType",
+            format!("`{}` is not {ROOT_VOLUME_TEMPLATE} or {DATA_VOLUME_TEMPLATE}", p.media_type),
+        ));
+    }
     let bs_uuid = *p
         .backup_storage_uuids
         .first()
@@ -234,6 +241,7 @@ async fn add_image(
                 name: p.name,
                 url: p.url,
                 format: p.format,
+                media_type: p.media_type,
                 size: fetched.size,
                 checksum: fetched.checksum,
                 backup_storage_refs: vec![(bs.uuid, fetched.path.display().to_string())],

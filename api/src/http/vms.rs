@@ -93,6 +93,15 @@ async fn create_vm(
                 format!("image {} is {}, not Ready", image.uuid, image.status),
             ));
         }
+        if image.media_type != strato_actors::records::ROOT_VOLUME_TEMPLATE {
+            return Err(ApiError::invalid(
+                "imageUuid",
+                format!(
+                    "image {} is a {}: a VM boots from a RootVolumeTemplate (make data volumes from this one with CreateDataVolumeFromVolumeTemplate)",
+                    image.uuid, image.media_type
+                ),
+            ));
+        }
     }
     if let Some(cluster) = p.cluster_uuid {
         auth::admin_only("placing a VM in a chosen cluster")?;

@@ -27,8 +27,8 @@ use crate::auth;
 use crate::error::ApiError;
 use crate::types::actions::{NewSize, OnVm, VolumeAction, VolumeSnapshotAction};
 use crate::types::{
-    DataVolumeParams, DiskOfferingParams, RootTemplateParams, VolumeSnapshotParams, inventory,
-    validate,
+    DataVolumeParams, DiskOfferingParams, RootTemplateParams, VolumeFromTemplateParams,
+    VolumeSnapshotParams, inventory, validate,
 };
 
 /// How long an attachment or detachment may wait for its VM's turn and run.
@@ -100,6 +100,27 @@ pub(super) fn apis() -> Vec<Api> {
         schema::<RootTemplateParams>(),
         "Creates an image from a stopped VM's root volume (a root volume's UUID is its VM's)",
         || post(root_template),
+    ));
+    apis.push(Api::create(
+        "CreateDataVolumeTemplateFromVolume",
+        "/v1/images/data-volume-templates/from/volumes/{uuid}",
+        schema::<RootTemplateParams>(),
+        "Creates a data volume template from a data volume (detached, or its VM stopped)",
+        || post(data_template),
+    ));
+    apis.push(Api::create(
+        "CreateRootVolumeTemplateFromVolumeSnapshot",
+        "/v1/images/root-volume-templates/from/volume-snapshots/{uuid}",
+        schema::<RootTemplateParams>(),
+        "Creates an image from a volume snapshot (a standalone copy of its layer's chain)",
+        || post(snapshot_template),
+    ));
+    apis.push(Api::create(
+        "CreateDataVolumeFromVolumeTemplate",
+        "/v1/volumes/data/from/data-volume-templates/{uuid}",
+        schema::<VolumeFromTemplateParams>(),
+        "Creates a data volume from a data volume template (made on its first attachment)",
+        || post(volume_from_template),
     ));
     apis
 }
@@ -382,17 +403,78 @@ async fn volume_from_snapshot(
     Ok(accepted(&mn, job))
 }
 
+/// What a template is copied from.
+#[derive(Clone, Copy, Debug)]
+enum TemplateSource {
+    /// A stopped VM's root volume (the path names the VM).
+    RootVolume,
+    /// A data volume, detached or on a stopped VM.
+    DataVolume,
+    /// A volume snapshot's layer.
+    Snapshot,
+}
+
 async fn root_template(
     State(mn): Shared,
     Id(vm): Id,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    make_template(mn, TemplateSource::RootVolume, vm, headers, body).await
+}
+
+async fn data_template(
+    State(mn): Shared,
+    Id(volume): Id,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    make_template(mn, TemplateSource::DataVolume, volume, headers, body).await
+}
+
+async fn snapshot_template(
+    State(mn): Shared,
+    Id(snapshot): Id,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    make_template(mn, TemplateSource::Snapshot, snapshot, headers, body).await
+}
+
+/// A template into backup storage from `source` `from`: a standalone qcow2 copy, owned by
+/// the caller.
+async fn make_template(
+    mn: std::sync::Arc<crate::mn::Mn>,
+    source: TemplateSource,
+    from: Uuid,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    use strato_actors::records::{DATA_VOLUME_TEMPLATE, ROOT_VOLUME_TEMPLATE};
     let kind = kinds::of::<ImageRecord>();
     let (p, raw, tags): (RootTemplateParams, _, _) = creation(&body, kind)?;
     validate::name("name", &p.name)?;
-    auth::may_use(&mn.db, "vm-instances", vm)?;
-    get_record::<VmRecord>(&mn, vm)?;
+    let (api, url, media_type) = match source {
+        TemplateSource::RootVolume => {
+            auth::may_use(&mn.db, "vm-instances", from)?;
+            get_record::<VmRecord>(&mn, from)?;
+            ("CreateRootVolumeTemplateFromRootVolume", "volume", ROOT_VOLUME_TEMPLATE)
+        }
+        TemplateSource::DataVolume => {
+            let v = usable_volume(&mn, from)?;
+            if v.r#type != "Data" {
+                return Err(ApiError::invalid(
+                    "volumeUuid",
+                    "a data volume template is made from a data volume",
+                ));
+            }
+            ("CreateDataVolumeTemplateFromVolume", "volume", DATA_VOLUME_TEMPLATE)
+        }
+        TemplateSource::Snapshot => {
+            usable_snapshot(&mn, from)?;
+            ("CreateRootVolumeTemplateFromVolumeSnapshot", "volume-snapshot", ROOT_VOLUME_TEMPLATE)
+        }
+    };
     let bs_uuid = *p
         .backup_storage_uuids
         .first()
@@ -402,32 +484,99 @@ async fn root_template(
     let m = mn.clone();
     let job = mn
         .jobs
+        .submit(job_header(&headers)?, api, &raw, move |job| async move {
+            let image = ImageRecord {
+                uuid: Uuid::new_v4(),
+                name: p.name,
+                url: format!("{url}://{from}"),
+                format: "qcow2".into(),
+                media_type: media_type.into(),
+                size: 0,
+                checksum: String::new(),
+                backup_storage_refs: vec![(bs.uuid, String::new())],
+                status: "Creating".into(),
+            };
+            let extra = owned(&tags, kind, owner, image.uuid);
+            let job = Some(job);
+            let made = match source {
+                TemplateSource::RootVolume => {
+                    strato_actors::vm::volumes::root_template(
+                        &m.vms, from, image, bs.url, extra, job,
+                    )
+                    .await?
+                }
+                TemplateSource::DataVolume => {
+                    strato_actors::vm::volumes::data_template(
+                        &m.vms, from, image, bs.url, extra, job,
+                    )
+                    .await?
+                }
+                TemplateSource::Snapshot => {
+                    snapshot::template(&m.vms, from, image, bs.url, extra, job).await?
+                }
+            };
+            inventory(&made)
+        })
+        .await?;
+    Ok(accepted(&mn, job))
+}
+
+async fn volume_from_template(
+    State(mn): Shared,
+    Id(image_uuid): Id,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let kind = kinds::of::<VolumeRecord>();
+    let (p, raw, tags): (VolumeFromTemplateParams, _, _) = creation(&body, kind)?;
+    validate::name("name", &p.name)?;
+    validate::text("description", &p.description, validate::MAX_DESCRIPTION_CHARS)?;
+    auth::may_use(&mn.db, "images", image_uuid)?;
+    let image: ImageRecord = get_record(&mn, image_uuid)?;
+    if image.media_type != strato_actors::records::DATA_VOLUME_TEMPLATE
+        || image.status != "Ready"
+        || image.format != "qcow2"
+    {
+        return Err(ApiError::invalid(
+            "imageUuid",
+            format!(
+                "image {image_uuid} is a {} {} in {}: data volumes are made from a Ready DataVolumeTemplate in qcow2",
+                image.status, image.media_type, image.format
+            ),
+        ));
+    }
+    if let Some(ps) = p.primary_storage_uuid {
+        auth::admin_only("choosing a data volume's primary storage")?;
+        get_record::<PrimaryStorageRecord>(&mn, ps)?;
+    }
+    // Its size is the template's virtual size, read from the file's header.
+    let file = image.backup_storage_refs.first().map(|(_, path)| path.clone()).unwrap_or_default();
+    let size = match strato_proto::qcow2::read_header(std::path::Path::new(&file)) {
+        Ok(Some((size, _))) => size,
+        Ok(None) | Err(_) => {
+            return Err(ApiError::invalid(
+                "imageUuid",
+                format!("image {image_uuid}'s file {file} cannot be read as qcow2 on this node"),
+            ));
+        }
+    };
+    let owner = auth::tenant();
+    let m = mn.clone();
+    let job = mn
+        .jobs
         .submit(
             job_header(&headers)?,
-            "CreateRootVolumeTemplateFromRootVolume",
+            "CreateDataVolumeFromVolumeTemplate",
             &raw,
-            move |job| async move {
-                let image = ImageRecord {
-                    uuid: Uuid::new_v4(),
-                    name: p.name,
-                    url: format!("volume://{vm}"),
-                    format: "qcow2".into(),
-                    size: 0,
-                    checksum: String::new(),
-                    backup_storage_refs: vec![(bs.uuid, String::new())],
-                    status: "Creating".into(),
+            move |_| async move {
+                let record = VolumeRecord {
+                    root_image_uuid: Some(image_uuid),
+                    primary_storage_uuid: p.primary_storage_uuid,
+                    ..VolumeRecord::data(p.name, p.description, size)
                 };
-                let extra = owned(&tags, kind, owner, image.uuid);
-                let made = strato_actors::vm::volumes::root_template(
-                    &m.vms,
-                    vm,
-                    image,
-                    bs.url,
-                    extra,
-                    Some(job),
-                )
-                .await?;
-                inventory(&made)
+                let extra = owned(&tags, kind, owner, record.uuid);
+                strato_actors::cascade::insert(&m.db, &record, extra).await?;
+                inventory(&record)
             },
         )
         .await?;

@@ -259,7 +259,27 @@ pub struct VolumeSnapshotParams {
     pub description: String,
 }
 
-/// `CreateRootVolumeTemplateFromRootVolume`.
+/// `CreateDataVolumeFromVolumeTemplate`.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VolumeFromTemplateParams {
+    /// Its name.
+    pub name: String,
+    /// What it is for.
+    #[serde(default)]
+    pub description: String,
+    /// The primary storage to make it on (admin only; by default, that of the cluster of
+    /// the VM it is first attached to).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "canonical::option"
+    )]
+    pub primary_storage_uuid: Option<Uuid>,
+}
+
+/// `CreateRootVolumeTemplateFromRootVolume`, `CreateDataVolumeTemplateFromVolume`,
+/// `CreateRootVolumeTemplateFromVolumeSnapshot`.
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RootTemplateParams {
@@ -515,6 +535,10 @@ pub struct ImageParams {
     /// `qcow2` or `raw`.
     #[serde(default = "qcow2")]
     pub format: String,
+    /// `RootVolumeTemplate` (the default: VMs boot from it) or `DataVolumeTemplate` (data
+    /// volumes are made from it).
+    #[serde(default = "root_volume_template")]
+    pub media_type: String,
     /// The backup storage it goes to (the first one named).
     #[serde(deserialize_with = "canonical::list")]
     pub backup_storage_uuids: Vec<Uuid>,
@@ -522,6 +546,10 @@ pub struct ImageParams {
 
 fn qcow2() -> String {
     "qcow2".into()
+}
+
+fn root_volume_template() -> String {
+    strato_actors::records::ROOT_VOLUME_TEMPLATE.into()
 }
 
 /// `CreateUserTag`, `CreateSystemTag`.

@@ -11,6 +11,7 @@
 //! - [`tls`]: TLS 1.3 with a certificate on each end; the MN pins each host's certificate,
 //!   the agent accepts only the MN's; the agent's key and certificates on disk.
 //! - [`pki`]: the MN's CA and the one-time bootstrap secrets that enroll agents.
+//! - [`qcow2`]: a qcow2 file's virtual size and backing file, read from its header.
 //! - [`client`]: [`Link`], one TLS connection multiplexing requests by id, with heartbeats.
 //!
 //! This crate knows nothing of the runtime or the store: the agent depends on it alone.
@@ -20,6 +21,7 @@ pub mod codec;
 pub mod msg;
 pub mod net;
 pub mod pki;
+pub mod qcow2;
 pub mod tls;
 
 pub use client::{Enrollment, Handshake, Link, LinkConfig, LinkError, Welcome};
