@@ -1012,7 +1012,7 @@ pub struct VolumeRecord {
     pub name: String,
     /// What it is for.
     pub description: String,
-    /// `Data` (root volumes are still their VM's `rootVolumePath`).
+    /// [`ROOT_VOLUME`] or [`DATA_VOLUME`].
     pub r#type: String,
     /// Where it is in its life.
     pub status: VolumeStatus,
@@ -1038,14 +1038,53 @@ pub struct VolumeRecord {
     pub deleted_at_ms: Option<u64>,
 }
 
+/// A VM's root volume (ZStack's volume type): the record mirrors its VM's `rootVolumePath`
+/// and host, and goes with the VM; data volume operations refuse it.
+pub const ROOT_VOLUME: &str = "Root";
+
+/// A data volume (ZStack's volume type).
+pub const DATA_VOLUME: &str = "Data";
+
+/// The UUID of VM `vm`'s root volume (derived, as its NICs' are).
+pub fn root_volume_id(vm: Uuid) -> Uuid {
+    Uuid::new_v5(&vm, b"root-volume")
+}
+
 impl VolumeRecord {
+    /// VM `vm`'s root volume, just made at `path` on `host`'s primary storage `ps`: Ready and
+    /// attached as device 0 (`vda`).
+    pub fn root(vm: &VmRecord, ps: Uuid, host: Uuid, path: String, size: u64) -> VolumeRecord {
+        VolumeRecord {
+            uuid: root_volume_id(vm.uuid),
+            name: format!("ROOT-for-{}", vm.name),
+            description: format!("Root volume for VM {}", vm.uuid),
+            r#type: ROOT_VOLUME.into(),
+            status: VolumeStatus::Ready,
+            size,
+            format: "qcow2".into(),
+            disk_offering_uuid: None,
+            root_image_uuid: None,
+            primary_storage_uuid: Some(ps),
+            host_uuid: Some(host),
+            install_path: Some(path),
+            vm_instance_uuid: Some(vm.uuid),
+            device_id: Some(0),
+            deleted_at_ms: None,
+        }
+    }
+
+    /// Whether it is a VM's root volume.
+    pub fn is_root(&self) -> bool {
+        self.r#type == ROOT_VOLUME
+    }
+
     /// A new data volume of `size` bytes: a record only (NotInstantiated), on no host.
     pub fn data(name: String, description: String, size: u64) -> VolumeRecord {
         VolumeRecord {
             uuid: Uuid::new_v4(),
             name,
             description,
-            r#type: "Data".into(),
+            r#type: DATA_VOLUME.into(),
             status: VolumeStatus::NotInstantiated,
             size,
             format: "qcow2".into(),

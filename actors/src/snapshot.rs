@@ -224,6 +224,7 @@ pub async fn create(
             }
             let stored = volume::get(&db, volume)?;
             let v = &stored.record;
+            volume::data_only(v, volume::VolumeOp::Snapshot)?;
             let (host, top) = placed(v, volume::VolumeOp::Snapshot)?;
             let new_top = new_top_of(&top, volume, snapshot.uuid);
             let wanted = VolumeSnapshotRecord {

@@ -52,6 +52,8 @@ impl Default for VolumePolicy {
 pub enum VolumeOp {
     /// Attach it to a VM.
     Attach,
+    /// Detach it from its VM.
+    Detach,
     /// Delete it (Delay: recoverable).
     Delete,
     /// Recover a deleted volume.
@@ -72,6 +74,7 @@ impl VolumeOp {
     fn as_str(self) -> &'static str {
         match self {
             VolumeOp::Attach => "attach",
+            VolumeOp::Detach => "detach",
             VolumeOp::Delete => "delete",
             VolumeOp::Recover => "recover",
             VolumeOp::Expunge => "expunge",
@@ -180,11 +183,11 @@ pub fn get(db: &Db, volume: Uuid) -> Result<Stored<VolumeRecord>, VolumeError> {
     db.get::<VolumeRecord>(volume)?.ok_or(VolumeError::NotFound { kind: "Volume", uuid: volume })
 }
 
-/// The data volumes attached to VM `vm`.
+/// The data volumes attached to VM `vm` (its root volume is not one).
 pub fn attached_to(db: &Db, vm: Uuid) -> Result<Vec<Stored<VolumeRecord>>, StoreError> {
     let mut out = Vec::new();
     for id in db.find::<VolumeRecord>("vm", &IndexValue::Uuid(vm))? {
-        out.extend(db.get::<VolumeRecord>(id)?);
+        out.extend(db.get::<VolumeRecord>(id)?.filter(|v| !v.record.is_root()));
     }
     out.sort_by_key(|v| v.record.device_id);
     Ok(out)
@@ -217,6 +220,22 @@ pub(crate) async fn update(
             return Ok(record);
         }
     }
+}
+
+/// Refuses a data volume operation on a root volume (it lives and goes with its VM).
+pub(crate) fn data_only(record: &VolumeRecord, op: VolumeOp) -> Result<(), VolumeError> {
+    if !record.is_root() {
+        return Ok(());
+    }
+    Err(VolumeError::Invalid {
+        field: "volumeUuid",
+        message: format!(
+            "volume {} is VM {}'s root volume: {} is for data volumes (a root volume goes with its VM)",
+            record.uuid,
+            record.vm_instance_uuid.unwrap_or_default(),
+            op.as_str()
+        ),
+    })
 }
 
 fn refuse(record: &VolumeRecord, op: VolumeOp, hint: &'static str) -> VolumeError {
@@ -329,6 +348,7 @@ pub async fn resize(
         loop {
             let stored = get(&db, volume)?;
             let mut v = stored.record;
+            data_only(&v, VolumeOp::Resize)?;
             if !allows(v.status, VolumeOp::Resize) {
                 return Err(refuse(&v, VolumeOp::Resize, ""));
             }
@@ -419,6 +439,7 @@ pub async fn delete(
 ) -> Result<(), VolumeError> {
     let db = runtime.db();
     let Some(stored) = db.get::<VolumeRecord>(volume)? else { return Ok(()) };
+    data_only(&stored.record, VolumeOp::Delete)?;
     if stored.record.status == VolumeStatus::Deleted {
         return Ok(());
     }
@@ -468,6 +489,7 @@ pub async fn delete(
 /// Recovers deleted volume `volume`: Ready again if it has a file, NotInstantiated if not.
 pub async fn recover(runtime: &Runtime, volume: Uuid) -> Result<VolumeRecord, VolumeError> {
     let recovered = update(runtime.db(), volume, |v| {
+        data_only(v, VolumeOp::Recover)?;
         if !allows(v.status, VolumeOp::Recover) {
             return Err(refuse(v, VolumeOp::Recover, ": only a Deleted volume is recovered"));
         }
@@ -531,6 +553,7 @@ pub async fn expunge(
     let name = file_job_name(volume);
     loop {
         let Some(stored) = db.get::<VolumeRecord>(volume)? else { return Ok(()) };
+        data_only(&stored.record, VolumeOp::Expunge)?;
         if !allows(stored.record.status, VolumeOp::Expunge) {
             return Err(refuse(&stored.record, VolumeOp::Expunge, ": delete it first"));
         }
@@ -594,6 +617,10 @@ pub(crate) fn remove_volume(
     Box::pin(async move {
         let boxed = |e: VolumeError| crate::cascade::CascadeError::Volume(Box::new(e));
         let Some(stored) = deleter.db.get::<VolumeRecord>(id)? else { return Ok(()) };
+        // A root volume goes with its VM, which the cascade reaches on its own.
+        if stored.record.is_root() {
+            return Ok(());
+        }
         if stored.record.vm_instance_uuid.is_some() {
             crate::vm::volumes::detach(&deleter.vms, id, OP_TIMEOUT, None).await.map_err(boxed)?;
         }

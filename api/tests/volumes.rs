@@ -557,6 +557,64 @@ fn a_snapshot_makes_a_volume_and_a_root_volume_makes_a_template_that_boots_a_vm(
     assert!(holds(file, 0x11, 0) && holds(file, 0x5a, 1024), "the image's and the VM's bytes");
     let vm2 = vm_from("vm2", &template);
     assert_eq!(vm2["state"], "Running", "{vm2}");
+    // Root volumes are volumes too: one per VM made from an image, mirroring its file and
+    // host, device 0, of the image's virtual size; data volume operations refuse them.
+    let (_, _, roots) = http(api, "GET", "/v1/volumes?q=type=Root&sort=name", None, &[]);
+    let roots = roots["inventories"].as_array().unwrap().clone();
+    assert_eq!(roots.len(), 2, "{roots:?}");
+    let root1 = roots.iter().find(|r| r["vmInstanceUuid"] == vm1_id.as_str()).unwrap();
+    assert_eq!(
+        (&root1["installPath"], &root1["hostUuid"], &root1["deviceId"], &root1["status"]),
+        (&vm1["rootVolumePath"], &vm1["hostUuid"], &json!(0), &json!("Ready")),
+        "{root1}"
+    );
+    assert_eq!(root1["size"], 16u64 << 20, "the image's virtual size: {root1}");
+    let (_, _, joined) = http(
+        api,
+        "GET",
+        &format!("/v1/vm-instances?q=allVolumes.uuid={}", root1["uuid"].as_str().unwrap()),
+        None,
+        &[],
+    );
+    assert_eq!(joined["inventories"][0]["uuid"], vm1_id.as_str(), "{joined}");
+    let root1_id = uuid(root1).to_owned();
+    for refused in [
+        call(api, "DELETE", &format!("/v1/volumes/{root1_id}"), None),
+        call(
+            api,
+            "PUT",
+            &format!("/v1/volumes/{root1_id}/actions"),
+            Some(&json!({ "detachDataVolumeFromVm": {} }).to_string()),
+        ),
+        call(
+            api,
+            "POST",
+            &format!("/v1/volumes/{root1_id}/volume-snapshots"),
+            Some(&json!({ "params": { "name": "no" } }).to_string()),
+        ),
+    ] {
+        assert_eq!(refused["error"]["details"]["field"], "volumeUuid", "{refused}");
+    }
+    // A tenant's VM's root volume is the tenant's: it sees it, another does not.
+    let owner = cluster.account("root-owner", Value::Null);
+    let made = cluster.done_as(
+        &owner,
+        "POST",
+        "/v1/vm-instances",
+        json!({ "params": { "name": "tenant-vm", "instanceOfferingUuid": infra.offering["uuid"], "imageUuid": image["uuid"], "l3NetworkUuids": [infra.l3["uuid"]] } }),
+    );
+    let tenant_vm =
+        made["inventory"]["uuid"].as_str().unwrap_or_else(|| panic!("{made}")).to_owned();
+    let (_, seen) = cluster.as_(&owner, "GET", "/v1/volumes", None);
+    let seen = seen["inventories"].as_array().unwrap().clone();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0]["vmInstanceUuid"], tenant_vm.as_str());
+    assert!(seen[0].get("installPath").is_none(), "a tenant sees no host internals");
+    let other = cluster.account("root-stranger", Value::Null);
+    let (_, unseen) = cluster.as_(&other, "GET", "/v1/volumes", None);
+    assert_eq!(unseen["inventories"], json!([]), "{unseen}");
+    let (status, _) = cluster.as_(&other, "GET", &format!("/v1/volumes/{}", uuid(&seen[0])), None);
+    assert_eq!(status, 404);
     let root2 = vm2["rootVolumePath"].as_str().unwrap();
     assert!(holds(root2, 0x11, 0) && holds(root2, 0x5a, 1024), "the new VM's disk has them");
     // A running VM's root volume is not templated.
@@ -643,6 +701,13 @@ fn a_snapshot_makes_a_volume_and_a_root_volume_makes_a_template_that_boots_a_vm(
     let vm2_actions = format!("/v1/vm-instances/{}/actions", uuid(&vm2));
     ok(api, "DELETE", &format!("/v1/vm-instances/{}", uuid(&vm2)), None);
     ok(api, "PUT", &vm2_actions, Some(r#"{"expungeVmInstance": {}}"#));
+    let (_, _, gone) =
+        http(api, "GET", &format!("/v1/volumes?q=vmInstanceUuid={}", uuid(&vm2)), None, &[]);
+    assert_eq!(
+        gone["inventories"],
+        json!([]),
+        "the expunged VM's root volume went with it: {gone}"
+    );
     let clean = json!({ "cleanUpImageCacheOnPrimaryStorage": {} });
     let ps_actions = format!("/v1/primary-storage/{}/actions", uuid(&ps));
     let cleaned = call(api, "PUT", &ps_actions, Some(&clean.to_string()));

@@ -391,9 +391,11 @@ fn storage_disagreements(shared: &Shared, cluster: &std::sync::Mutex<Cluster>) -
     const FILES: &str = "every file under primary storage belongs to a record";
     const CHAIN: &str = "each volume's backing chain on disk equals its snapshot records";
     const TREES: &str = "one current tree and one latest snapshot per volume";
+    const ROOT: &str = "each VM's root volume record names its file and host";
+    let mut found_roots = Vec::new();
     let now = shared.now();
     let patience = Duration::from_secs(10);
-    let (Some(volumes), Some(snapshots), Some(trees), Some(vms)) = (
+    let (Some(all_volumes), Some(snapshots), Some(trees), Some(vms)) = (
         list(shared.api, "volumes", patience),
         list(shared.api, "volume-snapshots", patience),
         list(shared.api, "volume-snapshot-trees", patience),
@@ -401,7 +403,31 @@ fn storage_disagreements(shared: &Shared, cluster: &std::sync::Mutex<Cluster>) -
     ) else {
         return vec![violation(ONE_VM, now, None, "the API is down".into())];
     };
-    let mut found = Vec::new();
+    // A root volume's record mirrors its VM: each VM with an image has one, on its host.
+    for vm in vms.iter().filter(|vm| vm["rootVolumePath"].is_string()) {
+        let id = s(&vm["uuid"]);
+        let roots: Vec<&Value> = all_volumes
+            .iter()
+            .filter(|v| v["type"] == "Root" && v["vmInstanceUuid"] == id)
+            .collect();
+        // (A destroyed VM keeps its root volume where it last ran.)
+        let on = |root: &Value| {
+            root["hostUuid"] == vm["hostUuid"]
+                || (vm["hostUuid"].is_null() && root["hostUuid"] == vm["lastHostUuid"])
+        };
+        let mirrored = matches!(roots.as_slice(), [root]
+            if root["installPath"] == vm["rootVolumePath"] && on(root));
+        if !mirrored {
+            found_roots.push(violation(
+                ROOT,
+                now,
+                Some(id),
+                format!("root volume records {roots:?} for {vm}"),
+            ));
+        }
+    }
+    let volumes: Vec<&Value> = all_volumes.iter().filter(|v| v["type"] == "Data").collect();
+    let mut found = found_roots;
     let snapshots_of = |volume: &str| -> Vec<&Value> {
         snapshots.iter().filter(|s| s["volumeUuid"] == volume).collect()
     };

@@ -353,6 +353,8 @@ impl Cluster {
             .arg(self.dir.join("mn"))
             .env("RUST_LOG", "info,sled=warn")
             .env("STRATO_ADMIN_PASSWORD", ADMIN_PASSWORD)
+            // The run's image is imported from its directory.
+            .env("STRATO_IMAGE_FILE_DIRS", self.dir.join("images"))
             .env_remove("STRATO_FAILPOINTS")
             .stdout(Stdio::null())
             .stderr(log_file(&self.dir.join("mn.log"))?);

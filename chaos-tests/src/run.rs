@@ -188,6 +188,28 @@ fn register(cluster: &Cluster) -> Result<Infra, Error> {
         json!({ "name": "ps", "url": primary_storage_dir.display().to_string(), "zoneUuid": zone }),
     )?;
     ok(api, "POST", &format!("/v1/clusters/{cl}/primary-storage/{}", uuid(&ps)), json!({}))?;
+    // An image in backup storage, for the VMs with root volumes.
+    let images = cluster.dir().join("images");
+    std::fs::create_dir_all(&images)?;
+    let source = images.join("image.qcow2");
+    let made = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&source)
+        .arg("16M")
+        .status()?;
+    if !made.success() {
+        return Err("qemu-img could not make the run's image".into());
+    }
+    let bs = create(
+        "/v1/backup-storage/image-store",
+        json!({ "name": "bs", "url": cluster.dir().join("bs").display().to_string() }),
+    )?;
+    ok(api, "POST", &format!("/v1/zones/{zone}/backup-storage/{}", uuid(&bs)), json!({}))?;
+    let image = create(
+        "/v1/images",
+        json!({ "name": "image", "url": format!("file://{}", source.display()), "format": "qcow2", "backupStorageUuids": [bs["uuid"]] }),
+    )?;
+    let image = uuid(&image).to_owned();
     let (cluster, zone, l2) = (cl.to_string(), zone.to_string(), l2.to_string());
     Ok(Infra {
         cluster,
@@ -200,6 +222,7 @@ fn register(cluster: &Cluster) -> Result<Infra, Error> {
         eip,
         security_group,
         primary_storage_dir,
+        image,
     })
 }
 

@@ -265,6 +265,9 @@ pub struct Infra {
     /// The directory of the cluster's local primary storage (on every host: they share
     /// this machine), where [`storage_mover`]'s data volumes and snapshots are files.
     pub primary_storage_dir: std::path::PathBuf,
+    /// An image in the run's backup storage: every other VM is made from it, so it has a
+    /// root volume (a real qcow2 file on the primary storage, and a record).
+    pub image: String,
 }
 
 impl Shared {
@@ -385,7 +388,9 @@ pub(crate) fn create_body(shared: &Shared, name: &str, l3: &str) -> Value {
         l3_network_uuids: vec![id(l3)],
         host_uuid: None,
         cluster_uuid: None,
-        image_uuid: None,
+        // Every other one from the run's image (by its name, so a repeat makes the same).
+        image_uuid: (name.bytes().map(u32::from).sum::<u32>() % 2 == 0)
+            .then(|| id(&shared.infra.image)),
     }))
 }
 
@@ -808,6 +813,8 @@ pub fn storage_mover(shared: Arc<Shared>, seed: u64) {
         ) else {
             continue;
         };
+        // Root volumes go with their VMs: this thread moves data volumes.
+        let volumes: Vec<Value> = volumes.into_iter().filter(|v| v["type"] == "Data").collect();
         volumes.iter().for_each(seen);
         let vms: Vec<Value> = vms.into_iter().filter(|vm| vm["state"] != "Destroyed").collect();
         let live: Vec<Value> =

@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::{LazyLock, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use strato_proto::qcow2::read_header;
@@ -70,6 +70,26 @@ async fn made_once(
     dest: &Path,
     args: impl FnOnce(&str) -> Vec<String>,
 ) -> Result<Reply, AgentError> {
+    // One maker per file: two creations caching one image on a host at once would write the
+    // same temporary file (seen in a chaos run as a failed creation).
+    let turn = MAKING.lock().expect("files being made").entry(dest.to_owned()).or_default().clone();
+    let _turn = turn.lock().await;
+    let made = make_once(dest, args).await;
+    let mut making = MAKING.lock().expect("files being made");
+    if making.get(dest).is_some_and(|t| Arc::strong_count(t) <= 2) {
+        making.remove(dest);
+    }
+    made
+}
+
+/// The files being made, each by one caller at a time.
+static MAKING: LazyLock<Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>> =
+    LazyLock::new(Default::default);
+
+async fn make_once(
+    dest: &Path,
+    args: impl FnOnce(&str) -> Vec<String>,
+) -> Result<Reply, AgentError> {
     if tokio::fs::try_exists(dest).await.unwrap_or(false) {
         return file_reply(dest).await;
     }
@@ -104,7 +124,8 @@ pub async fn cache_image(image: Uuid, source: &str, cache_dir: &str) -> Result<R
     made_once(&dest, |tmp| args(&["convert", "-O", "qcow2", source, tmp])).await
 }
 
-/// Creates the qcow2 root volume `volume` in `dir`, backed by `backing`.
+/// Creates the qcow2 root volume `volume` in `dir`, backed by `backing`; answers it
+/// described (`Reply::Volume`).
 pub async fn create_root_volume(
     volume: Uuid,
     backing: &str,
@@ -121,7 +142,9 @@ pub async fn create_root_volume(
     made_once(&dest, |tmp| {
         args(&["create", "-q", "-f", "qcow2", "-b", backing, "-F", "qcow2", tmp])
     })
-    .await
+    .await?;
+    // Its virtual size (the image's) is the volume's size.
+    describe_volume(&dest.display().to_string()).await
 }
 
 /// Creates the empty qcow2 data volume `volume` of `size` bytes in `dir`.
@@ -318,7 +341,8 @@ mod tests {
         let vols = dir.path().join("vols").display().to_string();
         let made = create_root_volume(volume, &backing, &vols).await.unwrap();
         assert_eq!(made, create_root_volume(volume, &backing, &vols).await.unwrap());
-        let Reply::File { path, .. } = made else { panic!() };
+        let Reply::Volume { path, virtual_size, .. } = made else { panic!() };
+        assert_eq!(virtual_size, 1 << 20, "the image's size");
         let info = std::process::Command::new("qemu-img").args(["info", &path]).output().unwrap();
         let info = String::from_utf8_lossy(&info.stdout);
         assert!(info.contains("qcow2") && info.contains(&backing), "{info}");
@@ -350,7 +374,7 @@ mod tests {
         // A root volume on the used cache, and a snapshot layer on the root volume, one
         // directory down, naming its backing file relatively (as QEMU allows).
         let root_dir = vols.join("root").display().to_string();
-        let Reply::File { path: root, .. } =
+        let Reply::Volume { path: root, .. } =
             create_root_volume(Uuid::new_v4(), &used_cache, &root_dir).await.unwrap()
         else {
             panic!()
@@ -407,5 +431,19 @@ mod tests {
         // A root volume on a cache that went is refused with a hint, not made broken.
         let gone = create_root_volume(Uuid::new_v4(), &used_cache, &root_dir).await.unwrap_err();
         assert_eq!(gone.code, AgentErrorCode::NotFound, "{gone:?}");
+    }
+
+    #[tokio::test]
+    async fn two_creations_caching_one_image_at_once_both_get_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = dir.path().join("image.raw");
+        std::fs::write(&source, vec![7u8; 8 << 20]).unwrap();
+        let (source, cache) =
+            (source.display().to_string(), dir.path().join("cache").display().to_string());
+        let image = Uuid::new_v4();
+        let (a, b) =
+            tokio::join!(cache_image(image, &source, &cache), cache_image(image, &source, &cache));
+        assert_eq!(a.unwrap(), b.unwrap());
+        assert!(MAKING.lock().unwrap().is_empty(), "no turn is left behind");
     }
 }

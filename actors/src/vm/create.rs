@@ -43,7 +43,7 @@ use crate::l3::{self, L3s};
 use crate::owners::{Charge, OwnerRecord, Quotas};
 use crate::records::{
     HostRecord, ImageRecord, L2NetworkRecord, L3NetworkRecord, PrimaryStorageRecord, UsedIpRecord,
-    VmNic, VmRecord,
+    VmNic, VmRecord, VolumeRecord,
 };
 use crate::tags::{SystemTag, UserTag, VM_RESOURCE_TYPE};
 
@@ -357,14 +357,35 @@ impl Step<CreateVm> for CreateRootVolume {
             flow.job_id,
         )
         .await?;
-        let Reply::File { path, .. } = made else {
+        let Reply::Volume { path, virtual_size, .. } = made else {
             return Err("the agent did not create the volume".into());
         };
-        write_vm_at_end(&self.db, flow, c.vm, |r| r.root_volume_path = Some(path)).map(drop)
+        let vm =
+            write_vm_at_end(&self.db, flow, c.vm, |r| r.root_volume_path = Some(path.clone()))?;
+        // Its record, owned as its VM, in the same write.
+        let root = VolumeRecord::root(&vm, ps.uuid, host, path, virtual_size);
+        let mut batch = Batch::new();
+        batch.put(&root, Expect::Any)?;
+        if let Some(owner) = owner_of(c) {
+            let owner = OwnerRecord {
+                resource_uuid: root.uuid,
+                resource_type: "VolumeVO".into(),
+                charge: Charge::default(),
+                ..owner
+            };
+            batch.put(&owner, Expect::Any)?;
+        }
+        flow.write_at_end(batch);
+        Ok(())
     }
 
     async fn rollback(&self, c: &mut CreateVm, flow: &FlowInfo) -> Result<(), BoxError> {
         let (Some(_), Some(host)) = (c.image, c.host) else { return Ok(()) };
+        let root = crate::records::root_volume_id(c.vm);
+        let mut batch = Batch::new();
+        batch.delete::<VolumeRecord>(root, Expect::Any);
+        crate::records::delete_refs(&self.db, &mut batch, root)?;
+        self.db.commit(batch).await?;
         let ps = primary_storage_of(&self.db, host)?;
         // The agent names a volume after its UUID: the path needs no memory of the step.
         let path = format!("{}/{}.qcow2", ps.root_volumes_dir(), c.vm);

@@ -251,11 +251,21 @@ pub(super) async fn save(
     ctx: &OpCtx<Vms>,
     change: impl FnOnce(&mut VmRecord),
 ) -> Result<VmRecord, VmError> {
+    save_with(ctx, change, |_, _| Ok(())).await
+}
+
+/// [`save`], with `also`'s writes for the changed record in the same batch.
+pub(super) async fn save_with(
+    ctx: &OpCtx<Vms>,
+    change: impl FnOnce(&mut VmRecord),
+    also: impl FnOnce(&VmRecord, &mut Batch) -> Result<(), VmError>,
+) -> Result<VmRecord, VmError> {
     let (mut record, generation) = super::current(ctx)?;
     let from = record.state;
     change(&mut record);
     let mut batch = Batch::new();
     batch.put(&record, Expect::Generation(generation))?;
+    also(&record, &mut batch)?;
     let written = ctx.entity().db.commit(batch).await?;
     let generation = written[0].generation.unwrap_or(generation);
     ctx.with_state(|s| {
@@ -534,6 +544,10 @@ async fn forget(ctx: &OpCtx<Vms>, record: &VmRecord) -> Result<(), VmError> {
         batch.delete::<VmRecord>(record.uuid, Expect::Any);
         crate::records::delete_refs(&ctx.entity().db, &mut batch, record.uuid)?;
         super::volumes::detach_all(&ctx.entity().db, &mut batch, record.uuid)?;
+        // Its root volume's record goes with it (the file went in `expunge_volume`).
+        let root = crate::records::root_volume_id(record.uuid);
+        batch.delete::<crate::records::VolumeRecord>(root, Expect::Any);
+        crate::records::delete_refs(&ctx.entity().db, &mut batch, root)?;
         match ctx.entity().db.commit(batch).await {
             Ok(_) => break,
             // A volume changed meanwhile (its deletion was refused: it was attached).
@@ -642,10 +656,23 @@ pub async fn migrate(
         match moved {
             Ok(destination) => {
                 tracing::info!(vm = %id, from = %source, to = %destination, "VM migrated");
-                let moved = save(&ctx, |r| {
+                // Its root volume's record follows it, in the same write.
+                let root =
+                    db.get::<crate::records::VolumeRecord>(crate::records::root_volume_id(id))?;
+                let change = |r: &mut VmRecord| {
                     r.state = transition.on_success;
                     r.last_host_uuid = Some(source);
                     r.host_uuid = Some(destination);
+                };
+                let moved = save_with(&ctx, change, |_, batch| {
+                    if let Some(root) = root {
+                        let followed = crate::records::VolumeRecord {
+                            host_uuid: Some(destination),
+                            ..root.record
+                        };
+                        batch.put(&followed, Expect::Generation(root.generation))?;
+                    }
+                    Ok(())
                 })
                 .await?;
                 // Its reservation and rules leave the source; the destination gets them

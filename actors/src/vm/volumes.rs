@@ -230,12 +230,7 @@ pub(crate) fn template_file(db: &Db, image: Uuid) -> Result<String, VolumeError>
 
 /// ZStack's checks before an attachment.
 fn check_attachable(v: &VolumeRecord, vm: &VmRecord, host: &HostRecord) -> Result<(), VolumeError> {
-    if v.r#type != "Data" {
-        return Err(VolumeError::Invalid {
-            field: "volumeUuid",
-            message: format!("volume {} is a root volume: only data volumes are attached", v.uuid),
-        });
-    }
+    volume::data_only(v, VolumeOp::Attach)?;
     if !allows(v.status, VolumeOp::Attach) {
         return Err(VolumeError::InvalidStatus {
             volume: v.uuid,
@@ -314,6 +309,7 @@ pub async fn detach(
 ) -> Result<VolumeRecord, VolumeError> {
     let db = vms.runtime().db().clone();
     let current = volume::get(&db, volume)?.record;
+    volume::data_only(&current, VolumeOp::Detach)?;
     let Some(vm) = current.vm_instance_uuid else { return Ok(current) };
     vms.call(
         vm,
@@ -502,6 +498,7 @@ pub async fn data_template(
             });
         }
         let v = volume::get(&db, volume)?.record;
+        volume::data_only(&v, VolumeOp::Template)?;
         let (VolumeStatus::Ready, Some(host), Some(top)) = (v.status, v.host_uuid, v.install_path.clone()) else {
             return Err(VolumeError::InvalidStatus {
                 volume,

@@ -266,7 +266,7 @@ pub enum Command {
         /// The primary storage's image cache directory.
         cache_dir: String,
     },
-    /// Create a qcow2 root volume backed by a cached image.
+    /// Create a qcow2 root volume backed by a cached image (answered `Reply::Volume`).
     CreateRootVolume {
         /// The volume's UUID (its file's name).
         volume: Uuid,
