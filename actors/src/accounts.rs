@@ -31,13 +31,43 @@ pub struct Quota {
     pub cpu_num: u64,
     /// Memory over all VMs, in bytes.
     pub memory_size: u64,
+    /// Data volumes (ZStack's `volume.data.num`).
+    pub volume_data_num: u64,
+    /// The data volumes' sizes in all, in bytes (ZStack's `volume.capacity`).
+    pub volume_capacity: u64,
 }
 
 impl Default for Quota {
     /// ZStack's defaults.
     fn default() -> Self {
-        Quota { vm_num: 20, cpu_num: 80, memory_size: 80 << 30 }
+        Quota {
+            vm_num: 20,
+            cpu_num: 80,
+            memory_size: 80 << 30,
+            volume_data_num: 40,
+            volume_capacity: 10 << 40,
+        }
     }
+}
+
+/// Version 1 of [`Quota`], before volume quotas.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct QuotaV1 {
+    vm_num: u64,
+    cpu_num: u64,
+    memory_size: u64,
+}
+
+/// Version 1 of [`AccountRecord`].
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct AccountRecordV1 {
+    uuid: Uuid,
+    name: String,
+    account_type: AccountType,
+    quota: QuotaV1,
+    create_date: u64,
 }
 
 /// An account.
@@ -59,13 +89,52 @@ pub struct AccountRecord {
 
 impl Record for AccountRecord {
     const KIND: &'static str = "account";
-    const VERSION: u16 = 1;
+    const VERSION: u16 = 2;
     fn id(&self) -> Uuid {
         self.uuid
+    }
+    /// Version 1 accounts get ZStack's default volume quotas.
+    fn upgrade(from_version: u16, payload: &[u8]) -> Result<Self, strato_storage::CodecError> {
+        match from_version {
+            1 => {
+                let v1: AccountRecordV1 =
+                    strato_storage::codec::decode_payload(Self::KIND, payload)?;
+                Ok(AccountRecord {
+                    uuid: v1.uuid,
+                    name: v1.name,
+                    account_type: v1.account_type,
+                    quota: Quota {
+                        vm_num: v1.quota.vm_num,
+                        cpu_num: v1.quota.cpu_num,
+                        memory_size: v1.quota.memory_size,
+                        ..Quota::default()
+                    },
+                    create_date: v1.create_date,
+                })
+            }
+            found => Err(strato_storage::CodecError::UnknownVersion {
+                kind: Self::KIND,
+                found,
+                supported: Self::VERSION,
+            }),
+        }
     }
     fn indexes() -> &'static [Index<Self>] {
         &[Index { name: "name", values: |a| vec![a.name.as_str().into()] }]
     }
+}
+
+/// A version 1 account (quota: 7 VMs, 80 CPUs, 80 GiB), encoded, for the upgrade's test.
+#[cfg(test)]
+pub(crate) fn v1_payload_for_tests() -> Vec<u8> {
+    let v1 = AccountRecordV1 {
+        uuid: Uuid::new_v4(),
+        name: "old".into(),
+        account_type: AccountType::Normal,
+        quota: QuotaV1 { vm_num: 7, cpu_num: 80, memory_size: 80 << 30 },
+        create_date: 1,
+    };
+    strato_storage::codec::encode_payload(AccountRecord::KIND, &v1).expect("encodes")
 }
 
 /// An account's password hash, apart from the account so it is never handed out.

@@ -36,6 +36,28 @@ pub struct Charge {
     pub cpu_num: u64,
     /// Memory in bytes.
     pub memory_size: u64,
+    /// Data volumes (1 for a data volume).
+    pub volume_data_num: u64,
+    /// A data volume's size in bytes.
+    pub volume_capacity: u64,
+}
+
+impl Charge {
+    /// What a data volume of `size` bytes counts.
+    pub fn data_volume(size: u64) -> Charge {
+        Charge { volume_data_num: 1, volume_capacity: size, ..Charge::default() }
+    }
+
+    /// What going from `self` to `to` adds (nothing where it shrinks).
+    pub fn growth_to(self, to: Charge) -> Charge {
+        Charge {
+            vm_num: to.vm_num.saturating_sub(self.vm_num),
+            cpu_num: to.cpu_num.saturating_sub(self.cpu_num),
+            memory_size: to.memory_size.saturating_sub(self.memory_size),
+            volume_data_num: to.volume_data_num.saturating_sub(self.volume_data_num),
+            volume_capacity: to.volume_capacity.saturating_sub(self.volume_capacity),
+        }
+    }
 }
 
 impl std::ops::Add for Charge {
@@ -46,8 +68,29 @@ impl std::ops::Add for Charge {
             vm_num: self.vm_num.saturating_add(other.vm_num),
             cpu_num: self.cpu_num.saturating_add(other.cpu_num),
             memory_size: self.memory_size.saturating_add(other.memory_size),
+            volume_data_num: self.volume_data_num.saturating_add(other.volume_data_num),
+            volume_capacity: self.volume_capacity.saturating_add(other.volume_capacity),
         }
     }
+}
+
+/// Version 1 of [`Charge`], before volume quotas.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct ChargeV1 {
+    vm_num: u64,
+    cpu_num: u64,
+    memory_size: u64,
+}
+
+/// Version 1 of [`OwnerRecord`].
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct OwnerRecordV1 {
+    resource_uuid: Uuid,
+    resource_type: String,
+    account_uuid: Uuid,
+    charge: ChargeV1,
 }
 
 /// The owner of one resource.
@@ -66,7 +109,32 @@ pub struct OwnerRecord {
 
 impl Record for OwnerRecord {
     const KIND: &'static str = "owner";
-    const VERSION: u16 = 1;
+    const VERSION: u16 = 2;
+
+    /// Version 1 charges counted no volumes.
+    fn upgrade(from_version: u16, payload: &[u8]) -> Result<Self, strato_storage::CodecError> {
+        match from_version {
+            1 => {
+                let v1: OwnerRecordV1 = strato_storage::codec::decode_payload(Self::KIND, payload)?;
+                Ok(OwnerRecord {
+                    resource_uuid: v1.resource_uuid,
+                    resource_type: v1.resource_type,
+                    account_uuid: v1.account_uuid,
+                    charge: Charge {
+                        vm_num: v1.charge.vm_num,
+                        cpu_num: v1.charge.cpu_num,
+                        memory_size: v1.charge.memory_size,
+                        ..Charge::default()
+                    },
+                })
+            }
+            found => Err(strato_storage::CodecError::UnknownVersion {
+                kind: Self::KIND,
+                found,
+                supported: Self::VERSION,
+            }),
+        }
+    }
 
     fn id(&self) -> Uuid {
         self.resource_uuid
@@ -106,7 +174,7 @@ pub enum QuotaError {
         "quota {quota} exceeded: the account uses {used}, this asks {requested} more, the quota is {limit}; delete resources or ask the admin for more"
     )]
     Exceeded {
-        /// Which quota (`vmNum`, `cpuNum`, `memorySize`).
+        /// Which quota (`vmNum`, `cpuNum`, `memorySize`, `volumeDataNum`, `volumeCapacity`).
         quota: &'static str,
         /// What the account uses.
         used: u64,
@@ -136,6 +204,8 @@ pub fn check(db: &Db, account: Uuid, charge: Charge) -> Result<(), QuotaError> {
         ("vmNum", used.vm_num, charge.vm_num, quota.vm_num),
         ("cpuNum", used.cpu_num, charge.cpu_num, quota.cpu_num),
         ("memorySize", used.memory_size, charge.memory_size, quota.memory_size),
+        ("volumeDataNum", used.volume_data_num, charge.volume_data_num, quota.volume_data_num),
+        ("volumeCapacity", used.volume_capacity, charge.volume_capacity, quota.volume_capacity),
     ]
     .into_iter()
     .find(|(_, used, more, limit)| !crate::host::fits_within(*used, *more, *limit));
@@ -173,6 +243,20 @@ impl Quotas {
         Ok(())
     }
 
+    /// Writes a new resource with `write` if `owner`'s charge (which `write` stores) fits
+    /// its account's quota: checked and written under the account's lock.
+    pub async fn admit<T, E, F, Fut>(&self, db: &Db, owner: &OwnerRecord, write: F) -> Result<T, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<T, E>>,
+        E: From<QuotaError>,
+    {
+        let lock = self.lock_of(owner.account_uuid);
+        let _one_at_a_time = lock.lock().await;
+        check(db, owner.account_uuid, owner.charge)?;
+        write().await
+    }
+
     /// Changes resource `resource`'s charge to `charge`, if its growth fits its owner's
     /// quota, under the account's lock. Returns the charge it had (to give back with
     /// [`Quotas::restore`] if what the charge is for does not happen), or `None` for a
@@ -191,11 +275,7 @@ impl Quotas {
         // Read again under the lock: another change's charge is the one this grows from.
         let Some(stored) = db.get::<OwnerRecord>(resource)? else { return Ok(None) };
         let previous = stored.record;
-        let growth = Charge {
-            vm_num: charge.vm_num.saturating_sub(previous.charge.vm_num),
-            cpu_num: charge.cpu_num.saturating_sub(previous.charge.cpu_num),
-            memory_size: charge.memory_size.saturating_sub(previous.charge.memory_size),
-        };
+        let growth = previous.charge.growth_to(charge);
         check(db, previous.account_uuid, growth)?;
         let mut batch = Batch::new();
         batch.put(
@@ -223,5 +303,39 @@ impl Quotas {
             Ok(_) | Err(StoreError::Conflict { .. }) => Ok(()),
             Err(error) => Err(error.into()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::accounts::{AccountRecord, Quota};
+
+    #[test]
+    fn records_written_before_volume_quotas_count_no_volumes_and_get_the_default_quotas() {
+        let owner = OwnerRecordV1 {
+            resource_uuid: Uuid::new_v4(),
+            resource_type: "VmInstanceVO".into(),
+            account_uuid: Uuid::new_v4(),
+            charge: ChargeV1 { vm_num: 1, cpu_num: 2, memory_size: 3 },
+        };
+        let payload = strato_storage::codec::encode_payload(OwnerRecord::KIND, &owner).unwrap();
+        let upgraded = OwnerRecord::upgrade(1, &payload).unwrap();
+        assert_eq!(upgraded.account_uuid, owner.account_uuid);
+        assert_eq!(
+            upgraded.charge,
+            Charge { vm_num: 1, cpu_num: 2, memory_size: 3, ..Charge::default() }
+        );
+        assert!(OwnerRecord::upgrade(3, &payload).is_err());
+
+        let account = AccountRecord::upgrade(1, &crate::accounts::v1_payload_for_tests()).unwrap();
+        assert_eq!(account.quota, Quota { vm_num: 7, ..Quota::default() });
+    }
+
+    #[test]
+    fn growth_counts_only_what_grows() {
+        let from = Charge { cpu_num: 4, ..Charge::data_volume(10) };
+        let to = Charge { cpu_num: 2, ..Charge::data_volume(25) };
+        assert_eq!(from.growth_to(to), Charge { volume_capacity: 15, ..Charge::default() });
     }
 }

@@ -150,6 +150,9 @@ pub enum VolumeError {
     /// A VM operation failed.
     #[error(transparent)]
     Vm(#[from] Box<crate::vm::VmError>),
+    /// The owner's quota does not take it.
+    #[error(transparent)]
+    Quota(#[from] crate::owners::QuotaError),
     /// A resource named does not exist.
     #[error("{kind} {uuid} not found")]
     NotFound {
@@ -334,6 +337,7 @@ pub(crate) async fn turn(volume: Uuid) -> Turn {
 
 /// Grows data volume `volume` to `size` bytes: live on a running VM (the guest sees the new
 /// size), offline on its file otherwise; a volume without a file yet just records the size.
+/// A tenant's volume is charged its new size first (given back if the growth fails).
 pub async fn resize(
     vms: &Kind<crate::vm::Vms>,
     hosts: &Kind<Hosts>,
@@ -343,6 +347,7 @@ pub async fn resize(
 ) -> Result<VolumeRecord, VolumeError> {
     let db = vms.runtime().db().clone();
     let hosts = hosts.clone();
+    let quotas = vms.entity().quotas().clone();
     on_volume(vms, volume, "resize-volume", job, move |vm| async move {
         let live = live(vm.as_ref())?;
         loop {
@@ -361,13 +366,15 @@ pub async fn resize(
                     ),
                 });
             }
-            if let (Some(host), Some(path)) = (v.host_uuid, v.install_path.clone()) {
-                let command = match (live, vm.as_ref(), v.disk()) {
-                    (true, Some(vm), Some(disk)) => Command::ResizeDisk { uuid: vm.uuid, disk, size },
-                    _ => Command::ResizeVolume { path, size },
-                };
-                let deadline = std::time::SystemTime::now() + OP_TIMEOUT;
-                host::command(&hosts, host, command, deadline, job).await?;
+            // A tenant's volume is charged its new size first: the growth must fit the quota.
+            let charged =
+                quotas.recharge(&db, volume, crate::owners::Charge::data_volume(size)).await?;
+            let grown = grow(&hosts, &v, vm.as_ref(), live, size, job).await;
+            if let Err(error) = grown {
+                if let Some(previous) = charged {
+                    quotas.restore(&db, previous).await?;
+                }
+                return Err(error);
             }
             v.size = size;
             let mut batch = Batch::new();
@@ -378,6 +385,25 @@ pub async fn resize(
         }
     })
     .await
+}
+
+/// Grows volume `v`'s file to `size` bytes (live on its running VM), if it has one.
+async fn grow(
+    hosts: &Kind<Hosts>,
+    v: &VolumeRecord,
+    vm: Option<&VmRecord>,
+    live: bool,
+    size: u64,
+    job: Option<Uuid>,
+) -> Result<(), VolumeError> {
+    let (Some(host), Some(path)) = (v.host_uuid, v.install_path.clone()) else { return Ok(()) };
+    let command = match (live, vm, v.disk()) {
+        (true, Some(vm), Some(disk)) => Command::ResizeDisk { uuid: vm.uuid, disk, size },
+        _ => Command::ResizeVolume { path, size },
+    };
+    let deadline = std::time::SystemTime::now() + OP_TIMEOUT;
+    host::command(hosts, host, command, deadline, job).await?;
+    Ok(())
 }
 
 /// The GC job kind that expunges a deleted volume once its grace period is over.

@@ -223,11 +223,11 @@ async fn a_burst_of_creations_takes_exactly_the_quotas_slots() {
         uuid: Uuid::new_v4(),
         name: "tenant".into(),
         account_type: AccountType::Normal,
-        quota: Quota { vm_num: 2, cpu_num: 80, memory_size: 80 << 30 },
+        quota: Quota { vm_num: 2, ..Quota::default() },
         create_date: 0,
     };
     put(&s.c.db, &account);
-    let charge = Charge { vm_num: 1, cpu_num: 2, memory_size: 1 << 30 };
+    let charge = Charge { vm_num: 1, cpu_num: 2, memory_size: 1 << 30, ..Charge::default() };
     let requests: Vec<CreateVm> = (0..6)
         .map(|_| CreateVm { charge_to: Some((account.uuid, charge)), ..request(&s, 1) })
         .collect();

@@ -361,6 +361,7 @@ impl From<strato_actors::volume::VolumeError> for ApiError {
             VolumeError::Store(e) => e.into(),
             VolumeError::Host(e) => e.into(),
             VolumeError::Vm(e) => (*e).into(),
+            VolumeError::Quota(e) => e.into(),
             VolumeError::NotFound { kind, uuid } => ApiError::not_found(kind, uuid),
             VolumeError::Invalid { field, message } => ApiError::invalid(field, message),
             VolumeError::InUse(message) => ApiError::of(crate::codes::VOLUME_IN_USE, message),

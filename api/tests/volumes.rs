@@ -805,3 +805,52 @@ fn a_snapshot_stopped_on_either_side_of_its_file_is_settled_by_what_the_file_say
     let plugged = Sim::disks_in(&cluster.agent_dir().join("sim-domains.json")).unwrap();
     assert_eq!(plugged[&vm][0].path, made_top);
 }
+
+#[test]
+fn a_tenant_s_data_volumes_count_against_its_volume_quotas() {
+    let cluster = TestCluster::start(ClusterOpts::sim(0));
+    let quota = json!({ "vmNum": 5, "cpuNum": 10, "memorySize": 10u64 << 30, "volumeDataNum": 2, "volumeCapacity": 48u64 << 20 });
+    let tenant = cluster.account("volume-quota", quota);
+    let create_as = |name: &str, size: u64| {
+        let body = json!({ "params": { "name": name, "diskSize": size } });
+        cluster.as_(&tenant, "POST", "/v1/volumes/data", Some(body))
+    };
+    let done = |(status, accepted): (u16, Value)| -> Value {
+        assert_eq!(status, 202, "{accepted}");
+        let auth = format!("OAuth {tenant}");
+        common::wait_job_as(
+            cluster.api,
+            accepted["location"].as_str().unwrap(),
+            ("Authorization", &auth),
+        )
+    };
+    let first = done(create_as("first", 16 << 20));
+    let first_id = uuid(&first["inventory"]).to_owned();
+    // The capacity: 16 + 40 MiB is over 48.
+    let (status, refused) = create_as("too-big", 40 << 20);
+    assert_eq!(
+        (status, refused["error"]["code"].as_str()),
+        (409, Some("ID.QUOTA_EXCEEDED")),
+        "{refused}"
+    );
+    assert_eq!(refused["error"]["details"]["quota"], "volumeCapacity", "{refused}");
+    done(create_as("second", 16 << 20));
+    // The number: a third is one too many.
+    let (status, refused) = create_as("third", 1 << 20);
+    assert_eq!(refused["error"]["details"]["quota"], "volumeDataNum", "{status} {refused}");
+    // Growing counts too: 16 + 32 fits 48, 16 + 40 does not.
+    let resize = |size: u64| {
+        let body = json!({ "resizeDataVolume": { "size": size } });
+        done(cluster.as_(&tenant, "PUT", &format!("/v1/volumes/{first_id}/actions"), Some(body)))
+    };
+    let grown = resize(32 << 20);
+    assert_eq!(grown["inventory"]["size"], 32u64 << 20, "{grown}");
+    let over = resize(40 << 20);
+    assert_eq!(over["error"]["code"], "ID.QUOTA_EXCEEDED", "{over}");
+    // Expunged, a volume counts no more.
+    let actions = format!("/v1/volumes/{first_id}/actions");
+    done(cluster.as_(&tenant, "DELETE", &format!("/v1/volumes/{first_id}"), None));
+    done(cluster.as_(&tenant, "PUT", &actions, Some(json!({ "expungeDataVolume": {} }))));
+    let third = done(create_as("third", 16 << 20));
+    assert!(third.get("error").is_none(), "{third}");
+}

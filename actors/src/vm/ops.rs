@@ -712,7 +712,12 @@ pub async fn change_offering(
             plan(record.state, VmOp::ChangeOffering)?;
             let (db, quotas) = (&ctx.entity().db, ctx.entity().quotas.clone());
             let charge =
-                crate::owners::Charge { vm_num: 1, cpu_num: u64::from(cpu), memory_size: memory };
+                crate::owners::Charge {
+                    vm_num: 1,
+                    cpu_num: u64::from(cpu),
+                    memory_size: memory,
+                    ..Default::default()
+                };
             let charged = quotas.recharge(db, id, charge).await?;
             let resized = async {
                 if let Some(host) = record.host_uuid {

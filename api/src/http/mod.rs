@@ -238,6 +238,19 @@ pub(crate) fn owned(
     uuid: Uuid,
 ) -> impl Fn(&mut strato_storage::Batch) -> Result<(), strato_storage::StoreError> + Send + 'static
 {
+    owned_charged(tags, kind, owner, uuid, strato_actors::owners::Charge::default())
+}
+
+/// [`owned`], counting `charge` against the owner's quota (admitted under the account's
+/// lock by `Quotas::admit`).
+pub(crate) fn owned_charged(
+    tags: &CreationTags,
+    kind: &'static Kind,
+    owner: Option<Uuid>,
+    uuid: Uuid,
+    charge: strato_actors::owners::Charge,
+) -> impl Fn(&mut strato_storage::Batch) -> Result<(), strato_storage::StoreError> + Send + 'static
+{
     let tags = tags.clone();
     move |batch: &mut strato_storage::Batch| {
         tags.write(batch, uuid, kind.vo)?;
@@ -246,7 +259,7 @@ pub(crate) fn owned(
                 resource_uuid: uuid,
                 resource_type: kind.vo.into(),
                 account_uuid: account,
-                charge: strato_actors::owners::Charge::default(),
+                charge,
             };
             batch.put(&record, strato_storage::Expect::Absent)?;
         }

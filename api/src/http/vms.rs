@@ -115,6 +115,7 @@ async fn create_vm(
         vm_num: 1,
         cpu_num: u64::from(offering.cpu_num),
         memory_size: offering.memory_size,
+        ..Charge::default()
     };
     // A tenant's VM is charged to its quota by the creation's first step, under the
     // account's lock; this look refuses at once what does not fit now.
@@ -276,11 +277,11 @@ async fn change_offering(
     // operation recharges it under the account's lock; this look refuses at once what does
     // not fit now.
     if let Some(owner) = mn.db.get::<OwnerRecord>(uuid)?.map(|s| s.record) {
-        let growth = Charge {
-            vm_num: 0,
-            cpu_num: u64::from(offering.cpu_num).saturating_sub(owner.charge.cpu_num),
-            memory_size: offering.memory_size.saturating_sub(owner.charge.memory_size),
-        };
+        let growth = owner.charge.growth_to(Charge {
+            cpu_num: u64::from(offering.cpu_num),
+            memory_size: offering.memory_size,
+            ..owner.charge
+        });
         owners::check(&mn.db, owner.account_uuid, growth)?;
     }
     let m = mn.clone();

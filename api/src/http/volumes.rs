@@ -14,6 +14,7 @@ use axum::response::Response;
 use axum::routing::{delete, post, put};
 use serde_json::json;
 use strato_actors::kinds;
+use strato_actors::owners::{self, Charge};
 use strato_actors::records::{
     BackupStorageRecord, DiskOfferingRecord, ImageRecord, PrimaryStorageRecord, VmRecord,
     VolumeRecord, VolumeSnapshotRecord,
@@ -22,7 +23,10 @@ use strato_actors::{snapshot, volume};
 use uuid::Uuid;
 
 use super::api::{Answer, Api, Body, Method, actions, schema};
-use super::{Id, Shared, accepted, action, creation, get_record, job_header, owned, submit_record};
+use super::{
+    Id, Shared, accepted, action, creation, get_record, job_header, owned, owned_charged,
+    submit_record,
+};
 use crate::auth;
 use crate::error::ApiError;
 use crate::types::actions::{NewSize, OnVm, VolumeAction, VolumeSnapshotAction};
@@ -187,6 +191,7 @@ async fn create_data_volume(
         get_record::<PrimaryStorageRecord>(&mn, ps)?;
     }
     let owner = auth::tenant();
+    let charge = quota_precheck(&mn, owner, size)?;
     let m = mn.clone();
     let job = mn
         .jobs
@@ -196,12 +201,48 @@ async fn create_data_volume(
                 primary_storage_uuid: p.primary_storage_uuid,
                 ..VolumeRecord::data(p.name, p.description, size)
             };
-            let extra = owned(&tags, kind, owner, record.uuid);
-            strato_actors::cascade::insert(&m.db, &record, extra).await?;
+            let extra = owned_charged(&tags, kind, owner, record.uuid, charge);
+            charged(&m, owner, record.uuid, charge, || async {
+                strato_actors::cascade::insert(&m.db, &record, extra).await.map_err(ApiError::from)
+            })
+            .await?;
             inventory(&record)
         })
         .await?;
     Ok(accepted(&mn, job))
+}
+
+/// What a new data volume of `size` bytes charges: refused at once if it does not fit the
+/// tenant's quota now (the creation checks again under the account's lock).
+fn quota_precheck(mn: &crate::mn::Mn, owner: Option<Uuid>, size: u64) -> Result<Charge, ApiError> {
+    let charge = Charge::data_volume(size);
+    if let Some(tenant) = owner {
+        owners::check(&mn.db, tenant, charge)?;
+    }
+    Ok(charge)
+}
+
+/// Runs `write`, which stores new resource `resource` charged `charge` to `owner`: for a
+/// tenant, under its account's lock, once its quota is checked again.
+async fn charged<T, F, Fut>(
+    m: &crate::mn::Mn,
+    owner: Option<Uuid>,
+    resource: Uuid,
+    charge: Charge,
+    write: F,
+) -> Result<T, ApiError>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<T, ApiError>>,
+{
+    let Some(account) = owner else { return write().await };
+    let record = owners::OwnerRecord {
+        resource_uuid: resource,
+        resource_type: "VolumeVO".into(),
+        account_uuid: account,
+        charge,
+    };
+    m.vms.entity().quotas().admit(&m.db, &record, write).await
 }
 
 /// The volume, which the caller may use.
@@ -380,8 +421,9 @@ async fn volume_from_snapshot(
     let (p, raw, tags): (VolumeSnapshotParams, _, _) = creation(&body, kind)?;
     validate::name("name", &p.name)?;
     validate::text("description", &p.description, validate::MAX_DESCRIPTION_CHARS)?;
-    usable_snapshot(&mn, snapshot_uuid)?;
+    let size = usable_snapshot(&mn, snapshot_uuid)?.size;
     let owner = auth::tenant();
+    let charge = quota_precheck(&mn, owner, size)?;
     let m = mn.clone();
     let job = mn
         .jobs
@@ -392,10 +434,14 @@ async fn volume_from_snapshot(
             move |job| async move {
                 // Its size, place and file are those of the snapshot's copy.
                 let new = VolumeRecord::data(p.name, p.description, 0);
-                let extra = owned(&tags, kind, owner, new.uuid);
-                let made =
+                let uuid = new.uuid;
+                let extra = owned_charged(&tags, kind, owner, uuid, charge);
+                let made = charged(&m, owner, uuid, charge, || async {
                     snapshot::to_volume(&m.runtime, &m.hosts, snapshot_uuid, new, extra, Some(job))
-                        .await?;
+                        .await
+                        .map_err(ApiError::from)
+                })
+                .await?;
                 inventory(&made)
             },
         )
@@ -561,6 +607,7 @@ async fn volume_from_template(
         }
     };
     let owner = auth::tenant();
+    let charge = quota_precheck(&mn, owner, size)?;
     let m = mn.clone();
     let job = mn
         .jobs
@@ -574,8 +621,13 @@ async fn volume_from_template(
                     primary_storage_uuid: p.primary_storage_uuid,
                     ..VolumeRecord::data(p.name, p.description, size)
                 };
-                let extra = owned(&tags, kind, owner, record.uuid);
-                strato_actors::cascade::insert(&m.db, &record, extra).await?;
+                let extra = owned_charged(&tags, kind, owner, record.uuid, charge);
+                charged(&m, owner, record.uuid, charge, || async {
+                    strato_actors::cascade::insert(&m.db, &record, extra)
+                        .await
+                        .map_err(ApiError::from)
+                })
+                .await?;
                 inventory(&record)
             },
         )

@@ -576,6 +576,20 @@ pub struct QuotaParams {
     pub cpu_num: u64,
     /// Memory over all VMs, in bytes.
     pub memory_size: u64,
+    /// Data volumes (ZStack's default 40 when absent).
+    #[serde(default = "default_volume_data_num")]
+    pub volume_data_num: u64,
+    /// The data volumes' sizes in all, in bytes (ZStack's default 10 TiB when absent).
+    #[serde(default = "default_volume_capacity")]
+    pub volume_capacity: u64,
+}
+
+fn default_volume_data_num() -> u64 {
+    strato_actors::accounts::Quota::default().volume_data_num
+}
+
+fn default_volume_capacity() -> u64 {
+    strato_actors::accounts::Quota::default().volume_capacity
 }
 
 impl From<QuotaParams> for strato_actors::accounts::Quota {
@@ -584,6 +598,8 @@ impl From<QuotaParams> for strato_actors::accounts::Quota {
             vm_num: q.vm_num,
             cpu_num: q.cpu_num,
             memory_size: q.memory_size,
+            volume_data_num: q.volume_data_num,
+            volume_capacity: q.volume_capacity,
         }
     }
 }
