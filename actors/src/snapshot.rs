@@ -11,8 +11,9 @@
 //! children, or one another volume uses, would be corrupted for the other.
 //!
 //! On an attached volume every operation runs in its VM's `lifecycle` queue; a detached
-//! volume's operations compare-and-swap its record, and one that loses gives back the file
-//! it made and decides again. Records are written before old files are deleted; a file whose
+//! volume's operations run in its turn (`volume::turn`, which an attachment takes too) and
+//! compare-and-swap its record, and one that loses gives back the file it made and decides
+//! again. Records are written before old files are deleted; a file whose
 //! deletion fails is left to the GC's delete-volume job (the host may be away).
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -253,6 +254,9 @@ pub async fn create(
             let expect =
                 intent.as_ref().map_or(Expect::Absent, |was| Expect::Generation(was.generation));
             batch.put(&wanted, expect)?;
+            // Written against the volume as read: a deletion or another change meanwhile makes
+            // the intent decide again.
+            batch.put(v, Expect::Generation(stored.generation))?;
             if !tagged {
                 extra(&mut batch)?;
             }
@@ -282,6 +286,10 @@ pub async fn create(
                 };
             }
             let Some(intent) = db.get::<VolumeSnapshotRecord>(snapshot.uuid)? else { continue };
+            if intent.record.status != CREATING {
+                return Ok(intent.record); // settled as taken meanwhile
+            }
+            let stored = volume::get(&db, volume)?;
             let (batch, taken) = landing(&db, &stored, &intent, new_top.clone())?;
             if landed(&db, batch).await? {
                 cancel_settle(&runtime, snapshot.uuid).await;
@@ -291,7 +299,7 @@ pub async fn create(
             // Another change of the volume came first. Live, the domain writes to the new
             // top already (in the VM's queue nothing else changes it): decided again on the
             // same file. Offline, the new top is given back and made again on the new state.
-            if !live {
+            if !live && !named_files(&db, volume)?.contains(&new_top) {
                 send(&hosts, host, Command::DeleteVolume { path: new_top }, job).await?;
             }
         }
@@ -316,18 +324,26 @@ pub async fn settle(
     volume: Uuid,
     job: Option<Uuid>,
 ) -> Result<(), VolumeError> {
-    for (id, intent) in snapshots_of(db, volume)? {
-        if intent.record.status != CREATING {
-            continue;
-        }
+    loop {
+        let Some((id, intent)) =
+            snapshots_of(db, volume)?.into_iter().find(|(_, s)| s.record.status == CREATING)
+        else {
+            return Ok(());
+        };
         let top = intent.record.primary_storage_install_path.clone();
         let new_top = new_top_of(&top, volume, id);
         let host = intent
             .record
             .host_uuid
             .ok_or(VolumeError::InUse(format!("snapshot {id} names no host")))?;
-        let made =
-            match send(hosts, host, Command::DescribeVolume { path: new_top.clone() }, job).await {
+        let stored = db.get::<VolumeRecord>(volume)?;
+        // Asked behind the commands of the domain that may be making it; a host deleted
+        // since is no longer managed, and its intent just goes.
+        let domain = stored.as_ref().and_then(|v| v.record.vm_instance_uuid);
+        let describe = Command::DescribeVolume { path: new_top.clone(), domain };
+        let gone = db.get::<crate::records::HostRecord>(host)?.is_none();
+        let made = !gone
+            && match send(hosts, host, describe, job).await {
                 Ok(_) => true,
                 Err(VolumeError::Host(host::HostError::Link(strato_proto::LinkError::Agent {
                     error,
@@ -335,24 +351,28 @@ pub async fn settle(
                 }))) if error.code == strato_proto::AgentErrorCode::NotFound => false,
                 Err(error) => return Err(error),
             };
-        let stored = volume::get(db, volume)?;
-        let batch = if made && stored.record.install_path.as_deref() == Some(top.as_str()) {
-            landing(db, &stored, &intent, new_top)?.0
-        } else {
-            // Not taken (or the volume moved on since, and the file is nobody's).
-            if made && stored.record.install_path.as_deref() != Some(new_top.as_str()) {
-                send(hosts, host, Command::DeleteVolume { path: new_top }, job).await?;
+        let on_its_top =
+            stored.as_ref().is_some_and(|v| v.record.install_path.as_deref() == Some(top.as_str()));
+        let batch = match stored {
+            Some(stored) if made && on_its_top => landing(db, &stored, &intent, new_top)?.0,
+            stored => {
+                // Not taken, or its volume moved on or went: the new top is nobody's.
+                let named = stored
+                    .is_some_and(|v| v.record.install_path.as_deref() == Some(new_top.as_str()));
+                if made && !named && !gone {
+                    send(hosts, host, Command::DeleteVolume { path: new_top }, job).await?;
+                }
+                let mut batch = Batch::new();
+                batch.delete::<VolumeSnapshotRecord>(id, Expect::Generation(intent.generation));
+                crate::records::delete_refs(db, &mut batch, id)?;
+                batch
             }
-            let mut batch = Batch::new();
-            batch.delete::<VolumeSnapshotRecord>(id, Expect::Generation(intent.generation));
-            crate::records::delete_refs(db, &mut batch, id)?;
-            batch
         };
+        // Landed or not, the next round sees the intent settled or decides it again.
         if landed(db, batch).await? {
             tracing::info!(%volume, snapshot = %id, taken = made, "a snapshot left Creating was settled");
         }
     }
-    Ok(())
 }
 
 /// The GC job kind that deletes the files an operation on a volume made or left, those no
@@ -464,9 +484,14 @@ pub fn register_gc(vms: Kind<Vms>, hosts: Kind<Hosts>) {
     runtime.gc().register_handler(SETTLE_JOB, move |job: SettleJob| {
         let vms = vms.clone();
         async move {
-            // In the volume's turn; the turn itself settles it (see `volume::on_volume`).
+            // In the volume's turn; the turn itself settles it (see `volume::on_volume`). A
+            // volume gone meanwhile leaves its intents to settle here.
             let db = vms.runtime().db().clone();
             if db.get::<VolumeRecord>(job.volume)?.is_none() {
+                let _turn = volume::turn(job.volume).await;
+                let hosts =
+                    vms.runtime().kind::<Hosts>().ok_or("the host kind is not registered")?;
+                settle(&db, &hosts, job.volume, None).await?;
                 return Ok(());
             }
             volume::on_volume(&vms, job.volume, "settle-snapshots", None, |_| async { Ok(()) })

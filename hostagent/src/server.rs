@@ -439,7 +439,7 @@ impl Agent {
                 volumes::flatten_volume(&source, &dest).await
             }
             Command::DeleteVolume { path } => volumes::delete_volume(&path).await,
-            Command::DescribeVolume { path } => volumes::describe_volume(&path).await,
+            Command::DescribeVolume { path, .. } => volumes::describe_once_made(&path).await,
             Command::CleanImageCache { cache_dir, volume_dirs, grace_secs } => {
                 let grace = Duration::from_secs(grace_secs);
                 volumes::clean_image_cache(&cache_dir, &volume_dirs, grace).await.map(|c| {

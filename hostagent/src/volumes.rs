@@ -7,9 +7,10 @@
 //! The image cache is cleaned from what the files say, not from what the MN's records say:
 //! a cached image is deleted only when no qcow2 file under the primary storage's volume
 //! directories names it as its backing file (read from each file's header, which takes
-//! microseconds where `qemu-img info` takes milliseconds). A cache handed out in the last
-//! [`CACHE_GRACE`] is kept even if nothing uses it yet: a VM creation caches its image and
-//! then, in a second command, makes its root volume on it.
+//! microseconds where `qemu-img info` takes milliseconds). A cache handed out within the
+//! grace period the MN gives is kept even if nothing uses it yet: a VM creation caches its
+//! image and then, in a second command, makes its root volume on it. That protection holds
+//! within one agent: an image cache directory is one host's own (local storage).
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -21,10 +22,6 @@ use strato_proto::{AgentError, AgentErrorCode, Reply};
 use tokio::process::Command;
 use tokio::sync::RwLock;
 use uuid::Uuid;
-
-/// How long a cached image handed out (or made) is kept whatever uses it: longer than a
-/// creation takes from caching its image to making its root volume on it.
-pub const CACHE_GRACE: Duration = Duration::from_secs(30 * 60);
 
 /// The image caches of this process: handing one out (read) and cleaning (write) exclude
 /// each other, and when each cache was last handed out.
@@ -96,7 +93,9 @@ async fn make_once(
     if let Some(dir) = dest.parent() {
         tokio::fs::create_dir_all(dir).await.map_err(|e| io_error("creating", dir, e))?;
     }
-    let tmp = PathBuf::from(format!("{}.part", dest.display()));
+    // Named for this process: agents sharing a directory (hosts on one shared storage) each
+    // write their own, and the rename is atomic.
+    let tmp = PathBuf::from(format!("{}.part-{}", dest.display(), std::process::id()));
     let args = args(&tmp.display().to_string());
     qemu_img(&args.iter().map(String::as_str).collect::<Vec<_>>()).await?;
     tokio::fs::rename(&tmp, dest).await.map_err(|e| io_error("renaming", &tmp, e))?;
@@ -110,9 +109,13 @@ fn args(items: &[&str]) -> Vec<String> {
 
 /// Puts image `image` into `cache_dir` as qcow2, converting from `source` if missing.
 pub async fn cache_image(image: Uuid, source: &str, cache_dir: &str) -> Result<Reply, AgentError> {
-    let _turn = CACHES.turn.read().await;
     let dest = PathBuf::from(cache_dir).join(format!("{image}.qcow2"));
-    CACHES.handed_out.lock().expect("image cache guard").insert(dest.clone(), Instant::now());
+    {
+        // Handed out before a cleaning can look (the conversion itself needs no turn: its
+        // file is new, so the grace spares it).
+        let _turn = CACHES.turn.read().await;
+        CACHES.handed_out.lock().expect("image cache guard").insert(dest.clone(), Instant::now());
+    }
     if !tokio::fs::try_exists(&dest).await.unwrap_or(false)
         && !tokio::fs::try_exists(source).await.unwrap_or(false)
     {
@@ -188,6 +191,15 @@ pub async fn flatten_volume(source: &str, dest: &str) -> Result<Reply, AgentErro
 pub async fn resize_volume(path: &str, size: u64) -> Result<Reply, AgentError> {
     qemu_img(&["resize", "-q", "-f", "qcow2", path, &size.to_string()]).await?;
     file_reply(Path::new(path)).await
+}
+
+/// Describes the volume file at `path` once no making of it is under way.
+pub async fn describe_once_made(path: &str) -> Result<Reply, AgentError> {
+    let turn = MAKING.lock().expect("files being made").get(Path::new(path)).cloned();
+    if let Some(turn) = turn {
+        drop(turn.lock().await);
+    }
+    describe_volume(path).await
 }
 
 /// Describes the volume file at `path`: its size on disk, virtual size and backing file.

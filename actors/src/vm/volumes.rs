@@ -116,9 +116,17 @@ pub async fn attach(
         let deadline = std::time::SystemTime::now() + ctx.remaining();
         let send = |command: Command| host::command(&hosts, host_uuid, command, deadline, job);
 
+        // In the volume's turn: no operation on it as a detached volume runs meanwhile (one
+        // that began detached would go on as if it still were).
+        let _turn = volume::turn(volume).await;
         // Claimed first: a volume another VM is attaching at the same moment is refused
         // here, before either makes or plugs anything.
         claim(&db, volume, &record, &host).await?;
+        // A snapshot of it left Creating is settled before its top is plugged.
+        if let Err(error) = crate::snapshot::settle(&db, &hosts, volume, job).await {
+            release_claim(&db, volume, vm).await?;
+            return Err(error);
+        }
         // Made next, if never attached before; plugged last.
         let made = match instantiate(&db, &send, volume, vm, &host).await {
             Ok(made) => made,
@@ -191,9 +199,18 @@ where
             source: template_file(db, image)?,
             dest: format!("{dir}/{volume}.qcow2"),
         },
-        None => Command::CreateDataVolume { volume, size, dir },
+        None => Command::CreateDataVolume { volume, size, dir: dir.clone() },
     };
-    match send(command).await {
+    let made = match (send(command).await, current.root_image_uuid) {
+        // A template's copy takes the template's size: grown to the volume's, if it was
+        // grown before it was made (growing to the same size changes nothing).
+        (Ok(_), Some(_)) => {
+            let path = format!("{dir}/{volume}.qcow2");
+            send(Command::ResizeVolume { path, size }).await
+        }
+        (made, _) => made,
+    };
+    match made {
         Ok(_) => {
             volume::update(db, volume, |v| {
                 v.status = VolumeStatus::Ready;

@@ -598,7 +598,17 @@ async fn volume_from_template(
     // Its size is the template's virtual size, read from the file's header.
     let file = image.backup_storage_refs.first().map(|(_, path)| path.clone()).unwrap_or_default();
     let size = match strato_proto::qcow2::read_header(std::path::Path::new(&file)) {
-        Ok(Some((size, _))) => size,
+        Ok(Some((size, None))) => size,
+        // Copied with its chain, a backing file would bring a host's file into a volume.
+        Ok(Some((_, Some(backing)))) => {
+            return Err(ApiError::invalid(
+                "imageUuid",
+                format!(
+                    "image {image_uuid}'s file names a backing file ({}): a template stands alone",
+                    backing.display()
+                ),
+            ));
+        }
         Ok(None) | Err(_) => {
             return Err(ApiError::invalid(
                 "imageUuid",

@@ -364,9 +364,13 @@ pub enum Command {
         path: String,
     },
     /// Describe a volume file (its sizes and backing file); `NotFound` if it does not exist.
+    /// It waits for a making of the same file under way, and for `domain`'s earlier
+    /// commands, so that "not found" means the file will not appear from them.
     DescribeVolume {
         /// The volume's path.
         path: String,
+        /// The domain whose commands may make it (a live snapshot's), if any.
+        domain: Option<Uuid>,
     },
     /// Delete every cached image in `cache_dir` that no file under `volume_dirs` is backed
     /// by, keeping those made or handed out within `grace_secs`.
@@ -434,6 +438,7 @@ impl Command {
             | Command::SnapshotDisk { uuid, .. }
             | Command::PullDisk { uuid, .. }
             | Command::ResizeDisk { uuid, .. } => Some(*uuid),
+            Command::DescribeVolume { domain, .. } => *domain,
             Command::HostFacts
             | Command::ListDomains
             | Command::CacheImage { .. }
@@ -444,7 +449,6 @@ impl Command {
             | Command::ResizeVolume { .. }
             | Command::FlattenVolume { .. }
             | Command::DeleteVolume { .. }
-            | Command::DescribeVolume { .. }
             | Command::CleanImageCache { .. }
             | Command::ApplyNetwork(_)
             | Command::NetworkStatus => None,
