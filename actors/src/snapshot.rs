@@ -489,8 +489,7 @@ pub fn register_gc(vms: Kind<Vms>, hosts: Kind<Hosts>) {
             let db = vms.runtime().db().clone();
             if db.get::<VolumeRecord>(job.volume)?.is_none() {
                 let _turn = volume::turn(job.volume).await;
-                let hosts =
-                    vms.runtime().kind::<Hosts>().ok_or("the host kind is not registered")?;
+                let hosts = volume::hosts_kind(vms.runtime())?;
                 settle(&db, &hosts, job.volume, None).await?;
                 return Ok(());
             }
@@ -756,9 +755,7 @@ pub async fn template(
     job: Option<Uuid>,
 ) -> Result<crate::records::ImageRecord, VolumeError> {
     let db = vms.runtime().db().clone();
-    let hosts = vms.runtime().kind::<Hosts>().ok_or_else(|| {
-        VolumeError::Runtime(strato_runtime::RuntimeError::UnknownKind { kind: "host".into() })
-    })?;
+    let hosts = volume::hosts_kind(vms.runtime())?;
     let volume = get(&db, snapshot)?.record.volume_uuid;
     volume::on_volume(vms, volume, "snapshot-template", job, move |_| async move {
         let s = get(&db, snapshot)?.record;

@@ -278,10 +278,7 @@ where
     Fut: std::future::Future<Output = Result<T, VolumeError>> + Send,
 {
     let db = vms.runtime().db().clone();
-    let hosts = vms
-        .runtime()
-        .kind::<Hosts>()
-        .ok_or_else(|| VolumeError::Runtime(RuntimeError::UnknownKind { kind: "host".into() }))?;
+    let hosts = hosts_kind(vms.runtime())?;
     let Some(vm) = get(&db, volume)?.record.vm_instance_uuid else {
         let _turn = turn(volume).await;
         // Attached meanwhile: its VM's queue is the turn.
@@ -303,6 +300,13 @@ where
         op(Some(record)).await
     })
     .await
+}
+
+/// The host kind, which volume operations command.
+pub(crate) fn hosts_kind(runtime: &Runtime) -> Result<Kind<Hosts>, VolumeError> {
+    runtime
+        .kind::<Hosts>()
+        .ok_or_else(|| VolumeError::Runtime(RuntimeError::UnknownKind { kind: "host".into() }))
 }
 
 /// The turns of detached volumes: one operation at a time on each, in this node. A detached

@@ -32,6 +32,21 @@ fn volume(api: std::net::SocketAddr, id: &str) -> Value {
     found["inventories"][0].clone()
 }
 
+/// Local primary storage under the cluster's directory (`ps`), attached to the host's
+/// cluster.
+fn local_storage(cluster: &TestCluster, infra: &common::Infrastructure) -> Value {
+    let api = cluster.api;
+    let host_cluster = infra.host["clusterUuid"].as_str().unwrap();
+    let (_, _, clusters) = http(api, "GET", &format!("/v1/clusters/{host_cluster}"), None, &[]);
+    let ps = create(
+        api,
+        "/v1/primary-storage/local-storage",
+        json!({ "name": "ps", "url": cluster.dir().join("ps").display().to_string(), "zoneUuid": clusters["inventories"][0]["zoneUuid"] }),
+    );
+    ok(api, "POST", &format!("/v1/clusters/{host_cluster}/primary-storage/{}", uuid(&ps)), None);
+    ps
+}
+
 fn act(api: std::net::SocketAddr, id: &str, body: Value) -> Value {
     call(api, "PUT", &format!("/v1/volumes/{id}/actions"), Some(&body.to_string()))
 }
@@ -273,14 +288,7 @@ fn snapshots_keep_each_layer_s_bytes_through_reverts_and_deletions() {
     let cluster = TestCluster::start(ClusterOpts::sim(0));
     let api = cluster.api;
     let infra = vm_infrastructure(api, cluster.agent, "10.21.0.10", "10.21.0.50");
-    let host_cluster = infra.host["clusterUuid"].as_str().unwrap();
-    let (_, _, clusters) = http(api, "GET", &format!("/v1/clusters/{host_cluster}"), None, &[]);
-    let ps = create(
-        api,
-        "/v1/primary-storage/local-storage",
-        json!({ "name": "ps", "url": cluster.dir().join("ps").display().to_string(), "zoneUuid": clusters["inventories"][0]["zoneUuid"] }),
-    );
-    ok(api, "POST", &format!("/v1/clusters/{host_cluster}/primary-storage/{}", uuid(&ps)), None);
+    local_storage(&cluster, &infra);
     let body = json!({ "params": { "name": "vm", "instanceOfferingUuid": infra.offering["uuid"], "l3NetworkUuids": [infra.l3["uuid"]] } });
     let vm = ok(api, "POST", "/v1/vm-instances", Some(&body.to_string()));
     let vm_id = uuid(&vm).to_owned();
@@ -735,14 +743,7 @@ fn a_snapshot_stopped_on_either_side_of_its_file_is_settled_by_what_the_file_say
     let mut cluster = cluster;
     let api = cluster.api;
     let infra = vm_infrastructure(api, cluster.agent, "10.23.0.10", "10.23.0.50");
-    let host_cluster = infra.host["clusterUuid"].as_str().unwrap();
-    let (_, _, clusters) = http(api, "GET", &format!("/v1/clusters/{host_cluster}"), None, &[]);
-    let ps = create(
-        api,
-        "/v1/primary-storage/local-storage",
-        json!({ "name": "ps", "url": cluster.dir().join("ps").display().to_string(), "zoneUuid": clusters["inventories"][0]["zoneUuid"] }),
-    );
-    ok(api, "POST", &format!("/v1/clusters/{host_cluster}/primary-storage/{}", uuid(&ps)), None);
+    local_storage(&cluster, &infra);
     let body = json!({ "params": { "name": "vm", "instanceOfferingUuid": infra.offering["uuid"], "l3NetworkUuids": [infra.l3["uuid"]] } });
     let vm_id = uuid(&ok(api, "POST", "/v1/vm-instances", Some(&body.to_string()))).to_owned();
     let data = create(api, "/v1/volumes/data", json!({ "name": "data", "diskSize": 16u64 << 20 }));

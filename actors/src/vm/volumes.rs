@@ -30,9 +30,7 @@ use crate::records::{HostRecord, PrimaryStorageRecord, VmRecord, VolumeRecord, V
 use crate::volume::{self, MAX_DATA_VOLUMES, VolumeError, VolumeOp, allows};
 
 fn hosts_of(ctx: &OpCtx<Vms>) -> Result<Kind<Hosts>, VolumeError> {
-    ctx.runtime().kind::<Hosts>().ok_or_else(|| {
-        VolumeError::Runtime(strato_runtime::RuntimeError::UnknownKind { kind: "host".into() })
-    })
+    volume::hosts_kind(ctx.runtime())
 }
 
 /// Whether the VM in `state` takes a disk live (`Some(true)`), in its definition only
@@ -503,9 +501,7 @@ pub async fn data_template(
     job: Option<Uuid>,
 ) -> Result<crate::records::ImageRecord, VolumeError> {
     let db = vms.runtime().db().clone();
-    let hosts = vms.runtime().kind::<Hosts>().ok_or_else(|| {
-        VolumeError::Runtime(strato_runtime::RuntimeError::UnknownKind { kind: "host".into() })
-    })?;
+    let hosts = volume::hosts_kind(vms.runtime())?;
     volume::on_volume(vms, volume, "data-template", job, move |vm| async move {
         if let Some(vm) = vm.as_ref().filter(|_| volume::live(vm.as_ref()).unwrap_or(true)) {
             return Err(VolumeError::VmState {
