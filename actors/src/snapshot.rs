@@ -705,14 +705,16 @@ pub(crate) fn forget_all(
 
 /// Makes data volume `new` (its name, description and owner's writes given) from snapshot
 /// `snapshot`: a standalone copy of the snapshot's chain, on the snapshot's host, Ready at
-/// once. `extra` adds the new volume's tags and owner to the same write; the copy is deleted
-/// if that write fails.
+/// once. `extra` adds the new volume's tags and owner to the same write; with `quota`, that
+/// write is admitted under the owner's account lock (the copy is made before, outside it).
+/// The copy is deleted if the write fails.
 pub async fn to_volume(
     runtime: &strato_runtime::Runtime,
     hosts: &Kind<Hosts>,
     snapshot: Uuid,
     mut new: VolumeRecord,
     extra: impl Fn(&mut Batch) -> Result<(), strato_storage::StoreError>,
+    quota: Option<(std::sync::Arc<crate::owners::Quotas>, crate::owners::OwnerRecord)>,
     job: Option<Uuid>,
 ) -> Result<VolumeRecord, VolumeError> {
     let db = runtime.db();
@@ -734,10 +736,16 @@ pub async fn to_volume(
     new.host_uuid = Some(host);
     new.primary_storage_uuid = s.primary_storage_uuid;
     new.install_path = Some(dest.clone());
-    if let Err(error) = crate::cascade::insert(db, &new, extra).await {
+    let insert =
+        || async { crate::cascade::insert(db, &new, &extra).await.map_err(volume::not_written) };
+    let inserted = match &quota {
+        Some((quotas, owner)) => quotas.admit(db, owner, insert).await,
+        None => insert().await,
+    };
+    if let Err(error) = inserted {
         delete_files(hosts, host, vec![dest]).await;
         sweep.done().await;
-        return Err(volume::not_written(error));
+        return Err(error);
     }
     sweep.done().await;
     Ok(new)

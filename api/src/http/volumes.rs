@@ -236,13 +236,18 @@ where
     Fut: std::future::Future<Output = Result<T, ApiError>>,
 {
     let Some(account) = owner else { return write().await };
-    let record = owners::OwnerRecord {
+    let record = owner_record(account, resource, charge);
+    m.vms.entity().quotas().admit(&m.db, &record, write).await
+}
+
+/// Data volume `resource`'s owner record: `account`'s, charged `charge`.
+fn owner_record(account: Uuid, resource: Uuid, charge: Charge) -> owners::OwnerRecord {
+    owners::OwnerRecord {
         resource_uuid: resource,
         resource_type: "VolumeVO".into(),
         account_uuid: account,
         charge,
-    };
-    m.vms.entity().quotas().admit(&m.db, &record, write).await
+    }
 }
 
 /// The volume, which the caller may use.
@@ -436,11 +441,20 @@ async fn volume_from_snapshot(
                 let new = VolumeRecord::data(p.name, p.description, 0);
                 let uuid = new.uuid;
                 let extra = owned_charged(&tags, kind, owner, uuid, charge);
-                let made = charged(&m, owner, uuid, charge, || async {
-                    snapshot::to_volume(&m.runtime, &m.hosts, snapshot_uuid, new, extra, Some(job))
-                        .await
-                        .map_err(ApiError::from)
-                })
+                // The copy is made first; its record is admitted under the account's lock.
+                let quota = owner.map(|account| {
+                    let owner = owner_record(account, uuid, charge);
+                    (m.vms.entity().quotas().clone(), owner)
+                });
+                let made = snapshot::to_volume(
+                    &m.runtime,
+                    &m.hosts,
+                    snapshot_uuid,
+                    new,
+                    extra,
+                    quota,
+                    Some(job),
+                )
                 .await?;
                 inventory(&made)
             },
