@@ -186,10 +186,7 @@ async fn create_data_volume(
             ));
         }
     };
-    if let Some(ps) = p.primary_storage_uuid {
-        auth::admin_only("choosing a data volume's primary storage")?;
-        get_record::<PrimaryStorageRecord>(&mn, ps)?;
-    }
+    chosen_storage(&mn, p.primary_storage_uuid)?;
     let owner = auth::tenant();
     let charge = quota_precheck(&mn, owner, size)?;
     let m = mn.clone();
@@ -210,6 +207,15 @@ async fn create_data_volume(
         })
         .await?;
     Ok(accepted(&mn, job))
+}
+
+/// Checks the primary storage a new data volume names, if any: the admin's choice alone.
+fn chosen_storage(mn: &crate::mn::Mn, ps: Option<Uuid>) -> Result<(), ApiError> {
+    if let Some(ps) = ps {
+        auth::admin_only("choosing a data volume's primary storage")?;
+        get_record::<PrimaryStorageRecord>(mn, ps)?;
+    }
+    Ok(())
 }
 
 /// What a new data volume of `size` bytes charges: refused at once if it does not fit the
@@ -522,7 +528,7 @@ async fn make_template(
         }
         TemplateSource::DataVolume => {
             let v = usable_volume(&mn, from)?;
-            if v.r#type != "Data" {
+            if v.is_root() {
                 return Err(ApiError::invalid(
                     "volumeUuid",
                     "a data volume template is made from a data volume",
@@ -605,10 +611,7 @@ async fn volume_from_template(
             ),
         ));
     }
-    if let Some(ps) = p.primary_storage_uuid {
-        auth::admin_only("choosing a data volume's primary storage")?;
-        get_record::<PrimaryStorageRecord>(&mn, ps)?;
-    }
+    chosen_storage(&mn, p.primary_storage_uuid)?;
     // Its size is the template's virtual size, read from the file's header.
     let file = image.backup_storage_refs.first().map(|(_, path)| path.clone()).unwrap_or_default();
     let size = match strato_proto::qcow2::read_header(std::path::Path::new(&file)) {
