@@ -49,6 +49,7 @@ pub mod images;
 pub mod ipam;
 pub mod kinds;
 pub mod l3;
+pub mod local_storage;
 pub mod maintenance;
 pub mod network;
 pub mod owners;

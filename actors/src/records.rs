@@ -988,6 +988,8 @@ pub enum VolumeStatus {
     Ready,
     /// Deleted (Delay policy): recoverable until expunged.
     Deleted,
+    /// Its files are being copied to another host's local storage.
+    Migrating,
 }
 
 impl VolumeStatus {
@@ -998,6 +1000,7 @@ impl VolumeStatus {
             VolumeStatus::Creating => "Creating",
             VolumeStatus::Ready => "Ready",
             VolumeStatus::Deleted => "Deleted",
+            VolumeStatus::Migrating => "Migrating",
         }
     }
 }

@@ -299,7 +299,7 @@ pub async fn create(
             // Another change of the volume came first. Live, the domain writes to the new
             // top already (in the VM's queue nothing else changes it): decided again on the
             // same file. Offline, the new top is given back and made again on the new state.
-            if !live && !named_files(&db, volume)?.contains(&new_top) {
+            if !live && !named_files(&db, volume, host)?.contains(&new_top) {
                 send(&hosts, host, Command::DeleteVolume { path: new_top }, job).await?;
             }
         }
@@ -423,14 +423,16 @@ impl Sweep {
     }
 }
 
-/// Every file `volume`'s records name: its top, its snapshots' layers and the new tops of
-/// those being taken.
-fn named_files(db: &Db, volume: Uuid) -> Result<BTreeSet<String>, VolumeError> {
+/// Every file `volume`'s records name on `host`: its top, its snapshots' layers and the new
+/// tops of those being taken (a volume moved to another host's local storage names none of
+/// its old files on the old host).
+fn named_files(db: &Db, volume: Uuid, host: Uuid) -> Result<BTreeSet<String>, VolumeError> {
+    let on_host = |h: Option<Uuid>| h.is_none_or(|h| h == host);
     let mut named = BTreeSet::new();
-    if let Some(v) = db.get::<VolumeRecord>(volume)? {
+    if let Some(v) = db.get::<VolumeRecord>(volume)?.filter(|v| on_host(v.record.host_uuid)) {
         named.extend(v.record.install_path);
     }
-    for s in snapshots_of(db, volume)?.into_values() {
+    for s in snapshots_of(db, volume)?.into_values().filter(|s| on_host(s.record.host_uuid)) {
         let path = s.record.primary_storage_install_path;
         if s.record.status == CREATING {
             named.insert(new_top_of(&path, volume, s.record.uuid));
@@ -448,7 +450,7 @@ async fn sweep(
     if crate::vm::ops::host_was_deleted(runtime, job.host)? {
         return Ok(());
     }
-    let named = named_files(runtime.db(), job.volume)?;
+    let named = named_files(runtime.db(), job.volume, job.host)?;
     for path in job.paths.iter().filter(|p| !named.contains(*p)) {
         send(hosts, job.host, Command::DeleteVolume { path: path.clone() }, None).await?;
         tracing::info!(volume = %job.volume, %path, "a file no record names was swept");
@@ -500,9 +502,20 @@ pub fn register_gc(vms: Kind<Vms>, hosts: Kind<Hosts>) {
     });
 }
 
-/// Settles every snapshot left Creating: at the node's start, before anything else can
-/// touch a volume (a failure is left to the snapshot's GC job).
+/// Settles every snapshot left Creating and every volume left Migrating: at the node's
+/// start, before anything else can touch a volume (a failure is left to the GC jobs and the
+/// volume's next operation).
 pub async fn settle_all(db: &Db, hosts: &Kind<Hosts>) -> usize {
+    // A volume's move that died with the MN: Ready again where its records say.
+    for stored in db.scan::<VolumeRecord>().flatten() {
+        if stored.record.status == crate::records::VolumeStatus::Migrating {
+            let volume = stored.record.uuid;
+            if let Err(error) = crate::local_storage::back_to_ready(db, volume).await {
+                let error = strato_runtime::error_chain(&error);
+                tracing::warn!(%volume, %error, "a volume left Migrating stays so until its next operation");
+            }
+        }
+    }
     let mut volumes = BTreeSet::new();
     for stored in db.scan::<VolumeSnapshotRecord>().flatten() {
         if stored.record.status == CREATING {

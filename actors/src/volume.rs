@@ -68,6 +68,8 @@ pub enum VolumeOp {
     Resize,
     /// Copy it into a template.
     Template,
+    /// Move it to another host's local storage.
+    Migrate,
 }
 
 impl VolumeOp {
@@ -82,13 +84,15 @@ impl VolumeOp {
             VolumeOp::Revert => "revert",
             VolumeOp::Resize => "resize",
             VolumeOp::Template => "template",
+            VolumeOp::Migrate => "migrate",
         }
     }
 }
 
 /// Whether a volume in `status` allows `op` (ZStack's rules: a volume is attached when Ready
 /// or NotInstantiated, recovered or expunged when Deleted, snapshotted or reverted when Ready
-/// (it has a file); a Creating one is being made by an attachment, which finishes it).
+/// (it has a file); a Creating one is being made by an attachment, which finishes it; a
+/// Migrating one is being copied, and allows nothing until it is Ready again).
 pub fn allows(status: VolumeStatus, op: VolumeOp) -> bool {
     use VolumeOp::*;
     use VolumeStatus::*;
@@ -97,7 +101,7 @@ pub fn allows(status: VolumeStatus, op: VolumeOp) -> bool {
         (NotInstantiated | Ready | Creating, Attach)
             | (NotInstantiated | Ready, Delete)
             | (Deleted, Recover | Expunge)
-            | (Ready, Snapshot | Revert | Template)
+            | (Ready, Snapshot | Revert | Template | Migrate)
             | (NotInstantiated | Ready, Resize)
     )
 }
@@ -264,7 +268,8 @@ pub(crate) fn live(vm: Option<&VmRecord>) -> Result<bool, VolumeError> {
 
 /// Runs `op` on volume `volume`: in its VM's `lifecycle` queue (told the VM's record) when
 /// it is attached, in the volume's own [`turn`] (told none) when it is not; a snapshot of it
-/// left Creating is settled first, so that `op` sees where the volume's top really is.
+/// left Creating is settled first, so that `op` sees where the volume's top really is, and
+/// so is a move that died (the volume Ready again where its records say).
 pub(crate) async fn on_volume<T, F, Fut>(
     vms: &Kind<crate::vm::Vms>,
     volume: Uuid,
@@ -283,6 +288,8 @@ where
         let _turn = turn(volume).await;
         // Attached meanwhile: its VM's queue is the turn.
         if get(&db, volume)?.record.vm_instance_uuid.is_none() {
+            // A move holds the turn while the volume is Migrating: one found so died.
+            crate::local_storage::back_to_ready(&db, volume).await?;
             crate::snapshot::settle(&db, &hosts, volume, job).await?;
             return op(None).await;
         }

@@ -298,7 +298,21 @@ impl Jobs {
         // (which carry the job id to the agents), name it.
         let span = tracing::info_span!("job", job = %uuid, api = %api);
         let task = async move {
-            let outcome = work.await;
+            // Work outside an actor's queue (a detached volume's, say) that panics still
+            // ends its job, as an operation in a queue does, rather than leaving it Running.
+            let outcome = match futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(work))
+                .await
+            {
+                Ok(outcome) => outcome,
+                Err(_) => {
+                    tracing::error!(job = %uuid, %api, "the job's work panicked");
+                    Err(ApiError::new(
+                        crate::codes::OPERATION_PANICKED,
+                        "the operation stopped on a bug (it panicked); the request may be sent again",
+                        serde_json::Value::Null,
+                    ))
+                }
+            };
             let (state, result, error) = match outcome {
                 Ok(inventory) => (JobState::Succeeded, Some(inventory.to_string()), None),
                 Err(error) => {

@@ -855,3 +855,167 @@ fn a_tenant_s_data_volumes_count_against_its_volume_quotas() {
     let third = done(create_as("third", 16 << 20));
     assert!(third.get("error").is_none(), "{third}");
 }
+
+/// Whether the 64 KiB at `offset` KiB of the qcow2 chain at `path` are all `byte`, as the
+/// host whose own disk `own` is mounted at `storage` reads them (its chain's backing files
+/// named by their paths there).
+fn holds_on_host(storage: &Path, own: &Path, path: &str, byte: u8, offset: u64) -> bool {
+    let command = format!("read -P {byte:#x} {offset}k 64k");
+    let out = std::process::Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(r#"mount --bind "$1" "$2" && exec qemu-io -r -f qcow2 -c "$3" "$4""#)
+        .arg("sh")
+        .arg(own)
+        .arg(storage)
+        .args([&command, path])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    out.status.success()
+        && text.contains("read 65536/65536")
+        && !text.contains("verification failed")
+}
+
+/// The SHA-256 of the file at `path`.
+fn digest(path: &Path) -> String {
+    strato_proto::digest::file_sha256(path).unwrap().1
+}
+
+/// A second host in the first one's cluster whose local storage is its own disk: an agent
+/// in a mount namespace where `ps-b` is mounted over the storage's directory `ps`.
+fn host_with_own_storage(
+    cluster: &TestCluster,
+    infra: &common::Infrastructure,
+) -> (common::Proc, Value, std::path::PathBuf) {
+    let own = cluster.dir().join("ps-b");
+    let (agent, addr) = common::start_agent_with_own_storage(
+        &common::bootstrap(&cluster.data),
+        &cluster.dir().join("agent-b"),
+        &["--driver", "sim", "--network", "sim"],
+        &cluster.dir().join("ps"),
+        &own,
+    );
+    let host = create(
+        cluster.api,
+        "/v1/hosts/kvm",
+        json!({ "name": "hb", "managementIp": "127.0.0.1", "agentPort": addr.port(), "clusterUuid": infra.host["clusterUuid"] }),
+    );
+    (agent, host, own)
+}
+
+#[test]
+fn a_detached_volume_moves_to_another_hosts_local_storage_with_its_snapshots() {
+    let cluster = TestCluster::start(
+        ClusterOpts::sim(0).env("STRATO_FAILPOINTS", "volume-migrate-after-copy=1*panic"),
+    );
+    let api = cluster.api;
+    let infra = vm_infrastructure(api, cluster.agent, "10.24.0.10", "10.24.0.50");
+    local_storage(&cluster, &infra);
+    let storage = cluster.dir().join("ps");
+    let (_agent_b, host_b, own_b) = host_with_own_storage(&cluster, &infra);
+    let (host_a, host_b) = (infra.host["uuid"].clone(), host_b["uuid"].clone());
+    let vm_on = |name: &str, host: &Value| -> String {
+        let body = json!({ "params": { "name": name, "instanceOfferingUuid": infra.offering["uuid"], "l3NetworkUuids": [infra.l3["uuid"]], "hostUuid": host } });
+        uuid(&ok(api, "POST", "/v1/vm-instances", Some(&body.to_string()))).to_owned()
+    };
+
+    // A volume made on host A by its first attachment, detached, with a snapshot and bytes
+    // of its own in each layer.
+    let vm_a = vm_on("vm-a", &host_a);
+    let data = create(api, "/v1/volumes/data", json!({ "name": "data", "diskSize": 16u64 << 20 }));
+    let data_id = uuid(&data).to_owned();
+    act(api, &data_id, json!({ "attachDataVolumeToVm": { "vmInstanceUuid": vm_a } }));
+    act(api, &data_id, json!({ "detachDataVolumeFromVm": {} }));
+    let first = volume(api, &data_id)["installPath"].as_str().unwrap().to_owned();
+    write_at(&first, 0x5a, 0);
+    let snapshot = ok(
+        api,
+        "POST",
+        &format!("/v1/volumes/{data_id}/volume-snapshots"),
+        Some(&json!({ "params": { "name": "s" } }).to_string()),
+    );
+    let top = volume(api, &data_id)["installPath"].as_str().unwrap().to_owned();
+    write_at(&top, 0xa5, 1024);
+    let files = [first.clone(), top.clone()];
+    let digests: Vec<String> = files.iter().map(|f| digest(Path::new(f))).collect();
+    let on_b = |file: &str| own_b.join(Path::new(file).strip_prefix(&storage).unwrap());
+
+    // Only the admin sees where it can go, or moves it.
+    let targets_path = format!("/v1/volumes/{data_id}/migration-target-hosts");
+    let (status, _, targets) = http(api, "GET", &targets_path, None, &[]);
+    assert_eq!(status, 200, "{targets}");
+    assert_eq!(targets["inventories"].as_array().unwrap().len(), 1, "{targets}");
+    assert_eq!(targets["inventories"][0]["uuid"], host_b, "{targets}");
+    let actions = format!("/v1/volumes/{data_id}/actions");
+    let migrate = json!({ "localStorageMigrateVolume": { "destHostUuid": host_b } });
+    let tenant = cluster.account("tenant", Value::Null);
+    let (status, refused) = cluster.as_(&tenant, "GET", &targets_path, None);
+    assert_eq!(status, 404, "another's volume is not there for a tenant: {refused}");
+    let (status, own) = cluster.as_(
+        &tenant,
+        "POST",
+        "/v1/volumes/data",
+        Some(json!({ "params": { "name": "own", "diskSize": 16u64 << 20 } })),
+    );
+    assert_eq!(status, 202, "{own}");
+    let own = common::wait_job_as(
+        api,
+        own["location"].as_str().unwrap(),
+        ("Authorization", &format!("OAuth {tenant}")),
+    );
+    let own_id = uuid(&own["inventory"]).to_owned();
+    let (status, refused) = cluster.as_(
+        &tenant,
+        "GET",
+        &format!("/v1/volumes/{own_id}/migration-target-hosts"),
+        None,
+    );
+    assert_eq!(status, 403, "hosts are the admin's: {refused}");
+    let (status, refused) = cluster.as_(
+        &tenant,
+        "PUT",
+        &format!("/v1/volumes/{own_id}/actions"),
+        Some(migrate.clone()),
+    );
+    assert_eq!(status, 403, "{refused}");
+    let elsewhere = json!({ "localStorageMigrateVolume": { "destHostUuid": host_a } });
+    let refused = call(api, "PUT", &actions, Some(&elsewhere.to_string()));
+    assert_eq!(refused["error"]["details"]["field"], "destHostUuid", "{refused}");
+
+    // The first move stops on a bug after its copy: the volume stays on host A (Migrating
+    // until its next operation), every file still there.
+    let failed = call(api, "PUT", &actions, Some(&migrate.to_string()));
+    assert_eq!(failed["error"]["code"], "SYS.OPERATION_PANICKED", "{failed}");
+    let stuck = volume(api, &data_id);
+    assert_eq!((&stuck["hostUuid"], &stuck["status"]), (&host_a, &json!("Migrating")), "{stuck}");
+    assert!(files.iter().all(|f| Path::new(f).exists()));
+
+    // The next move settles it and goes through: copies verified, then the source deleted.
+    let moved = act(api, &data_id, migrate.clone());
+    assert_eq!(
+        (&moved["inventory"]["hostUuid"], &moved["inventory"]["status"]),
+        (&host_b, &json!("Ready")),
+        "{moved}"
+    );
+    let (_, _, snapshots) =
+        http(api, "GET", &format!("/v1/volume-snapshots/{}", uuid(&snapshot)), None, &[]);
+    assert_eq!(snapshots["inventories"][0]["hostUuid"], host_b, "{snapshots}");
+    for (file, sha) in files.iter().zip(&digests) {
+        assert!(!Path::new(file).exists(), "{file} is gone from host A");
+        assert_eq!(&digest(&on_b(file)), sha, "{file} arrived as it left");
+        assert!(!on_b(&format!("{file}.part-copy")).exists());
+    }
+    assert!(holds_on_host(&storage, &own_b, &top, 0x5a, 0), "the snapshot's bytes, read on B");
+    assert!(holds_on_host(&storage, &own_b, &top, 0xa5, 1024), "the top's bytes, read on B");
+
+    // A local volume is attached on its own host: now B's VMs, not A's.
+    let refused = act(api, &data_id, json!({ "attachDataVolumeToVm": { "vmInstanceUuid": vm_a } }));
+    assert_eq!(refused["error"]["details"]["field"], "vmInstanceUuid", "{refused}");
+    let vm_b = vm_on("vm-b", &host_b);
+    let attached =
+        act(api, &data_id, json!({ "attachDataVolumeToVm": { "vmInstanceUuid": vm_b } }));
+    assert_eq!(attached["inventory"]["vmInstanceUuid"], json!(vm_b), "{attached}");
+    // Attached, it stays where its VM is.
+    let refused = call(api, "PUT", &actions, Some(&elsewhere.to_string()));
+    assert_eq!(refused["error"]["code"], "VOLUME.IN_USE", "{refused}");
+}

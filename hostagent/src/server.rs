@@ -375,8 +375,13 @@ impl Agent {
         tracing::info!(host = %self.label, %peer, "MN link closed");
     }
 
-    /// Runs a request once per id; repeats get the first result.
+    /// Runs a request once per id; repeats get the first result. A read of a file's bytes
+    /// is not remembered: it changes nothing, so a repeat may read again, and keeping
+    /// megabytes per answer for 65,536 ids would be gigabytes.
     async fn execute(self: Arc<Self>, request: Request) -> Outcome {
+        if matches!(request.command, Command::ReadFile { .. }) {
+            return self.run(request).await;
+        }
         let cell = {
             let mut memory = self.memory.lock().expect("memory lock");
             match memory.results.get(&request.id) {
@@ -440,6 +445,15 @@ impl Agent {
             }
             Command::DeleteVolume { path } => volumes::delete_volume(&path).await,
             Command::DescribeVolume { path, .. } => volumes::describe_once_made(&path).await,
+            Command::MarkStorage { path } => volumes::mark_storage(&path).await,
+            Command::DigestFile { path } => volumes::digest_file(&path).await,
+            Command::ReadFile { path, offset, len } => volumes::read_file(&path, offset, len).await,
+            Command::WriteFile { path, offset, data } => {
+                volumes::write_file(&path, offset, &data).await
+            }
+            Command::SealFile { path, size, sha256 } => {
+                volumes::seal_file(&path, size, &sha256).await
+            }
             Command::CleanImageCache { cache_dir, volume_dirs, grace_secs } => {
                 let grace = Duration::from_secs(grace_secs);
                 volumes::clean_image_cache(&cache_dir, &volume_dirs, grace).await.map(|c| {
@@ -552,7 +566,12 @@ fn drive(driver: &dyn Driver, network: &dyn Network, command: Command) -> Outcom
         | Command::FlattenVolume { .. }
         | Command::DeleteVolume { .. }
         | Command::DescribeVolume { .. }
-        | Command::CleanImageCache { .. } => {
+        | Command::CleanImageCache { .. }
+        | Command::MarkStorage { .. }
+        | Command::DigestFile { .. }
+        | Command::ReadFile { .. }
+        | Command::WriteFile { .. }
+        | Command::SealFile { .. } => {
             Err(AgentError::new(AgentErrorCode::BadRequest, "volume commands are not driver calls"))
         }
     }

@@ -69,9 +69,14 @@ async fn made_once(
 ) -> Result<Reply, AgentError> {
     // One maker per file: two creations caching one image on a host at once would write the
     // same temporary file (seen in a chaos run as a failed creation).
+    one_maker(dest, make_once(dest, args)).await
+}
+
+/// Runs `make`, which makes `dest`, as the only maker of `dest` in this process.
+async fn one_maker<T>(dest: &Path, make: impl std::future::Future<Output = T>) -> T {
     let turn = MAKING.lock().expect("files being made").entry(dest.to_owned()).or_default().clone();
     let _turn = turn.lock().await;
-    let made = make_once(dest, args).await;
+    let made = make.await;
     let mut making = MAKING.lock().expect("files being made");
     if making.get(dest).is_some_and(|t| Arc::strong_count(t) <= 2) {
         making.remove(dest);
@@ -322,6 +327,148 @@ pub async fn clean_image_cache(
         tracing::info!(%path, "unused cached image deleted");
     }
     Ok(cleaned)
+}
+
+/// Leaves a mark file at `path`, which another host's agent looks for to tell whether the
+/// two share the storage (a copy between them would then be a copy onto itself).
+pub async fn mark_storage(path: &str) -> Result<Reply, AgentError> {
+    let path = Path::new(path);
+    if let Some(dir) = path.parent() {
+        tokio::fs::create_dir_all(dir).await.map_err(|e| io_error("creating", dir, e))?;
+    }
+    tokio::fs::write(path, b"strato storage mark\n")
+        .await
+        .map_err(|e| io_error("writing", path, e))?;
+    Ok(Reply::Done)
+}
+
+fn not_found_or(what: &str, path: &Path, e: std::io::Error) -> AgentError {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => {
+            AgentError::new(AgentErrorCode::NotFound, format!("{} does not exist", path.display()))
+        }
+        _ => io_error(what, path, e),
+    }
+}
+
+/// The size and SHA-256 of the file at `path`.
+pub async fn digest_file(path: &str) -> Result<Reply, AgentError> {
+    let file = PathBuf::from(path);
+    let digest = tokio::task::spawn_blocking(move || strato_proto::digest::file_sha256(&file))
+        .await
+        .map_err(|e| AgentError::new(AgentErrorCode::Driver, format!("digesting {path}: {e}")))?;
+    let (size, sha256) = digest.map_err(|e| not_found_or("digesting", Path::new(path), e))?;
+    Ok(Reply::Digest { size, sha256 })
+}
+
+fn check_chunk(len: usize) -> Result<(), AgentError> {
+    if len > strato_proto::msg::MAX_CHUNK as usize {
+        return Err(AgentError::new(
+            AgentErrorCode::BadRequest,
+            format!("a chunk of {len} bytes exceeds {} bytes", strato_proto::msg::MAX_CHUNK),
+        ));
+    }
+    Ok(())
+}
+
+/// Reads at most `len` bytes of the file at `path` from `offset`.
+pub async fn read_file(path: &str, offset: u64, len: u32) -> Result<Reply, AgentError> {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    check_chunk(len as usize)?;
+    let file_path = Path::new(path);
+    let mut file = tokio::fs::File::open(file_path)
+        .await
+        .map_err(|e| not_found_or("opening", file_path, e))?;
+    file.seek(std::io::SeekFrom::Start(offset))
+        .await
+        .map_err(|e| io_error("seeking in", file_path, e))?;
+    let mut data = Vec::with_capacity(len as usize);
+    file.take(u64::from(len))
+        .read_to_end(&mut data)
+        .await
+        .map_err(|e| io_error("reading", file_path, e))?;
+    Ok(Reply::Chunk(data))
+}
+
+/// Where the copy of `path` arriving from another host is written until it is sealed.
+pub fn incoming(path: &str) -> PathBuf {
+    PathBuf::from(format!("{path}.part-copy"))
+}
+
+/// Writes `data` at `offset` into the incoming copy of `path` (offset 0 starts it afresh).
+pub async fn write_file(path: &str, offset: u64, data: &[u8]) -> Result<Reply, AgentError> {
+    use tokio::io::{AsyncSeekExt, AsyncWriteExt};
+    check_chunk(data.len())?;
+    let part = incoming(path);
+    if let Some(dir) = part.parent() {
+        tokio::fs::create_dir_all(dir).await.map_err(|e| io_error("creating", dir, e))?;
+    }
+    let mut options = tokio::fs::OpenOptions::new();
+    options.write(true);
+    if offset == 0 {
+        options.create(true).truncate(true);
+    }
+    let mut file = options.open(&part).await.map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => AgentError::new(
+            AgentErrorCode::BadRequest,
+            format!("no copy of {path} is under way: start it at offset 0"),
+        ),
+        _ => io_error("opening", &part, e),
+    })?;
+    file.seek(std::io::SeekFrom::Start(offset))
+        .await
+        .map_err(|e| io_error("seeking in", &part, e))?;
+    file.write_all(data).await.map_err(|e| io_error("writing", &part, e))?;
+    file.flush().await.map_err(|e| io_error("writing", &part, e))?;
+    Ok(Reply::Done)
+}
+
+/// Seals the incoming copy of `path`: its size and digest must be the source's, then it is
+/// flushed to disk and renamed into place. A `path` that already holds exactly that content
+/// (a repeat, or a copy that was sealed before the MN heard of it) is success; one holding
+/// anything else is refused, never overwritten.
+pub async fn seal_file(path: &str, size: u64, sha256: &str) -> Result<Reply, AgentError> {
+    let dest = PathBuf::from(path);
+    one_maker(&dest.clone(), seal(dest, size, sha256)).await
+}
+
+async fn seal(dest: PathBuf, size: u64, sha256: &str) -> Result<Reply, AgentError> {
+    let path = dest.display().to_string();
+    let digest = |file: PathBuf| async move {
+        tokio::task::spawn_blocking(move || strato_proto::digest::file_sha256(&file))
+            .await
+            .map_err(|e| AgentError::new(AgentErrorCode::Driver, format!("digesting: {e}")))
+    };
+    if tokio::fs::try_exists(&dest).await.unwrap_or(false) {
+        let found = digest(dest.clone()).await?.map_err(|e| io_error("digesting", &dest, e))?;
+        if found == (size, sha256.to_owned()) {
+            // A repeat's copy is not needed: the file is there.
+            delete_volume(&incoming(&path).display().to_string()).await?;
+            return Ok(Reply::Done);
+        }
+        return Err(AgentError::new(
+            AgentErrorCode::InvalidState,
+            format!("{path} already holds other content: it was not overwritten"),
+        ));
+    }
+    let part = incoming(&path);
+    let arrived = digest(part.clone()).await?.map_err(|e| not_found_or("digesting", &part, e))?;
+    if arrived != (size, sha256.to_owned()) {
+        return Err(AgentError::new(
+            AgentErrorCode::Driver,
+            format!(
+                "the copy of {path} is not the source's ({} bytes, sha256 {}; expected {size} bytes, sha256 {sha256}): copy it again",
+                arrived.0, arrived.1
+            ),
+        ));
+    }
+    let file = tokio::fs::File::open(&part).await.map_err(|e| io_error("opening", &part, e))?;
+    file.sync_all().await.map_err(|e| io_error("flushing", &part, e))?;
+    tokio::fs::rename(&part, &dest).await.map_err(|e| io_error("renaming", &part, e))?;
+    // A cached image copied in is as new as one converted: the cleaner's grace spares it
+    // until the volume copied after it names it.
+    CACHES.handed_out.lock().expect("image cache guard").insert(dest, Instant::now());
+    Ok(Reply::Done)
 }
 
 /// Deletes a volume file; succeeds when it is already gone.

@@ -636,6 +636,21 @@ pub async fn migrate(
             )
             .await?;
             let deadline = deadline_of(&ctx);
+            // Its root volume's files go first (the VM is stopped: they do not change).
+            let mv = crate::local_storage::Move {
+                hosts: hosts.clone(),
+                source,
+                destination,
+                deadline,
+                job: ctx.job_id(),
+            };
+            let root = match move_root_volume(&ctx, &record, &mv).await {
+                Ok(root) => root,
+                Err(error) => {
+                    host::release(&hosts, destination, id).await?;
+                    return Err(error);
+                }
+            };
             let left = host::command(
                 &hosts,
                 source,
@@ -645,16 +660,19 @@ pub async fn migrate(
             )
             .await;
             if let Err(error) = left {
-                // The VM stays where it was: the target's booking is undone.
+                // The VM stays where it was: the copies and the target's booking are undone.
+                if let Some(root) = root {
+                    root.undo(&mv).await;
+                }
                 host::release(&hosts, destination, id).await?;
                 return Err(error.into());
             }
             host::release(&hosts, source, id).await?;
-            Ok::<_, VmError>(destination)
+            Ok::<_, VmError>((destination, root, mv))
         }
         .await;
         match moved {
-            Ok(destination) => {
+            Ok((destination, moved_root, mv)) => {
                 tracing::info!(vm = %id, from = %source, to = %destination, "VM migrated");
                 // Its root volume's record follows it, in the same write.
                 let root =
@@ -675,6 +693,9 @@ pub async fn migrate(
                     Ok(())
                 })
                 .await?;
+                if let Some(root) = moved_root {
+                    root.finish(&mv).await;
+                }
                 // Its reservation and rules leave the source; the destination gets them
                 // before the VM starts there.
                 host::refresh_network(&hosts, source);
@@ -691,6 +712,83 @@ pub async fn migrate(
         }
     })
     .await
+}
+
+/// A root volume's files copied to a cold migration's destination, until the move ends.
+struct MovedRoot {
+    files: Vec<String>,
+    on_destination: crate::snapshot::Sweep,
+    on_source: crate::snapshot::Sweep,
+}
+
+impl MovedRoot {
+    /// The VM moved: the source's files go.
+    async fn finish(self, mv: &crate::local_storage::Move) {
+        mv.delete(mv.source, self.files).await;
+        self.on_destination.done().await;
+        self.on_source.done().await;
+    }
+
+    /// The VM stays: the copies go.
+    async fn undo(self, mv: &crate::local_storage::Move) {
+        mv.delete(mv.destination, crate::local_storage::Move::leftovers(&self.files)).await;
+        self.on_destination.done().await;
+        self.on_source.done().await;
+    }
+}
+
+/// Copies VM `record`'s root volume to the destination's local storage, unless the two hosts
+/// see one storage (then its file is already there). Answers what was copied; sweeps make
+/// sure that whatever becomes of the move, each host keeps only the files the records name
+/// on it.
+async fn move_root_volume(
+    ctx: &OpCtx<Vms>,
+    record: &VmRecord,
+    mv: &crate::local_storage::Move,
+) -> Result<Option<MovedRoot>, VmError> {
+    let db = &ctx.entity().db;
+    let Some(path) = record.root_volume_path.clone() else { return Ok(None) };
+    let root_id = crate::records::root_volume_id(record.uuid);
+    let root = db.get::<crate::records::VolumeRecord>(root_id)?.ok_or_else(|| {
+        boxed(crate::volume::VolumeError::InUse(format!(
+            "VM {}'s root volume has no record: its storage is unknown, so it is not moved",
+            record.uuid
+        )))
+    })?;
+    let ps = root
+        .record
+        .primary_storage_uuid
+        .map(|ps| db.get::<crate::records::PrimaryStorageRecord>(ps))
+        .transpose()?
+        .flatten()
+        .ok_or_else(|| {
+            boxed(crate::volume::VolumeError::InUse(format!(
+                "VM {}'s root volume names no primary storage",
+                record.uuid
+            )))
+        })?;
+    if mv.shares_storage(&ps.record.url).await? {
+        return Ok(None);
+    }
+    let runtime = ctx.runtime();
+    let files = vec![path];
+    let sweep = |host, paths| crate::snapshot::Sweep::submit(runtime, root_id, host, paths);
+    let on_destination = sweep(mv.destination, crate::local_storage::Move::leftovers(&files))
+        .await
+        .map_err(boxed)?;
+    let on_source = sweep(mv.source, files.clone()).await.map_err(boxed)?;
+    let moved = MovedRoot { files, on_destination, on_source };
+    match mv.copy(&moved.files).await {
+        Ok(_) => Ok(Some(moved)),
+        Err(error) => {
+            moved.undo(mv).await;
+            Err(error.into())
+        }
+    }
+}
+
+fn boxed(error: crate::volume::VolumeError) -> VmError {
+    VmError::Volume(Box::new(error))
 }
 
 /// Changes a stopped VM's CPUs and memory: charged to its owner's quota (the growth must

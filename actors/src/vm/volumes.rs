@@ -264,7 +264,7 @@ fn check_attachable(v: &VolumeRecord, vm: &VmRecord, host: &HostRecord) -> Resul
         return Err(VolumeError::Invalid {
             field: "vmInstanceUuid",
             message: format!(
-                "volume {} is on host {on}'s local storage and VM {} on host {}: a local volume is attached on its own host",
+                "volume {} is on host {on}'s local storage and VM {} on host {}: a local volume is attached on its own host (move it with LocalStorageMigrateVolume)",
                 v.uuid, vm.uuid, host.uuid
             ),
         });

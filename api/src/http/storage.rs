@@ -164,7 +164,7 @@ async fn create_primary_storage(
             name: p.name,
             url,
             zone_uuid: zone,
-            r#type: "LocalStorage".into(),
+            r#type: strato_actors::local_storage::LOCAL_STORAGE.into(),
             attached_cluster_uuids: vec![],
         })
     })

@@ -7,19 +7,20 @@
 
 use std::time::Duration;
 
+use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::Response;
-use axum::routing::{delete, post, put};
-use serde_json::json;
+use axum::routing::{delete, get, post, put};
+use serde_json::{Value, json};
 use strato_actors::kinds;
 use strato_actors::owners::{self, Charge};
 use strato_actors::records::{
-    BackupStorageRecord, DiskOfferingRecord, ImageRecord, PrimaryStorageRecord, VmRecord,
-    VolumeRecord, VolumeSnapshotRecord,
+    BackupStorageRecord, DiskOfferingRecord, HostRecord, ImageRecord, PrimaryStorageRecord,
+    VmRecord, VolumeRecord, VolumeSnapshotRecord,
 };
-use strato_actors::{snapshot, volume};
+use strato_actors::{local_storage, snapshot, volume};
 use uuid::Uuid;
 
 use super::api::{Answer, Api, Body, Method, actions, schema};
@@ -29,7 +30,7 @@ use super::{
 };
 use crate::auth;
 use crate::error::ApiError;
-use crate::types::actions::{NewSize, OnVm, VolumeAction, VolumeSnapshotAction};
+use crate::types::actions::{NewSize, OnVm, ToHost, VolumeAction, VolumeSnapshotAction};
 use crate::types::{
     DataVolumeParams, DiskOfferingParams, RootTemplateParams, VolumeFromTemplateParams,
     VolumeSnapshotParams, inventory, validate,
@@ -72,6 +73,15 @@ pub(super) fn apis() -> Vec<Api> {
         ),
     ];
     apis.extend(actions::<VolumeAction>("/v1/volumes/{uuid}/actions", || put(volume_action)));
+    apis.push(Api::new(
+        "LocalStorageGetVolumeMigratableHosts",
+        Method::Get,
+        "/v1/volumes/{uuid}/migration-target-hosts",
+        Body::None,
+        Answer::Immediate,
+        "The hosts a local storage volume can move to (admin)",
+        || get(migratable_hosts),
+    ));
     apis.push(Api::create(
         "CreateVolumeSnapshot",
         "/v1/volumes/{uuid}/volume-snapshots",
@@ -330,6 +340,18 @@ async fn volume_action(
                 })
                 .await?
         }
+        VolumeAction::LocalStorageMigrateVolume(ToHost { dest_host_uuid: host }) => {
+            auth::admin_only("moving a volume between hosts")?;
+            get_record::<HostRecord>(&mn, host)?;
+            mn.jobs
+                .submit(job_header, "LocalStorageMigrateVolume", &keyed, move |job| async move {
+                    let (vms, hosts) = (&m.vms, &m.hosts);
+                    inventory(
+                        &local_storage::migrate_volume(vms, hosts, uuid, host, Some(job)).await?,
+                    )
+                })
+                .await?
+        }
         VolumeAction::ExpungeDataVolume(_) => {
             mn.jobs
                 .submit(job_header, "ExpungeDataVolume", &keyed, move |_| async move {
@@ -340,6 +362,14 @@ async fn volume_action(
         }
     };
     Ok(accepted(&mn, job))
+}
+
+async fn migratable_hosts(State(mn): Shared, Id(uuid): Id) -> Result<Json<Value>, ApiError> {
+    auth::admin_only("listing the hosts a volume can move to")?;
+    get_record::<VolumeRecord>(&mn, uuid)?;
+    let hosts = local_storage::migratable_hosts(&mn.db, uuid)?;
+    let inventories = hosts.iter().map(inventory).collect::<Result<Vec<_>, _>>()?;
+    Ok(Json(json!({ "inventories": inventories })))
 }
 
 async fn create_snapshot(

@@ -195,6 +195,19 @@ pub enum VolumeAction {
     ExpungeDataVolume(NoParams),
     /// Grows a data volume (live on a running VM)
     ResizeDataVolume(NewSize),
+    /// Moves a volume to another host's local storage (admin): a detached data volume with
+    /// its snapshots, or a stopped VM's root volume with its VM; copied, verified, then
+    /// deleted at the source
+    LocalStorageMigrateVolume(ToHost),
+}
+
+/// The host a volume moves to.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ToHost {
+    /// The destination host (one of `LocalStorageGetVolumeMigratableHosts`).
+    #[serde(deserialize_with = "super::canonical::uuid")]
+    pub dest_host_uuid: Uuid,
 }
 
 /// A volume's new size.

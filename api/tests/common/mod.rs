@@ -104,6 +104,40 @@ pub fn start_agent_with(bootstrap: &Path, dir: &Path, driver_args: &[&str]) -> (
     (Proc { child }, addr)
 }
 
+/// An agent like [`start_agent_with`]'s in a mount namespace of its own, where `own` is
+/// mounted over `storage`: a host whose local storage at `storage` is its own disk, not the
+/// directory the machine's other agents see there.
+pub fn start_agent_with_own_storage(
+    bootstrap: &Path,
+    dir: &Path,
+    driver_args: &[&str],
+    storage: &Path,
+    own: &Path,
+) -> (Proc, SocketAddr) {
+    std::fs::create_dir_all(storage).unwrap();
+    std::fs::create_dir_all(own).unwrap();
+    let addr = free_port();
+    // `unshare` and `sh` exec in turn, so the child's pid is the agent's.
+    let mut child = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(r#"mount --bind "$1" "$2" && shift 2 && exec "$@""#)
+        .arg("sh")
+        .arg(own)
+        .arg(storage)
+        .arg(agent_binary())
+        .args(driver_args)
+        .args(["--listen", &addr.to_string(), "--data-dir"])
+        .arg(dir)
+        .arg("--bootstrap-file")
+        .arg(bootstrap)
+        .stdout(Stdio::null())
+        .stderr(log_file(dir))
+        .spawn()
+        .unwrap();
+    wait_listening(addr, &mut child);
+    (Proc { child }, addr)
+}
+
 /// The admin password every test server starts with.
 pub const ADMIN_PASSWORD: &str = "test-admin-password";
 

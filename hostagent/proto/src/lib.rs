@@ -18,6 +18,7 @@
 
 pub mod client;
 pub mod codec;
+pub mod digest;
 pub mod msg;
 pub mod net;
 pub mod pki;

@@ -26,8 +26,12 @@ use uuid::Uuid;
 /// Version 2 is the link on TLS, with enrollment and without a token; version 3 adds the
 /// host's network (its addresses in the facts, and the network commands); version 4 adds
 /// the VIP namespaces (EIP, port forwarding, SNAT) to the network; version 5 adds data
-/// volumes, their snapshots, describing a volume file and cleaning the image cache.
-pub const PROTOCOL_VERSION: u32 = 5;
+/// volumes, their snapshots, describing a volume file and cleaning the image cache; version
+/// 6 adds copying files between hosts (marks, digests, chunks) for local storage migration.
+pub const PROTOCOL_VERSION: u32 = 6;
+
+/// The largest chunk a `ReadFile` or `WriteFile` carries: 4 MiB, well inside a frame.
+pub const MAX_CHUNK: u32 = 4 << 20;
 
 /// The MN's first frame.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -382,6 +386,50 @@ pub enum Command {
         /// How recently made or handed out a cache must be to stay whatever uses it.
         grace_secs: u64,
     },
+    /// Leave a mark file at `path` (in a primary storage's directory), so that another host
+    /// can tell whether it sees this host's storage (`DescribeVolume` finds the mark there).
+    MarkStorage {
+        /// The mark's path.
+        path: String,
+    },
+    /// The size and SHA-256 digest of the file at `path` (`NotFound` if it does not exist).
+    DigestFile {
+        /// The file.
+        path: String,
+    },
+    /// Read at most `len` bytes (no more than [`MAX_CHUNK`]) of the file at `path` from
+    /// `offset` (answered `Reply::Chunk`; short at the file's end). It changes nothing, so
+    /// the agent does not remember its answer for a repeat: it reads again.
+    ReadFile {
+        /// The file.
+        path: String,
+        /// Where to start.
+        offset: u64,
+        /// How many bytes at most.
+        len: u32,
+    },
+    /// Write `data` at `offset` into the incoming copy of `path` (its `.part-copy` file,
+    /// started afresh at offset 0). Writing the same chunk again changes nothing.
+    WriteFile {
+        /// The file being copied in.
+        path: String,
+        /// Where the chunk goes.
+        offset: u64,
+        /// The chunk (no more than [`MAX_CHUNK`] bytes).
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    /// Finish the incoming copy of `path`: its size and digest must be `size` and `sha256`
+    /// (the source's), then it is flushed and renamed into place. Succeeds if `path` already
+    /// holds exactly that content; refused if it holds something else.
+    SealFile {
+        /// The file being copied in.
+        path: String,
+        /// The source's size.
+        size: u64,
+        /// The source's SHA-256 digest, in hex.
+        sha256: String,
+    },
     /// Make the host's network what the MN wants: the whole of it, every time.
     ApplyNetwork(crate::net::NetworkConfig),
     /// Report the host's network as the agent finds it.
@@ -417,6 +465,11 @@ impl Command {
             Command::DeleteVolume { .. } => "delete-volume",
             Command::DescribeVolume { .. } => "describe-volume",
             Command::CleanImageCache { .. } => "clean-image-cache",
+            Command::MarkStorage { .. } => "mark-storage",
+            Command::DigestFile { .. } => "digest-file",
+            Command::ReadFile { .. } => "read-file",
+            Command::WriteFile { .. } => "write-file",
+            Command::SealFile { .. } => "seal-file",
             Command::ApplyNetwork(_) => "apply-network",
             Command::NetworkStatus => "network-status",
         }
@@ -450,6 +503,11 @@ impl Command {
             | Command::FlattenVolume { .. }
             | Command::DeleteVolume { .. }
             | Command::CleanImageCache { .. }
+            | Command::MarkStorage { .. }
+            | Command::DigestFile { .. }
+            | Command::ReadFile { .. }
+            | Command::WriteFile { .. }
+            | Command::SealFile { .. }
             | Command::ApplyNetwork(_)
             | Command::NetworkStatus => None,
         }
@@ -485,6 +543,15 @@ pub enum Reply {
         /// The file it is backed by, if any.
         backing: Option<String>,
     },
+    /// A file's size and SHA-256 digest (hex).
+    Digest {
+        /// Its size in bytes.
+        size: u64,
+        /// Its digest.
+        sha256: String,
+    },
+    /// Bytes read from a file (fewer than asked at its end).
+    Chunk(#[serde(with = "serde_bytes")] Vec<u8>),
     /// What cleaning an image cache did.
     CacheCleaned {
         /// The cached images deleted.

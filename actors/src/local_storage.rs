@@ -1,0 +1,405 @@
+//! Copying a volume's files from one host's local storage to another's: what ZStack's
+//! `LocalStorageMigrateVolume` does for a detached data volume, and what a stopped VM's cold
+//! migration does for its root volume.
+//!
+//! The bytes go through the MN, over the two hosts' agent links: the agents have no link to
+//! each other, and the MN's links are the only authenticated ones. Each byte crosses two
+//! links, which costs bandwidth, but the hosts gain no listener and no credential. A file
+//! is read from the source in chunks and written into the destination's `.part-copy` file,
+//! then sealed: the destination computes its size and SHA-256 and renames it into place
+//! only if they are the source's. Byte-identical files hold the same guest-visible content,
+//! which is what `qemu-img compare` would check, and this check needs no host to hold both
+//! files. The caller deletes the source only after every file is sealed and the records
+//! name the destination.
+//!
+//! Two hosts can see one directory (simulated hosts on one machine, or a "local" storage
+//! that is in fact shared): copying there would copy a file onto itself, and deleting the
+//! source would delete the only copy. The source therefore leaves a mark file in the
+//! storage's directory and the destination looks for it; if it sees the mark, the files are
+//! already where they must be and nothing is copied or deleted.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, SystemTime};
+
+use strato_proto::{AgentErrorCode, Command, LinkError, Reply};
+use strato_runtime::Kind;
+use strato_storage::{Batch, Db, Expect, IndexValue};
+use uuid::Uuid;
+
+use crate::host::{self, HostError, Hosts};
+use crate::records::{
+    HostRecord, HostState, HostStatus, PrimaryStorageRecord, VolumeRecord, VolumeSnapshotRecord,
+    VolumeStatus,
+};
+use crate::snapshot::Sweep;
+use crate::vm::Vms;
+use crate::volume::{self, VolumeError, VolumeOp};
+
+/// The primary storage type whose volumes live on one host's own disk.
+pub const LOCAL_STORAGE: &str = "LocalStorage";
+
+/// A volume's files on their way from `source` to `destination`.
+#[derive(Clone)]
+pub(crate) struct Move {
+    /// The hosts' kind, which commands them.
+    pub(crate) hosts: Kind<Hosts>,
+    /// The host holding them.
+    pub(crate) source: Uuid,
+    /// The host they go to.
+    pub(crate) destination: Uuid,
+    /// When every command of the move must be done.
+    pub(crate) deadline: SystemTime,
+    /// The job it is for.
+    pub(crate) job: Option<Uuid>,
+}
+
+/// Whether the agent answered that the file does not exist.
+pub(crate) fn is_not_found(error: &HostError) -> bool {
+    matches!(error, HostError::Link(LinkError::Agent { error, .. }) if error.code == AgentErrorCode::NotFound)
+}
+
+impl Move {
+    async fn on(&self, host: Uuid, command: Command) -> Result<Reply, HostError> {
+        host::command(&self.hosts, host, command, self.deadline, self.job).await
+    }
+
+    /// Whether the destination sees the source's storage under `storage_dir` (then there is
+    /// nothing to copy).
+    pub(crate) async fn shares_storage(&self, storage_dir: &str) -> Result<bool, HostError> {
+        let mark = format!("{}/.strato-mark-{}", storage_dir.trim_end_matches('/'), Uuid::new_v4());
+        self.on(self.source, Command::MarkStorage { path: mark.clone() }).await?;
+        let seen = self
+            .on(self.destination, Command::DescribeVolume { path: mark.clone(), domain: None })
+            .await;
+        let unmarked = self.on(self.source, Command::DeleteVolume { path: mark.clone() }).await;
+        if let Err(error) = unmarked {
+            tracing::warn!(host = %self.source, %mark, error = %strato_runtime::error_chain(&error), "a storage mark stays behind");
+        }
+        match seen {
+            Ok(_) => Ok(true),
+            Err(error) if is_not_found(&error) => Ok(false),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Copies `files` to the destination, with the files below them in their backing chains
+    /// that the destination lacks (a root volume's cached image); answers the files of
+    /// `files` it copied, which an undo deletes. Cached images copied stay either way: the
+    /// image cache's collector deletes them once nothing uses them.
+    pub(crate) async fn copy(&self, files: &[String]) -> Result<Vec<String>, HostError> {
+        let moving: BTreeSet<&str> = files.iter().map(String::as_str).collect();
+        let mut below = Vec::new();
+        for file in files {
+            let mut next = self.backing_of(self.source, file).await?;
+            while let Some(backing) = next {
+                if moving.contains(backing.as_str()) || below.contains(&backing) {
+                    break;
+                }
+                next = self.backing_of(self.source, &backing).await?;
+                below.push(backing);
+            }
+        }
+        // The deepest first, so that no file lands on the destination before what it needs.
+        for backing in below.iter().rev() {
+            match self.on(self.destination, describe(backing)).await {
+                Ok(_) => {}
+                Err(error) if is_not_found(&error) => self.copy_file(backing).await?,
+                Err(error) => return Err(error),
+            }
+        }
+        let mut copied = Vec::new();
+        for file in files {
+            self.copy_file(file).await?;
+            copied.push(file.clone());
+        }
+        Ok(copied)
+    }
+
+    async fn backing_of(&self, host: Uuid, path: &str) -> Result<Option<String>, HostError> {
+        match self.on(host, describe(path)).await? {
+            Reply::Volume { backing, .. } => Ok(backing),
+            _ => Ok(None),
+        }
+    }
+
+    /// Copies one file in chunks and seals it (the destination checks the digest).
+    async fn copy_file(&self, path: &str) -> Result<(), HostError> {
+        let Reply::Digest { size, sha256 } =
+            self.on(self.source, Command::DigestFile { path: path.to_owned() }).await?
+        else {
+            return Err(unexpected(path));
+        };
+        let mut offset = 0u64;
+        loop {
+            let read = Command::ReadFile {
+                path: path.to_owned(),
+                offset,
+                len: strato_proto::msg::MAX_CHUNK,
+            };
+            let Reply::Chunk(data) = self.on(self.source, read).await? else {
+                return Err(unexpected(path));
+            };
+            let len = data.len() as u64;
+            // Offset 0 is written even for an empty file: it starts the copy.
+            if len > 0 || offset == 0 {
+                let write = Command::WriteFile { path: path.to_owned(), offset, data };
+                self.on(self.destination, write).await?;
+            }
+            offset = offset.checked_add(len).ok_or_else(|| unexpected(path))?;
+            if len < u64::from(strato_proto::msg::MAX_CHUNK) {
+                break;
+            }
+        }
+        let seal = Command::SealFile { path: path.to_owned(), size, sha256 };
+        self.on(self.destination, seal).await?;
+        tracing::info!(from = %self.source, to = %self.destination, %path, size, job = ?self.job, "file copied and verified");
+        Ok(())
+    }
+
+    /// Deletes `files` on `host` (the source after a move, the destination after a failed
+    /// one); a file that cannot be deleted now is left to the GC.
+    pub(crate) async fn delete(&self, host: Uuid, files: Vec<String>) {
+        crate::snapshot::delete_files(&self.hosts, host, files).await;
+    }
+
+    /// What the destination may hold after a failed move: the files and their unsealed
+    /// copies.
+    pub(crate) fn leftovers(files: &[String]) -> Vec<String> {
+        files.iter().flat_map(|f| [f.clone(), format!("{f}.part-copy")]).collect()
+    }
+}
+
+fn describe(path: &str) -> Command {
+    Command::DescribeVolume { path: path.to_owned(), domain: None }
+}
+
+fn unexpected(path: &str) -> HostError {
+    HostError::Link(LinkError::Agent {
+        command: "copy-file",
+        error: strato_proto::AgentError::new(
+            AgentErrorCode::Driver,
+            format!("an answer that does not fit copying {path}"),
+        ),
+    })
+}
+
+/// The hosts a volume on local storage can move to: the other hosts of the clusters its
+/// storage is attached to, Enabled and Connected (ZStack's
+/// `LocalStorageGetVolumeMigratableHosts`).
+pub fn migratable_hosts(db: &Db, volume: Uuid) -> Result<Vec<HostRecord>, VolumeError> {
+    let v = volume::get(db, volume)?.record;
+    let Some(ps) =
+        v.primary_storage_uuid.map(|ps| db.get::<PrimaryStorageRecord>(ps)).transpose()?.flatten()
+    else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for cluster in &ps.record.attached_cluster_uuids {
+        for id in db.find::<HostRecord>("cluster", &IndexValue::Uuid(*cluster))? {
+            let Some(host) = db.get::<HostRecord>(id)? else { continue };
+            let usable = host.record.state == HostState::Enabled
+                && host.record.status == HostStatus::Connected;
+            if usable && Some(id) != v.host_uuid {
+                out.push(host.record);
+            }
+        }
+    }
+    out.sort_by_key(|h| h.uuid);
+    Ok(out)
+}
+
+/// The local primary storage volume `v` is on, checked to be one host `destination` uses.
+pub(crate) fn destination_storage(
+    db: &Db,
+    v: &VolumeRecord,
+    destination: Uuid,
+) -> Result<PrimaryStorageRecord, VolumeError> {
+    let ps = v
+        .primary_storage_uuid
+        .map(|ps| db.get::<PrimaryStorageRecord>(ps))
+        .transpose()?
+        .flatten()
+        .ok_or_else(|| VolumeError::Invalid {
+            field: "volumeUuid",
+            message: format!("volume {} is on no primary storage: it has no file to move", v.uuid),
+        })?
+        .record;
+    if ps.r#type != LOCAL_STORAGE {
+        return Err(VolumeError::Invalid {
+            field: "volumeUuid",
+            message: format!(
+                "volume {} is on {} primary storage {}: only local storage volumes are migrated between hosts",
+                v.uuid, ps.r#type, ps.uuid
+            ),
+        });
+    }
+    let host = db
+        .get::<HostRecord>(destination)?
+        .ok_or(VolumeError::NotFound { kind: "Host", uuid: destination })?
+        .record;
+    if Some(destination) == v.host_uuid {
+        return Err(VolumeError::Invalid {
+            field: "destHostUuid",
+            message: format!("volume {} is already on host {destination}", v.uuid),
+        });
+    }
+    if !ps.attached_cluster_uuids.contains(&host.cluster_uuid) {
+        return Err(VolumeError::Invalid {
+            field: "destHostUuid",
+            message: format!(
+                "host {destination}'s cluster {} does not use primary storage {}: pick one of LocalStorageGetVolumeMigratableHosts",
+                host.cluster_uuid, ps.uuid
+            ),
+        });
+    }
+    if host.state != HostState::Enabled {
+        return Err(VolumeError::Invalid {
+            field: "destHostUuid",
+            message: format!(
+                "host {destination} is {:?}: a volume moves to an Enabled host",
+                host.state
+            ),
+        });
+    }
+    if host.status != HostStatus::Connected {
+        return Err(HostError::Disconnected(destination).into());
+    }
+    Ok(ps)
+}
+
+/// How long a volume's move may take.
+const MIGRATE_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// Moves volume `volume` to host `destination`'s local storage: a detached data volume with
+/// every snapshot's file (ZStack's `LocalStorageMigrateVolume`), or a stopped VM's root
+/// volume, which moves its VM (a cold migration to that host). The source's files are
+/// deleted only once the copies are verified and the records name the destination.
+pub async fn migrate_volume(
+    vms: &Kind<Vms>,
+    hosts: &Kind<Hosts>,
+    volume: Uuid,
+    destination: Uuid,
+    job: Option<Uuid>,
+) -> Result<VolumeRecord, VolumeError> {
+    let db = vms.runtime().db().clone();
+    let v = volume::get(&db, volume)?.record;
+    if v.is_root() {
+        let vm =
+            v.vm_instance_uuid.ok_or(VolumeError::NotFound { kind: "VmInstance", uuid: volume })?;
+        destination_storage(&db, &v, destination)?;
+        crate::vm::ops::migrate(vms, vm, Some(destination), MIGRATE_TIMEOUT, job).await?;
+        return Ok(volume::get(&db, volume)?.record);
+    }
+    let runtime = vms.runtime().clone();
+    let hosts = hosts.clone();
+    volume::on_volume(vms, volume, "migrate-volume", job, move |vm| async move {
+        if let Some(vm) = vm {
+            return Err(VolumeError::InUse(format!(
+                "volume {volume} is attached to VM {}: detach it first (a local storage migration moves a detached data volume, or a stopped VM's root volume)",
+                vm.uuid
+            )));
+        }
+        // Migrating: nothing else may change it while its files move.
+        let (v, ps, files) = loop {
+            let stored = volume::get(&db, volume)?;
+            let mut v = stored.record;
+            if !volume::allows(v.status, VolumeOp::Migrate) {
+                return Err(VolumeError::InvalidStatus {
+                    volume,
+                    status: v.status,
+                    op: VolumeOp::Migrate,
+                    hint: "",
+                });
+            }
+            let ps = destination_storage(&db, &v, destination)?;
+            let mut files: Vec<String> = v.install_path.iter().cloned().collect();
+            files.extend(
+                crate::snapshot::snapshots_of(&db, volume)?
+                    .into_values()
+                    .map(|s| s.record.primary_storage_install_path),
+            );
+            v.status = VolumeStatus::Migrating;
+            let mut batch = Batch::new();
+            batch.put(&v, Expect::Generation(stored.generation))?;
+            if crate::landed(&db, batch).await? {
+                break (v, ps, files);
+            }
+        };
+        let source = v.host_uuid.ok_or_else(|| VolumeError::InUse(format!("volume {volume} names no host")))?;
+        let deadline = SystemTime::now() + MIGRATE_TIMEOUT;
+        let mv = Move { hosts: hosts.clone(), source, destination, deadline, job };
+        let moved = async {
+            let shared = mv.shares_storage(&ps.url).await?;
+            if shared {
+                return Ok::<_, VolumeError>((true, None));
+            }
+            // Whichever way it ends, the files that the records do not name on a host go
+            // from it: the copies if the move fails, the originals once it landed.
+            let on_destination =
+                Sweep::submit(&runtime, volume, destination, Move::leftovers(&files)).await?;
+            let on_source = Sweep::submit(&runtime, volume, source, files.clone()).await?;
+            let copied = mv.copy(&files).await;
+            fail::fail_point!("volume-migrate-after-copy");
+            Ok((false, Some((on_destination, on_source, copied))))
+        }
+        .await;
+        let (shared, sweeps) = match moved {
+            Ok((shared, None)) => (shared, None),
+            Ok((_, Some((on_destination, on_source, Ok(_))))) => (false, Some((on_destination, on_source))),
+            Ok((_, Some((on_destination, on_source, Err(error))))) => {
+                mv.delete(destination, Move::leftovers(&files)).await;
+                back_to_ready(&db, volume).await?;
+                on_destination.done().await;
+                on_source.done().await;
+                return Err(error.into());
+            }
+            Err(error) => {
+                back_to_ready(&db, volume).await?;
+                return Err(error);
+            }
+        };
+        let landed = loop {
+            let stored = volume::get(&db, volume)?;
+            let mut batch = Batch::new();
+            let moved = VolumeRecord {
+                status: VolumeStatus::Ready,
+                host_uuid: Some(destination),
+                ..stored.record
+            };
+            batch.put(&moved, Expect::Generation(stored.generation))?;
+            for s in crate::snapshot::snapshots_of(&db, volume)?.into_values() {
+                let followed = VolumeSnapshotRecord { host_uuid: Some(destination), ..s.record };
+                batch.put(&followed, Expect::Generation(s.generation))?;
+            }
+            if crate::landed(&db, batch).await? {
+                break moved;
+            }
+        };
+        tracing::info!(%volume, from = %source, to = %destination, shared, job = ?job, "volume migrated");
+        if let Some((on_destination, on_source)) = sweeps {
+            mv.delete(source, files).await;
+            on_destination.done().await;
+            on_source.done().await;
+        }
+        Ok(landed)
+    })
+    .await
+}
+
+/// Puts a volume whose move failed (or died with its MN) back to Ready: its records still
+/// name the source, which still holds its files.
+pub(crate) async fn back_to_ready(db: &Db, volume: Uuid) -> Result<(), VolumeError> {
+    loop {
+        let Some(stored) = db.get::<VolumeRecord>(volume)? else { return Ok(()) };
+        if stored.record.status != VolumeStatus::Migrating {
+            return Ok(());
+        }
+        let ready = VolumeRecord { status: VolumeStatus::Ready, ..stored.record };
+        let mut batch = Batch::new();
+        batch.put(&ready, Expect::Generation(stored.generation))?;
+        if crate::landed(db, batch).await? {
+            tracing::info!(%volume, "a volume left Migrating is Ready again on its host");
+            return Ok(());
+        }
+    }
+}
