@@ -964,12 +964,8 @@ fn a_detached_volume_moves_to_another_hosts_local_storage_with_its_snapshots() {
         ("Authorization", &format!("OAuth {tenant}")),
     );
     let own_id = uuid(&own["inventory"]).to_owned();
-    let (status, refused) = cluster.as_(
-        &tenant,
-        "GET",
-        &format!("/v1/volumes/{own_id}/migration-target-hosts"),
-        None,
-    );
+    let (status, refused) =
+        cluster.as_(&tenant, "GET", &format!("/v1/volumes/{own_id}/migration-target-hosts"), None);
     assert_eq!(status, 403, "hosts are the admin's: {refused}");
     let (status, refused) = cluster.as_(
         &tenant,
@@ -1018,4 +1014,77 @@ fn a_detached_volume_moves_to_another_hosts_local_storage_with_its_snapshots() {
     // Attached, it stays where its VM is.
     let refused = call(api, "PUT", &actions, Some(&elsewhere.to_string()));
     assert_eq!(refused["error"]["code"], "VOLUME.IN_USE", "{refused}");
+}
+
+#[test]
+fn a_stopped_vms_root_volume_moves_with_it_and_its_image_cache_follows() {
+    let images = tempfile::tempdir().unwrap();
+    let cluster = TestCluster::start(
+        ClusterOpts::sim(0).env("STRATO_IMAGE_FILE_DIRS", images.path().to_str().unwrap()),
+    );
+    let api = cluster.api;
+    let infra = vm_infrastructure(api, cluster.agent, "10.25.0.10", "10.25.0.50");
+    let ps = local_storage(&cluster, &infra);
+    let storage = cluster.dir().join("ps");
+    let (_agent_b, host_b, own_b) = host_with_own_storage(&cluster, &infra);
+    let zone = ps["zoneUuid"].as_str().unwrap();
+    let bs = create(
+        api,
+        "/v1/backup-storage/image-store",
+        json!({ "name": "bs", "url": cluster.dir().join("bs").display().to_string() }),
+    );
+    ok(api, "POST", &format!("/v1/zones/{zone}/backup-storage/{}", uuid(&bs)), None);
+    let source = images.path().join("base.qcow2").display().to_string();
+    let made = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", &source, "16M"])
+        .status()
+        .unwrap();
+    assert!(made.success());
+    write_at(&source, 0x11, 0);
+    let image = create(
+        api,
+        "/v1/images",
+        json!({ "name": "base", "url": format!("file://{source}"), "format": "qcow2", "backupStorageUuids": [bs["uuid"]] }),
+    );
+    let body = json!({ "params": { "name": "vm", "instanceOfferingUuid": infra.offering["uuid"], "imageUuid": image["uuid"], "l3NetworkUuids": [infra.l3["uuid"]], "hostUuid": infra.host["uuid"] } });
+    let vm = ok(api, "POST", "/v1/vm-instances", Some(&body.to_string()));
+    let vm_id = uuid(&vm).to_owned();
+    let vm_actions = format!("/v1/vm-instances/{vm_id}/actions");
+    ok(api, "PUT", &vm_actions, Some(r#"{"stopVmInstance": {}}"#));
+    let root_file = vm["rootVolumePath"].as_str().unwrap().to_owned();
+    write_at(&root_file, 0x5a, 1024);
+    let cache = backing(&root_file).expect("a root volume is backed by its cached image");
+    let root_sha = digest(Path::new(&root_file));
+    let (_, _, roots) =
+        http(api, "GET", &format!("/v1/volumes?q=vmInstanceUuid={vm_id}&q=type=Root"), None, &[]);
+    let root_id = uuid(&roots["inventories"][0]).to_owned();
+    let on_b = |file: &str| own_b.join(Path::new(file).strip_prefix(&storage).unwrap());
+
+    // A running VM's root volume does not move.
+    let (_, _, targets) =
+        http(api, "GET", &format!("/v1/volumes/{root_id}/migration-target-hosts"), None, &[]);
+    assert_eq!(targets["inventories"][0]["uuid"], host_b["uuid"], "{targets}");
+    let migrate = json!({ "localStorageMigrateVolume": { "destHostUuid": host_b["uuid"] } });
+    ok(api, "PUT", &vm_actions, Some(r#"{"startVmInstance": {}}"#));
+    let refused = act(api, &root_id, migrate.clone());
+    assert_eq!(refused["error"]["code"], "VM.INVALID_STATE", "{refused}");
+    ok(api, "PUT", &vm_actions, Some(r#"{"stopVmInstance": {}}"#));
+
+    // Stopped, it moves with its VM; host B had no copy of the image, so it gets one.
+    let moved = act(api, &root_id, migrate);
+    assert_eq!(moved["inventory"]["hostUuid"], host_b["uuid"], "{moved}");
+    let (_, _, found) = http(api, "GET", &format!("/v1/vm-instances/{vm_id}"), None, &[]);
+    let found = &found["inventories"][0];
+    assert_eq!(
+        (&found["hostUuid"], &found["lastHostUuid"]),
+        (&host_b["uuid"], &infra.host["uuid"])
+    );
+    assert!(!Path::new(&root_file).exists(), "gone from host A");
+    assert_eq!(digest(&on_b(&root_file)), root_sha, "arrived as it left");
+    assert!(on_b(&cache).exists(), "the image cache followed");
+    assert!(Path::new(&cache).exists(), "and stays on host A for its other volumes");
+    assert!(holds_on_host(&storage, &own_b, &root_file, 0x11, 0), "the image's bytes, on B");
+    assert!(holds_on_host(&storage, &own_b, &root_file, 0x5a, 1024), "its own bytes, on B");
+    let started = ok(api, "PUT", &vm_actions, Some(r#"{"startVmInstance": {}}"#));
+    assert_eq!((&started["state"], &started["hostUuid"]), (&json!("Running"), &host_b["uuid"]));
 }
