@@ -773,8 +773,8 @@ pub fn network_mover(shared: Arc<Shared>, seed: u64) {
 }
 
 /// Keeps changing data volumes while the run lasts: makes a few, attaches and detaches them
-/// to random VMs, snapshots them, reverts and deletes snapshots, deletes and expunges
-/// volumes. The volumes' files are real qcow2 files (the sim agents run `qemu-img`), so the
+/// to random VMs, snapshots them, reverts and deletes snapshots, moves detached ones to
+/// other hosts, deletes and expunges volumes. The volumes' files are real qcow2 files (the sim agents run `qemu-img`), so the
 /// checks find after healing that every file belongs to a record, each volume's chain on
 /// disk is its snapshots', and no volume is on two domains. Like [`network_mover`]'s, its
 /// calls are not the workload's history; a refusal is as good as a success.
@@ -819,7 +819,7 @@ pub fn storage_mover(shared: Arc<Shared>, seed: u64) {
         let vms: Vec<Value> = vms.into_iter().filter(|vm| vm["state"] != "Destroyed").collect();
         let live: Vec<Value> =
             volumes.iter().filter(|v| v["status"] != "Deleted").cloned().collect();
-        match rng.u32(0..10) {
+        match rng.u32(0..11) {
             0 | 1 if live.len() < 6 => {
                 made += 1;
                 let body = json!({ "params": { "name": format!("chaos-volume-{made}"), "diskSize": 16u64 << 20 } });
@@ -857,6 +857,24 @@ pub fn storage_mover(shared: Arc<Shared>, seed: u64) {
                 let Some(snapshot) = pick(&mut rng, &snapshots) else { continue };
                 let body = json!({ "revertVolumeFromSnapshot": {} });
                 call("PUT", &format!("/v1/volume-snapshots/{snapshot}/actions"), Some(body));
+            }
+            9 => {
+                // Moved to another host (here every host sees one directory: the move finds
+                // the files already there and changes only the records).
+                let ready: Vec<Value> =
+                    live.iter().filter(|v| v["status"] == "Ready").cloned().collect();
+                let Some(volume) = pick(&mut rng, &ready) else { continue };
+                let detach = json!({ "detachDataVolumeFromVm": {} });
+                call("PUT", &format!("/v1/volumes/{volume}/actions"), Some(detach));
+                let targets = format!("/v1/volumes/{volume}/migration-target-hosts");
+                let Some(hosts) = get(api, &targets, Duration::from_secs(5))
+                    .and_then(|body| body["inventories"].as_array().cloned())
+                else {
+                    continue;
+                };
+                let Some(host) = pick(&mut rng, &hosts) else { continue };
+                let body = json!({ "localStorageMigrateVolume": { "destHostUuid": host } });
+                call("PUT", &format!("/v1/volumes/{volume}/actions"), Some(body));
             }
             _ => {
                 let Some(volume) = pick(&mut rng, &live) else { continue };
