@@ -149,7 +149,8 @@ pub fn new_top_of(top: &str, volume: Uuid, snapshot: Uuid) -> String {
 
 /// The writes that finish snapshot `intent` (Creating, of `volume` at its top) once the
 /// agent made `new_top`: the snapshot Ready and the latest, in the current tree (a new one
-/// if the volume has no latest snapshot), and the volume on its new top.
+/// if the volume has no latest snapshot, or if the intent names a tree of its own: a full
+/// snapshot, whose layer stands alone), and the volume on its new top.
 fn landing(
     db: &Db,
     volume: &Stored<VolumeRecord>,
@@ -167,21 +168,24 @@ fn landing(
         distance: 0,
         ..intent.record.clone()
     };
+    let full = !intent.record.tree_uuid.is_nil();
     match latest {
-        Some(parent) => {
+        Some(parent) if !full => {
             (taken.tree_uuid, taken.parent_uuid) =
                 (parent.record.tree_uuid, Some(parent.record.uuid));
             taken.distance = parent.record.distance.saturating_add(1);
             let was = VolumeSnapshotRecord { latest: false, ..parent.record.clone() };
             batch.put(&was, Expect::Generation(parent.generation))?;
         }
-        None => {
+        latest => {
+            if let Some(was) = latest {
+                let was_record = VolumeSnapshotRecord { latest: false, ..was.record.clone() };
+                batch.put(&was_record, Expect::Generation(was.generation))?;
+            }
             // A new tree, now the volume's current one.
-            let tree = VolumeSnapshotTreeRecord {
-                uuid: Uuid::new_v4(),
-                volume_uuid: volume.record.uuid,
-                current: true,
-            };
+            let uuid = if full { intent.record.tree_uuid } else { Uuid::new_v4() };
+            let tree =
+                VolumeSnapshotTreeRecord { uuid, volume_uuid: volume.record.uuid, current: true };
             batch.put(&tree, Expect::Absent)?;
             for other in trees_of(db, volume.record.uuid)? {
                 let other_record = VolumeSnapshotTreeRecord { current: false, ..other.record };
@@ -203,11 +207,18 @@ fn landing(
 /// the agent makes the new top, with a GC job that settles it if the operation does not
 /// finish it. Live, a new top the record did not know of would be lost the next time the
 /// VM's domain is defined from the records, with everything the guest wrote since.
+///
+/// Once the latest snapshot is `max_incremental - 1` layers from its tree's root (ZStack's
+/// `incrementalSnapshot.maxNum`), the snapshot is a full one, so that no chain grows past
+/// `max_incremental` layers: the volume's top first takes in every layer below it (a
+/// rebase onto nothing, or a block pull live), and the snapshot freezing it starts a new
+/// tree. The intent names that tree, so a settle after a crash lands it there too.
 pub async fn create(
     vms: &Kind<Vms>,
     hosts: &Kind<Hosts>,
     volume: Uuid,
     snapshot: Asked,
+    max_incremental: u32,
     extra: impl Fn(&mut Batch) -> Result<(), strato_storage::StoreError> + Send + 'static,
     job: Option<Uuid>,
 ) -> Result<VolumeSnapshotRecord, VolumeError> {
@@ -228,13 +239,22 @@ pub async fn create(
             volume::data_only(v, volume::VolumeOp::Snapshot)?;
             let (host, top) = placed(v, volume::VolumeOp::Snapshot)?;
             let new_top = new_top_of(&top, volume, snapshot.uuid);
+            let latest = snapshots_of(&db, volume)?.into_values().find(|s| s.record.latest);
+            let full = latest
+                .is_some_and(|s| s.record.distance.saturating_add(1) >= max_incremental.max(1));
+            // A full snapshot's tree, named by the intent (kept when the intent is rewritten).
+            let full_tree = match intent.as_ref().map(|i| i.record.tree_uuid) {
+                Some(tree) if full && !tree.is_nil() => tree,
+                _ if full => Uuid::new_v4(),
+                _ => Uuid::nil(),
+            };
             let wanted = VolumeSnapshotRecord {
                 uuid: snapshot.uuid,
                 name: snapshot.name.clone(),
                 description: snapshot.description.clone(),
                 volume_uuid: volume,
                 volume_type: v.r#type.clone(),
-                tree_uuid: Uuid::nil(),
+                tree_uuid: full_tree,
                 parent_uuid: None,
                 distance: 0,
                 latest: false,
@@ -264,6 +284,17 @@ pub async fn create(
                 continue;
             }
             tagged = true;
+            if full {
+                // The top takes in every layer below it, so the snapshot's layer stands alone.
+                // Repeating it changes nothing.
+                let standalone = match (live, vm.as_ref(), v.disk()) {
+                    (true, Some(vm), Some(disk)) => {
+                        Command::PullDisk { uuid: vm.uuid, disk, base: None }
+                    }
+                    _ => Command::RebaseVolume { top: top.clone(), base: None },
+                };
+                send(&hosts, host, standalone, job).await?;
+            }
             let command = match (live, vm.as_ref(), v.disk()) {
                 (true, Some(vm), Some(disk)) => {
                     Command::SnapshotDisk { uuid: vm.uuid, disk, new_top: new_top.clone() }

@@ -36,13 +36,20 @@ pub struct VolumePolicy {
     /// With the Delay policy, how long a deleted volume can be recovered before the GC
     /// expunges it (`None`: only by hand).
     pub expunge_after: Option<Duration>,
+    /// How many layers a snapshot tree's chain grows to before the next snapshot is a full
+    /// one in a new tree (ZStack's `incrementalSnapshot.maxNum`).
+    pub max_incremental_snapshots: u32,
 }
+
+/// ZStack's default `incrementalSnapshot.maxNum`.
+pub const MAX_INCREMENTAL_SNAPSHOTS: u32 = 64;
 
 impl Default for VolumePolicy {
     fn default() -> Self {
         VolumePolicy {
             deletion: DeletionPolicy::Delay,
             expunge_after: Some(Duration::from_secs(24 * 3600)),
+            max_incremental_snapshots: MAX_INCREMENTAL_SNAPSHOTS,
         }
     }
 }

@@ -237,6 +237,7 @@ impl Mn {
             volume_policy: strato_actors::volume::VolumePolicy {
                 deletion: vm_policy.deletion,
                 expunge_after: vm_policy.expunge_after,
+                max_incremental_snapshots: max_incremental_snapshots()?,
             },
             image_cache,
             image_cache_collector,
@@ -264,6 +265,17 @@ fn image_cache_settings() -> Result<strato_actors::image_cache::CacheSettings, B
         settings.grace = Duration::from_secs(secs);
     }
     Ok(settings)
+}
+
+/// How long a snapshot chain grows before a full snapshot starts a new tree
+/// (`STRATO_SNAPSHOT_MAX_INCREMENTAL`, ZStack's `incrementalSnapshot.maxNum`: 64).
+fn max_incremental_snapshots() -> Result<u32, BoxError> {
+    let max = number("STRATO_SNAPSHOT_MAX_INCREMENTAL")?
+        .unwrap_or(u64::from(strato_actors::volume::MAX_INCREMENTAL_SNAPSHOTS));
+    match u32::try_from(max) {
+        Ok(max) if (1..=1024).contains(&max) => Ok(max),
+        _ => Err(format!("STRATO_SNAPSHOT_MAX_INCREMENTAL=`{max}` is not within 1..=1024").into()),
+    }
 }
 
 /// The number in environment variable `name`, if it is set.

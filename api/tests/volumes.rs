@@ -1088,3 +1088,58 @@ fn a_stopped_vms_root_volume_moves_with_it_and_its_image_cache_follows() {
     let started = ok(api, "PUT", &vm_actions, Some(r#"{"startVmInstance": {}}"#));
     assert_eq!((&started["state"], &started["hostUuid"]), (&json!("Running"), &host_b["uuid"]));
 }
+
+#[test]
+fn past_the_incremental_limit_a_snapshot_is_full_and_starts_a_new_tree() {
+    let cluster =
+        TestCluster::start(ClusterOpts::sim(0).env("STRATO_SNAPSHOT_MAX_INCREMENTAL", "3"));
+    let api = cluster.api;
+    let infra = vm_infrastructure(api, cluster.agent, "10.26.0.10", "10.26.0.50");
+    local_storage(&cluster, &infra);
+    let body = json!({ "params": { "name": "vm", "instanceOfferingUuid": infra.offering["uuid"], "l3NetworkUuids": [infra.l3["uuid"]] } });
+    let vm_id = uuid(&ok(api, "POST", "/v1/vm-instances", Some(&body.to_string()))).to_owned();
+    let data = create(api, "/v1/volumes/data", json!({ "name": "data", "diskSize": 16u64 << 20 }));
+    let data_id = uuid(&data).to_owned();
+    act(api, &data_id, json!({ "attachDataVolumeToVm": { "vmInstanceUuid": vm_id } }));
+    let top = || volume(api, &data_id)["installPath"].as_str().unwrap().to_owned();
+
+    // Five snapshots of the running VM's volume, each layer with bytes of its own.
+    let mut taken = Vec::new();
+    for i in 0..5u8 {
+        write_at(&top(), 0x10 + i, u64::from(i) * 64);
+        let body = json!({ "params": { "name": format!("s{i}") } });
+        let path = format!("/v1/volumes/{data_id}/volume-snapshots");
+        taken.push(ok(api, "POST", &path, Some(&body.to_string())));
+    }
+    let shape: Vec<(u64, bool)> = taken
+        .iter()
+        .map(|s| (s["distance"].as_u64().unwrap(), s["parentUuid"].is_null()))
+        .collect();
+    assert_eq!(shape, [(0, true), (1, false), (2, false), (0, true), (1, false)], "{taken:?}");
+    let (first_tree, second_tree) = (&taken[0]["treeUuid"], &taken[3]["treeUuid"]);
+    assert_ne!(first_tree, second_tree, "the fourth snapshot starts a tree");
+    assert_eq!(taken[4]["treeUuid"], *second_tree);
+    let (_, _, trees) =
+        http(api, "GET", &format!("/v1/volume-snapshot-trees?q=volumeUuid={data_id}"), None, &[]);
+    let current: Vec<&Value> = trees["inventories"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["current"] == true)
+        .map(|t| &t["uuid"])
+        .collect();
+    assert_eq!(current, [second_tree], "{trees}");
+
+    // On disk: the top, the fifth layer, the fourth standing alone; every byte still there.
+    let fifth = taken[4]["primaryStorageInstallPath"].as_str().unwrap().to_owned();
+    let fourth = taken[3]["primaryStorageInstallPath"].as_str().unwrap().to_owned();
+    assert_eq!(backing(&top()).as_deref(), Some(fifth.as_str()));
+    assert_eq!(backing(&fifth).as_deref(), Some(fourth.as_str()));
+    assert_eq!(backing(&fourth), None, "a full snapshot's layer stands alone");
+    for i in 0..5u8 {
+        assert!(holds(&top(), 0x10 + i, u64::from(i) * 64), "layer {i}'s bytes");
+    }
+    // The first tree keeps its own chain: its deepest snapshot still reads as it was.
+    let third = taken[2]["primaryStorageInstallPath"].as_str().unwrap();
+    assert!(holds(third, 0x11, 64) && !holds(third, 0x13, 3 * 64));
+}

@@ -391,7 +391,9 @@ async fn create_snapshot(
             // Owned through its volume: its tags alone go with it.
             let extra = owned(&tags, kind, None, uuid);
             let asked = snapshot::Asked { uuid, name: p.name, description: p.description };
-            let taken = snapshot::create(&m.vms, &m.hosts, volume, asked, extra, Some(job)).await?;
+            let max = m.volume_policy.max_incremental_snapshots;
+            let taken =
+                snapshot::create(&m.vms, &m.hosts, volume, asked, max, extra, Some(job)).await?;
             inventory(&taken)
         })
         .await?;
