@@ -48,7 +48,7 @@ impl Default for VolumePolicy {
     fn default() -> Self {
         VolumePolicy {
             deletion: DeletionPolicy::Delay,
-            expunge_after: Some(Duration::from_secs(24 * 3600)),
+            expunge_after: Some(Duration::from_secs(3 * 24 * 3600)),
             max_incremental_snapshots: MAX_INCREMENTAL_SNAPSHOTS,
         }
     }

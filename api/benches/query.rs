@@ -194,8 +194,9 @@ fn over_http(count: u32, rng: &mut fastrand::Rng) {
     };
     let mn = runtime.block_on(async {
         let listener = strato_api::server::bind(api).await.expect("bind");
-        let mn =
-            strato_api::mn::Mn::start(&dir, None, Default::default()).await.expect("MN starts");
+        let mn = strato_api::mn::Mn::start(&dir, None, Default::default(), Default::default())
+            .await
+            .expect("MN starts");
         tokio::spawn(strato_api::server::serve(mn.clone(), listener));
         mn
     });

@@ -51,6 +51,15 @@ enum Deletion {
     Direct,
 }
 
+impl From<Deletion> for strato_actors::vm::ops::DeletionPolicy {
+    fn from(deletion: Deletion) -> Self {
+        match deletion {
+            Deletion::Delay => strato_actors::vm::ops::DeletionPolicy::Delay,
+            Deletion::Direct => strato_actors::vm::ops::DeletionPolicy::Direct,
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// The main job: the management node, a local agent on libvirt's test driver, and the
@@ -81,6 +90,14 @@ enum Cmd {
         /// by hand).
         #[arg(long, default_value_t = 86_400)]
         vm_expunge_period_secs: u64,
+        /// What deleting a data volume does: `delay` keeps it recoverable, `direct` expunges
+        /// it (ZStack's `volume.deletionPolicy`).
+        #[arg(long, value_enum, default_value = "delay")]
+        volume_deletion_policy: Deletion,
+        /// How long a deleted data volume stays recoverable before it is expunged (0: until
+        /// expunged by hand; ZStack's `volume.expungePeriod`, 3 days).
+        #[arg(long, default_value_t = 259_200)]
+        volume_expunge_period_secs: u64,
     },
     /// Writes a bootstrap file (mode 0600) that enrolls an agent with this node: the node's CA
     /// certificate and a one-time secret per host, valid for 24 hours. Copy it to the host and
@@ -161,18 +178,27 @@ fn main() -> std::process::ExitCode {
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     let result: Result<(), strato_runtime::BoxError> = runtime.block_on(async {
         match args.command {
-            Cmd::Server { data_dir, listen, vm_deletion_policy, vm_expunge_period_secs } => {
+            Cmd::Server {
+                data_dir,
+                listen,
+                vm_deletion_policy,
+                vm_expunge_period_secs,
+                volume_deletion_policy,
+                volume_expunge_period_secs,
+            } => {
                 let listener = strato_api::server::bind(listen).await?;
+                let period = |secs: u64| (secs > 0).then(|| std::time::Duration::from_secs(secs));
                 let policy = strato_actors::vm::ops::VmPolicy {
-                    deletion: match vm_deletion_policy {
-                        Deletion::Delay => strato_actors::vm::ops::DeletionPolicy::Delay,
-                        Deletion::Direct => strato_actors::vm::ops::DeletionPolicy::Direct,
-                    },
-                    expunge_after: (vm_expunge_period_secs > 0)
-                        .then(|| std::time::Duration::from_secs(vm_expunge_period_secs)),
+                    deletion: vm_deletion_policy.into(),
+                    expunge_after: period(vm_expunge_period_secs),
                     ..Default::default()
                 };
-                let mn = strato_api::mn::Mn::start(&data_dir, None, policy).await?;
+                let volume_policy = strato_actors::volume::VolumePolicy {
+                    deletion: volume_deletion_policy.into(),
+                    expunge_after: period(volume_expunge_period_secs),
+                    ..Default::default()
+                };
+                let mn = strato_api::mn::Mn::start(&data_dir, None, policy, volume_policy).await?;
                 let mut out = std::io::stdout();
                 let _ = writeln!(
                     out,

@@ -125,6 +125,7 @@ impl Mn {
         data_dir: &Path,
         host_config: Option<HostConfig>,
         vm_policy: VmPolicy,
+        volume_policy: strato_actors::volume::VolumePolicy,
     ) -> Result<Arc<Mn>, BoxError> {
         secure_data_dir(data_dir)?;
         let pki = std::sync::Arc::new(pki(data_dir)?);
@@ -235,9 +236,8 @@ impl Mn {
             image_policy,
             jobs,
             volume_policy: strato_actors::volume::VolumePolicy {
-                deletion: vm_policy.deletion,
-                expunge_after: vm_policy.expunge_after,
-                max_incremental_snapshots: max_incremental_snapshots()?,
+                max_incremental_snapshots: max_incremental_snapshots(&volume_policy)?,
+                ..volume_policy
             },
             image_cache,
             image_cache_collector,
@@ -269,9 +269,11 @@ fn image_cache_settings() -> Result<strato_actors::image_cache::CacheSettings, B
 
 /// How long a snapshot chain grows before a full snapshot starts a new tree
 /// (`STRATO_SNAPSHOT_MAX_INCREMENTAL`, ZStack's `incrementalSnapshot.maxNum`: 64).
-fn max_incremental_snapshots() -> Result<u32, BoxError> {
+fn max_incremental_snapshots(
+    policy: &strato_actors::volume::VolumePolicy,
+) -> Result<u32, BoxError> {
     let max = number("STRATO_SNAPSHOT_MAX_INCREMENTAL")?
-        .unwrap_or(u64::from(strato_actors::volume::MAX_INCREMENTAL_SNAPSHOTS));
+        .unwrap_or(u64::from(policy.max_incremental_snapshots));
     match u32::try_from(max) {
         Ok(max) if (1..=1024).contains(&max) => Ok(max),
         _ => Err(format!("STRATO_SNAPSHOT_MAX_INCREMENTAL=`{max}` is not within 1..=1024").into()),

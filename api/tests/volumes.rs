@@ -1143,3 +1143,29 @@ fn past_the_incremental_limit_a_snapshot_is_full_and_starts_a_new_tree() {
     let third = taken[2]["primaryStorageInstallPath"].as_str().unwrap();
     assert!(holds(third, 0x11, 64) && !holds(third, 0x13, 3 * 64));
 }
+
+#[test]
+fn volumes_follow_their_own_deletion_policy_not_the_vms() {
+    let cluster = TestCluster::start(
+        ClusterOpts::sim(0).server_args(&["--volume-deletion-policy", "direct"]),
+    );
+    let api = cluster.api;
+    let infra = vm_infrastructure(api, cluster.agent, "10.27.0.10", "10.27.0.50");
+    local_storage(&cluster, &infra);
+    let body = json!({ "params": { "name": "vm", "instanceOfferingUuid": infra.offering["uuid"], "l3NetworkUuids": [infra.l3["uuid"]] } });
+    let vm_id = uuid(&ok(api, "POST", "/v1/vm-instances", Some(&body.to_string()))).to_owned();
+    let data = create(api, "/v1/volumes/data", json!({ "name": "data", "diskSize": 16u64 << 20 }));
+    let data_id = uuid(&data).to_owned();
+    act(api, &data_id, json!({ "attachDataVolumeToVm": { "vmInstanceUuid": vm_id } }));
+    let file = volume(api, &data_id)["installPath"].as_str().unwrap().to_owned();
+
+    // Direct: the volume goes at once, with its file.
+    ok(api, "DELETE", &format!("/v1/volumes/{data_id}"), None);
+    let (status, _, _) = http(api, "GET", &format!("/v1/volumes/{data_id}"), None, &[]);
+    assert_eq!(status, 404);
+    assert!(!Path::new(&file).exists());
+    // The VM keeps the default Delay policy: destroyed, it can be recovered.
+    let destroyed = ok(api, "DELETE", &format!("/v1/vm-instances/{vm_id}"), None);
+    let (_, _, found) = http(api, "GET", &format!("/v1/vm-instances/{vm_id}"), None, &[]);
+    assert_eq!(found["inventories"][0]["state"], "Destroyed", "{destroyed} {found}");
+}

@@ -104,7 +104,7 @@ pub async fn run(
     say!("strato up: agent on {agent_listen} (libvirt test:///default)");
 
     let listener = server::bind(listen).await?;
-    let mn = Mn::start(data_dir, None, Default::default()).await?;
+    let mn = Mn::start(data_dir, None, Default::default(), Default::default()).await?;
     let serving = tokio::spawn(server::serve(mn.clone(), listener));
 
     if let Some(password) = &mn.generated_admin_password {

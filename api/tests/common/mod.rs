@@ -142,12 +142,18 @@ pub fn start_agent_with_own_storage(
 pub const ADMIN_PASSWORD: &str = "test-admin-password";
 
 /// The server on `data_dir`, listening at `addr`, with extra environment.
-pub fn start_server_with(data_dir: &Path, addr: SocketAddr, env: &[(&str, &str)]) -> Proc {
+pub fn start_server_with(
+    data_dir: &Path,
+    addr: SocketAddr,
+    env: &[(&str, &str)],
+    args: &[String],
+) -> Proc {
     let mut child = Command::new(env!("CARGO_BIN_EXE_strato"))
         .envs(env.iter().copied())
         .env("STRATO_ADMIN_PASSWORD", ADMIN_PASSWORD)
         .args(["server", "--listen", &addr.to_string(), "--data-dir"])
         .arg(data_dir)
+        .args(args)
         .stdout(Stdio::null())
         .stderr(log_file(data_dir))
         .spawn()
@@ -297,6 +303,8 @@ pub fn vm_infrastructure(
 pub struct ClusterOpts {
     /// The server's environment (`STRATO_SESSION_TIMEOUT_SECS`, failpoints, ...).
     pub server_env: Vec<(String, String)>,
+    /// The server's extra arguments (`--volume-deletion-policy direct`, ...).
+    pub server_args: Vec<String>,
     /// The agent's driver arguments.
     pub driver: Vec<String>,
     /// The permissions of the cluster's directory (default: the temporary directory's).
@@ -307,6 +315,7 @@ impl Default for ClusterOpts {
     fn default() -> Self {
         ClusterOpts {
             server_env: Vec::new(),
+            server_args: Vec::new(),
             driver: ["--driver", "libvirt", "--libvirt-uri", "test:///default", "--network", "sim"]
                 .map(str::to_owned)
                 .to_vec(),
@@ -329,6 +338,12 @@ impl ClusterOpts {
     /// The agent with these driver arguments.
     pub fn driver(mut self, args: &[&str]) -> Self {
         self.driver = args.iter().map(|a| (*a).to_owned()).collect();
+        self
+    }
+
+    /// The server with these extra arguments.
+    pub fn server_args(mut self, args: &[&str]) -> Self {
+        self.server_args.extend(args.iter().map(|a| (*a).to_owned()));
         self
     }
 
@@ -382,7 +397,7 @@ impl TestCluster {
     fn server(data: &Path, api: SocketAddr, opts: &ClusterOpts) -> Proc {
         let env: Vec<(&str, &str)> =
             opts.server_env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        start_server_with(data, api, &env)
+        start_server_with(data, api, &env, &opts.server_args)
     }
 
     /// The directory everything lives in.
