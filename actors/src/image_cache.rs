@@ -59,7 +59,8 @@ pub struct HostCleaning {
 }
 
 /// Cleans the image cache of primary storage `ps` on each host that uses it (every host of
-/// its clusters, for local storage). A host that cannot be reached is skipped and said so.
+/// its clusters, for local storage; one of them, for shared storage). A host that cannot be
+/// reached is skipped and said so.
 pub async fn clean(
     db: &Db,
     hosts: &Kind<Hosts>,
@@ -75,9 +76,18 @@ pub async fn clean(
     for stored in db.scan::<HostRecord>() {
         let host = stored?.record;
         if storage.attached_cluster_uuids.contains(&host.cluster_uuid) {
-            users.push(host.uuid);
+            users.push(host);
         }
     }
+    // Shared storage is one directory: one connected host cleans it for all (each host
+    // marks a cache it hands out as new, so the others' recent ones are spared too).
+    let users: Vec<Uuid> = if storage.is_local() {
+        users.into_iter().map(|h| h.uuid).collect()
+    } else {
+        users.sort_by_key(|h| h.uuid);
+        let connected = users.iter().find(|h| h.status == crate::records::HostStatus::Connected);
+        connected.or(users.first()).map(|h| h.uuid).into_iter().collect()
+    };
     let command = Command::CleanImageCache {
         cache_dir: storage.image_cache_dir(),
         volume_dirs: vec![storage.root_volumes_dir(), storage.data_volumes_dir()],

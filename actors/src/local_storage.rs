@@ -35,9 +35,6 @@ use crate::snapshot::Sweep;
 use crate::vm::Vms;
 use crate::volume::{self, VolumeError, VolumeOp};
 
-/// The primary storage type whose volumes live on one host's own disk.
-pub const LOCAL_STORAGE: &str = "LocalStorage";
-
 /// A volume's files on their way from `source` to `destination`.
 #[derive(Clone)]
 pub(crate) struct Move {
@@ -193,6 +190,9 @@ pub fn migratable_hosts(db: &Db, volume: Uuid) -> Result<Vec<HostRecord>, Volume
     else {
         return Ok(Vec::new());
     };
+    if !ps.record.is_local() {
+        return Ok(Vec::new()); // every host of its clusters reaches it already
+    }
     let mut out = Vec::new();
     for cluster in &ps.record.attached_cluster_uuids {
         for id in db.find::<HostRecord>("cluster", &IndexValue::Uuid(*cluster))? {
@@ -224,7 +224,7 @@ pub(crate) fn destination_storage(
             message: format!("volume {} is on no primary storage: it has no file to move", v.uuid),
         })?
         .record;
-    if ps.r#type != LOCAL_STORAGE {
+    if !ps.is_local() {
         return Err(VolumeError::Invalid {
             field: "volumeUuid",
             message: format!(

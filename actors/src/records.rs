@@ -1316,18 +1316,31 @@ pub struct PrimaryStorageRecord {
     pub url: String,
     /// Its zone.
     pub zone_uuid: Uuid,
-    /// Always `LocalStorage`.
+    /// [`LOCAL_STORAGE`] or [`SHARED_MOUNT_POINT`].
     pub r#type: String,
     /// The clusters whose hosts use it.
     pub attached_cluster_uuids: Vec<Uuid>,
 }
 
+/// Primary storage on each host's own disk: a volume lives on one host.
+pub const LOCAL_STORAGE: &str = "LocalStorage";
+
+/// Primary storage in one directory every host of its clusters mounts (ZStack's
+/// SharedMountPoint): a volume is reachable from any of them.
+pub const SHARED_MOUNT_POINT: &str = "SharedMountPoint";
+
 impl PrimaryStorageRecord {
+    /// Whether each host has its own (local storage), so a volume lives on one host.
+    pub fn is_local(&self) -> bool {
+        self.r#type == LOCAL_STORAGE
+    }
+
     fn dir(&self, name: &str) -> String {
         format!("{}/{name}", self.url.trim_end_matches('/'))
     }
 
-    /// Where each host keeps the images its root volumes are backed by.
+    /// Where the images its root volumes are backed by are cached (on each host, for local
+    /// storage).
     pub fn image_cache_dir(&self) -> String {
         self.dir("imagecache")
     }

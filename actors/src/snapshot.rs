@@ -456,11 +456,17 @@ impl Sweep {
 
 /// Every file `volume`'s records name on `host`: its top, its snapshots' layers and the new
 /// tops of those being taken (a volume moved to another host's local storage names none of
-/// its old files on the old host).
+/// its old files on the old host; on shared storage a file named is named on every host).
 fn named_files(db: &Db, volume: Uuid, host: Uuid) -> Result<BTreeSet<String>, VolumeError> {
-    let on_host = |h: Option<Uuid>| h.is_none_or(|h| h == host);
+    let stored = db.get::<VolumeRecord>(volume)?;
+    // On shared storage every host sees the same files, whichever host a record names.
+    let shared = match &stored {
+        Some(v) => !volume::is_local(db, &v.record)?,
+        None => false,
+    };
+    let on_host = |h: Option<Uuid>| shared || h.is_none_or(|h| h == host);
     let mut named = BTreeSet::new();
-    if let Some(v) = db.get::<VolumeRecord>(volume)?.filter(|v| on_host(v.record.host_uuid)) {
+    if let Some(v) = stored.filter(|v| on_host(v.record.host_uuid)) {
         named.extend(v.record.install_path);
     }
     for s in snapshots_of(db, volume)?.into_values().filter(|s| on_host(s.record.host_uuid)) {

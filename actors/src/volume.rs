@@ -197,6 +197,14 @@ pub fn get(db: &Db, volume: Uuid) -> Result<Stored<VolumeRecord>, VolumeError> {
     db.get::<VolumeRecord>(volume)?.ok_or(VolumeError::NotFound { kind: "Volume", uuid: volume })
 }
 
+/// Whether volume `v` lives on one host (local storage; a volume on no storage yet is taken
+/// as such: it has no file anywhere), as opposed to shared storage every host of its
+/// clusters reaches.
+pub(crate) fn is_local(db: &Db, v: &VolumeRecord) -> Result<bool, StoreError> {
+    let Some(ps) = v.primary_storage_uuid else { return Ok(true) };
+    Ok(db.get::<crate::records::PrimaryStorageRecord>(ps)?.is_none_or(|ps| ps.record.is_local()))
+}
+
 /// The data volumes attached to VM `vm` (its root volume is not one).
 pub fn attached_to(db: &Db, vm: Uuid) -> Result<Vec<Stored<VolumeRecord>>, StoreError> {
     let mut out = Vec::new();

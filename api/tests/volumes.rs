@@ -1169,3 +1169,70 @@ fn volumes_follow_their_own_deletion_policy_not_the_vms() {
     let (_, _, found) = http(api, "GET", &format!("/v1/vm-instances/{vm_id}"), None, &[]);
     assert_eq!(found["inventories"][0]["state"], "Destroyed", "{destroyed} {found}");
 }
+
+#[test]
+fn on_shared_mount_point_storage_a_volume_follows_its_vm_between_hosts_without_a_copy() {
+    let cluster = TestCluster::start(ClusterOpts::sim(0));
+    let api = cluster.api;
+    let infra = vm_infrastructure(api, cluster.agent, "10.28.0.10", "10.28.0.50");
+    let host_cluster = infra.host["clusterUuid"].as_str().unwrap();
+    let (_, _, clusters) = http(api, "GET", &format!("/v1/clusters/{host_cluster}"), None, &[]);
+    let smp = create(
+        api,
+        "/v1/primary-storage/smp",
+        json!({ "name": "smp", "url": cluster.dir().join("smp").display().to_string(), "zoneUuid": clusters["inventories"][0]["zoneUuid"] }),
+    );
+    assert_eq!(smp["type"], "SharedMountPoint", "{smp}");
+    ok(api, "POST", &format!("/v1/clusters/{host_cluster}/primary-storage/{}", uuid(&smp)), None);
+    // A second host mounting the same directory (here: the same machine's).
+    let (_agent_b, addr_b) = common::start_agent_with(
+        &common::bootstrap(&cluster.data),
+        &cluster.dir().join("agent-b"),
+        &["--driver", "sim", "--network", "sim"],
+    );
+    let host_b = create(
+        api,
+        "/v1/hosts/kvm",
+        json!({ "name": "hb", "managementIp": "127.0.0.1", "agentPort": addr_b.port(), "clusterUuid": host_cluster }),
+    );
+    let (host_a, host_b) = (infra.host["uuid"].clone(), host_b["uuid"].clone());
+    let vm_on = |name: &str, host: &Value| -> String {
+        let body = json!({ "params": { "name": name, "instanceOfferingUuid": infra.offering["uuid"], "l3NetworkUuids": [infra.l3["uuid"]], "hostUuid": host } });
+        uuid(&ok(api, "POST", "/v1/vm-instances", Some(&body.to_string()))).to_owned()
+    };
+    let vm = vm_on("vm", &host_a);
+    let data = create(api, "/v1/volumes/data", json!({ "name": "data", "diskSize": 16u64 << 20 }));
+    let data_id = uuid(&data).to_owned();
+    act(api, &data_id, json!({ "attachDataVolumeToVm": { "vmInstanceUuid": vm } }));
+    let file = volume(api, &data_id)["installPath"].as_str().unwrap().to_owned();
+    assert!(file.starts_with(&cluster.dir().join("smp").display().to_string()), "{file}");
+    write_at(&file, 0x5a, 0);
+
+    // The stopped VM moves with its data volume, which stays where it is.
+    let vm_actions = format!("/v1/vm-instances/{vm}/actions");
+    ok(api, "PUT", &vm_actions, Some(r#"{"stopVmInstance": {}}"#));
+    let body = json!({ "migrateVm": { "hostUuid": host_b } });
+    let moved = ok(api, "PUT", &vm_actions, Some(&body.to_string()));
+    assert_eq!(moved["hostUuid"], host_b, "{moved}");
+    let followed = volume(api, &data_id);
+    assert_eq!((&followed["hostUuid"], &followed["installPath"]), (&host_b, &json!(file)));
+    assert!(holds(&file, 0x5a, 0));
+    let started = ok(api, "PUT", &vm_actions, Some(r#"{"startVmInstance": {}}"#));
+    assert_eq!(started["state"], "Running");
+    assert_eq!(disks(&cluster, &vm), vec![], "host A's domain is gone");
+    let on_b = Sim::disks_in(&cluster.dir().join("agent-b").join("sim-domains.json")).unwrap();
+    let plugged: Vec<String> =
+        on_b[&vm.parse::<Uuid>().unwrap()].iter().map(|d| d.volume.to_string()).collect();
+    assert_eq!(plugged, std::slice::from_ref(&data_id), "host B's domain has the disk");
+
+    // Detached, any host's VM takes it; nothing is there to move between hosts.
+    act(api, &data_id, json!({ "detachDataVolumeFromVm": {} }));
+    let other = vm_on("other", &host_a);
+    let attached =
+        act(api, &data_id, json!({ "attachDataVolumeToVm": { "vmInstanceUuid": other } }));
+    assert_eq!(attached["inventory"]["hostUuid"], host_a, "{attached}");
+    assert_eq!(disks(&cluster, &other), vec![(data_id.clone(), 1)]);
+    let (_, _, targets) =
+        http(api, "GET", &format!("/v1/volumes/{data_id}/migration-target-hosts"), None, &[]);
+    assert_eq!(targets["inventories"], json!([]), "{targets}");
+}

@@ -120,6 +120,9 @@ pub async fn cache_image(image: Uuid, source: &str, cache_dir: &str) -> Result<R
         // file is new, so the grace spares it).
         let _turn = CACHES.turn.read().await;
         CACHES.handed_out.lock().expect("image cache guard").insert(dest.clone(), Instant::now());
+        // And marked as new on disk, for the agents of other hosts sharing the storage,
+        // whose cleaning sees the file's age but not this agent's memory.
+        mark_new(&dest);
     }
     if !tokio::fs::try_exists(&dest).await.unwrap_or(false)
         && !tokio::fs::try_exists(source).await.unwrap_or(false)
@@ -130,6 +133,19 @@ pub async fn cache_image(image: Uuid, source: &str, cache_dir: &str) -> Result<R
         ));
     }
     made_once(&dest, |tmp| args(&["convert", "-O", "qcow2", source, tmp])).await
+}
+
+/// Sets the modification time of the file at `path` (if it exists) to now; a failure only
+/// costs the cross-host protection, so it is logged.
+fn mark_new(path: &Path) {
+    let touched = std::fs::File::open(path).and_then(|f| f.set_modified(SystemTime::now()));
+    match touched {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => {
+            tracing::warn!(path = %path.display(), %error, "a cached image handed out could not be marked new");
+        }
+    }
 }
 
 /// Creates the qcow2 root volume `volume` in `dir`, backed by `backing`; answers it

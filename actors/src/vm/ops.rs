@@ -606,10 +606,17 @@ pub async fn migrate(
         let (record, _) = super::begin(&ctx).await?;
         let transition = plan(record.state, VmOp::Migrate)?;
         let source = record.host_uuid.ok_or(VmError::NoHost(id))?;
-        let volumes = crate::volume::attached_to(&ctx.entity().db, id)?;
-        if !volumes.is_empty() {
-            let volumes = volumes.into_iter().map(|v| v.record.uuid).collect();
-            return Err(VmError::HasDataVolumes { vm: id, volumes });
+        // Data volumes on a host's own disk keep the VM there; those on shared storage
+        // follow it.
+        let db = &ctx.entity().db;
+        let mut local = Vec::new();
+        for v in crate::volume::attached_to(db, id)? {
+            if crate::volume::is_local(db, &v.record)? {
+                local.push(v.record.uuid);
+            }
+        }
+        if !local.is_empty() {
+            return Err(VmError::HasDataVolumes { vm: id, volumes: local });
         }
         let hosts = hosts_of(&ctx)?;
         let db = ctx.entity().db.clone();
@@ -674,7 +681,6 @@ pub async fn migrate(
         match moved {
             Ok((destination, moved_root, mv)) => {
                 tracing::info!(vm = %id, from = %source, to = %destination, "VM migrated");
-                // Its root volume's record follows it, in the same write.
                 let root =
                     db.get::<crate::records::VolumeRecord>(crate::records::root_volume_id(id))?;
                 let change = |r: &mut VmRecord| {
@@ -682,13 +688,17 @@ pub async fn migrate(
                     r.last_host_uuid = Some(source);
                     r.host_uuid = Some(destination);
                 };
+                // Its root volume's record and its (shared) data volumes' follow it, in the
+                // same write.
+                let mut following: Vec<_> = crate::volume::attached_to(&db, id)?;
+                following.extend(root);
                 let moved = save_with(&ctx, change, |_, batch| {
-                    if let Some(root) = root {
+                    for v in &following {
                         let followed = crate::records::VolumeRecord {
                             host_uuid: Some(destination),
-                            ..root.record
+                            ..v.record.clone()
                         };
-                        batch.put(&followed, Expect::Generation(root.generation))?;
+                        batch.put(&followed, Expect::Generation(v.generation))?;
                     }
                     Ok(())
                 })
@@ -767,7 +777,8 @@ async fn move_root_volume(
                 record.uuid
             )))
         })?;
-    if mv.shares_storage(&ps.record.url).await? {
+    // On shared storage, or local storage both hosts see, the file is already there.
+    if !ps.record.is_local() || mv.shares_storage(&ps.record.url).await? {
         return Ok(None);
     }
     let runtime = ctx.runtime();

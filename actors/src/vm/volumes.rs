@@ -244,7 +244,12 @@ pub(crate) fn template_file(db: &Db, image: Uuid) -> Result<String, VolumeError>
 }
 
 /// ZStack's checks before an attachment.
-fn check_attachable(v: &VolumeRecord, vm: &VmRecord, host: &HostRecord) -> Result<(), VolumeError> {
+fn check_attachable(
+    v: &VolumeRecord,
+    local: bool,
+    vm: &VmRecord,
+    host: &HostRecord,
+) -> Result<(), VolumeError> {
     volume::data_only(v, VolumeOp::Attach)?;
     if !allows(v.status, VolumeOp::Attach) {
         return Err(VolumeError::InvalidStatus {
@@ -260,7 +265,7 @@ fn check_attachable(v: &VolumeRecord, vm: &VmRecord, host: &HostRecord) -> Resul
             v.uuid
         )));
     }
-    if let Some(on) = v.host_uuid.filter(|on| *on != host.uuid) {
+    if let Some(on) = v.host_uuid.filter(|on| local && *on != host.uuid) {
         return Err(VolumeError::Invalid {
             field: "vmInstanceUuid",
             message: format!(
@@ -284,9 +289,14 @@ async fn claim(
     loop {
         let stored = volume::get(db, volume)?;
         let mut v = stored.record;
-        check_attachable(&v, vm, host)?;
+        let local = volume::is_local(db, &v)?;
+        check_attachable(&v, local, vm, host)?;
         if v.vm_instance_uuid == Some(vm.uuid) {
             return Ok(v);
+        }
+        if !local && v.host_uuid.is_some() {
+            // On shared storage the VM's host serves it from now on.
+            v.host_uuid = Some(host.uuid);
         }
         let device = free_device(db, vm.uuid)?.ok_or_else(|| too_many(vm.uuid))?;
         let vm_stored = db

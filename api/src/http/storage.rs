@@ -11,7 +11,8 @@ use axum::routing::{MethodRouter, post, put};
 use serde_json::json;
 use strato_actors::kinds;
 use strato_actors::records::{
-    BackupStorageRecord, ClusterRecord, ImageRecord, PrimaryStorageRecord, ZoneRecord,
+    BackupStorageRecord, ClusterRecord, ImageRecord, LOCAL_STORAGE, PrimaryStorageRecord,
+    SHARED_MOUNT_POINT, ZoneRecord,
 };
 use uuid::Uuid;
 
@@ -47,8 +48,15 @@ pub(super) fn apis() -> Vec<Api> {
             "AddLocalPrimaryStorage",
             "/v1/primary-storage/local-storage",
             schema::<StorageParams>(),
-            "Adds local primary storage",
-            || post(create_primary_storage),
+            "Adds local primary storage (a directory on each host's own disk)",
+            || post(|mn, headers, body| add_primary_storage(mn, headers, body, LOCAL_STORAGE)),
+        ),
+        Api::create(
+            "AddSharedMountPointPrimaryStorage",
+            "/v1/primary-storage/smp",
+            schema::<StorageParams>(),
+            "Adds shared mount point primary storage (a directory every host of its clusters mounts)",
+            || post(|mn, headers, body| add_primary_storage(mn, headers, body, SHARED_MOUNT_POINT)),
         ),
         attach(
             "AttachPrimaryStorageToCluster",
@@ -146,10 +154,11 @@ fn attach_backup_storage() -> MethodRouter<Arc<Mn>> {
     .handler()
 }
 
-async fn create_primary_storage(
+async fn add_primary_storage(
     State(mn): Shared,
     headers: HeaderMap,
     body: Bytes,
+    kind: &'static str,
 ) -> Result<Response, ApiError> {
     let (p, raw, tags): (StorageParams, _, _) =
         creation(&body, kinds::of::<PrimaryStorageRecord>())?;
@@ -158,13 +167,18 @@ async fn create_primary_storage(
     let zone =
         p.zone_uuid.ok_or_else(|| ApiError::invalid("zoneUuid", "`zoneUuid` is required"))?;
     get_record::<ZoneRecord>(&mn, zone)?;
-    submit_record(&mn, &headers, "AddLocalPrimaryStorage", &raw, tags, move || {
+    let api = if kind == LOCAL_STORAGE {
+        "AddLocalPrimaryStorage"
+    } else {
+        "AddSharedMountPointPrimaryStorage"
+    };
+    submit_record(&mn, &headers, api, &raw, tags, move || {
         Ok(PrimaryStorageRecord {
             uuid: Uuid::new_v4(),
             name: p.name,
             url,
             zone_uuid: zone,
-            r#type: strato_actors::local_storage::LOCAL_STORAGE.into(),
+            r#type: kind.into(),
             attached_cluster_uuids: vec![],
         })
     })
