@@ -329,7 +329,7 @@ pub async fn migrate_volume(
         let deadline = SystemTime::now() + MIGRATE_TIMEOUT;
         let mv = Move { hosts: hosts.clone(), source, destination, deadline, job };
         let moved = async {
-            let shared = mv.shares_storage(&ps.url).await?;
+            let shared = mv.shares_storage(ps.base_dir()).await?;
             if shared {
                 return Ok::<_, VolumeError>((true, None));
             }

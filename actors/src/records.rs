@@ -1316,10 +1316,23 @@ pub struct PrimaryStorageRecord {
     pub url: String,
     /// Its zone.
     pub zone_uuid: Uuid,
-    /// [`LOCAL_STORAGE`] or [`SHARED_MOUNT_POINT`].
+    /// [`LOCAL_STORAGE`], [`SHARED_MOUNT_POINT`] or [`NFS`].
     pub r#type: String,
     /// The clusters whose hosts use it.
     pub attached_cluster_uuids: Vec<Uuid>,
+    /// Where each host mounts it (NFS; the others are used at `url`).
+    pub mount_path: Option<String>,
+}
+
+/// A primary storage record as version 1 wrote it (no mount path).
+#[derive(Deserialize)]
+struct PrimaryStorageRecordV1 {
+    uuid: Uuid,
+    name: String,
+    url: String,
+    zone_uuid: Uuid,
+    r#type: String,
+    attached_cluster_uuids: Vec<Uuid>,
 }
 
 /// Primary storage on each host's own disk: a volume lives on one host.
@@ -1329,14 +1342,22 @@ pub const LOCAL_STORAGE: &str = "LocalStorage";
 /// SharedMountPoint): a volume is reachable from any of them.
 pub const SHARED_MOUNT_POINT: &str = "SharedMountPoint";
 
+/// Primary storage on an NFS export every host of its clusters mounts at `mount_path`.
+pub const NFS: &str = "NFS";
+
 impl PrimaryStorageRecord {
     /// Whether each host has its own (local storage), so a volume lives on one host.
     pub fn is_local(&self) -> bool {
         self.r#type == LOCAL_STORAGE
     }
 
+    /// The directory its files are under on each host.
+    pub fn base_dir(&self) -> &str {
+        self.mount_path.as_deref().unwrap_or(&self.url).trim_end_matches('/')
+    }
+
     fn dir(&self, name: &str) -> String {
-        format!("{}/{name}", self.url.trim_end_matches('/'))
+        format!("{}/{name}", self.base_dir())
     }
 
     /// Where the images its root volumes are backed by are cached (on each host, for local
@@ -1358,7 +1379,30 @@ impl PrimaryStorageRecord {
 
 impl Record for PrimaryStorageRecord {
     const KIND: &'static str = "primary-storage";
-    const VERSION: u16 = 1;
+    const VERSION: u16 = 2;
+
+    fn upgrade(from_version: u16, payload: &[u8]) -> Result<Self, strato_storage::CodecError> {
+        match from_version {
+            1 => {
+                let v1: PrimaryStorageRecordV1 =
+                    strato_storage::codec::decode_payload(Self::KIND, payload)?;
+                Ok(PrimaryStorageRecord {
+                    uuid: v1.uuid,
+                    name: v1.name,
+                    url: v1.url,
+                    zone_uuid: v1.zone_uuid,
+                    r#type: v1.r#type,
+                    attached_cluster_uuids: v1.attached_cluster_uuids,
+                    mount_path: None,
+                })
+            }
+            found => Err(strato_storage::CodecError::UnknownVersion {
+                kind: Self::KIND,
+                found,
+                supported: Self::VERSION,
+            }),
+        }
+    }
 
     fn id(&self) -> Uuid {
         self.uuid

@@ -352,6 +352,7 @@ async fn a_volume_left_on_a_lost_host_is_deleted_by_the_gc_when_it_is_back() {
             zone_uuid: Uuid::new_v4(),
             r#type: "LocalStorage".into(),
             attached_cluster_uuids: vec![cluster],
+            mount_path: None,
         },
     );
     let image = ImageRecord {

@@ -41,6 +41,9 @@ pub struct Mn {
     pub external_url: Option<String>,
     /// What an image import may read.
     pub image_policy: strato_actors::images::ImportPolicy,
+    /// Where hosts mount NFS primary storage (`STRATO_NFS_MOUNT_ROOT`, by default
+    /// `/opt/strato/nfsprimarystorage`): each storage at `prim-<uuid>` under it.
+    pub nfs_mount_root: String,
     /// The jobs: submitted, waited for, cancelled.
     pub jobs: crate::jobs::Jobs,
     /// How deleting a data volume behaves (the VMs' deletion policy and grace period).
@@ -234,6 +237,10 @@ impl Mn {
             account_creation: Default::default(),
             external_url,
             image_policy,
+            nfs_mount_root: std::env::var("STRATO_NFS_MOUNT_ROOT")
+                .unwrap_or_else(|_| "/opt/strato/nfsprimarystorage".into())
+                .trim_end_matches('/')
+                .to_owned(),
             jobs,
             volume_policy: strato_actors::volume::VolumePolicy {
                 max_incremental_snapshots: max_incremental_snapshots(&volume_policy)?,

@@ -888,12 +888,11 @@ fn host_with_own_storage(
     infra: &common::Infrastructure,
 ) -> (common::Proc, Value, std::path::PathBuf) {
     let own = cluster.dir().join("ps-b");
-    let (agent, addr) = common::start_agent_with_own_storage(
+    let (agent, addr) = common::start_agent_in_own_mount_namespace(
         &common::bootstrap(&cluster.data),
         &cluster.dir().join("agent-b"),
         &["--driver", "sim", "--network", "sim"],
-        &cluster.dir().join("ps"),
-        &own,
+        &[(&own, &cluster.dir().join("ps"))],
     );
     let host = create(
         cluster.api,
@@ -1235,4 +1234,117 @@ fn on_shared_mount_point_storage_a_volume_follows_its_vm_between_hosts_without_a
     let (_, _, targets) =
         http(api, "GET", &format!("/v1/volumes/{data_id}/migration-target-hosts"), None, &[]);
     assert_eq!(targets["inventories"], json!([]), "{targets}");
+}
+
+/// Waits until host `id` is `status`; its record then.
+fn host_becomes(api: std::net::SocketAddr, id: &Value, status: &str) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let (_, _, found) = http(api, "GET", &format!("/v1/hosts/{}", uuid(id)), None, &[]);
+        let host = found["inventories"][0].clone();
+        if host["status"] == status {
+            return host;
+        }
+        assert!(std::time::Instant::now() < deadline, "host is not {status}: {host}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn nfs_storage_is_mounted_by_each_host_before_it_takes_vms() {
+    let dir = tempfile::tempdir().unwrap();
+    let mount_root = dir.path().join("nfs-mnt");
+    let cluster = TestCluster::start(
+        ClusterOpts::sim(0).env("STRATO_NFS_MOUNT_ROOT", mount_root.to_str().unwrap()),
+    );
+    let api = cluster.api;
+    let infra = vm_infrastructure(api, cluster.agent, "10.29.0.10", "10.29.0.50");
+    let (_, _, clusters) = http(
+        api,
+        "GET",
+        &format!("/v1/clusters/{}", infra.host["clusterUuid"].as_str().unwrap()),
+        None,
+        &[],
+    );
+    let zone = clusters["inventories"][0]["zoneUuid"].clone();
+    // Two hosts in a cluster of their own, each in its own mount namespace: what one mounts
+    // the other (and this test) does not see.
+    let c2 = create(api, "/v1/clusters", json!({ "name": "c2", "zoneUuid": zone }));
+    let mut hosts = Vec::new();
+    let mut agents = Vec::new();
+    for name in ["hb", "hc"] {
+        let (agent, addr) = common::start_agent_in_own_mount_namespace(
+            &common::bootstrap(&cluster.data),
+            &cluster.dir().join(format!("agent-{name}")),
+            &["--driver", "sim", "--network", "sim", "--nfs-mounter", "bind"],
+            &[],
+        );
+        agents.push(agent);
+        hosts.push(create(
+            api,
+            "/v1/hosts/kvm",
+            json!({ "name": name, "managementIp": "127.0.0.1", "agentPort": addr.port(), "clusterUuid": c2["uuid"] }),
+        ));
+    }
+    let export = dir.path().join("export");
+    std::fs::create_dir_all(&export).unwrap();
+
+    let body = json!({ "params": { "name": "nfs", "url": "/no/server", "zoneUuid": zone } });
+    let (status, _, bad) =
+        http(api, "POST", "/v1/primary-storage/nfs", Some(&body.to_string()), &[]);
+    assert_eq!((status, &bad["error"]["details"]["field"]), (400, &json!("url")), "{bad}");
+    let nfs = create(
+        api,
+        "/v1/primary-storage/nfs",
+        json!({ "name": "nfs", "url": format!("127.0.0.1:{}", export.display()), "zoneUuid": zone }),
+    );
+    assert_eq!(nfs["type"], "NFS", "{nfs}");
+    let mount_point = nfs["mountPath"].as_str().unwrap().to_owned();
+    assert!(mount_point.starts_with(mount_root.to_str().unwrap()), "{nfs}");
+    ok(api, "POST", &format!("/v1/clusters/{}/primary-storage/{}", uuid(&c2), uuid(&nfs)), None);
+    // Each host connects again and mounts it before it is Connected.
+    for host in &hosts {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        host_becomes(api, host, "Connected");
+    }
+
+    // A volume made through host B's mount lands in the export; this namespace, which
+    // mounted nothing, sees an empty mount point.
+    let body = json!({ "params": { "name": "vm", "instanceOfferingUuid": infra.offering["uuid"], "l3NetworkUuids": [infra.l3["uuid"]], "hostUuid": hosts[0]["uuid"] } });
+    let vm = uuid(&ok(api, "POST", "/v1/vm-instances", Some(&body.to_string()))).to_owned();
+    let data = create(api, "/v1/volumes/data", json!({ "name": "data", "diskSize": 16u64 << 20 }));
+    let data_id = uuid(&data).to_owned();
+    act(api, &data_id, json!({ "attachDataVolumeToVm": { "vmInstanceUuid": vm } }));
+    let file = volume(api, &data_id)["installPath"].as_str().unwrap().to_owned();
+    assert!(file.starts_with(&mount_point), "{file}");
+    let in_export = export.join(Path::new(&file).strip_prefix(&mount_point).unwrap());
+    assert!(in_export.exists(), "{} is in the export", in_export.display());
+    assert!(!Path::new(&file).exists(), "nothing is mounted here");
+    write_at(in_export.to_str().unwrap(), 0x5a, 0);
+
+    // Shared: the stopped VM moves to host C with its volume, which C reads through its own
+    // mount (a snapshot there rewrites the chain in the export).
+    let vm_actions = format!("/v1/vm-instances/{vm}/actions");
+    ok(api, "PUT", &vm_actions, Some(r#"{"stopVmInstance": {}}"#));
+    let body = json!({ "migrateVm": { "hostUuid": hosts[1]["uuid"] } });
+    assert_eq!(ok(api, "PUT", &vm_actions, Some(&body.to_string()))["hostUuid"], hosts[1]["uuid"]);
+    let snapshot = ok(
+        api,
+        "POST",
+        &format!("/v1/volumes/{data_id}/volume-snapshots"),
+        Some(&json!({ "params": { "name": "s" } }).to_string()),
+    );
+    assert_eq!(snapshot["hostUuid"], hosts[1]["uuid"], "{snapshot}");
+    let top = volume(api, &data_id)["installPath"].as_str().unwrap().to_owned();
+    assert!(holds_on_host(Path::new(&mount_point), &export, &top, 0x5a, 0), "read as a host does");
+
+    // Storage a host cannot mount keeps it from being Connected, saying why.
+    let broken = create(
+        api,
+        "/v1/primary-storage/nfs",
+        json!({ "name": "broken", "url": format!("127.0.0.1:{}/missing", dir.path().display()), "zoneUuid": zone }),
+    );
+    ok(api, "POST", &format!("/v1/clusters/{}/primary-storage/{}", uuid(&c2), uuid(&broken)), None);
+    let refused = host_becomes(api, &hosts[0], "Disconnected");
+    assert!(refused["lastError"].as_str().unwrap_or_default().contains("mount"), "{refused}");
 }

@@ -19,6 +19,7 @@
 
 pub mod credentials;
 pub mod driver;
+pub mod mount;
 pub mod net;
 pub mod server;
 pub mod volumes;

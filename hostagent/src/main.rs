@@ -40,6 +40,12 @@ enum NetworkKind {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum MounterKind {
+    Nfs4,
+    Bind,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum DriverKind {
     Libvirt,
     Sim,
@@ -98,6 +104,10 @@ struct Args {
     /// Memory of each simulated host, in MiB.
     #[arg(long, default_value_t = 131_072)]
     sim_memory_mib: u64,
+    /// How shared (NFS) primary storage is mounted: `nfs4` (the kernel's client) or `bind`
+    /// (the export's path bind-mounted from this machine: for tests without an NFS client).
+    #[arg(long, value_enum, default_value = "nfs4")]
+    nfs_mounter: MounterKind,
     /// Append every executed command to `journal.jsonl` in each host's data directory (for
     /// the chaos runs' checks).
     #[arg(long)]
@@ -163,13 +173,18 @@ fn agent(
         bootstrap.secret(index, args.sim_hosts)?
     };
     let credentials = Credentials::open(dir, secret).map_err(|e| error_chain(&e))?;
-    if args.journal {
+    let agent = if args.journal {
         let path = dir.join("journal.jsonl");
         Agent::journaled(label, credentials, driver, network, &path)
-            .map_err(|e| format!("cannot open {}: {e}", path.display()))
+            .map_err(|e| format!("cannot open {}: {e}", path.display()))?
     } else {
-        Ok(Agent::new(label, credentials, driver, network))
-    }
+        Agent::new(label, credentials, driver, network)
+    };
+    let mounter: Arc<dyn strato_agent::mount::Mounter> = match args.nfs_mounter {
+        MounterKind::Nfs4 => Arc::new(strato_agent::mount::Nfs4),
+        MounterKind::Bind => Arc::new(strato_agent::mount::Bind),
+    };
+    Ok(agent.with_mounter(mounter))
 }
 
 /// An error with its causes, on one line.

@@ -82,6 +82,8 @@ pub struct Agent {
     /// order, even when the MN gave up waiting on an earlier one (a lost link, a deadline)
     /// and sent the next while the driver still runs the first.
     domain_locks: Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>,
+    /// How shared storage is mounted.
+    mounter: Arc<dyn crate::mount::Mounter>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -138,7 +140,15 @@ impl Agent {
             stop,
             journal,
             domain_locks: Mutex::default(),
+            mounter: Arc::new(crate::mount::Nfs4),
         })
+    }
+
+    /// The agent, mounting shared storage with `mounter` (NFS version 4 by default). Call it
+    /// on a new agent, before it serves.
+    pub fn with_mounter(mut self: Arc<Self>, mounter: Arc<dyn crate::mount::Mounter>) -> Arc<Self> {
+        Arc::get_mut(&mut self).expect("a new agent, not yet shared").mounter = mounter;
+        self
     }
 
     /// Stops serving: the listener closes and every link is cut, as if the agent died.
@@ -446,6 +456,16 @@ impl Agent {
             Command::DeleteVolume { path } => volumes::delete_volume(&path).await,
             Command::DescribeVolume { path, .. } => volumes::describe_once_made(&path).await,
             Command::MarkStorage { path } => volumes::mark_storage(&path).await,
+            Command::MountStorage { url, mount_point } => {
+                let mounter = self.mounter.clone();
+                tokio::task::spawn_blocking(move || {
+                    mounter.mount(&url, std::path::Path::new(&mount_point)).map(|()| Reply::Done)
+                })
+                .await
+                .unwrap_or_else(|e| {
+                    Err(AgentError::new(AgentErrorCode::Driver, format!("mounting panicked: {e}")))
+                })
+            }
             Command::DigestFile { path } => volumes::digest_file(&path).await,
             Command::ReadFile { path, offset, len } => volumes::read_file(&path, offset, len).await,
             Command::WriteFile { path, offset, data } => {
@@ -568,6 +588,7 @@ fn drive(driver: &dyn Driver, network: &dyn Network, command: Command) -> Outcom
         | Command::DescribeVolume { .. }
         | Command::CleanImageCache { .. }
         | Command::MarkStorage { .. }
+        | Command::MountStorage { .. }
         | Command::DigestFile { .. }
         | Command::ReadFile { .. }
         | Command::WriteFile { .. }

@@ -88,6 +88,18 @@ async fn connect_op(ctx: OpCtx<Hosts>) -> Result<(), HostError> {
         s.epoch
     });
     save(&ctx, |r| r.facts = Some(welcome.facts.clone())).await?;
+    // Shared storage the host must mount is mounted before it is Connected: until then no
+    // volume can be made in an empty mount point on its own disk.
+    if let Err(error) = mount_shared_storage(&ctx, &link).await {
+        let message = strato_runtime::error_chain(&error);
+        tracing::warn!(host = %id, error = %message, "the host cannot mount its cluster's shared storage");
+        ctx.with_state(|s| s.link = None);
+        ctx.entity().forget_link(id);
+        link.close();
+        set_status(&ctx, HostStatus::Disconnected, Some(message)).await?;
+        schedule_redial(&ctx);
+        return Err(error);
+    }
     set_status(&ctx, HostStatus::Connected, None).await?;
     reconcile(&ctx, &welcome.domains).await?;
     // The agent may have restarted or lost what it made: the network is sent whole on every
@@ -168,6 +180,25 @@ async fn dial(
             }
         }
     }
+}
+
+/// How long a host may take to mount one shared storage.
+const MOUNT_TIME: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Mounts, over the new `link`, each NFS primary storage attached to the host's cluster.
+async fn mount_shared_storage(ctx: &OpCtx<Hosts>, link: &Link) -> Result<(), HostError> {
+    let cluster = ctx.with_state(|s| s.record.cluster_uuid);
+    for stored in ctx.entity().db.scan::<crate::records::PrimaryStorageRecord>() {
+        let ps = stored?.record;
+        let Some(mount_point) = ps.mount_path.clone() else { continue };
+        if !ps.attached_cluster_uuids.contains(&cluster) {
+            continue;
+        }
+        let command = strato_proto::Command::MountStorage { url: ps.url.clone(), mount_point };
+        let deadline = std::time::SystemTime::now() + MOUNT_TIME;
+        link.request_with_id(Uuid::new_v4(), command, deadline, None).await?;
+    }
+    Ok(())
 }
 
 /// Spends the agent's bootstrap secret, pins the certificate the CA issues for its key, and

@@ -778,7 +778,7 @@ async fn move_root_volume(
             )))
         })?;
     // On shared storage, or local storage both hosts see, the file is already there.
-    if !ps.record.is_local() || mv.shares_storage(&ps.record.url).await? {
+    if !ps.record.is_local() || mv.shares_storage(ps.record.base_dir()).await? {
         return Ok(None);
     }
     let runtime = ctx.runtime();

@@ -11,8 +11,8 @@ use axum::routing::{MethodRouter, post, put};
 use serde_json::json;
 use strato_actors::kinds;
 use strato_actors::records::{
-    BackupStorageRecord, ClusterRecord, ImageRecord, LOCAL_STORAGE, PrimaryStorageRecord,
-    SHARED_MOUNT_POINT, ZoneRecord,
+    BackupStorageRecord, ClusterRecord, HostRecord, ImageRecord, LOCAL_STORAGE, NFS,
+    PrimaryStorageRecord, SHARED_MOUNT_POINT, ZoneRecord,
 };
 use uuid::Uuid;
 
@@ -50,6 +50,13 @@ pub(super) fn apis() -> Vec<Api> {
             schema::<StorageParams>(),
             "Adds local primary storage (a directory on each host's own disk)",
             || post(|mn, headers, body| add_primary_storage(mn, headers, body, LOCAL_STORAGE)),
+        ),
+        Api::create(
+            "AddNfsPrimaryStorage",
+            "/v1/primary-storage/nfs",
+            schema::<StorageParams>(),
+            "Adds NFS primary storage (`url`: `server:/export`, mounted by every host of its clusters before it is Connected)",
+            || post(|mn, headers, body| add_primary_storage(mn, headers, body, NFS)),
         ),
         Api::create(
             "AddSharedMountPointPrimaryStorage",
@@ -154,6 +161,24 @@ fn attach_backup_storage() -> MethodRouter<Arc<Mn>> {
     .handler()
 }
 
+/// NFS storage attached to a cluster is mounted by each of its hosts as they connect: each
+/// host connects again now, and is Connected (taking VMs) only once it has mounted it.
+fn mount_on_cluster_hosts(mn: &crate::mn::Mn, ps: &PrimaryStorageRecord, cluster: Uuid) {
+    if ps.mount_path.is_none() {
+        return;
+    }
+    let hosts: Vec<Uuid> = mn.db.find::<HostRecord>("cluster", &cluster.into()).unwrap_or_default();
+    for host in hosts {
+        let kind = mn.hosts.clone();
+        tokio::spawn(async move {
+            if let Err(error) = strato_actors::host::link::reconnect(&kind, host).await {
+                let error = strato_runtime::error_chain(&error);
+                tracing::warn!(%host, %error, "a host did not connect again to mount NFS storage; it mounts it when it next connects");
+            }
+        });
+    }
+}
+
 async fn add_primary_storage(
     State(mn): Shared,
     headers: HeaderMap,
@@ -163,26 +188,43 @@ async fn add_primary_storage(
     let (p, raw, tags): (StorageParams, _, _) =
         creation(&body, kinds::of::<PrimaryStorageRecord>())?;
     validate::name("name", &p.name)?;
-    let url = directory_url(&p.url)?;
+    let url = if kind == NFS { nfs_url(&p.url)? } else { directory_url(&p.url)? };
     let zone =
         p.zone_uuid.ok_or_else(|| ApiError::invalid("zoneUuid", "`zoneUuid` is required"))?;
     get_record::<ZoneRecord>(&mn, zone)?;
-    let api = if kind == LOCAL_STORAGE {
-        "AddLocalPrimaryStorage"
-    } else {
-        "AddSharedMountPointPrimaryStorage"
+    let api = match kind {
+        LOCAL_STORAGE => "AddLocalPrimaryStorage",
+        NFS => "AddNfsPrimaryStorage",
+        _ => "AddSharedMountPointPrimaryStorage",
     };
+    let mount_root = mn.nfs_mount_root.clone();
     submit_record(&mn, &headers, api, &raw, tags, move || {
+        let uuid = Uuid::new_v4();
         Ok(PrimaryStorageRecord {
-            uuid: Uuid::new_v4(),
+            uuid,
             name: p.name,
             url,
             zone_uuid: zone,
             r#type: kind.into(),
             attached_cluster_uuids: vec![],
+            // ZStack's layout: one mount point per storage under a root every host has.
+            mount_path: (kind == NFS).then(|| format!("{mount_root}/prim-{}", uuid.simple())),
         })
     })
     .await
+}
+
+/// An NFS export, `server:/path`: a host name or address without spaces, an absolute path.
+fn nfs_url(url: &str) -> Result<String, ApiError> {
+    let bad = || {
+        ApiError::invalid("url", format!("`{url}` is not an NFS export (`server:/absolute/path`)"))
+    };
+    let (server, path) = url.split_once(':').ok_or_else(bad)?;
+    let plain = |s: &str| !s.is_empty() && !s.contains(|c: char| c.is_whitespace() || c == ',');
+    if !plain(server) || !plain(path) || !path.starts_with('/') || server.starts_with('-') {
+        return Err(bad());
+    }
+    Ok(format!("{server}:{}", path.trim_end_matches('/')))
 }
 
 fn attach_primary_storage() -> MethodRouter<Arc<Mn>> {
@@ -193,7 +235,7 @@ fn attach_primary_storage() -> MethodRouter<Arc<Mn>> {
         list: |r| &mut r.attached_cluster_uuids,
         parent: std::marker::PhantomData,
         detach: false,
-        then: super::resources::nothing_then,
+        then: mount_on_cluster_hosts,
     }
     .handler()
 }

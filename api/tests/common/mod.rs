@@ -104,26 +104,30 @@ pub fn start_agent_with(bootstrap: &Path, dir: &Path, driver_args: &[&str]) -> (
     (Proc { child }, addr)
 }
 
-/// An agent like [`start_agent_with`]'s in a mount namespace of its own, where `own` is
-/// mounted over `storage`: a host whose local storage at `storage` is its own disk, not the
-/// directory the machine's other agents see there.
-pub fn start_agent_with_own_storage(
+/// An agent like [`start_agent_with`]'s in a mount namespace of its own, with each `(own,
+/// at)` of `binds` mounted over `at` there: a host whose local storage at `at` is its own
+/// disk, not the directory the machine's other agents see there, and whose own mounts (of
+/// shared storage) stay its own.
+pub fn start_agent_in_own_mount_namespace(
     bootstrap: &Path,
     dir: &Path,
     driver_args: &[&str],
-    storage: &Path,
-    own: &Path,
+    binds: &[(&Path, &Path)],
 ) -> (Proc, SocketAddr) {
-    std::fs::create_dir_all(storage).unwrap();
-    std::fs::create_dir_all(own).unwrap();
     let addr = free_port();
-    // `unshare` and `sh` exec in turn, so the child's pid is the agent's.
-    let mut child = Command::new("unshare")
+    let mut command = Command::new("unshare");
+    command
         .args(["--mount", "--propagation", "private", "sh", "-c"])
-        .arg(r#"mount --bind "$1" "$2" && shift 2 && exec "$@""#)
-        .arg("sh")
-        .arg(own)
-        .arg(storage)
+        .arg(r#"while [ "$1" != -- ]; do mount --bind "$1" "$2" || exit 1; shift 2; done; shift; exec "$@""#)
+        .arg("sh");
+    for (own, at) in binds {
+        std::fs::create_dir_all(own).unwrap();
+        std::fs::create_dir_all(at).unwrap();
+        command.arg(own).arg(at);
+    }
+    // `unshare` and `sh` exec in turn, so the child's pid is the agent's.
+    let mut child = command
+        .arg("--")
         .arg(agent_binary())
         .args(driver_args)
         .args(["--listen", &addr.to_string(), "--data-dir"])

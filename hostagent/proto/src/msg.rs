@@ -27,7 +27,8 @@ use uuid::Uuid;
 /// host's network (its addresses in the facts, and the network commands); version 4 adds
 /// the VIP namespaces (EIP, port forwarding, SNAT) to the network; version 5 adds data
 /// volumes, their snapshots, describing a volume file and cleaning the image cache; version
-/// 6 adds copying files between hosts (marks, digests, chunks) for local storage migration.
+/// 6 adds copying files between hosts (marks, digests, chunks) for local storage migration
+/// and mounting shared storage.
 pub const PROTOCOL_VERSION: u32 = 6;
 
 /// The largest chunk a `ReadFile` or `WriteFile` carries: 4 MiB, well inside a frame.
@@ -392,6 +393,14 @@ pub enum Command {
         /// The mark's path.
         path: String,
     },
+    /// Mount shared primary storage's export `url` (`server:/export`) at `mount_point`,
+    /// unless something is mounted there already.
+    MountStorage {
+        /// The export.
+        url: String,
+        /// Where the host mounts it.
+        mount_point: String,
+    },
     /// The size and SHA-256 digest of the file at `path` (`NotFound` if it does not exist).
     DigestFile {
         /// The file.
@@ -466,6 +475,7 @@ impl Command {
             Command::DescribeVolume { .. } => "describe-volume",
             Command::CleanImageCache { .. } => "clean-image-cache",
             Command::MarkStorage { .. } => "mark-storage",
+            Command::MountStorage { .. } => "mount-storage",
             Command::DigestFile { .. } => "digest-file",
             Command::ReadFile { .. } => "read-file",
             Command::WriteFile { .. } => "write-file",
@@ -504,6 +514,7 @@ impl Command {
             | Command::DeleteVolume { .. }
             | Command::CleanImageCache { .. }
             | Command::MarkStorage { .. }
+            | Command::MountStorage { .. }
             | Command::DigestFile { .. }
             | Command::ReadFile { .. }
             | Command::WriteFile { .. }
