@@ -12,7 +12,7 @@ use strato_runtime::Kind;
 use uuid::Uuid;
 
 use crate::host::{self, HostError, HostSummary, Hosts, Overcommit};
-use crate::records::{HostState, HostStatus};
+use crate::records::{HostState, HostStatus, Reservation};
 
 /// What a VM needs.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -21,6 +21,8 @@ pub struct Need {
     pub cpu: u32,
     /// Memory in bytes.
     pub memory: u64,
+    /// Local primary storage in bytes (its root volume's virtual size; 0: none).
+    pub disk: u64,
     /// Only hosts of these clusters (none: any).
     pub clusters: Option<Vec<Uuid>>,
     /// Only this host.
@@ -111,10 +113,17 @@ async fn place_filtered(
     }
     filters.push(("state Enabled".into(), Box::new(|h| h.state == HostState::Enabled)));
     filters.push(("status Connected".into(), Box::new(|h| h.status == HostStatus::Connected)));
+    let want = Reservation { cpu: need.cpu, memory: need.memory, disk: need.disk };
     filters.push((
         format!("free capacity for {} CPU and {} MiB", need.cpu, need.memory >> 20),
-        Box::new(|h| h.fits(need.cpu, need.memory, overcommit)),
+        Box::new(move |h| h.fits(Reservation { disk: 0, ..want }, overcommit)),
     ));
+    if need.disk > 0 {
+        filters.push((
+            format!("free local storage for {} MiB", need.disk.div_ceil(1 << 20)),
+            Box::new(move |h| h.fits(Reservation { cpu: 0, memory: 0, ..want }, overcommit)),
+        ));
+    }
     // One pass over the directory, under its lock: each host is dropped by the first filter
     // it fails, and only the survivors' free memory and UUID are kept (cloning and sorting
     // every host for every VM led the allocator's profile at 1,000 hosts).
@@ -135,13 +144,13 @@ async fn place_filtered(
     // almost always books; the rest are ordered only when it does not.
     let first = candidates.iter().enumerate().min_by_key(|(_, (free, _))| std::cmp::Reverse(*free));
     if let Some((at, &(_, uuid))) = first {
-        if host::reserve(hosts, uuid, vm, need.cpu, need.memory, overcommit).await? {
+        if host::reserve(hosts, uuid, vm, want, overcommit).await? {
             return Ok(uuid);
         }
         candidates.swap_remove(at);
         candidates.sort_by_key(|(free, _)| std::cmp::Reverse(*free));
         for &(_, uuid) in &candidates {
-            if host::reserve(hosts, uuid, vm, need.cpu, need.memory, overcommit).await? {
+            if host::reserve(hosts, uuid, vm, want, overcommit).await? {
                 return Ok(uuid);
             }
         }

@@ -19,7 +19,7 @@
 //! already where they must be and nothing is copied or deleted.
 
 use std::collections::BTreeSet;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use strato_proto::{AgentErrorCode, Command, LinkError, Reply};
 use strato_runtime::Kind;
@@ -48,6 +48,8 @@ pub(crate) struct Move {
     pub(crate) deadline: SystemTime,
     /// The job it is for.
     pub(crate) job: Option<Uuid>,
+    /// Names this move's unsealed copies on the destination, apart from another move's.
+    transfer: Uuid,
 }
 
 /// Whether the agent answered that the file does not exist.
@@ -56,6 +58,17 @@ pub(crate) fn is_not_found(error: &HostError) -> bool {
 }
 
 impl Move {
+    /// A move of files from `source` to `destination`, its commands due by `deadline`.
+    pub(crate) fn new(
+        hosts: Kind<Hosts>,
+        source: Uuid,
+        destination: Uuid,
+        deadline: SystemTime,
+        job: Option<Uuid>,
+    ) -> Move {
+        Move { hosts, source, destination, deadline, job, transfer: Uuid::new_v4() }
+    }
+
     async fn on(&self, host: Uuid, command: Command) -> Result<Reply, HostError> {
         host::command(&self.hosts, host, command, self.deadline, self.job).await
     }
@@ -80,10 +93,23 @@ impl Move {
     }
 
     /// Copies `files` to the destination, with the files below them in their backing chains
-    /// that the destination lacks (a root volume's cached image); answers the files of
-    /// `files` it copied, which an undo deletes. Cached images copied stay either way: the
-    /// image cache's collector deletes them once nothing uses them.
-    pub(crate) async fn copy(&self, files: &[String]) -> Result<Vec<String>, HostError> {
+    /// that the destination lacks (a root volume's cached image). Cached images copied stay
+    /// whatever becomes of the move: the image cache's collector deletes them once nothing
+    /// uses them.
+    ///
+    /// Answers whether the destination turned out to hold the source's very files: a file
+    /// found already there is only possible after an earlier attempt, or if the two hosts
+    /// see one directory after all, which is asked again the other way round (the
+    /// destination marks, the source looks) so that the caller never deletes the only copy.
+    ///
+    /// The files of `files` sealed anew on the destination are pushed onto `sealed`: all an
+    /// undo may delete there besides the unsealed copies.
+    pub(crate) async fn copy(
+        &self,
+        files: &[String],
+        storage_dir: &str,
+        sealed: &mut Vec<String>,
+    ) -> Result<bool, HostError> {
         let moving: BTreeSet<&str> = files.iter().map(String::as_str).collect();
         let mut below = Vec::new();
         for file in files {
@@ -100,16 +126,37 @@ impl Move {
         for backing in below.iter().rev() {
             match self.on(self.destination, describe(backing)).await {
                 Ok(_) => {}
-                Err(error) if is_not_found(&error) => self.copy_file(backing).await?,
+                Err(error) if is_not_found(&error) => match self.copy_file(backing).await {
+                    // The destination cached the same image itself meanwhile: its own copy
+                    // serves as well.
+                    Err(HostError::Link(LinkError::Agent { error, .. }))
+                        if error.code == AgentErrorCode::InvalidState => {}
+                    copied => {
+                        copied?;
+                    }
+                },
                 Err(error) => return Err(error),
             }
         }
-        let mut copied = Vec::new();
+        let mut found_there = false;
         for file in files {
-            self.copy_file(file).await?;
-            copied.push(file.clone());
+            if self.copy_file(file).await? {
+                found_there = true;
+            } else {
+                sealed.push(file.clone());
+            }
         }
-        Ok(copied)
+        if found_there {
+            let back = Move::new(
+                self.hosts.clone(),
+                self.destination,
+                self.source,
+                self.deadline,
+                self.job,
+            );
+            return back.shares_storage(storage_dir).await;
+        }
+        Ok(false)
     }
 
     async fn backing_of(&self, host: Uuid, path: &str) -> Result<Option<String>, HostError> {
@@ -119,8 +166,9 @@ impl Move {
         }
     }
 
-    /// Copies one file in chunks and seals it (the destination checks the digest).
-    async fn copy_file(&self, path: &str) -> Result<(), HostError> {
+    /// Copies one file in chunks and seals it (the destination checks the digest); answers
+    /// whether the destination had it already.
+    async fn copy_file(&self, path: &str) -> Result<bool, HostError> {
         let Reply::Digest { size, sha256 } =
             self.on(self.source, Command::DigestFile { path: path.to_owned() }).await?
         else {
@@ -139,7 +187,12 @@ impl Move {
             let len = data.len() as u64;
             // Offset 0 is written even for an empty file: it starts the copy.
             if len > 0 || offset == 0 {
-                let write = Command::WriteFile { path: path.to_owned(), offset, data };
+                let write = Command::WriteFile {
+                    path: path.to_owned(),
+                    transfer: self.transfer,
+                    offset,
+                    data,
+                };
                 self.on(self.destination, write).await?;
             }
             offset = offset.checked_add(len).ok_or_else(|| unexpected(path))?;
@@ -147,22 +200,45 @@ impl Move {
                 break;
             }
         }
-        let seal = Command::SealFile { path: path.to_owned(), size, sha256 };
-        self.on(self.destination, seal).await?;
-        tracing::info!(from = %self.source, to = %self.destination, %path, size, job = ?self.job, "file copied and verified");
-        Ok(())
+        let seal =
+            Command::SealFile { path: path.to_owned(), transfer: self.transfer, size, sha256 };
+        let Reply::Sealed { existed } = self.on(self.destination, seal).await? else {
+            return Err(unexpected(path));
+        };
+        tracing::info!(from = %self.source, to = %self.destination, %path, size, existed, job = ?self.job, "file copied and verified");
+        Ok(existed)
     }
 
     /// Deletes `files` on `host` (the source after a move, the destination after a failed
     /// one); a file that cannot be deleted now is left to the GC.
-    pub(crate) async fn delete(&self, host: Uuid, files: Vec<String>) {
-        crate::snapshot::delete_files(&self.hosts, host, files).await;
+    ///
+    /// Answers whether every file went. One that did not is left to the sweep covering
+    /// `host`, which the caller then keeps: it deletes only files the records do not name on
+    /// that host when it runs, so a volume moved back meanwhile keeps its files.
+    pub(crate) async fn delete(&self, host: Uuid, files: Vec<String>) -> bool {
+        let mut all = true;
+        for path in files {
+            let command = Command::DeleteVolume { path: path.clone() };
+            if let Err(error) = self.on(host, command).await {
+                let error = strato_runtime::error_chain(&error);
+                tracing::warn!(%host, %path, %error, "a moved volume's file stays until its sweep deletes it");
+                all = false;
+            }
+        }
+        all
     }
 
     /// What the destination may hold after a failed move: the files and their unsealed
     /// copies.
-    pub(crate) fn leftovers(files: &[String]) -> Vec<String> {
-        files.iter().flat_map(|f| [f.clone(), format!("{f}.part-copy")]).collect()
+    pub(crate) fn leftovers(&self, files: &[String]) -> Vec<String> {
+        files.iter().flat_map(|f| [f.clone(), format!("{f}.part-copy-{}", self.transfer)]).collect()
+    }
+
+    /// What an undo deletes on the destination: the files this move sealed there, and every
+    /// unsealed copy (never a file that was there before it).
+    pub(crate) fn undo_list(&self, files: &[String], sealed: &[String]) -> Vec<String> {
+        let parts = files.iter().map(|f| format!("{f}.part-copy-{}", self.transfer));
+        sealed.iter().cloned().chain(parts).collect()
     }
 }
 
@@ -267,9 +343,6 @@ pub(crate) fn destination_storage(
     Ok(ps)
 }
 
-/// How long a volume's move may take.
-const MIGRATE_TIMEOUT: Duration = Duration::from_secs(3600);
-
 /// Moves volume `volume` to host `destination`'s local storage: a detached data volume with
 /// every snapshot's file (ZStack's `LocalStorageMigrateVolume`), or a stopped VM's root
 /// volume, which moves its VM (a cold migration to that host). The source's files are
@@ -287,7 +360,8 @@ pub async fn migrate_volume(
         let vm =
             v.vm_instance_uuid.ok_or(VolumeError::NotFound { kind: "VmInstance", uuid: volume })?;
         destination_storage(&db, &v, destination)?;
-        crate::vm::ops::migrate(vms, vm, Some(destination), MIGRATE_TIMEOUT, job).await?;
+        crate::vm::ops::migrate(vms, vm, Some(destination), crate::vm::ops::MIGRATE_TIMEOUT, job)
+            .await?;
         return Ok(volume::get(&db, volume)?.record);
     }
     let runtime = vms.runtime().clone();
@@ -325,10 +399,14 @@ pub async fn migrate_volume(
                 break (v, ps, files);
             }
         };
+        // However the move ends (an error on the way, a panic), the volume is Ready again.
+        let _ready_again = ReadyAgain { db: db.clone(), volume };
         let source = v.host_uuid.ok_or_else(|| VolumeError::InUse(format!("volume {volume} names no host")))?;
-        let deadline = SystemTime::now() + MIGRATE_TIMEOUT;
-        let mv = Move { hosts: hosts.clone(), source, destination, deadline, job };
+        let deadline = SystemTime::now() + crate::vm::ops::MIGRATE_TIMEOUT;
+        let mv = Move::new(hosts.clone(), source, destination, deadline, job);
         let moved = async {
+            // The destination's disk is booked first (a host's disk is not promised twice).
+            volume::book_disk(&hosts, destination, volume, v.size).await?;
             let shared = mv.shares_storage(ps.base_dir()).await?;
             if shared {
                 return Ok::<_, VolumeError>((true, None));
@@ -336,24 +414,37 @@ pub async fn migrate_volume(
             // Whichever way it ends, the files that the records do not name on a host go
             // from it: the copies if the move fails, the originals once it landed.
             let on_destination =
-                Sweep::submit(&runtime, volume, destination, Move::leftovers(&files)).await?;
+                Sweep::submit(&runtime, volume, destination, mv.leftovers(&files)).await?;
             let on_source = Sweep::submit(&runtime, volume, source, files.clone()).await?;
-            let copied = mv.copy(&files).await;
+            let mut sealed = Vec::new();
+            let copied = mv.copy(&files, ps.base_dir(), &mut sealed).await;
             fail::fail_point!("volume-migrate-after-copy");
-            Ok((false, Some((on_destination, on_source, copied))))
+            Ok((false, Some((on_destination, on_source, copied, sealed))))
         }
         .await;
         let (shared, sweeps) = match moved {
             Ok((shared, None)) => (shared, None),
-            Ok((_, Some((on_destination, on_source, Ok(_))))) => (false, Some((on_destination, on_source))),
-            Ok((_, Some((on_destination, on_source, Err(error))))) => {
-                mv.delete(destination, Move::leftovers(&files)).await;
-                back_to_ready(&db, volume).await?;
+            Ok((_, Some((on_destination, on_source, Ok(true), _)))) => {
+                // One storage after all: nothing to sweep on either side.
                 on_destination.done().await;
+                on_source.done().await;
+                (true, None)
+            }
+            Ok((_, Some((on_destination, on_source, Ok(false), _)))) => {
+                (false, Some((on_destination, on_source)))
+            }
+            Ok((_, Some((on_destination, on_source, Err(error), sealed)))) => {
+                let cleared = mv.delete(destination, mv.undo_list(&files, &sealed)).await;
+                volume::unbook_disk(&hosts, destination, volume).await;
+                back_to_ready(&db, volume).await?;
+                if cleared {
+                    on_destination.done().await;
+                }
                 on_source.done().await;
                 return Err(error.into());
             }
             Err(error) => {
+                volume::unbook_disk(&hosts, destination, volume).await;
                 back_to_ready(&db, volume).await?;
                 return Err(error);
             }
@@ -376,14 +467,36 @@ pub async fn migrate_volume(
             }
         };
         tracing::info!(%volume, from = %source, to = %destination, shared, job = ?job, "volume migrated");
+        volume::unbook_disk(&hosts, source, volume).await;
         if let Some((on_destination, on_source)) = sweeps {
-            mv.delete(source, files).await;
+            if mv.delete(source, files).await {
+                on_source.done().await;
+            }
             on_destination.done().await;
-            on_source.done().await;
         }
         Ok(landed)
     })
     .await
+}
+
+/// Puts its volume back to Ready when a move ends, whichever way: in the background, in the
+/// volume's turn (so after the move, and never during another).
+struct ReadyAgain {
+    db: Db,
+    volume: Uuid,
+}
+
+impl Drop for ReadyAgain {
+    fn drop(&mut self) {
+        let (db, volume) = (self.db.clone(), self.volume);
+        tokio::spawn(async move {
+            let _turn = volume::turn(volume).await;
+            if let Err(error) = back_to_ready(&db, volume).await {
+                let error = strato_runtime::error_chain(&error);
+                tracing::warn!(%volume, %error, "a volume left Migrating stays so until its next operation");
+            }
+        });
+    }
 }
 
 /// Puts a volume whose move failed (or died with its MN) back to Ready: its records still

@@ -62,7 +62,7 @@ pub async fn maintain(
         if record.state != VmState::Stopped {
             ops::operate(vms, vm, Lifecycle::Stop, VM_TIMEOUT, None).await?;
         }
-        match ops::migrate(vms, vm, None, VM_TIMEOUT, None).await {
+        match ops::migrate(vms, vm, None, ops::MIGRATE_TIMEOUT, None).await {
             Ok(_) => {
                 if was_running {
                     ops::operate(vms, vm, Lifecycle::Start, VM_TIMEOUT, None).await?;

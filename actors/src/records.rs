@@ -69,12 +69,15 @@ pub struct HostRecord {
     pub last_error: Option<String>,
     /// Domains the hypervisor runs that no VM record claims (reported, never adopted).
     pub strangers: Vec<Uuid>,
-    /// CPU and memory booked for each VM placed on it, by VM: booking and releasing are
-    /// keyed, so both are safe to repeat.
+    /// CPU, memory and local storage booked for each VM placed on it, by VM (and local
+    /// storage for each data volume on it, by volume): booking and releasing are keyed, so
+    /// both are safe to repeat.
     pub reservations: std::collections::BTreeMap<Uuid, Reservation>,
+    /// Its local primary storage's size, as the agent measured it at the last connect.
+    pub local_storage: Option<LocalStorageCapacity>,
 }
 
-/// What one VM booked on its host.
+/// What one VM (or data volume) booked on its host.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Reservation {
@@ -82,6 +85,53 @@ pub struct Reservation {
     pub cpu: u32,
     /// Memory in bytes.
     pub memory: u64,
+    /// Local primary storage in bytes (a volume's virtual size: ZStack's thick accounting).
+    pub disk: u64,
+}
+
+/// A host's local primary storage, as measured on its filesystem.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LocalStorageCapacity {
+    /// The primary storage.
+    pub primary_storage_uuid: Uuid,
+    /// The filesystem's size in bytes.
+    pub total: u64,
+    /// Its free bytes when measured.
+    pub available_physical: u64,
+}
+
+/// A booking as versions 1 and 2 of [`HostRecord`] wrote it (no disk).
+#[derive(Clone, Copy, Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct ReservationV2 {
+    cpu: u32,
+    memory: u64,
+}
+
+fn without_disk(
+    old: std::collections::BTreeMap<Uuid, ReservationV2>,
+) -> std::collections::BTreeMap<Uuid, Reservation> {
+    old.into_iter()
+        .map(|(k, r)| (k, Reservation { cpu: r.cpu, memory: r.memory, disk: 0 }))
+        .collect()
+}
+
+/// Version 2 of [`HostRecord`]: bookings without disk, no local storage measured.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct HostRecordV2 {
+    uuid: Uuid,
+    name: String,
+    cluster_uuid: Uuid,
+    management_ip: String,
+    agent_port: u16,
+    state: HostState,
+    status: HostStatus,
+    facts: Option<HostFacts>,
+    last_error: Option<String>,
+    strangers: Vec<Uuid>,
+    reservations: std::collections::BTreeMap<Uuid, ReservationV2>,
 }
 
 impl HostRecord {
@@ -99,6 +149,7 @@ impl HostRecord {
             last_error: None,
             strangers: vec![],
             reservations: Default::default(),
+            local_storage: None,
         }
     }
 
@@ -111,6 +162,11 @@ impl HostRecord {
     /// Memory booked in all.
     pub fn reserved_memory(&self) -> u64 {
         self.reservations.values().fold(0u64, |sum, r| sum.saturating_add(r.memory))
+    }
+
+    /// Local storage booked in all.
+    pub fn reserved_disk(&self) -> u64 {
+        self.reservations.values().fold(0u64, |sum, r| sum.saturating_add(r.disk))
     }
 }
 
@@ -128,7 +184,7 @@ struct HostRecordV1 {
     facts: Option<HostFactsV1>,
     last_error: Option<String>,
     strangers: Vec<Uuid>,
-    reservations: std::collections::BTreeMap<Uuid, Reservation>,
+    reservations: std::collections::BTreeMap<Uuid, ReservationV2>,
 }
 
 #[derive(Deserialize)]
@@ -143,7 +199,7 @@ struct HostFactsV1 {
 
 impl Record for HostRecord {
     const KIND: &'static str = "host";
-    const VERSION: u16 = 2;
+    const VERSION: u16 = 3;
 
     fn upgrade(from_version: u16, payload: &[u8]) -> Result<Self, strato_storage::CodecError> {
         match from_version {
@@ -167,7 +223,25 @@ impl Record for HostRecord {
                     }),
                     last_error: v1.last_error,
                     strangers: v1.strangers,
-                    reservations: v1.reservations,
+                    reservations: without_disk(v1.reservations),
+                    local_storage: None,
+                })
+            }
+            2 => {
+                let v2: HostRecordV2 = strato_storage::codec::decode_payload(Self::KIND, payload)?;
+                Ok(HostRecord {
+                    uuid: v2.uuid,
+                    name: v2.name,
+                    cluster_uuid: v2.cluster_uuid,
+                    management_ip: v2.management_ip,
+                    agent_port: v2.agent_port,
+                    state: v2.state,
+                    status: v2.status,
+                    facts: v2.facts,
+                    last_error: v2.last_error,
+                    strangers: v2.strangers,
+                    reservations: without_disk(v2.reservations),
+                    local_storage: None,
                 })
             }
             found => Err(strato_storage::CodecError::UnknownVersion {
@@ -1573,6 +1647,29 @@ mod tests {
             (volume.install_path, volume.vm_instance_uuid, Some(1))
         );
         assert!(VolumeRecord::upgrade(9, &payload).is_err());
+    }
+
+    #[test]
+    fn hosts_written_before_disk_bookings_keep_their_bookings_with_no_disk() {
+        let vm = Uuid::new_v4();
+        let host = HostRecordV2 {
+            uuid: Uuid::new_v4(),
+            name: "h".into(),
+            cluster_uuid: Uuid::new_v4(),
+            management_ip: "127.0.0.1".into(),
+            agent_port: 7070,
+            state: HostState::Enabled,
+            status: HostStatus::Connected,
+            facts: None,
+            last_error: None,
+            strangers: vec![],
+            reservations: [(vm, ReservationV2 { cpu: 2, memory: 1 << 30 })].into(),
+        };
+        let payload = strato_storage::codec::encode_payload(HostRecord::KIND, &host).unwrap();
+        let upgraded = HostRecord::upgrade(2, &payload).unwrap();
+        assert_eq!(upgraded.reservations[&vm], Reservation { cpu: 2, memory: 1 << 30, disk: 0 });
+        assert_eq!((upgraded.reserved_disk(), upgraded.local_storage), (0, None));
+        assert!(HostRecord::upgrade(4, &payload).is_err());
     }
 
     #[test]

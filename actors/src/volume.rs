@@ -164,6 +164,16 @@ pub enum VolumeError {
     /// The owner's quota does not take it.
     #[error(transparent)]
     Quota(#[from] crate::owners::QuotaError),
+    /// The host's local storage has no room for the volume.
+    #[error(
+        "host {host}'s local primary storage has no room for {size} more bytes: expunge volumes there, or use another host"
+    )]
+    NoRoom {
+        /// The host.
+        host: Uuid,
+        /// The volume's size.
+        size: u64,
+    },
     /// A resource named does not exist.
     #[error("{kind} {uuid} not found")]
     NotFound {
@@ -203,6 +213,31 @@ pub fn get(db: &Db, volume: Uuid) -> Result<Stored<VolumeRecord>, VolumeError> {
 pub(crate) fn is_local(db: &Db, v: &VolumeRecord) -> Result<bool, StoreError> {
     let Some(ps) = v.primary_storage_uuid else { return Ok(true) };
     Ok(db.get::<crate::records::PrimaryStorageRecord>(ps)?.is_none_or(|ps| ps.record.is_local()))
+}
+
+/// Books `size` bytes of host `host`'s local storage for data volume `volume` (its virtual
+/// size: ZStack's thick accounting), beside the host's VMs' root volumes; refused, naming the
+/// host, when they do not fit. Booking the same again changes nothing.
+pub(crate) async fn book_disk(
+    hosts: &Kind<Hosts>,
+    host: Uuid,
+    volume: Uuid,
+    size: u64,
+) -> Result<(), VolumeError> {
+    let overcommit = host::Overcommit::default();
+    if host::rebook(hosts, host, volume, move |r| r.disk = size, overcommit).await? {
+        return Ok(());
+    }
+    Err(VolumeError::NoRoom { host, size })
+}
+
+/// Gives back what data volume `volume` booked on host `host`'s local storage; a failure is
+/// logged (the host's next connect gives back bookings no volume there holds).
+pub(crate) async fn unbook_disk(hosts: &Kind<Hosts>, host: Uuid, volume: Uuid) {
+    if let Err(error) = host::release(hosts, host, volume).await {
+        let error = strato_runtime::error_chain(&error);
+        tracing::warn!(%host, %volume, %error, "a volume's local storage booking stays until the host connects again");
+    }
 }
 
 /// The data volumes attached to VM `vm` (its root volume is not one).
@@ -395,7 +430,8 @@ pub async fn resize(
             // A tenant's volume is charged its new size first: the growth must fit the quota.
             let charged =
                 quotas.recharge(&db, volume, crate::owners::Charge::data_volume(size)).await?;
-            let grown = grow(&hosts, &v, vm.as_ref(), live, size, job).await;
+            let local = is_local(&db, &v)?;
+            let grown = grow(&hosts, &v, local, vm.as_ref(), live, size, job).await;
             if let Err(error) = grown {
                 if let Some(previous) = charged {
                     quotas.restore(&db, previous).await?;
@@ -414,21 +450,31 @@ pub async fn resize(
 }
 
 /// Grows volume `v`'s file to `size` bytes (live on its running VM), if it has one.
+/// On local storage its host books the new size first, and the old again if growing fails.
 async fn grow(
     hosts: &Kind<Hosts>,
     v: &VolumeRecord,
+    local: bool,
     vm: Option<&VmRecord>,
     live: bool,
     size: u64,
     job: Option<Uuid>,
 ) -> Result<(), VolumeError> {
     let (Some(host), Some(path)) = (v.host_uuid, v.install_path.clone()) else { return Ok(()) };
+    if local {
+        book_disk(hosts, host, v.uuid, size).await?;
+    }
     let command = match (live, vm, v.disk()) {
         (true, Some(vm), Some(disk)) => Command::ResizeDisk { uuid: vm.uuid, disk, size },
         _ => Command::ResizeVolume { path, size },
     };
     let deadline = std::time::SystemTime::now() + OP_TIMEOUT;
-    host::command(hosts, host, command, deadline, job).await?;
+    if let Err(error) = host::command(hosts, host, command, deadline, job).await {
+        if local {
+            book_disk(hosts, host, v.uuid, v.size).await?;
+        }
+        return Err(error.into());
+    }
     Ok(())
 }
 
@@ -638,6 +684,7 @@ pub async fn expunge(
         }
         if let Some(host) = stored.record.host_uuid {
             crate::snapshot::delete_files(hosts, host, snapshot_files).await;
+            unbook_disk(hosts, host, volume).await;
         }
         if let Some(sweep) = sweep {
             sweep.done().await;

@@ -8,6 +8,10 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// What the tests' VMs book: one CPU and 1 GiB, no local storage.
+const ONE_VM: strato_actors::records::Reservation =
+    strato_actors::records::Reservation { cpu: 1, memory: 1 << 30, disk: 0 };
+
 use common::*;
 use strato_actors::host;
 use strato_actors::vm::ops::{self, DESTROY_DOMAIN_JOB, Lifecycle};
@@ -172,7 +176,7 @@ async fn cold_migration_within_the_cluster_and_offering_changes() {
     let vm = vm_record(a.uuid, VmState::Stopped);
     put(&c.db, &vm);
     let overcommit = host::Overcommit::default();
-    assert!(host::reserve(&c.hosts, a.uuid, vm.uuid, 1, 1 << 30, overcommit).await.unwrap());
+    assert!(host::reserve(&c.hosts, a.uuid, vm.uuid, ONE_VM, overcommit).await.unwrap());
     ops::operate(&c.vms, vm.uuid, Lifecycle::Start, T, None).await.unwrap();
 
     // Running VMs are stopped first: migration is cold.
@@ -238,7 +242,7 @@ async fn maintenance_moves_vms_away_or_stops_them() {
     for vm in [&running, &stopped] {
         put(&c.db, vm);
         assert!(
-            host::reserve(&c.hosts, a.uuid, vm.uuid, 1, 1 << 30, host::Overcommit::default())
+            host::reserve(&c.hosts, a.uuid, vm.uuid, ONE_VM, host::Overcommit::default())
                 .await
                 .unwrap()
         );
@@ -338,11 +342,11 @@ async fn a_host_being_deleted_books_nothing_more() {
     host::link::connect(&c.hosts, host.uuid).await.unwrap();
     let overcommit = host::Overcommit::default();
     let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
-    assert!(host::reserve(&c.hosts, host.uuid, a, 1, 1 << 30, overcommit).await.unwrap());
+    assert!(host::reserve(&c.hosts, host.uuid, a, ONE_VM, overcommit).await.unwrap());
     assert_eq!(host::fence(&c.hosts, host.uuid, true).await.unwrap(), 1, "one booking held");
-    assert!(!host::reserve(&c.hosts, host.uuid, b, 1, 1 << 30, overcommit).await.unwrap());
+    assert!(!host::reserve(&c.hosts, host.uuid, b, ONE_VM, overcommit).await.unwrap());
     host::fence(&c.hosts, host.uuid, false).await.unwrap();
-    assert!(host::reserve(&c.hosts, host.uuid, b, 1, 1 << 30, overcommit).await.unwrap());
+    assert!(host::reserve(&c.hosts, host.uuid, b, ONE_VM, overcommit).await.unwrap());
 }
 
 /// A store that, once armed, refuses every write that deletes a GC job: the tidying an

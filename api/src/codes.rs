@@ -163,6 +163,9 @@ codes! {
     /// The volume is attached elsewhere.
     VOLUME_IN_USE = "VOLUME.IN_USE", CONFLICT,
         "the data volume is attached to another VM (the message says which); detach it first";
+    /// The host's local primary storage has no room.
+    STORAGE_NO_ROOM = "VOLUME.NO_ROOM", CONFLICT,
+        "the host's local primary storage has no room for the volume (details.hostUuid); expunge volumes there or use another host";
     /// No address is left on the L3 network.
     IP_EXHAUSTED = "L3.IP_EXHAUSTED", CONFLICT,
         "no free IP address is left on the L3 network; add an IP range or free addresses";

@@ -365,6 +365,11 @@ impl From<strato_actors::volume::VolumeError> for ApiError {
             VolumeError::NotFound { kind, uuid } => ApiError::not_found(kind, uuid),
             VolumeError::Invalid { field, message } => ApiError::invalid(field, message),
             VolumeError::InUse(message) => ApiError::of(crate::codes::VOLUME_IN_USE, message),
+            VolumeError::NoRoom { host, .. } => ApiError::new(
+                crate::codes::STORAGE_NO_ROOM,
+                error.to_string(),
+                json!({ "hostUuid": host.to_string() }),
+            ),
             VolumeError::InvalidStatus { status, .. } => ApiError::new(
                 crate::codes::VOLUME_INVALID_STATUS,
                 error.to_string(),

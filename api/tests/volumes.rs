@@ -977,15 +977,23 @@ fn a_detached_volume_moves_to_another_hosts_local_storage_with_its_snapshots() {
     let refused = call(api, "PUT", &actions, Some(&elsewhere.to_string()));
     assert_eq!(refused["error"]["details"]["field"], "destHostUuid", "{refused}");
 
-    // The first move stops on a bug after its copy: the volume stays on host A (Migrating
-    // until its next operation), every file still there.
+    // The first move stops on a bug after its copy: the volume stays on host A, Ready again,
+    // every file still there.
     let failed = call(api, "PUT", &actions, Some(&migrate.to_string()));
     assert_eq!(failed["error"]["code"], "SYS.OPERATION_PANICKED", "{failed}");
-    let stuck = volume(api, &data_id);
-    assert_eq!((&stuck["hostUuid"], &stuck["status"]), (&host_a, &json!("Migrating")), "{stuck}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let stayed = loop {
+        let found = volume(api, &data_id);
+        if found["status"] != "Migrating" || std::time::Instant::now() > deadline {
+            break found;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!((&stayed["hostUuid"], &stayed["status"]), (&host_a, &json!("Ready")), "{stayed}");
     assert!(files.iter().all(|f| Path::new(f).exists()));
 
-    // The next move settles it and goes through: copies verified, then the source deleted.
+    // The next move goes through (the copies already on B are found identical): then the
+    // source's files are deleted.
     let moved = act(api, &data_id, migrate.clone());
     assert_eq!(
         (&moved["inventory"]["hostUuid"], &moved["inventory"]["status"]),
@@ -998,8 +1006,11 @@ fn a_detached_volume_moves_to_another_hosts_local_storage_with_its_snapshots() {
     for (file, sha) in files.iter().zip(&digests) {
         assert!(!Path::new(file).exists(), "{file} is gone from host A");
         assert_eq!(&digest(&on_b(file)), sha, "{file} arrived as it left");
-        assert!(!on_b(&format!("{file}.part-copy")).exists());
     }
+    let arrived = std::fs::read_dir(on_b(&first).parent().unwrap()).unwrap();
+    let names: Vec<String> =
+        arrived.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert!(names.iter().all(|n| !n.contains(".part-copy")), "no unsealed copy stays: {names:?}");
     assert!(holds_on_host(&storage, &own_b, &top, 0x5a, 0), "the snapshot's bytes, read on B");
     assert!(holds_on_host(&storage, &own_b, &top, 0xa5, 1024), "the top's bytes, read on B");
 
@@ -1347,4 +1358,134 @@ fn nfs_storage_is_mounted_by_each_host_before_it_takes_vms() {
     ok(api, "POST", &format!("/v1/clusters/{}/primary-storage/{}", uuid(&c2), uuid(&broken)), None);
     let refused = host_becomes(api, &hosts[0], "Disconnected");
     assert!(refused["lastError"].as_str().unwrap_or_default().contains("mount"), "{refused}");
+}
+
+#[test]
+fn hosts_that_see_one_local_storage_directory_move_a_volume_without_copying_or_deleting() {
+    let cluster = TestCluster::start(ClusterOpts::sim(0));
+    let api = cluster.api;
+    let infra = vm_infrastructure(api, cluster.agent, "10.30.0.10", "10.30.0.50");
+    local_storage(&cluster, &infra);
+    // A second host in the root mount namespace: the same `ps` directory as the first.
+    let (_agent_b, addr_b) = common::start_agent_with(
+        &common::bootstrap(&cluster.data),
+        &cluster.dir().join("agent-b"),
+        &["--driver", "sim", "--network", "sim"],
+    );
+    let host_b = create(
+        api,
+        "/v1/hosts/kvm",
+        json!({ "name": "hb", "managementIp": "127.0.0.1", "agentPort": addr_b.port(), "clusterUuid": infra.host["clusterUuid"] }),
+    );
+    let body = json!({ "params": { "name": "vm", "instanceOfferingUuid": infra.offering["uuid"], "l3NetworkUuids": [infra.l3["uuid"]], "hostUuid": infra.host["uuid"] } });
+    let vm = uuid(&ok(api, "POST", "/v1/vm-instances", Some(&body.to_string()))).to_owned();
+    let data = create(api, "/v1/volumes/data", json!({ "name": "data", "diskSize": 16u64 << 20 }));
+    let data_id = uuid(&data).to_owned();
+    act(api, &data_id, json!({ "attachDataVolumeToVm": { "vmInstanceUuid": vm } }));
+    act(api, &data_id, json!({ "detachDataVolumeFromVm": {} }));
+    let file = volume(api, &data_id)["installPath"].as_str().unwrap().to_owned();
+    write_at(&file, 0x5a, 0);
+    let sha = digest(Path::new(&file));
+
+    let migrate = json!({ "localStorageMigrateVolume": { "destHostUuid": host_b["uuid"] } });
+    let moved = act(api, &data_id, migrate);
+    assert_eq!(moved["inventory"]["hostUuid"], host_b["uuid"], "{moved}");
+    assert_eq!(digest(Path::new(&file)), sha, "the one file stays as it was");
+    let names: Vec<String> = std::fs::read_dir(Path::new(&file).parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(names.iter().all(|n| !n.contains(".part-copy")), "nothing was copied: {names:?}");
+}
+
+#[test]
+fn local_storage_capacity_is_measured_booked_and_refuses_what_does_not_fit() {
+    let images = tempfile::tempdir().unwrap();
+    let cluster = TestCluster::start(
+        ClusterOpts::sim(0).env("STRATO_IMAGE_FILE_DIRS", images.path().to_str().unwrap()),
+    );
+    let api = cluster.api;
+    let infra = vm_infrastructure(api, cluster.agent, "10.31.0.10", "10.31.0.50");
+    let ps = local_storage(&cluster, &infra);
+    let capacity_path = format!("/v1/primary-storage/{}/capacity", uuid(&ps));
+    let capacity = || {
+        let (status, _, found) = http(api, "GET", &capacity_path, None, &[]);
+        assert_eq!(status, 200, "{found}");
+        found
+    };
+    // Measured on the host once the storage is attached to its cluster.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let measured = loop {
+        let found = capacity();
+        if found["hosts"].as_array().is_some_and(|h| !h.is_empty()) {
+            break found;
+        }
+        assert!(std::time::Instant::now() < deadline, "never measured: {found}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let total = measured["totalCapacity"].as_u64().unwrap();
+    assert!(total > 0 && measured["availableCapacity"] == total, "{measured}");
+    assert!(measured["availablePhysicalCapacity"].as_u64().unwrap() <= total);
+    let tenant = cluster.account("tenant", Value::Null);
+    let (status, refused) = cluster.as_(&tenant, "GET", &capacity_path, None);
+    assert!(status == 403 || status == 404, "{status} {refused}");
+
+    // A data volume books its virtual size when it is made on the host.
+    let body = json!({ "params": { "name": "vm", "instanceOfferingUuid": infra.offering["uuid"], "l3NetworkUuids": [infra.l3["uuid"]] } });
+    let vm = uuid(&ok(api, "POST", "/v1/vm-instances", Some(&body.to_string()))).to_owned();
+    let small =
+        create(api, "/v1/volumes/data", json!({ "name": "small", "diskSize": 64u64 << 20 }));
+    act(api, uuid(&small), json!({ "attachDataVolumeToVm": { "vmInstanceUuid": vm } }));
+    assert_eq!(capacity()["availableCapacity"], total - (64 << 20));
+
+    // One that does not fit is refused, and nothing is made or booked.
+    let mib = 1u64 << 20;
+    let huge_size = (total - (64 << 20)).div_ceil(mib) * mib + mib;
+    let huge = create(api, "/v1/volumes/data", json!({ "name": "huge", "diskSize": huge_size }));
+    let refused =
+        act(api, uuid(&huge), json!({ "attachDataVolumeToVm": { "vmInstanceUuid": vm } }));
+    assert_eq!(refused["error"]["code"], "VOLUME.NO_ROOM", "{refused}");
+    let huge_now = volume(api, uuid(&huge));
+    assert_eq!(
+        (&huge_now["status"], &huge_now["hostUuid"]),
+        (&json!("NotInstantiated"), &Value::Null)
+    );
+    assert_eq!(capacity()["availableCapacity"], total - (64 << 20));
+    // Nor does growing past it.
+    let grow = json!({ "resizeDataVolume": { "size": total.div_ceil(mib) * mib + mib } });
+    let refused = act(api, uuid(&small), grow);
+    assert_eq!(refused["error"]["code"], "VOLUME.NO_ROOM", "{refused}");
+    assert_eq!(volume(api, uuid(&small))["size"], 64u64 << 20);
+
+    // With the host nearly full, a VM whose image does not fit is placed nowhere.
+    let filler_size = (total - (64 << 20)) / mib * mib;
+    let filler =
+        create(api, "/v1/volumes/data", json!({ "name": "filler", "diskSize": filler_size }));
+    act(api, uuid(&filler), json!({ "attachDataVolumeToVm": { "vmInstanceUuid": vm } }));
+    let zone = ps["zoneUuid"].as_str().unwrap();
+    let bs = create(
+        api,
+        "/v1/backup-storage/image-store",
+        json!({ "name": "bs", "url": cluster.dir().join("bs").display().to_string() }),
+    );
+    ok(api, "POST", &format!("/v1/zones/{zone}/backup-storage/{}", uuid(&bs)), None);
+    let source = images.path().join("disk.raw");
+    std::fs::write(&source, vec![0u8; 2 << 20]).unwrap();
+    let image = create(
+        api,
+        "/v1/images",
+        json!({ "name": "raw", "url": format!("file://{}", source.display()), "format": "raw", "backupStorageUuids": [bs["uuid"]] }),
+    );
+    let body = json!({ "params": { "name": "big", "instanceOfferingUuid": infra.offering["uuid"], "imageUuid": image["uuid"], "l3NetworkUuids": [infra.l3["uuid"]] } });
+    let placed = call(api, "POST", "/v1/vm-instances", Some(&body.to_string()));
+    assert_eq!(placed["error"]["code"], "HOST_ALLOCATION.NO_HOST", "{placed}");
+    assert!(placed.to_string().contains("free local storage"), "{placed}");
+
+    // Expunged, a volume gives its booking back; then the VM fits.
+    ok(api, "DELETE", &format!("/v1/volumes/{}", uuid(&filler)), None);
+    act(api, uuid(&filler), json!({ "expungeDataVolume": {} }));
+    assert_eq!(capacity()["availableCapacity"], total - (64 << 20));
+    let placed = ok(api, "POST", "/v1/vm-instances", Some(&body.to_string()));
+    assert_eq!(placed["state"], "Running");
+    assert_eq!(capacity()["availableCapacity"], total - (64 << 20) - (2 << 20));
 }

@@ -29,6 +29,7 @@ pub struct Bind;
 
 impl Mounter for Nfs4 {
     fn mount(&self, url: &str, mount_point: &Path) -> Result<(), AgentError> {
+        split(url)?;
         mount_once(mount_point, &["-t", "nfs4", url])
     }
 }
@@ -67,15 +68,24 @@ fn mount_once(mount_point: &Path, args: &[&str]) -> Result<(), AgentError> {
     let io = |what: &str, e: std::io::Error| {
         AgentError::new(AgentErrorCode::Driver, format!("{what} {}: {e}", mount_point.display()))
     };
-    std::fs::create_dir_all(mount_point).map_err(|e| io("creating", e))?;
-    let mount_point = mount_point.canonicalize().map_err(|e| io("resolving", e))?;
+    // Only the parent is resolved: a look at a mount point whose server stopped answering
+    // would hang.
+    let (Some(parent), Some(name)) = (mount_point.parent(), mount_point.file_name()) else {
+        return Err(io("using", std::io::ErrorKind::InvalidInput.into()));
+    };
+    std::fs::create_dir_all(parent).map_err(|e| io("creating", e))?;
+    let mount_point = parent.canonicalize().map_err(|e| io("resolving", e))?.join(name);
     if is_mounted(&mount_point)? {
         return Ok(());
     }
-    let output =
-        std::process::Command::new("mount").args(args).arg(&mount_point).output().map_err(|e| {
-            AgentError::new(AgentErrorCode::Driver, format!("cannot run mount: {e}"))
-        })?;
+    std::fs::create_dir_all(&mount_point).map_err(|e| io("creating", e))?;
+    // A server that does not answer must not hold the agent: `mount` gets a minute.
+    let output = std::process::Command::new("timeout")
+        .args(["60", "mount"])
+        .args(args)
+        .arg(&mount_point)
+        .output()
+        .map_err(|e| AgentError::new(AgentErrorCode::Driver, format!("cannot run mount: {e}")))?;
     if !output.status.success() {
         return Err(AgentError::new(
             AgentErrorCode::Driver,

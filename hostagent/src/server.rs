@@ -456,6 +456,7 @@ impl Agent {
             Command::DeleteVolume { path } => volumes::delete_volume(&path).await,
             Command::DescribeVolume { path, .. } => volumes::describe_once_made(&path).await,
             Command::MarkStorage { path } => volumes::mark_storage(&path).await,
+            Command::StorageCapacity { dir } => volumes::storage_capacity(&dir).await,
             Command::MountStorage { url, mount_point } => {
                 let mounter = self.mounter.clone();
                 tokio::task::spawn_blocking(move || {
@@ -468,11 +469,11 @@ impl Agent {
             }
             Command::DigestFile { path } => volumes::digest_file(&path).await,
             Command::ReadFile { path, offset, len } => volumes::read_file(&path, offset, len).await,
-            Command::WriteFile { path, offset, data } => {
-                volumes::write_file(&path, offset, &data).await
+            Command::WriteFile { path, transfer, offset, data } => {
+                volumes::write_file(&path, transfer, offset, &data).await
             }
-            Command::SealFile { path, size, sha256 } => {
-                volumes::seal_file(&path, size, &sha256).await
+            Command::SealFile { path, transfer, size, sha256 } => {
+                volumes::seal_file(&path, transfer, size, &sha256).await
             }
             Command::CleanImageCache { cache_dir, volume_dirs, grace_secs } => {
                 let grace = Duration::from_secs(grace_secs);
@@ -589,6 +590,7 @@ fn drive(driver: &dyn Driver, network: &dyn Network, command: Command) -> Outcom
         | Command::CleanImageCache { .. }
         | Command::MarkStorage { .. }
         | Command::MountStorage { .. }
+        | Command::StorageCapacity { .. }
         | Command::DigestFile { .. }
         | Command::ReadFile { .. }
         | Command::WriteFile { .. }

@@ -345,6 +345,23 @@ pub async fn clean_image_cache(
     Ok(cleaned)
 }
 
+/// The size and free space of the filesystem holding `dir` (made if missing).
+pub async fn storage_capacity(dir: &str) -> Result<Reply, AgentError> {
+    let path = PathBuf::from(dir);
+    let measured = tokio::task::spawn_blocking(move || {
+        std::fs::create_dir_all(&path)?;
+        rustix::fs::statvfs(&path).map_err(std::io::Error::from)
+    })
+    .await
+    .map_err(|e| AgentError::new(AgentErrorCode::Driver, format!("measuring {dir}: {e}")))?
+    .map_err(|e| io_error("measuring", Path::new(dir), e))?;
+    let block = measured.f_frsize;
+    Ok(Reply::Capacity {
+        total: measured.f_blocks.saturating_mul(block),
+        available: measured.f_bavail.saturating_mul(block),
+    })
+}
+
 /// Leaves a mark file at `path`, which another host's agent looks for to tell whether the
 /// two share the storage (a copy between them would then be a copy onto itself).
 pub async fn mark_storage(path: &str) -> Result<Reply, AgentError> {
@@ -406,16 +423,23 @@ pub async fn read_file(path: &str, offset: u64, len: u32) -> Result<Reply, Agent
     Ok(Reply::Chunk(data))
 }
 
-/// Where the copy of `path` arriving from another host is written until it is sealed.
-pub fn incoming(path: &str) -> PathBuf {
-    PathBuf::from(format!("{path}.part-copy"))
+/// Where transfer `transfer`'s copy of `path` arriving from another host is written until
+/// it is sealed.
+pub fn incoming(path: &str, transfer: Uuid) -> PathBuf {
+    PathBuf::from(format!("{path}.part-copy-{transfer}"))
 }
 
-/// Writes `data` at `offset` into the incoming copy of `path` (offset 0 starts it afresh).
-pub async fn write_file(path: &str, offset: u64, data: &[u8]) -> Result<Reply, AgentError> {
+/// Writes `data` at `offset` into transfer `transfer`'s incoming copy of `path` (offset 0
+/// starts it afresh).
+pub async fn write_file(
+    path: &str,
+    transfer: Uuid,
+    offset: u64,
+    data: &[u8],
+) -> Result<Reply, AgentError> {
     use tokio::io::{AsyncSeekExt, AsyncWriteExt};
     check_chunk(data.len())?;
-    let part = incoming(path);
+    let part = incoming(path, transfer);
     if let Some(dir) = part.parent() {
         tokio::fs::create_dir_all(dir).await.map_err(|e| io_error("creating", dir, e))?;
     }
@@ -443,12 +467,17 @@ pub async fn write_file(path: &str, offset: u64, data: &[u8]) -> Result<Reply, A
 /// flushed to disk and renamed into place. A `path` that already holds exactly that content
 /// (a repeat, or a copy that was sealed before the MN heard of it) is success; one holding
 /// anything else is refused, never overwritten.
-pub async fn seal_file(path: &str, size: u64, sha256: &str) -> Result<Reply, AgentError> {
+pub async fn seal_file(
+    path: &str,
+    transfer: Uuid,
+    size: u64,
+    sha256: &str,
+) -> Result<Reply, AgentError> {
     let dest = PathBuf::from(path);
-    one_maker(&dest.clone(), seal(dest, size, sha256)).await
+    one_maker(&dest.clone(), seal(dest, transfer, size, sha256)).await
 }
 
-async fn seal(dest: PathBuf, size: u64, sha256: &str) -> Result<Reply, AgentError> {
+async fn seal(dest: PathBuf, transfer: Uuid, size: u64, sha256: &str) -> Result<Reply, AgentError> {
     let path = dest.display().to_string();
     let digest = |file: PathBuf| async move {
         tokio::task::spawn_blocking(move || strato_proto::digest::file_sha256(&file))
@@ -459,15 +488,15 @@ async fn seal(dest: PathBuf, size: u64, sha256: &str) -> Result<Reply, AgentErro
         let found = digest(dest.clone()).await?.map_err(|e| io_error("digesting", &dest, e))?;
         if found == (size, sha256.to_owned()) {
             // A repeat's copy is not needed: the file is there.
-            delete_volume(&incoming(&path).display().to_string()).await?;
-            return Ok(Reply::Done);
+            delete_volume(&incoming(&path, transfer).display().to_string()).await?;
+            return Ok(Reply::Sealed { existed: true });
         }
         return Err(AgentError::new(
             AgentErrorCode::InvalidState,
             format!("{path} already holds other content: it was not overwritten"),
         ));
     }
-    let part = incoming(&path);
+    let part = incoming(&path, transfer);
     let arrived = digest(part.clone()).await?.map_err(|e| not_found_or("digesting", &part, e))?;
     if arrived != (size, sha256.to_owned()) {
         return Err(AgentError::new(
@@ -484,7 +513,7 @@ async fn seal(dest: PathBuf, size: u64, sha256: &str) -> Result<Reply, AgentErro
     // A cached image copied in is as new as one converted: the cleaner's grace spares it
     // until the volume copied after it names it.
     CACHES.handed_out.lock().expect("image cache guard").insert(dest, Instant::now());
-    Ok(Reply::Done)
+    Ok(Reply::Sealed { existed: false })
 }
 
 /// Deletes a volume file; succeeds when it is already gone.

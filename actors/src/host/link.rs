@@ -107,6 +107,14 @@ async fn connect_op(ctx: OpCtx<Hosts>) -> Result<(), HostError> {
     // those sharing a SNAT learn whether it moved here.
     ctx.with_state(|s| s.applied_network = None);
     super::refresh_network(ctx.kind(), id);
+    // Its local storage may have changed size since: measured again, in the background.
+    let measuring = ctx.kind().clone();
+    tokio::spawn(async move {
+        if let Err(error) = super::measure_storage(&measuring, id).await {
+            let error = strato_runtime::error_chain(&error);
+            tracing::warn!(host = %id, %error, "the host's local storage was not measured; its disk bookings are not bounded until it is");
+        }
+    });
     let record = ctx.with_state(|s| s.record.clone());
     // Those sharing a SNAT with it too: its home may now be this host.
     let db = &ctx.entity().db;
@@ -257,7 +265,13 @@ async fn reconcile(ctx: &OpCtx<Hosts>, domains: &[DomainInfo]) -> Result<(), Hos
                     v.record.state,
                     crate::vm::state::VmState::Created | crate::vm::state::VmState::Migrating
                 )
-        });
+        }) || db
+            .get::<crate::records::VolumeRecord>(vm)?
+            // A data volume's disk booking: kept while the volume is here (or moving here).
+            .is_some_and(|v| {
+                v.record.host_uuid == Some(id)
+                    || v.record.status == crate::records::VolumeStatus::Migrating
+            });
         if !keep {
             released.push(vm);
         }

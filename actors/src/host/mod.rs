@@ -24,7 +24,7 @@ use strato_runtime::{BoxError, Entity, Event, Kind, KindConfig, Op, OpCtx, Runti
 use strato_storage::{Batch, Db, Expect, StoreError};
 use uuid::Uuid;
 
-use crate::records::{AgentCertRecord, HostRecord, HostStatus};
+use crate::records::{AgentCertRecord, HostRecord, HostStatus, Reservation};
 
 pub mod link;
 
@@ -222,6 +222,10 @@ pub struct HostSummary {
     pub reserved_memory: u64,
     /// Memory the host keeps for itself (its `reservedMemory` system tag).
     pub kept_for_host: u64,
+    /// Its local primary storage's size in bytes (0 until measured: not filtered on).
+    pub disk: u64,
+    /// Local storage booked.
+    pub reserved_disk: u64,
 }
 
 impl HostSummary {
@@ -236,16 +240,23 @@ impl HostSummary {
             reserved_cpu: record.reserved_cpu(),
             reserved_memory: record.reserved_memory(),
             kept_for_host,
+            disk: record.local_storage.map_or(0, |c| c.total),
+            reserved_disk: record.reserved_disk(),
         }
     }
 
-    /// Whether it has room for `cpu` CPUs and `memory` bytes more.
-    pub fn fits(&self, cpu: u32, memory: u64, overcommit: Overcommit) -> bool {
+    /// Whether it has room for `want` more: CPUs and memory (overcommitted), and local
+    /// storage by the volumes' virtual sizes (ZStack's thick accounting), when measured.
+    pub fn fits(&self, want: Reservation, overcommit: Overcommit) -> bool {
         let cpu_total = (f64::from(self.cpus) * overcommit.cpu) as u64;
         let memory_total =
             ((self.memory as f64 * overcommit.memory) as u64).saturating_sub(self.kept_for_host);
-        fits_within(self.reserved_cpu, u64::from(cpu), cpu_total)
-            && fits_within(self.reserved_memory, memory, memory_total)
+        let disk_fits = want.disk == 0
+            || self.disk == 0
+            || fits_within(self.reserved_disk, want.disk, self.disk);
+        fits_within(self.reserved_cpu, u64::from(want.cpu), cpu_total)
+            && fits_within(self.reserved_memory, want.memory, memory_total)
+            && disk_fits
     }
 }
 
@@ -601,19 +612,18 @@ impl Default for Overcommit {
     }
 }
 
-/// Whether `record` has room for `cpu` CPUs and `memory` bytes more.
-fn fits(hosts: &Hosts, record: &HostRecord, cpu: u32, memory: u64, overcommit: Overcommit) -> bool {
-    hosts.summary(record).fits(cpu, memory, overcommit)
+/// Whether `record` has room for `want` more.
+fn fits(hosts: &Hosts, record: &HostRecord, want: Reservation, overcommit: Overcommit) -> bool {
+    hosts.summary(record).fits(want, overcommit)
 }
 
-/// Books `cpu` and `memory` on host `id` for VM `vm` if it still has room; returns whether
-/// it did. Booking again for the same VM is a no-op that answers true.
+/// Books `want` on host `id` for VM `vm` (or a data volume) if it still has room; returns
+/// whether it did. Booking again for the same key is a no-op that answers true.
 pub async fn reserve(
     hosts: &Kind<Hosts>,
     id: Uuid,
     vm: Uuid,
-    cpu: u32,
-    memory: u64,
+    want: Reservation,
     overcommit: Overcommit,
 ) -> Result<bool, HostError> {
     hosts
@@ -630,13 +640,13 @@ pub async fn reserve(
                     !s.deleting
                         && s.record.state == crate::records::HostState::Enabled
                         && s.record.status == HostStatus::Connected
-                        && fits(ctx.entity(), &s.record, cpu, memory, overcommit)
+                        && fits(ctx.entity(), &s.record, want, overcommit)
                 });
                 if !takes_vms {
                     return Ok(false);
                 }
                 save(&ctx, |r| {
-                    r.reservations.insert(vm, crate::records::Reservation { cpu, memory });
+                    r.reservations.insert(vm, want);
                 })
                 .await?;
                 Ok(true)
@@ -659,15 +669,15 @@ pub async fn fence(hosts: &Kind<Hosts>, id: Uuid, deleting: bool) -> Result<usiz
         .await
 }
 
-/// Replaces VM `vm`'s booking on host `id` by `cpu` and `memory` if the host has room for
-/// them beside its other bookings; returns whether it did (the old booking stays if not). One
-/// capacity operation, so no other booking can come between giving back and booking again.
+/// Replaces `vm`'s booking on host `id` by what `change` makes of it (of nothing, if it has
+/// none) if the host has room for that beside its other bookings; returns whether it did
+/// (the old booking stays if not). One capacity operation, so no other booking can come
+/// between giving back and booking again.
 pub async fn rebook(
     hosts: &Kind<Hosts>,
     id: Uuid,
     vm: Uuid,
-    cpu: u32,
-    memory: u64,
+    change: impl FnOnce(&mut Reservation) + Send + 'static,
     overcommit: Overcommit,
 ) -> Result<bool, HostError> {
     hosts
@@ -675,22 +685,63 @@ pub async fn rebook(
             id,
             Op::within("capacity", "rebook", Duration::from_secs(30)),
             move |ctx| async move {
-                let room = ctx.with_state(|s| {
+                let (room, want) = ctx.with_state(|s| {
                     let mut others = s.record.clone();
-                    others.reservations.remove(&vm);
-                    !s.deleting && fits(ctx.entity(), &others, cpu, memory, overcommit)
+                    let mut want = others.reservations.remove(&vm).unwrap_or(Reservation {
+                        cpu: 0,
+                        memory: 0,
+                        disk: 0,
+                    });
+                    change(&mut want);
+                    (!s.deleting && fits(ctx.entity(), &others, want, overcommit), want)
                 });
                 if !room {
                     return Ok(false);
                 }
                 save(&ctx, |r| {
-                    r.reservations.insert(vm, crate::records::Reservation { cpu, memory });
+                    r.reservations.insert(vm, want);
                 })
                 .await?;
                 Ok(true)
             },
         )
         .await
+}
+
+/// Measures host `id`'s local primary storage (the first attached to its cluster) and
+/// records its size, which bounds the disk bookings; nothing to do without one.
+pub async fn measure_storage(hosts: &Kind<Hosts>, id: Uuid) -> Result<(), HostError> {
+    let db = hosts.entity().db.clone();
+    let Some(host) = db.get::<HostRecord>(id)? else { return Ok(()) };
+    let mut local = Vec::new();
+    for stored in db.scan::<crate::records::PrimaryStorageRecord>() {
+        let ps = stored?.record;
+        if ps.is_local() && ps.attached_cluster_uuids.contains(&host.record.cluster_uuid) {
+            local.push(ps);
+        }
+    }
+    local.sort_by_key(|ps| ps.uuid);
+    let Some(ps) = local.into_iter().next() else { return Ok(()) };
+    let deadline = SystemTime::now() + Duration::from_secs(30);
+    let measure = Command::StorageCapacity { dir: ps.base_dir().to_owned() };
+    let Reply::Capacity { total, available } = command(hosts, id, measure, deadline, None).await?
+    else {
+        return Ok(());
+    };
+    let measured = crate::records::LocalStorageCapacity {
+        primary_storage_uuid: ps.uuid,
+        total,
+        available_physical: available,
+    };
+    hosts
+        .call(
+            id,
+            Op::within("capacity", "measure-storage", Duration::from_secs(30)),
+            move |ctx| async move { save(&ctx, |r| r.local_storage = Some(measured)).await },
+        )
+        .await?;
+    tracing::info!(host = %id, ps = %ps.uuid, total, available, "local storage measured");
+    Ok(())
 }
 
 /// Gives back what VM `vm` booked on host `id` (nothing if it booked nothing).

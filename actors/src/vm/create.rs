@@ -198,9 +198,16 @@ struct AllocateHost {
 #[async_trait]
 impl Step<CreateVm> for AllocateHost {
     async fn run(&self, c: &mut CreateVm, flow: &FlowInfo) -> Result<(), BoxError> {
+        // Its root volume books the image's size on the host's local storage (the file
+        // grows toward the image's virtual size, which is not recorded).
+        let disk = match c.image {
+            Some(image) => self.db.get::<ImageRecord>(image)?.map_or(0, |i| i.record.size),
+            None => 0,
+        };
         let need = Need {
             cpu: c.cpu_num,
             memory: c.memory_size,
+            disk,
             clusters: c.clusters.clone(),
             pinned: c.pinned_host,
             l2_clusters: l2_clusters(&self.db, &c.l3_networks)?,

@@ -592,6 +592,10 @@ fn domain_state(reply: &Reply, uuid: Uuid) -> Option<DomainState> {
     }
 }
 
+/// How long a cold migration may take: on local storage it copies the root volume through
+/// the MN.
+pub const MIGRATE_TIMEOUT: Duration = Duration::from_secs(3600);
+
 /// Moves a stopped VM to another host of its cluster (`target`, or the allocator's choice),
 /// booking capacity there before giving it back on the old host. Cold: the domain is
 /// undefined on the old host and defined again when the VM starts.
@@ -627,9 +631,15 @@ pub async fn migrate(
         save(&ctx, |r| r.state = transition.during).await?;
         let moved = async {
             // Book the target first (a different host of the same cluster).
+            // Its root volume's booking on local storage goes with it.
+            let disk = db
+                .get::<crate::records::HostRecord>(source)?
+                .and_then(|h| h.record.reservations.get(&id).map(|r| r.disk))
+                .unwrap_or(0);
             let need = crate::allocator::Need {
                 cpu: record.cpu_num,
                 memory: record.memory_size,
+                disk,
                 clusters: Some(vec![cluster]),
                 pinned: target,
                 l2_clusters: None,
@@ -644,13 +654,13 @@ pub async fn migrate(
             .await?;
             let deadline = deadline_of(&ctx);
             // Its root volume's files go first (the VM is stopped: they do not change).
-            let mv = crate::local_storage::Move {
-                hosts: hosts.clone(),
+            let mv = crate::local_storage::Move::new(
+                hosts.clone(),
                 source,
                 destination,
                 deadline,
-                job: ctx.job_id(),
-            };
+                ctx.job_id(),
+            );
             let root = match move_root_volume(&ctx, &record, &mv).await {
                 Ok(root) => root,
                 Err(error) => {
@@ -727,6 +737,8 @@ pub async fn migrate(
 /// A root volume's files copied to a cold migration's destination, until the move ends.
 struct MovedRoot {
     files: Vec<String>,
+    /// Those sealed anew on the destination (an undo deletes no other).
+    sealed: Vec<String>,
     on_destination: crate::snapshot::Sweep,
     on_source: crate::snapshot::Sweep,
 }
@@ -734,15 +746,17 @@ struct MovedRoot {
 impl MovedRoot {
     /// The VM moved: the source's files go.
     async fn finish(self, mv: &crate::local_storage::Move) {
-        mv.delete(mv.source, self.files).await;
+        if mv.delete(mv.source, self.files).await {
+            self.on_source.done().await;
+        }
         self.on_destination.done().await;
-        self.on_source.done().await;
     }
 
     /// The VM stays: the copies go.
     async fn undo(self, mv: &crate::local_storage::Move) {
-        mv.delete(mv.destination, crate::local_storage::Move::leftovers(&self.files)).await;
-        self.on_destination.done().await;
+        if mv.delete(mv.destination, mv.undo_list(&self.files, &self.sealed)).await {
+            self.on_destination.done().await;
+        }
         self.on_source.done().await;
     }
 }
@@ -784,13 +798,17 @@ async fn move_root_volume(
     let runtime = ctx.runtime();
     let files = vec![path];
     let sweep = |host, paths| crate::snapshot::Sweep::submit(runtime, root_id, host, paths);
-    let on_destination = sweep(mv.destination, crate::local_storage::Move::leftovers(&files))
-        .await
-        .map_err(boxed)?;
+    let on_destination = sweep(mv.destination, mv.leftovers(&files)).await.map_err(boxed)?;
     let on_source = sweep(mv.source, files.clone()).await.map_err(boxed)?;
-    let moved = MovedRoot { files, on_destination, on_source };
-    match mv.copy(&moved.files).await {
-        Ok(_) => Ok(Some(moved)),
+    let mut moved = MovedRoot { files, sealed: Vec::new(), on_destination, on_source };
+    match mv.copy(&moved.files, ps.record.base_dir(), &mut moved.sealed).await {
+        Ok(false) => Ok(Some(moved)),
+        Ok(true) => {
+            // One storage after all: nothing to sweep, nothing to delete.
+            moved.on_destination.done().await;
+            moved.on_source.done().await;
+            Ok(None)
+        }
         Err(error) => {
             moved.undo(mv).await;
             Err(error.into())
@@ -832,7 +850,10 @@ pub async fn change_offering(
                 if let Some(host) = record.host_uuid {
                     let hosts = hosts_of(&ctx)?;
                     let overcommit = host::Overcommit::default();
-                    if !host::rebook(&hosts, host, id, cpu, memory, overcommit).await? {
+                    let resize = move |r: &mut crate::records::Reservation| {
+                        (r.cpu, r.memory) = (cpu, memory);
+                    };
+                    if !host::rebook(&hosts, host, id, resize, overcommit).await? {
                         return Err(VmError::Alloc(crate::allocator::AllocError::NoHost {
                             trace: vec![crate::allocator::FilterStep {
                                 filter: format!(

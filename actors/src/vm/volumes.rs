@@ -114,6 +114,17 @@ pub async fn attach(
         let deadline = std::time::SystemTime::now() + ctx.remaining();
         let send = |command: Command| host::command(&hosts, host_uuid, command, deadline, job);
 
+        // A volume being moved holds its turn for as long as its copy takes: refused now,
+        // rather than holding the VM's queue until then.
+        let current = volume::get(&db, volume)?.record;
+        if current.status == VolumeStatus::Migrating {
+            return Err(VolumeError::InvalidStatus {
+                volume,
+                status: current.status,
+                op: VolumeOp::Attach,
+                hint: ": it is being moved to another host; attach it once it is Ready",
+            });
+        }
         // In the volume's turn: no operation on it as a detached volume runs meanwhile (one
         // that began detached would go on as if it still were).
         let _turn = volume::turn(volume).await;
@@ -126,7 +137,7 @@ pub async fn attach(
             return Err(error);
         }
         // Made next, if never attached before; plugged last.
-        let made = match instantiate(&db, &send, volume, vm, &host).await {
+        let made = match instantiate(&db, &hosts, &send, volume, vm, &host).await {
             Ok(made) => made,
             Err(error) => {
                 release_claim(&db, volume, vm).await?;
@@ -151,6 +162,7 @@ pub async fn attach(
 /// Makes `volume`'s file on `host`'s local storage if it has none; `true` if it made it.
 async fn instantiate<F, Fut>(
     db: &Db,
+    hosts: &Kind<crate::host::Hosts>,
     send: &F,
     volume: Uuid,
     vm: Uuid,
@@ -171,6 +183,10 @@ where
         (dir, current.size)
     } else {
         let ps = storage_for(db, &current, host)?;
+        if ps.is_local() {
+            // Booked before it is made: a host's disk is not promised twice.
+            volume::book_disk(hosts, host.uuid, volume, current.size).await?;
+        }
         let dir = ps.data_volumes_dir();
         let path = format!("{dir}/{volume}.qcow2");
         let host_uuid = host.uuid;
@@ -223,6 +239,7 @@ where
             if let Some(path) = volume::get(db, volume)?.record.install_path {
                 let _ = send(Command::DeleteVolume { path }).await;
             }
+            volume::unbook_disk(hosts, host.uuid, volume).await;
             volume::update(db, volume, |v| {
                 v.status = VolumeStatus::NotInstantiated;
                 (v.host_uuid, v.install_path, v.primary_storage_uuid) =

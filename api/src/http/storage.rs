@@ -3,15 +3,16 @@
 
 use std::sync::Arc;
 
+use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::Response;
-use axum::routing::{MethodRouter, post, put};
-use serde_json::json;
+use axum::routing::{MethodRouter, get, post, put};
+use serde_json::{Value, json};
 use strato_actors::kinds;
 use strato_actors::records::{
-    BackupStorageRecord, ClusterRecord, HostRecord, ImageRecord, LOCAL_STORAGE, NFS,
+    BackupStorageRecord, ClusterRecord, HostRecord, HostStatus, ImageRecord, LOCAL_STORAGE, NFS,
     PrimaryStorageRecord, SHARED_MOUNT_POINT, ZoneRecord,
 };
 use uuid::Uuid;
@@ -64,6 +65,15 @@ pub(super) fn apis() -> Vec<Api> {
             schema::<StorageParams>(),
             "Adds shared mount point primary storage (a directory every host of its clusters mounts)",
             || post(|mn, headers, body| add_primary_storage(mn, headers, body, SHARED_MOUNT_POINT)),
+        ),
+        Api::new(
+            "GetPrimaryStorageCapacity",
+            Method::Get,
+            "/v1/primary-storage/{uuid}/capacity",
+            Body::None,
+            Answer::Immediate,
+            "A primary storage's size and what is free (admin): local storage by host, booked by the volumes' virtual sizes",
+            || get(storage_capacity),
         ),
         attach(
             "AttachPrimaryStorageToCluster",
@@ -161,22 +171,99 @@ fn attach_backup_storage() -> MethodRouter<Arc<Mn>> {
     .handler()
 }
 
-/// NFS storage attached to a cluster is mounted by each of its hosts as they connect: each
-/// host connects again now, and is Connected (taking VMs) only once it has mounted it.
+/// NFS storage attached to a cluster is mounted by each of its hosts now, over their links
+/// (a host that cannot connects again, and stays Disconnected saying why, since a host
+/// mounts it before it is Connected). Local storage is measured on each host, which bounds
+/// its disk bookings.
 fn mount_on_cluster_hosts(mn: &crate::mn::Mn, ps: &PrimaryStorageRecord, cluster: Uuid) {
-    if ps.mount_path.is_none() {
-        return;
-    }
+    let mount = ps.mount_path.clone().map(|mount_point| strato_proto::Command::MountStorage {
+        url: ps.url.clone(),
+        mount_point,
+    });
+    let local = ps.is_local();
     let hosts: Vec<Uuid> = mn.db.find::<HostRecord>("cluster", &cluster.into()).unwrap_or_default();
     for host in hosts {
-        let kind = mn.hosts.clone();
+        let (kind, mount) = (mn.hosts.clone(), mount.clone());
         tokio::spawn(async move {
-            if let Err(error) = strato_actors::host::link::reconnect(&kind, host).await {
+            if let Some(command) = mount {
+                let deadline = std::time::SystemTime::now() + std::time::Duration::from_secs(60);
+                if let Err(error) =
+                    strato_actors::host::command(&kind, host, command, deadline, None).await
+                {
+                    let error = strato_runtime::error_chain(&error);
+                    tracing::warn!(%host, %error, "a host did not mount NFS storage; it connects again, and mounts it first");
+                    let _ = strato_actors::host::link::reconnect(&kind, host).await;
+                }
+            }
+            if local && let Err(error) = strato_actors::host::measure_storage(&kind, host).await {
                 let error = strato_runtime::error_chain(&error);
-                tracing::warn!(%host, %error, "a host did not connect again to mount NFS storage; it mounts it when it next connects");
+                tracing::warn!(%host, %error, "a host's local storage was not measured; it is when the host next connects");
             }
         });
     }
+}
+
+/// `GetPrimaryStorageCapacity` (admin): local storage summed over its hosts as measured at
+/// their connect, with what is booked on them; shared storage measured now by one host.
+async fn storage_capacity(State(mn): Shared, Id(uuid): Id) -> Result<Json<Value>, ApiError> {
+    auth::admin_only("primary storage capacity")?;
+    let ps: PrimaryStorageRecord = get_record(&mn, uuid)?;
+    let mut hosts = Vec::new();
+    for cluster in &ps.attached_cluster_uuids {
+        for id in mn.db.find::<HostRecord>("cluster", &(*cluster).into())? {
+            hosts.extend(mn.db.get::<HostRecord>(id)?.map(|h| h.record));
+        }
+    }
+    hosts.sort_by_key(|h| h.uuid);
+    if !ps.is_local() {
+        let connected = hosts.iter().find(|h| h.status == HostStatus::Connected);
+        let host = connected.ok_or_else(|| {
+            ApiError::of(
+                crate::codes::HOST_UNAVAILABLE,
+                "no host of the storage's clusters is connected to measure it",
+            )
+        })?;
+        let deadline = std::time::SystemTime::now() + std::time::Duration::from_secs(30);
+        let command = strato_proto::Command::StorageCapacity { dir: ps.base_dir().to_owned() };
+        let reply =
+            strato_actors::host::command(&mn.hosts, host.uuid, command, deadline, None).await?;
+        let strato_proto::Reply::Capacity { total, available } = reply else {
+            return Err(ApiError::of(
+                crate::codes::HOST_OPERATION_FAILED,
+                "the agent did not measure the storage",
+            ));
+        };
+        return Ok(Json(json!({
+            "totalCapacity": total,
+            "availableCapacity": available,
+            "totalPhysicalCapacity": total,
+            "availablePhysicalCapacity": available,
+        })));
+    }
+    let (mut total, mut available, mut physical) = (0u64, 0u64, 0u64);
+    let mut per_host = Vec::new();
+    for host in hosts {
+        let Some(measured) = host.local_storage.filter(|m| m.primary_storage_uuid == uuid) else {
+            continue;
+        };
+        let free = measured.total.saturating_sub(host.reserved_disk());
+        total = total.saturating_add(measured.total);
+        available = available.saturating_add(free);
+        physical = physical.saturating_add(measured.available_physical);
+        per_host.push(json!({
+            "hostUuid": host.uuid,
+            "totalCapacity": measured.total,
+            "availableCapacity": free,
+            "availablePhysicalCapacity": measured.available_physical,
+        }));
+    }
+    Ok(Json(json!({
+        "totalCapacity": total,
+        "availableCapacity": available,
+        "totalPhysicalCapacity": total,
+        "availablePhysicalCapacity": physical,
+        "hosts": per_host,
+    })))
 }
 
 async fn add_primary_storage(

@@ -233,7 +233,7 @@ async fn start_on(
         .jobs
         .submit(job_header(headers)?, "StartVmInstance", keyed, move |job| async move {
             if vm.host_uuid != Some(target) {
-                ops::migrate(&m.vms, uuid, Some(target), OP_TIMEOUT, Some(job)).await?;
+                ops::migrate(&m.vms, uuid, Some(target), ops::MIGRATE_TIMEOUT, Some(job)).await?;
             }
             inventory(&ops::operate(&m.vms, uuid, Lifecycle::Start, OP_TIMEOUT, Some(job)).await?)
         })
@@ -257,7 +257,7 @@ async fn migrate(
     let job = mn
         .jobs
         .submit(job_header(headers)?, "MigrateVm", keyed, move |job| async move {
-            inventory(&ops::migrate(&m.vms, uuid, target, OP_TIMEOUT, Some(job)).await?)
+            inventory(&ops::migrate(&m.vms, uuid, target, ops::MIGRATE_TIMEOUT, Some(job)).await?)
         })
         .await?;
     Ok(accepted(&mn, job))

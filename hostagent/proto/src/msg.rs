@@ -28,7 +28,7 @@ use uuid::Uuid;
 /// the VIP namespaces (EIP, port forwarding, SNAT) to the network; version 5 adds data
 /// volumes, their snapshots, describing a volume file and cleaning the image cache; version
 /// 6 adds copying files between hosts (marks, digests, chunks) for local storage migration
-/// and mounting shared storage.
+/// and mounting and measuring primary storage.
 pub const PROTOCOL_VERSION: u32 = 6;
 
 /// The largest chunk a `ReadFile` or `WriteFile` carries: 4 MiB, well inside a frame.
@@ -401,6 +401,12 @@ pub enum Command {
         /// Where the host mounts it.
         mount_point: String,
     },
+    /// The size and free space of the filesystem holding primary storage directory `dir`
+    /// (made if missing), answered `Reply::Capacity`.
+    StorageCapacity {
+        /// The storage's directory on the host.
+        dir: String,
+    },
     /// The size and SHA-256 digest of the file at `path` (`NotFound` if it does not exist).
     DigestFile {
         /// The file.
@@ -417,23 +423,29 @@ pub enum Command {
         /// How many bytes at most.
         len: u32,
     },
-    /// Write `data` at `offset` into the incoming copy of `path` (its `.part-copy` file,
-    /// started afresh at offset 0). Writing the same chunk again changes nothing.
+    /// Write `data` at `offset` into transfer `transfer`'s incoming copy of `path` (its
+    /// `.part-copy-<transfer>` file, started afresh at offset 0). Writing the same chunk
+    /// again changes nothing; two transfers of one file write apart.
     WriteFile {
         /// The file being copied in.
         path: String,
+        /// The transfer (one per move).
+        transfer: Uuid,
         /// Where the chunk goes.
         offset: u64,
         /// The chunk (no more than [`MAX_CHUNK`] bytes).
         #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
-    /// Finish the incoming copy of `path`: its size and digest must be `size` and `sha256`
-    /// (the source's), then it is flushed and renamed into place. Succeeds if `path` already
-    /// holds exactly that content; refused if it holds something else.
+    /// Finish transfer `transfer`'s incoming copy of `path`: its size and digest must be
+    /// `size` and `sha256` (the source's), then it is flushed and renamed into place
+    /// (answered `Reply::Sealed`). Succeeds if `path` already holds exactly that content
+    /// (saying so); refused if it holds something else.
     SealFile {
         /// The file being copied in.
         path: String,
+        /// The transfer.
+        transfer: Uuid,
         /// The source's size.
         size: u64,
         /// The source's SHA-256 digest, in hex.
@@ -476,6 +488,7 @@ impl Command {
             Command::CleanImageCache { .. } => "clean-image-cache",
             Command::MarkStorage { .. } => "mark-storage",
             Command::MountStorage { .. } => "mount-storage",
+            Command::StorageCapacity { .. } => "storage-capacity",
             Command::DigestFile { .. } => "digest-file",
             Command::ReadFile { .. } => "read-file",
             Command::WriteFile { .. } => "write-file",
@@ -515,6 +528,7 @@ impl Command {
             | Command::CleanImageCache { .. }
             | Command::MarkStorage { .. }
             | Command::MountStorage { .. }
+            | Command::StorageCapacity { .. }
             | Command::DigestFile { .. }
             | Command::ReadFile { .. }
             | Command::WriteFile { .. }
@@ -553,6 +567,18 @@ pub enum Reply {
         virtual_size: u64,
         /// The file it is backed by, if any.
         backing: Option<String>,
+    },
+    /// A copy sealed into place.
+    Sealed {
+        /// Whether the file was there already, with that content (nothing was renamed).
+        existed: bool,
+    },
+    /// A filesystem's size and free space, in bytes.
+    Capacity {
+        /// Its size.
+        total: u64,
+        /// What an unprivileged writer may still use.
+        available: u64,
     },
     /// A file's size and SHA-256 digest (hex).
     Digest {
