@@ -876,17 +876,20 @@ fn disagreements(shared: &Shared, cluster: &std::sync::Mutex<Cluster>) -> Vec<Vi
             ));
         }
     }
+    // A data volume's local storage is booked on the host holding it, under its UUID.
+    let volumes = list(shared.api, "volumes", Duration::from_secs(10)).unwrap_or_default();
+    let volume_host: HashMap<&str, &str> =
+        volumes.iter().map(|v| (s(&v["uuid"]), s(&v["hostUuid"]))).collect();
     for host in &hosts {
+        let here = s(&host["uuid"]);
         for vm in host["reservations"].as_object().into_iter().flatten().map(|(vm, _)| vm) {
-            if !known.contains(vm.as_str()) {
+            let volume_here = volume_host.get(vm.as_str()) == Some(&here);
+            if !known.contains(vm.as_str()) && !volume_here {
                 found.push(violation(
                     "no orphans after failed flows and the GC backlog drains",
                     now,
                     Some(vm),
-                    format!(
-                        "capacity still booked on host {} for a VM that is gone",
-                        s(&host["uuid"])
-                    ),
+                    format!("capacity still booked on host {here} for a VM or volume that is gone"),
                 ));
             }
         }
