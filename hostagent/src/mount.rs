@@ -43,10 +43,9 @@ impl Mounter for Bind {
 
 /// `server:/export` as its two parts.
 fn split(url: &str) -> Result<(&str, &str), AgentError> {
-    match url.split_once(':') {
-        Some((server, export)) if !server.is_empty() && export.starts_with('/') => {
-            Ok((server, export))
-        }
+    // Split where the path starts, so an IPv6 server (`[fd00::1]:/export`) keeps its colons.
+    match url.find(":/").map(|at| (&url[..at], &url[at + 1..])) {
+        Some((server, export)) if !server.is_empty() => Ok((server, export)),
         _ => Err(AgentError::new(
             AgentErrorCode::BadRequest,
             format!("`{url}` is not an NFS export (`server:/path`)"),
@@ -107,6 +106,7 @@ mod tests {
     #[test]
     fn an_export_is_a_server_and_an_absolute_path() {
         assert_eq!(split("nfs.example:/srv/ps").unwrap(), ("nfs.example", "/srv/ps"));
+        assert_eq!(split("[fd00::1]:/srv/ps").unwrap(), ("[fd00::1]", "/srv/ps"));
         for bad in ["/srv/ps", ":/srv/ps", "server:relative", "server"] {
             assert_eq!(split(bad).unwrap_err().code, AgentErrorCode::BadRequest, "{bad}");
         }

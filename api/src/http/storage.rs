@@ -306,12 +306,18 @@ fn nfs_url(url: &str) -> Result<String, ApiError> {
     let bad = || {
         ApiError::invalid("url", format!("`{url}` is not an NFS export (`server:/absolute/path`)"))
     };
-    let (server, path) = url.split_once(':').ok_or_else(bad)?;
+    // Split where the path starts, so an IPv6 server (`[fd00::1]:/export`) keeps its colons.
+    let at = url.find(":/").ok_or_else(bad)?;
+    let (server, path) = (&url[..at], &url[at + 1..]);
     let plain = |s: &str| !s.is_empty() && !s.contains(|c: char| c.is_whitespace() || c == ',');
     if !plain(server) || !plain(path) || !path.starts_with('/') || server.starts_with('-') {
         return Err(bad());
     }
-    Ok(format!("{server}:{}", path.trim_end_matches('/')))
+    let path = match path.trim_end_matches('/') {
+        "" => "/",
+        trimmed => trimmed,
+    };
+    Ok(format!("{server}:{path}"))
 }
 
 fn attach_primary_storage() -> MethodRouter<Arc<Mn>> {
@@ -395,4 +401,19 @@ async fn add_image(
         })
         .await?;
     Ok(accepted(&mn, job))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::nfs_url;
+
+    #[test]
+    fn an_nfs_export_is_a_server_and_an_absolute_path() {
+        assert_eq!(nfs_url("nfs.example:/srv/ps/").unwrap(), "nfs.example:/srv/ps");
+        assert_eq!(nfs_url("[fd00::1]:/srv").unwrap(), "[fd00::1]:/srv");
+        assert_eq!(nfs_url("10.0.0.1:/").unwrap(), "10.0.0.1:/");
+        for bad in ["/srv/ps", ":/srv", "server:srv", "-o:/x", "a b:/x", "s:/a,b", "server"] {
+            assert_eq!(nfs_url(bad).unwrap_err().body()["error"]["details"]["field"], "url", "{bad}");
+        }
+    }
 }
