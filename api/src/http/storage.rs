@@ -413,7 +413,11 @@ mod tests {
         assert_eq!(nfs_url("[fd00::1]:/srv").unwrap(), "[fd00::1]:/srv");
         assert_eq!(nfs_url("10.0.0.1:/").unwrap(), "10.0.0.1:/");
         for bad in ["/srv/ps", ":/srv", "server:srv", "-o:/x", "a b:/x", "s:/a,b", "server"] {
-            assert_eq!(nfs_url(bad).unwrap_err().body()["error"]["details"]["field"], "url", "{bad}");
+            assert_eq!(
+                nfs_url(bad).unwrap_err().body()["error"]["details"]["field"],
+                "url",
+                "{bad}"
+            );
         }
     }
 }
