@@ -400,7 +400,7 @@ pub async fn migrate_volume(
             }
         };
         // However the move ends (an error on the way, a panic), the volume is Ready again.
-        let _ready_again = ReadyAgain { db: db.clone(), volume };
+        let _ready_again = ReadyAgain { db: db.clone(), hosts: hosts.clone(), volume };
         let source = v.host_uuid.ok_or_else(|| VolumeError::InUse(format!("volume {volume} names no host")))?;
         let deadline = SystemTime::now() + crate::vm::ops::MIGRATE_TIMEOUT;
         let mv = Move::new(hosts.clone(), source, destination, deadline, job);
@@ -414,8 +414,8 @@ pub async fn migrate_volume(
             // Whichever way it ends, the files that the records do not name on a host go
             // from it: the copies if the move fails, the originals once it landed.
             let on_destination =
-                Sweep::submit(&runtime, volume, destination, mv.leftovers(&files)).await?;
-            let on_source = Sweep::submit(&runtime, volume, source, files.clone()).await?;
+                Sweep::submit_for_move(&runtime, volume, destination, mv.leftovers(&files)).await?;
+            let on_source = Sweep::submit_for_move(&runtime, volume, source, files.clone()).await?;
             let mut sealed = Vec::new();
             let copied = mv.copy(&files, ps.base_dir(), &mut sealed).await;
             fail::fail_point!("volume-migrate-after-copy");
@@ -436,7 +436,7 @@ pub async fn migrate_volume(
             Ok((_, Some((on_destination, on_source, Err(error), sealed)))) => {
                 let cleared = mv.delete(destination, mv.undo_list(&files, &sealed)).await;
                 volume::unbook_disk(&hosts, destination, volume).await;
-                back_to_ready(&db, volume).await?;
+                back_to_ready(&db, &hosts, volume).await?;
                 if cleared {
                     on_destination.done().await;
                 }
@@ -445,25 +445,22 @@ pub async fn migrate_volume(
             }
             Err(error) => {
                 volume::unbook_disk(&hosts, destination, volume).await;
-                back_to_ready(&db, volume).await?;
+                back_to_ready(&db, &hosts, volume).await?;
                 return Err(error);
             }
         };
-        let landed = loop {
-            let stored = volume::get(&db, volume)?;
-            let mut batch = Batch::new();
-            let moved = VolumeRecord {
-                status: VolumeStatus::Ready,
-                host_uuid: Some(destination),
-                ..stored.record
-            };
-            batch.put(&moved, Expect::Generation(stored.generation))?;
-            for s in crate::snapshot::snapshots_of(&db, volume)?.into_values() {
-                let followed = VolumeSnapshotRecord { host_uuid: Some(destination), ..s.record };
-                batch.put(&followed, Expect::Generation(s.generation))?;
-            }
-            if crate::landed(&db, batch).await? {
-                break moved;
+        let landed = match switch_records(&db, volume, destination).await {
+            Ok(landed) => landed,
+            Err(error) => {
+                // Not written (the store failed): the volume stays where its records say,
+                // and the destination gives back what it booked. Its copies, if any, are its
+                // sweep's: the records do not name them there.
+                volume::unbook_disk(&hosts, destination, volume).await;
+                if let Some((on_destination, on_source)) = sweeps {
+                    drop(on_destination);
+                    on_source.done().await;
+                }
+                return Err(error);
             }
         };
         tracing::info!(%volume, from = %source, to = %destination, shared, job = ?job, "volume migrated");
@@ -479,19 +476,46 @@ pub async fn migrate_volume(
     .await
 }
 
+/// Names `destination` as the host of volume `volume` and of its snapshots, Ready, in one
+/// write (decided again on a conflict).
+async fn switch_records(
+    db: &Db,
+    volume: Uuid,
+    destination: Uuid,
+) -> Result<VolumeRecord, VolumeError> {
+    loop {
+        let stored = volume::get(db, volume)?;
+        let mut batch = Batch::new();
+        let moved = VolumeRecord {
+            status: VolumeStatus::Ready,
+            host_uuid: Some(destination),
+            ..stored.record
+        };
+        batch.put(&moved, Expect::Generation(stored.generation))?;
+        for s in crate::snapshot::snapshots_of(db, volume)?.into_values() {
+            let followed = VolumeSnapshotRecord { host_uuid: Some(destination), ..s.record };
+            batch.put(&followed, Expect::Generation(s.generation))?;
+        }
+        if crate::landed(db, batch).await? {
+            return Ok(moved);
+        }
+    }
+}
+
 /// Puts its volume back to Ready when a move ends, whichever way: in the background, in the
 /// volume's turn (so after the move, and never during another).
 struct ReadyAgain {
     db: Db,
+    hosts: Kind<Hosts>,
     volume: Uuid,
 }
 
 impl Drop for ReadyAgain {
     fn drop(&mut self) {
-        let (db, volume) = (self.db.clone(), self.volume);
+        let (db, hosts, volume) = (self.db.clone(), self.hosts.clone(), self.volume);
         tokio::spawn(async move {
             let _turn = volume::turn(volume).await;
-            if let Err(error) = back_to_ready(&db, volume).await {
+            if let Err(error) = back_to_ready(&db, &hosts, volume).await {
                 let error = strato_runtime::error_chain(&error);
                 tracing::warn!(%volume, %error, "a volume left Migrating stays so until its next operation");
             }
@@ -500,17 +524,29 @@ impl Drop for ReadyAgain {
 }
 
 /// Puts a volume whose move failed (or died with its MN) back to Ready: its records still
-/// name the source, which still holds its files.
-pub(crate) async fn back_to_ready(db: &Db, volume: Uuid) -> Result<(), VolumeError> {
+/// name the source, which still holds its files; a destination's booking for it is given
+/// back.
+pub(crate) async fn back_to_ready(
+    db: &Db,
+    hosts: &Kind<Hosts>,
+    volume: Uuid,
+) -> Result<(), VolumeError> {
     loop {
         let Some(stored) = db.get::<VolumeRecord>(volume)? else { return Ok(()) };
         if stored.record.status != VolumeStatus::Migrating {
             return Ok(());
         }
+        let home = stored.record.host_uuid;
         let ready = VolumeRecord { status: VolumeStatus::Ready, ..stored.record };
         let mut batch = Batch::new();
         batch.put(&ready, Expect::Generation(stored.generation))?;
         if crate::landed(db, batch).await? {
+            for host in db.scan::<HostRecord>() {
+                let host = host?.record;
+                if Some(host.uuid) != home && host.reservations.contains_key(&volume) {
+                    volume::unbook_disk(hosts, host.uuid, volume).await;
+                }
+            }
             tracing::info!(%volume, "a volume left Migrating is Ready again on its host");
             return Ok(());
         }

@@ -330,7 +330,7 @@ pub async fn create(
             // Another change of the volume came first. Live, the domain writes to the new
             // top already (in the VM's queue nothing else changes it): decided again on the
             // same file. Offline, the new top is given back and made again on the new state.
-            if !live && !named_files(&db, volume, host)?.contains(&new_top) {
+            if !live && !named_files(&db, volume, None)?.contains(&new_top) {
                 send(&hosts, host, Command::DeleteVolume { path: new_top }, job).await?;
             }
         }
@@ -413,6 +413,13 @@ pub async fn settle(
 /// deleted what it had to, so an MN that dies in between leaves no file behind.
 pub const SWEEP_JOB: &str = "volume.sweep";
 
+/// The same for the files a move between hosts' local storage copies or leaves: a file is
+/// kept only if a record names it on the job's host (the copies on a destination the move
+/// never reached, the originals on a source it left). Other sweeps keep a file any record
+/// names, whichever host: hosts may see one directory, and a volume moved between such
+/// hosts keeps its files where they are.
+pub const MOVE_SWEEP_JOB: &str = "volume.sweep-moved";
+
 /// The context of a [`SWEEP_JOB`].
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SweepJob {
@@ -438,10 +445,27 @@ impl Sweep {
         host: Uuid,
         paths: Vec<String>,
     ) -> Result<Sweep, VolumeError> {
-        let name = format!("{SWEEP_JOB}/{}", Uuid::new_v4());
-        let trigger = crate::vm::ops::when_host_is_back(host);
-        let job = SweepJob { volume, host, paths };
-        runtime.gc().submit_after(&name, SWEEP_JOB, &job, trigger, SETTLE_DELAY).await?;
+        Self::submit_kind(runtime, SWEEP_JOB, SweepJob { volume, host, paths }).await
+    }
+
+    /// Submits a move's sweep of `paths` on `host` ([`MOVE_SWEEP_JOB`]).
+    pub(crate) async fn submit_for_move(
+        runtime: &strato_runtime::Runtime,
+        volume: Uuid,
+        host: Uuid,
+        paths: Vec<String>,
+    ) -> Result<Sweep, VolumeError> {
+        Self::submit_kind(runtime, MOVE_SWEEP_JOB, SweepJob { volume, host, paths }).await
+    }
+
+    async fn submit_kind(
+        runtime: &strato_runtime::Runtime,
+        kind: &str,
+        job: SweepJob,
+    ) -> Result<Sweep, VolumeError> {
+        let name = format!("{kind}/{}", Uuid::new_v4());
+        let trigger = crate::vm::ops::when_host_is_back(job.host);
+        runtime.gc().submit_after(&name, kind, &job, trigger, SETTLE_DELAY).await?;
         Ok(Sweep { name, runtime: runtime.clone() })
     }
 
@@ -454,17 +478,20 @@ impl Sweep {
     }
 }
 
-/// Every file `volume`'s records name on `host`: its top, its snapshots' layers and the new
-/// tops of those being taken (a volume moved to another host's local storage names none of
-/// its old files on the old host; on shared storage a file named is named on every host).
-fn named_files(db: &Db, volume: Uuid, host: Uuid) -> Result<BTreeSet<String>, VolumeError> {
+/// Every file `volume`'s records name: its top, its snapshots' layers and the new tops of
+/// those being taken; with `on` a host, only those named on that host (on local storage: a
+/// volume moved to another host names none of its old files on the old one).
+fn named_files(db: &Db, volume: Uuid, on: Option<Uuid>) -> Result<BTreeSet<String>, VolumeError> {
     let stored = db.get::<VolumeRecord>(volume)?;
     // On shared storage every host sees the same files, whichever host a record names.
     let shared = match &stored {
         Some(v) => !volume::is_local(db, &v.record)?,
         None => false,
     };
-    let on_host = |h: Option<Uuid>| shared || h.is_none_or(|h| h == host);
+    let on_host = |h: Option<Uuid>| match on {
+        Some(host) if !shared => h.is_none_or(|h| h == host),
+        _ => true,
+    };
     let mut named = BTreeSet::new();
     if let Some(v) = stored.filter(|v| on_host(v.record.host_uuid)) {
         named.extend(v.record.install_path);
@@ -483,11 +510,12 @@ async fn sweep(
     runtime: &strato_runtime::Runtime,
     hosts: &Kind<Hosts>,
     job: &SweepJob,
+    moved: bool,
 ) -> Result<(), VolumeError> {
     if crate::vm::ops::host_was_deleted(runtime, job.host)? {
         return Ok(());
     }
-    let named = named_files(runtime.db(), job.volume, job.host)?;
+    let named = named_files(runtime.db(), job.volume, moved.then_some(job.host))?;
     for path in job.paths.iter().filter(|p| !named.contains(*p)) {
         send(hosts, job.host, Command::DeleteVolume { path: path.clone() }, None).await?;
         tracing::info!(volume = %job.volume, %path, "a file no record names was swept");
@@ -498,28 +526,30 @@ async fn sweep(
 /// Registers the snapshot GC handlers. Call once at startup, before `gc().start()`.
 pub fn register_gc(vms: Kind<Vms>, hosts: Kind<Hosts>) {
     let runtime = vms.runtime().clone();
-    let (sweeping, sweeper) = (vms.clone(), hosts);
-    runtime.gc().register_handler(SWEEP_JOB, move |job: SweepJob| {
-        let (vms, hosts) = (sweeping.clone(), sweeper.clone());
-        async move {
-            let runtime = vms.runtime().clone();
-            // In the volume's turn: nothing else makes or names its files then.
-            if runtime.db().get::<VolumeRecord>(job.volume)?.is_none() {
-                let _turn = volume::turn(job.volume).await;
-                sweep(&runtime, &hosts, &job).await?;
-            } else {
-                volume::on_volume(
-                    &vms,
-                    job.volume,
-                    "sweep-volume-files",
-                    None,
-                    move |_| async move { sweep(&runtime, &hosts, &job).await },
-                )
-                .await?;
+    for (kind, moved) in [(SWEEP_JOB, false), (MOVE_SWEEP_JOB, true)] {
+        let (sweeping, sweeper) = (vms.clone(), hosts.clone());
+        runtime.gc().register_handler(kind, move |job: SweepJob| {
+            let (vms, hosts) = (sweeping.clone(), sweeper.clone());
+            async move {
+                let runtime = vms.runtime().clone();
+                // In the volume's turn: nothing else makes or names its files then.
+                if runtime.db().get::<VolumeRecord>(job.volume)?.is_none() {
+                    let _turn = volume::turn(job.volume).await;
+                    sweep(&runtime, &hosts, &job, moved).await?;
+                } else {
+                    volume::on_volume(
+                        &vms,
+                        job.volume,
+                        "sweep-volume-files",
+                        None,
+                        move |_| async move { sweep(&runtime, &hosts, &job, moved).await },
+                    )
+                    .await?;
+                }
+                Ok(())
             }
-            Ok(())
-        }
-    });
+        });
+    }
     runtime.gc().register_handler(SETTLE_JOB, move |job: SettleJob| {
         let vms = vms.clone();
         async move {
@@ -547,7 +577,7 @@ pub async fn settle_all(db: &Db, hosts: &Kind<Hosts>) -> usize {
     for stored in db.scan::<VolumeRecord>().flatten() {
         if stored.record.status == crate::records::VolumeStatus::Migrating {
             let volume = stored.record.uuid;
-            if let Err(error) = crate::local_storage::back_to_ready(db, volume).await {
+            if let Err(error) = crate::local_storage::back_to_ready(db, hosts, volume).await {
                 let error = strato_runtime::error_chain(&error);
                 tracing::warn!(%volume, %error, "a volume left Migrating stays so until its next operation");
             }

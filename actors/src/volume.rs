@@ -339,7 +339,7 @@ where
         // Attached meanwhile: its VM's queue is the turn.
         if get(&db, volume)?.record.vm_instance_uuid.is_none() {
             // A move holds the turn while the volume is Migrating: one found so died.
-            crate::local_storage::back_to_ready(&db, volume).await?;
+            crate::local_storage::back_to_ready(&db, &hosts, volume).await?;
             crate::snapshot::settle(&db, &hosts, volume, job).await?;
             return op(None).await;
         }

@@ -252,6 +252,61 @@ fn data_volumes_are_made_on_first_attach_plugged_live_and_deleted_by_the_delay_p
     assert_eq!(disks(&cluster, &other_id), vec![(more[0].clone(), 1)]);
 }
 
+/// A VM named `name` placed on host `host`: its UUID.
+fn vm_on_host(
+    api: std::net::SocketAddr,
+    infra: &common::Infrastructure,
+    name: &str,
+    host: &Value,
+) -> String {
+    let body = json!({ "params": { "name": name, "instanceOfferingUuid": infra.offering["uuid"], "l3NetworkUuids": [infra.l3["uuid"]], "hostUuid": host } });
+    uuid(&ok(api, "POST", "/v1/vm-instances", Some(&body.to_string()))).to_owned()
+}
+
+/// A 16 MiB data volume made on VM `vm`'s host by its attachment: its UUID and file.
+fn data_volume_made_on(api: std::net::SocketAddr, vm: &str) -> (String, String) {
+    let data = create(api, "/v1/volumes/data", json!({ "name": "data", "diskSize": 16u64 << 20 }));
+    let data_id = uuid(&data).to_owned();
+    act(api, &data_id, json!({ "attachDataVolumeToVm": { "vmInstanceUuid": vm } }));
+    let file = volume(api, &data_id)["installPath"].as_str().unwrap().to_owned();
+    (data_id, file)
+}
+
+/// A 16 MiB qcow2 image in `dir` holding `byte` over its first 64 KiB: its path.
+fn qcow2_image(dir: &Path, byte: u8) -> String {
+    let source = dir.join("base.qcow2").display().to_string();
+    let made = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", &source, "16M"])
+        .status()
+        .unwrap();
+    assert!(made.success());
+    write_at(&source, byte, 0);
+    source
+}
+
+/// Backup storage under the cluster's directory (`bs`), attached to zone `zone`, with the
+/// file `source` (`format`) imported into it: the storage and the image.
+fn image_in_backup_storage(
+    cluster: &TestCluster,
+    zone: &str,
+    source: &str,
+    format: &str,
+) -> (Value, Value) {
+    let api = cluster.api;
+    let bs = create(
+        api,
+        "/v1/backup-storage/image-store",
+        json!({ "name": "bs", "url": cluster.dir().join("bs").display().to_string() }),
+    );
+    ok(api, "POST", &format!("/v1/zones/{zone}/backup-storage/{}", uuid(&bs)), None);
+    let image = create(
+        api,
+        "/v1/images",
+        json!({ "name": "image", "url": format!("file://{source}"), "format": format, "backupStorageUuids": [bs["uuid"]] }),
+    );
+    (bs, image)
+}
+
 /// Writes `byte` over 64 KiB at `offset` KiB of the qcow2 file at `path` (its VM stopped).
 fn write_at(path: &str, byte: u8, offset: u64) {
     let command = format!("write -P {byte:#x} {}k 64k", offset);
@@ -485,25 +540,9 @@ fn a_snapshot_makes_a_volume_and_a_root_volume_makes_a_template_that_boots_a_vm(
         json!({ "name": "ps", "url": cluster.dir().join("ps").display().to_string(), "zoneUuid": zone }),
     );
     ok(api, "POST", &format!("/v1/clusters/{host_cluster}/primary-storage/{}", uuid(&ps)), None);
-    let bs = create(
-        api,
-        "/v1/backup-storage/image-store",
-        json!({ "name": "bs", "url": cluster.dir().join("bs").display().to_string() }),
-    );
-    ok(api, "POST", &format!("/v1/zones/{zone}/backup-storage/{}", uuid(&bs)), None);
     // An image with a pattern of its own at 0.
-    let source = images.path().join("base.qcow2").display().to_string();
-    let made = std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", &source, "16M"])
-        .status()
-        .unwrap();
-    assert!(made.success());
-    write_at(&source, 0x11, 0);
-    let image = create(
-        api,
-        "/v1/images",
-        json!({ "name": "base", "url": format!("file://{source}"), "format": "qcow2", "backupStorageUuids": [bs["uuid"]] }),
-    );
+    let source = qcow2_image(images.path(), 0x11);
+    let (bs, image) = image_in_backup_storage(&cluster, &zone, &source, "qcow2");
     let vm_from = |name: &str, image: &Value| -> Value {
         let body = json!({ "params": { "name": name, "instanceOfferingUuid": infra.offering["uuid"], "imageUuid": image["uuid"], "l3NetworkUuids": [infra.l3["uuid"]] } });
         ok(api, "POST", "/v1/vm-instances", Some(&body.to_string()))
@@ -746,10 +785,7 @@ fn a_snapshot_stopped_on_either_side_of_its_file_is_settled_by_what_the_file_say
     local_storage(&cluster, &infra);
     let body = json!({ "params": { "name": "vm", "instanceOfferingUuid": infra.offering["uuid"], "l3NetworkUuids": [infra.l3["uuid"]] } });
     let vm_id = uuid(&ok(api, "POST", "/v1/vm-instances", Some(&body.to_string()))).to_owned();
-    let data = create(api, "/v1/volumes/data", json!({ "name": "data", "diskSize": 16u64 << 20 }));
-    let data_id = uuid(&data).to_owned();
-    act(api, &data_id, json!({ "attachDataVolumeToVm": { "vmInstanceUuid": vm_id } }));
-    let first_top = volume(api, &data_id)["installPath"].as_str().unwrap().to_owned();
+    let (data_id, first_top) = data_volume_made_on(api, &vm_id);
     let snapshots = format!("/v1/volumes/{data_id}/volume-snapshots");
     let take = |name: &str| {
         call(api, "POST", &snapshots, Some(&json!({ "params": { "name": name } }).to_string()))
@@ -913,10 +949,7 @@ fn a_detached_volume_moves_to_another_hosts_local_storage_with_its_snapshots() {
     let storage = cluster.dir().join("ps");
     let (_agent_b, host_b, own_b) = host_with_own_storage(&cluster, &infra);
     let (host_a, host_b) = (infra.host["uuid"].clone(), host_b["uuid"].clone());
-    let vm_on = |name: &str, host: &Value| -> String {
-        let body = json!({ "params": { "name": name, "instanceOfferingUuid": infra.offering["uuid"], "l3NetworkUuids": [infra.l3["uuid"]], "hostUuid": host } });
-        uuid(&ok(api, "POST", "/v1/vm-instances", Some(&body.to_string()))).to_owned()
-    };
+    let vm_on = |name: &str, host: &Value| vm_on_host(api, &infra, name, host);
 
     // A volume made on host A by its first attachment, detached, with a snapshot and bytes
     // of its own in each layer.
@@ -1038,24 +1071,8 @@ fn a_stopped_vms_root_volume_moves_with_it_and_its_image_cache_follows() {
     let storage = cluster.dir().join("ps");
     let (_agent_b, host_b, own_b) = host_with_own_storage(&cluster, &infra);
     let zone = ps["zoneUuid"].as_str().unwrap();
-    let bs = create(
-        api,
-        "/v1/backup-storage/image-store",
-        json!({ "name": "bs", "url": cluster.dir().join("bs").display().to_string() }),
-    );
-    ok(api, "POST", &format!("/v1/zones/{zone}/backup-storage/{}", uuid(&bs)), None);
-    let source = images.path().join("base.qcow2").display().to_string();
-    let made = std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", &source, "16M"])
-        .status()
-        .unwrap();
-    assert!(made.success());
-    write_at(&source, 0x11, 0);
-    let image = create(
-        api,
-        "/v1/images",
-        json!({ "name": "base", "url": format!("file://{source}"), "format": "qcow2", "backupStorageUuids": [bs["uuid"]] }),
-    );
+    let source = qcow2_image(images.path(), 0x11);
+    let (_, image) = image_in_backup_storage(&cluster, zone, &source, "qcow2");
     let body = json!({ "params": { "name": "vm", "instanceOfferingUuid": infra.offering["uuid"], "imageUuid": image["uuid"], "l3NetworkUuids": [infra.l3["uuid"]], "hostUuid": infra.host["uuid"] } });
     let vm = ok(api, "POST", "/v1/vm-instances", Some(&body.to_string()));
     let vm_id = uuid(&vm).to_owned();
@@ -1164,10 +1181,7 @@ fn volumes_follow_their_own_deletion_policy_not_the_vms() {
     local_storage(&cluster, &infra);
     let body = json!({ "params": { "name": "vm", "instanceOfferingUuid": infra.offering["uuid"], "l3NetworkUuids": [infra.l3["uuid"]] } });
     let vm_id = uuid(&ok(api, "POST", "/v1/vm-instances", Some(&body.to_string()))).to_owned();
-    let data = create(api, "/v1/volumes/data", json!({ "name": "data", "diskSize": 16u64 << 20 }));
-    let data_id = uuid(&data).to_owned();
-    act(api, &data_id, json!({ "attachDataVolumeToVm": { "vmInstanceUuid": vm_id } }));
-    let file = volume(api, &data_id)["installPath"].as_str().unwrap().to_owned();
+    let (data_id, file) = data_volume_made_on(api, &vm_id);
 
     // Direct: the volume goes at once, with its file.
     ok(api, "DELETE", &format!("/v1/volumes/{data_id}"), None);
@@ -1206,15 +1220,9 @@ fn on_shared_mount_point_storage_a_volume_follows_its_vm_between_hosts_without_a
         json!({ "name": "hb", "managementIp": "127.0.0.1", "agentPort": addr_b.port(), "clusterUuid": host_cluster }),
     );
     let (host_a, host_b) = (infra.host["uuid"].clone(), host_b["uuid"].clone());
-    let vm_on = |name: &str, host: &Value| -> String {
-        let body = json!({ "params": { "name": name, "instanceOfferingUuid": infra.offering["uuid"], "l3NetworkUuids": [infra.l3["uuid"]], "hostUuid": host } });
-        uuid(&ok(api, "POST", "/v1/vm-instances", Some(&body.to_string()))).to_owned()
-    };
+    let vm_on = |name: &str, host: &Value| vm_on_host(api, &infra, name, host);
     let vm = vm_on("vm", &host_a);
-    let data = create(api, "/v1/volumes/data", json!({ "name": "data", "diskSize": 16u64 << 20 }));
-    let data_id = uuid(&data).to_owned();
-    act(api, &data_id, json!({ "attachDataVolumeToVm": { "vmInstanceUuid": vm } }));
-    let file = volume(api, &data_id)["installPath"].as_str().unwrap().to_owned();
+    let (data_id, file) = data_volume_made_on(api, &vm);
     assert!(file.starts_with(&cluster.dir().join("smp").display().to_string()), "{file}");
     write_at(&file, 0x5a, 0);
 
@@ -1323,10 +1331,7 @@ fn nfs_storage_is_mounted_by_each_host_before_it_takes_vms() {
     // mounted nothing, sees an empty mount point.
     let body = json!({ "params": { "name": "vm", "instanceOfferingUuid": infra.offering["uuid"], "l3NetworkUuids": [infra.l3["uuid"]], "hostUuid": hosts[0]["uuid"] } });
     let vm = uuid(&ok(api, "POST", "/v1/vm-instances", Some(&body.to_string()))).to_owned();
-    let data = create(api, "/v1/volumes/data", json!({ "name": "data", "diskSize": 16u64 << 20 }));
-    let data_id = uuid(&data).to_owned();
-    act(api, &data_id, json!({ "attachDataVolumeToVm": { "vmInstanceUuid": vm } }));
-    let file = volume(api, &data_id)["installPath"].as_str().unwrap().to_owned();
+    let (data_id, file) = data_volume_made_on(api, &vm);
     assert!(file.starts_with(&mount_point), "{file}");
     let in_export = export.join(Path::new(&file).strip_prefix(&mount_point).unwrap());
     assert!(in_export.exists(), "{} is in the export", in_export.display());
@@ -1462,19 +1467,13 @@ fn local_storage_capacity_is_measured_booked_and_refuses_what_does_not_fit() {
     let filler =
         create(api, "/v1/volumes/data", json!({ "name": "filler", "diskSize": filler_size }));
     act(api, uuid(&filler), json!({ "attachDataVolumeToVm": { "vmInstanceUuid": vm } }));
-    let zone = ps["zoneUuid"].as_str().unwrap();
-    let bs = create(
-        api,
-        "/v1/backup-storage/image-store",
-        json!({ "name": "bs", "url": cluster.dir().join("bs").display().to_string() }),
-    );
-    ok(api, "POST", &format!("/v1/zones/{zone}/backup-storage/{}", uuid(&bs)), None);
     let source = images.path().join("disk.raw");
     std::fs::write(&source, vec![0u8; 2 << 20]).unwrap();
-    let image = create(
-        api,
-        "/v1/images",
-        json!({ "name": "raw", "url": format!("file://{}", source.display()), "format": "raw", "backupStorageUuids": [bs["uuid"]] }),
+    let (_, image) = image_in_backup_storage(
+        &cluster,
+        ps["zoneUuid"].as_str().unwrap(),
+        source.to_str().unwrap(),
+        "raw",
     );
     let body = json!({ "params": { "name": "big", "instanceOfferingUuid": infra.offering["uuid"], "imageUuid": image["uuid"], "l3NetworkUuids": [infra.l3["uuid"]] } });
     let placed = call(api, "POST", "/v1/vm-instances", Some(&body.to_string()));

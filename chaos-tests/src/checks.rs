@@ -92,10 +92,16 @@ pub fn sample(
             }
         }
     }
-    // No capacity twice. A VM being migrated holds its target's booking before it gives back
-    // its source's, by design; any other VM is booked on one host at most.
-    let migrating: HashSet<&str> =
-        vms.iter().filter(|v| v["state"] == "Migrating").map(|v| s(&v["uuid"])).collect();
+    // No capacity twice. A VM being migrated (or a data volume being moved) holds its
+    // target's booking before it gives back its source's, by design; any other VM or volume
+    // is booked on one host at most.
+    let volumes = list(shared.api, "volumes", Duration::from_secs(10)).unwrap_or_default();
+    let migrating: HashSet<&str> = vms
+        .iter()
+        .filter(|v| v["state"] == "Migrating")
+        .chain(volumes.iter().filter(|v| v["status"] == "Migrating"))
+        .map(|v| s(&v["uuid"]))
+        .collect();
     let mut booked: HashMap<String, String> = HashMap::new();
     let mut seen_twice = HashSet::new();
     for host in &hosts {

@@ -797,7 +797,8 @@ async fn move_root_volume(
     }
     let runtime = ctx.runtime();
     let files = vec![path];
-    let sweep = |host, paths| crate::snapshot::Sweep::submit(runtime, root_id, host, paths);
+    let sweep =
+        |host, paths| crate::snapshot::Sweep::submit_for_move(runtime, root_id, host, paths);
     let on_destination = sweep(mv.destination, mv.leftovers(&files)).await.map_err(boxed)?;
     let on_source = sweep(mv.source, files.clone()).await.map_err(boxed)?;
     let mut moved = MovedRoot { files, sealed: Vec::new(), on_destination, on_source };

@@ -236,8 +236,13 @@ where
         Err(error) => {
             // Undone: no file (whatever the agent left under a temporary name is its own),
             // and the volume a record again.
-            if let Some(path) = volume::get(db, volume)?.record.install_path {
-                let _ = send(Command::DeleteVolume { path }).await;
+            if let Some(path) = volume::get(db, volume)?.record.install_path
+                && send(Command::DeleteVolume { path: path.clone() }).await.is_err()
+            {
+                // A file made all the same (a lost answer) that cannot be deleted now goes
+                // once its host answers, unless a record names it by then.
+                let runtime = hosts.runtime();
+                crate::snapshot::Sweep::submit(runtime, volume, host.uuid, vec![path]).await?;
             }
             volume::unbook_disk(hosts, host.uuid, volume).await;
             volume::update(db, volume, |v| {

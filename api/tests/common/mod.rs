@@ -89,8 +89,20 @@ pub fn bootstrap(data_dir: &Path) -> PathBuf {
 
 /// An agent enrolling with the bootstrap file `bootstrap`, its data in `dir`.
 pub fn start_agent_with(bootstrap: &Path, dir: &Path, driver_args: &[&str]) -> (Proc, SocketAddr) {
+    launch_agent(Command::new(agent_binary()), bootstrap, dir, driver_args)
+}
+
+/// Runs `command` (the agent, or something that execs it, with the agent's arguments to
+/// follow) with the agent's arguments: on a free port, enrolling with `bootstrap`, its data
+/// and log in `dir`.
+fn launch_agent(
+    mut command: Command,
+    bootstrap: &Path,
+    dir: &Path,
+    driver_args: &[&str],
+) -> (Proc, SocketAddr) {
     let addr = free_port();
-    let mut child = Command::new(agent_binary())
+    let mut child = command
         .args(driver_args)
         .args(["--listen", &addr.to_string(), "--data-dir"])
         .arg(dir)
@@ -114,7 +126,6 @@ pub fn start_agent_in_own_mount_namespace(
     driver_args: &[&str],
     binds: &[(&Path, &Path)],
 ) -> (Proc, SocketAddr) {
-    let addr = free_port();
     let mut command = Command::new("unshare");
     command
         .args(["--mount", "--propagation", "private", "sh", "-c"])
@@ -126,20 +137,8 @@ pub fn start_agent_in_own_mount_namespace(
         command.arg(own).arg(at);
     }
     // `unshare` and `sh` exec in turn, so the child's pid is the agent's.
-    let mut child = command
-        .arg("--")
-        .arg(agent_binary())
-        .args(driver_args)
-        .args(["--listen", &addr.to_string(), "--data-dir"])
-        .arg(dir)
-        .arg("--bootstrap-file")
-        .arg(bootstrap)
-        .stdout(Stdio::null())
-        .stderr(log_file(dir))
-        .spawn()
-        .unwrap();
-    wait_listening(addr, &mut child);
-    (Proc { child }, addr)
+    command.arg("--").arg(agent_binary());
+    launch_agent(command, bootstrap, dir, driver_args)
 }
 
 /// The admin password every test server starts with.
