@@ -261,16 +261,12 @@ fn unexpected(path: &str) -> HostError {
 /// `LocalStorageGetVolumeMigratableHosts`).
 pub fn migratable_hosts(db: &Db, volume: Uuid) -> Result<Vec<HostRecord>, VolumeError> {
     let v = volume::get(db, volume)?.record;
-    let Some(ps) =
-        v.primary_storage_uuid.map(|ps| db.get::<PrimaryStorageRecord>(ps)).transpose()?.flatten()
-    else {
-        return Ok(Vec::new());
-    };
-    if !ps.record.is_local() {
+    let Some(ps) = volume::storage_of(db, &v)? else { return Ok(Vec::new()) };
+    if !ps.is_local() {
         return Ok(Vec::new()); // every host of its clusters reaches it already
     }
     let mut out = Vec::new();
-    for cluster in &ps.record.attached_cluster_uuids {
+    for cluster in &ps.attached_cluster_uuids {
         for id in db.find::<HostRecord>("cluster", &IndexValue::Uuid(*cluster))? {
             let Some(host) = db.get::<HostRecord>(id)? else { continue };
             let usable = host.record.state == HostState::Enabled
@@ -290,16 +286,10 @@ pub(crate) fn destination_storage(
     v: &VolumeRecord,
     destination: Uuid,
 ) -> Result<PrimaryStorageRecord, VolumeError> {
-    let ps = v
-        .primary_storage_uuid
-        .map(|ps| db.get::<PrimaryStorageRecord>(ps))
-        .transpose()?
-        .flatten()
-        .ok_or_else(|| VolumeError::Invalid {
-            field: "volumeUuid",
-            message: format!("volume {} is on no primary storage: it has no file to move", v.uuid),
-        })?
-        .record;
+    let ps = volume::storage_of(db, v)?.ok_or_else(|| VolumeError::Invalid {
+        field: "volumeUuid",
+        message: format!("volume {} is on no primary storage: it has no file to move", v.uuid),
+    })?;
     if !ps.is_local() {
         return Err(VolumeError::Invalid {
             field: "volumeUuid",

@@ -211,8 +211,16 @@ pub fn get(db: &Db, volume: Uuid) -> Result<Stored<VolumeRecord>, VolumeError> {
 /// as such: it has no file anywhere), as opposed to shared storage every host of its
 /// clusters reaches.
 pub(crate) fn is_local(db: &Db, v: &VolumeRecord) -> Result<bool, StoreError> {
-    let Some(ps) = v.primary_storage_uuid else { return Ok(true) };
-    Ok(db.get::<crate::records::PrimaryStorageRecord>(ps)?.is_none_or(|ps| ps.record.is_local()))
+    Ok(storage_of(db, v)?.is_none_or(|ps| ps.is_local()))
+}
+
+/// The primary storage volume `v` is (or is to be) on, if it names one that exists.
+pub(crate) fn storage_of(
+    db: &Db,
+    v: &VolumeRecord,
+) -> Result<Option<crate::records::PrimaryStorageRecord>, StoreError> {
+    let Some(ps) = v.primary_storage_uuid else { return Ok(None) };
+    Ok(db.get::<crate::records::PrimaryStorageRecord>(ps)?.map(|ps| ps.record))
 }
 
 /// Books `size` bytes of host `host`'s local storage for data volume `volume` (its virtual

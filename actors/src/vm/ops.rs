@@ -779,20 +779,14 @@ async fn move_root_volume(
             record.uuid
         )))
     })?;
-    let ps = root
-        .record
-        .primary_storage_uuid
-        .map(|ps| db.get::<crate::records::PrimaryStorageRecord>(ps))
-        .transpose()?
-        .flatten()
-        .ok_or_else(|| {
-            boxed(crate::volume::VolumeError::InUse(format!(
-                "VM {}'s root volume names no primary storage",
-                record.uuid
-            )))
-        })?;
+    let ps = crate::volume::storage_of(db, &root.record)?.ok_or_else(|| {
+        boxed(crate::volume::VolumeError::InUse(format!(
+            "VM {}'s root volume names no primary storage",
+            record.uuid
+        )))
+    })?;
     // On shared storage, or local storage both hosts see, the file is already there.
-    if !ps.record.is_local() || mv.shares_storage(ps.record.base_dir()).await? {
+    if !ps.is_local() || mv.shares_storage(ps.base_dir()).await? {
         return Ok(None);
     }
     let runtime = ctx.runtime();
@@ -802,7 +796,7 @@ async fn move_root_volume(
     let on_destination = sweep(mv.destination, mv.leftovers(&files)).await.map_err(boxed)?;
     let on_source = sweep(mv.source, files.clone()).await.map_err(boxed)?;
     let mut moved = MovedRoot { files, sealed: Vec::new(), on_destination, on_source };
-    match mv.copy(&moved.files, ps.record.base_dir(), &mut moved.sealed).await {
+    match mv.copy(&moved.files, ps.base_dir(), &mut moved.sealed).await {
         Ok(false) => Ok(Some(moved)),
         Ok(true) => {
             // One storage after all: nothing to sweep, nothing to delete.
