@@ -42,7 +42,9 @@ pub(crate) async fn landed(
 
 pub mod accounts;
 pub mod allocator;
+pub mod backup_storage;
 pub mod cascade;
+mod files;
 pub mod host;
 pub mod image_cache;
 pub mod images;

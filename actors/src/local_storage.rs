@@ -26,6 +26,7 @@ use strato_runtime::Kind;
 use strato_storage::{Batch, Db, Expect, IndexValue};
 use uuid::Uuid;
 
+use crate::files::{self, End, is_not_found};
 use crate::host::{self, HostError, Hosts};
 use crate::records::{
     HostRecord, HostState, HostStatus, PrimaryStorageRecord, VolumeRecord, VolumeSnapshotRecord,
@@ -50,11 +51,6 @@ pub(crate) struct Move {
     pub(crate) job: Option<Uuid>,
     /// Names this move's unsealed copies on the destination, apart from another move's.
     transfer: Uuid,
-}
-
-/// Whether the agent answered that the file does not exist.
-pub(crate) fn is_not_found(error: &HostError) -> bool {
-    matches!(error, HostError::Link(LinkError::Agent { error, .. }) if error.code == AgentErrorCode::NotFound)
 }
 
 impl Move {
@@ -169,44 +165,11 @@ impl Move {
     /// Copies one file in chunks and seals it (the destination checks the digest); answers
     /// whether the destination had it already.
     async fn copy_file(&self, path: &str) -> Result<bool, HostError> {
-        let Reply::Digest { size, sha256 } =
-            self.on(self.source, Command::DigestFile { path: path.to_owned() }).await?
-        else {
-            return Err(unexpected(path));
-        };
-        let mut offset = 0u64;
-        loop {
-            let read = Command::ReadFile {
-                path: path.to_owned(),
-                offset,
-                len: strato_proto::msg::MAX_CHUNK,
-            };
-            let Reply::Chunk(data) = self.on(self.source, read).await? else {
-                return Err(unexpected(path));
-            };
-            let len = data.len() as u64;
-            // Offset 0 is written even for an empty file: it starts the copy.
-            if len > 0 || offset == 0 {
-                let write = Command::WriteFile {
-                    path: path.to_owned(),
-                    transfer: self.transfer,
-                    offset,
-                    data,
-                };
-                self.on(self.destination, write).await?;
-            }
-            offset = offset.checked_add(len).ok_or_else(|| unexpected(path))?;
-            if len < u64::from(strato_proto::msg::MAX_CHUNK) {
-                break;
-            }
-        }
-        let seal =
-            Command::SealFile { path: path.to_owned(), transfer: self.transfer, size, sha256 };
-        let Reply::Sealed { existed } = self.on(self.destination, seal).await? else {
-            return Err(unexpected(path));
-        };
-        tracing::info!(from = %self.source, to = %self.destination, %path, size, existed, job = ?self.job, "file copied and verified");
-        Ok(existed)
+        let from = End::Host(self.hosts.clone(), self.source);
+        let to = End::Host(self.hosts.clone(), self.destination);
+        let copied =
+            files::copy(&from, path, &to, path, self.transfer, self.deadline, self.job).await?;
+        Ok(copied.existed)
     }
 
     /// Deletes `files` on `host` (the source after a move, the destination after a failed
@@ -244,16 +207,6 @@ impl Move {
 
 fn describe(path: &str) -> Command {
     Command::DescribeVolume { path: path.to_owned(), domain: None }
-}
-
-fn unexpected(path: &str) -> HostError {
-    HostError::Link(LinkError::Agent {
-        command: "copy-file",
-        error: strato_proto::AgentError::new(
-            AgentErrorCode::Driver,
-            format!("an answer that does not fit copying {path}"),
-        ),
-    })
 }
 
 /// The hosts a volume on local storage can move to: the other hosts of the clusters its

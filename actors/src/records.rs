@@ -1352,7 +1352,9 @@ impl Record for VolumeSnapshotTreeRecord {
     }
 }
 
-/// A backup storage of type ImageStore: a directory holding images, attached to zones.
+/// A backup storage of type ImageStore, attached to zones: a directory on its own host,
+/// whose agent the MN reaches over the same authenticated link as a KVM host's, or (with no
+/// `hostname`) a directory on the MN that the hosts read at the same path.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct BackupStorageRecord {
@@ -1360,17 +1362,81 @@ pub struct BackupStorageRecord {
     pub uuid: Uuid,
     /// Its name.
     pub name: String,
-    /// The directory (reachable by the MN and the hosts).
+    /// The directory (on its host, or on the MN and the hosts).
     pub url: String,
     /// Always `ImageStoreBackupStorage`.
     pub r#type: String,
     /// The zones it serves.
     pub attached_zone_uuids: Vec<Uuid>,
+    /// The host whose agent serves it (none: the directory is on the MN).
+    pub hostname: Option<String>,
+    /// Its agent's port.
+    pub agent_port: u16,
+    /// ZStack's SSH login, kept for display: Strato's agent enrolls with a bootstrap secret,
+    /// so neither it nor the password (never stored) is used.
+    pub username: Option<String>,
+    /// ZStack's SSH port, kept for display as `username`.
+    pub ssh_port: Option<u16>,
+    /// Whether the MN reaches its agent (always Connected for a directory on the MN).
+    pub status: HostStatus,
+    /// Why it is Disconnected.
+    pub last_error: Option<String>,
+    /// The size of the file system holding its directory, in bytes (0: not measured yet).
+    pub total_capacity: u64,
+    /// What is free there, in bytes.
+    pub available_capacity: u64,
+}
+
+impl BackupStorageRecord {
+    /// Whether its directory is on its own host, reached through that host's agent.
+    pub fn is_remote(&self) -> bool {
+        self.hostname.is_some()
+    }
+}
+
+/// A backup storage record as version 1 wrote it (a directory on the MN).
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct BackupStorageRecordV1 {
+    uuid: Uuid,
+    name: String,
+    url: String,
+    r#type: String,
+    attached_zone_uuids: Vec<Uuid>,
 }
 
 impl Record for BackupStorageRecord {
     const KIND: &'static str = "backup-storage";
-    const VERSION: u16 = 1;
+    const VERSION: u16 = 2;
+
+    fn upgrade(from_version: u16, payload: &[u8]) -> Result<Self, strato_storage::CodecError> {
+        match from_version {
+            1 => {
+                let v1: BackupStorageRecordV1 =
+                    strato_storage::codec::decode_payload(Self::KIND, payload)?;
+                Ok(BackupStorageRecord {
+                    uuid: v1.uuid,
+                    name: v1.name,
+                    url: v1.url,
+                    r#type: v1.r#type,
+                    attached_zone_uuids: v1.attached_zone_uuids,
+                    hostname: None,
+                    agent_port: 7070,
+                    username: None,
+                    ssh_port: None,
+                    status: HostStatus::Connected,
+                    last_error: None,
+                    total_capacity: 0,
+                    available_capacity: 0,
+                })
+            }
+            found => Err(strato_storage::CodecError::UnknownVersion {
+                kind: Self::KIND,
+                found,
+                supported: Self::VERSION,
+            }),
+        }
+    }
 
     fn id(&self) -> Uuid {
         self.uuid
@@ -1603,6 +1669,24 @@ mod tests {
             (v1.uuid, "old", None)
         );
         assert!(L3NetworkRecord::upgrade(7, &payload).is_err());
+    }
+
+    #[test]
+    fn version_1_backup_storage_is_a_directory_on_the_mn() {
+        let v1 = BackupStorageRecordV1 {
+            uuid: Uuid::new_v4(),
+            name: "old".into(),
+            url: "/bs".into(),
+            r#type: "ImageStoreBackupStorage".into(),
+            attached_zone_uuids: vec![Uuid::new_v4()],
+        };
+        let payload =
+            strato_storage::codec::encode_payload(BackupStorageRecord::KIND, &v1).unwrap();
+        let upgraded = BackupStorageRecord::upgrade(1, &payload).unwrap();
+        assert_eq!((upgraded.uuid, upgraded.url.as_str()), (v1.uuid, "/bs"));
+        assert_eq!(upgraded.attached_zone_uuids, v1.attached_zone_uuids);
+        assert!(!upgraded.is_remote());
+        assert_eq!(upgraded.status, HostStatus::Connected);
     }
 
     #[test]

@@ -838,7 +838,7 @@ pub async fn template(
     vms: &Kind<Vms>,
     snapshot: Uuid,
     image: crate::records::ImageRecord,
-    bs_dir: String,
+    bs: crate::records::BackupStorageRecord,
     extra: impl Fn(&mut Batch) -> Result<(), strato_storage::StoreError> + Send + 'static,
     job: Option<Uuid>,
 ) -> Result<crate::records::ImageRecord, VolumeError> {
@@ -855,8 +855,7 @@ pub async fn template(
         let host =
             s.host_uuid.ok_or(VolumeError::InUse(format!("snapshot {snapshot} has no host")))?;
         let source = s.primary_storage_install_path;
-        crate::vm::volumes::make_template(&db, &hosts, host, source, image, &bs_dir, extra, job)
-            .await
+        crate::vm::volumes::make_template(&db, &hosts, host, source, image, &bs, extra, job).await
     })
     .await
 }

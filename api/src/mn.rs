@@ -9,9 +9,10 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use strato_actors::backup_storage::{self, BackupStorages};
 use strato_actors::host::{self, HostConfig, Hosts, Overcommit};
 use strato_actors::l3::L3s;
-use strato_actors::records::HostRecord;
+use strato_actors::records::{BackupStorageRecord, HostRecord};
 use strato_actors::vm::ops::VmPolicy;
 use strato_actors::vm::{self, Vms};
 use strato_runtime::{BoxError, Kind, Runtime, RuntimeConfig};
@@ -30,6 +31,11 @@ pub struct Mn {
     pub hosts: Kind<Hosts>,
     /// L3 network actors.
     pub l3s: Kind<L3s>,
+    /// Backup storage actors: the links to image stores on their own hosts.
+    pub stores: Kind<BackupStorages>,
+    /// Where images bound for an image store on its own host are fetched first (emptied
+    /// at every start: what is there was left by an import that died).
+    pub image_staging: std::path::PathBuf,
     /// What authentication needs: the store, the session lifetime, the login throttle.
     pub auth: crate::auth::Auth,
     /// The admin's password when this start generated it, to print once.
@@ -64,6 +70,20 @@ impl Mn {
             l3s: self.l3s.clone(),
         }
     }
+}
+
+/// Makes the image staging directory (private, as the data directory) and deletes what an
+/// earlier run left there; answers how many files it deleted.
+fn clear_staging(dir: &Path) -> Result<usize, BoxError> {
+    let mut cleared = 0;
+    if dir.exists() {
+        for entry in std::fs::read_dir(dir)? {
+            std::fs::remove_file(entry?.path())?;
+            cleared += 1;
+        }
+    }
+    std::fs::create_dir_all(dir)?;
+    Ok(cleared)
 }
 
 /// The file, in the data directory, that keeps a generated admin password.
@@ -157,10 +177,11 @@ impl Mn {
         };
         let runtime = Runtime::start(RuntimeConfig::default(), db.clone())?;
         let vms = runtime.register(Vms::with_policy(db.clone(), vm_policy), Vms::kind_config());
-        let hosts = runtime.register(
-            Hosts::new(db.clone(), host_config.unwrap_or_else(|| HostConfig::new(pki))),
-            Hosts::kind_config(),
-        );
+        let host_config = host_config.unwrap_or_else(|| HostConfig::new(pki));
+        let hosts =
+            runtime.register(Hosts::new(db.clone(), host_config.clone()), Hosts::kind_config());
+        let stores = runtime
+            .register(BackupStorages::new(db.clone(), host_config), BackupStorages::kind_config());
         let l3s = runtime.register(L3s::new(db.clone()), L3s::kind_config());
         vm::create::define(
             &runtime,
@@ -184,7 +205,25 @@ impl Mn {
                 }
             });
         }
-        futures::future::join_all(dials).await;
+        // And the image stores, which an interrupted creation may read an image from.
+        let mut store_dials = Vec::new();
+        for stored in db.scan::<BackupStorageRecord>() {
+            let record = stored?.record;
+            if !record.is_remote() {
+                continue;
+            }
+            let stores = stores.clone();
+            store_dials.push(async move {
+                if let Err(error) = backup_storage::connect(&stores, record.uuid).await {
+                    tracing::warn!(backup_storage = %record.uuid, %error, "backup storage not connected at startup; redialing");
+                }
+            });
+        }
+        futures::future::join(
+            futures::future::join_all(dials),
+            futures::future::join_all(store_dials),
+        )
+        .await;
         let recovered = runtime.flows().recover().await?;
         // Before anything can touch a volume: a snapshot left Creating is finished or undone.
         let settled = strato_actors::snapshot::settle_all(&db, &hosts).await;
@@ -196,9 +235,14 @@ impl Mn {
                 .flatten()
         })
         .await?;
-        let mut partial_imports = 0;
-        for stored in db.scan::<strato_actors::records::BackupStorageRecord>() {
-            let dir = stored?.record.url;
+        let image_staging = data_dir.join("image-staging");
+        let mut partial_imports = clear_staging(&image_staging)?;
+        for stored in db.scan::<BackupStorageRecord>() {
+            let record = stored?.record;
+            if record.is_remote() {
+                continue;
+            }
+            let dir = record.url;
             match strato_actors::images::remove_partial_imports(Path::new(&dir)) {
                 Ok(removed) => partial_imports += removed,
                 Err(error) => {
@@ -228,6 +272,8 @@ impl Mn {
             vms,
             hosts,
             l3s,
+            stores,
+            image_staging,
             auth: crate::auth::Auth {
                 db: auth_db,
                 session_timeout,

@@ -1488,3 +1488,167 @@ fn local_storage_capacity_is_measured_booked_and_refuses_what_does_not_fit() {
     assert_eq!(placed["state"], "Running");
     assert_eq!(capacity()["availableCapacity"], total - (64 << 20) - (2 << 20));
 }
+
+/// Backup storage `id` as the admin reads it, once its status is `status`.
+fn backup_storage_becomes(api: std::net::SocketAddr, id: &str, status: &str) -> Value {
+    let path = format!("/v1/backup-storage/{id}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let (_, _, found) = http(api, "GET", &path, None, &[]);
+        let found = found["inventories"][0].clone();
+        if found["status"] == status {
+            return found;
+        }
+        assert!(std::time::Instant::now() < deadline, "never {status}: {found}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// Whether any file under `dir` holds `secret`.
+fn any_file_holds(dir: &Path, secret: &[u8]) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else { return false };
+    entries.flatten().any(|entry| {
+        let path = entry.path();
+        if path.is_dir() {
+            return any_file_holds(&path, secret);
+        }
+        let bytes = std::fs::read(&path).unwrap_or_default();
+        bytes.windows(secret.len()).any(|w| w == secret)
+    })
+}
+
+#[test]
+fn an_image_store_on_its_own_host_serves_images_and_takes_templates_over_its_agent_link() {
+    let images = tempfile::tempdir().unwrap();
+    let cluster = TestCluster::start(
+        ClusterOpts::sim(0).env("STRATO_IMAGE_FILE_DIRS", images.path().to_str().unwrap()),
+    );
+    let api = cluster.api;
+    let infra = vm_infrastructure(api, cluster.agent, "10.26.0.10", "10.26.0.50");
+    let ps = local_storage(&cluster, &infra);
+    let zone = ps["zoneUuid"].as_str().unwrap();
+    // The store's directory is its host's own disk: neither the MN nor the KVM host sees
+    // what is in it, so whatever reaches them went over the links.
+    let (at, own) = (cluster.dir().join("image-store"), cluster.dir().join("image-store-disk"));
+    let (bootstrap, agent_dir) = (common::bootstrap(&cluster.data), cluster.dir().join("agent-bs"));
+    let start_store = |addr: Option<std::net::SocketAddr>| {
+        let (args, binds) = (["--driver", "none"], [(own.as_path(), at.as_path())]);
+        match addr {
+            Some(addr) => common::start_agent_in_own_mount_namespace_at(
+                addr, &bootstrap, &agent_dir, &args, &binds,
+            ),
+            None => {
+                common::start_agent_in_own_mount_namespace(&bootstrap, &agent_dir, &args, &binds)
+            }
+        }
+    };
+    let (store_agent, addr) = start_store(None);
+    let password = "ssh-password-never-kept";
+    let params = |hostname: &str| json!({ "params": { "name": "store", "url": at.display().to_string(), "hostname": hostname, "agentPort": addr.port(), "username": "root", "password": password, "sshPort": 22 } });
+    let (status, _, refused) = http(
+        api,
+        "POST",
+        "/v1/backup-storage/image-store",
+        Some(&params("a host").to_string()),
+        &[],
+    );
+    assert_eq!(status, 400, "{refused}");
+    assert_eq!(refused["error"]["details"]["field"], "hostname", "{refused}");
+    let bs =
+        ok(api, "POST", "/v1/backup-storage/image-store", Some(&params("127.0.0.1").to_string()));
+    let bs_id = uuid(&bs).to_owned();
+    assert_eq!((&bs["status"], &bs["hostname"]), (&json!("Connected"), &json!("127.0.0.1")));
+    assert!(bs["totalCapacity"].as_u64().unwrap() > 0, "its directory was measured: {bs}");
+    assert!(bs.get("password").is_none(), "{bs}");
+    ok(api, "POST", &format!("/v1/zones/{zone}/backup-storage/{bs_id}"), None);
+
+    // An image imported from a URL is fetched by the MN and lands on the store's host only.
+    let source = qcow2_image(images.path(), 0x11);
+    let image = create(
+        api,
+        "/v1/images",
+        json!({ "name": "image", "url": format!("file://{source}"), "format": "qcow2", "backupStorageUuids": [bs_id] }),
+    );
+    let file = image["backupStorageRefs"][0][1].as_str().unwrap().to_owned();
+    let on_store = |file: &str| own.join(Path::new(file).strip_prefix(&at).unwrap());
+    assert_eq!(digest(&on_store(&file)), digest(Path::new(&source)), "arrived as it was fetched");
+    assert!(!Path::new(&file).exists(), "nothing of it where the MN and the KVM host look");
+    let staging = cluster.data.join("image-staging");
+    assert_eq!(std::fs::read_dir(&staging).unwrap().count(), 0, "the MN's staged copy is gone");
+
+    // A VM boots from it: the image reaches the KVM host's cache over the links.
+    let body = |image: &Value| {
+        json!({ "params": { "name": "vm", "instanceOfferingUuid": infra.offering["uuid"], "imageUuid": image["uuid"], "l3NetworkUuids": [infra.l3["uuid"]] } }).to_string()
+    };
+    let vm = ok(api, "POST", "/v1/vm-instances", Some(&body(&image)));
+    assert_eq!(vm["state"], "Running", "{vm}");
+    let root = vm["rootVolumePath"].as_str().unwrap().to_owned();
+    let cache = backing(&root).expect("a root volume is backed by its cached image");
+    assert!(holds(&root, 0x11, 0), "the image's bytes, through the cache");
+    let cache_dir = Path::new(&cache).parent().unwrap();
+    let landings: Vec<_> = std::fs::read_dir(cache_dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains(".download"))
+        .collect();
+    assert!(landings.is_empty(), "no landing file stays: {landings:?}");
+
+    // A template of its root volume, stopped, goes to the store and boots a VM.
+    let vm_id = uuid(&vm).to_owned();
+    ok(api, "PUT", &format!("/v1/vm-instances/{vm_id}/actions"), Some(r#"{"stopVmInstance": {}}"#));
+    write_at(&root, 0x5a, 1024);
+    let template = ok(
+        api,
+        "POST",
+        &format!("/v1/images/root-volume-templates/from/root-volumes/{vm_id}"),
+        Some(&json!({ "params": { "name": "t", "backupStorageUuids": [bs_id] } }).to_string()),
+    );
+    let template_file = template["backupStorageRefs"][0][1].as_str().unwrap().to_owned();
+    let stored = on_store(&template_file);
+    assert_eq!(backing(stored.to_str().unwrap()), None, "a template stands alone");
+    assert!(
+        holds(stored.to_str().unwrap(), 0x11, 0) && holds(stored.to_str().unwrap(), 0x5a, 1024)
+    );
+    assert_eq!(template["checksum"], format!("sha256:{}", digest(&stored)), "{template}");
+    let from_template = ok(api, "POST", "/v1/vm-instances", Some(&body(&template)));
+    assert_eq!(from_template["state"], "Running", "{from_template}");
+    assert!(holds(from_template["rootVolumePath"].as_str().unwrap(), 0x5a, 1024));
+
+    // The password was never kept: not in the store, the jobs or the log.
+    assert!(!any_file_holds(&cluster.data, password.as_bytes()), "the password is on disk");
+
+    // A tenant sees none of it.
+    let tenant = cluster.account("tenant", Value::Null);
+    let (status, hidden) =
+        cluster.as_(&tenant, "GET", &format!("/v1/backup-storage/{bs_id}"), None);
+    assert!(status == 403 || status == 404, "{status} {hidden}");
+    let (status, _) = cluster.as_(
+        &tenant,
+        "PUT",
+        &format!("/v1/backup-storage/{bs_id}/actions"),
+        Some(json!({ "reconnectBackupStorage": {} })),
+    );
+    assert!(status == 403 || status == 404, "{status}");
+
+    // Its agent gone, the store is Disconnected and an import says the host is away,
+    // leaving nothing behind; back, it is Connected again (at once when asked).
+    drop(store_agent);
+    let away = backup_storage_becomes(api, &bs_id, "Disconnected");
+    assert!(away["lastError"].as_str().is_some(), "{away}");
+    let failed = call(
+        api,
+        "POST",
+        "/v1/images",
+        Some(&json!({ "params": { "name": "late", "url": format!("file://{source}"), "format": "qcow2", "backupStorageUuids": [bs_id] } }).to_string()),
+    );
+    assert_eq!(failed["error"]["code"], "HOST.UNAVAILABLE", "{failed}");
+    assert_eq!(std::fs::read_dir(&staging).unwrap().count(), 0, "nothing staged stays");
+    let (_store_agent, _) = start_store(Some(addr));
+    let reconnected = ok(
+        api,
+        "PUT",
+        &format!("/v1/backup-storage/{bs_id}/actions"),
+        Some(r#"{"reconnectBackupStorage": {}}"#),
+    );
+    assert_eq!(reconnected["status"], "Connected", "{reconnected}");
+}

@@ -49,6 +49,8 @@ enum MounterKind {
 enum DriverKind {
     Libvirt,
     Sim,
+    /// No hypervisor: the host serves backup storage (an ImageStore) and runs no VMs.
+    None,
 }
 
 /// The Strato host agent.
@@ -58,7 +60,7 @@ struct Args {
     /// Where to listen for the MN (one host).
     #[arg(long, default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
-    /// The hypervisor driver.
+    /// The hypervisor driver (`none` on a backup storage host, which runs no VMs).
     #[arg(long, value_enum, default_value = "libvirt")]
     driver: DriverKind,
     /// libvirt's URI (`qemu:///system` on a real host, `test:///default` for tests).
@@ -292,6 +294,20 @@ async fn run(args: Args) -> Result<(), String> {
             }
             tracing::info!(hosts = args.sim_hosts, base = %base, "simulated agent ready");
             println!("strato-agent: {} simulated host(s) from {base}", args.sim_hosts);
+        }
+        DriverKind::None => {
+            let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|name| name.trim().to_owned())
+                .unwrap_or_else(|_| "backup-storage".into());
+            let driver = Arc::new(strato_agent::driver::none::NoHypervisor::new(hostname));
+            let listener = TcpListener::bind(args.listen)
+                .await
+                .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+            tracing::info!(listen = %args.listen, "agent ready, serving files only");
+            println!("strato-agent: listening on {} (no hypervisor: backup storage)", args.listen);
+            let net = Arc::new(SimNet::default());
+            let agent = agent(&args, 0, "storage", &mut bootstrap, driver, net, &args.data_dir)?;
+            tasks.push(tokio::spawn(agent.serve(listener)));
         }
     }
     tokio::signal::ctrl_c().await.map_err(|e| e.to_string())?;

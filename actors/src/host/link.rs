@@ -25,10 +25,12 @@ use strato_proto::{
     LinkError, Welcome,
 };
 use strato_runtime::{Kind, Op, OpCtx, RuntimeError};
-use strato_storage::{Batch, Expect};
+use strato_storage::{Batch, Db, Expect};
 use uuid::Uuid;
 
-use super::{HostError, HostStatus, Hosts, StrangerFound, link_op, release, save, set_status};
+use super::{
+    HostConfig, HostError, HostStatus, Hosts, StrangerFound, link_op, release, save, set_status,
+};
 use crate::records::{AgentCertRecord, VmRecord};
 use crate::vm::state::Observation;
 use crate::vm::{Vms, observe};
@@ -153,12 +155,31 @@ async fn dial(
     ctx: &OpCtx<Hosts>,
     addr: std::net::SocketAddr,
 ) -> Result<(Link, Welcome, tokio::sync::mpsc::UnboundedReceiver<AgentEvent>), HostError> {
-    let config = &ctx.entity().config;
+    let pin = ctx.with_state(|s| s.pin);
+    let entity = ctx.entity();
+    let (link, welcome, events, pinned) =
+        dial_agent(&entity.db, &entity.config, ctx.id(), pin, addr).await?;
+    ctx.with_state(|s| s.pin = Some(pinned));
+    Ok((link, welcome, events))
+}
+
+/// Dials the agent of `id` (a host, or a backup storage's host) at `addr`, expecting the
+/// certificate `pin`: an agent asking to enroll is enrolled, then dialed again, and an
+/// agent whose certificate this MN's CA issued is pinned if none was. Answers the link and
+/// the certificate now pinned.
+pub(crate) async fn dial_agent(
+    db: &Db,
+    config: &HostConfig,
+    id: Uuid,
+    mut pin: Option<Fingerprint>,
+    addr: std::net::SocketAddr,
+) -> Result<(Link, Welcome, tokio::sync::mpsc::UnboundedReceiver<AgentEvent>, Fingerprint), HostError>
+{
     let link_config = |pin| LinkConfig {
         addr,
         tls: config.pki.tls().clone(),
         pin,
-        host_uuid: ctx.id(),
+        host_uuid: id,
         connect_timeout: config.connect_timeout,
         ping_interval: config.ping_interval,
         ping_timeout: config.ping_timeout,
@@ -166,19 +187,18 @@ async fn dial(
     };
     let mut enrolled = false;
     loop {
-        let pin = ctx.with_state(|s| s.pin);
         match Link::connect(&link_config(pin)).await? {
             Handshake::Linked { link, welcome, events, certificate } => {
                 let welcome = *welcome;
                 if pin != Some(certificate) {
-                    tracing::info!(host = %ctx.id(), %certificate, "pinned the certificate this MN issued to the agent");
-                    pin_certificate(ctx, certificate).await?;
+                    tracing::info!(agent = %id, %certificate, "pinned the certificate this MN issued to the agent");
+                    pin_certificate(db, id, certificate).await?;
                 }
-                return Ok((link, welcome, events));
+                return Ok((link, welcome, events, certificate));
             }
             // Once per connect: an agent that asks again did not keep its certificate.
             Handshake::Enroll(enrollment) if !enrolled => {
-                enroll(ctx, *enrollment).await?;
+                pin = Some(enroll(db, config, id, *enrollment).await?);
                 enrolled = true;
             }
             Handshake::Enroll(enrollment) => {
@@ -210,10 +230,14 @@ async fn mount_shared_storage(ctx: &OpCtx<Hosts>, link: &Link) -> Result<(), Hos
 }
 
 /// Spends the agent's bootstrap secret, pins the certificate the CA issues for its key, and
-/// sends it to the agent.
-async fn enroll(ctx: &OpCtx<Hosts>, enrollment: Enrollment) -> Result<(), HostError> {
-    let pki = &ctx.entity().config.pki;
-    let issued = match pki.enroll(enrollment.secret(), enrollment.public_key(), ctx.id()) {
+/// sends it to the agent; answers the pin.
+async fn enroll(
+    db: &Db,
+    config: &HostConfig,
+    id: Uuid,
+    enrollment: Enrollment,
+) -> Result<Fingerprint, HostError> {
+    let issued = match config.pki.enroll(enrollment.secret(), enrollment.public_key(), id) {
         Ok(issued) => issued,
         Err(error) => {
             enrollment.refuse(error.to_string()).await;
@@ -221,18 +245,17 @@ async fn enroll(ctx: &OpCtx<Hosts>, enrollment: Enrollment) -> Result<(), HostEr
         }
     };
     // Pinned before the agent has it: an agent holding a certificate is one the MN knows.
-    pin_certificate(ctx, issued.fingerprint).await?;
+    pin_certificate(db, id, issued.fingerprint).await?;
     enrollment.issue(issued.certificate).await?;
-    tracing::info!(host = %ctx.id(), certificate = %issued.fingerprint, "agent enrolled");
-    Ok(())
+    tracing::info!(agent = %id, certificate = %issued.fingerprint, "agent enrolled");
+    Ok(issued.fingerprint)
 }
 
-/// Records `fingerprint` as the host's pin.
-async fn pin_certificate(ctx: &OpCtx<Hosts>, fingerprint: Fingerprint) -> Result<(), HostError> {
+/// Records `fingerprint` as the pin of `id`'s agent.
+async fn pin_certificate(db: &Db, id: Uuid, fingerprint: Fingerprint) -> Result<(), HostError> {
     let mut batch = Batch::new();
-    batch.put(&AgentCertRecord { host_uuid: ctx.id(), fingerprint }, Expect::Any)?;
-    ctx.entity().db.commit(batch).await?;
-    ctx.with_state(|s| s.pin = Some(fingerprint));
+    batch.put(&AgentCertRecord { host_uuid: id, fingerprint }, Expect::Any)?;
+    db.commit(batch).await?;
     Ok(())
 }
 

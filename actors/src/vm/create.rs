@@ -316,7 +316,7 @@ struct CreateRootVolume {
 }
 
 /// The primary storage serving host `host`'s cluster.
-fn primary_storage_of(db: &Db, host: Uuid) -> Result<PrimaryStorageRecord, BoxError> {
+pub(crate) fn primary_storage_of(db: &Db, host: Uuid) -> Result<PrimaryStorageRecord, BoxError> {
     let cluster =
         db.get::<HostRecord>(host)?.ok_or("the chosen host vanished")?.record.cluster_uuid;
     for stored in db.scan::<PrimaryStorageRecord>() {
@@ -339,23 +339,18 @@ impl Step<CreateVm> for CreateRootVolume {
             .get::<ImageRecord>(image)?
             .ok_or_else(|| format!("image {image} vanished"))?
             .record;
-        let source = record
-            .backup_storage_refs
-            .first()
-            .map(|(_, path)| path.clone())
+        let source = crate::backup_storage::image_source(&self.db, &record)?
             .ok_or("the image is in no backup storage")?;
-        let cache_dir = ps.image_cache_dir();
-        let cached = host::command(
+        let backing = crate::backup_storage::cache_on_host(
             &self.hosts,
             host,
-            Command::CacheImage { image, source, cache_dir },
+            image,
+            &source,
+            &ps.image_cache_dir(),
             volume_deadline(flow),
             flow.job_id,
         )
         .await?;
-        let Reply::File { path: backing, .. } = cached else {
-            return Err("the agent did not cache the image".into());
-        };
         let made = host::command(
             &self.hosts,
             host,

@@ -137,7 +137,7 @@ pub async fn attach(
             return Err(error);
         }
         // Made next, if never attached before; plugged last.
-        let made = match instantiate(&db, &hosts, &send, volume, vm, &host).await {
+        let made = match instantiate(&db, &hosts, &send, volume, vm, &host, job).await {
             Ok(made) => made,
             Err(error) => {
                 release_claim(&db, volume, vm).await?;
@@ -167,6 +167,7 @@ async fn instantiate<F, Fut>(
     volume: Uuid,
     vm: Uuid,
     host: &HostRecord,
+    job: Option<Uuid>,
 ) -> Result<bool, VolumeError>
 where
     F: Fn(Command) -> Fut,
@@ -210,7 +211,7 @@ where
     // From a data volume template: a standalone copy of it; otherwise an empty file.
     let command = match current.root_image_uuid {
         Some(image) => Command::FlattenVolume {
-            source: template_file(db, image)?,
+            source: template_on_host(db, hosts, host, &current, image, job).await?,
             dest: format!("{dir}/{volume}.qcow2"),
         },
         None => Command::CreateDataVolume { volume, size, dir: dir.clone() },
@@ -257,12 +258,33 @@ where
     }
 }
 
-/// Where template `image`'s file is (its first backup storage's copy, which the hosts read
-/// at the same path).
-pub(crate) fn template_file(db: &Db, image: Uuid) -> Result<String, VolumeError> {
-    db.get::<crate::records::ImageRecord>(image)?
-        .and_then(|i| i.record.backup_storage_refs.first().map(|(_, path)| path.clone()))
-        .ok_or(VolumeError::NotFound { kind: "Image", uuid: image })
+/// Where host `host` reads template `image`'s file to make volume `v` from it: in a backup
+/// storage on the MN, at its path there; in one on its own host, in the image cache of the
+/// host's storage, where it is brought first (`backup_storage::cache_on_host`).
+async fn template_on_host(
+    db: &Db,
+    hosts: &Kind<Hosts>,
+    host: &HostRecord,
+    v: &VolumeRecord,
+    image: Uuid,
+    job: Option<Uuid>,
+) -> Result<String, VolumeError> {
+    let record = db
+        .get::<crate::records::ImageRecord>(image)?
+        .ok_or(VolumeError::NotFound { kind: "Image", uuid: image })?
+        .record;
+    let source = crate::backup_storage::image_source(db, &record)?
+        .ok_or(VolumeError::NotFound { kind: "Image", uuid: image })?;
+    if source.remote.is_none() {
+        return Ok(source.path);
+    }
+    let cache_dir = storage_for(db, v, host)?.image_cache_dir();
+    let deadline = std::time::SystemTime::now() + Duration::from_secs(1800);
+    let cached = crate::backup_storage::cache_on_host(
+        hosts, host.uuid, image, &source, &cache_dir, deadline, job,
+    )
+    .await?;
+    Ok(cached)
 }
 
 /// ZStack's checks before an attachment.
@@ -424,15 +446,14 @@ pub(crate) fn detach_all(db: &Db, batch: &mut Batch, vm: Uuid) -> Result<(), VmE
 
 /// Makes root volume template `image` (its name and backup storage reference given; its
 /// size and checksum filled in here) from stopped VM `vm`'s root volume: a standalone copy
-/// of the root volume's chain written by the VM's host into the backup storage's directory
-/// `bs_dir`, which the MN reads for the checksum. In the VM's queue, so the VM does not start
-/// while it is copied. `extra` adds the image's tags and owner to the same write; the copy is
+/// of the root volume's chain, into backup storage `bs` (`make_template`). In the VM's
+/// queue, so the VM does not start while it is copied. `extra` adds the image's tags and owner to the same write; the copy is
 /// deleted if that write fails.
 pub async fn root_template(
     vms: &Kind<Vms>,
     vm: Uuid,
     image: crate::records::ImageRecord,
-    bs_dir: String,
+    bs: crate::records::BackupStorageRecord,
     extra: impl Fn(&mut Batch) -> Result<(), strato_storage::StoreError> + Send + 'static,
     job: Option<Uuid>,
 ) -> Result<crate::records::ImageRecord, VolumeError> {
@@ -457,7 +478,7 @@ pub async fn root_template(
             };
             let hosts = hosts_of(&ctx)?;
             let db = ctx.entity().db.clone();
-            let made = make_template(&db, &hosts, host, source, image, &bs_dir, extra, job).await?;
+            let made = make_template(&db, &hosts, host, source, image, &bs, extra, job).await?;
             tracing::info!(%vm, image = %made.uuid, "root volume template made");
             Ok(made)
         },
@@ -466,9 +487,12 @@ pub async fn root_template(
 }
 
 /// Writes `image` (a record waiting for its file: its size and checksum are filled in here)
-/// as a standalone copy of the chain whose top is `source` on `host`, into the backup
-/// storage's directory `bs_dir`, which the MN reads for its checksum. `extra` adds the
-/// image's tags and owner to the record's write; the copy is deleted if that write fails.
+/// as a standalone copy of the chain whose top is `source` on `host`, into backup storage
+/// `bs`. Into a directory on the MN the host writes it itself and the MN reads it for its
+/// checksum; into one on its own host it is flattened into the host's image cache (where it
+/// serves as the new image's cache, or is collected) and copied from there, sealed only if
+/// its size and SHA-256 are the flattened file's. `extra` adds the image's tags and owner to
+/// the record's write; the copy is deleted if that write fails.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn make_template(
     db: &Db,
@@ -476,29 +500,48 @@ pub(crate) async fn make_template(
     host: Uuid,
     source: String,
     image: crate::records::ImageRecord,
-    bs_dir: &str,
+    bs: &crate::records::BackupStorageRecord,
     extra: impl Fn(&mut Batch) -> Result<(), strato_storage::StoreError>,
     job: Option<Uuid>,
 ) -> Result<crate::records::ImageRecord, VolumeError> {
-    let dest = format!("{}/{}.qcow2", bs_dir.trim_end_matches('/'), image.uuid);
+    let dest = format!("{}/{}.qcow2", bs.url.trim_end_matches('/'), image.uuid);
     let deadline = std::time::SystemTime::now() + Duration::from_secs(1800);
-    let flatten = Command::FlattenVolume { source, dest: dest.clone() };
-    host::command(hosts, host, flatten, deadline, job).await?;
-    let delete = |dest: String| async {
+    let delete_on_host = |path: String| async {
         let deadline = std::time::SystemTime::now() + Duration::from_secs(60);
-        let _ =
-            host::command(hosts, host, Command::DeleteVolume { path: dest }, deadline, None).await;
+        let _ = host::command(hosts, host, Command::DeleteVolume { path }, deadline, None).await;
     };
-    let (size, checksum) = match crate::images::describe(std::path::Path::new(&dest)).await {
-        Ok(described) => described,
-        Err(error) => {
-            delete(dest.clone()).await;
-            return Err(VolumeError::Invalid {
-                field: "backupStorageUuids",
-                message: format!(
-                    "the template was written to {dest}, which this node cannot read: {error}"
-                ),
-            });
+    let (size, checksum) = if bs.is_remote() {
+        let cache_dir = super::create::primary_storage_of(db, host)
+            .map_err(|e| VolumeError::InUse(e.to_string()))?
+            .image_cache_dir();
+        let staged = format!("{cache_dir}/{}.qcow2", image.uuid);
+        let flatten = Command::FlattenVolume { source, dest: staged.clone() };
+        host::command(hosts, host, flatten, deadline, job).await?;
+        let stored = crate::backup_storage::store_from_host(
+            hosts, host, &staged, bs.uuid, &dest, deadline, job,
+        )
+        .await;
+        match stored {
+            Ok(described) => described,
+            Err(error) => {
+                delete_on_host(staged).await;
+                return Err(error.into());
+            }
+        }
+    } else {
+        let flatten = Command::FlattenVolume { source, dest: dest.clone() };
+        host::command(hosts, host, flatten, deadline, job).await?;
+        match crate::images::describe(std::path::Path::new(&dest)).await {
+            Ok(described) => described,
+            Err(error) => {
+                delete_on_host(dest.clone()).await;
+                return Err(VolumeError::Invalid {
+                    field: "backupStorageUuids",
+                    message: format!(
+                        "the template was written to {dest}, which this node cannot read: {error}"
+                    ),
+                });
+            }
         }
     };
     let made = crate::records::ImageRecord {
@@ -514,7 +557,12 @@ pub(crate) async fn make_template(
         ..image
     };
     if let Err(error) = crate::cascade::insert(db, &made, extra).await {
-        delete(dest).await;
+        if bs.is_remote() {
+            let stores = crate::backup_storage::kind(hosts.runtime())?;
+            crate::backup_storage::delete_file(&stores, bs.uuid, &dest).await;
+        } else {
+            delete_on_host(dest).await;
+        }
         return Err(volume::not_written(error));
     }
     tracing::info!(image = %made.uuid, media_type = %made.media_type, "template made");
@@ -528,7 +576,7 @@ pub async fn data_template(
     vms: &Kind<Vms>,
     volume: Uuid,
     image: crate::records::ImageRecord,
-    bs_dir: String,
+    bs: crate::records::BackupStorageRecord,
     extra: impl Fn(&mut Batch) -> Result<(), strato_storage::StoreError> + Send + 'static,
     job: Option<Uuid>,
 ) -> Result<crate::records::ImageRecord, VolumeError> {
@@ -552,7 +600,7 @@ pub async fn data_template(
                 hint: ": only a Ready volume (one attached at least once) has a file to copy",
             });
         };
-        make_template(&db, &hosts, host, top, image, &bs_dir, extra, job).await
+        make_template(&db, &hosts, host, top, image, &bs, extra, job).await
     })
     .await
 }

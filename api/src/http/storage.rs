@@ -10,11 +10,12 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::routing::{MethodRouter, get, post, put};
 use serde_json::{Value, json};
-use strato_actors::kinds;
 use strato_actors::records::{
     BackupStorageRecord, ClusterRecord, HostRecord, HostStatus, ImageRecord, LOCAL_STORAGE, NFS,
     PrimaryStorageRecord, SHARED_MOUNT_POINT, ZoneRecord,
 };
+use strato_actors::{backup_storage, kinds};
+use strato_storage::{Batch, Expect};
 use uuid::Uuid;
 
 use super::api::{Answer, Api, Body, Method, actions, schema};
@@ -23,8 +24,8 @@ use super::{Id, Shared, accepted, action, creation, get_record, job_header, subm
 use crate::auth;
 use crate::error::ApiError;
 use crate::mn::Mn;
-use crate::types::actions::PrimaryStorageAction;
-use crate::types::{ImageParams, StorageParams, inventory, validate};
+use crate::types::actions::{BackupStorageAction, PrimaryStorageAction};
+use crate::types::{ImageParams, ImageStoreParams, StorageParams, inventory, validate};
 
 /// The area's APIs.
 pub(super) fn apis() -> Vec<Api> {
@@ -35,8 +36,8 @@ pub(super) fn apis() -> Vec<Api> {
         Api::create(
             "AddImageStoreBackupStorage",
             "/v1/backup-storage/image-store",
-            schema::<StorageParams>(),
-            "Adds image-store backup storage",
+            schema::<ImageStoreParams>(),
+            "Adds image-store backup storage: a directory on its own host, whose agent (`strato-agent --driver none`) the node reaches over an authenticated link, or without `hostname` a directory on the node that the hosts read at the same path",
             || post(create_backup_storage),
         ),
         attach(
@@ -90,6 +91,9 @@ pub(super) fn apis() -> Vec<Api> {
         ),
     ]
     .into_iter()
+    .chain(actions::<BackupStorageAction>("/v1/backup-storage/{uuid}/actions", || {
+        put(backup_storage_action)
+    }))
     .chain(actions::<PrimaryStorageAction>("/v1/primary-storage/{uuid}/actions", || {
         put(primary_storage_action)
     }))
@@ -140,22 +144,102 @@ async fn create_backup_storage(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let (p, raw, tags): (StorageParams, _, _) =
+    let (p, mut raw, tags): (ImageStoreParams, _, _) =
         creation(&body, kinds::of::<BackupStorageRecord>())?;
+    // Never kept: the job's record holds its parameters.
+    if let Some(params) = raw.as_object_mut() {
+        params.remove("password");
+    }
     validate::name("name", &p.name)?;
     let url = directory_url(&p.url)?;
-    submit_record(&mn, &headers, "AddImageStoreBackupStorage", &raw, tags, move || {
-        std::fs::create_dir_all(&url)
-            .map_err(|e| ApiError::invalid("url", format!("cannot use {url}: {e}")))?;
-        Ok(BackupStorageRecord {
-            uuid: Uuid::new_v4(),
-            name: p.name,
-            url,
-            r#type: "ImageStoreBackupStorage".into(),
-            attached_zone_uuids: vec![],
+    if let Some(hostname) = &p.hostname {
+        host_name("hostname", hostname)?;
+    }
+    if let Some(username) = &p.username {
+        validate::name("username", username)?;
+    }
+    let record = BackupStorageRecord {
+        uuid: Uuid::new_v4(),
+        name: p.name,
+        url,
+        r#type: "ImageStoreBackupStorage".into(),
+        attached_zone_uuids: vec![],
+        hostname: p.hostname,
+        agent_port: p.agent_port,
+        username: p.username,
+        ssh_port: p.ssh_port,
+        status: HostStatus::Connected,
+        last_error: None,
+        total_capacity: 0,
+        available_capacity: 0,
+    };
+    let m = mn.clone();
+    let job = mn
+        .jobs
+        .submit(job_header(&headers)?, "AddImageStoreBackupStorage", &raw, move |_| async move {
+            if !record.is_remote() {
+                std::fs::create_dir_all(&record.url).map_err(|e| {
+                    ApiError::invalid("url", format!("cannot use {}: {e}", record.url))
+                })?;
+                write(&m, &record, &tags).await?;
+                return inventory(&record);
+            }
+            let record = BackupStorageRecord { status: HostStatus::Connecting, ..record };
+            write(&m, &record, &tags).await?;
+            if let Err(error) = backup_storage::connect(&m.stores, record.uuid).await {
+                // As in ZStack: storage whose host cannot be reached on adding is not added.
+                let _ = m.stores.restart(record.uuid).await;
+                let mut batch = Batch::new();
+                batch.delete::<BackupStorageRecord>(record.uuid, Expect::Any);
+                strato_actors::records::delete_refs(&m.db, &mut batch, record.uuid)?;
+                m.db.commit(batch).await?;
+                return Err(error.into());
+            }
+            inventory(&get_record::<BackupStorageRecord>(&m, record.uuid)?)
         })
-    })
-    .await
+        .await?;
+    Ok(accepted(&mn, job))
+}
+
+/// A host's name or IP address, as the storage's agent is dialed: letters, digits, `-`,
+/// `.` and `:` only.
+fn host_name(field: &str, name: &str) -> Result<(), ApiError> {
+    let fits = !name.is_empty()
+        && name.len() <= 253
+        && !name.starts_with('-')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | ':'));
+    if !fits {
+        return Err(ApiError::invalid(field, format!("`{name}` is not a host name or IP address")));
+    }
+    Ok(())
+}
+
+async fn backup_storage_action(
+    State(mn): Shared,
+    Id(uuid): Id,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let (action, keyed): (BackupStorageAction, _) = action(&body, uuid)?;
+    auth::admin_only("reconnecting backup storage")?;
+    get_record::<BackupStorageRecord>(&mn, uuid)?;
+    let m = mn.clone();
+    let job = match action {
+        BackupStorageAction::ReconnectBackupStorage(_) => {
+            mn.jobs
+                .submit(
+                    job_header(&headers)?,
+                    "ReconnectBackupStorage",
+                    &keyed,
+                    move |_| async move {
+                        backup_storage::reconnect(&m.stores, uuid).await?;
+                        inventory(&get_record::<BackupStorageRecord>(&m, uuid)?)
+                    },
+                )
+                .await?
+        }
+    };
+    Ok(accepted(&mn, job))
 }
 
 fn attach_backup_storage() -> MethodRouter<Arc<Mn>> {
@@ -333,6 +417,9 @@ fn attach_primary_storage() -> MethodRouter<Arc<Mn>> {
     .handler()
 }
 
+/// How long copying a fetched image into an image store on its own host may take.
+const IMAGE_UPLOAD_TIME: std::time::Duration = std::time::Duration::from_secs(3600);
+
 async fn add_image(
     State(mn): Shared,
     headers: HeaderMap,
@@ -364,9 +451,11 @@ async fn add_image(
         .jobs
         .submit_cancellable(job_header(&headers)?, "AddImage", &raw, move |cancel| async move {
             let uuid = Uuid::new_v4();
+            // Into an image store on its own host: fetched here first, then copied there.
+            let dir = if bs.is_remote() { m.image_staging.clone() } else { bs.url.clone().into() };
             let fetched = strato_actors::images::fetch(
                 &p.url,
-                std::path::Path::new(&bs.url),
+                &dir,
                 uuid,
                 &p.format,
                 &m.image_policy,
@@ -385,6 +474,25 @@ async fn add_image(
                     json!({ "cause": e.to_string() }),
                 ),
             })?;
+            let path = if bs.is_remote() {
+                let staged = fetched.path.clone();
+                let name = staged.file_name().unwrap_or_default().to_string_lossy();
+                let path = format!("{}/{name}", bs.url.trim_end_matches('/'));
+                let deadline = std::time::SystemTime::now() + IMAGE_UPLOAD_TIME;
+                let upload =
+                    backup_storage::upload(&m.stores, bs.uuid, &staged, &path, deadline, None);
+                let uploaded = tokio::select! {
+                    uploaded = upload => uploaded.map(|_| ()).map_err(ApiError::from),
+                    () = cancel.cancelled() => Err(crate::jobs::cancelled()),
+                };
+                if let Err(error) = tokio::fs::remove_file(&staged).await {
+                    tracing::warn!(path = %staged.display(), %error, "a staged image stays until the node's next start");
+                }
+                uploaded?;
+                path
+            } else {
+                fetched.path.display().to_string()
+            };
             let image = ImageRecord {
                 uuid,
                 name: p.name,
@@ -393,7 +501,7 @@ async fn add_image(
                 media_type: p.media_type,
                 size: fetched.size,
                 checksum: fetched.checksum,
-                backup_storage_refs: vec![(bs.uuid, fetched.path.display().to_string())],
+                backup_storage_refs: vec![(bs.uuid, path)],
                 status: "Ready".into(),
             };
             write(&m, &image, &tags).await?;

@@ -20,7 +20,7 @@ use strato_actors::records::{
     BackupStorageRecord, DiskOfferingRecord, HostRecord, ImageRecord, PrimaryStorageRecord,
     VmRecord, VolumeRecord, VolumeSnapshotRecord,
 };
-use strato_actors::{local_storage, snapshot, volume};
+use strato_actors::{backup_storage, local_storage, snapshot, volume};
 use uuid::Uuid;
 
 use super::api::{Answer, Api, Body, Method, actions, schema};
@@ -598,19 +598,15 @@ async fn make_template(
             let job = Some(job);
             let made = match source {
                 TemplateSource::RootVolume => {
-                    strato_actors::vm::volumes::root_template(
-                        &m.vms, from, image, bs.url, extra, job,
-                    )
-                    .await?
+                    strato_actors::vm::volumes::root_template(&m.vms, from, image, bs, extra, job)
+                        .await?
                 }
                 TemplateSource::DataVolume => {
-                    strato_actors::vm::volumes::data_template(
-                        &m.vms, from, image, bs.url, extra, job,
-                    )
-                    .await?
+                    strato_actors::vm::volumes::data_template(&m.vms, from, image, bs, extra, job)
+                        .await?
                 }
                 TemplateSource::Snapshot => {
-                    snapshot::template(&m.vms, from, image, bs.url, extra, job).await?
+                    snapshot::template(&m.vms, from, image, bs, extra, job).await?
                 }
             };
             inventory(&made)
@@ -645,25 +641,24 @@ async fn volume_from_template(
     }
     chosen_storage(&mn, p.primary_storage_uuid)?;
     // Its size is the template's virtual size, read from the file's header.
-    let file = image.backup_storage_refs.first().map(|(_, path)| path.clone()).unwrap_or_default();
-    let size = match strato_proto::qcow2::read_header(std::path::Path::new(&file)) {
+    let size = match backup_storage::describe_image(&mn.db, &mn.stores, &image).await {
         Ok(Some((size, None))) => size,
         // Copied with its chain, a backing file would bring a host's file into a volume.
         Ok(Some((_, Some(backing)))) => {
             return Err(ApiError::invalid(
                 "imageUuid",
                 format!(
-                    "image {image_uuid}'s file names a backing file ({}): a template stands alone",
-                    backing.display()
+                    "image {image_uuid}'s file names a backing file ({backing}): a template stands alone"
                 ),
             ));
         }
-        Ok(None) | Err(_) => {
+        Ok(None) => {
             return Err(ApiError::invalid(
                 "imageUuid",
-                format!("image {image_uuid}'s file {file} cannot be read as qcow2 on this node"),
+                format!("image {image_uuid}'s file cannot be read as qcow2"),
             ));
         }
+        Err(error) => return Err(error.into()),
     };
     let owner = auth::tenant();
     let charge = quota_precheck(&mn, owner, size)?;

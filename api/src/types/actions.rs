@@ -181,6 +181,14 @@ pub enum PrimaryStorageAction {
     CleanUpImageCacheOnPrimaryStorage(NoParams),
 }
 
+/// The actions on backup storage (`PUT /v1/backup-storage/{uuid}/actions`).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum BackupStorageAction {
+    /// Drops the link to an image store's agent and connects again, measuring its directory
+    ReconnectBackupStorage(NoParams),
+}
+
 /// The actions on a data volume (`PUT /v1/volumes/{uuid}/actions`).
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]

@@ -507,7 +507,7 @@ pub struct VmParams {
     pub image_uuid: Option<Uuid>,
 }
 
-/// `AddImageStoreBackupStorage`, `AddLocalPrimaryStorage`.
+/// `AddLocalPrimaryStorage`, `AddNfsPrimaryStorage`, `AddSharedMountPointPrimaryStorage`.
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct StorageParams {
@@ -522,6 +522,34 @@ pub struct StorageParams {
         deserialize_with = "canonical::option"
     )]
     pub zone_uuid: Option<Uuid>,
+}
+
+/// `AddImageStoreBackupStorage`: a directory on its own host, served by an agent started
+/// there with `--driver none`, or (without `hostname`) a directory on the MN that the hosts
+/// read at the same path.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ImageStoreParams {
+    /// Its name.
+    pub name: String,
+    /// Its directory (an absolute path, on its host).
+    pub url: String,
+    /// The host whose agent serves the directory (a name or an IP address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// That agent's port.
+    #[serde(default = "agent_port")]
+    pub agent_port: u16,
+    /// ZStack's SSH login: accepted and shown, not used (the agent enrolls with a bootstrap
+    /// secret).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// ZStack's SSH password: accepted and never stored, logged or shown.
+    #[serde(default, skip_serializing)]
+    pub password: Option<String>,
+    /// ZStack's SSH port: accepted and shown, not used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_port: Option<u16>,
 }
 
 /// `AddImage`.

@@ -96,12 +96,21 @@ pub fn start_agent_with(bootstrap: &Path, dir: &Path, driver_args: &[&str]) -> (
 /// follow) with the agent's arguments: on a free port, enrolling with `bootstrap`, its data
 /// and log in `dir`.
 fn launch_agent(
+    command: Command,
+    bootstrap: &Path,
+    dir: &Path,
+    driver_args: &[&str],
+) -> (Proc, SocketAddr) {
+    launch_agent_at(free_port(), command, bootstrap, dir, driver_args)
+}
+
+fn launch_agent_at(
+    addr: SocketAddr,
     mut command: Command,
     bootstrap: &Path,
     dir: &Path,
     driver_args: &[&str],
 ) -> (Proc, SocketAddr) {
-    let addr = free_port();
     let mut child = command
         .args(driver_args)
         .args(["--listen", &addr.to_string(), "--data-dir"])
@@ -126,6 +135,17 @@ pub fn start_agent_in_own_mount_namespace(
     driver_args: &[&str],
     binds: &[(&Path, &Path)],
 ) -> (Proc, SocketAddr) {
+    start_agent_in_own_mount_namespace_at(free_port(), bootstrap, dir, driver_args, binds)
+}
+
+/// [`start_agent_in_own_mount_namespace`], listening at `addr` (an agent started again).
+pub fn start_agent_in_own_mount_namespace_at(
+    addr: SocketAddr,
+    bootstrap: &Path,
+    dir: &Path,
+    driver_args: &[&str],
+    binds: &[(&Path, &Path)],
+) -> (Proc, SocketAddr) {
     let mut command = Command::new("unshare");
     command
         .args(["--mount", "--propagation", "private", "sh", "-c"])
@@ -138,7 +158,7 @@ pub fn start_agent_in_own_mount_namespace(
     }
     // `unshare` and `sh` exec in turn, so the child's pid is the agent's.
     command.arg("--").arg(agent_binary());
-    launch_agent(command, bootstrap, dir, driver_args)
+    launch_agent_at(addr, command, bootstrap, dir, driver_args)
 }
 
 /// The admin password every test server starts with.

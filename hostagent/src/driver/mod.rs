@@ -1,4 +1,5 @@
-//! Hypervisor drivers: one trait, the real one (libvirt) and a fake (sim) beside it.
+//! Hypervisor drivers: one trait, the real one (libvirt) and a fake (sim) beside it, and
+//! none for a host that only serves files (backup storage).
 //!
 //! Driver calls are blocking (libvirt's API is); the server runs them on tokio's blocking
 //! pool, never on the threads that carry links. A driver reports state changes it sees
@@ -11,6 +12,7 @@ use tokio::sync::broadcast;
 use uuid::Uuid;
 
 pub mod libvirt;
+pub mod none;
 pub mod sim;
 
 /// A hypervisor the agent drives.
