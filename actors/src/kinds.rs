@@ -1047,7 +1047,16 @@ pub static KINDS: &[Kind] = &[
         table: &TableOf::<BackupStorageRecord>::new(),
         shape: Shape {
             name: "backup-storage",
-            fields: &[f("uuid", Id), f("name", Text), f("url", Text), f("type", Text)],
+            fields: &[
+                f("uuid", Id),
+                f("name", Text),
+                f("url", Text),
+                f("type", Text),
+                f("hostname", Text),
+                f("status", Text),
+                f("totalCapacity", Int),
+                f("availableCapacity", Int),
+            ],
             relations: &[],
             indexed: &[("uuid", "#uuid")],
             sorted: &[],
@@ -1055,7 +1064,7 @@ pub static KINDS: &[Kind] = &[
         access: Access::AdminOnly,
         taggable: true,
         deletion: Deletion::Never,
-        actor: None,
+        actor: Some("backup-storage"),
     },
     Kind {
         api: "PrimaryStorage",

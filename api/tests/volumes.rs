@@ -1614,6 +1614,40 @@ fn an_image_store_on_its_own_host_serves_images_and_takes_templates_over_its_age
     assert_eq!(from_template["state"], "Running", "{from_template}");
     assert!(holds(from_template["rootVolumePath"].as_str().unwrap(), 0x5a, 1024));
 
+    // A data volume's template goes there too, and a volume made from it (its size read
+    // from the header by the store's agent) gets its bytes on its first attachment.
+    let data_vm = uuid(&from_template).to_owned();
+    let (data_id, data_file) = data_volume_made_on(api, &data_vm);
+    ok(
+        api,
+        "PUT",
+        &format!("/v1/vm-instances/{data_vm}/actions"),
+        Some(r#"{"stopVmInstance": {}}"#),
+    );
+    write_at(&data_file, 0x77, 2048);
+    let data_template = ok(
+        api,
+        "POST",
+        &format!("/v1/images/data-volume-templates/from/volumes/{data_id}"),
+        Some(&json!({ "params": { "name": "dt", "backupStorageUuids": [bs_id] } }).to_string()),
+    );
+    let stored = on_store(data_template["backupStorageRefs"][0][1].as_str().unwrap());
+    assert!(holds(stored.to_str().unwrap(), 0x77, 2048), "the data volume's bytes, in the store");
+    let copy = ok(
+        api,
+        "POST",
+        &format!(
+            "/v1/volumes/data/from/data-volume-templates/{}",
+            data_template["uuid"].as_str().unwrap()
+        ),
+        Some(&json!({ "params": { "name": "copy" } }).to_string()),
+    );
+    assert_eq!(copy["size"], 16u64 << 20, "{copy}");
+    let copy_id = uuid(&copy).to_owned();
+    act(api, &copy_id, json!({ "attachDataVolumeToVm": { "vmInstanceUuid": data_vm } }));
+    let copied = volume(api, &copy_id)["installPath"].as_str().unwrap().to_owned();
+    assert!(holds(&copied, 0x77, 2048), "the template's bytes, in the new volume");
+
     // The password was never kept: not in the store, the jobs or the log.
     assert!(!any_file_holds(&cluster.data, password.as_bytes()), "the password is on disk");
 
