@@ -11,6 +11,7 @@
 //!
 //! Nothing depends on this crate.
 
+pub mod attach;
 pub mod checks;
 pub mod cluster;
 pub mod faults;

@@ -35,7 +35,7 @@ pub struct LoadConfig {
 }
 
 #[derive(Debug)]
-pub(crate) struct Proc(Child);
+pub(crate) struct Proc(pub(crate) Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {

@@ -40,6 +40,16 @@ enum Cmd {
         #[arg(short = 'n', long, default_value_t = 100)]
         snapshots: u32,
     },
+    /// A data volume hot-plugged into a live guest on `qemu:///system` and unplugged, N
+    /// times: each call's latency to its job's end and to the guest's console seeing it.
+    AttachBench {
+        /// The tryout image (`scripts/real-guest` builds it and prints its path).
+        #[arg(long)]
+        image: std::path::PathBuf,
+        /// Detach/attach cycles after the first attachment.
+        #[arg(short = 'n', long, default_value_t = 20)]
+        cycles: u32,
+    },
     /// The workload Rally runs on Nova's fake driver: boot, wait, list, delete (direct);
     /// exits 1 when any call failed.
     PeerWorkload {
@@ -111,6 +121,12 @@ fn main() -> std::process::ExitCode {
         Cmd::SnapshotBench { snapshots } => {
             let dir = std::env::temp_dir().join(format!("strato-snapshots-{}", std::process::id()));
             let result = strato_chaos::snapshots::run(&dir, snapshots);
+            let _ = std::fs::remove_dir_all(&dir);
+            result
+        }
+        Cmd::AttachBench { image, cycles } => {
+            let dir = std::env::temp_dir().join(format!("strato-attach-{}", std::process::id()));
+            let result = strato_chaos::attach::run(&dir, &image, cycles);
             let _ = std::fs::remove_dir_all(&dir);
             result
         }

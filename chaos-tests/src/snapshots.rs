@@ -21,7 +21,7 @@ use crate::Error;
 use crate::load::{Testbed, percentile};
 
 /// Follows a job to its end: its inventory, or the error it ended with.
-fn done(api: SocketAddr, method: &str, path: &str, body: Value) -> Result<Value, Error> {
+pub(crate) fn done(api: SocketAddr, method: &str, path: &str, body: Value) -> Result<Value, Error> {
     let body = (!body.is_null()).then_some(body);
     let (status, reply) = client::request(api, method, path, body.as_ref())?;
     if status != 202 {
