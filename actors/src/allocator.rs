@@ -63,6 +63,30 @@ fn render(trace: &[FilterStep]) -> String {
     trace.iter().map(|s| format!("{} -> {}", s.filter, s.hosts_left)).collect::<Vec<_>>().join(", ")
 }
 
+/// The clusters whose root volumes go to shared storage (the first primary storage
+/// attached to them, as the creation picks it) that has no room for `disk` more bytes.
+fn clusters_with_full_shared_storage(
+    db: &strato_storage::Db,
+    disk: u64,
+) -> Result<std::collections::HashSet<Uuid>, strato_storage::StoreError> {
+    let free = crate::shared_capacity::free_by_storage(db)?;
+    let mut seen = std::collections::HashSet::new();
+    let mut full = std::collections::HashSet::new();
+    if free.values().all(|free| *free >= disk) {
+        return Ok(full);
+    }
+    for stored in db.scan::<crate::records::PrimaryStorageRecord>() {
+        let ps = stored?.record;
+        let short = !ps.is_local() && free.get(&ps.uuid).is_some_and(|free| *free < disk);
+        for cluster in ps.attached_cluster_uuids {
+            if seen.insert(cluster) && short {
+                full.insert(cluster);
+            }
+        }
+    }
+    Ok(full)
+}
+
 /// Picks a host for VM `vm`'s `need` and books its capacity there. Returns the host.
 pub async fn place(
     hosts: &Kind<Hosts>,
@@ -123,6 +147,13 @@ async fn place_filtered(
             format!("free local storage for {} MiB", need.disk.div_ceil(1 << 20)),
             Box::new(move |h| h.fits(Reservation { cpu: 0, memory: 0, ..want }, overcommit)),
         ));
+        let full = clusters_with_full_shared_storage(hosts.runtime().db(), need.disk)?;
+        if !full.is_empty() {
+            filters.push((
+                format!("free shared storage for {} MiB", need.disk.div_ceil(1 << 20)),
+                Box::new(move |h| !full.contains(&h.cluster_uuid)),
+            ));
+        }
     }
     // One pass over the directory, under its lock: each host is dropped by the first filter
     // it fails, and only the survivors' free memory and UUID are kept (cloning and sorting

@@ -1138,7 +1138,8 @@ pub static KINDS: &[Kind] = &[
     },
 ];
 
-/// The tables no kind names: what hangs on resources (pins, addresses, ownership) and what
+/// The tables no kind names: what hangs on resources (pins, addresses, ownership, shared
+/// storage's bookings) and what
 /// accounts keep apart from their inventory (password hashes, sessions).
 static INTERNAL_TABLES: &[&dyn Table] = &[
     &TableOf::<AgentCertRecord>::new(),
@@ -1146,6 +1147,7 @@ static INTERNAL_TABLES: &[&dyn Table] = &[
     &TableOf::<OwnerRecord>::new(),
     &TableOf::<CredentialRecord>::new(),
     &TableOf::<SessionRecord>::new(),
+    &TableOf::<crate::shared_capacity::SharedCapacityRecord>::new(),
 ];
 
 /// The kind at URL segment `url`.

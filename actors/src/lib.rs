@@ -56,6 +56,7 @@ pub mod maintenance;
 pub mod network;
 pub mod owners;
 pub mod records;
+pub mod shared_capacity;
 pub mod snapshot;
 pub mod tags;
 pub mod vip;

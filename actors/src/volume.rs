@@ -174,6 +174,16 @@ pub enum VolumeError {
         /// The volume's size.
         size: u64,
     },
+    /// The shared storage has no room for the volume.
+    #[error(
+        "shared primary storage {storage} has no room for {size} more bytes: expunge volumes there, or add storage"
+    )]
+    NoSharedRoom {
+        /// The storage.
+        storage: Uuid,
+        /// The volume's size.
+        size: u64,
+    },
     /// A resource named does not exist.
     #[error("{kind} {uuid} not found")]
     NotFound {
@@ -237,6 +247,45 @@ pub(crate) async fn book_disk(
         return Ok(());
     }
     Err(VolumeError::NoRoom { host, size })
+}
+
+/// Books `size` bytes for volume `volume` on storage `ps`, where host `host` makes or holds
+/// it: on the host's record for local storage ([`book_disk`]), on the storage's own record
+/// for shared storage (`shared_capacity`). Refused, naming where, when it does not fit.
+pub(crate) async fn book_storage(
+    hosts: &Kind<Hosts>,
+    ps: &crate::records::PrimaryStorageRecord,
+    host: Uuid,
+    volume: Uuid,
+    size: u64,
+) -> Result<(), VolumeError> {
+    if ps.is_local() {
+        return book_disk(hosts, host, volume, size).await;
+    }
+    let db = hosts.runtime().db();
+    if crate::shared_capacity::book(db, ps.uuid, volume, size).await? {
+        return Ok(());
+    }
+    Err(VolumeError::NoSharedRoom { storage: ps.uuid, size })
+}
+
+/// Gives back what volume `v` booked where it is (its host's local storage, or its shared
+/// storage); a failure is logged.
+pub(crate) async fn unbook_storage(hosts: &Kind<Hosts>, v: &VolumeRecord) {
+    let db = hosts.runtime().db();
+    match storage_of(db, v) {
+        Ok(Some(ps)) if !ps.is_local() => {
+            if let Err(error) = crate::shared_capacity::unbook(db, ps.uuid, v.uuid).await {
+                let error = strato_runtime::error_chain(&error);
+                tracing::warn!(storage = %ps.uuid, volume = %v.uuid, %error, "a volume's shared storage booking stays");
+            }
+        }
+        _ => {
+            if let Some(host) = v.host_uuid {
+                unbook_disk(hosts, host, v.uuid).await;
+            }
+        }
+    }
 }
 
 /// Gives back what data volume `volume` booked on host `host`'s local storage; a failure is
@@ -438,8 +487,8 @@ pub async fn resize(
             // A tenant's volume is charged its new size first: the growth must fit the quota.
             let charged =
                 quotas.recharge(&db, volume, crate::owners::Charge::data_volume(size)).await?;
-            let local = is_local(&db, &v)?;
-            let grown = grow(&hosts, &v, local, vm.as_ref(), live, size, job).await;
+            let ps = storage_of(&db, &v)?;
+            let grown = grow(&hosts, &v, ps.as_ref(), vm.as_ref(), live, size, job).await;
             if let Err(error) = grown {
                 if let Some(previous) = charged {
                     quotas.restore(&db, previous).await?;
@@ -458,19 +507,19 @@ pub async fn resize(
 }
 
 /// Grows volume `v`'s file to `size` bytes (live on its running VM), if it has one.
-/// On local storage its host books the new size first, and the old again if growing fails.
+/// Its storage `ps` books the new size first, and the old again if growing fails.
 async fn grow(
     hosts: &Kind<Hosts>,
     v: &VolumeRecord,
-    local: bool,
+    ps: Option<&crate::records::PrimaryStorageRecord>,
     vm: Option<&VmRecord>,
     live: bool,
     size: u64,
     job: Option<Uuid>,
 ) -> Result<(), VolumeError> {
     let (Some(host), Some(path)) = (v.host_uuid, v.install_path.clone()) else { return Ok(()) };
-    if local {
-        book_disk(hosts, host, v.uuid, size).await?;
+    if let Some(ps) = ps {
+        book_storage(hosts, ps, host, v.uuid, size).await?;
     }
     let command = match (live, vm, v.disk()) {
         (true, Some(vm), Some(disk)) => Command::ResizeDisk { uuid: vm.uuid, disk, size },
@@ -478,8 +527,8 @@ async fn grow(
     };
     let deadline = std::time::SystemTime::now() + OP_TIMEOUT;
     if let Err(error) = host::command(hosts, host, command, deadline, job).await {
-        if local {
-            book_disk(hosts, host, v.uuid, v.size).await?;
+        if let Some(ps) = ps {
+            book_storage(hosts, ps, host, v.uuid, v.size).await?;
         }
         return Err(error.into());
     }
@@ -692,8 +741,8 @@ pub async fn expunge(
         }
         if let Some(host) = stored.record.host_uuid {
             crate::snapshot::delete_files(hosts, host, snapshot_files).await;
-            unbook_disk(hosts, host, volume).await;
         }
+        unbook_storage(hosts, &stored.record).await;
         if let Some(sweep) = sweep {
             sweep.done().await;
         }

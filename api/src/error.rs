@@ -180,6 +180,7 @@ impl From<RuntimeError> for ApiError {
 fn step_failure(cause: &(dyn std::error::Error + Send + Sync + 'static)) -> Option<ApiError> {
     use strato_actors::allocator::AllocError;
     use strato_actors::ipam::IpamError;
+    use strato_actors::volume::VolumeError;
     if let Some(AllocError::NoHost { trace }) = cause.downcast_ref::<AllocError>() {
         return Some(no_host(trace));
     }
@@ -192,6 +193,10 @@ fn step_failure(cause: &(dyn std::error::Error + Send + Sync + 'static)) -> Opti
     }
     if let Some(quota) = cause.downcast_ref::<QuotaError>() {
         return Some(quota_error(quota));
+    }
+    if let Some(&VolumeError::NoSharedRoom { storage, size }) = cause.downcast_ref::<VolumeError>()
+    {
+        return Some(VolumeError::NoSharedRoom { storage, size }.into());
     }
     if let Some(HostError::Network(strato_actors::network::NetworkError::NoVtep {
         host,
@@ -369,6 +374,11 @@ impl From<strato_actors::volume::VolumeError> for ApiError {
                 crate::codes::STORAGE_NO_ROOM,
                 error.to_string(),
                 json!({ "hostUuid": host.to_string() }),
+            ),
+            VolumeError::NoSharedRoom { storage, .. } => ApiError::new(
+                crate::codes::STORAGE_NO_ROOM,
+                error.to_string(),
+                json!({ "primaryStorageUuid": storage.to_string() }),
             ),
             VolumeError::InvalidStatus { status, .. } => ApiError::new(
                 crate::codes::VOLUME_INVALID_STATUS,

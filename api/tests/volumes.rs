@@ -1686,3 +1686,87 @@ fn an_image_store_on_its_own_host_serves_images_and_takes_templates_over_its_age
     );
     assert_eq!(reconnected["status"], "Connected", "{reconnected}");
 }
+
+#[test]
+fn shared_storage_capacity_is_booked_on_the_storage_and_refuses_what_does_not_fit() {
+    let images = tempfile::tempdir().unwrap();
+    let cluster = TestCluster::start(
+        ClusterOpts::sim(0)
+            .env("STRATO_IMAGE_FILE_DIRS", images.path().to_str().unwrap())
+            .server_args(&["--vm-deletion-policy", "direct"]),
+    );
+    let api = cluster.api;
+    let infra = vm_infrastructure(api, cluster.agent, "10.32.0.10", "10.32.0.50");
+    let host_cluster = infra.host["clusterUuid"].as_str().unwrap();
+    let (_, _, clusters) = http(api, "GET", &format!("/v1/clusters/{host_cluster}"), None, &[]);
+    let zone = clusters["inventories"][0]["zoneUuid"].as_str().unwrap().to_owned();
+    let smp = create(
+        api,
+        "/v1/primary-storage/smp",
+        json!({ "name": "smp", "url": cluster.dir().join("smp").display().to_string(), "zoneUuid": zone }),
+    );
+    ok(api, "POST", &format!("/v1/clusters/{host_cluster}/primary-storage/{}", uuid(&smp)), None);
+    let capacity_path = format!("/v1/primary-storage/{}/capacity", uuid(&smp));
+    let capacity = || {
+        let (status, _, found) = http(api, "GET", &capacity_path, None, &[]);
+        assert_eq!(status, 200, "{found}");
+        found["availableCapacity"].as_u64().unwrap()
+    };
+    let (_, _, measured) = http(api, "GET", &capacity_path, None, &[]);
+    let total = measured["totalCapacity"].as_u64().unwrap();
+    assert!(total > 0 && capacity() == total, "nothing booked yet: {measured}");
+    let tenant = cluster.account("tenant", Value::Null);
+    let (status, refused) = cluster.as_(&tenant, "GET", &capacity_path, None);
+    assert!(status == 403 || status == 404, "{status} {refused}");
+
+    // A data volume books its size on the storage when it is made, whichever host makes it.
+    let mib = 1u64 << 20;
+    let body = json!({ "params": { "name": "vm", "instanceOfferingUuid": infra.offering["uuid"], "l3NetworkUuids": [infra.l3["uuid"]] } });
+    let vm = uuid(&ok(api, "POST", "/v1/vm-instances", Some(&body.to_string()))).to_owned();
+    let small = create(api, "/v1/volumes/data", json!({ "name": "small", "diskSize": 64 * mib }));
+    act(api, uuid(&small), json!({ "attachDataVolumeToVm": { "vmInstanceUuid": vm } }));
+    assert_eq!(capacity(), total - 64 * mib);
+
+    // One that does not fit is refused naming the storage, and nothing is made or booked.
+    let huge_size = (total - 64 * mib).div_ceil(mib) * mib + mib;
+    let huge = create(api, "/v1/volumes/data", json!({ "name": "huge", "diskSize": huge_size }));
+    let refused =
+        act(api, uuid(&huge), json!({ "attachDataVolumeToVm": { "vmInstanceUuid": vm } }));
+    assert_eq!(refused["error"]["code"], "VOLUME.NO_ROOM", "{refused}");
+    assert_eq!(refused["error"]["details"]["primaryStorageUuid"], smp["uuid"], "{refused}");
+    assert_eq!(volume(api, uuid(&huge))["status"], "NotInstantiated");
+    assert_eq!(capacity(), total - 64 * mib);
+    // Nor does growing past it; growing within it books the new size.
+    let refused = act(
+        api,
+        uuid(&small),
+        json!({ "resizeDataVolume": { "size": total.div_ceil(mib) * mib + mib } }),
+    );
+    assert_eq!(refused["error"]["code"], "VOLUME.NO_ROOM", "{refused}");
+    act(api, uuid(&small), json!({ "resizeDataVolume": { "size": 96 * mib } }));
+    assert_eq!(capacity(), total - 96 * mib);
+
+    // Nearly full, a VM whose image does not fit is placed on no host of the cluster.
+    let filler_size = (total - 97 * mib) / mib * mib;
+    let filler =
+        create(api, "/v1/volumes/data", json!({ "name": "filler", "diskSize": filler_size }));
+    act(api, uuid(&filler), json!({ "attachDataVolumeToVm": { "vmInstanceUuid": vm } }));
+    let source = images.path().join("disk.raw");
+    std::fs::write(&source, vec![0u8; 2 << 20]).unwrap();
+    let (_, image) = image_in_backup_storage(&cluster, &zone, source.to_str().unwrap(), "raw");
+    let body = json!({ "params": { "name": "big", "instanceOfferingUuid": infra.offering["uuid"], "imageUuid": image["uuid"], "l3NetworkUuids": [infra.l3["uuid"]] } });
+    let placed = call(api, "POST", "/v1/vm-instances", Some(&body.to_string()));
+    assert_eq!(placed["error"]["code"], "HOST_ALLOCATION.NO_HOST", "{placed}");
+    assert!(placed.to_string().contains("free shared storage"), "{placed}");
+
+    // Expunged, a volume gives its booking back; then the VM fits, and its root volume
+    // books its image's size until the VM is expunged.
+    ok(api, "DELETE", &format!("/v1/volumes/{}", uuid(&filler)), None);
+    act(api, uuid(&filler), json!({ "expungeDataVolume": {} }));
+    assert_eq!(capacity(), total - 96 * mib);
+    let placed = ok(api, "POST", "/v1/vm-instances", Some(&body.to_string()));
+    assert_eq!(placed["state"], "Running");
+    assert_eq!(capacity(), total - 96 * mib - 2 * mib);
+    ok(api, "DELETE", &format!("/v1/vm-instances/{}", uuid(&placed)), None);
+    assert_eq!(capacity(), total - 96 * mib);
+}

@@ -708,39 +708,52 @@ pub async fn rebook(
         .await
 }
 
-/// Measures host `id`'s local primary storage (the first attached to its cluster) and
-/// records its size, which bounds the disk bookings; nothing to do without one.
+/// Measures the primary storage host `id` uses: its local storage (the first attached to
+/// its cluster), whose size bounds the host's disk bookings, and each shared storage of its
+/// cluster, whose size bounds the storage's bookings (`shared_capacity`).
 pub async fn measure_storage(hosts: &Kind<Hosts>, id: Uuid) -> Result<(), HostError> {
     let db = hosts.entity().db.clone();
     let Some(host) = db.get::<HostRecord>(id)? else { return Ok(()) };
-    let mut local = Vec::new();
+    let mut storages = Vec::new();
     for stored in db.scan::<crate::records::PrimaryStorageRecord>() {
         let ps = stored?.record;
-        if ps.is_local() && ps.attached_cluster_uuids.contains(&host.record.cluster_uuid) {
-            local.push(ps);
+        if ps.attached_cluster_uuids.contains(&host.record.cluster_uuid) {
+            storages.push(ps);
         }
     }
-    local.sort_by_key(|ps| ps.uuid);
-    let Some(ps) = local.into_iter().next() else { return Ok(()) };
-    let deadline = SystemTime::now() + Duration::from_secs(30);
-    let measure = Command::StorageCapacity { dir: ps.base_dir().to_owned() };
-    let Reply::Capacity { total, available } = command(hosts, id, measure, deadline, None).await?
-    else {
-        return Ok(());
-    };
-    let measured = crate::records::LocalStorageCapacity {
-        primary_storage_uuid: ps.uuid,
-        total,
-        available_physical: available,
-    };
-    hosts
-        .call(
-            id,
-            Op::within("capacity", "measure-storage", Duration::from_secs(30)),
-            move |ctx| async move { save(&ctx, |r| r.local_storage = Some(measured)).await },
-        )
-        .await?;
-    tracing::info!(host = %id, ps = %ps.uuid, total, available, "local storage measured");
+    storages.sort_by_key(|ps| ps.uuid);
+    let mut local_measured = false;
+    for ps in storages {
+        if ps.is_local() && local_measured {
+            continue;
+        }
+        let deadline = SystemTime::now() + Duration::from_secs(30);
+        let measure = Command::StorageCapacity { dir: ps.base_dir().to_owned() };
+        let Reply::Capacity { total, available } =
+            command(hosts, id, measure, deadline, None).await?
+        else {
+            continue;
+        };
+        if !ps.is_local() {
+            crate::shared_capacity::measured(&db, ps.uuid, total, available).await?;
+            tracing::info!(host = %id, ps = %ps.uuid, total, available, "shared storage measured");
+            continue;
+        }
+        let measured = crate::records::LocalStorageCapacity {
+            primary_storage_uuid: ps.uuid,
+            total,
+            available_physical: available,
+        };
+        hosts
+            .call(
+                id,
+                Op::within("capacity", "measure-storage", Duration::from_secs(30)),
+                move |ctx| async move { save(&ctx, |r| r.local_storage = Some(measured)).await },
+            )
+            .await?;
+        local_measured = true;
+        tracing::info!(host = %id, ps = %ps.uuid, total, available, "local storage measured");
+    }
     Ok(())
 }
 

@@ -341,6 +341,16 @@ impl Step<CreateVm> for CreateRootVolume {
             .record;
         let source = crate::backup_storage::image_source(&self.db, &record)?
             .ok_or("the image is in no backup storage")?;
+        // On shared storage the root volume books its image's size on the storage (on local
+        // storage the host's booking, made by the allocator, holds it).
+        let root = crate::records::root_volume_id(c.vm);
+        if !ps.is_local()
+            && !crate::shared_capacity::book(&self.db, ps.uuid, root, record.size).await?
+        {
+            let full =
+                crate::volume::VolumeError::NoSharedRoom { storage: ps.uuid, size: record.size };
+            return Err(full.into());
+        }
         let backing = crate::backup_storage::cache_on_host(
             &self.hosts,
             host,
@@ -389,6 +399,9 @@ impl Step<CreateVm> for CreateRootVolume {
         crate::records::delete_refs(&self.db, &mut batch, root)?;
         self.db.commit(batch).await?;
         let ps = primary_storage_of(&self.db, host)?;
+        if !ps.is_local() {
+            crate::shared_capacity::unbook(&self.db, ps.uuid, root).await?;
+        }
         // The agent names a volume after its UUID: the path needs no memory of the step.
         let path = format!("{}/{}.qcow2", ps.root_volumes_dir(), c.vm);
         let command = Command::DeleteVolume { path: path.clone() };

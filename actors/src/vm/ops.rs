@@ -538,6 +538,14 @@ async fn forget(ctx: &OpCtx<Vms>, record: &VmRecord) -> Result<(), VmError> {
         gc.submit_after(&name, RELEASE_IPS_JOB, &job, Trigger::default(), RELEASE_IPS_DELAY)
             .await?;
     }
+    // Its root volume's booking on shared storage is given back after its record goes.
+    let db = &ctx.entity().db;
+    let root_storage = match db
+        .get::<crate::records::VolumeRecord>(crate::records::root_volume_id(record.uuid))?
+    {
+        Some(root) => crate::volume::storage_of(db, &root.record)?.filter(|ps| !ps.is_local()),
+        None => None,
+    };
     // Its data volumes are detached in the same write (they stay, Ready, on their host).
     loop {
         let mut batch = Batch::new();
@@ -553,6 +561,13 @@ async fn forget(ctx: &OpCtx<Vms>, record: &VmRecord) -> Result<(), VmError> {
             // A volume changed meanwhile (its deletion was refused: it was attached).
             Err(strato_storage::StoreError::Conflict { .. }) => continue,
             Err(error) => return Err(error.into()),
+        }
+    }
+    if let Some(ps) = root_storage {
+        let root = crate::records::root_volume_id(record.uuid);
+        if let Err(error) = crate::shared_capacity::unbook(&ctx.entity().db, ps.uuid, root).await {
+            let error = strato_runtime::error_chain(&error);
+            tracing::warn!(vm = %record.uuid, storage = %ps.uuid, %error, "an expunged VM's root volume booking stays");
         }
     }
     // The VM is gone: the expunge has happened, whatever befalls what follows. Giving the

@@ -184,10 +184,8 @@ where
         (dir, current.size)
     } else {
         let ps = storage_for(db, &current, host)?;
-        if ps.is_local() {
-            // Booked before it is made: a host's disk is not promised twice.
-            volume::book_disk(hosts, host.uuid, volume, current.size).await?;
-        }
+        // Booked before it is made: no storage is promised twice.
+        volume::book_storage(hosts, &ps, host.uuid, volume, current.size).await?;
         let dir = ps.data_volumes_dir();
         let path = format!("{dir}/{volume}.qcow2");
         let host_uuid = host.uuid;
@@ -245,7 +243,7 @@ where
                 let runtime = hosts.runtime();
                 crate::snapshot::Sweep::submit(runtime, volume, host.uuid, vec![path]).await?;
             }
-            volume::unbook_disk(hosts, host.uuid, volume).await;
+            volume::unbook_storage(hosts, &volume::get(db, volume)?.record).await;
             volume::update(db, volume, |v| {
                 v.status = VolumeStatus::NotInstantiated;
                 (v.host_uuid, v.install_path, v.primary_storage_uuid) =

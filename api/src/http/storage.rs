@@ -257,14 +257,13 @@ fn attach_backup_storage() -> MethodRouter<Arc<Mn>> {
 
 /// NFS storage attached to a cluster is mounted by each of its hosts now, over their links
 /// (a host that cannot connects again, and stays Disconnected saying why, since a host
-/// mounts it before it is Connected). Local storage is measured on each host, which bounds
-/// its disk bookings.
+/// mounts it before it is Connected). Each host measures its storage, which bounds the
+/// bookings: its local storage's, and the shared storage's.
 fn mount_on_cluster_hosts(mn: &crate::mn::Mn, ps: &PrimaryStorageRecord, cluster: Uuid) {
     let mount = ps.mount_path.clone().map(|mount_point| strato_proto::Command::MountStorage {
         url: ps.url.clone(),
         mount_point,
     });
-    let local = ps.is_local();
     let hosts: Vec<Uuid> = mn.db.find::<HostRecord>("cluster", &cluster.into()).unwrap_or_default();
     for host in hosts {
         let (kind, mount) = (mn.hosts.clone(), mount.clone());
@@ -279,16 +278,17 @@ fn mount_on_cluster_hosts(mn: &crate::mn::Mn, ps: &PrimaryStorageRecord, cluster
                     let _ = strato_actors::host::link::reconnect(&kind, host).await;
                 }
             }
-            if local && let Err(error) = strato_actors::host::measure_storage(&kind, host).await {
+            if let Err(error) = strato_actors::host::measure_storage(&kind, host).await {
                 let error = strato_runtime::error_chain(&error);
-                tracing::warn!(%host, %error, "a host's local storage was not measured; it is when the host next connects");
+                tracing::warn!(%host, %error, "a host's storage was not measured; it is when the host next connects");
             }
         });
     }
 }
 
 /// `GetPrimaryStorageCapacity` (admin): local storage summed over its hosts as measured at
-/// their connect, with what is booked on them; shared storage measured now by one host.
+/// their connect, with what is booked on them; shared storage measured now by one host,
+/// with what is booked on it.
 async fn storage_capacity(State(mn): Shared, Id(uuid): Id) -> Result<Json<Value>, ApiError> {
     auth::admin_only("primary storage capacity")?;
     let ps: PrimaryStorageRecord = get_record(&mn, uuid)?;
@@ -317,9 +317,14 @@ async fn storage_capacity(State(mn): Shared, Id(uuid): Id) -> Result<Json<Value>
                 "the agent did not measure the storage",
             ));
         };
+        strato_actors::shared_capacity::measured(&mn.db, uuid, total, available).await?;
+        let booked = mn
+            .db
+            .get::<strato_actors::shared_capacity::SharedCapacityRecord>(uuid)?
+            .map_or(0, |s| s.record.booked());
         return Ok(Json(json!({
             "totalCapacity": total,
-            "availableCapacity": available,
+            "availableCapacity": total.saturating_sub(booked),
             "totalPhysicalCapacity": total,
             "availablePhysicalCapacity": available,
         })));
