@@ -1,4 +1,9 @@
-//! Volume snapshots: layers of a data volume's qcow2 chain, in trees.
+//! Volume snapshots: layers of a volume's qcow2 chain, in trees.
+//!
+//! A data volume's chain starts at its first file; a root volume's starts at the image
+//! cache its first file is backed by, which no operation here touches (a merge of the
+//! oldest layer rebases the top onto nothing, so the top then stands alone, image
+//! included). A root volume's top is its VM's `root_volume_path` too, written with it.
 //!
 //! Taking a snapshot freezes the volume's top file (its file becomes the snapshot's) and
 //! gives the volume a new top backed by it: offline with `qemu-img create -b`, live on a
@@ -195,13 +200,31 @@ fn landing(
         }
     }
     batch.put(&taken, Expect::Generation(intent.generation))?;
+    vm_follows(db, &mut batch, &volume.record, &new_top)?;
     let moved = VolumeRecord { install_path: Some(new_top), ..volume.record.clone() };
     batch.put(&moved, Expect::Generation(volume.generation))?;
     Ok((batch, taken))
 }
 
-/// Takes snapshot `snapshot` of data volume `volume`: live if its VM runs, offline
-/// otherwise. `extra` adds the snapshot's tags to the intent's write.
+/// A root volume's top is also its VM's `root_volume_path`, which its domain is defined
+/// from: a change of the top writes the VM's record in the same batch (expected as read,
+/// so a change of the VM meanwhile makes the caller decide again).
+fn vm_follows(
+    db: &Db,
+    batch: &mut Batch,
+    v: &VolumeRecord,
+    new_top: &str,
+) -> Result<(), VolumeError> {
+    let Some(vm) = v.vm_instance_uuid.filter(|_| v.is_root()) else { return Ok(()) };
+    let Some(stored) = db.get::<crate::records::VmRecord>(vm)? else { return Ok(()) };
+    let followed =
+        crate::records::VmRecord { root_volume_path: Some(new_top.to_owned()), ..stored.record };
+    batch.put(&followed, Expect::Generation(stored.generation))?;
+    Ok(())
+}
+
+/// Takes snapshot `snapshot` of volume `volume` (a data volume, or a VM's root volume):
+/// live if its VM runs, offline otherwise. `extra` adds the snapshot's tags to the intent's write.
 ///
 /// The intent (the snapshot's record, Creating, naming the volume's top) is written before
 /// the agent makes the new top, with a GC job that settles it if the operation does not
@@ -236,7 +259,6 @@ pub async fn create(
             }
             let stored = volume::get(&db, volume)?;
             let v = &stored.record;
-            volume::data_only(v, volume::VolumeOp::Snapshot)?;
             let (host, top) = placed(v, volume::VolumeOp::Snapshot)?;
             let new_top = new_top_of(&top, volume, snapshot.uuid);
             let latest = snapshots_of(&db, volume)?.into_values().find(|s| s.record.latest);
@@ -656,6 +678,7 @@ pub async fn revert(
                     batch.put(&changed, Expect::Generation(tree.generation))?;
                 }
             }
+            vm_follows(&db, &mut batch, &v, &new_top)?;
             v.install_path = Some(new_top.clone());
             batch.put(&v, Expect::Generation(stored.generation))?;
             if landed(&db, batch).await? {

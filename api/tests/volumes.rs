@@ -1770,3 +1770,103 @@ fn shared_storage_capacity_is_booked_on_the_storage_and_refuses_what_does_not_fi
     ok(api, "DELETE", &format!("/v1/vm-instances/{}", uuid(&placed)), None);
     assert_eq!(capacity(), total - 96 * mib);
 }
+
+#[test]
+fn a_root_volume_is_snapshotted_live_reverted_merged_and_expunged_with_its_vm() {
+    let images = tempfile::tempdir().unwrap();
+    let cluster = TestCluster::start(
+        ClusterOpts::sim(0)
+            .env("STRATO_IMAGE_FILE_DIRS", images.path().to_str().unwrap())
+            .server_args(&["--vm-deletion-policy", "direct"]),
+    );
+    let api = cluster.api;
+    let infra = vm_infrastructure(api, cluster.agent, "10.33.0.10", "10.33.0.50");
+    let ps = local_storage(&cluster, &infra);
+    let source = qcow2_image(images.path(), 0x11);
+    let (_, image) =
+        image_in_backup_storage(&cluster, ps["zoneUuid"].as_str().unwrap(), &source, "qcow2");
+    let body = json!({ "params": { "name": "vm", "instanceOfferingUuid": infra.offering["uuid"], "imageUuid": image["uuid"], "l3NetworkUuids": [infra.l3["uuid"]] } });
+    let vm = ok(api, "POST", "/v1/vm-instances", Some(&body.to_string()));
+    let vm_id = uuid(&vm).to_owned();
+    let vm_actions = format!("/v1/vm-instances/{vm_id}/actions");
+    let (_, _, roots) =
+        http(api, "GET", &format!("/v1/volumes?q=vmInstanceUuid={vm_id}&q=type=Root"), None, &[]);
+    let root_id = uuid(&roots["inventories"][0]).to_owned();
+    let state = cluster.agent_dir().join("sim-domains.json");
+    let domain_root =
+        || Sim::root_volumes_in(&state).unwrap()[&vm_id.parse::<Uuid>().unwrap()].clone().unwrap();
+    let vm_root = || {
+        let (_, _, found) = http(api, "GET", &format!("/v1/vm-instances/{vm_id}"), None, &[]);
+        found["inventories"][0]["rootVolumePath"].as_str().unwrap().to_owned()
+    };
+    let snapshot = |name: &str| {
+        ok(
+            api,
+            "POST",
+            &format!("/v1/volumes/{root_id}/volume-snapshots"),
+            Some(&json!({ "params": { "name": name } }).to_string()),
+        )
+    };
+    let first_file = vm_root();
+    write_at(&first_file, 0x22, 1024);
+
+    // Live: the running domain moves to a new top, which the VM's record names too.
+    let first = snapshot("first");
+    assert_eq!(first["volumeType"], "Root", "{first}");
+    assert_eq!(first["primaryStorageInstallPath"], json!(first_file));
+    let top = vm_root();
+    assert_ne!(top, first_file);
+    assert_eq!(volume(api, &root_id)["installPath"], json!(top));
+    assert_eq!(domain_root(), top, "the domain writes to the new top");
+    assert_eq!(backing(&top), Some(first_file.clone()));
+    write_at(&top, 0x33, 1024);
+
+    // Reverted (stopped): a new top on the snapshot; the VM starts on it.
+    ok(api, "PUT", &vm_actions, Some(r#"{"stopVmInstance": {}}"#));
+    let actions = format!("/v1/volume-snapshots/{}/actions", uuid(&first));
+    ok(api, "PUT", &actions, Some(r#"{"revertVolumeFromSnapshot": {}}"#));
+    let reverted = vm_root();
+    assert!(reverted != top && !Path::new(&top).exists(), "the old top is gone");
+    assert!(holds(&reverted, 0x22, 1024) && holds(&reverted, 0x11, 0));
+    let started = ok(api, "PUT", &vm_actions, Some(r#"{"startVmInstance": {}}"#));
+    assert_eq!(started["state"], "Running");
+    assert_eq!(domain_root(), reverted, "defined on the reverted top");
+
+    // Deleting the oldest snapshot merges every layer into the top, image included: the
+    // top then stands alone and keeps every byte.
+    write_at(&reverted, 0x44, 2048);
+    let second = snapshot("second");
+    let now = vm_root();
+    write_at(&now, 0x55, 3072);
+    ok(api, "DELETE", &format!("/v1/volume-snapshots/{}", uuid(&first)), None);
+    let (_, _, left) =
+        http(api, "GET", &format!("/v1/volume-snapshots?q=volumeUuid={root_id}"), None, &[]);
+    assert_eq!(left["inventories"], json!([]), "its descendant went with it: {left}");
+    assert_eq!(vm_root(), now, "merged in place");
+    assert_eq!(backing(&now), None, "the top stands alone");
+    for (byte, offset) in [(0x11, 0), (0x22, 1024), (0x44, 2048), (0x55, 3072)] {
+        assert!(holds(&now, byte, offset), "{byte:#x} at {offset}k");
+    }
+    assert!(!Path::new(&first_file).exists());
+    assert!(!Path::new(second["primaryStorageInstallPath"].as_str().unwrap()).exists());
+
+    // A tenant does not reach another's root volume.
+    let tenant = cluster.account("tenant", Value::Null);
+    let (status, _) = cluster.as_(
+        &tenant,
+        "POST",
+        &format!("/v1/volumes/{root_id}/volume-snapshots"),
+        Some(json!({ "params": { "name": "theirs" } })),
+    );
+    assert!(status == 403 || status == 404, "{status}");
+
+    // Expunged with its VM: the snapshots' records and files go too.
+    let last = snapshot("last");
+    let last_file = last["primaryStorageInstallPath"].as_str().unwrap().to_owned();
+    let last_top = vm_root();
+    ok(api, "DELETE", &format!("/v1/vm-instances/{vm_id}"), None);
+    let (_, _, found) =
+        http(api, "GET", &format!("/v1/volume-snapshots?q=uuid={}", uuid(&last)), None, &[]);
+    assert_eq!(found["inventories"], json!([]), "{found}");
+    assert!(!Path::new(&last_file).exists() && !Path::new(&last_top).exists());
+}

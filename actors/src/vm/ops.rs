@@ -440,11 +440,19 @@ async fn drive(ctx: &OpCtx<Vms>, op: Lifecycle, record: &VmRecord) -> Result<Lan
             // A volume's snapshot left Creating is settled first: the domain is defined on
             // the top the volume really has.
             let db = &ctx.entity().db;
-            for attached in crate::volume::attached_to(db, uuid)? {
-                crate::snapshot::settle(db, &hosts, attached.record.uuid, job)
+            let mut volumes: Vec<Uuid> =
+                crate::volume::attached_to(db, uuid)?.into_iter().map(|v| v.record.uuid).collect();
+            volumes.push(crate::records::root_volume_id(uuid));
+            for volume in volumes {
+                crate::snapshot::settle(db, &hosts, volume, job)
                     .await
                     .map_err(|e| VmError::Volume(Box::new(e)))?;
             }
+            // Settling may have moved the root volume's top, and the VM's record with it.
+            let record = match db.get::<VmRecord>(uuid)? {
+                Some(stored) => stored.record,
+                None => record.clone(),
+            };
             let disks = crate::volume::disks_of(db, uuid)?;
             send(Command::DefineDomain(record.domain_spec(disks))).await?;
             // The chaos runs panic here: an operation dying between two agent commands.
@@ -547,21 +555,30 @@ async fn forget(ctx: &OpCtx<Vms>, record: &VmRecord) -> Result<(), VmError> {
         None => None,
     };
     // Its data volumes are detached in the same write (they stay, Ready, on their host).
-    loop {
+    let snapshot_files = loop {
         let mut batch = Batch::new();
         batch.delete::<VmRecord>(record.uuid, Expect::Any);
         crate::records::delete_refs(&ctx.entity().db, &mut batch, record.uuid)?;
         super::volumes::detach_all(&ctx.entity().db, &mut batch, record.uuid)?;
-        // Its root volume's record goes with it (the file went in `expunge_volume`).
+        // Its root volume's record goes with it (the file went in `expunge_volume`), with
+        // its snapshots' records; their files go after.
         let root = crate::records::root_volume_id(record.uuid);
         batch.delete::<crate::records::VolumeRecord>(root, Expect::Any);
         crate::records::delete_refs(&ctx.entity().db, &mut batch, root)?;
+        let files = crate::snapshot::forget_all(&ctx.entity().db, &mut batch, root)
+            .map_err(|e| VmError::Volume(Box::new(e)))?;
         match ctx.entity().db.commit(batch).await {
-            Ok(_) => break,
+            Ok(_) => break files,
             // A volume changed meanwhile (its deletion was refused: it was attached).
             Err(strato_storage::StoreError::Conflict { .. }) => continue,
             Err(error) => return Err(error.into()),
         }
+    };
+    if let (Some(host), false) =
+        (record.host_uuid.or(record.last_host_uuid), snapshot_files.is_empty())
+    {
+        // One that cannot be deleted now is left to the GC's delete job.
+        crate::snapshot::delete_files(&hosts_of(ctx)?, host, snapshot_files).await;
     }
     if let Some(ps) = root_storage {
         let root = crate::records::root_volume_id(record.uuid);
@@ -803,6 +820,12 @@ async fn move_root_volume(
     // On shared storage, or local storage both hosts see, the file is already there.
     if !ps.is_local() || mv.shares_storage(ps.base_dir()).await? {
         return Ok(None);
+    }
+    if !crate::snapshot::snapshots_of(db, root_id).map_err(boxed)?.is_empty() {
+        return Err(boxed(crate::volume::VolumeError::InUse(format!(
+            "VM {}'s root volume has snapshots, which do not move between hosts' local storage: delete them first",
+            record.uuid
+        ))));
     }
     let runtime = ctx.runtime();
     let files = vec![path];

@@ -46,6 +46,26 @@ struct SimDomain {
     state: DomainState,
 }
 
+/// The file domain `uuid` (`d`) has for `disk`: its root volume's for device 0, as libvirt
+/// names it `vda`, or the data disk plugged for the volume.
+fn disk_path<'d>(
+    uuid: Uuid,
+    d: &'d mut SimDomain,
+    disk: &DiskSpec,
+) -> Result<&'d mut String, AgentError> {
+    let found = if disk.device_id == 0 {
+        d.spec.root_volume.as_mut()
+    } else {
+        d.spec.disks.iter_mut().find(|o| o.volume == disk.volume).map(|o| &mut o.path)
+    };
+    found.ok_or_else(|| {
+        AgentError::new(
+            AgentErrorCode::NotFound,
+            format!("domain {uuid} has no disk of volume {}", disk.volume),
+        )
+    })
+}
+
 /// The state file's content. The file is rewritten in place (see [`Sim::save`]), so a read
 /// that overlapped a rewrite may join the start of one state to the end of another: `seq`
 /// opens the file and `end` closes it with the same number, which no two saves share.
@@ -121,6 +141,18 @@ impl Sim {
             .domains
             .into_iter()
             .map(|(uuid, d)| (uuid, d.spec.disks))
+            .collect())
+    }
+
+    /// The root volume file of each domain in the state file at `state_file` (as
+    /// `domains_in`).
+    pub fn root_volumes_in(
+        state_file: &Path,
+    ) -> Result<BTreeMap<Uuid, Option<String>>, std::io::Error> {
+        Ok(StateFile::read(state_file)?
+            .domains
+            .into_iter()
+            .map(|(uuid, d)| (uuid, d.spec.root_volume))
             .collect())
     }
 
@@ -363,28 +395,13 @@ impl Driver for Sim {
             if !matches!(d.state, DomainState::Running | DomainState::Paused) {
                 return Err(invalid(uuid, d.state, "snapshot its disk live"));
             }
-            let Some(plugged) = d.spec.disks.iter_mut().find(|o| o.volume == disk.volume) else {
-                return Err(AgentError::new(
-                    AgentErrorCode::NotFound,
-                    format!("domain {uuid} has no disk of volume {}", disk.volume),
-                ));
-            };
-            if plugged.path != new_top {
+            let plugged = disk_path(uuid, d, disk)?;
+            if plugged != new_top {
                 // The files are real where they exist: the sim freezes them as QEMU would.
-                if Path::new(&plugged.path).exists() {
-                    files(&[
-                        "create",
-                        "-q",
-                        "-f",
-                        "qcow2",
-                        "-b",
-                        &plugged.path,
-                        "-F",
-                        "qcow2",
-                        new_top,
-                    ])?;
+                if Path::new(plugged.as_str()).exists() {
+                    files(&["create", "-q", "-f", "qcow2", "-b", plugged, "-F", "qcow2", new_top])?;
                 }
-                plugged.path = new_top.to_owned();
+                *plugged = new_top.to_owned();
             }
             Ok(())
         })
@@ -395,26 +412,13 @@ impl Driver for Sim {
             if !matches!(d.state, DomainState::Running | DomainState::Paused) {
                 return Err(invalid(uuid, d.state, "pull its disk live"));
             }
-            let Some(plugged) = d.spec.disks.iter().find(|o| o.volume == disk.volume) else {
-                return Err(AgentError::new(
-                    AgentErrorCode::NotFound,
-                    format!("domain {uuid} has no disk of volume {}", disk.volume),
-                ));
-            };
-            if Path::new(&plugged.path).exists() {
+            let plugged = disk_path(uuid, d, disk)?.clone();
+            if Path::new(&plugged).exists() {
                 match base {
                     Some(base) => files(&[
-                        "rebase",
-                        "-q",
-                        "-f",
-                        "qcow2",
-                        "-F",
-                        "qcow2",
-                        "-b",
-                        base,
-                        &plugged.path,
+                        "rebase", "-q", "-f", "qcow2", "-F", "qcow2", "-b", base, &plugged,
                     ])?,
-                    None => files(&["rebase", "-q", "-f", "qcow2", "-b", "", &plugged.path])?,
+                    None => files(&["rebase", "-q", "-f", "qcow2", "-b", "", &plugged])?,
                 }
             }
             Ok(())
