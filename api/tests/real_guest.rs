@@ -349,7 +349,7 @@ fn a_real_guest_gets_its_address_host_name_and_user_data_from_the_flat_provider(
 
 #[test]
 #[ignore = "needs libvirtd and the guest image: scripts/real-guest prepares both, scripts/test runs it"]
-fn a_real_guest_keeps_a_data_volume_s_bytes_through_hot_plug_live_snapshot_pull_and_replug() {
+fn a_real_guest_keeps_its_disks_bytes_through_hot_plug_live_snapshots_of_data_and_root_and_pulls() {
     let image = std::env::var("STRATO_GUEST_IMAGE")
         .expect("STRATO_GUEST_IMAGE must name the image built by scripts/real-guest");
     let host = NetnsHost::start(&image);
@@ -434,4 +434,42 @@ fn a_real_guest_keeps_a_data_volume_s_bytes_through_hot_plug_live_snapshot_pull_
     action(json!({ "attachDataVolumeToVm": { "vmInstanceUuid": vm_id } }));
     let text = wait_serial(&log, &["strato-tryout: vdb holds"], Duration::from_secs(60));
     assert!(text.contains(&format!("strato-tryout: vdb holds {written}")), "{text}");
+
+    // The root volume snapshotted live: QEMU writes vda to a new top. Deleted live, the
+    // layer and the image below it are pulled into the top, which then stands alone, and
+    // the guest carries on (it still sees its data disk go).
+    let (_, _, roots) =
+        http(api, "GET", &format!("/v1/volumes?q=vmInstanceUuid={vm_id}&q=type=Root"), None, &[]);
+    let root_id = roots["inventories"][0]["uuid"].as_str().unwrap().to_owned();
+    let root_snapshot = ok(
+        api,
+        "POST",
+        &format!("/v1/volumes/{root_id}/volume-snapshots"),
+        Some(&json!({ "params": { "name": "root-live" } }).to_string()),
+    );
+    let (_, _, root) = http(api, "GET", &format!("/v1/volumes/{root_id}"), None, &[]);
+    let root_top = root["inventories"][0]["installPath"].as_str().unwrap().to_owned();
+    assert_ne!(root_top, root_snapshot["primaryStorageInstallPath"].as_str().unwrap());
+    let xml = Command::new("virsh").args(["-c", &host.uri, "dumpxml", &vm_id]).output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&xml.stdout).contains(&root_top),
+        "QEMU writes the root's new top"
+    );
+    let root_snapshot_id = root_snapshot["uuid"].as_str().unwrap();
+    ok(api, "DELETE", &format!("/v1/volume-snapshots/{root_snapshot_id}"), None);
+    let info =
+        Command::new("qemu-img").args(["info", "-U", "--output=json", &root_top]).output().unwrap();
+    let info: Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(info["backing-filename"], Value::Null, "the root's top stands alone: {info}");
+    action(json!({ "detachDataVolumeFromVm": {} }));
+    let started = Instant::now();
+    while std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .matches("strato-tryout: vdb gone")
+        .count()
+        < 2
+    {
+        assert!(started.elapsed() < Duration::from_secs(60), "the guest never saw vdb go again");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
