@@ -126,6 +126,44 @@ pub struct Asked {
 /// exist and its record is finished (see [`settle`]).
 pub const CREATING: &str = "Creating";
 
+/// A snapshot's status once it is taken.
+pub const READY: &str = "Ready";
+
+/// A snapshot's status from the moment its deletion is decided until its records go: its
+/// layer may be merged into the volume's top already. A deletion that died is finished by
+/// the volume's next operation (or by deleting it again).
+pub const DELETING: &str = "Deleting";
+
+/// What is done to a snapshot, as its status allows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SnapshotOp {
+    /// `RevertVolumeFromSnapshot`.
+    Revert,
+    /// `DeleteVolumeSnapshot` (again, on one Deleting: it finishes).
+    Delete,
+    /// A template or a data volume made from its layer.
+    Copy,
+}
+
+/// The snapshot state machine in one table: Creating -> Ready -> Deleting -> gone (and
+/// Creating -> gone, an intent that was not taken). Which operations each status allows.
+pub fn allows(status: &str, op: SnapshotOp) -> bool {
+    matches!((status, op), (READY, _) | (DELETING, SnapshotOp::Delete))
+}
+
+/// Refuses `op` on snapshot `s` unless its status allows it, saying why.
+fn check(s: &VolumeSnapshotRecord, op: SnapshotOp) -> Result<(), VolumeError> {
+    if allows(&s.status, op) {
+        return Ok(());
+    }
+    let why = match s.status.as_str() {
+        CREATING => "it is still being taken: try again",
+        DELETING => "it is being deleted",
+        _ => "its status does not allow it",
+    };
+    Err(VolumeError::InUse(format!("snapshot {} is {}: {why}", s.uuid, s.status)))
+}
+
 /// The GC job kind that settles a snapshot left Creating (its operation died, or its host
 /// went away, between the agent's file and the record).
 pub const SETTLE_JOB: &str = "snapshot.settle";
@@ -166,7 +204,7 @@ fn landing(
     let latest = all.values().find(|s| s.record.latest);
     let mut batch = Batch::new();
     let mut taken = VolumeSnapshotRecord {
-        status: "Ready".into(),
+        status: READY.into(),
         latest: true,
         tree_uuid: Uuid::nil(),
         parent_uuid: None,
@@ -645,11 +683,7 @@ pub async fn revert(
             let mut v = stored.record;
             let (host, old_top) = placed(&v, volume::VolumeOp::Revert)?;
             let target = get(&db, snapshot)?;
-            if target.record.status == CREATING {
-                return Err(VolumeError::InUse(format!(
-                    "snapshot {snapshot} is still being taken: try again"
-                )));
-            }
+            check(&target.record, SnapshotOp::Revert)?;
             let new_top = format!("{}/{volume}-{}.qcow2", dir_of(&old_top), Uuid::new_v4());
             let base = target.record.primary_storage_install_path.clone();
             let swept = vec![new_top.clone(), old_top.clone()];
@@ -712,76 +746,136 @@ pub async fn delete(
     let runtime = vms.runtime().clone();
     let hosts = hosts.clone();
     volume::on_volume(vms, volume, "delete-volume-snapshot", job, move |vm| async move {
-        let live = volume::live(vm.as_ref())?;
-        loop {
-            let all = snapshots_of(&db, volume)?;
-            let Some(doomed_root) = all.get(&snapshot).map(|s| s.record.clone()) else {
-                return Ok(());
-            };
-            // The snapshot and everything taken on top of it.
-            let mut doomed = BTreeSet::from([snapshot]);
-            loop {
-                let more: Vec<Uuid> = all
-                    .values()
-                    .filter(|s| s.record.parent_uuid.is_some_and(|p| doomed.contains(&p)))
-                    .map(|s| s.record.uuid)
-                    .filter(|s| !doomed.contains(s))
-                    .collect();
-                if more.is_empty() {
-                    break;
-                }
-                doomed.extend(more);
-            }
-            let stored = volume::get(&db, volume)?;
-            let v = stored.record.clone();
-            let host = v.host_uuid.or(doomed_root.host_uuid).ok_or(VolumeError::InUse(format!(
-                "volume {volume} has no host for its snapshots"
-            )))?;
-            let parent = doomed_root.parent_uuid.and_then(|p| all.get(&p));
-            let latest_doomed = all.values().any(|s| s.record.latest && doomed.contains(&s.record.uuid));
-            if latest_doomed {
-                // The top is backed by a doomed layer: merged down to the parent first.
-                let (_, top) = placed(&v, volume::VolumeOp::Snapshot)?;
-                let base = parent.map(|p| p.record.primary_storage_install_path.clone());
-                let command = match (live, vm.as_ref(), v.disk()) {
-                    (true, Some(vm), Some(disk)) => Command::PullDisk { uuid: vm.uuid, disk, base },
-                    _ => Command::RebaseVolume { top, base },
-                };
-                send(&hosts, host, command, job).await?;
-            }
-            let mut batch = Batch::new();
-            let mut files = Vec::new();
-            for id in &doomed {
-                let s = &all[id];
-                batch.delete::<VolumeSnapshotRecord>(*id, Expect::Generation(s.generation));
-                crate::records::delete_refs(&db, &mut batch, *id)?;
-                files.push(s.record.primary_storage_install_path.clone());
-            }
-            let sweep = Sweep::submit(&runtime, volume, host, files.clone()).await?;
-            if latest_doomed && let Some(parent) = parent {
-                let now_latest = VolumeSnapshotRecord { latest: true, ..parent.record.clone() };
-                batch.put(&now_latest, Expect::Generation(parent.generation))?;
-            }
-            // A tree left with no snapshot goes.
-            let trees: BTreeSet<Uuid> = all.values().map(|s| s.record.tree_uuid).collect();
-            for tree in trees {
-                let left = all.values().any(|s| s.record.tree_uuid == tree && !doomed.contains(&s.record.uuid));
-                if !left {
-                    batch.delete::<VolumeSnapshotTreeRecord>(tree, Expect::Any);
-                }
-            }
-            batch.put(&v, Expect::Generation(stored.generation))?;
-            if landed(&db, batch).await? {
-                delete_files(&hosts, host, files).await;
-                sweep.done().await;
-                tracing::info!(%volume, %snapshot, deleted = doomed.len(), merged = latest_doomed, "volume snapshots deleted");
-                return Ok(());
-            }
-            // Decided again: the files are still named, and the next round sweeps anew.
-            sweep.done().await;
-        }
+        delete_in_turn(&db, &runtime, &hosts, volume, snapshot, vm.as_ref(), job).await
     })
     .await
+}
+
+/// Finishes every deletion of `volume`'s snapshots that died (snapshots left Deleting), in
+/// the volume's turn or its VM's queue (`vm`, as read there).
+pub(crate) async fn finish_deletions(
+    db: &Db,
+    runtime: &strato_runtime::Runtime,
+    hosts: &Kind<Hosts>,
+    volume: Uuid,
+    vm: Option<&crate::records::VmRecord>,
+    job: Option<Uuid>,
+) -> Result<(), VolumeError> {
+    loop {
+        let all = snapshots_of(db, volume)?;
+        // The top of a doomed subtree: Deleting, its parent not.
+        let first = all.values().find(|s| {
+            s.record.status == DELETING
+                && s.record
+                    .parent_uuid
+                    .and_then(|p| all.get(&p))
+                    .is_none_or(|p| p.record.status != DELETING)
+        });
+        let Some(first) = first.map(|s| s.record.uuid) else { return Ok(()) };
+        tracing::info!(%volume, snapshot = %first, "finishing a snapshot deletion that died");
+        delete_in_turn(db, runtime, hosts, volume, first, vm, job).await?;
+    }
+}
+
+/// [`delete`], in the volume's turn or its VM's queue. The snapshots are marked Deleting
+/// first (with a sweep of their files), then the top merged, then the records deleted and
+/// the files after; each step is safe to repeat, so a deletion that died is finished by
+/// running it again.
+async fn delete_in_turn(
+    db: &Db,
+    runtime: &strato_runtime::Runtime,
+    hosts: &Kind<Hosts>,
+    volume: Uuid,
+    snapshot: Uuid,
+    vm: Option<&crate::records::VmRecord>,
+    job: Option<Uuid>,
+) -> Result<(), VolumeError> {
+    let live = volume::live(vm)?;
+    loop {
+        let all = snapshots_of(db, volume)?;
+        let Some(doomed_root) = all.get(&snapshot).map(|s| s.record.clone()) else {
+            return Ok(());
+        };
+        check(&doomed_root, SnapshotOp::Delete)?;
+        // The snapshot and everything taken on top of it.
+        let mut doomed = BTreeSet::from([snapshot]);
+        loop {
+            let more: Vec<Uuid> = all
+                .values()
+                .filter(|s| s.record.parent_uuid.is_some_and(|p| doomed.contains(&p)))
+                .map(|s| s.record.uuid)
+                .filter(|s| !doomed.contains(s))
+                .collect();
+            if more.is_empty() {
+                break;
+            }
+            doomed.extend(more);
+        }
+        let stored = volume::get(db, volume)?;
+        let v = stored.record.clone();
+        let host = v
+            .host_uuid
+            .or(doomed_root.host_uuid)
+            .ok_or(VolumeError::InUse(format!("volume {volume} has no host for its snapshots")))?;
+        let files: Vec<String> =
+            doomed.iter().map(|id| all[id].record.primary_storage_install_path.clone()).collect();
+        // Deleting, before anything is merged: a doomed layer is never used again.
+        let marking: Vec<&Stored<VolumeSnapshotRecord>> =
+            doomed.iter().map(|id| &all[id]).filter(|s| s.record.status != DELETING).collect();
+        if !marking.is_empty() {
+            let mut batch = Batch::new();
+            for s in marking {
+                let deleting = VolumeSnapshotRecord { status: DELETING.into(), ..s.record.clone() };
+                batch.put(&deleting, Expect::Generation(s.generation))?;
+            }
+            landed(db, batch).await?;
+            continue; // read again: now Deleting, or changed meanwhile
+        }
+        let sweep = Sweep::submit(runtime, volume, host, files.clone()).await?;
+        let parent = doomed_root.parent_uuid.and_then(|p| all.get(&p));
+        let latest_doomed =
+            all.values().any(|s| s.record.latest && doomed.contains(&s.record.uuid));
+        if latest_doomed {
+            // The top is backed by a doomed layer: merged down to the parent first.
+            let (_, top) = placed(&v, volume::VolumeOp::Snapshot)?;
+            let base = parent.map(|p| p.record.primary_storage_install_path.clone());
+            let command = match (live, vm, v.disk()) {
+                (true, Some(vm), Some(disk)) => Command::PullDisk { uuid: vm.uuid, disk, base },
+                _ => Command::RebaseVolume { top, base },
+            };
+            send(hosts, host, command, job).await?;
+        }
+        // The tests stop a deletion between its merge and its records.
+        fail::fail_point!("snapshot-delete-after-merge");
+        let mut batch = Batch::new();
+        for id in &doomed {
+            batch.delete::<VolumeSnapshotRecord>(*id, Expect::Generation(all[id].generation));
+            crate::records::delete_refs(db, &mut batch, *id)?;
+        }
+        if latest_doomed && let Some(parent) = parent {
+            let now_latest = VolumeSnapshotRecord { latest: true, ..parent.record.clone() };
+            batch.put(&now_latest, Expect::Generation(parent.generation))?;
+        }
+        // A tree left with no snapshot goes.
+        let trees: BTreeSet<Uuid> = all.values().map(|s| s.record.tree_uuid).collect();
+        for tree in trees {
+            let left = all
+                .values()
+                .any(|s| s.record.tree_uuid == tree && !doomed.contains(&s.record.uuid));
+            if !left {
+                batch.delete::<VolumeSnapshotTreeRecord>(tree, Expect::Any);
+            }
+        }
+        batch.put(&v, Expect::Generation(stored.generation))?;
+        if landed(db, batch).await? {
+            delete_files(hosts, host, files).await;
+            sweep.done().await;
+            tracing::info!(%volume, %snapshot, deleted = doomed.len(), merged = latest_doomed, "volume snapshots deleted");
+            return Ok(());
+        }
+        // Decided again: the files are still named, and the next round sweeps anew.
+        sweep.done().await;
+    }
 }
 
 /// Adds to `batch` the deletion of every snapshot and tree of `volume`; returns the
@@ -822,11 +916,7 @@ pub async fn to_volume(
 ) -> Result<VolumeRecord, VolumeError> {
     let db = runtime.db();
     let s = get(db, snapshot)?.record;
-    if s.status == CREATING {
-        return Err(VolumeError::InUse(format!(
-            "snapshot {snapshot} is still being taken: try again"
-        )));
-    }
+    check(&s, SnapshotOp::Copy)?;
     let host = s.host_uuid.ok_or(VolumeError::InUse(format!("snapshot {snapshot} has no host")))?;
     let source = s.primary_storage_install_path.clone();
     let dest = format!("{}/{}.qcow2", dir_of(&source), new.uuid);
@@ -870,11 +960,7 @@ pub async fn template(
     let volume = get(&db, snapshot)?.record.volume_uuid;
     volume::on_volume(vms, volume, "snapshot-template", job, move |_| async move {
         let s = get(&db, snapshot)?.record;
-        if s.status == CREATING {
-            return Err(VolumeError::InUse(format!(
-                "snapshot {snapshot} is still being taken: try again"
-            )));
-        }
+        check(&s, SnapshotOp::Copy)?;
         let host =
             s.host_uuid.ok_or(VolumeError::InUse(format!("snapshot {snapshot} has no host")))?;
         let source = s.primary_storage_install_path;

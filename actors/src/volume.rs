@@ -398,6 +398,8 @@ where
             // A move holds the turn while the volume is Migrating: one found so died.
             crate::local_storage::back_to_ready(&db, &hosts, volume).await?;
             crate::snapshot::settle(&db, &hosts, volume, job).await?;
+            let runtime = vms.runtime();
+            crate::snapshot::finish_deletions(&db, runtime, &hosts, volume, None, job).await?;
             return op(None).await;
         }
         drop(_turn);
@@ -411,6 +413,8 @@ where
             )));
         }
         crate::snapshot::settle(&db, &hosts, volume, job).await?;
+        let runtime = ctx.runtime();
+        crate::snapshot::finish_deletions(&db, runtime, &hosts, volume, Some(&record), job).await?;
         op(Some(record)).await
     })
     .await

@@ -633,12 +633,6 @@ fn a_snapshot_makes_a_volume_and_a_root_volume_makes_a_template_that_boots_a_vm(
             &format!("/v1/volumes/{root1_id}/actions"),
             Some(&json!({ "detachDataVolumeFromVm": {} }).to_string()),
         ),
-        call(
-            api,
-            "POST",
-            &format!("/v1/volumes/{root1_id}/volume-snapshots"),
-            Some(&json!({ "params": { "name": "no" } }).to_string()),
-        ),
     ] {
         assert_eq!(refused["error"]["details"]["field"], "volumeUuid", "{refused}");
     }
@@ -1869,4 +1863,51 @@ fn a_root_volume_is_snapshotted_live_reverted_merged_and_expunged_with_its_vm() 
         http(api, "GET", &format!("/v1/volume-snapshots?q=uuid={}", uuid(&last)), None, &[]);
     assert_eq!(found["inventories"], json!([]), "{found}");
     assert!(!Path::new(&last_file).exists() && !Path::new(&last_top).exists());
+}
+
+#[test]
+fn a_snapshot_deletion_that_dies_after_its_merge_stays_deleting_until_it_is_finished() {
+    let cluster = TestCluster::start(
+        ClusterOpts::sim(0).env("STRATO_FAILPOINTS", "snapshot-delete-after-merge=1*panic"),
+    );
+    let api = cluster.api;
+    let infra = vm_infrastructure(api, cluster.agent, "10.34.0.10", "10.34.0.50");
+    local_storage(&cluster, &infra);
+    let body = json!({ "params": { "name": "vm", "instanceOfferingUuid": infra.offering["uuid"], "l3NetworkUuids": [infra.l3["uuid"]] } });
+    let vm_id = uuid(&ok(api, "POST", "/v1/vm-instances", Some(&body.to_string()))).to_owned();
+    let (data_id, first) = data_volume_made_on(api, &vm_id);
+    ok(api, "PUT", &format!("/v1/vm-instances/{vm_id}/actions"), Some(r#"{"stopVmInstance": {}}"#));
+    write_at(&first, 0x5a, 0);
+    let snapshots = format!("/v1/volumes/{data_id}/volume-snapshots");
+    let take = |name: &str| {
+        ok(api, "POST", &snapshots, Some(&json!({ "params": { "name": name } }).to_string()))
+    };
+    let doomed = take("doomed");
+    let top = volume(api, &data_id)["installPath"].as_str().unwrap().to_owned();
+    write_at(&top, 0xa5, 1024);
+    let snapshot = |id: &str| {
+        let (_, _, found) =
+            http(api, "GET", &format!("/v1/volume-snapshots?q=uuid={id}"), None, &[]);
+        found["inventories"].get(0).cloned()
+    };
+
+    // Stopped after the merge: the top stands alone, the snapshot is Deleting, its file
+    // is still there, and nothing but its deletion is allowed on it.
+    let failed = call(api, "DELETE", &format!("/v1/volume-snapshots/{}", uuid(&doomed)), None);
+    assert_eq!(failed["error"]["code"], "SYS.OPERATION_PANICKED", "{failed}");
+    let left = snapshot(uuid(&doomed)).expect("its record stays");
+    assert_eq!(left["status"], "Deleting", "{left}");
+    assert_eq!(backing(&top), None, "merged");
+    assert!(Path::new(&first).exists());
+    let copy = format!("/v1/volumes/data/from/volume-snapshots/{}", uuid(&doomed));
+    let refused = call(api, "POST", &copy, Some(&json!({ "params": { "name": "c" } }).to_string()));
+    assert_eq!(refused["error"]["code"], "VOLUME.IN_USE", "{refused}");
+    assert!(refused.to_string().contains("being deleted"), "{refused}");
+
+    // The volume's next operation finishes it first: the record and the file go.
+    let next = take("next");
+    assert_eq!(snapshot(uuid(&doomed)), None);
+    assert!(!Path::new(&first).exists());
+    assert_eq!(next["parentUuid"], Value::Null, "a new tree: {next}");
+    assert!(holds(&top, 0x5a, 0) && holds(&top, 0xa5, 1024), "every byte kept");
 }
