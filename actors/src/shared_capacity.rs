@@ -120,6 +120,24 @@ pub async fn unbook(db: &Db, storage: Uuid, volume: Uuid) -> Result<(), StoreErr
     Ok(())
 }
 
+/// Adds to `batch` the return of what `volume` booked on shared storage `storage` (nothing if
+/// it booked nothing), expected at the generation read: the caller's deletion of the
+/// volume's record and the return land together or not at all, and a booking by another
+/// volume meanwhile makes the caller decide again.
+pub fn unbook_with(
+    db: &Db,
+    batch: &mut Batch,
+    storage: Uuid,
+    volume: Uuid,
+) -> Result<(), StoreError> {
+    let Some(stored) = db.get::<SharedCapacityRecord>(storage)? else { return Ok(()) };
+    let mut record = stored.record;
+    if record.bookings.remove(&volume).is_some() {
+        batch.put(&record, Expect::Generation(stored.generation))?;
+    }
+    Ok(())
+}
+
 /// What can still be booked on each shared storage, by storage.
 pub fn free_by_storage(db: &Db) -> Result<BTreeMap<Uuid, u64>, StoreError> {
     let mut free = BTreeMap::new();

@@ -843,7 +843,14 @@ async fn delete_in_turn(
                 (true, Some(vm), Some(disk)) => Command::PullDisk { uuid: vm.uuid, disk, base },
                 _ => Command::RebaseVolume { top, base },
             };
-            send(hosts, host, command, job).await?;
+            if let Err(error) = send(hosts, host, command, job).await {
+                // A merge that failed leaves the chain as it was (a rebase or a pull only
+                // changes the top's backing once it has copied everything): the snapshots
+                // are Ready again, so the volume's other operations are not held up.
+                undo_deleting(db, volume, &doomed).await;
+                sweep.done().await;
+                return Err(error);
+            }
         }
         // The tests stop a deletion between its merge and its records.
         fail::fail_point!("snapshot-delete-after-merge");
@@ -875,6 +882,29 @@ async fn delete_in_turn(
         }
         // Decided again: the files are still named, and the next round sweeps anew.
         sweep.done().await;
+    }
+}
+
+/// Puts `volume`'s snapshots `doomed` back to Ready (a deletion that failed before merging
+/// anything); a failure is logged, and the next operation tries the deletion again.
+async fn undo_deleting(db: &Db, volume: Uuid, doomed: &BTreeSet<Uuid>) {
+    let undone = async {
+        loop {
+            let mut batch = Batch::new();
+            for (id, s) in snapshots_of(db, volume)? {
+                if doomed.contains(&id) && s.record.status == DELETING {
+                    let ready = VolumeSnapshotRecord { status: READY.into(), ..s.record };
+                    batch.put(&ready, Expect::Generation(s.generation))?;
+                }
+            }
+            if batch.is_empty() || landed(db, batch).await? {
+                return Ok::<(), VolumeError>(());
+            }
+        }
+    };
+    if let Err(error) = undone.await {
+        let error = strato_runtime::error_chain(&error);
+        tracing::warn!(%volume, %error, "snapshots stay Deleting; the volume's next operation finishes their deletion");
     }
 }
 
@@ -922,13 +952,22 @@ pub async fn to_volume(
     let dest = format!("{}/{}.qcow2", dir_of(&source), new.uuid);
     // In the new volume's turn: its sweep waits for this to end.
     let _turn = volume::turn(new.uuid).await;
-    let sweep = Sweep::submit(runtime, new.uuid, host, vec![dest.clone()]).await?;
-    send(hosts, host, Command::FlattenVolume { source, dest: dest.clone() }, job).await?;
     new.status = VolumeStatus::Ready;
     new.size = s.size;
     new.host_uuid = Some(host);
     new.primary_storage_uuid = s.primary_storage_uuid;
     new.install_path = Some(dest.clone());
+    // Booked where it is made, as any data volume, before it is made.
+    if let Some(ps) = volume::storage_of(db, &new)? {
+        volume::book_storage(hosts, &ps, host, new.uuid, new.size).await?;
+    }
+    let sweep = Sweep::submit(runtime, new.uuid, host, vec![dest.clone()]).await?;
+    let flatten = Command::FlattenVolume { source, dest: dest.clone() };
+    if let Err(error) = send(hosts, host, flatten, job).await {
+        // The sweep stays submitted: it deletes a copy made all the same (a lost answer).
+        volume::unbook_storage(hosts, &new).await;
+        return Err(error);
+    }
     let insert =
         || async { crate::cascade::insert(db, &new, &extra).await.map_err(volume::not_written) };
     let inserted = match &quota {
@@ -937,6 +976,7 @@ pub async fn to_volume(
     };
     if let Err(error) = inserted {
         delete_files(hosts, host, vec![dest]).await;
+        volume::unbook_storage(hosts, &new).await;
         sweep.done().await;
         return Err(error);
     }

@@ -531,8 +531,12 @@ async fn grow(
     };
     let deadline = std::time::SystemTime::now() + OP_TIMEOUT;
     if let Err(error) = host::command(hosts, host, command, deadline, job).await {
-        if let Some(ps) = ps {
-            book_storage(hosts, ps, host, v.uuid, v.size).await?;
+        // The old size booked again; the agent's failure is what the caller hears.
+        if let Some(ps) = ps
+            && let Err(rebooked) = book_storage(hosts, ps, host, v.uuid, v.size).await
+        {
+            let rebooked = strato_runtime::error_chain(&rebooked);
+            tracing::warn!(volume = %v.uuid, error = %rebooked, "a volume that did not grow keeps its larger booking");
         }
         return Err(error.into());
     }
@@ -728,8 +732,12 @@ pub async fn expunge(
         let mut batch = Batch::new();
         batch.delete::<VolumeRecord>(volume, Expect::Generation(stored.generation));
         crate::records::delete_refs(db, &mut batch, volume)?;
-        // Its snapshots go with it.
+        // Its snapshots go with it, and its booking on shared storage.
         let snapshot_files = crate::snapshot::forget_all(db, &mut batch, volume)?;
+        let shared = storage_of(db, &stored.record)?.filter(|ps| !ps.is_local());
+        if let Some(ps) = &shared {
+            crate::shared_capacity::unbook_with(db, &mut batch, ps.uuid, volume)?;
+        }
         let sweep = match stored.record.host_uuid.filter(|_| !snapshot_files.is_empty()) {
             Some(host) => {
                 let paths = snapshot_files.clone();
@@ -745,8 +753,10 @@ pub async fn expunge(
         }
         if let Some(host) = stored.record.host_uuid {
             crate::snapshot::delete_files(hosts, host, snapshot_files).await;
+            if shared.is_none() {
+                unbook_disk(hosts, host, volume).await;
+            }
         }
-        unbook_storage(hosts, &stored.record).await;
         if let Some(sweep) = sweep {
             sweep.done().await;
         }

@@ -1644,6 +1644,8 @@ fn an_image_store_on_its_own_host_serves_images_and_takes_templates_over_its_age
 
     // The password was never kept: not in the store, the jobs or the log.
     assert!(!any_file_holds(&cluster.data, password.as_bytes()), "the password is on disk");
+    let log = std::fs::read(common::log_path(&cluster.data)).unwrap();
+    assert!(!log.windows(password.len()).any(|w| w == password.as_bytes()), "logged");
 
     // A tenant sees none of it.
     let tenant = cluster.account("tenant", Value::Null);

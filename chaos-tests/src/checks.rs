@@ -433,11 +433,16 @@ fn storage_disagreements(shared: &Shared, cluster: &std::sync::Mutex<Cluster>) -
         }
     }
     let volumes: Vec<&Value> = all_volumes.iter().filter(|v| v["type"] == "Data").collect();
+    // Root volumes with snapshots have chains to check too (above their cached image).
+    let snapshotted_roots: Vec<&Value> = all_volumes
+        .iter()
+        .filter(|v| v["type"] == "Root" && snapshots.iter().any(|s| s["volumeUuid"] == v["uuid"]))
+        .collect();
     let mut found = found_roots;
     let snapshots_of = |volume: &str| -> Vec<&Value> {
         snapshots.iter().filter(|s| s["volumeUuid"] == volume).collect()
     };
-    for volume in &volumes {
+    for volume in volumes.iter().chain(&snapshotted_roots) {
         let id = s(&volume["uuid"]);
         let own = snapshots_of(id);
         let latest = own.iter().filter(|s| s["latest"] == true).count();
@@ -479,6 +484,16 @@ fn storage_disagreements(shared: &Shared, cluster: &std::sync::Mutex<Cluster>) -
             .collect();
         let merged: Vec<String> =
             expected.iter().filter(|f| !deleting.contains(f.as_str())).cloned().collect();
+        // A root volume's chain ends in the image it was made from (until a merge of its
+        // oldest layer makes the top stand alone).
+        let on_disk = match on_disk.split_last() {
+            Some((bottom, above))
+                if volume["type"] == "Root" && bottom.contains("/imagecache/") =>
+            {
+                above.to_vec()
+            }
+            _ => on_disk,
+        };
         if on_disk != expected && (deleting.is_empty() || on_disk != merged) {
             found.push(violation(
                 CHAIN,

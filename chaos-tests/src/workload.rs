@@ -773,7 +773,7 @@ pub fn network_mover(shared: Arc<Shared>, seed: u64) {
 }
 
 /// Keeps changing data volumes while the run lasts: makes a few, attaches and detaches them
-/// to random VMs, snapshots them, reverts and deletes snapshots, moves detached ones to
+/// to random VMs, snapshots them (and VMs' root volumes), reverts and deletes snapshots, moves detached ones to
 /// other hosts, deletes and expunges volumes. The volumes' files are real qcow2 files (the sim agents run `qemu-img`), so the
 /// checks find after healing that every file belongs to a record, each volume's chain on
 /// disk is its snapshots', and no volume is on two domains. Like [`network_mover`]'s, its
@@ -813,13 +813,24 @@ pub fn storage_mover(shared: Arc<Shared>, seed: u64) {
         ) else {
             continue;
         };
-        // Root volumes go with their VMs: this thread moves data volumes.
+        // Root volumes go with their VMs: this thread moves data volumes, and snapshots
+        // both (the snapshot deletions and reverts below pick among all snapshots).
+        let roots: Vec<Value> = volumes
+            .iter()
+            .filter(|v| v["type"] == "Root" && v["status"] == "Ready")
+            .cloned()
+            .collect();
         let volumes: Vec<Value> = volumes.into_iter().filter(|v| v["type"] == "Data").collect();
         volumes.iter().for_each(seen);
         let vms: Vec<Value> = vms.into_iter().filter(|vm| vm["state"] != "Destroyed").collect();
         let live: Vec<Value> =
             volumes.iter().filter(|v| v["status"] != "Deleted").cloned().collect();
-        match rng.u32(0..11) {
+        match rng.u32(0..12) {
+            11 => {
+                let Some(root) = pick(&mut rng, &roots) else { continue };
+                let body = json!({ "params": { "name": "chaos-root-snapshot" } });
+                call("POST", &format!("/v1/volumes/{root}/volume-snapshots"), Some(body));
+            }
             0 | 1 if live.len() < 6 => {
                 made += 1;
                 let body = json!({ "params": { "name": format!("chaos-volume-{made}"), "diskSize": 16u64 << 20 } });

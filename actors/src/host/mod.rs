@@ -729,11 +729,17 @@ pub async fn measure_storage(hosts: &Kind<Hosts>, id: Uuid) -> Result<(), HostEr
         }
         let deadline = SystemTime::now() + Duration::from_secs(30);
         let measure = Command::StorageCapacity { dir: ps.base_dir().to_owned() };
-        let Reply::Capacity { total, available } =
-            command(hosts, id, measure, deadline, None).await?
-        else {
-            continue;
+        let total_available = match command(hosts, id, measure, deadline, None).await {
+            Ok(Reply::Capacity { total, available }) => (total, available),
+            Ok(_) => continue,
+            // One storage that cannot be measured does not keep the others unmeasured.
+            Err(error) => {
+                let error = strato_runtime::error_chain(&error);
+                tracing::warn!(host = %id, ps = %ps.uuid, %error, "a primary storage was not measured");
+                continue;
+            }
         };
+        let (total, available) = total_available;
         if !ps.is_local() {
             crate::shared_capacity::measured(&db, ps.uuid, total, available).await?;
             tracing::info!(host = %id, ps = %ps.uuid, total, available, "shared storage measured");

@@ -546,7 +546,7 @@ async fn forget(ctx: &OpCtx<Vms>, record: &VmRecord) -> Result<(), VmError> {
         gc.submit_after(&name, RELEASE_IPS_JOB, &job, Trigger::default(), RELEASE_IPS_DELAY)
             .await?;
     }
-    // Its root volume's booking on shared storage is given back after its record goes.
+    // Its root volume's booking on shared storage is given back with its record.
     let db = &ctx.entity().db;
     let root_storage = match db
         .get::<crate::records::VolumeRecord>(crate::records::root_volume_id(record.uuid))?
@@ -555,37 +555,47 @@ async fn forget(ctx: &OpCtx<Vms>, record: &VmRecord) -> Result<(), VmError> {
         None => None,
     };
     // Its data volumes are detached in the same write (they stay, Ready, on their host).
-    let snapshot_files = loop {
+    let host = record.host_uuid.or(record.last_host_uuid);
+    let volume_error = |e| VmError::Volume(Box::new(e));
+    let (snapshot_files, sweep) = loop {
         let mut batch = Batch::new();
         batch.delete::<VmRecord>(record.uuid, Expect::Any);
         crate::records::delete_refs(&ctx.entity().db, &mut batch, record.uuid)?;
         super::volumes::detach_all(&ctx.entity().db, &mut batch, record.uuid)?;
         // Its root volume's record goes with it (the file went in `expunge_volume`), with
-        // its snapshots' records; their files go after.
+        // its snapshots' records; their files go after, swept if the MN dies first.
         let root = crate::records::root_volume_id(record.uuid);
         batch.delete::<crate::records::VolumeRecord>(root, Expect::Any);
         crate::records::delete_refs(&ctx.entity().db, &mut batch, root)?;
         let files = crate::snapshot::forget_all(&ctx.entity().db, &mut batch, root)
-            .map_err(|e| VmError::Volume(Box::new(e)))?;
+            .map_err(volume_error)?;
+        if let Some(ps) = &root_storage {
+            crate::shared_capacity::unbook_with(&ctx.entity().db, &mut batch, ps.uuid, root)?;
+        }
+        let sweep = match host.filter(|_| !files.is_empty()) {
+            Some(host) => Some(
+                crate::snapshot::Sweep::submit(ctx.runtime(), root, host, files.clone())
+                    .await
+                    .map_err(volume_error)?,
+            ),
+            None => None,
+        };
         match ctx.entity().db.commit(batch).await {
-            Ok(_) => break files,
+            Ok(_) => break (files, sweep),
             // A volume changed meanwhile (its deletion was refused: it was attached).
-            Err(strato_storage::StoreError::Conflict { .. }) => continue,
+            Err(strato_storage::StoreError::Conflict { .. }) => {
+                if let Some(sweep) = sweep {
+                    sweep.done().await;
+                }
+                continue;
+            }
             Err(error) => return Err(error.into()),
         }
     };
-    if let (Some(host), false) =
-        (record.host_uuid.or(record.last_host_uuid), snapshot_files.is_empty())
-    {
+    if let (Some(host), Some(sweep)) = (host, sweep) {
         // One that cannot be deleted now is left to the GC's delete job.
         crate::snapshot::delete_files(&hosts_of(ctx)?, host, snapshot_files).await;
-    }
-    if let Some(ps) = root_storage {
-        let root = crate::records::root_volume_id(record.uuid);
-        if let Err(error) = crate::shared_capacity::unbook(&ctx.entity().db, ps.uuid, root).await {
-            let error = strato_runtime::error_chain(&error);
-            tracing::warn!(vm = %record.uuid, storage = %ps.uuid, %error, "an expunged VM's root volume booking stays");
-        }
+        sweep.done().await;
     }
     // The VM is gone: the expunge has happened, whatever befalls what follows. Giving the
     // addresses back and cancelling the job are tidying the job does itself if they fail

@@ -177,6 +177,11 @@ where
     if current.status == VolumeStatus::Ready {
         return Ok(false);
     }
+    // A template is brought to the host first: a failure here has changed nothing.
+    let template = match current.root_image_uuid {
+        Some(image) => Some(template_on_host(db, hosts, host, &current, image, job).await?),
+        None => None,
+    };
     // Creating, with where it goes, before the file is made.
     let (dir, size) = if current.status == VolumeStatus::Creating {
         let path = current.install_path.clone().unwrap_or_default();
@@ -189,7 +194,7 @@ where
         let dir = ps.data_volumes_dir();
         let path = format!("{dir}/{volume}.qcow2");
         let host_uuid = host.uuid;
-        volume::update(db, volume, |v| {
+        let claimed = volume::update(db, volume, |v| {
             if v.status != VolumeStatus::NotInstantiated || v.vm_instance_uuid != Some(vm) {
                 return Err(VolumeError::InUse(format!(
                     "volume {volume} changed ({}, on VM {:?}) while it was being attached to VM {vm}",
@@ -203,15 +208,22 @@ where
             v.install_path = Some(path.clone());
             Ok(())
         })
-        .await?;
+        .await;
+        if let Err(error) = claimed {
+            // Not made here after all: the booking goes back.
+            let booked = VolumeRecord {
+                primary_storage_uuid: Some(ps.uuid),
+                host_uuid: Some(host_uuid),
+                ..current.clone()
+            };
+            volume::unbook_storage(hosts, &booked).await;
+            return Err(error);
+        }
         (dir, current.size)
     };
     // From a data volume template: a standalone copy of it; otherwise an empty file.
-    let command = match current.root_image_uuid {
-        Some(image) => Command::FlattenVolume {
-            source: template_on_host(db, hosts, host, &current, image, job).await?,
-            dest: format!("{dir}/{volume}.qcow2"),
-        },
+    let command = match template {
+        Some(source) => Command::FlattenVolume { source, dest: format!("{dir}/{volume}.qcow2") },
         None => Command::CreateDataVolume { volume, size, dir: dir.clone() },
     };
     let made = match (send(command).await, current.root_image_uuid) {

@@ -506,10 +506,18 @@ async fn add_image(
                 media_type: p.media_type,
                 size: fetched.size,
                 checksum: fetched.checksum,
-                backup_storage_refs: vec![(bs.uuid, path)],
+                backup_storage_refs: vec![(bs.uuid, path.clone())],
                 status: "Ready".into(),
             };
-            write(&m, &image, &tags).await?;
+            if let Err(error) = write(&m, &image, &tags).await {
+                // No record names the file: it goes.
+                if bs.is_remote() {
+                    backup_storage::delete_file(&m.stores, bs.uuid, &path).await;
+                } else if let Err(removed) = std::fs::remove_file(&path) {
+                    tracing::warn!(%path, error = %removed, "an image file no record names stays");
+                }
+                return Err(error);
+            }
             inventory(&image)
         })
         .await?;
