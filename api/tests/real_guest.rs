@@ -473,3 +473,145 @@ fn a_real_guest_keeps_its_disks_bytes_through_hot_plug_live_snapshots_of_data_an
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// Writes `pattern`, padded to 64 bytes with spaces as the tryout guest writes its own, at
+/// the start of the qcow2 chain whose top is `top` (its VM stopped).
+fn write_pattern(top: &str, pattern: &str) {
+    let source = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(source.path(), format!("{pattern:<64}")).unwrap();
+    let command = format!("write -s {} 0 64", source.path().display());
+    let out = Command::new("qemu-io").args(["-f", "qcow2", "-c", &command, top]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Whether the first 64 bytes of the qcow2 chain at `path` start with `pattern`.
+fn reads_pattern(path: &str, pattern: &str) -> bool {
+    let raw = tempfile::NamedTempFile::new().unwrap();
+    let out = Command::new("qemu-img")
+        .args(["convert", "-U", "-f", "qcow2", "-O", "raw", path])
+        .arg(raw.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let bytes = std::fs::read(raw.path()).unwrap();
+    bytes.starts_with(pattern.as_bytes())
+}
+
+#[test]
+#[ignore = "needs libvirtd and the guest image: scripts/real-guest prepares both, scripts/test runs it"]
+fn a_real_guest_sees_a_reverted_snapshot_s_bytes_keeps_them_when_a_middle_one_goes_and_boots_a_template()
+ {
+    let image = std::env::var("STRATO_GUEST_IMAGE")
+        .expect("STRATO_GUEST_IMAGE must name the image built by scripts/real-guest");
+    let image_dir = Path::new(&image).parent().unwrap().display().to_string();
+    let cluster = TestCluster::start(
+        ClusterOpts::default()
+            .driver(&["--driver", "libvirt", "--libvirt-uri", URI, "--network", "sim"])
+            .env("STRATO_IMAGE_FILE_DIRS", &image_dir)
+            .mode(0o755),
+    );
+    let (api, dir) = (cluster.api, cluster.dir());
+    let guest = Guest::define(api, cluster.agent.port(), dir, &image);
+    let l3 = create(api, "/v1/l3-networks", json!({ "name": "none" }));
+    create(
+        api,
+        &format!("/v1/l3-networks/{}/ip-ranges", l3["uuid"].as_str().unwrap()),
+        json!({ "startIp": "10.0.0.10", "endIp": "10.0.0.20", "netmask": "255.255.255.0", "gateway": "10.0.0.1" }),
+    );
+    let boot = |name: &str, image: &Value| {
+        let body = json!({ "params": { "name": name, "instanceOfferingUuid": guest.offering["uuid"], "imageUuid": image["uuid"], "l3NetworkUuids": [l3["uuid"]] } });
+        let vm = ok(api, "POST", "/v1/vm-instances", Some(&body.to_string()));
+        let id = vm["uuid"].as_str().unwrap().to_owned();
+        (id.clone(), DomainGuard(id))
+    };
+    let serial_log = |vm: &str| cluster.agent_dir().join("serial").join(format!("{vm}.log"));
+    let (vm, _guard) = boot("layers", &guest.image);
+    let vm_actions = format!("/v1/vm-instances/{vm}/actions");
+    let log = serial_log(&vm);
+    wait_serial(&log, &["strato-tryout: watching disks"], Duration::from_secs(120));
+    let volume =
+        create(api, "/v1/volumes/data", json!({ "name": "layers", "diskSize": 16u64 << 20 }));
+    let volume_id = volume["uuid"].as_str().unwrap().to_owned();
+    let attach = json!({ "attachDataVolumeToVm": { "vmInstanceUuid": vm } });
+    ok(api, "PUT", &format!("/v1/volumes/{volume_id}/actions"), Some(&attach.to_string()));
+    let text = wait_serial(&log, &["strato-tryout: vdb written"], Duration::from_secs(60));
+    let first = text
+        .lines()
+        .find_map(|l| l.split_once("strato-tryout: vdb written ").map(|(_, p)| p.trim().to_owned()))
+        .unwrap();
+
+    // Stopped, three snapshots, each taken over a pattern of its own at the disk's start.
+    ok(api, "PUT", &vm_actions, Some(r#"{"stopVmInstance": {}}"#));
+    let top = || {
+        let (_, _, found) = http(api, "GET", &format!("/v1/volumes/{volume_id}"), None, &[]);
+        found["inventories"][0]["installPath"].as_str().unwrap().to_owned()
+    };
+    let snapshot = |name: &str| {
+        ok(
+            api,
+            "POST",
+            &format!("/v1/volumes/{volume_id}/volume-snapshots"),
+            Some(&json!({ "params": { "name": name } }).to_string()),
+        )
+    };
+    let s1 = snapshot("s1");
+    write_pattern(&top(), "strato-pattern:second");
+    let s2 = snapshot("s2");
+    write_pattern(&top(), "strato-pattern:third");
+    let s3 = snapshot("s3");
+    write_pattern(&top(), "strato-pattern:fourth");
+
+    // Reverted to the middle one: the guest, started again, reads its bytes.
+    let s2_id = s2["uuid"].as_str().unwrap();
+    ok(
+        api,
+        "PUT",
+        &format!("/v1/volume-snapshots/{s2_id}/actions"),
+        Some(r#"{"revertVolumeFromSnapshot": {}}"#),
+    );
+    ok(api, "PUT", &vm_actions, Some(r#"{"startVmInstance": {}}"#));
+    let text = wait_serial(
+        &log,
+        &["strato-tryout: vdb holds strato-pattern:second"],
+        Duration::from_secs(120),
+    );
+    assert!(!text.contains("vdb holds strato-pattern:fourth"), "{text}");
+
+    // The middle one deleted (with the one taken on it): the top takes its layer in, the
+    // oldest keeps its own bytes, and the guest still reads the reverted ones.
+    ok(api, "PUT", &vm_actions, Some(r#"{"stopVmInstance": {}}"#));
+    ok(api, "DELETE", &format!("/v1/volume-snapshots/{s2_id}"), None);
+    let s1_file = s1["primaryStorageInstallPath"].as_str().unwrap();
+    assert!(reads_pattern(s1_file, &first), "the oldest snapshot keeps the guest's own pattern");
+    for gone in [&s2, &s3] {
+        assert!(!Path::new(gone["primaryStorageInstallPath"].as_str().unwrap()).exists());
+    }
+    assert!(reads_pattern(&top(), "strato-pattern:second"));
+    let before =
+        std::fs::read_to_string(&log).unwrap().matches("vdb holds strato-pattern:second").count();
+    ok(api, "PUT", &vm_actions, Some(r#"{"startVmInstance": {}}"#));
+    let started = Instant::now();
+    while std::fs::read_to_string(&log).unwrap().matches("vdb holds strato-pattern:second").count()
+        <= before
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the guest never read its disk again"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // A template of the stopped VM's root volume boots a new guest.
+    ok(api, "PUT", &vm_actions, Some(r#"{"stopVmInstance": {}}"#));
+    let bs = guest.image["backupStorageRefs"][0][0].clone();
+    let template = ok(
+        api,
+        "POST",
+        &format!("/v1/images/root-volume-templates/from/root-volumes/{vm}"),
+        Some(
+            &json!({ "params": { "name": "from-layers", "backupStorageUuids": [bs] } }).to_string(),
+        ),
+    );
+    let (copy, _copy_guard) = boot("from-template", &template);
+    wait_serial(&serial_log(&copy), &["strato-tryout: init reached"], Duration::from_secs(120));
+}
