@@ -4,7 +4,8 @@
 //! certificate pinned in an `AgentCertRecord` under the storage's UUID).
 //!
 //! The actor holds the link: it dials at the node's start and when the storage is added,
-//! measures the directory's file system on every connect, marks the storage Disconnected
+//! measures the directory's file system on every connect (and deletes the unsealed copies
+//! an MN that died left there, once an hour has passed without a write), marks the storage Disconnected
 //! when the link dies and redials with capped backoff, and sends the file commands that
 //! move images. No byte goes between two agents directly: an image imported from a URL is
 //! fetched by the MN (under its import policy) and written to the storage's agent; one
@@ -84,6 +85,10 @@ fn link_op(name: &'static str) -> Op {
     Op::within("link", name, Duration::from_secs(60))
 }
 
+/// How long an unsealed copy in a store must have been untouched to be deleted at a
+/// connect: a copy under way writes its file with every 4 MiB chunk.
+const STALE_COPY: Duration = Duration::from_secs(3600);
+
 /// How long measuring the storage's file system may take.
 const MEASURE_TIME: Duration = Duration::from_secs(30);
 
@@ -160,6 +165,17 @@ async fn connect_op(ctx: OpCtx<BackupStorages>) -> Result<(), HostError> {
             None
         }
     };
+    // Copies into the store cut by an MN that died are deleted once nothing writes them.
+    let sweep = Command::SweepPartialCopies {
+        dir: record.url.clone(),
+        older_than_secs: STALE_COPY.as_secs(),
+    };
+    let swept =
+        link.request_with_id(Uuid::new_v4(), sweep, SystemTime::now() + MEASURE_TIME, None).await;
+    if let Err(error) = swept {
+        let error = strato_runtime::error_chain(&error);
+        tracing::warn!(backup_storage = %id, %error, "unfinished copies in the store stay until its next connect");
+    }
     save(&ctx, |r| {
         r.status = HostStatus::Connected;
         r.last_error = None;

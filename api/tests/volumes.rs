@@ -1536,6 +1536,13 @@ fn an_image_store_on_its_own_host_serves_images_and_takes_templates_over_its_age
             }
         }
     };
+    // Copies an MN cut left in the store: the one untouched for hours goes at the connect.
+    std::fs::create_dir_all(&own).unwrap();
+    let (stale, fresh) = (own.join("old.qcow2.part-copy-1"), own.join("new.qcow2.part-copy-2"));
+    std::fs::write(&stale, b"cut").unwrap();
+    std::fs::write(&fresh, b"under way").unwrap();
+    let hours_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+    std::fs::File::options().write(true).open(&stale).unwrap().set_modified(hours_ago).unwrap();
     let (store_agent, addr) = start_store(None);
     let password = "ssh-password-never-kept";
     let params = |hostname: &str| json!({ "params": { "name": "store", "url": at.display().to_string(), "hostname": hostname, "agentPort": addr.port(), "username": "root", "password": password, "sshPort": 22 } });
@@ -1554,6 +1561,8 @@ fn an_image_store_on_its_own_host_serves_images_and_takes_templates_over_its_age
     assert_eq!((&bs["status"], &bs["hostname"]), (&json!("Connected"), &json!("127.0.0.1")));
     assert!(bs["totalCapacity"].as_u64().unwrap() > 0, "its directory was measured: {bs}");
     assert!(bs.get("password").is_none(), "{bs}");
+    assert!(!stale.exists() && fresh.exists(), "only the stale copy was swept");
+    std::fs::remove_file(&fresh).unwrap();
     ok(api, "POST", &format!("/v1/zones/{zone}/backup-storage/{bs_id}"), None);
 
     // An image imported from a URL is fetched by the MN and lands on the store's host only.

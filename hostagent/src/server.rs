@@ -457,6 +457,9 @@ impl Agent {
             Command::DescribeVolume { path, .. } => volumes::describe_once_made(&path).await,
             Command::MarkStorage { path } => volumes::mark_storage(&path).await,
             Command::StorageCapacity { dir } => volumes::storage_capacity(&dir).await,
+            Command::SweepPartialCopies { dir, older_than_secs } => {
+                volumes::sweep_partial_copies(&dir, Duration::from_secs(older_than_secs)).await
+            }
             Command::MountStorage { url, mount_point } => {
                 let mounter = self.mounter.clone();
                 tokio::task::spawn_blocking(move || {
@@ -591,6 +594,7 @@ fn drive(driver: &dyn Driver, network: &dyn Network, command: Command) -> Outcom
         | Command::MarkStorage { .. }
         | Command::MountStorage { .. }
         | Command::StorageCapacity { .. }
+        | Command::SweepPartialCopies { .. }
         | Command::DigestFile { .. }
         | Command::ReadFile { .. }
         | Command::WriteFile { .. }

@@ -362,6 +362,42 @@ pub async fn storage_capacity(dir: &str) -> Result<Reply, AgentError> {
     })
 }
 
+/// Deletes the unsealed copies directly in `dir` untouched for `older_than` (see
+/// `Command::SweepPartialCopies`).
+pub async fn sweep_partial_copies(dir: &str, older_than: Duration) -> Result<Reply, AgentError> {
+    let path = PathBuf::from(dir);
+    let swept = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<PathBuf>> {
+        let entries = match std::fs::read_dir(&path) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let mut swept = Vec::new();
+        for entry in entries {
+            let entry = entry?;
+            if !entry.file_name().to_string_lossy().contains(".part-copy-") {
+                continue;
+            }
+            let idle = entry.metadata()?.modified()?.elapsed().unwrap_or_default();
+            if idle >= older_than {
+                match std::fs::remove_file(entry.path()) {
+                    Ok(()) => swept.push(entry.path()),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(swept)
+    })
+    .await
+    .map_err(|e| AgentError::new(AgentErrorCode::Driver, format!("sweeping {dir}: {e}")))?
+    .map_err(|e| io_error("sweeping", Path::new(dir), e))?;
+    for file in &swept {
+        tracing::info!(file = %file.display(), "deleted an unsealed copy no transfer finished");
+    }
+    Ok(Reply::Done)
+}
+
 /// Leaves a mark file at `path`, which another host's agent looks for to tell whether the
 /// two share the storage (a copy between them would then be a copy onto itself).
 pub async fn mark_storage(path: &str) -> Result<Reply, AgentError> {

@@ -29,7 +29,7 @@ use uuid::Uuid;
 /// volumes, their snapshots, describing a volume file and cleaning the image cache; version
 /// 6 adds copying files between hosts (marks, digests, chunks) for local storage migration
 /// and mounting and measuring primary storage.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// The largest chunk a `ReadFile` or `WriteFile` carries: 4 MiB, well inside a frame.
 pub const MAX_CHUNK: u32 = 4 << 20;
@@ -407,6 +407,15 @@ pub enum Command {
         /// The storage's directory on the host.
         dir: String,
     },
+    /// Delete the unsealed copies (`*.part-copy-*`) directly in `dir` that nothing has
+    /// written for `older_than_secs`: what copies cut by a dead MN left (a copy under way
+    /// writes its file every chunk). A missing directory holds none.
+    SweepPartialCopies {
+        /// The directory.
+        dir: String,
+        /// How long a copy must have been untouched.
+        older_than_secs: u64,
+    },
     /// The size and SHA-256 digest of the file at `path` (`NotFound` if it does not exist).
     DigestFile {
         /// The file.
@@ -489,6 +498,7 @@ impl Command {
             Command::MarkStorage { .. } => "mark-storage",
             Command::MountStorage { .. } => "mount-storage",
             Command::StorageCapacity { .. } => "storage-capacity",
+            Command::SweepPartialCopies { .. } => "sweep-partial-copies",
             Command::DigestFile { .. } => "digest-file",
             Command::ReadFile { .. } => "read-file",
             Command::WriteFile { .. } => "write-file",
@@ -529,6 +539,7 @@ impl Command {
             | Command::MarkStorage { .. }
             | Command::MountStorage { .. }
             | Command::StorageCapacity { .. }
+            | Command::SweepPartialCopies { .. }
             | Command::DigestFile { .. }
             | Command::ReadFile { .. }
             | Command::WriteFile { .. }
