@@ -229,9 +229,7 @@ fn schedule_redial(ctx: &OpCtx<BackupStorages>) {
         }
         s.redial_scheduled = true;
         s.redial_attempts += 1;
-        let exp =
-            config.reconnect_base.saturating_mul(1 << s.redial_attempts.min(16).saturating_sub(1));
-        Some(exp.min(config.reconnect_max))
+        Some(config.redial_delay(s.redial_attempts))
     }) else {
         return;
     };

@@ -48,6 +48,13 @@ pub struct HostConfig {
 }
 
 impl HostConfig {
+    /// How long to wait before redial number `attempt` (from 1): `reconnect_base`, doubled
+    /// at each attempt, capped at `reconnect_max`.
+    pub fn redial_delay(&self, attempt: u32) -> Duration {
+        let exp = self.reconnect_base.saturating_mul(1 << attempt.min(16).saturating_sub(1));
+        exp.min(self.reconnect_max)
+    }
+
     /// Defaults well under ZStack's: 2 s pings, 2 s timeout, 3 misses.
     pub fn new(pki: Arc<Pki>) -> Self {
         HostConfig {
