@@ -53,11 +53,17 @@ fn s(v: &Value) -> &str {
     v.as_str().unwrap_or_default()
 }
 
-/// VMs the history says were expunged, with when.
-fn expunged(entries: &[Entry]) -> HashMap<String, u64> {
+/// VMs the history says were expunged, with when; with `interrupted`, also those whose
+/// expunge the MN's death interrupted (it may have deleted the VM before it died).
+fn expunged(entries: &[Entry], interrupted: bool) -> HashMap<String, u64> {
+    let took = |outcome: &Outcome| match outcome {
+        Outcome::Succeeded(_) => true,
+        Outcome::Failed(code) => interrupted && code == "SYS.JOB_INTERRUPTED",
+        _ => false,
+    };
     entries
         .iter()
-        .filter(|e| e.action == Action::ExpungeVm && matches!(e.outcome, Outcome::Succeeded(_)))
+        .filter(|e| e.action == Action::ExpungeVm && took(&e.outcome))
         .filter_map(|e| Some((e.target.clone()?, e.ended_ms?)))
         .collect()
 }
@@ -137,7 +143,7 @@ pub fn sample(
     }
     *double_booked = seen_twice;
     // Expunged VMs stay gone.
-    let gone = expunged(&shared.history.entries());
+    let gone = expunged(&shared.history.entries(), false);
     for vm in &vms {
         if let Some(at) = gone.get(s(&vm["uuid"]))
             && *at + 200 < now
@@ -294,7 +300,7 @@ pub fn after_healing(shared: &Shared, cluster: &std::sync::Mutex<Cluster>) -> Ve
         .filter(|e| matches!(e.action, Action::DeleteHost | Action::DeleteL3) && e.job.is_some())
         .filter_map(|e| e.target.clone())
         .collect();
-    let gone = expunged(&entries);
+    let gone = expunged(&entries, true);
     let mut last_seen: HashMap<String, Value> = HashMap::new();
     for entry in &entries {
         if let Outcome::Succeeded(inventory) = &entry.outcome
