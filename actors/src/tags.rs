@@ -302,7 +302,8 @@ fn check_ssh_key(key: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn check_hostname(name: &str) -> Result<(), String> {
+/// Whether `name` is a DNS host name (labels of letters, digits and '-').
+pub fn check_hostname(name: &str) -> Result<(), String> {
     let label_ok = |l: &str| {
         !l.is_empty()
             && l.len() <= 63

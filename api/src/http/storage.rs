@@ -201,17 +201,12 @@ async fn create_backup_storage(
     Ok(accepted(&mn, job))
 }
 
-/// A host's name or IP address, as the storage's agent is dialed: letters, digits, `-`,
-/// `.` and `:` only.
+/// A host's name or IP address, as the storage's agent is dialed.
 fn host_name(field: &str, name: &str) -> Result<(), ApiError> {
-    let fits = !name.is_empty()
-        && name.len() <= 253
-        && !name.starts_with('-')
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | ':'));
-    if !fits {
-        return Err(ApiError::invalid(field, format!("`{name}` is not a host name or IP address")));
+    if name.parse::<std::net::IpAddr>().is_ok() {
+        return Ok(());
     }
-    Ok(())
+    strato_actors::tags::check_hostname(name).map_err(|reason| ApiError::invalid(field, reason))
 }
 
 async fn backup_storage_action(
